@@ -1,0 +1,20 @@
+"""ssmc: compile state-space-model recurrences into fast kernels.
+
+    import ssmc
+    from ssmc import dsl as S
+
+    @ssmc.ssm
+    def linear_attention(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"]):
+        return S.recurrence(key=k, value=v, query=q)
+
+    op = ssmc.compile(linear_attention)
+"""
+from ._version import __version__
+from . import dsl
+from .api import CompiledOp, Definition, attention_matrix, compile, ssm
+from .errors import (BackendUnavailableError, DTypeError, ShapeError, SpecError, SSMCError,
+                     UnsupportedError)
+
+__all__ = ["__version__", "dsl", "ssm", "compile", "attention_matrix", "CompiledOp",
+           "Definition", "SSMCError", "SpecError", "ShapeError", "DTypeError",
+           "UnsupportedError", "BackendUnavailableError"]

@@ -1,0 +1,142 @@
+"""The user-facing entry points: `@ssm`, `compile`, `attention_matrix`."""
+from __future__ import annotations
+
+import sys
+import threading
+
+import torch
+
+from . import config, reference
+from .backends import resolve_backend
+from .dsl import trace
+from .errors import UnsupportedError
+from .ir import Program
+from .passes import DEVICES, choose_lowering, legal_lowerings, run_pipeline
+from .plan import Plan
+from .validate import Bound, bind
+
+ELEM_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
+
+
+class Definition:
+    """A traced, analysed definition. Calling it runs the default compiled op."""
+
+    def __init__(self, fn, name: str | None = None):
+        self.fn = fn
+        self.name = name or fn.__name__
+        self.program: Program = run_pipeline(trace(fn, self.name))
+        self.__doc__ = fn.__doc__
+        self.__name__ = self.name
+        self._default = None
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            if self._default is None:
+                self._default = compile(self)
+        return self._default(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<ssmc definition {self.name}>"
+
+
+def ssm(fn=None, *, name: str | None = None):
+    """Decorator: turn a function written in `ssmc.dsl` into a Definition."""
+    if fn is None:
+        return lambda f: Definition(f, name)
+    return Definition(fn, name)
+
+
+def _device_model(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    gpu = torch.cuda.get_device_name(device).lower()
+    for key in DEVICES:
+        if key in gpu:
+            return key
+    return "h100"
+
+
+class CompiledOp:
+    """A definition bound to a backend and a lowering policy; plans are made per call shape."""
+
+    def __init__(self, definition: Definition, backend: str = "auto", lowering: str = "auto"):
+        if lowering not in config.LOWERINGS:
+            raise ValueError(f"lowering={lowering!r} is not valid; valid values: "
+                             f"{', '.join(config.LOWERINGS)}")
+        if backend not in config.BACKENDS:
+            raise ValueError(f"backend={backend!r} is not valid; valid values: "
+                             f"{', '.join(config.BACKENDS)}")
+        self.definition = definition
+        self.program = definition.program
+        legal = legal_lowerings(self.program)
+        if lowering != "auto" and lowering not in legal:
+            raise UnsupportedError(
+                f"{self.program.name}: lowering={lowering!r} is not legal for decay kind "
+                f"{self.program.decay_kind.value!r}; legal lowerings: {', '.join(legal)}")
+        self.backend_name = config.backend() if backend == "auto" else backend
+        self.lowering = lowering
+        self._kernels: dict = {}
+        self.last_plan: Plan | None = None
+
+    def plan_for(self, bound: Bound) -> Plan:
+        lowering = self.lowering
+        if lowering == "auto":
+            choice = choose_lowering(self.program, bound.sizes, _device_model(bound.device),
+                                     ELEM_BYTES[bound.dtype])
+            lowering = choice.lowering
+            if config.debug_level() >= 1:
+                print(f"ssmc: {self.program.name}: {choice.explanation}", file=sys.stderr)
+        return Plan(program=self.program, lowering=lowering, dtype=str(bound.dtype).split(".")[1],
+                    has_initial_state=bound.initial_state is not None,
+                    return_final_state=bound.return_final_state,
+                    varlen=bound.cu_seqlens is not None)
+
+    def kernel_for(self, plan: Plan, device: torch.device):
+        key = (plan, device.type)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            backend = resolve_backend(self.backend_name, device, plan)
+            why = backend.supports(plan)
+            if why is not None:
+                raise UnsupportedError(f"{self.program.name}: backend {backend.name!r} cannot run "
+                                       f"{plan.describe()}: {why}")
+            kernel = self._kernels[key] = backend.compile(plan)
+        return kernel
+
+    def __call__(self, *args, **kwargs):
+        bound = bind(self.program, args, kwargs)
+        plan = self.plan_for(bound)
+        self.last_plan = plan
+        kernel = self.kernel_for(plan, bound.device)
+        out, final = kernel(bound.tensors, bound.sizes, bound.initial_state, bound.cu_seqlens)
+        if bound.return_final_state:
+            return out, final
+        return out
+
+    def __repr__(self):
+        return (f"<ssmc op {self.program.name} backend={self.backend_name} "
+                f"lowering={self.lowering}>")
+
+
+def compile(definition: Definition, backend: str = "auto", lowering: str = "auto") -> CompiledOp:  # noqa: A001
+    """Compile a definition: `backend` in auto|triton|tvm|reference, `lowering` in
+    auto|scan|chunked|quadratic. Kernels are built lazily for each call signature."""
+    if not isinstance(definition, Definition):
+        raise TypeError(f"ssmc.compile expects a function decorated with @ssmc.ssm, got "
+                        f"{type(definition).__name__}")
+    return CompiledOp(definition, backend, lowering)
+
+
+def attention_matrix(op, *args, **kwargs) -> torch.Tensor:
+    """The hidden attention matrix M (b, h, t, t) of a definition on these inputs: y = M value,
+    before the epilogue. Computed in float64."""
+    definition = op.definition if isinstance(op, CompiledOp) else op
+    if not isinstance(definition, Definition):
+        raise TypeError(f"attention_matrix expects an ssmc definition or compiled op, got "
+                        f"{type(op).__name__}")
+    bound = bind(definition.program, args, kwargs)
+    if bound.cu_seqlens is not None or bound.initial_state is not None:
+        raise UnsupportedError("attention_matrix: 'cu_seqlens' and 'initial_state' are not "
+                               "supported; pass one unpacked batch")
+    return reference.attention_matrix(definition.program, bound.tensors, bound.sizes)

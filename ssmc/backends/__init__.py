@@ -1,0 +1,5 @@
+"""Kernel backends. Each registers itself here with one line."""
+from .base import Backend, get_backend, register_backend, registered, resolve_backend
+from . import reference  # noqa: F401 - registers "reference"
+
+__all__ = ["Backend", "get_backend", "register_backend", "registered", "resolve_backend"]

@@ -1,0 +1,65 @@
+"""The backend protocol and its explicit registry."""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from ..errors import BackendUnavailableError
+from ..plan import Plan
+
+#: kernel(tensors: dict[name, Tensor], sizes: dict[axis, int], initial_state, cu_seqlens)
+#:   -> (output (b, t, h, p) in the output dtype, final state or None)
+Kernel = Callable[..., tuple]
+
+
+class Backend(Protocol):
+    name: str
+
+    def is_available(self) -> bool: ...
+    def supports(self, plan: Plan) -> str | None: ...
+    def cache_tag(self) -> str: ...
+    def compile(self, plan: Plan, config: dict | None = None) -> Kernel: ...
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def registered() -> dict[str, Backend]:
+    return dict(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise ValueError(f"backend={name!r} is not valid; valid values: auto, "
+                         f"{', '.join(sorted(_BACKENDS))}")
+    backend = _BACKENDS[name]
+    if not backend.is_available():
+        raise BackendUnavailableError(f"backend {name!r} is not available here: "
+                                      f"{getattr(backend, 'unavailable_reason', lambda: '')()}")
+    return backend
+
+
+#: the order `backend="auto"` tries, per device type
+AUTO_ORDER = {"cuda": ("triton", "tvm", "reference"), "cpu": ("tvm", "reference")}
+
+
+def resolve_backend(name: str, device: torch.device, plan: Plan | None = None) -> Backend:
+    """`auto` -> the first available backend for the device that supports the plan."""
+    if name != "auto":
+        return get_backend(name)
+    reasons = []
+    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+        backend = _BACKENDS.get(candidate)
+        if backend is None or not backend.is_available():
+            continue
+        why = backend.supports(plan) if plan is not None else None
+        if why is None:
+            return backend
+        reasons.append(f"{candidate}: {why}")
+    raise BackendUnavailableError(f"no backend can run this on {device}: " + "; ".join(reasons))

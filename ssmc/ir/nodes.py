@@ -1,0 +1,177 @@
+"""The IR: a small typed operator graph for one SSM recurrence.
+
+A `Program` is inputs -> elementwise prologue (decay, key, value, query) -> exactly one
+`Recurrence` -> elementwise epilogue -> output. Elementwise bodies are sympy expressions over
+the input symbols (and `Y`, the recurrence output); axis sizes are sympy symbols. Nodes are
+frozen, so programs hash and compare structurally; passes return new programs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+AXES = ("b", "t", "h", "g", "n", "p")
+AXIS_ROLES = {
+    "b": "batch", "t": "time", "h": "heads", "g": "groups of heads sharing key/query",
+    "n": "state (key) dim", "p": "value (head) dim",
+}
+AXIS_SIZES = {a: sp.Symbol(a, integer=True, positive=True) for a in AXES}
+CHUNK = sp.Symbol("Q", integer=True, positive=True)
+
+#: the recurrence's output inside epilogue expressions
+Y = sp.Symbol("y", real=True)
+RESERVED_NAMES = ("y", "initial_state", "return_final_state", "cu_seqlens")
+
+#: the axes each recurrence operand may carry (g is broadcast to h)
+OPERAND_AXES = {
+    "decay": frozenset("bthgnp"),
+    "key": frozenset("bthgn"),
+    "query": frozenset("bthgn"),
+    "value": frozenset("bthgp"),
+    "output": frozenset("bthgp"),
+}
+Y_AXES = ("b", "t", "h", "p")
+
+
+class Direction(str, enum.Enum):
+    FORWARD = "forward"
+    REVERSE = "reverse"
+
+
+DIRECTION_SETS = {
+    "forward": (Direction.FORWARD,),
+    "reverse": (Direction.REVERSE,),
+    "bidirectional": (Direction.FORWARD, Direction.REVERSE),
+}
+
+
+class DecayKind(str, enum.Enum):
+    """How the decay varies; decides which lowerings are legal (DESIGN.md's table)."""
+
+    NONE = "none"                      # no decay: plain cumulative sum
+    TIME_INVARIANT = "time_invariant"  # no t axis (per head, maybe per key)
+    SCALAR = "scalar"                  # one value per (b, t, h)
+    DIAGONAL = "diagonal"              # varies over the key dim n
+    FULL = "full"                      # varies over p as well (Mamba-1 S6 with p > 1)
+
+
+def canonical_axes(axes) -> tuple[str, ...]:
+    """Axes in the fixed order b t h g n p, with g absorbed into h when both occur."""
+    s = set(axes)
+    if "g" in s and "h" in s:
+        s.discard("g")
+    return tuple(a for a in AXES if a in s)
+
+
+def symbol(name: str) -> sp.Symbol:
+    return sp.Symbol(name, real=True)
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str
+    axes: tuple[str, ...]
+
+    @property
+    def symbol(self) -> sp.Symbol:
+        return symbol(self.name)
+
+    @property
+    def shape(self) -> tuple[sp.Symbol, ...]:
+        return tuple(AXIS_SIZES[a] for a in self.axes)
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    """`expr` evaluated pointwise over `axes` (broadcasting inputs by axis letter)."""
+
+    expr: sp.Expr
+    axes: tuple[str, ...]
+
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(sorted(s.name for s in self.expr.free_symbols))
+
+
+@dataclass(frozen=True)
+class Transition:
+    """The state transition's structure. Diagonal today; room for diagonal-plus-low-rank."""
+
+    kind: str = "diagonal"
+
+
+@dataclass(frozen=True)
+class Recurrence:
+    key: Elementwise
+    value: Elementwise
+    query: Elementwise
+    decay: Elementwise | None
+    directions: tuple[Direction, ...] = (Direction.FORWARD,)
+    transition: Transition = Transition()
+
+    @property
+    def direction_name(self) -> str:
+        for name, dirs in DIRECTION_SETS.items():
+            if dirs == self.directions:
+                return name
+        return "+".join(d.value for d in self.directions)
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    inputs: tuple[Input, ...]
+    recurrence: Recurrence
+    output: Elementwise
+    # filled by passes
+    decay_kind: DecayKind | None = None
+    log_decay: Elementwise | None = None
+    analyses: tuple[str, ...] = field(default=())
+
+    def replace(self, **changes) -> "Program":
+        return dataclasses.replace(self, **changes)
+
+    def input(self, name: str) -> Input:
+        for inp in self.inputs:
+            if inp.name == name:
+                return inp
+        raise KeyError(name)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.inputs)
+
+    def axes_present(self) -> set[str]:
+        return {a for i in self.inputs for a in i.axes}
+
+    def structural_key(self) -> str:
+        """A text that is equal for programs that compute the same thing.
+
+        Input names are replaced by their positions, so renaming arguments keeps the key;
+        sympy's `srepr` is deterministic across processes (no hash-ordered output).
+        """
+        rename = {inp.symbol: symbol(f"in{i}") for i, inp in enumerate(self.inputs)}
+
+        def ew(e: Elementwise | None) -> str:
+            if e is None:
+                return "None"
+            return f"{sp.srepr(e.expr.xreplace(rename))}@{''.join(e.axes)}"
+
+        r = self.recurrence
+        parts = [
+            "inputs=" + ",".join("".join(i.axes) for i in self.inputs),
+            "decay=" + ew(r.decay),
+            "key=" + ew(r.key),
+            "value=" + ew(r.value),
+            "query=" + ew(r.query),
+            "directions=" + ",".join(d.value for d in r.directions),
+            "transition=" + r.transition.kind,
+            "output=" + ew(self.output),
+        ]
+        return ";".join(parts)
+
+    def structural_hash(self) -> str:
+        return hashlib.sha256(self.structural_key().encode()).hexdigest()

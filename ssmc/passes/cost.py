@@ -1,0 +1,83 @@
+"""A symbolic cost model: FLOPs and bytes of each lowering as sympy expressions.
+
+The formulas are in the axis symbols (b t h g n p), the chunk size Q and the element size E;
+`evaluate` substitutes concrete shapes. They count what each lowering must do, not what a
+particular kernel does, so they rank lowerings rather than predict microseconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from ..ir import AXIS_SIZES, CHUNK, DecayKind, Program
+
+b, t, h, g, n, p = (AXIS_SIZES[a] for a in "bthgnp")
+Q = CHUNK
+E = sp.Symbol("E", positive=True)  # bytes per input element
+STATE_BYTES = 4                    # the state is always fp32
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Per-lowering work: tensor-core FLOPs, vector FLOPs, bytes moved, launches, serial steps."""
+
+    tensor_flops: sp.Expr
+    vector_flops: sp.Expr
+    bytes: sp.Expr
+    launches: int
+    serial_steps: sp.Expr
+
+    def subs(self, values: dict) -> dict[str, float]:
+        return {
+            "tensor_flops": float(self.tensor_flops.subs(values)),
+            "vector_flops": float(self.vector_flops.subs(values)),
+            "bytes": float(self.bytes.subs(values)),
+            "launches": self.launches,
+            "serial_steps": float(self.serial_steps.subs(values)),
+        }
+
+
+def io_bytes(program: Program) -> sp.Expr:
+    """Every input read once and the output written once."""
+    total = sp.Integer(0)
+    for inp in program.inputs:
+        total += sp.Mul(*inp.shape)
+    return (total + b * t * h * p) * E
+
+
+def lowering_costs(program: Program) -> dict[str, Cost]:
+    kind = program.decay_kind
+    dirs = len(program.recurrence.directions)
+    io = io_bytes(program)
+    per_key_decay = kind in (DecayKind.DIAGONAL, DecayKind.FULL)
+    nchunks = t / Q
+    costs = {
+        # state update (mul + fma) and the query contraction (fma), per (b t h n p)
+        "scan": Cost(
+            tensor_flops=sp.Integer(0),
+            vector_flops=dirs * 5 * b * t * h * n * p,
+            bytes=io,
+            launches=1,
+            serial_steps=t,
+        ),
+        # intra-chunk: (C B^T) (Q x Q x n) and its product with V (Q x Q x p); chunk states and
+        # their contribution to the output (n x p per step); inter-chunk passing on vectors
+        "chunked": Cost(
+            tensor_flops=dirs * (b * h * t * Q * (n + p) + 4 * b * h * t * n * p),
+            vector_flops=dirs * (2 * b * h * nchunks * n * p
+                                 + (b * h * t * Q * n if per_key_decay else 0)),
+            bytes=2 * io + dirs * 3 * b * h * nchunks * n * p * STATE_BYTES,
+            launches=3,
+            serial_steps=nchunks,
+        ),
+        # the causal half of the t x t decayed score matrix, then its product with V
+        "quadratic": Cost(
+            tensor_flops=dirs * b * h * t * t * (n + p),
+            vector_flops=dirs * (b * h * t * t * n if per_key_decay else b * h * t * t),
+            bytes=io,
+            launches=1,
+            serial_steps=sp.Integer(1),
+        ),
+    }
+    return costs

@@ -1,0 +1,46 @@
+"""The Plan: everything a backend sees, and nothing from the DSL."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from ._version import __version__
+from .ir import Program
+
+DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One kernel specialisation: the analysed program, the lowering, dtype and call features.
+
+    Shapes are not part of a plan (kernels take sizes at run time); tile parameters are, since
+    they change the generated code.
+    """
+
+    program: Program
+    lowering: str
+    dtype: str                       # torch dtype name of the inputs, e.g. "bfloat16"
+    has_initial_state: bool = False
+    return_final_state: bool = False
+    varlen: bool = False
+    chunk_size: int = 64
+    tile: tuple[tuple[str, int], ...] = ()
+
+    def tile_dict(self) -> dict[str, int]:
+        return dict(self.tile)
+
+    def describe(self) -> str:
+        flags = "".join(f for f, on in (("_h0", self.has_initial_state),
+                                        ("_hT", self.return_final_state),
+                                        ("_varlen", self.varlen)) if on)
+        return f"{self.lowering}_{DTYPE_SHORT.get(self.dtype, self.dtype)}{flags}"
+
+    def cache_key(self, backend_tag: str = "") -> str:
+        """Readable prefix + hash of (IR structure, plan, backend tag, ssmc version)."""
+        body = "|".join([self.program.structural_key(), self.lowering, self.dtype,
+                         str(self.has_initial_state), str(self.return_final_state),
+                         str(self.varlen), str(self.chunk_size), repr(self.tile), backend_tag,
+                         __version__])
+        digest = hashlib.sha256(body.encode()).hexdigest()[:8]
+        return f"{self.program.name}_{self.describe()}_{digest}"

@@ -1,0 +1,71 @@
+"""What both references share: operands, directions, packed sequences, states, epilogue.
+
+A `core(decay, key, value, query, h0)` applies the forward recurrence to one segment of
+canonical float64 operands and returns (y (b, t, h, p), final state (b, h, n, p)).
+Reverse runs the core on the time-flipped segment, so both cores only know forward time.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir import Direction, Program
+from .evaluate import canonical_inputs, epilogue, prologue
+
+
+def _time_slice(x, start, stop):
+    return x if x is None or x.shape[1] == 1 else x[:, start:stop]
+
+
+def _flip(x):
+    return x if x is None or x.shape[1] == 1 else x.flip(1)
+
+
+def run(program: Program, core, tensors: dict, sizes: dict, initial_state=None,
+        cu_seqlens=None, return_final_state=False):
+    """Float64 output (b, t, h, p) and, if asked, the final state(s)."""
+    env = canonical_inputs(program, tensors, sizes)
+    ops = prologue(program, env)
+    B, T, H, N, P = sizes["b"], sizes["t"], sizes["h"], sizes["n"], sizes["p"]
+    ops = {k: None if v is None else v.expand(B, v.shape[1], H, v.shape[3], v.shape[4])
+           for k, v in ops.items()}
+    if cu_seqlens is None:
+        segments = [(None, 0, T)]
+    else:
+        bounds = [int(v) for v in cu_seqlens.tolist()]
+        segments = [(i, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+    directions = program.recurrence.directions
+    bidirectional = len(directions) > 1
+    y = torch.zeros(B, T, H, P, dtype=torch.float64, device=ops["value"].device)
+    finals = []
+    for d_index, direction in enumerate(directions):
+        h0_all = None
+        if initial_state is not None:
+            h0_all = initial_state[d_index] if bidirectional else initial_state
+            h0_all = h0_all.to(torch.float64)
+        seg_finals = []
+        for seq, start, stop in segments:
+            parts = {k: _time_slice(v, start, stop) for k, v in ops.items()}
+            if seq is not None:  # packed batch: b == 1, one state per sequence
+                h0 = None if h0_all is None else h0_all[seq:seq + 1]
+            else:
+                h0 = h0_all
+            if h0 is None:
+                h0 = torch.zeros(parts["value"].shape[0] if seq is not None else B, H, N, P,
+                                 dtype=torch.float64, device=y.device)
+            if stop == start:  # an empty sequence passes its state through
+                seg_finals.append(h0)
+                continue
+            if direction is Direction.REVERSE:
+                parts = {k: _flip(v) for k, v in parts.items()}
+            ys, hT = core(parts["decay"], parts["key"], parts["value"], parts["query"], h0,
+                          stop - start)
+            if direction is Direction.REVERSE:
+                ys = ys.flip(1)
+            y[:, start:stop] += ys
+            seg_finals.append(hT)
+        finals.append(torch.cat(seg_finals, 0))
+    out = epilogue(program, y, env)
+    if not return_final_state:
+        return out, None
+    final = torch.stack(finals, 0) if bidirectional else finals[0]
+    return out, final

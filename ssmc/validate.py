@@ -1,0 +1,162 @@
+"""Call-time checks: every bad input is reported here, before any kernel launches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DTypeError, ShapeError
+from .ir import Program
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+EXTRA_ARGS = ("initial_state", "return_final_state", "cu_seqlens")
+
+
+@dataclass
+class Bound:
+    """A checked call: tensors by input name and the size of every axis."""
+
+    tensors: dict[str, torch.Tensor]
+    sizes: dict[str, int]
+    device: torch.device
+    dtype: torch.dtype
+    initial_state: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+    return_final_state: bool
+
+    @property
+    def num_states(self) -> int:
+        return self.sizes["b"] if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def bind(program: Program, args: tuple, kwargs: dict) -> Bound:
+    fn = f"{program.name}()"
+    names = program.input_names
+    kwargs = dict(kwargs)
+    extras = {k: kwargs.pop(k) for k in EXTRA_ARGS if k in kwargs}
+    if len(args) > len(names):
+        raise TypeError(f"{fn} takes {len(names)} tensor arguments ({', '.join(names)}) "
+                        f"but {len(args)} were given")
+    values = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names:
+            raise TypeError(f"{fn} got an unexpected keyword argument {k!r}; arguments are "
+                            f"{', '.join(names + EXTRA_ARGS)}")
+        if k in values:
+            raise TypeError(f"{fn} got multiple values for argument {k!r}")
+        values[k] = v
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise TypeError(f"{fn} missing tensor argument(s): {', '.join(repr(m) for m in missing)}")
+
+    device = None
+    first_name = None
+    sizes: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    for inp in program.inputs:
+        x = values[inp.name]
+        if not isinstance(x, torch.Tensor):
+            raise DTypeError(f"{fn}: {inp.name!r} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise DTypeError(f"{fn}: {inp.name!r} has dtype {x.dtype}; expected one of "
+                             "float16, bfloat16, float32, float64")
+        if device is None:
+            device, first_name = x.device, inp.name
+        elif x.device != device:
+            raise DTypeError(f"{fn}: {inp.name!r} is on {x.device} but {first_name!r} is on "
+                             f"{device}; all tensors must be on one device")
+        spec = " ".join(inp.axes)
+        if x.dim() != len(inp.axes):
+            raise ShapeError(f'{fn}: {inp.name!r} is annotated "{spec}" ({len(inp.axes)} axes) '
+                             f"but has shape {_shape(x)} ({x.dim()} dims)")
+        for axis, size in zip(inp.axes, x.shape):
+            if axis in sizes and sizes[axis] != size:
+                other = owner[axis]
+                raise ShapeError(
+                    f"{fn}: {inp.name!r} has {axis}={size} but {other!r} has {axis}={sizes[axis]} "
+                    f"({other}: {_shape(values[other])}, {inp.name}: {_shape(x)})")
+            sizes.setdefault(axis, int(size))
+            owner.setdefault(axis, inp.name)
+    for axis in ("b", "t"):
+        sizes.setdefault(axis, 1)
+    if "h" not in sizes:
+        sizes["h"] = sizes.get("g", 1)
+    sizes.setdefault("g", sizes["h"])
+    if sizes["g"] == 0 or sizes["h"] % sizes["g"]:
+        raise ShapeError(f"{fn}: heads h={sizes['h']} ({owner.get('h', 'implied')!r}) is not a "
+                         f"multiple of groups g={sizes['g']} ({owner.get('g')!r})")
+    for axis in ("n", "p"):
+        sizes.setdefault(axis, 1)
+
+    dtype = _output_dtype(program, values)
+    cu = _check_cu_seqlens(fn, extras.get("cu_seqlens"), sizes, device)
+    bound = Bound(tensors={n: values[n] for n in names}, sizes=sizes, device=device, dtype=dtype,
+                  initial_state=None, cu_seqlens=cu,
+                  return_final_state=bool(extras.get("return_final_state", False)))
+    bound.initial_state = _check_state(fn, program, extras.get("initial_state"), bound)
+    return bound
+
+
+def _output_dtype(program: Program, values) -> torch.dtype:
+    """The dtype of the first input over (t, p), else over t, else the first input."""
+    for want in (("t", "p"), ("t",), ()):
+        for inp in program.inputs:
+            if all(a in inp.axes for a in want):
+                return values[inp.name].dtype
+    raise AssertionError("unreachable: a program has inputs")
+
+
+def _check_cu_seqlens(fn, cu, sizes, device):
+    if cu is None:
+        return None
+    if not isinstance(cu, torch.Tensor):
+        raise DTypeError(f"{fn}: 'cu_seqlens' must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise DTypeError(f"{fn}: 'cu_seqlens' has dtype {cu.dtype}; expected int32 or int64")
+    if cu.device != device:
+        raise DTypeError(f"{fn}: 'cu_seqlens' is on {cu.device} but the inputs are on {device}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ShapeError(f"{fn}: 'cu_seqlens' must be 1-d with at least 2 entries "
+                         f"(0 and the total length), got shape {_shape(cu)}")
+    if sizes["b"] != 1:
+        raise ShapeError(f"{fn}: with 'cu_seqlens' the batch must be packed into b=1, got "
+                         f"b={sizes['b']}")
+    host = cu.tolist()
+    if host[0] != 0:
+        raise ShapeError(f"{fn}: 'cu_seqlens' must start at 0, got {host[0]}")
+    if any(b < a for a, b in zip(host, host[1:])):
+        raise ShapeError(f"{fn}: 'cu_seqlens' must be non-decreasing, got {host}")
+    if host[-1] != sizes["t"]:
+        raise ShapeError(f"{fn}: 'cu_seqlens' must end at t={sizes['t']}, got {host[-1]}")
+    return cu
+
+
+def expected_state_shape(program: Program, bound: Bound) -> tuple[int, ...]:
+    s = bound.sizes
+    shape = (bound.num_states, s["h"], s["n"], s["p"])
+    if len(program.recurrence.directions) > 1:
+        shape = (len(program.recurrence.directions),) + shape
+    return shape
+
+
+def _check_state(fn, program, h0, bound):
+    if h0 is None:
+        return None
+    if not isinstance(h0, torch.Tensor):
+        raise DTypeError(f"{fn}: 'initial_state' must be a torch.Tensor, got {type(h0).__name__}")
+    if h0.dtype not in FLOAT_DTYPES:
+        raise DTypeError(f"{fn}: 'initial_state' has dtype {h0.dtype}; expected a float dtype")
+    if h0.device != bound.device:
+        raise DTypeError(f"{fn}: 'initial_state' is on {h0.device} but the inputs are on "
+                         f"{bound.device}")
+    want = expected_state_shape(program, bound)
+    if tuple(h0.shape) != want:
+        lead = "(directions, " if len(want) == 5 else "("
+        who = "sequences" if bound.cu_seqlens is not None else "b"
+        raise ShapeError(f"{fn}: 'initial_state' has shape {_shape(h0)}; expected {want} = "
+                         f"{lead}{who}, h, n, p)")
+    return h0
