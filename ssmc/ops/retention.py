@@ -1,0 +1,38 @@
+"""RetNet's retention: a fixed per-head decay (time-invariant)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import api
+from .. import dsl as S
+from ._variants import call
+
+
+def build(scale: float):
+    @api.ssm
+    def retention(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"],
+                  gamma: S.In["h"]):
+        return S.recurrence(decay=gamma, key=k, value=v, query=q * scale)
+    return retention
+
+
+def default_gamma(h: int, device=None) -> torch.Tensor:
+    """RetNet's schedule: gamma_h = 1 - 2^(-5 - h')` with h' spread over [0, 9]."""
+    exps = -5.0 - torch.arange(h, dtype=torch.float32, device=device) * (9.0 / max(h - 1, 1))
+    return 1.0 - torch.pow(2.0, exps) if h > 1 else torch.tensor([1 - 2.0 ** -5], device=device)
+
+
+def retention(q, k, v, gamma=None, scale=None, initial_state=None, return_final_state=False,
+              cu_seqlens=None, backend="auto", lowering="auto"):
+    """q, k: (b, t, h, n); v: (b, t, h, p); gamma: (h,) decays in (0, 1) (RetNet's by default);
+    scale defaults to n ** -0.5."""
+    if gamma is None:
+        gamma = default_gamma(q.shape[2], q.device).to(q.dtype)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"retention(): scale must be finite, got {scale}")
+    return call(build, dict(scale=scale), (q, k, v, gamma), backend=backend, lowering=lowering,
+                initial_state=initial_state, return_final_state=return_final_state,
+                cu_seqlens=cu_seqlens)
