@@ -1,0 +1,50 @@
+"""What every Triton lowering shares: kernel signatures, host-side buffers, launch checks."""
+from __future__ import annotations
+
+import torch
+
+from ...ir import Program
+from ...plan import Plan
+from .render import arg_names
+
+HEADER = "import triton\nimport triton.language as tl\n\n"
+
+
+def compute_type(plan: Plan) -> str:
+    """fp32 math for every input dtype (fp64 inputs keep fp64, so gradcheck can run)."""
+    return "tl.float64" if plan.dtype == "float64" else "tl.float32"
+
+
+def compute_dtype(plan: Plan) -> torch.dtype:
+    return torch.float64 if plan.dtype == "float64" else torch.float32
+
+
+def input_params(program: Program) -> str:
+    return ", ".join(n for inp in program.inputs for n in arg_names(inp))
+
+
+def input_args(program: Program, tensors: dict) -> list:
+    args = []
+    for inp in program.inputs:
+        x = tensors[inp.name]
+        args.append(x)
+        args.extend(x.stride())
+    return args
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def num_sequences(sizes: dict, cu_seqlens) -> int:
+    return sizes["b"] if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
+def direction_slices(plan: Plan, state: torch.Tensor | None):
+    """Per-direction views of a state tensor ((2, ...) when bidirectional)."""
+    dirs = plan.program.recurrence.directions
+    if state is None:
+        return [None] * len(dirs)
+    if len(dirs) == 1:
+        return [state]
+    return [state[i] for i in range(len(dirs))]

@@ -1,0 +1,154 @@
+"""The scan lowering: one program per (sequence, head, p-block), sequential over t.
+
+The n x BP block of the state lives in registers for the whole sequence. Operands that do not
+vary in t are computed once before the loop. Every decay structure is legal here, including a
+decay that varies over p (Mamba-1 with p > 1).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ....ir import Direction
+from ....plan import Plan
+from ..common import (HEADER, compute_dtype, compute_type, direction_slices, input_args,
+                      input_params, next_pow2, num_sequences)
+from ..render import Context, Emitter, Tile, tile_mask
+from . import register_lowering
+
+FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
+
+
+def _operand(ctx: Context, node, name: str, mask_axes) -> str:
+    var = ctx.value(node, f"{name}_raw")
+    mask = tile_mask(ctx.tile, [a for a in node.axes if a in mask_axes])
+    if mask is None:
+        ctx.emit(f"{name} = {var}")
+    else:
+        ctx.emit(f"{name} = tl.where({mask}, {var}, 0.0)")
+    return name
+
+
+def render(plan: Plan) -> str:
+    prog = plan.program
+    rec = prog.recurrence
+    ct = compute_type(plan)
+    state_tile = Tile([("n", "offs_n", "mask_n"), ("p", "offs_p", "mask_p")], FIXED)
+    out_tile = Tile([("p", "offs_p", "mask_p")], FIXED)
+
+    pre = Emitter(indent=1)     # before the loop: time-invariant operands
+    body = Emitter(indent=2)    # per step
+    outer = Context(prog, state_tile, pre, "c", ct)
+    inner = Context(prog, state_tile, body, "s", ct)
+    operands = {"decay": rec.decay, "key": rec.key, "value": rec.value, "query": rec.query}
+    for name, node in operands.items():
+        if node is None:
+            continue
+        ctx = inner if "t" in node.axes else outer
+        _operand(ctx, node, name, ("n", "p"))
+    update = "state = decay * state + key * value" if rec.decay is not None else \
+        "state = state + key * value"
+    body(update)
+    body("y = tl.sum(query * state, axis=0)")
+    body("y_off = ((b_idx * T + t_idx) * H + h_idx) * P + offs_p")
+    body("if ACCUM_IN:")
+    with body.block():
+        body("y += tl.load(yacc_ptr + y_off, mask=mask_p, other=0.0)")
+    body("if WRITE_OUT:")
+    with body.block():
+        epi = Context(prog, out_tile, body, "e", ct, extra={"y": "y"})
+        out = epi.value(prog.output, "out")
+        body("tl.store(out_ptr + b_idx * s_out_b + t_idx * s_out_t + h_idx * s_out_h + "
+             f"offs_p * s_out_p, {out}.to(out_ptr.dtype.element_ty), mask=mask_p)")
+    body("else:")
+    with body.block():
+        body("tl.store(yacc_ptr + y_off, y, mask=mask_p)")
+
+    return HEADER + f'''
+@triton.jit
+def ssmc_scan_fwd(
+    {input_params(prog)},
+    out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
+    yacc_ptr, h0_ptr, hT_ptr, cu_ptr,
+    T, HPG, N, P,
+    BN: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
+    STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    h_idx = tl.program_id(1).to(tl.int64)
+    H = tl.num_programs(1)
+    pid_p = tl.program_id(2)
+    g_idx = h_idx // HPG
+    if IS_VARLEN:
+        b_idx = seq * 0
+        start = tl.load(cu_ptr + seq).to(tl.int64)
+        end = tl.load(cu_ptr + seq + 1).to(tl.int64)
+    else:
+        b_idx = seq
+        start = seq * 0
+        end = start + T
+    offs_n = tl.arange(0, BN)
+    mask_n = offs_n < N
+    offs_p = pid_p * BP + tl.arange(0, BP)
+    mask_p = offs_p < P
+    state_off = ((seq * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]
+    state_mask = mask_n[:, None] & mask_p[None, :]
+    if HAS_H0:
+        state = tl.load(h0_ptr + state_off, mask=state_mask, other=0.0).to({ct})
+    else:
+        state = tl.zeros([BN, BP], dtype={ct})
+{pre.text()}
+    for i in range(0, end - start):
+        if REVERSE:
+            t_idx = end - 1 - i
+        else:
+            t_idx = start + i
+{body.text()}
+    if STORE_HT:
+        tl.store(hT_ptr + state_off, state, mask=state_mask)
+'''
+
+
+def block_sizes(N: int, P: int) -> tuple[int, int]:
+    BN = max(next_pow2(N), 2)
+    BP = max(min(next_pow2(P), max(4096 // BN, 2), 32), 2)
+    return BN, BP
+
+
+def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
+    prog = plan.program
+    B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
+    any_input = tensors[prog.inputs[0].name]
+    device = any_input.device
+    S = num_sequences(sizes, cu_seqlens)
+    dirs = prog.recurrence.directions
+    cdt = compute_dtype(plan)
+    out = torch.empty(B, T, H, P, dtype=getattr(torch, plan.dtype), device=device)
+    final = None
+    if plan.return_final_state:
+        final = torch.empty((len(dirs), S, H, N, P), dtype=cdt, device=device)
+    if out.numel() == 0 and final is None:
+        return out, None
+    yacc = torch.zeros(B, T, H, P, dtype=cdt, device=device) if len(dirs) > 1 else out
+    h0s = direction_slices(plan, initial_state)
+    BN, BP = block_sizes(N, P)
+    grid = (S, H, triton.cdiv(P, BP))
+    args = input_args(prog, tensors)
+    for i, direction in enumerate(dirs):
+        h0 = None if h0s[i] is None else h0s[i].contiguous()
+        module.ssmc_scan_fwd[grid](
+            *args, out, *out.stride(), yacc,
+            out if h0 is None else h0, out if final is None else final[i],
+            out if cu_seqlens is None else cu_seqlens,
+            T, H // G, N, P,
+            BN=BN, BP=BP, REVERSE=direction is Direction.REVERSE, HAS_H0=h0 is not None,
+            STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None,
+            ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1,
+        )
+    if final is not None and len(dirs) == 1:
+        final = final[0]
+    return out, final
+
+
+register_lowering("scan", render, launch)
