@@ -1,6 +1,7 @@
 """The user-facing entry points: `@ssm`, `compile`, `attention_matrix`."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 
@@ -9,7 +10,7 @@ import torch
 from . import config, reference
 from .backends import resolve_backend
 from .dsl import trace
-from .errors import UnsupportedError
+from .errors import BackendUnavailableError, UnsupportedError
 from .ir import Program
 from .passes import DEVICES, choose_lowering, legal_lowerings, run_pipeline
 from .plan import Plan
@@ -29,6 +30,89 @@ class Definition:
         self.__name__ = self.name
         self._default = None
         self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            if self._default is None:
+                self._default = compile(self)
+        return self._default(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<ssmc definition {self.name}>"
+
+
+def ssm(fn=None, *, name: str | None = None):
+    """Decorator: turn a function written in `ssmc.dsl` into a Definition."""
+    if fn is None:
+        return lambda f: Definition(f, name)
+    return Definition(fn, name)
+
+
+def _device_model(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    gpu = torch.cuda.get_device_name(device).lower()
+    for key in DEVICES:
+        if key in gpu:
+            return key
+    return "h100"
+
+
+class CompiledOp:
+    """A definition bound to a backend and a lowering policy; plans are made per call shape."""
+
+    def __init__(self, definition: Definition, backend: str = "auto", lowering: str = "auto"):
+        if lowering not in config.LOWERINGS:
+            raise ValueError(f"lowering={lowering!r} is not valid; valid values: "
+                             f"{', '.join(config.LOWERINGS)}")
+        if backend not in config.BACKENDS:
+            raise ValueError(f"backend={backend!r} is not valid; valid values: "
+                             f"{', '.join(config.BACKENDS)}")
+        self.definition = definition
+        self.program = definition.program
+        legal = legal_lowerings(self.program)
+        if lowering != "auto" and lowering not in legal:
+            raise UnsupportedError(
+                f"{self.program.name}: lowering={lowering!r} is not legal for decay kind "
+                f"{self.program.decay_kind.value!r}; legal lowerings: {', '.join(legal)}")
+        self.backend_name = config.backend() if backend == "auto" else backend
+        self.lowering = lowering
+        self._kernels: dict = {}
+        self.last_plan: Plan | None = None
+
+    def plan_for(self, bound: Bound) -> Plan:
+        base = Plan(program=self.program, lowering="scan", dtype=str(bound.dtype).split(".")[1],
+                    has_initial_state=bound.initial_state is not None,
+                    return_final_state=bound.return_final_state,
+                    varlen=bound.cu_seqlens is not None)
+        if self.lowering != "auto":
+            return dataclasses.replace(base, lowering=self.lowering)
+        # only lowerings that some eligible backend implements are candidates
+        allowed = []
+        for lowering in legal_lowerings(self.program):
+            try:
+                resolve_backend(self.backend_name, bound.device,
+                                dataclasses.replace(base, lowering=lowering))
+                allowed.append(lowering)
+            except (BackendUnavailableError, UnsupportedError):
+                continue
+        choice = choose_lowering(self.program, bound.sizes, _device_model(bound.device),
+                                 ELEM_BYTES[bound.dtype], allowed=allowed or None)
+        if config.debug_level() >= 1:
+            print(f"ssmc: {self.program.name}: {choice.explanation}", file=sys.stderr)
+        return dataclasses.replace(base, lowering=choice.lowering)
+
+    def kernel_for(self, plan: Plan, device: torch.device):
+        key = (plan, device.type)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            backend = resolve_backend(self.backend_name, device, plan)
+            why = backend.supports(plan)
+            if why is not None:
+                raise UnsupportedError(f"{self.program.name}: backend {backend.name!r} cannot run "
+                                       f"{plan.describe()}: {why}")
+            kernel = self._kernels[key] = backend.compile(plan)
+        return kernel
 
     def __call__(self, *args, **kwargs):
         with self._lock:

@@ -5,7 +5,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, UnsupportedError
 from ..plan import Plan
 
 #: kernel(tensors: dict[name, Tensor], sizes: dict[axis, int], initial_state, cu_seqlens)
@@ -52,7 +52,11 @@ AUTO_ORDER = {"cuda": ("triton", "tvm", "reference"), "cpu": ("tvm", "reference"
 def resolve_backend(name: str, device: torch.device, plan: Plan | None = None) -> Backend:
     """`auto` -> the first available backend for the device that supports the plan."""
     if name != "auto":
-        return get_backend(name)
+        backend = get_backend(name)
+        why = backend.supports(plan) if plan is not None else None
+        if why is not None:
+            raise UnsupportedError(f"backend {name!r} cannot run {plan.describe()}: {why}")
+        return backend
     reasons = []
     for candidate in AUTO_ORDER.get(device.type, ("reference",)):
         backend = _BACKENDS.get(candidate)

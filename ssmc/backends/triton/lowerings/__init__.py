@@ -18,7 +18,9 @@ def register_lowering(name: str, render, launch, supports=lambda plan: None) -> 
 
 
 def _load_all() -> None:
-    from . import scan  # noqa: F401
+    import importlib
+    for name in ("scan", "chunked", "quadratic"):
+        importlib.import_module(f"{__name__}.{name}")
 
 
 _load_all()
