@@ -1,0 +1,173 @@
+"""The TVM backend: TIR (as TVMScript) per lowering, compiled for LLVM (CPU).
+
+`compile(plan)` returns a kernel that specialises on first use to the call's head, group,
+state and value sizes and the inputs' dtypes (b and t stay symbolic: one compiled function
+serves every batch size and length), builds or loads that function through the on-disk cache,
+and calls it with the torch tensors themselves (zero-copy through DLPack).
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from ...errors import DTypeError, UnsupportedError
+from ...passes.classify_decay import legal_lowerings
+from ...plan import Plan
+from ..base import register_backend
+
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _tvm_import_error() -> str | None:
+    try:
+        import tvm  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means unavailable
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class TVMBackend:
+    name = "tvm"
+
+    def __init__(self):
+        self._available: bool | None = None
+        self._reason = ""
+
+    def is_available(self) -> bool:
+        if self._available is None:
+            err = _tvm_import_error()
+            self._available = err is None
+            self._reason = err or ""
+        return self._available
+
+    def unavailable_reason(self) -> str:
+        self.is_available()
+        return self._reason or "tvm is installed"
+
+    def supports(self, plan: Plan) -> str | None:
+        from .lowerings import LOWERINGS
+        from .render import unsupported_in
+        prog = plan.program
+        if plan.lowering not in LOWERINGS:
+            return f"no TVM lowering named {plan.lowering!r}"
+        if plan.lowering not in legal_lowerings(prog):
+            return (f"lowering {plan.lowering!r} is not legal for decay kind "
+                    f"{prog.decay_kind.value!r}")
+        if prog.recurrence.transition.kind != "diagonal":
+            return f"transition {prog.recurrence.transition.kind!r} is not implemented"
+        if plan.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {plan.dtype} is not supported (supported: {', '.join(SUPPORTED_DTYPES)})"
+        if len(prog.recurrence.directions) > 2:
+            return "more than two traversal directions are not implemented"
+        r = prog.recurrence
+        parts = {"key": r.key, "value": r.value, "query": r.query, "decay": r.decay,
+                 "output": prog.output}
+        if plan.lowering == "chunked":
+            parts["log_decay"] = prog.log_decay
+        for role, node in parts.items():
+            if node is None:
+                continue
+            bad = unsupported_in(node.expr)
+            if bad is not None:
+                return f"the {role} uses {bad}, which the TVM renderer does not know"
+        return None
+
+    def cache_tag(self) -> str:
+        try:
+            from .build import tvm_version
+            version = tvm_version()
+        except Exception:  # noqa: BLE001
+            version = "unavailable"
+        return f"tvm-{version}-llvm"
+
+    def compile(self, plan: Plan, config: dict | None = None):
+        why = self.supports(plan)
+        if why is not None:
+            raise UnsupportedError(f"{plan.program.name}: backend 'tvm' cannot run "
+                                   f"{plan.describe()}: {why}")
+        return TVMKernel(plan, plan.cache_key(self.cache_tag()))
+
+
+class TVMKernel:
+    """kernel(tensors, sizes, initial_state, cu_seqlens) -> (out, final state or None)."""
+
+    def __init__(self, plan: Plan, key: str):
+        self.plan = plan
+        self.key = key
+        self._functions: dict = {}
+        self._lock = threading.Lock()
+        self.out_dtype = getattr(torch, plan.dtype)
+        self.state_dtype = torch.float64 if plan.dtype == "float64" else torch.float32
+
+    def spec_for(self, tensors, sizes, initial_state, cu_seqlens):
+        from .lowerings import KernelSpec
+        prog = self.plan.program
+        return KernelSpec(
+            plan=self.plan, H=int(sizes["h"]), G=int(sizes["g"]), N=int(sizes["n"]),
+            P=int(sizes["p"]),
+            input_dtypes=tuple(str(tensors[i.name].dtype).split(".")[1] for i in prog.inputs),
+            cu_dtype=None if cu_seqlens is None else str(cu_seqlens.dtype).split(".")[1],
+            h0_dtype=None if initial_state is None else str(initial_state.dtype).split(".")[1])
+
+    def source(self, spec) -> str:
+        from .lowerings import LOWERINGS
+        return LOWERINGS[self.plan.lowering](spec)
+
+    def function(self, spec):
+        fn = self._functions.get(spec)
+        if fn is None:
+            with self._lock:
+                fn = self._functions.get(spec)
+                if fn is None:
+                    from .build import cached_function
+                    from .lowerings import func_name
+                    fn = cached_function(self.key, spec.tag(), self.source(spec),
+                                         func_name(self.plan))
+                    self._functions[spec] = fn
+        return fn
+
+    def __call__(self, tensors, sizes, initial_state=None, cu_seqlens=None):
+        plan, prog = self.plan, self.plan.program
+        if (initial_state is not None) != plan.has_initial_state or \
+                (cu_seqlens is not None) != plan.varlen:
+            raise UnsupportedError(f"{prog.name}: this kernel was compiled for "
+                                   f"{plan.describe()}; the call's state/cu_seqlens differ")
+        device = next(iter(tensors.values())).device
+        if device.type != "cpu":
+            raise DTypeError(f"{prog.name}(): the TVM backend's LLVM target runs on the CPU; "
+                             f"tensors are on {device} (use backend='triton' on GPUs)")
+        # TVM's DLPack import rejects strided views ("Mismatched strides"), so a
+        # non-contiguous argument is copied here; contiguous ones go in as they are.
+        tensors = {k: v if v.is_contiguous() else v.contiguous() for k, v in tensors.items()}
+        if initial_state is not None and not initial_state.is_contiguous():
+            initial_state = initial_state.contiguous()
+        if cu_seqlens is not None and not cu_seqlens.is_contiguous():
+            cu_seqlens = cu_seqlens.contiguous()
+        fn = self.function(self.spec_for(tensors, sizes, initial_state, cu_seqlens))
+        B, T, H, N, P = (int(sizes[a]) for a in "bthnp")
+        D = len(prog.recurrence.directions)
+        S = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        args = [tensors[i.name] for i in prog.inputs]
+        if cu_seqlens is not None:
+            args.append(cu_seqlens)
+        if initial_state is not None:
+            # kernels see states as (directions, S, H, N, P): a view, not a copy
+            args.append(initial_state if D > 1 else initial_state.unsqueeze(0))
+        out = torch.empty(B, T, H, P, dtype=self.out_dtype)
+        args.append(out)
+        final = None
+        if plan.return_final_state:
+            final = torch.empty(D, S, H, N, P, dtype=self.state_dtype)
+            args.append(final)
+        if D > 1:
+            acc = torch.float64 if plan.dtype == "float64" else torch.float32
+            args.append(torch.empty(B, T, H, P, dtype=acc))
+        if B * T > 0 or plan.return_final_state:
+            fn(*args)
+        if final is not None and D == 1:
+            final = final[0]
+        return out, final
+
+
+register_backend(TVMBackend())

@@ -1,0 +1,130 @@
+"""Targets, compilation and the on-disk kernel cache of the TVM backend.
+
+A cache entry is a directory `<cache_dir>/tvm/<plan cache key>/<specialisation>/` holding
+    kernel.tvmscript  the TVMScript source that was compiled
+    kernel.so         the compiled library (`export_library`)
+    meta.json         sha256 of both files, the function name, tvm's version
+An entry is used only when its recorded source hash equals the hash of the source generated
+now and the library's hash matches its bytes; anything missing, unreadable or mismatched is a
+miss and is rebuilt (never a crash). Builds hold a file lock so that concurrent processes do not
+build the same entry twice or read a half-written one. No pickle anywhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ... import config
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows
+    fcntl = None
+
+SOURCE = "kernel.tvmscript"
+LIBRARY = "kernel.so"
+META = "meta.json"
+
+
+def tvm_version() -> str:
+    import tvm
+    return str(tvm.__version__)
+
+
+def llvm_target():
+    import tvm
+    return tvm.target.Target("llvm")
+
+
+def compile_source(source: str, target=None):
+    """TVMScript text -> a compiled executable (tvm.runtime.Executable)."""
+    import tvm
+    func = tvm.script.from_source(source)
+    return tvm.compile(func, target=target or llvm_target())
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def try_load(entry: Path, source: str, name: str):
+    """The cached function for `source`, or None on any kind of miss."""
+    try:
+        meta = json.loads((entry / META).read_text())
+        if meta.get("source_sha256") != _sha(source.encode()) or meta.get("function") != name:
+            return None
+        lib = entry / LIBRARY
+        if meta.get("library_sha256") != _sha(lib.read_bytes()):
+            return None
+        import tvm
+        module = tvm.runtime.load_module(str(lib))
+        return module[name]
+    except Exception:  # noqa: BLE001 - a corrupt or foreign entry is a miss by contract
+        return None
+
+
+def _atomic_write(path: Path, data: bytes):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def build_entry(entry: Path, source: str, name: str):
+    entry.mkdir(parents=True, exist_ok=True)
+    executable = compile_source(source)
+    fd, tmp = tempfile.mkstemp(dir=entry, prefix="build.", suffix=".so")
+    os.close(fd)
+    try:
+        executable.export_library(tmp)
+        os.replace(tmp, entry / LIBRARY)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    _atomic_write(entry / SOURCE, source.encode())
+    meta = {"function": name, "source_sha256": _sha(source.encode()),
+            "library_sha256": _sha((entry / LIBRARY).read_bytes()), "tvm": tvm_version()}
+    _atomic_write(entry / META, json.dumps(meta, indent=1).encode())
+
+
+def cached_function(key: str, spec_tag: str, source: str, name: str):
+    """try_load, lock, try_load again, build, load. Falls back to an in-memory build when the
+    cache directory cannot be written."""
+    entry = config.cache_dir() / "tvm" / key / spec_tag
+    fn = try_load(entry, source, name)
+    if fn is not None:
+        return fn
+    try:
+        with file_lock(entry.parent / (spec_tag + ".lock")):
+            fn = try_load(entry, source, name)
+            if fn is not None:
+                return fn
+            build_entry(entry, source, name)
+    except OSError:
+        return compile_source(source)[name]
+    fn = try_load(entry, source, name)
+    if fn is None:  # written but unreadable (e.g. a full disk): still run this process
+        return compile_source(source)[name]
+    return fn
