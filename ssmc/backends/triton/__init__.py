@@ -1,9 +1,11 @@
 """The Triton backend: generated source per Plan, cached on disk, imported and launched."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
-import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -13,8 +15,17 @@ from ..base import register_backend
 from ..cache import cache_root, get_or_build_text
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .common import interpreting as _interpreting
+
+
+@functools.lru_cache(maxsize=None)
+def _generator_digest() -> str:
+    """A hash of the code generator itself, so a changed generator never reuses old kernels."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 class TritonBackend:
@@ -38,7 +49,7 @@ class TritonBackend:
 
     def cache_tag(self) -> str:
         import triton
-        return f"triton-{triton.__version__}-interp{int(_interpreting())}"
+        return f"triton-{triton.__version__}-interp{int(_interpreting())}-gen{_generator_digest()}"
 
     def source(self, plan: Plan) -> str:
         from .lowerings import LOWERINGS

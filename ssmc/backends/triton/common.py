@@ -1,6 +1,8 @@
 """What every Triton lowering shares: kernel signatures, host-side buffers, launch checks."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ...ir import Program
@@ -13,6 +15,22 @@ HEADER = "import triton\nimport triton.language as tl\n\n"
 def compute_type(plan: Plan) -> str:
     """fp32 math for every input dtype (fp64 inputs keep fp64, so gradcheck can run)."""
     return "tl.float64" if plan.dtype == "float64" else "tl.float32"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_type(plan: Plan) -> str:
+    """Matmul operand type: the input's 16-bit type feeds the tensor cores; fp32 stays fp32.
+
+    Under the interpreter, 16-bit operands of tl.dot come out as garbage (it holds them as raw
+    integers), so interpreted kernels keep fp32 operands; the cache tag tells the two apart.
+    """
+    if interpreting() and plan.dtype in ("bfloat16", "float16"):
+        return "tl.float32"
+    return {"bfloat16": "tl.bfloat16", "float16": "tl.float16", "float32": "tl.float32",
+            "float64": "tl.float64"}[plan.dtype]
 
 
 def compute_dtype(plan: Plan) -> torch.dtype:
