@@ -78,9 +78,20 @@ class CompiledOp:
         self.backend_name = config.backend() if backend == "auto" else backend
         self.lowering = lowering
         self._kernels: dict = {}
+        self._plans: dict = {}
         self.last_plan: Plan | None = None
 
     def plan_for(self, bound: Bound) -> Plan:
+        """The plan for this call signature, memoised: choosing evaluates the cost model."""
+        key = (tuple(sorted(bound.sizes.items())), bound.dtype, bound.device.type,
+               bound.initial_state is not None, bound.return_final_state,
+               bound.cu_seqlens is not None)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(bound)
+        return plan
+
+    def _make_plan(self, bound: Bound) -> Plan:
         base = Plan(program=self.program, lowering="scan", dtype=str(bound.dtype).split(".")[1],
                     has_initial_state=bound.initial_state is not None,
                     return_final_state=bound.return_final_state,
@@ -115,80 +126,6 @@ class CompiledOp:
         return kernel
 
     def __call__(self, *args, **kwargs):
-        with self._lock:
-            if self._default is None:
-                self._default = compile(self)
-        return self._default(*args, **kwargs)
-
-    def __repr__(self):
-        return f"<ssmc definition {self.name}>"
-
-
-def ssm(fn=None, *, name: str | None = None):
-    """Decorator: turn a function written in `ssmc.dsl` into a Definition."""
-    if fn is None:
-        return lambda f: Definition(f, name)
-    return Definition(fn, name)
-
-
-def _device_model(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    gpu = torch.cuda.get_device_name(device).lower()
-    for key in DEVICES:
-        if key in gpu:
-            return key
-    return "h100"
-
-
-class CompiledOp:
-    """A definition bound to a backend and a lowering policy; plans are made per call shape."""
-
-    def __init__(self, definition: Definition, backend: str = "auto", lowering: str = "auto"):
-        if lowering not in config.LOWERINGS:
-            raise ValueError(f"lowering={lowering!r} is not valid; valid values: "
-                             f"{', '.join(config.LOWERINGS)}")
-        if backend not in config.BACKENDS:
-            raise ValueError(f"backend={backend!r} is not valid; valid values: "
-                             f"{', '.join(config.BACKENDS)}")
-        self.definition = definition
-        self.program = definition.program
-        legal = legal_lowerings(self.program)
-        if lowering != "auto" and lowering not in legal:
-            raise UnsupportedError(
-                f"{self.program.name}: lowering={lowering!r} is not legal for decay kind "
-                f"{self.program.decay_kind.value!r}; legal lowerings: {', '.join(legal)}")
-        self.backend_name = config.backend() if backend == "auto" else backend
-        self.lowering = lowering
-        self._kernels: dict = {}
-        self.last_plan: Plan | None = None
-
-    def plan_for(self, bound: Bound) -> Plan:
-        lowering = self.lowering
-        if lowering == "auto":
-            choice = choose_lowering(self.program, bound.sizes, _device_model(bound.device),
-                                     ELEM_BYTES[bound.dtype])
-            lowering = choice.lowering
-            if config.debug_level() >= 1:
-                print(f"ssmc: {self.program.name}: {choice.explanation}", file=sys.stderr)
-        return Plan(program=self.program, lowering=lowering, dtype=str(bound.dtype).split(".")[1],
-                    has_initial_state=bound.initial_state is not None,
-                    return_final_state=bound.return_final_state,
-                    varlen=bound.cu_seqlens is not None)
-
-    def kernel_for(self, plan: Plan, device: torch.device):
-        key = (plan, device.type)
-        kernel = self._kernels.get(key)
-        if kernel is None:
-            backend = resolve_backend(self.backend_name, device, plan)
-            why = backend.supports(plan)
-            if why is not None:
-                raise UnsupportedError(f"{self.program.name}: backend {backend.name!r} cannot run "
-                                       f"{plan.describe()}: {why}")
-            kernel = self._kernels[key] = backend.compile(plan)
-        return kernel
-
-    def __call__(self, *args, **kwargs):
         bound = bind(self.program, args, kwargs)
         plan = self.plan_for(bound)
         self.last_plan = plan
@@ -197,6 +134,13 @@ class CompiledOp:
         if bound.return_final_state:
             return out, final
         return out
+
+    def step(self, state: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """One decode step: the inputs without their `t` axis (x (b, h, p), dt (b, h), ...);
+        `state` (b, h, n, p), float32, is updated in place; returns y_t (b, h, p). Forward
+        definitions only; see `ssmc.step`."""
+        from .step import step
+        return step(self, state, *args, **kwargs)
 
     def __repr__(self):
         return (f"<ssmc op {self.program.name} backend={self.backend_name} "
