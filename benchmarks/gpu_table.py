@@ -1,0 +1,237 @@
+"""GPU benchmark: ssmc against mamba_ssm and flash-linear-attention on the same inputs, one run.
+
+    PYTHONPATH=$PWD:.carry/mamba_src:.carry/fla_src python3 benchmarks/gpu_table.py [--quick]
+
+Prints a table of medians (ms), ratios (reference time / ssmc time: > 1 means ssmc is faster),
+achieved TFLOP/s and GB/s, and peak memory. FLOP counts use the chunked SSD formula of
+ssmc.passes.cost at chunk 64; bytes are each input read once and the output written once.
+Reference libraries that are not importable are reported and skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton.testing
+
+import ssmc
+from ssmc.ops import ssd
+
+H, P, N, G = 80, 64, 128, 1
+SHAPES = [(8, 4096), (16, 2048), (2, 16384)]
+
+
+def try_import(what):
+    try:
+        return what()
+    except Exception as e:  # noqa: BLE001 - reported, then skipped
+        print(f"# skipped: {e!r}", file=sys.stderr)
+        return None
+
+
+def mamba_chunk():
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    return mamba_chunk_scan_combined
+
+
+def mamba_update():
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    return selective_state_update
+
+
+def fla_simple_gla():
+    from fla.ops.simple_gla import chunk_simple_gla
+    return chunk_simple_gla
+
+
+def bench(fn, reps=50):
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median")
+
+
+def peak_mib(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def ssd_inputs(b, t, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    x = r(b, t, H, P).to(dtype)
+    dt = (r(b, t, H) * 0.5 - 1.0).to(dtype)
+    A = -torch.exp(r(H) * 0.5).float()
+    B = r(b, t, G, N).to(dtype)
+    C = r(b, t, G, N).to(dtype)
+    D = r(H).float()
+    z = r(b, t, H, P).to(dtype)
+    dt_bias = (r(H) * 0.1).float()
+    return x, dt, A, B, C, D, z, dt_bias
+
+
+def flops_bytes(b, t):
+    """Chunked-SSD tensor FLOPs at chunk 64 (ssmc.passes.cost) and minimal bf16 bytes
+    (x, z, out over b t h p; B, C over b t g n; dt over b t h)."""
+    q = 64
+    tensor = b * H * t * q * (N + P) + 4 * b * H * t * N * P
+    elems = 3 * b * t * H * P + 2 * b * t * G * N + b * t * H
+    return tensor, elems * 2
+
+
+def forward_rows(quick):
+    rows = []
+    mcs = try_import(mamba_chunk)
+    sgla = try_import(fla_simple_gla)
+    shapes = SHAPES[:1] if quick else SHAPES
+    for b, t in shapes:
+        x, dt, A, B, C, D, z, dt_bias = ssd_inputs(b, t)
+        flops, nbytes = flops_bytes(b, t)
+
+        def ours():
+            return ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                       lowering="chunked")
+        y = ours()
+        t_ours = bench(ours)
+        row = dict(kind="fwd", shape=f"b={b} t={t}", ssmc_ms=t_ours,
+                   ssmc_tflops=flops / t_ours * 1e-9, ssmc_gbs=nbytes / t_ours * 1e-6,
+                   ssmc_peak_mib=peak_mib(ours))
+        if mcs is not None:
+            def theirs():
+                return mcs(x, dt, A, B, C, chunk_size=256, D=D, z=z, dt_bias=dt_bias,
+                           dt_softplus=True)
+            y_ref = theirs()
+            row.update(mamba_ms=bench(theirs), mamba_peak_mib=peak_mib(theirs),
+                       err_vs_mamba=rel(y, y_ref))
+            row["ratio_mamba"] = row["mamba_ms"] / t_ours
+        if sgla is not None:
+            dts = torch.nn.functional.softplus(dt.float() + dt_bias)
+            q = C.expand(b, t, H, N).contiguous()
+            k = B.expand(b, t, H, N).contiguous()
+            v = (x.float() * dts[..., None]).to(x.dtype)
+            gl = (dts * A).float()
+
+            def fla():
+                return sgla(q, k, v, gl, scale=1.0)
+            fla()
+            row.update(fla_ms=bench(fla), fla_peak_mib=peak_mib(fla))
+            row["ratio_fla"] = row["fla_ms"] / t_ours
+        rows.append(row)
+        del x, dt, B, C, z
+        torch.cuda.empty_cache()
+    return rows
+
+
+def decode_rows():
+    rows = []
+    ssu = try_import(mamba_update)
+    b = 64
+    x, dt, A, B, C, D, z, dt_bias = (v[:, 0] if v.dim() > 1 and v.shape[0] == b else v
+                                     for v in ssd_inputs(b, 1))
+    state = torch.randn(b, H, N, P, device="cuda", dtype=torch.float32)
+    op = ssmc.compile(ssmc.ops.ssd.build(has_D=True, has_z=True, has_dt_bias=True,
+                                         dt_softplus=True), backend="triton")
+    if hasattr(op, "step"):
+        def ours():
+            return op.step(state, x, dt, A, B, C, D, z, dt_bias)
+    else:
+        xs = [v.unsqueeze(1) for v in (x, dt)] + [A] + [v.unsqueeze(1) for v in (B, C)] + \
+            [D, z.unsqueeze(1), dt_bias]
+
+        def ours():
+            return op(*xs, initial_state=state, return_final_state=True)
+    ours()
+    t_ours = bench(ours, reps=200)
+    state_bytes = 2 * state.numel() * 4
+    row = dict(kind="decode", shape=f"b={b} fp32 state", ssmc_ms=t_ours,
+               ssmc_gbs=state_bytes / t_ours * 1e-6)
+    if ssu is not None:
+        st = state.transpose(-1, -2).contiguous()  # mamba_ssm's (b, h, p, n)
+        dt_e = dt[:, :, None].expand(b, H, P)
+        A_e = A[:, None, None].expand(H, P, N)
+        D_e = D[:, None].expand(H, P)
+        db_e = dt_bias[:, None].expand(H, P)
+
+        def theirs():
+            return ssu(st, x, dt_e, A_e, B, C, D=D_e, z=z, dt_bias=db_e, dt_softplus=True)
+        theirs()
+        row.update(mamba_ms=bench(theirs, reps=200))
+        row["ratio_mamba"] = row["mamba_ms"] / t_ours
+        # correctness on fresh states: one step each
+        s1 = torch.randn_like(state)
+        s2 = s1.transpose(-1, -2).contiguous()
+        if hasattr(op, "step"):
+            y1 = op.step(s1, x, dt, A, B, C, D, z, dt_bias)
+        else:
+            y1, s1 = op(*xs, initial_state=s1, return_final_state=True)
+            y1 = y1[:, 0]
+        y2 = ssu(s2, x, dt_e, A_e, B, C, D=D_e, z=z, dt_bias=db_e, dt_softplus=True)
+        row["err_vs_mamba"] = rel(y1, y2)
+        row["state_err_vs_mamba"] = rel(s1, s2.transpose(-1, -2))
+    rows.append(row)
+    return rows
+
+
+def check_reference():
+    """ssmc chunked/scan/quadratic vs the float64 reference at a moderate shape."""
+    out = []
+    x, dt, A, B, C, D, z, dt_bias = ssd_inputs(2, 1024, seed=1)
+    ref = ssd(*(v.double() for v in (x, dt, A, B, C)), D=D.double(), z=z.double(),
+              dt_bias=dt_bias.double(), dt_softplus=True, backend="reference")
+    for low in ("scan", "chunked", "quadratic"):
+        try:
+            y = ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                    backend="triton", lowering=low)
+            out.append(dict(kind="check", shape=f"ssd b=2 t=1024 {low} bf16", err=rel(y, ref)))
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            out.append(dict(kind="check", shape=f"ssd {low}", err=repr(e)[:80]))
+    return out
+
+
+def fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="check,fwd,decode")
+    args = ap.parse_args()
+    print("device:", torch.cuda.get_device_name(), "torch", torch.__version__,
+          "triton", triton.__version__)
+    rows = []
+    parts = args.only.split(",")
+    if "check" in parts:
+        rows += check_reference()
+    if "fwd" in parts:
+        rows += forward_rows(args.quick)
+    if "decode" in parts:
+        rows += decode_rows()
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "gpu_table.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
