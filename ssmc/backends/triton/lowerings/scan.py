@@ -116,7 +116,11 @@ def block_sizes(N: int, P: int) -> tuple[int, int]:
     return BN, BP
 
 
-def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
+def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_out=None):
+    """Run the scan. `final_out`, when given, is the buffer the final state is written to (a
+    contiguous (S, H, N, P) tensor, (2, S, H, N, P) when bidirectional, in the compute dtype);
+    it may be `initial_state` itself: each program loads its state tile before the loop and
+    stores the same tile after it, so updating a state in place (a decode step) is safe."""
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
     any_input = tensors[prog.inputs[0].name]
@@ -126,7 +130,15 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     cdt = compute_dtype(plan)
     out = torch.empty(B, T, H, P, dtype=getattr(torch, plan.dtype), device=device)
     final = None
-    if plan.return_final_state:
+    if final_out is not None:
+        want = (S, H, N, P) if len(dirs) == 1 else (len(dirs), S, H, N, P)
+        if (tuple(final_out.shape) != want or final_out.dtype != cdt
+                or final_out.device != device or not final_out.is_contiguous()):
+            raise ValueError(f"scan launch: final_out must be a contiguous {cdt} tensor of shape "
+                             f"{want} on {device}, got {final_out.dtype} "
+                             f"{tuple(final_out.shape)} on {final_out.device}")
+        final = final_out.view(len(dirs), S, H, N, P)
+    elif plan.return_final_state:
         final = torch.empty((len(dirs), S, H, N, P), dtype=cdt, device=device)
     if out.numel() == 0 and final is None:
         return out, None
@@ -146,6 +158,8 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
             STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None,
             ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1,
         )
+    if final_out is not None:
+        return out, final_out
     if final is not None and len(dirs) == 1:
         final = final[0]
     return out, final
