@@ -18,10 +18,9 @@ def build(scale: float):
     return retention
 
 
-def default_gamma(h: int, device=None) -> torch.Tensor:
-    """RetNet's schedule: gamma_h = 1 - 2^(-5 - h')` with h' spread over [0, 9]."""
-    exps = -5.0 - torch.arange(h, dtype=torch.float32, device=device) * (9.0 / max(h - 1, 1))
-    return 1.0 - torch.pow(2.0, exps) if h > 1 else torch.tensor([1 - 2.0 ** -5], device=device)
+def default_gamma(h: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """RetNet's schedule (Sun et al. 2023, torchscale): gamma_h = 1 - 2^(-5 - h), h = 0..H-1."""
+    return 1.0 - torch.pow(2.0, -5.0 - torch.arange(h, dtype=dtype, device=device))
 
 
 def retention(q, k, v, gamma=None, scale=None, initial_state=None, return_final_state=False,
@@ -29,7 +28,8 @@ def retention(q, k, v, gamma=None, scale=None, initial_state=None, return_final_
     """q, k: (b, t, h, n); v: (b, t, h, p); gamma: (h,) decays in (0, 1) (RetNet's by default);
     scale defaults to n ** -0.5."""
     if gamma is None:
-        gamma = default_gamma(q.shape[2], q.device).to(q.dtype)
+        # at least float32: in bf16/fp16, 1 - 2^-9 and closer decays round to exactly 1
+        gamma = default_gamma(q.shape[2], q.device, torch.promote_types(q.dtype, torch.float32))
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if not math.isfinite(scale):
         raise ValueError(f"retention(): scale must be finite, got {scale}")

@@ -21,9 +21,8 @@ def build(has_D=False, D_per_channel=False, has_z=False, has_dt_bias=False, dt_s
             dt = dt + v["dt_bias"]
         if dt_softplus:
             dt = S.softplus(dt)
-        if dt_min > 0.0 or dt_max != float("inf"):
-            dt = S.clamp(dt, dt_min if dt_min > 0.0 else None,
-                         dt_max if dt_max != float("inf") else None)
+        if (dt_min, dt_max) != (0.0, float("inf")):  # an explicit limit clamps both ends
+            dt = S.clamp(dt, dt_min, dt_max if dt_max != float("inf") else None)
         y = S.recurrence(decay=S.exp(dt * v["A"]), key=v["B"], value=v["x"] * dt, query=v["C"])
         if has_D:
             y = y + v["D"] * v["x"]

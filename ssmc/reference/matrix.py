@@ -22,12 +22,16 @@ def decay_products(decay, T, like):
     if decay is None:
         decay = torch.ones(1, 1, 1, 1, 1, dtype=like.dtype, device=like.device)
     a = _full(decay, T).permute(0, 2, 3, 4, 1)  # (b, h, n, p', t)
-    L = torch.zeros(*a.shape, T, dtype=a.dtype, device=a.device)
+    one = torch.ones(*a.shape[:-1], 1, dtype=a.dtype, device=a.device)
+    # rows built out of place: writing into one tensor would break autograd through it
+    rows, prev = [], None
     for i in range(T):
+        parts = [one, one.new_zeros(*one.shape[:-1], T - i - 1)]
         if i > 0:
-            L[..., i, :i] = a[..., i:i + 1] * L[..., i - 1, :i]
-        L[..., i, i] = 1
-    return L
+            parts.insert(0, a[..., i:i + 1] * prev[..., :i])
+        prev = torch.cat(parts, -1)
+        rows.append(prev)
+    return torch.stack(rows, -2)
 
 
 def semiseparable(decay, key, query, T):

@@ -1,0 +1,383 @@
+"""Shared test helpers: random inputs for the built-ins and `check_against_reference`.
+
+Every kernel test (reference, Triton, TVM) compares an op with the float64 sequential scan
+through `check_against_reference`; the factories give inputs in the ranges the built-ins are
+used with (negative A, positive dt, decays in (0, 1)), at small, odd shapes.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+import ssmc
+import ssmc.ops
+from ssmc import reference
+from ssmc.validate import bind
+
+__all__ = [
+    "SHAPES", "ssd_inputs", "selective_scan_inputs", "retention_inputs", "gla_inputs",
+    "linear_attention_inputs", "INPUT_FACTORIES", "random_inputs", "random_state", "cu_seqlens",
+    "DECAY_AXES", "DIRECTIONS", "make_definition", "Mismatch", "compare", "check_against_reference", "reference_of",
+]
+
+#: small, odd shapes: t in (1, 7, 63, 100), groups g < h, state n != value dim p
+SHAPES = (
+    dict(b=2, t=1, h=4, g=2, n=5, p=3),
+    dict(b=2, t=7, h=6, g=3, n=4, p=5),
+    dict(b=1, t=63, h=4, g=1, n=6, p=3),
+    dict(b=1, t=100, h=2, g=1, n=3, p=4),
+)
+
+
+def _gen(seed):
+    return None if seed is None else torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, gen=None, scale=1.0):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+
+def _rand(*shape, gen=None, lo=0.0, hi=1.0):
+    return lo + (hi - lo) * torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+
+def _finish(tensors: dict, dtype, device) -> dict:
+    return {k: v.to(dtype=dtype, device=device) for k, v in tensors.items()}
+
+
+def ssd_inputs(b=2, t=7, h=6, g=3, n=4, p=5, *, D=True, D_per_channel=False, z=True,
+               dt_bias=True, dtype=torch.float32, device="cpu", seed=None) -> dict:
+    """Keyword arguments of `ssmc.ops.ssd`: x, z (b, t, h, p); dt (b, t, h) (raw, to go
+    through softplus); A (h,) negative; B, C (b, t, g, n); D (h,) or (h, p); dt_bias (h,)."""
+    gen = _gen(seed)
+    out = dict(x=_randn(b, t, h, p, gen=gen), dt=_randn(b, t, h, gen=gen, scale=0.5),
+               A=-_rand(h, gen=gen, lo=0.5, hi=2.0), B=_randn(b, t, g, n, gen=gen),
+               C=_randn(b, t, g, n, gen=gen))
+    if D:
+        out["D"] = _randn(*((h, p) if D_per_channel else (h,)), gen=gen)
+    if z:
+        out["z"] = _randn(b, t, h, p, gen=gen)
+    if dt_bias:
+        out["dt_bias"] = _randn(h, gen=gen, scale=0.5)
+    return _finish(out, dtype, device)
+
+
+def selective_scan_inputs(b=2, t=7, d=6, n=4, g=None, *, D=True, z=True, delta_bias=True,
+                          dtype=torch.float32, device="cpu", seed=None) -> dict:
+    """Keyword arguments of `ssmc.ops.selective_scan` (time-major Mamba-1): u, delta, z
+    (b, t, d); A (d, n) negative; B, C (b, t, n), or (b, t, g, n) when `g` is given;
+    D, delta_bias (d,)."""
+    gen = _gen(seed)
+    bc = (b, t, n) if g is None else (b, t, g, n)
+    out = dict(u=_randn(b, t, d, gen=gen), delta=_randn(b, t, d, gen=gen, scale=0.5),
+               A=-_rand(d, n, gen=gen, lo=0.5, hi=2.0), B=_randn(*bc, gen=gen),
+               C=_randn(*bc, gen=gen))
+    if D:
+        out["D"] = _randn(d, gen=gen)
+    if z:
+        out["z"] = _randn(b, t, d, gen=gen)
+    if delta_bias:
+        out["delta_bias"] = _randn(d, gen=gen, scale=0.5)
+    return _finish(out, dtype, device)
+
+
+def retention_inputs(b=2, t=7, h=3, n=4, p=5, *, gamma=True, dtype=torch.float32,
+                     device="cpu", seed=None) -> dict:
+    """Keyword arguments of `ssmc.ops.retention`: q, k (b, t, h, n); v (b, t, h, p);
+    gamma (h,) in (0.5, 1)."""
+    gen = _gen(seed)
+    out = dict(q=_randn(b, t, h, n, gen=gen), k=_randn(b, t, h, n, gen=gen),
+               v=_randn(b, t, h, p, gen=gen))
+    if gamma:
+        out["gamma"] = _rand(h, gen=gen, lo=0.5, hi=0.99)
+    return _finish(out, dtype, device)
+
+
+def gla_inputs(b=2, t=7, h=3, n=4, p=5, *, dtype=torch.float32, device="cpu",
+               seed=None) -> dict:
+    """Keyword arguments of `ssmc.ops.gla`: q, k (b, t, h, n); v (b, t, h, p); g (b, t, h, n)
+    the log decay, logsigmoid of a normal sample (so the decay is in (0, 1))."""
+    gen = _gen(seed)
+    out = dict(q=_randn(b, t, h, n, gen=gen), k=_randn(b, t, h, n, gen=gen),
+               v=_randn(b, t, h, p, gen=gen),
+               g=torch.nn.functional.logsigmoid(_randn(b, t, h, n, gen=gen) + 2.0))
+    return _finish(out, dtype, device)
+
+
+def linear_attention_inputs(b=2, t=7, h=3, n=4, p=5, *, dtype=torch.float32, device="cpu",
+                            seed=None) -> dict:
+    """Keyword arguments of `ssmc.ops.linear_attention`: q, k (b, t, h, n); v (b, t, h, p)."""
+    gen = _gen(seed)
+    out = dict(q=_randn(b, t, h, n, gen=gen), k=_randn(b, t, h, n, gen=gen),
+               v=_randn(b, t, h, p, gen=gen))
+    return _finish(out, dtype, device)
+
+
+#: builtin name -> (op in ssmc.ops, factory taking b, t, h, g, n, p as keywords)
+INPUT_FACTORIES: dict[str, tuple[Callable, Callable]] = {
+    "ssd": (ssmc.ops.ssd, lambda b, t, h, g, n, p, **kw: ssd_inputs(b, t, h, g, n, p, **kw)),
+    "selective_scan": (ssmc.ops.selective_scan,
+                       lambda b, t, h, g, n, p, **kw: selective_scan_inputs(b, t, h, n, g, **kw)),
+    "retention": (ssmc.ops.retention,
+                  lambda b, t, h, g, n, p, **kw: retention_inputs(b, t, h, n, p, **kw)),
+    "gla": (ssmc.ops.gla, lambda b, t, h, g, n, p, **kw: gla_inputs(b, t, h, n, p, **kw)),
+    "linear_attention": (ssmc.ops.linear_attention,
+                         lambda b, t, h, g, n, p, **kw: linear_attention_inputs(b, t, h, n, p,
+                                                                                **kw)),
+}
+
+
+def random_inputs(definition, sizes: Mapping[str, int], *, dtype=torch.float32, device="cpu",
+                  seed=None) -> dict:
+    """Standard-normal tensors for every input of a definition (or compiled op / Program),
+    shaped by its annotations and `sizes` (axis letter -> size). Suited to definitions whose
+    decay maps any real number into (0, 1), e.g. `S.sigmoid(a)` or `S.exp(-S.softplus(a))`."""
+    program = _program_of(definition)
+    gen = _gen(seed)
+    return {i.name: _randn(*(sizes[a] for a in i.axes), gen=gen).to(dtype=dtype, device=device)
+            for i in program.inputs}
+
+
+def random_state(b, h, n, p, *, directions=1, dtype=torch.float32, device="cpu", seed=None):
+    """An initial state (b, h, n, p), or (directions, b, h, n, p) when directions > 1."""
+    shape = (b, h, n, p) if directions == 1 else (directions, b, h, n, p)
+    return _randn(*shape, gen=_gen(seed)).to(dtype=dtype, device=device)
+
+
+def cu_seqlens(lengths: Sequence[int], dtype=torch.int32, device="cpu") -> torch.Tensor:
+    """Cumulative sequence offsets [0, l0, l0 + l1, ...] for a packed batch."""
+    return torch.tensor([0, *itertools.accumulate(int(x) for x in lengths)], dtype=dtype,
+                        device=device)
+
+
+# --------------------------------------------------------------------------- definitions
+
+#: the decay annotation of `make_definition` per decay kind (DESIGN.md's table)
+DECAY_AXES = {"none": None, "time_invariant": "h n", "scalar": "b t h", "diagonal": "b t h n",
+              "full": "b t h n p"}
+DIRECTIONS = ("forward", "reverse", "bidirectional")
+
+
+def make_definition(decay: str = "scalar", direction: str = "forward", *,
+                    epilogue: bool = False) -> "ssmc.Definition":
+    """A small custom definition of a decay kind and direction, with groups:
+    q, k: "b t g n"; v: "b t h p"; a (the raw decay, sigmoid(a + 2) in (0, 1)): DECAY_AXES.
+    With `epilogue`, also z: "b t h p" and D: "h", returning (y + D v) * silu(z); else y."""
+    import inspect
+
+    from ssmc import dsl as S
+
+    axes = {"q": "b t g n", "k": "b t g n", "v": "b t h p"}
+    if DECAY_AXES[decay] is not None:
+        axes["a"] = DECAY_AXES[decay]
+    if epilogue:
+        axes.update(z="b t h p", D="h")
+
+    def body(*args):
+        v = dict(zip(axes, args))
+        dec = S.sigmoid(v["a"] + 2) if "a" in v else None
+        y = S.recurrence(decay=dec, key=v["k"], value=v["v"], query=v["q"], direction=direction)
+        if epilogue:
+            y = (y + v["D"] * v["v"]) * S.silu(v["z"])
+        return y
+
+    body.__signature__ = inspect.Signature([
+        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=S.In[a])
+        for n, a in axes.items()])
+    return ssmc.ssm(body, name=f"{decay}_{direction}")
+
+
+# --------------------------------------------------------------------------- comparison
+
+@dataclass(frozen=True)
+class Mismatch:
+    """The error of one tensor against its reference."""
+
+    name: str
+    max_abs: float       # max |actual - expected|
+    rel_rms: float       # ||actual - expected||_2 / ||expected||_2
+    rel_max: float       # max |actual - expected| / max |expected|
+    tol: float
+    problem: str = ""    # shape / dtype / non-finite problems, empty when comparable
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem and self.rel_rms <= self.tol and self.rel_max <= self.tol
+
+    def __str__(self):
+        status = "ok  " if self.ok else "FAIL"
+        if self.problem:
+            return f"{status} {self.name}: {self.problem}"
+        return (f"{status} {self.name}: max abs err {self.max_abs:.3e}, rel RMS err "
+                f"{self.rel_rms:.3e}, rel max err {self.rel_max:.3e} (tol {self.tol:.1e})")
+
+
+def compare(name: str, actual, expected: torch.Tensor, tol: float) -> Mismatch:
+    """Measure `actual` against `expected` (compared in float64). Both errors are relative to
+    the reference's scale; an all-zero reference is compared by absolute error."""
+    if actual is None:
+        return Mismatch(name, math.inf, math.inf, math.inf, tol, "is None (no value/gradient)")
+    if tuple(actual.shape) != tuple(expected.shape):
+        return Mismatch(name, math.inf, math.inf, math.inf, tol,
+                        f"shape {tuple(actual.shape)} but the reference has "
+                        f"{tuple(expected.shape)}")
+    a = actual.detach().to(device="cpu", dtype=torch.float64)
+    e = expected.detach().to(device="cpu", dtype=torch.float64)
+    bad = ~torch.isfinite(a) & torch.isfinite(e)
+    if bad.any():
+        return Mismatch(name, math.inf, math.inf, math.inf, tol,
+                        f"{int(bad.sum())} non-finite value(s) where the reference is finite")
+    if a.numel() == 0:
+        return Mismatch(name, 0.0, 0.0, 0.0, tol)
+    diff = (a - e).abs()
+    max_abs = float(diff.max())
+    ref_norm, ref_max = float(e.norm()), float(e.abs().max())
+    rel_rms = float(diff.norm()) / ref_norm if ref_norm > 0 else float(diff.norm())
+    rel_max = max_abs / ref_max if ref_max > 0 else max_abs
+    return Mismatch(name, max_abs, rel_rms, rel_max, tol)
+
+
+def _program_of(op):
+    if isinstance(op, ssmc.CompiledOp):
+        return op.program
+    if isinstance(op, ssmc.Definition):
+        return op.program
+    if hasattr(op, "recurrence") and hasattr(op, "inputs"):
+        return op
+    return None
+
+
+def reference_of(op) -> Callable:
+    """A float64 reference callable with the same calling convention as `op`.
+
+    For a Definition or CompiledOp: `ssmc.reference.scan` on the bound arguments. For any other
+    callable (the built-ins of `ssmc.ops`, which take `backend=` and `lowering=`): the same
+    callable with `backend="reference", lowering="scan"`, which runs `ssmc.reference.scan`.
+    """
+    program = _program_of(op)
+    if program is not None:
+        def ref(*args, **kwargs):
+            b = bind(program, args, kwargs)
+            out, final = reference.scan(program, b.tensors, b.sizes, b.initial_state,
+                                        b.cu_seqlens, b.return_final_state)
+            return (out, final) if b.return_final_state else out
+        return ref
+
+    def ref(*args, **kwargs):
+        kwargs = {**kwargs, "backend": "reference", "lowering": "scan"}
+        return op(*args, **kwargs)
+    return ref
+
+
+def _leaves(inputs, call_kwargs, dtype_for, requires_grad):
+    """Copies of `inputs` (dict or sequence) and tensor keyword arguments; floating tensors are
+    cast with `dtype_for(tensor)` and made leaves. Returns (args, kwargs, {name: leaf})."""
+    leaves = {}
+
+    def prep(name, x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            y = x.detach().to(dtype_for(x)).clone().requires_grad_(requires_grad)
+            leaves[name] = y
+            return y
+        return x
+
+    if isinstance(inputs, Mapping):
+        args, kw = (), {k: prep(k, v) for k, v in inputs.items()}
+    else:
+        args, kw = tuple(prep(f"input[{i}]", v) for i, v in enumerate(inputs)), {}
+    for k, v in call_kwargs.items():
+        kw[k] = prep(k, v)
+    return args, kw, leaves
+
+
+def _outputs(result) -> dict[str, torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return {"y": result}
+    if isinstance(result, (tuple, list)):
+        names = ["y", "final_state"] + [f"output[{i}]" for i in range(2, len(result))]
+        return {names[i]: r for i, r in enumerate(result) if r is not None}
+    raise TypeError(f"an op returned {type(result).__name__}; expected a tensor or a tuple")
+
+
+def check_against_reference(op, inputs, *, tol: float, grad: bool = True,
+                            grad_tol: float | None = None, backend: str | None = None,
+                            lowering: str | None = None, seed: int = 0,
+                            **call_kwargs) -> list[Mismatch]:
+    """Compare `op` on `inputs` with the float64 sequential reference, outputs and gradients.
+
+    op:        an `ssmc.Definition` (compiled here with `backend`/`lowering`, default "auto"),
+               an `ssmc.CompiledOp` (used as is; `backend`/`lowering` must then be omitted), or
+               any callable taking `backend=` and `lowering=` keywords, such as the built-ins
+               in `ssmc.ops` (its reference is the same callable with `backend="reference",
+               lowering="scan"`).
+    inputs:    a dict of keyword arguments (name -> tensor) or a sequence of positional ones.
+    tol:       bound on the relative RMS error ||a - r|| / ||r|| and on the relative max error
+               max|a - r| / max|r| of every output.
+    grad:      also compare gradients w.r.t. every floating tensor in `inputs` and
+               `call_kwargs` (e.g. `initial_state`), for a random cotangent on every output.
+    grad_tol:  the bound for gradients (default: `tol`).
+    seed:      seeds the cotangents.
+    call_kwargs: passed to both calls (`initial_state=`, `cu_seqlens=`, `return_final_state=`,
+               op options such as `dt_softplus=`).
+
+    The op runs on the inputs as given (their dtype and device); the reference on float64 CPU
+    copies. Returns one `Mismatch` per compared tensor (output "y", "final_state", and
+    "grad <name>") and raises AssertionError listing all of them, with the tensor name, max
+    abs error and relative RMS error, when any exceeds its tolerance or is missing, misshapen or
+    non-finite where the reference is finite.
+    """
+    grad_tol = tol if grad_tol is None else grad_tol
+    if isinstance(op, ssmc.Definition):
+        op = ssmc.compile(op, backend=backend or "auto", lowering=lowering or "auto")
+    elif isinstance(op, ssmc.CompiledOp):
+        if backend is not None or lowering is not None:
+            raise TypeError("check_against_reference: backend=/lowering= are fixed when a "
+                            "CompiledOp is compiled; pass the Definition instead")
+    elif callable(op):
+        if backend is not None:
+            call_kwargs["backend"] = backend
+        if lowering is not None:
+            call_kwargs["lowering"] = lowering
+    else:
+        raise TypeError(f"check_against_reference: {type(op).__name__} is not an op")
+    ref_op = reference_of(op)
+    ref_kwargs = {k: v for k, v in call_kwargs.items() if k not in ("backend", "lowering")}
+
+    args, kwargs, leaves = _leaves(inputs, call_kwargs, lambda x: x.dtype, grad)
+    r_args, r_kwargs, r_leaves = _leaves(
+        inputs, ref_kwargs, lambda x: torch.float64, grad)
+    r_args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in r_args)
+    r_kwargs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in r_kwargs.items()}
+
+    outs = _outputs(op(*args, **kwargs))
+    refs = _outputs(ref_op(*r_args, **r_kwargs))
+    report = [compare(name, outs.get(name), ref, tol) for name, ref in refs.items()]
+
+    if grad and all(m.ok for m in report):
+        gen = torch.Generator().manual_seed(seed)
+        cot = {name: torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+               for name, ref in refs.items() if ref.requires_grad}
+        names = list(r_leaves)
+        loss_r = sum((refs[n] * w).sum() for n, w in cot.items())
+        g_ref = torch.autograd.grad(loss_r, [r_leaves[n] for n in names], allow_unused=True)
+        loss = sum((outs[n].double() * w.to(outs[n].device)).sum() for n, w in cot.items())
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            g_op = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+        else:  # the op's outputs are not connected to its inputs
+            g_op = [None] * len(names)
+        for n, ga, gr in zip(names, g_op, g_ref):
+            if gr is None:
+                gr = torch.zeros_like(r_leaves[n])
+            if ga is None and not gr.any():
+                continue
+            report.append(compare(f"grad {n}", ga, gr, grad_tol))
+
+    if not all(m.ok for m in report):
+        label = getattr(op, "__name__", None) or repr(op)
+        raise AssertionError(f"{label} disagrees with the float64 reference:\n  " +
+                             "\n  ".join(str(m) for m in report))
+    return report
