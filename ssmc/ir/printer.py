@@ -4,14 +4,39 @@ from __future__ import annotations
 import re
 
 import sympy as sp
+from sympy.printing.str import StrPrinter
 
 from .functions import CUSTOM_FUNCTIONS
 from .nodes import (DIRECTION_SETS, DecayKind, Elementwise, Input, Program, Recurrence,
                     Transition, Y, symbol)
 
 
+class _ExactFloatPrinter(StrPrinter):
+    """sympy's default prints 15 digits, which loses the last bits of a double (a scale of
+    3 ** -0.5 would not round-trip); print the shortest text that reads back exactly."""
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+
+def _sstr(expr) -> str:
+    return _ExactFloatPrinter().doprint(expr)
+
+
+# float literals in printed bodies; parsed through Python's float so they read back exactly
+_FLOAT = re.compile(r"(?<![\w.])(\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)")
+
+
+_EXACT = "_ssmc_exact_float_"
+
+
+def _sympify(body: str, local: dict) -> sp.Expr:
+    text = _FLOAT.sub(lambda m: f'{_EXACT}("{m.group(1)}")', body)
+    return sp.sympify(text, locals={**local, _EXACT: lambda s: sp.Float(float(s))})
+
+
 def _ew(role: str, e: Elementwise) -> str:
-    return f"  {role}[{' '.join(e.axes)}] = {sp.sstr(e.expr)}"
+    return f"  {role}[{' '.join(e.axes)}] = {_sstr(e.expr)}"
 
 
 def print_program(program: Program) -> str:
@@ -71,7 +96,7 @@ def parse_program(text: str) -> Program:
         if not em:
             raise ValueError(f"cannot parse line {ln!r}")
         role, axes, body = em.groups()
-        parts[role] = Elementwise(sp.sympify(body, locals=local), tuple(axes.split()))
+        parts[role] = Elementwise(_sympify(body, local), tuple(axes.split()))
     rec = Recurrence(key=parts["key"], value=parts["value"], query=parts["query"],
                      decay=parts.get("decay"), directions=directions, transition=transition)
     return Program(name=name, inputs=tuple(inputs), recurrence=rec, output=parts["out"],

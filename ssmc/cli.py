@@ -1,0 +1,298 @@
+"""The `ssmc` command line.
+
+    ssmc explain ssmc.ops.ssd:mamba2 --shape b=8,t=4096,h=80,p=64,n=128,g=1 --device h100
+
+Each subcommand is one entry in `SUBCOMMANDS`: its name maps to `(add_arguments, run)`, where
+`add_arguments(parser)` declares its options on an argparse sub-parser and `run(args)` does the
+work and returns the exit status. The first line of `run`'s docstring is its help text. Adding
+`compile`, `tune`, `bench` or `export` is one function pair and one line in the dict.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import sympy as sp
+
+from .errors import SSMCError
+from .ir import AXES, DecayKind, print_program
+from .ir.nodes import AXIS_ROLES
+
+PROG = "ssmc"
+
+
+class CLIError(SSMCError, ValueError):
+    """A bad command-line argument; main() prints it and exits with status 2."""
+
+
+# -- shared helpers (for every subcommand that takes a definition, a shape, a dtype) ---------
+
+DTYPES = {  # accepted spelling -> (short name, bytes per element)
+    "bf16": ("bf16", 2), "bfloat16": ("bf16", 2),
+    "fp16": ("fp16", 2), "float16": ("fp16", 2), "half": ("fp16", 2),
+    "fp32": ("fp32", 4), "float32": ("fp32", 4), "float": ("fp32", 4),
+    "fp64": ("fp64", 8), "float64": ("fp64", 8), "double": ("fp64", 8),
+}
+
+DECAY_DESCRIPTIONS = {
+    DecayKind.NONE: "no decay: the state accumulates (plain cumulative sum)",
+    DecayKind.TIME_INVARIANT: "time-invariant: no 't' axis (per head, maybe per key)",
+    DecayKind.SCALAR: "scalar per step and head (b t h)",
+    DecayKind.DIAGONAL: "diagonal over the key dim (b t h n)",
+    DecayKind.FULL: "full elementwise: varies over the value dim 'p' too",
+}
+
+
+def load_definition(target: str):
+    """`MODULE:ATTR` -> the ssmc Definition it names. MODULE is a dotted module name or the
+    path of a .py file; ATTR may be dotted (`ops.mamba2`)."""
+    from .api import Definition
+
+    module_part, sep, attr = target.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise CLIError(f"definition {target!r} is not of the form MODULE:FUNCTION "
+                       "(e.g. ssmc.ops.ssd:mamba2 or my_model.py:mamba2)")
+    module = _import(module_part)
+    obj = module
+    for i, part in enumerate(attr.split(".")):
+        if not hasattr(obj, part):
+            where = module_part if i == 0 else f"{module_part}:{'.'.join(attr.split('.')[:i])}"
+            found = _definitions_in(module)
+            hint = f"; definitions there: {', '.join(found)}" if found else ""
+            raise CLIError(f"{where} has no attribute {part!r}{hint}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, Definition):
+        kind = "function" if callable(obj) else type(obj).__name__
+        found = _definitions_in(module)
+        hint = f"; definitions there: {', '.join(found)}" if found else ""
+        raise CLIError(f"{target} is a {kind}, not an ssmc definition (a function decorated "
+                       f"with @ssmc.ssm){hint}")
+    return obj
+
+
+def _import(module_part: str):
+    looks_like_path = module_part.endswith(".py") or os.sep in module_part or "/" in module_part
+    if looks_like_path:
+        path = Path(module_part)
+        if not path.is_file():
+            raise CLIError(f"module file {module_part!r} does not exist")
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+        name = f"_ssmc_cli_{path.stem}_{digest}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # so dataclasses and pickling inside it resolve the module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        return module
+    try:
+        return importlib.import_module(module_part)
+    except ModuleNotFoundError as e:
+        if e.name and module_part.startswith(e.name):  # the module itself, not one it imports
+            raise CLIError(f"no module named {module_part!r} (give a dotted module name on "
+                           "sys.path or the path of a .py file)") from None
+        raise
+
+
+def _definitions_in(module) -> list[str]:
+    from .api import Definition
+    return sorted(k for k, v in vars(module).items() if isinstance(v, Definition))
+
+
+def parse_shape(text: str) -> dict[str, int]:
+    """`b=8,t=4096,h=80` -> {'b': 8, 't': 4096, 'h': 80}; errors name the bad item."""
+    sizes: dict[str, int] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise CLIError(f"--shape {text!r} has an empty item; expected a comma-separated "
+                           "list like b=8,t=4096,h=80,p=64,n=128,g=1")
+        axis, sep, value = (s.strip() for s in item.partition("="))
+        if not sep:
+            raise CLIError(f"--shape item {item!r} is not of the form axis=size (e.g. t=4096)")
+        if axis not in AXES:
+            raise CLIError(f"--shape item {item!r}: unknown axis {axis!r} "
+                           f"(expected one of {' '.join(AXES)})")
+        try:
+            size = int(value)
+        except ValueError:
+            raise CLIError(f"--shape item {item!r}: size {value!r} is not an integer") from None
+        if size <= 0:
+            raise CLIError(f"--shape item {item!r}: size must be positive, got {size}")
+        if axis in sizes:
+            raise CLIError(f"--shape item {item!r}: axis {axis!r} is given twice")
+        sizes[axis] = size
+    return sizes
+
+
+def resolve_sizes(program, given: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+    """Every axis size the cost model needs, following `ssmc.validate`'s rules.
+
+    The axes the definition's inputs carry are required. The others take validate's defaults:
+    b and t are 1, h is g (else 1), g is h, n and p are 1. Sizes given for axes the definition
+    does not use are ignored; their names are returned so the caller can say so.
+    """
+    used = program.axes_present()
+    missing = [a for a in AXES if a in used and a not in given]
+    if missing:
+        users = {a: [i.name for i in program.inputs if a in i.axes] for a in missing}
+        first = missing[0]
+        raise CLIError(f"--shape lacks axis {first!r} ({AXIS_ROLES[first]}), which "
+                       f"{program.name} uses in {', '.join(repr(u) for u in users[first])}"
+                       + (f"; also missing: {' '.join(missing[1:])}" if missing[1:] else ""))
+    ignored = [a for a in given if a not in used]
+    sizes = {a: v for a, v in given.items() if a in used}
+    for axis in ("b", "t"):
+        sizes.setdefault(axis, 1)
+    if "h" not in sizes:
+        sizes["h"] = sizes.get("g", 1)
+    sizes.setdefault("g", sizes["h"])
+    for axis in ("n", "p"):
+        sizes.setdefault(axis, 1)
+    if sizes["h"] % sizes["g"]:
+        raise CLIError(f"--shape: heads h={sizes['h']} is not a multiple of groups "
+                       f"g={sizes['g']}")
+    return sizes, ignored
+
+
+def _si(value: float, unit: str) -> str:
+    """1.7e12 -> '1.72 T<unit>'."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.4g} {unit}".rstrip()
+
+
+def _seconds(s: float) -> str:
+    if s >= 1:
+        return f"{s:.3g} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} us"
+
+
+# -- explain -----------------------------------------------------------------------------
+
+def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
+    from .passes import DEVICES
+    parser.add_argument("definition", metavar="MODULE:FUNCTION",
+                        help="an ssmc definition, e.g. ssmc.ops.ssd:mamba2 or model.py:mamba2")
+    parser.add_argument("--shape", required=True,
+                        help="axis sizes, e.g. b=8,t=4096,h=80,p=64,n=128,g=1; every axis the "
+                             "definition uses is required")
+    parser.add_argument("--device", default="h100", choices=sorted(DEVICES),
+                        help="device model for the cost estimate (default: h100)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
+                        help="input dtype; sets the bytes per element E (default: bf16)")
+    parser.add_argument("--chunk", type=int, default=64,
+                        help="chunk size Q of the chunked lowering (default: 64)")
+
+
+_COST_FIELDS = (  # (Cost attribute, label, unit)
+    ("tensor_flops", "tensor-core FLOPs", "FLOP"),
+    ("vector_flops", "vector FLOPs", "FLOP"),
+    ("bytes", "memory traffic", "B"),
+    ("serial_steps", "serial steps", ""),
+    ("launches", "kernel launches", ""),
+)
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    """Show a definition's IR, decay structure, cost per lowering and the chosen lowering."""
+    from .passes import choose_lowering, legal_lowerings, lowering_costs
+
+    if args.chunk <= 0:
+        raise CLIError(f"--chunk must be positive, got {args.chunk}")
+    definition = load_definition(args.definition)
+    program = definition.program
+    given = parse_shape(args.shape)
+    sizes, ignored = resolve_sizes(program, given)
+    dtype, elem_bytes = DTYPES[args.dtype]
+    choice = choose_lowering(program, sizes, args.device, elem_bytes=elem_bytes, chunk=args.chunk)
+    estimates = {e.lowering: e for e in choice.estimates}
+    chunk = min(args.chunk, max(sizes["t"], 16))  # what choose_lowering substitutes for Q
+
+    out = []
+    out.append(f"definition: {args.definition} ({program.name})")
+    out.append("shape: " + " ".join(f"{a}={sizes[a]}" for a in AXES)
+               + f"   dtype: {dtype} (E={elem_bytes} bytes)   device: {args.device}")
+    if ignored:
+        out.append(f"note: {program.name} does not use axis {', '.join(ignored)}; ignored")
+    out += ["", "== IR ==", print_program(program), ""]
+    out.append("== decay ==")
+    out.append(f"kind: {program.decay_kind.value} - {DECAY_DESCRIPTIONS[program.decay_kind]}")
+    decay = program.recurrence.decay
+    if decay is not None:
+        out.append(f"decay over [{' '.join(decay.axes)}]: {sp.sstr(decay.expr)}")
+    if program.log_decay is not None:
+        out.append(f"log decay: {sp.sstr(program.log_decay.expr)}")
+    out.append(f"legal lowerings: {', '.join(legal_lowerings(program))}")
+    out.append("")
+    out.append(f"== cost per lowering (Q = chunk = {chunk}, E = {elem_bytes}) ==")
+    for name, cost in lowering_costs(program).items():
+        est = estimates[name]
+        status = f"estimated {_seconds(est.seconds)}" if est.legal else est.reason
+        out.append(f"{name}: {status}")
+        for attr, label, unit in _COST_FIELDS:
+            formula = getattr(cost, attr)
+            value = est.values[attr]
+            shown = _si(value, unit) if unit else f"{value:g}"
+            out.append(f"  {label:<18} {sp.sstr(formula)}  =  {shown}")
+    out.append("")
+    out.append("== choice ==")
+    out.append(f"chosen lowering: {choice.lowering}")
+    out.append(f"why: {choice.explanation}")
+    print("\n".join(out))
+    return 0
+
+
+# -- the registry and main ----------------------------------------------------------------
+
+Subcommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+#: name -> (add_arguments, run); one entry per subcommand
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "explain": (add_explain_arguments, run_explain),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+    parser = argparse.ArgumentParser(prog=PROG, description="Compile state-space-model "
+                                     "recurrences into fast kernels.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add_arguments, run) in SUBCOMMANDS.items():
+        help_text = (run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(_run=run, _command=name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except CLIError as e:
+        print(f"{PROG} {args._command}: error: {e}", file=sys.stderr)
+        return 2
+    except SSMCError as e:  # a bad definition (SpecError) and the like: no traceback
+        print(f"{PROG} {args._command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
