@@ -106,7 +106,7 @@ class TritonPrinter:
     def pr(self, e) -> str:
         if e.is_Symbol:
             return self.names[e.name]
-        if e.is_Number:
+        if e.is_Number or e.is_NumberSymbol:  # NumberSymbol: E from S.exp(1), pi
             return self.num(e)
         if isinstance(e, sp.Add):
             return "(" + " + ".join(self.pr(a) for a in e.args) + ")"
@@ -157,10 +157,17 @@ class TritonPrinter:
 
     def power(self, e: sp.Pow) -> str:
         base, ex = self.pr(e.base), e.exp
+        if ex.is_Float and float(ex).is_integer():  # x ** 2.0 is x ** 2, for negative x too
+            ex = sp.Integer(int(ex))
         if ex.is_Integer and 1 <= int(ex) <= 4:
             return "(" + " * ".join([base] * int(ex)) + ")"
         if ex.is_Integer and -4 <= int(ex) <= -1:
             return "(1.0 / (" + " * ".join([base] * -int(ex)) + "))"
+        if ex.is_Integer:
+            # exp(k log|x|), with the sign of x for odd k: exp(k log x) is NaN for x < 0
+            k = int(ex)
+            mag = f"tl.exp({float(k)!r} * tl.log(tl.abs({base})))"
+            return f"tl.where({base} < 0, -{mag}, {mag})" if k % 2 else mag
         if ex == sp.Rational(1, 2):
             return f"tl.sqrt({base})"
         if ex == sp.Rational(-1, 2):
