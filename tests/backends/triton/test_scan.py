@@ -1,0 +1,410 @@
+"""The Triton scan lowering against the float64 sequential reference (`ssmc.reference.scan`).
+
+Every built-in of `ssmc.ops` in every direction (the built-ins are causal; the reverse and
+bidirectional cases are the same definitions written with `direction=`), with groups g < h,
+initial and final states, packed sequences (one of them empty), fp32, bf16 and fp16, at small
+odd shapes (t = 1, 7, 63, 100); two user-style definitions that are not built-ins; and, on a
+GPU, real shapes for every lowering.
+
+Tolerances (relative L2 error ||out - ref|| / ||ref||, conftest.TOL): fp32 1e-5, bf16 2e-2,
+fp16 5e-3.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+
+import pytest
+import torch
+
+import ssmc
+from ssmc import dsl as S
+from ssmc.backends import get_backend
+from ssmc.passes import legal_lowerings
+from ssmc.plan import Plan
+
+# the modules (ssmc.ops exports functions of the same names)
+OPS = {name: importlib.import_module(f"ssmc.ops.{name}")
+       for name in ("ssd", "selective_scan", "retention", "gla", "linear_attention")}
+
+DIRECTIONS = ("forward", "reverse", "bidirectional")
+SCALE = 0.5
+SSD_OPTIONS = dict(has_D=True, has_z=True, has_dt_bias=True, dt_softplus=True, dt_min=1e-3,
+                   dt_max=2.0)
+S6_OPTIONS = dict(has_D=True, has_z=True, has_delta_bias=True, delta_softplus=True)
+
+
+def definition(name: str, axes: dict[str, str], body):
+    """A definition whose parameters are `axes` (name -> annotation); body(dict) -> output."""
+    def fn(*args):
+        return body(dict(zip(axes, args)))
+
+    fn.__signature__ = inspect.Signature([
+        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=S.In[a])
+        for n, a in axes.items()])
+    return ssmc.ssm(fn, name=name)
+
+
+# --------------------------------------------------------------------------- the built-ins,
+# written again with a direction (forward: structurally equal to the built-in, tested below)
+
+def _ssd_like(direction):
+    def body(v):
+        dt = S.clamp(S.softplus(v["dt"] + v["dt_bias"]), 1e-3, 2.0)
+        y = S.recurrence(decay=S.exp(dt * v["A"]), key=v["B"], value=v["x"] * dt, query=v["C"],
+                         direction=direction)
+        return (y + v["D"] * v["x"]) * S.silu(v["z"])
+    return definition(f"ssd_{direction}", dict(
+        x="b t h p", dt="b t h", A="h", B="b t g n", C="b t g n", D="h", z="b t h p",
+        dt_bias="h"), body)
+
+
+def _selective_scan_like(direction):
+    def body(v):
+        dt = S.softplus(v["delta"] + v["delta_bias"])
+        y = S.recurrence(decay=S.exp(dt * v["A"]), key=v["B"], value=v["u"] * dt, query=v["C"],
+                         direction=direction)
+        return (y + v["D"] * v["u"]) * S.silu(v["z"])
+    return definition(f"selective_scan_{direction}", dict(
+        u="b t h p", delta="b t h", A="h n", B="b t g n", C="b t g n", D="h", z="b t h p",
+        delta_bias="h"), body)
+
+
+def _retention_like(direction):
+    return definition(f"retention_{direction}", dict(
+        q="b t h n", k="b t h n", v="b t h p", gamma="h"),
+        lambda v: S.recurrence(decay=v["gamma"], key=v["k"], value=v["v"], query=v["q"] * SCALE,
+                               direction=direction))
+
+
+def _gla_like(direction):
+    return definition(f"gla_{direction}", dict(
+        q="b t h n", k="b t h n", v="b t h p", g="b t h n"),
+        lambda v: S.recurrence(decay=S.exp(v["g"]), key=v["k"], value=v["v"],
+                               query=v["q"] * SCALE, direction=direction))
+
+
+def _linear_attention_like(direction):
+    return definition(f"linear_attention_{direction}", dict(
+        q="b t h n", k="b t h n", v="b t h p"),
+        lambda v: S.recurrence(key=v["k"], value=v["v"], query=v["q"] * SCALE,
+                               direction=direction))
+
+
+#: name -> (the built-in definition, its look-alike with a direction)
+BUILTINS = {
+    "ssd": (lambda: OPS["ssd"].build(**SSD_OPTIONS), _ssd_like),
+    "selective_scan": (lambda: OPS["selective_scan"].build(**S6_OPTIONS), _selective_scan_like),
+    "retention": (lambda: OPS["retention"].build(scale=SCALE), _retention_like),
+    "gla": (lambda: OPS["gla"].build(scale=SCALE), _gla_like),
+    "linear_attention": (lambda: OPS["linear_attention"].build(scale=SCALE),
+                         _linear_attention_like),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def builtin(name: str, direction: str = "forward"):
+    """The built-in itself for forward, its look-alike otherwise."""
+    make, like = BUILTINS[name]
+    return make() if direction == "forward" else like(direction)
+
+
+# --------------------------------------------------------------------------- user-style
+# definitions that no built-in covers
+
+def _gated(direction):
+    """A sigmoid-gated scalar decay that also gates the input, with a tanh epilogue."""
+    def body(v):
+        gate = S.sigmoid(v["a"] + 1.0)
+        y = S.recurrence(decay=gate, key=v["k"], value=v["x"] * (1 - gate), query=v["q"],
+                         direction=direction)
+        return S.tanh(y) * v["w"] + v["x"] * S.sigmoid(v["z"])
+    return definition(f"gated_{direction}", dict(
+        x="b t h p", a="b t h", k="b t g n", q="b t g n", w="h p", z="b t h p"), body)
+
+
+def _per_channel(direction):
+    """A decay per (p, n) element from a per-head matrix A (Mamba-1 with p > 1), with a
+    maximum/clamp epilogue."""
+    def body(v):
+        dt = S.softplus(v["dt"])
+        y = S.recurrence(decay=S.exp(-dt * S.abs(v["A"])), key=v["B"], value=v["x"] * dt,
+                         query=v["C"], direction=direction)
+        return S.clamp(S.maximum(y, -2.0 * S.abs(v["D"])) + v["D"] * v["x"], -3.0, 3.0)
+    return definition(f"per_channel_{direction}", dict(
+        x="b t h p", dt="b t h", A="h p n", B="b t g n", C="b t g n", D="h"), body)
+
+
+CUSTOM = {"gated": _gated, "per_channel": _per_channel}
+
+
+@functools.lru_cache(maxsize=None)
+def custom(name: str, direction: str):
+    return CUSTOM[name](direction)
+
+
+# --------------------------------------------------------------------------- inputs
+
+#: input name -> how to draw it (a float64 tensor from a generator and a shape); others are
+#: standard normal. Decays stay in (0, 1): A < 0, gamma in (0.5, 0.99), g = logsigmoid(.)
+DRAW = {
+    "A": lambda gen, shape: -(0.5 + 1.5 * torch.rand(shape, generator=gen, dtype=torch.float64)),
+    "gamma": lambda gen, shape: 0.5 + 0.49 * torch.rand(shape, generator=gen,
+                                                        dtype=torch.float64),
+    "g": lambda gen, shape: torch.nn.functional.logsigmoid(
+        torch.randn(shape, generator=gen, dtype=torch.float64) + 2.0),
+}
+for _name in ("dt", "delta", "dt_bias", "delta_bias"):
+    DRAW[_name] = lambda gen, shape: 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+def inputs_for(defn, sizes: dict, dtype=torch.float32, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for inp in defn.program.inputs:
+        shape = tuple(sizes[a] for a in inp.axes)
+        draw = DRAW.get(inp.name)
+        x = draw(gen, shape) if draw else torch.randn(shape, generator=gen, dtype=torch.float64)
+        out[inp.name] = x.to(dtype)
+    return out
+
+
+def state_for(defn, sizes: dict, num_states: int | None = None, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (num_states or sizes["b"], sizes["h"], sizes["n"], sizes["p"])
+    if len(defn.program.recurrence.directions) > 1:
+        shape = (2,) + shape
+    return torch.randn(shape, generator=gen)
+
+
+def cu_seqlens(lengths) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+#: small odd shapes; g < h wherever the definition has groups
+SHAPES = {
+    "t1": dict(b=2, t=1, h=4, g=2, n=5, p=3),
+    "t7": dict(b=2, t=7, h=4, g=2, n=4, p=5),
+    "t63": dict(b=1, t=63, h=2, g=1, n=6, p=3),
+    "t100": dict(b=1, t=100, h=2, g=1, n=3, p=4),
+}
+#: packed sequences, with empty ones inside and at the end
+LENGTHS = (3, 0, 5, 1, 0)
+
+
+def shape_for(name: str, shape: str) -> dict:
+    sizes = dict(SHAPES[shape])
+    if name == "selective_scan":
+        sizes["p"] = 1  # Mamba-1: one channel per head
+    return sizes
+
+
+# --------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_scan_builtin_lookalikes_are_the_builtins(name):
+    """The forward look-alike is structurally the built-in, so the reverse and bidirectional
+    look-alikes test the built-ins' expressions in those directions."""
+    assert (BUILTINS[name][1]("forward").program.structural_key()
+            == builtin(name).program.structural_key())
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_scan_builtin(name, direction, shape, triton_check):
+    defn = builtin(name, direction)
+    sizes = shape_for(name, shape)
+    triton_check(defn, inputs_for(defn, sizes), initial_state=state_for(defn, sizes),
+                 return_final_state=True)
+
+
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_scan_builtin_without_states(name, triton_check):
+    defn = builtin(name)
+    triton_check(defn, inputs_for(defn, shape_for(name, "t7"), seed=5))
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_scan_builtin_varlen(name, direction, triton_check):
+    defn = builtin(name, direction)
+    sizes = dict(shape_for(name, "t7"), b=1, t=sum(LENGTHS))
+    triton_check(defn, inputs_for(defn, sizes, seed=2),
+                 initial_state=state_for(defn, sizes, num_states=len(LENGTHS)),
+                 return_final_state=True, cu_seqlens=cu_seqlens(LENGTHS))
+
+
+def test_scan_varlen_without_initial_state(triton_check):
+    defn = builtin("ssd")
+    sizes = dict(shape_for("ssd", "t7"), b=1, t=sum(LENGTHS))
+    triton_check(defn, inputs_for(defn, sizes, seed=3), return_final_state=True,
+                 cu_seqlens=cu_seqlens(LENGTHS))
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_scan_builtin_bf16(name, direction, triton_check):
+    defn = builtin(name, direction)
+    sizes = shape_for(name, "t63")
+    errors = triton_check(defn, inputs_for(defn, sizes, dtype=torch.bfloat16, seed=4),
+                          initial_state=state_for(defn, sizes), return_final_state=True)
+    # the state is fp32 whatever the inputs; only the output carries a bf16 rounding
+    assert errors["final_state"] <= 1e-5
+
+
+def test_scan_fp16(triton_check):
+    defn = builtin("ssd")
+    sizes = shape_for("ssd", "t63")
+    triton_check(defn, inputs_for(defn, sizes, dtype=torch.float16, seed=6),
+                 initial_state=state_for(defn, sizes), return_final_state=True)
+
+
+def test_scan_mixed_dtypes(triton_check):
+    """Per-head parameters in fp32 next to bf16 activations (how Mamba keeps A and D)."""
+    defn = builtin("ssd")
+    sizes = shape_for("ssd", "t7")
+    inputs = inputs_for(defn, sizes, seed=7)
+    inputs = {k: v if k in ("A", "D", "dt_bias") else v.to(torch.bfloat16)
+              for k, v in inputs.items()}
+    triton_check(defn, inputs, return_final_state=True)
+
+
+def test_scan_non_contiguous_inputs(triton_check):
+    """Inputs are read through their strides: a transposed x and a broadcast (stride 0) B."""
+    defn = builtin("ssd")
+    sizes = shape_for("ssd", "t7")
+    inputs = inputs_for(defn, sizes, seed=8)
+    b, t, h, g, n, p = (sizes[a] for a in "bthgnp")
+    inputs["x"] = inputs["x"].transpose(1, 2).contiguous().transpose(1, 2)
+    inputs["B"] = torch.randn(b, t, 1, n).expand(b, t, g, n)
+    assert not inputs["x"].is_contiguous() and inputs["B"].stride(2) == 0
+    triton_check(defn, inputs, initial_state=state_for(defn, sizes), return_final_state=True)
+
+
+@pytest.mark.parametrize("shape", ["t7", "t63", "varlen"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("name", list(CUSTOM))
+def test_scan_custom(name, direction, shape, triton_check):
+    defn = custom(name, direction)
+    if shape == "varlen":
+        sizes = dict(SHAPES["t7"], b=1, t=sum(LENGTHS))
+        triton_check(defn, inputs_for(defn, sizes, seed=9),
+                     initial_state=state_for(defn, sizes, num_states=len(LENGTHS)),
+                     return_final_state=True, cu_seqlens=cu_seqlens(LENGTHS))
+    else:
+        sizes = SHAPES[shape]
+        triton_check(defn, inputs_for(defn, sizes, seed=10),
+                     initial_state=state_for(defn, sizes), return_final_state=True)
+
+
+@pytest.mark.parametrize("name", list(CUSTOM))
+def test_scan_custom_bf16(name, triton_check):
+    defn = custom(name, "forward")
+    sizes = SHAPES["t7"]
+    triton_check(defn, inputs_for(defn, sizes, dtype=torch.bfloat16, seed=11),
+                 initial_state=state_for(defn, sizes), return_final_state=True)
+
+
+def test_scan_integer_powers_of_negative_values(triton_check):
+    """x ** k for integer k > 4 (also as a float, y ** 2.0) is defined for negative x; it was
+    rendered as exp(k log x), which is NaN there."""
+    def body(v):
+        y = S.recurrence(key=v["k"], value=v["v"], query=v["q"])
+        return y ** 5 + y ** 2.0 + v["x"] ** 7 / (1 + v["x"] ** 6) + S.tanh(y) ** -5 * 1e-3
+    defn = definition("powers", dict(q="b t h n", k="b t h n", v="b t h p", x="b t h p"), body)
+    sizes = SHAPES["t7"]
+    inputs = inputs_for(defn, sizes, seed=15)
+    assert (inputs["x"] < 0).any()
+    triton_check(defn, inputs, tol=1e-4)  # y ** 5 and tanh(y) ** -5 amplify fp32 rounding
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def test_scan_through_the_op_wrappers():
+    """`ssmc.ops.ssd` / `selective_scan` with backend="triton" (the wrappers reshape
+    Mamba-1's (b, t, d) tensors and pick a definition variant per option)."""
+    gen = torch.Generator().manual_seed(12)
+    b, t, h, g, n, p = 2, 7, 4, 2, 4, 3
+    x, z = torch.randn(b, t, h, p, generator=gen), torch.randn(b, t, h, p, generator=gen)
+    dt, A = torch.randn(b, t, h, generator=gen), -torch.rand(h, generator=gen) - 0.5
+    B, C = torch.randn(b, t, g, n, generator=gen), torch.randn(b, t, g, n, generator=gen)
+    D = torch.randn(h, p, generator=gen)  # per-channel skip
+    args = (x, dt, A, B, C)
+    kw = dict(D=D, z=z, dt_softplus=True, return_final_state=True)
+    y, hT = OPS["ssd"].ssd(*args, **kw, backend="triton", lowering="scan")
+    y_r, hT_r = OPS["ssd"].ssd(*(a.double() for a in args), **{**kw, "D": D.double(),
+                                                               "z": z.double()},
+                               backend="reference", lowering="scan")
+    assert _rel(y, y_r) <= 1e-5 and _rel(hT, hT_r) <= 1e-5
+
+    d = 5
+    u, delta = torch.randn(b, t, d, generator=gen), torch.randn(b, t, d, generator=gen)
+    A6 = -torch.rand(d, n, generator=gen) - 0.5
+    B6, C6 = torch.randn(b, t, n, generator=gen), torch.randn(b, t, n, generator=gen)
+    h0 = torch.randn(b, d, n, generator=gen)
+    y, hT = OPS["selective_scan"].selective_scan(u, delta, A6, B6, C6, delta_softplus=True,
+                                                 initial_state=h0, return_final_state=True,
+                                                 backend="triton", lowering="scan")
+    y_r, hT_r = OPS["selective_scan"].selective_scan(
+        u.double(), delta.double(), A6.double(), B6.double(), C6.double(), delta_softplus=True,
+        initial_state=h0.double(), return_final_state=True, backend="reference",
+        lowering="scan")
+    assert y.shape == (b, t, d) and hT.shape == (b, d, n)
+    assert _rel(y, y_r) <= 1e-5 and _rel(hT, hT_r) <= 1e-5
+
+
+def test_scan_checker_detects_a_mismatch(triton_check):
+    """The checker fails when the kernel is off by more than its tolerance."""
+    defn = builtin("gla")
+    inputs = inputs_for(defn, shape_for("gla", "t7"))
+    with pytest.raises(AssertionError, match=r"y: relative L2 error .* > tol 1\.0e-12"):
+        triton_check(defn, inputs, tol=1e-12)
+
+
+# --------------------------------------------------------------------------- GPU, real shapes
+
+GPU_SIZES = dict(b=2, t=1024, h=8, g=2, n=64, p=64)
+
+
+def _skip_unless_runnable(defn, lowering):
+    program = defn.program
+    if lowering not in legal_lowerings(program):
+        pytest.skip(f"{lowering} is not legal for decay kind {program.decay_kind.value}")
+    plan = Plan(program=program, lowering=lowering, dtype="bfloat16", has_initial_state=True,
+                return_final_state=True)
+    why = get_backend("triton").supports(plan)
+    if why is not None:
+        pytest.skip(f"triton-{lowering}: {why}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+@pytest.mark.parametrize("name", list(BUILTINS) + list(CUSTOM))
+@pytest.mark.parametrize("lowering", ["scan", "chunked", "quadratic"])
+def test_scan_gpu_real_shapes(lowering, name, direction, triton_check):
+    defn = builtin(name, direction) if name in BUILTINS else custom(name, direction)
+    _skip_unless_runnable(defn, lowering)
+    sizes = GPU_SIZES
+    inputs = inputs_for(defn, sizes, dtype=torch.bfloat16, seed=13)
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    triton_check(defn, inputs, lowering=lowering,
+                 initial_state=state_for(defn, sizes).cuda(), return_final_state=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lowering", ["scan", "chunked", "quadratic"])
+def test_scan_gpu_real_shapes_varlen(lowering, triton_check):
+    defn = builtin("ssd")
+    _skip_unless_runnable(defn, lowering)
+    lengths = (1000, 0, 24, 1, 999)
+    sizes = dict(GPU_SIZES, b=1, t=sum(lengths))
+    inputs = {k: v.cuda() for k, v in
+              inputs_for(defn, sizes, dtype=torch.bfloat16, seed=14).items()}
+    triton_check(defn, inputs, lowering=lowering,
+                 initial_state=state_for(defn, sizes, num_states=len(lengths)).cuda(),
+                 return_final_state=True, cu_seqlens=cu_seqlens(lengths).cuda())
