@@ -2,7 +2,7 @@
 
 Every kernel test (reference, Triton, TVM) compares an op with the float64 sequential scan
 through `check_against_reference`; the factories give inputs in the ranges the built-ins are
-used with (negative A, positive dt, decays in (0, 1)), at small, odd shapes.
+used with (negative A, moderate raw dt, decays in (0, 1)), at small, odd shapes.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from ssmc.validate import bind
 __all__ = [
     "SHAPES", "ssd_inputs", "selective_scan_inputs", "retention_inputs", "gla_inputs",
     "linear_attention_inputs", "INPUT_FACTORIES", "random_inputs", "random_state", "cu_seqlens",
-    "DECAY_AXES", "DIRECTIONS", "make_definition", "Mismatch", "compare", "check_against_reference", "reference_of",
+    "DECAY_AXES", "DIRECTIONS", "make_definition", "Mismatch", "compare",
+    "check_against_reference", "reference_of",
 ]
 
 #: small, odd shapes: t in (1, 7, 63, 100), groups g < h, state n != value dim p
@@ -273,9 +274,10 @@ def reference_of(op) -> Callable:
     return ref
 
 
-def _leaves(inputs, call_kwargs, dtype_for, requires_grad):
+def _leaves(inputs, call_kwargs, dtype_for, requires_grad, names=()):
     """Copies of `inputs` (dict or sequence) and tensor keyword arguments; floating tensors are
-    cast with `dtype_for(tensor)` and made leaves. Returns (args, kwargs, {name: leaf})."""
+    cast with `dtype_for(tensor)` and made leaves. Returns (args, kwargs, {name: leaf});
+    positional inputs are named by `names`, else input[i]."""
     leaves = {}
 
     def prep(name, x):
@@ -288,7 +290,9 @@ def _leaves(inputs, call_kwargs, dtype_for, requires_grad):
     if isinstance(inputs, Mapping):
         args, kw = (), {k: prep(k, v) for k, v in inputs.items()}
     else:
-        args, kw = tuple(prep(f"input[{i}]", v) for i, v in enumerate(inputs)), {}
+        args = tuple(prep(names[i] if i < len(names) else f"input[{i}]", v)
+                     for i, v in enumerate(inputs))
+        kw = {}
     for k, v in call_kwargs.items():
         kw[k] = prep(k, v)
     return args, kw, leaves
@@ -347,9 +351,11 @@ def check_against_reference(op, inputs, *, tol: float, grad: bool = True,
     ref_op = reference_of(op)
     ref_kwargs = {k: v for k, v in call_kwargs.items() if k not in ("backend", "lowering")}
 
-    args, kwargs, leaves = _leaves(inputs, call_kwargs, lambda x: x.dtype, grad)
-    r_args, r_kwargs, r_leaves = _leaves(
-        inputs, ref_kwargs, lambda x: torch.float64, grad)
+    program = _program_of(op)
+    names = program.input_names if program is not None else ()
+    args, kwargs, leaves = _leaves(inputs, call_kwargs, lambda x: x.dtype, grad, names)
+    r_args, r_kwargs, r_leaves = _leaves(inputs, ref_kwargs, lambda x: torch.float64, grad,
+                                         names)
     r_args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in r_args)
     r_kwargs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in r_kwargs.items()}
 

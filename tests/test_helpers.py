@@ -1,0 +1,119 @@
+"""`tests.helpers.check_against_reference` fails when it should (it guards every kernel test)."""
+import pytest
+import torch
+
+import ssmc
+from ssmc.ops import gla, ssd
+from tests.helpers import (INPUT_FACTORIES, SHAPES, check_against_reference, compare,
+                           cu_seqlens, make_definition, random_inputs, ssd_inputs)
+
+REF = dict(backend="reference")
+
+
+def test_compare_metrics():
+    e = torch.tensor([1.0, -2.0, 2.0], dtype=torch.float64)
+    m = compare("t", e * (1 + 1e-3), e, tol=2e-3)
+    assert m.ok and m.max_abs == pytest.approx(2e-3) and m.rel_rms == pytest.approx(1e-3)
+    assert m.rel_max == pytest.approx(1e-3)
+    assert not compare("t", e * (1 + 1e-3), e, tol=5e-4).ok
+    assert not compare("t", torch.tensor([1.0, float("nan"), 2.0]), e, tol=1.0).ok
+    assert not compare("t", e[:2], e, tol=1.0).ok
+    assert not compare("t", None, e, tol=1.0).ok
+    # one bad element among many fails on the relative max error even if the RMS is small
+    big = torch.ones(10_000, dtype=torch.float64)
+    spike = big.clone()
+    spike[17] += 0.05
+    m = compare("t", spike, big, tol=1e-2)
+    assert m.rel_rms < 1e-2 and not m.ok
+
+
+def perturbed(op, how):
+    """A callable like a built-in whose non-reference path is wrong in a given way."""
+    def bad(*args, backend="auto", lowering="auto", **kwargs):
+        out = op(*args, backend="reference", lowering="scan", **kwargs)
+        if backend == "reference":
+            return out
+        y = out[0] if isinstance(out, tuple) else out
+        if how == "scale":
+            y = y * 1.001
+        elif how == "detach":
+            y = y.detach()
+        elif how == "nan":
+            y = y.clone()
+            y[0, -1] = float("nan")
+        elif how == "shape":
+            y = y[:, :-1]
+        elif how == "state":
+            return y, out[1] * 1.01
+        return (y, out[1]) if isinstance(out, tuple) else y
+    bad.__name__ = f"bad_{how}"
+    return bad
+
+
+@pytest.mark.parametrize("how,expect", [
+    ("scale", "FAIL y: max abs err"), ("detach", "FAIL grad C: is None"),
+    ("nan", r"FAIL y: 20 non-finite value"), ("shape", "FAIL y: shape"),
+    ("state", "FAIL final_state: max abs err"),
+])
+def test_check_against_reference_fails_on_wrong_ops(how, expect):
+    torch.manual_seed(0)
+    x = ssd_inputs(2, 7, 4, 2, 3, 5, seed=1)
+    check_against_reference(ssd, x, tol=1e-5, dt_softplus=True, return_final_state=True, **REF)
+    with pytest.raises(AssertionError, match=expect) as info:
+        check_against_reference(perturbed(ssd, how), x, tol=1e-4, dt_softplus=True,
+                                return_final_state=True)
+    assert f"bad_{how} disagrees with the float64 reference" in str(info.value)
+
+
+def test_check_against_reference_wrong_gradient():
+    """An op whose backward is wrong (forward right) is caught on the gradient."""
+    class ScaleGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.01
+
+    def bad(*args, backend="auto", lowering="auto", **kwargs):
+        y = gla(*args, backend="reference", **kwargs)
+        return y if backend == "reference" else ScaleGrad.apply(y)
+
+    torch.manual_seed(0)
+    x = random_inputs(make_definition("diagonal"), dict(b=1, t=5, h=2, g=2, n=3, p=2), seed=2)
+    x = dict(q=x["q"], k=x["k"], v=x["v"], g=torch.nn.functional.logsigmoid(x["a"]))
+    with pytest.raises(AssertionError, match="FAIL grad q"):
+        check_against_reference(bad, x, tol=1e-5)
+    report = check_against_reference(bad, x, tol=1e-5, grad=False)
+    assert [m.name for m in report] == ["y"]
+
+
+def test_check_against_reference_accepts_definitions_ops_and_positional_inputs():
+    torch.manual_seed(0)
+    d = make_definition("scalar", "bidirectional", epilogue=True)
+    x = random_inputs(d, dict(b=1, t=9, h=4, g=2, n=3, p=2), seed=3)
+    state = torch.randn(2, 2, 4, 3, 2)
+    r1 = check_against_reference(d, x, tol=1e-5, backend="reference", lowering="quadratic",
+                                 initial_state=state, cu_seqlens=cu_seqlens([4, 5]),
+                                 return_final_state=True)
+    op = ssmc.compile(d, backend="reference")
+    r2 = check_against_reference(op, tuple(x.values()), tol=1e-5, initial_state=state,
+                                 cu_seqlens=cu_seqlens([4, 5]), return_final_state=True)
+    assert [m.name for m in r1][:2] == ["y", "final_state"]
+    assert {m.name for m in r2} >= {"grad q", "grad a", "grad D", "grad initial_state"}
+    with pytest.raises(TypeError, match="fixed when a CompiledOp is compiled"):
+        check_against_reference(op, x, tol=1e-5, backend="reference")
+
+
+@pytest.mark.parametrize("name", list(INPUT_FACTORIES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"t{s['t']}")
+def test_factories_feed_the_builtins(name, shape):
+    """Every factory's output is a valid call of its built-in, with finite float32 results."""
+    op, factory = INPUT_FACTORIES[name]
+    x = factory(**shape, seed=4)
+    assert all(v.dtype == torch.float32 for v in x.values())
+    y = op(**x, **REF)
+    assert y.shape[:2] == (shape["b"], shape["t"]) and torch.isfinite(y).all()
+    again = factory(**shape, seed=4)
+    assert all(torch.equal(x[k], again[k]) for k in x)  # seeded: reproducible
