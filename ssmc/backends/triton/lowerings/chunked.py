@@ -1,16 +1,18 @@
-"""The chunked (SSD) lowering: one fused kernel per (sequence, head, p-block).
+"""The chunked (SSD) lowering: two kernels, a sequential state pass and a parallel output pass.
 
-Each program walks its sequence chunk by chunk, keeping the n x BP state block in registers:
-per chunk, the intra-chunk part is two tensor-core matmuls (query key^T masked by the decay,
-then times value), the inter-chunk part one more (query times the carried state), and the state
-update a fourth (key^T times the decay-weighted value). States never touch device memory, so
-the only traffic is the inputs and the output, and the epilogue is applied before the store.
+`ssmc_chunked_state_fwd` walks each (sequence, head, p-block) chunk by chunk, keeping the
+n x BP state in registers and writing the state that *enters* every chunk (in the matmul
+operand type) plus the final state: one tensor-core matmul per chunk, key^T times the
+decay-weighted value. `ssmc_chunked_out_fwd` then runs every (chunk, head, p-block) in
+parallel: scores = query key^T masked by the decay, y = scores value + query state_in, the
+epilogue, the store. Chunk-local work never waits on other chunks, and the serial part is as
+short as it can be.
 
-Decay handling in log space: with L the within-chunk running sum of log-decays, the weight of
-key s seen from query t is exp(L_t - L_s) (exponent <= 0 on the causal half). A scalar decay
-uses that directly. A per-key decay factors it as (q_t exp(L_t)) . (k_s exp(-L_s)), which
-overflows once a chunk's summed log-decay on one key falls below about -80, so per-key decays
-use 16-step chunks (a chunk's decay would have to shrink a key by e^-80 in 16 steps).
+Decays are handled in log space. With L the within-chunk running sum of log-decays, key s
+seen from query t is weighted by exp(L_t - L_s) (exponent <= 0 on the causal half). A decay
+that varies over the key dim factors that weight as (q_t exp(L_t)) . (k_s exp(-L_s)), which
+overflows once a chunk's summed log-decay on one key falls below about -80; per-key decays
+therefore use 16-step chunks.
 """
 from __future__ import annotations
 
@@ -19,12 +21,18 @@ import triton
 
 from ....ir import DecayKind, Direction
 from ....plan import Plan
-from ..common import (HEADER, compute_dtype, compute_type, direction_slices, dot_type, input_args,
-                      input_params, next_pow2, num_sequences)
+from ..common import (HEADER, compute_dtype, compute_type, direction_slices, dot_type,
+                      input_args, input_params, interpreting, next_pow2, num_sequences)
 from ..render import Context, Emitter, Tile
 from . import register_lowering
 
 FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx"}
+T_AXIS = ("t", "t_row", "mask_t")
+QK_TILE = Tile([T_AXIS, ("n", "offs_n", "mask_n")], FIXED)
+# key is evaluated directly in (n, t) layout, so no matmul operand comes from tl.trans
+KT_TILE = Tile([("n", "offs_n", "mask_n"), T_AXIS], FIXED)
+V_TILE = Tile([T_AXIS, ("p", "offs_p", "mask_p")], FIXED)
+T_TILE = Tile([T_AXIS], FIXED)
 
 
 def per_key_decay(plan: Plan) -> bool:
@@ -38,62 +46,165 @@ def supports(plan: Plan) -> str | None:
     return None
 
 
-def render(plan: Plan) -> str:
-    prog = plan.program
-    rec = prog.recurrence
-    ct = compute_type(plan)
-    dt = dot_type(plan)
-    prec = ', input_precision="ieee"' if plan.dtype == "float32" else ""
-    t_ax = ("t", "t_row", "mask_t")
-    qk_tile = Tile([t_ax, ("n", "offs_n", "mask_n")], FIXED)
-    v_tile = Tile([t_ax, ("p", "offs_p", "mask_p")], FIXED)
-    ld_tile = qk_tile if per_key_decay(plan) else Tile([t_ax], FIXED)
+class _Chunk:
+    """Emits the per-chunk operand code shared by both kernels."""
 
+    def __init__(self, plan: Plan, body: Emitter):
+        self.plan, self.body = plan, body
+        self.prog = plan.program
+        self.ct = compute_type(plan)
+        self.dt = dot_type(plan)
+        self.prec = ', input_precision="ieee"' if plan.dtype == "float32" else ""
+        self.ctx_qk = Context(self.prog, QK_TILE, body, "qk", self.ct)
+        self.ctx_kt = Context(self.prog, KT_TILE, body, "kt", self.ct)
+        self.ctx_v = Context(self.prog, V_TILE, body, "v", self.ct)
+
+    def dot(self, a: str, b: str) -> str:
+        return f"tl.dot({a}, {b}{self.prec})"
+
+    def key_t(self):
+        v = self.ctx_kt.value(self.prog.recurrence.key, "keyT_raw")
+        self.body(f"keyT = tl.where(mask_n[:, None] & mask_t[None, :], {v}, 0.0)")
+
+    def query(self):
+        v = self.ctx_qk.value(self.prog.recurrence.query, "query_raw")
+        self.body(f"query = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
+
+    def value(self):
+        v = self.ctx_v.value(self.prog.recurrence.value, "value_raw")
+        self.body(f"value = tl.where(mask_t[:, None] & mask_p[None, :], {v}, 0.0).to({self.dt})")
+
+    def log_decay_rows(self):
+        """lc (running sum within the chunk, per row) and l_last, scalar-per-step decays."""
+        ctx = Context(self.prog, T_TILE, self.body, "l", self.ct)
+        v = ctx.value(self.prog.log_decay, "ld_raw")
+        self.body(f"ld = tl.where(mask_t, {v}, 0.0)")
+        self.body("lc = tl.cumsum(ld, axis=0)")
+        self.body("l_last = tl.sum(ld, axis=0)")
+
+    def log_decay_keys_t(self):
+        """lcT (n, t) and l_last (n) for per-key decays, in key layout."""
+        ctx = Context(self.prog, KT_TILE, self.body, "kt", self.ct)
+        ctx.loaded = self.ctx_kt.loaded
+        v = ctx.value(self.prog.log_decay, "ldT_raw")
+        self.body(f"ldT = tl.where(mask_n[:, None] & mask_t[None, :], {v}, 0.0)")
+        self.body("lcT = tl.cumsum(ldT, axis=1)")
+        self.body("l_last = tl.sum(ldT, axis=1)")
+
+    def log_decay_keys(self):
+        """lc (t, n) for per-key decays, in query layout."""
+        ctx = Context(self.prog, QK_TILE, self.body, "qk", self.ct)
+        ctx.loaded = self.ctx_qk.loaded
+        v = ctx.value(self.prog.log_decay, "ld_raw")
+        self.body(f"ld = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
+        self.body("lc = tl.cumsum(ld, axis=0)")
+
+
+PROLOGUE = '''
+    h_idx = tl.program_id(1).to(tl.int64)
+    H = tl.num_programs(1)
+    pid_p = tl.program_id(2)
+    g_idx = h_idx // HPG
+    offs_n = tl.arange(0, BN)
+    mask_n = offs_n < N
+    offs_p = pid_p * BP + tl.arange(0, BP)
+    mask_p = offs_p < P
+    offs_c = tl.arange(0, BT)
+'''
+
+CHUNK_ROWS = '''
+        i_row = c0 + offs_c
+        mask_t = i_row < length
+        if REVERSE:
+            t_row = end - 1 - i_row
+        else:
+            t_row = start + i_row
+'''
+
+
+def render_state_kernel(plan: Plan) -> str:
     body = Emitter(indent=2)
-    ctx_qk = Context(prog, qk_tile, body, "qk", ct)
-    ctx_v = Context(prog, v_tile, body, "v", ct)
-    key = ctx_qk.value(rec.key, "key_raw")
-    query = ctx_qk.value(rec.query, "query_raw")
-    body(f"key = tl.where(mask_t[:, None] & mask_n[None, :], {key}, 0.0)")
-    body(f"query = tl.where(mask_t[:, None] & mask_n[None, :], {query}, 0.0)")
-    value = ctx_v.value(rec.value, "value_raw")
-    body(f"value = tl.where(mask_t[:, None] & mask_p[None, :], {value}, 0.0).to({dt})")
-    body("causal = offs_c[:, None] >= offs_c[None, :]")
-    if prog.log_decay is None:
-        body(f"scores = tl.dot(query.to({dt}), tl.trans(key.to({dt})){prec})")
-        body("scores = tl.where(causal, scores, 0.0)")
-        body(f"y = tl.dot(scores.to({dt}), value{prec})")
-        body(f"y += tl.dot(query.to({dt}), state.to({dt}){prec})")
-        body(f"state += tl.dot(tl.trans(key.to({dt})), value{prec})")
+    c = _Chunk(plan, body)
+    c.key_t()
+    c.value()
+    if plan.program.log_decay is None:
+        body(f"state += {c.dot(f'keyT.to({c.dt})', 'value')}")
     elif per_key_decay(plan):
-        ctx_ld = Context(prog, ld_tile, body, "qk", ct)
-        ctx_ld.loaded = ctx_qk.loaded
-        ld = ctx_ld.value(prog.log_decay, "ld_raw")
-        body(f"ld = tl.where(mask_t[:, None] & mask_n[None, :], {ld}, 0.0)")
-        body("lc = tl.cumsum(ld, axis=0)")
-        body("l_last = tl.sum(ld, axis=0)")
-        body("q_dec = query * tl.exp(lc)")
-        body(f"scores = tl.dot(q_dec.to({dt}), tl.trans((key * tl.exp(-lc)).to({dt})){prec})")
-        body("scores = tl.where(causal, scores, 0.0)")
-        body(f"y = tl.dot(scores.to({dt}), value{prec})")
-        body(f"y += tl.dot(q_dec.to({dt}), state.to({dt}){prec})")
-        body("k_dec = key * tl.exp(l_last[None, :] - lc)")
-        body(f"state = state * tl.exp(l_last)[:, None] + "
-             f"tl.dot(tl.trans(k_dec.to({dt})), value{prec})")
+        c.log_decay_keys_t()
+        body("kT_dec = keyT * tl.exp(l_last[:, None] - lcT)")
+        body(f"state = state * tl.exp(l_last)[:, None] + {c.dot(f'kT_dec.to({c.dt})', 'value')}")
     else:
-        ctx_ld = Context(prog, ld_tile, body, "l", ct)
-        ld = ctx_ld.value(prog.log_decay, "ld_raw")
-        body(f"ld = tl.where(mask_t, {ld}, 0.0)")
-        body("lc = tl.cumsum(ld, axis=0)")
-        body("l_last = tl.sum(ld, axis=0)")
-        body(f"scores = tl.dot(query.to({dt}), tl.trans(key.to({dt})){prec})")
-        body("diff = tl.where(causal, lc[:, None] - lc[None, :], float('-inf'))")
-        body("scores = scores * tl.exp(diff)")
-        body(f"y = tl.dot(scores.to({dt}), value{prec})")
-        body(f"y += tl.dot((query * tl.exp(lc)[:, None]).to({dt}), state.to({dt}){prec})")
-        body("k_dec = key * tl.exp(l_last - lc)[:, None]")
-        body(f"state = state * tl.exp(l_last) + tl.dot(tl.trans(k_dec.to({dt})), value{prec})")
+        c.log_decay_rows()
+        body("kT_dec = keyT * tl.exp(l_last - lc)[None, :]")
+        body(f"state = state * tl.exp(l_last) + {c.dot(f'kT_dec.to({c.dt})', 'value')}")
+    return f'''
+@triton.jit
+def ssmc_chunked_state_fwd(
+    {input_params(plan.program)},
+    states_ptr, h0_ptr, hT_ptr, cu_ptr, chunk_off_ptr,
+    T, HPG, N, P,
+    BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+{PROLOGUE}
+    if IS_VARLEN:
+        b_idx = seq * 0
+        start = tl.load(cu_ptr + seq).to(tl.int64)
+        end = tl.load(cu_ptr + seq + 1).to(tl.int64)
+        c_base = tl.load(chunk_off_ptr + seq).to(tl.int64)
+    else:
+        b_idx = seq
+        start = seq * 0
+        end = start + T
+        c_base = seq * tl.cdiv(T, BT)
+    length = end - start
+    state_off = ((seq * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]
+    state_mask = mask_n[:, None] & mask_p[None, :]
+    if HAS_H0:
+        state = tl.load(h0_ptr + state_off, mask=state_mask, other=0.0).to({c.ct})
+    else:
+        state = tl.zeros([BN, BP], dtype={c.ct})
+    for c0 in range(0, length, BT):
+        chunk = c_base + c0 // BT
+        tl.store(states_ptr + ((chunk * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :],
+                 state.to(states_ptr.dtype.element_ty), mask=state_mask)
+{CHUNK_ROWS}
+{body.text()}
+    if STORE_HT:
+        tl.store(hT_ptr + state_off, state, mask=state_mask)
+'''
 
+
+def render_output_kernel(plan: Plan) -> str:
+    prog = plan.program
+    body = Emitter(indent=1)
+    c = _Chunk(plan, body)
+    c.query()
+    c.key_t()
+    c.value()
+    dt = c.dt
+    body("causal = offs_c[:, None] >= offs_c[None, :]")
+    body("state_in = tl.load(states_ptr + ((chunk * H + h_idx) * N + offs_n[:, None]) * P"
+         " + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0)")
+    if prog.log_decay is None:
+        body(f"scores = tl.where(causal, {c.dot(f'query.to({dt})', f'keyT.to({dt})')}, 0.0)")
+        body(f"y = {c.dot(f'scores.to({dt})', 'value')}")
+        body(f"y += {c.dot(f'query.to({dt})', f'state_in.to({dt})')}")
+    elif per_key_decay(plan):
+        c.log_decay_keys()
+        c.log_decay_keys_t()
+        body("q_dec = query * tl.exp(lc)")
+        body(f"scores = {c.dot(f'q_dec.to({dt})', f'(keyT * tl.exp(-lcT)).to({dt})')}")
+        body("scores = tl.where(causal, scores, 0.0)")
+        body(f"y = {c.dot(f'scores.to({dt})', 'value')}")
+        body(f"y += {c.dot(f'q_dec.to({dt})', f'state_in.to({dt})')}")
+    else:
+        c.log_decay_rows()
+        body(f"scores = {c.dot(f'query.to({dt})', f'keyT.to({dt})')}")
+        body("scores = scores * tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
+        body(f"y = {c.dot(f'scores.to({dt})', 'value')}")
+        body(f"y += {c.dot(f'(query * tl.exp(lc)[:, None]).to({dt})', f'state_in.to({dt})')}")
     body("y_off = ((b_idx * T + t_row[:, None]) * H + h_idx) * P + offs_p[None, :]")
     body("y_mask = mask_t[:, None] & mask_p[None, :]")
     body("if ACCUM_IN:")
@@ -101,78 +212,79 @@ def render(plan: Plan) -> str:
         body("y += tl.load(yacc_ptr + y_off, mask=y_mask, other=0.0)")
     body("if WRITE_OUT:")
     with body.block():
-        epi = Context(prog, v_tile, body, "e", ct, extra={"y": "y"})
-        epi.loaded.update({k: v for k, v in ctx_v.loaded.items()})
+        epi = Context(prog, V_TILE, body, "e", c.ct, extra={"y": "y"})
+        epi.loaded.update(c.ctx_v.loaded)
         out = epi.value(prog.output, "out")
         body("tl.store(out_ptr + b_idx * s_out_b + t_row[:, None] * s_out_t + h_idx * s_out_h"
              f" + offs_p[None, :] * s_out_p, {out}.to(out_ptr.dtype.element_ty), mask=y_mask)")
     body("else:")
     with body.block():
         body("tl.store(yacc_ptr + y_off, y, mask=y_mask)")
-
-    return HEADER + f'''
+    rows = "\n".join(line[4:] for line in CHUNK_ROWS.splitlines())
+    return f'''
 @triton.jit
-def ssmc_chunked_fwd(
+def ssmc_chunked_out_fwd(
     {input_params(prog)},
     out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
-    yacc_ptr, h0_ptr, hT_ptr, cu_ptr,
+    yacc_ptr, states_ptr, cu_ptr, chunk_off_ptr, chunk_seq_ptr,
     T, HPG, N, P,
     BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ACCUM_IN: tl.constexpr, WRITE_OUT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr, WRITE_OUT: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
-    h_idx = tl.program_id(1).to(tl.int64)
-    H = tl.num_programs(1)
-    pid_p = tl.program_id(2)
-    g_idx = h_idx // HPG
+    chunk = tl.program_id(0).to(tl.int64)
+{PROLOGUE}
     if IS_VARLEN:
+        seq = tl.load(chunk_seq_ptr + chunk).to(tl.int64)
         b_idx = seq * 0
         start = tl.load(cu_ptr + seq).to(tl.int64)
         end = tl.load(cu_ptr + seq + 1).to(tl.int64)
+        c0 = (chunk - tl.load(chunk_off_ptr + seq).to(tl.int64)) * BT
     else:
+        n_chunks = tl.cdiv(T, BT)
+        seq = chunk // n_chunks
         b_idx = seq
         start = seq * 0
         end = start + T
+        c0 = (chunk % n_chunks) * BT
     length = end - start
-    offs_c = tl.arange(0, BT)
-    offs_n = tl.arange(0, BN)
-    mask_n = offs_n < N
-    offs_p = pid_p * BP + tl.arange(0, BP)
-    mask_p = offs_p < P
-    state_off = ((seq * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]
-    state_mask = mask_n[:, None] & mask_p[None, :]
-    if HAS_H0:
-        state = tl.load(h0_ptr + state_off, mask=state_mask, other=0.0).to({ct})
-    else:
-        state = tl.zeros([BN, BP], dtype={ct})
-    for c0 in range(0, length, BT):
-        i_row = c0 + offs_c
-        mask_t = i_row < length
-        if REVERSE:
-            t_row = end - 1 - i_row
-        else:
-            t_row = start + i_row
+{rows}
 {body.text()}
-    if STORE_HT:
-        tl.store(hT_ptr + state_off, state, mask=state_mask)
 '''
 
 
+def render(plan: Plan) -> str:
+    return HEADER + render_state_kernel(plan) + "\n" + render_output_kernel(plan)
+
+
 def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
-    """Tile sizes: BT 64 (16 for per-key decays), full n, and a p-block small enough that
-    there are at least a few programs per streaming multiprocessor."""
+    """BT 64 (16 for per-key decays); full n; the state pass splits p so that there are a few
+    programs per multiprocessor, the output pass takes all of p (scores are made once)."""
     tile = plan.tile_dict()
     N, P = sizes["n"], sizes["p"]
     BN = max(next_pow2(N), 16)
     BT = tile.get("BT", 16 if per_key_decay(plan) else 64)
-    BP = tile.get("BP")
-    if BP is None:
-        BP = max(min(next_pow2(P), 64), 16)
-        while BP > 16 and n_programs * triton.cdiv(P, BP) < 1024:
-            BP //= 2
-    return dict(BT=BT, BN=BN, BP=BP, num_warps=tile.get("num_warps", 4),
-                num_stages=tile.get("num_stages", 2))
+    BP_state = tile.get("BP_state")
+    if BP_state is None:
+        BP_state = max(min(next_pow2(P), 64), 16)
+        while BP_state > 16 and n_programs * triton.cdiv(P, BP_state) < 1024:
+            BP_state //= 2
+    BP_out = tile.get("BP_out", max(min(next_pow2(P), 64 if BN <= 128 else 32), 16))
+    return dict(BT=BT, BN=BN, BP_state=BP_state, BP_out=BP_out,
+                warps_state=tile.get("warps_state", 4), warps_out=tile.get("warps_out", 4),
+                stages_state=tile.get("stages_state", 2), stages_out=tile.get("stages_out", 2))
+
+
+def chunk_layout(sizes, cu_seqlens, BT, device):
+    """Number of chunks overall; for packed batches, each sequence's first chunk and the
+    sequence of every chunk."""
+    if cu_seqlens is None:
+        return sizes["b"] * triton.cdiv(sizes["t"], BT), None, None
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).cpu()
+    counts = (lengths + BT - 1) // BT
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    seq_of = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return int(offsets[-1]), offsets.to(device), seq_of.to(device)
 
 
 def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
@@ -190,22 +302,33 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
         return out, None
     yacc = torch.zeros(B, T, H, P, dtype=cdt, device=device) if len(dirs) > 1 else out
     h0s = direction_slices(plan, initial_state)
-    meta = tiles(plan, sizes, S * H)
-    if device.type != "cuda":
-        meta.pop("num_warps"), meta.pop("num_stages")
-    grid = (S, H, triton.cdiv(P, meta["BP"]))
+    m = tiles(plan, sizes, S * H)
+    n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["BT"], device)
+    state_dtype = cdt if interpreting() else {"bfloat16": torch.bfloat16,
+                                              "float16": torch.float16}.get(plan.dtype, cdt)
+    states = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype, device=device)
+    on_gpu = device.type == "cuda"
+    launch_state = dict(num_warps=m["warps_state"], num_stages=m["stages_state"]) if on_gpu else {}
+    launch_out = dict(num_warps=m["warps_out"], num_stages=m["stages_out"]) if on_gpu else {}
     args = input_args(prog, tensors)
+    cu = out if cu_seqlens is None else cu_seqlens
+    off = out if chunk_off is None else chunk_off
     for i, direction in enumerate(dirs):
         h0 = None if h0s[i] is None else h0s[i].contiguous()
-        module.ssmc_chunked_fwd[grid](
-            *args, out, *out.stride(), yacc,
-            out if h0 is None else h0, out if final is None else final[i],
-            out if cu_seqlens is None else cu_seqlens,
-            T, H // G, N, P,
-            REVERSE=direction is Direction.REVERSE, HAS_H0=h0 is not None,
-            STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None,
-            ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1, **meta,
-        )
+        reverse = direction is Direction.REVERSE
+        module.ssmc_chunked_state_fwd[(S, H, triton.cdiv(P, m["BP_state"]))](
+            *args, states, out if h0 is None else h0, out if final is None else final[i],
+            cu, off, T, H // G, N, P,
+            BT=m["BT"], BN=m["BN"], BP=m["BP_state"], REVERSE=reverse, HAS_H0=h0 is not None,
+            STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None, **launch_state)
+        if n_chunks == 0:
+            continue
+        module.ssmc_chunked_out_fwd[(n_chunks, H, triton.cdiv(P, m["BP_out"]))](
+            *args, out, *out.stride(), yacc, states, cu, off,
+            out if chunk_seq is None else chunk_seq, T, H // G, N, P,
+            BT=m["BT"], BN=m["BN"], BP=m["BP_out"], REVERSE=reverse,
+            IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1,
+            **launch_out)
     if final is not None and len(dirs) == 1:
         final = final[0]
     return out, final
