@@ -49,7 +49,7 @@ class TVMBackend:
         from .lowerings import LOWERINGS
         from .render import unsupported_in
         prog = plan.program
-        if plan.lowering not in LOWERINGS:
+        if (plan.lowering, "llvm") not in LOWERINGS:
             return f"no TVM lowering named {plan.lowering!r}"
         if plan.lowering not in legal_lowerings(prog):
             return (f"lowering {plan.lowering!r} is not legal for decay kind "
@@ -112,7 +112,7 @@ class TVMKernel:
 
     def source(self, spec) -> str:
         from .lowerings import LOWERINGS
-        return LOWERINGS[self.plan.lowering](spec)
+        return LOWERINGS[(self.plan.lowering, spec.target)](spec)
 
     def function(self, spec):
         fn = self._functions.get(spec)

@@ -128,3 +128,54 @@ def cached_function(key: str, spec_tag: str, source: str, name: str):
     if fn is None:  # written but unreadable (e.g. a full disk): still run this process
         return compile_source(source)[name]
     return fn
+
+
+# ---- CUDA: one .cu translation unit compiled by nvcc into a library that needs only tvm_ffi
+
+def cuda_target(arch: str = "sm_90", host: str = "cuda_host"):
+    import tvm
+    return tvm.target.Target({"kind": "cuda", "arch": arch}, host=host)
+
+
+def cuda_host_source(source: str, name: str, arch: str = "sm_90") -> str:
+    """TVMScript text -> one CUDA C++ file holding the kernel and its tvm-ffi host wrapper.
+
+    Built with host="cuda_host" (not llvm) so that the host side is C++ that nvcc compiles
+    together with the device code; the resulting library then needs no TVM runtime, only
+    libtvm_ffi (STACK.md, path 2).
+    """
+    import tvm
+    func = tvm.script.from_source(source)
+    mod = tvm.IRModule({name: func})
+    lib = tvm.tirx.build(mod, target=cuda_target(arch))
+    return tvm.backend.cuda.export_cuda_host(lib)
+
+
+def tvm_ffi_paths() -> tuple[str, str]:
+    """(include dir, lib dir) of the installed apache-tvm-ffi."""
+    import tvm_ffi
+    import tvm_ffi.libinfo as info
+    include = info.find_include_path() if hasattr(info, "find_include_path") else \
+        os.path.join(os.path.dirname(tvm_ffi.__file__), "include")
+    lib = os.path.join(os.path.dirname(tvm_ffi.__file__), "lib")
+    return str(include), lib
+
+
+def nvcc_compile(cu_path: Path, so_path: Path, arch: str = "sm_90", nvcc: str = "nvcc",
+                 extra: tuple[str, ...] = ()) -> list[str]:
+    """nvcc -shared against tvm_ffi only (the CUDA runtime is linked statically, the driver is
+    resolved at load time; no -lcuda: toolkits without a driver have no stub for it)."""
+    import shutil
+    import subprocess
+    if shutil.which(nvcc) is None:
+        raise FileNotFoundError(f"{nvcc!r} was not found on PATH; it is needed to compile the "
+                                "exported CUDA source")
+    include, libdir = tvm_ffi_paths()
+    cc = arch.replace("sm_", "")
+    cmd = [nvcc, "-shared", "-Xcompiler", "-fPIC", "-O3", f"-gencode=arch=compute_{cc},code=sm_{cc}",
+           "-w", f"-I{include}", str(cu_path), "-o", str(so_path), f"-L{libdir}", "-ltvm_ffi",
+           *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"nvcc failed ({done.returncode}):\n{' '.join(cmd)}\n{done.stderr}")
+    return cmd

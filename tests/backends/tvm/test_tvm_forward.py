@@ -14,9 +14,11 @@ per-session directory; t = 75 and 90 cover several chunks of 64.
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,8 +331,10 @@ def test_disk_cache_survives_corruption(tmp_path, monkeypatch):
         "y = op(torch.randn(1, 9, 2, 3, generator=g), torch.randn(1, 9, 2, generator=g),"
         " torch.randn(1, 9, 2, 4, generator=g))\n"
         "print(float(y.double().sum()))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(ssmc.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
     run = lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
-                                 timeout=120)
+                                 timeout=120, env=env)
     first = run()
     assert first.returncode == 0, first.stderr
     libs = list(tmp_path.rglob("kernel.so"))

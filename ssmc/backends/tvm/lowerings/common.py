@@ -25,12 +25,13 @@ from ....ir import Direction, Program
 from ....plan import Plan
 from ..render import ExprRenderer
 
-LOWERINGS: dict[str, callable] = {}
+#: (lowering name, target kind) -> generator of TVMScript text for a KernelSpec
+LOWERINGS: dict[tuple[str, str], callable] = {}
 
 
-def register_lowering(name: str):
+def register_lowering(name: str, target: str = "llvm"):
     def deco(fn):
-        LOWERINGS[name] = fn
+        LOWERINGS[(name, target)] = fn
         return fn
     return deco
 
@@ -51,6 +52,7 @@ class KernelSpec:
     input_dtypes: tuple[str, ...]      # per program input, torch dtype names
     cu_dtype: str | None = None        # "int32" / "int64" when varlen
     h0_dtype: str | None = None        # dtype of the initial state when given
+    target: str = "llvm"               # "llvm" (CPU) or "cuda"
 
     @property
     def acc(self) -> str:
@@ -70,6 +72,8 @@ class KernelSpec:
             parts.append("cu" + short[self.cu_dtype])
         if self.h0_dtype:
             parts.append("s" + short[self.h0_dtype])
+        if self.target != "llvm":
+            parts.append(self.target)
         return "_".join(parts)
 
 
@@ -170,23 +174,35 @@ class Emitter:
         return f"in_{name}"
 
     @contextlib.contextmanager
-    def tasks(self):
-        """The parallel loop over (sequence, head); defines s_, h_, b_, t0_, t1_, L_."""
+    def tasks(self, cuda_p: bool = False):
+        """The parallel loop over (sequence, head); defines s_, h_, b_, t0_, t1_, L_.
+        With `cuda_p`: one CUDA block per (sequence, head) and one thread per p_ in it."""
         w, H = self.w, self.spec.H
         nseq = "(S1 - T.int64(1))" if self.varlen else "B"
-        with w.block(f"for sh_ in T.parallel({nseq} * {i64(H)}):"):
-            w(f"s_ = sh_ // {i64(H)}", f"h_ = sh_ % {i64(H)}")
-            if self.varlen:
-                w("b_ = T.int64(0)",
-                  'v_t0_ = T.Cast("int64", cu[s_])',
-                  'v_t1_ = T.Cast("int64", cu[s_ + T.int64(1)])')
-                # clamp so that a malformed cu_seqlens cannot index outside the tensors
-                w("t0_ = T.max(T.min(v_t0_, TT), T.int64(0))",
-                  "t1_ = T.max(T.min(v_t1_, TT), t0_)")
-            else:
-                w("b_ = s_", "t0_ = T.int64(0)", "t1_ = TT")
-            w("L_ = t1_ - t0_")
+        opened = 1
+        if cuda_p:
+            w(f'for sh_ in T.thread_binding({nseq} * {i64(H)}, thread="blockIdx.x"):')
+            w.depth += 1
+            w(f'for p_ in T.thread_binding({i64(self.spec.P)}, thread="threadIdx.x"):')
+            opened = 2
+        else:
+            w(f"for sh_ in T.parallel({nseq} * {i64(H)}):")
+        w.depth += 1
+        w(f"s_ = sh_ // {i64(H)}", f"h_ = sh_ % {i64(H)}")
+        if self.varlen:
+            w("b_ = T.int64(0)",
+              'v_t0_ = T.Cast("int64", cu[s_])',
+              'v_t1_ = T.Cast("int64", cu[s_ + T.int64(1)])')
+            # clamp so that a malformed cu_seqlens cannot index outside the tensors
+            w("t0_ = T.max(T.min(v_t0_, TT), T.int64(0))",
+              "t1_ = T.max(T.min(v_t1_, TT), t0_)")
+        else:
+            w("b_ = s_", "t0_ = T.int64(0)", "t1_ = TT")
+        w("L_ = t1_ - t0_")
+        try:
             yield
+        finally:
+            w.depth -= opened
 
     def alloc(self, name: str, shape: tuple[int, ...], dtype: str | None = None):
         dims = ", ".join(i64(d) for d in shape) + ("," if len(shape) == 1 else "")

@@ -52,3 +52,45 @@ def render_scan(spec: KernelSpec) -> str:
                     e.emit_y(d_index, "t_", "yb[p_]")
             e.store_state("st", d_index)
     return e.finish()
+
+
+@register_lowering("scan", target="cuda")
+def render_scan_cuda(spec: KernelSpec) -> str:
+    """The scan on a GPU: one block per (sequence, head), one thread per value channel p.
+
+    A column state[:, p] evolves independently of the other columns (the decay is diagonal),
+    so each thread keeps its n-vector of state in registers/local memory and needs no
+    synchronisation; key, query and decay are recomputed per thread (cheap next to the loads).
+    """
+    e = Emitter(spec)
+    w, r = e.w, e.program.recurrence
+    N = spec.N
+    if spec.P > 1024:
+        raise ValueError(f"the CUDA scan runs one thread per value channel; p={spec.P} > 1024")
+    e.header()
+    with e.tasks(cuda_p=True):
+        e.alloc("st", (N,))
+        e.alloc("yb", (1,))
+        for d_index, direction in enumerate(e.directions):
+            with w.block(f"for n_ in range({i64(N)}):"):
+                v = e.load_h0(d_index) if e.plan.has_initial_state else e.renderer.const(0)
+                w(f"st[n_] = {v}")
+            with w.block("for i_ in range(L_):"):
+                w(f"t_ = {e.time_of(direction, 'i_')}")
+                vv = e.value_of(r.value.expr, e.index("t_", p="p_"))
+                w(f"yb[T.int64(0)] = {e.renderer.const(0)}")
+                with w.block(f"for n_ in range({i64(N)}):"):
+                    idx = e.index("t_", n="n_", p="p_")
+                    k = e.value_of(r.key.expr, idx)
+                    q = e.value_of(r.query.expr, idx)
+                    if r.decay is not None:
+                        d = e.value_of(r.decay.expr, idx)
+                        w(f"st[n_] = {d} * st[n_] + {k} * {vv}")
+                    else:
+                        w(f"st[n_] = st[n_] + {k} * {vv}")
+                    w(f"yb[T.int64(0)] = yb[T.int64(0)] + {q} * st[n_]")
+                e.emit_y(d_index, "t_", "yb[T.int64(0)]")
+            if e.plan.return_final_state:
+                with w.block(f"for n_ in range({i64(N)}):"):
+                    w(f"hT[{e.state_index(d_index)}] = st[n_]")
+    return e.finish()

@@ -1,0 +1,175 @@
+"""Check TVM CUDA exports (ssmc/backends/tvm/export.py) on a GPU against ssmc.reference.
+
+Two steps, on two machines:
+
+1. Where `tvm` and nvcc are installed (the CPU machine), write the exports:
+       python benchmarks/tvm_gpu_check.py --make .carry/tvm_exports [--arch sm_90]
+   This exports a few specialisations (SSD fp32 and bf16 with states and packed sequences,
+   GLA bidirectional, Mamba-1 selective scan) as shared libraries that link only libtvm_ffi.
+
+2. On the GPU machine, with only torch and apache-tvm-ffi (no `tvm`), check them:
+       python benchmarks/tvm_gpu_check.py .carry/tvm_exports/*
+   For each export: random inputs on CUDA at two lengths (and packed sequences where the export
+   takes cu_seqlens), the float64 reference on the CPU (`ssmc.reference.scan` on the program
+   text stored in the manifest), the relative errors, and the median kernel time.
+   Exits non-zero when an error exceeds its tolerance (fp32 1e-4 relative to max|ref|, bf16
+   2e-2; GPU exp/log differ from the CPU's in the last bits, and t is long).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not hasattr(torch.Tensor, "__dlpack_c_exchange_api__"):
+    # older torch: let tvm_ffi use plain DLPack (device/README.md)
+    os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TOL = {"float32": 1e-4, "float64": 1e-6, "bfloat16": 2e-2, "float16": 1e-2}
+
+
+def gla_bidirectional():
+    import ssmc
+    from ssmc import dsl as S
+
+    def gla_bidirectional(q, k, v, g):
+        return S.recurrence(decay=S.exp(g), key=k, value=v, query=q * 0.125,
+                            direction="bidirectional")
+    gla_bidirectional.__annotations__ = dict(q=S.In["b t h n"], k=S.In["b t h n"],
+                                             v=S.In["b t h p"], g=S.In["b t h n"])
+    return ssmc.ssm(gla_bidirectional)
+
+
+def make(out_root: Path, arch: str):
+    from ssmc.ops.selective_scan import build as ss_build
+    from ssmc.backends.tvm.export import export
+    from ssmc.ops.ssd import build as ssd_build
+
+    jobs = [
+        ("ssd_fp32", ssd_build(), dict(h=8, g=1, n=64, p=64), {}),
+        ("ssd_mamba2_bf16_states_varlen", ssd_build(has_D=True, has_z=True, dt_softplus=True,
+                                                    has_dt_bias=True),
+         dict(h=8, g=2, n=128, p=64),
+         dict(dtype="bfloat16", initial_state=True, return_final_state=True, varlen=True)),
+        ("gla_bidirectional_fp32_states", gla_bidirectional(), dict(h=4, n=64, p=64),
+         dict(initial_state=True, return_final_state=True)),
+        ("selective_scan_fp32", ss_build(has_D=True, has_z=True, delta_softplus=True),
+         dict(h=256, g=1, n=16, p=1), dict(return_final_state=True)),
+    ]
+    for name, defn, shapes, opts in jobs:
+        out = export(defn, target="cuda", arch=arch, shapes=shapes, out_dir=out_root / name,
+                     **opts)
+        print(f"exported {name} -> {out}")
+
+
+def inputs_for(manifest, sizes, device, gen):
+    """Random inputs in the ranges the built-ins are used with: names A are negative
+    (decay rates), dt/delta small, log-gates g through logsigmoid; the rest standard normal."""
+    out = []
+    for spec in manifest["inputs"]:
+        shape = tuple(sizes[a] for a in spec["axes"])
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        name = spec["name"]
+        if name == "A":
+            x = -(0.5 + 1.5 * torch.rand(shape, generator=gen, dtype=torch.float64))
+        elif name in ("dt", "delta", "dt_bias", "delta_bias"):
+            x = 0.5 * x
+        elif name == "g":
+            x = torch.nn.functional.logsigmoid(x + 2.0)
+        out.append(x.to(getattr(torch, spec["dtype"])).to(device))
+    return out
+
+
+def check(directory: Path) -> bool:
+    from ssmc import reference
+    from ssmc.backends.tvm.load import load
+    from ssmc.ir import parse_program
+
+    kernel = load(directory)
+    m = kernel.manifest
+    program = parse_program(m["program"])
+    gen = torch.Generator().manual_seed(0)
+    ok = True
+    cases = [dict(b=2, t=257), dict(b=1, t=2048)]
+    for case in cases:
+        sizes = dict(case, **m["sizes"])
+        kw, cu = {}, None
+        nseq = sizes["b"]
+        if m["varlen"]:
+            sizes["b"] = 1
+            cuts = sorted(torch.randint(0, sizes["t"], (3,), generator=gen).tolist())
+            cu = torch.tensor([0, *cuts, sizes["t"]], dtype=getattr(torch, m["cu_seqlens_dtype"]))
+            nseq = cu.numel() - 1
+            kw["cu_seqlens"] = cu.cuda()
+        args = inputs_for(m, sizes, "cuda", gen)
+        h0 = None
+        if m["has_initial_state"]:
+            D = len(m["directions"])
+            shape = ((D,) if D > 1 else ()) + (nseq, sizes["h"], sizes["n"], sizes["p"])
+            h0 = torch.randn(shape, generator=gen).to(getattr(torch, m["initial_state_dtype"]))
+            kw["initial_state"] = h0.cuda()
+        result = kernel(*args, **kw)
+        torch.cuda.synchronize()
+        out, final = result if isinstance(result, tuple) else (result, None)
+        tensors = {s["name"]: a.cpu().double() for s, a in zip(m["inputs"], args)}
+        ref_out, ref_final = reference.scan(program, tensors, sizes, None if h0 is None else
+                                            h0.double(), cu, final is not None)
+        tol = TOL[m["dtype"]]
+        for what, a, e in (("y", out, ref_out), ("final_state", final, ref_final)):
+            if a is None:
+                continue
+            a = a.cpu().double()
+            finite = bool(torch.isfinite(a).all())
+            err = float((a - e).abs().max() / e.abs().max().clamp_min(1e-30)) if finite else \
+                float("inf")
+            good = finite and err <= tol
+            ok &= good
+            print(f"  {'ok  ' if good else 'FAIL'} {directory.name} b={sizes['b']} t={sizes['t']}"
+                  f" {what}: rel max err {err:.2e} (tol {tol:.0e})")
+        # timing: median of 20 launches with CUDA events
+        times = []
+        for _ in range(23):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            kernel(*args, **kw)
+            stop.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(stop))
+        times = sorted(times[3:])
+        print(f"       median {times[len(times) // 2]:.3f} ms over 20 launches")
+    return ok
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dirs", nargs="*", type=Path, help="exported directories to check")
+    ap.add_argument("--make", type=Path, help="write the exports into this directory")
+    ap.add_argument("--arch", default="sm_90")
+    a = ap.parse_args(argv)
+    if a.make:
+        make(a.make, a.arch)
+        return 0
+    if not torch.cuda.is_available():
+        print("no CUDA device: run this on the GPU machine", file=sys.stderr)
+        return 2
+    dirs = [d for d in a.dirs if (d / "manifest.json").exists()]
+    if not dirs:
+        print("no exported directories given (each needs a manifest.json)", file=sys.stderr)
+        return 2
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    ok = True
+    for d in dirs:
+        print(f"{d}: {json.loads((d / 'manifest.json').read_text())['program_name']}")
+        ok &= check(d)
+    print("ALL OK" if ok else "FAILURES")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Ahead-of-time export: one specialised kernel as a shared library plus a JSON manifest.
+
+    export(ssmc.ops.ssd.mamba2, target="cuda", arch="sm_90",
+           shapes=dict(h=8, g=1, n=64, p=64), out_dir="ssd_export")
+
+writes into `out_dir`
+    kernel.tvmscript   the TIR that was compiled
+    kernel.cu          (cuda) the CUDA C++ of kernel and host wrapper, as given to nvcc
+    <function>.so      the library; for cuda it links only libtvm_ffi (+ static cudart)
+    manifest.json      what `load.load(dir)` needs: argument order, axes, dtypes, sizes,
+                       the program text (ssmc.ir.parse_program), versions, hashes
+b and t stay symbolic; h, g, n, p and the dtypes are fixed by the export. `load.py` loads
+the result with `tvm_ffi` alone (no `tvm`), e.g. on a GPU machine with only apache-tvm-ffi.
+The CUDA target implements the scan lowering.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..._version import __version__ as ssmc_version
+from ...errors import UnsupportedError
+from ...ir import Program, print_program
+from ...plan import Plan
+from .lowerings import LOWERINGS, KernelSpec, func_name
+
+FORMAT = "ssmc-tvm-export/1"
+
+
+def _program(definition_or_program) -> Program:
+    program = getattr(definition_or_program, "program", definition_or_program)
+    if not isinstance(program, Program):
+        raise TypeError(f"export expects an ssmc definition or Program, got "
+                        f"{type(definition_or_program).__name__}")
+    if program.decay_kind is None:
+        from ...passes import run_pipeline
+        program = run_pipeline(program)
+    return program
+
+
+def export(definition_or_program, target: str = "cuda", arch: str = "sm_90", shapes=None,
+           out_dir=None, *, lowering: str = "scan", dtype: str = "float32",
+           input_dtypes: dict | None = None, initial_state: bool = False,
+           return_final_state: bool = False, varlen: bool = False, cu_dtype: str = "int32",
+           state_dtype: str | None = None, nvcc: str = "nvcc") -> Path:
+    """Compile one specialisation and write it to `out_dir`; returns the directory.
+
+    shapes: axis sizes; h, n and p are required (g defaults to h; b and t are ignored: they
+    stay symbolic). dtype: the inputs' dtype (and the output's); input_dtypes overrides it per
+    input name. initial_state / return_final_state / varlen: the call features compiled in.
+    """
+    from . import build
+    program = _program(definition_or_program)
+    if target not in ("cuda", "llvm"):
+        raise ValueError(f"target={target!r} is not valid; valid values: cuda, llvm")
+    shapes = dict(shapes or {})
+    missing = [a for a in "hnp" if a not in shapes]
+    if missing:
+        raise ValueError(f"export(): shapes needs sizes for {', '.join(missing)} "
+                         f"(got {sorted(shapes)})")
+    shapes.setdefault("g", shapes["h"])
+    if (lowering, target) not in LOWERINGS:
+        raise UnsupportedError(f"export(): the TVM backend has no {lowering!r} lowering for "
+                               f"target {target!r}")
+    plan = Plan(program=program, lowering=lowering, dtype=dtype,
+                has_initial_state=initial_state, return_final_state=return_final_state,
+                varlen=varlen)
+    from . import TVMBackend
+    why = TVMBackend().supports(plan)
+    if why is not None:
+        raise UnsupportedError(f"export(): {why}")
+    in_dtypes = tuple((input_dtypes or {}).get(i.name, dtype) for i in program.inputs)
+    spec = KernelSpec(plan=plan, H=int(shapes["h"]), G=int(shapes["g"]), N=int(shapes["n"]),
+                      P=int(shapes["p"]), input_dtypes=in_dtypes,
+                      cu_dtype=cu_dtype if varlen else None,
+                      h0_dtype=(state_dtype or spec_state(dtype)) if initial_state else None,
+                      target=target)
+    source = LOWERINGS[(lowering, target)](spec)
+    name = func_name(plan)
+    out = Path(out_dir or f"{program.name}_{lowering}_{target}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel.tvmscript").write_text(source)
+    lib = out / f"{name}.so"
+    if target == "cuda":
+        cu = build.cuda_host_source(source, name, arch)
+        (out / "kernel.cu").write_text(cu)
+        build.nvcc_compile(out / "kernel.cu", lib, arch, nvcc)
+    else:
+        build.compile_source(source).export_library(str(lib))
+        arch = None
+    manifest = {
+        "format": FORMAT,
+        "function": name,
+        "library": lib.name,
+        "library_sha256": hashlib.sha256(lib.read_bytes()).hexdigest(),
+        "target": target,
+        "arch": arch,
+        "lowering": lowering,
+        "program_name": program.name,
+        "program": print_program(program),
+        "inputs": [{"name": i.name, "axes": list(i.axes), "dtype": d}
+                   for i, d in zip(program.inputs, in_dtypes)],
+        "sizes": {a: spec_size(spec, a) for a in "hgnp"},
+        "symbolic": ["b", "t"],
+        "dtype": dtype,
+        "state_dtype": spec.state_dtype,
+        "directions": [d.value for d in program.recurrence.directions],
+        "has_initial_state": initial_state,
+        "initial_state_dtype": spec.h0_dtype,
+        "return_final_state": return_final_state,
+        "varlen": varlen,
+        "cu_seqlens_dtype": spec.cu_dtype,
+        "argument_order": _argument_order(program, plan),
+        "ssmc_version": ssmc_version,
+        "tvm_version": build.tvm_version(),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def spec_state(dtype: str) -> str:
+    return "float64" if dtype == "float64" else "float32"
+
+
+def spec_size(spec: KernelSpec, axis: str) -> int:
+    return {"h": spec.H, "g": spec.G, "n": spec.N, "p": spec.P}[axis]
+
+
+def _argument_order(program: Program, plan: Plan) -> list[str]:
+    args = [i.name for i in program.inputs]
+    if plan.varlen:
+        args.append("cu_seqlens")
+    if plan.has_initial_state:
+        args.append("initial_state")
+    args.append("out")
+    if plan.return_final_state:
+        args.append("final_state")
+    if len(program.recurrence.directions) > 1:
+        args.append("y_work")
+    return args
