@@ -67,7 +67,7 @@ def main():
     print(f"output y: {tuple(y.shape)} {y.dtype}")
     print(f"backend: {backend}   lowering: {plan.lowering}   plan: {plan.describe()}")
     print(f"max |y - reference| = {err:.2e}   first call {first_s * 1e3:.1f} ms "
-          f"(includes building the kernel), second call {again_s * 1e3:.1f} ms")
+          f"(loads the backend, builds or loads the kernel), second call {again_s * 1e3:.1f} ms")
 
     # Carry a state across two halves of the sequence: the result equals one long call.
     half = sizes["t"] // 2
@@ -83,6 +83,10 @@ def main():
     M = ssmc.attention_matrix(op, **inputs)
     print(f"attention matrix: {tuple(M.shape)} = (b, h, t, t), lower-triangular: "
           f"{bool(torch.equal(M, M.tril()))}")
+
+    print("why this lowering: ssmc explain examples/quickstart.py:mamba2 --shape "
+          + ",".join(f"{k}={v}" for k, v in sizes.items())
+          + f" --device {'cpu' if device.type == 'cpu' else 'h100'} --dtype fp32")
 
     tol = 1e-4 if y.dtype == torch.float32 else 5e-2
     if err > tol or split_err > tol:
