@@ -199,6 +199,22 @@ class Context:
         self.loaded[name] = var
         return var
 
+    def direct_load(self, node: Elementwise, name: str, dtype: str) -> str | None:
+        """A bare input that spans the whole tile is loaded straight into `dtype` (masked
+        lanes read 0), with no compute-type copy: that keeps matmul operands small in
+        registers. Returns None where the operand needs computing or broadcasting."""
+        expr = node.expr
+        if not isinstance(expr, sp.Symbol) or expr == Y:
+            return None
+        inp = self.program.input(expr.name)
+        covered = {"h" if a == "g" else a for a in inp.axes}
+        if any(a not in covered for a, _, _ in self.tile.tiled):
+            return None
+        ptr, mask = input_pointer_and_mask(inp, self.tile)
+        masked = f", mask={mask}, other=0.0" if mask else ""
+        self.emit(f"{name} = tl.load({ptr}{masked}).to({dtype})")
+        return name
+
     def value(self, node: Elementwise | sp.Expr, name: str) -> str:
         """Emit code computing `node` into a new variable and return its name."""
         expr = node.expr if isinstance(node, Elementwise) else node

@@ -63,10 +63,14 @@ class _Chunk:
         return f"tl.dot({a}, {b}{self.prec})"
 
     def key_t(self):
+        if self.ctx_kt.direct_load(self.prog.recurrence.key, "keyT", self.dt):
+            return
         v = self.ctx_kt.value(self.prog.recurrence.key, "keyT_raw")
         self.body(f"keyT = tl.where(mask_n[:, None] & mask_t[None, :], {v}, 0.0)")
 
     def query(self):
+        if self.ctx_qk.direct_load(self.prog.recurrence.query, "query", self.dt):
+            return
         v = self.ctx_qk.value(self.prog.recurrence.query, "query_raw")
         self.body(f"query = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
 
