@@ -1,0 +1,548 @@
+"""The quadratic lowering: masked, decayed attention, y = M value with M never stored.
+
+One program per (query block of BT rows, p-block, head, sequence). It walks the key blocks
+from the diagonal block back to the start of the sequence:
+
+    y[t] = sum_{s <= t} (q_t . (k_s * exp(L_t - L_s))) v_s  +  q_t . (exp(L_t) * h0)
+
+with L the running sum of log-decays. The exponent is never formed as a difference of two
+long running sums: it is assembled from sums over disjoint ranges (inside the query block,
+between the blocks, inside the key block), each <= 0 for decays <= 1, so it is stable and
+accurate at any sequence length. Scores use tensor cores (`tl.dot`) when the decay does not
+vary over n (none, time-invariant per head, scalar); a decay that varies over n (diagonal, or
+time-invariant per (h, n)) is applied exactly on a (BT, BT, BNC) broadcast, looped over
+n-chunks, and only the score-times-value product uses `tl.dot`.
+
+Directions work in *logical* time: position i of a sequence is t = start + i forward and
+t = end - 1 - i in reverse, so the kernel body only knows forward time. The final state is a
+second, small kernel (`ssmc_quadratic_state`); the hidden attention matrix M (b, h, t, t) is a
+third (`ssmc_quadratic_matrix`, see `attention_matrix`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ....errors import BackendUnavailableError, UnsupportedError
+from ....ir import DecayKind, Direction
+from ....passes.classify_decay import decay_kind_of
+from ....plan import Plan
+from ..common import (HEADER, compute_dtype, compute_type, direction_slices, input_args,
+                      input_params, interpreting, next_pow2, num_sequences)
+from ..render import Context, Emitter, Tile
+from . import register_lowering
+
+FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
+
+LOW_PRECISION = {"bfloat16": "tl.bfloat16", "float16": "tl.float16"}
+
+
+# --------------------------------------------------------------------------- plan analysis
+
+def _decay_mode(plan: Plan) -> str:
+    """'none', 'scalar' (one log-decay per step: tensor-core scores) or 'diagonal' (varies
+    over n: exact broadcast scores)."""
+    prog = plan.program
+    if prog.recurrence.decay is None:
+        return "none"
+    return "diagonal" if "n" in prog.log_decay.axes else "scalar"
+
+
+def supports(plan: Plan) -> str | None:
+    prog = plan.program
+    kind = prog.decay_kind or decay_kind_of(prog)
+    if kind is DecayKind.FULL:
+        return ("the decay varies over 'p', so M differs per value channel; the quadratic "
+                "lowering needs a decay that factors through the key dim (use scan)")
+    if prog.recurrence.decay is not None and prog.log_decay is None:
+        return "the program has no log-space decay (the log_space_decay pass did not run)"
+    if prog.recurrence.transition.kind != "diagonal":
+        return f"the {prog.recurrence.transition.kind!r} transition is not implemented"
+    return None
+
+
+# --------------------------------------------------------------------------- rendering
+
+def _mm_helpers(plan: Plan) -> str:
+    """`_mm(a, b, LOWP)`: a product at the plan's operand precision; `_rd(x, LOWP)`: `x` as a
+    matmul operand (rounded to the input's 16-bit type once, e.g. q before the key loop);
+    `_mm_exact(a, b)`: the initial-state term, with fp32 operands (TF32 tensor cores for 16-bit
+    plans, which is more precise than their operands; IEEE for fp32 / fp64 plans)."""
+    if plan.dtype in LOW_PRECISION:
+        dt = LOW_PRECISION[plan.dtype]
+        return f'''
+@triton.jit
+def _rd(x, LOWP: tl.constexpr):
+    if LOWP:
+        r = x.to({dt})
+    else:
+        # the interpreter multiplies 16-bit floats wrongly: round the operands to the input
+        # precision, multiply in fp32
+        r = x.to({dt}).to(tl.float32)
+    return r
+
+
+@triton.jit
+def _mm(a, b, LOWP: tl.constexpr):
+    if LOWP:
+        c = tl.dot(a.to({dt}), b.to({dt}))
+    else:
+        c = tl.dot(a.to({dt}).to(tl.float32), b.to({dt}).to(tl.float32),
+                   input_precision="ieee")
+    return c
+
+
+@triton.jit
+def _mm_exact(a, b):
+    return tl.dot(a, b, input_precision="tf32")
+
+'''
+    # fp32 without TF32; fp64 (tensor cores on sm80+)
+    return '''
+@triton.jit
+def _rd(x, LOWP: tl.constexpr):
+    return x
+
+
+@triton.jit
+def _mm(a, b, LOWP: tl.constexpr):
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _mm_exact(a, b):
+    return tl.dot(a, b, input_precision="ieee")
+
+'''
+
+
+def _full_mask(tile: Tile) -> str:
+    return " & ".join(tile.broadcast(mask, a) for a, _, mask in tile.tiled)
+
+
+def _operand(plan: Plan, emit: Emitter, node, tile: Tile, name: str) -> str:
+    """Evaluate `node` on `tile` into `name`, zero outside the tile's masks and broadcast to the
+    full tile shape (an operand may lack some of the tile's axes)."""
+    ct = compute_type(plan)
+    ctx = Context(plan.program, tile, emit, name, ct)
+    raw = ctx.value(node, f"{name}_raw")
+    emit(f"{name} = tl.where({_full_mask(tile)}, {raw}, 0.0).to({ct})")
+    return name
+
+
+def _sequence_bounds(emit: Emitter) -> None:
+    emit("g_idx = h_idx // HPG")
+    emit("if IS_VARLEN:")
+    with emit.block():
+        emit("b_idx = seq * 0")
+        emit("start = tl.load(cu_ptr + seq).to(tl.int64)")
+        emit("end = tl.load(cu_ptr + seq + 1).to(tl.int64)")
+    emit("else:")
+    with emit.block():
+        emit("b_idx = seq")
+        emit("start = seq * 0")
+        emit("end = start + T")
+    emit("seqlen = end - start")
+
+
+def _positions(emit: Emitter, logical: str, phys: str, mask: str) -> None:
+    """Physical time offsets `phys` of logical positions `logical` (forward or reverse)."""
+    emit(f"{mask} = {logical} < seqlen")
+    emit("if REVERSE:")
+    with emit.block():
+        emit(f"{phys} = end - 1 - {logical}")
+    emit("else:")
+    with emit.block():
+        emit(f"{phys} = start + {logical}")
+
+
+def _log_decay_block(plan: Plan, emit: Emitter, tile_t: tuple[str, str, str], name: str,
+                     mode: str) -> None:
+    """`{name}` the masked log-decay of a block, `cum_{name}` its inclusive running sum over
+    the block, `bsum_{name}` its total. Shapes (BT,) / () for scalar, (BT, BNC) / (BNC,) for
+    diagonal."""
+    prog = plan.program
+    if mode == "scalar":
+        tile = Tile([tile_t], FIXED)
+    else:
+        tile = Tile([tile_t, ("n", "offs_n", "mask_n")], FIXED)
+    _operand(plan, emit, prog.log_decay, tile, name)
+    emit(f"cum_{name} = tl.cumsum({name}, axis=0)")
+    emit(f"bsum_{name} = tl.sum({name}, axis=0)")
+
+
+def _scores(emit: Emitter, mode: str, q: str, k: str, exponent_k: str) -> None:
+    """`sc` (BT, BS): the decayed, causally masked scores of the current key block.
+    `exponent_k` is the key-side part of the exponent, (BS,) or (BS, BNC)."""
+    if mode == "none":
+        emit(f"sc = tl.where(causal, _mm({q}, tl.trans({k}), LOWP), 0.0)")
+    elif mode == "scalar":
+        emit(f"ex = cum_lq[:, None] + {exponent_k}[None, :]")
+        emit('w = tl.exp(tl.where(causal, ex, float("-inf")))')
+        emit(f"sc = _mm({q}, tl.trans({k}), LOWP) * w")
+    else:
+        emit(f"ex = cum_lq[:, None, :] + {exponent_k}[None, :, :]")
+        emit('w = tl.exp(tl.where(causal[:, :, None], ex, float("-inf")))')
+        emit(f"sc = tl.sum({q}[:, None, :] * {k}[None, :, :] * w, axis=2)")
+
+
+def _render_fwd(plan: Plan) -> str:
+    prog = plan.program
+    rec = prog.recurrence
+    ct = compute_type(plan)
+    mode = _decay_mode(plan)
+    q_tile = Tile([("t", "offs_q", "mask_q"), ("n", "offs_n", "mask_n")], FIXED)
+    k_tile = Tile([("t", "offs_k", "mask_k"), ("n", "offs_n", "mask_n")], FIXED)
+    v_tile = Tile([("t", "offs_k", "mask_k"), ("p", "offs_p", "mask_p")], FIXED)
+    out_tile = Tile([("t", "offs_q", "mask_q"), ("p", "offs_p", "mask_p")], FIXED)
+
+    e = Emitter(indent=1)
+    e("seq = tl.program_id(2).to(tl.int64)")
+    e("h_idx = tl.program_id(1).to(tl.int64)")
+    e("H = tl.num_programs(1)")
+    e("NPB = tl.cdiv(P, BP)")
+    e("pid = tl.program_id(0)")
+    e("# the longest rows (last query blocks) first")
+    e("qb = tl.cdiv(T, BT) - 1 - pid // NPB")
+    e("pid_p = pid % NPB")
+    _sequence_bounds(e)
+    e("if qb * BT >= seqlen:")
+    with e.block():
+        e("return")
+    e("offs_i = qb * BT + tl.arange(0, BT)")
+    _positions(e, "offs_i", "offs_q", "mask_q")
+    e("offs_p = pid_p * BP + tl.arange(0, BP)")
+    e("mask_p = offs_p < P")
+    e(f"acc = tl.zeros([BT, BP], dtype={ct})")
+    e("for nc in range(0, N, BNC):")
+    with e.block():
+        e("offs_n = nc + tl.arange(0, BNC)")
+        e("mask_n = offs_n < N")
+        _operand(plan, e, rec.query, q_tile, "q")
+        if mode != "diagonal":
+            e("q = _rd(q, LOWP)  # a matmul operand only: keep it in its smallest type")
+        if mode != "none":
+            _log_decay_block(plan, e, ("t", "offs_q", "mask_q"), "lq", mode)
+            e("# dlt = L(query block start - 1) - L(key block end): starts at the diagonal")
+            e("dlt = -bsum_lq")
+        e("for jj in range(0, qb + 1):")
+        with e.block():
+            e("offs_j = (qb - jj) * BT + tl.arange(0, BT)")
+            _positions(e, "offs_j", "offs_k", "mask_k")
+            _operand(plan, e, rec.key, k_tile, "k")
+            _operand(plan, e, rec.value, v_tile, "v")
+            e("causal = offs_i[:, None] >= offs_j[None, :]")
+            if mode != "none":
+                _log_decay_block(plan, e, ("t", "offs_k", "mask_k"), "lk", mode)
+                e("# L_t - L_s = cum_lq[t] + dlt + (bsum_lk - cum_lk[s]): disjoint ranges")
+                e("exk = dlt + bsum_lk - cum_lk" if mode == "scalar"
+                  else "exk = dlt[None, :] + bsum_lk[None, :] - cum_lk")
+            _scores(e, mode, "q", "k", "exk")
+            e("acc += _mm(sc, v, LOWP)")
+            if mode != "none":
+                e("dlt += bsum_lk")
+        e("if HAS_H0:")
+        with e.block():
+            e("h0 = tl.load(h0_ptr + ((seq * H + h_idx) * N + offs_n[:, None]) * P + "
+              f"offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0).to({ct})")
+            if mode == "none":
+                e(f"acc += _mm_exact(q.to({ct}), h0)")
+            elif mode == "scalar":
+                e("# dlt is now L(query block start - 1)")
+                e(f"acc += _mm_exact(q.to({ct}) * tl.exp(dlt + cum_lq)[:, None], h0)")
+            else:
+                e("acc += _mm_exact(q * tl.exp(dlt[None, :] + cum_lq), h0)")
+    e("y = acc")
+    e("y_off = ((b_idx * T + offs_q[:, None]) * H + h_idx) * P + offs_p[None, :]")
+    e("y_mask = mask_q[:, None] & mask_p[None, :]")
+    e("if ACCUM_IN:")
+    with e.block():
+        e("y += tl.load(yacc_ptr + y_off, mask=y_mask, other=0.0)")
+    e("if WRITE_OUT:")
+    with e.block():
+        epi = Context(prog, out_tile, e, "e", ct, extra={"y": "y"})
+        out = epi.value(prog.output, "out")
+        e("tl.store(out_ptr + b_idx * s_out_b + offs_q[:, None] * s_out_t + h_idx * s_out_h "
+          f"+ offs_p[None, :] * s_out_p, {out}.to(out_ptr.dtype.element_ty), mask=y_mask)")
+    e("else:")
+    with e.block():
+        e("tl.store(yacc_ptr + y_off, y, mask=y_mask)")
+
+    return f'''
+@triton.jit
+def ssmc_quadratic_fwd(
+    {input_params(prog)},
+    out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
+    yacc_ptr, h0_ptr, cu_ptr,
+    T, HPG, N, P,
+    BT: tl.constexpr, BNC: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
+    WRITE_OUT: tl.constexpr, LOWP: tl.constexpr,
+):
+{e.text()}
+'''
+
+
+def _render_state(plan: Plan) -> str:
+    """hT = sum_s exp(L_end - L_s) k_s v_s^T + exp(L_end) h0, key blocks walked from the end."""
+    prog = plan.program
+    rec = prog.recurrence
+    ct = compute_type(plan)
+    mode = _decay_mode(plan)
+    k_tile = Tile([("t", "offs_k", "mask_k"), ("n", "offs_n", "mask_n")], FIXED)
+    v_tile = Tile([("t", "offs_k", "mask_k"), ("p", "offs_p", "mask_p")], FIXED)
+
+    e = Emitter(indent=1)
+    e("seq = tl.program_id(2).to(tl.int64)")
+    e("h_idx = tl.program_id(1).to(tl.int64)")
+    e("H = tl.num_programs(1)")
+    e("NPB = tl.cdiv(P, BP)")
+    e("pid = tl.program_id(0)")
+    e("pid_n = pid // NPB")
+    e("pid_p = pid % NPB")
+    _sequence_bounds(e)
+    e("offs_n = pid_n * BNC + tl.arange(0, BNC)")
+    e("mask_n = offs_n < N")
+    e("offs_p = pid_p * BP + tl.arange(0, BP)")
+    e("mask_p = offs_p < P")
+    e(f"st = tl.zeros([BNC, BP], dtype={ct})")
+    if mode == "scalar":
+        e(f"dlt = tl.sum(tl.zeros([BT], dtype={ct}), axis=0)")
+    elif mode == "diagonal":
+        e(f"dlt = tl.zeros([BNC], dtype={ct})")
+    e("nkb = tl.cdiv(seqlen, BT)")
+    e("for jj in range(0, nkb):")
+    with e.block():
+        e("offs_j = (nkb - 1 - jj) * BT + tl.arange(0, BT)")
+        _positions(e, "offs_j", "offs_k", "mask_k")
+        _operand(plan, e, rec.key, k_tile, "k")
+        _operand(plan, e, rec.value, v_tile, "v")
+        if mode != "none":
+            _log_decay_block(plan, e, ("t", "offs_k", "mask_k"), "lk", mode)
+            e("# L_end - L_s = dlt + (bsum_lk - cum_lk[s]) with dlt = L_end - L(block end)")
+        if mode == "scalar":
+            e("k = k * tl.exp(dlt + bsum_lk - cum_lk)[:, None]")
+        elif mode == "diagonal":
+            e("k = k * tl.exp(dlt[None, :] + bsum_lk[None, :] - cum_lk)")
+        e("st += _mm(tl.trans(k), v, LOWP)")
+        if mode != "none":
+            e("dlt += bsum_lk")
+    e("off = ((seq * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]")
+    e("mask = mask_n[:, None] & mask_p[None, :]")
+    e("if HAS_H0:")
+    with e.block():
+        e(f"h0 = tl.load(h0_ptr + off, mask=mask, other=0.0).to({ct})")
+        if mode == "none":
+            e("st += h0")
+        elif mode == "scalar":
+            e("st += tl.exp(dlt) * h0")
+        else:
+            e("st += tl.exp(dlt)[:, None] * h0")
+    e("tl.store(hT_ptr + off, st, mask=mask)")
+
+    return f'''
+@triton.jit
+def ssmc_quadratic_state(
+    {input_params(prog)},
+    h0_ptr, hT_ptr, cu_ptr,
+    T, HPG, N, P,
+    BT: tl.constexpr, BNC: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, LOWP: tl.constexpr,
+):
+{e.text()}
+'''
+
+
+def _render_matrix(plan: Plan) -> str:
+    """M[b, h, t, s] for one direction, one (query block, key block) pair in logical time;
+    added onto M (zero-initialised), so directions sum."""
+    prog = plan.program
+    rec = prog.recurrence
+    ct = compute_type(plan)
+    mode = _decay_mode(plan)
+    q_tile = Tile([("t", "offs_q", "mask_q"), ("n", "offs_n", "mask_n")], FIXED)
+    k_tile = Tile([("t", "offs_k", "mask_k"), ("n", "offs_n", "mask_n")], FIXED)
+
+    e = Emitter(indent=1)
+    e("bh = tl.program_id(2).to(tl.int64)")
+    e("seq = bh // H")
+    e("h_idx = bh % H")
+    e("qb = tl.program_id(0)")
+    e("kb = tl.program_id(1)")
+    e("if kb > qb:")
+    with e.block():
+        e("return")
+    _sequence_bounds(e)
+    e("offs_i = qb * BT + tl.arange(0, BT)")
+    _positions(e, "offs_i", "offs_q", "mask_q")
+    e("offs_j = kb * BT + tl.arange(0, BT)")
+    _positions(e, "offs_j", "offs_k", "mask_k")
+    e("causal = offs_i[:, None] >= offs_j[None, :]")
+    e(f"m = tl.zeros([BT, BT], dtype={ct})")
+    e("for nc in range(0, N, BNC):")
+    with e.block():
+        e("offs_n = nc + tl.arange(0, BNC)")
+        e("mask_n = offs_n < N")
+        _operand(plan, e, rec.query, q_tile, "q")
+        _operand(plan, e, rec.key, k_tile, "k")
+        if mode != "none":
+            _log_decay_block(plan, e, ("t", "offs_q", "mask_q"), "lq", mode)
+            _log_decay_block(plan, e, ("t", "offs_k", "mask_k"), "lk", mode)
+            e("# dlt = L(query block start - 1) - L(key block end): the blocks in between")
+            e("if qb == kb:")
+            with e.block():
+                e("dlt = -bsum_lk")
+            e("else:")
+            with e.block():
+                e("dlt = bsum_lk * 0.0")
+            e("for jb in range(kb + 1, qb):")
+            with e.block():
+                e("offs_b = jb * BT + tl.arange(0, BT)")
+                _positions(e, "offs_b", "offs_bt", "mask_bt")
+                lb_tile = (Tile([("t", "offs_bt", "mask_bt")], FIXED) if mode == "scalar" else
+                           Tile([("t", "offs_bt", "mask_bt"), ("n", "offs_n", "mask_n")], FIXED))
+                _operand(plan, e, prog.log_decay, lb_tile, "lb")
+                e("dlt += tl.sum(lb, axis=0)")
+            e("exk = dlt + bsum_lk - cum_lk" if mode == "scalar"
+              else "exk = dlt[None, :] + bsum_lk[None, :] - cum_lk")
+        _scores(e, mode, "q", "k", "exk")
+        e("m += sc")
+    e("off = ((bh * T + offs_q[:, None]) * T + offs_k[None, :])")
+    e("mask = mask_q[:, None] & mask_k[None, :]")
+    e("m += tl.load(m_ptr + off, mask=mask, other=0.0)")
+    e("tl.store(m_ptr + off, m, mask=mask)")
+
+    return f'''
+@triton.jit
+def ssmc_quadratic_matrix(
+    {input_params(prog)},
+    m_ptr, cu_ptr,
+    T, H, HPG, N,
+    BT: tl.constexpr, BNC: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    LOWP: tl.constexpr,
+):
+{e.text()}
+'''
+
+
+def render(plan: Plan) -> str:
+    return (HEADER + _mm_helpers(plan) + _render_fwd(plan) + _render_state(plan) +
+            _render_matrix(plan))
+
+
+# --------------------------------------------------------------------------- launching
+
+def block_sizes(plan: Plan, N: int, P: int) -> dict[str, int]:
+    """BT (rows per query/key block), BNC (n-chunk of the attention kernels), BNS (n-block of
+    the final-state kernel, whose n-blocks are independent), BP, and num_warps.
+
+    tl.dot needs every dimension >= 16. Without a decay over n, BNC covers n in one chunk where
+    the operand tiles fit shared memory (fp32 / fp64 tiles are 2x / 4x the bf16 ones, so BT and
+    BNC shrink; measured sm90 compiles stay under ~160 KB); with one, the exact (BT, BT, BNC)
+    broadcast is kept to 16K elements. A plan's `tile` may override any of them."""
+    diagonal = _decay_mode(plan) == "diagonal"
+    BN = max(next_pow2(N), 16)
+    wide = {"float32": 128, "float64": 64}.get(plan.dtype, 256)  # largest one-chunk BNC
+    if diagonal:
+        BT, BNC = 32, 16
+    elif plan.dtype == "float64":
+        BT, BNC = 32, min(BN, wide)
+    else:
+        BT, BNC = (32 if plan.dtype == "float32" and BN > 64 else 64), min(BN, wide)
+    BP = max(min(next_pow2(P), 32 if plan.dtype == "float64" else 64), 16)
+    sizes = dict(BT=BT, BNC=BNC, BNS=min(BN, 64), BP=BP)
+    # 8 warps: at 4, sm90 compiles of the fwd kernel with states, varlen and an epilogue spill
+    sizes["num_warps"] = 8
+    sizes.update(plan.tile_dict())
+    return sizes
+
+
+def _low_precision_dots(device: torch.device) -> bool:
+    # under the interpreter 16-bit dots are wrong; the kernels then round and multiply in fp32
+    return device.type == "cuda"
+
+
+def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
+    prog = plan.program
+    B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
+    device = tensors[prog.inputs[0].name].device
+    S = num_sequences(sizes, cu_seqlens)
+    dirs = prog.recurrence.directions
+    cdt = compute_dtype(plan)
+    out = torch.empty(B, T, H, P, dtype=getattr(torch, plan.dtype), device=device)
+    final = None
+    if plan.return_final_state:
+        final = torch.empty((len(dirs), S, H, N, P), dtype=cdt, device=device)
+    if out.numel() == 0 and final is None:
+        return out, None
+    yacc = torch.zeros(B, T, H, P, dtype=cdt, device=device) if len(dirs) > 1 else out
+    h0s = direction_slices(plan, initial_state)
+    bs = block_sizes(plan, N, P)
+    BT, BNC, BNS, BP, warps = bs["BT"], bs["BNC"], bs["BNS"], bs["BP"], bs["num_warps"]
+    npb = triton.cdiv(P, BP)
+    # without a host sync, every sequence gets the query blocks of the longest possible one
+    # (T); programs past their sequence's end return at once
+    grid = (triton.cdiv(T, BT) * npb, H, S)
+    state_grid = (triton.cdiv(N, BNS) * npb, H, S)
+    args = input_args(prog, tensors)
+    cu = out if cu_seqlens is None else cu_seqlens
+    lowp = _low_precision_dots(device)
+    for i, direction in enumerate(dirs):
+        h0 = None if h0s[i] is None else h0s[i].contiguous()
+        flags = dict(REVERSE=direction is Direction.REVERSE, HAS_H0=h0 is not None,
+                     IS_VARLEN=cu_seqlens is not None, LOWP=lowp, num_warps=warps)
+        if out.numel() > 0:
+            module.ssmc_quadratic_fwd[grid](
+                *args, out, *out.stride(), yacc, out if h0 is None else h0, cu,
+                T, H // G, N, P, BT=BT, BNC=BNC, BP=BP,
+                ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1, **flags)
+        if final is not None and final.numel() > 0:
+            module.ssmc_quadratic_state[state_grid](
+                *args, out if h0 is None else h0, final[i], cu,
+                T, H // G, N, P, BT=BT, BNC=BNS, BP=BP, **flags)
+    if final is not None and len(dirs) == 1:
+        final = final[0]
+    return out, final
+
+
+def attention_matrix(plan: Plan, tensors, sizes) -> torch.Tensor:
+    """The hidden attention matrix M (b, h, t, t), y = M value before the epilogue, summed over
+    directions, in the compute dtype (fp32; fp64 for fp64 plans). One unpacked batch."""
+    from .. import TritonBackend
+
+    why = supports(plan)
+    if why is not None:
+        raise UnsupportedError(f"{plan.program.name}: attention_matrix: {why}")
+    prog = plan.program
+    device = tensors[prog.inputs[0].name].device
+    if device.type != "cuda" and not interpreting():
+        raise BackendUnavailableError(
+            f"the Triton backend runs on CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
+            "before importing triton to run it on the CPU, or use ssmc.reference")
+    module = TritonBackend().load_module(plan)
+    B, T, H, G, N = (sizes[a] for a in "bthgn")
+    M = torch.zeros(B, H, T, T, dtype=compute_dtype(plan), device=device)
+    if M.numel() == 0:
+        return M
+    bs = block_sizes(plan, N, sizes["p"])
+    BT, BNC = bs["BT"], bs["BNC"]
+    nb = triton.cdiv(T, BT)
+    args = input_args(prog, tensors)
+    with torch.cuda.device(device) if device.type == "cuda" else _NullContext():
+        for direction in prog.recurrence.directions:
+            module.ssmc_quadratic_matrix[(nb, nb, B * H)](
+                *args, M, M, T, H, H // G, N, BT=BT, BNC=BNC,
+                REVERSE=direction is Direction.REVERSE, IS_VARLEN=False,
+                LOWP=_low_precision_dots(device), num_warps=bs["num_warps"])
+    return M
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+register_lowering("quadratic", render, launch, supports)
