@@ -75,11 +75,11 @@ class TVMBackend:
 
     def cache_tag(self) -> str:
         try:
-            from .build import tvm_version
-            version = tvm_version()
+            from .build import host_cpu, tvm_version
+            version, cpu = tvm_version(), host_cpu()
         except Exception:  # noqa: BLE001
-            version = "unavailable"
-        return f"tvm-{version}-llvm"
+            version, cpu = "unavailable", "generic"
+        return f"tvm-{version}-llvm-{cpu}"
 
     def compile(self, plan: Plan, config: dict | None = None):
         why = self.supports(plan)

@@ -35,9 +35,25 @@ def tvm_version() -> str:
     return str(tvm.__version__)
 
 
-def llvm_target():
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU ("znver4", "skylake-avx512", ...), or "generic"."""
+    try:
+        import tvm
+        return str(tvm.target.codegen.llvm_get_system_cpu()) or "generic"
+    except Exception:  # noqa: BLE001 - an unknown CPU falls back to generic x86-64 code
+        return "generic"
+
+
+def llvm_target(mcpu: str | None = None):
+    """The LLVM target for this machine's CPU. Plain "llvm" means generic x86-64 (SSE2 only);
+    naming the CPU lets LLVM use AVX2/AVX-512 and FMA: the SSD scan ran ~3x faster with
+    mcpu=znver4 than with the generic target on the 2-core EPYC box. The CPU name is part of
+    the backend's cache tag, so a shared cache never hands one CPU's code to another."""
     import tvm
-    return tvm.target.Target("llvm")
+    mcpu = host_cpu() if mcpu is None else mcpu
+    if mcpu == "generic":
+        return tvm.target.Target("llvm")
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
 
 
 def compile_source(source: str, target=None):

@@ -87,7 +87,8 @@ def export(definition_or_program, target: str = "cuda", arch: str = "sm_90", sha
         (out / "kernel.cu").write_text(cu)
         build.nvcc_compile(out / "kernel.cu", lib, arch, nvcc)
     else:
-        build.compile_source(source).export_library(str(lib))
+        # generic x86-64 code: an export is meant to run on other machines
+        build.compile_source(source, build.llvm_target("generic")).export_library(str(lib))
         arch = None
     manifest = {
         "format": FORMAT,

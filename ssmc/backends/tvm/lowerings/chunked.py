@@ -55,20 +55,23 @@ def render_chunked(spec: KernelSpec) -> str:
                     with w.block(f"for n_ in range({i64(Nd)}):"):
                         with w.block("for i_ in range(cl_ - T.int64(1)):"):
                             w("lT[n_, i_ + T.int64(1)] = lT[n_, i_ + T.int64(1)] + lT[n_, i_]")
-                # scores, lower triangle only
+                # scores over whole rows (constant extent, so the j loops vectorise); entries
+                # above the diagonal, or past the chunk's end (stale or uninitialised keys),
+                # are replaced by zero with a select, never multiplied (0 * NaN is NaN)
                 with w.block("for i_ in range(cl_):"):
-                    with w.block("for j_ in range(i_ + T.int64(1)):"):
+                    with w.block(f"for j_ in T.vectorized({i64(Q)}):"):
                         w(f"sc[i_, j_] = {zero}")
                     with w.block(f"for n_ in range({i64(N)}):"):
-                        with w.block("for j_ in range(i_ + T.int64(1)):"):
+                        with w.block(f"for j_ in T.vectorized({i64(Q)}):"):
                             term = "qc[i_, n_] * kT[n_, j_]"
                             if diagonal:
                                 term += " * T.exp(lT[n_, i_] - lT[n_, j_])"
                             w(f"sc[i_, j_] = sc[i_, j_] + {term}")
-                    if has_decay and not diagonal:
-                        with w.block("for j_ in range(i_ + T.int64(1)):"):
-                            w("sc[i_, j_] = sc[i_, j_] * T.exp(lT[T.int64(0), i_] - "
-                              "lT[T.int64(0), j_])")
+                    with w.block(f"for j_ in T.vectorized({i64(Q)}):"):
+                        factor = "sc[i_, j_]"
+                        if has_decay and not diagonal:
+                            factor += " * T.exp(lT[T.int64(0), i_] - lT[T.int64(0), j_])"
+                        w(f"sc[i_, j_] = T.if_then_else(j_ <= i_, {factor}, {zero})")
                 # y = scores @ value + (query * decay-from-chunk-start) @ state
                 with w.block("for i_ in range(cl_):"):
                     w(f"t_ = {e.time_of(direction, 'c0_ + i_')}")
