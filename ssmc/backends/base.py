@@ -10,6 +10,12 @@ from ..plan import Plan
 
 #: kernel(tensors: dict[name, Tensor], sizes: dict[axis, int], initial_state, cu_seqlens)
 #:   -> (output (b, t, h, p) in the output dtype, final state or None)
+#:
+#: A kernel that can be differentiated also carries
+#: kernel.backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final)
+#:   -> (grads: dict[input name, Tensor | None], grad_initial_state: Tensor | None)
+#: computed by the backend itself (grad_final may be None; gradients have the inputs' shapes and
+#: dtypes). The torch integration wraps forward and backward into one custom op.
 Kernel = Callable[..., tuple]
 
 

@@ -31,6 +31,31 @@ class ReferenceBackend:
                 final = final.to(torch.float32 if plan.dtype != "float64" else torch.float64)
             return out.to(out_dtype), final
 
+        def backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final):
+            """Autograd through the float64 reference (exact, slow: a Python loop over t)."""
+            names = list(tensors)
+            leaves = {n: tensors[n].detach().to(torch.float64).requires_grad_(True)
+                      for n in names}
+            h0 = None
+            if initial_state is not None:
+                h0 = initial_state.detach().to(torch.float64).requires_grad_(True)
+            with torch.enable_grad():
+                out, final = fn(plan.program, leaves, sizes, h0, cu_seqlens,
+                                grad_final is not None)
+                outputs, grads_in = [out], [grad_out.to(torch.float64)]
+                if grad_final is not None:
+                    outputs.append(final)
+                    grads_in.append(grad_final.to(torch.float64))
+                wrt = [leaves[n] for n in names] + ([h0] if h0 is not None else [])
+                grads = torch.autograd.grad(outputs, wrt, grads_in, allow_unused=True)
+            result = {n: None if g is None else g.to(tensors[n].dtype)
+                      for n, g in zip(names, grads)}
+            grad_h0 = None
+            if h0 is not None and grads[-1] is not None:
+                grad_h0 = grads[-1].to(initial_state.dtype)
+            return result, grad_h0
+
+        kernel.backward = backward
         return kernel
 
 
