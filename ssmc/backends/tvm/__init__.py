@@ -1,4 +1,5 @@
-"""The TVM backend: TIR (as TVMScript) per lowering, compiled for LLVM (CPU).
+"""The TVM backend: TIR (as TVMScript) per lowering, compiled for LLVM (CPU) and, for the
+scan lowering, for CUDA (through nvcc; the library links only tvm_ffi).
 
 `compile(plan)` returns a kernel that specialises on first use to the call's head, group,
 state and value sizes and the inputs' dtypes (b and t stay symbolic: one compiled function
@@ -100,10 +101,15 @@ class TVMKernel:
         self.out_dtype = getattr(torch, plan.dtype)
         self.state_dtype = torch.float64 if plan.dtype == "float64" else torch.float32
 
-    def spec_for(self, tensors, sizes, initial_state, cu_seqlens):
+    def spec_for(self, tensors, sizes, initial_state, cu_seqlens, device=None):
         from .lowerings import KernelSpec
         prog = self.plan.program
+        target, arch = "llvm", None
+        if device is not None and device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            target, arch = "cuda", f"sm_{major}{minor}"
         return KernelSpec(
+            target=target, arch=arch,
             plan=self.plan, H=int(sizes["h"]), G=int(sizes["g"]), N=int(sizes["n"]),
             P=int(sizes["p"]),
             input_dtypes=tuple(str(tensors[i.name].dtype).split(".")[1] for i in prog.inputs),
@@ -123,7 +129,7 @@ class TVMKernel:
                     from .build import cached_function
                     from .lowerings import func_name
                     fn = cached_function(self.key, spec.tag(), self.source(spec),
-                                         func_name(self.plan))
+                                         func_name(self.plan), spec.arch)
                     self._functions[spec] = fn
         return fn
 
@@ -134,9 +140,18 @@ class TVMKernel:
             raise UnsupportedError(f"{prog.name}: this kernel was compiled for "
                                    f"{plan.describe()}; the call's state/cu_seqlens differ")
         device = next(iter(tensors.values())).device
-        if device.type != "cpu":
-            raise DTypeError(f"{prog.name}(): the TVM backend's LLVM target runs on the CPU; "
-                             f"tensors are on {device} (use backend='triton' on GPUs)")
+        if device.type == "cuda":
+            # the CUDA target: scan only; built with nvcc into a library that needs tvm_ffi
+            if plan.lowering != "scan":
+                raise UnsupportedError(f"{prog.name}: the TVM backend's CUDA target implements "
+                                       f"the scan lowering only, not {plan.lowering!r} (use "
+                                       "lowering='scan', or backend='triton')")
+            if sizes["p"] > 1024:
+                raise UnsupportedError(f"{prog.name}: the TVM CUDA scan runs one thread per "
+                                       f"value channel; p={sizes['p']} > 1024")
+        elif device.type != "cpu":
+            raise DTypeError(f"{prog.name}(): the TVM backend runs on the CPU (LLVM) and on "
+                             f"CUDA; tensors are on {device}")
         # TVM's DLPack import rejects strided views ("Mismatched strides"), so a
         # non-contiguous argument is copied here; contiguous ones go in as they are.
         tensors = {k: v if v.is_contiguous() else v.contiguous() for k, v in tensors.items()}
@@ -144,7 +159,7 @@ class TVMKernel:
             initial_state = initial_state.contiguous()
         if cu_seqlens is not None and not cu_seqlens.is_contiguous():
             cu_seqlens = cu_seqlens.contiguous()
-        fn = self.function(self.spec_for(tensors, sizes, initial_state, cu_seqlens))
+        fn = self.function(self.spec_for(tensors, sizes, initial_state, cu_seqlens, device))
         B, T, H, N, P = (int(sizes[a]) for a in "bthnp")
         D = len(prog.recurrence.directions)
         S = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -154,15 +169,15 @@ class TVMKernel:
         if initial_state is not None:
             # kernels see states as (directions, S, H, N, P): a view, not a copy
             args.append(initial_state if D > 1 else initial_state.unsqueeze(0))
-        out = torch.empty(B, T, H, P, dtype=self.out_dtype)
+        out = torch.empty(B, T, H, P, dtype=self.out_dtype, device=device)
         args.append(out)
         final = None
         if plan.return_final_state:
-            final = torch.empty(D, S, H, N, P, dtype=self.state_dtype)
+            final = torch.empty(D, S, H, N, P, dtype=self.state_dtype, device=device)
             args.append(final)
         if D > 1:
             acc = torch.float64 if plan.dtype == "float64" else torch.float32
-            args.append(torch.empty(B, T, H, P, dtype=acc))
+            args.append(torch.empty(B, T, H, P, dtype=acc, device=device))
         if B * T > 0 or plan.return_final_state:
             fn(*args)
         if final is not None and D == 1:

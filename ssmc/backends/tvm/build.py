@@ -89,8 +89,9 @@ def try_load(entry: Path, source: str, name: str):
         lib = entry / LIBRARY
         if meta.get("library_sha256") != _sha(lib.read_bytes()):
             return None
-        import tvm
-        module = tvm.runtime.load_module(str(lib))
+        import tvm  # noqa: F401 - LLVM-built libraries call into TVM's runtime (thread pool)
+        import tvm_ffi
+        module = tvm_ffi.load_module(str(lib))
         return module[name]
     except Exception:  # noqa: BLE001 - a corrupt or foreign entry is a miss by contract
         return None
@@ -108,26 +109,34 @@ def _atomic_write(path: Path, data: bytes):
         raise
 
 
-def build_entry(entry: Path, source: str, name: str):
+def build_entry(entry: Path, source: str, name: str, cuda_arch: str | None = None):
+    """Compile `source` into `entry`: for the CPU with TVM's LLVM codegen; for CUDA (when
+    `cuda_arch` is given) as one .cu file compiled by nvcc (see `cuda_host_source`)."""
     entry.mkdir(parents=True, exist_ok=True)
-    executable = compile_source(source)
     fd, tmp = tempfile.mkstemp(dir=entry, prefix="build.", suffix=".so")
     os.close(fd)
     try:
-        executable.export_library(tmp)
+        if cuda_arch is None:
+            compile_source(source).export_library(tmp)
+        else:
+            cu = entry / "kernel.cu"
+            _atomic_write(cu, cuda_host_source(source, name, cuda_arch).encode())
+            nvcc_compile(cu, Path(tmp), cuda_arch)
         os.replace(tmp, entry / LIBRARY)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
     _atomic_write(entry / SOURCE, source.encode())
     meta = {"function": name, "source_sha256": _sha(source.encode()),
-            "library_sha256": _sha((entry / LIBRARY).read_bytes()), "tvm": tvm_version()}
+            "library_sha256": _sha((entry / LIBRARY).read_bytes()), "tvm": tvm_version(),
+            "target": "llvm" if cuda_arch is None else f"cuda {cuda_arch}"}
     _atomic_write(entry / META, json.dumps(meta, indent=1).encode())
 
 
-def cached_function(key: str, spec_tag: str, source: str, name: str):
-    """try_load, lock, try_load again, build, load. Falls back to an in-memory build when the
-    cache directory cannot be written."""
+def cached_function(key: str, spec_tag: str, source: str, name: str,
+                    cuda_arch: str | None = None):
+    """try_load, lock, try_load again, build, load. CPU kernels fall back to an in-memory build
+    when the cache directory cannot be written; CUDA ones need the directory (nvcc)."""
     entry = config.cache_dir() / "tvm" / key / spec_tag
     fn = try_load(entry, source, name)
     if fn is not None:
@@ -137,12 +146,16 @@ def cached_function(key: str, spec_tag: str, source: str, name: str):
             fn = try_load(entry, source, name)
             if fn is not None:
                 return fn
-            build_entry(entry, source, name)
+            build_entry(entry, source, name, cuda_arch)
     except OSError:
+        if cuda_arch is not None:
+            raise
         return compile_source(source)[name]
     fn = try_load(entry, source, name)
-    if fn is None:  # written but unreadable (e.g. a full disk): still run this process
-        return compile_source(source)[name]
+    if fn is None:
+        if cuda_arch is not None:
+            raise RuntimeError(f"the CUDA kernel built in {entry} could not be loaded")
+        return compile_source(source)[name]  # written but unreadable (e.g. a full disk)
     return fn
 
 

@@ -162,3 +162,23 @@ def test_cuda_export_links_only_tvm_ffi(tmp_path):
                           timeout=120, env=_env_with_ssmc())
     assert done.returncode == 0, done.stderr
     assert "Function" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cuda_kernel_cache_builds_once(tmp_path, monkeypatch):
+    """The backend's own CUDA path (tensors on a GPU): nvcc-built entries in the disk cache."""
+    from ssmc.backends.tvm.build import cached_function
+    from ssmc.backends.tvm.lowerings import KernelSpec
+    monkeypatch.setenv("SSMC_CACHE_DIR", str(tmp_path))
+    plan = Plan(program=gla_bi.program, lowering="scan", dtype="float32",
+                return_final_state=True)
+    spec = KernelSpec(plan=plan, H=4, G=4, N=16, P=32, input_dtypes=("float32",) * 4,
+                      target="cuda", arch="sm_90")
+    source = LOWERINGS[("scan", "cuda")](spec)
+    fn = cached_function("k", spec.tag(), source, func_name(plan), spec.arch)
+    assert fn is not None
+    lib = next(tmp_path.rglob("kernel.so"))
+    assert (lib.parent / "kernel.cu").exists()
+    stamp = lib.stat().st_mtime_ns
+    assert cached_function("k", spec.tag(), source, func_name(plan), spec.arch) is not None
+    assert lib.stat().st_mtime_ns == stamp

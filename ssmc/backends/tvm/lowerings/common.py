@@ -53,6 +53,7 @@ class KernelSpec:
     cu_dtype: str | None = None        # "int32" / "int64" when varlen
     h0_dtype: str | None = None        # dtype of the initial state when given
     target: str = "llvm"               # "llvm" (CPU) or "cuda"
+    arch: str | None = None            # "sm_90" for cuda
 
     @property
     def acc(self) -> str:
@@ -73,7 +74,7 @@ class KernelSpec:
         if self.h0_dtype:
             parts.append("s" + short[self.h0_dtype])
         if self.target != "llvm":
-            parts.append(self.target)
+            parts.append(self.target + (f"_{self.arch}" if self.arch else ""))
         return "_".join(parts)
 
 

@@ -79,7 +79,9 @@ def render_scan_cuda(spec: KernelSpec) -> str:
                 w(f"t_ = {e.time_of(direction, 'i_')}")
                 vv = e.value_of(r.value.expr, e.index("t_", p="p_"))
                 w(f"yb[T.int64(0)] = {e.renderer.const(0)}")
-                with w.block(f"for n_ in range({i64(N)}):"):
+                # unrolled, so that st[n_] has constant indices and can live in registers
+                loop = "T.unroll" if N <= 256 else "range"
+                with w.block(f"for n_ in {loop}({i64(N)}):"):
                     idx = e.index("t_", n="n_", p="p_")
                     k = e.value_of(r.key.expr, idx)
                     q = e.value_of(r.query.expr, idx)
