@@ -107,9 +107,10 @@ class _Chunk:
 PROLOGUE = '''
     h_idx = tl.program_id(1).to(tl.int64)
     H = tl.num_programs(1)
-    pid_p = tl.program_id(2)
+    pid_n = tl.program_id(2) // NPB
+    pid_p = tl.program_id(2) % NPB
     g_idx = h_idx // HPG
-    offs_n = tl.arange(0, BN)
+    offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
     offs_p = pid_p * BP + tl.arange(0, BP)
     mask_p = offs_p < P
@@ -147,8 +148,8 @@ def ssmc_chunked_state_fwd(
     {input_params(plan.program)},
     states_ptr, h0_ptr, hT_ptr, cu_ptr, chunk_off_ptr,
     T, HPG, N, P,
-    BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
 {PROLOGUE}
@@ -180,35 +181,8 @@ def ssmc_chunked_state_fwd(
 '''
 
 
-def render_output_kernel(plan: Plan) -> str:
+def _epilogue(plan: Plan, c: _Chunk, body: Emitter) -> None:
     prog = plan.program
-    body = Emitter(indent=1)
-    c = _Chunk(plan, body)
-    c.query()
-    c.key_t()
-    c.value()
-    dt = c.dt
-    body("causal = offs_c[:, None] >= offs_c[None, :]")
-    body("state_in = tl.load(states_ptr + ((chunk * H + h_idx) * N + offs_n[:, None]) * P"
-         " + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0)")
-    if prog.log_decay is None:
-        body(f"scores = tl.where(causal, {c.dot(f'query.to({dt})', f'keyT.to({dt})')}, 0.0)")
-        body(f"y = {c.dot(f'scores.to({dt})', 'value')}")
-        body(f"y += {c.dot(f'query.to({dt})', f'state_in.to({dt})')}")
-    elif per_key_decay(plan):
-        c.log_decay_keys()
-        c.log_decay_keys_t()
-        body("q_dec = query * tl.exp(lc)")
-        body(f"scores = {c.dot(f'q_dec.to({dt})', f'(keyT * tl.exp(-lcT)).to({dt})')}")
-        body("scores = tl.where(causal, scores, 0.0)")
-        body(f"y = {c.dot(f'scores.to({dt})', 'value')}")
-        body(f"y += {c.dot(f'q_dec.to({dt})', f'state_in.to({dt})')}")
-    else:
-        c.log_decay_rows()
-        body(f"scores = {c.dot(f'query.to({dt})', f'keyT.to({dt})')}")
-        body("scores = scores * tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
-        body(f"y = {c.dot(f'scores.to({dt})', 'value')}")
-        body(f"y += {c.dot(f'(query * tl.exp(lc)[:, None]).to({dt})', f'state_in.to({dt})')}")
     body("y_off = ((b_idx * T + t_row[:, None]) * H + h_idx) * P + offs_p[None, :]")
     body("y_mask = mask_t[:, None] & mask_p[None, :]")
     body("if ACCUM_IN:")
@@ -217,13 +191,110 @@ def render_output_kernel(plan: Plan) -> str:
     body("if WRITE_OUT:")
     with body.block():
         epi = Context(prog, V_TILE, body, "e", c.ct, extra={"y": "y"})
-        epi.loaded.update(c.ctx_v.loaded)
         out = epi.value(prog.output, "out")
         body("tl.store(out_ptr + b_idx * s_out_b + t_row[:, None] * s_out_t + h_idx * s_out_h"
              f" + offs_p[None, :] * s_out_p, {out}.to(out_ptr.dtype.element_ty), mask=y_mask)")
     body("else:")
     with body.block():
         body("tl.store(yacc_ptr + y_off, y, mask=y_mask)")
+
+
+KEY_AXIS = ("t", "t_key", "mask_key")
+KEY_KT_TILE = Tile([("n", "offs_n", "mask_n"), KEY_AXIS], FIXED)
+KEY_V_TILE = Tile([KEY_AXIS, ("p", "offs_p", "mask_p")], FIXED)
+KEY_T_TILE = Tile([KEY_AXIS], FIXED)
+
+KEY_ROWS = '''
+        j_row = cs0 + j * BT + offs_c
+        mask_key = j_row < length
+        if REVERSE:
+            t_key = end - 1 - j_row
+        else:
+            t_key = start + j_row
+'''
+
+
+def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
+    """Rows r*BT.. of a CS-long chunk: the decayed carried state, then every key block of
+    the chunk up to the diagonal (a scalar or absent decay factors per row and per key)."""
+    prog = plan.program
+    dt = c.dt
+    decay = prog.log_decay is not None
+    c.query()
+    if decay:
+        # running sum of log-decays from the chunk start to each row
+        body("prefix = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)")
+        body("for j in range(0, r):")
+        with body.block():
+            pre = Emitter(indent=body.level)
+            for line in KEY_ROWS.strip("\n").splitlines():
+                pre(line[8:])
+            ctx = Context(prog, KEY_T_TILE, pre, "pj", c.ct)
+            v = ctx.value(prog.log_decay, "ldj_raw")
+            pre(f"prefix += tl.sum(tl.where(mask_key, {v}, 0.0), axis=0)")
+            body.lines.extend(pre.lines)
+        c.log_decay_rows()
+        body("lq = prefix + lc")
+        body(f"y = {c.dot(f'(query * tl.exp(lq)[:, None]).to({dt})', f'state_in.to({dt})')}")
+        body("lk_base = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)")
+    else:
+        body(f"y = {c.dot(f'query.to({dt})', f'state_in.to({dt})')}")
+    body("q_op = query.to(%s)" % dt)
+    body("for j in range(0, r + 1):")
+    with body.block():
+        loop = Emitter(indent=body.level)
+        for line in KEY_ROWS.strip("\n").splitlines():
+            loop(line[8:])
+        kt = Context(prog, KEY_KT_TILE, loop, "kj", c.ct)
+        if not kt.direct_load(prog.recurrence.key, "kT", dt):
+            v = kt.value(prog.recurrence.key, "kT_raw")
+            loop(f"kT = tl.where(mask_n[:, None] & mask_key[None, :], {v}, 0.0).to({dt})")
+        vv = Context(prog, KEY_V_TILE, loop, "vj", c.ct)
+        v = vv.value(prog.recurrence.value, "vj_raw")
+        loop(f"vj = tl.where(mask_key[:, None] & mask_p[None, :], {v}, 0.0).to({dt})")
+        loop("past = (j * BT + offs_c[None, :]) <= (r * BT + offs_c[:, None])")
+        loop(f"scores = {c.dot('q_op', 'kT')}")
+        if decay:
+            lt = Context(prog, KEY_T_TILE, loop, "lj", c.ct)
+            v = lt.value(prog.log_decay, "ldk_raw")
+            loop(f"ldk = tl.where(mask_key, {v}, 0.0)")
+            loop("lk = lk_base + tl.cumsum(ldk, axis=0)")
+            loop("lk_base += tl.sum(ldk, axis=0)")
+            loop("scores = scores * tl.exp(tl.where(past, lq[:, None] - lk[None, :], "
+                 "float('-inf')))")
+        else:
+            loop("scores = tl.where(past, scores, 0.0)")
+        loop(f"y += {c.dot(f'scores.to({dt})', 'vj')}")
+        body.lines.extend(loop.lines)
+
+
+def _per_key_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
+    """Per-key decays: one block per chunk (CS == BT), factored through exp(+-L)."""
+    dt = c.dt
+    c.query()
+    c.key_t()
+    c.value()
+    c.log_decay_keys()
+    c.log_decay_keys_t()
+    body("causal = offs_c[:, None] >= offs_c[None, :]")
+    body("q_dec = query * tl.exp(lc)")
+    body(f"scores = {c.dot(f'q_dec.to({dt})', f'(keyT * tl.exp(-lcT)).to({dt})')}")
+    body("scores = tl.where(causal, scores, 0.0)")
+    body(f"y = {c.dot(f'scores.to({dt})', 'value')}")
+    body(f"y += {c.dot(f'q_dec.to({dt})', f'state_in.to({dt})')}")
+
+
+def render_output_kernel(plan: Plan) -> str:
+    prog = plan.program
+    body = Emitter(indent=1)
+    c = _Chunk(plan, body)
+    body("state_in = tl.load(states_ptr + ((chunk * H + h_idx) * N + offs_n[:, None]) * P"
+         " + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0)")
+    if per_key_decay(plan):
+        _per_key_decay_body(plan, c, body)
+    else:
+        _scalar_decay_body(plan, c, body)
+    _epilogue(plan, c, body)
     rows = "\n".join(line[4:] for line in CHUNK_ROWS.splitlines())
     return f'''
 @triton.jit
@@ -232,27 +303,32 @@ def ssmc_chunked_out_fwd(
     out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
     yacc_ptr, states_ptr, cu_ptr, chunk_off_ptr, chunk_seq_ptr,
     T, HPG, N, P,
-    BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr, WRITE_OUT: tl.constexpr,
+    BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr,
+    REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
 ):
-    chunk = tl.program_id(0).to(tl.int64)
+    R = CS // BT
+    chunk = tl.program_id(0).to(tl.int64) // R
+    r = tl.program_id(0) % R
 {PROLOGUE}
     if IS_VARLEN:
         seq = tl.load(chunk_seq_ptr + chunk).to(tl.int64)
         b_idx = seq * 0
         start = tl.load(cu_ptr + seq).to(tl.int64)
         end = tl.load(cu_ptr + seq + 1).to(tl.int64)
-        c0 = (chunk - tl.load(chunk_off_ptr + seq).to(tl.int64)) * BT
+        cs0 = (chunk - tl.load(chunk_off_ptr + seq).to(tl.int64)) * CS
     else:
-        n_chunks = tl.cdiv(T, BT)
+        n_chunks = tl.cdiv(T, CS)
         seq = chunk // n_chunks
         b_idx = seq
         start = seq * 0
         end = start + T
-        c0 = (chunk % n_chunks) * BT
+        cs0 = (chunk % n_chunks) * CS
     length = end - start
-{rows}
-{body.text()}
+    c0 = cs0 + r * BT
+    if c0 < length:
+{rows.replace(chr(10) + "    ", chr(10) + "        ")}
+{chr(10).join("    " + ln for ln in body.text().splitlines())}
 '''
 
 
@@ -261,19 +337,29 @@ def render(plan: Plan) -> str:
 
 
 def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
-    """BT 64 (16 for per-key decays); full n; the state pass splits p so that there are a few
-    programs per multiprocessor, the output pass takes all of p (scores are made once)."""
+    """CS, the state-pass chunk, and BT, the output pass's row block (CS a multiple of BT;
+    per-key decays use CS = BT = 16). The state pass splits n and p into blocks until there are
+    enough programs to fill the GPU (its state recurrence is independent per element); the
+    output pass takes all of n (the query-key contraction) and a p-block."""
     tile = plan.tile_dict()
     N, P = sizes["n"], sizes["p"]
     BN = max(next_pow2(N), 16)
-    BT = tile.get("BT", 16 if per_key_decay(plan) else 64)
-    BP_state = tile.get("BP_state")
-    if BP_state is None:
-        BP_state = max(min(next_pow2(P), 64), 16)
-        while BP_state > 16 and n_programs * triton.cdiv(P, BP_state) < 1024:
-            BP_state //= 2
+    if per_key_decay(plan):
+        BT = CS = tile.get("BT", 16)
+    else:
+        BT = tile.get("BT", 64)
+        CS = tile.get("CS", 128)
+    BN_state = tile.get("BN_state", BN)
+    BP_state = tile.get("BP_state", max(min(next_pow2(P), 64), 16))
+    if "BN_state" not in tile and "BP_state" not in tile:
+        while (n_programs * triton.cdiv(N, BN_state) * triton.cdiv(P, BP_state) < 2048
+               and max(BN_state, BP_state) > 32):
+            if BN_state >= BP_state:
+                BN_state //= 2
+            else:
+                BP_state //= 2
     BP_out = tile.get("BP_out", max(min(next_pow2(P), 64 if BN <= 128 else 32), 16))
-    return dict(BT=BT, BN=BN, BP_state=BP_state, BP_out=BP_out,
+    return dict(BT=BT, CS=CS, BN=BN, BN_state=BN_state, BP_state=BP_state, BP_out=BP_out,
                 warps_state=tile.get("warps_state", 4), warps_out=tile.get("warps_out", 4),
                 stages_state=tile.get("stages_state", 2), stages_out=tile.get("stages_out", 2))
 
@@ -307,7 +393,7 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     yacc = torch.zeros(B, T, H, P, dtype=cdt, device=device) if len(dirs) > 1 else out
     h0s = direction_slices(plan, initial_state)
     m = tiles(plan, sizes, S * H)
-    n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["BT"], device)
+    n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["CS"], device)
     state_dtype = cdt if interpreting() else {"bfloat16": torch.bfloat16,
                                               "float16": torch.float16}.get(plan.dtype, cdt)
     states = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype, device=device)
@@ -320,17 +406,20 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     for i, direction in enumerate(dirs):
         h0 = None if h0s[i] is None else h0s[i].contiguous()
         reverse = direction is Direction.REVERSE
-        module.ssmc_chunked_state_fwd[(S, H, triton.cdiv(P, m["BP_state"]))](
+        npb = triton.cdiv(P, m["BP_state"])
+        module.ssmc_chunked_state_fwd[(S, H, triton.cdiv(N, m["BN_state"]) * npb)](
             *args, states, out if h0 is None else h0, out if final is None else final[i],
             cu, off, T, H // G, N, P,
-            BT=m["BT"], BN=m["BN"], BP=m["BP_state"], REVERSE=reverse, HAS_H0=h0 is not None,
+            BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"], NPB=npb, REVERSE=reverse,
+            HAS_H0=h0 is not None,
             STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None, **launch_state)
         if n_chunks == 0:
             continue
-        module.ssmc_chunked_out_fwd[(n_chunks, H, triton.cdiv(P, m["BP_out"]))](
+        npb = triton.cdiv(P, m["BP_out"])
+        module.ssmc_chunked_out_fwd[(n_chunks * (m["CS"] // m["BT"]), H, npb)](
             *args, out, *out.stride(), yacc, states, cu, off,
             out if chunk_seq is None else chunk_seq, T, H // G, N, P,
-            BT=m["BT"], BN=m["BN"], BP=m["BP_out"], REVERSE=reverse,
+            BT=m["BT"], CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb, REVERSE=reverse,
             IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1,
             **launch_out)
     if final is not None and len(dirs) == 1:
