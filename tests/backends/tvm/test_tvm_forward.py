@@ -348,3 +348,20 @@ def test_disk_cache_survives_corruption(tmp_path, monkeypatch):
     third = run()
     assert third.returncode == 0, third.stderr
     assert third.stdout == first.stdout
+
+
+@ssmc.ssm
+def clashing_names(out: S.In["b t h p"], cu: S.In["b t h"], T: S.In["b t h n"],
+                   B: S.In["b t h n"], y_: S.In["h"]):
+    """Input names that the generated code also uses (prefixed there, so no clash)."""
+    return S.recurrence(decay=S.sigmoid(cu), key=T, value=out, query=B) + y_
+
+
+def test_input_names_do_not_clash():
+    gen = torch.Generator().manual_seed(4)
+    sizes = dict(b=1, t=30, h=2, g=2, n=3, p=4)
+    args = random_inputs(clashing_names.program, sizes, gen)
+    kw = dict(cu_seqlens=torch.tensor([0, 10, 30]), return_final_state=True)
+    for lowering in LOWERINGS:
+        op = ssmc.compile(clashing_names, backend="tvm", lowering=lowering)
+        check(clashing_names.program, op(*args, **kw), args, kw, torch.float32, lowering)

@@ -136,7 +136,7 @@ class Emitter:
 
     def header(self):
         s, w = self.spec, self.w
-        args = [f"{i.name}_h: T.handle" for i in self.program.inputs]
+        args = [f"{self.buf(i.name)}_h: T.handle" for i in self.program.inputs]
         if self.varlen:
             args.append("cu_h: T.handle")
         if self.plan.has_initial_state:
@@ -157,8 +157,8 @@ class Emitter:
         if self.has_state:
             w("S = T.int64()")
         for inp, dt in zip(self.program.inputs, s.input_dtypes):
-            w(f"{self.buf(inp.name)} = T.match_buffer({inp.name}_h, {self.shape_of(inp.axes)}, "
-              f'"{dt}")')
+            buf = self.buf(inp.name)
+            w(f'{buf} = T.match_buffer({buf}_h, {self.shape_of(inp.axes)}, "{dt}")')
         if self.varlen:
             w(f'cu = T.match_buffer(cu_h, (S1,), "{s.cu_dtype}")')
         state_shape = f"({i64(self.D)}, S, {i64(s.H)}, {i64(s.N)}, {i64(s.P)})"
