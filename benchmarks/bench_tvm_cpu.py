@@ -39,7 +39,8 @@ def make_inputs(b, t, h, p, n, dtype=torch.float32, seed=0):
 
 
 def torch_chunked_ssd(x, dt, A, B, C, chunk=CHUNK):
-    """SSD in eager PyTorch: y = C . state with state_t = exp(dt_t A) state_{t-1} + B_t (x) dt_t x_t.
+    """SSD in eager PyTorch: y_t = C_t . state_t,
+    state_t = exp(dt_t A) state_{t-1} + B_t (x) dt_t x_t.
 
     Within a chunk the (query . key) scores are masked and scaled by exp(cumsum differences);
     chunk-end states are passed on sequentially (t / chunk steps). B and C have one group.

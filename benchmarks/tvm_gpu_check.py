@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ def gla_bidirectional():
     return ssmc.ssm(gla_bidirectional)
 
 
-def make(out_root: Path, arch: str):
+def make(out_root: Path, arch: str, target: str = "cuda"):
     from ssmc.ops.selective_scan import build as ss_build
     from ssmc.backends.tvm.export import export
     from ssmc.ops.ssd import build as ssd_build
@@ -63,7 +64,7 @@ def make(out_root: Path, arch: str):
          dict(h=256, g=1, n=16, p=1), dict(return_final_state=True)),
     ]
     for name, defn, shapes, opts in jobs:
-        out = export(defn, target="cuda", arch=arch, shapes=shapes, out_dir=out_root / name,
+        out = export(defn, target=target, arch=arch, shapes=shapes, out_dir=out_root / name,
                      **opts)
         print(f"exported {name} -> {out}")
 
@@ -86,6 +87,11 @@ def inputs_for(manifest, sizes, device, gen):
     return out
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def check(directory: Path) -> bool:
     from ssmc import reference
     from ssmc.backends.tvm.load import load
@@ -93,6 +99,7 @@ def check(directory: Path) -> bool:
 
     kernel = load(directory)
     m = kernel.manifest
+    device = "cuda" if m["target"] == "cuda" else "cpu"
     program = parse_program(m["program"])
     gen = torch.Generator().manual_seed(0)
     ok = True
@@ -106,16 +113,16 @@ def check(directory: Path) -> bool:
             cuts = sorted(torch.randint(0, sizes["t"], (3,), generator=gen).tolist())
             cu = torch.tensor([0, *cuts, sizes["t"]], dtype=getattr(torch, m["cu_seqlens_dtype"]))
             nseq = cu.numel() - 1
-            kw["cu_seqlens"] = cu.cuda()
-        args = inputs_for(m, sizes, "cuda", gen)
+            kw["cu_seqlens"] = cu.to(device)
+        args = inputs_for(m, sizes, device, gen)
         h0 = None
         if m["has_initial_state"]:
             D = len(m["directions"])
             shape = ((D,) if D > 1 else ()) + (nseq, sizes["h"], sizes["n"], sizes["p"])
             h0 = torch.randn(shape, generator=gen).to(getattr(torch, m["initial_state_dtype"]))
-            kw["initial_state"] = h0.cuda()
+            kw["initial_state"] = h0.to(device)
         result = kernel(*args, **kw)
-        torch.cuda.synchronize()
+        sync()
         out, final = result if isinstance(result, tuple) else (result, None)
         tensors = {s["name"]: a.cpu().double() for s, a in zip(m["inputs"], args)}
         ref_out, ref_final = reference.scan(program, tensors, sizes, None if h0 is None else
@@ -132,15 +139,21 @@ def check(directory: Path) -> bool:
             ok &= good
             print(f"  {'ok  ' if good else 'FAIL'} {directory.name} b={sizes['b']} t={sizes['t']}"
                   f" {what}: rel max err {err:.2e} (tol {tol:.0e})")
-        # timing: median of 20 launches with CUDA events
+        # timing: median of 20 launches (CUDA events on the GPU)
         times = []
         for _ in range(23):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            kernel(*args, **kw)
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop))
+            if device == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                stop = torch.cuda.Event(enable_timing=True)
+                start.record()
+                kernel(*args, **kw)
+                stop.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(stop))
+            else:
+                t0 = time.perf_counter()
+                kernel(*args, **kw)
+                times.append((time.perf_counter() - t0) * 1e3)
         times = sorted(times[3:])
         print(f"       median {times[len(times) // 2]:.3f} ms over 20 launches")
     return ok
@@ -151,18 +164,22 @@ def main(argv=None):
     ap.add_argument("dirs", nargs="*", type=Path, help="exported directories to check")
     ap.add_argument("--make", type=Path, help="write the exports into this directory")
     ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--target", default="cuda", choices=("cuda", "llvm"),
+                    help="with --make: llvm writes CPU exports (to test this script without a GPU)")
     a = ap.parse_args(argv)
     if a.make:
-        make(a.make, a.arch)
+        make(a.make, a.arch, a.target)
         return 0
-    if not torch.cuda.is_available():
+    dirs = [d for d in a.dirs if (d / "manifest.json").exists()]
+    targets = {json.loads((d / "manifest.json").read_text())["target"] for d in dirs}
+    if "cuda" in targets and not torch.cuda.is_available():
         print("no CUDA device: run this on the GPU machine", file=sys.stderr)
         return 2
-    dirs = [d for d in a.dirs if (d / "manifest.json").exists()]
     if not dirs:
         print("no exported directories given (each needs a manifest.json)", file=sys.stderr)
         return 2
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"device: {name}, torch {torch.__version__}")
     ok = True
     for d in dirs:
         print(f"{d}: {json.loads((d / 'manifest.json').read_text())['program_name']}")

@@ -201,9 +201,9 @@ def nvcc_compile(cu_path: Path, so_path: Path, arch: str = "sm_90", nvcc: str = 
                                 "exported CUDA source")
     include, libdir = tvm_ffi_paths()
     cc = arch.replace("sm_", "")
-    cmd = [nvcc, "-shared", "-Xcompiler", "-fPIC", "-O3", f"-gencode=arch=compute_{cc},code=sm_{cc}",
-           "-w", f"-I{include}", str(cu_path), "-o", str(so_path), f"-L{libdir}", "-ltvm_ffi",
-           *extra]
+    cmd = [nvcc, "-shared", "-Xcompiler", "-fPIC", "-O3",
+           f"-gencode=arch=compute_{cc},code=sm_{cc}", "-w", f"-I{include}", str(cu_path),
+           "-o", str(so_path), f"-L{libdir}", "-ltvm_ffi", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"nvcc failed ({done.returncode}):\n{' '.join(cmd)}\n{done.stderr}")

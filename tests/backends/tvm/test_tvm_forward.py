@@ -333,8 +333,9 @@ def test_disk_cache_survives_corruption(tmp_path, monkeypatch):
         "print(float(y.double().sum()))\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(ssmc.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    run = lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
-                                 timeout=120, env=env)
+    def run():
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120, env=env)
     first = run()
     assert first.returncode == 0, first.stderr
     libs = list(tmp_path.rglob("kernel.so"))
