@@ -241,3 +241,23 @@ def _tmp_symbols(prefix: str):
 def tile_mask(tile: Tile, axes) -> str | None:
     masks = [tile.broadcast(mask, a) for a, _, mask in tile.tiled if a in axes]
     return " & ".join(masks) if masks else None
+
+
+def split_scale(node: Elementwise, program: Program, own_axis: str):
+    """Write `node` as base * scale, with base a bare input that carries `own_axis` and scale
+    an expression free of it (e.g. Mamba-2's value x * dt: base x, scale dt). Kernels load the
+    base straight into matmul operands and apply the scale to a matmul's rows or columns, so
+    the big operand is never rebuilt in registers. Returns (base symbol, scale) or None."""
+    factors = sp.Mul.make_args(node.expr)
+    carrying = [f for f in factors if any(own_axis in _axes_of(s, program)
+                                          for s in f.free_symbols)]
+    if len(carrying) != 1 or not isinstance(carrying[0], sp.Symbol) or carrying[0] == Y:
+        return None
+    rest = [f for f in factors if f is not carrying[0]]
+    return carrying[0], sp.Mul(*rest)
+
+
+def _axes_of(sym: sp.Symbol, program: Program) -> tuple[str, ...]:
+    if sym == Y:
+        return ("b", "t", "h", "p")
+    return program.input(sym.name).axes

@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from ....ir import DecayKind, Direction
+from ....ir import DecayKind, Direction, Elementwise
 from ....plan import Plan
 from ..common import (HEADER, compute_dtype, compute_type, direction_slices, dot_type,
                       input_args, input_params, interpreting, next_pow2, num_sequences)
-from ..render import Context, Emitter, Tile
+from ..render import Context, Emitter, Tile, split_scale
 from . import register_lowering
 
 FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx"}
@@ -78,6 +78,24 @@ class _Chunk:
         v = self.ctx_v.value(self.prog.recurrence.value, "value_raw")
         self.body(f"value = tl.where(mask_t[:, None] & mask_p[None, :], {v}, 0.0).to({self.dt})")
 
+    def scaled(self, node, own_axis: str, tile: Tile, scale_tile: Tile, name: str, tag: str):
+        """Load `node` as (operand in the matmul type, scale vector along t or None) when it
+        splits as bare input * scale; otherwise None."""
+        split = split_scale(node, self.prog, own_axis)
+        if split is None:
+            return None
+        base, scale = split
+        ctx = Context(self.prog, tile, self.body, tag, self.ct)
+        if ctx.direct_load(Elementwise(base, node.axes), name, self.dt) is None:
+            return None
+        if scale == 1:
+            return name, None
+        sctx = Context(self.prog, scale_tile, self.body, tag + "s", self.ct)
+        v = sctx.value(scale, f"{name}_scale_raw")
+        # a scale without t is a scalar: broadcast it so rows/columns can index it
+        self.body(f"{name}_scale = tl.zeros([BT], dtype={self.ct}) + {v}")
+        return name, f"{name}_scale"
+
     def log_decay_rows(self):
         """lc (running sum within the chunk, per row) and l_last, scalar-per-step decays."""
         ctx = Context(self.prog, T_TILE, self.body, "l", self.ct)
@@ -130,18 +148,37 @@ CHUNK_ROWS = '''
 def render_state_kernel(plan: Plan) -> str:
     body = Emitter(indent=2)
     c = _Chunk(plan, body)
-    c.key_t()
-    c.value()
-    if plan.program.log_decay is None:
-        body(f"state += {c.dot(f'keyT.to({c.dt})', 'value')}")
-    elif per_key_decay(plan):
+    rec = plan.program.recurrence
+    if per_key_decay(plan):
+        c.key_t()
+        c.value()
         c.log_decay_keys_t()
         body("kT_dec = keyT * tl.exp(l_last[:, None] - lcT)")
         body(f"state = state * tl.exp(l_last)[:, None] + {c.dot(f'kT_dec.to({c.dt})', 'value')}")
     else:
-        c.log_decay_rows()
-        body("kT_dec = keyT * tl.exp(l_last - lc)[None, :]")
-        body(f"state = state * tl.exp(l_last) + {c.dot(f'kT_dec.to({c.dt})', 'value')}")
+        key = c.scaled(rec.key, "n", KT_TILE, T_TILE, "keyT", "kt")
+        val = c.scaled(rec.value, "p", V_TILE, T_TILE, "value", "v")
+        if key is None:
+            c.key_t()
+            key = ("keyT", None)
+        if val is None:
+            c.value()
+            val = ("value", None)
+        # per-key-time weights: the decay to the chunk's end and the key/value scales
+        weights = [s for s in (key[1], val[1]) if s is not None]
+        if plan.program.log_decay is not None:
+            c.log_decay_rows()
+            weights.append("tl.exp(l_last - lc)")
+        if weights:
+            body(f"w = tl.where(mask_t, {' * '.join(weights)}, 0.0)")
+            body(f"kT_dec = ({key[0]} * w[None, :]).to({c.dt})")
+        else:
+            body(f"kT_dec = {key[0]}.to({c.dt})")
+        upd = c.dot("kT_dec", val[0])
+        if plan.program.log_decay is not None:
+            body(f"state = state * tl.exp(l_last) + {upd}")
+        else:
+            body(f"state += {upd}")
     return f'''
 @triton.jit
 def ssmc_chunked_state_fwd(
@@ -216,11 +253,19 @@ KEY_ROWS = '''
 
 def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
     """Rows r*BT.. of a CS-long chunk: the decayed carried state, then every key block of
-    the chunk up to the diagonal (a scalar or absent decay factors per row and per key)."""
+    the chunk up to the diagonal (a scalar or absent decay factors per row and per key).
+    Operands that split as bare input * scale are loaded straight into the matmul type and
+    their scales applied to the score matrix's rows and columns."""
     prog = plan.program
+    rec = prog.recurrence
     dt = c.dt
     decay = prog.log_decay is not None
-    c.query()
+    query = c.scaled(rec.query, "n", QK_TILE, T_TILE, "q_op", "q")
+    if query is None:
+        c.query()
+        body(f"q_op = query.to({dt})")
+        query = ("q_op", None)
+    row_scale = [s for s in (query[1],) if s is not None]
     if decay:
         # running sum of log-decays from the chunk start to each row
         body("prefix = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)")
@@ -235,23 +280,32 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
             body.lines.extend(pre.lines)
         c.log_decay_rows()
         body("lq = prefix + lc")
-        body(f"y = {c.dot(f'(query * tl.exp(lq)[:, None]).to({dt})', f'state_in.to({dt})')}")
+        row_scale.append("tl.exp(lq)")
         body("lk_base = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)")
+    if row_scale:
+        body(f"rs = {' * '.join(row_scale)}")
+        body(f"y = {c.dot('q_op', f'state_in.to({dt})')} * rs[:, None]")
     else:
-        body(f"y = {c.dot(f'query.to({dt})', f'state_in.to({dt})')}")
-    body("q_op = query.to(%s)" % dt)
+        body(f"y = {c.dot('q_op', f'state_in.to({dt})')}")
     body("for j in range(0, r + 1):")
     with body.block():
         loop = Emitter(indent=body.level)
         for line in KEY_ROWS.strip("\n").splitlines():
             loop(line[8:])
-        kt = Context(prog, KEY_KT_TILE, loop, "kj", c.ct)
-        if not kt.direct_load(prog.recurrence.key, "kT", dt):
-            v = kt.value(prog.recurrence.key, "kT_raw")
+        inner = _Chunk(plan, loop)
+        key = inner.scaled(rec.key, "n", KEY_KT_TILE, KEY_T_TILE, "kT", "kj")
+        if key is None:
+            kt = Context(prog, KEY_KT_TILE, loop, "kj", c.ct)
+            v = kt.value(rec.key, "kT_raw")
             loop(f"kT = tl.where(mask_n[:, None] & mask_key[None, :], {v}, 0.0).to({dt})")
-        vv = Context(prog, KEY_V_TILE, loop, "vj", c.ct)
-        v = vv.value(prog.recurrence.value, "vj_raw")
-        loop(f"vj = tl.where(mask_key[:, None] & mask_p[None, :], {v}, 0.0).to({dt})")
+            key = ("kT", None)
+        val = inner.scaled(rec.value, "p", KEY_V_TILE, KEY_T_TILE, "vj", "vj")
+        if val is None:
+            vv = Context(prog, KEY_V_TILE, loop, "vj", c.ct)
+            v = vv.value(rec.value, "vj_raw")
+            loop(f"vj = tl.where(mask_key[:, None] & mask_p[None, :], {v}, 0.0).to({dt})")
+            val = ("vj", None)
+        col_scale = [s for s in (key[1], val[1]) if s is not None]
         loop("past = (j * BT + offs_c[None, :]) <= (r * BT + offs_c[:, None])")
         loop(f"scores = {c.dot('q_op', 'kT')}")
         if decay:
@@ -260,10 +314,15 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
             loop(f"ldk = tl.where(mask_key, {v}, 0.0)")
             loop("lk = lk_base + tl.cumsum(ldk, axis=0)")
             loop("lk_base += tl.sum(ldk, axis=0)")
-            loop("scores = scores * tl.exp(tl.where(past, lq[:, None] - lk[None, :], "
-                 "float('-inf')))")
+            loop("gap = tl.where(past, lq[:, None] - lk[None, :], float('-inf'))")
+            factor = "tl.exp(gap)"
         else:
-            loop("scores = tl.where(past, scores, 0.0)")
+            factor = "tl.where(past, 1.0, 0.0)"
+        if query[1] is not None:
+            factor += f" * {query[1]}[:, None]"
+        if col_scale:
+            factor += f" * ({' * '.join(col_scale)})[None, :]"
+        loop(f"scores = scores * {factor}")
         loop(f"y += {c.dot(f'scores.to({dt})', 'vj')}")
         body.lines.extend(loop.lines)
 
