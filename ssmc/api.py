@@ -96,8 +96,10 @@ class CompiledOp:
                     has_initial_state=bound.initial_state is not None,
                     return_final_state=bound.return_final_state,
                     varlen=bound.cu_seqlens is not None)
+        from .autotune.tuner import tuned_plan  # SSMC_AUTOTUNE: a tuned config for this key
         if self.lowering != "auto":
-            return dataclasses.replace(base, lowering=self.lowering)
+            return tuned_plan(self, bound, dataclasses.replace(base, lowering=self.lowering),
+                              [self.lowering])
         # only lowerings that some eligible backend implements are candidates
         allowed = []
         for lowering in legal_lowerings(self.program):
@@ -111,7 +113,8 @@ class CompiledOp:
                                  ELEM_BYTES[bound.dtype], allowed=allowed or None)
         if config.debug_level() >= 1:
             print(f"ssmc: {self.program.name}: {choice.explanation}", file=sys.stderr)
-        return dataclasses.replace(base, lowering=choice.lowering)
+        return tuned_plan(self, bound, dataclasses.replace(base, lowering=choice.lowering),
+                          allowed or [choice.lowering])
 
     def kernel_for(self, plan: Plan, device: torch.device):
         key = (plan, device.type)

@@ -254,6 +254,237 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- tune --------------------------------------------------------------------------------
+
+TUNE_LOWERINGS = ("all", "scan", "chunked", "quadratic")
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    from .config import BACKENDS
+    parser.add_argument("definition", nargs="?", metavar="MODULE:FUNCTION",
+                        help="an ssmc definition, e.g. ssmc.ops.ssd:mamba2 or model.py:mamba2")
+    parser.add_argument("--shape", action="append", default=[],
+                        help="axis sizes, e.g. b=8,t=4096,h=80,p=64,n=128,g=1; repeat the "
+                             "option to tune several shapes")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
+                        help="input dtype (default: bf16)")
+    parser.add_argument("--lowering", default="all", choices=TUNE_LOWERINGS,
+                        help="tune across every legal lowering (all, what lowering='auto' ops "
+                             "use) or within one (default: all)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="backend policy, as in ssmc.compile (default: auto)")
+    parser.add_argument("--device", default=None,
+                        help="cuda, cuda:N or cpu (default: cuda; cpu must be asked for)")
+    parser.add_argument("--initial-state", action="store_true",
+                        help="tune calls that pass initial_state")
+    parser.add_argument("--final-state", action="store_true",
+                        help="tune calls with return_final_state=True")
+    parser.add_argument("--max-configs", type=int, default=128,
+                        help="measure at most this many configs per shape (default: 128)")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="stop measuring new configs after this long per shape")
+    parser.add_argument("--force", action="store_true",
+                        help="tune even where the cache has an entry, and overwrite it")
+    parser.add_argument("--top", type=int, default=10,
+                        help="rows of the final table (default: 10)")
+    parser.add_argument("--show", action="store_true",
+                        help="list the tuning cache (every device and stack) and exit")
+    parser.add_argument("--export-defaults", metavar="FILE",
+                        help="write this device's cache as a shipped-defaults file "
+                             "(ssmc/autotune/defaults/<gpu>.json) and exit")
+
+
+def _tune_device(text: str | None):
+    import torch
+    if text is None:
+        if not torch.cuda.is_available():
+            raise CLIError("no CUDA GPU here: tuning measures on the device (pass --device cpu "
+                           "to tune the CPU backends, or --show to list the cache)")
+        return torch.device("cuda", torch.cuda.current_device())
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {text!r} is not a torch device (cuda, cuda:N or cpu)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {text}: no CUDA GPU here")
+    if device.type not in ("cuda", "cpu"):
+        raise CLIError(f"--device {text!r}: only cuda and cpu are tuned")
+    return device
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _tune_table(record: dict, top: int) -> list[str]:
+    results = record.get("results", [])
+    default_ms = record.get("default_ms")
+    ok = sorted((r for r in results if r["status"] == "ok"), key=lambda r: r["median_ms"])
+    bad = [r for r in results if r["status"] not in ("ok", "skipped")]
+    skipped = sum(r["status"] == "skipped" for r in results)
+    from .autotune.space import Config
+    rows = [("#", "config", "median ms", "speedup", "status")]
+    winner = record.get("config")
+    for i, r in enumerate(ok[:top], 1):
+        speed = f"{default_ms / r['median_ms']:.2f}x" if default_ms and r["median_ms"] else "-"
+        mark = " *" if r["config"] == winner else ""
+        rows.append((str(i), Config.from_json(r["config"]).label() + mark, _ms(r["median_ms"]),
+                     speed, r["status"]))
+    for r in bad[:top]:
+        rows.append(("-", Config.from_json(r["config"]).label(), "-", "-",
+                     f"{r['status']}: {r['error'][:60]}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4]
+           for row in rows]
+    n_ok = len(ok)
+    out.append(f"{n_ok} ok, {len(bad)} failed/timed out/mismatched, {skipped} skipped, "
+               f"{record.get('pruned', 0)} pruned before measuring; * = stored")
+    return out
+
+
+def _show_cache() -> int:
+    from .autotune.cache import all_caches
+    from .config import cache_dir
+    root = cache_dir() / "autotune"
+    caches = all_caches(root)
+    if not any(entries for _, _, entries in caches):
+        print(f"no tuned configs under {root}")
+        return 0
+    for directory, env, entries in caches:
+        if not entries:
+            continue
+        env = env or {}
+        stack = ", ".join(f"{k} {env[k]}" for k in ("capability", "cuda", "driver", "triton",
+                                                      "tvm", "torch", "ssmc") if k in env)
+        print(f"== {env.get('gpu', '?') if env.get('gpu') != 'none' else env.get('cpu_model', 'cpu')}"
+              f" ({stack}) [{directory.parent.name}/{directory.name}]")
+        rows = [("key", "config", "median ms", "speedup", "tuned shape")]
+        for path, rec in entries:
+            if rec is None:
+                rows.append((path.stem, "(corrupt: will be re-tuned)", "-", "-", "-"))
+                continue
+            sp_ = rec.get("speedup")
+            shape = ",".join(f"{a}={v}" for a, v in rec.get("shape", {}).items())
+            rows.append((rec.get("key", path.stem), rec.get("label", "?"),
+                         _ms(rec.get("median_ms")), "-" if sp_ is None else f"{sp_:.2f}x",
+                         shape))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    return 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """Measure configs (lowering, chunk, blocks, warps, stages) on this GPU and cache the best."""
+    import dataclasses
+
+    import torch
+
+    from .api import _device_model
+    from .autotune import tuner as tuner_mod
+    from .autotune.cache import TuneCache, TuneKey, export_defaults
+    from .autotune.measure import Settings, outputs_match
+    from .autotune.space import DeviceLimits
+    from .passes import choose_lowering
+    from .plan import Plan
+
+    if args.show:
+        return _show_cache()
+    if args.export_defaults:
+        device = _tune_device(args.device)
+        cache = TuneCache.for_device(device)
+        n = export_defaults(cache, _device_model(device), Path(args.export_defaults))
+        print(f"wrote {n} tuned configs for {cache.env.get('gpu')} to {args.export_defaults}")
+        return 0
+    if not args.definition:
+        raise CLIError("give a definition (MODULE:FUNCTION), --show or --export-defaults")
+    if not args.shape:
+        raise CLIError("--shape is required (e.g. --shape b=8,t=4096,h=80,p=64,n=128,g=1)")
+    if args.max_configs <= 0:
+        raise CLIError(f"--max-configs must be positive, got {args.max_configs}")
+    definition = load_definition(args.definition)
+    program = definition.program
+    device = _tune_device(args.device)
+    dtype_name = TORCH_DTYPES[DTYPES[args.dtype][0]]
+    dtype = getattr(torch, dtype_name)
+    limits = DeviceLimits.from_device(device)
+    cache = TuneCache.for_device(device)
+    settings = Settings(max_configs=args.max_configs, budget_s=args.budget)
+    tuner = tuner_mod.default_tuner(settings, progress=None)
+    backend_name = args.backend
+    if backend_name == "auto":
+        from .config import backend as env_backend
+        backend_name = env_backend()
+    policy = "auto" if args.lowering == "all" else args.lowering
+    status = 0
+    for text in args.shape:
+        sizes, ignored = resolve_sizes(program, parse_shape(text))
+        base = Plan(program=program, lowering="scan", dtype=dtype_name,
+                    has_initial_state=args.initial_state, return_final_state=args.final_state)
+        allowed = tuner_mod.allowed_lowerings(program, backend_name, device, base)
+        if policy != "auto":
+            if policy not in allowed:
+                raise CLIError(f"--lowering {policy}: not legal or not implemented for "
+                               f"{program.name} on {device} (available: {', '.join(allowed)})")
+            allowed = [policy]
+        if not allowed:
+            raise CLIError(f"no backend implements any lowering of {program.name} on {device}")
+        default_lowering = choose_lowering(program, sizes, _device_model(device),
+                                           DTYPES[args.dtype][1], allowed=allowed).lowering
+        base = dataclasses.replace(base, lowering=default_lowering)
+        shape_text = " ".join(f"{a}={sizes[a]}" for a in AXES)
+        print(f"{program.name} {shape_text} {args.dtype} lowering={args.lowering} on "
+              f"{limits.name}" + (f" (ignored: {' '.join(ignored)})" if ignored else ""))
+
+        def task_for(style):
+            first = tuner_mod.random_set(program, sizes, dtype, device, style,
+                                         initial_state=args.initial_state,
+                                         directions=len(program.recurrence.directions))
+            return tuner_mod.make_task(
+                program, backend_name=backend_name, lowering_policy=policy, lowerings=allowed,
+                default_lowering=default_lowering, base=base, sizes=sizes, device=device,
+                input_sets=tuner_mod.rotating_sets(first, limits.l2_bytes), limits=limits,
+                device_model=_device_model(device), max_configs=args.max_configs)
+
+        def tune():
+            task = None
+            for style in tuner_mod.INPUT_STYLES:  # inputs on which the default is finite
+                task = task_for(style)
+                try:
+                    out = task.build(task.space.default)(0)
+                    if outputs_match(out, out, dtype_name) is None and bool(
+                            torch.isfinite(out[0]).all()):
+                        break
+                except Exception:  # noqa: BLE001 - the tuner records the failure itself
+                    break
+            print(f"  {len(task.space)} configs to measure, {len(task.space.pruned)} pruned")
+            result = tuner.tune(task, device)
+            return result.record()
+
+        key = TuneKey.make(program, backend=backend_name, lowering=policy, dtype=dtype_name,
+                           sizes=sizes, has_initial_state=args.initial_state,
+                           return_final_state=args.final_state)
+        if args.force:
+            record = tune()
+            how = "tuned"
+            if record is not None:
+                cache.store(key, record)
+        else:
+            record, how = cache.get_or_tune(key, tune)
+        if record is None:
+            print("  every config failed; nothing stored", file=sys.stderr)
+            status = 1
+            continue
+        if how != "tuned":
+            print(f"  cached ({how}); --force to tune again")
+        print("\n".join("  " + line for line in _tune_table(record, args.top)))
+        speed = record.get("speedup")
+        print(f"  stored {key.text()}: {record['label']} {_ms(record['median_ms'])} ms"
+              + ("" if speed is None else f" ({speed:.2f}x over the default)"))
+    return status
+
+
 # -- the registry and main ----------------------------------------------------------------
 
 Subcommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -261,6 +492,7 @@ Subcommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse
 #: name -> (add_arguments, run); one entry per subcommand
 SUBCOMMANDS: dict[str, Subcommand] = {
     "explain": (add_explain_arguments, run_explain),
+    "tune": (add_tune_arguments, run_tune),
 }
 
 

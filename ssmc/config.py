@@ -6,6 +6,7 @@ from pathlib import Path
 
 BACKENDS = ("auto", "triton", "tvm", "reference")
 LOWERINGS = ("auto", "scan", "chunked", "quadratic")
+AUTOTUNE_MODES = ("off", "cached", "full")
 
 
 def _choice(var: str, valid: tuple[str, ...], default: str) -> str:
@@ -41,3 +42,10 @@ def cache_dir() -> Path:
 def verify_ir() -> bool:
     """SSMC_VERIFY_IR: run the IR verifier after every pass (always on in tests)."""
     return os.environ.get("SSMC_VERIFY_IR", "1") not in ("0", "false", "no")
+
+
+def autotune() -> str:
+    """SSMC_AUTOTUNE: off (cost model and the backends' built-in tiles), cached (use tuned
+    configs from the cache or the shipped defaults, never measure) or full (the default: tune a
+    new shape bucket on first use). Only CUDA devices are tuned implicitly."""
+    return _choice("SSMC_AUTOTUNE", AUTOTUNE_MODES, "full")
