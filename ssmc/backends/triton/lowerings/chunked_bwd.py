@@ -1,0 +1,495 @@
+"""The chunked lowering's backward: a reverse state pass and a parallel per-chunk pass.
+
+Notation per head, in the direction's own time, for decays that do not vary over p: l_t the
+log-decay (a vector over n, or one number), within a chunk lc_t the inclusive running sum of
+l, l_last its total, S_in the state entering the chunk, G = dL/dS at the chunk's end. Then
+
+    S_t = exp(lc_t) * S_in + sum_{s<=t} exp(lc_t - lc_s) * k_s v_s^T,     y_t = S_t^T q_t
+
+The forward's state pass (`ssmc_chunked_state_fwd`, reused as is, in fp32) gives S_in of every
+chunk and the final state. The backward adds two kernels mirroring it:
+
+* `ssmc_chunked_dstate_bwd` (sequential over chunks, last to first, per (sequence, head,
+  p-block)): stores G of every chunk, then G <- exp(l_last) * G + (q exp(lc))^T dy (one
+  tensor-core matmul per chunk); after the first chunk G is dL/dS_0, the initial state's
+  gradient.
+* `ssmc_chunked_bwd` (every (chunk, head, p-block) in parallel), with D[u, s] = exp(lc_u - lc_s)
+  on the causal half (u >= s), A = (q k^T) * D the forward's scores, dA = (dy v^T) * D:
+
+      dq = dA k + exp(lc) * (dy S_in^T)
+      dk = dA^T q + exp(l_last - lc) * (v G^T)
+      dv = A^T dy + (exp(l_last - lc) * k) G
+
+  all tensor-core dots; per-key decays factor D as for the forward (q exp(lc), k exp(-lc)).
+
+The decay gradient uses no state at all: with w_u = q_u * dq_u - k_u * dk_u (per n),
+
+    dL/dl_r = sum_{u >= r} w_u  +  sum_p (dL/dS_T * S_T)
+
+(pairs (s, t) with s < r <= t are exactly those of q dq minus those of k dk; the initial state
+sits in q dq, the final-state gradient in k dk and the last term). The kernel stores w (summed
+over n on the host for scalar decays, through the chain rule); the reverse cumulative sum per
+sequence runs on the host, vectorised. Sums over p (dq, dk, w) are per p-block partials.
+
+The quadratic lowering has the same mathematics (M = the scores of all chunks at once) and
+uses this backward too.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ....ir import Direction
+from ....plan import Plan
+from ..common import (HEADER, compute_dtype, compute_type, direction_slices, dot_type,
+                      input_args, input_params, next_pow2, num_sequences)
+from ..render import Context, Emitter, Tile
+
+# The backward keeps its own tiles and helpers (it does not call into the forward's kernels),
+# so the forward lowering can change its tiling freely.
+FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx"}
+T_AXIS = ("t", "t_row", "mask_t")
+QK_TILE = Tile([T_AXIS, ("n", "offs_n", "mask_n")], FIXED)
+V_TILE = Tile([T_AXIS, ("p", "offs_p", "mask_p")], FIXED)
+T_TILE = Tile([T_AXIS], FIXED)
+
+PROLOGUE = """
+    h_idx = tl.program_id(1).to(tl.int64)
+    H = tl.num_programs(1)
+    pid_p = tl.program_id(2)
+    g_idx = h_idx // HPG
+    offs_n = tl.arange(0, BN)
+    mask_n = offs_n < N
+    offs_p = pid_p * BP + tl.arange(0, BP)
+    mask_p = offs_p < P
+    offs_c = tl.arange(0, BT)
+"""
+
+SEQ_SETUP = """
+    seq = tl.program_id(0).to(tl.int64)
+{prologue}
+    if IS_VARLEN:
+        b_idx = seq * 0
+        start = tl.load(ssmc_cu + seq).to(tl.int64)
+        end = tl.load(ssmc_cu + seq + 1).to(tl.int64)
+        c_base = tl.load(ssmc_chunk_off + seq).to(tl.int64)
+    else:
+        b_idx = seq
+        start = seq * 0
+        end = start + T
+        c_base = seq * tl.cdiv(T, BT)
+    length = end - start
+    state_off = ((seq * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]
+    state_mask = mask_n[:, None] & mask_p[None, :]
+""".format(prologue=PROLOGUE)
+
+CHUNK_SETUP = """
+    chunk = tl.program_id(0).to(tl.int64)
+{prologue}
+    if IS_VARLEN:
+        seq = tl.load(ssmc_chunk_seq + chunk).to(tl.int64)
+        b_idx = seq * 0
+        start = tl.load(ssmc_cu + seq).to(tl.int64)
+        end = tl.load(ssmc_cu + seq + 1).to(tl.int64)
+        c0 = (chunk - tl.load(ssmc_chunk_off + seq).to(tl.int64)) * BT
+    else:
+        n_chunks = tl.cdiv(T, BT)
+        seq = chunk // n_chunks
+        b_idx = seq
+        start = seq * 0
+        end = start + T
+        c0 = (chunk % n_chunks) * BT
+    length = end - start
+""".format(prologue=PROLOGUE)
+
+ROWS = """i_row = c0 + offs_c
+mask_t = i_row < length
+if REVERSE:
+    t_row = end - 1 - i_row
+else:
+    t_row = start + i_row"""
+
+STATE_PARAMS = "ssmc_cu, ssmc_chunk_off,\n    T, HPG, N, P,"
+CHUNK_PARAMS = "ssmc_cu, ssmc_chunk_off, ssmc_chunk_seq,\n    B, T, HPG, N, P,"
+CONSTS = ("BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr,\n"
+          "    IS_VARLEN: tl.constexpr")
+
+
+def per_key_decay(plan: Plan) -> bool:
+    ld = plan.program.log_decay
+    return ld is not None and "n" in ld.axes
+
+
+def _decay_mode(plan: Plan) -> str:
+    if plan.program.log_decay is None:
+        return "none"
+    return "key" if per_key_decay(plan) else "row"
+
+
+def _indent(text: str, level: int) -> str:
+    return "\n".join("    " * level + line for line in text.splitlines())
+
+
+class _Ops:
+    """Emits one chunk's operands: query/key (t, n), value (t, p), dy (t, p), log-decays.
+
+    After `decay()`: `lc` is the inclusive running sum of log-decays within the chunk ((t,) or
+    (t, n)) and `l_last` its total ((), or (n,)); nothing for decay-free programs."""
+
+    def __init__(self, plan: Plan, body: Emitter):
+        self.plan, self.body = plan, body
+        self.prog = plan.program
+        self.ct = compute_type(plan)
+        self.dt = dot_type(plan)
+        self.prec = ', input_precision="ieee"' if plan.dtype == "float32" else ""
+        self.ctx_qk = Context(self.prog, QK_TILE, body, "qk", self.ct)
+        self.ctx_v = Context(self.prog, V_TILE, body, "v", self.ct)
+        self.mode = _decay_mode(plan)
+
+    def dot(self, a: str, b: str) -> str:
+        return f"tl.dot(({a}).to({self.dt}), ({b}).to({self.dt}){self.prec})"
+
+    def operand(self, which: str, name: str):
+        node = getattr(self.prog.recurrence, which)
+        if which == "value":
+            v = self.ctx_v.value(node, f"{name}_raw")
+            self.body(f"{name} = tl.where(mask_t[:, None] & mask_p[None, :], {v}, 0.0)")
+        else:
+            v = self.ctx_qk.value(node, f"{name}_raw")
+            self.body(f"{name} = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
+
+    def dy(self):
+        self.body("dy = tl.load(ssmc_dy + ((b_idx * T + t_row[:, None]) * H + h_idx) * P"
+                  " + offs_p[None, :], mask=mask_t[:, None] & mask_p[None, :], other=0.0)")
+
+    def decay(self):
+        if self.mode == "row":
+            ctx = Context(self.prog, T_TILE, self.body, "l", self.ct)
+            v = ctx.value(self.prog.log_decay, "ld_raw")
+            self.body(f"ld = tl.where(mask_t, {v}, 0.0)")
+        elif self.mode == "key":
+            ctx = Context(self.prog, QK_TILE, self.body, "qk", self.ct)
+            ctx.loaded = self.ctx_qk.loaded
+            v = ctx.value(self.prog.log_decay, "ld_raw")
+            self.body(f"ld = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
+        else:
+            return
+        self.body("lc = tl.cumsum(ld, axis=0)")
+        self.body("l_last = tl.sum(ld, axis=0)")
+
+    def q_in(self) -> str:
+        """query weighted by the decay from the chunk's start (applied to the entering state)."""
+        return {"none": "query", "row": "query * tl.exp(lc)[:, None]",
+                "key": "query * tl.exp(lc)"}[self.mode]
+
+    def k_out(self) -> str:
+        """key weighted by the decay to the chunk's end."""
+        return {"none": "key", "row": "key * tl.exp(l_last - lc)[:, None]",
+                "key": "key * tl.exp(l_last[None, :] - lc)"}[self.mode]
+
+    def scores(self) -> str:
+        """A[u, s] = q_u . (decay s+1..u) k_s on the causal half (emits it as `A`)."""
+        self.body("causal = offs_c[:, None] >= offs_c[None, :]")
+        if self.mode == "none":
+            self.body("A = tl.where(causal, " + self.dot("query", "tl.trans(key)") + ", 0.0)")
+        elif self.mode == "row":
+            self.body("Dm = tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
+            self.body("A = " + self.dot("query", "tl.trans(key)") + " * Dm")
+        else:
+            self.body("q_dec = query * tl.exp(lc)")
+            self.body("k_inv = key * tl.exp(-lc)")
+            self.body("A = tl.where(causal, " + self.dot("q_dec", "tl.trans(k_inv)") + ", 0.0)")
+        return "A"
+
+    def state_decay(self) -> str:
+        """The factor the state carries across the whole chunk ((n, BP)-broadcastable)."""
+        return {"none": "1.0", "row": "tl.exp(l_last)", "key": "tl.exp(l_last)[:, None]"}[
+            self.mode]
+
+
+def render_states_kernel(plan: Plan) -> str:
+    """Forward recompute: fp32 state entering every chunk, and the final state."""
+    body = Emitter(indent=2)
+    o = _Ops(plan, body)
+    o.operand("key", "key")
+    o.operand("value", "value")
+    o.decay()
+    body(f"state = state * {o.state_decay()} + " + o.dot(f"tl.trans({o.k_out()})", "value"))
+    return f"""
+@triton.jit
+def ssmc_chunked_bwd_states(
+    {input_params(plan.program)},
+    ssmc_states, ssmc_h0, ssmc_hT, {STATE_PARAMS}
+    {CONSTS}, HAS_H0: tl.constexpr,
+):
+{SEQ_SETUP}
+    if HAS_H0:
+        state = tl.load(ssmc_h0 + state_off, mask=state_mask, other=0.0).to({o.ct})
+    else:
+        state = tl.zeros([BN, BP], dtype={o.ct})
+    for c0 in range(0, length, BT):
+        chunk = c_base + c0 // BT
+        tl.store(ssmc_states + ((chunk * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :],
+                 state, mask=state_mask)
+{_indent(ROWS, 2)}
+{body.text()}
+    tl.store(ssmc_hT + state_off, state, mask=state_mask)
+"""
+
+
+def render_y_kernel(plan: Plan) -> str:
+    """y (before the epilogue), accumulated over directions into an fp32 buffer."""
+    body = Emitter(indent=1)
+    o = _Ops(plan, body)
+    o.operand("query", "query")
+    o.operand("key", "key")
+    o.operand("value", "value")
+    o.decay()
+    a = o.scores()
+    body("S_in = tl.load(ssmc_states + ((chunk * H + h_idx) * N + offs_n[:, None]) * P"
+         " + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0)")
+    body("y = " + o.dot(a, "value") + " + " + o.dot(o.q_in(), "S_in"))
+    body("y_off = ((b_idx * T + t_row[:, None]) * H + h_idx) * P + offs_p[None, :]")
+    body("y_mask = mask_t[:, None] & mask_p[None, :]")
+    body("if ACCUM_IN:")
+    with body.block():
+        body("y += tl.load(ssmc_y + y_off, mask=y_mask, other=0.0)")
+    body("tl.store(ssmc_y + y_off, y, mask=y_mask)")
+    return f"""
+@triton.jit
+def ssmc_chunked_bwd_y(
+    {input_params(plan.program)},
+    ssmc_y, ssmc_states, {CHUNK_PARAMS}
+    {CONSTS}, ACCUM_IN: tl.constexpr,
+):
+{CHUNK_SETUP}
+{_indent(ROWS, 1)}
+{body.text()}
+"""
+
+
+def render_dstate_kernel(plan: Plan) -> str:
+    """Reverse state pass: G (dL/dS at every chunk's end), then dL/dS_0."""
+    body = Emitter(indent=2)
+    o = _Ops(plan, body)
+    o.operand("query", "query")
+    o.dy()
+    o.decay()
+    body(f"G = G * {o.state_decay()} + " + o.dot(f"tl.trans({o.q_in()})", "dy"))
+    return f"""
+@triton.jit
+def ssmc_chunked_bwd_dstates(
+    {input_params(plan.program)},
+    ssmc_dy, ssmc_dstates, ssmc_gT, ssmc_dh0, {STATE_PARAMS}
+    {CONSTS}, HAS_GT: tl.constexpr,
+):
+{SEQ_SETUP}
+    if HAS_GT:
+        G = tl.load(ssmc_gT + state_off, mask=state_mask, other=0.0).to({o.ct})
+    else:
+        G = tl.zeros([BN, BP], dtype={o.ct})
+    n_chunks = tl.cdiv(length, BT)
+    for cc in range(0, n_chunks):
+        c0 = (n_chunks - 1 - cc) * BT
+        chunk = c_base + c0 // BT
+        tl.store(ssmc_dstates + ((chunk * H + h_idx) * N + offs_n[:, None]) * P
+                 + offs_p[None, :], G, mask=state_mask)
+{_indent(ROWS, 2)}
+{body.text()}
+    tl.store(ssmc_dh0 + state_off, G, mask=state_mask)
+"""
+
+
+def render_chunk_kernel(plan: Plan) -> str:
+    """Per chunk, in parallel: dq, dk, dv and w = q dq - k dk."""
+    body = Emitter(indent=1)
+    o = _Ops(plan, body)
+    dot = o.dot
+    o.operand("query", "query")
+    o.operand("key", "key")
+    o.operand("value", "value")
+    o.dy()
+    o.decay()
+    o.scores()
+    body("st_off = ((chunk * H + h_idx) * N + offs_n[None, :]) * P + offs_p[:, None]")
+    body("st_mask = mask_n[None, :] & mask_p[:, None]")
+    body("S_inT = tl.load(ssmc_states + st_off, mask=st_mask, other=0.0)")    # (p, n)
+    body("GT = tl.load(ssmc_dstates + st_off, mask=st_mask, other=0.0)")      # (p, n)
+    body("G = tl.trans(GT)")
+    body("dyv = " + dot("dy", "tl.trans(value)"))                            # [u, s]
+    if o.mode == "none":
+        body("dA = tl.where(causal, dyv, 0.0)")
+        body("dq = " + dot("dA", "key") + " + " + dot("dy", "S_inT"))
+        body("dk = " + dot("tl.trans(dA)", "query") + " + " + dot("value", "GT"))
+    elif o.mode == "row":
+        body("dA = dyv * Dm")
+        body("dq = " + dot("dA", "key") + " + tl.exp(lc)[:, None] * " + dot("dy", "S_inT"))
+        body("dk = " + dot("tl.trans(dA)", "query") + " + tl.exp(l_last - lc)[:, None] * "
+             + dot("value", "GT"))
+    else:
+        body("dA = tl.where(causal, dyv, 0.0)")
+        body("dq = tl.exp(lc) * (" + dot("dA", "k_inv") + " + " + dot("dy", "S_inT") + ")")
+        body("dk = tl.exp(-lc) * " + dot("tl.trans(dA)", "q_dec") + " + tl.exp(l_last[None, :]"
+             " - lc) * " + dot("value", "GT"))
+    body("dv = " + dot("tl.trans(A)", "dy") + " + " + dot(o.k_out(), "G"))
+    body("row = (b_idx * T + t_row[:, None]) * H + h_idx")
+    body("nmask = mask_t[:, None] & mask_n[None, :]")
+    body("part = (pid_p * B * T * H + row) * N + offs_n[None, :]")
+    body("tl.store(ssmc_dq + part, dq, mask=nmask)")
+    body("tl.store(ssmc_dk + part, dk, mask=nmask)")
+    body("tl.store(ssmc_w + part, query * dq - key * dk, mask=nmask)")
+    body("tl.store(ssmc_dv + row * P + offs_p[None, :], dv, "
+         "mask=mask_t[:, None] & mask_p[None, :])")
+    return f"""
+@triton.jit
+def ssmc_chunked_bwd(
+    {input_params(plan.program)},
+    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dq, ssmc_dk, ssmc_dv, ssmc_w, {CHUNK_PARAMS}
+    {CONSTS},
+):
+{CHUNK_SETUP}
+{_indent(ROWS, 1)}
+{body.text()}
+"""
+
+
+def render(plan: Plan) -> str:
+    return HEADER + "\n".join([render_states_kernel(plan), render_y_kernel(plan),
+                               render_dstate_kernel(plan), render_chunk_kernel(plan)])
+
+
+def tiles(plan: Plan, sizes: dict) -> dict:
+    """BT 64 (16 for per-key decays, as the forward: exp(-lc) must not overflow); all of n;
+    p in blocks of up to 64."""
+    tile = plan.tile_dict()
+    return dict(BT=tile.get("BT_bwd", 16 if per_key_decay(plan) else 64),
+                BN=max(next_pow2(sizes["n"]), 16),
+                BP=tile.get("BP_bwd", max(min(next_pow2(sizes["p"]), 64), 16)))
+
+
+def chunk_layout(sizes, cu_seqlens, BT, device):
+    """Number of chunks overall; for packed batches, each sequence's first chunk and the
+    sequence of every chunk."""
+    if cu_seqlens is None:
+        return sizes["b"] * triton.cdiv(sizes["t"], BT), None, None
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).cpu().to(torch.int64)
+    counts = (lengths + BT - 1) // BT
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    seq_of = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return int(offsets[-1]), offsets.to(device), seq_of.to(device)
+
+
+def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, want_y):
+    """fp32 states entering every chunk and final states, per direction; y (summed over
+    directions, before the epilogue) when `want_y`."""
+    prog = plan.program
+    B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
+    device = tensors[prog.inputs[0].name].device
+    cdt = compute_dtype(plan)
+    S = num_sequences(sizes, cu_seqlens)
+    m = tiles(plan, sizes)
+    n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["BT"], device)
+    dummy = torch.zeros(1, dtype=cdt, device=device)
+    y = torch.zeros(B, T, H, P, dtype=cdt, device=device) if want_y else None
+    args = input_args(prog, tensors)
+    cu = dummy if cu_seqlens is None else cu_seqlens
+    off = dummy if chunk_off is None else chunk_off
+    npb = triton.cdiv(P, m["BP"])
+    states, finals = [], []
+    for i, (direction, h0) in enumerate(zip(prog.recurrence.directions,
+                                            direction_slices(plan, initial_state))):
+        reverse = direction is Direction.REVERSE
+        h0 = None if h0 is None else h0.to(cdt).contiguous()
+        st = torch.empty(max(n_chunks, 1), H, N, P, dtype=cdt, device=device)
+        final = torch.empty(S, H, N, P, dtype=cdt, device=device)
+        module.ssmc_chunked_bwd_states[(S, H, npb)](
+            *args, st, dummy if h0 is None else h0, final, cu, off, T, H // G, N, P,
+            BT=m["BT"], BN=m["BN"], BP=m["BP"], REVERSE=reverse,
+            IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None)
+        if want_y and n_chunks > 0:
+            module.ssmc_chunked_bwd_y[(n_chunks, H, npb)](
+                *args, y, st, cu, off, dummy if chunk_seq is None else chunk_seq,
+                B, T, H // G, N, P, BT=m["BT"], BN=m["BN"], BP=m["BP"], REVERSE=reverse,
+                IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0)
+        states.append(st)
+        finals.append(final)
+    layout = dict(n_chunks=n_chunks, chunk_off=chunk_off, chunk_seq=chunk_seq, m=m)
+    return dict(states=states, finals=finals, layout=layout), y
+
+
+def _reverse_cumsum(w: torch.Tensor, reverse: bool, cu_seqlens) -> torch.Tensor:
+    """sum over u >= r in the direction's own time, per sequence: w (b, t, h, n)."""
+    if cu_seqlens is None:
+        if reverse:
+            return w.cumsum(1)
+        return w.flip(1).cumsum(1).flip(1)
+    # packed: differences of one running sum, in float64 against cancellation
+    w64 = w.double()
+    cs = torch.cat([torch.zeros_like(w64[:, :1]), w64.cumsum(1)], 1)   # cs[i] = sum_{<i}
+    T = w.shape[1]
+    bounds = cu_seqlens.to(device=w.device, dtype=torch.int64)
+    lengths = bounds[1:] - bounds[:-1]
+    seq_of = torch.repeat_interleave(torch.arange(len(lengths), device=w.device), lengths,
+                                     output_size=T)
+    t = torch.arange(T, device=w.device)
+    if reverse:   # u <= r in real time
+        out = cs[:, t + 1] - cs[:, bounds[seq_of]]
+    else:
+        out = cs[:, bounds[seq_of + 1]] - cs[:, t]
+    return out.to(w.dtype)
+
+
+def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_seqlens):
+    """Per direction: (operand grads as canonical (b, t, h, n, p) tensors, dL/dS_0)."""
+    prog = plan.program
+    B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
+    device = dy.device
+    cdt = compute_dtype(plan)
+    S = num_sequences(sizes, cu_seqlens)
+    lay = saved["layout"]
+    m = lay["m"]
+    n_chunks = lay["n_chunks"]
+    NPB = triton.cdiv(P, m["BP"])
+    dummy = torch.zeros(1, dtype=cdt, device=device)
+    args = input_args(prog, tensors)
+    cu = dummy if cu_seqlens is None else cu_seqlens
+    off = dummy if lay["chunk_off"] is None else lay["chunk_off"]
+    seq_of_chunk = dummy if lay["chunk_seq"] is None else lay["chunk_seq"]
+    has_decay = prog.log_decay is not None
+    consts = dict(BT=m["BT"], BN=m["BN"], BP=m["BP"], IS_VARLEN=cu_seqlens is not None)
+    results = []
+    for i, (direction, gT) in enumerate(zip(prog.recurrence.directions,
+                                            direction_slices(plan, grad_final))):
+        reverse = direction is Direction.REVERSE
+        gT = None if gT is None else gT.to(cdt).contiguous()
+        dstates = torch.empty(max(n_chunks, 1), H, N, P, dtype=cdt, device=device)
+        dh0 = torch.empty(S, H, N, P, dtype=cdt, device=device)
+        module.ssmc_chunked_bwd_dstates[(S, H, NPB)](
+            *args, dy, dstates, dummy if gT is None else gT, dh0, cu, off, T, H // G, N, P,
+            REVERSE=reverse, HAS_GT=gT is not None, **consts)
+        dq = torch.zeros(NPB, B, T, H, N, dtype=cdt, device=device)
+        dk = torch.zeros(NPB, B, T, H, N, dtype=cdt, device=device)
+        w = torch.zeros(NPB, B, T, H, N, dtype=cdt, device=device)
+        dv = torch.zeros(B, T, H, P, dtype=cdt, device=device)
+        if n_chunks > 0:
+            module.ssmc_chunked_bwd[(n_chunks, H, NPB)](
+                *args, dy, saved["states"][i], dstates, dq, dk, dv, w, cu, off, seq_of_chunk,
+                B, T, H // G, N, P, REVERSE=reverse, **consts)
+        grads = {"query": dq.sum(0).unsqueeze(-1), "key": dk.sum(0).unsqueeze(-1),
+                 "value": dv.unsqueeze(3)}
+        if has_decay:
+            dlog = _reverse_cumsum(w.sum(0), reverse, cu_seqlens)
+            if gT is not None:
+                term = (gT * saved["finals"][i]).sum(-1)          # (S, H, N)
+                if cu_seqlens is None:
+                    dlog = dlog + term[:, None]
+                else:
+                    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device,
+                                                                     dtype=torch.int64)
+                    seq_of = torch.repeat_interleave(torch.arange(S, device=device), lengths,
+                                                     output_size=T)
+                    dlog = dlog + term[seq_of][None]
+            grads["log_decay"] = dlog.unsqueeze(-1)
+        results.append((grads, dh0))
+    return results
