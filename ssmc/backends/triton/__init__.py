@@ -83,6 +83,17 @@ class TritonBackend:
             with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
                 return lowering.launch(module, plan, tensors, sizes, initial_state, cu_seqlens)
 
+        from .backward import make_backward
+        backward_impl = make_backward(self, plan)
+
+        def backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final):
+            """Gradients by generated Triton kernels (see backward.py)."""
+            device = grad_out.device
+            with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+                return backward_impl(tensors, sizes, initial_state, cu_seqlens, grad_out,
+                                     grad_final)
+
+        kernel.backward = backward
         return kernel
 
 
