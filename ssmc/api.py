@@ -80,6 +80,11 @@ class CompiledOp:
         self._kernels: dict = {}
         self._plans: dict = {}
         self.last_plan: Plan | None = None
+        # every call runs as the torch.library custom op of this structure (ssmc/torch/ops.py);
+        # made here, not at the first call, which may be under torch.compile's tracing
+        from .torch import ops as torch_ops
+        self._torch_op = torch_ops.torch_op_for(self.program)
+        self._executor_id = torch_ops.register_executor(self)
 
     def plan_for(self, bound: Bound) -> Plan:
         """The plan for this call signature, memoised: choosing evaluates the cost model."""
@@ -129,14 +134,10 @@ class CompiledOp:
         return kernel
 
     def __call__(self, *args, **kwargs):
-        bound = bind(self.program, args, kwargs)
-        plan = self.plan_for(bound)
-        self.last_plan = plan
-        kernel = self.kernel_for(plan, bound.device)
-        out, final = kernel(bound.tensors, bound.sizes, bound.initial_state, bound.cu_seqlens)
-        if bound.return_final_state:
-            return out, final
-        return out
+        bound = bind(self.program, args, kwargs)  # every check, before any launch
+        # the custom op plans (memoised, sets last_plan), builds the kernel and launches it
+        from .torch import ops as torch_ops
+        return torch_ops.call(self, bound)
 
     def step(self, state: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """One decode step: the inputs without their `t` axis (x (b, h, p), dt (b, h), ...);

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .errors import DTypeError, ShapeError
 from .ir import Program
@@ -79,7 +80,7 @@ def bind(program: Program, args: tuple, kwargs: dict) -> Bound:
                 raise ShapeError(
                     f"{fn}: {inp.name!r} has {axis}={size} but {other!r} has {axis}={sizes[axis]} "
                     f"({other}: {_shape(values[other])}, {inp.name}: {_shape(x)})")
-            sizes.setdefault(axis, int(size))
+            sizes.setdefault(axis, size)  # an int, or a SymInt under tracing (not specialised)
             owner.setdefault(axis, inp.name)
     for axis in ("b", "t"):
         sizes.setdefault(axis, 1)
@@ -125,14 +126,26 @@ def _check_cu_seqlens(fn, cu, sizes, device):
     if sizes["b"] != 1:
         raise ShapeError(f"{fn}: with 'cu_seqlens' the batch must be packed into b=1, got "
                          f"b={sizes['b']}")
+    if not _tracing(cu):  # under tracing the custom op checks the values at run time
+        check_cu_seqlens_values(fn, cu, sizes["t"])
+    return cu
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    """True while torch.compile/export traces (or `x` is a FakeTensor): the values are unknown,
+    and reading them would break the graph."""
+    return torch.compiler.is_compiling() or isinstance(x, FakeTensor)
+
+
+def check_cu_seqlens_values(fn: str, cu: torch.Tensor, t: int) -> None:
+    """The checks on the values of `cu_seqlens` (a host sync on GPU)."""
     host = cu.tolist()
     if host[0] != 0:
         raise ShapeError(f"{fn}: 'cu_seqlens' must start at 0, got {host[0]}")
     if any(b < a for a, b in zip(host, host[1:])):
         raise ShapeError(f"{fn}: 'cu_seqlens' must be non-decreasing, got {host}")
-    if host[-1] != sizes["t"]:
-        raise ShapeError(f"{fn}: 'cu_seqlens' must end at t={sizes['t']}, got {host[-1]}")
-    return cu
+    if host[-1] != t:
+        raise ShapeError(f"{fn}: 'cu_seqlens' must end at t={t}, got {host[-1]}")
 
 
 def expected_state_shape(program: Program, bound: Bound) -> tuple[int, ...]:

@@ -1,0 +1,283 @@
+"""`torch.library` custom ops for compiled definitions.
+
+One pair of ops per definition *structure* (its name plus a prefix of the IR's structural hash):
+
+    ssmc::<name>_<hash12>(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens,
+                          int executor, bool return_final_state, bool check_cu_seqlens)
+        -> (Tensor out, Tensor final_state)
+    ssmc::<name>_<hash12>_bwd(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens,
+                              Tensor grad_out, Tensor? grad_final, int executor)
+        -> (Tensor[] grad_inputs, Tensor grad_initial_state)
+
+`inputs` are the definition's tensors in declaration order. `executor` names the `CompiledOp`
+that runs the call (its backend, lowering policy and kernel cache): a small integer handed out
+when the op is constructed, a constant in a traced graph. `final_state` is an empty tensor when
+`return_final_state` is false, and `grad_initial_state` when there is no initial state: a
+custom op returns tensors, never None.
+
+The fake (meta) implementations compute shapes from the IR's axis annotations only, so
+FakeTensors and SymInts flow through them: out (b, t, h, p) in the output dtype, final state
+(b | sequences, h, n, p) in float32 (float64 for float64 inputs), with a leading 2 for
+bidirectional definitions. The real implementation plans at run time with concrete sizes, so a
+graph traced with dynamic `t`/`b` is not specialised on them: the lowering choice (which depends
+on `t`) happens per call inside the op, not in the graph.
+
+Validation happens in `CompiledOp.__call__` (`validate.bind`) before the op; it is traceable by
+dynamo. The one data-dependent check, the values of `cu_seqlens`, needs the tensor's contents:
+under tracing bind skips it and the op does it at run time (`check_cu_seqlens=True`).
+
+Backward is the backend's `kernel.backward` (backends/base.py), wrapped in the `_bwd` op so that
+AOTAutograd can trace it with fake tensors too. A backend without one raises UnsupportedError
+naming the backend when gradients are requested.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import resolve_backend
+from ..errors import UnsupportedError
+from ..ir import Program
+from ..validate import Bound, _output_dtype, check_cu_seqlens_values
+
+NAMESPACE = "ssmc"
+
+FWD_SCHEMA = ("(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens, int executor, "
+              "bool return_final_state, bool check_cu_seqlens) -> (Tensor, Tensor)")
+BWD_SCHEMA = ("(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens, Tensor grad_out, "
+              "Tensor? grad_final, int executor) -> (Tensor[], Tensor)")
+
+
+@dataclass(frozen=True)
+class TorchOp:
+    """The custom ops of one definition structure."""
+
+    name: str                       # "ssd_0123456789ab"; the ops are ssmc::<name>[_bwd]
+    program: Program
+    fwd: torch._ops.OpOverload
+    bwd: torch._ops.OpOverload
+
+
+_OPS: dict[str, TorchOp] = {}
+_EXECUTORS: dict[int, weakref.ref] = {}
+_TOKENS = itertools.count(1)
+_LOCK = threading.Lock()
+
+
+def op_name(program: Program) -> str:
+    stem = re.sub(r"[^0-9a-zA-Z_]", "_", program.name).strip("_").lower() or "ssm"
+    if stem[0].isdigit():
+        stem = "ssm_" + stem
+    return f"{stem}_{program.structural_hash()[:12]}"
+
+
+def register_executor(compiled_op) -> int:
+    """A token by which the custom op finds `compiled_op` (held weakly)."""
+    with _LOCK:
+        token = next(_TOKENS)
+        _EXECUTORS[token] = weakref.ref(compiled_op, lambda _, t=token: _EXECUTORS.pop(t, None))
+    return token
+
+
+def _executor(token: int):
+    ref = _EXECUTORS.get(token)
+    op = ref() if ref is not None else None
+    if op is None:
+        raise RuntimeError(f"ssmc: the compiled op with executor id {token} no longer exists "
+                           "(a traced graph outlived the ssmc.compile(...) object it calls; "
+                           "keep that object alive, e.g. as a module attribute)")
+    return op
+
+
+# ---------------------------------------------------------------------------------- shapes
+
+def sizes_of(program: Program, inputs) -> dict:
+    """The size of every axis, read off the inputs' shapes (ints or SymInts), no checks: the
+    inputs were checked by `validate.bind` before the op was called."""
+    sizes: dict = {}
+    for inp, x in zip(program.inputs, inputs):
+        for axis, size in zip(inp.axes, x.shape):
+            sizes.setdefault(axis, size)
+    for axis in ("b", "t"):
+        sizes.setdefault(axis, 1)
+    if "h" not in sizes:
+        sizes["h"] = sizes.get("g", 1)
+    sizes.setdefault("g", sizes["h"])
+    for axis in ("n", "p"):
+        sizes.setdefault(axis, 1)
+    return sizes
+
+
+def state_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if out_dtype == torch.float64 else torch.float32
+
+
+def _num_directions(program: Program) -> int:
+    return len(program.recurrence.directions)
+
+
+def _state_shape(program: Program, sizes: dict, cu_seqlens) -> tuple:
+    states = sizes["b"] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    shape = (states, sizes["h"], sizes["n"], sizes["p"])
+    if _num_directions(program) > 1:
+        shape = (_num_directions(program),) + shape
+    return shape
+
+
+# ------------------------------------------------------------------------ implementations
+
+def _bound(op, inputs, initial_state, cu_seqlens, return_final_state) -> Bound:
+    program = op.program
+    tensors = dict(zip(program.input_names, inputs))
+    return Bound(tensors=tensors, sizes=sizes_of(program, inputs), device=inputs[0].device,
+                 dtype=_output_dtype(program, tensors), initial_state=initial_state,
+                 cu_seqlens=cu_seqlens, return_final_state=return_final_state)
+
+
+def _fresh(x: torch.Tensor, taken: list) -> torch.Tensor:
+    """`x`, contiguous and sharing no memory with `taken` (a custom op's outputs must not alias
+    its inputs or each other; a kernel may hand back a view, e.g. a final state for t=0)."""
+    x = x.contiguous()
+    if x.numel() and any(t is not None and t.numel() and _overlaps(x, t) for t in taken):
+        x = x.clone()
+    taken.append(x)
+    return x
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    return sa.data_ptr() == sb.data_ptr() and sa.nbytes() > 0
+
+
+def _make_ops(program: Program) -> TorchOp:
+    name = op_name(program)
+    qual = f"{NAMESPACE}::{name}"
+    fn = f"{program.name}()"
+
+    def fwd_impl(inputs, initial_state, cu_seqlens, executor, return_final_state,
+                 check_cu_seqlens):
+        op = _executor(executor)
+        bound = _bound(op, inputs, initial_state, cu_seqlens, return_final_state)
+        if check_cu_seqlens and cu_seqlens is not None:
+            check_cu_seqlens_values(fn, cu_seqlens, bound.sizes["t"])
+        plan = op.plan_for(bound)
+        op.last_plan = plan
+        kernel = op.kernel_for(plan, bound.device)
+        out, final = kernel(bound.tensors, bound.sizes, initial_state, cu_seqlens)
+        if final is None or not return_final_state:
+            final = inputs[0].new_empty((0,), dtype=state_dtype(bound.dtype))
+        taken = list(inputs) + [initial_state, cu_seqlens]
+        return _fresh(out, taken), _fresh(final, taken)
+
+    def fwd_fake(inputs, initial_state, cu_seqlens, executor, return_final_state,
+                 check_cu_seqlens):
+        sizes = sizes_of(program, inputs)
+        dtype = _output_dtype(program, dict(zip(program.input_names, inputs)))
+        out = inputs[0].new_empty((sizes["b"], sizes["t"], sizes["h"], sizes["p"]), dtype=dtype)
+        shape = _state_shape(program, sizes, cu_seqlens) if return_final_state else (0,)
+        return out, inputs[0].new_empty(shape, dtype=state_dtype(dtype))
+
+    def bwd_impl(inputs, initial_state, cu_seqlens, grad_out, grad_final, executor):
+        op = _executor(executor)
+        bound = _bound(op, inputs, initial_state, cu_seqlens, grad_final is not None)
+        plan = op.plan_for(bound)
+        kernel = op.kernel_for(plan, bound.device)
+        backward = getattr(kernel, "backward", None)
+        if backward is None:
+            backend = resolve_backend(op.backend_name, bound.device, plan).name
+            raise UnsupportedError(
+                f"{fn}: backend {backend!r} has no backward for {plan.describe()} "
+                f"(its kernel defines no kernel.backward); compile with backend='reference' "
+                f"(or another backend with a backward) to differentiate, or call the op under "
+                f"torch.no_grad()")
+        grad_final = None if grad_final is None else grad_final.contiguous()
+        grads, grad_h0 = backward(bound.tensors, bound.sizes, initial_state, cu_seqlens,
+                                  grad_out.contiguous(), grad_final)
+        taken = list(inputs) + [initial_state, cu_seqlens, grad_out, grad_final]
+        result = []
+        for n, x in zip(op.program.input_names, inputs):
+            g = grads.get(n)
+            result.append(_fresh(g, taken) if g is not None else torch.zeros_like(x))
+        if initial_state is None:
+            grad_h0 = inputs[0].new_empty((0,))
+        elif grad_h0 is None:
+            grad_h0 = torch.zeros_like(initial_state)
+        return result, _fresh(grad_h0, taken)
+
+    def bwd_fake(inputs, initial_state, cu_seqlens, grad_out, grad_final, executor):
+        grads = [torch.empty_like(x) for x in inputs]
+        grad_h0 = (inputs[0].new_empty((0,)) if initial_state is None
+                   else torch.empty_like(initial_state))
+        return grads, grad_h0
+
+    lib = _library()
+    lib.define(f"{name}{FWD_SCHEMA}")
+    lib.define(f"{name}_bwd{BWD_SCHEMA}")
+    for suffix, impl, fake in (("", fwd_impl, fwd_fake), ("_bwd", bwd_impl, bwd_fake)):
+        # one implementation for every device: the kernel cache picks the backend per device
+        lib.impl(f"{name}{suffix}", impl, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{qual}{suffix}", fake, lib=lib)
+
+    bwd_op = getattr(getattr(torch.ops, NAMESPACE), f"{name}_bwd").default
+
+    def setup_context(ctx, inputs, output):
+        tensors, initial_state, cu_seqlens, executor, return_final_state, _ = inputs
+        ctx.num_inputs = len(tensors)
+        ctx.executor = executor
+        ctx.return_final_state = return_final_state
+        ctx.save_for_backward(*tensors, initial_state, cu_seqlens)
+
+    def backward(ctx, grad_out, grad_final):
+        saved = ctx.saved_tensors
+        k = ctx.num_inputs
+        tensors, initial_state, cu_seqlens = list(saved[:k]), saved[k], saved[k + 1]
+        if not ctx.return_final_state:
+            grad_final = None
+        grads, grad_h0 = bwd_op(tensors, initial_state, cu_seqlens, grad_out, grad_final,
+                                ctx.executor)
+        return (list(grads), grad_h0 if initial_state is not None else None,
+                None, None, None, None)
+
+    torch.library.register_autograd(qual, backward, setup_context=setup_context, lib=lib)
+    fwd_op = getattr(getattr(torch.ops, NAMESPACE), name).default
+    return TorchOp(name=name, program=program, fwd=fwd_op, bwd=bwd_op)
+
+
+_LIBRARY = None
+
+
+def _library() -> torch.library.Library:
+    global _LIBRARY
+    if _LIBRARY is None:
+        _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
+    return _LIBRARY
+
+
+def torch_op_for(program: Program) -> TorchOp:
+    """The custom ops for `program`'s structure, defined on first use (not thread-hostile:
+    definitions happen under a lock)."""
+    name = op_name(program)
+    op = _OPS.get(name)
+    if op is None:
+        with _LOCK:
+            op = _OPS.get(name)
+            if op is None:
+                op = _OPS[name] = _make_ops(program)
+    return op
+
+
+def call(compiled_op, bound: Bound):
+    """Run a bound call through the custom op. Traceable by dynamo: plain attribute access and
+    one op call."""
+    route = compiled_op._torch_op
+    out, final = route.fwd(list(bound.tensors.values()), bound.initial_state, bound.cu_seqlens,
+                           compiled_op._executor_id, bound.return_final_state,
+                           torch.compiler.is_compiling())
+    if bound.return_final_state:
+        return out, final
+    return out

@@ -1,0 +1,235 @@
+"""ssmc/torch/ops.py: every compiled-op call is a `torch.library` custom op in `ssmc::`, with a
+fake implementation from the IR's shapes and autograd through the backend's `kernel.backward`;
+it passes `opcheck` and compiles under `torch.compile(fullgraph=True)`, dynamic shapes included.
+
+On this machine (CPU) the ops run on the reference backend: the TVM default has no backward."""
+import pytest
+import torch
+
+import ssmc
+from ssmc.ops import mamba2
+from ssmc.torch import torch_op_for
+from tests.helpers import (check_against_reference, cu_seqlens, make_definition, random_inputs,
+                           random_state, ssd_inputs)
+
+REF = dict(backend="reference")
+
+
+def _ssd(b=2, t=7, h=4, g=2, n=3, p=5, dtype=torch.float64, seed=1):
+    return ssd_inputs(b, t, h, g, n, p, dt_bias=False, dtype=dtype, seed=seed)
+
+
+def _opcheck_args(op, inputs: dict, initial_state=None, cu=None, final=True):
+    return ([inputs[n] for n in op.program.input_names], initial_state, cu, op._executor_id,
+            final, cu is not None)
+
+
+# --------------------------------------------------------------------------- op registration
+
+def test_op_is_registered_in_ssmc_namespace_per_structure():
+    op = ssmc.compile(mamba2, **REF)
+    route = op._torch_op
+    assert route.name.startswith("ssd_") and len(route.name) == len("ssd_") + 12
+    assert route.fwd is getattr(torch.ops.ssmc, route.name).default
+    assert route.bwd is getattr(torch.ops.ssmc, route.name + "_bwd").default
+    # another compiled op of the same structure shares the custom op, not the executor
+    other = ssmc.compile(mamba2, backend="reference", lowering="scan")
+    assert other._torch_op is route and other._executor_id != op._executor_id
+    assert torch_op_for(make_definition("diagonal").program).name != route.name
+
+
+def test_call_goes_through_the_custom_op():
+    op = ssmc.compile(mamba2, **REF)
+    a = _ssd()
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda *t: op(*t))(*a.values())
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert f"ssmc.{op._torch_op.name}.default" in targets
+
+
+# --------------------------------------------------------------------------------- opcheck
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_opcheck_ssd(dtype):
+    op = ssmc.compile(mamba2, **REF)
+    a = _ssd(dtype=dtype)
+    h0 = random_state(2, 4, 3, 5, dtype=dtype, seed=2)
+    torch.library.opcheck(op._torch_op.fwd, _opcheck_args(op, a, h0))
+    torch.library.opcheck(op._torch_op.fwd, _opcheck_args(op, a, final=False))
+
+
+def test_opcheck_bidirectional_diagonal_with_state():
+    d = make_definition("diagonal", "bidirectional", epilogue=True)
+    op = ssmc.compile(d, **REF)
+    x = random_inputs(d, dict(b=2, t=5, h=2, g=1, n=3, p=2), dtype=torch.float64, seed=3)
+    h0 = random_state(2, 2, 3, 2, directions=2, dtype=torch.float64, seed=4)
+    torch.library.opcheck(op._torch_op.fwd, _opcheck_args(op, x, h0))
+
+
+def test_opcheck_varlen():
+    op = ssmc.compile(mamba2, **REF)
+    a = _ssd(b=1, t=9)
+    cu = cu_seqlens([4, 0, 5])
+    h0 = random_state(3, 4, 3, 5, dtype=torch.float64, seed=5)
+    torch.library.opcheck(op._torch_op.fwd, _opcheck_args(op, a, h0, cu))
+
+
+def test_fake_shapes_from_the_ir():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    d = make_definition("scalar", "bidirectional")
+    op = ssmc.compile(d, **REF)
+    with FakeTensorMode():
+        x = random_inputs(d, dict(b=1, t=10, h=4, g=2, n=3, p=6), dtype=torch.bfloat16)
+        y, hT = op(**x, cu_seqlens=torch.tensor([0, 3, 10]), return_final_state=True)
+    assert y.shape == (1, 10, 4, 6) and y.dtype == torch.bfloat16
+    assert hT.shape == (2, 2, 4, 3, 6) and hT.dtype == torch.float32
+
+
+# -------------------------------------------------------------------------------- autograd
+
+def test_autograd_through_default_op_on_cpu_reference_backend(monkeypatch):
+    """The default op (SSMC_BACKEND=reference here) differentiates through the custom op's
+    registered backward (kernel.backward) for every input and the initial state."""
+    monkeypatch.setenv("SSMC_BACKEND", "reference")
+    op = ssmc.compile(mamba2)
+    assert op.backend_name == "reference"
+    report = check_against_reference(op, _ssd(dtype=torch.float32, seed=6), tol=1e-5,
+                                     initial_state=random_state(2, 4, 3, 5, seed=7),
+                                     return_final_state=True)
+    assert {"grad x", "grad dt", "grad A", "grad B", "grad C", "grad D", "grad z",
+            "grad initial_state"} <= {m.name for m in report}
+
+
+def test_gradcheck_varlen_float64():
+    op = ssmc.compile(mamba2, **REF)
+    a = _ssd(b=1, t=6, h=2, g=1, n=2, p=2, seed=8)
+    cu = cu_seqlens([2, 4])
+    h0 = random_state(2, 2, 2, 2, dtype=torch.float64, seed=9)
+    names = list(a)
+
+    def f(*tensors):
+        *inputs, state = tensors
+        return op(**dict(zip(names, inputs)), initial_state=state, cu_seqlens=cu,
+                  return_final_state=True)
+
+    leaves = tuple(t.clone().requires_grad_(True) for t in (*a.values(), h0))
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_backward_without_kernel_backward_names_the_backend(monkeypatch):
+    op = ssmc.compile(mamba2, **REF)
+    real = op.kernel_for
+
+    def no_backward(plan, device):
+        kernel = real(plan, device)
+        return lambda *args: kernel(*args)  # a forward-only kernel
+
+    monkeypatch.setattr(op, "kernel_for", no_backward)
+    a = {k: v.requires_grad_() for k, v in _ssd().items()}
+    y = op(**a)  # forward works
+    with pytest.raises(ssmc.UnsupportedError, match=r"ssd\(\): backend 'reference' has no "
+                                                     r"backward for scan_fp64"):
+        y.sum().backward()
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+class Mixer(torch.nn.Module):
+    """A small model around an ssmc op: projections in torch, the recurrence in ssmc."""
+
+    def __init__(self, op, h=4, p=5):
+        super().__init__()
+        self.op = op
+        self.proj = torch.nn.Linear(p, p, dtype=torch.float64)
+        self.out = torch.nn.Linear(p, 3, dtype=torch.float64)
+
+    def forward(self, x, dt, A, B, C, D, z, h0):
+        y, hT = self.op(self.proj(x), dt, A, B, C, D, z, initial_state=h0,
+                        return_final_state=True)
+        return self.out(torch.nn.functional.gelu(y)), hT
+
+
+def _run(model, t, b=2, seed=0):
+    a = _ssd(b=b, t=t, seed=seed)
+    h0 = random_state(b, 4, 3, 5, dtype=torch.float64, seed=seed + 1)
+    leaves = [v.requires_grad_() for v in (*a.values(), h0)]
+    model.zero_grad()
+    y, hT = model(*leaves)
+    (y.square().sum() + hT.sin().sum()).backward()
+    grads = [x.grad for x in leaves] + [p.grad.clone() for p in model.parameters()]
+    return [y.detach(), hT.detach()] + grads
+
+
+def _assert_same(eager, compiled):
+    assert len(eager) == len(compiled)
+    for i, (e, c) in enumerate(zip(eager, compiled)):
+        torch.testing.assert_close(c, e, rtol=1e-9, atol=1e-9, msg=f"tensor {i}")
+
+
+def test_explain_reports_no_graph_break():
+    model = Mixer(ssmc.compile(mamba2, **REF))
+    a = _ssd(t=9)
+    h0 = random_state(2, 4, 3, 5, dtype=torch.float64, seed=1)
+    explanation = torch._dynamo.explain(model)(*a.values(), h0)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compile_fullgraph_matches_eager_values_and_grads():
+    """The default torch.compile backend (inductor), fullgraph: outputs and gradients equal
+    eager ones."""
+    torch._dynamo.reset()
+    model = Mixer(ssmc.compile(mamba2, **REF))
+    compiled = torch.compile(model, fullgraph=True)
+    _assert_same(_run(model, 9), _run(compiled, 9))
+
+
+def test_compile_dynamic_t_and_b_does_not_recompile_per_length():
+    """dynamic=True: one graph serves every t and b (the lowering is chosen inside the op at run
+    time). Sizes avoid each other (duck sizing would tie equal sizes together) and 0/1 (which
+    torch always specialises)."""
+    torch._dynamo.reset()
+    frames = []
+
+    def counting_backend(gm, example_inputs):
+        frames.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    model = Mixer(ssmc.compile(mamba2, **REF))
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counting_backend)
+    for b, t in ((6, 11), (6, 17), (7, 23), (9, 40)):
+        _assert_same(_run(model, t, b=b, seed=t), _run(compiled, t, b=b, seed=t))
+    assert len(frames) == 1
+
+
+def test_compile_varlen_checks_cu_seqlens_values_inside_the_op():
+    """cu_seqlens' values are data: bind skips them under tracing (no .tolist() graph break)
+    and the op checks them when it runs."""
+    torch._dynamo.reset()
+    op = ssmc.compile(mamba2, **REF)
+
+    def f(x, dt, A, B, C, D, z, cu):
+        return op(x, dt, A, B, C, D, z, cu_seqlens=cu, return_final_state=True)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a = _ssd(b=1, t=9)
+    good = cu_seqlens([3, 6])
+    for e, c in zip(f(*a.values(), good), compiled(*a.values(), good)):
+        torch.testing.assert_close(c, e)
+    bad = torch.tensor([0, 5, 4, 9], dtype=torch.int32)
+    with pytest.raises(ssmc.ShapeError, match="'cu_seqlens' must be non-decreasing"):
+        compiled(*a.values(), bad)
+
+
+def test_compile_reports_shape_errors_at_trace_time():
+    """bind runs while dynamo traces: a bad call fails before any launch, with bind's message
+    (fullgraph=True wraps it in dynamo's "observed exception"; without it, it is the
+    ShapeError itself)."""
+    torch._dynamo.reset()
+    op = ssmc.compile(mamba2, **REF)
+    a = _ssd()
+    a["C"] = a["C"][..., :2]
+    message = "'C' has n=2 but 'B' has n=3"
+    with pytest.raises(ssmc.ShapeError, match=message):
+        torch.compile(lambda kw: op(**kw), backend="eager")(a)
+    with pytest.raises(Exception, match=message):
+        torch.compile(lambda kw: op(**kw), fullgraph=True, backend="eager")(a)
