@@ -366,14 +366,22 @@ def _packaged(model: str) -> dict:
         text = None
     if text is not None:
         try:
-            data = json.loads(text)
-            for k, rec in data.get("entries", {}).items():
-                entries[k] = validate_record(rec)
-        except (ValueError, TypeError, AttributeError) as e:
+            entries = read_defaults(text)
+        except ValueError as e:
             report_once(f"defaults:{model}", f"ignoring shipped defaults {model}.json ({e})")
-            entries = {}
     _packaged_memo[model] = entries
     return entries
+
+
+def read_defaults(text: str) -> dict[str, dict]:
+    """The entries of a shipped-defaults file's text; ValueError when malformed."""
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"not a defaults file of format {FORMAT}")
+        return {k: validate_record(rec) for k, rec in data.get("entries", {}).items()}
+    except (TypeError, AttributeError) as e:
+        raise ValueError(str(e)) from None
 
 
 def export_defaults(cache: TuneCache, model: str, path: Path) -> int:

@@ -120,8 +120,8 @@ def bench(run: Callable[[int], Any], n_inputs: int, settings: Settings,
         raise TimeLimitExceeded(f"one run took {first:.1f} ms > time limit "
                                 f"{settings.time_limit_ms:g} ms")
     est = max(first, 1e-4)
-    n_warmup = min(max(int(settings.warmup_ms / est), 1), settings.max_warmup)
-    n_rep = min(max(int(settings.rep_ms / est), settings.min_reps), settings.max_reps)
+    n_warmup = min(max(round(settings.warmup_ms / est), 1), settings.max_warmup)
+    n_rep = min(max(round(settings.rep_ms / est), settings.min_reps), settings.max_reps)
     i = 2
     for _ in range(n_warmup):
         run(i % n_inputs)

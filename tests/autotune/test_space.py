@@ -1,0 +1,164 @@
+"""Search spaces: the default first, legality, pruning by the cost model and by device limits."""
+import pytest
+import torch
+
+import ssmc
+import ssmc.ops
+from ssmc.autotune.space import CHUNK_SLACK, Config, DeviceLimits, chunk_estimate, search_space
+from ssmc.passes import choose_lowering
+
+from ..helpers import make_definition
+
+H100_LIKE = DeviceLimits(name="fake-sm90", capability=(9, 0), sm_count=132,
+                         smem_per_block=227 * 1024, regs_per_block=65536,
+                         max_regs_per_thread=255, max_threads_per_block=1024,
+                         l2_bytes=50 * 1024 * 1024)
+SHAPE = dict(b=8, t=4096, h=80, p=64, n=128, g=1)
+ALL = ["scan", "chunked", "quadratic"]
+
+
+def space(program=None, sizes=SHAPE, limits=H100_LIKE, backend="triton", lowerings=ALL,
+          default="chunked", dtype="bfloat16", **kw):
+    program = program or ssmc.ops.mamba2.program
+    return search_space(program, backend=backend, lowerings=lowerings, default_lowering=default,
+                        sizes=sizes, dtype=dtype, limits=limits, **kw)
+
+
+def test_config_json_round_trip_and_apply():
+    cfg = Config.make("chunked", {"BT": 32, "warps_out": 8}, chunk_size=32)
+    assert Config.from_json(cfg.to_json()) == cfg
+    assert cfg.label() == "chunked BT=32 warps_out=8 chunk=32"
+    assert Config("scan").label() == "scan (defaults)"
+    plan = Config("scan").apply(_plan())
+    assert plan.lowering == "scan" and plan.tile == ()
+    tuned = cfg.apply(_plan())
+    assert tuned.lowering == "chunked" and tuned.tile_dict() == {"BT": 32, "warps_out": 8}
+    assert tuned.chunk_size == 32
+
+
+@pytest.mark.parametrize("bad", [None, {}, {"lowering": 3}, {"lowering": "scan", "tile": [1]},
+                                 {"lowering": "scan", "tile": {"BT": "64"}},
+                                 {"lowering": "scan", "chunk_size": -1}])
+def test_config_from_json_rejects_malformed(bad):
+    with pytest.raises(ValueError):
+        Config.from_json(bad)
+
+
+def _plan():
+    from ssmc.plan import Plan
+    return Plan(program=ssmc.ops.mamba2.program, lowering="quadratic", dtype="bfloat16")
+
+
+def test_default_first_and_unique():
+    s = space()
+    assert s.candidates[0] == Config("chunked") == s.default
+    assert len(set(s.candidates)) == len(s.candidates)
+    # every kept lowering is measured with its built-in tiles too
+    assert Config("scan") in s.candidates and Config("quadratic") in s.candidates
+
+
+def test_max_configs_caps_and_records_the_rest():
+    s = space(max_configs=10)
+    assert len(s.candidates) == 10 and s.candidates[0] == s.default
+    assert any("max_configs" in why for _, why in s.pruned)
+    full = space(max_configs=None)
+    assert len(full.candidates) > 10
+    assert {c for c, _ in s.pruned} >= set(full.candidates) - set(s.candidates)
+
+
+def test_cost_model_prunes_chunk_sizes():
+    s = space(max_configs=None)
+    prog = ssmc.ops.mamba2.program
+    from ssmc.autotune.space import SpaceContext
+    from ssmc.passes import DEVICES
+    ctx = SpaceContext(prog, "triton", SHAPE, "bfloat16", H100_LIKE, DEVICES["h100"], 2)
+    costs = {q: chunk_estimate(ctx, q) for q in (16, 32, 64, 128)}
+    best = min(costs.values())
+    too_slow = {q for q, c in costs.items() if c > CHUNK_SLACK * best}
+    assert too_slow, costs  # at t=4096, 16-step chunks cost far more than 64-step ones
+    kept_bt = {c.tile_dict().get("BT") for c in s.candidates if c.lowering == "chunked"}
+    assert not (kept_bt & too_slow)
+    assert any(why.startswith("cost model: chunk") for _, why in s.pruned)
+
+
+def test_cost_model_prunes_far_off_lowerings():
+    # decode-like: t=1 at a large batch; quadratic and scan are close, chunked pays 3 launches
+    sizes = dict(b=1, t=65536, h=8, p=64, n=128, g=1)
+    choice = choose_lowering(ssmc.ops.mamba2.program, sizes, "h100", 2)
+    est = {e.lowering: e.seconds for e in choice.estimates}
+    s = space(sizes=sizes, default=choice.lowering)
+    assert est["quadratic"] > 8 * min(est.values())
+    assert Config("quadratic") not in s.candidates
+    assert all(c.lowering != "quadratic" for c in s.candidates)
+    assert any(c == Config("quadratic") and why.startswith("cost model") for c, why in s.pruned)
+
+
+def test_device_limits_prune_shared_memory_and_threads():
+    small = DeviceLimits(name="tiny", smem_per_block=24 * 1024, regs_per_block=65536,
+                         max_regs_per_thread=255, max_threads_per_block=128)
+    s = space(limits=small, max_configs=None)
+    reasons = [why for _, why in s.pruned]
+    assert any("shared memory" in r for r in reasons)
+    assert any("threads" in r for r in reasons)
+    for c in s.candidates[1:]:
+        t = c.tile_dict()
+        assert t.get("warps_state", 4) * 32 <= 128 and t.get("warps_out", 4) * 32 <= 128
+        assert t.get("num_warps", 4) * 32 <= 128
+
+
+def test_device_limits_prune_registers():
+    few = DeviceLimits(name="few-regs", smem_per_block=1 << 20, regs_per_block=16384,
+                       max_regs_per_thread=64, max_threads_per_block=1024)
+    s = space(limits=few, max_configs=None)
+    assert any("registers" in why for _, why in s.pruned)
+
+
+def test_per_key_decay_keeps_16_step_chunks():
+    gla = make_definition("diagonal")
+    s = space(program=gla.program, sizes=dict(b=2, t=1024, h=4, p=64, n=64, g=4),
+              lowerings=["scan", "chunked", "quadratic"], max_configs=None)
+    bts = {c.tile_dict()["BT"] for c in s.candidates if c.lowering == "chunked" and c.tile}
+    assert bts == {16}
+    # the per-key decay broadcast (BT, BT, BNC) stays within 16K elements
+    for c in s.candidates:
+        if c.lowering == "quadratic" and c.tile:
+            t = c.tile_dict()
+            assert t["BT"] * t["BT"] * t["BNC"] <= 16384
+
+
+def test_blocks_never_exceed_the_padded_axes():
+    sizes = dict(b=2, t=40, h=4, p=24, n=16, g=1)
+    s = space(sizes=sizes, max_configs=None)
+    for c in s.candidates:
+        t = c.tile_dict()
+        assert t.get("BT", 16) <= 64                       # next_pow2(40)
+        for k in ("BP_state", "BP_out", "BP"):
+            assert t.get(k, 16) <= 32                      # next_pow2(24)
+        assert t.get("BNC", 16) <= 16
+        assert all(v >= 1 for v in t.values())
+
+
+def test_backends_without_tile_parameters_tune_the_lowering_only():
+    s = space(backend="reference", max_configs=None)
+    assert set(s.candidates) == {Config("chunked"), Config("scan"), Config("quadratic")}
+    scan_only = space(lowerings=["scan"], default="scan", max_configs=None)
+    assert scan_only.candidates == [Config("scan")]  # the Triton scan reads no plan.tile
+
+
+def test_tvm_chunk_sizes():
+    s = space(backend="tvm", lowerings=["chunked"], max_configs=None)
+    sizes = {c.chunk_size for c in s.candidates[1:]}
+    assert sizes and sizes <= {16, 32, 64, 128} and 64 not in sizes  # 64 is the default
+
+
+def test_cpu_limits_are_unlimited():
+    lim = DeviceLimits.from_device(torch.device("cpu"))
+    assert lim.name.startswith("cpu") and lim.smem_per_block > 1 << 40
+
+
+@pytest.mark.gpu
+def test_limits_read_from_the_gpu():
+    lim = DeviceLimits.from_device(torch.device("cuda"))
+    props = torch.cuda.get_device_properties(0)
+    assert lim.name == props.name and lim.capability == (props.major, props.minor)
+    assert 0 < lim.smem_per_block < 1 << 30 and lim.l2_bytes > 0
