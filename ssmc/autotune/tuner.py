@@ -371,7 +371,9 @@ def _tuned_plan(op, bound, plan: Plan, lowerings: list[str], mode: str) -> Plan:
 
     def tune() -> dict | None:
         limits = DeviceLimits.from_device(bound.device)
-        first = InputSet(dict(bound.tensors), bound.initial_state, bound.cu_seqlens)
+        h0 = bound.initial_state
+        first = InputSet({k: v.detach() for k, v in bound.tensors.items()},
+                         None if h0 is None else h0.detach(), bound.cu_seqlens)
         task = make_task(program, backend_name=op.backend_name, lowering_policy=op.lowering,
                          lowerings=lowerings, default_lowering=plan.lowering,
                          base=dataclasses.replace(plan, tile=()), sizes=dict(bound.sizes),
@@ -380,7 +382,8 @@ def _tuned_plan(op, bound, plan: Plan, lowerings: list[str], mode: str) -> Plan:
                          max_configs=tuner.settings.max_configs)
         print(f"ssmc: autotune: tuning {task.describe()}; cached in {cache.dir.name} "
               "(SSMC_AUTOTUNE=off|cached to skip)", file=sys.stderr)
-        result = tuner.tune(task, bound.device)
+        with torch.no_grad():
+            result = tuner.tune(task, bound.device)
         rec = result.record()
         if rec is not None:
             speed = "" if rec["speedup"] is None else f", {rec['speedup']:.2f}x over the default"

@@ -272,3 +272,27 @@ def test_two_processes_tune_the_same_key_once(tmp_path):
     assert hows in (["tuned", "waited"], ["hit", "tuned"])
     assert len(log.read_text().split()) == 1  # one search in all
     assert got[0][2:] == got[1][2:] == ({"lowering": "chunked", "tile": {"BT": 128}}, 0.9)
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+@pytest.mark.gpu
+def test_gpu_tunes_with_events_and_checks_the_winner(monkeypatch, capsys):
+    """The real path: CUDA events, rotating inputs, Triton configs, the correctness check."""
+    small = Settings(warmup_ms=2, rep_ms=5, max_configs=6, budget_s=120)
+    monkeypatch.setattr(tuner_mod, "default_tuner",
+                        lambda settings=None, progress=None: Tuner(settings=small))
+    op = ssmc.compile(ssmc.ops.mamba2)
+    inputs = ssd_inputs(b=2, t=256, h=4, g=1, n=64, p=64, dt_bias=False, dtype=torch.bfloat16,
+                        device="cuda")
+    y = op(**inputs)
+    assert torch.isfinite(y).all()
+    rec = tuner_mod.cache_for(y.device).load(_gpu_key(op))
+    assert rec is not None and rec["median_ms"] > 0 and rec["checked_against_default"]
+    assert sum(r["status"] == "ok" for r in rec["results"]) >= 2
+    assert "ssmc: autotune: tuning ssd" in capsys.readouterr().err
+
+
+def _gpu_key(op):
+    return TuneKey.make(op.program, backend=op.backend_name, lowering=op.lowering,
+                        dtype="bfloat16", sizes=dict(b=2, t=256, h=4, g=1, n=64, p=64))
