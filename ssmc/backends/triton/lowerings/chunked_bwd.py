@@ -421,9 +421,8 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
 def _reverse_cumsum(w: torch.Tensor, reverse: bool, cu_seqlens) -> torch.Tensor:
     """sum over u >= r in the direction's own time, per sequence: w (b, t, h, n)."""
     if cu_seqlens is None:
-        if reverse:
-            return w.cumsum(1)
-        return w.flip(1).cumsum(1).flip(1)
+        w64 = w.double()
+        return (w64.cumsum(1) if reverse else w64.flip(1).cumsum(1).flip(1)).to(w.dtype)
     # packed: differences of one running sum, in float64 against cancellation
     w64 = w.double()
     cs = torch.cat([torch.zeros_like(w64[:, :1]), w64.cumsum(1)], 1)   # cs[i] = sum_{<i}

@@ -1,0 +1,265 @@
+"""`kernel.backward` of the Triton backend against the reference backend's backward (autograd
+through the float64 sequential scan), and against finite differences in float64.
+
+Every built-in (ssd with D, z, dt_bias, softplus, a clamp and groups g < h; selective_scan;
+retention; gla; linear_attention) x lowering (scan; chunked; quadratic, which uses the chunked
+backward) x direction (the built-ins' look-alikes for reverse and bidirectional), with initial
+states and grad_final; packed sequences (empty ones inside and at the end); several chunks
+(t = 100); bf16; definitions nobody wrote a gradient for (a sigmoid-gated decay with a tanh
+epilogue; a decay per (p, n) element, scan only); `torch.autograd.gradcheck` in float64 on tiny
+shapes through a small autograd.Function calling the kernel's forward and backward.
+
+Tolerances, relative L2 error of every gradient: fp32 1e-5 for the scan backward; 3e-5 for the
+chunked one (its decay gradient is a reverse running sum of q dq - k dk, whose terms cancel;
+parameters such as A sum it over t again); bf16 3e-2 (gradients are rounded to bf16).
+"""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from ssmc.backends import get_backend
+from ssmc.passes import legal_lowerings
+from ssmc.plan import Plan
+from tests.backends.triton.conftest import rel_l2
+from tests.backends.triton.test_scan import (BUILTINS, builtin, cu_seqlens, custom, inputs_for,
+                                             shape_for, state_for)
+
+DIRECTIONS = ("forward", "reverse", "bidirectional")
+LOWERINGS = ("scan", "chunked", "quadratic")
+#: packed sequence lengths: empty ones inside and at the end, one longer than a 16-step chunk
+LENGTHS = (3, 0, 20, 1, 0)
+GRAD_TOL = {("scan", torch.float32): 1e-5, ("chunked", torch.float32): 3e-5,
+            ("quadratic", torch.float32): 3e-5, torch.bfloat16: 3e-2, torch.float64: 1e-10}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel_cache_dir(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SSMC_CACHE_DIR", str(tmp_path_factory.mktemp("ssmc_cache")))
+    yield
+    mp.undo()
+
+
+def definition_for(name: str, direction: str):
+    return builtin(name, direction) if name in BUILTINS else custom(name, direction)
+
+
+def _plan(defn, lowering, dtype, h0, gF, varlen):
+    return Plan(program=defn.program, lowering=lowering, dtype=str(dtype).split(".")[1],
+                has_initial_state=h0, return_final_state=gF, varlen=varlen)
+
+
+def _skip_unless_legal(defn, lowering):
+    if lowering not in legal_lowerings(defn.program):
+        pytest.skip(f"{lowering} is not legal for decay kind {defn.program.decay_kind.value}")
+
+
+def check_backward(defn, lowering: str, sizes: dict, *, dtype=torch.float32, h0=True,
+                   grad_final=True, lengths=None, seed=0, tol=None, device="cpu"):
+    """Compare the Triton kernel's backward with the reference backend's (float64 on the same
+    rounded inputs). Returns the relative L2 errors by gradient name."""
+    _skip_unless_legal(defn, lowering)
+    program = defn.program
+    inputs = {k: v.to(device) for k, v in inputs_for(defn, sizes, dtype=dtype, seed=seed).items()}
+    S = sizes["b"] if lengths is None else len(lengths)
+    state = state_for(defn, sizes, num_states=S, seed=seed + 1).to(device) if h0 else None
+    cu = None if lengths is None else cu_seqlens(lengths).to(device)
+    plan = _plan(defn, lowering, dtype, h0, grad_final, cu is not None)
+    kernel = get_backend("triton").compile(plan)
+    ref = get_backend("reference").compile(_plan(defn, "scan", torch.float64, h0, grad_final,
+                                                 cu is not None))
+    gen = torch.Generator().manual_seed(seed + 2)
+    B, T, H, N, P = (sizes[a] for a in "bthnp")
+    grad_out = torch.randn(B, T, H, P, generator=gen).to(dtype=dtype, device=device)
+    gF = None
+    if grad_final:
+        ndir = len(program.recurrence.directions)
+        shape = ((ndir,) if ndir > 1 else ()) + (S, H, N, P)
+        gF = torch.randn(shape, generator=gen).to(device)
+    grads, g_h0 = kernel.backward(inputs, sizes, state, cu, grad_out, gF)
+    r_inputs = {k: v.double() for k, v in inputs.items()}
+    r_grads, r_h0 = ref.backward(r_inputs, sizes, None if state is None else state.double(), cu,
+                                 grad_out.double(), None if gF is None else gF.double())
+    if tol is None:
+        tol = GRAD_TOL.get(dtype) or GRAD_TOL[(lowering, dtype)]
+    pairs = [(f"grad {k}", grads.get(k), r_grads[k], inputs[k]) for k in inputs]
+    if h0:
+        pairs.append(("grad initial_state", g_h0, r_h0, state))
+    problems, errors = [], {}
+    for name, got, want, like in pairs:
+        if want is None:
+            want = torch.zeros_like(like, dtype=torch.float64)
+        if got is None or tuple(got.shape) != tuple(like.shape) or got.dtype != like.dtype:
+            problems.append(f"{name}: got {None if got is None else (tuple(got.shape), got.dtype)}"
+                            f", expected {(tuple(like.shape), like.dtype)}")
+            continue
+        if not torch.isfinite(got).all():
+            problems.append(f"{name}: non-finite values")
+            continue
+        err, max_abs = rel_l2(got, want)
+        errors[name] = err
+        if not err <= tol:
+            problems.append(f"{name}: relative L2 error {err:.3e} > tol {tol:.1e} "
+                            f"(max abs error {max_abs:.3e})")
+    if problems:
+        raise AssertionError(
+            f"triton-{lowering} backward of {program.name} ({dtype}, {sizes}, h0={h0}, "
+            f"grad_final={grad_final}, lengths={lengths}) disagrees with the reference:\n  "
+            + "\n  ".join(problems))
+    return errors
+
+
+# --------------------------------------------------------------------------- every built-in
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("name", list(BUILTINS))
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_backward_builtin(lowering, name, direction):
+    if lowering == "quadratic" and direction == "reverse":
+        pytest.skip("quadratic shares the chunked backward; reverse is covered there")
+    check_backward(builtin(name, direction), lowering, shape_for(name, "t7"))
+
+
+@pytest.mark.parametrize("name", list(BUILTINS))
+@pytest.mark.parametrize("lowering", ["scan", "chunked"])
+def test_backward_builtin_without_states(lowering, name):
+    check_backward(builtin(name), lowering, shape_for(name, "t7"), h0=False, grad_final=False,
+                   seed=3)
+
+
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_backward_chunked_several_chunks(name):
+    check_backward(builtin(name, "bidirectional"), "chunked", shape_for(name, "t100"), seed=4)
+
+
+@pytest.mark.parametrize("name", ["ssd", "gla"])
+def test_backward_scan_several_checkpoints(name):
+    """t = 63: several 16-step checkpoint segments, the last one partial."""
+    check_backward(builtin(name, "reverse"), "scan", shape_for(name, "t63"), seed=5)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("name", ["ssd", "gla", "retention", "linear_attention"])
+@pytest.mark.parametrize("lowering", ["scan", "chunked"])
+def test_backward_varlen(lowering, name, direction):
+    if lowering == "scan" and name in ("retention", "linear_attention"):
+        pytest.skip("covered by ssd and gla on the scan (interpreter time)")
+    sizes = dict(shape_for(name, "t7"), b=1, t=sum(LENGTHS))
+    check_backward(builtin(name, direction), lowering, sizes, lengths=LENGTHS, seed=6)
+
+
+def test_backward_quadratic_varlen():
+    sizes = dict(shape_for("ssd", "t7"), b=1, t=sum(LENGTHS))
+    check_backward(builtin("ssd", "bidirectional"), "quadratic", sizes, lengths=LENGTHS, seed=7)
+
+
+@pytest.mark.parametrize("name", ["ssd", "gla", "selective_scan"])
+@pytest.mark.parametrize("lowering", ["scan", "chunked"])
+def test_backward_bf16(lowering, name):
+    check_backward(builtin(name), lowering, shape_for(name, "t63"), dtype=torch.bfloat16,
+                   seed=8)
+
+
+# --------------------------------------------------------------------------- custom definitions
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_backward_custom_gated(lowering, direction):
+    """A sigmoid-gated decay that also gates the value, a tanh epilogue: nobody wrote this
+    gradient; sympy derived it."""
+    check_backward(custom("gated", direction), lowering, shape_for("gated", "t7"), seed=9)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_backward_custom_per_channel(direction):
+    """A decay per (p, n) element (scan only): the decay gradient needs S_{t-1} and dS_t."""
+    check_backward(custom("per_channel", direction), "scan", shape_for("per_channel", "t7"),
+                   seed=10)
+
+
+def test_backward_custom_per_channel_varlen():
+    sizes = dict(shape_for("per_channel", "t7"), b=1, t=sum(LENGTHS))
+    check_backward(custom("per_channel", "bidirectional"), "scan", sizes, lengths=LENGTHS,
+                   seed=11)
+
+
+# --------------------------------------------------------------------------- finite differences
+
+class _Op(torch.autograd.Function):
+    """y, final = kernel(...) with kernel.backward as its backward (float64 gradcheck)."""
+
+    @staticmethod
+    def forward(ctx, kernel, names, sizes, cu, h0, *tensors):
+        inputs = dict(zip(names, tensors))
+        out, final = kernel(inputs, sizes, h0, cu)
+        ctx.save_for_backward(h0, *tensors)
+        ctx.kernel, ctx.names, ctx.sizes, ctx.cu = kernel, names, sizes, cu
+        return out, final
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_final):
+        h0, *tensors = ctx.saved_tensors
+        inputs = dict(zip(ctx.names, tensors))
+        grads, g_h0 = ctx.kernel.backward(inputs, ctx.sizes, h0, ctx.cu, grad_out.contiguous(),
+                                          grad_final)
+        return (None, None, None, None, g_h0) + tuple(grads[n] for n in ctx.names)
+
+
+@pytest.mark.parametrize("case", [
+    ("ssd", "scan", "forward", None), ("gated", "scan", "bidirectional", None),
+    ("per_channel", "scan", "reverse", (2, 0, 3)), ("ssd", "chunked", "bidirectional", None),
+    ("gla", "chunked", "forward", (2, 0, 3)), ("gated", "quadratic", "reverse", None),
+], ids=lambda c: "-".join(str(x) for x in c if x is not None and not isinstance(x, tuple))
+    + ("-varlen" if c[3] else ""))
+def test_backward_gradcheck(case):
+    name, lowering, direction, lengths = case
+    defn = definition_for(name, direction)
+    _skip_unless_legal(defn, lowering)
+    sizes = dict(b=2, t=5, h=2, g=1, n=2, p=1 if name == "selective_scan" else 2)
+    if lengths is not None:
+        sizes.update(b=1, t=sum(lengths))
+    S = sizes["b"] if lengths is None else len(lengths)
+    inputs = inputs_for(defn, sizes, dtype=torch.float64, seed=12)
+    h0 = state_for(defn, sizes, num_states=S, seed=13).double().requires_grad_(True)
+    cu = None if lengths is None else cu_seqlens(lengths)
+    plan = _plan(defn, lowering, torch.float64, True, True, cu is not None)
+    kernel = get_backend("triton").compile(plan)
+    names = list(inputs)
+    leaves = [inputs[n].requires_grad_(True) for n in names]
+
+    def fn(h0, *tensors):
+        return _Op.apply(kernel, names, sizes, cu, h0, *tensors)
+
+    assert torch.autograd.gradcheck(fn, (h0, *leaves), eps=1e-6, atol=1e-6, rtol=1e-5,
+                                    fast_mode=True)
+
+
+# --------------------------------------------------------------------------- GPU, real shapes
+
+GPU_SIZES = dict(b=2, t=1024, h=8, g=2, n=64, p=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+@pytest.mark.parametrize("name", list(BUILTINS) + ["gated", "per_channel"])
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_backward_gpu_real_shapes(lowering, name, direction):
+    defn = definition_for(name, direction)
+    sizes = dict(GPU_SIZES, p=1) if name == "selective_scan" else GPU_SIZES
+    check_backward(defn, lowering, sizes, dtype=torch.bfloat16, seed=14, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_backward_gpu_real_shapes_varlen(lowering):
+    lengths = (1000, 0, 24, 1, 999)
+    sizes = dict(GPU_SIZES, b=1, t=sum(lengths))
+    check_backward(builtin("ssd"), lowering, sizes, dtype=torch.bfloat16, lengths=lengths,
+                   seed=15, device="cuda")
+
+
+def test_backward_checker_detects_a_mismatch():
+    with pytest.raises(AssertionError, match="relative L2 error"):
+        check_backward(builtin("gla"), "chunked", shape_for("gla", "t7"), tol=1e-12)
