@@ -343,6 +343,11 @@ def _tune_table(record: dict, top: int) -> list[str]:
     return out
 
 
+def device_slug_of(cache) -> str:
+    from .autotune.cache import device_slug
+    return device_slug(cache.env)
+
+
 def _show_cache() -> int:
     from .autotune.cache import all_caches
     from .config import cache_dir
@@ -394,7 +399,8 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.export_defaults:
         device = _tune_device(args.device)
         cache = TuneCache.for_device(device)
-        n = export_defaults(cache, _device_model(device), Path(args.export_defaults))
+        model = tuner_mod.defaults_model(device) or device_slug_of(cache)
+        n = export_defaults(cache, model, Path(args.export_defaults))
         print(f"wrote {n} tuned configs for {cache.env.get('gpu')} to {args.export_defaults}")
         return 0
     if not args.definition:

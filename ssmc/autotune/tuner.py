@@ -362,8 +362,9 @@ def _tuned_plan(op, bound, plan: Plan, lowerings: list[str], mode: str) -> Plan:
                        return_final_state=plan.return_final_state, varlen=plan.varlen)
     cache = cache_for(bound.device)
     record = cache.load(key)
-    if record is None:
-        record = packaged_defaults(_device_model(bound.device)).get(key.text())
+    model = defaults_model(bound.device)
+    if record is None and model is not None:
+        record = packaged_defaults(model).get(key.text())
     if record is not None:
         return _apply(record, plan, lowerings) or plan
     if mode != "full" or _compiling() or not _real_tensors(bound):
@@ -407,6 +408,18 @@ def _real_tensors(bound) -> bool:
         def is_fake(t):
             return False
     return all(not is_fake(t) and t.device.type != "meta" for t in bound.tensors.values())
+
+
+def defaults_model(device) -> str | None:
+    """The GPU model whose shipped defaults apply (`h100`, `h200`, ...), or None: unlike the
+    cost model, which assumes an H100 for an unknown GPU, defaults are only used on their own
+    model."""
+    from ..passes import DEVICES
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return next((key for key in DEVICES if key != "cpu" and key in name), None)
 
 
 def _compiling() -> bool:

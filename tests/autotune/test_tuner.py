@@ -178,6 +178,24 @@ def test_policy_off_and_cached_never_measure(fake_tuning, monkeypatch):
     assert op.last_plan.lowering == default_lowering
 
 
+def test_shipped_defaults_are_used_on_their_gpu_model(fake_tuning, monkeypatch):
+    from ssmc.autotune import cache as cache_mod
+    op = ssmc.compile(ssmc.ops.mamba2, backend="reference")
+    key = _key(op)
+    shipped = {"format": 1, "key": key.text(), "config": {"lowering": "chunked", "tile": {}},
+               "median_ms": 1.0}
+    cache_mod._packaged_memo["h100"] = {key.text(): shipped}
+    monkeypatch.setenv("SSMC_AUTOTUNE", "cached")
+    monkeypatch.setattr(tuner_mod, "defaults_model", lambda device: "h100")
+    op(**mamba2_inputs())
+    assert op.last_plan.lowering == "chunked" and not fake_tuning.timed
+    # another GPU model: not used
+    monkeypatch.setattr(tuner_mod, "defaults_model", lambda device: None)
+    op = ssmc.compile(ssmc.ops.mamba2, backend="reference")
+    op(**mamba2_inputs())
+    assert op.last_plan.lowering == "quadratic"
+
+
 def test_policy_invalid_value(monkeypatch):
     monkeypatch.setenv("SSMC_AUTOTUNE", "always")
     with pytest.raises(ValueError, match="SSMC_AUTOTUNE='always' is not valid; valid values: "
