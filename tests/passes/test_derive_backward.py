@@ -1,0 +1,82 @@
+"""derive_backward: sympy.diff of the epilogue and of each recurrence operand w.r.t. each input."""
+import importlib
+
+import sympy as sp
+
+import ssmc
+from ssmc import dsl as S
+from ssmc.ir import Y, Sigmoid, Silu, Softplus, symbol
+from ssmc.passes.derive_backward import cse, derive_backward
+
+ssd_module = importlib.import_module("ssmc.ops.ssd")  # ssmc.ops.ssd is also a function
+
+x, dt, A, B, C, D, z, dt_bias = (symbol(n) for n in ("x", "dt", "A", "B", "C", "D", "z",
+                                                      "dt_bias"))
+
+
+def test_mamba2_derivatives():
+    prog = ssd_module.build(has_D=True, has_z=True, has_dt_bias=True, dt_softplus=True).program
+    d = derive_backward(prog)
+    sdt = Softplus(dt + dt_bias)
+    assert sp.simplify(d.epilogue_dy - Silu(z)) == 0
+    assert set(d.epilogue) == {"x", "D", "z"}
+    assert sp.simplify(d.epilogue["D"] - x * Silu(z)) == 0
+    assert d.needs_y  # dE/dz = (y + D x) silu'(z)
+    ops = d.operands
+    assert set(ops) == {"key", "value", "query", "decay", "log_decay"}
+    assert ops["key"] == {"B": 1} and ops["query"] == {"C": 1}
+    assert sp.simplify(ops["value"]["x"] - sdt) == 0
+    assert sp.simplify(ops["value"]["dt"] - x * Sigmoid(dt + dt_bias)) == 0
+    assert sp.simplify(ops["log_decay"]["A"] - sdt) == 0
+    assert sp.simplify(ops["log_decay"]["dt_bias"] - A * Sigmoid(dt + dt_bias)) == 0
+    assert sp.simplify(ops["decay"]["A"] - sdt * sp.exp(A * sdt)) == 0
+
+
+def test_custom_sigmoid_gate_and_tanh_epilogue():
+    @ssmc.ssm
+    def gated(x: S.In["b t h p"], a: S.In["b t h"], k: S.In["b t h n"], q: S.In["b t h n"]):
+        y = S.recurrence(decay=S.sigmoid(a), key=k, value=x * (1 - S.sigmoid(a)), query=q)
+        return S.tanh(y)
+
+    a = symbol("a")
+    d = derive_backward(gated.program)
+    assert sp.simplify(d.epilogue_dy - (1 - sp.tanh(Y) ** 2)) == 0
+    assert d.epilogue == {} and d.needs_y
+    assert sp.simplify(d.operands["decay"]["a"] - Sigmoid(a) * (1 - Sigmoid(a))) == 0
+    assert sp.simplify(d.operands["log_decay"]["a"] - (1 - Sigmoid(a))) == 0
+    assert sp.simplify(d.operands["value"]["a"] + x * Sigmoid(a) * (1 - Sigmoid(a))) == 0
+
+
+def test_linear_epilogue_needs_no_y_and_no_decay():
+    @ssmc.ssm
+    def la(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"]):
+        return S.recurrence(key=k, value=v, query=q * 0.5)
+
+    d = derive_backward(la.program)
+    assert d.epilogue_dy == 1 and not d.needs_y
+    assert "decay" not in d.operands and "log_decay" not in d.operands
+    assert d.operands["query"] == {"q": sp.Float(0.5)}
+    assert d.inputs_with_gradient() == {"q", "k", "v"}
+
+
+def test_clamp_differentiates_to_heaviside():
+    @ssmc.ssm
+    def clamped(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"]):
+        y = S.recurrence(key=k, value=S.clamp(v, -1.0, 1.0), query=q)
+        return S.maximum(y, 0.0)
+
+    d = derive_backward(clamped.program)
+    assert d.epilogue_dy.has(sp.Heaviside)
+    assert d.operands["value"]["v"].has(sp.Heaviside)
+
+
+def test_cse_shares_subexpressions():
+    e = [sp.exp(x * dt) * Sigmoid(x * dt), sp.exp(x * dt) + 1]
+    replacements, reduced = cse(e)
+    assert replacements and all(s.name.startswith("bwd_cse") for s, _ in replacements)
+    assert [r.xreplace(dict(replacements[::-1])) for r in reduced] != []
+
+
+def test_memoised():
+    prog = ssd_module.build(has_D=True).program
+    assert derive_backward(prog) is derive_backward(prog)
