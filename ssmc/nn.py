@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import api
 from .errors import ShapeError, UnsupportedError
+from .torch.ops import compiled
 
 __all__ = ["InferenceParams", "RMSNormGated", "Mamba2", "SSMLayer", "causal_conv1d",
            "seq_idx_from_cu_seqlens"]
@@ -47,20 +48,6 @@ class InferenceParams:
         self.seqlen_offset = 0
         if self.lengths_per_sample is not None:
             self.lengths_per_sample.zero_()
-
-
-# compiled ops by their options: a plain dict, which torch.compile traces as a lookup (an
-# lru_cache-wrapped builder would be traced into)
-_OPS: dict = {}
-
-
-def _compiled(builder, options: tuple, backend: str, lowering: str) -> api.CompiledOp:
-    key = (builder, options, backend, lowering)
-    op = _OPS.get(key)
-    if op is None:
-        op = _OPS[key] = api.compile(builder(**dict(options)), backend=backend,
-                                     lowering=lowering)
-    return op
 
 
 # ------------------------------------------------------------------------------ building blocks
@@ -203,11 +190,11 @@ class Mamba2(nn.Module):
                        has_dt_bias=True, dt_softplus=True, dt_min=float(self.dt_limit[0]),
                        dt_max=float(self.dt_limit[1]))
         self._ssd_key = (build, tuple(sorted(options.items())), backend, lowering)
-        _compiled(*self._ssd_key)  # built now: a first call may be under torch.compile
+        compiled(*self._ssd_key)  # built now: a first call may be under torch.compile
 
     @property
     def ssd_op(self) -> api.CompiledOp:
-        return _compiled(*self._ssd_key)
+        return compiled(*self._ssd_key)
 
     # -------------------------------------------------------------------------- pieces
 

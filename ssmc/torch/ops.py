@@ -281,3 +281,21 @@ def call(compiled_op, bound: Bound):
     if bound.return_final_state:
         return out, final
     return out
+
+
+# compiled ops of builder variants (ssmc.nn, ssmc.compat), in a plain dict: torch.compile traces
+# a hit as a lookup (an lru_cache-wrapped builder would be traced into, rebuilding the
+# definition). The first call with new options builds the op, so it must not be under tracing.
+_VARIANTS: dict = {}
+
+
+def compiled(builder, options: tuple, backend: str = "auto", lowering: str = "auto"):
+    """The CompiledOp of `builder(**dict(options))`, built once per (options, backend, lowering);
+    `options` is a sorted tuple of (name, value) pairs."""
+    key = (builder, options, backend, lowering)
+    op = _VARIANTS.get(key)
+    if op is None:
+        from ..api import compile as compile_op
+        op = _VARIANTS[key] = compile_op(builder(**dict(options)), backend=backend,
+                                         lowering=lowering)
+    return op

@@ -1,0 +1,193 @@
+"""mamba_ssm's entry points (2.3.x) on ssmc ops.
+
+- `mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
+  initial_states=None, seq_idx=None, cu_seqlens=None, dt_softplus=False,
+  dt_limit=(0.0, inf), return_final_states=False, return_varlen_states=False)`: Mamba-2 SSD.
+  States are mamba_ssm's (b, h, p, n) (ssmc's are (b, h, n, p)). Returns out, or
+  (out, final_states), (out, varlen_states) or (out, final_states, varlen_states).
+  `chunk_size` is accepted and ignored: ssmc picks its own lowering and tiles. Packed sequences
+  (`seq_idx`, `cu_seqlens`) need batch 1; the state restarts at each sequence.
+- `selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+  dt_softplus=False, state_batch_indices=None)`: one decode step, `state` (b, [h,] dim, n)
+  updated in place; per-channel dt and A as in mamba_ssm (Mamba-2's tied values included).
+- `selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+  delta_softplus=False, return_last_state=False)`: Mamba-1's S6 in mamba_ssm's channel-major
+  (b, d, l) layout; B, C (b, n, l), (b, g, n, l) or time-invariant (d, n). Returns out, or
+  (out, last_state (b, d, n)). Complex A is not supported.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ShapeError, UnsupportedError
+from ..torch.ops import compiled
+
+_INF = float("inf")
+
+
+def _ssd_build():
+    from ..ops.ssd import build
+    return build
+
+
+def _s6_build():
+    from ..ops.selective_scan import build
+    return build
+
+
+def _options(**kw) -> tuple:
+    return tuple(sorted(kw.items()))
+
+
+def _seq_cu(seq_idx: torch.Tensor, total: int) -> torch.Tensor:
+    """cu_seqlens from a (1, t) seq_idx of consecutive indices 0, 0, 1, 1, 1, 2, ..."""
+    nseq = int(seq_idx[0, -1].item()) + 1 if total else 0
+    bounds = torch.arange(nseq + 1, device=seq_idx.device, dtype=seq_idx.dtype)
+    return torch.searchsorted(seq_idx[0].contiguous(), bounds).to(torch.int32)
+
+
+# ---------------------------------------------------------------------------- Mamba-2 SSD
+
+def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
+                              initial_states=None, seq_idx=None, cu_seqlens=None,
+                              dt_softplus=False, dt_limit=(0.0, _INF),
+                              return_final_states=False, return_varlen_states=False, *,
+                              backend="auto", lowering="auto"):
+    """x: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h, p) or (h,);
+    z: (b, l, h, p); dt_bias: (h,); initial_states: (b, h, p, n); seq_idx: (b, l)."""
+    fn = "mamba_chunk_scan_combined()"
+    if return_varlen_states and cu_seqlens is None:
+        raise ValueError(f"{fn}: return_varlen_states=True needs 'cu_seqlens' (as in mamba_ssm)")
+    packed = seq_idx is not None or (cu_seqlens is not None and return_varlen_states)
+    cu = None
+    if packed:
+        if x.shape[0] != 1:
+            name = "seq_idx" if seq_idx is not None else "cu_seqlens"
+            raise UnsupportedError(f"{fn}: {name!r} with batch {x.shape[0]} is not supported; "
+                                   "ssmc packs sequences into batch 1")
+        if initial_states is not None:
+            raise UnsupportedError(f"{fn}: 'initial_states' together with packed sequences "
+                                   "('seq_idx'/'cu_seqlens') is not supported")
+        cu = cu_seqlens if cu_seqlens is not None else _seq_cu(seq_idx, x.shape[1])
+    options = _options(has_D=D is not None, D_per_channel=D is not None and D.dim() == 2,
+                       has_z=z is not None, has_dt_bias=dt_bias is not None,
+                       dt_softplus=bool(dt_softplus), dt_min=float(dt_limit[0]),
+                       dt_max=float(dt_limit[1]))
+    op = compiled(_ssd_build(), options, backend, lowering)
+    tensors = [x, dt, A, B, C] + [t for t in (D, z, dt_bias) if t is not None]
+    h0 = None if initial_states is None else initial_states.transpose(-1, -2)
+    want_state = bool(return_final_states or return_varlen_states)
+    result = op(*tensors, initial_state=h0, cu_seqlens=cu, return_final_state=want_state)
+    if not want_state:
+        return result
+    out, states = result
+    states = states.transpose(-1, -2)  # (.., n, p) -> mamba_ssm's (.., p, n)
+    final = states
+    if packed:
+        final = states[-1:]  # the state at the end of the packed batch: its last sequence's
+    if return_final_states and return_varlen_states:
+        return out, final, states
+    if return_varlen_states:
+        return out, states
+    return out, final
+
+
+# ------------------------------------------------------------------------------ decode step
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                           dt_softplus=False, state_batch_indices=None, *, backend="auto"):
+    """state: (b, dim, n) or (b, h, dim, n), updated in place; x, dt, z: (b, [h,] dim);
+    A: ([h,] dim, n); B, C: (b, [g,] n); D, dt_bias: ([h,] dim). Returns (b, [h,] dim).
+
+    Each (head, channel) pair is a head of ssmc's Mamba-1 definition with value size 1, so the
+    state (b, h, dim, n) is, reshaped, ssmc's (b, h * dim, n, 1)."""
+    fn = "selective_state_update()"
+    has_heads = state.dim() > 3
+    if not has_heads:
+        state = state.unsqueeze(1)
+    x, dt, z = (None if t is None else (t.unsqueeze(1) if t.dim() == 2 else t)
+                for t in (x, dt, z))
+    A = A.unsqueeze(0) if A.dim() == 2 else A
+    B, C = (t.unsqueeze(1) if t.dim() == 2 else t for t in (B, C))
+    D, dt_bias = (None if t is None else (t.unsqueeze(0) if t.dim() == 1 else t)
+                  for t in (D, dt_bias))
+    _, h, dim, n = state.shape
+    batch = x.shape[0]
+    if state_batch_indices is None and state.shape[0] != batch:
+        raise ShapeError(f"{fn}: the state has batch {state.shape[0]} but x has {batch}; pass "
+                         "state_batch_indices to update some rows of a larger state")
+    for name, t, want in (("x", x, (batch, h, dim)), ("dt", dt, (batch, h, dim)),
+                          ("z", z, (batch, h, dim)), ("A", A, (h, dim, n)),
+                          ("D", D, (h, dim)), ("dt_bias", dt_bias, (h, dim))):
+        if t is not None and tuple(t.shape) != want:
+            raise ShapeError(f"{fn}: {name!r} has shape {tuple(t.shape)} (heads added where "
+                             f"missing); expected {want} for a state of shape "
+                             f"{tuple(state.shape)}")
+    H = h * dim
+    options = _options(has_D=D is not None, has_z=z is not None,
+                       has_delta_bias=dt_bias is not None, delta_softplus=bool(dt_softplus))
+    op = compiled(_s6_build(), options, backend, "scan")
+    tensors = [x.reshape(batch, H, 1), dt.reshape(batch, H), A.reshape(H, n), B, C]
+    tensors += [t for t in (None if D is None else D.reshape(H),
+                            None if z is None else z.reshape(batch, H, 1),
+                            None if dt_bias is None else dt_bias.reshape(H))
+                if t is not None]
+    target = state if state_batch_indices is None else state[state_batch_indices]
+    work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    direct = (target is state and state.dtype == work_dtype and state.is_contiguous())
+    work = state.view(batch, H, n, 1) if direct else \
+        target.to(work_dtype).contiguous().view(target.shape[0], H, n, 1)
+    with torch.no_grad():
+        y = op.step(work, *tensors)
+        if not direct:
+            new = work.view(target.shape).to(state.dtype)
+            if state_batch_indices is None:
+                state.copy_(new)
+            else:
+                state[state_batch_indices] = new
+    y = y.reshape(batch, h, dim).to(x.dtype)
+    return y if has_heads else y.squeeze(1)
+
+
+# ------------------------------------------------------------------------- Mamba-1 (S6)
+
+def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False, *, backend="auto", lowering="auto"):
+    """u, delta, z: (b, d, l); A: (d, n) real; B, C: (b, n, l), (b, g, n, l) or (d, n);
+    D, delta_bias: (d,). Returns out (b, d, l) [and last_state (b, d, n)]."""
+    fn = "selective_scan_fn()"
+    if A.is_complex():
+        raise UnsupportedError(f"{fn}: complex 'A' is not supported (real SSMs only)")
+    batch, d, length = u.shape
+
+    def time_major(M, name):
+        if M.is_complex():
+            raise UnsupportedError(f"{fn}: complex {name!r} is not supported")
+        if M.dim() == 2:  # time-invariant (d, n): one group per channel
+            return M.unsqueeze(0).unsqueeze(0).expand(batch, length, d, M.shape[-1])
+        if M.dim() == 3:  # (b, n, l)
+            return M.transpose(1, 2).unsqueeze(2)
+        if M.dim() == 4:  # (b, g, n, l)
+            return M.permute(0, 3, 1, 2)
+        raise ShapeError(f"{fn}: {name!r} has shape {tuple(M.shape)}; expected (d, n), "
+                         "(b, n, l) or (b, g, n, l)")
+
+    Bt, Ct = time_major(B, "B"), time_major(C, "C")
+    if Bt.shape[2] != Ct.shape[2]:  # one of them time-invariant: give both per-channel groups
+        Bt = Bt.expand(batch, length, d, Bt.shape[-1]) if Bt.shape[2] == 1 else Bt
+        Ct = Ct.expand(batch, length, d, Ct.shape[-1]) if Ct.shape[2] == 1 else Ct
+        if Bt.shape[2] != Ct.shape[2]:
+            raise UnsupportedError(f"{fn}: 'B' and 'C' with different group counts "
+                                   f"({B.shape} and {C.shape}) are not supported")
+    options = _options(has_D=D is not None, has_z=z is not None,
+                       has_delta_bias=delta_bias is not None,
+                       delta_softplus=bool(delta_softplus))
+    op = compiled(_s6_build(), options, backend, lowering)
+    tensors = [u.transpose(1, 2).unsqueeze(-1), delta.transpose(1, 2), A, Bt, Ct]
+    tensors += [t for t in (D, None if z is None else z.transpose(1, 2).unsqueeze(-1),
+                            delta_bias) if t is not None]
+    result = op(*tensors, return_final_state=bool(return_last_state))
+    if return_last_state:
+        out, last = result
+        return out.squeeze(-1).transpose(1, 2), last.squeeze(-1)
+    return result.squeeze(-1).transpose(1, 2)
