@@ -19,6 +19,7 @@ import triton.testing
 
 import ssmc
 from ssmc.ops import ssd
+from ssmc.ops.ssd import build as build_ssd
 
 H, P, N, G = 80, 64, 128, 1
 SHAPES = [(8, 4096), (16, 2048), (2, 16384)]
@@ -140,8 +141,8 @@ def decode_rows():
     x, dt, A, B, C, D, z, dt_bias = (v[:, 0] if v.dim() > 1 and v.shape[0] == b else v
                                      for v in ssd_inputs(b, 1))
     state = torch.randn(b, H, N, P, device="cuda", dtype=torch.float32)
-    op = ssmc.compile(ssmc.ops.ssd.build(has_D=True, has_z=True, has_dt_bias=True,
-                                         dt_softplus=True), backend="triton")
+    op = ssmc.compile(build_ssd(has_D=True, has_z=True, has_dt_bias=True, dt_softplus=True),
+                      backend="triton")
     if hasattr(op, "step"):
         def ours():
             return op.step(state, x, dt, A, B, C, D, z, dt_bias)
@@ -188,7 +189,8 @@ def check_reference():
     out = []
     x, dt, A, B, C, D, z, dt_bias = ssd_inputs(2, 1024, seed=1)
     ref = ssd(*(v.double() for v in (x, dt, A, B, C)), D=D.double(), z=z.double(),
-              dt_bias=dt_bias.double(), dt_softplus=True, backend="reference")
+              dt_bias=dt_bias.double(), dt_softplus=True, backend="reference",
+              lowering="scan")
     for low in ("scan", "chunked", "quadratic"):
         try:
             y = ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
@@ -213,13 +215,18 @@ def main():
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__,
           "triton", triton.__version__)
     rows = []
-    parts = args.only.split(",")
-    if "check" in parts:
-        rows += check_reference()
-    if "fwd" in parts:
-        rows += forward_rows(args.quick)
-    if "decode" in parts:
-        rows += decode_rows()
+    sections = {"check": check_reference, "fwd": lambda: forward_rows(args.quick),
+                "decode": decode_rows}
+    for part in args.only.split(","):
+        try:
+            new = sections[part]()
+        except Exception as e:  # noqa: BLE001 - one failing section must not hide the others
+            import traceback
+            traceback.print_exc()
+            new = [dict(kind=part, error=repr(e)[:120])]
+        for r in new:
+            print("#", json.dumps(r), flush=True)
+        rows += new
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys]

@@ -407,11 +407,11 @@ def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
         BT = CS = tile.get("BT", 16)
     else:
         BT = tile.get("BT", 64)
-        CS = tile.get("CS", 128)
+        CS = tile.get("CS", BT)
     BN_state = tile.get("BN_state", BN)
     BP_state = tile.get("BP_state", max(min(next_pow2(P), 64), 16))
     if "BN_state" not in tile and "BP_state" not in tile:
-        while (n_programs * triton.cdiv(N, BN_state) * triton.cdiv(P, BP_state) < 2048
+        while (n_programs * triton.cdiv(N, BN_state) * triton.cdiv(P, BP_state) < 1024
                and max(BN_state, BP_state) > 32):
             if BN_state >= BP_state:
                 BN_state //= 2
