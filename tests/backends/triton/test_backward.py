@@ -162,6 +162,14 @@ def test_backward_bf16(lowering, name):
                    seed=8)
 
 
+@pytest.mark.parametrize("lowering, name, p", [("scan", "per_channel", 40),
+                                                ("chunked", "ssd", 80)])
+def test_backward_several_p_blocks(lowering, name, p):
+    """p wider than one block: sums over p (dq, dk, the decay) add per-block partials."""
+    check_backward(definition_for(name, "forward"), lowering, dict(b=1, t=10, h=2, g=1, n=3,
+                                                                   p=p), seed=16)
+
+
 # --------------------------------------------------------------------------- custom definitions
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

@@ -334,7 +334,7 @@ def render_chunk_kernel(plan: Plan) -> str:
     body("dv = " + dot("tl.trans(A)", "dy") + " + " + dot(o.k_out(), "G"))
     body("row = (b_idx * T + t_row[:, None]) * H + h_idx")
     body("nmask = mask_t[:, None] & mask_n[None, :]")
-    body("part = (pid_p * B * T * H + row) * N + offs_n[None, :]")
+    body("part = (pid_p.to(tl.int64) * B * T * H + row) * N + offs_n[None, :]")
     body("tl.store(ssmc_dq + part, dq, mask=nmask)")
     body("tl.store(ssmc_dk + part, dk, mask=nmask)")
     body("tl.store(ssmc_w + part, query * dq - key * dk, mask=nmask)")
@@ -472,9 +472,11 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         w = torch.zeros(NPB, B, T, H, N, dtype=cdt, device=device)
         dv = torch.zeros(B, T, H, P, dtype=cdt, device=device)
         if n_chunks > 0:
+            # a dozen (BT, BN|BP) tiles live at once: 8 warps keep them in registers on a GPU
+            launch = dict(num_warps=8) if device.type == "cuda" else {}
             module.ssmc_chunked_bwd[(n_chunks, H, NPB)](
                 *args, dy, saved["states"][i], dstates, dq, dk, dv, w, cu, off, seq_of_chunk,
-                B, T, H // G, N, P, REVERSE=reverse, **consts)
+                B, T, H // G, N, P, REVERSE=reverse, **consts, **launch)
         grads = {"query": dq.sum(0).unsqueeze(-1), "key": dk.sum(0).unsqueeze(-1),
                  "value": dv.unsqueeze(3)}
         if has_decay:

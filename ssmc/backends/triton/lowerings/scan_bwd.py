@@ -32,10 +32,11 @@ import triton
 from ....ir import Direction
 from ....plan import Plan
 from ..common import (HEADER, compute_dtype, compute_type, direction_slices, input_args,
-                      input_params, num_sequences)
-from ..render import Context, Emitter, Tile
-from .chunked import chunk_layout
-from .scan import FIXED, _operand, block_sizes
+                      input_params, next_pow2, num_sequences)
+from ..render import Context, Emitter, Tile, tile_mask
+from .chunked_bwd import chunk_layout
+
+FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
 
 #: steps per checkpoint: the scratch holds CK states of n x BP per program
 CK = 16
@@ -70,6 +71,21 @@ T_OF_I = '''if REVERSE:
     t_idx = end - 1 - i
 else:
     t_idx = start + i'''
+
+
+def _operand(ctx: Context, node, name: str, mask_axes) -> str:
+    """Evaluate an operand on the state tile, zero outside the tile's masks."""
+    var = ctx.value(node, f"{name}_raw")
+    mask = tile_mask(ctx.tile, [a for a in node.axes if a in mask_axes])
+    ctx.emit(f"{name} = {var}" if mask is None else f"{name} = tl.where({mask}, {var}, 0.0)")
+    return name
+
+
+def block_sizes(N: int, P: int) -> tuple[int, int]:
+    """All of n; p in blocks so that a state tile has at most 4096 elements (<= 32 wide)."""
+    BN = max(next_pow2(N), 2)
+    BP = max(min(next_pow2(P), max(4096 // BN, 2), 32), 2)
+    return BN, BP
 
 
 def _lines(text: str, level: int) -> str:
@@ -166,7 +182,7 @@ def ssmc_scan_ckpt_fwd(
     rev_b("row = (b_idx * T + t_idx) * H + h_idx")
     rev_b("dy = tl.load(ssmc_dy + row * P + offs_p, mask=mask_p, other=0.0).to(" + ct + ")")
     rev_b("dS = tl.where(state_mask, dS + query * dy[None, :], 0.0)")
-    rev_b("part = (pid_p * B * T * H + row) * N + offs_n")
+    rev_b("part = (pid_p.to(tl.int64) * B * T * H + row) * N + offs_n")
     rev_b("dq = tl.sum(tl.where(state_mask, state * dy[None, :], 0.0), axis=1)")
     rev_b("tl.store(ssmc_dq + part, dq, mask=mask_n)")
     rev_b("dk = tl.sum(tl.where(state_mask, dS * value, 0.0), axis=1)")
@@ -182,8 +198,8 @@ def ssmc_scan_ckpt_fwd(
         elif layout == "n":
             rev_b("tl.store(ssmc_da + part, tl.sum(da, axis=1), mask=mask_n)")
         else:
-            rev_b("tl.store(ssmc_da + pid_p * B * T * H + row, tl.sum(tl.sum(da, axis=1), "
-                  "axis=0))")
+            rev_b("tl.store(ssmc_da + pid_p.to(tl.int64) * B * T * H + row, "
+                  "tl.sum(tl.sum(da, axis=1), axis=0))")
         rev_b("dS = decay * dS")
 
     bwd = f'''
