@@ -397,9 +397,9 @@ def render(plan: Plan) -> str:
 
 def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
     """CS, the state-pass chunk, and BT, the output pass's row block (CS a multiple of BT;
-    per-key decays use CS = BT = 16). The state pass splits n and p into blocks until there are
-    enough programs to fill the GPU (its state recurrence is independent per element); the
-    output pass takes all of n (the query-key contraction) and a p-block."""
+    per-key decays use CS = BT = 16). The state pass may split n and p into blocks (its
+    recurrence is independent per element: `BN_state`, `BP_state`); the output pass takes
+    all of n (the query-key contraction) and a p-block."""
     tile = plan.tile_dict()
     N, P = sizes["n"], sizes["p"]
     BN = max(next_pow2(N), 16)
@@ -408,15 +408,10 @@ def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
     else:
         BT = tile.get("BT", 64)
         CS = tile.get("CS", BT)
+    # measured on H100 (benchmarks/RESULTS.md): splitting the state pass over n to add
+    # programs lost more to re-reading the value than it gained in parallelism
     BN_state = tile.get("BN_state", BN)
     BP_state = tile.get("BP_state", max(min(next_pow2(P), 64), 16))
-    if "BN_state" not in tile and "BP_state" not in tile:
-        while (n_programs * triton.cdiv(N, BN_state) * triton.cdiv(P, BP_state) < 1024
-               and max(BN_state, BP_state) > 32):
-            if BN_state >= BP_state:
-                BN_state //= 2
-            else:
-                BP_state //= 2
     BP_out = tile.get("BP_out", max(min(next_pow2(P), 64 if BN <= 128 else 32), 16))
     return dict(BT=BT, CS=CS, BN=BN, BN_state=BN_state, BP_state=BP_state, BP_out=BP_out,
                 warps_state=tile.get("warps_state", 4), warps_out=tile.get("warps_out", 4),
