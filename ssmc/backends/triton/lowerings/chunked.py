@@ -153,7 +153,9 @@ def render_state_kernel(plan: Plan) -> str:
         c.key_t()
         c.value()
         c.log_decay_keys_t()
-        body("kT_dec = keyT * tl.exp(l_last[:, None] - lcT)")
+        # decay from each key to the chunk's end as a suffix sum: exactly 0 on the last key
+        # (l_last - lcT rounds two different sums and is not)
+        body("kT_dec = keyT * tl.exp(tl.cumsum(ldT, axis=1, reverse=True) - ldT)")
         body(f"state = state * tl.exp(l_last)[:, None] + {c.dot(f'kT_dec.to({c.dt})', 'value')}")
     else:
         key = c.scaled(rec.key, "n", KT_TILE, T_TILE, "keyT", "kt")
@@ -168,7 +170,8 @@ def render_state_kernel(plan: Plan) -> str:
         weights = [s for s in (key[1], val[1]) if s is not None]
         if plan.program.log_decay is not None:
             c.log_decay_rows()
-            weights.append("tl.exp(l_last - lc)")
+            # suffix sums: exactly 0 for the chunk's last key (l_last - lc is not)
+            weights.append("tl.exp(tl.cumsum(ld, axis=0, reverse=True) - ld)")
         if weights:
             body(f"w = tl.where(mask_t, {' * '.join(weights)}, 0.0)")
             body(f"kT_dec = ({key[0]} * w[None, :]).to({c.dt})")
