@@ -162,7 +162,8 @@ def compile(definition: Definition, backend: str = "auto", lowering: str = "auto
 
 def attention_matrix(op, *args, **kwargs) -> torch.Tensor:
     """The hidden attention matrix M (b, h, t, t) of a definition on these inputs: y = M value,
-    before the epilogue. Computed in float64."""
+    before the epilogue. On CUDA tensors the Triton quadratic kernel builds it in float32
+    (float64 for float64 inputs); elsewhere the float64 reference does."""
     definition = op.definition if isinstance(op, CompiledOp) else op
     if not isinstance(definition, Definition):
         raise TypeError(f"attention_matrix expects an ssmc definition or compiled op, got "
@@ -171,4 +172,9 @@ def attention_matrix(op, *args, **kwargs) -> torch.Tensor:
     if bound.cu_seqlens is not None or bound.initial_state is not None:
         raise UnsupportedError("attention_matrix: 'cu_seqlens' and 'initial_state' are not "
                                "supported; pass one unpacked batch")
+    if bound.device.type == "cuda":
+        from .backends.triton.lowerings.quadratic import attention_matrix as triton_matrix
+        plan = Plan(program=definition.program, lowering="quadratic",
+                    dtype=str(bound.dtype).split(".")[1])
+        return triton_matrix(plan, bound.tensors, bound.sizes)
     return reference.attention_matrix(definition.program, bound.tensors, bound.sizes)

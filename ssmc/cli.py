@@ -493,12 +493,83 @@ def run_tune(args: argparse.Namespace) -> int:
 
 # -- the registry and main ----------------------------------------------------------------
 
+# -- compile ----------------------------------------------------------------------------
+
+EMIT_LOWERINGS = ("all", "scan", "chunked", "quadratic")
+
+
+def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("definition", metavar="MODULE:FUNCTION",
+                        help="an ssmc definition, e.g. ssmc.ops.ssd:mamba2")
+    parser.add_argument("--emit", required=True, choices=("triton", "tvm"),
+                        help="print the generated kernel source of this backend")
+    parser.add_argument("--lowering", default="all", choices=EMIT_LOWERINGS,
+                        help="which lowering (default: every legal one)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
+                        help="input dtype (default: bf16)")
+    parser.add_argument("--shape", default=None,
+                        help="axis sizes; needed for --emit tvm, which specialises h, g, n, p")
+    parser.add_argument("--initial-state", action="store_true", help="kernel takes a state")
+    parser.add_argument("--final-state", action="store_true", help="kernel returns a state")
+    parser.add_argument("--varlen", action="store_true", help="packed sequences (cu_seqlens)")
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    """Print the kernel source a backend generates for a definition."""
+    from .backends import registered
+    from .passes import legal_lowerings
+    from .plan import Plan
+
+    definition = load_definition(args.definition)
+    program = definition.program
+    legal = legal_lowerings(program)
+    lowerings = legal if args.lowering == "all" else (args.lowering,)
+    if args.lowering != "all" and args.lowering not in legal:
+        raise CLIError(f"--lowering {args.lowering} is not legal for decay kind "
+                       f"{program.decay_kind.value!r}; legal: {', '.join(legal)}")
+    backend = registered().get(args.emit)
+    if backend is None or not backend.is_available():
+        raise CLIError(f"the {args.emit} backend is not available here")
+    sizes = None
+    if args.emit == "tvm":
+        if args.shape is None:
+            raise CLIError("--emit tvm needs --shape (TVM kernels specialise h, g, n and p)")
+        sizes, _ = resolve_sizes(program, parse_shape(args.shape))
+    dtype = TORCH_DTYPES[DTYPES[args.dtype][0]]
+    for lowering in lowerings:
+        plan = Plan(program=program, lowering=lowering, dtype=dtype,
+                    has_initial_state=args.initial_state, return_final_state=args.final_state,
+                    varlen=args.varlen)
+        why = backend.supports(plan)
+        print(f"# ==== {args.emit} / {lowering} / {plan.cache_key(backend.cache_tag())} ====")
+        if why is not None:
+            print(f"# not supported: {why}\n")
+            continue
+        if args.emit == "triton":
+            print(backend.source(plan))
+        else:
+            print(_tvm_source(backend, plan, sizes, dtype))
+    return 0
+
+
+def _tvm_source(backend, plan, sizes: dict, dtype: str) -> str:
+    from .backends.tvm.lowerings import KernelSpec
+    kernel = backend.compile(plan)
+    spec = KernelSpec(target="llvm", arch=None, plan=plan, H=sizes["h"], G=sizes["g"],
+                      N=sizes["n"], P=sizes["p"],
+                      input_dtypes=tuple(dtype for _ in plan.program.inputs),
+                      cu_dtype="int32" if plan.varlen else None,
+                      h0_dtype="float32" if plan.has_initial_state else None)
+    return kernel.source(spec)
+
+
 Subcommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 #: name -> (add_arguments, run); one entry per subcommand
 SUBCOMMANDS: dict[str, Subcommand] = {
     "explain": (add_explain_arguments, run_explain),
     "tune": (add_tune_arguments, run_tune),
+    "compile": (add_compile_arguments, run_compile),
 }
 
 

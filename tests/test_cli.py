@@ -215,3 +215,34 @@ def test_module_entry_point():
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "chosen lowering: quadratic" in out.stdout
+
+
+def test_compile_emit_triton_prints_each_lowering(capsys):
+    assert cli.main(["compile", "ssmc.ops.ssd:mamba2", "--emit", "triton"]) == 0
+    out = capsys.readouterr().out
+    for kernel in ("def ssmc_scan_fwd", "def ssmc_chunked_state_fwd", "def ssmc_chunked_out_fwd",
+                   "def ssmc_quadratic_fwd"):
+        assert kernel in out
+    # the prologue is fused: softplus of dt and exp of the decay appear in the kernel text
+    assert "tl.exp(" in out and "tl.log(1.0 + tl.exp(-tl.abs(" in out
+
+
+def test_compile_emit_tvm_needs_shape(capsys):
+    assert cli.main(["compile", "ssmc.ops.ssd:mamba2", "--emit", "tvm"]) == 2
+    assert "--shape" in capsys.readouterr().err
+
+
+def test_compile_emit_tvm_scan(capsys):
+    assert cli.main(["compile", "ssmc.ops.ssd:mamba2", "--emit", "tvm", "--lowering", "scan",
+                 "--shape", "b=1,t=8,h=2,p=4,n=8,g=1"]) == 0
+    assert "def ssmc_scan_fwd" in capsys.readouterr().out
+
+
+def test_compile_illegal_lowering(capsys, tmp_path):
+    src = tmp_path / "s6.py"
+    src.write_text(
+        "import ssmc\nfrom ssmc import dsl as S\n\n@ssmc.ssm\n"
+        "def s6(x: S.In['b t h p'], a: S.In['b t h p n'], B: S.In['b t h n']):\n"
+        "    return S.recurrence(decay=S.sigmoid(a), key=B, value=x, query=B)\n")
+    assert cli.main(["compile", f"{src}:s6", "--emit", "triton", "--lowering", "chunked"]) == 2
+    assert "not legal" in capsys.readouterr().err
