@@ -14,6 +14,7 @@ from .errors import BackendUnavailableError, UnsupportedError
 from .ir import Program
 from .passes import DEVICES, choose_lowering, legal_lowerings, run_pipeline
 from .plan import Plan
+from .torch import ops as torch_ops
 from .validate import Bound, bind
 
 ELEM_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
@@ -82,7 +83,6 @@ class CompiledOp:
         self.last_plan: Plan | None = None
         # every call runs as the torch.library custom op of this structure (ssmc/torch/ops.py);
         # made here, not at the first call, which may be under torch.compile's tracing
-        from .torch import ops as torch_ops
         self._torch_op = torch_ops.torch_op_for(self.program)
         self._executor_id = torch_ops.register_executor(self)
 
@@ -136,7 +136,6 @@ class CompiledOp:
     def __call__(self, *args, **kwargs):
         bound = bind(self.program, args, kwargs)  # every check, before any launch
         # the custom op plans (memoised, sets last_plan), builds the kernel and launches it
-        from .torch import ops as torch_ops
         return torch_ops.call(self, bound)
 
     def step(self, state: torch.Tensor, *args, **kwargs) -> torch.Tensor:
