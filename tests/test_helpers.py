@@ -51,7 +51,7 @@ def perturbed(op, how):
 
 
 @pytest.mark.parametrize("how,expect", [
-    ("scale", "FAIL y: max abs err"), ("detach", "FAIL grad C: is None"),
+    ("scale", "FAIL y: max abs err"), ("detach", "FAIL grad C"),
     ("nan", r"FAIL y: 20 non-finite value"), ("shape", "FAIL y: shape"),
     ("state", "FAIL final_state: max abs err"),
 ])

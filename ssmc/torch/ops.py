@@ -154,6 +154,21 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return sa.data_ptr() == sb.data_ptr() and sa.nbytes() > 0
 
 
+def _fallback_backward(plan, device):
+    """With backend="auto", the first backend in the device's auto order whose kernel can
+    differentiate this plan (e.g. on the CPU: TVM runs the forward, and until it has a backward
+    of its own, gradients come from the float64 reference). Both compute the same function."""
+    from ..backends.base import AUTO_ORDER, registered
+    for name in AUTO_ORDER.get(device.type, ("reference",)):
+        backend = registered().get(name)
+        if backend is None or not backend.is_available() or backend.supports(plan) is not None:
+            continue
+        backward = getattr(backend.compile(plan), "backward", None)
+        if backward is not None:
+            return backward
+    return None
+
+
 def _make_ops(program: Program) -> TorchOp:
     name = op_name(program)
     qual = f"{NAMESPACE}::{name}"
@@ -188,6 +203,8 @@ def _make_ops(program: Program) -> TorchOp:
         plan = op.plan_for(bound)
         kernel = op.kernel_for(plan, bound.device)
         backward = getattr(kernel, "backward", None)
+        if backward is None and op.backend_name == "auto":
+            backward = _fallback_backward(plan, bound.device)
         if backward is None:
             backend = resolve_backend(op.backend_name, bound.device, plan).name
             raise UnsupportedError(
