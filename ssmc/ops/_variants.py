@@ -1,15 +1,7 @@
-"""Cache of definition variants and compiled ops, keyed by the options that change the IR."""
+"""Calls of built-in ops: the compiled op of the definition variant for the given options."""
 from __future__ import annotations
 
-import functools
-
-from .. import api
-
-
-@functools.lru_cache(maxsize=None)
-def compiled(builder, options: tuple, backend: str, lowering: str):
-    definition = builder(**dict(options))
-    return api.compile(definition, backend=backend, lowering=lowering)
+from ..torch.ops import compiled
 
 
 def call(builder, options: dict, tensors: tuple, *, backend="auto", lowering="auto", **extra):

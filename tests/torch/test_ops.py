@@ -233,3 +233,16 @@ def test_compile_reports_shape_errors_at_trace_time():
         torch.compile(lambda kw: op(**kw), backend="eager")(a)
     with pytest.raises(Exception, match=message):
         torch.compile(lambda kw: op(**kw), fullgraph=True, backend="eager")(a)
+
+
+def test_builtin_op_wrapper_compiles_fullgraph():
+    """ssmc.ops.* look their compiled op up in a plain dict, which dynamo traces as a lookup
+    (an lru_cache would be traced into); the variant is built by one eager call first."""
+    import ssmc.ops
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 16, 2, 8), torch.randn(1, 16, 2, 8)
+    v = torch.randn(1, 16, 2, 4)
+    eager = ssmc.ops.linear_attention(q, k, v, backend="reference")
+    fn = torch.compile(lambda q, k, v: ssmc.ops.linear_attention(q, k, v, backend="reference"),
+                       fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), eager)
