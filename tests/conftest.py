@@ -22,7 +22,8 @@ def _nan_filled_empty(monkeypatch):
     def nan_empty(*args, **kwargs):
         t = real_empty(*args, **kwargs)
         if t.is_floating_point():
-            t.fill_(float("nan"))
+            with torch.no_grad():  # leaves that require grad (torch.compile makes some) too
+                t.fill_(float("nan"))
         return t
 
     monkeypatch.setattr(torch, "empty", nan_empty)
