@@ -278,6 +278,22 @@ def _triton_chunked(ctx: SpaceContext) -> TileSpace:
     return default, axes, check
 
 
+@register_space("triton", "scan")
+def _triton_scan(ctx: SpaceContext) -> TileSpace:
+    from ..backends.triton.lowerings.scan import block_sizes
+    N, P = ctx.sizes["n"], ctx.sizes["p"]
+    BN, BP = block_sizes(N, P)
+    axes = {"BP": _pow2_upto(2, min(64, max(next_pow2(P), 2))), "num_warps": (1, 2, 4, 8)}
+    default = {"BP": BP, "num_warps": 4}
+
+    def check(v, ctx):
+        threads = 32 * v["num_warps"]
+        # the n x BP state and the per-step operand tiles live in registers
+        return ctx.fits(threads, 0, 3 * BN * v["BP"] / threads)
+
+    return default, axes, check
+
+
 @register_space("triton", "quadratic")
 def _triton_quadratic(ctx: SpaceContext) -> TileSpace:
     from ..backends.triton.lowerings.quadratic import block_sizes

@@ -141,8 +141,15 @@ def test_blocks_never_exceed_the_padded_axes():
 def test_backends_without_tile_parameters_tune_the_lowering_only():
     s = space(backend="reference", max_configs=None)
     assert set(s.candidates) == {Config("chunked"), Config("scan"), Config("quadratic")}
+
+
+
+def test_triton_scan_tunes_its_p_block_and_warps():
     scan_only = space(lowerings=["scan"], default="scan", max_configs=None)
-    assert scan_only.candidates == [Config("scan")]  # the Triton scan reads no plan.tile
+    assert len(scan_only.candidates) > 1
+    assert all(c.lowering == "scan" for c in scan_only.candidates)
+    tiles = [c.tile_dict() for c in scan_only.candidates]
+    assert {"BP", "num_warps"} <= set().union(*tiles)
 
 
 def test_tvm_chunk_sizes():

@@ -110,9 +110,13 @@ def ssmc_scan_fwd(
 '''
 
 
-def block_sizes(N: int, P: int) -> tuple[int, int]:
+def block_sizes(N: int, P: int, tile: dict | None = None) -> tuple[int, int]:
+    """All of n (the query contraction) and a p-block that keeps the state tile at or under
+    4096 fp32 values; `tile` (plan.tile) may set BP."""
     BN = max(next_pow2(N), 2)
     BP = max(min(next_pow2(P), max(4096 // BN, 2), 32), 2)
+    if tile and "BP" in tile:
+        BP = tile["BP"]
     return BN, BP
 
 
@@ -144,8 +148,10 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
         return out, None
     yacc = torch.zeros(B, T, H, P, dtype=cdt, device=device) if len(dirs) > 1 else out
     h0s = direction_slices(plan, initial_state)
-    BN, BP = block_sizes(N, P)
+    tile = plan.tile_dict()
+    BN, BP = block_sizes(N, P, tile)
     grid = (S, H, triton.cdiv(P, BP))
+    warps = {"num_warps": tile["num_warps"]} if "num_warps" in tile and device.type == "cuda" else {}
     args = input_args(prog, tensors)
     for i, direction in enumerate(dirs):
         h0 = None if h0s[i] is None else h0s[i].contiguous()
@@ -156,7 +162,7 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
             T, H // G, N, P,
             BN=BN, BP=BP, REVERSE=direction is Direction.REVERSE, HAS_H0=h0 is not None,
             STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None,
-            ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1,
+            ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1, **warps,
         )
     if final_out is not None:
         return out, final_out
