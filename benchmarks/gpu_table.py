@@ -134,6 +134,42 @@ def forward_rows(quick):
     return rows
 
 
+def train_rows(quick):
+    """Forward + backward of ssd (b=8 t=4096 and the other shapes) against
+    mamba_chunk_scan_combined's forward + backward on the same inputs and output gradient."""
+    rows = []
+    mcs = try_import(mamba_chunk)
+    shapes = SHAPES[:1] if quick else SHAPES
+    for b, t in shapes:
+        x, dt, A, B, C, D, z, dt_bias = ssd_inputs(b, t)
+        leaves = [v.detach().clone().requires_grad_(True) for v in (x, dt, A, B, C, D, z, dt_bias)]
+        grad = torch.randn_like(x)
+
+        def ours():
+            xs, dts, As, Bs, Cs, Ds, zs, dbs = leaves
+            y = ssd(xs, dts, As, Bs, Cs, D=Ds, z=zs, dt_bias=dbs, dt_softplus=True,
+                    lowering="chunked")
+            return torch.autograd.grad(y, leaves, grad)
+        g_ours = ours()
+        t_ours = bench(ours, reps=100)
+        row = dict(kind="fwd+bwd", shape=f"b={b} t={t}", ssmc_ms=t_ours,
+                   ssmc_peak_mib=peak_mib(ours))
+        if mcs is not None:
+            def theirs():
+                xs, dts, As, Bs, Cs, Ds, zs, dbs = leaves
+                y = mcs(xs, dts, As, Bs, Cs, chunk_size=256, D=Ds, z=zs, dt_bias=dbs,
+                        dt_softplus=True)
+                return torch.autograd.grad(y, leaves, grad)
+            g_ref = theirs()
+            row.update(mamba_ms=bench(theirs, reps=100), mamba_peak_mib=peak_mib(theirs),
+                       worst_grad_err_vs_mamba=max(rel(a, b_) for a, b_ in zip(g_ours, g_ref)))
+            row["ratio_mamba"] = row["mamba_ms"] / t_ours
+        rows.append(row)
+        del x, dt, B, C, z, leaves
+        torch.cuda.empty_cache()
+    return rows
+
+
 def decode_rows():
     rows = []
     ssu = try_import(mamba_update)
@@ -210,13 +246,13 @@ def fmt(v):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="check,fwd,decode")
+    ap.add_argument("--only", default="check,fwd,decode,train")
     args = ap.parse_args()
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__,
           "triton", triton.__version__)
     rows = []
     sections = {"check": check_reference, "fwd": lambda: forward_rows(args.quick),
-                "decode": decode_rows}
+                "decode": decode_rows, "train": lambda: train_rows(args.quick)}
     for part in args.only.split(","):
         try:
             new = sections[part]()
