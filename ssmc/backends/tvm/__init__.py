@@ -87,19 +87,57 @@ class TVMBackend:
         if why is not None:
             raise UnsupportedError(f"{plan.program.name}: backend 'tvm' cannot run "
                                    f"{plan.describe()}: {why}")
-        return TVMKernel(plan, plan.cache_key(self.cache_tag()))
+        return TVMKernel(plan, plan.cache_key(self.cache_tag()), self.cache_tag())
 
 
 class TVMKernel:
-    """kernel(tensors, sizes, initial_state, cu_seqlens) -> (out, final state or None)."""
+    """kernel(tensors, sizes, initial_state, cu_seqlens) -> (out, final state or None), and
+    kernel.backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final) ->
+    (grads by input name, grad_initial_state): the recurrence's gradient by TIR functions
+    compiled for the LLVM target (backward.py; one scan backward for every forward lowering),
+    the elementwise parts by the shared chain rule (ssmc/backends/chain_rule.py). CUDA tensors
+    are differentiated on host copies by the same CPU code."""
 
-    def __init__(self, plan: Plan, key: str):
+    def __init__(self, plan: Plan, key: str, backend_tag: str = ""):
         self.plan = plan
         self.key = key
+        self.backend_tag = backend_tag
         self._functions: dict = {}
+        self._bwd_functions: dict = {}
         self._lock = threading.Lock()
         self.out_dtype = getattr(torch, plan.dtype)
         self.state_dtype = torch.float64 if plan.dtype == "float64" else torch.float32
+        from .backward import make_backward
+        self.backward = make_backward(self)
+
+    def backward_functions(self, tensors, sizes, initial_state, cu_seqlens, want_y: bool):
+        """{"ckpt": ..., "bwd": ...}: the compiled backward functions (LLVM) for this call's
+        specialisation, built or loaded through the on-disk cache."""
+        import dataclasses
+
+        from .backward import backward_plan
+        spec = self.spec_for(tensors, sizes, initial_state, cu_seqlens)
+        bplan = backward_plan(self.plan, initial_state, cu_seqlens)
+        spec = dataclasses.replace(spec, plan=bplan)
+        memo = (spec, want_y)
+        fns = self._bwd_functions.get(memo)
+        if fns is None:
+            with self._lock:
+                fns = self._bwd_functions.get(memo)
+                if fns is None:
+                    from .build import cached_function
+                    from .lowerings import scan_bwd
+                    key = bplan.cache_key(self.backend_tag) + "_bwd"
+                    fns = {
+                        "ckpt": cached_function(key, spec.tag() + ("_ckpt_y" if want_y
+                                                                   else "_ckpt"),
+                                                scan_bwd.render_ckpt(spec, want_y),
+                                                "ssmc_scan_bwd_ckpt"),
+                        "bwd": cached_function(key, spec.tag() + "_bwd",
+                                               scan_bwd.render_bwd(spec), "ssmc_scan_bwd"),
+                    }
+                    self._bwd_functions[memo] = fns
+        return fns
 
     def spec_for(self, tensors, sizes, initial_state, cu_seqlens, device=None):
         from .lowerings import KernelSpec

@@ -1,0 +1,147 @@
+"""The host-side, backend-neutral part of a kernel's backward: the epilogue and the chain rule.
+
+A program is  inputs -> prologue (decay, key, value, query) -> recurrence -> epilogue E(y, x).
+A backend computes the recurrence's backward (operand gradients from dy) with its own kernels;
+everything around it is the same for every backend and lives here, built on
+`ssmc.passes.derive_backward` (sympy.diff of the elementwise parts):
+
+1. Epilogue (`ChainRule.epilogue`): dy = grad_out * dE/dy, on canonical (b, t, h, n, p)
+   broadcast tensors in the compute type. Where dE/dy or dE/d input depends on y (the
+   recurrence's output before the epilogue, summed over directions), the backend recomputes y
+   first (`ChainRule.needs_y`).
+2. The backend's recurrence backward turns dy (and grad_final) into canonical operand
+   gradients per direction: "query"/"key" (b, t, h, n, 1), "value" (b, t, h, 1, p), "decay"
+   broadcastable over the decay's axes (or "log_decay"), and dL/d initial_state per direction.
+   `sum_directions` adds the directions up.
+3. Chain rule (`ChainRule.input_grads`): d input = sum over operands of d operand *
+   d operand/d input (+ grad_out * dE/d input), evaluated with vectorised torch ops, each term
+   summed over the axes the input lacks (terms broadcast differently: a value term over p, a
+   decay term over n), over the heads of a group for `g` inputs, and cast to the input's dtype.
+   `initial_state_grad` stacks the per-direction state gradients as the contract wants them.
+
+Everything is linear in t in memory; nothing loops over t in Python.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir import Y, Program
+from ..passes.derive_backward import cse, derive_backward
+from ..reference.evaluate import CANON, evaluate, to_canonical
+
+
+def evaluate_all(exprs: list, env: dict, like: torch.Tensor) -> list:
+    """Evaluate expressions sharing common subexpressions once."""
+    replacements, reduced = cse(list(exprs))
+    env = dict(env)
+    for sym, sub in replacements:
+        env[sym.name] = evaluate(sub, env, like)
+    return [evaluate(e, env, like) for e in reduced]
+
+
+def canonical_target(inp, sizes: dict) -> list[int]:
+    """The canonical (b, t, h, n, p) shape of an input (g counted as h; absent axes 1)."""
+    target = [1] * 5
+    for a in inp.axes:
+        slot = CANON.index("h" if a == "g" else a)
+        target[slot] = sizes["h"] if a == "g" else sizes[a]
+    return target
+
+
+def reduce_to(grad: torch.Tensor, target: list[int]) -> torch.Tensor:
+    """Sum a canonical gradient over the axes where the target has size 1; each term of the
+    chain rule is reduced on its own (terms broadcast differently: a value term over p, a
+    decay term over n)."""
+    dims = [i for i in range(5) if target[i] == 1 and grad.shape[i] != 1]
+    if dims:
+        grad = grad.sum(dim=dims, keepdim=True)
+    return grad.expand(target) if list(grad.shape) != list(target) else grad
+
+
+def to_input(grad: torch.Tensor, inp, sizes: dict) -> torch.Tensor:
+    """A canonical (b, t, h, n, p) gradient of the input's canonical shape, in the input's own
+    axes and layout (heads of a group summed for `g` inputs)."""
+    if "g" in inp.axes and sizes["h"] != sizes["g"]:
+        s = list(grad.shape)
+        grad = grad.reshape(s[0], s[1], sizes["g"], sizes["h"] // sizes["g"], s[3], s[4]).sum(3)
+    # canonical order -> the input's axis order
+    order = sorted(range(len(inp.axes)), key=lambda i: CANON.index(
+        "h" if inp.axes[i] == "g" else inp.axes[i]))
+    canon_axes = [inp.axes[i] for i in order]
+    keep = [CANON.index("h" if a == "g" else a) for a in canon_axes]
+    grad = grad.reshape([grad.shape[i] for i in keep]) if keep else grad.reshape(())
+    perm = [canon_axes.index(a) for a in inp.axes]
+    return grad.permute(perm) if perm else grad
+
+
+def sum_directions(per_dir) -> dict[str, torch.Tensor]:
+    """[(operand grads, dh0) per direction] -> operand grads summed over the directions."""
+    op_grads: dict[str, torch.Tensor] = {}
+    for grads, _ in per_dir:
+        for k, v in grads.items():
+            op_grads[k] = v if k not in op_grads else op_grads[k] + v
+    return op_grads
+
+
+def initial_state_grad(dh0s: list, initial_state):
+    """dL/d initial_state in the contract's layout ((2, ...) for two directions) and dtype;
+    None without an initial state."""
+    if initial_state is None:
+        return None
+    grad_h0 = dh0s[0] if len(dh0s) == 1 else torch.stack(dh0s, 0)
+    return grad_h0.to(initial_state.dtype)
+
+
+class ChainRule:
+    """The symbolic derivatives of one program, evaluated on torch tensors."""
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.exprs = derive_backward(program)
+
+    @property
+    def needs_y(self) -> bool:
+        """Whether the epilogue's derivatives need y (recomputed by the backend)."""
+        return self.exprs.needs_y
+
+    def epilogue(self, tensors: dict, sizes: dict, y, grad_out: torch.Tensor,
+                 cdt: torch.dtype):
+        """(env, g_out, dy): the canonical inputs (and y) in the compute type `cdt`, grad_out
+        as (b, t, h, 1, p), and dy = grad_out * dE/dy as a contiguous (b, t, h, p) tensor.
+        `y` is (b, t, h, p) summed over directions, or None when not `needs_y`."""
+        B, T, H, P = (sizes[a] for a in "bthp")
+        env = {i.name: to_canonical(tensors[i.name].to(cdt), i.axes, sizes)
+               for i in self.program.inputs}
+        if y is not None:
+            env[Y.name] = y.unsqueeze(3)
+        g_out = grad_out.to(cdt).unsqueeze(3)                     # (b, t, h, 1, p)
+        (dEdy,) = evaluate_all([self.exprs.epilogue_dy], env, g_out)
+        dy = (g_out * dEdy).expand(B, T, H, 1, P).squeeze(3).contiguous()
+        return env, g_out, dy
+
+    def input_grads(self, env: dict, g_out: torch.Tensor, op_grads: dict, tensors: dict,
+                    sizes: dict) -> dict[str, torch.Tensor]:
+        """Gradients of every input (its shape and dtype) from the operand gradients
+        `op_grads` (summed over directions) and the epilogue's direct terms."""
+        exprs = self.exprs
+        result = {}
+        for inp in self.program.inputs:
+            terms, factors = [], []
+            for op, d in exprs.operands.items():
+                if inp.name in d and op in op_grads:
+                    terms.append(op_grads[op])
+                    factors.append(d[inp.name])
+            if inp.name in exprs.epilogue:
+                terms.append(g_out)
+                factors.append(exprs.epilogue[inp.name])
+            x = tensors[inp.name]
+            if not terms:
+                result[inp.name] = torch.zeros_like(x)
+                continue
+            target = canonical_target(inp, sizes)
+            total = None
+            for g, f in zip(terms, evaluate_all(factors, env, g_out)):
+                part = reduce_to(g * f, target)
+                total = part if total is None else total + part
+            result[inp.name] = to_input(total, inp, sizes).to(x.dtype).contiguous()
+        return result

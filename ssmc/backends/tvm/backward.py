@@ -1,0 +1,122 @@
+"""`kernel.backward` for the TVM backend (the contract is in ssmc/backends/base.py).
+
+1. Epilogue (ssmc/backends/chain_rule.py, shared with Triton): dy = grad_out * dE/dy on the
+   host. Where the epilogue's derivatives need y, `ssmc_scan_bwd_ckpt` recomputes it.
+2. Recurrence: TIR functions compiled by TVM for the LLVM target (lowerings/scan_bwd.py):
+   the forward with a checkpoint every 16 steps, then the reverse adjoint pass recomputing each
+   segment, giving d query, d key, d value, d decay (over the decay's own axes) summed over the
+   directions, and dL/d initial_state. One backward serves every forward lowering (scan,
+   chunked, quadratic compute the same function, so they have the same gradient); it is
+   compiled and cached once per program, call features and specialisation.
+3. Chain rule (chain_rule.py): operand gradients -> input gradients.
+
+CUDA tensors: the TVM backend compiles forward kernels for CUDA, but its backward is CPU
+(LLVM) code only; for CUDA tensors it runs on host copies and the gradients are copied back
+(correct, not fast: on a GPU the Triton backend, first in the auto order, has device kernels).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ...plan import Plan
+from ..chain_rule import ChainRule, initial_state_grad
+
+CPU = torch.device("cpu")
+
+
+def backward_plan(plan: Plan, initial_state, cu_seqlens) -> Plan:
+    """The plan the backward functions are generated from: every forward lowering maps to the
+    one scan backward; the call decides the initial state and packing."""
+    return dataclasses.replace(plan, lowering="scan", has_initial_state=initial_state is not None,
+                               return_final_state=False, varlen=cu_seqlens is not None,
+                               chunk_size=64, tile=())
+
+
+def make_backward(kernel):
+    """The `backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final)` of one
+    TVMKernel."""
+    plan: Plan = kernel.plan
+    rule = ChainRule(plan.program)
+
+    def backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final):
+        device = grad_out.device
+        if device.type != "cpu":
+            def host(x):
+                return None if x is None else x.detach().to(CPU)
+            grads, g_h0 = _backward_cpu(kernel, rule, {k: host(v) for k, v in tensors.items()},
+                                        sizes, host(initial_state), host(cu_seqlens),
+                                        host(grad_out), host(grad_final))
+            return ({k: None if v is None else v.to(device) for k, v in grads.items()},
+                    None if g_h0 is None else g_h0.to(device))
+        return _backward_cpu(kernel, rule, tensors, sizes, initial_state, cu_seqlens, grad_out,
+                             grad_final)
+
+    return backward
+
+
+def _contig(x):
+    return x if x is None or x.is_contiguous() else x.contiguous()
+
+
+def _backward_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens, grad_out,
+                  grad_final):
+    from .lowerings import scan_bwd
+    plan = kernel.plan
+    prog = plan.program
+    tensors = {k: _contig(v) for k, v in tensors.items()}
+    initial_state, cu_seqlens = _contig(initial_state), _contig(cu_seqlens)
+    cdt = torch.float64 if plan.dtype == "float64" else torch.float32
+    B, T, H, N, P = (int(sizes[a]) for a in "bthnp")
+    rec = prog.recurrence
+    D = len(rec.directions)
+    S = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    has_decay = rec.decay is not None
+    dax = set(rec.decay.axes) if has_decay else set()
+    Nd, Pd = (N if "n" in dax else 1), (P if "p" in dax else 1)
+
+    want_y = rule.needs_y
+    y = torch.zeros(B, T, H, P, dtype=cdt) if want_y else None
+    dq = torch.zeros(B, T, H, N, dtype=cdt)
+    dk = torch.zeros(B, T, H, N, dtype=cdt)
+    dv = torch.zeros(B, T, H, P, dtype=cdt)
+    da = torch.zeros(B, T, H, Nd, Pd, dtype=cdt) if has_decay else None
+    gT = torch.zeros(D, S, H, N, P, dtype=cdt)
+    if grad_final is not None:
+        gT.copy_(grad_final if D > 1 else grad_final.unsqueeze(0))
+    dh0 = gT.clone() if initial_state is not None else None   # what an empty input gives
+
+    if B * T > 0 and S > 0:
+        fns = kernel.backward_functions(tensors, sizes, initial_state, cu_seqlens, want_y)
+        args = [tensors[i.name] for i in prog.inputs]
+        if cu_seqlens is not None:
+            args.append(cu_seqlens)
+        C = scan_bwd.num_checkpoints(B, T, S, cu_seqlens is not None)
+        ck = torch.empty(D, C, H, N, P, dtype=cdt)
+        fargs = list(args)
+        if initial_state is not None:
+            fargs.append(initial_state if D > 1 else initial_state.unsqueeze(0))
+        fargs.append(ck)
+        if want_y:
+            fargs.append(y)
+        fns["ckpt"](*fargs)
+        env, g_out, dy = rule.epilogue(tensors, sizes, y, grad_out, cdt)
+        scr = torch.empty(S * H, scan_bwd.CK, N, P, dtype=cdt)
+        bargs = args + [dy, ck, scr, gT, dq, dk, dv]
+        if has_decay:
+            bargs.append(da)
+        if dh0 is not None:
+            bargs.append(dh0)
+        fns["bwd"](*bargs)
+    else:
+        env, g_out, dy = rule.epilogue(tensors, sizes, y, grad_out, cdt)
+
+    op_grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3)}
+    if has_decay:
+        op_grads["decay"] = da
+    result = rule.input_grads(env, g_out, op_grads, tensors, sizes)
+    grad_h0 = None
+    if initial_state is not None:
+        grad_h0 = initial_state_grad([dh0[i] for i in range(D)], initial_state)
+    return result, grad_h0
