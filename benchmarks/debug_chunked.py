@@ -1,6 +1,5 @@
 """Triage: chunked vs scan on the GPU, and a tile sweep of the chunked lowering at the
 benchmark shapes (b*t = 32k, h=80, n=128, p=64, bf16, plain ssd with softplus)."""
-import sys
 
 import torch
 import triton.testing

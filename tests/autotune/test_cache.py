@@ -1,7 +1,6 @@
 """The tuning cache: keys and buckets, round trip, corrupt and unwritable caches, stacks,
 shipped defaults, and the per-key lock."""
 import json
-import os
 
 import pytest
 

@@ -14,7 +14,6 @@ import ssmc.ops
 from ssmc.autotune import tuner as tuner_mod
 from ssmc.autotune.cache import TuneCache, TuneKey
 from ssmc.autotune.measure import Settings
-from ssmc.autotune.space import Config
 from ssmc.autotune.tuner import Progress, Tuner
 
 from ..helpers import ssd_inputs

@@ -66,3 +66,44 @@ def direction_slices(plan: Plan, state: torch.Tensor | None):
     if len(dirs) == 1:
         return [state]
     return [state[i] for i in range(len(dirs))]
+
+
+class Outputs:
+    """The buffers every forward launch fills: the output (b, t, h, p), the final states of all
+    directions (directions, sequences, h, n, p) or None, the fp32 accumulator that sums the
+    directions of a bidirectional op before its epilogue, and the initial state per direction."""
+
+    def __init__(self, plan: Plan, tensors: dict, sizes: dict, initial_state, cu_seqlens,
+                 final_out: torch.Tensor | None = None):
+        prog = plan.program
+        B, T, H, N, P = (sizes[a] for a in "bthnp")
+        self.device = tensors[prog.inputs[0].name].device
+        self.S = num_sequences(sizes, cu_seqlens)
+        self.dirs = prog.recurrence.directions
+        self.cdt = compute_dtype(plan)
+        nd = len(self.dirs)
+        self.out = torch.empty(B, T, H, P, dtype=getattr(torch, plan.dtype), device=self.device)
+        self.final_out = final_out
+        self.final = None
+        if final_out is not None:
+            want = (self.S, H, N, P) if nd == 1 else (nd, self.S, H, N, P)
+            if (tuple(final_out.shape) != want or final_out.dtype != self.cdt
+                    or final_out.device != self.device or not final_out.is_contiguous()):
+                raise ValueError(f"launch: final_out must be a contiguous {self.cdt} tensor of "
+                                 f"shape {want} on {self.device}, got {final_out.dtype} "
+                                 f"{tuple(final_out.shape)} on {final_out.device}")
+            self.final = final_out.view(nd, self.S, H, N, P)
+        elif plan.return_final_state:
+            self.final = torch.empty((nd, self.S, H, N, P), dtype=self.cdt, device=self.device)
+        self.empty = self.out.numel() == 0 and self.final is None
+        self.yacc = (torch.zeros(B, T, H, P, dtype=self.cdt, device=self.device) if nd > 1
+                     else self.out)
+        self.h0s = direction_slices(plan, initial_state)
+
+    def result(self):
+        """(out, final state in the op's layout: (S, h, n, p), or (2, S, h, n, p) if bidirectional)."""
+        if self.final_out is not None:
+            return self.out, self.final_out
+        if self.final is not None and len(self.dirs) == 1:
+            return self.out, self.final[0]
+        return self.out, self.final

@@ -7,7 +7,7 @@ broadcasting between inputs falls out of Triton's own broadcasting.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy as sp
 

@@ -21,8 +21,8 @@ import triton
 
 from ....ir import DecayKind, Direction, Elementwise
 from ....plan import Plan
-from ..common import (HEADER, compute_dtype, compute_type, direction_slices, dot_type,
-                      input_args, input_params, interpreting, next_pow2, num_sequences)
+from ..common import (HEADER, Outputs, compute_type, dot_type, input_args, input_params,
+                      interpreting, next_pow2)
 from ..render import Context, Emitter, Tile, split_scale
 from . import register_lowering
 
@@ -437,18 +437,11 @@ def chunk_layout(sizes, cu_seqlens, BT, device):
 def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
-    device = tensors[prog.inputs[0].name].device
-    S = num_sequences(sizes, cu_seqlens)
-    dirs = prog.recurrence.directions
-    cdt = compute_dtype(plan)
-    out = torch.empty(B, T, H, P, dtype=getattr(torch, plan.dtype), device=device)
-    final = None
-    if plan.return_final_state:
-        final = torch.empty((len(dirs), S, H, N, P), dtype=cdt, device=device)
-    if out.numel() == 0 and final is None:
-        return out, None
-    yacc = torch.zeros(B, T, H, P, dtype=cdt, device=device) if len(dirs) > 1 else out
-    h0s = direction_slices(plan, initial_state)
+    o = Outputs(plan, tensors, sizes, initial_state, cu_seqlens)
+    if o.empty:
+        return o.result()
+    device, S, dirs, cdt = o.device, o.S, o.dirs, o.cdt
+    out, final, yacc, h0s = o.out, o.final, o.yacc, o.h0s
     m = tiles(plan, sizes, S * H)
     n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["CS"], device)
     state_dtype = cdt if interpreting() else {"bfloat16": torch.bfloat16,
@@ -479,9 +472,7 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
             BT=m["BT"], CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb, REVERSE=reverse,
             IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1,
             **launch_out)
-    if final is not None and len(dirs) == 1:
-        final = final[0]
-    return out, final
+    return o.result()
 
 
 register_lowering("chunked", render, launch, supports)

@@ -27,8 +27,8 @@ from ....errors import BackendUnavailableError, UnsupportedError
 from ....ir import DecayKind, Direction
 from ....passes.classify_decay import decay_kind_of
 from ....plan import Plan
-from ..common import (HEADER, compute_dtype, compute_type, direction_slices, input_args,
-                      input_params, interpreting, next_pow2, num_sequences)
+from ..common import (HEADER, Outputs, compute_dtype, compute_type, input_args,
+                      input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile
 from . import register_lowering
 
@@ -465,18 +465,11 @@ def _low_precision_dots(device: torch.device) -> bool:
 def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
-    device = tensors[prog.inputs[0].name].device
-    S = num_sequences(sizes, cu_seqlens)
-    dirs = prog.recurrence.directions
-    cdt = compute_dtype(plan)
-    out = torch.empty(B, T, H, P, dtype=getattr(torch, plan.dtype), device=device)
-    final = None
-    if plan.return_final_state:
-        final = torch.empty((len(dirs), S, H, N, P), dtype=cdt, device=device)
-    if out.numel() == 0 and final is None:
-        return out, None
-    yacc = torch.zeros(B, T, H, P, dtype=cdt, device=device) if len(dirs) > 1 else out
-    h0s = direction_slices(plan, initial_state)
+    o = Outputs(plan, tensors, sizes, initial_state, cu_seqlens)
+    if o.empty:
+        return o.result()
+    device, S, dirs = o.device, o.S, o.dirs
+    out, final, yacc, h0s = o.out, o.final, o.yacc, o.h0s
     bs = block_sizes(plan, N, P)
     BT, BNC, BNS, BP, warps = bs["BT"], bs["BNC"], bs["BNS"], bs["BP"], bs["num_warps"]
     npb = triton.cdiv(P, BP)
@@ -500,9 +493,7 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
             module.ssmc_quadratic_state[state_grid](
                 *args, out if h0 is None else h0, final[i], cu,
                 T, H // G, N, P, BT=BT, BNC=BNS, BP=BP, **flags)
-    if final is not None and len(dirs) == 1:
-        final = final[0]
-    return out, final
+    return o.result()
 
 
 def attention_matrix(plan: Plan, tensors, sizes) -> torch.Tensor:

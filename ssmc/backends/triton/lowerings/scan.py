@@ -6,13 +6,12 @@ decay that varies over p (Mamba-1 with p > 1).
 """
 from __future__ import annotations
 
-import torch
 import triton
 
 from ....ir import Direction
 from ....plan import Plan
-from ..common import (HEADER, compute_dtype, compute_type, direction_slices, input_args,
-                      input_params, next_pow2, num_sequences)
+from ..common import (HEADER, Outputs, compute_type, input_args,
+                      input_params, next_pow2)
 from ..render import Context, Emitter, Tile, tile_mask
 from . import register_lowering
 
@@ -127,27 +126,11 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
     stores the same tile after it, so updating a state in place (a decode step) is safe."""
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
-    any_input = tensors[prog.inputs[0].name]
-    device = any_input.device
-    S = num_sequences(sizes, cu_seqlens)
-    dirs = prog.recurrence.directions
-    cdt = compute_dtype(plan)
-    out = torch.empty(B, T, H, P, dtype=getattr(torch, plan.dtype), device=device)
-    final = None
-    if final_out is not None:
-        want = (S, H, N, P) if len(dirs) == 1 else (len(dirs), S, H, N, P)
-        if (tuple(final_out.shape) != want or final_out.dtype != cdt
-                or final_out.device != device or not final_out.is_contiguous()):
-            raise ValueError(f"scan launch: final_out must be a contiguous {cdt} tensor of shape "
-                             f"{want} on {device}, got {final_out.dtype} "
-                             f"{tuple(final_out.shape)} on {final_out.device}")
-        final = final_out.view(len(dirs), S, H, N, P)
-    elif plan.return_final_state:
-        final = torch.empty((len(dirs), S, H, N, P), dtype=cdt, device=device)
-    if out.numel() == 0 and final is None:
-        return out, None
-    yacc = torch.zeros(B, T, H, P, dtype=cdt, device=device) if len(dirs) > 1 else out
-    h0s = direction_slices(plan, initial_state)
+    o = Outputs(plan, tensors, sizes, initial_state, cu_seqlens, final_out)
+    if o.empty:
+        return o.result()
+    device, S, dirs = o.device, o.S, o.dirs
+    out, final, yacc, h0s = o.out, o.final, o.yacc, o.h0s
     tile = plan.tile_dict()
     BN, BP = block_sizes(N, P, tile)
     grid = (S, H, triton.cdiv(P, BP))
@@ -164,11 +147,7 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
             STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None,
             ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1, **warps,
         )
-    if final_out is not None:
-        return out, final_out
-    if final is not None and len(dirs) == 1:
-        final = final[0]
-    return out, final
+    return o.result()
 
 
 register_lowering("scan", render, launch)
