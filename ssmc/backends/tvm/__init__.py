@@ -5,6 +5,13 @@ scan lowering, for CUDA (through nvcc; the library links only tvm_ffi).
 state and value sizes and the inputs' dtypes (b and t stay symbolic: one compiled function
 serves every batch size and length), builds or loads that function through the on-disk cache,
 and calls it with the torch tensors themselves (zero-copy through DLPack).
+
+Every kernel also has `kernel.backward` (backward.py): the recurrence's gradient by TIR
+functions compiled for the LLVM target (lowerings/scan_bwd.py, one backward for every forward
+lowering: they compute the same function), the elementwise parts by the chain rule shared with
+the Triton backend (ssmc/backends/chain_rule.py). The backward has no CUDA target: for CUDA
+tensors it runs that CPU code on host copies and copies the gradients back (correct, slow; on
+a GPU `backend="auto"` picks Triton, whose backward runs on the device).
 """
 from __future__ import annotations
 
