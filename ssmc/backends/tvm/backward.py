@@ -102,8 +102,7 @@ def _backward_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seq
             fargs.append(y)
         fns["ckpt"](*fargs)
         env, g_out, dy = rule.epilogue(tensors, sizes, y, grad_out, cdt)
-        scr = torch.empty(S * H, scan_bwd.CK, N, P, dtype=cdt)
-        bargs = args + [dy, ck, scr, gT, dq, dk, dv]
+        bargs = args + [dy, ck, gT, dq, dk, dv]
         if has_decay:
             bargs.append(da)
         if dh0 is not None:

@@ -20,10 +20,11 @@ Two functions, both parallel over (sequence, head) and sequential over t, memory
         runs the forward recurrence and stores the state entering every CK-step segment into
         ck (D, C, H, N, P); with `want_y` also y summed over directions into yw (B, TT, H, P)
         (for epilogues whose derivative needs y; yw is zeroed by the caller).
-    ssmc_scan_bwd(inputs, [cu], dy, ck, scr, gT, dq, dk, dv, [da], [dh0])
+    ssmc_scan_bwd(inputs, [cu], dy, ck, gT, dq, dk, dv, [da], [dh0])
         walks the segments last to first: recomputes the segment's states from its checkpoint
-        into scr (SH, CK, N, P), one slab per (sequence, head) task, then walks the segment
-        backwards accumulating dq, dk (B, TT, H, N), dv (B, TT, H, P), da (B, TT, H, Nd, Pd)
+        into a task-local scratch of CK states (CK, N, P) (TVM allocates it per task, so memory
+        grows with the threads, not with b * h), then walks the segment backwards
+        accumulating dq, dk (B, TT, H, N), dv (B, TT, H, P), da (B, TT, H, Nd, Pd)
         (zeroed by the caller; directions add into them: each task owns its rows), and writes
         dh0 (D, S, H, N, P).
 
@@ -164,7 +165,6 @@ def render_bwd(spec: KernelSpec) -> str:
     acc = e.acc
     bufs = [("dy", f"(B, TT, {i64(s.H)}, {i64(P)})", acc),
             ("ck", f"({i64(e.D)}, C, {i64(s.H)}, {i64(N)}, {i64(P)})", acc),
-            ("scr", f"(SH, {i64(CK)}, {i64(N)}, {i64(P)})", acc),
             ("gT", e.state_shape(), acc),
             ("dq", f"(B, TT, {i64(s.H)}, {i64(N)})", acc),
             ("dk", f"(B, TT, {i64(s.H)}, {i64(N)})", acc),
@@ -176,6 +176,7 @@ def render_bwd(spec: KernelSpec) -> str:
     e.bwd_header("ssmc_scan_bwd", bufs)
     with e.tasks():
         e.alloc("st", (N, P))
+        e.alloc("scr", (CK, N, P))
         e.alloc("dS", (N, P))
         e.alloc("kb", (N,))
         e.alloc("qb", (N,))
@@ -206,7 +207,7 @@ def render_bwd(spec: KernelSpec) -> str:
                     e.operands("t_", ("key", "value", "decay"))
                     with w.block(f"for n_ in range({i64(N)}):"):
                         with w.block(f"for p_ in T.vectorized({i64(P)}):"):
-                            w("scr[sh_, j_, n_, p_] = st[n_, p_]")
+                            w("scr[j_, n_, p_] = st[n_, p_]")
                             decayed = f"{e.decay_at()} * st[n_, p_]" if has_decay \
                                 else "st[n_, p_]"
                             w(f"st[n_, p_] = {decayed} + kb[n_] * vb[p_]")
@@ -224,7 +225,7 @@ def render_bwd(spec: KernelSpec) -> str:
                     # S_t from S_{t-1}; dS_t += q_t dy_t^T
                     with w.block(f"for n_ in range({i64(N)}):"):
                         with w.block(f"for p_ in T.vectorized({i64(P)}):"):
-                            prev = "scr[sh_, j_, n_, p_]"
+                            prev = "scr[j_, n_, p_]"
                             decayed = f"{e.decay_at()} * {prev}" if has_decay else prev
                             w(f"st[n_, p_] = {decayed} + kb[n_] * vb[p_]")
                             w("dS[n_, p_] = dS[n_, p_] + qb[n_] * dyb[p_]")
@@ -236,7 +237,7 @@ def render_bwd(spec: KernelSpec) -> str:
                             w("rk[n_] = rk[n_] + dS[n_, p_] * vb[p_]")
                             if has_decay:
                                 w(f"ra[{dn}, {dp}] = ra[{dn}, {dp}] + dS[n_, p_] * "
-                                  "scr[sh_, j_, n_, p_]")
+                                  "scr[j_, n_, p_]")
                         with w.block(f"for p_ in T.vectorized({i64(P)}):"):
                             w("rv[p_] = rv[p_] + dS[n_, p_] * kb[n_]")
                     with w.block(f"for n_ in range({i64(N)}):"):
