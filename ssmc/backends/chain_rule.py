@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ir import Y, Program
+from ..ir import Program, Y
 from ..passes.derive_backward import cse, derive_backward
 from ..reference.evaluate import CANON, evaluate, to_canonical
 

@@ -21,14 +21,23 @@ import torch
 
 pytest.importorskip("tvm")
 
-import ssmc  # noqa: E402
-from ssmc.backends import get_backend  # noqa: E402
-from ssmc.passes import legal_lowerings  # noqa: E402
-from ssmc.plan import Plan  # noqa: E402
-from tests.backends.triton.test_scan import (BUILTINS, builtin, cu_seqlens,  # noqa: E402
-                                             inputs_for, shape_for, state_for)
-from tests.backends.tvm.test_tvm_forward import (DECAY_AXES, clamped_per_key,  # noqa: E402
-                                                 gated_tanh, make_definition)
+import ssmc
+from ssmc.backends import get_backend
+from ssmc.passes import legal_lowerings
+from ssmc.plan import Plan
+from tests.backends.triton.test_scan import (
+    BUILTINS,
+    builtin,
+    cu_seqlens,
+    inputs_for,
+    state_for,
+)
+from tests.backends.tvm.test_tvm_forward import (
+    DECAY_AXES,
+    clamped_per_key,
+    gated_tanh,
+    make_definition,
+)
 
 DIRECTIONS = ("forward", "reverse", "bidirectional")
 #: packed sequence lengths: empty ones inside and at the end, one longer than a segment (16)
@@ -268,3 +277,21 @@ def test_gradcheck_varlen(name, direction):
     lengths = (2, 0, 3, 1)
     sizes = dict(TINY, b=1, t=sum(lengths))
     _gradcheck(builtin(name, direction), sizes, lengths=lengths, seed=24)
+
+
+def test_auto_backend_on_cpu_differentiates_with_tvm(monkeypatch):
+    """backend="auto" on the CPU runs TVM; its own backward now serves autograd (no fallback)."""
+    monkeypatch.delenv("SSMC_BACKEND", raising=False)
+    defn = builtin("gla", "bidirectional")
+    op = ssmc.compile(defn)
+    sizes = dict(TINY, t=7)
+    inputs = inputs_for(defn, sizes, dtype=torch.float64, seed=25)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    op(**leaves).square().sum().backward()
+    ref = ssmc.compile(defn, backend="reference", lowering="scan")
+    r_leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    ref(**r_leaves).square().sum().backward()
+    kernels = list(op._kernels.values())
+    assert [type(k).__name__ for k in kernels] == ["TVMKernel"] and kernels[0]._bwd_functions
+    for k in inputs:
+        assert rel_l2(leaves[k].grad, r_leaves[k].grad) <= 1e-10, k

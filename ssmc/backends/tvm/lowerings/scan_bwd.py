@@ -217,7 +217,7 @@ def render_bwd(spec: KernelSpec) -> str:
                     w(f"t_ = {e.time_of(direction, 'c0_ + j_')}")
                     e.operands("t_")
                     with w.block(f"for p_ in range({i64(P)}):"):
-                        w(f"dyb[p_] = dy[b_, t_, h_, p_]", f"rv[p_] = {zero}")
+                        w("dyb[p_] = dy[b_, t_, h_, p_]", f"rv[p_] = {zero}")
                     if has_decay:
                         with w.block(f"for n_ in range({i64(Nd)}):"):
                             with w.block(f"for p_ in range({i64(Pd)}):"):
