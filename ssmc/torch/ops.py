@@ -156,8 +156,8 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _fallback_backward(plan, device):
     """With backend="auto", the first backend in the device's auto order whose kernel can
-    differentiate this plan (e.g. on the CPU: TVM runs the forward, and until it has a backward
-    of its own, gradients come from the float64 reference). Both compute the same function."""
+    differentiate this plan (a backend whose kernels carry no `kernel.backward` still runs the
+    forward; the gradient comes from the next one). Both compute the same function."""
     from ..backends.base import AUTO_ORDER, registered
     for name in AUTO_ORDER.get(device.type, ("reference",)):
         backend = registered().get(name)

@@ -2,7 +2,8 @@
 fake implementation from the IR's shapes and autograd through the backend's `kernel.backward`;
 it passes `opcheck` and compiles under `torch.compile(fullgraph=True)`, dynamic shapes included.
 
-On this machine (CPU) the ops run on the reference backend: the TVM default has no backward."""
+On this machine (CPU) most tests pin the reference backend, whose float64 scan keeps gradient
+checks exact; the TVM default's own backward is tested in tests/backends/tvm."""
 import pytest
 import torch
 
