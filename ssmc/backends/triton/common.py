@@ -7,7 +7,7 @@ import torch
 
 from ...ir import Program
 from ...plan import Plan
-from .render import arg_names
+from .render import Context, Emitter, Tile, arg_names
 
 HEADER = "import triton\nimport triton.language as tl\n\n"
 
@@ -107,3 +107,23 @@ class Outputs:
         if self.final is not None and len(self.dirs) == 1:
             return self.out, self.final[0]
         return self.out, self.final
+
+
+def emit_output(emit: Emitter, program: Program, tile: Tile, compute: str, t: str, p: str,
+                mask: str) -> None:
+    """Store `y` (the recurrence's result on `tile`): into the fp32 accumulator while more
+    directions follow (ACCUM_IN adds the earlier ones), else through the fused epilogue into the
+    output. `t` and `p` index expressions shaped like `y`; `mask` covers both."""
+    emit(f"y_off = ((b_idx * T + {t}) * H + h_idx) * P + {p}")
+    emit("if ACCUM_IN:")
+    with emit.block():
+        emit(f"y += tl.load(yacc_ptr + y_off, mask={mask}, other=0.0)")
+    emit("if WRITE_OUT:")
+    with emit.block():
+        epi = Context(program, tile, emit, "e", compute, extra={"y": "y"})
+        out = epi.value(program.output, "out")
+        emit(f"tl.store(out_ptr + b_idx * s_out_b + {t} * s_out_t + h_idx * s_out_h + "
+             f"{p} * s_out_p, {out}.to(out_ptr.dtype.element_ty), mask={mask})")
+    emit("else:")
+    with emit.block():
+        emit(f"tl.store(yacc_ptr + y_off, y, mask={mask})")

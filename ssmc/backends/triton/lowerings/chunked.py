@@ -21,8 +21,8 @@ import triton
 
 from ....ir import DecayKind, Direction, Elementwise
 from ....plan import Plan
-from ..common import (HEADER, Outputs, compute_type, dot_type, input_args, input_params,
-                      interpreting, next_pow2)
+from ..common import (HEADER, Outputs, compute_type, dot_type, emit_output, input_args,
+                      input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile, split_scale
 from . import register_lowering
 
@@ -221,24 +221,6 @@ def ssmc_chunked_state_fwd(
 '''
 
 
-def _epilogue(plan: Plan, c: _Chunk, body: Emitter) -> None:
-    prog = plan.program
-    body("y_off = ((b_idx * T + t_row[:, None]) * H + h_idx) * P + offs_p[None, :]")
-    body("y_mask = mask_t[:, None] & mask_p[None, :]")
-    body("if ACCUM_IN:")
-    with body.block():
-        body("y += tl.load(yacc_ptr + y_off, mask=y_mask, other=0.0)")
-    body("if WRITE_OUT:")
-    with body.block():
-        epi = Context(prog, V_TILE, body, "e", c.ct, extra={"y": "y"})
-        out = epi.value(prog.output, "out")
-        body("tl.store(out_ptr + b_idx * s_out_b + t_row[:, None] * s_out_t + h_idx * s_out_h"
-             f" + offs_p[None, :] * s_out_p, {out}.to(out_ptr.dtype.element_ty), mask=y_mask)")
-    body("else:")
-    with body.block():
-        body("tl.store(yacc_ptr + y_off, y, mask=y_mask)")
-
-
 KEY_AXIS = ("t", "t_key", "mask_key")
 KEY_KT_TILE = Tile([("n", "offs_n", "mask_n"), KEY_AXIS], FIXED)
 KEY_V_TILE = Tile([KEY_AXIS, ("p", "offs_p", "mask_p")], FIXED)
@@ -356,7 +338,8 @@ def render_output_kernel(plan: Plan) -> str:
         _per_key_decay_body(plan, c, body)
     else:
         _scalar_decay_body(plan, c, body)
-    _epilogue(plan, c, body)
+    body("y_mask = mask_t[:, None] & mask_p[None, :]")
+    emit_output(body, prog, V_TILE, c.ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
     rows = "\n".join(line[4:] for line in CHUNK_ROWS.splitlines())
     return f'''
 @triton.jit

@@ -27,8 +27,8 @@ from ....errors import BackendUnavailableError, UnsupportedError
 from ....ir import DecayKind, Direction
 from ....passes.classify_decay import decay_kind_of
 from ....plan import Plan
-from ..common import (HEADER, Outputs, compute_dtype, compute_type, input_args,
-                      input_params, interpreting, next_pow2)
+from ..common import (HEADER, Outputs, compute_dtype, compute_type, emit_output,
+                      input_args, input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile
 from . import register_lowering
 
@@ -253,20 +253,8 @@ def _render_fwd(plan: Plan) -> str:
             else:
                 e("acc += _mm_exact(q * tl.exp(dlt[None, :] + cum_lq), h0)")
     e("y = acc")
-    e("y_off = ((b_idx * T + offs_q[:, None]) * H + h_idx) * P + offs_p[None, :]")
     e("y_mask = mask_q[:, None] & mask_p[None, :]")
-    e("if ACCUM_IN:")
-    with e.block():
-        e("y += tl.load(yacc_ptr + y_off, mask=y_mask, other=0.0)")
-    e("if WRITE_OUT:")
-    with e.block():
-        epi = Context(prog, out_tile, e, "e", ct, extra={"y": "y"})
-        out = epi.value(prog.output, "out")
-        e("tl.store(out_ptr + b_idx * s_out_b + offs_q[:, None] * s_out_t + h_idx * s_out_h "
-          f"+ offs_p[None, :] * s_out_p, {out}.to(out_ptr.dtype.element_ty), mask=y_mask)")
-    e("else:")
-    with e.block():
-        e("tl.store(yacc_ptr + y_off, y, mask=y_mask)")
+    emit_output(e, prog, out_tile, ct, "offs_q[:, None]", "offs_p[None, :]", "y_mask")
 
     return f'''
 @triton.jit

@@ -10,7 +10,7 @@ import triton
 
 from ....ir import Direction
 from ....plan import Plan
-from ..common import (HEADER, Outputs, compute_type, input_args,
+from ..common import (HEADER, Outputs, emit_output, compute_type, input_args,
                       input_params, next_pow2)
 from ..render import Context, Emitter, Tile, tile_mask
 from . import register_lowering
@@ -49,19 +49,7 @@ def render(plan: Plan) -> str:
         "state = state + key * value"
     body(update)
     body("y = tl.sum(query * state, axis=0)")
-    body("y_off = ((b_idx * T + t_idx) * H + h_idx) * P + offs_p")
-    body("if ACCUM_IN:")
-    with body.block():
-        body("y += tl.load(yacc_ptr + y_off, mask=mask_p, other=0.0)")
-    body("if WRITE_OUT:")
-    with body.block():
-        epi = Context(prog, out_tile, body, "e", ct, extra={"y": "y"})
-        out = epi.value(prog.output, "out")
-        body("tl.store(out_ptr + b_idx * s_out_b + t_idx * s_out_t + h_idx * s_out_h + "
-             f"offs_p * s_out_p, {out}.to(out_ptr.dtype.element_ty), mask=mask_p)")
-    body("else:")
-    with body.block():
-        body("tl.store(yacc_ptr + y_off, y, mask=mask_p)")
+    emit_output(body, prog, out_tile, ct, "t_idx", "offs_p", "mask_p")
 
     return HEADER + f'''
 @triton.jit
