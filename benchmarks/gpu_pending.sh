@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks still owed to the issues, in one device call (each step time-boxed so one slow
-# step cannot eat the others' budget). Run from the repository root on the GPU machine, with
+# The GPU checks still owed to the issues, in one run (each step time-boxed so one slow step
+# cannot starve the others). Run from the repository root on the GPU machine, with
 # the reference libraries carried as in the device notes:
 #
 #     bash benchmarks/gpu_pending.sh            # carry: [".carry"]
