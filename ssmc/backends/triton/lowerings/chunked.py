@@ -24,6 +24,7 @@ from ....plan import Plan
 from ..common import (HEADER, Outputs, compute_type, dot_type, emit_output, input_args,
                       input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile, split_scale
+from ..templates import chunk_setup, chunk_state_store, indent, rows, seq_setup, state_init
 from . import register_lowering
 
 FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx"}
@@ -122,29 +123,6 @@ class _Chunk:
         self.body("lc = tl.cumsum(ld, axis=0)")
 
 
-PROLOGUE = '''
-    h_idx = tl.program_id(1).to(tl.int64)
-    H = tl.num_programs(1)
-    pid_n = tl.program_id(2) // NPB
-    pid_p = tl.program_id(2) % NPB
-    g_idx = h_idx // HPG
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_n = offs_n < N
-    offs_p = pid_p * BP + tl.arange(0, BP)
-    mask_p = offs_p < P
-    offs_c = tl.arange(0, BT)
-'''
-
-CHUNK_ROWS = '''
-        i_row = c0 + offs_c
-        mask_t = i_row < length
-        if REVERSE:
-            t_row = end - 1 - i_row
-        else:
-            t_row = start + i_row
-'''
-
-
 def render_state_kernel(plan: Plan) -> str:
     body = Emitter(indent=2)
     c = _Chunk(plan, body)
@@ -191,30 +169,12 @@ def ssmc_chunked_state_fwd(
     BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr,
     REVERSE: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
-{PROLOGUE}
-    if IS_VARLEN:
-        b_idx = seq * 0
-        start = tl.load(cu_ptr + seq).to(tl.int64)
-        end = tl.load(cu_ptr + seq + 1).to(tl.int64)
-        c_base = tl.load(chunk_off_ptr + seq).to(tl.int64)
-    else:
-        b_idx = seq
-        start = seq * 0
-        end = start + T
-        c_base = seq * tl.cdiv(T, BT)
-    length = end - start
-    state_off = ((seq * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]
-    state_mask = mask_n[:, None] & mask_p[None, :]
-    if HAS_H0:
-        state = tl.load(h0_ptr + state_off, mask=state_mask, other=0.0).to({c.ct})
-    else:
-        state = tl.zeros([BN, BP], dtype={c.ct})
+{seq_setup(True, "cu_ptr", "chunk_off_ptr")}
+{state_init("HAS_H0", "h0_ptr", "state", c.ct)}
     for c0 in range(0, length, BT):
         chunk = c_base + c0 // BT
-        tl.store(states_ptr + ((chunk * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :],
-                 state.to(states_ptr.dtype.element_ty), mask=state_mask)
-{CHUNK_ROWS}
+{chunk_state_store("states_ptr", "state.to(states_ptr.dtype.element_ty)")}
+{indent(rows(), 2)}
 {body.text()}
     if STORE_HT:
         tl.store(hT_ptr + state_off, state, mask=state_mask)
@@ -226,14 +186,7 @@ KEY_KT_TILE = Tile([("n", "offs_n", "mask_n"), KEY_AXIS], FIXED)
 KEY_V_TILE = Tile([KEY_AXIS, ("p", "offs_p", "mask_p")], FIXED)
 KEY_T_TILE = Tile([KEY_AXIS], FIXED)
 
-KEY_ROWS = '''
-        j_row = cs0 + j * BT + offs_c
-        mask_key = j_row < length
-        if REVERSE:
-            t_key = end - 1 - j_row
-        else:
-            t_key = start + j_row
-'''
+KEY_ROWS = rows("cs0 + j * BT", "j_row", "mask_key", "t_key")
 
 
 def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
@@ -257,8 +210,8 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
         body("for j in range(0, r):")
         with body.block():
             pre = Emitter(indent=body.level)
-            for line in KEY_ROWS.strip("\n").splitlines():
-                pre(line[8:])
+            for line in KEY_ROWS.splitlines():
+                pre(line)
             ctx = Context(prog, KEY_T_TILE, pre, "pj", c.ct)
             v = ctx.value(prog.log_decay, "ldj_raw")
             pre(f"prefix += tl.sum(tl.where(mask_key, {v}, 0.0), axis=0)")
@@ -275,8 +228,8 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
     body("for j in range(0, r + 1):")
     with body.block():
         loop = Emitter(indent=body.level)
-        for line in KEY_ROWS.strip("\n").splitlines():
-            loop(line[8:])
+        for line in KEY_ROWS.splitlines():
+            loop(line)
         inner = _Chunk(plan, loop)
         key = inner.scaled(rec.key, "n", KEY_KT_TILE, KEY_T_TILE, "kT", "kj")
         if key is None:
@@ -328,6 +281,10 @@ def _per_key_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
     body(f"y += {c.dot(f'q_dec.to({dt})', f'state_in.to({dt})')}")
 
 
+# the output pass runs R = CS // BT programs (row blocks) per chunk
+CHUNK_OF_PROGRAM = "tl.program_id(0).to(tl.int64) // R"
+
+
 def render_output_kernel(plan: Plan) -> str:
     prog = plan.program
     body = Emitter(indent=1)
@@ -340,7 +297,6 @@ def render_output_kernel(plan: Plan) -> str:
         _scalar_decay_body(plan, c, body)
     body("y_mask = mask_t[:, None] & mask_p[None, :]")
     emit_output(body, prog, V_TILE, c.ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
-    rows = "\n".join(line[4:] for line in CHUNK_ROWS.splitlines())
     return f'''
 @triton.jit
 def ssmc_chunked_out_fwd(
@@ -353,26 +309,11 @@ def ssmc_chunked_out_fwd(
     WRITE_OUT: tl.constexpr,
 ):
     R = CS // BT
-    chunk = tl.program_id(0).to(tl.int64) // R
+{chunk_setup(True, "cu_ptr", "chunk_off_ptr", "chunk_seq_ptr", CHUNK_OF_PROGRAM, "CS", "cs0")}
     r = tl.program_id(0) % R
-{PROLOGUE}
-    if IS_VARLEN:
-        seq = tl.load(chunk_seq_ptr + chunk).to(tl.int64)
-        b_idx = seq * 0
-        start = tl.load(cu_ptr + seq).to(tl.int64)
-        end = tl.load(cu_ptr + seq + 1).to(tl.int64)
-        cs0 = (chunk - tl.load(chunk_off_ptr + seq).to(tl.int64)) * CS
-    else:
-        n_chunks = tl.cdiv(T, CS)
-        seq = chunk // n_chunks
-        b_idx = seq
-        start = seq * 0
-        end = start + T
-        cs0 = (chunk % n_chunks) * CS
-    length = end - start
     c0 = cs0 + r * BT
     if c0 < length:
-{rows.replace(chr(10) + "    ", chr(10) + "        ")}
+{indent(rows(), 2)}
 {chr(10).join("    " + ln for ln in body.text().splitlines())}
 '''
 

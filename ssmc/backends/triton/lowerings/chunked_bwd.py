@@ -44,8 +44,10 @@ from ....plan import Plan
 from ..common import (HEADER, compute_dtype, compute_type, direction_slices, dot_type,
                       input_args, input_params, next_pow2, num_sequences)
 from ..render import Context, Emitter, Tile
+from ..templates import chunk_setup, chunk_state_store, indent, rows, seq_setup, state_init
 
-# The backward keeps its own tiles and helpers (it does not call into the forward's kernels),
+# The backward keeps its own tiles and operand helpers (it shares only the kernel set-up
+# snippets of ..templates with the forward, and does not call into the forward's kernels),
 # so the forward lowering can change its tiling freely.
 FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx"}
 T_AXIS = ("t", "t_row", "mask_t")
@@ -53,61 +55,10 @@ QK_TILE = Tile([T_AXIS, ("n", "offs_n", "mask_n")], FIXED)
 V_TILE = Tile([T_AXIS, ("p", "offs_p", "mask_p")], FIXED)
 T_TILE = Tile([T_AXIS], FIXED)
 
-PROLOGUE = """
-    h_idx = tl.program_id(1).to(tl.int64)
-    H = tl.num_programs(1)
-    pid_p = tl.program_id(2)
-    g_idx = h_idx // HPG
-    offs_n = tl.arange(0, BN)
-    mask_n = offs_n < N
-    offs_p = pid_p * BP + tl.arange(0, BP)
-    mask_p = offs_p < P
-    offs_c = tl.arange(0, BT)
-"""
-
-SEQ_SETUP = """
-    seq = tl.program_id(0).to(tl.int64)
-{prologue}
-    if IS_VARLEN:
-        b_idx = seq * 0
-        start = tl.load(ssmc_cu + seq).to(tl.int64)
-        end = tl.load(ssmc_cu + seq + 1).to(tl.int64)
-        c_base = tl.load(ssmc_chunk_off + seq).to(tl.int64)
-    else:
-        b_idx = seq
-        start = seq * 0
-        end = start + T
-        c_base = seq * tl.cdiv(T, BT)
-    length = end - start
-    state_off = ((seq * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]
-    state_mask = mask_n[:, None] & mask_p[None, :]
-""".format(prologue=PROLOGUE)
-
-CHUNK_SETUP = """
-    chunk = tl.program_id(0).to(tl.int64)
-{prologue}
-    if IS_VARLEN:
-        seq = tl.load(ssmc_chunk_seq + chunk).to(tl.int64)
-        b_idx = seq * 0
-        start = tl.load(ssmc_cu + seq).to(tl.int64)
-        end = tl.load(ssmc_cu + seq + 1).to(tl.int64)
-        c0 = (chunk - tl.load(ssmc_chunk_off + seq).to(tl.int64)) * BT
-    else:
-        n_chunks = tl.cdiv(T, BT)
-        seq = chunk // n_chunks
-        b_idx = seq
-        start = seq * 0
-        end = start + T
-        c0 = (chunk % n_chunks) * BT
-    length = end - start
-""".format(prologue=PROLOGUE)
-
-ROWS = """i_row = c0 + offs_c
-mask_t = i_row < length
-if REVERSE:
-    t_row = end - 1 - i_row
-else:
-    t_row = start + i_row"""
+SEQ_SETUP = seq_setup(False, "ssmc_cu", "ssmc_chunk_off")
+CHUNK_SETUP = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
+                          "tl.program_id(0).to(tl.int64)", "BT", "c0")
+ROWS = rows()
 
 STATE_PARAMS = "ssmc_cu, ssmc_chunk_off,\n    T, HPG, N, P,"
 CHUNK_PARAMS = "ssmc_cu, ssmc_chunk_off, ssmc_chunk_seq,\n    B, T, HPG, N, P,"
@@ -124,10 +75,6 @@ def _decay_mode(plan: Plan) -> str:
     if plan.program.log_decay is None:
         return "none"
     return "key" if per_key_decay(plan) else "row"
-
-
-def _indent(text: str, level: int) -> str:
-    return "\n".join("    " * level + line for line in text.splitlines())
 
 
 class _Ops:
@@ -223,15 +170,11 @@ def ssmc_chunked_bwd_states(
     {CONSTS}, HAS_H0: tl.constexpr,
 ):
 {SEQ_SETUP}
-    if HAS_H0:
-        state = tl.load(ssmc_h0 + state_off, mask=state_mask, other=0.0).to({o.ct})
-    else:
-        state = tl.zeros([BN, BP], dtype={o.ct})
+{state_init("HAS_H0", "ssmc_h0", "state", o.ct)}
     for c0 in range(0, length, BT):
         chunk = c_base + c0 // BT
-        tl.store(ssmc_states + ((chunk * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :],
-                 state, mask=state_mask)
-{_indent(ROWS, 2)}
+{chunk_state_store("ssmc_states", "state")}
+{indent(ROWS, 2)}
 {body.text()}
     tl.store(ssmc_hT + state_off, state, mask=state_mask)
 """
@@ -263,7 +206,7 @@ def ssmc_chunked_bwd_y(
     {CONSTS}, ACCUM_IN: tl.constexpr,
 ):
 {CHUNK_SETUP}
-{_indent(ROWS, 1)}
+{indent(ROWS, 1)}
 {body.text()}
 """
 
@@ -284,17 +227,13 @@ def ssmc_chunked_bwd_dstates(
     {CONSTS}, HAS_GT: tl.constexpr,
 ):
 {SEQ_SETUP}
-    if HAS_GT:
-        G = tl.load(ssmc_gT + state_off, mask=state_mask, other=0.0).to({o.ct})
-    else:
-        G = tl.zeros([BN, BP], dtype={o.ct})
+{state_init("HAS_GT", "ssmc_gT", "G", o.ct)}
     n_chunks = tl.cdiv(length, BT)
     for cc in range(0, n_chunks):
         c0 = (n_chunks - 1 - cc) * BT
         chunk = c_base + c0 // BT
-        tl.store(ssmc_dstates + ((chunk * H + h_idx) * N + offs_n[:, None]) * P
-                 + offs_p[None, :], G, mask=state_mask)
-{_indent(ROWS, 2)}
+{chunk_state_store("ssmc_dstates", "G")}
+{indent(ROWS, 2)}
 {body.text()}
     tl.store(ssmc_dh0 + state_off, G, mask=state_mask)
 """
@@ -348,7 +287,7 @@ def ssmc_chunked_bwd(
     {CONSTS},
 ):
 {CHUNK_SETUP}
-{_indent(ROWS, 1)}
+{indent(ROWS, 1)}
 {body.text()}
 """
 

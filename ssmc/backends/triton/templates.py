@@ -1,0 +1,105 @@
+"""Kernel set-up snippets shared by the chunked lowering's forward and backward kernels.
+
+Each is parameterised by the pointer argument names (the backward prefixes its own with `ssmc_`
+so they cannot clash with the op's input names). Every snippet is returned indented for a
+kernel's top level (4 spaces) unless told otherwise.
+"""
+from __future__ import annotations
+
+
+def indent(text: str, level: int) -> str:
+    return "\n".join("    " * level + line for line in text.splitlines())
+
+
+def prologue(split_n: bool) -> str:
+    """Per program: head, group, n/p offsets and masks, the row offsets of a block. With
+    `split_n`, program axis 2 holds n-blocks times NPB p-blocks; otherwise it is the p-block
+    alone and n is covered by one block."""
+    if split_n:
+        pid = ("    pid_n = tl.program_id(2) // NPB\n"
+               "    pid_p = tl.program_id(2) % NPB\n")
+        offs_n = "pid_n * BN + tl.arange(0, BN)"
+    else:
+        pid = "    pid_p = tl.program_id(2)\n"
+        offs_n = "tl.arange(0, BN)"
+    return f"""
+    h_idx = tl.program_id(1).to(tl.int64)
+    H = tl.num_programs(1)
+{pid}    g_idx = h_idx // HPG
+    offs_n = {offs_n}
+    mask_n = offs_n < N
+    offs_p = pid_p * BP + tl.arange(0, BP)
+    mask_p = offs_p < P
+    offs_c = tl.arange(0, BT)
+"""
+
+
+def seq_setup(split_n: bool, cu: str, chunk_off: str) -> str:
+    """A program per (sequence, head, block): the sequence's bounds, its first chunk `c_base`
+    and the offsets/mask of its (n, p) state block."""
+    return f"""
+    seq = tl.program_id(0).to(tl.int64)
+{prologue(split_n)}
+    if IS_VARLEN:
+        b_idx = seq * 0
+        start = tl.load({cu} + seq).to(tl.int64)
+        end = tl.load({cu} + seq + 1).to(tl.int64)
+        c_base = tl.load({chunk_off} + seq).to(tl.int64)
+    else:
+        b_idx = seq
+        start = seq * 0
+        end = start + T
+        c_base = seq * tl.cdiv(T, BT)
+    length = end - start
+    state_off = ((seq * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]
+    state_mask = mask_n[:, None] & mask_p[None, :]
+"""
+
+
+def chunk_setup(split_n: bool, cu: str, chunk_off: str, chunk_seq: str, chunk: str, size: str,
+                first: str) -> str:
+    """A program per (chunk, head, block): `chunk` (the expression giving it), its sequence and
+    bounds, and `first`, the chunk's first step within the sequence (chunks `size` steps long)."""
+    return f"""
+    chunk = {chunk}
+{prologue(split_n)}
+    if IS_VARLEN:
+        seq = tl.load({chunk_seq} + chunk).to(tl.int64)
+        b_idx = seq * 0
+        start = tl.load({cu} + seq).to(tl.int64)
+        end = tl.load({cu} + seq + 1).to(tl.int64)
+        {first} = (chunk - tl.load({chunk_off} + seq).to(tl.int64)) * {size}
+    else:
+        n_chunks = tl.cdiv(T, {size})
+        seq = chunk // n_chunks
+        b_idx = seq
+        start = seq * 0
+        end = start + T
+        {first} = (chunk % n_chunks) * {size}
+    length = end - start
+"""
+
+
+def rows(first: str = "c0", i: str = "i_row", mask: str = "mask_t", t: str = "t_row") -> str:
+    """The rows of one block (unindented): position `i` from the sequence start, its mask, and
+    `t`, the time step it reads in the direction's own order."""
+    return f"""{i} = {first} + offs_c
+{mask} = {i} < length
+if REVERSE:
+    {t} = end - 1 - {i}
+else:
+    {t} = start + {i}"""
+
+
+def state_init(flag: str, ptr: str, var: str, ct: str) -> str:
+    """`var`, an (n, p) state block: loaded from `ptr` when `flag`, else zeros (indent 1)."""
+    return f"""    if {flag}:
+        {var} = tl.load({ptr} + state_off, mask=state_mask, other=0.0).to({ct})
+    else:
+        {var} = tl.zeros([BN, BP], dtype={ct})"""
+
+
+def chunk_state_store(ptr: str, value: str, level: int = 2) -> str:
+    """Store an (n, p) block of chunk `chunk`'s state (indented `level`)."""
+    return indent(f"tl.store({ptr} + ((chunk * H + h_idx) * N + offs_n[:, None]) * P"
+                  f" + offs_p[None, :],\n         {value}, mask=state_mask)", level)
