@@ -4,44 +4,23 @@ import torch
 
 from ssmc.ops import retention
 from ssmc.ops.retention import default_gamma
-from tests.helpers import (SHAPES, check_against_reference, compare, cu_seqlens, random_state,
+from tests.helpers import (SHAPES, check_against_reference, cu_seqlens, random_state,
                            retention_inputs)
+from tests.ops.naive import REF, check_matches_naive, check_varlen_per_sequence, close, naive_loop
 
-TOL64 = 1e-10  # float64 op against the float64 loop
 TOL32 = 1e-5   # float32 op against the float64 reference (outputs and gradients)
-REF = dict(backend="reference")  # these tests check the definition, not a kernel backend
 
 
 def naive_retention(q, k, v, gamma, scale=None, initial_state=None):
     """S_t = gamma S_{t-1} + k_t^T v_t (per head);  o_t = (scale q_t) S_t; scale = n^-0.5."""
-    q, k, v, gamma = (x.double() for x in (q, k, v, gamma))
-    b, t, h, n = q.shape
-    scale = n ** -0.5 if scale is None else scale
-    S = (torch.zeros(b, h, n, v.shape[-1], dtype=torch.float64) if initial_state is None
-         else initial_state.double().clone())
-    o = torch.zeros(*v.shape, dtype=torch.float64)
-    for i in range(t):
-        S = gamma[None, :, None, None] * S + k[:, i, :, :, None] * v[:, i, :, None, :]
-        o[:, i] = torch.einsum("bhn,bhnp->bhp", q[:, i] * scale, S)
-    return o, S
-
-
-def close(name, actual, expected, tol=TOL64):
-    r = compare(name, actual, expected, tol)
-    assert r.ok, str(r)
+    gamma = gamma.double()
+    return naive_loop(q, k, v, lambda S, i: gamma[None, :, None, None] * S, scale, initial_state)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"t{s['t']}")
 @pytest.mark.parametrize("scale", [None, 0.7])
 def test_retention_matches_naive(shape, scale):
-    torch.manual_seed(0)
-    b, t, h, n, p = (shape[a] for a in "bthnp")
-    x = retention_inputs(b, t, h, n, p, dtype=torch.float64, seed=1)
-    h0 = random_state(b, h, n, p, dtype=torch.float64, seed=2)
-    y, hT = retention(**x, scale=scale, initial_state=h0, return_final_state=True, **REF)
-    y_ref, h_ref = naive_retention(**x, scale=scale, initial_state=h0)
-    close("y", y, y_ref)
-    close("final_state", hT, h_ref)
+    check_matches_naive(retention, retention_inputs, naive_retention, shape, scale)
 
 
 def test_retention_parallel_form():
@@ -82,13 +61,7 @@ def test_retention_varlen_matches_naive_per_sequence():
     x = retention_inputs(1, sum(lengths), 3, 4, 2, dtype=torch.float64, seed=5)
     h0 = random_state(4, 3, 4, 2, dtype=torch.float64, seed=6)
     cu = cu_seqlens(lengths, dtype=torch.int64)
-    y, hT = retention(**x, cu_seqlens=cu, initial_state=h0, return_final_state=True, **REF)
-    bounds = cu.tolist()
-    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-        xi = {k: v[:, lo:hi] if v.dim() == 4 else v for k, v in x.items()}
-        yi, hi_ref = naive_retention(**xi, initial_state=h0[i:i + 1])
-        close(f"y of sequence {i}", y[:, lo:hi], yi)
-        close(f"final_state of sequence {i}", hT[i:i + 1], hi_ref)
+    check_varlen_per_sequence(retention, naive_retention, x, h0, cu)
 
 
 def test_retention_float32_against_reference_with_grads():
