@@ -56,9 +56,13 @@ class TritonBackend:
         return LOWERINGS[plan.lowering].render(plan)
 
     def load_module(self, plan: Plan):
-        key = plan.cache_key(self.cache_tag())
+        return self.load_generated(plan.cache_key(self.cache_tag()), lambda: self.source(plan))
+
+    def load_generated(self, key: str, render):
+        """Import the generated module cached under `key`, rendering it with `render()` on a
+        miss (Triton needs the source in a file to jit it)."""
         path = cache_root("triton") / f"{key}.py"
-        get_or_build_text(path, lambda: self.source(plan))
+        get_or_build_text(path, render)
         name = f"ssmc_triton_{key}"
         if name in sys.modules:
             return sys.modules[name]

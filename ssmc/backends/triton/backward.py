@@ -25,7 +25,6 @@ import dataclasses
 
 from ...ir import Program
 from ...plan import Plan
-from ..cache import cache_root, get_or_build_text
 from ..chain_rule import ChainRule, initial_state_grad, sum_directions
 from .common import compute_dtype
 from .lowerings import chunked_bwd, scan_bwd
@@ -38,21 +37,9 @@ def backward_lowering(plan: Plan) -> str:
 
 def load_backward_module(backend, plan: Plan):
     """The generated backward kernels of `plan`, cached on disk beside the forward's."""
-    import importlib.util
-    import sys
-
     render = scan_bwd.render if plan.lowering == "scan" else chunked_bwd.render
-    key = plan.cache_key(backend.cache_tag()) + "_bwd"
-    path = cache_root("triton") / f"{key}.py"
-    get_or_build_text(path, lambda: render(plan))
-    name = f"ssmc_triton_{key}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[name] = module
-    return module
+    return backend.load_generated(plan.cache_key(backend.cache_tag()) + "_bwd",
+                                  lambda: render(plan))
 
 
 def make_backward(backend, plan: Plan):
