@@ -1,30 +1,56 @@
 """Elementwise functions that sympy lacks, with derivatives so that `sympy.diff` works.
 
 Backends render these by name (`Softplus` -> a numerically stable softplus), so they are
-kept as opaque functions rather than expanded into `log(1 + exp(x))`.
+kept as opaque functions rather than expanded into `log(1 + exp(x))`. They declare what sympy
+needs to simplify around them: real for a real argument (else `abs(softplus(c))` expands into
+re/im parts), positive where they are, and a number for a number (so `maximum(0.5,
+sigmoid(1.0))` can be compared).
 """
 from __future__ import annotations
+
+import math
 
 import sympy as sp
 
 
-class Sigmoid(sp.Function):
+class _RealFunction(sp.Function):
     nargs = 1
+    _numeric = None  # float -> float
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number and x.is_real:
+            return sp.Float(cls._numeric(float(x)))
+        return None
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
+class Sigmoid(_RealFunction):
+    _numeric = staticmethod(lambda v: 1.0 / (1.0 + math.exp(-v)) if v >= 0
+                            else math.exp(v) / (1.0 + math.exp(v)))
+
+    def _eval_is_positive(self):
+        return self.args[0].is_real
 
     def fdiff(self, argindex=1):
         s = Sigmoid(self.args[0])
         return s * (1 - s)
 
 
-class Softplus(sp.Function):
-    nargs = 1
+class Softplus(_RealFunction):
+    _numeric = staticmethod(lambda v: max(v, 0.0) + math.log1p(math.exp(-abs(v))))
+
+    def _eval_is_positive(self):
+        return self.args[0].is_real
 
     def fdiff(self, argindex=1):
         return Sigmoid(self.args[0])
 
 
-class Silu(sp.Function):
-    nargs = 1
+class Silu(_RealFunction):
+    _numeric = staticmethod(lambda v: v * Sigmoid._numeric(v))
 
     def fdiff(self, argindex=1):
         x = self.args[0]
