@@ -252,22 +252,26 @@ def runnable_lowerings(program, dtype, call) -> list[str]:
     return out
 
 
+#: Where the kernels run: the GPU when there is one, else the interpreter on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run_call(defn, call, lowering, check):
     sizes, dtype = call["sizes"], call["dtype"]
     gen = torch.Generator().manual_seed(call["seed"])
-    inputs = {inp.name: torch.randn(tuple(sizes[a] for a in inp.axes), generator=gen).to(dtype)
-              for inp in defn.program.inputs}
+    inputs = {inp.name: torch.randn(tuple(sizes[a] for a in inp.axes), generator=gen)
+              .to(dtype=dtype, device=DEVICE) for inp in defn.program.inputs}
     kwargs = dict(return_final_state=call["final"])
     num_states = sizes["b"]
     if call["lengths"] is not None:
         cu = torch.tensor([0, *torch.tensor(call["lengths"]).cumsum(0).tolist()],
-                          dtype=torch.int32)
+                          dtype=torch.int32, device=DEVICE)
         kwargs["cu_seqlens"], num_states = cu, len(call["lengths"])
     if call["h0"]:
         shape = (num_states, sizes["h"], sizes["n"], sizes["p"])
         if len(defn.program.recurrence.directions) > 1:
             shape = (2,) + shape
-        kwargs["initial_state"] = torch.randn(shape, generator=gen)
+        kwargs["initial_state"] = torch.randn(shape, generator=gen).to(DEVICE)
     check(defn, inputs, lowering=lowering, tol=FUZZ_TOL[dtype], **kwargs)
 
 

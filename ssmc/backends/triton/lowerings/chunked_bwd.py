@@ -22,14 +22,17 @@ chunk and the final state. The backward adds two kernels mirroring it:
 
   all tensor-core dots; per-key decays factor D as for the forward (q exp(lc), k exp(-lc)).
 
-The decay gradient uses no state at all: with w_u = q_u * dq_u - k_u * dk_u (per n),
+The decay gradient stays inside the chunk: with w_u = q_u * dq_u - k_u * dk_u (per n), for r
+in chunk c with end state S_c and G_c = dL/dS_c from the later chunks (dL/dS_T for the last),
 
-    dL/dl_r = sum_{u >= r} w_u  +  sum_p (dL/dS_T * S_T)
+    dL/dl_r = sum_{u >= r, u in c} w_u  +  sum_p (G_c * S_c)
 
-(pairs (s, t) with s < r <= t are exactly those of q dq minus those of k dk; the initial state
-sits in q dq, the final-state gradient in k dk and the last term). The kernel stores w (summed
-over n on the host for scalar decays, through the chain rule); the reverse cumulative sum per
-sequence runs on the host, vectorised. Sums over p (dq, dk, w) are per p-block partials.
+(every factor exp(lc_u) of the chunk carries l_r for u >= r, and l_last scales all of S_c).
+Summing w over the whole sequence instead is the same number in exact arithmetic but cancels
+catastrophically at long t: w has both signs and the sum is far smaller than its terms. The
+kernel stores w (summed over n on the host for scalar decays, through the chain rule); the
+chunk-local reverse sums and the per-chunk term run on the host, vectorised. Sums over p (dq,
+dk, w) are per p-block partials.
 
 The quadratic lowering has the same mathematics (M = the scores of all chunks at once) and
 uses this backward too.
@@ -357,25 +360,72 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     return dict(states=states, finals=finals, layout=layout), y
 
 
-def _reverse_cumsum(w: torch.Tensor, reverse: bool, cu_seqlens) -> torch.Tensor:
-    """sum over u >= r in the direction's own time, per sequence: w (b, t, h, n)."""
+def _chunk_bounds(sizes, cu_seqlens, BT: int, reverse: bool, layout, device):
+    """For every (b, t): its chunk's index and the real-time range [lo, hi) of the steps u >= t
+    of that chunk in the direction's own order. Shapes (b, t); chunks numbered as the kernels
+    number them."""
+    B, T = sizes["b"], sizes["t"]
+    t = torch.arange(T, device=device)
     if cu_seqlens is None:
-        w64 = w.double()
-        return (w64.cumsum(1) if reverse else w64.flip(1).cumsum(1).flip(1)).to(w.dtype)
-    # packed: differences of one running sum, in float64 against cancellation
+        start = torch.zeros(T, dtype=torch.int64, device=device)
+        end = torch.full((T,), T, dtype=torch.int64, device=device)
+        first_chunk = torch.zeros(T, dtype=torch.int64, device=device)
+    else:
+        bounds = cu_seqlens.to(device=device, dtype=torch.int64)
+        seq = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=device),
+                                      bounds[1:] - bounds[:-1], output_size=T)
+        start, end = bounds[seq], bounds[seq + 1]
+        first_chunk = layout["chunk_off"].to(torch.int64)[seq]
+    i = end - 1 - t if reverse else t - start              # step within the sequence
+    cl = i // BT
+    chunk_len = torch.minimum((cl + 1) * BT, end - start)  # steps up to the chunk's end
+    if reverse:
+        lo, hi = end - chunk_len, t + 1
+    else:
+        lo, hi = t, start + chunk_len
+    chunk = first_chunk + cl
+    if cu_seqlens is None:
+        chunk = chunk[None] + torch.arange(B, device=device)[:, None] * triton.cdiv(T, BT)
+    return chunk, lo, hi
+
+
+def _chunk_end_term(dstates, states, finals, layout, sizes, cu_seqlens):
+    """sum_p G_c * S_c per chunk, (chunks, h, n): S_c is the next chunk's entering state, or the
+    sequence's final state for its last chunk. Contracted with batched dots (no (c, h, n, p)
+    product in memory)."""
+    def dot_p(a, b):
+        return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1))[..., 0, 0]
+
+    n_chunks = layout["n_chunks"]
+    term = torch.zeros(n_chunks, *states.shape[1:3], dtype=states.dtype, device=states.device)
+    if n_chunks > 1:
+        term[:-1] = dot_p(dstates[:n_chunks - 1], states[1:n_chunks])
+    if cu_seqlens is None:
+        per_seq = triton.cdiv(sizes["t"], layout["m"]["BT"])
+        last = torch.arange(1, sizes["b"] + 1, device=states.device) * per_seq - 1
+        seqs = torch.arange(sizes["b"], device=states.device)
+    else:
+        off = layout["chunk_off"].to(torch.int64)
+        nonempty = off[1:] > off[:-1]
+        last, seqs = (off[1:] - 1)[nonempty], torch.nonzero(nonempty)[:, 0]
+    if len(last):
+        term[last] = dot_p(dstates[last], finals[seqs])
+    return term
+
+
+def _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, reverse):
+    """dL/dl (b, t, h, n) from w (b, t, h, n): chunk-local reverse sums (float64 differences of
+    one running sum) plus each chunk's end term."""
+    lay = saved["layout"]
+    chunk, lo, hi = _chunk_bounds(sizes, cu_seqlens, lay["m"]["BT"], reverse, lay, w.device)
     w64 = w.double()
     cs = torch.cat([torch.zeros_like(w64[:, :1]), w64.cumsum(1)], 1)   # cs[i] = sum_{<i}
-    T = w.shape[1]
-    bounds = cu_seqlens.to(device=w.device, dtype=torch.int64)
-    lengths = bounds[1:] - bounds[:-1]
-    seq_of = torch.repeat_interleave(torch.arange(len(lengths), device=w.device), lengths,
-                                     output_size=T)
-    t = torch.arange(T, device=w.device)
-    if reverse:   # u <= r in real time
-        out = cs[:, t + 1] - cs[:, bounds[seq_of]]
-    else:
-        out = cs[:, bounds[seq_of + 1]] - cs[:, t]
-    return out.to(w.dtype)
+    local = (cs[:, hi] - cs[:, lo]).to(w.dtype)
+    term = _chunk_end_term(dstates, saved["states"][i], saved["finals"][i], lay, sizes,
+                           cu_seqlens)
+    if cu_seqlens is None:
+        return local + term[chunk]                                     # (b, t, h, n)
+    return local + term[chunk][None]
 
 
 def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_seqlens):
@@ -419,17 +469,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         grads = {"query": dq.sum(0).unsqueeze(-1), "key": dk.sum(0).unsqueeze(-1),
                  "value": dv.unsqueeze(3)}
         if has_decay:
-            dlog = _reverse_cumsum(w.sum(0), reverse, cu_seqlens)
-            if gT is not None:
-                term = (gT * saved["finals"][i]).sum(-1)          # (S, H, N)
-                if cu_seqlens is None:
-                    dlog = dlog + term[:, None]
-                else:
-                    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device,
-                                                                     dtype=torch.int64)
-                    seq_of = torch.repeat_interleave(torch.arange(S, device=device), lengths,
-                                                     output_size=T)
-                    dlog = dlog + term[seq_of][None]
+            dlog = _decay_grad(w.sum(0), dstates, saved, i, sizes, cu_seqlens, reverse)
             grads["log_decay"] = dlog.unsqueeze(-1)
         results.append((grads, dh0))
     return results
