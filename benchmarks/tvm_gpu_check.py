@@ -5,13 +5,19 @@ Two steps, on two machines:
 1. Where `tvm` and nvcc are installed (the CPU machine), write the exports:
        python benchmarks/tvm_gpu_check.py --make .carry/tvm_exports [--arch sm_90]
    This exports a few specialisations (SSD fp32 and bf16 with states and packed sequences,
-   GLA bidirectional, Mamba-1 selective scan) as shared libraries that link only libtvm_ffi.
+   GLA bidirectional, Mamba-1 selective scan) as shared libraries that link only libtvm_ffi,
+   and (for cuda) the chunked lowering: the Mamba-2 SSD forward at the benchmark's
+   specialisation (h=80 g=1 n=128 p=64; bf16 on tensor cores and fp32) and smaller exports of
+   its features (states, packed sequences, fp16 with odd sizes, both directions).
 
 2. On the GPU machine, with only torch and apache-tvm-ffi (no `tvm`), check them:
        python benchmarks/tvm_gpu_check.py .carry/tvm_exports/*
    For each export: random inputs on CUDA at two lengths (and packed sequences where the export
    takes cu_seqlens), the float64 reference on the CPU (`ssmc.reference.scan` on the program
    text stored in the manifest), the relative errors, and the median kernel time.
+   Chunked SSD exports at the benchmark specialisation are also timed at b=8 t=4096, next to
+   the Triton backend's chunked forward on the same inputs (when triton is importable; with
+   SSMC_AUTOTUNE=off, Triton runs its default tiles), printing the ratio TVM/Triton.
    Exits non-zero when an error exceeds its tolerance (fp32 1e-4 relative to max|ref|, bf16
    2e-2; GPU exp/log differ from the CPU's in the last bits, and t is long).
 """
@@ -47,11 +53,31 @@ def gla_bidirectional():
     return ssmc.ssm(gla_bidirectional)
 
 
+def ssd_bidirectional():
+    """A scalar-decay (SSD-like) definition over both directions: chunked on CUDA."""
+    import ssmc
+    from ssmc import dsl as S
+
+    def ssd_bidirectional(x, dt, A, B, C):
+        dt = S.softplus(dt)
+        return S.recurrence(decay=S.exp(dt * A), key=B, value=x * dt, query=C,
+                            direction="bidirectional")
+    ssd_bidirectional.__annotations__ = dict(x=S.In["b t h p"], dt=S.In["b t h"], A=S.In["h"],
+                                             B=S.In["b t g n"], C=S.In["b t g n"])
+    return ssmc.ssm(ssd_bidirectional)
+
+
+#: the benchmark shape of the chunked SSD forward (README / RESULTS: Triton ~1.9 ms on an H100)
+BENCH = dict(b=8, t=4096, h=80, p=64, n=128, g=1)
+
+
 def make(out_root: Path, arch: str, target: str = "cuda"):
     from ssmc.ops.selective_scan import build as ss_build
     from ssmc.backends.tvm.export import export
     from ssmc.ops.ssd import build as ssd_build
 
+    mamba2 = ssd_build(has_D=True, has_z=True, dt_softplus=True, has_dt_bias=True)
+    bench = {a: BENCH[a] for a in "hgnp"}
     jobs = [
         ("ssd_fp32", ssd_build(), dict(h=8, g=1, n=64, p=64), {}),
         ("ssd_mamba2_bf16_states_varlen", ssd_build(has_D=True, has_z=True, dt_softplus=True,
@@ -63,6 +89,21 @@ def make(out_root: Path, arch: str, target: str = "cuda"):
         ("selective_scan_fp32", ss_build(has_D=True, has_z=True, delta_softplus=True),
          dict(h=256, g=1, n=16, p=1), dict(return_final_state=True)),
     ]
+    if target == "cuda":
+        # the chunked lowering on CUDA (tensor cores for bf16): the benchmark's specialisation,
+        # timed against the Triton backend on the GPU, plus its features at smaller sizes
+        jobs += [
+            ("chunked_ssd_mamba2_bf16", mamba2, bench, dict(dtype="bfloat16", lowering="chunked")),
+            ("chunked_ssd_mamba2_fp32", mamba2, bench, dict(lowering="chunked")),
+            ("chunked_ssd_mamba2_bf16_states_varlen", mamba2, dict(h=8, g=2, n=128, p=64),
+             dict(dtype="bfloat16", initial_state=True, return_final_state=True, varlen=True,
+                  lowering="chunked")),
+            ("chunked_ssd_mamba2_fp16_odd_sizes", mamba2, dict(h=6, g=3, n=40, p=20),
+             dict(dtype="float16", return_final_state=True, lowering="chunked")),
+            ("chunked_ssd_bidirectional_fp32_states", ssd_bidirectional(),
+             dict(h=4, g=2, n=64, p=40), dict(initial_state=True, return_final_state=True,
+                                               lowering="chunked")),
+        ]
     for name, defn, shapes, opts in jobs:
         out = export(defn, target=target, arch=arch, shapes=shapes, out_dir=out_root / name,
                      **opts)
@@ -156,7 +197,55 @@ def check(directory: Path) -> bool:
                 times.append((time.perf_counter() - t0) * 1e3)
         times = sorted(times[3:])
         print(f"       median {times[len(times) // 2]:.3f} ms over 20 launches")
+    if device == "cuda" and m.get("lowering") == "chunked" and m["program_name"] == "ssd" and \
+            all(m["sizes"][a] == BENCH[a] for a in "hgnp") and not m["varlen"] and \
+            not m["has_initial_state"]:
+        bench_vs_triton(kernel, m, gen)
     return ok
+
+
+def cuda_median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    times = []
+    for _ in range(warmup + reps):
+        start = torch.cuda.Event(enable_timing=True)
+        stop = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    times = sorted(times[warmup:])
+    return times[len(times) // 2]
+
+
+def bench_vs_triton(kernel, m, gen):
+    """The benchmark shape (BENCH): the TVM export's time, and the Triton backend's chunked
+    forward on the same inputs when triton is importable (its result is compared too)."""
+    sizes = dict(BENCH)
+    args = inputs_for(m, sizes, "cuda", gen)
+    out = kernel(*args)
+    t_tvm = cuda_median_ms(lambda: kernel(*args))
+    print(f"  bench {m['dtype']} b={sizes['b']} t={sizes['t']} h={sizes['h']} n={sizes['n']} "
+          f"p={sizes['p']}: TVM chunked {t_tvm:.3f} ms")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("       (triton not importable: no Triton comparison)")
+        return
+    import ssmc.ops
+    named = {s["name"]: a for s, a in zip(m["inputs"], args)}
+    extra = {k: named[k] for k in ("D", "z", "dt_bias") if k in named}
+
+    def run_triton():
+        return ssmc.ops.ssd(named["x"], named["dt"], named["A"], named["B"], named["C"],
+                            dt_softplus=True, backend="triton", lowering="chunked", **extra)
+    ref = run_triton()
+    sync()
+    t_tri = cuda_median_ms(run_triton)
+    diff = float((out.double() - ref.double()).abs().max() /
+                 ref.double().abs().max().clamp_min(1e-30))
+    print(f"       Triton chunked {t_tri:.3f} ms; TVM/Triton = {t_tvm / t_tri:.2f}x "
+          f"(rel max diff between them {diff:.2e})")
 
 
 def main(argv=None):

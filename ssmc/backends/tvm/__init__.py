@@ -1,5 +1,7 @@
-"""The TVM backend: TIR (as TVMScript) per lowering, compiled for LLVM (CPU) and, for the
-scan lowering, for CUDA (through nvcc; the library links only tvm_ffi).
+"""The TVM backend: TIR (as TVMScript) per lowering, compiled for LLVM (CPU) and for CUDA
+(through nvcc; the library links only tvm_ffi). On CUDA, chunked plans run the chunked
+lowering of lowerings/chunked_cuda.py (tensor cores for bf16/fp16) where it applies, and every
+other plan runs the CUDA scan (`cuda_lowering`).
 
 `compile(plan)` returns a kernel that specialises on first use to the call's head, group,
 state and value sizes and the inputs' dtypes (b and t stay symbolic: one compiled function
@@ -161,9 +163,17 @@ class TVMKernel:
             cu_dtype=None if cu_seqlens is None else str(cu_seqlens.dtype).split(".")[1],
             h0_dtype=None if initial_state is None else str(initial_state.dtype).split(".")[1])
 
+    def lowering_for(self, spec) -> str:
+        """The lowering that runs this specialisation: the plan's on the CPU; on CUDA the
+        chunked one where `chunked_cuda.unsupported` allows it, otherwise the scan (every
+        lowering computes the same function, and the scan runs every plan)."""
+        if spec.target != "cuda":
+            return self.plan.lowering
+        return cuda_lowering(self.plan, spec.N, spec.P)
+
     def source(self, spec) -> str:
         from .lowerings import LOWERINGS
-        return LOWERINGS[(self.plan.lowering, spec.target)](spec)
+        return LOWERINGS[(self.lowering_for(spec), spec.target)](spec)
 
     def function(self, spec):
         fn = self._functions.get(spec)
@@ -185,13 +195,12 @@ class TVMKernel:
             raise UnsupportedError(f"{prog.name}: this kernel was compiled for "
                                    f"{plan.describe()}; the call's state/cu_seqlens differ")
         device = next(iter(tensors.values())).device
+        lowering = plan.lowering
         if device.type == "cuda":
-            # the CUDA target: scan only; built with nvcc into a library that needs tvm_ffi
-            if plan.lowering != "scan":
-                raise UnsupportedError(f"{prog.name}: the TVM backend's CUDA target implements "
-                                       f"the scan lowering only, not {plan.lowering!r} (use "
-                                       "lowering='scan', or backend='triton')")
-            if sizes["p"] > 1024:
+            # the CUDA target (nvcc, a library that needs only tvm_ffi): the chunked lowering
+            # where it applies, the scan for everything else
+            lowering = cuda_lowering(plan, int(sizes["n"]), int(sizes["p"]))
+            if lowering == "scan" and sizes["p"] > 1024:
                 raise UnsupportedError(f"{prog.name}: the TVM CUDA scan runs one thread per "
                                        f"value channel; p={sizes['p']} > 1024")
         elif device.type != "cpu":
@@ -223,11 +232,26 @@ class TVMKernel:
         if D > 1:
             acc = torch.float64 if plan.dtype == "float64" else torch.float32
             args.append(torch.empty(B, T, H, P, dtype=acc, device=device))
+        if device.type == "cuda" and lowering == "chunked":
+            from .lowerings.chunked_cuda import workspace_shapes
+            for _, shape, dt in workspace_shapes(plan, B, T, S, H, N, P):
+                args.append(torch.empty(shape, dtype=getattr(torch, dt), device=device))
         if B * T > 0 or plan.return_final_state:
             fn(*args)
         if final is not None and D == 1:
             final = final[0]
         return out, final
+
+
+def cuda_lowering(plan: Plan, N: int, P: int) -> str:
+    """The lowering the CUDA target runs for `plan` at key/value sizes N, P: "chunked" for
+    chunked plans that lowerings/chunked_cuda.py implements (tensor cores for bf16/fp16),
+    "scan" otherwise (quadratic plans, per-key decays, float64, ...)."""
+    if plan.lowering == "chunked":
+        from .lowerings.chunked_cuda import unsupported
+        if unsupported(plan, N, P) is None:
+            return "chunked"
+    return "scan"
 
 
 register_backend(TVMBackend())

@@ -11,7 +11,8 @@ writes into `out_dir`
                        the program text (ssmc.ir.parse_program), versions, hashes
 b and t stay symbolic; h, g, n, p and the dtypes are fixed by the export. `load.py` loads
 the result with `tvm_ffi` alone (no `tvm`), e.g. on a GPU machine with only apache-tvm-ffi.
-The CUDA target implements the scan lowering.
+The CUDA target implements the scan lowering and the chunked one (lowerings/chunked_cuda.py;
+its chunk-state workspaces are listed in the manifest's "workspaces" and allocated by load.py).
 """
 from __future__ import annotations
 
@@ -70,6 +71,12 @@ def export(definition_or_program, target: str = "cuda", arch: str = "sm_90", sha
     why = TVMBackend().supports(plan)
     if why is not None:
         raise UnsupportedError(f"export(): {why}")
+    if lowering == "chunked" and target == "cuda":
+        from .lowerings.chunked_cuda import unsupported
+        why = unsupported(plan, int(shapes["n"]), int(shapes["p"]))
+        if why is not None:
+            raise UnsupportedError(f"export(): the CUDA chunked lowering cannot run this: {why} "
+                                   "(lowering='scan' can)")
     in_dtypes = tuple((input_dtypes or {}).get(i.name, dtype) for i in program.inputs)
     spec = KernelSpec(plan=plan, H=int(shapes["h"]), G=int(shapes["g"]), N=int(shapes["n"]),
                       P=int(shapes["p"]), input_dtypes=in_dtypes,
@@ -112,7 +119,9 @@ def export(definition_or_program, target: str = "cuda", arch: str = "sm_90", sha
         "return_final_state": return_final_state,
         "varlen": varlen,
         "cu_seqlens_dtype": spec.cu_dtype,
-        "argument_order": _argument_order(program, plan),
+        "argument_order": _argument_order(program, plan, target),
+        "chunk_size": plan.chunk_size,
+        "workspaces": _workspaces(plan, target),
         "ssmc_version": ssmc_version,
         "tvm_version": build.tvm_version(),
     }
@@ -128,7 +137,22 @@ def spec_size(spec: KernelSpec, axis: str) -> int:
     return {"h": spec.H, "g": spec.G, "n": spec.N, "p": spec.P}[axis]
 
 
-def _argument_order(program: Program, plan: Plan) -> list[str]:
+def _workspaces(plan: Plan, target: str) -> list[dict]:
+    """Scratch arguments the caller allocates (after the outputs): the CUDA chunked lowering's
+    chunk states and, for packed sequences, its chunk -> sequence map. `dims` name sizes;
+    "slots" is B * max(ceil(T / chunk_size), 1), or T // chunk_size + S for packed sequences
+    (lowerings/chunked_cuda.py: workspace_shapes)."""
+    if plan.lowering != "chunked" or target != "cuda":
+        return []
+    from .lowerings.chunked_cuda import operand_dtype
+    out = [{"name": "chunk_states", "dims": ["slots", "h", "p", "n"],
+            "dtype": operand_dtype(plan)}]
+    if plan.varlen:
+        out.append({"name": "chunk_seq", "dims": ["slots"], "dtype": "int32"})
+    return out
+
+
+def _argument_order(program: Program, plan: Plan, target: str = "llvm") -> list[str]:
     args = [i.name for i in program.inputs]
     if plan.varlen:
         args.append("cu_seqlens")
@@ -139,4 +163,5 @@ def _argument_order(program: Program, plan: Plan) -> list[str]:
         args.append("final_state")
     if len(program.recurrence.directions) > 1:
         args.append("y_work")
+    args += [w["name"] for w in _workspaces(plan, target)]
     return args

@@ -110,6 +110,13 @@ class ExportedKernel:
         if self.D > 1:
             acc = torch.float64 if m["dtype"] == "float64" else torch.float32
             args.append(torch.empty(B, T, H, P, dtype=acc, device=device))
+        for ws in m.get("workspaces", ()):
+            # scratch of the CUDA chunked lowering (export._workspaces)
+            Q = m["chunk_size"]
+            slots = T // Q + S if m["varlen"] else B * max(-(-T // Q), 1)
+            size = dict(slots=max(slots, 1), h=H, n=N, p=P)
+            args.append(torch.empty([size[d] for d in ws["dims"]],
+                                    dtype=getattr(torch, ws["dtype"]), device=device))
         if B * T > 0 or final is not None:
             self.function(*args)
         if final is None:

@@ -1,0 +1,584 @@
+"""The chunked (SSD) lowering on CUDA: a sequential state pass and a parallel output pass, with
+the chunk-local matrix products on tensor cores (`mma.sync` m16n8k16 through
+`T.ptx_legacy.mma`) for bf16/fp16 plans and as tiled fp32 FMAs from shared memory for fp32.
+
+Per direction, two kernels (the scheme of the Triton chunked lowering):
+
+state pass, one block per (sequence, head, p-block, n-block):
+    the n x p state tile lives in the threads' mma accumulators (registers); per chunk it is
+    first written out (in the matmul operand type) as the state *entering* that chunk, then
+        state = exp(l_last) * state + (key * exp(l_last - lc))^T @ value
+    with lc the running sum of log-decays within the chunk and l_last its last entry; the
+    final state is written in fp32.
+
+output pass, one block per (chunk, head, p-block), every chunk in parallel:
+    G = (query @ key^T) * exp(lc_i - lc_j) on the causal half (zero elsewhere)
+    y = exp(lc_i) * (query @ state_in) + G @ value,  then the epilogue and the store.
+    On tensor cores G never leaves registers: the accumulator layout of two m16n8 tiles is
+    the A-operand layout of one m16k16 tile, so G is re-used as the next product's operand.
+
+Warp w of the 4 owns the m16 row tiles w, w + 4, ... of each product; in a tile, lane l holds
+rows l // 4 and l // 4 + 8, columns 2 (l % 4) and 2 (l % 4) + 1 of every n8 column tile (the
+mma accumulator layout; the fp32 path uses the same ownership). Shared tiles are stored with
+the reduction axis contiguous (transposed on the way in where needed) and rows padded by 8
+elements, so that fragment loads are 32-bit and free of bank conflicts.
+
+Extra arguments (after the common ones, see common.py):
+    ws   (NS, H, P, N) in the operand type: the state entering every chunk ("chunk slots";
+         NS = B * ceil(TT / Q), or TT // Q + S for packed sequences: sequence s's chunk c is
+         slot TT0_s // Q + s + c, which never collides with the next sequence's)
+    cs   (NS,) int32, packed sequences only: the sequence of every slot (-1: unused), written
+         by the state pass, read by the output pass to find its chunk.
+`workspace_shapes` gives both shapes. Limits (`unsupported`): decays that vary over the key
+axis (their tensor-core form needs a factorisation that overflows), float64, chunk sizes that
+are not a multiple of 16 up to 128, and tiles that do not fit in 48 KB of shared memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ....plan import Plan
+from .common import Emitter, KernelSpec, i64, register_lowering
+
+THREADS = 128
+WARPS = THREADS // 32
+SMEM = 48 * 1024
+MMA_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def operand_dtype(plan: Plan) -> str:
+    return plan.dtype if plan.dtype in MMA_DTYPES else "float32"
+
+
+def _up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+@dataclass(frozen=True)
+class Tiles:
+    Q: int      # chunk size
+    NP: int     # key dim padded to 16
+    mma: bool   # tensor cores (bf16/fp16) or fp32 FMAs
+    OT: str     # operand dtype of the products (and of the chunk states in ws)
+    BP: int     # value channels per output-pass block
+    KC: int     # key-dim slice per pass over shared memory in the output pass
+    BPS: int    # value channels per state-pass block
+    NB: int     # key-dim rows per state-pass block
+
+    @property
+    def pad(self) -> int:
+        return 8 if self.mma else 1
+
+    @property
+    def esz(self) -> int:
+        return 2 if self.mma else 4
+
+
+def _out_smem(Q, KC, BP, mma, pad, esz) -> int:
+    b = (Q * (KC + pad) + max(Q, BP) * (KC + pad) + BP * (Q + pad)) * esz + 2 * Q * 4
+    if not mma:
+        b += Q * (Q + 1) * 4  # G goes through shared memory on the fp32 path
+    return b
+
+
+def _state_smem(Q, NB, BPS, pad, esz) -> int:
+    return (NB * (Q + pad) + BPS * (Q + pad)) * esz + 2 * Q * 4
+
+
+def tiles(plan: Plan, N: int, P: int) -> Tiles | str:
+    """The tiling for this plan and sizes, or why there is none."""
+    Q = plan.chunk_size
+    if Q % 16 or not 16 <= Q <= 128:
+        return f"chunk size {Q} is not a multiple of 16 in [16, 128]"
+    OT = operand_dtype(plan)
+    mma = OT in MMA_DTYPES
+    pad, esz = (8, 2) if mma else (1, 4)
+    NP = _up(N, 16)
+    Pp = _up(P, 8)
+    bps = [b for b in (64, 32, 16, 8) if b <= Pp] or [8]
+    if Pp < 64 and Pp not in bps:
+        bps.insert(0, Pp)
+    kcs = [NP] + [k for k in (128, 64, 32, 16) if k < NP and NP % k == 0]
+    out = next(((bp, kc) for bp in bps for kc in kcs
+                if _out_smem(Q, kc, bp, mma, pad, esz) <= SMEM), None)
+    nbs = [nb for nb in dict.fromkeys((min(NP, 128 if mma else 64), 64, 32, 16)) if nb <= NP]
+    state = next(((bp, nb) for bp in bps for nb in nbs
+                  if _state_smem(Q, nb, bp, pad, esz) <= SMEM), None)
+    if out is None or state is None:
+        return f"no tiling of chunk {Q}, n={N}, p={P} fits in {SMEM // 1024} KB of shared memory"
+    return Tiles(Q=Q, NP=NP, mma=mma, OT=OT, BP=out[0], KC=out[1], BPS=state[0], NB=state[1])
+
+
+def unsupported(plan: Plan, N: int | None = None, P: int | None = None) -> str | None:
+    """Why the CUDA chunked lowering cannot run this plan (at these sizes), or None."""
+    if plan.dtype not in ("bfloat16", "float16", "float32"):
+        return f"the CUDA chunked lowering takes bf16/fp16/fp32 inputs, not {plan.dtype}"
+    prog = plan.program
+    Q = plan.chunk_size
+    if Q % 16 or not 16 <= Q <= 128:
+        return f"chunk size {Q} is not a multiple of 16 in [16, 128]"
+    if len(prog.recurrence.directions) > 2:
+        return "more than two directions"
+    ld = prog.log_decay
+    if prog.recurrence.decay is not None and (ld is None or "n" in ld.axes or "p" in ld.axes):
+        return ("the CUDA chunked lowering handles decays that are scalar per step (per key "
+                "or per channel decays have no overflow-free tensor-core form)")
+    if N is not None and P is not None:
+        t = tiles(plan, N, P)
+        if isinstance(t, str):
+            return t
+    return None
+
+
+def num_slots(plan: Plan, B: int, T: int, S: int) -> int:
+    Q = plan.chunk_size
+    n = T // Q + S if plan.varlen else B * max(-(-T // Q), 1)
+    return max(n, 1)
+
+
+def workspace_shapes(plan: Plan, B: int, T: int, S: int, H: int, N: int, P: int):
+    """[(name, shape, torch dtype name)] of the extra arguments, in argument order."""
+    ns = num_slots(plan, B, T, S)
+    out = [("chunk_states", (ns, H, P, N), operand_dtype(plan))]
+    if plan.varlen:
+        out.append(("chunk_seq", (ns,), "int32"))
+    return out
+
+
+def L(x: str) -> str:
+    return f'T.Cast("int64", {x})'
+
+
+class _ChunkedCuda(Emitter):
+    def __init__(self, spec: KernelSpec):
+        super().__init__(spec)
+        why = unsupported(spec.plan, spec.N, spec.P)
+        if why is not None:
+            raise ValueError(f"CUDA chunked lowering: {why}")
+        self.t = tiles(spec.plan, spec.N, spec.P)
+        self.has_decay = self.decay is not None
+        self.zero = "T.float32(0.0)"
+
+    # ---- header: the common arguments, then the workspaces --------------------------------
+    def header(self):
+        super().header()
+        w, s, t = self.w, self.spec, self.t
+        extra = ", ws_h: T.handle" + (", cs_h: T.handle" if self.varlen else "")
+        for k, line in enumerate(w.lines):
+            if line.startswith("def "):
+                w.lines[k] = line[:-2] + extra + "):"
+                break
+        w("NS = T.int64()")
+        w(f'ws = T.match_buffer(ws_h, (NS, {i64(s.H)}, {i64(s.P)}, {i64(s.N)}), "{t.OT}")')
+        if self.varlen:
+            w('cs = T.match_buffer(cs_h, (NS,), "int32")')
+
+    # ---- small pieces -------------------------------------------------------------------
+    def shared(self, name, shape, dtype):
+        dims = ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "")
+        self.w(f'{name} = T.alloc_buffer(({dims}), "{dtype}", scope="shared")')
+
+    def local(self, name, size, dtype):
+        self.w(f'{name} = T.alloc_buffer(({size},), "{dtype}", scope="local")')
+
+    def sync(self):
+        self.w('T.tvm_storage_sync("shared")')
+
+    def cast_ot(self, v: str) -> str:
+        return v if self.t.OT == self.acc else f'T.Cast("{self.t.OT}", {v})'
+
+    def lanes(self):
+        self.w("wp_ = tx_ // 32", "ln_ = tx_ % 32", "g_ = ln_ // 4", "tg_ = ln_ % 4")
+
+    def coop(self, rows: int, cols: int, body):
+        """for every (r_, c_) of a rows x cols tile, spread over the block's threads."""
+        w, total = self.w, rows * cols
+        with w.block(f"for it_ in range({-(-total // THREADS)}):"):
+            w(f"ix_ = it_ * {THREADS} + tx_")
+            guard = total % THREADS != 0
+            if guard:
+                w.lines.append("    " * w.depth + f"if ix_ < {total}:")
+                w.depth += 1
+            w(f"r_ = ix_ // {cols}", f"c_ = ix_ % {cols}")
+            body()
+            if guard:
+                w.depth -= 1
+
+    def seq_bounds(self):
+        """b_, t0_, t1_, L_ of sequence s_ (int64)."""
+        w = self.w
+        if self.varlen:
+            w("b_ = T.int64(0)",
+              'v_t0_ = T.Cast("int64", cu[s_])',
+              'v_t1_ = T.Cast("int64", cu[s_ + T.int64(1)])',
+              "t0_ = T.max(T.min(v_t0_, TT), T.int64(0))",
+              "t1_ = T.max(T.min(v_t1_, TT), t0_)")
+        else:
+            w("b_ = s_", "t0_ = T.int64(0)", "t1_ = TT")
+        w("L_ = t1_ - t0_")
+
+    def slot_base(self) -> str:
+        Q = self.t.Q
+        if self.varlen:
+            return f"t0_ // {i64(Q)} + s_"
+        return f"s_ * T.max((TT + {i64(Q - 1)}) // {i64(Q)}, T.int64(1))"
+
+    def log_decays(self, direction):
+        """slc[i] = running sum of log-decays over the chunk's first i + 1 steps (0 past cl_).
+        Ends with a barrier."""
+        if not self.has_decay:
+            return
+        w, Q = self.w, self.t.Q
+        with w.block(f"if tx_ < {Q}:"):
+            with w.block(f"if {L('tx_')} < cl_:"):
+                w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('tx_'))}")
+                ld = self.value_of(self.program.log_decay.expr, self.index("t_"))
+                w(f"sld[tx_] = {ld}")
+            with w.block("else:"):
+                w(f"sld[tx_] = {self.zero}")
+        self.sync()
+        with w.block(f"if tx_ < {Q}:"):
+            w(f"run_[0] = {self.zero}")
+            with w.block("for j_ in range(tx_ + 1):"):
+                w("run_[0] = run_[0] + sld[j_]")
+            w("slc[tx_] = run_[0]")
+        self.sync()
+
+    def lc(self, i: str) -> str:
+        return f"slc[{i}]" if self.has_decay else self.zero
+
+    def load_value_t(self, direction, bp: int, pb: str):
+        """sVt[pp, j] = value at (step c0_ + j, channel pb * bp + pp), zero outside."""
+        w, Q = self.w, self.t.Q
+
+        def body():
+            w(f"p_ = {pb} * {i64(bp)} + {L('c_')}")
+            with w.block(f"if {L('r_')} < cl_ and p_ < {i64(self.spec.P)}:"):
+                w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
+                v = self.value_of(self.program.recurrence.value.expr, self.index("t_", p="p_"))
+                w(f"sVt[c_, r_] = {self.cast_ot(v)}")
+            with w.block("else:"):
+                w(f"sVt[c_, r_] = {self.cast_ot(self.zero)}")
+        self.coop(Q, bp, body)
+
+    # ---- warp-level products --------------------------------------------------------------
+    def mtile(self, i: str) -> str:
+        """Row offset of warp wp_'s i-th m16 tile (clamped into the tile: idle warps compute
+        on valid rows and store nothing)."""
+        return f"T.min(wp_ + {WARPS} * {i}, {self.mt_total - 1}) * 16"
+
+    def mtile_valid(self, i: str) -> str:
+        return f"wp_ + {WARPS} * {i} < {self.mt_total}"
+
+    def mm(self, acc: str, mtw: int, nt: int, a, b, K: int, skip=None):
+        """acc[(i * nt + j) * 4 + r * 2 + c] += sum_k A[m0_i + g + 8r, k] * B[j * 8 + 2 tg + c, k]
+        for k in [0, K): a(row, k) and b(col, k) give shared-memory loads. `skip(m0, j)`: a
+        condition under which tile (i, j) is known to stay zero."""
+        w = self.w
+        if self.t.mma:
+            kind = MMA_DTYPES[self.t.OT]
+            with w.block(f"for ks_ in T.unroll({K // 16}):"):
+                with w.block(f"for i_ in T.unroll({mtw}):"):
+                    w(f"m0_ = {self.mtile('i_')}")
+                    for h, (dr, dk) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
+                        with w.block("for v_ in T.vectorized(2):"):
+                            w(f"af[i_ * 8 + {2 * h} + v_] = "
+                              f"{a(f'm0_ + g_ + {dr}', f'ks_ * 16 + {dk} + tg_ * 2 + v_')}")
+                with w.block(f"for j_ in T.unroll({nt}):"):
+                    for h, dk in enumerate((0, 8)):
+                        with w.block("for v_ in T.vectorized(2):"):
+                            w(f"bf[{2 * h} + v_] = "
+                              f"{b('j_ * 8 + g_', f'ks_ * 16 + {dk} + tg_ * 2 + v_')}")
+                    with w.block(f"for i_ in T.unroll({mtw}):"):
+                        call = (f'T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "{kind}", '
+                                f'"{kind}", "fp32", af.data, i_ * 8, bf.data, 0, {acc}.data, '
+                                f'(i_ * {nt} + j_) * 4, False, dtype="float32"))')
+                        if skip is not None:
+                            w(f"m0_ = {self.mtile('i_')}")
+                            with w.block(f"if not ({skip('m0_', 'j_')}):"):
+                                w(call)
+                        else:
+                            w(call)
+        else:
+            with w.block(f"for k_ in range({K}):"):
+                with w.block(f"for i_ in T.unroll({mtw}):"):
+                    with w.block("for r_ in T.unroll(2):"):
+                        row = self.mtile("i_") + " + g_ + r_ * 8"
+                        w(f"af[i_ * 2 + r_] = {a(row, 'k_')}")
+                with w.block(f"for j_ in T.unroll({nt}):"):
+                    with w.block("for c_ in T.unroll(2):"):
+                        w(f"bf[c_] = {b('j_ * 8 + tg_ * 2 + c_', 'k_')}")
+                    with w.block(f"for i_ in T.unroll({mtw}):"):
+                        with w.block("for r_ in T.unroll(2):"):
+                            with w.block("for c_ in T.unroll(2):"):
+                                x = f"{acc}[(i_ * {nt} + j_) * 4 + r_ * 2 + c_]"
+                                w(f"{x} = {x} + af[i_ * 2 + r_] * bf[c_]")
+
+    def frag_locals(self, mtw: int):
+        t = self.t
+        if t.mma:
+            self.local("af", 8 * mtw, t.OT)
+            self.local("bf", 4, t.OT)
+        else:
+            self.local("af", 2 * mtw, "float32")
+            self.local("bf", 2, "float32")
+
+    def each_acc(self, mtw: int, nt: int):
+        """Open unrolled loops over a warp's accumulator entries; defines row_ (in the block's
+        tile), col_ (in the column tile), k_acc_ (the entry's index). Returns the depth."""
+        w = self.w
+        w.lines.append("    " * w.depth + f"for i_ in T.unroll({mtw}):")
+        w.depth += 1
+        w.lines.append("    " * w.depth + f"for j_ in T.unroll({nt}):")
+        w.depth += 1
+        w.lines.append("    " * w.depth + "for r_ in T.unroll(2):")
+        w.depth += 1
+        w.lines.append("    " * w.depth + "for c_ in T.unroll(2):")
+        w.depth += 1
+        w(f"row_ = {self.mtile('i_')} + g_ + r_ * 8", "col_ = j_ * 8 + tg_ * 2 + c_",
+          f"k_acc_ = (i_ * {nt} + j_) * 4 + r_ * 2 + c_")
+        return 4
+
+    # ---- kernels ------------------------------------------------------------------------
+    def init_slots(self):
+        """cs[:] = -1 (packed sequences): slots no chunk maps to are skipped."""
+        w = self.w
+        with w.block(f"for bid_ in T.thread_binding((NS + {i64(THREADS - 1)}) // "
+                     f"{i64(THREADS)}, thread=\"blockIdx.x\"):"):
+            with w.block(f'for tx_ in T.thread_binding({THREADS}, thread="threadIdx.x"):'):
+                w(f"ix_ = bid_ * {i64(THREADS)} + {L('tx_')}")
+                with w.block("if ix_ < NS:"):
+                    w("cs[ix_] = -1")
+
+    def state_pass(self, d_index: int, direction):
+        w, s, t = self.w, self.spec, self.t
+        Q, NB, BPS = t.Q, t.NB, t.BPS
+        nnb, npb = -(-s.N // NB), -(-s.P // BPS)
+        self.mt_total = NB // 16
+        mtw = -(-self.mt_total // WARPS)
+        nt = BPS // 8
+        nseq = "(S1 - T.int64(1))" if self.varlen else "B"
+        grid = f"{nseq} * {i64(s.H * npb * nnb)}"
+        with w.block(f'for bid_ in T.thread_binding({grid}, thread="blockIdx.x"):'):
+            with w.block(f'for tx_ in T.thread_binding({THREADS}, thread="threadIdx.x"):'):
+                self.shared("sWt", (NB, Q + t.pad), t.OT)
+                self.shared("sVt", (BPS, Q + t.pad), t.OT)
+                if self.has_decay:
+                    self.shared("sld", (Q,), "float32")
+                    self.shared("slc", (Q,), "float32")
+                    self.local("run_", 1, "float32")
+                self.local("acc", mtw * nt * 4, "float32")
+                self.frag_locals(mtw)
+                w(f"nb_ = bid_ % {i64(nnb)}", f"pb_ = bid_ // {i64(nnb)} % {i64(npb)}",
+                  f"h_ = bid_ // {i64(nnb * npb)} % {i64(s.H)}",
+                  f"s_ = bid_ // {i64(nnb * npb * s.H)}")
+                self.seq_bounds()
+                w(f"base_ = {self.slot_base()}")
+                self.lanes()
+
+                def at_entry():
+                    w(f"n_ = nb_ * {i64(NB)} + {L('row_')}", f"p_ = pb_ * {i64(BPS)} + {L('col_')}")
+                    return (f"{self.mtile_valid('i_')} and n_ < {i64(s.N)} and "
+                            f"p_ < {i64(s.P)}")
+
+                # the state entering the sequence
+                depth = self.each_acc(mtw, nt)
+                ok = at_entry()
+                if self.plan.has_initial_state:
+                    with w.block(f"if {ok}:"):
+                        w(f"acc[k_acc_] = {self.load_h0(d_index)}")
+                    with w.block("else:"):
+                        w(f"acc[k_acc_] = {self.zero}")
+                else:
+                    w(f"acc[k_acc_] = {self.zero}")
+                w.depth -= depth
+                with w.block(f"for ch_ in range((L_ + {i64(Q - 1)}) // {i64(Q)}):"):
+                    w(f"c0_ = ch_ * {i64(Q)}", f"cl_ = T.min({i64(Q)}, L_ - c0_)",
+                      "slot_ = base_ + ch_")
+                    # the state entering this chunk, for the output pass
+                    depth = self.each_acc(mtw, nt)
+                    with w.block(f"if {at_entry()}:"):
+                        w(f"ws[slot_, h_, p_, n_] = {self.cast_ot('acc[k_acc_]')}")
+                    w.depth -= depth
+                    if self.varlen:
+                        with w.block("if nb_ == T.int64(0) and pb_ == T.int64(0) and "
+                                     "h_ == T.int64(0) and tx_ == 0:"):
+                            w('cs[slot_] = T.Cast("int32", s_)')
+                    self.log_decays(direction)
+                    last = self.lc("cl_ - T.int64(1)")
+                    w(f"ll_ = {last}")
+
+                    # sWt[nn, j] = key(c0_ + j, nb_ * NB + nn) * exp(l_last - lc_j)
+                    def key_body():
+                        w(f"n_ = nb_ * {i64(NB)} + {L('c_')}")
+                        with w.block(f"if {L('r_')} < cl_ and n_ < {i64(s.N)}:"):
+                            w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
+                            k = self.value_of(self.program.recurrence.key.expr,
+                                              self.index("t_", n="n_"))
+                            if self.has_decay:
+                                k = f"{k} * T.exp(ll_ - slc[r_])"
+                            w(f"sWt[c_, r_] = {self.cast_ot(k)}")
+                        with w.block("else:"):
+                            w(f"sWt[c_, r_] = {self.cast_ot(self.zero)}")
+                    self.coop(Q, NB, key_body)
+                    self.load_value_t(direction, BPS, "pb_")
+                    self.sync()
+                    if self.has_decay:
+                        with w.block(f"for u_ in T.unroll({mtw * nt * 4}):"):
+                            w("acc[u_] = acc[u_] * T.exp(ll_)")
+                    self.mm("acc", mtw, nt, lambda r, k: f"sWt[{r}, {k}]",
+                            lambda c, k: f"sVt[{c}, {k}]", Q)
+                    self.sync()
+                if self.plan.return_final_state:
+                    depth = self.each_acc(mtw, nt)
+                    with w.block(f"if {at_entry()}:"):
+                        w(f"hT[{self.state_index(d_index)}] = acc[k_acc_]")
+                    w.depth -= depth
+
+    def out_pass(self, d_index: int, direction):
+        w, s, t = self.w, self.spec, self.t
+        Q, BP, KC, NP = t.Q, t.BP, t.KC, t.NP
+        npb = -(-s.P // BP)
+        nkc = NP // KC
+        self.mt_total = Q // 16
+        mtw = -(-self.mt_total // WARPS)
+        ntg, nty = Q // 8, BP // 8
+        with w.block(f'for bid_ in T.thread_binding(NS * {i64(s.H * npb)}, '
+                     'thread="blockIdx.x"):'):
+            with w.block(f'for tx_ in T.thread_binding({THREADS}, thread="threadIdx.x"):'):
+                self.shared("sC", (Q, KC + t.pad), t.OT)
+                self.shared("sK", (max(Q, BP), KC + t.pad), t.OT)
+                self.shared("sVt", (BP, Q + t.pad), t.OT)
+                if not t.mma:
+                    self.shared("sG", (Q, Q + 1), "float32")
+                if self.has_decay:
+                    self.shared("sld", (Q,), "float32")
+                    self.shared("slc", (Q,), "float32")
+                    self.local("run_", 1, "float32")
+                self.local("accG", mtw * ntg * 4, "float32")
+                self.local("accY", mtw * nty * 4, "float32")
+                self.frag_locals(mtw)
+                w(f"pb_ = bid_ % {i64(npb)}", f"h_ = bid_ // {i64(npb)} % {i64(s.H)}",
+                  f"slot_ = bid_ // {i64(npb * s.H)}")
+                if self.varlen:
+                    w('s_ = T.Cast("int64", cs[slot_])')
+                    w.lines.append("    " * w.depth + "if s_ >= T.int64(0):")
+                    w.depth += 1
+                    self.seq_bounds()
+                    w(f"ch_ = slot_ - ({self.slot_base()})")
+                else:
+                    w(f"nc_ = T.max((TT + {i64(Q - 1)}) // {i64(Q)}, T.int64(1))",
+                      "s_ = slot_ // nc_", "ch_ = slot_ % nc_")
+                    self.seq_bounds()
+                w(f"c0_ = ch_ * {i64(Q)}", f"cl_ = T.min({i64(Q)}, L_ - c0_)")
+                with w.block("if cl_ > T.int64(0):"):
+                    self.lanes()
+                    self.log_decays(direction)
+                    self.load_value_t(direction, BP, "pb_")
+
+                    def load_query(with_key: bool):
+                        def body():
+                            w(f"n_ = kc_ * {i64(KC)} + {L('c_')}")
+                            with w.block(f"if {L('r_')} < cl_ and n_ < {i64(s.N)}:"):
+                                w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
+                                idx = self.index("t_", n="n_")
+                                q = self.value_of(self.program.recurrence.query.expr, idx)
+                                w(f"sC[r_, c_] = {self.cast_ot(q)}")
+                                if with_key:
+                                    k = self.value_of(self.program.recurrence.key.expr, idx)
+                                    w(f"sK[r_, c_] = {self.cast_ot(k)}")
+                            with w.block("else:"):
+                                w(f"sC[r_, c_] = {self.cast_ot(self.zero)}")
+                                if with_key:
+                                    w(f"sK[r_, c_] = {self.cast_ot(self.zero)}")
+                        self.coop(Q, KC, body)
+
+                    # G = query @ key^T over the key dim, KC at a time
+                    with w.block(f"for u_ in T.unroll({mtw * ntg * 4}):"):
+                        w(f"accG[u_] = {self.zero}")
+                    with w.block(f"for kc_ in range({nkc}):"):
+                        load_query(True)
+                        self.sync()
+                        self.mm("accG", mtw, ntg, lambda r, k: f"sC[{r}, {k}]",
+                                lambda c, k: f"sK[{c}, {k}]", KC,
+                                skip=lambda m0, j: f"{j} * 8 > {m0} + 15")
+                        self.sync()
+                    # causal mask and decay
+                    depth = self.each_acc(mtw, ntg)
+                    g = "accG[k_acc_]"
+                    if self.has_decay:
+                        g = f"{g} * T.exp(slc[row_] - slc[col_])"
+                    w(f"accG[k_acc_] = T.if_then_else(col_ <= row_, {g}, {self.zero})")
+                    if not t.mma:
+                        w("sG[row_, col_] = accG[k_acc_]")
+                    w.depth -= depth
+                    # y = exp(lc) * (query @ state_in)
+                    with w.block(f"for u_ in T.unroll({mtw * nty * 4}):"):
+                        w(f"accY[u_] = {self.zero}")
+                    with w.block(f"for kc_ in range({nkc}):"):
+                        if nkc > 1:
+                            load_query(False)
+
+                        def state_body():
+                            w(f"n_ = kc_ * {i64(KC)} + {L('c_')}",
+                              f"p_ = pb_ * {i64(BP)} + {L('r_')}")
+                            with w.block(f"if n_ < {i64(s.N)} and p_ < {i64(s.P)}:"):
+                                w("sK[r_, c_] = ws[slot_, h_, p_, n_]")
+                            with w.block("else:"):
+                                w(f"sK[r_, c_] = {self.cast_ot(self.zero)}")
+                        self.coop(BP, KC, state_body)
+                        self.sync()
+                        self.mm("accY", mtw, nty, lambda r, k: f"sC[{r}, {k}]",
+                                lambda c, k: f"sK[{c}, {k}]", KC)
+                        self.sync()
+                    if self.has_decay:
+                        depth = self.each_acc(mtw, nty)
+                        w("accY[k_acc_] = accY[k_acc_] * T.exp(slc[row_])")
+                        w.depth -= depth
+                    # y += G @ value
+                    if t.mma:
+                        kind = MMA_DTYPES[t.OT]
+                        with w.block(f"for ks_ in T.unroll({Q // 16}):"):
+                            with w.block(f"for i_ in T.unroll({mtw}):"):
+                                with w.block("for h2_ in T.unroll(2):"):
+                                    with w.block("for e_ in T.unroll(4):"):
+                                        w("af[i_ * 8 + h2_ * 4 + e_] = " + self.cast_ot(
+                                            f"accG[(i_ * {ntg} + ks_ * 2 + h2_) * 4 + e_]"))
+                            with w.block(f"for j_ in T.unroll({nty}):"):
+                                for h, dk in enumerate((0, 8)):
+                                    with w.block("for v_ in T.vectorized(2):"):
+                                        w(f"bf[{2 * h} + v_] = "
+                                          f"sVt[j_ * 8 + g_, ks_ * 16 + {dk} + tg_ * 2 + v_]")
+                                with w.block(f"for i_ in T.unroll({mtw}):"):
+                                    w(f"m0_ = {self.mtile('i_')}")
+                                    with w.block("if ks_ * 16 <= m0_:"):
+                                        w(f'T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", '
+                                          f'"col", "{kind}", "{kind}", "fp32", af.data, i_ * 8, '
+                                          f'bf.data, 0, accY.data, (i_ * {nty} + j_) * 4, False, '
+                                          'dtype="float32"))')
+                    else:
+                        self.sync()
+                        self.mm("accY", mtw, nty, lambda r, k: f"sG[{r}, {k}]",
+                                lambda c, k: f"sVt[{c}, {k}]", Q)
+                    # epilogue and store
+                    depth = self.each_acc(mtw, nty)
+                    w(f"p_ = pb_ * {i64(BP)} + {L('col_')}")
+                    with w.block(f"if {self.mtile_valid('i_')} and {L('row_')} < cl_ and "
+                                 f"p_ < {i64(s.P)}:"):
+                        w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('row_'))}")
+                        self.emit_y(d_index, "t_", "accY[k_acc_]")
+                    w.depth -= depth
+                if self.varlen:
+                    w.depth -= 1
+
+
+@register_lowering("chunked", target="cuda")
+def render_chunked_cuda(spec: KernelSpec) -> str:
+    e = _ChunkedCuda(spec)
+    e.header()
+    if e.varlen:
+        e.init_slots()
+    for d_index, direction in enumerate(e.directions):
+        e.state_pass(d_index, direction)
+        e.out_pass(d_index, direction)
+    return e.finish()
