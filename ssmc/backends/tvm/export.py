@@ -44,12 +44,14 @@ def export(definition_or_program, target: str = "cuda", arch: str = "sm_90", sha
            out_dir=None, *, lowering: str = "scan", dtype: str = "float32",
            input_dtypes: dict | None = None, initial_state: bool = False,
            return_final_state: bool = False, varlen: bool = False, cu_dtype: str = "int32",
-           state_dtype: str | None = None, nvcc: str = "nvcc") -> Path:
+           state_dtype: str | None = None, nvcc: str = "nvcc", chunk_size: int = 64,
+           tile: dict | None = None) -> Path:
     """Compile one specialisation and write it to `out_dir`; returns the directory.
 
     shapes: axis sizes; h, n and p are required (g defaults to h; b and t are ignored: they
     stay symbolic). dtype: the inputs' dtype (and the output's); input_dtypes overrides it per
     input name. initial_state / return_final_state / varlen: the call features compiled in.
+    chunk_size / tile: the plan's chunk length and tile pins (chunked lowering).
     """
     from . import build
     program = _program(definition_or_program)
@@ -66,7 +68,7 @@ def export(definition_or_program, target: str = "cuda", arch: str = "sm_90", sha
                                f"target {target!r}")
     plan = Plan(program=program, lowering=lowering, dtype=dtype,
                 has_initial_state=initial_state, return_final_state=return_final_state,
-                varlen=varlen)
+                varlen=varlen, chunk_size=chunk_size, tile=tuple(sorted((tile or {}).items())))
     from . import TVMBackend
     why = TVMBackend().supports(plan)
     if why is not None:

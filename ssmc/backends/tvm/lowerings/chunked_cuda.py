@@ -99,10 +99,21 @@ def tiles(plan: Plan, N: int, P: int) -> Tiles | str:
     if Pp < 64 and Pp not in bps:
         bps.insert(0, Pp)
     kcs = [NP] + [k for k in (128, 64, 32, 16) if k < NP and NP % k == 0]
+    nbs = [nb for nb in dict.fromkeys((min(NP, 128 if mma else 64), 64, 32, 16)) if nb <= NP]
+    # the state pass is serial over chunks: narrower p-blocks give it more blocks to run
+    bpss = [b for b in bps if b <= 32] or bps
+    # plan.tile may pin any of BP, KC, BPS, NB (a tuned configuration)
+    pin = plan.tile_dict()
+    bad = {k: v for k, v in pin.items() if k in ("BP", "BPS") and (v <= 0 or v % 8)
+           or k in ("KC", "NB") and (v <= 0 or v % 16 or NP % v)}
+    if bad:
+        return f"tile {bad}: BP, BPS must be multiples of 8, KC, NB multiples of 16 dividing {NP}"
+    for key, options in (("BP", bps), ("KC", kcs), ("BPS", bpss), ("NB", nbs)):
+        if key in pin:
+            options[:] = [pin[key]]
     out = next(((bp, kc) for bp in bps for kc in kcs
                 if _out_smem(Q, kc, bp, mma, pad, esz) <= SMEM), None)
-    nbs = [nb for nb in dict.fromkeys((min(NP, 128 if mma else 64), 64, 32, 16)) if nb <= NP]
-    state = next(((bp, nb) for bp in bps for nb in nbs
+    state = next(((bp, nb) for bp in bpss for nb in nbs
                   if _state_smem(Q, nb, bp, pad, esz) <= SMEM), None)
     if out is None or state is None:
         return f"no tiling of chunk {Q}, n={N}, p={P} fits in {SMEM // 1024} KB of shared memory"
