@@ -287,25 +287,25 @@ class _ChunkedCuda(Emitter):
         condition under which tile (i, j) is known to stay zero."""
         w = self.w
         if self.t.mma:
-            kind = MMA_DTYPES[self.t.OT]
+            # one fragment buffer per m-tile, always passed at offset 0: TVM stores a buffer
+            # read in vectorised pairs as bf16x2/half2 lanes, and the mma's operand offset is
+            # then not scaled to those lanes
             with w.block(f"for ks_ in T.unroll({K // 16}):"):
-                with w.block(f"for i_ in T.unroll({mtw}):"):
-                    w(f"m0_ = {self.mtile('i_')}")
+                for i in range(mtw):
+                    w(f"m0_ = {self.mtile(i)}")
                     for h, (dr, dk) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
                         with w.block("for v_ in T.vectorized(2):"):
-                            w(f"af[i_ * 8 + {2 * h} + v_] = "
+                            w(f"af{i}[{2 * h} + v_] = "
                               f"{a(f'm0_ + g_ + {dr}', f'ks_ * 16 + {dk} + tg_ * 2 + v_')}")
                 with w.block(f"for j_ in T.unroll({nt}):"):
                     for h, dk in enumerate((0, 8)):
                         with w.block("for v_ in T.vectorized(2):"):
                             w(f"bf[{2 * h} + v_] = "
                               f"{b('j_ * 8 + g_', f'ks_ * 16 + {dk} + tg_ * 2 + v_')}")
-                    with w.block(f"for i_ in T.unroll({mtw}):"):
-                        call = (f'T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "{kind}", '
-                                f'"{kind}", "fp32", af.data, i_ * 8, bf.data, 0, {acc}.data, '
-                                f'(i_ * {nt} + j_) * 4, False, dtype="float32"))')
+                    for i in range(mtw):
+                        call = self.mma_call(f"af{i}", acc, f"({i} * {nt} + j_) * 4")
                         if skip is not None:
-                            w(f"m0_ = {self.mtile('i_')}")
+                            w(f"m0_ = {self.mtile(i)}")
                             with w.block(f"if not ({skip('m0_', 'j_')}):"):
                                 w(call)
                         else:
@@ -325,10 +325,17 @@ class _ChunkedCuda(Emitter):
                                 x = f"{acc}[(i_ * {nt} + j_) * 4 + r_ * 2 + c_]"
                                 w(f"{x} = {x} + af[i_ * 2 + r_] * bf[c_]")
 
+    def mma_call(self, af: str, acc: str, offset: str) -> str:
+        kind = MMA_DTYPES[self.t.OT]
+        return (f'T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "{kind}", "{kind}", '
+                f'"fp32", {af}.data, 0, bf.data, 0, {acc}.data, {offset}, False, '
+                'dtype="float32"))')
+
     def frag_locals(self, mtw: int):
         t = self.t
         if t.mma:
-            self.local("af", 8 * mtw, t.OT)
+            for i in range(mtw):
+                self.local(f"af{i}", 8, t.OT)
             self.local("bf", 4, t.OT)
         else:
             self.local("af", 2 * mtw, "float32")
@@ -548,25 +555,22 @@ class _ChunkedCuda(Emitter):
                         w.depth -= depth
                     # y += G @ value
                     if t.mma:
-                        kind = MMA_DTYPES[t.OT]
                         with w.block(f"for ks_ in T.unroll({Q // 16}):"):
-                            with w.block(f"for i_ in T.unroll({mtw}):"):
+                            for i in range(mtw):
                                 with w.block("for h2_ in T.unroll(2):"):
                                     with w.block("for e_ in T.unroll(4):"):
-                                        w("af[i_ * 8 + h2_ * 4 + e_] = " + self.cast_ot(
-                                            f"accG[(i_ * {ntg} + ks_ * 2 + h2_) * 4 + e_]"))
+                                        w(f"af{i}[h2_ * 4 + e_] = " + self.cast_ot(
+                                            f"accG[({i} * {ntg} + ks_ * 2 + h2_) * 4 + e_]"))
                             with w.block(f"for j_ in T.unroll({nty}):"):
                                 for h, dk in enumerate((0, 8)):
                                     with w.block("for v_ in T.vectorized(2):"):
                                         w(f"bf[{2 * h} + v_] = "
                                           f"sVt[j_ * 8 + g_, ks_ * 16 + {dk} + tg_ * 2 + v_]")
-                                with w.block(f"for i_ in T.unroll({mtw}):"):
-                                    w(f"m0_ = {self.mtile('i_')}")
+                                for i in range(mtw):
+                                    w(f"m0_ = {self.mtile(i)}")
                                     with w.block("if ks_ * 16 <= m0_:"):
-                                        w(f'T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", '
-                                          f'"col", "{kind}", "{kind}", "fp32", af.data, i_ * 8, '
-                                          f'bf.data, 0, accY.data, (i_ * {nty} + j_) * 4, False, '
-                                          'dtype="float32"))')
+                                        w(self.mma_call(f"af{i}", "accY",
+                                                        f"({i} * {nty} + j_) * 4"))
                     else:
                         self.sync()
                         self.mm("accY", mtw, nty, lambda r, k: f"sG[{r}, {k}]",
