@@ -1,4 +1,9 @@
-"""Per-kernel device times of one ssmc call (torch.profiler), for tuning."""
+"""Per-kernel device times of one ssmc call (torch.profiler), for tuning.
+
+    python3 benchmarks/profile_kernels.py [chunked|scan|quadratic] [--train]
+
+`--train` profiles forward + backward (every leaf requires grad), host-side torch ops included.
+"""
 import sys
 
 import torch
@@ -7,7 +12,9 @@ from torch.profiler import ProfilerActivity, profile
 from ssmc.ops import ssd
 
 b, t, h, n, p = 8, 4096, 80, 128, 64
-low = sys.argv[1] if len(sys.argv) > 1 else "chunked"
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+train = "--train" in sys.argv
+low = args[0] if args else "chunked"
 x = torch.randn(b, t, h, p, device="cuda", dtype=torch.bfloat16)
 dt = (torch.randn(b, t, h, device="cuda") * 0.5 - 1).to(torch.bfloat16)
 A = -torch.rand(h, device="cuda")
@@ -15,15 +22,28 @@ B = torch.randn(b, t, 1, n, device="cuda", dtype=torch.bfloat16)
 C = torch.randn(b, t, 1, n, device="cuda", dtype=torch.bfloat16)
 D = torch.randn(h, device="cuda")
 z = torch.randn_like(x)
-f = lambda: ssd(x, dt, A, B, C, D=D, z=z, dt_softplus=True, lowering=low, backend="triton")  # noqa: E731
+dt_bias = torch.randn(h, device="cuda") * 0.3
+leaves = [v.requires_grad_(train) for v in (x, dt, A, B, C, D, z, dt_bias)]
+grad = torch.randn_like(x)
+
+
+def f():
+    y = ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, lowering=low,
+            backend="triton")
+    return torch.autograd.grad(y, leaves, grad) if train else y
+
+
 for _ in range(3):
     f()
 torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
+torch.cuda.reset_peak_memory_stats()
+with profile(activities=[ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if train else [])) \
+        as prof:
     for _ in range(5):
         f()
     torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30 if train else 8))
+print(f"peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
 
 def kernel_resources():
