@@ -389,17 +389,16 @@ def _chunk_bounds(sizes, cu_seqlens, BT: int, reverse: bool, layout, device):
     return chunk, lo, hi
 
 
-def _chunk_end_term(dstates, states, finals, layout, sizes, cu_seqlens):
-    """sum_p G_c * S_c per chunk, (chunks, h, n): S_c is the next chunk's entering state, or the
-    sequence's final state for its last chunk. Contracted with batched dots (no (c, h, n, p)
-    product in memory)."""
-    def dot_p(a, b):
-        return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1))[..., 0, 0]
-
+def _chunk_end_term(dstates, states, finals, layout, sizes, cu_seqlens, dims):
+    """sum G_c * S_c per chunk over `dims` ((-1,): p, giving (chunks, h, n); (-2, -1): n and p,
+    giving (chunks, h, 1) for decays without n): S_c is the next chunk's entering state, or
+    the sequence's final state for its last chunk."""
     n_chunks = layout["n_chunks"]
-    term = torch.zeros(n_chunks, *states.shape[1:3], dtype=states.dtype, device=states.device)
+    shape = (n_chunks, states.shape[1], states.shape[2] if dims == (-1,) else 1)
+    term = torch.zeros(shape, dtype=states.dtype, device=states.device)
     if n_chunks > 1:
-        term[:-1] = dot_p(dstates[:n_chunks - 1], states[1:n_chunks])
+        term[:-1] = (dstates[:n_chunks - 1] * states[1:n_chunks]).sum(dims).reshape(
+            n_chunks - 1, *shape[1:])
     if cu_seqlens is None:
         per_seq = triton.cdiv(sizes["t"], layout["m"]["BT"])
         last = torch.arange(1, sizes["b"] + 1, device=states.device) * per_seq - 1
@@ -409,20 +408,22 @@ def _chunk_end_term(dstates, states, finals, layout, sizes, cu_seqlens):
         nonempty = off[1:] > off[:-1]
         last, seqs = (off[1:] - 1)[nonempty], torch.nonzero(nonempty)[:, 0]
     if len(last):
-        term[last] = dot_p(dstates[last], finals[seqs])
+        term[last] = (dstates[last] * finals[seqs]).sum(dims).reshape(len(last), *shape[1:])
     return term
 
 
 def _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, reverse):
-    """dL/dl (b, t, h, n) from w (b, t, h, n): chunk-local reverse sums (float64 differences of
-    one running sum) plus each chunk's end term."""
+    """dL/dl (b, t, h, n) from w (b, t, h, n), or (b, t, h, 1) when w is already summed over n
+    (decays without n): chunk-local reverse sums (float64 differences of one running sum)
+    plus each chunk's end term."""
     lay = saved["layout"]
     chunk, lo, hi = _chunk_bounds(sizes, cu_seqlens, lay["m"]["BT"], reverse, lay, w.device)
     w64 = w.double()
     cs = torch.cat([torch.zeros_like(w64[:, :1]), w64.cumsum(1)], 1)   # cs[i] = sum_{<i}
     local = (cs[:, hi] - cs[:, lo]).to(w.dtype)
+    dims = (-1,) if w.shape[-1] > 1 else (-2, -1)
     term = _chunk_end_term(dstates, saved["states"][i], saved["finals"][i], lay, sizes,
-                           cu_seqlens)
+                           cu_seqlens, dims)
     if cu_seqlens is None:
         return local + term[chunk]                                     # (b, t, h, n)
     return local + term[chunk][None]
@@ -456,20 +457,26 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         module.ssmc_chunked_bwd_dstates[(S, H, NPB)](
             *args, dy, dstates, dummy if gT is None else gT, dh0, cu, off, T, H // G, N, P,
             REVERSE=reverse, HAS_GT=gT is not None, **consts)
-        dq = torch.zeros(NPB, B, T, H, N, dtype=cdt, device=device)
-        dk = torch.zeros(NPB, B, T, H, N, dtype=cdt, device=device)
-        w = torch.zeros(NPB, B, T, H, N, dtype=cdt, device=device)
-        dv = torch.zeros(B, T, H, P, dtype=cdt, device=device)
+        # every (b, t) row belongs to exactly one chunk: the kernel writes all of these
+        dq = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
+        dk = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
+        w = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
+        dv = torch.empty(B, T, H, P, dtype=cdt, device=device)
         if n_chunks > 0:
             # a dozen (BT, BN|BP) tiles live at once: 8 warps keep them in registers on a GPU
             launch = dict(num_warps=8) if device.type == "cuda" else {}
             module.ssmc_chunked_bwd[(n_chunks, H, NPB)](
                 *args, dy, saved["states"][i], dstates, dq, dk, dv, w, cu, off, seq_of_chunk,
                 B, T, H // G, N, P, REVERSE=reverse, **consts, **launch)
-        grads = {"query": dq.sum(0).unsqueeze(-1), "key": dk.sum(0).unsqueeze(-1),
+        # sums over p-blocks (none to do for one block: these are the largest tensors here)
+        grads = {"query": (dq[0] if NPB == 1 else dq.sum(0)).unsqueeze(-1),
+                 "key": (dk[0] if NPB == 1 else dk.sum(0)).unsqueeze(-1),
                  "value": dv.unsqueeze(3)}
         if has_decay:
-            dlog = _decay_grad(w.sum(0), dstates, saved, i, sizes, cu_seqlens, reverse)
+            # a decay without n needs only the sum of w over n: reduce before the running sums
+            w = w.sum((0, 4), keepdim=True)[0] if not per_key_decay(plan) else (
+                w[0] if NPB == 1 else w.sum(0))
+            dlog = _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, reverse)
             grads["log_decay"] = dlog.unsqueeze(-1)
         results.append((grads, dh0))
     return results
