@@ -21,10 +21,16 @@ class DeviceModel:
     step_s: float         # seconds per dependent step of a sequential loop
 
 
+# Effective rates of ssmc's own generated kernels, not the chips' peaks: fitted on the H100 to
+# the built-in-tile times of all three lowerings of ssd, selective_scan and gla at t = 256 to
+# 16384 (benchmarks/RESULTS.md, "Autotuning"): the chunked and quadratic matmuls reach about
+# 60 TFLOP/s, the scan's elementwise work about 3 TFLOP/s, and a dependent step of the scan's
+# loop costs about 1 us (its floor for short, narrow problems).
+# The H200 differs in bandwidth; the A100 is scaled by its peaks.
 DEVICES = {
-    "h100": DeviceModel("h100", 600e12, 50e12, 3.0e12, 4e-6, 0.4e-6),
-    "h200": DeviceModel("h200", 600e12, 50e12, 4.0e12, 4e-6, 0.4e-6),
-    "a100": DeviceModel("a100", 250e12, 19e12, 1.8e12, 4e-6, 0.5e-6),
+    "h100": DeviceModel("h100", 60e12, 3e12, 3.0e12, 4e-6, 1e-6),
+    "h200": DeviceModel("h200", 60e12, 3e12, 4.8e12, 4e-6, 1e-6),
+    "a100": DeviceModel("a100", 25e12, 1.2e12, 1.8e12, 4e-6, 1.5e-6),
     "cpu": DeviceModel("cpu", 50e9, 50e9, 20e9, 5e-6, 2e-8),
 }
 

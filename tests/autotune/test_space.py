@@ -14,6 +14,7 @@ H100_LIKE = DeviceLimits(name="fake-sm90", capability=(9, 0), sm_count=132,
                          max_regs_per_thread=255, max_threads_per_block=1024,
                          l2_bytes=50 * 1024 * 1024)
 SHAPE = dict(b=8, t=4096, h=80, p=64, n=128, g=1)
+SMALL = dict(b=1, t=16, h=2, p=16, n=16, g=1)     # every lowering within the estimate's slack
 ALL = ["scan", "chunked", "quadratic"]
 
 
@@ -53,8 +54,14 @@ def test_default_first_and_unique():
     s = space()
     assert s.candidates[0] == Config("chunked") == s.default
     assert len(set(s.candidates)) == len(s.candidates)
-    # every kept lowering is measured with its built-in tiles too
-    assert Config("scan") in s.candidates and Config("quadratic") in s.candidates
+    # every kept lowering is measured with its built-in tiles too; at t=4096 the scan and the
+    # quadratic form are estimated far slower than chunked, and their pruning says why
+    for lw in {c.lowering for c in s.candidates}:
+        assert Config(lw) in s.candidates
+    pruned = {c.lowering: why for c, why in s.pruned if c.tile == ()}
+    assert "estimate" in pruned["scan"] and "estimate" in pruned["quadratic"]
+    near = space(sizes=SMALL)
+    assert Config("scan") in near.candidates and Config("quadratic") in near.candidates
 
 
 def test_max_configs_caps_and_records_the_rest():
@@ -67,15 +74,16 @@ def test_max_configs_caps_and_records_the_rest():
 
 
 def test_cost_model_prunes_chunk_sizes():
-    s = space(max_configs=None)
+    shape = dict(SHAPE, b=1, h=8)   # few heads: the serial chunk loop dominates
+    s = space(sizes=shape, max_configs=None)
     prog = ssmc.ops.mamba2.program
     from ssmc.autotune.space import SpaceContext
     from ssmc.passes import DEVICES
-    ctx = SpaceContext(prog, "triton", SHAPE, "bfloat16", H100_LIKE, DEVICES["h100"], 2)
+    ctx = SpaceContext(prog, "triton", shape, "bfloat16", H100_LIKE, DEVICES["h100"], 2)
     costs = {q: chunk_estimate(ctx, q) for q in (16, 32, 64, 128)}
     best = min(costs.values())
     too_slow = {q for q, c in costs.items() if c > CHUNK_SLACK * best}
-    assert too_slow, costs  # at t=4096, 16-step chunks cost far more than 64-step ones
+    assert too_slow, costs  # 16-step chunks: four times the serial steps of 64-step ones
     kept_bt = {c.tile_dict().get("BT") for c in s.candidates if c.lowering == "chunked"}
     assert not (kept_bt & too_slow)
     assert any(why.startswith("cost model: chunk") for _, why in s.pruned)
@@ -139,7 +147,7 @@ def test_blocks_never_exceed_the_padded_axes():
 
 
 def test_backends_without_tile_parameters_tune_the_lowering_only():
-    s = space(backend="reference", max_configs=None)
+    s = space(backend="reference", sizes=SMALL, max_configs=None)
     assert set(s.candidates) == {Config("chunked"), Config("scan"), Config("quadratic")}
 
 
