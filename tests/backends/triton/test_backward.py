@@ -57,12 +57,15 @@ def _skip_unless_legal(defn, lowering):
 
 
 def check_backward(defn, lowering: str, sizes: dict, *, dtype=torch.float32, h0=True,
-                   grad_final=True, lengths=None, seed=0, tol=None, device="cpu"):
+                   grad_final=True, lengths=None, seed=0, tol=None, device="cpu", inputs=None):
     """Compare the Triton kernel's backward with the reference backend's (float64 on the same
-    rounded inputs). Returns the relative L2 errors by gradient name."""
+    rounded inputs). `inputs` (name -> tensor) replaces the random draw of `inputs_for`.
+    Returns the relative L2 errors by gradient name."""
     _skip_unless_legal(defn, lowering)
     program = defn.program
-    inputs = {k: v.to(device) for k, v in inputs_for(defn, sizes, dtype=dtype, seed=seed).items()}
+    if inputs is None:
+        inputs = inputs_for(defn, sizes, dtype=dtype, seed=seed)
+    inputs = {k: v.to(dtype=dtype, device=device) for k, v in inputs.items()}
     S = sizes["b"] if lengths is None else len(lengths)
     state = state_for(defn, sizes, num_states=S, seed=seed + 1).to(device) if h0 else None
     cu = None if lengths is None else cu_seqlens(lengths).to(device)

@@ -20,7 +20,10 @@ chunk and the final state. The backward adds two kernels mirroring it:
       dk = dA^T q + exp(l_last - lc) * (v G^T)
       dv = A^T dy + (exp(l_last - lc) * k) G
 
-  all tensor-core dots; per-key decays factor D as for the forward (q exp(lc), k exp(-lc)).
+  all tensor-core dots, except that per-key decays (D varies over n: D[u, s, n]) form A and
+  the chunk-local parts of dq and dk elementwise, one key step s at a time, with D only on the
+  causal half where its exponent is <= 0 (the factoring q exp(lc) . k exp(-lc) overflows);
+  every other exponent is <= 0 too (exp(lc), exp(l_last - lc)).
 
 The decay gradient stays inside the chunk: with w_u = q_u * dq_u - k_u * dk_u (per n), for r
 in chunk c with end state S_c and G_c = dL/dS_c from the later chunks (dL/dS_T for the last),
@@ -146,10 +149,38 @@ class _Ops:
             self.body("Dm = tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
             self.body("A = " + self.dot("query", "tl.trans(key)") + " * Dm")
         else:
-            self.body("q_dec = query * tl.exp(lc)")
-            self.body("k_inv = key * tl.exp(-lc)")
-            self.body("A = tl.where(causal, " + self.dot("q_dec", "tl.trans(k_inv)") + ", 0.0)")
+            self.key_columns(scores=True)
         return "A"
+
+    def key_columns(self, scores: bool = False, grads: bool = False):
+        """Per-key decays: the chunk's key steps s one at a time (unrolled), with the decay
+        D[u, s, n] = exp(lc_u - lc_s) formed elementwise on the rows u >= s only, where its
+        exponent is <= 0 (factoring it as exp(lc_u) * exp(-lc_s) overflows). Emits `A` (u, s)
+        with `scores`; with `grads`, `AT` (s, u) = A^T and, from dA (u, s), the chunk-local
+        parts of dq (sum_s dA[u, s] D k_s) and dk (sum_u dA[u, s] D q_u)."""
+        b = self.body
+        if scores:
+            b(f"A = tl.zeros([BT, BT], dtype={self.ct})")
+        if grads:
+            b(f"AT = tl.zeros([BT, BT], dtype={self.ct})")
+            b(f"dq_in = tl.zeros([BT, BN], dtype={self.ct})")
+            b(f"dk_in = tl.zeros([BT, BN], dtype={self.ct})")
+        b("for s in tl.static_range(BT):")
+        with b.block():
+            b("sel = offs_c == s")
+            b("k_s = tl.sum(tl.where(sel[:, None], key, 0.0), axis=0)")
+            b("lc_s = tl.sum(tl.where(sel[:, None], lc, 0.0), axis=0)")
+            b("dec = tl.exp(tl.where(offs_c[:, None] >= s, lc - lc_s[None, :], float('-inf')))")
+            b("qd = query * dec")
+            b("a_s = tl.sum(qd * k_s[None, :], axis=1)")
+            if scores:
+                b("A = tl.where(sel[None, :], a_s[:, None], A)")
+            if grads:
+                b("AT = tl.where(sel[:, None], a_s[None, :], AT)")
+                b("da_s = tl.sum(tl.where(sel[None, :], dA, 0.0), axis=1)")
+                b("dq_in += da_s[:, None] * dec * k_s[None, :]")
+                b("dk_s = tl.sum(da_s[:, None] * qd, axis=0)")
+                b("dk_in = tl.where(sel[:, None], dk_s[None, :], dk_in)")
 
     def state_decay(self) -> str:
         """The factor the state carries across the whole chunk ((n, BP)-broadcastable)."""
@@ -252,7 +283,8 @@ def render_chunk_kernel(plan: Plan) -> str:
     o.operand("value", "value")
     o.dy()
     o.decay()
-    o.scores()
+    if o.mode != "key":
+        o.scores()
     body("st_off = ((chunk * H + h_idx) * N + offs_n[None, :]) * P + offs_p[:, None]")
     body("st_mask = mask_n[None, :] & mask_p[:, None]")
     body("S_inT = tl.load(ssmc_states + st_off, mask=st_mask, other=0.0)")    # (p, n)
@@ -269,11 +301,12 @@ def render_chunk_kernel(plan: Plan) -> str:
         body("dk = " + dot("tl.trans(dA)", "query") + " + tl.exp(l_last - lc)[:, None] * "
              + dot("value", "GT"))
     else:
-        body("dA = tl.where(causal, dyv, 0.0)")
-        body("dq = tl.exp(lc) * (" + dot("dA", "k_inv") + " + " + dot("dy", "S_inT") + ")")
-        body("dk = tl.exp(-lc) * " + dot("tl.trans(dA)", "q_dec") + " + tl.exp(l_last[None, :]"
-             " - lc) * " + dot("value", "GT"))
-    body("dv = " + dot("tl.trans(A)", "dy") + " + " + dot(o.k_out(), "G"))
+        body("dA = tl.where(offs_c[:, None] >= offs_c[None, :], dyv, 0.0)")
+        o.key_columns(grads=True)
+        body("dq = dq_in + tl.exp(lc) * " + dot("dy", "S_inT"))
+        body("dk = dk_in + tl.exp(l_last[None, :] - lc) * " + dot("value", "GT"))
+    a_t = "AT" if o.mode == "key" else "tl.trans(A)"
+    body("dv = " + dot(a_t, "dy") + " + " + dot(o.k_out(), "G"))
     body("row = (b_idx * T + t_row[:, None]) * H + h_idx")
     body("nmask = mask_t[:, None] & mask_n[None, :]")
     body("part = (pid_p.to(tl.int64) * B * T * H + row) * N + offs_n[None, :]")
@@ -301,8 +334,8 @@ def render(plan: Plan) -> str:
 
 
 def tiles(plan: Plan, sizes: dict) -> dict:
-    """BT 64 (16 for per-key decays, as the forward: exp(-lc) must not overflow); all of n;
-    p in blocks of up to 64."""
+    """BT 64 (16 for per-key decays, as the forward: their chunk-local work is elementwise,
+    BT^2 * BN per chunk); all of n; p in blocks of up to 64."""
     tile = plan.tile_dict()
     return dict(BT=tile.get("BT_bwd", 16 if per_key_decay(plan) else 64),
                 BN=max(next_pow2(sizes["n"]), 16),
