@@ -44,6 +44,7 @@ THREADS = 128
 WARPS = THREADS // 32
 SMEM = 48 * 1024
 MMA_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
+BATCH = 16  # tile elements a thread loads before storing them to shared memory
 
 
 def operand_dtype(plan: Plan) -> str:
@@ -201,19 +202,47 @@ class _ChunkedCuda(Emitter):
     def lanes(self):
         self.w("wp_ = tx_ // 32", "ln_ = tx_ % 32", "g_ = ln_ // 4", "tg_ = ln_ % 4")
 
-    def coop(self, rows: int, cols: int, body):
-        """for every (r_, c_) of a rows x cols tile, spread over the block's threads."""
+    def coop(self, rows: int, cols: int, prelude, cond: str, values, targets: list[str]):
+        """targets[k] at every (r_, c_) of a rows x cols tile = values()[k] where `cond` holds,
+        zero elsewhere; spread over the block's threads. Two phases per batch of BATCH
+        elements a thread: all loads into registers (independent, so they are in flight
+        together), then the stores to shared memory. (One load-store pair per iteration left
+        each iteration waiting for its load: ~40 us per chunk in the state pass.)
+        `prelude()` emits index bindings from r_, c_; `values()` emits the statements under
+        `cond` and returns the expressions (in the accumulation type)."""
         w, total = self.w, rows * cols
-        with w.block(f"for it_ in range({-(-total // THREADS)}):"):
-            w(f"ix_ = it_ * {THREADS} + tx_")
-            guard = total % THREADS != 0
-            if guard:
-                w.lines.append("    " * w.depth + f"if ix_ < {total}:")
-                w.depth += 1
-            w(f"r_ = ix_ // {cols}", f"c_ = ix_ % {cols}")
-            body()
-            if guard:
-                w.depth -= 1
+        nit = -(-total // THREADS)
+        batch = max(b for b in range(1, min(nit, BATCH) + 1) if nit % b == 0)
+        guard = total % THREADS != 0
+        regs = [f"lv{k}_" for k in range(len(targets))]
+
+        def index():
+            w(f"ix_ = (bt_ * {batch} + u_) * {THREADS} + tx_",
+              f"r_ = ix_ // {cols}", f"c_ = ix_ % {cols}")
+
+        with w.block(f"for bt_ in range({nit // batch}):"):
+            with w.block(f"for u_ in T.unroll({batch}):"):
+                index()
+                prelude()
+                with w.block(f"if {f'ix_ < {total} and ' if guard else ''}{cond}:"):
+                    for reg, v in zip(regs, values()):
+                        w(f"{reg}[u_] = {v}")
+                with w.block("else:"):
+                    for reg in regs:
+                        w(f"{reg}[u_] = {self.zero}")
+            with w.block(f"for u_ in T.unroll({batch}):"):
+                index()
+                if guard:
+                    w.lines.append("    " * w.depth + f"if ix_ < {total}:")
+                    w.depth += 1
+                for reg, tgt in zip(regs, targets):
+                    w(f"{tgt} = {self.cast_ot(reg + '[u_]')}")
+                if guard:
+                    w.depth -= 1
+
+    def coop_regs(self):
+        self.local("lv0_", BATCH, "float32")
+        self.local("lv1_", BATCH, "float32")
 
     def seq_bounds(self):
         """b_, t0_, t1_, L_ of sequence s_ (int64)."""
@@ -262,15 +291,12 @@ class _ChunkedCuda(Emitter):
         """sVt[pp, j] = value at (step c0_ + j, channel pb * bp + pp), zero outside."""
         w, Q = self.w, self.t.Q
 
-        def body():
-            w(f"p_ = {pb} * {i64(bp)} + {L('c_')}")
-            with w.block(f"if {L('r_')} < cl_ and p_ < {i64(self.spec.P)}:"):
-                w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
-                v = self.value_of(self.program.recurrence.value.expr, self.index("t_", p="p_"))
-                w(f"sVt[c_, r_] = {self.cast_ot(v)}")
-            with w.block("else:"):
-                w(f"sVt[c_, r_] = {self.cast_ot(self.zero)}")
-        self.coop(Q, bp, body)
+        def values():
+            w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
+            return [self.value_of(self.program.recurrence.value.expr,
+                                  self.index("t_", p="p_"))]
+        self.coop(Q, bp, lambda: w(f"p_ = {pb} * {i64(bp)} + {L('c_')}"),
+                  f"{L('r_')} < cl_ and p_ < {i64(self.spec.P)}", values, ["sVt[c_, r_]"])
 
     # ---- warp-level products --------------------------------------------------------------
     def mtile(self, i: str) -> str:
@@ -387,6 +413,7 @@ class _ChunkedCuda(Emitter):
                     self.local("run_", 1, "float32")
                 self.local("acc", mtw * nt * 4, "float32")
                 self.frag_locals(mtw)
+                self.coop_regs()
                 w(f"nb_ = bid_ % {i64(nnb)}", f"pb_ = bid_ // {i64(nnb)} % {i64(npb)}",
                   f"h_ = bid_ // {i64(nnb * npb)} % {i64(s.H)}",
                   f"s_ = bid_ // {i64(nnb * npb * s.H)}")
@@ -427,18 +454,16 @@ class _ChunkedCuda(Emitter):
                     w(f"ll_ = {last}")
 
                     # sWt[nn, j] = key(c0_ + j, nb_ * NB + nn) * exp(l_last - lc_j)
-                    def key_body():
-                        w(f"n_ = nb_ * {i64(NB)} + {L('c_')}")
-                        with w.block(f"if {L('r_')} < cl_ and n_ < {i64(s.N)}:"):
-                            w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
-                            k = self.value_of(self.program.recurrence.key.expr,
-                                              self.index("t_", n="n_"))
-                            if self.has_decay:
-                                k = f"{k} * T.exp(ll_ - slc[r_])"
-                            w(f"sWt[c_, r_] = {self.cast_ot(k)}")
-                        with w.block("else:"):
-                            w(f"sWt[c_, r_] = {self.cast_ot(self.zero)}")
-                    self.coop(Q, NB, key_body)
+                    def key_values():
+                        w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
+                        k = self.value_of(self.program.recurrence.key.expr,
+                                          self.index("t_", n="n_"))
+                        if self.has_decay:
+                            k = f"{k} * T.exp(ll_ - slc[r_])"
+                        return [k]
+                    self.coop(Q, NB, lambda: w(f"n_ = nb_ * {i64(NB)} + {L('c_')}"),
+                              f"{L('r_')} < cl_ and n_ < {i64(s.N)}", key_values,
+                              ["sWt[c_, r_]"])
                     self.load_value_t(direction, BPS, "pb_")
                     self.sync()
                     if self.has_decay:
@@ -476,6 +501,7 @@ class _ChunkedCuda(Emitter):
                 self.local("accG", mtw * ntg * 4, "float32")
                 self.local("accY", mtw * nty * 4, "float32")
                 self.frag_locals(mtw)
+                self.coop_regs()
                 w(f"pb_ = bid_ % {i64(npb)}", f"h_ = bid_ // {i64(npb)} % {i64(s.H)}",
                   f"slot_ = bid_ // {i64(npb * s.H)}")
                 if self.varlen:
@@ -495,21 +521,16 @@ class _ChunkedCuda(Emitter):
                     self.load_value_t(direction, BP, "pb_")
 
                     def load_query(with_key: bool):
-                        def body():
-                            w(f"n_ = kc_ * {i64(KC)} + {L('c_')}")
-                            with w.block(f"if {L('r_')} < cl_ and n_ < {i64(s.N)}:"):
-                                w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
-                                idx = self.index("t_", n="n_")
-                                q = self.value_of(self.program.recurrence.query.expr, idx)
-                                w(f"sC[r_, c_] = {self.cast_ot(q)}")
-                                if with_key:
-                                    k = self.value_of(self.program.recurrence.key.expr, idx)
-                                    w(f"sK[r_, c_] = {self.cast_ot(k)}")
-                            with w.block("else:"):
-                                w(f"sC[r_, c_] = {self.cast_ot(self.zero)}")
-                                if with_key:
-                                    w(f"sK[r_, c_] = {self.cast_ot(self.zero)}")
-                        self.coop(Q, KC, body)
+                        def values():
+                            w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
+                            idx = self.index("t_", n="n_")
+                            out = [self.value_of(self.program.recurrence.query.expr, idx)]
+                            if with_key:
+                                out.append(self.value_of(self.program.recurrence.key.expr, idx))
+                            return out
+                        self.coop(Q, KC, lambda: w(f"n_ = kc_ * {i64(KC)} + {L('c_')}"),
+                                  f"{L('r_')} < cl_ and n_ < {i64(s.N)}", values,
+                                  ["sC[r_, c_]"] + (["sK[r_, c_]"] if with_key else []))
 
                     # G = query @ key^T over the key dim, KC at a time
                     with w.block(f"for u_ in T.unroll({mtw * ntg * 4}):"):
@@ -537,14 +558,13 @@ class _ChunkedCuda(Emitter):
                         if nkc > 1:
                             load_query(False)
 
-                        def state_body():
-                            w(f"n_ = kc_ * {i64(KC)} + {L('c_')}",
-                              f"p_ = pb_ * {i64(BP)} + {L('r_')}")
-                            with w.block(f"if n_ < {i64(s.N)} and p_ < {i64(s.P)}:"):
-                                w("sK[r_, c_] = ws[slot_, h_, p_, n_]")
-                            with w.block("else:"):
-                                w(f"sK[r_, c_] = {self.cast_ot(self.zero)}")
-                        self.coop(BP, KC, state_body)
+                        ws_v = "ws[slot_, h_, p_, n_]"
+                        if t.OT != self.acc:
+                            ws_v = f'T.Cast("{self.acc}", {ws_v})'
+                        self.coop(BP, KC, lambda: w(f"n_ = kc_ * {i64(KC)} + {L('c_')}",
+                                                    f"p_ = pb_ * {i64(BP)} + {L('r_')}"),
+                                  f"n_ < {i64(s.N)} and p_ < {i64(s.P)}", lambda: [ws_v],
+                                  ["sK[r_, c_]"])
                         self.sync()
                         self.mm("accY", mtw, nty, lambda r, k: f"sC[{r}, {k}]",
                                 lambda c, k: f"sK[{c}, {k}]", KC)
