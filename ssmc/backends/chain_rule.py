@@ -30,13 +30,42 @@ from ..passes.derive_backward import cse, derive_backward
 from ..reference.evaluate import CANON, evaluate, to_canonical
 
 
+class CanonicalInputs(dict):
+    """The inputs as canonical (b, t, h, n, p) tensors in the compute type, made on first use:
+    most derivatives read few inputs, and a canonical group input (key or query shared by
+    the heads of a group) is h/g times the input's size."""
+
+    def __init__(self, program: Program, tensors: dict, sizes: dict, cdt: torch.dtype):
+        super().__init__()
+        self._axes = {i.name: i.axes for i in program.inputs}
+        self._tensors, self._sizes, self._cdt = tensors, sizes, cdt
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        if name not in self._axes:
+            raise KeyError(name)
+        value = to_canonical(self._tensors[name].to(self._cdt), self._axes[name], self._sizes)
+        self[name] = value
+        return value
+
+
+class _Scope(dict):
+    """Local names (common subexpressions) over a shared environment."""
+
+    def __init__(self, outer: dict):
+        super().__init__()
+        self._outer = outer
+
+    def __missing__(self, name: str):
+        return self._outer[name]
+
+
 def evaluate_all(exprs: list, env: dict, like: torch.Tensor) -> list:
     """Evaluate expressions sharing common subexpressions once."""
     replacements, reduced = cse(list(exprs))
-    env = dict(env)
+    scope = _Scope(env)
     for sym, sub in replacements:
-        env[sym.name] = evaluate(sub, env, like)
-    return [evaluate(e, env, like) for e in reduced]
+        scope[sym.name] = evaluate(sub, scope, like)
+    return [evaluate(e, scope, like) for e in reduced]
 
 
 def canonical_target(inp, sizes: dict) -> list[int]:
@@ -110,8 +139,7 @@ class ChainRule:
         as (b, t, h, 1, p), and dy = grad_out * dE/dy as a contiguous (b, t, h, p) tensor.
         `y` is (b, t, h, p) summed over directions, or None when not `needs_y`."""
         B, T, H, P = (sizes[a] for a in "bthp")
-        env = {i.name: to_canonical(tensors[i.name].to(cdt), i.axes, sizes)
-               for i in self.program.inputs}
+        env = CanonicalInputs(self.program, tensors, sizes, cdt)
         if y is not None:
             env[Y.name] = y.unsqueeze(3)
         g_out = grad_out.to(cdt).unsqueeze(3)                     # (b, t, h, 1, p)
@@ -140,8 +168,11 @@ class ChainRule:
                 continue
             target = canonical_target(inp, sizes)
             total = None
-            for g, f in zip(terms, evaluate_all(factors, env, g_out)):
-                part = reduce_to(g * f, target)
+            # a factor of exactly 1 (key = B, say) passes its term on without a product
+            scaled = [i for i, f in enumerate(factors) if f != 1]
+            values = dict(zip(scaled, evaluate_all([factors[i] for i in scaled], env, g_out)))
+            for i, g in enumerate(terms):
+                part = reduce_to(g * values[i] if i in values else g, target)
                 total = part if total is None else total + part
             result[inp.name] = to_input(total, inp, sizes).to(x.dtype).contiguous()
         return result
