@@ -23,8 +23,8 @@ import triton
 
 from ....ir import DecayKind, Direction, Elementwise
 from ....plan import Plan
-from ..common import (HEADER, Outputs, compute_type, dot_type, emit_output, input_args,
-                      input_params, interpreting, next_pow2)
+from ..common import (HEADER, Outputs, compute_type, dot_type, emit_output, fp32_precision,
+                      input_args, input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile, split_scale
 from ..templates import chunk_setup, chunk_state_store, indent, rows, seq_setup, state_init
 from . import register_lowering
@@ -57,7 +57,8 @@ class _Chunk:
         self.prog = plan.program
         self.ct = compute_type(plan)
         self.dt = dot_type(plan)
-        self.prec = ', input_precision="ieee"' if plan.dtype == "float32" else ""
+        self.prec = (f', input_precision="{fp32_precision()}"' if plan.dtype == "float32"
+                     else "")
         self.ctx_qk = Context(self.prog, QK_TILE, body, "qk", self.ct)
         self.ctx_kt = Context(self.prog, KT_TILE, body, "kt", self.ct)
         self.ctx_v = Context(self.prog, V_TILE, body, "v", self.ct)

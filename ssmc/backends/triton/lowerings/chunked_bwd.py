@@ -48,7 +48,7 @@ import triton
 from ....ir import Direction
 from ....plan import Plan
 from ..common import (HEADER, compute_dtype, compute_type, direction_slices, dot_type,
-                      input_args, input_params, next_pow2, num_sequences)
+                      fp32_precision, input_args, input_params, next_pow2, num_sequences)
 from ..render import Context, Emitter, Tile
 from ..templates import chunk_setup, chunk_state_store, indent, rows, seq_setup, state_init
 
@@ -94,7 +94,8 @@ class _Ops:
         self.prog = plan.program
         self.ct = compute_type(plan)
         self.dt = dot_type(plan)
-        self.prec = ', input_precision="ieee"' if plan.dtype == "float32" else ""
+        self.prec = (f', input_precision="{fp32_precision()}"' if plan.dtype == "float32"
+                     else "")
         self.ctx_qk = Context(self.prog, QK_TILE, body, "qk", self.ct)
         self.ctx_v = Context(self.prog, V_TILE, body, "v", self.ct)
         self.mode = _decay_mode(plan)

@@ -28,7 +28,7 @@ from ....ir import DecayKind, Direction
 from ....passes.classify_decay import decay_kind_of
 from ....plan import Plan
 from ..common import (HEADER, Outputs, compute_dtype, compute_type, emit_output,
-                      input_args, input_params, interpreting, next_pow2)
+                      fp32_precision, input_args, input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile
 from . import register_lowering
 
@@ -97,8 +97,9 @@ def _mm_exact(a, b):
     return tl.dot(a, b, input_precision="tf32")
 
 '''
-    # fp32 without TF32; fp64 (tensor cores on sm80+)
-    return '''
+    # fp32 at fp32-level accuracy (common.fp32_precision); fp64 (tensor cores on sm80+)
+    prec = fp32_precision() if plan.dtype == "float32" else "ieee"
+    return f'''
 @triton.jit
 def _rd(x, LOWP: tl.constexpr):
     return x
@@ -106,12 +107,12 @@ def _rd(x, LOWP: tl.constexpr):
 
 @triton.jit
 def _mm(a, b, LOWP: tl.constexpr):
-    return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b, input_precision="{prec}")
 
 
 @triton.jit
 def _mm_exact(a, b):
-    return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b, input_precision="{prec}")
 
 '''
 
