@@ -91,13 +91,13 @@ def flops_bytes(b, t):
     return tensor, elems * 2
 
 
-def forward_rows(quick):
+def forward_rows(quick, dtype=torch.bfloat16):
     rows = []
     mcs = try_import(mamba_chunk)
-    sgla = try_import(fla_simple_gla)
+    sgla = try_import(fla_simple_gla) if dtype == torch.bfloat16 else None
     shapes = SHAPES[:1] if quick else SHAPES
     for b, t in shapes:
-        x, dt, A, B, C, D, z, dt_bias = ssd_inputs(b, t)
+        x, dt, A, B, C, D, z, dt_bias = ssd_inputs(b, t, dtype=dtype)
         flops, nbytes = flops_bytes(b, t)
 
         def ours():
@@ -105,7 +105,8 @@ def forward_rows(quick):
                        lowering="chunked")
         y = ours()
         t_ours = bench(ours)
-        row = dict(kind="fwd", shape=f"b={b} t={t}", ssmc_ms=t_ours,
+        kind = "fwd" if dtype == torch.bfloat16 else f"fwd {str(dtype)[6:]}"
+        row = dict(kind=kind, shape=f"b={b} t={t}", ssmc_ms=t_ours,
                    ssmc_tflops=flops / t_ours * 1e-9, ssmc_gbs=nbytes / t_ours * 1e-6,
                    ssmc_peak_mib=peak_mib(ours))
         if mcs is not None:
@@ -221,19 +222,22 @@ def decode_rows():
 
 
 def check_reference():
-    """ssmc chunked/scan/quadratic vs the float64 reference at a moderate shape."""
+    """ssmc chunked/scan/quadratic vs the float64 reference at a moderate shape, bf16 and fp32
+    (fp32 matmuls run as tf32x3: this is where their accuracy shows)."""
     out = []
-    x, dt, A, B, C, D, z, dt_bias = ssd_inputs(2, 1024, seed=1)
-    ref = ssd(*(v.double() for v in (x, dt, A, B, C)), D=D.double(), z=z.double(),
-              dt_bias=dt_bias.double(), dt_softplus=True, backend="reference",
-              lowering="scan")
-    for low in ("scan", "chunked", "quadratic"):
-        try:
-            y = ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
-                    backend="triton", lowering=low)
-            out.append(dict(kind="check", shape=f"ssd b=2 t=1024 {low} bf16", err=rel(y, ref)))
-        except Exception as e:  # noqa: BLE001 - reported in the table
-            out.append(dict(kind="check", shape=f"ssd {low}", err=repr(e)[:80]))
+    for dtype, label in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        x, dt, A, B, C, D, z, dt_bias = ssd_inputs(2, 1024, dtype=dtype, seed=1)
+        ref = ssd(*(v.double() for v in (x, dt, A, B, C)), D=D.double(), z=z.double(),
+                  dt_bias=dt_bias.double(), dt_softplus=True, backend="reference",
+                  lowering="scan")
+        for low in ("scan", "chunked", "quadratic"):
+            try:
+                y = ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                        backend="triton", lowering=low)
+                out.append(dict(kind="check", shape=f"ssd b=2 t=1024 {low} {label}",
+                                err=rel(y, ref)))
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                out.append(dict(kind="check", shape=f"ssd {low} {label}", err=repr(e)[:80]))
     return out
 
 
@@ -246,12 +250,15 @@ def fmt(v):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="check,fwd,decode,train")
+    ap.add_argument("--only", default="check,fwd,decode,train",
+                    help="comma-separated sections: check, fwd, fwd32 (fp32, first shape), "
+                         "decode, train")
     args = ap.parse_args()
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__,
           "triton", triton.__version__)
     rows = []
     sections = {"check": check_reference, "fwd": lambda: forward_rows(args.quick),
+                "fwd32": lambda: forward_rows(True, torch.float32),
                 "decode": decode_rows, "train": lambda: train_rows(args.quick)}
     for part in args.only.split(","):
         try:
