@@ -141,14 +141,15 @@ def spec_size(spec: KernelSpec, axis: str) -> int:
 
 def _workspaces(plan: Plan, target: str) -> list[dict]:
     """Scratch arguments the caller allocates (after the outputs): the CUDA chunked lowering's
-    chunk states and, for packed sequences, its chunk -> sequence map. `dims` name sizes;
-    "slots" is B * max(ceil(T / chunk_size), 1), or T // chunk_size + S for packed sequences
+    chunk states, chunk log-decays and, for packed sequences, its chunk -> sequence map.
+    `dims` name sizes; "slots" is B * max(ceil(T / chunk_size), 1), or T // chunk_size + S for packed sequences
     (lowerings/chunked_cuda.py: workspace_shapes)."""
     if plan.lowering != "chunked" or target != "cuda":
         return []
     from .lowerings.chunked_cuda import operand_dtype
     out = [{"name": "chunk_states", "dims": ["slots", "h", "p", "n"],
-            "dtype": operand_dtype(plan)}]
+            "dtype": operand_dtype(plan)},
+           {"name": "chunk_decay", "dims": ["slots", "h"], "dtype": "float32"}]
     if plan.varlen:
         out.append({"name": "chunk_seq", "dims": ["slots"], "dtype": "int32"})
     return out

@@ -1,15 +1,24 @@
-"""The chunked (SSD) lowering on CUDA: a sequential state pass and a parallel output pass, with
-the chunk-local matrix products on tensor cores (`mma.sync` m16n8k16 through
-`T.ptx_legacy.mma`) for bf16/fp16 plans and as tiled fp32 FMAs from shared memory for fp32.
+"""The chunked (SSD) lowering on CUDA: a parallel chunk pass, a sequential elementwise pass
+and a parallel output pass, with the chunk-local matrix products on tensor cores (`mma.sync`
+m16n8k16 through `T.ptx_legacy.mma`) for bf16/fp16 plans and as tiled fp32 FMAs from shared
+memory for fp32.
 
-Per direction, two kernels (the scheme of the Triton chunked lowering):
+Per direction, three kernels:
 
-state pass, one block per (sequence, head, p-block, n-block):
-    the n x p state tile lives in the threads' mma accumulators (registers); per chunk it is
-    first written out (in the matmul operand type) as the state *entering* that chunk, then
-        state = exp(l_last) * state + (key * exp(l_last - lc))^T @ value
-    with lc the running sum of log-decays within the chunk and l_last its last entry; the
-    final state is written in fp32.
+chunk pass, one block per (chunk, head, p-block, n-block), every chunk in parallel:
+    dS_c = (key * exp(l_last - lc))^T @ value     (fp32 accumulators, stored into ws[slot])
+    cd[slot, h] = l_last
+    with lc the running sum of log-decays within the chunk and l_last its last entry.
+
+sequential pass, one thread per SEQ_E entries of the n x p state of a (sequence, head):
+    per chunk in traversal order, in fp32 registers,
+        dS = ws[slot];  ws[slot] = S (the state entering the chunk);  S = exp(l_last) * S + dS
+    starting from the initial state (or zero); the final state is written in fp32. Pure
+    bandwidth: no matrix product waits on the serial chain (the previous single state pass
+    loaded and multiplied every chunk inside it: ~33 us a chunk step on an H100). The decay
+    factors exp(l_last - lc) and exp(l_last) have exponents <= 0 for decays <= 1.
+    dS is stored in the operand type, like the entering states (bf16/fp16: one rounding per
+    chunk contribution, ~2^-9 relative; the running sum S stays fp32).
 
 output pass, one block per (chunk, head, p-block), every chunk in parallel:
     G = (query @ key^T) * exp(lc_i - lc_j) on the causal half (zero elsewhere)
@@ -24,12 +33,14 @@ the reduction axis contiguous (transposed on the way in where needed) and rows p
 elements, so that fragment loads are 32-bit and free of bank conflicts.
 
 Extra arguments (after the common ones, see common.py):
-    ws   (NS, H, P, N) in the operand type: the state entering every chunk ("chunk slots";
-         NS = B * ceil(TT / Q), or TT // Q + S for packed sequences: sequence s's chunk c is
-         slot TT0_s // Q + s + c, which never collides with the next sequence's)
+    ws   (NS, H, P, N) in the operand type: each chunk's dS (chunk pass), then the state
+         entering every chunk (sequential pass) ("chunk slots"; NS = B * ceil(TT / Q), or
+         TT // Q + S for packed sequences: sequence s's chunk c is slot TT0_s // Q + s + c,
+         which never collides with the next sequence's)
+    cd   (NS, H) float32: every chunk's total log-decay (chunk pass -> sequential pass)
     cs   (NS,) int32, packed sequences only: the sequence of every slot (-1: unused), written
-         by the state pass, read by the output pass to find its chunk.
-`workspace_shapes` gives both shapes. Limits (`unsupported`): decays that vary over the key
+         by two small kernels before the first direction, read by the chunk and output passes.
+`workspace_shapes` gives their shapes. Limits (`unsupported`): decays that vary over the key
 axis (their tensor-core form needs a factorisation that overflows), float64, chunk sizes that
 are not a multiple of 16 up to 128, and tiles that do not fit in 48 KB of shared memory.
 """
@@ -45,6 +56,7 @@ WARPS = THREADS // 32
 SMEM = 48 * 1024
 MMA_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
 BATCH = 16  # tile elements a thread loads before storing them to shared memory
+SEQ_E = 8   # state entries per thread in the sequential pass
 
 
 def operand_dtype(plan: Plan) -> str:
@@ -63,8 +75,8 @@ class Tiles:
     OT: str     # operand dtype of the products (and of the chunk states in ws)
     BP: int     # value channels per output-pass block
     KC: int     # key-dim slice per pass over shared memory in the output pass
-    BPS: int    # value channels per state-pass block
-    NB: int     # key-dim rows per state-pass block
+    BPS: int    # value channels per chunk-pass block
+    NB: int     # key-dim rows per chunk-pass block
 
     @property
     def pad(self) -> int:
@@ -101,8 +113,7 @@ def tiles(plan: Plan, N: int, P: int) -> Tiles | str:
         bps.insert(0, Pp)
     kcs = [NP] + [k for k in (128, 64, 32, 16) if k < NP and NP % k == 0]
     nbs = [nb for nb in dict.fromkeys((min(NP, 128 if mma else 64), 64, 32, 16)) if nb <= NP]
-    # the state pass is serial over chunks: narrower p-blocks give it more blocks to run
-    bpss = [b for b in bps if b <= 32] or bps
+    bpss = list(bps)  # the chunk pass (every chunk in parallel)
     # plan.tile may pin any of BP, KC, BPS, NB (a tuned configuration)
     pin = plan.tile_dict()
     bad = {k: v for k, v in pin.items() if k in ("BP", "BPS") and (v <= 0 or v % 8)
@@ -151,7 +162,8 @@ def num_slots(plan: Plan, B: int, T: int, S: int) -> int:
 def workspace_shapes(plan: Plan, B: int, T: int, S: int, H: int, N: int, P: int):
     """[(name, shape, torch dtype name)] of the extra arguments, in argument order."""
     ns = num_slots(plan, B, T, S)
-    out = [("chunk_states", (ns, H, P, N), operand_dtype(plan))]
+    out = [("chunk_states", (ns, H, P, N), operand_dtype(plan)),
+           ("chunk_decay", (ns, H), "float32")]
     if plan.varlen:
         out.append(("chunk_seq", (ns,), "int32"))
     return out
@@ -175,13 +187,14 @@ class _ChunkedCuda(Emitter):
     def header(self):
         super().header()
         w, s, t = self.w, self.spec, self.t
-        extra = ", ws_h: T.handle" + (", cs_h: T.handle" if self.varlen else "")
+        extra = ", ws_h: T.handle, cd_h: T.handle" + (", cs_h: T.handle" if self.varlen else "")
         for k, line in enumerate(w.lines):
             if line.startswith("def "):
                 w.lines[k] = line[:-2] + extra + "):"
                 break
         w("NS = T.int64()")
         w(f'ws = T.match_buffer(ws_h, (NS, {i64(s.H)}, {i64(s.P)}, {i64(s.N)}), "{t.OT}")')
+        w(f'cd = T.match_buffer(cd_h, (NS, {i64(s.H)}), "float32")')
         if self.varlen:
             w('cs = T.match_buffer(cs_h, (NS,), "int32")')
 
@@ -394,15 +407,49 @@ class _ChunkedCuda(Emitter):
                 with w.block("if ix_ < NS:"):
                     w("cs[ix_] = -1")
 
-    def state_pass(self, d_index: int, direction):
+    def map_slots(self):
+        """cs[slot] = the sequence of every chunk slot (packed sequences; after init_slots)."""
+        w, Q = self.w, self.t.Q
+        with w.block('for s_ in T.thread_binding(S1 - T.int64(1), thread="blockIdx.x"):'):
+            with w.block(f'for tx_ in T.thread_binding({THREADS}, thread="threadIdx.x"):'):
+                self.seq_bounds()
+                w(f"nch_ = (L_ + {i64(Q - 1)}) // {i64(Q)}", f"base_ = {self.slot_base()}")
+                with w.block(f"for k_ in range((nch_ + {i64(THREADS - 1)}) // {i64(THREADS)}):"):
+                    w(f"ch_ = k_ * {i64(THREADS)} + {L('tx_')}")
+                    with w.block("if ch_ < nch_:"):
+                        w('cs[base_ + ch_] = T.Cast("int32", s_)')
+
+    def slot_task(self):
+        """From slot_: the sequence s_ (its bounds, see seq_bounds) and the chunk ch_ in it, c0_
+        and cl_. For packed sequences, opens `if s_ >= 0` (unused slots); returns the number of
+        levels opened."""
+        w, Q = self.w, self.t.Q
+        opened = 0
+        if self.varlen:
+            w('s_ = T.Cast("int64", cs[slot_])')
+            w.lines.append("    " * w.depth + "if s_ >= T.int64(0):")
+            w.depth += 1
+            opened = 1
+            self.seq_bounds()
+            w(f"ch_ = slot_ - ({self.slot_base()})")
+        else:
+            w(f"nc_ = T.max((TT + {i64(Q - 1)}) // {i64(Q)}, T.int64(1))",
+              "s_ = slot_ // nc_", "ch_ = slot_ % nc_")
+            self.seq_bounds()
+        w(f"c0_ = ch_ * {i64(Q)}", f"cl_ = T.min({i64(Q)}, L_ - c0_)")
+        return opened
+
+    def chunk_pass(self, d_index: int, direction):
+        """Every chunk in parallel, one block per (slot, head, p-block, n-block):
+        ws[slot] = dS = (key * exp(l_last - lc))^T @ value (the chunk's own contribution to the
+        state leaving it) and cd[slot, h] = l_last (the chunk's total log-decay)."""
         w, s, t = self.w, self.spec, self.t
         Q, NB, BPS = t.Q, t.NB, t.BPS
         nnb, npb = -(-s.N // NB), -(-s.P // BPS)
         self.mt_total = NB // 16
         mtw = -(-self.mt_total // WARPS)
         nt = BPS // 8
-        nseq = "(S1 - T.int64(1))" if self.varlen else "B"
-        grid = f"{nseq} * {i64(s.H * npb * nnb)}"
+        grid = f"NS * {i64(s.H * npb * nnb)}"
         with w.block(f'for bid_ in T.thread_binding({grid}, thread="blockIdx.x"):'):
             with w.block(f'for tx_ in T.thread_binding({THREADS}, thread="threadIdx.x"):'):
                 self.shared("sWt", (NB, Q + t.pad), t.OT)
@@ -416,42 +463,15 @@ class _ChunkedCuda(Emitter):
                 self.coop_regs()
                 w(f"nb_ = bid_ % {i64(nnb)}", f"pb_ = bid_ // {i64(nnb)} % {i64(npb)}",
                   f"h_ = bid_ // {i64(nnb * npb)} % {i64(s.H)}",
-                  f"s_ = bid_ // {i64(nnb * npb * s.H)}")
-                self.seq_bounds()
-                w(f"base_ = {self.slot_base()}")
-                self.lanes()
-
-                def at_entry():
-                    w(f"n_ = nb_ * {i64(NB)} + {L('row_')}", f"p_ = pb_ * {i64(BPS)} + {L('col_')}")
-                    return (f"{self.mtile_valid('i_')} and n_ < {i64(s.N)} and "
-                            f"p_ < {i64(s.P)}")
-
-                # the state entering the sequence
-                depth = self.each_acc(mtw, nt)
-                ok = at_entry()
-                if self.plan.has_initial_state:
-                    with w.block(f"if {ok}:"):
-                        w(f"acc[k_acc_] = {self.load_h0(d_index)}")
-                    with w.block("else:"):
-                        w(f"acc[k_acc_] = {self.zero}")
-                else:
-                    w(f"acc[k_acc_] = {self.zero}")
-                w.depth -= depth
-                with w.block(f"for ch_ in range((L_ + {i64(Q - 1)}) // {i64(Q)}):"):
-                    w(f"c0_ = ch_ * {i64(Q)}", f"cl_ = T.min({i64(Q)}, L_ - c0_)",
-                      "slot_ = base_ + ch_")
-                    # the state entering this chunk, for the output pass
-                    depth = self.each_acc(mtw, nt)
-                    with w.block(f"if {at_entry()}:"):
-                        w(f"ws[slot_, h_, p_, n_] = {self.cast_ot('acc[k_acc_]')}")
-                    w.depth -= depth
-                    if self.varlen:
-                        with w.block("if nb_ == T.int64(0) and pb_ == T.int64(0) and "
-                                     "h_ == T.int64(0) and tx_ == 0:"):
-                            w('cs[slot_] = T.Cast("int32", s_)')
+                  f"slot_ = bid_ // {i64(nnb * npb * s.H)}")
+                opened = self.slot_task()
+                with w.block("if cl_ > T.int64(0):"):
+                    self.lanes()
                     self.log_decays(direction)
-                    last = self.lc("cl_ - T.int64(1)")
-                    w(f"ll_ = {last}")
+                    w(f"ll_ = {self.lc('cl_ - T.int64(1)')}")
+                    if self.has_decay:
+                        with w.block("if nb_ == T.int64(0) and pb_ == T.int64(0) and tx_ == 0:"):
+                            w("cd[slot_, h_] = ll_")
 
                     # sWt[nn, j] = key(c0_ + j, nb_ * NB + nn) * exp(l_last - lc_j)
                     def key_values():
@@ -466,17 +486,88 @@ class _ChunkedCuda(Emitter):
                               ["sWt[c_, r_]"])
                     self.load_value_t(direction, BPS, "pb_")
                     self.sync()
-                    if self.has_decay:
-                        with w.block(f"for u_ in T.unroll({mtw * nt * 4}):"):
-                            w("acc[u_] = acc[u_] * T.exp(ll_)")
+                    with w.block(f"for u_ in T.unroll({mtw * nt * 4}):"):
+                        w(f"acc[u_] = {self.zero}")
                     self.mm("acc", mtw, nt, lambda r, k: f"sWt[{r}, {k}]",
                             lambda c, k: f"sVt[{c}, {k}]", Q)
-                    self.sync()
-                if self.plan.return_final_state:
                     depth = self.each_acc(mtw, nt)
-                    with w.block(f"if {at_entry()}:"):
-                        w(f"hT[{self.state_index(d_index)}] = acc[k_acc_]")
+                    w(f"n_ = nb_ * {i64(NB)} + {L('row_')}",
+                      f"p_ = pb_ * {i64(BPS)} + {L('col_')}")
+                    with w.block(f"if {self.mtile_valid('i_')} and n_ < {i64(s.N)} and "
+                                 f"p_ < {i64(s.P)}:"):
+                        w(f"ws[slot_, h_, p_, n_] = {self.cast_ot('acc[k_acc_]')}")
                     w.depth -= depth
+                w.depth -= opened
+
+    def seq_pass(self, d_index: int, direction):
+        """The serial part, elementwise: one thread per SEQ_E entries of the (p, n) state of a
+        (sequence, head), in fp32 registers; per chunk, in traversal order,
+            dS = ws[slot];  ws[slot] = state (entering the chunk);  state = exp(l_last) * state + dS
+        (exp(l_last) <= 1 for decays <= 1: no overflow). Consecutive threads take consecutive
+        entries (coalesced); the SEQ_E loads of a chunk are independent, issued together."""
+        w, s, t = self.w, self.spec, self.t
+        Q, E = t.Q, SEQ_E
+        PN = s.P * s.N
+        nblk = -(-PN // (THREADS * E))
+        nseq = "(S1 - T.int64(1))" if self.varlen else "B"
+        with w.block(f'for bid_ in T.thread_binding({nseq} * {i64(s.H * nblk)}, '
+                     'thread="blockIdx.x"):'):
+            with w.block(f'for tx_ in T.thread_binding({THREADS}, thread="threadIdx.x"):'):
+                self.local("st_", E, "float32")
+                self.local("dv_", E, "float32")
+                w(f"eb_ = bid_ % {i64(nblk)}", f"h_ = bid_ // {i64(nblk)} % {i64(s.H)}",
+                  f"s_ = bid_ // {i64(nblk * s.H)}")
+                self.seq_bounds()
+                w(f"base_ = {self.slot_base()}")
+
+                def entry():
+                    w(f"e_ = (eb_ * {i64(E)} + {L('u_')}) * {i64(THREADS)} + {L('tx_')}",
+                      f"p_ = e_ // {i64(s.N)}", f"n_ = e_ % {i64(s.N)}")
+                    return f"e_ < {i64(PN)}"
+
+                with w.block(f"for u_ in T.unroll({E}):"):
+                    ok = entry()
+                    if self.plan.has_initial_state:
+                        with w.block(f"if {ok}:"):
+                            w(f"st_[u_] = {self.load_h0(d_index)}")
+                        with w.block("else:"):
+                            w(f"st_[u_] = {self.zero}")
+                    else:
+                        w(f"st_[u_] = {self.zero}")
+                # ws as one flat array: the E entries of a thread are at one base address plus
+                # constant offsets (few registers, more threads per SM to keep loads in flight)
+                w(f'wsf = T.decl_buffer((NS * {i64(s.H * PN)},), "{t.OT}", data=ws.data)')
+                guard = PN % (THREADS * E) != 0
+
+                def flat():
+                    w(f"e_ = (eb_ * {i64(E)} + {L('u_')}) * {i64(THREADS)} + {L('tx_')}",
+                      f"o_ = (slot_ * {i64(s.H)} + h_) * {i64(PN)} + e_")
+                    if guard:
+                        w.lines.append("    " * w.depth + f"if e_ < {i64(PN)}:")
+                        w.depth += 1
+                    return int(guard)
+
+                with w.block(f"for ch_ in range((L_ + {i64(Q - 1)}) // {i64(Q)}):"):
+                    w("slot_ = base_ + ch_")
+                    if self.has_decay:
+                        w("f_ = T.exp(cd[slot_, h_])")
+                    with w.block(f"for u_ in T.unroll({E}):"):
+                        opened = flat()
+                        v = "wsf[o_]"
+                        if t.OT != self.acc:
+                            v = f'T.Cast("{self.acc}", {v})'
+                        w(f"dv_[u_] = {v}")
+                        w.depth -= opened
+                    with w.block(f"for u_ in T.unroll({E}):"):
+                        opened = flat()
+                        w(f"wsf[o_] = {self.cast_ot('st_[u_]')}")
+                        upd = "f_ * st_[u_]" if self.has_decay else "st_[u_]"
+                        w(f"st_[u_] = {upd} + dv_[u_]")
+                        w.depth -= opened
+                if self.plan.return_final_state:
+                    with w.block(f"for u_ in T.unroll({E}):"):
+                        with w.block(f"if {entry()}:"):
+                            w(f"hT[{self.state_index(d_index)}] = st_[u_]")
 
     def out_pass(self, d_index: int, direction):
         w, s, t = self.w, self.spec, self.t
@@ -504,17 +595,7 @@ class _ChunkedCuda(Emitter):
                 self.coop_regs()
                 w(f"pb_ = bid_ % {i64(npb)}", f"h_ = bid_ // {i64(npb)} % {i64(s.H)}",
                   f"slot_ = bid_ // {i64(npb * s.H)}")
-                if self.varlen:
-                    w('s_ = T.Cast("int64", cs[slot_])')
-                    w.lines.append("    " * w.depth + "if s_ >= T.int64(0):")
-                    w.depth += 1
-                    self.seq_bounds()
-                    w(f"ch_ = slot_ - ({self.slot_base()})")
-                else:
-                    w(f"nc_ = T.max((TT + {i64(Q - 1)}) // {i64(Q)}, T.int64(1))",
-                      "s_ = slot_ // nc_", "ch_ = slot_ % nc_")
-                    self.seq_bounds()
-                w(f"c0_ = ch_ * {i64(Q)}", f"cl_ = T.min({i64(Q)}, L_ - c0_)")
+                opened = self.slot_task()
                 with w.block("if cl_ > T.int64(0):"):
                     self.lanes()
                     self.log_decays(direction)
@@ -603,8 +684,7 @@ class _ChunkedCuda(Emitter):
                         w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('row_'))}")
                         self.emit_y(d_index, "t_", "accY[k_acc_]")
                     w.depth -= depth
-                if self.varlen:
-                    w.depth -= 1
+                w.depth -= opened
 
 
 @register_lowering("chunked", target="cuda")
@@ -613,7 +693,9 @@ def render_chunked_cuda(spec: KernelSpec) -> str:
     e.header()
     if e.varlen:
         e.init_slots()
+        e.map_slots()
     for d_index, direction in enumerate(e.directions):
-        e.state_pass(d_index, direction)
+        e.chunk_pass(d_index, direction)
+        e.seq_pass(d_index, direction)
         e.out_pass(d_index, direction)
     return e.finish()
