@@ -23,6 +23,7 @@ Everything is linear in t in memory; nothing loops over t in Python.
 """
 from __future__ import annotations
 
+import sympy as sp
 import torch
 
 from ..ir import Program, Y
@@ -121,12 +122,36 @@ def initial_state_grad(dh0s: list, initial_state):
     return grad_h0.to(initial_state.dtype)
 
 
+#: Stand-ins for the value operand's gradient and the output's gradient in `row_terms`.
+DV = sp.Symbol("ssmc_dv", real=True)
+GOUT = sp.Symbol("ssmc_gout", real=True)
+ROW_AXES = frozenset("bthp")
+
+
 class ChainRule:
     """The symbolic derivatives of one program, evaluated on torch tensors."""
 
     def __init__(self, program: Program):
         self.program = program
         self.exprs = derive_backward(program)
+
+    def row_terms(self) -> dict[str, sp.Expr]:
+        """input name -> the sum of its terms that live on (b, t, h, p) rows, as one expression
+        in DV (d value), GOUT (d output), y and inputs: the value operand's and the epilogue's.
+        Only inputs whose axes and whose terms' inputs are all among b t h p (no n, no groups):
+        a backend may evaluate these in one fused kernel and pass them to `input_grads`."""
+        axes = {i.name: set(i.axes) for i in self.program.inputs}
+        out = {}
+        for name, ax in axes.items():
+            expr = sp.Integer(0)
+            if name in self.exprs.operands.get("value", {}):
+                expr += DV * self.exprs.operands["value"][name]
+            if name in self.exprs.epilogue:
+                expr += GOUT * self.exprs.epilogue[name]
+            used = [s.name for s in expr.free_symbols if s.name in axes]
+            if expr != 0 and ax <= ROW_AXES and all(axes[u] <= ROW_AXES for u in used):
+                out[name] = expr
+        return out
 
     @property
     def needs_y(self) -> bool:
@@ -148,20 +173,27 @@ class ChainRule:
         return env, g_out, dy
 
     def input_grads(self, env: dict, g_out: torch.Tensor, op_grads: dict, tensors: dict,
-                    sizes: dict) -> dict[str, torch.Tensor]:
+                    sizes: dict, row_parts: dict | None = None) -> dict[str, torch.Tensor]:
         """Gradients of every input (its shape and dtype) from the operand gradients
-        `op_grads` (summed over directions) and the epilogue's direct terms."""
+        `op_grads` (summed over directions) and the epilogue's direct terms. `row_parts`:
+        input name -> its `row_terms` already evaluated by the backend (a canonical tensor,
+        summed or partly summed over the axes the input lacks); those terms are not redone."""
         exprs = self.exprs
+        row_parts = row_parts or {}
         result = {}
         for inp in self.program.inputs:
             terms, factors = [], []
+            done = inp.name in row_parts
             for op, d in exprs.operands.items():
-                if inp.name in d and op in op_grads:
+                if inp.name in d and op in op_grads and not (done and op == "value"):
                     terms.append(op_grads[op])
                     factors.append(d[inp.name])
-            if inp.name in exprs.epilogue:
+            if inp.name in exprs.epilogue and not done:
                 terms.append(g_out)
                 factors.append(exprs.epilogue[inp.name])
+            if done:
+                terms.append(row_parts[inp.name])
+                factors.append(sp.Integer(1))
             x = tensors[inp.name]
             if not terms:
                 result[inp.name] = torch.zeros_like(x)

@@ -10,9 +10,10 @@ Three steps, after `ssmc.passes.derive_backward` (sympy.diff of the elementwise 
    chunked -> lowerings/chunked_bwd.py (d log_decay by the q dq - k dk identity);
    quadratic -> the chunked backward (the same mathematics).
 3. Chain rule: d input = sum over operands of d operand * d operand/d input (+ grad_out *
-   dE/d input), evaluated with vectorised torch ops on canonical (b, t, h, n, p) broadcast
-   tensors in the compute type (fp32; fp64 for fp64 inputs), summed over the axes the input
-   lacks and over the heads of a group for `g` inputs, and cast to the input's dtype.
+   dE/d input), summed over the axes the input lacks and over the heads of a group for `g`
+   inputs, and cast to the input's dtype. The terms on (b, t, h, p) rows (value and
+   epilogue) run in one generated kernel (chain_rows.py); the rest as vectorised torch ops on
+   canonical (b, t, h, n, p) broadcast tensors in the compute type.
 
 Steps 1 and 3 are backend-neutral and live in ssmc/backends/chain_rule.py (shared with the TVM
 backend); this module runs the Triton kernels of step 2 between them.
@@ -26,6 +27,7 @@ import dataclasses
 from ...ir import Program
 from ...plan import Plan
 from ..chain_rule import ChainRule, initial_state_grad, sum_directions
+from . import chain_rows
 from .common import compute_dtype
 from .lowerings import chunked_bwd, scan_bwd
 
@@ -74,7 +76,9 @@ def make_backward(backend, plan: Plan):
         else:
             per_dir = chunked_bwd.backward_pass(module, bplan, tensors, sizes, saved, dy,
                                                 grad_final, cu_seqlens)
-        result = rule.input_grads(env, g_out, sum_directions(per_dir), tensors, sizes)
+        op_grads = sum_directions(per_dir)
+        rows = chain_rows.row_parts(backend, plan, rule, tensors, sizes, y, grad_out, op_grads)
+        result = rule.input_grads(env, g_out, op_grads, tensors, sizes, rows)
         grad_h0 = initial_state_grad([dh0 for _, dh0 in per_dir], initial_state)
         return result, grad_h0
 

@@ -1,0 +1,114 @@
+"""One generated kernel for the chain rule's (b, t, h, p) terms.
+
+The chain rule (ssmc/backends/chain_rule.py) multiplies operand gradients by symbolic
+derivatives and sums them down to each input's shape. Its terms on (b, t, h, p) rows - the
+value operand's gradient times d value / d input, the output gradient times d epilogue / d
+input (`ChainRule.row_terms`) - are most of its memory traffic: in eager torch every product,
+activation and sum is a pass over a (b, t, h, p) fp32 tensor. Here one program per (b, block of
+t, h) loads each operand once, evaluates every input's row terms in registers, sums over p and
+over its block of t where the input lacks them, and stores one small or (b, t, h, p) canonical
+tensor per input; the host finishes the sums over b, the t-blocks and the heads.
+"""
+from __future__ import annotations
+
+import sympy as sp
+import torch
+import triton
+
+from ...ir import Y
+from ...plan import Plan
+from ..chain_rule import DV, GOUT, ChainRule
+from .common import HEADER, compute_dtype, compute_type, input_args, input_params, next_pow2
+from .render import Context, Emitter, Tile
+
+TILE = Tile([("t", "offs_t", "mask_t"), ("p", "offs_p", "mask_p")],
+            {"b": "b_idx", "h": "h_idx", "g": "g_idx"})
+BT = 32
+
+
+def render(plan: Plan, terms: dict[str, sp.Expr]) -> str:
+    prog = plan.program
+    ct = compute_type(plan)
+    body = Emitter(indent=1)
+    ctx = Context(prog, TILE, body, "r", ct)
+    used = set().union(*(e.free_symbols for e in terms.values()))
+    row = "((b_idx * T + offs_t[:, None]) * H + h_idx) * P + offs_p[None, :]"
+    if Y in used:
+        body(f"y_r = tl.load(ssmc_y + {row}, mask=rmask, other=0.0).to({ct})")
+        ctx.loaded[Y.name] = "y_r"
+    if DV in used:
+        body(f"dv_r = tl.load(ssmc_dv + {row}, mask=rmask, other=0.0).to({ct})")
+        ctx.loaded[DV.name] = "dv_r"
+    if GOUT in used:
+        body("go_r = tl.load(ssmc_gout + b_idx * s_go_b + offs_t[:, None] * s_go_t + h_idx * "
+             f"s_go_h + offs_p[None, :] * s_go_p, mask=rmask, other=0.0).to({ct})")
+        ctx.loaded[GOUT.name] = "go_r"
+    outs = []
+    for k, (name, expr) in enumerate(terms.items()):
+        axes = set(prog.input(name).axes)
+        v = ctx.value(expr, f"g{k}")
+        body(f"{v} = tl.where(rmask, {v}, 0.0)")
+        if "p" not in axes:
+            body(f"{v} = tl.sum({v}, axis=1)")
+        if "t" not in axes:
+            body(f"{v} = tl.sum({v}, axis=0)")
+        if "t" in axes and "p" in axes:
+            body(f"tl.store(ssmc_out{k} + {row}, {v}, mask=rmask)")
+        elif "t" in axes:
+            body(f"tl.store(ssmc_out{k} + (b_idx * T + offs_t) * H + h_idx, {v}, mask=mask_t)")
+        elif "p" in axes:
+            body(f"tl.store(ssmc_out{k} + ((b_idx * NTB + tb) * H + h_idx) * P + offs_p, {v}, "
+                 "mask=mask_p)")
+        else:
+            body(f"tl.store(ssmc_out{k} + (b_idx * NTB + tb) * H + h_idx, {v})")
+        outs.append(f"ssmc_out{k}")
+    return HEADER + f"""
+@triton.jit
+def ssmc_chain_rows(
+    {input_params(prog)},
+    ssmc_y, ssmc_dv, ssmc_gout, s_go_b, s_go_t, s_go_h, s_go_p, {", ".join(outs)},
+    T, H, P, HPG, NTB, BT: tl.constexpr, BP: tl.constexpr,
+):
+    b_idx = tl.program_id(0).to(tl.int64)
+    tb = tl.program_id(1).to(tl.int64)
+    h_idx = tl.program_id(2).to(tl.int64)
+    g_idx = h_idx // HPG
+    offs_t = tb * BT + tl.arange(0, BT)
+    mask_t = offs_t < T
+    offs_p = tl.arange(0, BP)
+    mask_p = offs_p < P
+    rmask = mask_t[:, None] & mask_p[None, :]
+{body.text()}
+"""
+
+
+def row_parts(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, y, grad_out,
+              op_grads: dict) -> dict[str, torch.Tensor]:
+    """input name -> its row terms as a canonical (b, t or t-blocks, h, 1, p or 1) tensor."""
+    terms = rule.row_terms()
+    if not terms or "value" not in op_grads and any(DV in e.free_symbols
+                                                     for e in terms.values()):
+        return {}
+    prog = plan.program
+    module = backend.load_generated(plan.cache_key(backend.cache_tag()) + "_rows",
+                                    lambda: render(plan, terms))
+    B, T, H, G, P = (sizes[a] for a in "bthgp")
+    cdt = compute_dtype(plan)
+    device = grad_out.device
+    ntb = triton.cdiv(T, BT)
+    dummy = torch.zeros(1, dtype=cdt, device=device)
+    dv = op_grads["value"].reshape(B, T, H, P).contiguous() if "value" in op_grads else dummy
+    out = {}
+    for name in terms:
+        axes = prog.input(name).axes
+        shape = (B, T if "t" in axes else ntb, H, 1, P if "p" in axes else 1)
+        out[name] = torch.empty(shape, dtype=cdt, device=device)
+    if B * T > 0:
+        module.ssmc_chain_rows[(B, ntb, H)](
+            *input_args(prog, tensors), dummy if y is None else y.contiguous(), dv, grad_out,
+            *grad_out.stride(), *out.values(), T, H, P, H // G, ntb, BT=BT,
+            BP=max(next_pow2(P), 16))
+    else:
+        for v in out.values():
+            v.zero_()
+    return out
