@@ -95,6 +95,9 @@ def make(out_root: Path, arch: str, target: str = "cuda"):
         jobs += [
             ("chunked_ssd_mamba2_bf16", mamba2, bench, dict(dtype="bfloat16", lowering="chunked")),
             ("chunked_ssd_mamba2_fp32", mamba2, bench, dict(lowering="chunked")),
+            # the same bf16 kernel with scalar instead of 16-byte operand copies (tile VL=0)
+            ("chunked_ssd_mamba2_bf16_scalar_copies", mamba2, bench,
+             dict(dtype="bfloat16", lowering="chunked", tile={"VL": 0})),
             ("chunked_ssd_mamba2_bf16_states_varlen", mamba2, dict(h=8, g=2, n=128, p=64),
              dict(dtype="bfloat16", initial_state=True, return_final_state=True, varlen=True,
                   lowering="chunked")),

@@ -87,6 +87,10 @@ def test_cuda_chunked_builds(case):
         assert t.mma
     else:
         assert "mma.sync" not in cu and not t.mma
+    # 16-byte copies of the chunk states (and plain query/key inputs) on tensor-core tiles
+    # whose key dim splits into 8-element vectors
+    assert (t.VL == 8) == (t.mma and sizes["n"] % 8 == 0)
+    assert ("*(uint4*)" in cu) == (t.VL > 1)
     # a chunk pass, a sequential pass and an output pass per direction (+ for packed
     # sequences: the slot map's reset and fill)
     kernels = cu.count('extern "C" __global__') // 2
@@ -108,6 +112,15 @@ def test_cuda_chunked_export_compiles(tmp_path):
                                 "dtype": "bfloat16"},
                                {"name": "chunk_decay", "dims": ["slots", "h"],
                                 "dtype": "float32"}]
+
+
+def test_scalar_copies_pin():
+    """plan.tile VL=0 keeps the scalar operand copies (tvm_gpu_check exports both)."""
+    plan = Plan(program=MAMBA2.program, lowering="chunked", dtype="bfloat16",
+                tile=(("VL", 0),))
+    assert tiles(plan, 128, 64).VL == 1
+    plan = Plan(program=MAMBA2.program, lowering="chunked", dtype="bfloat16")
+    assert tiles(plan, 128, 64).VL == 8 and tiles(plan, 36, 64).VL == 1
 
 
 def test_workspace_shapes():
@@ -201,7 +214,7 @@ def chunked_cuda_model(program, tensors, sizes, Q, initial_state=None, cu_seqlen
         ws = torch.zeros(max(NS, 1), H, P, N, dtype=torch.float64)
         cd = torch.zeros(max(NS, 1), H, dtype=torch.float64)
 
-        def chunk(slot):
+        def chunk(slot, direction=direction):
             s = cs[slot]
             _, b, t0, t1 = seqs[s]
             c0 = (slot - base[s]) * Q

@@ -56,6 +56,7 @@ WARPS = THREADS // 32
 SMEM = 48 * 1024
 MMA_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
 BATCH = 16  # tile elements a thread loads before storing them to shared memory
+VBATCH = 4  # ... 16-byte vectors, in the vectorised copies
 SEQ_E = 8   # state entries per thread in the sequential pass
 
 
@@ -77,6 +78,7 @@ class Tiles:
     KC: int     # key-dim slice per pass over shared memory in the output pass
     BPS: int    # value channels per chunk-pass block
     NB: int     # key-dim rows per chunk-pass block
+    VL: int = 1  # elements per vectorised (16-byte) copy of plain operands to shared memory
 
     @property
     def pad(self) -> int:
@@ -129,7 +131,13 @@ def tiles(plan: Plan, N: int, P: int) -> Tiles | str:
                   if _state_smem(Q, nb, bp, pad, esz) <= SMEM), None)
     if out is None or state is None:
         return f"no tiling of chunk {Q}, n={N}, p={P} fits in {SMEM // 1024} KB of shared memory"
-    return Tiles(Q=Q, NP=NP, mma=mma, OT=OT, BP=out[0], KC=out[1], BPS=state[0], NB=state[1])
+    # 16-byte copies of operands already in the operand type (the chunk states, plain query
+    # and key inputs) where the key dim splits into whole vectors; plan.tile VL=0 turns them off
+    vl = 16 // esz
+    if not mma or not pin.get("VL", 1) or N % vl:
+        vl = 1
+    return Tiles(Q=Q, NP=NP, mma=mma, OT=OT, BP=out[0], KC=out[1], BPS=state[0], NB=state[1],
+                 VL=vl)
 
 
 def unsupported(plan: Plan, N: int | None = None, P: int | None = None) -> str | None:
@@ -256,6 +264,76 @@ class _ChunkedCuda(Emitter):
     def coop_regs(self):
         self.local("lv0_", BATCH, "float32")
         self.local("lv1_", BATCH, "float32")
+        if self.t.VL > 1:
+            self.local("vv0_", VBATCH * 4, "uint32")
+            self.local("vv1_", VBATCH * 4, "uint32")
+
+    def words(self, name: str, buf: str, size: str, shared: bool = False):
+        """`name`: buffer `buf` seen as flat 32-bit words (raw 16-byte copies: TVM's CUDA
+        codegen has no vector stores of bf16 lanes)."""
+        scope = ', scope="shared"' if shared else ""
+        self.w(f'{name} = T.decl_buffer(({size},), "uint32", data={buf}.data{scope})')
+
+    def coop_vec(self, rows: int, cols: int, prelude, cond: str, sources, targets):
+        """Like `coop` for operands already in the operand type, 16 bytes (VL elements, 4 words)
+        a copy: the VL elements from sources()[k] (an element reference at (r_, c_), c_ a
+        multiple of VL, in a row contiguous over them) go to the word buffer targets[k][0] at
+        word (targets[k][1]) // EW (a flat element offset); zero where `cond` fails (it must
+        hold for all VL elements or none)."""
+        w, VL = self.w, self.t.VL
+        ew = 4 // self.t.esz
+        cv = cols // VL
+        total = rows * cv
+        nit = -(-total // THREADS)
+        batch = max(b for b in range(1, min(nit, VBATCH) + 1) if nit % b == 0)
+        guard = total % THREADS != 0
+        regs = [f"vv{k}_" for k in range(len(targets))]
+
+        def index():
+            w(f"ix_ = (bt_ * {batch} + u_) * {THREADS} + tx_",
+              f"r_ = ix_ // {cv}", f"c_ = ix_ % {cv} * {VL}")
+
+        with w.block(f"for bt_ in range({nit // batch}):"):
+            with w.block(f"for u_ in T.unroll({batch}):"):
+                index()
+                prelude()
+                with w.block(f"if {f'ix_ < {total} and ' if guard else ''}{cond}:"):
+                    for k, (reg, ref) in enumerate(zip(regs, sources())):
+                        # a 4-word view at the element (int64 offsets give no vector loads)
+                        w(f"pv{k}_ = T.address_of({ref})",
+                          f'pw{k}_ = T.decl_buffer((4,), "uint32", data=pv{k}_)')
+                        with w.block("for v_ in T.vectorized(4):"):
+                            w(f"{reg}[u_ * 4 + v_] = pw{k}_[v_]")
+                with w.block("else:"):
+                    for reg in regs:
+                        with w.block("for v_ in T.vectorized(4):"):
+                            w(f"{reg}[u_ * 4 + v_] = T.uint32(0)")
+            with w.block(f"for u_ in T.unroll({batch}):"):
+                index()
+                if guard:
+                    w.lines.append("    " * w.depth + f"if ix_ < {total}:")
+                    w.depth += 1
+                for reg, (buf, off) in zip(regs, targets):
+                    with w.block("for v_ in T.vectorized(4):"):
+                        w(f"{buf}[({off}) // {ew} + v_] = {reg}[u_ * 4 + v_]")
+                if guard:
+                    w.depth -= 1
+
+    def plain_operand(self, which: str) -> str | None:
+        """The element reference (at t_, n_) of the input that the recurrence's `which`
+        (key/query) reads as is, when it is stored in the operand type with n innermost (its
+        rows are whole 16-byte vectors when VL divides N); else None."""
+        import sympy as sp
+        if self.t.VL == 1:
+            return None
+        expr = getattr(self.program.recurrence, which).expr
+        if not isinstance(expr, sp.Symbol):
+            return None
+        for inp, dt in zip(self.program.inputs, self.spec.input_dtypes):
+            if inp.name == expr.name and dt == self.t.OT and inp.axes and inp.axes[-1] == "n":
+                idx = self.index("t_", n="n_")
+                return f"{self.buf(inp.name)}[{', '.join(idx[a] for a in inp.axes)}]"
+        return None
 
     def seq_bounds(self):
         """b_, t0_, t1_, L_ of sequence s_ (int64)."""
@@ -589,6 +667,10 @@ class _ChunkedCuda(Emitter):
                     self.shared("sld", (Q,), "float32")
                     self.shared("slc", (Q,), "float32")
                     self.local("run_", 1, "float32")
+                if t.VL > 1:
+                    ew = 4 // t.esz
+                    self.words("wd_sC", "sC", f"{Q * (KC + t.pad) // ew}", shared=True)
+                    self.words("wd_sK", "sK", f"{max(Q, BP) * (KC + t.pad) // ew}", shared=True)
                 self.local("accG", mtw * ntg * 4, "float32")
                 self.local("accY", mtw * nty * 4, "float32")
                 self.frag_locals(mtw)
@@ -602,6 +684,19 @@ class _ChunkedCuda(Emitter):
                     self.load_value_t(direction, BP, "pb_")
 
                     def load_query(with_key: bool):
+                        plain = [self.plain_operand("query")] + \
+                            ([self.plain_operand("key")] if with_key else [])
+                        if all(plain):
+                            def sources():
+                                w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
+                                return plain
+                            row = f"r_ * {KC + t.pad} + c_"
+                            self.coop_vec(Q, KC, lambda: w(f"n_ = kc_ * {i64(KC)} + {L('c_')}"),
+                                          f"{L('r_')} < cl_ and n_ < {i64(s.N)}", sources,
+                                          [("wd_sC", row)] +
+                                          ([("wd_sK", row)] if with_key else []))
+                            return
+
                         def values():
                             w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
                             idx = self.index("t_", n="n_")
@@ -639,13 +734,19 @@ class _ChunkedCuda(Emitter):
                         if nkc > 1:
                             load_query(False)
 
-                        ws_v = "ws[slot_, h_, p_, n_]"
-                        if t.OT != self.acc:
-                            ws_v = f'T.Cast("{self.acc}", {ws_v})'
-                        self.coop(BP, KC, lambda: w(f"n_ = kc_ * {i64(KC)} + {L('c_')}",
-                                                    f"p_ = pb_ * {i64(BP)} + {L('r_')}"),
-                                  f"n_ < {i64(s.N)} and p_ < {i64(s.P)}", lambda: [ws_v],
-                                  ["sK[r_, c_]"])
+                        def ws_at():
+                            w(f"n_ = kc_ * {i64(KC)} + {L('c_')}",
+                              f"p_ = pb_ * {i64(BP)} + {L('r_')}")
+                        if t.VL > 1:
+                            self.coop_vec(BP, KC, ws_at, f"n_ < {i64(s.N)} and p_ < {i64(s.P)}",
+                                          lambda: ["ws[slot_, h_, p_, n_]"],
+                                          [("wd_sK", f"r_ * {KC + t.pad} + c_")])
+                        else:
+                            ws_v = "ws[slot_, h_, p_, n_]"
+                            if t.OT != self.acc:
+                                ws_v = f'T.Cast("{self.acc}", {ws_v})'
+                            self.coop(BP, KC, ws_at, f"n_ < {i64(s.N)} and p_ < {i64(s.P)}",
+                                      lambda: [ws_v], ["sK[r_, c_]"])
                         self.sync()
                         self.mm("accY", mtw, nty, lambda r, k: f"sC[{r}, {k}]",
                                 lambda c, k: f"sK[{c}, {k}]", KC)
