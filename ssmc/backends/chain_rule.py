@@ -158,16 +158,27 @@ class ChainRule:
         """Whether the epilogue's derivatives need y (recomputed by the backend)."""
         return self.exprs.needs_y
 
+    def row_dy(self) -> sp.Expr | None:
+        """dy = GOUT * dE/dy as a row expression (see `row_terms`), or None where dE/dy reads
+        an input off the (b, t, h, p) rows."""
+        axes = {i.name: set(i.axes) for i in self.program.inputs}
+        expr = GOUT * self.exprs.epilogue_dy
+        used = [s.name for s in expr.free_symbols if s.name in axes]
+        return expr if all(axes[u] <= ROW_AXES for u in used) else None
+
     def epilogue(self, tensors: dict, sizes: dict, y, grad_out: torch.Tensor,
-                 cdt: torch.dtype):
+                 cdt: torch.dtype, want_dy: bool = True):
         """(env, g_out, dy): the canonical inputs (and y) in the compute type `cdt`, grad_out
-        as (b, t, h, 1, p), and dy = grad_out * dE/dy as a contiguous (b, t, h, p) tensor.
-        `y` is (b, t, h, p) summed over directions, or None when not `needs_y`."""
+        as (b, t, h, 1, p), and dy = grad_out * dE/dy as a contiguous (b, t, h, p) tensor
+        (None without `want_dy`: the backend computed it). `y` is (b, t, h, p) summed over
+        directions, or None when not `needs_y`."""
         B, T, H, P = (sizes[a] for a in "bthp")
         env = CanonicalInputs(self.program, tensors, sizes, cdt)
         if y is not None:
             env[Y.name] = y.unsqueeze(3)
         g_out = grad_out.to(cdt).unsqueeze(3)                     # (b, t, h, 1, p)
+        if not want_dy:
+            return env, g_out, None
         (dEdy,) = evaluate_all([self.exprs.epilogue_dy], env, g_out)
         dy = (g_out * dEdy).expand(B, T, H, 1, P).squeeze(3).contiguous()
         return env, g_out, dy

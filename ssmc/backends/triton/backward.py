@@ -69,7 +69,9 @@ def make_backward(backend, plan: Plan):
         else:
             saved, y = chunked_bwd.forward_pass(module, bplan, tensors, sizes,
                                                 initial_state, cu_seqlens, want_y)
-        env, g_out, dy = rule.epilogue(tensors, sizes, y, grad_out, cdt)
+        dy = chain_rows.epilogue_dy(backend, plan, rule, tensors, sizes, y, grad_out)
+        env, g_out, dy_host = rule.epilogue(tensors, sizes, y, grad_out, cdt, dy is None)
+        dy = dy_host if dy is None else dy
         if use_scan:
             per_dir = scan_bwd.backward_pass(module, bplan, tensors, sizes, saved, dy,
                                              grad_final, cu_seqlens)

@@ -26,8 +26,11 @@ TILE = Tile([("t", "offs_t", "mask_t"), ("p", "offs_p", "mask_p")],
 BT = 32
 
 
-def render(plan: Plan, terms: dict[str, sp.Expr]) -> str:
+def render(plan: Plan, terms: dict[str, sp.Expr], axes_of: dict[str, set] | None = None) -> str:
+    """One kernel evaluating `terms` (name -> row expression); each is stored summed over the
+    axes among t and p that `axes_of[name]` (default: the input's own axes) lacks."""
     prog = plan.program
+    axes_of = axes_of or {name: set(prog.input(name).axes) for name in terms}
     ct = compute_type(plan)
     body = Emitter(indent=1)
     ctx = Context(prog, TILE, body, "r", ct)
@@ -45,7 +48,7 @@ def render(plan: Plan, terms: dict[str, sp.Expr]) -> str:
         ctx.loaded[GOUT.name] = "go_r"
     outs = []
     for k, (name, expr) in enumerate(terms.items()):
-        axes = set(prog.input(name).axes)
+        axes = axes_of[name]
         v = ctx.value(expr, f"g{k}")
         body(f"{v} = tl.where(rmask, {v}, 0.0)")
         if "p" not in axes:
@@ -82,33 +85,53 @@ def ssmc_chain_rows(
 """
 
 
-def row_parts(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, y, grad_out,
-              op_grads: dict) -> dict[str, torch.Tensor]:
-    """input name -> its row terms as a canonical (b, t or t-blocks, h, 1, p or 1) tensor."""
-    terms = rule.row_terms()
-    if not terms or "value" not in op_grads and any(DV in e.free_symbols
-                                                     for e in terms.values()):
-        return {}
+def _launch(backend, plan: Plan, key: str, terms: dict, axes_of: dict, tensors: dict,
+            sizes: dict, y, dv, grad_out) -> dict[str, torch.Tensor]:
+    """Render (cached under `key`), allocate each term's canonical output and launch."""
     prog = plan.program
-    module = backend.load_generated(plan.cache_key(backend.cache_tag()) + "_rows",
-                                    lambda: render(plan, terms))
+    module = backend.load_generated(plan.cache_key(backend.cache_tag()) + key,
+                                    lambda: render(plan, terms, axes_of))
     B, T, H, G, P = (sizes[a] for a in "bthgp")
     cdt = compute_dtype(plan)
     device = grad_out.device
     ntb = triton.cdiv(T, BT)
     dummy = torch.zeros(1, dtype=cdt, device=device)
-    dv = op_grads["value"].reshape(B, T, H, P).contiguous() if "value" in op_grads else dummy
     out = {}
     for name in terms:
-        axes = prog.input(name).axes
+        axes = axes_of[name]
         shape = (B, T if "t" in axes else ntb, H, 1, P if "p" in axes else 1)
         out[name] = torch.empty(shape, dtype=cdt, device=device)
-    if B * T > 0:
-        module.ssmc_chain_rows[(B, ntb, H)](
-            *input_args(prog, tensors), dummy if y is None else y.contiguous(), dv, grad_out,
-            *grad_out.stride(), *out.values(), T, H, P, H // G, ntb, BT=BT,
-            BP=max(next_pow2(P), 16))
-    else:
-        for v in out.values():
-            v.zero_()
+    if B * T * H == 0:
+        return {k: v.zero_() for k, v in out.items()}
+    module.ssmc_chain_rows[(B, ntb, H)](
+        *input_args(prog, tensors), dummy if y is None else y.contiguous(),
+        dummy if dv is None else dv, grad_out, *grad_out.stride(), *out.values(),
+        T, H, P, H // G, ntb, BT=BT, BP=max(next_pow2(P), 16))
     return out
+
+
+def epilogue_dy(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, y,
+                grad_out) -> torch.Tensor | None:
+    """dy = grad_out * dE/dy as a contiguous (b, t, h, p) tensor in the compute type, or None
+    where dE/dy reads inputs off the rows (the host computes it then)."""
+    expr = rule.row_dy()
+    if expr is None:
+        return None
+    out = _launch(backend, plan, "_dy", {"dy": expr}, {"dy": set("bthp")}, tensors, sizes, y,
+                  None, grad_out)
+    B, T, H, P = (sizes[a] for a in "bthp")
+    return out["dy"].view(B, T, H, P)
+
+
+def row_parts(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, y, grad_out,
+              op_grads: dict) -> dict[str, torch.Tensor]:
+    """input name -> its row terms as a canonical (b, t or t-blocks, h, 1, p or 1) tensor."""
+    terms = rule.row_terms()
+    if not terms:
+        return {}
+    B, T, H, P = (sizes[a] for a in "bthp")
+    dv = op_grads["value"].reshape(B, T, H, P).contiguous() if "value" in op_grads else None
+    if dv is None and any(DV in e.free_symbols for e in terms.values()):
+        return {}
+    axes_of = {name: set(plan.program.input(name).axes) for name in terms}
+    return _launch(backend, plan, "_rows", terms, axes_of, tensors, sizes, y, dv, grad_out)
