@@ -49,6 +49,18 @@ class CanonicalInputs(dict):
         return value
 
 
+class _LazyGradOut:
+    """grad_out as a canonical (b, t, h, 1, p) tensor in the compute type, converted only if
+    a host-side term needs it."""
+
+    def __init__(self, grad_out: torch.Tensor, cdt: torch.dtype):
+        self.grad_out, self.cdt = grad_out, cdt
+        self.like = torch.zeros((), dtype=cdt, device=grad_out.device)
+
+    def tensor(self) -> torch.Tensor:
+        return self.grad_out.to(self.cdt).unsqueeze(3)
+
+
 class _Scope(dict):
     """Local names (common subexpressions) over a shared environment."""
 
@@ -176,9 +188,9 @@ class ChainRule:
         env = CanonicalInputs(self.program, tensors, sizes, cdt)
         if y is not None:
             env[Y.name] = y.unsqueeze(3)
+        if not want_dy:    # g_out made on first use: the backend may have taken all its terms
+            return env, _LazyGradOut(grad_out, cdt), None
         g_out = grad_out.to(cdt).unsqueeze(3)                     # (b, t, h, 1, p)
-        if not want_dy:
-            return env, g_out, None
         (dEdy,) = evaluate_all([self.exprs.epilogue_dy], env, g_out)
         dy = (g_out * dEdy).expand(B, T, H, 1, P).squeeze(3).contiguous()
         return env, g_out, dy
@@ -200,6 +212,8 @@ class ChainRule:
                     terms.append(op_grads[op])
                     factors.append(d[inp.name])
             if inp.name in exprs.epilogue and not done:
+                if isinstance(g_out, _LazyGradOut):
+                    g_out = g_out.tensor()
                 terms.append(g_out)
                 factors.append(exprs.epilogue[inp.name])
             if done:
@@ -213,7 +227,8 @@ class ChainRule:
             total = None
             # a factor of exactly 1 (key = B, say) passes its term on without a product
             scaled = [i for i, f in enumerate(factors) if f != 1]
-            values = dict(zip(scaled, evaluate_all([factors[i] for i in scaled], env, g_out)))
+            like = g_out.like if isinstance(g_out, _LazyGradOut) else g_out
+            values = dict(zip(scaled, evaluate_all([factors[i] for i in scaled], env, like)))
             for i, g in enumerate(terms):
                 part = reduce_to(g * values[i] if i in values else g, target)
                 total = part if total is None else total + part
