@@ -313,7 +313,11 @@ def render_chunk_kernel(plan: Plan) -> str:
     body("part = (pid_p.to(tl.int64) * B * T * H + row) * N + offs_n[None, :]")
     body("tl.store(ssmc_dq + part, dq, mask=nmask)")
     body("tl.store(ssmc_dk + part, dk, mask=nmask)")
-    body("tl.store(ssmc_w + part, query * dq - key * dk, mask=nmask)")
+    if o.mode == "key":
+        body("tl.store(ssmc_w + part, query * dq - key * dk, mask=nmask)")
+    elif o.mode == "row":   # a decay without n needs w summed over n only
+        body("tl.store(ssmc_w + pid_p.to(tl.int64) * B * T * H + (b_idx * T + t_row) * H"
+             " + h_idx, tl.sum(query * dq - key * dk, axis=1), mask=mask_t)")
     body("tl.store(ssmc_dv + row * P + offs_p[None, :], dv, "
          "mask=mask_t[:, None] & mask_p[None, :])")
     return f"""
@@ -494,7 +498,9 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         # every (b, t) row belongs to exactly one chunk: the kernel writes all of these
         dq = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
         dk = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
-        w = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
+        mode = _decay_mode(plan)
+        w = (torch.empty(NPB, B, T, H, *((N,) if mode == "key" else ()), dtype=cdt,
+                         device=device) if mode != "none" else dummy)
         dv = torch.empty(B, T, H, P, dtype=cdt, device=device)
         if n_chunks > 0:
             # a dozen (BT, BN|BP) tiles live at once: 8 warps keep them in registers on a GPU
@@ -507,9 +513,9 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
                  "key": (dk[0] if NPB == 1 else dk.sum(0)).unsqueeze(-1),
                  "value": dv.unsqueeze(3)}
         if has_decay:
-            # a decay without n needs only the sum of w over n: reduce before the running sums
-            w = w.sum((0, 4), keepdim=True)[0] if not per_key_decay(plan) else (
-                w[0] if NPB == 1 else w.sum(0))
+            w = w[0] if NPB == 1 else w.sum(0)
+            if mode == "row":       # summed over n in the kernel: (b, t, h) -> (b, t, h, 1)
+                w = w.unsqueeze(-1)
             dlog = _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, reverse)
             grads["log_decay"] = dlog.unsqueeze(-1)
         results.append((grads, dh0))
