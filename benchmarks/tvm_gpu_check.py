@@ -18,6 +18,11 @@ Two steps, on two machines:
    Chunked SSD exports at the benchmark specialisation are also timed at b=8 t=4096, next to
    the Triton backend's chunked forward on the same inputs (when triton is importable; with
    SSMC_AUTOTUNE=off, Triton runs its default tiles), printing the ratio TVM/Triton.
+   With --profile, a few launches of each of those (TVM and Triton) also run under
+   torch.profiler (CUDA activity), printing the CUDA time per kernel (name, calls, total and
+   average us; the chunked TVM kernels in launch order: chunk pass, sequential pass, output
+   pass per direction). --only NAME... restricts the checks to exports whose directory name
+   contains one of the given strings (e.g. the bench exports only: --only bench).
    Exits non-zero when an error exceeds its tolerance (fp32 1e-4 relative to max|ref|, bf16
    2e-2; GPU exp/log differ from the CPU's in the last bits, and t is long).
 """
@@ -39,6 +44,11 @@ if not hasattr(torch.Tensor, "__dlpack_c_exchange_api__"):
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TOL = {"float32": 1e-4, "float64": 1e-6, "bfloat16": 2e-2, "float16": 1e-2}
+#: set by main(): run the bench launches under torch.profiler too
+PROFILE = False
+PROFILE_LAUNCHES = 3
+#: set by main(): one reference case per export
+QUICK = False
 
 
 def gla_bidirectional():
@@ -147,7 +157,7 @@ def check(directory: Path) -> bool:
     program = parse_program(m["program"])
     gen = torch.Generator().manual_seed(0)
     ok = True
-    cases = [dict(b=2, t=257), dict(b=1, t=2048)]
+    cases = [dict(b=2, t=300)] if QUICK else [dict(b=2, t=257), dict(b=1, t=2048)]
     for case in cases:
         sizes = dict(case, **m["sizes"])
         kw, cu = {}, None
@@ -221,6 +231,53 @@ def cuda_median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return times[len(times) // 2]
 
 
+def chunked_roles(m) -> list[str]:
+    """The chunked CUDA lowering's kernels in launch order (chunked_cuda.render_chunked_cuda)."""
+    roles = ["slot map reset", "slot map fill"] if m.get("varlen") else []
+    for d in m.get("directions", ["forward"]):
+        roles += [f"chunk pass ({d})", f"sequential pass ({d})", f"output pass ({d})"]
+    return roles
+
+
+def profile_kernels(fn, label: str, roles: list[str] | None = None, prefix: str = "",
+                    launches: int = PROFILE_LAUNCHES):
+    """Run fn() `launches` times under torch.profiler and print every kernel's time: name,
+    calls, total and average us (CUDA activity; CPU activity where there is no GPU, only to
+    test this code). `roles` names the kernels whose name starts with `prefix`, in the order
+    of their first launch."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(launches):
+            fn()
+        sync()
+    per, order = {}, []
+    for e in prof.events():
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name
+        us = e.time_range.elapsed_us()
+        if name not in per:
+            per[name] = [0, 0.0, e.time_range.start]
+            order.append(name)
+        per[name][0] += 1
+        per[name][1] += us
+    order.sort(key=lambda k: per[k][2])
+    total = sum(v[1] for v in per.values())
+    print(f"  profile {label}: {launches} launches, {total / launches:.1f} us a launch "
+          f"({'CUDA' if cuda else 'CPU'} activity)")
+    print(f"    {'kernel':<48} {'calls':>5} {'total us':>10} {'avg us':>9} {'share':>8}  role")
+    named = iter(roles or [])
+    for name in order:
+        calls, us, _ = per[name]
+        role = next(named, "") if roles and name.startswith(prefix) else ""
+        short = name if len(name) <= 48 else name[:45] + "..."
+        print(f"    {short:<48} {calls:>5} {us:>10.1f} {us / calls:>9.1f} "
+              f"{100 * us / max(total, 1e-9):>7.1f}%  {role}")
+
+
 def bench_vs_triton(kernel, m, gen):
     """The benchmark shape (BENCH): the TVM export's time, and the Triton backend's chunked
     forward on the same inputs when triton is importable (its result is compared too)."""
@@ -230,6 +287,9 @@ def bench_vs_triton(kernel, m, gen):
     t_tvm = cuda_median_ms(lambda: kernel(*args))
     print(f"  bench {m['dtype']} b={sizes['b']} t={sizes['t']} h={sizes['h']} n={sizes['n']} "
           f"p={sizes['p']}: TVM chunked {t_tvm:.3f} ms")
+    if PROFILE:
+        profile_kernels(lambda: kernel(*args), f"TVM {m['dtype']}", chunked_roles(m),
+                        m["function"])
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -249,6 +309,12 @@ def bench_vs_triton(kernel, m, gen):
                  ref.double().abs().max().clamp_min(1e-30))
     print(f"       Triton chunked {t_tri:.3f} ms; TVM/Triton = {t_tvm / t_tri:.2f}x "
           f"(rel max diff between them {diff:.2e})")
+    if PROFILE and m["dtype"] not in TRITON_PROFILED:
+        TRITON_PROFILED.add(m["dtype"])
+        profile_kernels(run_triton, f"Triton {m['dtype']}")
+
+
+TRITON_PROFILED: set = set()
 
 
 def main(argv=None):
@@ -258,11 +324,22 @@ def main(argv=None):
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--target", default="cuda", choices=("cuda", "llvm"),
                     help="with --make: llvm writes CPU exports (to test this script without a GPU)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the bench-shape launches per kernel (torch.profiler)")
+    ap.add_argument("--only", nargs="+", metavar="NAME",
+                    help="check only exports whose directory name contains one of these")
+    ap.add_argument("--quick", action="store_true",
+                    help="one reference case per export (b=2 t=300: 5 chunks, the last one "
+                         "partial) instead of two")
     a = ap.parse_args(argv)
+    global PROFILE, QUICK
+    PROFILE, QUICK = a.profile, a.quick
     if a.make:
         make(a.make, a.arch, a.target)
         return 0
     dirs = [d for d in a.dirs if (d / "manifest.json").exists()]
+    if a.only:
+        dirs = [d for d in dirs if any(o in d.name for o in a.only)]
     targets = {json.loads((d / "manifest.json").read_text())["target"] for d in dirs}
     if "cuda" in targets and not torch.cuda.is_available():
         print("no CUDA device: run this on the GPU machine", file=sys.stderr)
