@@ -20,8 +20,9 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.fl
 
 def pytest_addoption(parser):
     parser.addoption("--fuzz-count", type=int, default=None,
-                     help="examples per differential fuzz test of the Triton backend "
-                          "(tests/backends/triton/test_fuzz.py; default: a few dozen)")
+                     help="examples of the Triton backend's differential fuzz test in all, "
+                          "split over its shards (tests/backends/triton/test_fuzz.py; "
+                          "default: DEFAULT_EXAMPLES there)")
 
 
 def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:

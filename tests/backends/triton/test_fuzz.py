@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
 
 import ssmc
@@ -33,7 +33,9 @@ from ssmc.passes import legal_lowerings
 from ssmc.plan import Plan
 from ssmc.reference import evaluate
 
-DEFAULT_EXAMPLES = 30
+#: examples in CI (about a second each under the interpreter), split over SHARDS tests
+DEFAULT_EXAMPLES = 200
+SHARDS = 4
 #: relative L2 bounds. Random expressions compose up to three nonlinear layers (each a few fp32
 #: roundings, tanh as 2 sigmoid(2x) - 1) and the chunked/quadratic lowerings reassociate sums of
 #: up to t terms, so fp32 gets 2e-5 rather than test_scan's 1e-5; bf16 rounds the output once.
@@ -275,9 +277,15 @@ def run_call(defn, call, lowering, check):
     check(defn, inputs, lowering=lowering, tol=FUZZ_TOL[dtype], **kwargs)
 
 
-def test_fuzz_triton_against_reference(pytestconfig, triton_check):
-    examples = pytestconfig.getoption("--fuzz-count") or DEFAULT_EXAMPLES
+@pytest.mark.parametrize("shard", range(SHARDS))
+def test_fuzz_triton_against_reference(pytestconfig, triton_check, shard):
+    """`--fuzz-count` (default DEFAULT_EXAMPLES) examples in all, split over SHARDS tests so
+    that parallel workers share them; each shard draws its own (with --hypothesis-seed S,
+    shard k uses seed S * SHARDS + k)."""
+    total = pytestconfig.getoption("--fuzz-count") or DEFAULT_EXAMPLES
+    examples = max(1, -(-total // SHARDS))
     checked = {"lowerings": set(), "calls": 0}
+    base_seed = pytestconfig.getoption("hypothesis_seed", None)
 
     @settings(max_examples=examples, deadline=None, derandomize=False, print_blob=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -293,6 +301,8 @@ def test_fuzz_triton_against_reference(pytestconfig, triton_check):
                 checked["lowerings"].add(lowering)
                 checked["calls"] += 1
 
+    if base_seed is not None:
+        run = seed(int(base_seed) * SHARDS + shard)(run)
     run()
     assert checked["calls"] > 0 and "scan" in checked["lowerings"]
 
