@@ -81,6 +81,16 @@ def ssd_bidirectional():
 BENCH = dict(b=8, t=4096, h=80, p=64, n=128, g=1)
 
 
+#: plan.tile of the bf16 output-pass variants exported at the bench shape (chunked_cuda.Tiles:
+#: GF packed G fragments, EP staged epilogue, VS value tile over the key tile, KC key-dim
+#: slice, LB load batch, MB __launch_bounds__ min blocks per SM of the output pass)
+BF16_VARIANTS = {
+    "gf_ep": {"GF": 1, "EP": 1},
+    "kc64_occ7": {"GF": 1, "EP": 1, "KC": 64, "LB": 8, "MB": 7},
+    "vs_occ6": {"GF": 1, "EP": 1, "VS": 1, "LB": 4, "MB": 6},
+}
+
+
 def make(out_root: Path, arch: str, target: str = "cuda"):
     from ssmc.ops.selective_scan import build as ss_build
     from ssmc.backends.tvm.export import export
@@ -105,9 +115,19 @@ def make(out_root: Path, arch: str, target: str = "cuda"):
         jobs += [
             ("chunked_ssd_mamba2_bf16", mamba2, bench, dict(dtype="bfloat16", lowering="chunked")),
             ("chunked_ssd_mamba2_fp32", mamba2, bench, dict(lowering="chunked")),
-            # the same bf16 kernel with scalar instead of 16-byte operand copies (tile VL=0)
-            ("chunked_ssd_mamba2_bf16_scalar_copies", mamba2, bench,
-             dict(dtype="bfloat16", lowering="chunked", tile={"VL": 0})),
+            # output-pass variants of the bf16 kernel (plan.tile, see chunked_cuda.Tiles), all
+            # timed at the bench shape: G packed into bf16 fragments and the epilogue staged
+            # through shared memory (coalesced over p) ...
+            ("chunked_ssd_mamba2_bf16_gf_ep", mamba2, bench,
+             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["gf_ep"])),
+            # ... + key-dim slices of 64 (28 KB shared), 8-element load batches, registers
+            # capped for 7 blocks an SM
+            ("chunked_ssd_mamba2_bf16_kc64_occ7", mamba2, bench,
+             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["kc64_occ7"])),
+            # ... + the value tile over the key tile (35 KB shared), 4-element load batches,
+            # registers capped for 6 blocks an SM
+            ("chunked_ssd_mamba2_bf16_vs_occ6", mamba2, bench,
+             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["vs_occ6"])),
             ("chunked_ssd_mamba2_bf16_states_varlen", mamba2, dict(h=8, g=2, n=128, p=64),
              dict(dtype="bfloat16", initial_state=True, return_final_state=True, varlen=True,
                   lowering="chunked")),

@@ -173,11 +173,24 @@ def cuda_host_source(source: str, name: str, arch: str = "sm_90") -> str:
     together with the device code; the resulting library then needs no TVM runtime, only
     libtvm_ffi (STACK.md, path 2).
     """
+    import re
+
     import tvm
     func = tvm.script.from_source(source)
     mod = tvm.IRModule({name: func})
     lib = tvm.tirx.build(mod, target=cuda_target(arch))
-    return tvm.backend.cuda.export_cuda_host(lib)
+    cu = tvm.backend.cuda.export_cuda_host(lib)
+    # a lowering may ask for a minimum of resident blocks per SM of some kernels (ptxas then
+    # caps their registers): a comment line "# ssmc.cuda_min_blocks_per_sm = K @ i,j" in the
+    # TVMScript text, i, j the kernels' order in the function (TVM names them name_kernel,
+    # name_kernel_1, ...)
+    mark = re.search(r"^\s*# ssmc\.cuda_min_blocks_per_sm = (\d+) @ ([\d,]+)$", source, re.M)
+    if mark and int(mark.group(1)) > 0:
+        for k in mark.group(2).split(","):
+            kname = f"{name}_kernel" + (f"_{k}" if int(k) else "")
+            cu = re.sub(rf"__launch_bounds__\((\d+)\) {kname}\(",
+                        rf"__launch_bounds__(\1, {mark.group(1)}) {kname}(", cu)
+    return cu
 
 
 def tvm_ffi_paths() -> tuple[str, str]:

@@ -79,6 +79,12 @@ class Tiles:
     BPS: int    # value channels per chunk-pass block
     NB: int     # key-dim rows per chunk-pass block
     VL: int = 1  # elements per vectorised (16-byte) copy of plain operands to shared memory
+    # output-pass variants (plan.tile pins, 0/1; see out_pass):
+    GF: int = 0  # G packed into operand-type fragments before the state product (registers)
+    EP: int = 0  # epilogue staged through shared memory: coalesced loads/stores over p
+    VS: int = 0  # the value tile over sK (loaded after the state product): less shared memory
+    MB: int = 0  # __launch_bounds__ minimum blocks per SM of every kernel (caps registers)
+    LB: int = BATCH  # tile elements a thread loads before storing them (16-byte copies: LB / 4)
 
     @property
     def pad(self) -> int:
@@ -89,8 +95,9 @@ class Tiles:
         return 2 if self.mma else 4
 
 
-def _out_smem(Q, KC, BP, mma, pad, esz) -> int:
-    b = (Q * (KC + pad) + max(Q, BP) * (KC + pad) + BP * (Q + pad)) * esz + 2 * Q * 4
+def _out_smem(Q, KC, BP, mma, pad, esz, vs=False) -> int:
+    vt = 0 if vs and BP * (Q + pad) <= max(Q, BP) * (KC + pad) else BP * (Q + pad)
+    b = (Q * (KC + pad) + max(Q, BP) * (KC + pad) + vt) * esz + 2 * Q * 4
     if not mma:
         b += Q * (Q + 1) * 4  # G goes through shared memory on the fp32 path
     return b
@@ -126,7 +133,7 @@ def tiles(plan: Plan, N: int, P: int) -> Tiles | str:
         if key in pin:
             options[:] = [pin[key]]
     out = next(((bp, kc) for bp in bps for kc in kcs
-                if _out_smem(Q, kc, bp, mma, pad, esz) <= SMEM), None)
+                if _out_smem(Q, kc, bp, mma, pad, esz, bool(pin.get("VS"))) <= SMEM), None)
     state = next(((bp, nb) for bp in bpss for nb in nbs
                   if _state_smem(Q, nb, bp, pad, esz) <= SMEM), None)
     if out is None or state is None:
@@ -136,8 +143,14 @@ def tiles(plan: Plan, N: int, P: int) -> Tiles | str:
     vl = 16 // esz
     if not mma or not pin.get("VL", 1) or N % vl:
         vl = 1
+    flags = {k: int(bool(pin.get(k, 0))) for k in ("GF", "EP", "VS")}
+    flags["GF"] &= int(mma)
+    # the value tile fits over the key tile
+    flags["VS"] &= int(out[0] * (Q + pad) <= max(Q, out[0]) * (out[1] + pad))
+    flags["MB"] = max(0, min(16, int(pin.get("MB", 0))))
+    flags["LB"] = max(1, min(BATCH, int(pin.get("LB", BATCH))))
     return Tiles(Q=Q, NP=NP, mma=mma, OT=OT, BP=out[0], KC=out[1], BPS=state[0], NB=state[1],
-                 VL=vl)
+                 VL=vl, **flags)
 
 
 def unsupported(plan: Plan, N: int | None = None, P: int | None = None) -> str | None:
@@ -233,7 +246,7 @@ class _ChunkedCuda(Emitter):
         `cond` and returns the expressions (in the accumulation type)."""
         w, total = self.w, rows * cols
         nit = -(-total // THREADS)
-        batch = max(b for b in range(1, min(nit, BATCH) + 1) if nit % b == 0)
+        batch = max(b for b in range(1, min(nit, self.t.LB) + 1) if nit % b == 0)
         guard = total % THREADS != 0
         regs = [f"lv{k}_" for k in range(len(targets))]
 
@@ -262,11 +275,15 @@ class _ChunkedCuda(Emitter):
                     w.depth -= 1
 
     def coop_regs(self):
-        self.local("lv0_", BATCH, "float32")
-        self.local("lv1_", BATCH, "float32")
+        self.local("lv0_", self.t.LB, "float32")
+        self.local("lv1_", self.t.LB, "float32")
         if self.t.VL > 1:
-            self.local("vv0_", VBATCH * 4, "uint32")
-            self.local("vv1_", VBATCH * 4, "uint32")
+            self.local("vv0_", self.vbatch * 4, "uint32")
+            self.local("vv1_", self.vbatch * 4, "uint32")
+
+    @property
+    def vbatch(self) -> int:
+        return max(1, self.t.LB * VBATCH // BATCH)
 
     def words(self, name: str, buf: str, size: str, shared: bool = False):
         """`name`: buffer `buf` seen as flat 32-bit words (raw 16-byte copies: TVM's CUDA
@@ -285,7 +302,7 @@ class _ChunkedCuda(Emitter):
         cv = cols // VL
         total = rows * cv
         nit = -(-total // THREADS)
-        batch = max(b for b in range(1, min(nit, VBATCH) + 1) if nit % b == 0)
+        batch = max(b for b in range(1, min(nit, self.vbatch) + 1) if nit % b == 0)
         guard = total % THREADS != 0
         regs = [f"vv{k}_" for k in range(len(targets))]
 
@@ -441,6 +458,39 @@ class _ChunkedCuda(Emitter):
                             with w.block("for c_ in T.unroll(2):"):
                                 x = f"{acc}[(i_ * {nt} + j_) * 4 + r_ * 2 + c_]"
                                 w(f"{x} = {x} + af[i_ * 2 + r_] * bf[c_]")
+
+    @staticmethod
+    def ep_cols(Q: int, BP: int, nbytes: int) -> int:
+        """Channels a round of the staged epilogue: the largest multiple of 8 dividing BP whose
+        Q x (EPC + 4) fp32 tile fits in `nbytes`."""
+        return max(c for c in range(8, BP + 1, 8) if BP % c == 0 and Q * (c + 4) * 4 <= nbytes)
+
+    def staged_epilogue(self, d_index: int, direction, mtw: int, nty: int, epc: int):
+        """y through shared memory (sY over sC), EPC channels a round: the warps store their
+        accumulators, then consecutive threads take consecutive channels of a row, so that the
+        epilogue's loads (x, z, ...) and the output's stores are coalesced."""
+        w, s, t = self.w, self.spec, self.t
+        Q, BP = t.Q, t.BP
+        total = Q * epc
+        nit = -(-total // THREADS)
+        unroll = max(b for b in range(1, min(nit, 8) + 1) if nit % b == 0)
+        for rnd in range(BP // epc):
+            if rnd:
+                self.sync()  # the previous round's reads
+            depth = self.each_acc(mtw, nty)
+            with w.block(f"if {self.mtile_valid('i_')} and j_ // {epc // 8} == {rnd}:"):
+                w(f"sY[row_, col_ - {rnd * epc}] = accY[k_acc_]")
+            w.depth -= depth
+            self.sync()
+            with w.block(f"for it_ in range({nit // unroll}):"):
+                with w.block(f"for u_ in T.unroll({unroll}):"):
+                    w(f"ix_ = (it_ * {unroll} + u_) * {THREADS} + tx_",
+                      f"row_ = ix_ // {epc}", f"col_ = ix_ % {epc}",
+                      f"p_ = pb_ * {i64(BP)} + {i64(rnd * epc)} + {L('col_')}")
+                    guard = f"ix_ < {total} and " if total % THREADS else ""
+                    with w.block(f"if {guard}{L('row_')} < cl_ and p_ < {i64(s.P)}:"):
+                        w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('row_'))}")
+                        self.emit_y(d_index, "t_", "sY[row_, col_]")
 
     def mma_call(self, af: str, acc: str, offset: str) -> str:
         kind = MMA_DTYPES[self.t.OT]
@@ -660,7 +710,11 @@ class _ChunkedCuda(Emitter):
             with w.block(f'for tx_ in T.thread_binding({THREADS}, thread="threadIdx.x"):'):
                 self.shared("sC", (Q, KC + t.pad), t.OT)
                 self.shared("sK", (max(Q, BP), KC + t.pad), t.OT)
-                self.shared("sVt", (BP, Q + t.pad), t.OT)
+                if t.VS:
+                    w(f'sVt = T.decl_buffer(({BP}, {Q + t.pad}), "{t.OT}", data=sK.data, '
+                      'scope="shared")')
+                else:
+                    self.shared("sVt", (BP, Q + t.pad), t.OT)
                 if not t.mma:
                     self.shared("sG", (Q, Q + 1), "float32")
                 if self.has_decay:
@@ -674,6 +728,16 @@ class _ChunkedCuda(Emitter):
                 self.local("accG", mtw * ntg * 4, "float32")
                 self.local("accY", mtw * nty * 4, "float32")
                 self.frag_locals(mtw)
+                if t.GF:
+                    for i in range(mtw):
+                        for ks in range(Q // 16):
+                            self.local(f"gf{i}_{ks}", 8, t.OT)
+                if t.EP:
+                    # y staged in fp32 over sC (free after the state product), EPC channels
+                    # a round, rows padded by 4 words
+                    epc = self.ep_cols(Q, BP, Q * (KC + t.pad) * t.esz)
+                    w(f'sY = T.decl_buffer(({Q}, {epc + 4}), "float32", data=sC.data, '
+                      'scope="shared")')
                 self.coop_regs()
                 w(f"pb_ = bid_ % {i64(npb)}", f"h_ = bid_ // {i64(npb)} % {i64(s.H)}",
                   f"slot_ = bid_ // {i64(npb * s.H)}")
@@ -681,7 +745,8 @@ class _ChunkedCuda(Emitter):
                 with w.block("if cl_ > T.int64(0):"):
                     self.lanes()
                     self.log_decays(direction)
-                    self.load_value_t(direction, BP, "pb_")
+                    if not t.VS:
+                        self.load_value_t(direction, BP, "pb_")
 
                     def load_query(with_key: bool):
                         plain = [self.plain_operand("query")] + \
@@ -727,6 +792,15 @@ class _ChunkedCuda(Emitter):
                     if not t.mma:
                         w("sG[row_, col_] = accG[k_acc_]")
                     w.depth -= depth
+                    if t.GF:
+                        # G as the A operands of y += G @ value, in the operand type (half the
+                        # registers of the fp32 accumulators, which die here)
+                        for i in range(mtw):
+                            for ks in range(Q // 16):
+                                with w.block("for h2_ in T.unroll(2):"):
+                                    with w.block("for e_ in T.unroll(4):"):
+                                        w(f"gf{i}_{ks}[h2_ * 4 + e_] = " + self.cast_ot(
+                                            f"accG[({i} * {ntg} + {ks * 2} + h2_) * 4 + e_]"))
                     # y = exp(lc) * (query @ state_in)
                     with w.block(f"for u_ in T.unroll({mtw * nty * 4}):"):
                         w(f"accY[u_] = {self.zero}")
@@ -755,8 +829,24 @@ class _ChunkedCuda(Emitter):
                         depth = self.each_acc(mtw, nty)
                         w("accY[k_acc_] = accY[k_acc_] * T.exp(slc[row_])")
                         w.depth -= depth
+                    if t.VS:
+                        # the value tile into sK's space (free after the state product)
+                        self.load_value_t(direction, BP, "pb_")
+                        self.sync()
                     # y += G @ value
-                    if t.mma:
+                    if t.mma and t.GF:
+                        for ks in range(Q // 16):
+                            with w.block(f"for j_ in T.unroll({nty}):"):
+                                for h, dk in enumerate((0, 8)):
+                                    with w.block("for v_ in T.vectorized(2):"):
+                                        w(f"bf[{2 * h} + v_] = "
+                                          f"sVt[j_ * 8 + g_, {ks * 16 + dk} + tg_ * 2 + v_]")
+                                for i in range(mtw):
+                                    w(f"m0_ = {self.mtile(i)}")
+                                    with w.block(f"if {ks * 16} <= m0_:"):
+                                        w(self.mma_call(f"gf{i}_{ks}", "accY",
+                                                        f"({i} * {nty} + j_) * 4"))
+                    elif t.mma:
                         with w.block(f"for ks_ in T.unroll({Q // 16}):"):
                             for i in range(mtw):
                                 with w.block("for h2_ in T.unroll(2):"):
@@ -778,25 +868,43 @@ class _ChunkedCuda(Emitter):
                         self.mm("accY", mtw, nty, lambda r, k: f"sG[{r}, {k}]",
                                 lambda c, k: f"sVt[{c}, {k}]", Q)
                     # epilogue and store
-                    depth = self.each_acc(mtw, nty)
-                    w(f"p_ = pb_ * {i64(BP)} + {L('col_')}")
-                    with w.block(f"if {self.mtile_valid('i_')} and {L('row_')} < cl_ and "
-                                 f"p_ < {i64(s.P)}:"):
-                        w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('row_'))}")
-                        self.emit_y(d_index, "t_", "accY[k_acc_]")
-                    w.depth -= depth
+                    if t.EP:
+                        self.staged_epilogue(d_index, direction, mtw, nty, epc)
+                    else:
+                        depth = self.each_acc(mtw, nty)
+                        w(f"p_ = pb_ * {i64(BP)} + {L('col_')}")
+                        with w.block(f"if {self.mtile_valid('i_')} and {L('row_')} < cl_ and "
+                                     f"p_ < {i64(s.P)}:"):
+                            w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('row_'))}")
+                            self.emit_y(d_index, "t_", "accY[k_acc_]")
+                        w.depth -= depth
                 w.depth -= opened
+
+
+#: a comment line of the TVMScript text that build.cuda_host_source turns into the second
+#: argument of __launch_bounds__ of the kernels listed (by their order in the function; TIR
+#: has no attribute for it): "# ssmc.cuda_min_blocks_per_sm = K @ i,j"
+MIN_BLOCKS_MARK = "# ssmc.cuda_min_blocks_per_sm = "
 
 
 @register_lowering("chunked", target="cuda")
 def render_chunked_cuda(spec: KernelSpec) -> str:
     e = _ChunkedCuda(spec)
     e.header()
+    mark = len(e.w.lines)
+    kernels, out_kernels = 0, []
     if e.varlen:
         e.init_slots()
         e.map_slots()
+        kernels += 2
     for d_index, direction in enumerate(e.directions):
         e.chunk_pass(d_index, direction)
         e.seq_pass(d_index, direction)
         e.out_pass(d_index, direction)
+        out_kernels.append(kernels + 2)
+        kernels += 3
+    if e.t.MB:
+        # the output passes only (the others' registers stay uncapped)
+        e.w.lines.insert(mark, "    " + MIN_BLOCKS_MARK + f"{e.t.MB} @ " +
+                         ",".join(map(str, out_kernels)))
     return e.finish()
