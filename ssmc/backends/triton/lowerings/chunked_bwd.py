@@ -456,8 +456,10 @@ def _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, reverse):
     plus each chunk's end term."""
     lay = saved["layout"]
     chunk, lo, hi = _chunk_bounds(sizes, cu_seqlens, lay["m"]["BT"], reverse, lay, w.device)
-    w64 = w.double()
-    cs = torch.cat([torch.zeros_like(w64[:, :1]), w64.cumsum(1)], 1)   # cs[i] = sum_{<i}
+    # cs[:, i] = sum of w[:, :i]; the running sum runs over the innermost axis (CUDA scans a
+    # middle axis one thread per column, serially: 1.3 ms for (8, 4096, 80) on an H100)
+    w64 = w.double().movedim(1, -1).contiguous()
+    cs = torch.cat([torch.zeros_like(w64[..., :1]), w64.cumsum(-1)], -1).movedim(-1, 1)
     local = (cs[:, hi] - cs[:, lo]).to(w.dtype)
     dims = (-1,) if w.shape[-1] > 1 else (-2, -1)
     term = _chunk_end_term(dstates, saved["states"][i], saved["finals"][i], lay, sizes,
