@@ -34,12 +34,7 @@ GRAD_TOL = {("scan", torch.float32): 1e-5, ("chunked", torch.float32): 3e-5,
             ("quadratic", torch.float32): 3e-5, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kernel_cache_dir(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SSMC_CACHE_DIR", str(tmp_path_factory.mktemp("ssmc_cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("kernel_cache_per_module")
 
 
 def definition_for(name: str, direction: str):

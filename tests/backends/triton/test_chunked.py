@@ -35,12 +35,7 @@ LOWERING = "chunked"
 DIRECTIONS = ("forward", "reverse", "bidirectional")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kernel_cache_dir(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SSMC_CACHE_DIR", str(tmp_path_factory.mktemp("ssmc_cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("kernel_cache_per_module")
 
 
 def chunked():

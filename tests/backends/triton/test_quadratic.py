@@ -32,12 +32,7 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.fl
 KW = dict(backend="triton", lowering="quadratic", grad=False)  # forward-only lowering
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kernel_cache_dir(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SSMC_CACHE_DIR", str(tmp_path_factory.mktemp("ssmc_cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("kernel_cache_per_module")
 
 
 def quadratic():

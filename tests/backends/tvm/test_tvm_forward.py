@@ -37,12 +37,7 @@ LOWERINGS = ("scan", "chunked", "quadratic")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kernel_cache_dir(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SSMC_CACHE_DIR", str(tmp_path_factory.mktemp("ssmc_cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("kernel_cache_per_module")
 
 
 # ------------------------------------------------------------------------------ helpers
