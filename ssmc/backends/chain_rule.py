@@ -23,6 +23,8 @@ Everything is linear in t in memory; nothing loops over t in Python.
 """
 from __future__ import annotations
 
+import functools
+
 import sympy as sp
 import torch
 
@@ -147,21 +149,30 @@ class ChainRule:
         self.program = program
         self.exprs = derive_backward(program)
 
+    def _reads_rows_only(self, expr: sp.Expr) -> bool:
+        """Whether every input `expr` reads lives on (b, t, h, p) rows (no n, no groups)."""
+        axes = self._input_axes
+        return all(axes[s.name] <= ROW_AXES for s in expr.free_symbols if s.name in axes)
+
+    @functools.cached_property
+    def _input_axes(self) -> dict[str, set]:
+        return {i.name: set(i.axes) for i in self.program.inputs}
+
+    @functools.cached_property
     def row_terms(self) -> dict[str, sp.Expr]:
         """input name -> the sum of its terms that live on (b, t, h, p) rows, as one expression
         in DV (d value), GOUT (d output), y and inputs: the value operand's and the epilogue's.
         Only inputs whose axes and whose terms' inputs are all among b t h p (no n, no groups):
-        a backend may evaluate these in one fused kernel and pass them to `input_grads`."""
-        axes = {i.name: set(i.axes) for i in self.program.inputs}
+        a backend may evaluate these in one fused kernel and pass them to `input_grads`.
+        Derived once per program (it is asked on every backward call)."""
         out = {}
-        for name, ax in axes.items():
+        for name, ax in self._input_axes.items():
             expr = sp.Integer(0)
             if name in self.exprs.operands.get("value", {}):
                 expr += DV * self.exprs.operands["value"][name]
             if name in self.exprs.epilogue:
                 expr += GOUT * self.exprs.epilogue[name]
-            used = [s.name for s in expr.free_symbols if s.name in axes]
-            if expr != 0 and ax <= ROW_AXES and all(axes[u] <= ROW_AXES for u in used):
+            if expr != 0 and ax <= ROW_AXES and self._reads_rows_only(expr):
                 out[name] = expr
         return out
 
@@ -170,13 +181,12 @@ class ChainRule:
         """Whether the epilogue's derivatives need y (recomputed by the backend)."""
         return self.exprs.needs_y
 
+    @functools.cached_property
     def row_dy(self) -> sp.Expr | None:
         """dy = GOUT * dE/dy as a row expression (see `row_terms`), or None where dE/dy reads
         an input off the (b, t, h, p) rows."""
-        axes = {i.name: set(i.axes) for i in self.program.inputs}
         expr = GOUT * self.exprs.epilogue_dy
-        used = [s.name for s in expr.free_symbols if s.name in axes]
-        return expr if all(axes[u] <= ROW_AXES for u in used) else None
+        return expr if self._reads_rows_only(expr) else None
 
     def epilogue(self, tensors: dict, sizes: dict, y, grad_out: torch.Tensor,
                  cdt: torch.dtype, want_dy: bool = True):

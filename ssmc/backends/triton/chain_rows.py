@@ -114,7 +114,7 @@ def epilogue_dy(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict
                 grad_out) -> torch.Tensor | None:
     """dy = grad_out * dE/dy as a contiguous (b, t, h, p) tensor in the compute type, or None
     where dE/dy reads inputs off the rows (the host computes it then)."""
-    expr = rule.row_dy()
+    expr = rule.row_dy
     if expr is None:
         return None
     out = _launch(backend, plan, "_dy", {"dy": expr}, {"dy": set("bthp")}, tensors, sizes, y,
@@ -126,7 +126,7 @@ def epilogue_dy(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict
 def row_parts(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, y, grad_out,
               op_grads: dict) -> dict[str, torch.Tensor]:
     """input name -> its row terms as a canonical (b, t or t-blocks, h, 1, p or 1) tensor."""
-    terms = rule.row_terms()
+    terms = rule.row_terms
     if not terms:
         return {}
     B, T, H, P = (sizes[a] for a in "bthp")
