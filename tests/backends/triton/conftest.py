@@ -37,6 +37,34 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
     return err, float(diff.max())
 
 
+def gradient_problems(grads: dict, g_h0, ref_grads: dict, ref_h0, inputs: dict, state,
+                      tol: float) -> tuple[list[str], dict[str, float]]:
+    """Compare a kernel's backward with the reference's: every input's gradient (and the
+    initial state's, when `state` is given) must have the input's shape and dtype, be finite,
+    and be within `tol` relative L2 error (a missing reference gradient means zeros). Returns
+    (problems, relative errors by gradient name)."""
+    pairs = [(f"grad {k}", grads.get(k), ref_grads[k], inputs[k]) for k in inputs]
+    if state is not None:
+        pairs.append(("grad initial_state", g_h0, ref_h0, state))
+    problems, errors = [], {}
+    for name, got, want, like in pairs:
+        if want is None:
+            want = torch.zeros_like(like, dtype=torch.float64)
+        if got is None or tuple(got.shape) != tuple(like.shape) or got.dtype != like.dtype:
+            problems.append(f"{name}: got {None if got is None else (tuple(got.shape), got.dtype)}"
+                            f", expected {(tuple(like.shape), like.dtype)}")
+            continue
+        if not torch.isfinite(got).all():
+            problems.append(f"{name}: non-finite values")
+            continue
+        err, max_abs = rel_l2(got, want)
+        errors[name] = err
+        if not err <= tol:
+            problems.append(f"{name}: relative L2 error {err:.3e} > tol {tol:.1e} "
+                            f"(max abs error {max_abs:.3e})")
+    return problems, errors
+
+
 def check_triton(definition, inputs: dict, *, lowering: str = "scan", tol: float | None = None,
                  initial_state=None, return_final_state: bool = False, cu_seqlens=None,
                  label: str = "") -> dict[str, float]:

@@ -22,7 +22,7 @@ import torch
 from ssmc.backends import get_backend
 from ssmc.passes import legal_lowerings
 from ssmc.plan import Plan
-from tests.backends.triton.conftest import rel_l2
+from tests.backends.triton.conftest import gradient_problems
 from tests.backends.triton.test_scan import (BUILTINS, builtin, cu_seqlens, custom, inputs_for,
                                              shape_for, state_for)
 
@@ -82,25 +82,8 @@ def check_backward(defn, lowering: str, sizes: dict, *, dtype=torch.float32, h0=
                                  grad_out.double(), None if gF is None else gF.double())
     if tol is None:
         tol = GRAD_TOL.get(dtype) or GRAD_TOL[(lowering, dtype)]
-    pairs = [(f"grad {k}", grads.get(k), r_grads[k], inputs[k]) for k in inputs]
-    if h0:
-        pairs.append(("grad initial_state", g_h0, r_h0, state))
-    problems, errors = [], {}
-    for name, got, want, like in pairs:
-        if want is None:
-            want = torch.zeros_like(like, dtype=torch.float64)
-        if got is None or tuple(got.shape) != tuple(like.shape) or got.dtype != like.dtype:
-            problems.append(f"{name}: got {None if got is None else (tuple(got.shape), got.dtype)}"
-                            f", expected {(tuple(like.shape), like.dtype)}")
-            continue
-        if not torch.isfinite(got).all():
-            problems.append(f"{name}: non-finite values")
-            continue
-        err, max_abs = rel_l2(got, want)
-        errors[name] = err
-        if not err <= tol:
-            problems.append(f"{name}: relative L2 error {err:.3e} > tol {tol:.1e} "
-                            f"(max abs error {max_abs:.3e})")
+    problems, errors = gradient_problems(grads, g_h0, r_grads, r_h0, inputs,
+                                         state if h0 else None, tol)
     if problems:
         raise AssertionError(
             f"triton-{lowering} backward of {program.name} ({dtype}, {sizes}, h0={h0}, "

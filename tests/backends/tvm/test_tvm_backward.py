@@ -25,6 +25,7 @@ import ssmc
 from ssmc.backends import get_backend
 from ssmc.passes import legal_lowerings
 from ssmc.plan import Plan
+from tests.backends.triton.conftest import gradient_problems, rel_l2
 from tests.backends.triton.test_scan import (
     BUILTINS,
     builtin,
@@ -64,13 +65,6 @@ def _plan(defn, lowering, dtype, h0, gF, varlen):
                 has_initial_state=h0, return_final_state=gF, varlen=varlen)
 
 
-def rel_l2(actual, expected) -> float:
-    a, e = actual.detach().double(), expected.detach().double()
-    norm = float(e.norm())
-    diff = float((a - e).norm())
-    return diff / norm if norm > 0 else diff
-
-
 def check_backward(defn, sizes: dict, *, lowering="scan", dtype=torch.float32, h0=True,
                    grad_final=True, lengths=None, seed=0, tol=None):
     """Compare the TVM kernel's backward with the reference backend's (float64, same rounded
@@ -102,23 +96,8 @@ def check_backward(defn, sizes: dict, *, lowering="scan", dtype=torch.float32, h
                                  None if state is None else state.double(), cu,
                                  grad_out.double(), None if gF is None else gF.double())
     tol = TOL[dtype] if tol is None else tol
-    pairs = [(f"grad {k}", grads.get(k), r_grads[k], inputs[k]) for k in inputs]
-    if h0:
-        pairs.append(("grad initial_state", g_h0, r_h0, state))
-    problems = []
-    for name, got, want, like in pairs:
-        if want is None:
-            want = torch.zeros_like(like, dtype=torch.float64)
-        if got is None or tuple(got.shape) != tuple(like.shape) or got.dtype != like.dtype:
-            problems.append(f"{name}: got {None if got is None else (tuple(got.shape), got.dtype)}"
-                            f", expected {(tuple(like.shape), like.dtype)}")
-            continue
-        if not torch.isfinite(got).all():
-            problems.append(f"{name}: non-finite values")
-            continue
-        err = rel_l2(got, want)
-        if not err <= tol:
-            problems.append(f"{name}: relative L2 error {err:.3e} > tol {tol:.1e}")
+    problems, _ = gradient_problems(grads, g_h0, r_grads, r_h0, inputs,
+                                    state if h0 else None, tol)
     if problems:
         raise AssertionError(
             f"tvm-{lowering} backward of {program.name} ({dtype}, {sizes}, h0={h0}, "
@@ -289,4 +268,4 @@ def test_auto_backend_on_cpu_differentiates_with_tvm(monkeypatch):
     kernels = list(op._kernels.values())
     assert [type(k).__name__ for k in kernels] == ["TVMKernel"] and kernels[0]._bwd_functions
     for k in inputs:
-        assert rel_l2(leaves[k].grad, r_leaves[k].grad) <= 1e-10, k
+        assert rel_l2(leaves[k].grad, r_leaves[k].grad)[0] <= 1e-10, k
