@@ -244,33 +244,49 @@ class _ChunkedCuda(Emitter):
         each iteration waiting for its load: ~40 us per chunk in the state pass.)
         `prelude()` emits index bindings from r_, c_; `values()` emits the statements under
         `cond` and returns the expressions (in the accumulation type)."""
-        w, total = self.w, rows * cols
-        nit = -(-total // THREADS)
-        batch = max(b for b in range(1, min(nit, self.t.LB) + 1) if nit % b == 0)
-        guard = total % THREADS != 0
+        w = self.w
         regs = [f"lv{k}_" for k in range(len(targets))]
 
+        def load(in_range: str):
+            prelude()
+            with w.block(f"if {in_range}{cond}:"):
+                for reg, v in zip(regs, values()):
+                    w(f"{reg}[u_] = {v}")
+            with w.block("else:"):
+                for reg in regs:
+                    w(f"{reg}[u_] = {self.zero}")
+
+        def store():
+            for reg, tgt in zip(regs, targets):
+                w(f"{tgt} = {self.cast_ot(reg + '[u_]')}")
+
+        self._two_phase(rows * cols, self.t.LB, (f"r_ = ix_ // {cols}", f"c_ = ix_ % {cols}"),
+                        load, store)
+
+    def _two_phase(self, total: int, cap: int, position: tuple, load, store):
+        """The loop of the cooperative copies: `total` items spread over the block's threads,
+        in batches of up to `cap` a thread (a divisor of the thread's item count); per batch
+        all `load(in_range)` bodies first (independent, so they are in flight together; the
+        item is at u_ of the batch, `position` binds r_, c_ from ix_, and `in_range` prefixes
+        the load's condition where the last batch overhangs), then all `store()` bodies."""
+        w = self.w
+        nit = -(-total // THREADS)
+        batch = max(b for b in range(1, min(nit, cap) + 1) if nit % b == 0)
+        guard = total % THREADS != 0
+
         def index():
-            w(f"ix_ = (bt_ * {batch} + u_) * {THREADS} + tx_",
-              f"r_ = ix_ // {cols}", f"c_ = ix_ % {cols}")
+            w(f"ix_ = (bt_ * {batch} + u_) * {THREADS} + tx_", *position)
 
         with w.block(f"for bt_ in range({nit // batch}):"):
             with w.block(f"for u_ in T.unroll({batch}):"):
                 index()
-                prelude()
-                with w.block(f"if {f'ix_ < {total} and ' if guard else ''}{cond}:"):
-                    for reg, v in zip(regs, values()):
-                        w(f"{reg}[u_] = {v}")
-                with w.block("else:"):
-                    for reg in regs:
-                        w(f"{reg}[u_] = {self.zero}")
+                load(f"ix_ < {total} and " if guard else "")
             with w.block(f"for u_ in T.unroll({batch}):"):
                 index()
                 if guard:
                     w.lines.append("    " * w.depth + f"if ix_ < {total}:")
                     w.depth += 1
-                for reg, tgt in zip(regs, targets):
-                    w(f"{tgt} = {self.cast_ot(reg + '[u_]')}")
+                store()
                 if guard:
                     w.depth -= 1
 
@@ -300,41 +316,29 @@ class _ChunkedCuda(Emitter):
         w, VL = self.w, self.t.VL
         ew = 4 // self.t.esz
         cv = cols // VL
-        total = rows * cv
-        nit = -(-total // THREADS)
-        batch = max(b for b in range(1, min(nit, self.vbatch) + 1) if nit % b == 0)
-        guard = total % THREADS != 0
         regs = [f"vv{k}_" for k in range(len(targets))]
 
-        def index():
-            w(f"ix_ = (bt_ * {batch} + u_) * {THREADS} + tx_",
-              f"r_ = ix_ // {cv}", f"c_ = ix_ % {cv} * {VL}")
-
-        with w.block(f"for bt_ in range({nit // batch}):"):
-            with w.block(f"for u_ in T.unroll({batch}):"):
-                index()
-                prelude()
-                with w.block(f"if {f'ix_ < {total} and ' if guard else ''}{cond}:"):
-                    for k, (reg, ref) in enumerate(zip(regs, sources())):
-                        # a 4-word view at the element (int64 offsets give no vector loads)
-                        w(f"pv{k}_ = T.address_of({ref})",
-                          f'pw{k}_ = T.decl_buffer((4,), "uint32", data=pv{k}_)')
-                        with w.block("for v_ in T.vectorized(4):"):
-                            w(f"{reg}[u_ * 4 + v_] = pw{k}_[v_]")
-                with w.block("else:"):
-                    for reg in regs:
-                        with w.block("for v_ in T.vectorized(4):"):
-                            w(f"{reg}[u_ * 4 + v_] = T.uint32(0)")
-            with w.block(f"for u_ in T.unroll({batch}):"):
-                index()
-                if guard:
-                    w.lines.append("    " * w.depth + f"if ix_ < {total}:")
-                    w.depth += 1
-                for reg, (buf, off) in zip(regs, targets):
+        def load(in_range: str):
+            prelude()
+            with w.block(f"if {in_range}{cond}:"):
+                for k, (reg, ref) in enumerate(zip(regs, sources())):
+                    # a 4-word view at the element (int64 offsets give no vector loads)
+                    w(f"pv{k}_ = T.address_of({ref})",
+                      f'pw{k}_ = T.decl_buffer((4,), "uint32", data=pv{k}_)')
                     with w.block("for v_ in T.vectorized(4):"):
-                        w(f"{buf}[({off}) // {ew} + v_] = {reg}[u_ * 4 + v_]")
-                if guard:
-                    w.depth -= 1
+                        w(f"{reg}[u_ * 4 + v_] = pw{k}_[v_]")
+            with w.block("else:"):
+                for reg in regs:
+                    with w.block("for v_ in T.vectorized(4):"):
+                        w(f"{reg}[u_ * 4 + v_] = T.uint32(0)")
+
+        def store():
+            for reg, (buf, off) in zip(regs, targets):
+                with w.block("for v_ in T.vectorized(4):"):
+                    w(f"{buf}[({off}) // {ew} + v_] = {reg}[u_ * 4 + v_]")
+
+        self._two_phase(rows * cv, self.vbatch, (f"r_ = ix_ // {cv}", f"c_ = ix_ % {cv} * {VL}"),
+                        load, store)
 
     def plain_operand(self, which: str) -> str | None:
         """The element reference (at t_, n_) of the input that the recurrence's `which`
