@@ -485,7 +485,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     cu = dummy if cu_seqlens is None else cu_seqlens
     off = dummy if lay["chunk_off"] is None else lay["chunk_off"]
     seq_of_chunk = dummy if lay["chunk_seq"] is None else lay["chunk_seq"]
-    has_decay = prog.log_decay is not None
+    mode = _decay_mode(plan)   # none / row (decay without n) / key (per-key decay)
     consts = dict(BT=m["BT"], BN=m["BN"], BP=m["BP"], IS_VARLEN=cu_seqlens is not None)
     results = []
     for i, (direction, gT) in enumerate(zip(prog.recurrence.directions,
@@ -500,7 +500,6 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         # every (b, t) row belongs to exactly one chunk: the kernel writes all of these
         dq = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
         dk = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
-        mode = _decay_mode(plan)
         w = (torch.empty(NPB, B, T, H, *((N,) if mode == "key" else ()), dtype=cdt,
                          device=device) if mode != "none" else dummy)
         dv = torch.empty(B, T, H, P, dtype=cdt, device=device)
@@ -514,7 +513,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         grads = {"query": (dq[0] if NPB == 1 else dq.sum(0)).unsqueeze(-1),
                  "key": (dk[0] if NPB == 1 else dk.sum(0)).unsqueeze(-1),
                  "value": dv.unsqueeze(3)}
-        if has_decay:
+        if mode != "none":
             w = w[0] if NPB == 1 else w.sum(0)
             if mode == "row":       # summed over n in the kernel: (b, t, h) -> (b, t, h, 1)
                 w = w.unsqueeze(-1)
