@@ -17,6 +17,8 @@ everything around it is the same for every backend and lives here, built on
    d operand/d input (+ grad_out * dE/d input), evaluated with vectorised torch ops, each term
    summed over the axes the input lacks (terms broadcast differently: a value term over p, a
    decay term over n), over the heads of a group for `g` inputs, and cast to the input's dtype.
+   A backend may hand over query/key gradients already summed over each group's heads (where
+   those operands read no head-axis input), with their derivatives evaluated per group.
    `initial_state_grad` stacks the per-direction state gradients as the contract wants them.
 
 Everything is linear in t in memory; nothing loops over t in Python.
@@ -40,8 +42,18 @@ class CanonicalInputs(dict):
 
     def __init__(self, program: Program, tensors: dict, sizes: dict, cdt: torch.dtype):
         super().__init__()
+        self._program = program
         self._axes = {i.name: i.axes for i in program.inputs}
         self._tensors, self._sizes, self._cdt = tensors, sizes, cdt
+        self._groups = None
+
+    def groups(self) -> "CanonicalInputs":
+        """The same inputs with one entry per group on the h axis (for derivatives of an
+        operand that reads no head-axis input: they are the same for every head of a group)."""
+        if self._groups is None:
+            self._groups = CanonicalInputs(self._program, self._tensors,
+                                           dict(self._sizes, h=self._sizes["g"]), self._cdt)
+        return self._groups
 
     def __missing__(self, name: str) -> torch.Tensor:
         if name not in self._axes:
@@ -102,12 +114,15 @@ def reduce_to(grad: torch.Tensor, target: list[int]) -> torch.Tensor:
     return grad.expand(target) if list(grad.shape) != list(target) else grad
 
 
+def sum_groups(grad: torch.Tensor, sizes: dict) -> torch.Tensor:
+    """A canonical gradient with h heads -> one with g entries (each group's heads summed)."""
+    s = list(grad.shape)
+    return grad.reshape(s[0], s[1], sizes["g"], sizes["h"] // sizes["g"], s[3], s[4]).sum(3)
+
+
 def to_input(grad: torch.Tensor, inp, sizes: dict) -> torch.Tensor:
-    """A canonical (b, t, h, n, p) gradient of the input's canonical shape, in the input's own
-    axes and layout (heads of a group summed for `g` inputs)."""
-    if "g" in inp.axes and sizes["h"] != sizes["g"]:
-        s = list(grad.shape)
-        grad = grad.reshape(s[0], s[1], sizes["g"], sizes["h"] // sizes["g"], s[3], s[4]).sum(3)
+    """A canonical (b, t, h, n, p) gradient of the input's canonical shape (h axis g long for
+    `g` inputs: heads of a group summed), in the input's own axes and layout."""
     # canonical order -> the input's axis order
     order = sorted(range(len(inp.axes)), key=lambda i: CANON.index(
         "h" if inp.axes[i] == "g" else inp.axes[i]))
@@ -181,6 +196,12 @@ class ChainRule:
         """Whether the epilogue's derivatives need y (recomputed by the backend)."""
         return self.exprs.needs_y
 
+    @property
+    def dy_needs_y(self) -> bool:
+        """Whether dy = grad_out * dE/dy needs y (else y may come after the recurrence's
+        backward, for the other terms)."""
+        return Y in self.exprs.epilogue_dy.free_symbols
+
     @functools.cached_property
     def row_dy(self) -> sp.Expr | None:
         """dy = GOUT * dE/dy as a row expression (see `row_terms`), or None where dE/dy reads
@@ -206,41 +227,54 @@ class ChainRule:
         return env, g_out, dy
 
     def input_grads(self, env: dict, g_out: torch.Tensor, op_grads: dict, tensors: dict,
-                    sizes: dict, row_parts: dict | None = None) -> dict[str, torch.Tensor]:
+                    sizes: dict, row_parts: dict | None = None,
+                    grouped: frozenset = frozenset()) -> dict[str, torch.Tensor]:
         """Gradients of every input (its shape and dtype) from the operand gradients
         `op_grads` (summed over directions) and the epilogue's direct terms. `row_parts`:
         input name -> its `row_terms` already evaluated by the backend (a canonical tensor,
-        summed or partly summed over the axes the input lacks); those terms are not redone."""
+        summed or partly summed over the axes the input lacks); those terms are not redone.
+        `grouped`: operands whose gradient the backend summed over each group's heads (h axis
+        g long; only for operands that read no head-axis input)."""
         exprs = self.exprs
         row_parts = row_parts or {}
+        H, G = sizes["h"], sizes["g"]
         result = {}
         for inp in self.program.inputs:
-            terms, factors = [], []
+            terms = []      # (canonical gradient, factor, whether it is per group)
             done = inp.name in row_parts
             for op, d in exprs.operands.items():
                 if inp.name in d and op in op_grads and not (done and op == "value"):
-                    terms.append(op_grads[op])
-                    factors.append(d[inp.name])
+                    terms.append((op_grads[op], d[inp.name], op in grouped and H != G))
             if inp.name in exprs.epilogue and not done:
                 if isinstance(g_out, _LazyGradOut):
                     g_out = g_out.tensor()
-                terms.append(g_out)
-                factors.append(exprs.epilogue[inp.name])
+                terms.append((g_out, exprs.epilogue[inp.name], False))
             if done:
-                terms.append(row_parts[inp.name])
-                factors.append(sp.Integer(1))
+                terms.append((row_parts[inp.name], sp.Integer(1), False))
             x = tensors[inp.name]
             if not terms:
                 result[inp.name] = torch.zeros_like(x)
                 continue
             target = canonical_target(inp, sizes)
-            total = None
-            # a factor of exactly 1 (key = B, say) passes its term on without a product
-            scaled = [i for i, f in enumerate(factors) if f != 1]
+            per_group = "g" in inp.axes and H != G
+            target_g = target[:2] + [G] + target[3:]
             like = g_out.like if isinstance(g_out, _LazyGradOut) else g_out
-            values = dict(zip(scaled, evaluate_all([factors[i] for i in scaled], env, like)))
-            for i, g in enumerate(terms):
-                part = reduce_to(g * values[i] if i in values else g, target)
+            values = {}
+            for level in (False, True):
+                # a factor of exactly 1 (key = B, say) passes its term on without a product
+                scaled = [i for i, (_, f, grp) in enumerate(terms) if f != 1 and grp == level]
+                scope = env.groups() if level else env
+                values.update(zip(scaled, evaluate_all([terms[i][1] for i in scaled], scope,
+                                                       like)))
+            total = None
+            for i, (g, _, grp) in enumerate(terms):
+                g = g * values[i] if i in values else g
+                if grp:      # h axis g long: the input has g, or no head axis at all
+                    part = reduce_to(g, target_g if per_group else target)
+                else:
+                    part = reduce_to(g, target)
+                    if per_group:
+                        part = sum_groups(part, sizes)
                 total = part if total is None else total + part
             result[inp.name] = to_input(total, inp, sizes).to(x.dtype).contiguous()
         return result

@@ -7,7 +7,8 @@ Three steps, after `ssmc.passes.derive_backward` (sympy.diff of the elementwise 
 2. Recurrence: the lowering's backward kernels turn dy (and grad_final) into the gradients of
    the recurrence operands, per direction, and dL/d initial_state:
    scan -> lowerings/scan_bwd.py (every decay kind: d decay from checkpointed states);
-   chunked -> lowerings/chunked_bwd.py (d log_decay by the q dq - k dk identity);
+   chunked -> lowerings/chunked_bwd.py (d log_decay by the q dq - k dk identity; y itself
+   for decays without n, where dy does not need it);
    quadratic -> the chunked backward (the same mathematics).
 3. Chain rule: d input = sum over operands of d operand * d operand/d input (+ grad_out *
    dE/d input), summed over the axes the input lacks and over the heads of a group for `g`
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...ir import Program
+from ...ir import Program, Y
 from ...plan import Plan
 from ..chain_rule import ChainRule, initial_state_grad, sum_directions
 from . import chain_rows
@@ -63,12 +64,16 @@ def make_backward(backend, plan: Plan):
         module = modules()
         cdt = compute_dtype(plan)
         want_y = rule.needs_y
+        # y after the recurrence's backward (its kernels have y's parts at hand) where dy
+        # does not need it
+        late_y = (want_y and not use_scan and chunked_bwd.computes_y(bplan)
+                  and not rule.dy_needs_y)
         if use_scan:
             saved, y = scan_bwd.forward_pass(module, bplan, tensors, sizes, initial_state,
                                              cu_seqlens, want_y)
         else:
             saved, y = chunked_bwd.forward_pass(module, bplan, tensors, sizes,
-                                                initial_state, cu_seqlens, want_y)
+                                                initial_state, cu_seqlens, want_y and not late_y)
         dy = chain_rows.epilogue_dy(backend, plan, rule, tensors, sizes, y, grad_out)
         env, g_out, dy_host = rule.epilogue(tensors, sizes, y, grad_out, cdt, dy is None)
         dy = dy_host if dy is None else dy
@@ -76,11 +81,15 @@ def make_backward(backend, plan: Plan):
             per_dir = scan_bwd.backward_pass(module, bplan, tensors, sizes, saved, dy,
                                              grad_final, cu_seqlens)
         else:
-            per_dir = chunked_bwd.backward_pass(module, bplan, tensors, sizes, saved, dy,
-                                                grad_final, cu_seqlens)
+            per_dir, y_late = chunked_bwd.backward_pass(module, bplan, tensors, sizes, saved, dy,
+                                                        grad_final, cu_seqlens, late_y)
+            if late_y:
+                y = y_late
+                env[Y.name] = y.unsqueeze(3)
         op_grads = sum_directions(per_dir)
         rows = chain_rows.row_parts(backend, plan, rule, tensors, sizes, y, grad_out, op_grads)
-        result = rule.input_grads(env, g_out, op_grads, tensors, sizes, rows)
+        grouped = frozenset() if use_scan else chunked_bwd.grouped_operands(bplan, sizes)
+        result = rule.input_grads(env, g_out, op_grads, tensors, sizes, rows, grouped)
         grad_h0 = initial_state_grad([dh0 for _, dh0 in per_dir], initial_state)
         return result, grad_h0
 

@@ -11,10 +11,14 @@ def indent(text: str, level: int) -> str:
     return "\n".join("    " * level + line for line in text.splitlines())
 
 
-def prologue(split_n: bool) -> str:
+def prologue(split_n: bool, heads: bool = False) -> str:
     """Per program: head, group, n/p offsets and masks, the row offsets of a block. With
     `split_n`, program axis 2 holds n-blocks times NPB p-blocks; otherwise it is the p-block
-    alone and n is covered by one block."""
+    alone and n is covered by one block. With `heads`, program axis 1 holds blocks of HEADS
+    consecutive heads (the kernel takes H as an argument and walks them from `h_first`)."""
+    head = ("    h_first = tl.program_id(1).to(tl.int64) * HEADS\n    h_idx = h_first\n"
+            if heads else
+            "    h_idx = tl.program_id(1).to(tl.int64)\n    H = tl.num_programs(1)\n")
     if split_n:
         pid = ("    pid_n = tl.program_id(2) // NPB\n"
                "    pid_p = tl.program_id(2) % NPB\n")
@@ -23,9 +27,7 @@ def prologue(split_n: bool) -> str:
         pid = "    pid_p = tl.program_id(2)\n"
         offs_n = "tl.arange(0, BN)"
     return f"""
-    h_idx = tl.program_id(1).to(tl.int64)
-    H = tl.num_programs(1)
-{pid}    g_idx = h_idx // HPG
+{head}{pid}    g_idx = h_idx // HPG
     offs_n = {offs_n}
     mask_n = offs_n < N
     offs_p = pid_p * BP + tl.arange(0, BP)
@@ -57,12 +59,12 @@ def seq_setup(split_n: bool, cu: str, chunk_off: str) -> str:
 
 
 def chunk_setup(split_n: bool, cu: str, chunk_off: str, chunk_seq: str, chunk: str, size: str,
-                first: str) -> str:
+                first: str, heads: bool = False) -> str:
     """A program per (chunk, head, block): `chunk` (the expression giving it), its sequence and
     bounds, and `first`, the chunk's first step within the sequence (chunks `size` steps long)."""
     return f"""
     chunk = {chunk}
-{prologue(split_n)}
+{prologue(split_n, heads)}
     if IS_VARLEN:
         seq = tl.load({chunk_seq} + chunk).to(tl.int64)
         b_idx = seq * 0

@@ -64,6 +64,8 @@ T_TILE = Tile([T_AXIS], FIXED)
 SEQ_SETUP = seq_setup(False, "ssmc_cu", "ssmc_chunk_off")
 CHUNK_SETUP = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
                           "tl.program_id(0).to(tl.int64)", "BT", "c0")
+CHUNK_HEADS_SETUP = chunk_setup(True, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
+                                "tl.program_id(0).to(tl.int64)", "BT", "c0", heads=True)
 ROWS = rows()
 
 STATE_PARAMS = "ssmc_cu, ssmc_chunk_off,\n    T, HPG, N, P,"
@@ -275,7 +277,7 @@ def ssmc_chunked_bwd_dstates(
 
 
 def render_chunk_kernel(plan: Plan) -> str:
-    """Per chunk, in parallel: dq, dk, dv and w = q dq - k dk."""
+    """Per-key decays, per chunk in parallel: dq, dk, dv and w = q dq - k dk (per n)."""
     body = Emitter(indent=1)
     o = _Ops(plan, body)
     dot = o.dot
@@ -284,40 +286,23 @@ def render_chunk_kernel(plan: Plan) -> str:
     o.operand("value", "value")
     o.dy()
     o.decay()
-    if o.mode != "key":
-        o.scores()
     body("st_off = ((chunk * H + h_idx) * N + offs_n[None, :]) * P + offs_p[:, None]")
     body("st_mask = mask_n[None, :] & mask_p[:, None]")
     body("S_inT = tl.load(ssmc_states + st_off, mask=st_mask, other=0.0)")    # (p, n)
     body("GT = tl.load(ssmc_dstates + st_off, mask=st_mask, other=0.0)")      # (p, n)
     body("G = tl.trans(GT)")
     body("dyv = " + dot("dy", "tl.trans(value)"))                            # [u, s]
-    if o.mode == "none":
-        body("dA = tl.where(causal, dyv, 0.0)")
-        body("dq = " + dot("dA", "key") + " + " + dot("dy", "S_inT"))
-        body("dk = " + dot("tl.trans(dA)", "query") + " + " + dot("value", "GT"))
-    elif o.mode == "row":
-        body("dA = dyv * Dm")
-        body("dq = " + dot("dA", "key") + " + tl.exp(lc)[:, None] * " + dot("dy", "S_inT"))
-        body("dk = " + dot("tl.trans(dA)", "query") + " + tl.exp(l_last - lc)[:, None] * "
-             + dot("value", "GT"))
-    else:
-        body("dA = tl.where(offs_c[:, None] >= offs_c[None, :], dyv, 0.0)")
-        o.key_columns(grads=True)
-        body("dq = dq_in + tl.exp(lc) * " + dot("dy", "S_inT"))
-        body("dk = dk_in + tl.exp(l_last[None, :] - lc) * " + dot("value", "GT"))
-    a_t = "AT" if o.mode == "key" else "tl.trans(A)"
-    body("dv = " + dot(a_t, "dy") + " + " + dot(o.k_out(), "G"))
+    body("dA = tl.where(offs_c[:, None] >= offs_c[None, :], dyv, 0.0)")
+    o.key_columns(grads=True)
+    body("dq = dq_in + tl.exp(lc) * " + dot("dy", "S_inT"))
+    body("dk = dk_in + tl.exp(l_last[None, :] - lc) * " + dot("value", "GT"))
+    body("dv = " + dot("AT", "dy") + " + " + dot(o.k_out(), "G"))
     body("row = (b_idx * T + t_row[:, None]) * H + h_idx")
     body("nmask = mask_t[:, None] & mask_n[None, :]")
     body("part = (pid_p.to(tl.int64) * B * T * H + row) * N + offs_n[None, :]")
     body("tl.store(ssmc_dq + part, dq, mask=nmask)")
     body("tl.store(ssmc_dk + part, dk, mask=nmask)")
-    if o.mode == "key":
-        body("tl.store(ssmc_w + part, query * dq - key * dk, mask=nmask)")
-    elif o.mode == "row":   # a decay without n needs w summed over n only
-        body("tl.store(ssmc_w + pid_p.to(tl.int64) * B * T * H + (b_idx * T + t_row) * H"
-             " + h_idx, tl.sum(query * dq - key * dk, axis=1), mask=mask_t)")
+    body("tl.store(ssmc_w + part, query * dq - key * dk, mask=nmask)")
     body("tl.store(ssmc_dv + row * P + offs_p[None, :], dv, "
          "mask=mask_t[:, None] & mask_p[None, :])")
     return f"""
@@ -333,9 +318,132 @@ def ssmc_chunked_bwd(
 """
 
 
+def render_dv_kernel(plan: Plan) -> str:
+    """Decays without n, per (chunk, head, p-block) in parallel: dv; for a decay, its gradient
+    (complete: chunk-local reverse sums plus the chunk-end term, per p-block partial); y when
+    WANT_Y (summed over directions: ACCUM_Y adds to what is there)."""
+    body = Emitter(indent=1)
+    o = _Ops(plan, body)
+    dot = o.dot
+    o.operand("query", "query")
+    o.operand("key", "key")
+    o.operand("value", "value")
+    o.dy()
+    o.decay()
+    o.scores()
+    body("st_off = ((chunk * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]")
+    body("st_mask = mask_n[:, None] & mask_p[None, :]")
+    body("S_in = tl.load(ssmc_states + st_off, mask=st_mask, other=0.0)")      # (n, p)
+    body("G = tl.load(ssmc_dstates + st_off, mask=st_mask, other=0.0)")        # (n, p)
+    body("kG = " + dot(o.k_out(), "G"))                                       # (t, p)
+    body("dv = " + dot("tl.trans(A)", "dy") + " + kG")
+    body("row = (b_idx * T + t_row[:, None]) * H + h_idx")
+    body("pmask = mask_t[:, None] & mask_p[None, :]")
+    body("tl.store(ssmc_dv + row * P + offs_p[None, :], dv, mask=pmask)")
+    if o.mode == "row":
+        body("yoff = " + dot(o.q_in(), "S_in"))                               # (t, p)
+    else:
+        body("if WANT_Y:")
+        with body.block():
+            body("yoff = " + dot(o.q_in(), "S_in"))
+    body("if WANT_Y:")
+    with body.block():
+        body("y = " + dot("A", "value") + " + yoff")
+        body("if ACCUM_Y:")
+        with body.block():
+            body("y += tl.load(ssmc_y + row * P + offs_p[None, :], mask=pmask, other=0.0)")
+        body("tl.store(ssmc_y + row * P + offs_p[None, :], y, mask=pmask)")
+    if o.mode == "row":
+        # w_u = q_u . dq_u - k_u . dk_u without dq, dk: q_u . dq_u = sum_s (dyv * A)[u, s]
+        # + dy_u . yoff_u and k_s . dk_s = sum_u (dyv * A)[u, s] + v_s . kG_s
+        body("M = " + dot("dy", "tl.trans(value)") + " * A")
+        body("vkG = tl.sum(value * kG, axis=1)")
+        body("w = tl.sum(M, axis=1) - tl.sum(M, axis=0) + tl.sum(dy * yoff, axis=1) - vkG")
+        # sum over (n, p) of G * S_c, with S_c = exp(l_last) S_in + k_out^T v leaving the chunk
+        body(f"GS = tl.sum(tl.sum(G.to({o.ct}) * S_in.to({o.ct}), axis=1), axis=0)")
+        body("term = tl.exp(l_last) * GS + tl.sum(vkG, axis=0)")
+        body("dl = tl.sum(w, axis=0) - tl.cumsum(w, axis=0) + w + term")
+        body("tl.store(ssmc_dl + pid_p.to(tl.int64) * B * T * H + (b_idx * T + t_row) * H"
+             " + h_idx, dl, mask=mask_t)")
+    return f"""
+@triton.jit
+def ssmc_chunked_bwd_dv(
+    {input_params(plan.program)},
+    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dv, ssmc_dl, ssmc_y, {CHUNK_PARAMS}
+    {CONSTS}, WANT_Y: tl.constexpr, ACCUM_Y: tl.constexpr,
+):
+{CHUNK_SETUP}
+{indent(ROWS, 1)}
+{body.text()}
+"""
+
+
+def render_dqk_kernel(plan: Plan) -> str:
+    """Decays without n, per (chunk, block of HEADS heads, n-block) in parallel: dq and dk
+    summed over the block's heads (a group's heads when query and key are the same for all of
+    them, else one head), the p axis walked in NPBK blocks of BP."""
+    pre = Emitter(indent=1)
+    o_qk = _Ops(plan, pre)
+    dot = o_qk.dot
+    o_qk.operand("query", "query")
+    o_qk.operand("key", "key")
+    pre(f"query = query.to({o_qk.dt})")
+    pre(f"key = key.to({o_qk.dt})")
+    pre("causal = offs_c[:, None] >= offs_c[None, :]")
+    pre(f"dq = tl.zeros([BT, BN], dtype={o_qk.ct})")
+    pre(f"dk = tl.zeros([BT, BN], dtype={o_qk.ct})")
+    body = Emitter(indent=2)
+    o = _Ops(plan, body)
+    body("h_idx = h_first + j")
+    o.decay()
+    body(f"dyv = tl.zeros([BT, BT], dtype={o.ct})")
+    body(f"dyS = tl.zeros([BT, BN], dtype={o.ct})")
+    body(f"vG = tl.zeros([BT, BN], dtype={o.ct})")
+    body("for p0 in tl.static_range(0, NPBK * BP, BP):")
+    with body.block():
+        body("offs_p = p0 + tl.arange(0, BP)")
+        body("mask_p = offs_p < P")
+        o.dy()
+        o.operand("value", "value")
+        body("st_off = ((chunk * H + h_idx) * N + offs_n[None, :]) * P + offs_p[:, None]")
+        body("st_mask = mask_n[None, :] & mask_p[:, None]")
+        body("S_inT = tl.load(ssmc_states + st_off, mask=st_mask, other=0.0)")    # (p, n)
+        body("GT = tl.load(ssmc_dstates + st_off, mask=st_mask, other=0.0)")      # (p, n)
+        body("dyv += " + dot("dy", "tl.trans(value)"))
+        body("dyS += " + dot("dy", "S_inT"))
+        body("vG += " + dot("value", "GT"))
+    if o.mode == "row":
+        body("dA = dyv * tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
+        body("dq += " + dot("dA", "key") + " + tl.exp(lc)[:, None] * dyS")
+        body("dk += " + dot("tl.trans(dA)", "query") + " + tl.exp(l_last - lc)[:, None] * vG")
+    else:
+        body("dA = tl.where(causal, dyv, 0.0)")
+        body("dq += " + dot("dA", "key") + " + dyS")
+        body("dk += " + dot("tl.trans(dA)", "query") + " + vG")
+    return f"""
+@triton.jit
+def ssmc_chunked_bwd_dqk(
+    {input_params(plan.program)},
+    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dq, ssmc_dk, {CHUNK_PARAMS}
+    {CONSTS}, H, HEADS: tl.constexpr, NPBK: tl.constexpr, NPB: tl.constexpr,
+):
+{CHUNK_HEADS_SETUP}
+{indent(ROWS, 1)}
+{pre.text()}
+    for j in range(HEADS):
+{body.text()}
+    part = ((b_idx * T + t_row[:, None]) * (H // HEADS) + tl.program_id(1)) * N + offs_n[None, :]
+    nmask = mask_t[:, None] & mask_n[None, :]
+    tl.store(ssmc_dq + part, dq, mask=nmask)
+    tl.store(ssmc_dk + part, dk, mask=nmask)
+"""
+
+
 def render(plan: Plan) -> str:
+    per_chunk = ([render_chunk_kernel(plan)] if per_key_decay(plan) else
+                 [render_dv_kernel(plan), render_dqk_kernel(plan)])
     return HEADER + "\n".join([render_states_kernel(plan), render_y_kernel(plan),
-                               render_dstate_kernel(plan), render_chunk_kernel(plan)])
+                               render_dstate_kernel(plan)] + per_chunk)
 
 
 def tiles(plan: Plan, sizes: dict) -> dict:
@@ -360,9 +468,24 @@ def chunk_layout(sizes, cu_seqlens, BT, device):
     return int(offsets[-1]), offsets.to(device), seq_of.to(device)
 
 
+def state_dtype(plan: Plan) -> torch.dtype:
+    """The stored chunk states and their gradients: the matmul operand type (every kernel
+    rounds them to it before its products; bf16 halves their traffic and memory, the largest
+    of the backward) except for per-key decays, whose host-side decay gradient sums them."""
+    if per_key_decay(plan):
+        return compute_dtype(plan)
+    return {"tl.bfloat16": torch.bfloat16, "tl.float16": torch.float16,
+            "tl.float32": torch.float32, "tl.float64": torch.float64}[dot_type(plan)]
+
+
+def computes_y(plan: Plan) -> bool:
+    """Whether `backward_pass` can produce y (decays without n: the dv kernel has its parts)."""
+    return not per_key_decay(plan)
+
+
 def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, want_y):
-    """fp32 states entering every chunk and final states, per direction; y (summed over
-    directions, before the epilogue) when `want_y`."""
+    """States entering every chunk (`state_dtype`) and fp32 final states, per direction; y
+    (summed over directions, before the epilogue) when `want_y`."""
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
     device = tensors[prog.inputs[0].name].device
@@ -381,7 +504,7 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
                                             direction_slices(plan, initial_state))):
         reverse = direction is Direction.REVERSE
         h0 = None if h0 is None else h0.to(cdt).contiguous()
-        st = torch.empty(max(n_chunks, 1), H, N, P, dtype=cdt, device=device)
+        st = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan), device=device)
         final = torch.empty(S, H, N, P, dtype=cdt, device=device)
         module.ssmc_chunked_bwd_states[(S, H, npb)](
             *args, st, dummy if h0 is None else h0, final, cu, off, T, H // G, N, P,
@@ -427,16 +550,13 @@ def _chunk_bounds(sizes, cu_seqlens, BT: int, reverse: bool, layout, device):
     return chunk, lo, hi
 
 
-def _chunk_end_term(dstates, states, finals, layout, sizes, cu_seqlens, dims):
-    """sum G_c * S_c per chunk over `dims` ((-1,): p, giving (chunks, h, n); (-2, -1): n and p,
-    giving (chunks, h, 1) for decays without n): S_c is the next chunk's entering state, or
+def _chunk_end_term(dstates, states, finals, layout, sizes, cu_seqlens):
+    """sum_p G_c * S_c per chunk, (chunks, h, n): S_c is the next chunk's entering state, or
     the sequence's final state for its last chunk."""
     n_chunks = layout["n_chunks"]
-    shape = (n_chunks, states.shape[1], states.shape[2] if dims == (-1,) else 1)
-    term = torch.zeros(shape, dtype=states.dtype, device=states.device)
+    term = torch.zeros(n_chunks, *states.shape[1:3], dtype=states.dtype, device=states.device)
     if n_chunks > 1:
-        term[:-1] = (dstates[:n_chunks - 1] * states[1:n_chunks]).sum(dims).reshape(
-            n_chunks - 1, *shape[1:])
+        term[:-1] = (dstates[:n_chunks - 1] * states[1:n_chunks]).sum(-1)
     if cu_seqlens is None:
         per_seq = triton.cdiv(sizes["t"], layout["m"]["BT"])
         last = torch.arange(1, sizes["b"] + 1, device=states.device) * per_seq - 1
@@ -446,14 +566,13 @@ def _chunk_end_term(dstates, states, finals, layout, sizes, cu_seqlens, dims):
         nonempty = off[1:] > off[:-1]
         last, seqs = (off[1:] - 1)[nonempty], torch.nonzero(nonempty)[:, 0]
     if len(last):
-        term[last] = (dstates[last] * finals[seqs]).sum(dims).reshape(len(last), *shape[1:])
+        term[last] = (dstates[last] * finals[seqs]).sum(-1)
     return term
 
 
 def _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, reverse):
-    """dL/dl (b, t, h, n) from w (b, t, h, n), or (b, t, h, 1) when w is already summed over n
-    (decays without n): chunk-local reverse sums (float64 differences of one running sum)
-    plus each chunk's end term."""
+    """Per-key decays: dL/dl (b, t, h, n) from w (b, t, h, n): chunk-local reverse sums
+    (float64 differences of one running sum) plus each chunk's end term."""
     lay = saved["layout"]
     chunk, lo, hi = _chunk_bounds(sizes, cu_seqlens, lay["m"]["BT"], reverse, lay, w.device)
     # cs[:, i] = sum of w[:, :i]; the running sum runs over the innermost axis (CUDA scans a
@@ -461,16 +580,37 @@ def _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, reverse):
     w64 = w.double().movedim(1, -1).contiguous()
     cs = torch.cat([torch.zeros_like(w64[..., :1]), w64.cumsum(-1)], -1).movedim(-1, 1)
     local = (cs[:, hi] - cs[:, lo]).to(w.dtype)
-    dims = (-1,) if w.shape[-1] > 1 else (-2, -1)
     term = _chunk_end_term(dstates, saved["states"][i], saved["finals"][i], lay, sizes,
-                           cu_seqlens, dims)
+                           cu_seqlens)
     if cu_seqlens is None:
         return local + term[chunk]                                     # (b, t, h, n)
     return local + term[chunk][None]
 
 
-def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_seqlens):
-    """Per direction: (operand grads as canonical (b, t, h, n, p) tensors, dL/dS_0)."""
+def heads_per_group_program(plan: Plan, sizes: dict) -> int:
+    """Heads whose dq and dk one program sums: all of a group's when query and key read no
+    input with a head axis (so they are the same for every head of the group, and the chain
+    rule only ever sums their gradients over the group's heads), else one."""
+    prog = plan.program
+    axes = {i.name: i.axes for i in prog.inputs}
+    exprs = (prog.recurrence.query.expr, prog.recurrence.key.expr)
+    head_free = all("h" not in axes[s.name] for e in exprs for s in e.free_symbols
+                    if s.name in axes)
+    return sizes["h"] // sizes["g"] if head_free else 1
+
+
+def grouped_operands(plan: Plan, sizes: dict) -> frozenset:
+    """The operands whose gradients `backward_pass` returns summed over each group's heads."""
+    if per_key_decay(plan) or heads_per_group_program(plan, sizes) == 1:
+        return frozenset()
+    return frozenset({"query", "key"})
+
+
+def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_seqlens,
+                  want_y: bool = False):
+    """Per direction: (operand grads as canonical (b, t, h, n, p) tensors, dL/dS_0); and y
+    (summed over directions) when `want_y` (only where `computes_y`). query and key grads may
+    come summed over the heads of each group: their h axis is then g long."""
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
     device = dy.device
@@ -487,37 +627,73 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     seq_of_chunk = dummy if lay["chunk_seq"] is None else lay["chunk_seq"]
     mode = _decay_mode(plan)   # none / row (decay without n) / key (per-key decay)
     consts = dict(BT=m["BT"], BN=m["BN"], BP=m["BP"], IS_VARLEN=cu_seqlens is not None)
+    # a dozen (BT, BN|BP) tiles live at once: 8 warps keep them in registers on a GPU
+    launch = dict(num_warps=8) if device.type == "cuda" else {}
+    y = torch.empty(B, T, H, P, dtype=cdt, device=device) if want_y else None
     results = []
     for i, (direction, gT) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, grad_final))):
         reverse = direction is Direction.REVERSE
         gT = None if gT is None else gT.to(cdt).contiguous()
-        dstates = torch.empty(max(n_chunks, 1), H, N, P, dtype=cdt, device=device)
+        dstates = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan),
+                              device=device)
         dh0 = torch.empty(S, H, N, P, dtype=cdt, device=device)
         module.ssmc_chunked_bwd_dstates[(S, H, NPB)](
             *args, dy, dstates, dummy if gT is None else gT, dh0, cu, off, T, H // G, N, P,
             REVERSE=reverse, HAS_GT=gT is not None, **consts)
-        # every (b, t) row belongs to exactly one chunk: the kernel writes all of these
-        dq = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
-        dk = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
-        w = (torch.empty(NPB, B, T, H, *((N,) if mode == "key" else ()), dtype=cdt,
-                         device=device) if mode != "none" else dummy)
+        chunk_args = (cu, off, seq_of_chunk, B, T, H // G, N, P)
+        if mode == "key":
+            grads = _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args,
+                                   sizes, cu_seqlens, reverse, consts, launch)
+            results.append((grads, dh0))
+            continue
         dv = torch.empty(B, T, H, P, dtype=cdt, device=device)
+        dl = torch.empty(NPB, B, T, H, dtype=cdt, device=device) if mode == "row" else dummy
+        heads = heads_per_group_program(plan, sizes)
+        dq = torch.empty(B, T, H // heads, N, dtype=cdt, device=device)
+        dk = torch.empty(B, T, H // heads, N, dtype=cdt, device=device)
         if n_chunks > 0:
-            # a dozen (BT, BN|BP) tiles live at once: 8 warps keep them in registers on a GPU
-            launch = dict(num_warps=8) if device.type == "cuda" else {}
-            module.ssmc_chunked_bwd[(n_chunks, H, NPB)](
-                *args, dy, saved["states"][i], dstates, dq, dk, dv, w, cu, off, seq_of_chunk,
-                B, T, H // G, N, P, REVERSE=reverse, **consts, **launch)
-        # sums over p-blocks (none to do for one block: these are the largest tensors here)
-        grads = {"query": (dq[0] if NPB == 1 else dq.sum(0)).unsqueeze(-1),
-                 "key": (dk[0] if NPB == 1 else dk.sum(0)).unsqueeze(-1),
-                 "value": dv.unsqueeze(3)}
-        if mode != "none":
-            w = w[0] if NPB == 1 else w.sum(0)
-            if mode == "row":       # summed over n in the kernel: (b, t, h) -> (b, t, h, 1)
-                w = w.unsqueeze(-1)
-            dlog = _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, reverse)
-            grads["log_decay"] = dlog.unsqueeze(-1)
+            module.ssmc_chunked_bwd_dv[(n_chunks, H, NPB)](
+                *args, dy, saved["states"][i], dstates, dv, dl, dummy if y is None else y,
+                *chunk_args, REVERSE=reverse, WANT_Y=want_y, ACCUM_Y=i > 0, **consts,
+                **launch)
+            bn = min(m["BN"], 64)
+            module.ssmc_chunked_bwd_dqk[(n_chunks, H // heads, triton.cdiv(N, bn))](
+                *args, dy, saved["states"][i], dstates, dq, dk, *chunk_args,
+                REVERSE=reverse, H=H, HEADS=heads, NPBK=NPB, NPB=1,
+                **dict(consts, BN=bn), **launch)
+        elif want_y:
+            y.zero_()
+        grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3)}
+        if mode == "row":   # (NPB, b, t, h) partials -> (b, t, h, 1, 1)
+            grads["log_decay"] = (dl[0] if NPB == 1 else dl.sum(0))[..., None, None]
         results.append((grads, dh0))
-    return results
+    return results, y
+
+
+def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes, cu_seqlens,
+                   reverse, consts, launch):
+    """Operand grads of one direction for per-key decays: per-head dq and dk, and w summed
+    into the decay gradient on the host (`_decay_grad`)."""
+    B, T, H, N, P = (sizes[a] for a in "bthnp")
+    cdt = compute_dtype(plan)
+    device = dy.device
+    NPB = triton.cdiv(P, consts["BP"])
+    # every (b, t) row belongs to exactly one chunk: the kernel writes all of these
+    dq = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
+    dk = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
+    w = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
+    dv = torch.empty(B, T, H, P, dtype=cdt, device=device)
+    n_chunks = saved["layout"]["n_chunks"]
+    if n_chunks > 0:
+        module.ssmc_chunked_bwd[(n_chunks, H, NPB)](
+            *args, dy, saved["states"][i], dstates, dq, dk, dv, w, *chunk_args,
+            REVERSE=reverse, **consts, **launch)
+    # sums over p-blocks (none to do for one block: these are the largest tensors here)
+    grads = {"query": (dq[0] if NPB == 1 else dq.sum(0)).unsqueeze(-1),
+             "key": (dk[0] if NPB == 1 else dk.sum(0)).unsqueeze(-1),
+             "value": dv.unsqueeze(3)}
+    w = w[0] if NPB == 1 else w.sum(0)
+    dlog = _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, reverse)
+    grads["log_decay"] = dlog.unsqueeze(-1)
+    return grads
