@@ -77,6 +77,15 @@ CASES = {
     "bidirectional-fp32-ep-vs": (ssd_bi, "float32", dict(h=6, g=3, n=40, p=20),
                                  dict(return_final_state=True,
                                       tile=(("EP", 1), ("KC", 16), ("VS", 1)))),
+    # fp16, a key dim that is no multiple of 8 and a state that is no multiple of 8 entries:
+    # the chunk pass's staged store and the sequential pass in single elements; chunk of 16
+    # (the staged dS tile is larger than the key tile it lies over)
+    "mamba2-fp16-n36-p13-chunk16": (MAMBA2, "float16", dict(h=4, g=1, n=36, p=13),
+                                    dict(chunk_size=16, return_final_state=True)),
+    # the sequential pass with 2 vectors a thread (plan.tile SV), states, packed sequences
+    "mamba2-bf16-sv2-states-varlen": (MAMBA2, "bfloat16", dict(h=8, g=2, n=128, p=64),
+                                      dict(has_initial_state=True, return_final_state=True,
+                                           varlen=True, tile=(("SV", 2),))),
     # no decay, reverse direction, chunk of 32
     "linear-reverse-bf16-chunk32": (linear_rev, "bfloat16", dict(h=4, g=4, n=32, p=48),
                                     dict(chunk_size=32, return_final_state=True)),
@@ -101,7 +110,17 @@ def test_cuda_chunked_builds(case):
     # 16-byte copies of the chunk states (and plain query/key inputs) on tensor-core tiles
     # whose key dim splits into 8-element vectors
     assert (t.VL == 8) == (t.mma and sizes["n"] % 8 == 0)
-    assert ("*(uint4*)" in cu) == (t.VL > 1)
+    assert ("*(uint4*)(((uint*)pv0_) + 0)" in cu) == (t.VL > 1)
+    # the chunk pass stages dS through shared memory and writes ws along n: 16-byte vectors
+    # where N splits into them, else single elements (no store from the accumulator layout)
+    ve = 16 // t.esz
+    assert ("= *(uint4*)(qv_" in cu) == (sizes["n"] % ve == 0)
+    assert "ws[slot_, h_, p_, n_] = T.Cast" not in src
+    # the sequential pass moves the chunk states in 16-byte vectors where the state splits
+    # into them (SV, default 4 a thread), else one scalar entry at a time
+    vec_seq = t.SV > 0 and (sizes["n"] * sizes["p"]) % ve == 0
+    assert ("dw_ = T.decl_buffer" in src) == vec_seq
+    assert ("wsf[o_]" in src) == (not vec_seq)
     # a chunk pass, a sequential pass and an output pass per direction (+ for packed
     # sequences: the slot map's reset and fill)
     kernels = cu.count('extern "C" __global__') // 2
@@ -333,3 +352,109 @@ def test_cuda_chunked_decomposition_matches_reference(case):
                                         ws_dtype=torch.bfloat16)
     assert (out16 - ref).abs().max() <= 5e-3 * ref.abs().max()
     assert (final16 - ref_final).abs().max() <= 5e-3 * ref_final.abs().max()
+
+
+# ---- index arithmetic of the chunk pass's staged store and the vectorised sequential pass,
+# emulated with the formulas of chunked_cuda.py (the kernels themselves only run on a GPU)
+
+@pytest.mark.parametrize("NB,BPS,esz,N,P", [(128, 64, 2, 128, 64), (64, 64, 4, 64, 64),
+                                            (48, 24, 2, 40, 20), (16, 8, 2, 36, 13),
+                                            (64, 16, 4, 40, 13)])
+def test_chunk_pass_staged_store_mapping(NB, BPS, esz, N, P):
+    """Every (p, n) of ws[slot, h] is written exactly once, from the accumulator entry that
+    holds it; the accumulators' scatter into sO is free of shared-memory bank conflicts; the
+    16-byte copies are aligned at both ends."""
+    import numpy as np
+
+    from ssmc.backends.tvm.lowerings.chunked_cuda import THREADS, WARPS, _stage_cols
+    SW = _stage_cols(NB, esz)
+    mt_total, nt = NB // 16, BPS // 8
+    mtw = -(-mt_total // WARPS)
+    # 1. accumulators -> sO[col, row] (each_acc's row_/col_, stored where the m-tile is valid)
+    owner = np.zeros((BPS, NB), int)
+    for wp in range(WARPS):
+        for i in range(mtw):
+            for j in range(nt):
+                for r in range(2):
+                    for c in range(2):
+                        words = {}
+                        for ln in range(32):
+                            g, tg = ln // 4, ln % 4
+                            row = min(wp + WARPS * i, mt_total - 1) * 16 + g + r * 8
+                            col = j * 8 + tg * 2 + c
+                            if wp + WARPS * i < mt_total:
+                                owner[col, row] += 1
+                                word = (col * SW + row) * esz // 4
+                                words.setdefault(word % 32, set()).add(word)
+                        assert all(len(v) == 1 for v in words.values()), "bank conflict"
+    assert (owner == 1).all()
+    # 2. sO -> ws, over every block (nb_, pb_) of the grid
+    VE = 16 // esz
+    per = VE if N % VE == 0 else 1
+    cols = NB // per
+    total = BPS * cols
+    nit = -(-total // THREADS)
+    written = np.zeros((P, N), int)
+    for nb in range(-(-N // NB)):
+        for pb in range(-(-P // BPS)):
+            for it in range(nit):
+                for tx in range(THREADS):
+                    ix = it * THREADS + tx
+                    r, c = ix // cols, ix % cols * per
+                    n, p = nb * NB + c, pb * BPS + r
+                    if ix < total and n < N and p < P:
+                        assert n + per <= N and c + per <= NB   # whole vectors
+                        if per > 1:
+                            assert (r * SW + c) * esz % 16 == 0 and (p * N + n) * esz % 16 == 0
+                        written[p, n:n + per] += 1
+    assert (written == 1).all()
+
+
+@pytest.mark.parametrize("PN,SV,VE", [(8192, 4, 8), (8192, 2, 8), (360, 4, 8), (4096, 4, 4),
+                                      (2600, 1, 4)])
+def test_seq_pass_vector_mapping(PN, SV, VE):
+    """The vectorised sequential pass covers every state entry of a (sequence, head) exactly
+    once, in whole aligned vectors, consecutive threads on consecutive vectors."""
+    import numpy as np
+
+    from ssmc.backends.tvm.lowerings.chunked_cuda import THREADS
+    assert PN % VE == 0
+    E = SV * VE
+    nblk = -(-PN // (THREADS * E))
+    seen = np.zeros(PN, int)
+    for eb in range(nblk):
+        for v in range(SV):
+            starts = [((eb * SV + v) * THREADS + tx) * VE for tx in range(THREADS)]
+            assert all(b - a == VE for a, b in zip(starts, starts[1:]))  # coalesced
+            for e in starts:
+                if e < PN:
+                    assert e % VE == 0 and e + VE <= PN
+                    seen[e:e + VE] += 1
+    assert (seen == 1).all()
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_chunk_pass_shared_memory(chunk):
+    """The chunk pass's shared allocations (the key tile with the staged dS tile over it, the
+    value tile, the log-decays) are what the budget check (_state_smem) counts, within 48 KB;
+    at chunk 16 the staged tile is the larger of the two it shares."""
+    import re
+
+    from ssmc.backends.tvm.lowerings.chunked_cuda import SMEM, _stage_cols, _state_smem
+    spec = _spec(MAMBA2, "bfloat16", BENCH, chunk_size=chunk)
+    t = tiles(spec.plan, spec.N, spec.P)
+    src = LOWERINGS[("chunked", "cuda")](spec)
+    kernel = src.split('thread="blockIdx.x"')[1]   # the first kernel: the chunk pass
+    size = {"bfloat16": 2, "float32": 4}
+    used = 0
+    for dims, dtype in re.findall(r'T\.alloc_buffer\(\(([\d, ]+),?\), "(\w+)", scope="shared"\)',
+                                  kernel):
+        n = 1
+        for d in dims.split(","):
+            if d.strip():
+                n *= int(d)
+        used += n * size[dtype]
+    assert used == _state_smem(t.Q, t.NB, t.BPS, t.pad, t.esz) <= SMEM
+    stage = t.BPS * _stage_cols(t.NB, t.esz)
+    assert f"sW_ = T.alloc_buffer(({max(stage, t.NB * (t.Q + t.pad))},)" in kernel
+    assert (stage > t.NB * (t.Q + t.pad)) == (chunk == 16)

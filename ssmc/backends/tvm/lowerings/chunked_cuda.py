@@ -6,17 +6,27 @@ memory for fp32.
 Per direction, three kernels:
 
 chunk pass, one block per (chunk, head, p-block, n-block), every chunk in parallel:
-    dS_c = (key * exp(l_last - lc))^T @ value     (fp32 accumulators, stored into ws[slot])
+    dS_c = key^T @ (value * exp(l_last - lc))     (fp32 accumulators, stored into ws[slot])
     cd[slot, h] = l_last
-    with lc the running sum of log-decays within the chunk and l_last its last entry.
+    with lc the running sum of log-decays within the chunk and l_last its last entry. The
+    factor exp(l_last - lc_j) is computed once per step j (beside the running sums) and
+    applied to the value tile. The accumulators are staged through shared memory (over the
+    key tile, free after the product) and written to ws along n, its contiguous axis, with
+    consecutive threads on consecutive 16-byte vectors (single elements where N does not
+    split into vectors): stored straight from the mma layout, consecutive lanes wrote
+    2-byte entries N apart.
 
-sequential pass, one thread per SEQ_E entries of the n x p state of a (sequence, head):
+sequential pass, SV 16-byte vectors of the n x p state of a (sequence, head) a thread
+(plan.tile SV, default SEQ_V; SV=0, or a state that does not split into vectors: SEQ_E
+scalar entries a thread):
     per chunk in traversal order, in fp32 registers,
         dS = ws[slot];  ws[slot] = S (the state entering the chunk);  S = exp(l_last) * S + dS
     starting from the initial state (or zero); the final state is written in fp32. Pure
     bandwidth: no matrix product waits on the serial chain (the previous single state pass
-    loaded and multiplied every chunk inside it: ~33 us a chunk step on an H100). The decay
-    factors exp(l_last - lc) and exp(l_last) have exponents <= 0 for decays <= 1.
+    loaded and multiplied every chunk inside it: ~33 us a chunk step on an H100); a
+    thread's loads of a chunk are issued together, consecutive threads on consecutive
+    vectors. The decay factors exp(l_last - lc) and exp(l_last) have exponents <= 0 for
+    decays <= 1.
     dS is stored in the operand type, like the entering states (bf16/fp16: one rounding per
     chunk contribution, ~2^-9 relative; the running sum S stays fp32).
 
@@ -42,7 +52,8 @@ Extra arguments (after the common ones, see common.py):
          by two small kernels before the first direction, read by the chunk and output passes.
 `workspace_shapes` gives their shapes. Limits (`unsupported`): decays that vary over the key
 axis (their tensor-core form needs a factorisation that overflows), float64, chunk sizes that
-are not a multiple of 16 up to 128, and tiles that do not fit in 48 KB of shared memory.
+are not a multiple of 16 up to 128, and tiles that do not fit in 48 KB of shared memory
+(the chunk pass's count includes its staged dS tile, where that is larger than the key tile).
 """
 from __future__ import annotations
 
@@ -57,7 +68,8 @@ SMEM = 48 * 1024
 MMA_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
 BATCH = 16  # tile elements a thread loads before storing them to shared memory
 VBATCH = 4  # ... 16-byte vectors, in the vectorised copies
-SEQ_E = 8   # state entries per thread in the sequential pass
+SEQ_E = 8   # state entries per thread in the sequential pass (scalar form, SV=0)
+SEQ_V = 4   # 16-byte vectors of state entries per thread in the sequential pass
 
 
 def operand_dtype(plan: Plan) -> str:
@@ -85,6 +97,9 @@ class Tiles:
     VS: int = 0  # the value tile over sK (loaded after the state product): less shared memory
     MB: int = 0  # __launch_bounds__ minimum blocks per SM of every kernel (caps registers)
     LB: int = BATCH  # tile elements a thread loads before storing them (16-byte copies: LB / 4)
+    # sequential-pass variant (plan.tile SV): 16-byte vectors of the chunk states a thread
+    # (SV x 16 / esz entries; 0: one scalar entry at a time, SEQ_E of them, the older form)
+    SV: int = SEQ_V
 
     @property
     def pad(self) -> int:
@@ -103,8 +118,18 @@ def _out_smem(Q, KC, BP, mma, pad, esz, vs=False) -> int:
     return b
 
 
+def _stage_cols(NB: int, esz: int) -> int:
+    """Row length of the chunk pass's staged dS tile (BPS rows of NB key entries): padded by
+    one 16-byte vector, so that rows stay 16-byte aligned and the accumulators' scattered
+    stores are free of bank conflicts."""
+    return NB + 16 // esz
+
+
 def _state_smem(Q, NB, BPS, pad, esz) -> int:
-    return (NB * (Q + pad) + BPS * (Q + pad)) * esz + 2 * Q * 4
+    # the key tile, or the staged dS tile over it (after the product), the value tile, and
+    # the log-decays, their running sums and the decay factors of the chunk's rows
+    return (max(NB * (Q + pad), BPS * _stage_cols(NB, esz)) + BPS * (Q + pad)) * esz + \
+        3 * Q * 4
 
 
 def tiles(plan: Plan, N: int, P: int) -> Tiles | str:
@@ -149,6 +174,7 @@ def tiles(plan: Plan, N: int, P: int) -> Tiles | str:
     flags["VS"] &= int(out[0] * (Q + pad) <= max(Q, out[0]) * (out[1] + pad))
     flags["MB"] = max(0, min(16, int(pin.get("MB", 0))))
     flags["LB"] = max(1, min(BATCH, int(pin.get("LB", BATCH))))
+    flags["SV"] = max(0, min(8, int(pin.get("SV", SEQ_V))))
     return Tiles(Q=Q, NP=NP, mma=mma, OT=OT, BP=out[0], KC=out[1], BPS=state[0], NB=state[1],
                  VL=vl, **flags)
 
@@ -375,8 +401,10 @@ class _ChunkedCuda(Emitter):
             return f"t0_ // {i64(Q)} + s_"
         return f"s_ * T.max((TT + {i64(Q - 1)}) // {i64(Q)}, T.int64(1))"
 
-    def log_decays(self, direction):
-        """slc[i] = running sum of log-decays over the chunk's first i + 1 steps (0 past cl_).
+    def log_decays(self, direction, factors: bool = False):
+        """slc[i] = running sum of log-decays over the chunk's first i + 1 steps (0 past cl_);
+        with `factors`, also sfac[i] = exp(l_last - lc_i) (the sum of the log-decays after
+        step i: exponent <= 0 for decays <= 1), the decay from step i to the chunk's end.
         Ends with a barrier."""
         if not self.has_decay:
             return
@@ -391,22 +419,32 @@ class _ChunkedCuda(Emitter):
         self.sync()
         with w.block(f"if tx_ < {Q}:"):
             w(f"run_[0] = {self.zero}")
-            with w.block("for j_ in range(tx_ + 1):"):
-                w("run_[0] = run_[0] + sld[j_]")
+            if factors:
+                # one pass over all Q steps: the prefix up to i and the suffix after it
+                w(f"run_[1] = {self.zero}")
+                with w.block(f"for j_ in range({Q}):"):
+                    w("ldj_ = sld[j_]",
+                      f"run_[0] = run_[0] + T.if_then_else(j_ <= tx_, ldj_, {self.zero})",
+                      f"run_[1] = run_[1] + T.if_then_else(j_ <= tx_, {self.zero}, ldj_)")
+                w("sfac[tx_] = T.exp(run_[1])")
+            else:
+                with w.block("for j_ in range(tx_ + 1):"):
+                    w("run_[0] = run_[0] + sld[j_]")
             w("slc[tx_] = run_[0]")
         self.sync()
 
     def lc(self, i: str) -> str:
         return f"slc[{i}]" if self.has_decay else self.zero
 
-    def load_value_t(self, direction, bp: int, pb: str):
-        """sVt[pp, j] = value at (step c0_ + j, channel pb * bp + pp), zero outside."""
+    def load_value_t(self, direction, bp: int, pb: str, scale: str | None = None):
+        """sVt[pp, j] = value at (step c0_ + j, channel pb * bp + pp), zero outside (times
+        `scale`, an expression of the row r_ = j, where given)."""
         w, Q = self.w, self.t.Q
 
         def values():
             w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
-            return [self.value_of(self.program.recurrence.value.expr,
-                                  self.index("t_", p="p_"))]
+            v = self.value_of(self.program.recurrence.value.expr, self.index("t_", p="p_"))
+            return [v if scale is None else f"{v} * {scale}"]
         self.coop(Q, bp, lambda: w(f"p_ = {pb} * {i64(bp)} + {L('c_')}"),
                   f"{L('r_')} < cl_ and p_ < {i64(self.spec.P)}", values, ["sVt[c_, r_]"])
 
@@ -573,23 +611,32 @@ class _ChunkedCuda(Emitter):
 
     def chunk_pass(self, d_index: int, direction):
         """Every chunk in parallel, one block per (slot, head, p-block, n-block):
-        ws[slot] = dS = (key * exp(l_last - lc))^T @ value (the chunk's own contribution to the
-        state leaving it) and cd[slot, h] = l_last (the chunk's total log-decay)."""
+        ws[slot] = dS = key^T @ (value * exp(l_last - lc)) (the chunk's own contribution to
+        the state leaving it) and cd[slot, h] = l_last (the chunk's total log-decay). The
+        accumulators go through shared memory (over the key tile) so that ws is written
+        along n, its contiguous axis, in 16-byte vectors."""
         w, s, t = self.w, self.spec, self.t
         Q, NB, BPS = t.Q, t.NB, t.BPS
         nnb, npb = -(-s.N // NB), -(-s.P // BPS)
         self.mt_total = NB // 16
         mtw = -(-self.mt_total // WARPS)
         nt = BPS // 8
+        SW = _stage_cols(NB, t.esz)
         grid = f"NS * {i64(s.H * npb * nnb)}"
         with w.block(f'for bid_ in T.thread_binding({grid}, thread="blockIdx.x"):'):
             with w.block(f'for tx_ in T.thread_binding({THREADS}, thread="threadIdx.x"):'):
-                self.shared("sWt", (NB, Q + t.pad), t.OT)
+                # the key tile, then (after the product) the staged dS tile sO[pp, nn]
+                self.shared("sW_", (max(NB * (Q + t.pad), BPS * SW),), t.OT)
+                w(f'sWt = T.decl_buffer(({NB}, {Q + t.pad}), "{t.OT}", data=sW_.data, '
+                  'scope="shared")',
+                  f'sO = T.decl_buffer(({BPS}, {SW}), "{t.OT}", data=sW_.data, '
+                  'scope="shared")')
                 self.shared("sVt", (BPS, Q + t.pad), t.OT)
                 if self.has_decay:
                     self.shared("sld", (Q,), "float32")
                     self.shared("slc", (Q,), "float32")
-                    self.local("run_", 1, "float32")
+                    self.shared("sfac", (Q,), "float32")
+                    self.local("run_", 2, "float32")
                 self.local("acc", mtw * nt * 4, "float32")
                 self.frag_locals(mtw)
                 self.coop_regs()
@@ -599,39 +646,163 @@ class _ChunkedCuda(Emitter):
                 opened = self.slot_task()
                 with w.block("if cl_ > T.int64(0):"):
                     self.lanes()
-                    self.log_decays(direction)
-                    w(f"ll_ = {self.lc('cl_ - T.int64(1)')}")
+                    self.log_decays(direction, factors=True)
                     if self.has_decay:
                         with w.block("if nb_ == T.int64(0) and pb_ == T.int64(0) and tx_ == 0:"):
-                            w("cd[slot_, h_] = ll_")
+                            w("cd[slot_, h_] = slc[cl_ - T.int64(1)]")
 
-                    # sWt[nn, j] = key(c0_ + j, nb_ * NB + nn) * exp(l_last - lc_j)
+                    # sWt[nn, j] = key(c0_ + j, nb_ * NB + nn)
                     def key_values():
                         w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
-                        k = self.value_of(self.program.recurrence.key.expr,
-                                          self.index("t_", n="n_"))
-                        if self.has_decay:
-                            k = f"{k} * T.exp(ll_ - slc[r_])"
-                        return [k]
+                        return [self.value_of(self.program.recurrence.key.expr,
+                                              self.index("t_", n="n_"))]
                     self.coop(Q, NB, lambda: w(f"n_ = nb_ * {i64(NB)} + {L('c_')}"),
                               f"{L('r_')} < cl_ and n_ < {i64(s.N)}", key_values,
                               ["sWt[c_, r_]"])
-                    self.load_value_t(direction, BPS, "pb_")
+                    # sVt[pp, j] = value(c0_ + j, pb_ * BPS + pp) * exp(l_last - lc_j): the
+                    # decay factor of a step on the smaller operand tile, computed once a step
+                    self.load_value_t(direction, BPS, "pb_",
+                                      "sfac[r_]" if self.has_decay else None)
                     self.sync()
                     with w.block(f"for u_ in T.unroll({mtw * nt * 4}):"):
                         w(f"acc[u_] = {self.zero}")
                     self.mm("acc", mtw, nt, lambda r, k: f"sWt[{r}, {k}]",
                             lambda c, k: f"sVt[{c}, {k}]", Q)
-                    depth = self.each_acc(mtw, nt)
-                    w(f"n_ = nb_ * {i64(NB)} + {L('row_')}",
-                      f"p_ = pb_ * {i64(BPS)} + {L('col_')}")
-                    with w.block(f"if {self.mtile_valid('i_')} and n_ < {i64(s.N)} and "
-                                 f"p_ < {i64(s.P)}:"):
-                        w(f"ws[slot_, h_, p_, n_] = {self.cast_ot('acc[k_acc_]')}")
-                    w.depth -= depth
+                    self.stage_store_ws(mtw, nt, SW)
                 w.depth -= opened
 
+    def stage_store_ws(self, mtw: int, nt: int, SW: int):
+        """The chunk pass's store: the accumulators (rows nn, columns pp of the block's tile)
+        into sO[pp, nn] over the key tile, then ws[slot_, h_, p, n] from sO with consecutive
+        threads on consecutive n: 16-byte vectors (16 / esz elements) where N splits into
+        them, else single elements."""
+        w, s, t = self.w, self.spec, self.t
+        NB, BPS = t.NB, t.BPS
+        self.sync()  # every warp's reads of the key tile
+        depth = self.each_acc(mtw, nt)
+        with w.block(f"if {self.mtile_valid('i_')}:"):
+            w(f"sO[col_, row_] = {self.cast_ot('acc[k_acc_]')}")
+        w.depth -= depth
+        self.sync()
+        ve = 16 // t.esz
+        vec = s.N % ve == 0
+        per = ve if vec else 1          # elements per store
+        cols = NB // per                # stores per row of the tile
+        total = BPS * cols
+        nit = -(-total // THREADS)
+        guard = f"ix_ < {total} and " if total % THREADS else ""
+        loop = f"T.unroll({nit})" if nit <= 16 else f"range({nit})"
+        if vec:
+            ew = 4 // t.esz
+            self.words("wd_sO", "sW_", f"{max(NB * (t.Q + t.pad), BPS * SW) // ew}",
+                       shared=True)
+        with w.block(f"for it_ in {loop}:"):
+            w(f"ix_ = it_ * {THREADS} + tx_", f"r_ = ix_ // {cols}", f"c_ = ix_ % {cols} * {per}",
+              f"n_ = nb_ * {i64(NB)} + {L('c_')}", f"p_ = pb_ * {i64(BPS)} + {L('r_')}")
+            with w.block(f"if {guard}n_ < {i64(s.N)} and p_ < {i64(s.P)}:"):
+                if vec:
+                    # a 4-word view of ws at the element (the whole vector is inside: N and
+                    # c_ are multiples of its length)
+                    # (4-word views at both ends: TVM gathers a vector load from a buffer
+                    # at an offset it cannot prove aligned)
+                    w("pv_ = T.address_of(ws[slot_, h_, p_, n_])",
+                      'pw_ = T.decl_buffer((4,), "uint32", data=pv_)',
+                      f"qv_ = T.address_of(wd_sO[(r_ * {SW} + c_) // {ew}])",
+                      'qw_ = T.decl_buffer((4,), "uint32", data=qv_, scope="shared")')
+                    with w.block("for v_ in T.vectorized(4):"):
+                        w("pw_[v_] = qw_[v_]")
+                else:
+                    w("ws[slot_, h_, p_, n_] = sO[r_, c_]")
+
     def seq_pass(self, d_index: int, direction):
+        """The serial part, elementwise: every thread owns entries of the (p, n) state of a
+        (sequence, head) in fp32 registers; per chunk, in traversal order,
+            dS = ws[slot];  ws[slot] = state (entering the chunk);  state = exp(l_last) * state + dS
+        (exp(l_last) <= 1 for decays <= 1: no overflow). Pure bandwidth: a thread's SV
+        16-byte vectors of a chunk are loaded together (independent loads in flight), and
+        consecutive threads take consecutive vectors (coalesced). With SV=0, or where the
+        state does not split into whole vectors, one scalar entry at a time."""
+        s, t = self.spec, self.t
+        if not t.SV or (s.P * s.N) % (16 // t.esz):
+            return self._seq_pass_scalar(d_index, direction)
+        w = self.w
+        Q, SV, VE = t.Q, t.SV, 16 // t.esz   # vectors a thread, entries a vector
+        E = SV * VE
+        PN = s.P * s.N
+        nblk = -(-PN // (THREADS * E))
+        guard = PN % (THREADS * E) != 0
+        nseq = "(S1 - T.int64(1))" if self.varlen else "B"
+        with w.block(f'for bid_ in T.thread_binding({nseq} * {i64(s.H * nblk)}, '
+                     'thread="blockIdx.x"):'):
+            with w.block(f'for tx_ in T.thread_binding({THREADS}, thread="threadIdx.x"):'):
+                self.local("st_", E, "float32")
+                # a chunk's entries in the operand type, seen as 4 words a vector
+                self.local("dv_", E, t.OT)
+                w(f'dw_ = T.decl_buffer(({SV * 4},), "uint32", data=dv_.data, scope="local")')
+                w(f"eb_ = bid_ % {i64(nblk)}", f"h_ = bid_ // {i64(nblk)} % {i64(s.H)}",
+                  f"s_ = bid_ // {i64(nblk * s.H)}")
+                self.seq_bounds()
+                w(f"base_ = {self.slot_base()}")
+
+                def vector(body):
+                    """Per vector v_ of the thread: e_ = its first entry (flat p * N + n),
+                    under `if e_ < PN` where the last block overhangs."""
+                    with w.block(f"for v_ in T.unroll({SV}):"):
+                        w(f"e_ = ((eb_ * {i64(SV)} + {L('v_')}) * {i64(THREADS)} + "
+                          f"{L('tx_')}) * {i64(VE)}")
+                        if guard:
+                            with w.block(f"if e_ < {i64(PN)}:"):
+                                body()
+                        else:
+                            body()
+
+                def init():
+                    with w.block(f"for k_ in T.unroll({VE}):"):
+                        if self.plan.has_initial_state:
+                            w(f"p_ = (e_ + {L('k_')}) // {i64(s.N)}",
+                              f"n_ = (e_ + {L('k_')}) % {i64(s.N)}")
+                            w(f"st_[v_ * {VE} + k_] = {self.load_h0(d_index)}")
+                        else:
+                            w(f"st_[v_ * {VE} + k_] = {self.zero}")
+                vector(init)
+                # ws as one flat array (vectors never straddle a slot: PN splits into them)
+                w(f'wsf = T.decl_buffer((NS * {i64(s.H * PN)},), "{t.OT}", data=ws.data)')
+
+                def view():
+                    w(f"pv_ = T.address_of(wsf[(slot_ * {i64(s.H)} + h_) * {i64(PN)} + e_])",
+                      'pw_ = T.decl_buffer((4,), "uint32", data=pv_)')
+
+                def load():
+                    view()
+                    with w.block("for q_ in T.vectorized(4):"):
+                        w("dw_[v_ * 4 + q_] = pw_[q_]")
+
+                def update():
+                    view()
+                    with w.block(f"for k_ in T.unroll({VE}):"):
+                        w(f"i_ = v_ * {VE} + k_")
+                        dv = "dv_[i_]" if t.OT == self.acc else f'T.Cast("{self.acc}", dv_[i_])'
+                        w(f"d_ = {dv}", f"dv_[i_] = {self.cast_ot('st_[i_]')}")
+                        upd = "f_ * st_[i_]" if self.has_decay else "st_[i_]"
+                        w(f"st_[i_] = {upd} + d_")
+                    with w.block("for q_ in T.vectorized(4):"):
+                        w("pw_[q_] = dw_[v_ * 4 + q_]")
+
+                with w.block(f"for ch_ in range((L_ + {i64(Q - 1)}) // {i64(Q)}):"):
+                    w("slot_ = base_ + ch_")
+                    if self.has_decay:
+                        w("f_ = T.exp(cd[slot_, h_])")
+                    vector(load)      # all of the chunk's loads first: in flight together
+                    vector(update)
+                if self.plan.return_final_state:
+                    def final():
+                        with w.block(f"for k_ in T.unroll({VE}):"):
+                            w(f"p_ = (e_ + {L('k_')}) // {i64(s.N)}",
+                              f"n_ = (e_ + {L('k_')}) % {i64(s.N)}")
+                            w(f"hT[{self.state_index(d_index)}] = st_[v_ * {VE} + k_]")
+                    vector(final)
+
+    def _seq_pass_scalar(self, d_index: int, direction):
         """The serial part, elementwise: one thread per SEQ_E entries of the (p, n) state of a
         (sequence, head), in fp32 registers; per chunk, in traversal order,
             dS = ws[slot];  ws[slot] = state (entering the chunk);  state = exp(l_last) * state + dS
