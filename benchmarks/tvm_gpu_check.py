@@ -81,13 +81,17 @@ def ssd_bidirectional():
 BENCH = dict(b=8, t=4096, h=80, p=64, n=128, g=1)
 
 
-#: plan.tile of the bf16 output-pass variants exported at the bench shape (chunked_cuda.Tiles:
-#: GF packed G fragments, EP staged epilogue, VS value tile over the key tile, KC key-dim
-#: slice, LB load batch, MB __launch_bounds__ min blocks per SM of the output pass)
+#: plan.tile of the bf16 variants exported at the bench shape (chunked_cuda.Tiles: output
+#: pass: GF packed G fragments, EP staged epilogue, VS value tile over the key tile, KC key-dim
+#: slice, LB load batch, MB __launch_bounds__ min blocks per SM of the output pass; chunk
+#: pass: KV key tile from 16-byte loads; sequential pass: SV 16-byte vectors a thread)
 BF16_VARIANTS = {
     "gf_ep": {"GF": 1, "EP": 1},
     "kc64_occ7": {"GF": 1, "EP": 1, "KC": 64, "LB": 8, "MB": 7},
     "vs_occ6": {"GF": 1, "EP": 1, "VS": 1, "LB": 4, "MB": 6},
+    "sv2": {"SV": 2},
+    "kv": {"KV": 1},
+    "kv_gf_ep": {"KV": 1, "GF": 1, "EP": 1},
 }
 
 
@@ -128,6 +132,17 @@ def make(out_root: Path, arch: str, target: str = "cuda"):
             # registers capped for 6 blocks an SM
             ("chunked_ssd_mamba2_bf16_vs_occ6", mamba2, bench,
              dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["vs_occ6"])),
+            # the sequential pass with 2 16-byte vectors a thread (default 4: 64 registers,
+            # 8 blocks an SM; 2: 39 registers, 12 blocks an SM, half the loads in flight each)
+            ("chunked_ssd_mamba2_bf16_sv2", mamba2, bench,
+             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["sv2"])),
+            # the chunk pass's key tile from 16-byte loads, two steps at a time transposed
+            # into packed words (8 vector loads a thread instead of 64 scalar ones) ...
+            ("chunked_ssd_mamba2_bf16_kv", mamba2, bench,
+             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["kv"])),
+            # ... with the gf_ep output pass
+            ("chunked_ssd_mamba2_bf16_kv_gf_ep", mamba2, bench,
+             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["kv_gf_ep"])),
             ("chunked_ssd_mamba2_bf16_states_varlen", mamba2, dict(h=8, g=2, n=128, p=64),
              dict(dtype="bfloat16", initial_state=True, return_final_state=True, varlen=True,
                   lowering="chunked")),

@@ -86,6 +86,8 @@ CASES = {
     "mamba2-bf16-sv2-states-varlen": (MAMBA2, "bfloat16", dict(h=8, g=2, n=128, p=64),
                                       dict(has_initial_state=True, return_final_state=True,
                                            varlen=True, tile=(("SV", 2),))),
+    # the key tile of the chunk pass from 16-byte loads (plan.tile KV)
+    "mamba2-bf16-bench-kv": (MAMBA2, "bfloat16", BENCH, dict(tile=(("KV", 1),))),
     # no decay, reverse direction, chunk of 32
     "linear-reverse-bf16-chunk32": (linear_rev, "bfloat16", dict(h=4, g=4, n=32, p=48),
                                     dict(chunk_size=32, return_final_state=True)),
@@ -121,6 +123,10 @@ def test_cuda_chunked_builds(case):
     vec_seq = t.SV > 0 and (sizes["n"] * sizes["p"]) % ve == 0
     assert ("dw_ = T.decl_buffer" in src) == vec_seq
     assert ("wsf[o_]" in src) == (not vec_seq)
+    # KV: the chunk pass's key tile as packed words (only where the key is a plain input
+    # whose rows split into 16-byte vectors)
+    assert t.KV == int(bool(dict(kw.get("tile", ())).get("KV")) and t.VL > 1)
+    assert ("wd_sWt[" in src) == bool(t.KV)
     # a chunk pass, a sequential pass and an output pass per direction (+ for packed
     # sequences: the slot map's reset and fill)
     kernels = cu.count('extern "C" __global__') // 2
@@ -458,3 +464,40 @@ def test_chunk_pass_shared_memory(chunk):
     stage = t.BPS * _stage_cols(t.NB, t.esz)
     assert f"sW_ = T.alloc_buffer(({max(stage, t.NB * (t.Q + t.pad))},)" in kernel
     assert (stage > t.NB * (t.Q + t.pad)) == (chunk == 16)
+
+
+@pytest.mark.parametrize("Q,NB,N,cl", [(64, 128, 128, 64), (64, 128, 128, 37), (16, 32, 40, 9)])
+def test_key_pairs_transpose(Q, NB, N, cl):
+    """plan.tile KV: the key tile from 16-byte row loads, two steps an item, entry k of the two
+    rows packed into one 32-bit word of sWt (low half: the even step), equals key^T (zero
+    past cl and N), with consecutive threads on consecutive step pairs."""
+    import numpy as np
+
+    from ssmc.backends.tvm.lowerings.chunked_cuda import THREADS
+    VL, pad = 8, 8
+    rng = np.random.default_rng(0)
+    key = rng.integers(0, 1 << 16, size=(Q, -(-N // VL) * VL), dtype=np.uint16)  # bf16 bits
+    words = key.view("<u4")                                   # little-endian rows, 2 a word
+    half, cv = Q // 2, NB // VL
+    swt = np.full(NB * (Q + pad) // 2, 0xDEADBEEF, dtype=np.uint32)
+    for nb in range(-(-N // NB)):
+        swt[:] = 0xDEADBEEF
+        for ix in range(-(-(half * cv) // THREADS) * THREADS):
+            if ix >= half * cv:
+                continue
+            r, c = ix % half, ix // half * VL
+            n = nb * NB + c
+            vv = []
+            for row in (2 * r, 2 * r + 1):
+                ok = row < cl and n < N
+                vv.append(words[row, n // 2:n // 2 + 4] if ok else np.zeros(4, np.uint32))
+            for k in range(VL):
+                sh = np.uint32(k % 2 * 16)
+                e0 = (vv[0][k // 2] >> sh) & np.uint32(65535)
+                e1 = (vv[1][k // 2] >> sh) & np.uint32(65535)
+                swt[((c + k) * (Q + pad) + r * 2) // 2] = e0 | (e1 << np.uint32(16))
+        tile = swt.view("<u2").reshape(NB, Q + pad)[:, :Q]    # sWt[nn, j]
+        want = np.zeros((NB, Q), np.uint16)
+        n_hi = min(N, (nb + 1) * NB) - nb * NB
+        want[:n_hi, :cl] = key[:cl, nb * NB:nb * NB + n_hi].T
+        assert (tile == want).all()

@@ -100,6 +100,10 @@ class Tiles:
     # sequential-pass variant (plan.tile SV): 16-byte vectors of the chunk states a thread
     # (SV x 16 / esz entries; 0: one scalar entry at a time, SEQ_E of them, the older form)
     SV: int = SEQ_V
+    # chunk-pass variant (plan.tile KV, 0/1): the key tile copied in 16-byte vectors (a plain
+    # key input in the operand type whose rows split into vectors), two steps at a time,
+    # transposed in registers into 32-bit words of sWt; else element by element
+    KV: int = 0
 
     @property
     def pad(self) -> int:
@@ -175,6 +179,7 @@ def tiles(plan: Plan, N: int, P: int) -> Tiles | str:
     flags["MB"] = max(0, min(16, int(pin.get("MB", 0))))
     flags["LB"] = max(1, min(BATCH, int(pin.get("LB", BATCH))))
     flags["SV"] = max(0, min(8, int(pin.get("SV", SEQ_V))))
+    flags["KV"] = int(bool(pin.get("KV", 0)) and vl > 1)
     return Tiles(Q=Q, NP=NP, mma=mma, OT=OT, BP=out[0], KC=out[1], BPS=state[0], NB=state[1],
                  VL=vl, **flags)
 
@@ -652,13 +657,17 @@ class _ChunkedCuda(Emitter):
                             w("cd[slot_, h_] = slc[cl_ - T.int64(1)]")
 
                     # sWt[nn, j] = key(c0_ + j, nb_ * NB + nn)
-                    def key_values():
-                        w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
-                        return [self.value_of(self.program.recurrence.key.expr,
-                                              self.index("t_", n="n_"))]
-                    self.coop(Q, NB, lambda: w(f"n_ = nb_ * {i64(NB)} + {L('c_')}"),
-                              f"{L('r_')} < cl_ and n_ < {i64(s.N)}", key_values,
-                              ["sWt[c_, r_]"])
+                    key_ref = self.plain_operand("key") if t.KV else None
+                    if key_ref is not None:
+                        self.key_pairs(direction, key_ref, SW)
+                    else:
+                        def key_values():
+                            w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
+                            return [self.value_of(self.program.recurrence.key.expr,
+                                                  self.index("t_", n="n_"))]
+                        self.coop(Q, NB, lambda: w(f"n_ = nb_ * {i64(NB)} + {L('c_')}"),
+                                  f"{L('r_')} < cl_ and n_ < {i64(s.N)}", key_values,
+                                  ["sWt[c_, r_]"])
                     # sVt[pp, j] = value(c0_ + j, pb_ * BPS + pp) * exp(l_last - lc_j): the
                     # decay factor of a step on the smaller operand tile, computed once a step
                     self.load_value_t(direction, BPS, "pb_",
@@ -670,6 +679,43 @@ class _ChunkedCuda(Emitter):
                             lambda c, k: f"sVt[{c}, {k}]", Q)
                     self.stage_store_ws(mtw, nt, SW)
                 w.depth -= opened
+
+    def key_pairs(self, direction, ref: str, SW: int):
+        """sWt[nn, j] = key(c0_ + j, nb_ * NB + nn) (KV; zero outside), from 16-byte loads of
+        the key rows: an item is a pair of steps (2 r_, 2 r_ + 1) and VL entries from n
+        offset c_; consecutive threads take consecutive pairs. Entry k of the two rows makes
+        the 32-bit word (low half: step 2 r_, as the fragment loads read it) at sWt[c_ + k,
+        2 r_]. `ref`: the key element at (t_, n_)."""
+        w, s, t = self.w, self.spec, self.t
+        Q, NB, VL = t.Q, t.NB, t.VL
+        half, cv = Q // 2, NB // VL
+        self.words("wd_sWt", "sW_", f"{max(NB * (Q + t.pad), t.BPS * SW) // 2}", shared=True)
+
+        def load(in_range: str):
+            w(f"n_ = nb_ * {i64(NB)} + {L('c_')}")
+            for k, row in enumerate(("r_ * 2", "r_ * 2 + 1")):
+                with w.block(f"if {in_range}{L(row)} < cl_ and n_ < {i64(s.N)}:"):
+                    w(f"t_ = {self.time_of(direction, 'c0_ + ' + L(row))}",
+                      f"pv{k}_ = T.address_of({ref})",
+                      f'pw{k}_ = T.decl_buffer((4,), "uint32", data=pv{k}_)')
+                    with w.block("for v_ in T.vectorized(4):"):
+                        w(f"vv{k}_[u_ * 4 + v_] = pw{k}_[v_]")
+                with w.block("else:"):
+                    with w.block("for v_ in T.vectorized(4):"):
+                        w(f"vv{k}_[u_ * 4 + v_] = T.uint32(0)")
+
+        def store():
+            with w.block(f"for k_ in T.unroll({VL}):"):
+                w("sh_ = T.Cast(\"uint32\", k_ % 2 * 16)",
+                  "e0_ = T.bitwise_and(T.shift_right(vv0_[u_ * 4 + k_ // 2], sh_), "
+                  "T.uint32(65535))",
+                  "e1_ = T.bitwise_and(T.shift_right(vv1_[u_ * 4 + k_ // 2], sh_), "
+                  "T.uint32(65535))",
+                  f"wd_sWt[((c_ + k_) * {Q + t.pad} + r_ * 2) // 2] = "
+                  "T.bitwise_or(e0_, T.shift_left(e1_, T.uint32(16)))")
+
+        self._two_phase(half * cv, self.vbatch, (f"r_ = ix_ % {half}", f"c_ = ix_ // {half} * {VL}"),
+                        load, store)
 
     def stage_store_ws(self, mtw: int, nt: int, SW: int):
         """The chunk pass's store: the accumulators (rows nn, columns pp of the block's tile)
