@@ -1,8 +1,9 @@
 """Per-kernel device times of one ssmc call (torch.profiler), for tuning.
 
-    python3 benchmarks/profile_kernels.py [chunked|scan|quadratic] [--train]
+    python3 benchmarks/profile_kernels.py [chunked|scan|quadratic] [--train] [--bwd-tile K=V,...]
 
 `--train` profiles forward + backward (every leaf requires grad), host-side torch ops included.
+`--bwd-tile BT_bwd=64,BP_bwd=32` overrides the chunked backward's tiles (as plan.tile would).
 """
 import sys
 
@@ -12,8 +13,14 @@ from torch.profiler import ProfilerActivity, profile
 from ssmc.ops import ssd
 
 b, t, h, n, p = 8, 4096, 80, 128, 64
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
+args = [a for a in sys.argv[1:] if not a.startswith("-") and "=" not in a]
 train = "--train" in sys.argv
+if "--bwd-tile" in sys.argv:
+    from ssmc.backends.triton.lowerings import chunked_bwd
+    pins = dict(kv.split("=") for kv in sys.argv[sys.argv.index("--bwd-tile") + 1].split(","))
+    default_tiles = chunked_bwd.tiles
+    chunked_bwd.tiles = lambda plan, sizes: dict(
+        default_tiles(plan, sizes), **{k.removesuffix("_bwd"): int(v) for k, v in pins.items()})
 low = args[0] if args else "chunked"
 x = torch.randn(b, t, h, p, device="cuda", dtype=torch.bfloat16)
 dt = (torch.randn(b, t, h, device="cuda") * 0.5 - 1).to(torch.bfloat16)
@@ -42,7 +49,12 @@ with profile(activities=[ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if tra
     for _ in range(5):
         f()
     torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30 if train else 8))
+# device time per call of every kernel, largest first
+events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+for e in events[:24]:
+    if e.self_device_time_total > 0:
+        print(f"{e.self_device_time_total / 5e3:8.3f} ms {e.count / 5:5.1f}x  {e.key[:80]}")
+print(f"all kernels {sum(e.self_device_time_total for e in events) / 5e3:.3f} ms per call")
 print(f"peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
 

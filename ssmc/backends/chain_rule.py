@@ -191,6 +191,14 @@ class ChainRule:
                 out[name] = expr
         return out
 
+    @functools.cached_property
+    def row_complete(self) -> frozenset:
+        """Inputs on full (b, t, h, p) rows whose `row_terms` are their whole gradient (no
+        operand but value reads them): a backend may store those terms in the input's dtype."""
+        others = set().union(*(d for op, d in self.exprs.operands.items() if op != "value"))
+        return frozenset(name for name in self.row_terms
+                         if self._input_axes[name] == ROW_AXES and name not in others)
+
     @property
     def needs_y(self) -> bool:
         """Whether the epilogue's derivatives need y (recomputed by the backend)."""

@@ -74,7 +74,9 @@ def make_backward(backend, plan: Plan):
         else:
             saved, y = chunked_bwd.forward_pass(module, bplan, tensors, sizes,
                                                 initial_state, cu_seqlens, want_y and not late_y)
-        dy = chain_rows.epilogue_dy(backend, plan, rule, tensors, sizes, y, grad_out)
+        # dy stored like the chunk states: the chunked kernels round it to the matmul type
+        dy_dtype = None if use_scan else chunked_bwd.state_dtype(bplan)
+        dy = chain_rows.epilogue_dy(backend, plan, rule, tensors, sizes, y, grad_out, dy_dtype)
         env, g_out, dy_host = rule.epilogue(tensors, sizes, y, grad_out, cdt, dy is None)
         dy = dy_host if dy is None else dy
         if use_scan:
@@ -86,6 +88,7 @@ def make_backward(backend, plan: Plan):
             if late_y:
                 y = y_late
                 env[Y.name] = y.unsqueeze(3)
+        del saved, dy    # the chunk states are the largest buffers: gone before the chain rule
         op_grads = sum_directions(per_dir)
         rows = chain_rows.row_parts(backend, plan, rule, tensors, sizes, y, grad_out, op_grads)
         grouped = frozenset() if use_scan else chunked_bwd.grouped_operands(bplan, sizes)

@@ -86,8 +86,9 @@ def ssmc_chain_rows(
 
 
 def _launch(backend, plan: Plan, key: str, terms: dict, axes_of: dict, tensors: dict,
-            sizes: dict, y, dv, grad_out) -> dict[str, torch.Tensor]:
-    """Render (cached under `key`), allocate each term's canonical output and launch."""
+            sizes: dict, y, dv, grad_out, dtypes=None) -> dict[str, torch.Tensor]:
+    """Render (cached under `key`), allocate each term's canonical output (in `dtypes[name]`,
+    default the compute type) and launch."""
     prog = plan.program
     module = backend.load_generated(plan.cache_key(backend.cache_tag()) + key,
                                     lambda: render(plan, terms, axes_of))
@@ -100,7 +101,7 @@ def _launch(backend, plan: Plan, key: str, terms: dict, axes_of: dict, tensors: 
     for name in terms:
         axes = axes_of[name]
         shape = (B, T if "t" in axes else ntb, H, 1, P if "p" in axes else 1)
-        out[name] = torch.empty(shape, dtype=cdt, device=device)
+        out[name] = torch.empty(shape, dtype=(dtypes or {}).get(name, cdt), device=device)
     if B * T * H == 0:
         return {k: v.zero_() for k, v in out.items()}
     module.ssmc_chain_rows[(B, ntb, H)](
@@ -111,14 +112,14 @@ def _launch(backend, plan: Plan, key: str, terms: dict, axes_of: dict, tensors: 
 
 
 def epilogue_dy(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, y,
-                grad_out) -> torch.Tensor | None:
-    """dy = grad_out * dE/dy as a contiguous (b, t, h, p) tensor in the compute type, or None
-    where dE/dy reads inputs off the rows (the host computes it then)."""
+                grad_out, dtype=None) -> torch.Tensor | None:
+    """dy = grad_out * dE/dy as a contiguous (b, t, h, p) tensor in `dtype` (default the
+    compute type), or None where dE/dy reads inputs off the rows (the host computes it then)."""
     expr = rule.row_dy
     if expr is None:
         return None
     out = _launch(backend, plan, "_dy", {"dy": expr}, {"dy": set("bthp")}, tensors, sizes, y,
-                  None, grad_out)
+                  None, grad_out, {"dy": dtype} if dtype else None)
     B, T, H, P = (sizes[a] for a in "bthp")
     return out["dy"].view(B, T, H, P)
 
@@ -134,4 +135,7 @@ def row_parts(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, 
     if dv is None and any(DV in e.free_symbols for e in terms.values()):
         return {}
     axes_of = {name: set(plan.program.input(name).axes) for name in terms}
-    return _launch(backend, plan, "_rows", terms, axes_of, tensors, sizes, y, dv, grad_out)
+    # an input's whole gradient is stored in its own dtype (no fp32 copy to convert)
+    dtypes = {name: tensors[name].dtype for name in rule.row_complete}
+    return _launch(backend, plan, "_rows", terms, axes_of, tensors, sizes, y, dv, grad_out,
+                   dtypes)

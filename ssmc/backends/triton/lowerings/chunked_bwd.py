@@ -74,6 +74,15 @@ CONSTS = ("BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, REVERSE: tl.con
           "    IS_VARLEN: tl.constexpr")
 
 
+def head_free(plan: Plan) -> bool:
+    """Whether query and key read no input with a head axis (the same for every head of a
+    group: the chain rule then only needs their gradients summed over the group's heads)."""
+    prog = plan.program
+    axes = {i.name: i.axes for i in prog.inputs}
+    exprs = (prog.recurrence.query.expr, prog.recurrence.key.expr)
+    return all("h" not in axes[s.name] for e in exprs for s in e.free_symbols if s.name in axes)
+
+
 def per_key_decay(plan: Plan) -> bool:
     ld = plan.program.log_decay
     return ld is not None and "n" in ld.axes
@@ -318,19 +327,36 @@ def ssmc_chunked_bwd(
 """
 
 
-def render_dv_kernel(plan: Plan) -> str:
-    """Decays without n, per (chunk, head, p-block) in parallel: dv; for a decay, its gradient
-    (complete: chunk-local reverse sums plus the chunk-end term, per p-block partial); y when
-    WANT_Y (summed over directions: ACCUM_Y adds to what is there)."""
-    body = Emitter(indent=1)
+def _qk_loads(plan: Plan, body: Emitter):
+    """query and key of one chunk in the matmul type, and the causal mask."""
     o = _Ops(plan, body)
-    dot = o.dot
     o.operand("query", "query")
     o.operand("key", "key")
+    body(f"query = query.to({o.dt})")
+    body(f"key = key.to({o.dt})")
+    body("causal = offs_c[:, None] >= offs_c[None, :]")
+
+
+def render_dv_kernel(plan: Plan) -> str:
+    """Decays without n, per (chunk, block of HEADS heads, p-block) in parallel: dv; for a
+    decay, its gradient (complete: chunk-local reverse sums plus the chunk-end term, per
+    p-block partial); y when WANT_Y (summed over directions: ACCUM_Y adds to what is there).
+    Where query and key are the same for every head, they and q k^T are made once per block."""
+    pre = Emitter(indent=1)
+    body = Emitter(indent=2)
+    shared = head_free(plan)
+    o = _Ops(plan, body)
+    dot = o.dot
+    _qk_loads(plan, pre if shared else body)
+    (pre if shared else body)("QK = " + dot("query", "tl.trans(key)"))
+    body("h_idx = h_first + j")
     o.operand("value", "value")
     o.dy()
     o.decay()
-    o.scores()
+    if o.mode == "row":
+        body("A = QK * tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
+    else:
+        body("A = tl.where(causal, QK, 0.0)")
     body("st_off = ((chunk * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]")
     body("st_mask = mask_n[:, None] & mask_p[None, :]")
     body("S_in = tl.load(ssmc_states + st_off, mask=st_mask, other=0.0)")      # (n, p)
@@ -370,31 +396,31 @@ def render_dv_kernel(plan: Plan) -> str:
 def ssmc_chunked_bwd_dv(
     {input_params(plan.program)},
     ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dv, ssmc_dl, ssmc_y, {CHUNK_PARAMS}
-    {CONSTS}, WANT_Y: tl.constexpr, ACCUM_Y: tl.constexpr,
+    {CONSTS}, H, HEADS: tl.constexpr, NPB: tl.constexpr, WANT_Y: tl.constexpr,
+    ACCUM_Y: tl.constexpr,
 ):
-{CHUNK_SETUP}
+{CHUNK_HEADS_SETUP}
 {indent(ROWS, 1)}
+{pre.text()}
+    for j in range(HEADS):
 {body.text()}
 """
 
 
 def render_dqk_kernel(plan: Plan) -> str:
     """Decays without n, per (chunk, block of HEADS heads, n-block) in parallel: dq and dk
-    summed over the block's heads (a group's heads when query and key are the same for all of
-    them, else one head), the p axis walked in NPBK blocks of BP."""
+    summed over the block's heads (HEADS > 1 only where query and key are the same for every
+    head of a group; the host adds up a group's blocks), the p axis walked in NPBK blocks of
+    BP."""
     pre = Emitter(indent=1)
-    o_qk = _Ops(plan, pre)
-    dot = o_qk.dot
-    o_qk.operand("query", "query")
-    o_qk.operand("key", "key")
-    pre(f"query = query.to({o_qk.dt})")
-    pre(f"key = key.to({o_qk.dt})")
-    pre("causal = offs_c[:, None] >= offs_c[None, :]")
-    pre(f"dq = tl.zeros([BT, BN], dtype={o_qk.ct})")
-    pre(f"dk = tl.zeros([BT, BN], dtype={o_qk.ct})")
     body = Emitter(indent=2)
+    shared = head_free(plan)
     o = _Ops(plan, body)
+    dot = o.dot
+    pre(f"dq = tl.zeros([BT, BN], dtype={o.ct})")
+    pre(f"dk = tl.zeros([BT, BN], dtype={o.ct})")
     body("h_idx = h_first + j")
+    _qk_loads(plan, pre if shared else body)
     o.decay()
     body(f"dyv = tl.zeros([BT, BT], dtype={o.ct})")
     body(f"dyS = tl.zeros([BT, BN], dtype={o.ct})")
@@ -587,23 +613,28 @@ def _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, reverse):
     return local + term[chunk][None]
 
 
-def heads_per_group_program(plan: Plan, sizes: dict) -> int:
-    """Heads whose dq and dk one program sums: all of a group's when query and key read no
-    input with a head axis (so they are the same for every head of the group, and the chain
-    rule only ever sums their gradients over the group's heads), else one."""
-    prog = plan.program
-    axes = {i.name: i.axes for i in prog.inputs}
-    exprs = (prog.recurrence.query.expr, prog.recurrence.key.expr)
-    head_free = all("h" not in axes[s.name] for e in exprs for s in e.free_symbols
-                    if s.name in axes)
-    return sizes["h"] // sizes["g"] if head_free else 1
-
-
 def grouped_operands(plan: Plan, sizes: dict) -> frozenset:
     """The operands whose gradients `backward_pass` returns summed over each group's heads."""
-    if per_key_decay(plan) or heads_per_group_program(plan, sizes) == 1:
+    if per_key_decay(plan) or not head_free(plan) or sizes["h"] == sizes["g"]:
         return frozenset()
     return frozenset({"query", "key"})
+
+
+#: programs a head block should still leave (about 8 waves of one program per SM on an H100)
+PROGRAMS = 1024
+
+
+def head_block(plan: Plan, sizes: dict, programs_per_head: int) -> int:
+    """Heads one program walks: the largest divisor of a group's heads that still leaves about
+    PROGRAMS programs (a block re-uses query, key and q k^T, and sums dq and dk in registers),
+    where query and key are the same for every head of a group; else one."""
+    hpg = sizes["h"] // sizes["g"]
+    if not head_free(plan):
+        return 1
+    for d in range(hpg, 0, -1):
+        if hpg % d == 0 and programs_per_head * sizes["h"] // d >= PROGRAMS:
+            return d
+    return 1
 
 
 def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_seqlens,
@@ -629,7 +660,8 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     consts = dict(BT=m["BT"], BN=m["BN"], BP=m["BP"], IS_VARLEN=cu_seqlens is not None)
     # a dozen (BT, BN|BP) tiles live at once: 8 warps keep them in registers on a GPU
     launch = dict(num_warps=8) if device.type == "cuda" else {}
-    y = torch.empty(B, T, H, P, dtype=cdt, device=device) if want_y else None
+    # y for the epilogue's derivatives, stored like the states (bf16 for bf16 plans)
+    y = torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device) if want_y else None
     results = []
     for i, (direction, gT) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, grad_final))):
@@ -649,21 +681,26 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
             continue
         dv = torch.empty(B, T, H, P, dtype=cdt, device=device)
         dl = torch.empty(NPB, B, T, H, dtype=cdt, device=device) if mode == "row" else dummy
-        heads = heads_per_group_program(plan, sizes)
-        dq = torch.empty(B, T, H // heads, N, dtype=cdt, device=device)
-        dk = torch.empty(B, T, H // heads, N, dtype=cdt, device=device)
+        bn = min(m["BN"], 64)
+        nnb = triton.cdiv(N, bn)
+        heads_qk = head_block(plan, sizes, n_chunks * nnb)
+        dq = torch.empty(B, T, H // heads_qk, N, dtype=cdt, device=device)
+        dk = torch.empty(B, T, H // heads_qk, N, dtype=cdt, device=device)
         if n_chunks > 0:
-            module.ssmc_chunked_bwd_dv[(n_chunks, H, NPB)](
+            heads_v = head_block(plan, sizes, n_chunks * NPB)
+            module.ssmc_chunked_bwd_dv[(n_chunks, H // heads_v, NPB)](
                 *args, dy, saved["states"][i], dstates, dv, dl, dummy if y is None else y,
-                *chunk_args, REVERSE=reverse, WANT_Y=want_y, ACCUM_Y=i > 0, **consts,
-                **launch)
-            bn = min(m["BN"], 64)
-            module.ssmc_chunked_bwd_dqk[(n_chunks, H // heads, triton.cdiv(N, bn))](
+                *chunk_args, REVERSE=reverse, H=H, HEADS=heads_v, NPB=NPB, WANT_Y=want_y,
+                ACCUM_Y=i > 0, **consts, **launch)
+            module.ssmc_chunked_bwd_dqk[(n_chunks, H // heads_qk, nnb)](
                 *args, dy, saved["states"][i], dstates, dq, dk, *chunk_args,
-                REVERSE=reverse, H=H, HEADS=heads, NPBK=NPB, NPB=1,
+                REVERSE=reverse, H=H, HEADS=heads_qk, NPBK=NPB, NPB=1,
                 **dict(consts, BN=bn), **launch)
         elif want_y:
             y.zero_()
+        if grouped_operands(plan, sizes) and H // heads_qk != G:   # blocks -> groups
+            dq = dq.view(B, T, G, -1, N).sum(3)
+            dk = dk.view(B, T, G, -1, N).sum(3)
         grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3)}
         if mode == "row":   # (NPB, b, t, h) partials -> (b, t, h, 1, 1)
             grads["log_decay"] = (dl[0] if NPB == 1 else dl.sum(0))[..., None, None]
