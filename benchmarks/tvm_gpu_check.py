@@ -83,8 +83,9 @@ BENCH = dict(b=8, t=4096, h=80, p=64, n=128, g=1)
 
 #: plan.tile of the bf16 variants exported at the bench shape (chunked_cuda.Tiles: output
 #: pass: GF packed G fragments, EP staged epilogue, VS value tile over the key tile, KC key-dim
-#: slice, LB load batch, MB __launch_bounds__ min blocks per SM of the output pass; chunk
-#: pass: KV key tile from 16-byte loads; sequential pass: SV 16-byte vectors a thread)
+#: slice, LB load batch, MB __launch_bounds__ min blocks per SM of the output pass, SP state
+#: tile prefetched into registers; chunk pass: KV key tile from 16-byte loads (now the
+#: default); sequential pass: SV 16-byte vectors a thread)
 BF16_VARIANTS = {
     "gf_ep": {"GF": 1, "EP": 1},
     "kc64_occ7": {"GF": 1, "EP": 1, "KC": 64, "LB": 8, "MB": 7},
@@ -92,6 +93,8 @@ BF16_VARIANTS = {
     "sv2": {"SV": 2},
     "kv": {"KV": 1},
     "kv_gf_ep": {"KV": 1, "GF": 1, "EP": 1},
+    "sp": {"SP": 1},
+    "sp_occ5": {"SP": 1, "MB": 5},
 }
 
 
@@ -143,6 +146,14 @@ def make(out_root: Path, arch: str, target: str = "cuda"):
             # ... with the gf_ep output pass
             ("chunked_ssd_mamba2_bf16_kv_gf_ep", mamba2, bench,
              dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["kv_gf_ep"])),
+            # the output pass's state tile loaded into registers before the query-key product
+            # and stored to shared memory after it (its loads in flight during the product;
+            # 105 registers: 4 blocks an SM) ...
+            ("chunked_ssd_mamba2_bf16_sp", mamba2, bench,
+             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["sp"])),
+            # ... with registers capped for 5 blocks an SM (a few spilled)
+            ("chunked_ssd_mamba2_bf16_sp_occ5", mamba2, bench,
+             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["sp_occ5"])),
             ("chunked_ssd_mamba2_bf16_states_varlen", mamba2, dict(h=8, g=2, n=128, p=64),
              dict(dtype="bfloat16", initial_state=True, return_final_state=True, varlen=True,
                   lowering="chunked")),

@@ -21,6 +21,7 @@ from ssmc.backends.tvm.lowerings import LOWERINGS, KernelSpec, func_name  # noqa
 from ssmc.backends.tvm.lowerings.chunked_cuda import (  # noqa: E402
     tiles,
     unsupported,
+    value_split,
     workspace_shapes,
 )
 from ssmc.ops.ssd import build as ssd_build  # noqa: E402
@@ -86,8 +87,14 @@ CASES = {
     "mamba2-bf16-sv2-states-varlen": (MAMBA2, "bfloat16", dict(h=8, g=2, n=128, p=64),
                                       dict(has_initial_state=True, return_final_state=True,
                                            varlen=True, tile=(("SV", 2),))),
-    # the key tile of the chunk pass from 16-byte loads (plan.tile KV)
-    "mamba2-bf16-bench-kv": (MAMBA2, "bfloat16", BENCH, dict(tile=(("KV", 1),))),
+    # the key tile of the chunk pass element by element (plan.tile KV=0; 16-byte loads are
+    # the default)
+    "mamba2-bf16-bench-kv0": (MAMBA2, "bfloat16", BENCH, dict(tile=(("KV", 0),))),
+    # the output pass's state tile prefetched into registers (plan.tile SP)
+    "mamba2-bf16-bench-sp": (MAMBA2, "bfloat16", BENCH, dict(tile=(("MB", 5), ("SP", 1)))),
+    # SP where the state product slices the key dim (KC < n): ignored
+    "mamba2-bf16-bench-sp-kc64": (MAMBA2, "bfloat16", BENCH,
+                                  dict(tile=(("KC", 64), ("SP", 1)))),
     # no decay, reverse direction, chunk of 32
     "linear-reverse-bf16-chunk32": (linear_rev, "bfloat16", dict(h=4, g=4, n=32, p=48),
                                     dict(chunk_size=32, return_final_state=True)),
@@ -123,10 +130,28 @@ def test_cuda_chunked_builds(case):
     vec_seq = t.SV > 0 and (sizes["n"] * sizes["p"]) % ve == 0
     assert ("dw_ = T.decl_buffer" in src) == vec_seq
     assert ("wsf[o_]" in src) == (not vec_seq)
-    # KV: the chunk pass's key tile as packed words (only where the key is a plain input
-    # whose rows split into 16-byte vectors)
-    assert t.KV == int(bool(dict(kw.get("tile", ())).get("KV")) and t.VL > 1)
+    # KV (default on): the chunk pass's key tile as packed words (only where the key is a
+    # plain input whose rows split into 16-byte vectors)
+    pins = dict(kw.get("tile", ()))
+    assert t.KV == int(bool(pins.get("KV", 1)) and t.VL > 1)
     assert ("wd_sWt[" in src) == bool(t.KV)
+    # SP: the output pass's state tile through registers, only with 16-byte copies and the
+    # whole key dim in one slice
+    assert t.SP == int(bool(pins.get("SP")) and t.VL > 1 and t.KC == t.NP)
+    assert ("spv_[" in src) == bool(t.SP)
+    if t.SP:
+        # loads issued before the query-key product, stored into sK after it
+        out_k = src.split('thread="blockIdx.x"')[-1]
+        first_mma = out_k.index("T.ptx_legacy.mma")
+        assert out_k.index("spv_[u_ * 4 + v_] = pw0_[v_]") < first_mma
+        assert out_k.index("= spv_[u_ * 4 + v_]") > first_mma
+    # a value that splits into a bare input times a row scale (Mamba-2's x * dt): the scale
+    # once a step (svs), none of its transcendental functions in the value tile's copies
+    split = value_split(defn.program) is not None
+    assert ("svs[r_]" in src) == split
+    copies = [ln for ln in src.splitlines() if "lv0_[u_] = " in ln and "svs[r_]" in ln]
+    assert bool(copies) == split
+    assert not any("T.exp" in ln or "T.log" in ln for ln in copies)
     # a chunk pass, a sequential pass and an output pass per direction (+ for packed
     # sequences: the slot map's reset and fill)
     kernels = cu.count('extern "C" __global__') // 2
@@ -442,7 +467,8 @@ def test_seq_pass_vector_mapping(PN, SV, VE):
 @pytest.mark.parametrize("chunk", [16, 64])
 def test_chunk_pass_shared_memory(chunk):
     """The chunk pass's shared allocations (the key tile with the staged dS tile over it, the
-    value tile, the log-decays) are what the budget check (_state_smem) counts, within 48 KB;
+    value tile, the log-decays, the value's row scales) are what the budget check (_state_smem)
+    counts, within 48 KB;
     at chunk 16 the staged tile is the larger of the two it shares."""
     import re
 
@@ -460,7 +486,8 @@ def test_chunk_pass_shared_memory(chunk):
             if d.strip():
                 n *= int(d)
         used += n * size[dtype]
-    assert used == _state_smem(t.Q, t.NB, t.BPS, t.pad, t.esz) <= SMEM
+    assert used == _state_smem(t.Q, t.NB, t.BPS, t.pad, t.esz,
+                               value_split(MAMBA2.program) is not None) <= SMEM
     stage = t.BPS * _stage_cols(t.NB, t.esz)
     assert f"sW_ = T.alloc_buffer(({max(stage, t.NB * (t.Q + t.pad))},)" in kernel
     assert (stage > t.NB * (t.Q + t.pad)) == (chunk == 16)
@@ -501,3 +528,74 @@ def test_key_pairs_transpose(Q, NB, N, cl):
         n_hi = min(N, (nb + 1) * NB) - nb * NB
         want[:n_hi, :cl] = key[:cl, nb * NB:nb * NB + n_hi].T
         assert (tile == want).all()
+
+
+def test_value_split():
+    """The value as a bare input carrying p times a factor free of p and n (evaluated once a
+    step): Mamba-2's x * softplus(dt + dt_bias); none for a bare value or a product of two
+    inputs carrying p."""
+    import sympy as sp
+    base, scale = value_split(MAMBA2.program)
+    assert base.name == "x" and {x.name for x in scale.free_symbols} == {"dt", "dt_bias"}
+    assert sp.simplify(base * scale - MAMBA2.program.recurrence.value.expr) == 0
+    assert value_split(ssd_bi.program)[0].name == "x"
+    assert value_split(linear_rev.program) is None and value_split(gla.program) is None
+
+    @ssmc.ssm
+    def gated(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"], u: S.In["b t h p"]):
+        return S.recurrence(key=k, value=v * u, query=q)
+    assert value_split(gated.program) is None
+
+    @ssmc.ssm
+    def keyed(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"], a: S.In["b t h"]):
+        return S.recurrence(key=k, value=v * S.exp(a), query=q)
+    base, scale = value_split(keyed.program)
+    assert base.name == "v" and {x.name for x in scale.free_symbols} == {"a"}
+
+
+@pytest.mark.parametrize("BP,KC,VL,esz,N,P", [(64, 128, 8, 2, 128, 64), (64, 64, 8, 2, 64, 40),
+                                              (24, 48, 8, 2, 48, 20), (16, 16, 8, 2, 16, 13)])
+def test_state_prefetch_mapping(BP, KC, VL, esz, N, P):
+    """plan.tile SP: the state tile's vectors (state_prefetch's formulas) cover every (p, n)
+    of the block's BP x KC tile once, from ws[.., p, n:n + VL] (16-byte aligned) to the same
+    entries of sK's row p (16-byte aligned, rows of KC + 8); zero outside; consecutive threads
+    on consecutive vectors of a row."""
+    import numpy as np
+
+    from ssmc.backends.tvm.lowerings.chunked_cuda import THREADS
+    pad, ew = 8, 4 // esz
+    cv = KC // VL
+    total = BP * cv
+    items = -(-total // THREADS)
+    rng = np.random.default_rng(1)
+    for pb in range(-(-P // BP)):
+        ws = rng.integers(1, 1 << 16, size=(P, N), dtype=np.uint16)
+        words = ws.view("<u4").reshape(-1)                    # ws[p, n] as flat words
+        sk = np.full(BP * (KC + pad) // ew, 0xDEADBEEF, dtype=np.uint32)
+        spv = np.zeros((items, 4), np.uint32)
+        for tx in range(THREADS):                             # the loads
+            for u in range(items):
+                ix = u * THREADS + tx
+                r, c = ix // cv, ix % cv * VL
+                n, p = c, pb * BP + r
+                if ix < total and n < N and p < P:
+                    assert (p * N + n) * esz % 16 == 0 and n + VL <= N
+                    spv[u] = words[(p * N + n) // ew:(p * N + n) // ew + 4]
+                else:
+                    spv[u] = 0
+            for u in range(items):                            # the stores
+                ix = u * THREADS + tx
+                r, c = ix // cv, ix % cv * VL
+                if ix < total:
+                    assert (r * (KC + pad) + c) * esz % 16 == 0
+                    o = (r * (KC + pad) + c) // ew
+                    assert (sk[o:o + 4] == 0xDEADBEEF).all()  # written once
+                    sk[o:o + 4] = spv[u]
+        tile = sk.view("<u2").reshape(BP, KC + pad)[:, :KC]
+        want = np.zeros((BP, KC), np.uint16)
+        p_hi = min(P, (pb + 1) * BP) - pb * BP
+        want[:p_hi, :min(N, KC)] = ws[pb * BP:pb * BP + p_hi, :KC]
+        assert (tile == want).all()
+        # coalesced: lanes of a warp on consecutive vectors
+        starts = [(ix // cv, ix % cv * VL) for ix in range(32)]
+        assert all(b[0] * KC + b[1] - a[0] * KC - a[1] == VL for a, b in zip(starts, starts[1:]))

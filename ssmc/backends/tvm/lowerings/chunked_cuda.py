@@ -10,7 +10,9 @@ chunk pass, one block per (chunk, head, p-block, n-block), every chunk in parall
     cd[slot, h] = l_last
     with lc the running sum of log-decays within the chunk and l_last its last entry. The
     factor exp(l_last - lc_j) is computed once per step j (beside the running sums) and
-    applied to the value tile. The accumulators are staged through shared memory (over the
+    applied to the value tile. The key tile comes from 16-byte loads of its rows, two steps
+    at a time packed into 32-bit words of the transposed tile (plan.tile KV, default on;
+    KV=0: element by element). The accumulators are staged through shared memory (over the
     key tile, free after the product) and written to ws along n, its contiguous axis, with
     consecutive threads on consecutive 16-byte vectors (single elements where N does not
     split into vectors): stored straight from the mma layout, consecutive lanes wrote
@@ -35,6 +37,15 @@ output pass, one block per (chunk, head, p-block), every chunk in parallel:
     y = exp(lc_i) * (query @ state_in) + G @ value,  then the epilogue and the store.
     On tensor cores G never leaves registers: the accumulator layout of two m16n8 tiles is
     the A-operand layout of one m16k16 tile, so G is re-used as the next product's operand.
+    The running sums lc come from a fixed-count (unrolled) loop over the chunk's log-decays.
+    plan.tile SP (where the state product takes the whole key dim at once): the state
+    tile's 16-byte loads go into registers before the query-key product and into shared
+    memory after it, so that they are in flight during it (more registers a thread).
+
+Both parallel passes: where the value is a bare input carrying p times a factor free of p
+and n (`value_split`; Mamba-2's x * softplus(dt + dt_bias)), the factor is evaluated once a
+step, beside the log-decays, into shared memory (svs), and the value tile's copies load the
+input and multiply (the softplus's exp and log were evaluated once an element).
 
 Warp w of the 4 owns the m16 row tiles w, w + 4, ... of each product; in a tile, lane l holds
 rows l // 4 and l // 4 + 8, columns 2 (l % 4) and 2 (l % 4) + 1 of every n8 column tile (the
@@ -102,8 +113,13 @@ class Tiles:
     SV: int = SEQ_V
     # chunk-pass variant (plan.tile KV, 0/1): the key tile copied in 16-byte vectors (a plain
     # key input in the operand type whose rows split into vectors), two steps at a time,
-    # transposed in registers into 32-bit words of sWt; else element by element
-    KV: int = 0
+    # transposed in registers into 32-bit words of sWt; else element by element (default on;
+    # KV=0 pins the element copy)
+    KV: int = 1
+    # output-pass variant (plan.tile SP, 0/1): the state tile's 16-byte loads issued into
+    # registers before the query-key product (stored to shared memory after it), so that
+    # they are in flight during it; where the state product takes the whole key dim at once
+    SP: int = 0
 
     @property
     def pad(self) -> int:
@@ -114,9 +130,31 @@ class Tiles:
         return 2 if self.mma else 4
 
 
-def _out_smem(Q, KC, BP, mma, pad, esz, vs=False) -> int:
+def value_split(program):
+    """(input symbol, row scale) where the recurrence's value is a bare input carrying p times a
+    factor free of p and n (Mamba-2's x * softplus(dt + dt_bias): x, softplus(dt + dt_bias)),
+    else None. The kernels evaluate the factor once a step (a row of the value tile) instead of
+    once an element."""
+    import sympy as sp
+    expr = program.recurrence.value.expr
+    axes = {inp.name: inp.axes for inp in program.inputs}
+
+    def carries(f, ax):
+        return any(ax in axes.get(x.name, ("n", "p")) for x in f.free_symbols)
+    factors = sp.Mul.make_args(expr)
+    base = [f for f in factors if carries(f, "p")]
+    if len(base) != 1 or not isinstance(base[0], sp.Symbol) or base[0].name not in axes:
+        return None
+    rest = [f for f in factors if f is not base[0]]
+    scale = sp.Mul(*rest)
+    if scale == 1 or carries(scale, "n") or carries(scale, "p"):
+        return None
+    return base[0], scale
+
+
+def _out_smem(Q, KC, BP, mma, pad, esz, vs=False, scale=False) -> int:
     vt = 0 if vs and BP * (Q + pad) <= max(Q, BP) * (KC + pad) else BP * (Q + pad)
-    b = (Q * (KC + pad) + max(Q, BP) * (KC + pad) + vt) * esz + 2 * Q * 4
+    b = (Q * (KC + pad) + max(Q, BP) * (KC + pad) + vt) * esz + (2 + scale) * Q * 4
     if not mma:
         b += Q * (Q + 1) * 4  # G goes through shared memory on the fp32 path
     return b
@@ -129,11 +167,12 @@ def _stage_cols(NB: int, esz: int) -> int:
     return NB + 16 // esz
 
 
-def _state_smem(Q, NB, BPS, pad, esz) -> int:
+def _state_smem(Q, NB, BPS, pad, esz, scale=False) -> int:
     # the key tile, or the staged dS tile over it (after the product), the value tile, and
-    # the log-decays, their running sums and the decay factors of the chunk's rows
+    # the log-decays, their running sums and the decay factors of the chunk's rows (and the
+    # value's row scales, where it splits: value_split)
     return (max(NB * (Q + pad), BPS * _stage_cols(NB, esz)) + BPS * (Q + pad)) * esz + \
-        3 * Q * 4
+        (3 + scale) * Q * 4
 
 
 def tiles(plan: Plan, N: int, P: int) -> Tiles | str:
@@ -161,10 +200,11 @@ def tiles(plan: Plan, N: int, P: int) -> Tiles | str:
     for key, options in (("BP", bps), ("KC", kcs), ("BPS", bpss), ("NB", nbs)):
         if key in pin:
             options[:] = [pin[key]]
+    sc = value_split(plan.program) is not None
     out = next(((bp, kc) for bp in bps for kc in kcs
-                if _out_smem(Q, kc, bp, mma, pad, esz, bool(pin.get("VS"))) <= SMEM), None)
+                if _out_smem(Q, kc, bp, mma, pad, esz, bool(pin.get("VS")), sc) <= SMEM), None)
     state = next(((bp, nb) for bp in bpss for nb in nbs
-                  if _state_smem(Q, nb, bp, pad, esz) <= SMEM), None)
+                  if _state_smem(Q, nb, bp, pad, esz, sc) <= SMEM), None)
     if out is None or state is None:
         return f"no tiling of chunk {Q}, n={N}, p={P} fits in {SMEM // 1024} KB of shared memory"
     # 16-byte copies of operands already in the operand type (the chunk states, plain query
@@ -179,7 +219,8 @@ def tiles(plan: Plan, N: int, P: int) -> Tiles | str:
     flags["MB"] = max(0, min(16, int(pin.get("MB", 0))))
     flags["LB"] = max(1, min(BATCH, int(pin.get("LB", BATCH))))
     flags["SV"] = max(0, min(8, int(pin.get("SV", SEQ_V))))
-    flags["KV"] = int(bool(pin.get("KV", 0)) and vl > 1)
+    flags["KV"] = int(bool(pin.get("KV", 1)) and vl > 1)
+    flags["SP"] = int(bool(pin.get("SP", 0)) and vl > 1 and out[1] == NP)
     return Tiles(Q=Q, NP=NP, mma=mma, OT=OT, BP=out[0], KC=out[1], BPS=state[0], NB=state[1],
                  VL=vl, **flags)
 
@@ -234,6 +275,8 @@ class _ChunkedCuda(Emitter):
         self.t = tiles(spec.plan, spec.N, spec.P)
         self.has_decay = self.decay is not None
         self.zero = "T.float32(0.0)"
+        # the value as a bare input times a row scale (evaluated once a step, into svs)
+        self.vsplit = value_split(self.program)
 
     # ---- header: the common arguments, then the workspaces --------------------------------
     def header(self):
@@ -410,18 +453,27 @@ class _ChunkedCuda(Emitter):
         """slc[i] = running sum of log-decays over the chunk's first i + 1 steps (0 past cl_);
         with `factors`, also sfac[i] = exp(l_last - lc_i) (the sum of the log-decays after
         step i: exponent <= 0 for decays <= 1), the decay from step i to the chunk's end.
-        Ends with a barrier."""
-        if not self.has_decay:
+        Also svs[i] = the value's row scale at step i where it splits (value_split; 0 past
+        cl_). Ends with a barrier (where it wrote anything)."""
+        if not self.has_decay and self.vsplit is None:
             return
         w, Q = self.w, self.t.Q
         with w.block(f"if tx_ < {Q}:"):
             with w.block(f"if {L('tx_')} < cl_:"):
                 w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('tx_'))}")
-                ld = self.value_of(self.program.log_decay.expr, self.index("t_"))
-                w(f"sld[tx_] = {ld}")
+                if self.vsplit is not None:
+                    w(f"svs[tx_] = {self.value_of(self.vsplit[1], self.index('t_'))}")
+                if self.has_decay:
+                    ld = self.value_of(self.program.log_decay.expr, self.index("t_"))
+                    w(f"sld[tx_] = {ld}")
             with w.block("else:"):
-                w(f"sld[tx_] = {self.zero}")
+                if self.vsplit is not None:
+                    w(f"svs[tx_] = {self.zero}")
+                if self.has_decay:
+                    w(f"sld[tx_] = {self.zero}")
         self.sync()
+        if not self.has_decay:
+            return
         with w.block(f"if tx_ < {Q}:"):
             w(f"run_[0] = {self.zero}")
             if factors:
@@ -433,8 +485,10 @@ class _ChunkedCuda(Emitter):
                       f"run_[1] = run_[1] + T.if_then_else(j_ <= tx_, {self.zero}, ldj_)")
                 w("sfac[tx_] = T.exp(run_[1])")
             else:
-                with w.block("for j_ in range(tx_ + 1):"):
-                    w("run_[0] = run_[0] + sld[j_]")
+                # a fixed trip count (unrolled): the loads are independent of the sum and
+                # issue together; the steps after tx_ add exact zeros
+                with w.block(f"for j_ in T.unroll({Q}):"):
+                    w(f"run_[0] = run_[0] + T.if_then_else(j_ <= tx_, sld[j_], {self.zero})")
             w("slc[tx_] = run_[0]")
         self.sync()
 
@@ -448,7 +502,12 @@ class _ChunkedCuda(Emitter):
 
         def values():
             w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
-            v = self.value_of(self.program.recurrence.value.expr, self.index("t_", p="p_"))
+            if self.vsplit is not None:
+                # the bare input times the row's scale (svs, log_decays)
+                base = self.value_of(self.vsplit[0], self.index("t_", p="p_"))
+                v = f"{base} * svs[r_]"
+            else:
+                v = self.value_of(self.program.recurrence.value.expr, self.index("t_", p="p_"))
             return [v if scale is None else f"{v} * {scale}"]
         self.coop(Q, bp, lambda: w(f"p_ = {pb} * {i64(bp)} + {L('c_')}"),
                   f"{L('r_')} < cl_ and p_ < {i64(self.spec.P)}", values, ["sVt[c_, r_]"])
@@ -642,6 +701,8 @@ class _ChunkedCuda(Emitter):
                     self.shared("slc", (Q,), "float32")
                     self.shared("sfac", (Q,), "float32")
                     self.local("run_", 2, "float32")
+                if self.vsplit is not None:
+                    self.shared("svs", (Q,), "float32")
                 self.local("acc", mtw * nt * 4, "float32")
                 self.frag_locals(mtw)
                 self.coop_regs()
@@ -918,6 +979,47 @@ class _ChunkedCuda(Emitter):
                         with w.block(f"if {entry()}:"):
                             w(f"hT[{self.state_index(d_index)}] = st_[u_]")
 
+    def sp_items(self) -> int:
+        """16-byte vectors of the state tile (BP x KC) a thread (plan.tile SP)."""
+        t = self.t
+        return -(-(t.BP * (t.KC // t.VL)) // THREADS)
+
+    def state_prefetch(self, load: bool):
+        """plan.tile SP (KC = NP: the whole state tile at once): with `load`, the state tile's
+        16-byte vectors into the registers spv_ (issued before the query-key product, so that
+        they are in flight during it); else from spv_ into sK (after that product's last
+        reads of sK). Item ix_ = u_ * THREADS + tx_ is row r_ (channel pb_ * BP + r_) and
+        entries c_ .. c_ + VL - 1 of the key dim; consecutive threads on consecutive
+        vectors of a row. Zero where the channel or the key entry is out of range."""
+        w, s, t = self.w, self.spec, self.t
+        BP, KC, VL = t.BP, t.KC, t.VL
+        cv = KC // VL
+        total = BP * cv
+        ew = 4 // t.esz
+        guard = total % THREADS != 0
+        with w.block(f"for u_ in T.unroll({self.sp_items()}):"):
+            w(f"ix_ = u_ * {THREADS} + tx_", f"r_ = ix_ // {cv}", f"c_ = ix_ % {cv} * {VL}")
+            if load:
+                w(f"n_ = {L('c_')}", f"p_ = pb_ * {i64(BP)} + {L('r_')}")
+                cond = ("ix_ < " + str(total) + " and " if guard else "") + \
+                    f"n_ < {i64(s.N)} and p_ < {i64(s.P)}"
+                with w.block(f"if {cond}:"):
+                    w("pv0_ = T.address_of(ws[slot_, h_, p_, n_])",
+                      'pw0_ = T.decl_buffer((4,), "uint32", data=pv0_)')
+                    with w.block("for v_ in T.vectorized(4):"):
+                        w("spv_[u_ * 4 + v_] = pw0_[v_]")
+                with w.block("else:"):
+                    with w.block("for v_ in T.vectorized(4):"):
+                        w("spv_[u_ * 4 + v_] = T.uint32(0)")
+            else:
+                if guard:
+                    w.lines.append("    " * w.depth + f"if ix_ < {total}:")
+                    w.depth += 1
+                with w.block("for v_ in T.vectorized(4):"):
+                    w(f"wd_sK[(r_ * {KC + t.pad} + c_) // {ew} + v_] = spv_[u_ * 4 + v_]")
+                if guard:
+                    w.depth -= 1
+
     def out_pass(self, d_index: int, direction):
         w, s, t = self.w, self.spec, self.t
         Q, BP, KC, NP = t.Q, t.BP, t.KC, t.NP
@@ -942,6 +1044,8 @@ class _ChunkedCuda(Emitter):
                     self.shared("sld", (Q,), "float32")
                     self.shared("slc", (Q,), "float32")
                     self.local("run_", 1, "float32")
+                if self.vsplit is not None:
+                    self.shared("svs", (Q,), "float32")
                 if t.VL > 1:
                     ew = 4 // t.esz
                     self.words("wd_sC", "sC", f"{Q * (KC + t.pad) // ew}", shared=True)
@@ -960,6 +1064,8 @@ class _ChunkedCuda(Emitter):
                     w(f'sY = T.decl_buffer(({Q}, {epc + 4}), "float32", data=sC.data, '
                       'scope="shared")')
                 self.coop_regs()
+                if t.SP:
+                    self.local("spv_", self.sp_items() * 4, "uint32")
                 w(f"pb_ = bid_ % {i64(npb)}", f"h_ = bid_ // {i64(npb)} % {i64(s.H)}",
                   f"slot_ = bid_ // {i64(npb * s.H)}")
                 opened = self.slot_task()
@@ -999,6 +1105,8 @@ class _ChunkedCuda(Emitter):
                         w(f"accG[u_] = {self.zero}")
                     with w.block(f"for kc_ in range({nkc}):"):
                         load_query(True)
+                        if t.SP:
+                            self.state_prefetch(load=True)
                         self.sync()
                         self.mm("accG", mtw, ntg, lambda r, k: f"sC[{r}, {k}]",
                                 lambda c, k: f"sK[{c}, {k}]", KC,
@@ -1032,7 +1140,9 @@ class _ChunkedCuda(Emitter):
                         def ws_at():
                             w(f"n_ = kc_ * {i64(KC)} + {L('c_')}",
                               f"p_ = pb_ * {i64(BP)} + {L('r_')}")
-                        if t.VL > 1:
+                        if t.SP:
+                            self.state_prefetch(load=False)
+                        elif t.VL > 1:
                             self.coop_vec(BP, KC, ws_at, f"n_ < {i64(s.N)} and p_ < {i64(s.P)}",
                                           lambda: ["ws[slot_, h_, p_, n_]"],
                                           [("wd_sK", f"r_ * {KC + t.pad} + c_")])
