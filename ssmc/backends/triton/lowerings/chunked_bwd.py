@@ -338,40 +338,53 @@ def _qk_loads(plan: Plan, body: Emitter):
 
 
 def render_dv_kernel(plan: Plan) -> str:
-    """Decays without n, per (chunk, block of HEADS heads, p-block) in parallel: dv; for a
-    decay, its gradient (complete: chunk-local reverse sums plus the chunk-end term, per
-    p-block partial); y when WANT_Y (summed over directions: ACCUM_Y adds to what is there).
-    Where query and key are the same for every head, they and q k^T are made once per block."""
-    pre = Emitter(indent=1)
-    body = Emitter(indent=2)
-    shared = head_free(plan)
+    """Decays without n, per (chunk, head, p-block) in parallel: dv; for a decay, its gradient
+    (complete: chunk-local reverse sums plus the chunk-end term, per p-block partial); y when
+    WANT_Y (summed over directions: ACCUM_Y adds to what is there).
+
+    The products over n (q k^T, q S_in, k G and sum G * S_in) run first, in a loop over
+    BN-blocks of n that Triton pipelines; the decay factors of q_in = q exp(lc) and
+    k_out = k exp(l_last - lc) scale their rows afterwards. Every later tile is (BT, BT) or
+    (BT, BP): the whole n never sits in registers."""
+    body = Emitter(indent=1)
     o = _Ops(plan, body)
     dot = o.dot
-    _qk_loads(plan, pre if shared else body)
-    (pre if shared else body)("QK = " + dot("query", "tl.trans(key)"))
-    body("h_idx = h_first + j")
     o.operand("value", "value")
     o.dy()
     o.decay()
+    body(f"QK = tl.zeros([BT, BT], dtype={o.ct})")
+    body(f"qS = tl.zeros([BT, BP], dtype={o.ct})")
+    body(f"kG = tl.zeros([BT, BP], dtype={o.ct})")
+    body(f"GS = tl.zeros([BP], dtype={o.ct})")
+    loop = Emitter(indent=2)
+    o_n = _Ops(plan, loop)
+    loop("offs_n = n0 + tl.arange(0, BN)")
+    loop("mask_n = offs_n < N")
+    o_n.operand("query", "query")
+    o_n.operand("key", "key")
+    loop("st_off = ((chunk * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]")
+    loop("st_mask = mask_n[:, None] & mask_p[None, :]")
+    loop("S_in = tl.load(ssmc_states + st_off, mask=st_mask, other=0.0)")      # (n, p)
+    loop("G = tl.load(ssmc_dstates + st_off, mask=st_mask, other=0.0)")        # (n, p)
+    loop("QK += " + dot("query", "tl.trans(key)"))
+    loop("qS += " + dot("query", "S_in"))
+    loop("kG += " + dot("key", "G"))
+    if o.mode == "row":
+        loop(f"GS += tl.sum(G.to({o.ct}) * S_in.to({o.ct}), axis=0)")
+    body("for n0 in tl.range(0, N, BN, num_stages=ST):")
+    body.lines.append(loop.text())
+    body("causal = offs_c[:, None] >= offs_c[None, :]")
     if o.mode == "row":
         body("A = QK * tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
+        body("kG = kG * tl.exp(l_last - lc)[:, None]")                       # k_out @ G
+        body("yoff = qS * tl.exp(lc)[:, None]")                               # q_in @ S_in
     else:
         body("A = tl.where(causal, QK, 0.0)")
-    body("st_off = ((chunk * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]")
-    body("st_mask = mask_n[:, None] & mask_p[None, :]")
-    body("S_in = tl.load(ssmc_states + st_off, mask=st_mask, other=0.0)")      # (n, p)
-    body("G = tl.load(ssmc_dstates + st_off, mask=st_mask, other=0.0)")        # (n, p)
-    body("kG = " + dot(o.k_out(), "G"))                                       # (t, p)
+        body("yoff = qS")
     body("dv = " + dot("tl.trans(A)", "dy") + " + kG")
     body("row = (b_idx * T + t_row[:, None]) * H + h_idx")
     body("pmask = mask_t[:, None] & mask_p[None, :]")
     body("tl.store(ssmc_dv + row * P + offs_p[None, :], dv, mask=pmask)")
-    if o.mode == "row":
-        body("yoff = " + dot(o.q_in(), "S_in"))                               # (t, p)
-    else:
-        body("if WANT_Y:")
-        with body.block():
-            body("yoff = " + dot(o.q_in(), "S_in"))
     body("if WANT_Y:")
     with body.block():
         body("y = " + dot("A", "value") + " + yoff")
@@ -386,8 +399,7 @@ def render_dv_kernel(plan: Plan) -> str:
         body("vkG = tl.sum(value * kG, axis=1)")
         body("w = tl.sum(M, axis=1) - tl.sum(M, axis=0) + tl.sum(dy * yoff, axis=1) - vkG")
         # sum over (n, p) of G * S_c, with S_c = exp(l_last) S_in + k_out^T v leaving the chunk
-        body(f"GS = tl.sum(tl.sum(G.to({o.ct}) * S_in.to({o.ct}), axis=1), axis=0)")
-        body("term = tl.exp(l_last) * GS + tl.sum(vkG, axis=0)")
+        body("term = tl.exp(l_last) * tl.sum(GS, axis=0) + tl.sum(vkG, axis=0)")
         body("dl = tl.sum(w, axis=0) - tl.cumsum(w, axis=0) + w + term")
         body("tl.store(ssmc_dl + pid_p.to(tl.int64) * B * T * H + (b_idx * T + t_row) * H"
              " + h_idx, dl, mask=mask_t)")
@@ -396,13 +408,10 @@ def render_dv_kernel(plan: Plan) -> str:
 def ssmc_chunked_bwd_dv(
     {input_params(plan.program)},
     ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dv, ssmc_dl, ssmc_y, {CHUNK_PARAMS}
-    {CONSTS}, H, HEADS: tl.constexpr, NPB: tl.constexpr, WANT_Y: tl.constexpr,
-    ACCUM_Y: tl.constexpr,
+    {CONSTS}, ST: tl.constexpr, WANT_Y: tl.constexpr, ACCUM_Y: tl.constexpr,
 ):
-{CHUNK_HEADS_SETUP}
+{CHUNK_SETUP}
 {indent(ROWS, 1)}
-{pre.text()}
-    for j in range(HEADS):
 {body.text()}
 """
 
@@ -474,11 +483,15 @@ def render(plan: Plan) -> str:
 
 def tiles(plan: Plan, sizes: dict) -> dict:
     """BT 64 (16 for per-key decays, as the forward: their chunk-local work is elementwise,
-    BT^2 * BN per chunk); all of n; p in blocks of up to 64."""
+    BT^2 * BN per chunk); all of n; p in blocks of up to 64; WARPS for the per-chunk kernels
+    (a dozen (BT, BN|BP) tiles live at once); the dv kernel's loop over n in blocks of BK,
+    pipelined in ST stages."""
     tile = plan.tile_dict()
     return dict(BT=tile.get("BT_bwd", 16 if per_key_decay(plan) else 64),
                 BN=max(next_pow2(sizes["n"]), 16),
-                BP=tile.get("BP_bwd", max(min(next_pow2(sizes["p"]), 64), 16)))
+                BP=tile.get("BP_bwd", max(min(next_pow2(sizes["p"]), 64), 16)),
+                WARPS=tile.get("WARPS_bwd", 8), BK=tile.get("BK_bwd", 32),
+                ST=tile.get("ST_bwd", 2))
 
 
 def chunk_layout(sizes, cu_seqlens, BT, device):
@@ -659,7 +672,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     mode = _decay_mode(plan)   # none / row (decay without n) / key (per-key decay)
     consts = dict(BT=m["BT"], BN=m["BN"], BP=m["BP"], IS_VARLEN=cu_seqlens is not None)
     # a dozen (BT, BN|BP) tiles live at once: 8 warps keep them in registers on a GPU
-    launch = dict(num_warps=8) if device.type == "cuda" else {}
+    launch = dict(num_warps=m["WARPS"]) if device.type == "cuda" else {}
     # y for the epilogue's derivatives, stored like the states (bf16 for bf16 plans)
     y = torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device) if want_y else None
     results = []
@@ -679,7 +692,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
                                    sizes, cu_seqlens, reverse, consts, launch)
             results.append((grads, dh0))
             continue
-        dv = torch.empty(B, T, H, P, dtype=cdt, device=device)
+        dv = torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)   # like dy
         dl = torch.empty(NPB, B, T, H, dtype=cdt, device=device) if mode == "row" else dummy
         bn = min(m["BN"], 64)
         nnb = triton.cdiv(N, bn)
@@ -687,11 +700,10 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         dq = torch.empty(B, T, H // heads_qk, N, dtype=cdt, device=device)
         dk = torch.empty(B, T, H // heads_qk, N, dtype=cdt, device=device)
         if n_chunks > 0:
-            heads_v = head_block(plan, sizes, n_chunks * NPB)
-            module.ssmc_chunked_bwd_dv[(n_chunks, H // heads_v, NPB)](
+            module.ssmc_chunked_bwd_dv[(n_chunks, H, NPB)](
                 *args, dy, saved["states"][i], dstates, dv, dl, dummy if y is None else y,
-                *chunk_args, REVERSE=reverse, H=H, HEADS=heads_v, NPB=NPB, WANT_Y=want_y,
-                ACCUM_Y=i > 0, **consts, **launch)
+                *chunk_args, REVERSE=reverse, ST=m["ST"], WANT_Y=want_y, ACCUM_Y=i > 0,
+                **dict(consts, BN=min(m["BK"], m["BN"])), **launch)
             module.ssmc_chunked_bwd_dqk[(n_chunks, H // heads_qk, nnb)](
                 *args, dy, saved["states"][i], dstates, dq, dk, *chunk_args,
                 REVERSE=reverse, H=H, HEADS=heads_qk, NPBK=NPB, NPB=1,
