@@ -45,11 +45,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from ....ir import Direction
+from ....ir import Direction, Elementwise
 from ....plan import Plan
 from ..common import (HEADER, compute_dtype, compute_type, direction_slices, dot_type,
                       fp32_precision, input_args, input_params, next_pow2, num_sequences)
-from ..render import Context, Emitter, Tile
+from ..render import Context, Emitter, Tile, split_scale
 from ..templates import chunk_setup, chunk_state_store, indent, rows, seq_setup, state_init
 
 # The backward keeps its own tiles and operand helpers (it shares only the kernel set-up
@@ -122,6 +122,29 @@ class _Ops:
         else:
             v = self.ctx_qk.value(node, f"{name}_raw")
             self.body(f"{name} = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
+
+    def mm_operand(self, which: str, name: str) -> str | None:
+        """Emit `name`, the operand in the matmul type: a bare input is loaded straight into
+        it (no compute-type copy in registers). A value that splits as bare input * scale
+        along t (Mamba-2's x * dt) loads the input alone and returns the scale's name
+        (value = name * scale[:, None]: kernels scale a product's rows or columns instead);
+        otherwise None."""
+        node = getattr(self.prog.recurrence, which)
+        if which == "value":
+            split = split_scale(node, self.prog, "p")
+            if split is not None and self.ctx_v.direct_load(
+                    Elementwise(split[0], node.axes), name, self.dt) is not None:
+                if split[1] == 1:
+                    return None
+                ctx = Context(self.prog, T_TILE, self.body, "vs", self.ct)
+                v = ctx.value(split[1], f"{name}_scale_raw")
+                self.body(f"{name}_scale = tl.where(mask_t, {v}, 0.0)")
+                return f"{name}_scale"
+        elif self.ctx_qk.direct_load(node, name, self.dt) is not None:
+            return None
+        self.operand(which, name)
+        self.body(f"{name} = {name}.to({self.dt})")
+        return None
 
     def dy(self):
         self.body("dy = tl.load(ssmc_dy + ((b_idx * T + t_row[:, None]) * H + h_idx) * P"
@@ -327,13 +350,19 @@ def ssmc_chunked_bwd(
 """
 
 
+def _scale(scale: str | None, expr: str, rows: bool = False, cols: bool = False) -> str:
+    """`expr` with its rows or columns (or a vector) multiplied by `scale` (no-op for None)."""
+    if scale is None:
+        return expr
+    index = "[:, None]" if rows else "[None, :]" if cols else ""
+    return f"({expr}) * {scale}{index}"
+
+
 def _qk_loads(plan: Plan, body: Emitter):
     """query and key of one chunk in the matmul type, and the causal mask."""
     o = _Ops(plan, body)
-    o.operand("query", "query")
-    o.operand("key", "key")
-    body(f"query = query.to({o.dt})")
-    body(f"key = key.to({o.dt})")
+    o.mm_operand("query", "query")
+    o.mm_operand("key", "key")
     body("causal = offs_c[:, None] >= offs_c[None, :]")
 
 
@@ -343,13 +372,13 @@ def render_dv_kernel(plan: Plan) -> str:
     WANT_Y (summed over directions: ACCUM_Y adds to what is there).
 
     The products over n (q k^T, q S_in, k G and sum G * S_in) run first, in a loop over
-    BN-blocks of n that Triton pipelines; the decay factors of q_in = q exp(lc) and
+    BN-blocks of n; the decay factors of q_in = q exp(lc) and
     k_out = k exp(l_last - lc) scale their rows afterwards. Every later tile is (BT, BT) or
     (BT, BP): the whole n never sits in registers."""
     body = Emitter(indent=1)
     o = _Ops(plan, body)
     dot = o.dot
-    o.operand("value", "value")
+    vs = o.mm_operand("value", "value")
     o.dy()
     o.decay()
     body(f"QK = tl.zeros([BT, BT], dtype={o.ct})")
@@ -360,8 +389,8 @@ def render_dv_kernel(plan: Plan) -> str:
     o_n = _Ops(plan, loop)
     loop("offs_n = n0 + tl.arange(0, BN)")
     loop("mask_n = offs_n < N")
-    o_n.operand("query", "query")
-    o_n.operand("key", "key")
+    o_n.mm_operand("query", "query")
+    o_n.mm_operand("key", "key")
     loop("st_off = ((chunk * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]")
     loop("st_mask = mask_n[:, None] & mask_p[None, :]")
     loop("S_in = tl.load(ssmc_states + st_off, mask=st_mask, other=0.0)")      # (n, p)
@@ -387,7 +416,7 @@ def render_dv_kernel(plan: Plan) -> str:
     body("tl.store(ssmc_dv + row * P + offs_p[None, :], dv, mask=pmask)")
     body("if WANT_Y:")
     with body.block():
-        body("y = " + dot("A", "value") + " + yoff")
+        body("y = " + dot(_scale(vs, "A", cols=True), "value") + " + yoff")
         body("if ACCUM_Y:")
         with body.block():
             body("y += tl.load(ssmc_y + row * P + offs_p[None, :], mask=pmask, other=0.0)")
@@ -395,8 +424,8 @@ def render_dv_kernel(plan: Plan) -> str:
     if o.mode == "row":
         # w_u = q_u . dq_u - k_u . dk_u without dq, dk: q_u . dq_u = sum_s (dyv * A)[u, s]
         # + dy_u . yoff_u and k_s . dk_s = sum_u (dyv * A)[u, s] + v_s . kG_s
-        body("M = " + dot("dy", "tl.trans(value)") + " * A")
-        body("vkG = tl.sum(value * kG, axis=1)")
+        body("M = " + _scale(vs, dot("dy", "tl.trans(value)"), cols=True) + " * A")
+        body("vkG = " + _scale(vs, "tl.sum(value * kG, axis=1)"))
         body("w = tl.sum(M, axis=1) - tl.sum(M, axis=0) + tl.sum(dy * yoff, axis=1) - vkG")
         # sum over (n, p) of G * S_c, with S_c = exp(l_last) S_in + k_out^T v leaving the chunk
         body("term = tl.exp(l_last) * tl.sum(GS, axis=0) + tl.sum(vkG, axis=0)")
@@ -439,14 +468,14 @@ def render_dqk_kernel(plan: Plan) -> str:
         body("offs_p = p0 + tl.arange(0, BP)")
         body("mask_p = offs_p < P")
         o.dy()
-        o.operand("value", "value")
+        vs = o.mm_operand("value", "value")
         body("st_off = ((chunk * H + h_idx) * N + offs_n[None, :]) * P + offs_p[:, None]")
         body("st_mask = mask_n[None, :] & mask_p[:, None]")
         body("S_inT = tl.load(ssmc_states + st_off, mask=st_mask, other=0.0)")    # (p, n)
         body("GT = tl.load(ssmc_dstates + st_off, mask=st_mask, other=0.0)")      # (p, n)
-        body("dyv += " + dot("dy", "tl.trans(value)"))
+        body("dyv += " + _scale(vs, dot("dy", "tl.trans(value)"), cols=True))
         body("dyS += " + dot("dy", "S_inT"))
-        body("vG += " + dot("value", "GT"))
+        body("vG += " + _scale(vs, dot("value", "GT"), rows=True))
     if o.mode == "row":
         body("dA = dyv * tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
         body("dq += " + dot("dA", "key") + " + tl.exp(lc)[:, None] * dyS")
@@ -490,8 +519,8 @@ def tiles(plan: Plan, sizes: dict) -> dict:
     return dict(BT=tile.get("BT_bwd", 16 if per_key_decay(plan) else 64),
                 BN=max(next_pow2(sizes["n"]), 16),
                 BP=tile.get("BP_bwd", max(min(next_pow2(sizes["p"]), 64), 16)),
-                WARPS=tile.get("WARPS_bwd", 8), BK=tile.get("BK_bwd", 32),
-                ST=tile.get("ST_bwd", 2))
+                WARPS=tile.get("WARPS_bwd", 8), BK=tile.get("BK_bwd", 64),
+                ST=tile.get("ST_bwd", 1))
 
 
 def chunk_layout(sizes, cu_seqlens, BT, device):
