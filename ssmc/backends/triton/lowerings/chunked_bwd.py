@@ -705,8 +705,14 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     # a dozen (BT, BN|BP) tiles live at once: 8 warps keep them in registers on a GPU
     launch = dict(num_warps=m["WARPS"]) if device.type == "cuda" else {}
     launch_dv = dict(num_warps=m["WARPS_DV"]) if device.type == "cuda" else {}
-    # y for the epilogue's derivatives, stored like the states (bf16 for bf16 plans)
-    y = torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device) if want_y else None
+    # y for the epilogue's derivatives, stored like the states (bf16 for bf16 plans). With one
+    # direction it takes dy's place: every dv program reads its own dy tile before writing y
+    # over it, and dy has no reader after (the dq/dk kernel runs first); at b=8 t=4096 that is
+    # 335 MB less at the backward's peak.
+    in_place = (want_y and len(prog.recurrence.directions) == 1 and mode != "key"
+                and dy.dtype == state_dtype(plan) and dy.is_contiguous())
+    y = dy if in_place else (torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)
+                             if want_y else None)
     results = []
     for i, (direction, gT) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, grad_final))):
@@ -732,14 +738,14 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         dq = torch.empty(B, T, H // heads_qk, N, dtype=cdt, device=device)
         dk = torch.empty(B, T, H // heads_qk, N, dtype=cdt, device=device)
         if n_chunks > 0:
-            module.ssmc_chunked_bwd_dv[(n_chunks, H, NPB)](
-                *args, dy, saved["states"][i], dstates, dv, dl, dummy if y is None else y,
-                *chunk_args, REVERSE=reverse, ST=m["ST"], WANT_Y=want_y, ACCUM_Y=i > 0,
-                **dict(consts, BN=min(m["BK"], m["BN"])), **launch_dv)
             module.ssmc_chunked_bwd_dqk[(n_chunks, H // heads_qk, nnb)](
                 *args, dy, saved["states"][i], dstates, dq, dk, *chunk_args,
                 REVERSE=reverse, H=H, HEADS=heads_qk, NPBK=NPB, NPB=1,
                 **dict(consts, BN=bn), **launch)
+            module.ssmc_chunked_bwd_dv[(n_chunks, H, NPB)](
+                *args, dy, saved["states"][i], dstates, dv, dl, dummy if y is None else y,
+                *chunk_args, REVERSE=reverse, ST=m["ST"], WANT_Y=want_y, ACCUM_Y=i > 0,
+                **dict(consts, BN=min(m["BK"], m["BN"])), **launch_dv)
         elif want_y:
             y.zero_()
         if grouped_operands(plan, sizes) and H // heads_qk != G:   # blocks -> groups
