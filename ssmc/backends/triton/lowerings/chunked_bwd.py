@@ -1,4 +1,4 @@
-"""The chunked lowering's backward: a reverse state pass and a parallel per-chunk pass.
+"""The chunked lowering's backward: sequential state passes and parallel per-chunk passes.
 
 Notation per head, in the direction's own time, for decays that do not vary over p: l_t the
 log-decay (a vector over n, or one number), within a chunk lc_t the inclusive running sum of
@@ -6,36 +6,52 @@ l, l_last its total, S_in the state entering the chunk, G = dL/dS at the chunk's
 
     S_t = exp(lc_t) * S_in + sum_{s<=t} exp(lc_t - lc_s) * k_s v_s^T,     y_t = S_t^T q_t
 
-The forward's state pass (`ssmc_chunked_state_fwd`, reused as is, in fp32) gives S_in of every
-chunk and the final state. The backward adds two kernels mirroring it:
+With D[u, s] = exp(lc_u - lc_s) on the causal half (u >= s), A = (q k^T) * D the forward's
+scores and dA = (dy v^T) * D:
 
-* `ssmc_chunked_dstate_bwd` (sequential over chunks, last to first, per (sequence, head,
-  p-block)): stores G of every chunk, then G <- exp(l_last) * G + (q exp(lc))^T dy (one
-  tensor-core matmul per chunk); after the first chunk G is dL/dS_0, the initial state's
-  gradient.
-* `ssmc_chunked_bwd` (every (chunk, head, p-block) in parallel), with D[u, s] = exp(lc_u - lc_s)
-  on the causal half (u >= s), A = (q k^T) * D the forward's scores, dA = (dy v^T) * D:
+    dq = dA k + exp(lc) * (dy S_in^T)
+    dk = dA^T q + exp(l_last - lc) * (v G^T)
+    dv = A^T dy + (exp(l_last - lc) * k) G
 
-      dq = dA k + exp(lc) * (dy S_in^T)
-      dk = dA^T q + exp(l_last - lc) * (v G^T)
-      dv = A^T dy + (exp(l_last - lc) * k) G
+Kernels, per direction:
 
-  all tensor-core dots, except that per-key decays (D varies over n: D[u, s, n]) form A and
-  the chunk-local parts of dq and dk elementwise, one key step s at a time, with D only on the
-  causal half where its exponent is <= 0 (the factoring q exp(lc) . k exp(-lc) overflows);
-  every other exponent is <= 0 too (exp(lc), exp(l_last - lc)).
+* `ssmc_chunked_bwd_states` (sequential over chunks, per (sequence, head, p-block)): S_in of
+  every chunk and the final state (the forward recomputed; the forward stores nothing).
+* `ssmc_chunked_bwd_dstates` (sequential, last chunk to first): G of every chunk, then
+  G <- exp(l_last) * G + (q exp(lc))^T dy; after the first chunk G is dL/dS_0.
+  Both store into `state_dtype`: the matmul operand type (bf16 for bf16 plans), which every
+  consumer rounds them to anyway; they are the backward's largest buffers.
+* Decays without n (ssd, retention, linear attention, custom scalar gates):
+  - `ssmc_chunked_bwd_dqk` (per (chunk, block of heads, n-block)): dq and dk. Where query
+    and key are the same for every head of a group (ssd's B and C), one program walks a
+    block of the group's heads, loads query and key once and sums their dq and dk in
+    registers: the chain rule only needs the group's sum, and per-head (b, t, h, n) buffers
+    were most of the memory.
+  - `ssmc_chunked_bwd_dv` (per (chunk, head, p-block)): dv; y for the epilogue's
+    derivatives (written over dy where one direction allows); and the decay gradient,
+    complete. The products over n (q k^T, q S_in, k G) run over n-blocks and the decay
+    factors scale their rows afterwards. Optionally (tile FUSE) it also evaluates the chain
+    rule's row terms (see `fuses_rows`).
+* Per-key decays (selective_scan, gla): `ssmc_chunked_bwd` forms A and the chunk-local parts
+  of dq and dk elementwise, one key step s at a time, with D only on the causal half where
+  its exponent is <= 0 (the factoring q exp(lc) . k exp(-lc) overflows); BT 16.
 
-The decay gradient stays inside the chunk: with w_u = q_u * dq_u - k_u * dk_u (per n), for r
-in chunk c with end state S_c and G_c = dL/dS_c from the later chunks (dL/dS_T for the last),
+Operands that are bare inputs are loaded straight into the matmul type; a value that is an
+input times a scale along t (Mamba-2's x * dt) scales products' rows or columns instead.
 
-    dL/dl_r = sum_{u >= r, u in c} w_u  +  sum_p (G_c * S_c)
+The decay gradient stays inside the chunk: with w_u = q_u . dq_u - k_u . dk_u, for r in
+chunk c with end state S_c and G_c = dL/dS_c from the later chunks (dL/dS_T for the last),
+
+    dL/dl_r = sum_{u >= r, u in c} w_u  +  sum (G_c * S_c)
 
 (every factor exp(lc_u) of the chunk carries l_r for u >= r, and l_last scales all of S_c).
 Summing w over the whole sequence instead is the same number in exact arithmetic but cancels
-catastrophically at long t: w has both signs and the sum is far smaller than its terms. The
-kernel stores w (summed over n on the host for scalar decays, through the chain rule); the
-chunk-local reverse sums and the per-chunk term run on the host, vectorised. Sums over p (dq,
-dk, w) are per p-block partials.
+catastrophically at long t. For decays without n the dv kernel forms it without dq and dk:
+q_u . dq_u = sum_s (dyv * A)[u, s] + dy_u . (q_in S_in)_u, k_s . dk_s = sum_u (dyv * A)[u, s]
++ v_s . (k_out G)_s, and S_c = exp(l_last) S_in + k_out^T v gives sum (G_c * S_c) =
+exp(l_last) sum (G * S_in) + sum (v * k_out G); the chunk-local reverse sums run in
+registers. Per-key decays store w per n; the reverse sums and the chunk-end term run on the
+host (`_decay_grad`). Sums over p are per p-block partials.
 
 The quadratic lowering has the same mathematics (M = the scores of all chunks at once) and
 uses this backward too.
@@ -714,8 +730,9 @@ def head_block(plan: Plan, sizes: dict, programs_per_head: int) -> int:
 def fuses_rows(plan: Plan, sizes: dict) -> bool:
     """Whether `backward_pass` evaluates the chain rule's row terms itself (`row_terms`; the
     dv kernel needs all of p in one block for them). Off unless the tile says FUSE: on the
-    H100 (b=8 t=4096 h=80 n=128 p=64, Mamba-2's terms) the fused dv kernel took 3.9 ms
-    against 2.6 ms + 1.1 ms for the dv kernel and the separate row-terms kernel."""
+    H100 (b=8 t=4096 h=80 n=128 p=64, Mamba-2's terms) the fused dv kernel took 3.9 ms (4
+    warps; 4.4 ms with 8) against 2.6 ms + 1.1 ms for the dv kernel and the separate
+    row-terms kernel."""
     m = tiles(plan, sizes)
     return bool(m["FUSE"] and row_terms(plan)) and triton.cdiv(sizes["p"], m["BP"]) == 1
 
