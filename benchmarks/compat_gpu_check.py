@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD:.carry/mamba_src:.carry/fla_src python3 benchmarks/compat_gpu_check.py \
         [--backend auto|triton|tvm|reference] [--dtypes float32,bfloat16] [--quick]
+        [--only mamba_ssm|fla]
 
 For every shim in ssmc.compat.mamba_ssm and ssmc.compat.fla and a few argument combinations,
 runs the original (mamba_ssm 2.3.x, fla 0.6) and the shim on identical inputs, then compares
@@ -242,7 +243,11 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--quick", action="store_true", help="small shapes")
+    ap.add_argument("--only", choices=("mamba_ssm", "fla"),
+                    help="one library's shims (the other's first-use autotuning takes minutes)")
     args = ap.parse_args(argv)
+    groups = {"mamba_ssm": mamba_cases, "fla": fla_cases}
+    groups = {args.only: groups[args.only]} if args.only else groups
     if not torch.cuda.is_available():
         print("compat_gpu_check: needs a CUDA GPU (the originals are Triton/CUDA kernels)")
         return 2
@@ -257,7 +262,7 @@ def main(argv=None) -> int:
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, dname)
         tol_out, tol_grad = TOL[dtype]
-        for gen in (mamba_cases, fla_cases):
+        for gen in groups.values():
             for name, label, run_o, run_s, inputs, grad_names, why in gen(dev, dtype, args.quick,
                                                                           args.backend):
                 prefix = f"{name:<27} {label:<38} {dname[:8]:<8}"
