@@ -8,6 +8,12 @@ Note for callers: the bindings are `let` statements. TVM 0.27 vectorises a `T.ve
 whose body holds a `let` wrongly (every lane gets the last lane's value), so rendered code must
 only be placed in serial or parallel loops; the lowerings keep `T.vectorized` for plain
 multiply-add loops.
+
+`fast` (float32 on CUDA only, where the result is rounded to 16 bits afterwards): exp and
+divisions as CUDA's approximate intrinsics `__expf` (ex2.approx; relative error ~2 + 1.2 |x|
+ulp of fp32) and `__fdividef` (x * rcp.approx(y): 0 for |y| > 2^126, so 1 / (1 + exp(-x))
+still goes to 0 where exp overflows). Logarithms stay exact (`__logf` has an absolute error
+~2^-21 near 1, which softplus of very negative inputs would turn into a large relative one).
 """
 from __future__ import annotations
 
@@ -31,9 +37,26 @@ class ExprRenderer:
     current indices, already cast to `dtype`.
     """
 
-    def __init__(self, dtype: str, counter=None):
+    def __init__(self, dtype: str, counter=None, fast: bool = False):
         self.dtype = dtype
         self._counter = counter if counter is not None else itertools.count()
+        self.fast = fast  # see the module's docstring; only for float32 on CUDA
+
+    @property
+    def _fast(self) -> bool:
+        return self.fast and self.dtype == "float32"
+
+    def exp(self, x: str) -> str:
+        """exp(x) in TVMScript (`__expf` when fast)."""
+        if self._fast:
+            return f'T.call_pure_extern("float32", "__expf", {x})'
+        return f"T.exp({x})"
+
+    def div(self, num: str, den: str) -> str:
+        """num / den in TVMScript (`__fdividef` when fast)."""
+        if self._fast:
+            return f'T.call_pure_extern("float32", "__fdividef", {num}, {den})'
+        return f"{num} / {den}"
 
     def const(self, value) -> str:
         return f"T.{self.dtype}({float(value)!r})"
@@ -77,7 +100,7 @@ class ExprRenderer:
                         num.append(ev(a))
                 text = " * ".join(num) if num else self.const(1)
                 if den:
-                    text = f"({text}) / ({' * '.join(den)})"
+                    text = self.div(f"({text})", f"({' * '.join(den)})")
                 return bind(text)
             if isinstance(e, sp.Pow):
                 return pow_(e.base, e.exp)
@@ -92,7 +115,8 @@ class ExprRenderer:
                 # stable: max(x, 0) + log(1 + exp(-|x|)); never overflows for large |x|
                 x = ev(e.args[0])
                 zero, one = self.const(0), self.const(1)
-                return bind(f"T.max({x}, {zero}) + T.log({one} + T.exp({zero} - T.fabs({x})))")
+                e_ = self.exp(f"{zero} - T.fabs({x})")
+                return bind(f"T.max({x}, {zero}) + T.log({one} + {e_})")
             if isinstance(e, Sigmoid):
                 return bind(sigmoid(ev(e.args[0])))
             if isinstance(e, Silu):
@@ -107,6 +131,8 @@ class ExprRenderer:
                 x = ev(e.args[0])
                 return bind(f"T.if_then_else({x} > {self.const(0)}, {self.const(1)}, "
                             f"{self.const(0)})")
+            if isinstance(e, sp.exp):
+                return bind(self.exp(ev(e.args[0])))
             fn = _UNARY.get(type(e))
             if fn is not None:
                 return bind(f"{fn}({ev(e.args[0])})")
@@ -115,12 +141,13 @@ class ExprRenderer:
 
         def sigmoid(x: str) -> str:
             # 1 / (1 + exp(-x)): exp overflows to inf for very negative x, giving exactly 0
-            return f"{self.const(1)} / ({self.const(1)} + T.exp({self.const(0)} - {x}))"
+            one = self.const(1)
+            return self.div(one, f"({one} + {self.exp(f'{self.const(0)} - {x}')})")
 
         def pow_(base, ex) -> str:
             b = ev(base)
             if ex == -1:
-                return bind(f"{self.const(1)} / {b}")
+                return bind(self.div(self.const(1), b))
             if ex == sp.Rational(1, 2):
                 return bind(f"T.sqrt({b})")
             if ex == sp.Rational(-1, 2):
@@ -128,7 +155,7 @@ class ExprRenderer:
             if ex.is_Integer and 0 < ex <= 4:
                 return bind(" * ".join([b] * int(ex)))
             if ex.is_Integer and -4 <= ex < 0:
-                return bind(f"{self.const(1)} / ({' * '.join([b] * int(-ex))})")
+                return bind(self.div(self.const(1), f"({' * '.join([b] * int(-ex))})"))
             if ex.is_Number:
                 return bind(f"T.pow({b}, {self.const(ex)})")
             return bind(f"T.pow({b}, {ev(ex)})")

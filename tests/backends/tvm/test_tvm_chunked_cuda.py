@@ -95,6 +95,12 @@ CASES = {
     # SP where the state product slices the key dim (KC < n): ignored
     "mamba2-bf16-bench-sp-kc64": (MAMBA2, "bfloat16", BENCH,
                                   dict(tile=(("KC", 64), ("SP", 1)))),
+    # the value tile written in step pairs (plan.tile VT): the bench shape, channels that
+    # are no multiple of the block, chunk of 16, both directions
+    "mamba2-bf16-bench-vt": (MAMBA2, "bfloat16", BENCH, dict(tile=(("VT", 1),))),
+    "bidirectional-fp16-odd-vt-vs": (ssd_bi, "float16", dict(h=6, g=3, n=40, p=20),
+                                     dict(chunk_size=16, tile=(("EP", 1), ("VS", 1),
+                                                               ("VT", 1)))),
     # no decay, reverse direction, chunk of 32
     "linear-reverse-bf16-chunk32": (linear_rev, "bfloat16", dict(h=4, g=4, n=32, p=48),
                                     dict(chunk_size=32, return_final_state=True)),
@@ -137,8 +143,13 @@ def test_cuda_chunked_builds(case):
     assert ("wd_sWt[" in src) == bool(t.KV)
     # SP: the output pass's state tile through registers, only with 16-byte copies and the
     # whole key dim in one slice
+    ndir = len(defn.program.recurrence.directions)
     assert t.SP == int(bool(pins.get("SP")) and t.VL > 1 and t.KC == t.NP)
     assert ("spv_[" in src) == bool(t.SP)
+    # VT: the value tile in 32-bit step pairs (both parallel passes), tensor cores only
+    assert t.VT == int(bool(pins.get("VT")) and t.mma)
+    assert src.count("sVt[c_, r2_ + v_] = vp_[v_]") == (2 * ndir if t.VT else 0)
+    assert ("sVt[c_, r_] = " in src) == (not t.VT)
     if t.SP:
         # loads issued before the query-key product, stored into sK after it
         out_k = src.split('thread="blockIdx.x"')[-1]
@@ -599,3 +610,89 @@ def test_state_prefetch_mapping(BP, KC, VL, esz, N, P):
         # coalesced: lanes of a warp on consecutive vectors
         starts = [(ix // cv, ix % cv * VL) for ix in range(32)]
         assert all(b[0] * KC + b[1] - a[0] * KC - a[1] == VL for a, b in zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize("case,pins,fast", [
+    ("mamba2-bf16-bench", (), True),
+    ("mamba2-bf16-bench", (("FM", 0),), False),
+    ("bidirectional-fp16-odd", (), True),
+    ("mamba2-fp32-states-varlen", (("FM", 1),), False),   # fp32 plans keep exact math
+    ("bidirectional-fp32-ep-vs", (), False),
+])
+def test_fast_math(case, pins, fast):
+    """plan.tile FM (16-bit plans, default on): the output pass's decay factors and the
+    elementwise expressions whose values are rounded to 16 bits use __expf / __fdividef; the
+    per-step log-decays, the chunk pass's and the sequential pass's decay factors stay exact;
+    fp32 plans never use the approximations."""
+    defn, dtype, sizes, kw = CASES[case]
+    kw = dict(kw, tile=tuple(sorted(dict(kw.get("tile", ()), **dict(pins)).items())))
+    spec = _spec(defn, dtype, sizes, **kw)
+    assert tiles(spec.plan, spec.N, spec.P).FM == int(fast)
+    src = LOWERINGS[("chunked", "cuda")](spec)
+    cu = cuda_host_source(src, func_name(spec.plan), "sm_90")
+    assert ("__expf(" in cu) == fast
+    out_k = cu.split("__global__ void")[-1]   # the (last direction's) output pass
+    if fast:
+        # the causal decay factors exp(lc_i - lc_j) and the rows' exp(lc_i)
+        assert "__expf((slc_ptr[" in out_k and "__expf(slc_ptr[" in out_k
+        # log-decay sums and the chunk states' decay stay exact
+        assert "sfac_ptr[((int)threadIdx.x)] = expf(" in cu
+        assert "f__ptr[0] = expf(" in cu
+        assert "__logf" not in cu
+    else:
+        assert "__fdividef" not in cu and "__expf" not in cu
+    if case.startswith("mamba2") and fast:
+        # the z gate's sigmoid in the epilogue
+        assert "__fdividef(" in out_k
+
+
+def test_fast_renderer():
+    """ExprRenderer(fast=True) renders exp and divisions as CUDA's intrinsics in float32 only,
+    and the exact form is unchanged."""
+    import sympy as sp
+
+    from ssmc.backends.tvm.render import ExprRenderer
+    from ssmc.ir.functions import Sigmoid, Softplus
+    x, y = sp.symbols("x y")
+    expr = Softplus(x) / y + Sigmoid(x) + sp.exp(y)
+    loads = {"x": "X", "y": "Y"}
+    exact = "\n".join(sum(map(list, ExprRenderer("float32").render(expr, loads)[:1]), []))
+    assert "T.call_pure_extern" not in exact and " / " in exact and "T.exp(" in exact
+    fast_lines, _ = ExprRenderer("float32", fast=True).render(expr, loads)
+    fast = "\n".join(fast_lines)
+    assert '"__expf"' in fast and '"__fdividef"' in fast
+    assert "T.exp(" not in fast and " / " not in fast and "T.log(" in fast
+    f64 = "\n".join(ExprRenderer("float64", fast=True).render(expr, loads)[0])
+    assert "T.call_pure_extern" not in f64
+
+
+@pytest.mark.parametrize("Q,bp,P,cl", [(64, 64, 64, 64), (64, 64, 64, 37), (16, 24, 20, 16),
+                                       (32, 8, 5, 9), (128, 32, 64, 128)])
+def test_value_pairs_mapping(Q, bp, P, cl):
+    """plan.tile VT (value_pairs' formulas): every (channel, step) of the bp x Q tile written
+    once, from the value at (step, channel) (zero past the chunk's length cl or the last
+    channel), as whole 32-bit words (even steps); a warp's 32 words (row stride Q + 8
+    elements) fall in 32 distinct banks."""
+    import numpy as np
+    ncb, total = bp // 8, Q // 2 * bp
+    assert total % 64 == 0   # whole warps (the last batch may leave some idle: ix_ < total)
+    for pb in range(-(-P // bp)):
+        value = np.arange(1, Q * P + 1).reshape(Q, P)
+        tile = np.full((bp, Q + 8), -1)
+        for ix in range(total):
+            c = ix // 32 % ncb * 8 + ix % 8
+            r2 = (ix // 32 // ncb * 4 + ix % 32 // 8) * 2
+            p = pb * bp + c
+            for k in range(2):
+                assert tile[c, r2 + k] == -1
+                tile[c, r2 + k] = value[r2 + k, p] if r2 + k < cl and p < P else 0
+            assert (c * (Q + 8) + r2) % 2 == 0
+        want = np.zeros((bp, Q), int)
+        p_hi = min(P, (pb + 1) * bp) - pb * bp
+        want[:p_hi, :cl] = value[:cl, pb * bp:pb * bp + p_hi].T
+        assert (tile[:, :Q] == want).all()
+        for warp in range(total // 32):
+            banks = {(c * (Q + 8) + r2) // 2 % 32 for ix in range(warp * 32, warp * 32 + 32)
+                     for c, r2 in [(ix // 32 % ncb * 8 + ix % 8,
+                                    (ix // 32 // ncb * 4 + ix % 32 // 8) * 2)]}
+            assert len(banks) == 32

@@ -47,6 +47,10 @@ and n (`value_split`; Mamba-2's x * softplus(dt + dt_bias)), the factor is evalu
 step, beside the log-decays, into shared memory (svs), and the value tile's copies load the
 input and multiply (the softplus's exp and log were evaluated once an element).
 
+16-bit plans evaluate exp and divisions whose results are rounded to 16 bits right after (the
+operand tiles' and the epilogue's expressions, the output pass's decay factors) with CUDA's
+approximate `__expf` / `__fdividef` (plan.tile FM, default on; FM=0: exact; fp32 plans: exact).
+
 Warp w of the 4 owns the m16 row tiles w, w + 4, ... of each product; in a tile, lane l holds
 rows l // 4 and l // 4 + 8, columns 2 (l % 4) and 2 (l % 4) + 1 of every n8 column tile (the
 mma accumulator layout; the fp32 path uses the same ownership). Shared tiles are stored with
@@ -68,6 +72,7 @@ are not a multiple of 16 up to 128, and tiles that do not fit in 48 KB of shared
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from ....plan import Plan
@@ -120,6 +125,18 @@ class Tiles:
     # registers before the query-key product (stored to shared memory after it), so that
     # they are in flight during it; where the state product takes the whole key dim at once
     SP: int = 0
+    # plan.tile FM (0/1; 16-bit plans only, default on): approximate exp and division
+    # (`__expf`, `__fdividef`) wherever an element's value is rounded to the operand type or
+    # the output right after: the operand tiles' and the epilogue's expressions, the output
+    # pass's decay factors exp(lc_i - lc_j) and exp(lc_i). The per-step log-decays, their
+    # sums and the chunk and sequential passes' decay factors stay exact. FM=0 pins exact math.
+    FM: int = 0
+    # both parallel passes (plan.tile VT, 0/1; tensor cores only): the transposed value tile
+    # sVt written a pair of steps at a time (one 32-bit word), a warp's 32 items 8 channels x
+    # 4 step pairs, so that its stores fall in 32 distinct banks (rows (Q + 8) / 2 = 4 mod 32
+    # words apart: consecutive channels' 2-byte stores were 4-way conflicts); its global loads
+    # then read 16 bytes of 4 rows (pairs of steps) each instead of a row's 64 bytes
+    VT: int = 0
 
     @property
     def pad(self) -> int:
@@ -221,6 +238,8 @@ def tiles(plan: Plan, N: int, P: int) -> Tiles | str:
     flags["SV"] = max(0, min(8, int(pin.get("SV", SEQ_V))))
     flags["KV"] = int(bool(pin.get("KV", 1)) and vl > 1)
     flags["SP"] = int(bool(pin.get("SP", 0)) and vl > 1 and out[1] == NP)
+    flags["FM"] = int(bool(pin.get("FM", 1)) and mma)
+    flags["VT"] = int(bool(pin.get("VT", 0)) and mma)
     return Tiles(Q=Q, NP=NP, mma=mma, OT=OT, BP=out[0], KC=out[1], BPS=state[0], NB=state[1],
                  VL=vl, **flags)
 
@@ -294,6 +313,20 @@ class _ChunkedCuda(Emitter):
             w('cs = T.match_buffer(cs_h, (NS,), "int32")')
 
     # ---- small pieces -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def fast_math(self):
+        """Expressions rendered inside use approximate exp and division (plan.tile FM)."""
+        before = self.renderer.fast
+        self.renderer.fast = bool(self.t.FM)
+        try:
+            yield
+        finally:
+            self.renderer.fast = before
+
+    def exp(self, x: str) -> str:
+        """exp(x), approximate under plan.tile FM (values rounded to 16 bits afterwards)."""
+        return f'T.call_pure_extern("float32", "__expf", {x})' if self.t.FM else f"T.exp({x})"
+
     def shared(self, name, shape, dtype):
         dims = ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "")
         self.w(f'{name} = T.alloc_buffer(({dims}), "{dtype}", scope="shared")')
@@ -367,6 +400,8 @@ class _ChunkedCuda(Emitter):
     def coop_regs(self):
         self.local("lv0_", self.t.LB, "float32")
         self.local("lv1_", self.t.LB, "float32")
+        if self.t.VT:
+            self.local("vp_", 2, self.t.OT)
         if self.t.VL > 1:
             self.local("vv0_", self.vbatch * 4, "uint32")
             self.local("vv1_", self.vbatch * 4, "uint32")
@@ -507,10 +542,45 @@ class _ChunkedCuda(Emitter):
                 base = self.value_of(self.vsplit[0], self.index("t_", p="p_"))
                 v = f"{base} * svs[r_]"
             else:
-                v = self.value_of(self.program.recurrence.value.expr, self.index("t_", p="p_"))
+                with self.fast_math():
+                    v = self.value_of(self.program.recurrence.value.expr,
+                                      self.index("t_", p="p_"))
             return [v if scale is None else f"{v} * {scale}"]
+        if self.t.VT:
+            self.value_pairs(bp, pb, values)
+            return
         self.coop(Q, bp, lambda: w(f"p_ = {pb} * {i64(bp)} + {L('c_')}"),
                   f"{L('r_')} < cl_ and p_ < {i64(self.spec.P)}", values, ["sVt[c_, r_]"])
+
+    def value_pairs(self, bp: int, pb: str, values):
+        """plan.tile VT: sVt[c_, r_ + k] = values() at row r_ + k (k = 0, 1; zero outside), a
+        pair of steps of one channel a thread, stored as one 32-bit word (2 lanes of the
+        operand type). Item ix_ = lane l of group g (32 items): channel g % (bp / 8) * 8 +
+        l % 8, steps 2 (g // (bp / 8) * 4 + l // 8) and the next, so that a warp's words
+        (channel rows (Q + 8) / 2 words apart, 4 mod 32) are in 32 distinct banks."""
+        w, Q = self.w, self.t.Q
+        ncb = bp // 8
+        total = Q // 2 * bp  # a multiple of 64 (Q: of 16, bp: of 8): whole warps
+        cond = f"p_ < {i64(self.spec.P)}"
+        ot = self.t.OT
+
+        def load(in_range: str):
+            w(f"p_ = {pb} * {i64(bp)} + {L('c_')}")
+            for k in range(2):
+                with w.block(f"if {in_range}{L(f'r2_ + {k}')} < cl_ and {cond}:"):
+                    w(f"r_ = r2_ + {k}")  # values() reads the row r_
+                    w(f"lv{k}_[u_] = {values()[0]}")
+                with w.block("else:"):
+                    w(f"lv{k}_[u_] = {self.zero}")
+
+        def store():
+            w(f'vp_[0] = T.Cast("{ot}", lv0_[u_])', f'vp_[1] = T.Cast("{ot}", lv1_[u_])')
+            with w.block("for v_ in T.vectorized(2):"):
+                w("sVt[c_, r2_ + v_] = vp_[v_]")
+
+        self._two_phase(total, self.t.LB,
+                        (f"c_ = ix_ // 32 % {ncb} * 8 + ix_ % 8",
+                         f"r2_ = (ix_ // 32 // {ncb} * 4 + ix_ % 32 // 8) * 2"), load, store)
 
     # ---- warp-level products --------------------------------------------------------------
     def mtile(self, i: str) -> str:
@@ -596,7 +666,8 @@ class _ChunkedCuda(Emitter):
                     guard = f"ix_ < {total} and " if total % THREADS else ""
                     with w.block(f"if {guard}{L('row_')} < cl_ and p_ < {i64(s.P)}:"):
                         w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('row_'))}")
-                        self.emit_y(d_index, "t_", "sY[row_, col_]")
+                        with self.fast_math():
+                            self.emit_y(d_index, "t_", "sY[row_, col_]")
 
     def mma_call(self, af: str, acc: str, offset: str) -> str:
         kind = MMA_DTYPES[self.t.OT]
@@ -724,8 +795,9 @@ class _ChunkedCuda(Emitter):
                     else:
                         def key_values():
                             w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
-                            return [self.value_of(self.program.recurrence.key.expr,
-                                                  self.index("t_", n="n_"))]
+                            with self.fast_math():
+                                return [self.value_of(self.program.recurrence.key.expr,
+                                                      self.index("t_", n="n_"))]
                         self.coop(Q, NB, lambda: w(f"n_ = nb_ * {i64(NB)} + {L('c_')}"),
                                   f"{L('r_')} < cl_ and n_ < {i64(s.N)}", key_values,
                                   ["sWt[c_, r_]"])
@@ -1092,9 +1164,11 @@ class _ChunkedCuda(Emitter):
                         def values():
                             w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('r_'))}")
                             idx = self.index("t_", n="n_")
-                            out = [self.value_of(self.program.recurrence.query.expr, idx)]
-                            if with_key:
-                                out.append(self.value_of(self.program.recurrence.key.expr, idx))
+                            with self.fast_math():
+                                out = [self.value_of(self.program.recurrence.query.expr, idx)]
+                                if with_key:
+                                    out.append(self.value_of(self.program.recurrence.key.expr,
+                                                             idx))
                             return out
                         self.coop(Q, KC, lambda: w(f"n_ = kc_ * {i64(KC)} + {L('c_')}"),
                                   f"{L('r_')} < cl_ and n_ < {i64(s.N)}", values,
@@ -1116,7 +1190,7 @@ class _ChunkedCuda(Emitter):
                     depth = self.each_acc(mtw, ntg)
                     g = "accG[k_acc_]"
                     if self.has_decay:
-                        g = f"{g} * T.exp(slc[row_] - slc[col_])"
+                        g = f"{g} * {self.exp('slc[row_] - slc[col_]')}"
                     w(f"accG[k_acc_] = T.if_then_else(col_ <= row_, {g}, {self.zero})")
                     if not t.mma:
                         w("sG[row_, col_] = accG[k_acc_]")
@@ -1158,7 +1232,7 @@ class _ChunkedCuda(Emitter):
                         self.sync()
                     if self.has_decay:
                         depth = self.each_acc(mtw, nty)
-                        w("accY[k_acc_] = accY[k_acc_] * T.exp(slc[row_])")
+                        w(f"accY[k_acc_] = accY[k_acc_] * {self.exp('slc[row_]')}")
                         w.depth -= depth
                     if t.VS:
                         # the value tile into sK's space (free after the state product)
@@ -1207,7 +1281,8 @@ class _ChunkedCuda(Emitter):
                         with w.block(f"if {self.mtile_valid('i_')} and {L('row_')} < cl_ and "
                                      f"p_ < {i64(s.P)}:"):
                             w(f"t_ = {self.time_of(direction, 'c0_ + ' + L('row_'))}")
-                            self.emit_y(d_index, "t_", "accY[k_acc_]")
+                            with self.fast_math():
+                                self.emit_y(d_index, "t_", "accY[k_acc_]")
                         w.depth -= depth
                 w.depth -= opened
 
