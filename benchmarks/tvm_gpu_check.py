@@ -85,7 +85,9 @@ BENCH = dict(b=8, t=4096, h=80, p=64, n=128, g=1)
 #: pass: GF packed G fragments, EP staged epilogue, VS value tile over the key tile, KC key-dim
 #: slice, LB load batch, MB __launch_bounds__ min blocks per SM of the output pass, SP state
 #: tile prefetched into registers; chunk pass: KV key tile from 16-byte loads (now the
-#: default); sequential pass: SV 16-byte vectors a thread)
+#: default); sequential pass: SV 16-byte vectors a thread; both parallel passes: FM approximate
+#: exp/division where values are rounded to 16 bits (now the default; FM=0 pins exact math),
+#: VT the value tile stored in 32-bit step pairs free of bank conflicts)
 BF16_VARIANTS = {
     "gf_ep": {"GF": 1, "EP": 1},
     "kc64_occ7": {"GF": 1, "EP": 1, "KC": 64, "LB": 8, "MB": 7},
@@ -95,6 +97,8 @@ BF16_VARIANTS = {
     "kv_gf_ep": {"KV": 1, "GF": 1, "EP": 1},
     "sp": {"SP": 1},
     "sp_occ5": {"SP": 1, "MB": 5},
+    "fm0": {"FM": 0},
+    "vt": {"VT": 1},
 }
 
 
@@ -154,6 +158,14 @@ def make(out_root: Path, arch: str, target: str = "cuda"):
             # ... with registers capped for 5 blocks an SM (a few spilled)
             ("chunked_ssd_mamba2_bf16_sp_occ5", mamba2, bench,
              dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["sp_occ5"])),
+            # exact expf and divisions everywhere (the default before FM), against which the
+            # default's __expf / __fdividef are timed
+            ("chunked_ssd_mamba2_bf16_fm0", mamba2, bench,
+             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["fm0"])),
+            # the value tile of both parallel passes stored in step pairs (32-bit words, no
+            # bank conflicts; its loads 16 bytes of 4 rows a warp)
+            ("chunked_ssd_mamba2_bf16_vt", mamba2, bench,
+             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["vt"])),
             ("chunked_ssd_mamba2_bf16_states_varlen", mamba2, dict(h=8, g=2, n=128, p=64),
              dict(dtype="bfloat16", initial_state=True, return_final_state=True, varlen=True,
                   lowering="chunked")),
