@@ -336,10 +336,7 @@ def render_chunk_kernel(plan: Plan) -> str:
     o.operand("value", "value")
     o.dy()
     o.decay()
-    body("st_off = ((chunk * H + h_idx) * N + offs_n[None, :]) * P + offs_p[:, None]")
-    body("st_mask = mask_n[None, :] & mask_p[:, None]")
-    body("S_inT = tl.load(ssmc_states + st_off, mask=st_mask, other=0.0)")    # (p, n)
-    body("GT = tl.load(ssmc_dstates + st_off, mask=st_mask, other=0.0)")      # (p, n)
+    _state_tiles(body, transposed=True)
     body("G = tl.trans(GT)")
     body("dyv = " + dot("dy", "tl.trans(value)"))                            # [u, s]
     body("dA = tl.where(offs_c[:, None] >= offs_c[None, :], dyv, 0.0)")
@@ -384,6 +381,19 @@ def row_terms(plan: Plan) -> dict:
     return ChainRule(plan.program).row_terms
 
 
+def _state_tiles(emit: Emitter, transposed: bool) -> tuple[str, str]:
+    """Load one block of the state entering the chunk and of G = dL/dS at its end, (n, p), or
+    (p, n) when `transposed`; returns their names."""
+    n, p = ("offs_n[None, :]", "offs_p[:, None]") if transposed else ("offs_n[:, None]",
+                                                                        "offs_p[None, :]")
+    names = ("S_inT", "GT") if transposed else ("S_in", "G")
+    emit(f"st_off = ((chunk * H + h_idx) * N + {n}) * P + {p}")
+    emit(f"st_mask = mask_n{n[6:]} & mask_p{p[6:]}")
+    for name, ptr in zip(names, ("ssmc_states", "ssmc_dstates")):
+        emit(f"{name} = tl.load({ptr} + st_off, mask=st_mask, other=0.0)")
+    return names
+
+
 def _qk_loads(plan: Plan, body: Emitter):
     """query and key of one chunk in the matmul type, and the causal mask."""
     o = _Ops(plan, body)
@@ -417,10 +427,7 @@ def render_dv_kernel(plan: Plan) -> str:
     loop("mask_n = offs_n < N")
     o_n.mm_operand("query", "query")
     o_n.mm_operand("key", "key")
-    loop("st_off = ((chunk * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]")
-    loop("st_mask = mask_n[:, None] & mask_p[None, :]")
-    loop("S_in = tl.load(ssmc_states + st_off, mask=st_mask, other=0.0)")      # (n, p)
-    loop("G = tl.load(ssmc_dstates + st_off, mask=st_mask, other=0.0)")        # (n, p)
+    _state_tiles(loop, transposed=False)
     loop("QK += " + dot("query", "tl.trans(key)"))
     loop("qS += " + dot("query", "S_in"))
     loop("kG += " + dot("key", "G"))
@@ -515,10 +522,7 @@ def render_dqk_kernel(plan: Plan) -> str:
         body("mask_p = offs_p < P")
         o.dy()
         o.operand("value", "value")
-        body("st_off = ((chunk * H + h_idx) * N + offs_n[None, :]) * P + offs_p[:, None]")
-        body("st_mask = mask_n[None, :] & mask_p[:, None]")
-        body("S_inT = tl.load(ssmc_states + st_off, mask=st_mask, other=0.0)")    # (p, n)
-        body("GT = tl.load(ssmc_dstates + st_off, mask=st_mask, other=0.0)")      # (p, n)
+        _state_tiles(body, transposed=True)
         body("dyv += " + dot("dy", "tl.trans(value)"))
         body("dyS += " + dot("dy", "S_inT"))
         body("vG += " + dot("value", "GT"))
