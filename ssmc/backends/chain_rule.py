@@ -199,18 +199,6 @@ class ChainRule:
         return frozenset(name for name in self.row_terms
                          if self._input_axes[name] == ROW_AXES and name not in others)
 
-    @functools.cached_property
-    def host_reads_dv(self) -> bool:
-        """Whether `input_grads` needs the value operand's gradient once the `row_terms` are
-        done (an input of the value outside the row terms)."""
-        return any(name not in self.row_terms for name in self.exprs.operands.get("value", {}))
-
-    @functools.cached_property
-    def host_reads_y(self) -> bool:
-        """Whether `input_grads` needs y once the `row_terms` are done."""
-        return any(Y in f.free_symbols for name, f in self.exprs.epilogue.items()
-                   if name not in self.row_terms)
-
     @property
     def needs_y(self) -> bool:
         """Whether the epilogue's derivatives need y (recomputed by the backend)."""

@@ -63,9 +63,7 @@ def make_backward(backend, plan: Plan):
     def backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final):
         module = modules()
         cdt = compute_dtype(plan)
-        # the chunked dv kernel evaluates the chain rule's row terms itself where it can
-        fuse = not use_scan and chunked_bwd.fuses_rows(bplan, sizes)
-        want_y = rule.needs_y and (not fuse or rule.host_reads_y or rule.dy_needs_y)
+        want_y = rule.needs_y
         # y after the recurrence's backward (its kernels have y's parts at hand) where dy
         # does not need it
         late_y = (want_y and not use_scan and chunked_bwd.computes_y(bplan)
@@ -81,22 +79,18 @@ def make_backward(backend, plan: Plan):
         dy = chain_rows.epilogue_dy(backend, plan, rule, tensors, sizes, y, grad_out, dy_dtype)
         env, g_out, dy_host = rule.epilogue(tensors, sizes, y, grad_out, cdt, dy is None)
         dy = dy_host if dy is None else dy
-        rows = None
         if use_scan:
             per_dir = scan_bwd.backward_pass(module, bplan, tensors, sizes, saved, dy,
                                              grad_final, cu_seqlens)
         else:
-            per_dir, y_late, rows = chunked_bwd.backward_pass(
-                module, bplan, tensors, sizes, saved, dy, grad_final, cu_seqlens, late_y,
-                rule if fuse else None, grad_out)
+            per_dir, y_late = chunked_bwd.backward_pass(module, bplan, tensors, sizes, saved, dy,
+                                                        grad_final, cu_seqlens, late_y)
             if late_y:
                 y = y_late
                 env[Y.name] = y.unsqueeze(3)
         del saved, dy    # the chunk states are the largest buffers: gone before the chain rule
         op_grads = sum_directions(per_dir)
-        if rows is None:
-            rows = chain_rows.row_parts(backend, plan, rule, tensors, sizes, y, grad_out,
-                                        op_grads)
+        rows = chain_rows.row_parts(backend, plan, rule, tensors, sizes, y, grad_out, op_grads)
         grouped = frozenset() if use_scan else chunked_bwd.grouped_operands(bplan, sizes)
         result = rule.input_grads(env, g_out, op_grads, tensors, sizes, rows, grouped)
         grad_h0 = initial_state_grad([dh0 for _, dh0 in per_dir], initial_state)

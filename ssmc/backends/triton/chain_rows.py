@@ -27,14 +27,14 @@ BT = 32
 
 
 def emit_terms(ctx: Context, terms: dict[str, sp.Expr], axes_of: dict[str, set], t: str,
-               block: str, first: int = 0) -> None:
+               block: str) -> None:
     """Evaluate `terms` on a (t, p) tile (rows `t`, mask `rmask`; y, dv and grad_out already
-    in `ctx.loaded` where used) and store each into `ssmc_out{first + k}`, summed over the
+    in `ctx.loaded` where used) and store the k-th into `ssmc_out{k}`, summed over the
     axes among t and p that its input lacks: (b, t, h, p) rows, (b, t, h), or per block of
     rows `block` (a (blocks, h, p) or (blocks, h) partial the host sums)."""
     body = ctx.emit
     row = f"((b_idx * T + {t}[:, None]) * H + h_idx) * P + offs_p[None, :]"
-    for k, (name, expr) in enumerate(terms.items(), first):
+    for k, (name, expr) in enumerate(terms.items()):
         axes = axes_of[name]
         v = ctx.value(expr, f"g{k}")
         body(f"{v} = tl.where(rmask, {v}, 0.0)")
@@ -62,13 +62,9 @@ def load_rows(ctx: Context, used: set, ct: str, t: str) -> None:
             ctx.emit(f"{var} = tl.load({ptr} + {row}, mask=rmask, other=0.0).to({ct})")
             ctx.loaded[sym.name] = var
     if GOUT in used:
-        load_gout(ctx, ct, t)
-
-
-def load_gout(ctx: Context, ct: str, t: str) -> None:
-    ctx.emit(f"go_r = tl.load(ssmc_gout + b_idx * s_go_b + {t}[:, None] * s_go_t + h_idx * "
-             f"s_go_h + offs_p[None, :] * s_go_p, mask=rmask, other=0.0).to({ct})")
-    ctx.loaded[GOUT.name] = "go_r"
+        ctx.emit(f"go_r = tl.load(ssmc_gout + b_idx * s_go_b + {t}[:, None] * s_go_t + "
+                 f"h_idx * s_go_h + offs_p[None, :] * s_go_p, mask=rmask, other=0.0).to({ct})")
+        ctx.loaded[GOUT.name] = "go_r"
 
 
 def render(plan: Plan, terms: dict[str, sp.Expr], axes_of: dict[str, set] | None = None) -> str:

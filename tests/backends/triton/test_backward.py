@@ -164,23 +164,6 @@ def test_backward_chunked_head_blocks(monkeypatch, programs, heads):
     check_backward(builtin("ssd", "bidirectional"), "chunked", sizes, seed=17)
 
 
-@pytest.mark.parametrize("name, lengths", [("ssd", None), ("ssd", LENGTHS),
-                                           ("retention", None)])
-def test_backward_chunked_fused_row_terms(monkeypatch, name, lengths):
-    """The dv kernel evaluating the chain rule's row terms itself (tile FUSE): dv and y stay
-    in registers, one full-row gradient is written over dy, per-chunk partials for inputs
-    without t (ssd's D, dt_bias)."""
-    from ssmc.backends.triton.lowerings import chunked_bwd
-    default = chunked_bwd.tiles
-    monkeypatch.setattr(chunked_bwd, "tiles", lambda plan, sizes: dict(default(plan, sizes),
-                                                                        FUSE=1))
-    sizes = shape_for(name, "t100") if lengths is None else dict(shape_for(name, "t7"), b=1,
-                                                                 t=sum(lengths))
-    plan = _plan(builtin(name), "chunked", torch.float32, True, True, lengths is not None)
-    assert chunked_bwd.fuses_rows(plan, sizes)
-    check_backward(builtin(name), "chunked", sizes, lengths=lengths, seed=18)
-
-
 # --------------------------------------------------------------------------- custom definitions
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

@@ -30,8 +30,7 @@ Kernels, per direction:
   - `ssmc_chunked_bwd_dv` (per (chunk, head, p-block)): dv; y for the epilogue's
     derivatives (written over dy where one direction allows); and the decay gradient,
     complete. The products over n (q k^T, q S_in, k G) run over n-blocks and the decay
-    factors scale their rows afterwards. Optionally (tile FUSE) it also evaluates the chain
-    rule's row terms (see `fuses_rows`).
+    factors scale their rows afterwards.
 * Per-key decays (selective_scan, gla): `ssmc_chunked_bwd` forms A and the chunk-local parts
   of dq and dk elementwise, one key step s at a time, with D only on the causal half where
   its exponent is <= 0 (the factoring q exp(lc) . k exp(-lc) overflows); BT 16.
@@ -61,12 +60,10 @@ from __future__ import annotations
 import torch
 import triton
 
-from ....ir import Y, Direction, Elementwise
+from ....ir import Direction, Elementwise
 from ....plan import Plan
 from ..common import (HEADER, compute_dtype, compute_type, direction_slices, dot_type,
                       fp32_precision, input_args, input_params, next_pow2, num_sequences)
-from ...chain_rule import DV, GOUT, ChainRule
-from ..chain_rows import emit_terms, load_gout
 from ..render import Context, Emitter, Tile, split_scale
 from ..templates import chunk_setup, chunk_state_store, indent, rows, seq_setup, state_init
 
@@ -373,14 +370,6 @@ def _scale(scale: str | None, expr: str, rows: bool = False, cols: bool = False)
     return f"({expr}) * {scale}{index}"
 
 
-def row_terms(plan: Plan) -> dict:
-    """The chain rule's row terms (`ChainRule.row_terms`) the dv kernel can evaluate itself:
-    those of one-direction programs with decays without n; empty otherwise."""
-    if per_key_decay(plan) or len(plan.program.recurrence.directions) != 1:
-        return {}
-    return ChainRule(plan.program).row_terms
-
-
 def _state_tiles(emit: Emitter, transposed: bool) -> tuple[str, str]:
     """Load one block of the state entering the chunk and of G = dL/dS at its end, (n, p), or
     (p, n) when `transposed`; returns their names."""
@@ -446,18 +435,14 @@ def render_dv_kernel(plan: Plan) -> str:
     body("dv = " + dot("tl.trans(A)", "dy") + " + kG")
     body("row = (b_idx * T + t_row[:, None]) * H + h_idx")
     body("pmask = mask_t[:, None] & mask_p[None, :]")
-    body("if STORE_DV:")
-    with body.block():
-        body("tl.store(ssmc_dv + row * P + offs_p[None, :], dv, mask=pmask)")
+    body("tl.store(ssmc_dv + row * P + offs_p[None, :], dv, mask=pmask)")
     body("if WANT_Y:")
     with body.block():
         body("y = " + dot(_scale(vs, "A", cols=True), "value") + " + yoff")
         body("if ACCUM_Y:")
         with body.block():
             body("y += tl.load(ssmc_y + row * P + offs_p[None, :], mask=pmask, other=0.0)")
-        body("if STORE_Y:")
-        with body.block():
-            body("tl.store(ssmc_y + row * P + offs_p[None, :], y, mask=pmask)")
+        body("tl.store(ssmc_y + row * P + offs_p[None, :], y, mask=pmask)")
     if o.mode == "row":
         # w_u = q_u . dq_u - k_u . dk_u without dq, dk: q_u . dq_u = sum_s (dyv * A)[u, s]
         # + dy_u . yoff_u and k_s . dk_s = sum_u (dyv * A)[u, s] + v_s . kG_s
@@ -469,28 +454,12 @@ def render_dv_kernel(plan: Plan) -> str:
         body("dl = tl.sum(w, axis=0) - tl.cumsum(w, axis=0) + w + term")
         body("tl.store(ssmc_dl + pid_p.to(tl.int64) * B * T * H + (b_idx * T + t_row) * H"
              " + h_idx, dl, mask=mask_t)")
-    terms = row_terms(plan)
-    if terms:
-        # the chain rule's (b, t, h, p) terms from dv, y and grad_out still in registers
-        # (one direction, one p-block): neither dv nor y goes through memory
-        body("if ROWS:")
-        with body.block():
-            body("rmask = pmask")
-            ctx = Context(plan.program, V_TILE, body, "r", o.ct)
-            ctx.loaded.update({DV.name: "dv", Y.name: "y"})
-            if any(GOUT in e.free_symbols for e in terms.values()):
-                load_gout(ctx, o.ct, "t_row")
-            axes_of = {name: set(plan.program.input(name).axes) for name in terms}
-            emit_terms(ctx, terms, axes_of, "t_row", "chunk")
-    outs = "".join(f"ssmc_out{k}, " for k in range(len(terms)))
     return f"""
 @triton.jit
 def ssmc_chunked_bwd_dv(
     {input_params(plan.program)},
-    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dv, ssmc_dl, ssmc_y,
-    ssmc_gout, s_go_b, s_go_t, s_go_h, s_go_p, {outs}{CHUNK_PARAMS}
+    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dv, ssmc_dl, ssmc_y, {CHUNK_PARAMS}
     {CONSTS}, ST: tl.constexpr, WANT_Y: tl.constexpr, ACCUM_Y: tl.constexpr,
-    STORE_DV: tl.constexpr, STORE_Y: tl.constexpr, ROWS: tl.constexpr,
 ):
 {CHUNK_SETUP}
 {indent(ROWS, 1)}
@@ -571,7 +540,7 @@ def tiles(plan: Plan, sizes: dict) -> dict:
                 BN=max(next_pow2(sizes["n"]), 16),
                 BP=tile.get("BP_bwd", max(min(next_pow2(sizes["p"]), 64), 16)),
                 WARPS=tile.get("WARPS_bwd", 8), WARPS_DV=tile.get("WARPS_DV_bwd", 4),
-                BK=tile.get("BK_bwd", 64), FUSE=tile.get("FUSE_bwd", 0),
+                BK=tile.get("BK_bwd", 64),
                 ST=tile.get("ST_bwd", 1))
 
 
@@ -731,24 +700,11 @@ def head_block(plan: Plan, sizes: dict, programs_per_head: int) -> int:
     return 1
 
 
-def fuses_rows(plan: Plan, sizes: dict) -> bool:
-    """Whether `backward_pass` evaluates the chain rule's row terms itself (`row_terms`; the
-    dv kernel needs all of p in one block for them). Off unless the tile says FUSE: on the
-    H100 (b=8 t=4096 h=80 n=128 p=64, Mamba-2's terms) the fused dv kernel took 3.9 ms (4
-    warps; 4.4 ms with 8) against 2.6 ms + 1.1 ms for the dv kernel and the separate
-    row-terms kernel."""
-    m = tiles(plan, sizes)
-    return bool(m["FUSE"] and row_terms(plan)) and triton.cdiv(sizes["p"], m["BP"]) == 1
-
-
 def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_seqlens,
-                  want_y: bool = False, rule: ChainRule | None = None, grad_out=None):
+                  want_y: bool = False):
     """(per direction: (operand grads as canonical (b, t, h, n, p) tensors, dL/dS_0); y
-    (summed over directions) when `want_y` (only where `computes_y`), else None; the row
-    terms of `rule` as `chain_rows.row_parts` gives them, when a rule is given (only where
-    `fuses_rows`), else None). query and key grads may come summed over the heads of each
-    group: their h axis is then g long. With fused row terms the value's gradient is left
-    out unless the rule's host part reads it."""
+    (summed over directions) when `want_y` (only where `computes_y`), else None). query and
+    key grads may come summed over the heads of each group: their h axis is then g long."""
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
     device = dy.device
@@ -776,16 +732,6 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
                 and dy.dtype == state_dtype(plan) and dy.is_contiguous())
     y = dy if in_place else (torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)
                              if want_y else None)
-    terms = row_terms(plan)
-    rows = (_row_outputs(plan, rule, tensors, sizes, n_chunks, None if in_place else dy)
-            if rule is not None else None)
-    kernel_y = want_y or (rows is not None and any(Y in e.free_symbols
-                                                   for e in terms.values()))
-    store_dv = rows is None or rule.host_reads_dv
-    if rows is None:
-        row_args = [dummy, 0, 0, 0, 0] + [dummy] * len(terms)
-    else:
-        row_args = [grad_out, *grad_out.stride(), *rows.values()]
     results = []
     for i, (direction, gT) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, grad_final))):
@@ -803,8 +749,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
                                    sizes, cu_seqlens, reverse, consts, launch)
             results.append((grads, dh0))
             continue
-        dv = (torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)   # like dy
-              if store_dv else dummy)
+        dv = torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)   # like dy
         dl = torch.empty(NPB, B, T, H, dtype=cdt, device=device) if mode == "row" else dummy
         bn = min(m["BN"], 64)
         nnb = triton.cdiv(N, bn)
@@ -818,43 +763,18 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
                 **dict(consts, BN=bn), **launch)
             module.ssmc_chunked_bwd_dv[(n_chunks, H, NPB)](
                 *args, dy, saved["states"][i], dstates, dv, dl, dummy if y is None else y,
-                *row_args, *chunk_args, REVERSE=reverse, ST=m["ST"], WANT_Y=kernel_y,
-                ACCUM_Y=i > 0, STORE_DV=store_dv, STORE_Y=want_y, ROWS=rows is not None,
+                *chunk_args, REVERSE=reverse, ST=m["ST"], WANT_Y=want_y, ACCUM_Y=i > 0,
                 **dict(consts, BN=min(m["BK"], m["BN"])), **launch_dv)
         elif want_y:
             y.zero_()
         if grouped_operands(plan, sizes) and H // heads_qk != G:   # blocks -> groups
             dq = dq.view(B, T, G, -1, N).sum(3)
             dk = dk.view(B, T, G, -1, N).sum(3)
-        grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1)}
-        if store_dv:
-            grads["value"] = dv.unsqueeze(3)
+        grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3)}
         if mode == "row":   # (NPB, b, t, h) partials -> (b, t, h, 1, 1)
             grads["log_decay"] = (dl[0] if NPB == 1 else dl.sum(0))[..., None, None]
         results.append((grads, dh0))
-    return results, y, rows
-
-
-def _row_outputs(plan: Plan, rule: ChainRule, tensors, sizes, n_chunks, dy=None) -> dict:
-    """The dv kernel's row-term outputs, canonical: (b, t, h, 1, p or 1) for inputs with t,
-    else per-chunk partials (1, chunks, h, 1, p or 1); an input's whole gradient in its dtype.
-    One (b, t, h, p) output of dy's dtype takes `dy`'s place (given): every dv program reads
-    its own dy tile before writing there, and dy has no reader after."""
-    B, T, H, P = (sizes[a] for a in "bthp")
-    device = tensors[plan.program.inputs[0].name].device
-    out = {}
-    for name in rule.row_terms:
-        axes = plan.program.input(name).axes
-        shape = ((B, T) if "t" in axes else (1, max(n_chunks, 1))) + (
-            H, 1, P if "p" in axes else 1)
-        dtype = tensors[name].dtype if name in rule.row_complete else compute_dtype(plan)
-        if (dy is not None and shape == (B, T, H, 1, P) and dtype == dy.dtype
-                and dy.is_contiguous()):
-            out[name], dy = dy.view(shape), None
-            continue
-        out[name] = (torch.empty if n_chunks else torch.zeros)(shape, dtype=dtype,
-                                                               device=device)
-    return out
+    return results, y
 
 
 def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes, cu_seqlens,
