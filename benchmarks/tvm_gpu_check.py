@@ -87,18 +87,17 @@ BENCH = dict(b=8, t=4096, h=80, p=64, n=128, g=1)
 #: tile prefetched into registers; chunk pass: KV key tile from 16-byte loads (now the
 #: default); sequential pass: SV 16-byte vectors a thread; both parallel passes: FM approximate
 #: exp/division where values are rounded to 16 bits (now the default; FM=0 pins exact math),
-#: VT the value tile stored in 32-bit step pairs free of bank conflicts)
+#: VT the value tile stored in 32-bit step pairs free of bank conflicts). Each is exported as
+#: chunked_ssd_mamba2_bf16_<name>; measurements in benchmarks/RESULTS.md.
 BF16_VARIANTS = {
-    "gf_ep": {"GF": 1, "EP": 1},
-    "kc64_occ7": {"GF": 1, "EP": 1, "KC": 64, "LB": 8, "MB": 7},
-    "vs_occ6": {"GF": 1, "EP": 1, "VS": 1, "LB": 4, "MB": 6},
-    "sv2": {"SV": 2},
-    "kv": {"KV": 1},
-    "kv_gf_ep": {"KV": 1, "GF": 1, "EP": 1},
-    "sp": {"SP": 1},
-    "sp_occ5": {"SP": 1, "MB": 5},
-    "fm0": {"FM": 0},
-    "vt": {"VT": 1},
+    "gf_ep": {"GF": 1, "EP": 1},                # G in bf16 fragments, epilogue staged (p)
+    "kc64_occ7": {"GF": 1, "EP": 1, "KC": 64, "LB": 8, "MB": 7},   # 28 KB shared, 7 blocks/SM
+    "vs_occ6": {"GF": 1, "EP": 1, "VS": 1, "LB": 4, "MB": 6},      # 35 KB shared, 6 blocks/SM
+    "sv2": {"SV": 2},                           # 39 registers, 12 blocks/SM, fewer loads each
+    "sp": {"SP": 1},                            # 105 registers: 4 blocks/SM
+    "sp_occ5": {"SP": 1, "MB": 5},              # ... capped for 5 (a few spilled)
+    "fm0": {"FM": 0},                           # exact expf and divisions (the earlier default)
+    "vt": {"VT": 1},                            # its loads: 16 bytes of 4 rows a warp
 }
 
 
@@ -126,46 +125,6 @@ def make(out_root: Path, arch: str, target: str = "cuda"):
         jobs += [
             ("chunked_ssd_mamba2_bf16", mamba2, bench, dict(dtype="bfloat16", lowering="chunked")),
             ("chunked_ssd_mamba2_fp32", mamba2, bench, dict(lowering="chunked")),
-            # output-pass variants of the bf16 kernel (plan.tile, see chunked_cuda.Tiles), all
-            # timed at the bench shape: G packed into bf16 fragments and the epilogue staged
-            # through shared memory (coalesced over p) ...
-            ("chunked_ssd_mamba2_bf16_gf_ep", mamba2, bench,
-             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["gf_ep"])),
-            # ... + key-dim slices of 64 (28 KB shared), 8-element load batches, registers
-            # capped for 7 blocks an SM
-            ("chunked_ssd_mamba2_bf16_kc64_occ7", mamba2, bench,
-             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["kc64_occ7"])),
-            # ... + the value tile over the key tile (35 KB shared), 4-element load batches,
-            # registers capped for 6 blocks an SM
-            ("chunked_ssd_mamba2_bf16_vs_occ6", mamba2, bench,
-             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["vs_occ6"])),
-            # the sequential pass with 2 16-byte vectors a thread (default 4: 64 registers,
-            # 8 blocks an SM; 2: 39 registers, 12 blocks an SM, half the loads in flight each)
-            ("chunked_ssd_mamba2_bf16_sv2", mamba2, bench,
-             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["sv2"])),
-            # the chunk pass's key tile from 16-byte loads, two steps at a time transposed
-            # into packed words (8 vector loads a thread instead of 64 scalar ones) ...
-            ("chunked_ssd_mamba2_bf16_kv", mamba2, bench,
-             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["kv"])),
-            # ... with the gf_ep output pass
-            ("chunked_ssd_mamba2_bf16_kv_gf_ep", mamba2, bench,
-             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["kv_gf_ep"])),
-            # the output pass's state tile loaded into registers before the query-key product
-            # and stored to shared memory after it (its loads in flight during the product;
-            # 105 registers: 4 blocks an SM) ...
-            ("chunked_ssd_mamba2_bf16_sp", mamba2, bench,
-             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["sp"])),
-            # ... with registers capped for 5 blocks an SM (a few spilled)
-            ("chunked_ssd_mamba2_bf16_sp_occ5", mamba2, bench,
-             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["sp_occ5"])),
-            # exact expf and divisions everywhere (the default before FM), against which the
-            # default's __expf / __fdividef are timed
-            ("chunked_ssd_mamba2_bf16_fm0", mamba2, bench,
-             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["fm0"])),
-            # the value tile of both parallel passes stored in step pairs (32-bit words, no
-            # bank conflicts; its loads 16 bytes of 4 rows a warp)
-            ("chunked_ssd_mamba2_bf16_vt", mamba2, bench,
-             dict(dtype="bfloat16", lowering="chunked", tile=BF16_VARIANTS["vt"])),
             ("chunked_ssd_mamba2_bf16_states_varlen", mamba2, dict(h=8, g=2, n=128, p=64),
              dict(dtype="bfloat16", initial_state=True, return_final_state=True, varlen=True,
                   lowering="chunked")),
@@ -175,6 +134,10 @@ def make(out_root: Path, arch: str, target: str = "cuda"):
              dict(h=4, g=2, n=64, p=40), dict(initial_state=True, return_final_state=True,
                                                lowering="chunked")),
         ]
+        # tile variants of the bf16 kernel, all timed at the bench shape
+        jobs += [(f"chunked_ssd_mamba2_bf16_{name}", mamba2, bench,
+                  dict(dtype="bfloat16", lowering="chunked", tile=tile))
+                 for name, tile in BF16_VARIANTS.items()]
     for name, defn, shapes, opts in jobs:
         out = export(defn, target=target, arch=arch, shapes=shapes, out_dir=out_root / name,
                      **opts)
