@@ -113,7 +113,8 @@ class _Ops:
     """Emits one chunk's operands: query/key (t, n), value (t, p), dy (t, p), log-decays.
 
     After `decay()`: `lc` is the inclusive running sum of log-decays within the chunk ((t,) or
-    (t, n)) and `l_last` its total ((), or (n,)); nothing for decay-free programs."""
+    (t, n)), `l_last` its total ((), or (n,)) and `lr` = l_last - lc (the later steps' sum);
+    nothing for decay-free programs."""
 
     def __init__(self, plan: Plan, body: Emitter):
         self.plan, self.body = plan, body
@@ -179,6 +180,10 @@ class _Ops:
             return
         self.body("lc = tl.cumsum(ld, axis=0)")
         self.body("l_last = tl.sum(ld, axis=0)")
+        # l_last - lc as a sum of the later steps: the difference of the total and a running
+        # sum (two reductions in different orders) is not 0 on the last row and cancels for
+        # strong decays
+        self.body("lr = tl.cumsum(ld, axis=0, reverse=True) - ld")
 
     def q_in(self) -> str:
         """query weighted by the decay from the chunk's start (applied to the entering state)."""
@@ -187,8 +192,8 @@ class _Ops:
 
     def k_out(self) -> str:
         """key weighted by the decay to the chunk's end."""
-        return {"none": "key", "row": "key * tl.exp(l_last - lc)[:, None]",
-                "key": "key * tl.exp(l_last[None, :] - lc)"}[self.mode]
+        return {"none": "key", "row": "key * tl.exp(lr)[:, None]",
+                "key": "key * tl.exp(lr)"}[self.mode]
 
     def scores(self) -> str:
         """A[u, s] = q_u . (decay s+1..u) k_s on the causal half (emits it as `A`)."""
@@ -339,7 +344,7 @@ def render_chunk_kernel(plan: Plan) -> str:
     body("dA = tl.where(offs_c[:, None] >= offs_c[None, :], dyv, 0.0)")
     o.key_columns(grads=True)
     body("dq = dq_in + tl.exp(lc) * " + dot("dy", "S_inT"))
-    body("dk = dk_in + tl.exp(l_last[None, :] - lc) * " + dot("value", "GT"))
+    body("dk = dk_in + tl.exp(lr) * " + dot("value", "GT"))
     body("dv = " + dot("AT", "dy") + " + " + dot(o.k_out(), "G"))
     body("row = (b_idx * T + t_row[:, None]) * H + h_idx")
     body("nmask = mask_t[:, None] & mask_n[None, :]")
@@ -427,7 +432,7 @@ def render_dv_kernel(plan: Plan) -> str:
     body("causal = offs_c[:, None] >= offs_c[None, :]")
     if o.mode == "row":
         body("A = QK * tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
-        body("kG = kG * tl.exp(l_last - lc)[:, None]")                       # k_out @ G
+        body("kG = kG * tl.exp(lr)[:, None]")                                # k_out @ G
         body("yoff = qS * tl.exp(lc)[:, None]")                               # q_in @ S_in
     else:
         body("A = tl.where(causal, QK, 0.0)")
@@ -498,7 +503,7 @@ def render_dqk_kernel(plan: Plan) -> str:
     if o.mode == "row":
         body("dA = dyv * tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
         body("dq += " + dot("dA", "key") + " + tl.exp(lc)[:, None] * dyS")
-        body("dk += " + dot("tl.trans(dA)", "query") + " + tl.exp(l_last - lc)[:, None] * vG")
+        body("dk += " + dot("tl.trans(dA)", "query") + " + tl.exp(lr)[:, None] * vG")
     else:
         body("dA = tl.where(causal, dyv, 0.0)")
         body("dq += " + dot("dA", "key") + " + dyS")
