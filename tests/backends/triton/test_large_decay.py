@@ -1,11 +1,11 @@
-"""Per-key decays with large per-step log-decays on the chunked and quadratic lowerings.
+"""Large per-step log-decays on the chunked and quadratic lowerings.
 
 A decay that varies over the key dim (Mamba-1's selective scan, GLA) with per-step log-decays
 of -5 to -20 sums past -88 within one 16-step chunk; a form that factors the decay between two
 steps of a chunk as exp(L_u) * exp(-L_s) overflows there (inf * 0: NaN). Each definition mixes
 such key channels with slowly decaying ones (so the result still depends on the long range),
 over several chunks (t = 40, the last chunk partial), forward in fp32 and bf16 and backward in
-fp32, against the float64 reference.
+fp32, against the float64 reference. And a scalar decay (ssd) of exp(-40) a step, backward.
 """
 from __future__ import annotations
 
@@ -74,3 +74,19 @@ def test_large_per_key_decay_bidirectional(name):
     check_triton(defn, {k: v.float() for k, v in inputs.items()}, lowering="chunked",
                  initial_state=state_for(defn, sizes), return_final_state=True)
     check_backward(defn, "chunked", sizes, inputs=inputs, seed=2)
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_strong_scalar_decay_backward(lowering):
+    """ssd with dt * A <= -40 a step (decays without n): the key's factor exp(l_last - lc) to
+    the chunk's end must not come from the total minus the running sum (two reductions that
+    disagree on the last row: gradients of x, B and dt were off by up to 2e-4 in fp32). A's own
+    gradient underflows in fp32 (terms ~exp(-40)) and is left out."""
+    sizes = dict(b=1, t=64, h=2, g=1, n=8, p=8)
+    defn = builtin("ssd")
+    inputs = inputs_for(defn, sizes, dtype=torch.float32, seed=3)
+    inputs["A"] = torch.full_like(inputs["A"], -40.0)
+    inputs["dt"] = inputs["dt"].abs() + 1.0
+    errors = check_backward(defn, lowering, sizes, inputs=inputs, tol=1.0, h0=False)
+    worst = {k: v for k, v in errors.items() if k != "grad A" and v > 1e-5}
+    assert not worst, f"gradients off at strong decays: {worst}"
