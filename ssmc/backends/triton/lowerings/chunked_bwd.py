@@ -195,13 +195,19 @@ class _Ops:
         return {"none": "key", "row": "key * tl.exp(lr)[:, None]",
                 "key": "key * tl.exp(lr)"}[self.mode]
 
+    @staticmethod
+    def decay_matrix() -> str:
+        """D[u, s] = exp(lc_u - lc_s) on the causal half (`causal`), 0 elsewhere (decays
+        without n)."""
+        return "tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))"
+
     def scores(self) -> str:
         """A[u, s] = q_u . (decay s+1..u) k_s on the causal half (emits it as `A`)."""
         self.body("causal = offs_c[:, None] >= offs_c[None, :]")
         if self.mode == "none":
             self.body("A = tl.where(causal, " + self.dot("query", "tl.trans(key)") + ", 0.0)")
         elif self.mode == "row":
-            self.body("Dm = tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
+            self.body(f"Dm = {self.decay_matrix()}")
             self.body("A = " + self.dot("query", "tl.trans(key)") + " * Dm")
         else:
             self.key_columns(scores=True)
@@ -375,17 +381,15 @@ def _scale(scale: str | None, expr: str, rows: bool = False, cols: bool = False)
     return f"({expr}) * {scale}{index}"
 
 
-def _state_tiles(emit: Emitter, transposed: bool) -> tuple[str, str]:
-    """Load one block of the state entering the chunk and of G = dL/dS at its end, (n, p), or
-    (p, n) when `transposed`; returns their names."""
-    n, p = ("offs_n[None, :]", "offs_p[:, None]") if transposed else ("offs_n[:, None]",
-                                                                        "offs_p[None, :]")
-    names = ("S_inT", "GT") if transposed else ("S_in", "G")
-    emit(f"st_off = ((chunk * H + h_idx) * N + {n}) * P + {p}")
-    emit(f"st_mask = mask_n{n[6:]} & mask_p{p[6:]}")
-    for name, ptr in zip(names, ("ssmc_states", "ssmc_dstates")):
+def _state_tiles(emit: Emitter, transposed: bool) -> None:
+    """Load one block of the state entering the chunk and of G = dL/dS at its end: `S_in`,
+    `G` (n, p), or `S_inT`, `GT` (p, n) when `transposed`."""
+    n, p = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
+    suffix = "T" if transposed else ""
+    emit(f"st_off = ((chunk * H + h_idx) * N + offs_n{n}) * P + offs_p{p}")
+    emit(f"st_mask = mask_n{n} & mask_p{p}")
+    for name, ptr in ((f"S_in{suffix}", "ssmc_states"), (f"G{suffix}", "ssmc_dstates")):
         emit(f"{name} = tl.load({ptr} + st_off, mask=st_mask, other=0.0)")
-    return names
 
 
 def _qk_loads(plan: Plan, body: Emitter):
@@ -427,11 +431,12 @@ def render_dv_kernel(plan: Plan) -> str:
     loop("kG += " + dot("key", "G"))
     if o.mode == "row":
         loop(f"GS += tl.sum(G.to({o.ct}) * S_in.to({o.ct}), axis=0)")
-    body("for n0 in tl.range(0, N, BN, num_stages=ST):")
+    # num_stages=2 measured no faster on the H100 (Triton did not pipeline this loop)
+    body("for n0 in tl.range(0, N, BN, num_stages=1):")
     body.lines.append(loop.text())
     body("causal = offs_c[:, None] >= offs_c[None, :]")
     if o.mode == "row":
-        body("A = QK * tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
+        body(f"A = QK * {o.decay_matrix()}")
         body("kG = kG * tl.exp(lr)[:, None]")                                # k_out @ G
         body("yoff = qS * tl.exp(lc)[:, None]")                               # q_in @ S_in
     else:
@@ -464,7 +469,7 @@ def render_dv_kernel(plan: Plan) -> str:
 def ssmc_chunked_bwd_dv(
     {input_params(plan.program)},
     ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dv, ssmc_dl, ssmc_y, {CHUNK_PARAMS}
-    {CONSTS}, ST: tl.constexpr, WANT_Y: tl.constexpr, ACCUM_Y: tl.constexpr,
+    {CONSTS}, WANT_Y: tl.constexpr, ACCUM_Y: tl.constexpr,
 ):
 {CHUNK_SETUP}
 {indent(ROWS, 1)}
@@ -501,7 +506,7 @@ def render_dqk_kernel(plan: Plan) -> str:
         body("dyS += " + dot("dy", "S_inT"))
         body("vG += " + dot("value", "GT"))
     if o.mode == "row":
-        body("dA = dyv * tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
+        body(f"dA = dyv * {o.decay_matrix()}")
         body("dq += " + dot("dA", "key") + " + tl.exp(lc)[:, None] * dyS")
         body("dk += " + dot("tl.trans(dA)", "query") + " + tl.exp(lr)[:, None] * vG")
     else:
@@ -538,15 +543,14 @@ def tiles(plan: Plan, sizes: dict) -> dict:
     """BT 64 (16 for per-key decays, as the forward: their chunk-local work is elementwise,
     BT^2 * BN per chunk); all of n; p in blocks of up to 64; WARPS for the per-chunk kernels
     (a dozen (BT, BN|BP) tiles live at once) and WARPS_DV for the dv kernel, whose loop over
-    n in blocks of BK (pipelined in ST stages) keeps fewer (H100: 2.6 ms with 4 warps, 3.2 ms
-    with 8 at b=8 t=4096 h=80 n=128 p=64)."""
+    n in blocks of BK keeps fewer (H100: 2.6 ms with 4 warps, 3.2 ms with 8 at b=8 t=4096
+    h=80 n=128 p=64)."""
     tile = plan.tile_dict()
     return dict(BT=tile.get("BT_bwd", 16 if per_key_decay(plan) else 64),
                 BN=max(next_pow2(sizes["n"]), 16),
                 BP=tile.get("BP_bwd", max(min(next_pow2(sizes["p"]), 64), 16)),
                 WARPS=tile.get("WARPS_bwd", 8), WARPS_DV=tile.get("WARPS_DV_bwd", 4),
-                BK=tile.get("BK_bwd", 64),
-                ST=tile.get("ST_bwd", 1))
+                BK=tile.get("BK_bwd", 64))
 
 
 def chunk_layout(sizes, cu_seqlens, BT, device):
@@ -768,7 +772,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
                 **dict(consts, BN=bn), **launch)
             module.ssmc_chunked_bwd_dv[(n_chunks, H, NPB)](
                 *args, dy, saved["states"][i], dstates, dv, dl, dummy if y is None else y,
-                *chunk_args, REVERSE=reverse, ST=m["ST"], WANT_Y=want_y, ACCUM_Y=i > 0,
+                *chunk_args, REVERSE=reverse, WANT_Y=want_y, ACCUM_Y=i > 0,
                 **dict(consts, BN=min(m["BK"], m["BN"])), **launch_dv)
         elif want_y:
             y.zero_()
