@@ -26,14 +26,27 @@ TILE = Tile([("t", "offs_t", "mask_t"), ("p", "offs_p", "mask_p")],
 BT = 32
 
 
-def emit_terms(ctx: Context, terms: dict[str, sp.Expr], axes_of: dict[str, set], t: str,
-               block: str) -> None:
-    """Evaluate `terms` on a (t, p) tile (rows `t`, mask `rmask`; y, dv and grad_out already
-    in `ctx.loaded` where used) and store the k-th into `ssmc_out{k}`, summed over the
-    axes among t and p that its input lacks: (b, t, h, p) rows, (b, t, h), or per block of
-    rows `block` (a (blocks, h, p) or (blocks, h) partial the host sums)."""
-    body = ctx.emit
-    row = f"((b_idx * T + {t}[:, None]) * H + h_idx) * P + offs_p[None, :]"
+def render(plan: Plan, terms: dict[str, sp.Expr], axes_of: dict[str, set] | None = None) -> str:
+    """One kernel evaluating `terms` (name -> row expression); each is stored summed over the
+    axes among t and p that `axes_of[name]` (default: the input's own axes) lacks."""
+    prog = plan.program
+    axes_of = axes_of or {name: set(prog.input(name).axes) for name in terms}
+    ct = compute_type(plan)
+    body = Emitter(indent=1)
+    ctx = Context(prog, TILE, body, "r", ct)
+    used = set().union(*(e.free_symbols for e in terms.values()))
+    row = "((b_idx * T + offs_t[:, None]) * H + h_idx) * P + offs_p[None, :]"
+    for sym, ptr, var in ((Y, "ssmc_y", "y_r"), (DV, "ssmc_dv", "dv_r")):
+        if sym in used:
+            body(f"{var} = tl.load({ptr} + {row}, mask=rmask, other=0.0).to({ct})")
+            ctx.loaded[sym.name] = var
+    if GOUT in used:
+        body("go_r = tl.load(ssmc_gout + b_idx * s_go_b + offs_t[:, None] * s_go_t + "
+             f"h_idx * s_go_h + offs_p[None, :] * s_go_p, mask=rmask, other=0.0).to({ct})")
+        ctx.loaded[GOUT.name] = "go_r"
+    # each term summed over the axes among t and p its input lacks: (b, t, h, p) rows,
+    # (b, t, h), or a (b, t-block, h, p) / (b, t-block, h) partial the host sums
+    block = "b_idx * NTB + tb"
     for k, (name, expr) in enumerate(terms.items()):
         axes = axes_of[name]
         v = ctx.value(expr, f"g{k}")
@@ -45,38 +58,12 @@ def emit_terms(ctx: Context, terms: dict[str, sp.Expr], axes_of: dict[str, set],
         if "t" in axes and "p" in axes:
             body(f"tl.store(ssmc_out{k} + {row}, {v}, mask=rmask)")
         elif "t" in axes:
-            body(f"tl.store(ssmc_out{k} + (b_idx * T + {t}) * H + h_idx, {v}, mask=mask_t)")
+            body(f"tl.store(ssmc_out{k} + (b_idx * T + offs_t) * H + h_idx, {v}, mask=mask_t)")
         elif "p" in axes:
             body(f"tl.store(ssmc_out{k} + (({block}) * H + h_idx) * P + offs_p, {v}, "
                  "mask=mask_p)")
         else:
             body(f"tl.store(ssmc_out{k} + ({block}) * H + h_idx, {v})")
-
-
-def load_rows(ctx: Context, used: set, ct: str, t: str) -> None:
-    """Load y, dv and grad_out tiles the terms read (`used`: their free symbols) into
-    `ctx.loaded`, from `ssmc_y`, `ssmc_dv` and the strided `ssmc_gout`."""
-    row = f"((b_idx * T + {t}[:, None]) * H + h_idx) * P + offs_p[None, :]"
-    for sym, ptr, var in ((Y, "ssmc_y", "y_r"), (DV, "ssmc_dv", "dv_r")):
-        if sym in used:
-            ctx.emit(f"{var} = tl.load({ptr} + {row}, mask=rmask, other=0.0).to({ct})")
-            ctx.loaded[sym.name] = var
-    if GOUT in used:
-        ctx.emit(f"go_r = tl.load(ssmc_gout + b_idx * s_go_b + {t}[:, None] * s_go_t + "
-                 f"h_idx * s_go_h + offs_p[None, :] * s_go_p, mask=rmask, other=0.0).to({ct})")
-        ctx.loaded[GOUT.name] = "go_r"
-
-
-def render(plan: Plan, terms: dict[str, sp.Expr], axes_of: dict[str, set] | None = None) -> str:
-    """One kernel evaluating `terms` (name -> row expression); each is stored summed over the
-    axes among t and p that `axes_of[name]` (default: the input's own axes) lacks."""
-    prog = plan.program
-    axes_of = axes_of or {name: set(prog.input(name).axes) for name in terms}
-    ct = compute_type(plan)
-    body = Emitter(indent=1)
-    ctx = Context(prog, TILE, body, "r", ct)
-    load_rows(ctx, set().union(*(e.free_symbols for e in terms.values())), ct, "offs_t")
-    emit_terms(ctx, terms, axes_of, "offs_t", "b_idx * NTB + tb")
     outs = ", ".join(f"ssmc_out{k}" for k in range(len(terms)))
     return HEADER + f"""
 @triton.jit
