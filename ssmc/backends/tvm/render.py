@@ -27,7 +27,12 @@ from ...ir.functions import Sigmoid, Silu, Softplus
 #: names that never clash with a rendered binding (lowerings use other prefixes)
 _PREFIX = "_e"
 
-_UNARY = {sp.exp: "T.exp", sp.log: "T.log", sp.tanh: "T.tanh", sp.Abs: "T.fabs"}
+_UNARY = {sp.log: "T.log", sp.tanh: "T.tanh", sp.Abs: "T.fabs"}   # exp: `exp_call`
+
+
+def exp_call(x: str, fast: bool) -> str:
+    """exp(x) in TVMScript: CUDA's `__expf` when `fast` (float32 math only; see above)."""
+    return f'T.call_pure_extern("float32", "__expf", {x})' if fast else f"T.exp({x})"
 
 
 class ExprRenderer:
@@ -48,9 +53,7 @@ class ExprRenderer:
 
     def exp(self, x: str) -> str:
         """exp(x) in TVMScript (`__expf` when fast)."""
-        if self._fast:
-            return f'T.call_pure_extern("float32", "__expf", {x})'
-        return f"T.exp({x})"
+        return exp_call(x, self._fast)
 
     def div(self, num: str, den: str) -> str:
         """num / den in TVMScript (`__fdividef` when fast)."""
@@ -166,7 +169,7 @@ class ExprRenderer:
 
 def unsupported_in(expr: sp.Expr) -> str | None:
     """The first sub-expression the renderer cannot handle, described; None when all can."""
-    known = (sp.Add, sp.Mul, sp.Pow, sp.Max, sp.Min, Softplus, Sigmoid, Silu, sp.sign,
+    known = (sp.Add, sp.Mul, sp.Pow, sp.Max, sp.Min, sp.exp, Softplus, Sigmoid, Silu, sp.sign,
              sp.Heaviside) + tuple(_UNARY)
     for node in sp.preorder_traversal(expr):
         if node.is_Symbol or node.is_Number:

@@ -76,6 +76,7 @@ import contextlib
 from dataclasses import dataclass
 
 from ....plan import Plan
+from ..render import exp_call
 from .common import Emitter, KernelSpec, i64, register_lowering
 
 THREADS = 128
@@ -325,7 +326,7 @@ class _ChunkedCuda(Emitter):
 
     def exp(self, x: str) -> str:
         """exp(x), approximate under plan.tile FM (values rounded to 16 bits afterwards)."""
-        return f'T.call_pure_extern("float32", "__expf", {x})' if self.t.FM else f"T.exp({x})"
+        return exp_call(x, bool(self.t.FM))   # FM only with mma: fp32 math
 
     def shared(self, name, shape, dtype):
         dims = ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "")
@@ -591,6 +592,13 @@ class _ChunkedCuda(Emitter):
     def mtile_valid(self, i: str) -> str:
         return f"wp_ + {WARPS} * {i} < {self.mt_total}"
 
+    def b_frag(self, b, k0):
+        """`bf`, the mma B fragment of column tile j_: lane (g, tg) holds B[j_ * 8 + g,
+        k0(dk) + 2 tg + v] for dk = 0, 8 and v = 0, 1; b(row, col) gives the shared load."""
+        for h, dk in enumerate((0, 8)):
+            with self.w.block("for v_ in T.vectorized(2):"):
+                self.w(f"bf[{2 * h} + v_] = {b('j_ * 8 + g_', f'{k0(dk)} + tg_ * 2 + v_')}")
+
     def mm(self, acc: str, mtw: int, nt: int, a, b, K: int, skip=None):
         """acc[(i * nt + j) * 4 + r * 2 + c] += sum_k A[m0_i + g + 8r, k] * B[j * 8 + 2 tg + c, k]
         for k in [0, K): a(row, k) and b(col, k) give shared-memory loads. `skip(m0, j)`: a
@@ -608,10 +616,7 @@ class _ChunkedCuda(Emitter):
                             w(f"af{i}[{2 * h} + v_] = "
                               f"{a(f'm0_ + g_ + {dr}', f'ks_ * 16 + {dk} + tg_ * 2 + v_')}")
                 with w.block(f"for j_ in T.unroll({nt}):"):
-                    for h, dk in enumerate((0, 8)):
-                        with w.block("for v_ in T.vectorized(2):"):
-                            w(f"bf[{2 * h} + v_] = "
-                              f"{b('j_ * 8 + g_', f'ks_ * 16 + {dk} + tg_ * 2 + v_')}")
+                    self.b_frag(b, lambda dk: f"ks_ * 16 + {dk}")
                     for i in range(mtw):
                         call = self.mma_call(f"af{i}", acc, f"({i} * {nt} + j_) * 4")
                         if skip is not None:
@@ -1242,10 +1247,8 @@ class _ChunkedCuda(Emitter):
                     if t.mma and t.GF:
                         for ks in range(Q // 16):
                             with w.block(f"for j_ in T.unroll({nty}):"):
-                                for h, dk in enumerate((0, 8)):
-                                    with w.block("for v_ in T.vectorized(2):"):
-                                        w(f"bf[{2 * h} + v_] = "
-                                          f"sVt[j_ * 8 + g_, {ks * 16 + dk} + tg_ * 2 + v_]")
+                                self.b_frag(lambda r, c: f"sVt[{r}, {c}]",
+                                            lambda dk, ks=ks: f"{ks * 16 + dk}")
                                 for i in range(mtw):
                                     w(f"m0_ = {self.mtile(i)}")
                                     with w.block(f"if {ks * 16} <= m0_:"):
@@ -1259,10 +1262,8 @@ class _ChunkedCuda(Emitter):
                                         w(f"af{i}[h2_ * 4 + e_] = " + self.cast_ot(
                                             f"accG[({i} * {ntg} + ks_ * 2 + h2_) * 4 + e_]"))
                             with w.block(f"for j_ in T.unroll({nty}):"):
-                                for h, dk in enumerate((0, 8)):
-                                    with w.block("for v_ in T.vectorized(2):"):
-                                        w(f"bf[{2 * h} + v_] = "
-                                          f"sVt[j_ * 8 + g_, ks_ * 16 + {dk} + tg_ * 2 + v_]")
+                                self.b_frag(lambda r, c: f"sVt[{r}, {c}]",
+                                            lambda dk: f"ks_ * 16 + {dk}")
                                 for i in range(mtw):
                                     w(f"m0_ = {self.mtile(i)}")
                                     with w.block("if ks_ * 16 <= m0_:"):
