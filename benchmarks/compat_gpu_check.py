@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD:.carry/mamba_src:.carry/fla_src python3 benchmarks/compat_gpu_check.py \
         [--backend auto|triton|tvm|reference] [--dtypes float32,bfloat16] [--quick]
-        [--only mamba_ssm|fla]
+        [--only mamba_ssm|fla] [--functions NAME,...] [--jobs N] [--fla-hopper-bwd]
 
 For every shim in ssmc.compat.mamba_ssm and ssmc.compat.fla and a few argument combinations,
 runs the original (mamba_ssm 2.3.x, fla 0.6) and the shim on identical inputs, then compares
@@ -13,12 +13,22 @@ its name), and PASS/FAIL against a tolerance per dtype. A case whose original ca
 (import error, FLA's backward guard on Hopper with Triton < 3.7.1, mamba_ssm's CUDA extension
 for selective_scan_fn not built) is reported as "skip: <reason>", its forward still compared
 when only the backward is refused. Exit status 1 when any case fails.
+
+Where mamba_ssm's CUDA extension is not built, `selective_scan_fn` is compared with mamba_ssm's
+own pure-PyTorch `selective_scan_ref` (the function its tests check the CUDA kernel against).
+`--fla-hopper-bwd` lifts FLA's refusal of its gated backward on Hopper with Triton < 3.7.1; run
+the FLA cases once more with `--backend reference` in the same run to see FLA's gradients
+against the float64 reference. `--jobs N` runs each (function, dtype) in its own process, N at a
+time: the originals autotune on first use, and compiling their configs is what takes the time.
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import traceback
+import types
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +37,10 @@ from ssmc.compat import fla as ssmc_fla
 from ssmc.compat import mamba_ssm as ssmc_mamba
 
 TOL = {torch.float32: (5e-3, 2e-2), torch.bfloat16: (3e-2, 8e-2)}  # (outputs, gradients)
+FUNCTIONS = {
+    "mamba_ssm": ("mamba_chunk_scan_combined", "selective_state_update", "selective_scan_fn"),
+    "fla": ("chunk_simple_gla", "fused_recurrent_simple_gla", "chunk_gla"),
+}
 
 
 def original(module: str, name: str):
@@ -35,6 +49,36 @@ def original(module: str, name: str):
         return getattr(mod, name), None
     except Exception as e:  # noqa: BLE001 - reported as a skip
         return None, f"import {module}.{name}: {type(e).__name__}: {e}"[:120]
+
+
+def selective_scan_original():
+    """mamba_ssm's selective_scan_fn, else its selective_scan_ref where the CUDA extension is
+    not built (the module imports the extension at the top, though the reference never uses
+    it)."""
+    fn, why = original("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+    if fn is not None:
+        return fn, None
+    try:
+        import selective_scan_cuda  # noqa: F401
+    except ImportError:
+        sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+        ref, why_ref = original("mamba_ssm.ops.selective_scan_interface", "selective_scan_ref")
+        del sys.modules["selective_scan_cuda"]
+        if ref is not None:
+            return ref, None
+        why = f"{why}; {why_ref}"
+    return None, why
+
+
+def allow_fla_hopper_bwd():
+    """FLA 0.6 refuses its gated chunk backward on Hopper with Triton < 3.7.1 (its issue #640);
+    this lifts the refusal, so that its gradients can be compared (and checked against the
+    float64 reference with --backend reference)."""
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+    except ImportError:  # the FLA cases report the import error themselves
+        return
+    chunk_o.TRITON_ABOVE_3_7_1 = True
 
 
 def rel(a, b) -> float:
@@ -173,25 +217,29 @@ def mamba_cases(dev, dtype, quick, backend):
     yield update_case("Mamba-2 tied (state after)", tied)
     yield update_case("per-channel dt/A, z (state after)", untied)
 
-    scan, why_s = original("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+    scan, why_s = selective_scan_original()
     d, L, ns = (64, 200, 16) if not quick else (16, 50, 8)
     s6 = dict(u=r.randn(b, d, L, dtype=dtype), delta=r.randn(b, d, L, scale=0.5, dtype=dtype),
               A=-r.rand(d, ns, lo=0.5, hi=4.0), B=r.randn(b, ns, L, dtype=dtype),
               C=r.randn(b, ns, L, dtype=dtype), D=r.randn(d), z=r.randn(b, d, L, dtype=dtype),
               delta_bias=r.randn(d, scale=0.3))
 
+    def no_state_grad(result):  # selective_scan_fn does not differentiate its last state
+        return (result[0], result[1].detach()) if isinstance(result, tuple) else result
+
     def s6_case(label, inputs, kw):
         def run_o(a):
-            return scan(**a, **kw)
+            return no_state_grad(scan(**a, **kw))
 
         def run_s(a):
-            return ssmc_mamba.selective_scan_fn(**a, **kw, backend=backend)
+            return no_state_grad(ssmc_mamba.selective_scan_fn(**a, **kw, backend=backend))
         return ("selective_scan_fn", label, run_o if scan else None, run_s, inputs,
                 ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), why_s)
 
-    yield s6_case("B, C (b, n, l), last state", s6,
+    vs = " (vs ref)" if scan is not None and scan.__name__ == "selective_scan_ref" else ""
+    yield s6_case("B, C (b, n, l), last state" + vs, s6,
                   dict(delta_softplus=True, return_last_state=True))
-    yield s6_case("B, C (b, g, n, l)", {**s6, "B": r.randn(b, 2, ns, L, dtype=dtype),
+    yield s6_case("B, C (b, g, n, l)" + vs, {**s6, "B": r.randn(b, 2, ns, L, dtype=dtype),
                                         "C": r.randn(b, 2, ns, L, dtype=dtype)},
                   dict(delta_softplus=True))
 
@@ -238,50 +286,114 @@ def fla_cases(dev, dtype, quick, backend):
                {**packed, "g": gk[:1]}, dict(cu_seqlens=cu, **final), why_g)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--quick", action="store_true", help="small shapes")
-    ap.add_argument("--only", choices=("mamba_ssm", "fla"),
-                    help="one library's shims (the other's first-use autotuning takes minutes)")
-    args = ap.parse_args(argv)
-    groups = {"mamba_ssm": mamba_cases, "fla": fla_cases}
-    groups = {args.only: groups[args.only]} if args.only else groups
-    if not torch.cuda.is_available():
-        print("compat_gpu_check: needs a CUDA GPU (the originals are Triton/CUDA kernels)")
-        return 2
-    dev = "cuda"
-    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  ssmc backend "
-          f"{args.backend}")
-    header = (f"{'function':<27} {'case':<38} {'dtype':<8} {'out err':>9} {'state err':>9} "
-              f"{'grad err':>9} {'(worst)':<15} status")
-    print(header)
-    print("-" * len(header))
+CASES = {"mamba_ssm": mamba_cases, "fla": fla_cases}
+
+
+def run_cases(functions, dtypes, quick, backend) -> int:
+    """Print one row per case; returns the number of failed cases."""
     failed = 0
-    for dname in args.dtypes.split(","):
+    for dname in dtypes:
         dtype = getattr(torch, dname)
         tol_out, tol_grad = TOL[dtype]
-        for gen in groups.values():
-            for name, label, run_o, run_s, inputs, grad_names, why in gen(dev, dtype, args.quick,
-                                                                          args.backend):
+        for lib, gen in CASES.items():
+            if not set(FUNCTIONS[lib]) & set(functions):
+                continue
+            for name, label, run_o, run_s, inputs, grad_names, why in gen("cuda", dtype, quick,
+                                                                          backend):
+                if name not in functions:
+                    continue
                 prefix = f"{name:<27} {label:<38} {dname[:8]:<8}"
                 if run_o is None:
-                    print(f"{prefix} {'':>9} {'':>9} {'':>9} {'':<15} skip: {why}")
+                    print(f"{prefix} {'':>9} {'':>9} {'':>9} {'':<15} skip: {why}", flush=True)
                     continue
                 try:
                     out_err, st_err, (g_err, g_name), note = compare(run_o, run_s, inputs,
                                                                      grad_names, dtype)
                 except Exception as e:  # noqa: BLE001 - one failing case does not stop the table
                     failed += 1
-                    print(f"{prefix} FAIL: {type(e).__name__}: {str(e)[:150]}")
+                    print(f"{prefix} FAIL: {type(e).__name__}: {str(e)[:150]}", flush=True)
                     if "--verbose" in sys.argv:
                         traceback.print_exc()
                     continue
                 ok = out_err <= tol_out and not st_err > tol_out and not g_err > tol_grad
                 failed += not ok
                 status = ("PASS" if ok else "FAIL") + (f" ({note})" if note else "")
-                print(f"{prefix} {out_err:9.2e} {st_err:9.2e} {g_err:9.2e} {g_name:<15} {status}")
+                print(f"{prefix} {out_err:9.2e} {st_err:9.2e} {g_err:9.2e} {g_name:<15} {status}",
+                      flush=True)
+    return failed
+
+
+def run_jobs(args, functions, dtypes) -> int:
+    """Each (function, dtype) in a child process, args.jobs at a time; a unit's rows are printed
+    when it ends, so a run stopped early still shows the units that finished."""
+    passthrough = [f"--backend={args.backend}"] + ["--quick"] * args.quick \
+        + ["--fla-hopper-bwd"] * args.fla_hopper_bwd
+
+    def child(fn, dname):
+        cmd = [sys.executable, __file__, *passthrough, f"--functions={fn}", f"--dtypes={dname}",
+               "--rows-only"]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    failed = 0
+    with ThreadPoolExecutor(args.jobs) as pool:
+        units = {pool.submit(child, fn, d): (fn, d) for d in dtypes for fn in functions}
+        for done in as_completed(units):
+            (fn, dname), res = units[done], done.result()
+            rows, sep, count = res.stdout.rpartition("# failed: ")
+            print(rows if sep else res.stdout, end="", flush=True)
+            if sep:
+                failed += int(count.split()[0])
+            else:  # the child died before its summary line
+                failed += 1
+                print(f"{fn:<27} {'(process)':<38} {dname[:8]:<8} FAIL: exit {res.returncode}: "
+                      f"{res.stderr.strip()[-300:]}", flush=True)
+    return failed
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--quick", action="store_true", help="small shapes")
+    ap.add_argument("--only", choices=tuple(FUNCTIONS),
+                    help="one library's shims (the other's first-use autotuning takes minutes)")
+    ap.add_argument("--functions", help="comma-separated original function names")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run each (function, dtype) in its own process, this many at a time")
+    ap.add_argument("--fla-hopper-bwd", action="store_true",
+                    help="lift FLA's refusal of its gated backward on Hopper with Triton < 3.7.1")
+    ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    libraries = [args.only] if args.only else list(FUNCTIONS)
+    known = [fn for lib in libraries for fn in FUNCTIONS[lib]]
+    functions = args.functions.split(",") if args.functions else known
+    unknown = sorted(set(functions) - set(known))
+    if unknown:
+        ap.error(f"--functions: unknown {', '.join(unknown)} (expected some of "
+                 f"{', '.join(known)})")
+    dtypes = args.dtypes.split(",")
+    bad = [d for d in dtypes if getattr(torch, d, None) not in TOL]
+    if bad:
+        ap.error(f"--dtypes: {', '.join(bad)} not supported (expected float32 and/or bfloat16)")
+    if not torch.cuda.is_available():
+        print("compat_gpu_check: needs a CUDA GPU (the originals are Triton/CUDA kernels)")
+        return 2
+    if args.fla_hopper_bwd:
+        allow_fla_hopper_bwd()
+    if args.rows_only:
+        failed = run_cases(functions, dtypes, args.quick, args.backend)
+        print(f"# failed: {failed}")
+        return 1 if failed else 0
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  ssmc backend "
+          f"{args.backend}" + ("  (FLA's Hopper backward guard lifted)" * args.fla_hopper_bwd))
+    header = (f"{'function':<27} {'case':<38} {'dtype':<8} {'out err':>9} {'state err':>9} "
+              f"{'grad err':>9} {'(worst)':<15} status")
+    print(header)
+    print("-" * len(header))
+    if args.jobs > 1:
+        failed = run_jobs(args, functions, dtypes)
+    else:
+        failed = run_cases(functions, dtypes, args.quick, args.backend)
     print(f"# tolerances (relative L2): float32 out {TOL[torch.float32][0]:.0e} grad "
           f"{TOL[torch.float32][1]:.0e}; bfloat16 out {TOL[torch.bfloat16][0]:.0e} grad "
           f"{TOL[torch.bfloat16][1]:.0e}")

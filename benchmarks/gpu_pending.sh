@@ -36,9 +36,16 @@ if want fuzz; then
     done
 fi
 want mamba2 && bounded python3 benchmarks/mamba2_gpu_check.py > "$LOGS/mamba2.log" 2>&1 &
-want compat && bounded python3 benchmarks/compat_gpu_check.py --quick > "$LOGS/compat.log" 2>&1 &
+# every shim x dtype in its own process (the originals autotune on first use); FLA's gradients
+# are compared with its Hopper guard lifted, and checked against the float64 reference alongside
+if want compat; then
+    bounded python3 benchmarks/compat_gpu_check.py --jobs "${COMPAT_JOBS:-8}" --fla-hopper-bwd \
+        > "$LOGS/compat.log" 2>&1 &
+    bounded python3 benchmarks/compat_gpu_check.py --only fla --backend reference \
+        --dtypes float32 --jobs 3 --fla-hopper-bwd > "$LOGS/compat_fla_vs_float64.log" 2>&1 &
+fi
 wait
-for log in "$LOGS"/tests.log "$LOGS"/fuzz_*.log "$LOGS"/mamba2.log "$LOGS"/compat.log; do
+for log in "$LOGS"/tests.log "$LOGS"/fuzz_*.log "$LOGS"/mamba2.log "$LOGS"/compat*.log; do
     [ -f "$log" ] && { echo; echo "=== $(basename "$log")"; grep -v '^[.sF]*$' "$log" | tail -n 60; }
 done
 
