@@ -3,6 +3,7 @@
     PYTHONPATH=$PWD:.carry/mamba_src:.carry/fla_src python3 benchmarks/compat_gpu_check.py \
         [--backend auto|triton|tvm|reference] [--dtypes float32,bfloat16] [--quick]
         [--only mamba_ssm|fla] [--functions NAME,...] [--jobs N] [--fla-hopper-bwd]
+        [--original-configs K]
 
 For every shim in ssmc.compat.mamba_ssm and ssmc.compat.fla and a few argument combinations,
 runs the original (mamba_ssm 2.3.x, fla 0.6) and the shim on identical inputs, then compares
@@ -20,6 +21,8 @@ own pure-PyTorch `selective_scan_ref` (the function its tests check the CUDA ker
 the FLA cases once more with `--backend reference` in the same run to see FLA's gradients
 against the float64 reference. `--jobs N` runs each (function, dtype) in its own process, N at a
 time: the originals autotune on first use, and compiling their configs is what takes the time.
+`--original-configs K` lets each of their Triton autotuners try only K of its configs, evenly
+spaced over its list (tiling changes how fast a kernel runs, not what it computes).
 """
 from __future__ import annotations
 
@@ -79,6 +82,21 @@ def allow_fla_hopper_bwd():
     except ImportError:  # the FLA cases report the import error themselves
         return
     chunk_o.TRITON_ABOVE_3_7_1 = True
+
+
+def limit_autotuning(k: int) -> None:
+    """Every Triton autotuner tries at most k configs, evenly spaced over its (pruned) list; a
+    config that does not fit the GPU is still skipped by the autotuner's own benchmark."""
+    from triton.runtime.autotuner import Autotuner
+    prune = Autotuner.prune_configs
+
+    def prune_to_k(self, kwargs):
+        configs = prune(self, kwargs)
+        if len(configs) <= k:
+            return configs
+        return [configs[round(i * (len(configs) - 1) / (k - 1))] for i in range(k)] \
+            if k > 1 else configs[:1]
+    Autotuner.prune_configs = prune_to_k
 
 
 def rel(a, b) -> float:
@@ -326,8 +344,8 @@ def run_cases(functions, dtypes, quick, backend) -> int:
 def run_jobs(args, functions, dtypes) -> int:
     """Each (function, dtype) in a child process, args.jobs at a time; a unit's rows are printed
     when it ends, so a run stopped early still shows the units that finished."""
-    passthrough = [f"--backend={args.backend}"] + ["--quick"] * args.quick \
-        + ["--fla-hopper-bwd"] * args.fla_hopper_bwd
+    passthrough = [f"--backend={args.backend}", f"--original-configs={args.original_configs}"] \
+        + ["--quick"] * args.quick + ["--fla-hopper-bwd"] * args.fla_hopper_bwd
 
     def child(fn, dname):
         cmd = [sys.executable, __file__, *passthrough, f"--functions={fn}", f"--dtypes={dname}",
@@ -362,6 +380,8 @@ def main(argv=None) -> int:
                     help="run each (function, dtype) in its own process, this many at a time")
     ap.add_argument("--fla-hopper-bwd", action="store_true",
                     help="lift FLA's refusal of its gated backward on Hopper with Triton < 3.7.1")
+    ap.add_argument("--original-configs", type=int, default=0, metavar="K",
+                    help="the originals' Triton autotuners try K configs each (0: all)")
     ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     libraries = [args.only] if args.only else list(FUNCTIONS)
@@ -380,12 +400,16 @@ def main(argv=None) -> int:
         return 2
     if args.fla_hopper_bwd:
         allow_fla_hopper_bwd()
+    if args.original_configs:
+        limit_autotuning(args.original_configs)
     if args.rows_only:
         failed = run_cases(functions, dtypes, args.quick, args.backend)
         print(f"# failed: {failed}")
         return 1 if failed else 0
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  ssmc backend "
-          f"{args.backend}" + ("  (FLA's Hopper backward guard lifted)" * args.fla_hopper_bwd))
+          f"{args.backend}" + ("  (FLA's Hopper backward guard lifted)" * args.fla_hopper_bwd)
+          + (f"  (originals autotune over {args.original_configs} configs)"
+             * bool(args.original_configs)))
     header = (f"{'function':<27} {'case':<38} {'dtype':<8} {'out err':>9} {'state err':>9} "
               f"{'grad err':>9} {'(worst)':<15} status")
     print(header)

@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+from compat_gpu_check import limit_autotuning
 from ssmc.nn import InferenceParams as SsmcInferenceParams
 from ssmc.nn import Mamba2 as SsmcMamba2
 
@@ -95,7 +96,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--b", type=int, default=2)
     ap.add_argument("--t", type=int, default=512)
+    ap.add_argument("--original-configs", type=int, default=0, metavar="K",
+                    help="mamba_ssm's Triton autotuners try K configs each (0: all)")
     args = ap.parse_args(argv)
+    if args.original_configs:
+        limit_autotuning(args.original_configs)
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     configs = [dict(d_model=768, d_state=128, headdim=64),
                dict(d_model=512, d_state=64, headdim=32, ngroups=2, D_has_hdim=True,
