@@ -95,12 +95,12 @@ CASES = {
     # SP where the state product slices the key dim (KC < n): ignored
     "mamba2-bf16-bench-sp-kc64": (MAMBA2, "bfloat16", BENCH,
                                   dict(tile=(("KC", 64), ("SP", 1)))),
-    # the value tile written in step pairs (plan.tile VT): the bench shape, channels that
-    # are no multiple of the block, chunk of 16, both directions
-    "mamba2-bf16-bench-vt": (MAMBA2, "bfloat16", BENCH, dict(tile=(("VT", 1),))),
+    # the value tile a row at a time (plan.tile VT=0; step pairs are the default): the bench
+    # shape; and step pairs with channels that are no multiple of the block, chunk of 16,
+    # both directions, the value tile over the key tile
+    "mamba2-bf16-bench-vt0": (MAMBA2, "bfloat16", BENCH, dict(tile=(("VT", 0),))),
     "bidirectional-fp16-odd-vt-vs": (ssd_bi, "float16", dict(h=6, g=3, n=40, p=20),
-                                     dict(chunk_size=16, tile=(("EP", 1), ("VS", 1),
-                                                               ("VT", 1)))),
+                                     dict(chunk_size=16, tile=(("EP", 1), ("VS", 1)))),
     # no decay, reverse direction, chunk of 32
     "linear-reverse-bf16-chunk32": (linear_rev, "bfloat16", dict(h=4, g=4, n=32, p=48),
                                     dict(chunk_size=32, return_final_state=True)),
@@ -147,7 +147,7 @@ def test_cuda_chunked_builds(case):
     assert t.SP == int(bool(pins.get("SP")) and t.VL > 1 and t.KC == t.NP)
     assert ("spv_[" in src) == bool(t.SP)
     # VT: the value tile in 32-bit step pairs (both parallel passes), tensor cores only
-    assert t.VT == int(bool(pins.get("VT")) and t.mma)
+    assert t.VT == int(bool(pins.get("VT", 1)) and t.mma)
     assert src.count("sVt[c_, r2_ + v_] = vp_[v_]") == (2 * ndir if t.VT else 0)
     assert ("sVt[c_, r_] = " in src) == (not t.VT)
     if t.SP:
