@@ -49,6 +49,8 @@ PROFILE = False
 PROFILE_LAUNCHES = 3
 #: set by main(): one reference case per export
 QUICK = False
+#: set by main(): the (b, t) the bench exports are timed at
+BENCH_BT = [(8, 4096)]
 
 
 def gla_bidirectional():
@@ -87,7 +89,8 @@ BENCH = dict(b=8, t=4096, h=80, p=64, n=128, g=1)
 #: tile prefetched into registers; chunk pass: KV key tile from 16-byte loads (now the
 #: default); sequential pass: SV 16-byte vectors a thread; both parallel passes: FM approximate
 #: exp/division where values are rounded to 16 bits (now the default; FM=0 pins exact math),
-#: VT the value tile stored in 32-bit step pairs free of bank conflicts). Each is exported as
+#: VT the value tile stored in 32-bit step pairs free of bank conflicts, now the default; VT=0
+#: pins a row at a time). Each is exported as
 #: chunked_ssd_mamba2_bf16_<name>; measurements in benchmarks/RESULTS.md.
 BF16_VARIANTS = {
     "gf_ep": {"GF": 1, "EP": 1},                # G in bf16 fragments, epilogue staged (p)
@@ -97,11 +100,11 @@ BF16_VARIANTS = {
     "sp": {"SP": 1},                            # 105 registers: 4 blocks/SM
     "sp_occ5": {"SP": 1, "MB": 5},              # ... capped for 5 (a few spilled)
     "fm0": {"FM": 0},                           # exact expf and divisions (the earlier default)
-    "vt": {"VT": 1},                            # its loads: 16 bytes of 4 rows a warp
+    "vt0": {"VT": 0},                           # a row at a time (the earlier default)
 }
 
 
-def make(out_root: Path, arch: str, target: str = "cuda"):
+def make(out_root: Path, arch: str, target: str = "cuda", only=None):
     from ssmc.ops.selective_scan import build as ss_build
     from ssmc.backends.tvm.export import export
     from ssmc.ops.ssd import build as ssd_build
@@ -139,6 +142,8 @@ def make(out_root: Path, arch: str, target: str = "cuda"):
                   dict(dtype="bfloat16", lowering="chunked", tile=tile))
                  for name, tile in BF16_VARIANTS.items()]
     for name, defn, shapes, opts in jobs:
+        if only and not any(o in name for o in only):
+            continue
         out = export(defn, target=target, arch=arch, shapes=shapes, out_dir=out_root / name,
                      **opts)
         print(f"exported {name} -> {out}")
@@ -300,9 +305,13 @@ def profile_kernels(fn, label: str, roles: list[str] | None = None, prefix: str 
 
 
 def bench_vs_triton(kernel, m, gen):
-    """The benchmark shape (BENCH): the TVM export's time, and the Triton backend's chunked
-    forward on the same inputs when triton is importable (its result is compared too)."""
-    sizes = dict(BENCH)
+    for b, t in BENCH_BT:
+        bench_one(kernel, m, gen, dict(BENCH, b=b, t=t))
+
+
+def bench_one(kernel, m, gen, sizes):
+    """The benchmark shape: the TVM export's time, and the Triton backend's chunked forward on
+    the same inputs when triton is importable (its result is compared too)."""
     args = inputs_for(m, sizes, "cuda", gen)
     out = kernel(*args)
     t_tvm = cuda_median_ms(lambda: kernel(*args))
@@ -348,15 +357,22 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="also profile the bench-shape launches per kernel (torch.profiler)")
     ap.add_argument("--only", nargs="+", metavar="NAME",
-                    help="check only exports whose directory name contains one of these")
+                    help="make or check only exports whose directory name contains one of "
+                         "these")
     ap.add_argument("--quick", action="store_true",
                     help="one reference case per export (b=2 t=300: 5 chunks, the last one "
                          "partial) instead of two")
+    ap.add_argument("--bench-bt", default="8x4096", metavar="BxT,...",
+                    help="the (b, t) the bench exports are timed at (default 8x4096)")
     a = ap.parse_args(argv)
-    global PROFILE, QUICK
+    global PROFILE, QUICK, BENCH_BT
     PROFILE, QUICK = a.profile, a.quick
+    pairs = [bt.split("x") for bt in a.bench_bt.split(",")]
+    if not all(len(bt) == 2 and all(v.isdigit() and int(v) > 0 for v in bt) for bt in pairs):
+        ap.error(f"--bench-bt: {a.bench_bt!r} is not a list like 8x4096,16x2048")
+    BENCH_BT = [(int(b), int(t)) for b, t in pairs]
     if a.make:
-        make(a.make, a.arch, a.target)
+        make(a.make, a.arch, a.target, a.only)
         return 0
     dirs = [d for d in a.dirs if (d / "manifest.json").exists()]
     if a.only:
