@@ -11,9 +11,8 @@ outputs, returned states and gradients of a random linear loss over the outputs 
 floating input the original differentiates). Prints one row per case: the relative error
 ||shim - original|| / ||original|| of the output, of the states, and the worst gradient (with
 its name), and PASS/FAIL against a tolerance per dtype. A case whose original cannot run here
-(import error, FLA's backward guard on Hopper with Triton < 3.7.1, mamba_ssm's CUDA extension
-for selective_scan_fn not built) is reported as "skip: <reason>", its forward still compared
-when only the backward is refused. Exit status 1 when any case fails.
+(an import error; FLA's backward guard on Hopper with Triton < 3.7.1 unless lifted) is reported
+as "skip: <reason>", its forward still compared when only the backward is refused. Exit status 1 when any case fails.
 
 Where mamba_ssm's CUDA extension is not built, `selective_scan_fn` is compared with mamba_ssm's
 own pure-PyTorch `selective_scan_ref` (the function its tests check the CUDA kernel against).
@@ -391,6 +390,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--functions: unknown {', '.join(unknown)} (expected some of "
                  f"{', '.join(known)})")
+    if args.original_configs < 0 or args.jobs < 1:
+        ap.error("--original-configs must be >= 0 and --jobs >= 1")
     dtypes = args.dtypes.split(",")
     bad = [d for d in dtypes if getattr(torch, d, None) not in TOL]
     if bad:

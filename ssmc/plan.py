@@ -1,8 +1,10 @@
 """The Plan: everything a backend sees, and nothing from the DSL."""
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from ._version import __version__
 from .ir import Program
@@ -37,10 +39,26 @@ class Plan:
         return f"{self.lowering}_{DTYPE_SHORT.get(self.dtype, self.dtype)}{flags}"
 
     def cache_key(self, backend_tag: str = "") -> str:
-        """Readable prefix + hash of (IR structure, plan, backend tag, ssmc version)."""
+        """Readable prefix + hash of (IR structure, plan, backend tag, ssmc version and code)."""
         body = "|".join([self.program.structural_key(), self.lowering, self.dtype,
                          str(self.has_initial_state), str(self.return_final_state),
                          str(self.varlen), str(self.chunk_size), repr(self.tile), backend_tag,
-                         __version__])
+                         __version__, code_fingerprint()])
         digest = hashlib.sha256(body.encode()).hexdigest()[:8]
         return f"{self.program.name}_{self.describe()}_{digest}"
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """ssmc's own sources, hashed: a kernel cached by other code (a renderer fix or a new
+    default tile, with the version number unchanged) is a miss, not a stale hit."""
+    return sources_digest(Path(__file__).resolve().parent)
+
+
+def sources_digest(root: Path) -> str:
+    """A hash of the names and contents of the Python files under root."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]

@@ -7,7 +7,8 @@ import pytest
 import ssmc
 import ssmc.ops
 from ssmc import dsl as S
-from ssmc.plan import Plan
+import ssmc.plan as plan_module
+from ssmc.plan import Plan, sources_digest
 
 
 def define(value_name="v", scale=1.0, name="la"):
@@ -70,6 +71,26 @@ def test_cache_key_covers_backend_tag_and_program():
     p1 = Plan(program=define(scale=1.0), lowering="scan", dtype="float32")
     p2 = Plan(program=define(scale=0.5), lowering="scan", dtype="float32")
     assert p1.cache_key() != p2.cache_key()
+
+
+def test_cache_key_covers_ssmc_code(monkeypatch):
+    key = BASE.cache_key("tag")
+    monkeypatch.setattr(plan_module, "code_fingerprint", lambda: "other code")
+    assert BASE.cache_key("tag")[-8:] != key[-8:]
+
+
+def test_sources_digest_follows_names_and_contents(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "render.py").write_text("X = 1\n")
+    (tmp_path / "notes.txt").write_text("not code")
+    first = sources_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("still not code")
+    assert sources_digest(tmp_path) == first
+    (tmp_path / "sub" / "render.py").write_text("X = 2\n")
+    second = sources_digest(tmp_path)
+    assert second != first
+    (tmp_path / "sub" / "render.py").rename(tmp_path / "sub" / "lower.py")
+    assert sources_digest(tmp_path) != second
 
 
 def test_cache_key_invariant_to_input_names():
