@@ -23,3 +23,8 @@ class UnsupportedError(SSMCError, NotImplementedError):
 
 class BackendUnavailableError(SSMCError, RuntimeError):
     """The requested backend cannot run here (package or device missing)."""
+
+
+class DeviceLostError(SSMCError, RuntimeError):
+    """A kernel faulted in a way that leaves the GPU context unusable for this process (an
+    illegal memory access, say): every later launch would fail too."""

@@ -40,7 +40,8 @@ class Settings:
 
 @dataclass
 class Measurement:
-    """The outcome for one config. status: ok | failed | timeout | mismatch | skipped."""
+    """The outcome for one config. status: ok | failed | timeout | mismatch | skipped | lost
+    (it faulted and took the device context with it)."""
 
     config: Any
     status: str
@@ -175,6 +176,17 @@ def default_timer(device) -> Timer:
     return EventTimer(device) if device.type == "cuda" else ClockTimer()
 
 
+#: CUDA's sticky errors: after one, every launch in the process fails, so no later measurement
+#: (nor the winner's check) means anything
+STICKY_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure",
+                      "illegal instruction", "misaligned address", "device-side assert",
+                      "hardware stack error")
+
+
+def device_lost(error: BaseException) -> bool:
+    return any(s in str(error) for s in STICKY_CUDA_ERRORS)
+
+
 def measure(config, build: Callable[[Any], Callable[[int], Any]], timer: Timer, n_inputs: int,
             settings: Settings) -> tuple[Measurement, Callable | None]:
     """Build and time one config; every failure becomes a Measurement, never an exception."""
@@ -187,7 +199,8 @@ def measure(config, build: Callable[[Any], Callable[[int], Any]], timer: Timer, 
     except TimeLimitExceeded as e:
         return Measurement(config, "timeout", error=str(e)), None
     except Exception as e:  # noqa: BLE001 - nor does one that faults at run time
-        return Measurement(config, "failed", error=f"run: {type(e).__name__}: {e}"[:500]), None
+        status = "lost" if device_lost(e) else "failed"
+        return Measurement(config, status, error=f"run: {type(e).__name__}: {e}"[:500]), None
     if not times or any(not math.isfinite(x) or x < 0 for x in times):
         return Measurement(config, "failed", times_ms=times, error="no valid timings"), None
     return Measurement(config, "ok", statistics.median(times), times), run

@@ -269,6 +269,11 @@ def _triton_chunked(ctx: SpaceContext) -> TileSpace:
         why = ctx.fits(threads, smem, BN * v["BP_state"] / threads)
         if why:
             return f"state pass: {why}"
+        # measured on an H200 (Triton 3.6; ssd bf16, n=128, BT=64): the output pass with 8 warps
+        # over a 32-channel p-block faulted with an illegal memory access, which loses the
+        # process's device context; 16 channels were not tried
+        if v["warps_out"] == 8 and v["BP_out"] < 64:
+            return "output pass: 8 warps over fewer than 64 value channels (faulted on an H200)"
         # the output pass: q, k^T, v and the entering state as operands; scores and y in fp32
         threads = 32 * v["warps_out"]
         smem = (2 * v["BT"] * BN + v["BT"] * v["BP_out"] + BN * v["BP_out"]) * ob

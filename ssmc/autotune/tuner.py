@@ -25,10 +25,11 @@ from typing import Any, Callable
 import torch
 
 from .. import config
+from ..errors import DeviceLostError
 from ..plan import Plan
 from .cache import TuneCache, TuneKey, packaged_defaults, record_config, report_once
-from .measure import (Measurement, Settings, Timer, default_timer, measure, outputs_match,
-                      rotation_count, tensors_bytes)
+from .measure import (Measurement, Settings, Timer, default_timer, device_lost, measure,
+                      outputs_match, rotation_count, tensors_bytes)
 from .space import Config, DeviceLimits, Space, search_space
 
 #: tests set this to tune implicitly on the CPU; real CPU runs never tune implicitly
@@ -267,6 +268,9 @@ class Tuner:
                     best_ms = m.median_ms
             measurements.append(m)
             progress.update(cfg.label(), best_ms)
+            if m.status == "lost":
+                progress.close()
+                raise device_lost_error(task, m.config, m.error)
         progress.close()
 
         default = measurements[0]
@@ -289,6 +293,7 @@ class Tuner:
         try:
             expected = runs[default.config](0)
         except Exception as e:  # noqa: BLE001
+            lost_on_check(task, default, e)
             default.status, default.error = "failed", f"check: {type(e).__name__}: {e}"
             return self._select(task, measurements, runs)
         for m in ok:
@@ -297,11 +302,25 @@ class Tuner:
             try:
                 why = outputs_match(runs[m.config](0), expected, task.dtype)
             except Exception as e:  # noqa: BLE001
+                lost_on_check(task, m, e)
                 why = f"check run: {type(e).__name__}: {e}"
             if why is None:
                 return m, True
             m.status, m.error = "mismatch", why
         return default, True
+
+
+def device_lost_error(task: Task, config: Config, error: str) -> DeviceLostError:
+    return DeviceLostError(
+        f"autotuning {task.describe()}: config {config.label()!r} faulted on the device "
+        f"({error}); the device context of this process is lost, so nothing was stored. "
+        "Restart the process; SSMC_AUTOTUNE=cached or off skips tuning")
+
+
+def lost_on_check(task: Task, m: Measurement, error: Exception) -> None:
+    """Re-running a measured config to check its output faulted the device: raise."""
+    if device_lost(error):
+        raise device_lost_error(task, m.config, f"check: {type(error).__name__}: {error}")
 
 
 # --------------------------------------------------------------------------- the policy
@@ -339,6 +358,8 @@ def tuned_plan(op, bound, plan: Plan, lowerings: list[str]) -> Plan:
         return plan
     try:
         return _tuned_plan(op, bound, plan, lowerings, mode)
+    except DeviceLostError:  # every launch after it fails: say why here, not at the next one
+        raise
     except Exception as e:  # noqa: BLE001 - tuning never breaks the op
         report_once(f"error:{op.program.name}",
                     f"{op.program.name}: tuning failed ({type(e).__name__}: {e}); using the "

@@ -79,10 +79,16 @@ def test_failures_are_recorded():
     assert m.status == "failed" and m.error.startswith("compile: RuntimeError: out of resource")
     assert run is None and math.isnan(m.median_ms)
 
+    def too_big(i):
+        raise RuntimeError("CUDA error: too many resources requested for launch")
+    m, _ = measure(Config("chunked"), lambda c: too_big, timer, 1, s)
+    assert m.status == "failed" and m.error.startswith("run: RuntimeError: CUDA error")
+
+    # a sticky CUDA error loses the process's device context: "lost", not just "failed"
     def faults(i):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     m, _ = measure(Config("chunked"), lambda c: faults, timer, 1, s)
-    assert m.status == "failed" and m.error.startswith("run: RuntimeError: CUDA error")
+    assert m.status == "lost" and m.error.startswith("run: RuntimeError: CUDA error: an illegal")
 
     m, _ = measure(Config("scan"), lambda c: (lambda i: None), lambda *a: [1.0, math.nan], 1, s)
     assert m.status == "failed" and "no valid timings" in m.error

@@ -121,6 +121,19 @@ def test_device_limits_prune_registers():
     assert any("registers" in why for _, why in s.pruned)
 
 
+def test_triton_chunked_never_tries_8_output_warps_on_narrow_p_blocks():
+    # chunked BP_out=32 warps_out=8 faulted (illegal memory access) on an H200: it is pruned,
+    # the other 8-warp output tiles and the narrow p-blocks with 4 warps stay
+    s = space(max_configs=None)
+    tiles = [c.tile_dict() for c in s.candidates if c.lowering == "chunked"]
+    assert not any(t.get("warps_out") == 8 and t.get("BP_out", 64) < 64 for t in tiles)
+    assert any(t.get("warps_out") == 8 and t.get("BP_out", 64) >= 64 for t in tiles)
+    assert any(t.get("warps_out", 4) == 4 and t.get("BP_out") == 32 for t in tiles)
+    assert any(c.tile_dict() == {"BP_out": 32, "BP_state": 64, "BT": 64, "stages_state": 2,
+                                 "warps_out": 8, "warps_state": 4} and "faulted" in why
+               for c, why in s.pruned)
+
+
 def test_per_key_decay_keeps_16_step_chunks():
     gla = make_definition("diagonal")
     s = space(program=gla.program, sizes=dict(b=2, t=1024, h=4, p=64, n=64, g=4),

@@ -36,13 +36,47 @@ def test_fastest_config_wins():
 
 
 def test_failed_configs_are_recorded_not_raised():
-    times = dict(TIMES, **{"scan (defaults)": RuntimeError("illegal memory access")})
+    times = dict(TIMES, **{"scan (defaults)": RuntimeError("too many resources requested for "
+                                                           "launch")})
     task = fake_task(CONFIGS, broken={"chunked BT=128"})
     result = fake_tuner(times).tune(task)
     status = {m.config.label(): (m.status, m.error) for m in result.measurements}
     assert status["chunked BT=128"][0] == "failed" and "compile" in status["chunked BT=128"][1]
-    assert status["scan (defaults)"][0] == "failed" and "illegal memory" in status["scan (defaults)"][1]
+    assert status["scan (defaults)"][0] == "failed" and "too many" in status["scan (defaults)"][1]
     assert result.best.config == C("quadratic")
+
+
+STICKY = RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+
+
+def test_a_config_that_loses_the_device_stops_the_search():
+    # after a sticky CUDA error every launch of the process fails: the later configs are not
+    # measured (their failures would mean nothing) and no record is made
+    tuner = fake_tuner(dict(TIMES, **{"chunked BT=128": STICKY}))
+    with pytest.raises(ssmc.DeviceLostError, match=r"'chunked BT=128' faulted on the device "
+                                                    r"\(run: RuntimeError: .*illegal memory"):
+        tuner.tune(fake_task(CONFIGS))
+    assert [c.label() for c in tuner.timer.timed] == [
+        "chunked (defaults)", "chunked BT=32", "chunked BT=128"]
+
+
+def test_a_check_run_that_loses_the_device_raises():
+    task = fake_task(CONFIGS)
+    calls = {}
+    build = task.build
+
+    def faulting_on_second_run(cfg):
+        run = build(cfg)
+
+        def again(i):
+            calls[cfg.label()] = calls.get(cfg.label(), 0) + 1
+            if cfg.label() == "chunked BT=128" and calls[cfg.label()] > 1:
+                raise STICKY
+            return run(i)
+        return again
+    task.build = faulting_on_second_run
+    with pytest.raises(ssmc.DeviceLostError, match=r"'chunked BT=128'.*\(check: RuntimeError"):
+        fake_tuner(TIMES).tune(task)
 
 
 def test_winner_that_disagrees_with_the_default_is_rejected():
@@ -229,6 +263,17 @@ def test_tuning_failure_falls_back(monkeypatch, capsys):
     op(**ssd_inputs(**dict(SHAPE, t=40), dt_bias=False))
     err = capsys.readouterr().err
     assert err.count("tuning failed (RuntimeError: tuner exploded)") == 1
+
+
+def test_a_lost_device_is_raised_not_hidden(monkeypatch):
+    monkeypatch.setattr(tuner_mod, "FORCE_CPU", True)
+
+    def lost(*a, **k):
+        raise ssmc.DeviceLostError("autotuning ssd: config 'chunked BP_out=32' faulted")
+    monkeypatch.setattr(tuner_mod, "default_tuner", lost)
+    op = ssmc.compile(ssmc.ops.mamba2, backend="reference")
+    with pytest.raises(ssmc.DeviceLostError, match="BP_out=32"):
+        op(**mamba2_inputs())
 
 
 def test_corrupt_cache_never_breaks_the_op(fake_tuning, capsys):
