@@ -269,9 +269,10 @@ class Tuner:
             measurements.append(m)
             progress.update(cfg.label(), best_ms)
             if m.status == "lost":
-                progress.close()
-                raise device_lost_error(task, m.config, m.error)
+                break
         progress.close()
+        if measurements[-1].status == "lost":
+            raise device_lost_error(task, measurements[-1].config, measurements[-1].error)
 
         default = measurements[0]
         best, checked = self._select(task, measurements, runs)
