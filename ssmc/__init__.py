@@ -12,9 +12,11 @@
 from ._version import __version__
 from . import dsl
 from .api import CompiledOp, Definition, attention_matrix, compile, ssm
-from .errors import (BackendUnavailableError, DeviceLostError, DTypeError, ShapeError, SpecError,
-                     SSMCError, UnsupportedError)
+from .errors import (ArgumentError, BackendUnavailableError, ConfigError, DeviceError,
+                     DeviceLostError, DTypeError, ShapeError, SpecError, SSMCError,
+                     UnsupportedError)
 
 __all__ = ["__version__", "dsl", "ssm", "compile", "attention_matrix", "CompiledOp",
-           "Definition", "SSMCError", "SpecError", "ShapeError", "DTypeError",
-           "UnsupportedError", "BackendUnavailableError", "DeviceLostError"]
+           "Definition", "SSMCError", "SpecError", "ShapeError", "DTypeError", "DeviceError",
+           "ArgumentError", "ConfigError", "UnsupportedError", "BackendUnavailableError",
+           "DeviceLostError"]

@@ -10,7 +10,7 @@ import torch
 from . import config, reference
 from .backends import resolve_backend
 from .dsl import trace
-from .errors import BackendUnavailableError, UnsupportedError
+from .errors import ArgumentError, BackendUnavailableError, ConfigError, UnsupportedError
 from .ir import Program
 from .passes import DEVICES, choose_lowering, legal_lowerings, run_pipeline
 from .plan import Plan
@@ -64,11 +64,11 @@ class CompiledOp:
 
     def __init__(self, definition: Definition, backend: str = "auto", lowering: str = "auto"):
         if lowering not in config.LOWERINGS:
-            raise ValueError(f"lowering={lowering!r} is not valid; valid values: "
-                             f"{', '.join(config.LOWERINGS)}")
+            raise ConfigError(f"lowering={lowering!r} is not valid; valid values: "
+                              f"{', '.join(config.LOWERINGS)}")
         if backend not in config.BACKENDS:
-            raise ValueError(f"backend={backend!r} is not valid; valid values: "
-                             f"{', '.join(config.BACKENDS)}")
+            raise ConfigError(f"backend={backend!r} is not valid; valid values: "
+                              f"{', '.join(config.BACKENDS)}")
         self.definition = definition
         self.program = definition.program
         legal = legal_lowerings(self.program)
@@ -154,8 +154,8 @@ def compile(definition: Definition, backend: str = "auto", lowering: str = "auto
     """Compile a definition: `backend` in auto|triton|tvm|reference, `lowering` in
     auto|scan|chunked|quadratic. Kernels are built lazily for each call signature."""
     if not isinstance(definition, Definition):
-        raise TypeError(f"ssmc.compile expects a function decorated with @ssmc.ssm, got "
-                        f"{type(definition).__name__}")
+        raise ArgumentError(f"ssmc.compile expects a function decorated with @ssmc.ssm, got "
+                            f"{type(definition).__name__}")
     return CompiledOp(definition, backend, lowering)
 
 
@@ -165,8 +165,8 @@ def attention_matrix(op, *args, **kwargs) -> torch.Tensor:
     (float64 for float64 inputs); elsewhere the float64 reference does."""
     definition = op.definition if isinstance(op, CompiledOp) else op
     if not isinstance(definition, Definition):
-        raise TypeError(f"attention_matrix expects an ssmc definition or compiled op, got "
-                        f"{type(op).__name__}")
+        raise ArgumentError(f"attention_matrix expects an ssmc definition or compiled op, got "
+                            f"{type(op).__name__}")
     bound = bind(definition.program, args, kwargs)
     if bound.cu_seqlens is not None or bound.initial_state is not None:
         raise UnsupportedError("attention_matrix: 'cu_seqlens' and 'initial_state' are not "

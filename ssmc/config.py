@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import ConfigError
+
 BACKENDS = ("auto", "triton", "tvm", "reference")
 LOWERINGS = ("auto", "scan", "chunked", "quadratic")
 AUTOTUNE_MODES = ("off", "cached", "full")
@@ -12,7 +14,7 @@ AUTOTUNE_MODES = ("off", "cached", "full")
 def _choice(var: str, valid: tuple[str, ...], default: str) -> str:
     value = os.environ.get(var, default).strip().lower() or default
     if value not in valid:
-        raise ValueError(f"{var}={value!r} is not valid; valid values: {', '.join(valid)}")
+        raise ConfigError(f"{var}={value!r} is not valid; valid values: {', '.join(valid)}")
     return value
 
 
@@ -27,7 +29,8 @@ def debug_level() -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"SSMC_DEBUG={raw!r} is not valid; expected an integer 0, 1 or 2") from None
+        raise ConfigError(f"SSMC_DEBUG={raw!r} is not valid; expected an integer 0, 1 or "
+                          "2") from None
 
 
 def cache_dir() -> Path:

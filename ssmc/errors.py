@@ -14,7 +14,22 @@ class ShapeError(SSMCError, ValueError):
 
 
 class DTypeError(SSMCError, TypeError):
-    """A tensor has a dtype (or device) the op cannot take."""
+    """A tensor has a dtype (or is not a tensor) the op cannot take."""
+
+
+class DeviceError(DTypeError):
+    """Tensors of one call are on different devices. A `DTypeError` (so a `TypeError`) because
+    that is what a device mismatch was reported as before this class existed."""
+
+
+class ArgumentError(SSMCError, TypeError):
+    """A call does not fit the signature: a missing, unknown or repeated argument, too many
+    positional ones, or an argument of the wrong kind (`ssmc.compile(a_plain_function)`)."""
+
+
+class ConfigError(SSMCError, ValueError):
+    """An option or setting has a value ssmc does not accept: `backend=`, `lowering=`, an
+    `SSMC_*` environment variable, an op's or layer's option."""
 
 
 class UnsupportedError(SSMCError, NotImplementedError):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import api
-from .errors import ShapeError, UnsupportedError
+from .errors import ArgumentError, ConfigError, ShapeError, UnsupportedError
 from .torch.ops import compiled
 
 __all__ = ["InferenceParams", "RMSNormGated", "Mamba2", "SSMLayer", "causal_conv1d",
@@ -173,7 +173,7 @@ class Mamba2(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.dt_bias._no_weight_decay = True
         if not (A_init_range[0] > 0 and A_init_range[1] >= A_init_range[0]):
-            raise ValueError(f"Mamba2: A_init_range={A_init_range} must be 0 < lo <= hi")
+            raise ConfigError(f"Mamba2: A_init_range={A_init_range} must be 0 < lo <= hi")
         A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
         self.A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
         self.A_log._no_weight_decay = True
@@ -328,8 +328,8 @@ class Mamba2(nn.Module):
 
     def _get_states_from_cache(self, inference_params, batch_size, initialize_states=False):
         if self.layer_idx is None:
-            raise ValueError("Mamba2: decoding with inference_params needs layer_idx set on the "
-                             "layer (the key of its cache entry)")
+            raise ConfigError("Mamba2: decoding with inference_params needs layer_idx set on the "
+                              "layer (the key of its cache entry)")
         cache = inference_params.key_value_memory_dict
         if self.layer_idx not in cache:
             cache[self.layer_idx] = self.allocate_inference_cache(batch_size)
@@ -363,8 +363,8 @@ class SSMLayer(nn.Module):
         elif isinstance(definition, api.Definition):
             self.op = api.compile(definition, backend=backend, lowering=lowering)
         else:
-            raise TypeError(f"SSMLayer expects an ssmc definition or compiled op, got "
-                            f"{type(definition).__name__}")
+            raise ArgumentError(f"SSMLayer expects an ssmc definition or compiled op, got "
+                                f"{type(definition).__name__}")
         program = self.op.program
         sizes, init = dict(sizes or {}), dict(init or {})
         self.param_names = tuple(i.name for i in program.inputs
@@ -372,8 +372,8 @@ class SSMLayer(nn.Module):
         self.input_names = tuple(n for n in program.input_names if n not in self.param_names)
         unknown = set(init) - set(self.param_names)
         if unknown:
-            raise TypeError(f"SSMLayer({program.name}): init got {sorted(unknown)}, which are not "
-                            f"parameters; parameters are {list(self.param_names)}")
+            raise ArgumentError(f"SSMLayer({program.name}): init got {sorted(unknown)}, which are "
+                                f"not parameters; parameters are {list(self.param_names)}")
         for name in self.param_names:
             axes = program.input(name).axes
             if name in init:
@@ -396,15 +396,15 @@ class SSMLayer(nn.Module):
         """(the definition's tensors by name, the op's extra keyword arguments)."""
         name = self.op.program.name
         if len(args) > len(self.input_names):
-            raise TypeError(f"SSMLayer({name}) takes {len(self.input_names)} inputs "
-                            f"({', '.join(self.input_names)}), got {len(args)}")
+            raise ArgumentError(f"SSMLayer({name}) takes {len(self.input_names)} inputs "
+                                f"({', '.join(self.input_names)}), got {len(args)}")
         values = dict(zip(self.input_names, args))
         extras = {}
         for k, v in kwargs.items():
             if k in values:
-                raise TypeError(f"SSMLayer({name}) got multiple values for {k!r}")
+                raise ArgumentError(f"SSMLayer({name}) got multiple values for {k!r}")
             if k in self.param_names:
-                raise TypeError(f"SSMLayer({name}): {k!r} is a parameter of the layer")
+                raise ArgumentError(f"SSMLayer({name}): {k!r} is a parameter of the layer")
             (values if k in self.input_names else extras)[k] = v
         for p in self.param_names:
             values[p] = getattr(self, p)
@@ -418,8 +418,8 @@ class SSMLayer(nn.Module):
         """One decode step (inputs without their t axis); `state` is updated in place."""
         values, extras = self._arguments(args, kwargs)
         if extras:
-            raise TypeError(f"SSMLayer.step got {sorted(extras)}; it takes the state and the "
-                            "inputs at one time step")
+            raise ArgumentError(f"SSMLayer.step got {sorted(extras)}; it takes the state and the "
+                                "inputs at one time step")
         return self.op.step(state, **values)
 
     def allocate_inference_cache(self, batch_size: int, dtype=torch.float32, device=None):

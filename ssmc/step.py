@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from .api import CompiledOp
 from .backends import resolve_backend
-from .errors import BackendUnavailableError, DTypeError, ShapeError, UnsupportedError
+from .errors import (ArgumentError, BackendUnavailableError, ConfigError, DeviceError, DTypeError,
+                     ShapeError, UnsupportedError)
 from .ir import Direction
 from .plan import Plan
 from .validate import EXTRA_ARGS, bind
@@ -64,14 +66,14 @@ def _check_state(fn: str, state, bound) -> None:
         raise DTypeError(f"{fn}: 'state' has dtype {state.dtype}; expected {dtype} (the state "
                          f"is kept in {dtype} for {bound.dtype} inputs)")
     if state.device != bound.device:
-        raise DTypeError(f"{fn}: 'state' is on {state.device} but the inputs are on "
-                         f"{bound.device}")
+        raise DeviceError(f"{fn}: 'state' is on {state.device} but the inputs are on "
+                          f"{bound.device}")
     if not state.is_contiguous():
         raise ShapeError(f"{fn}: 'state' must be contiguous (it is updated in place), got strides "
                          f"{tuple(state.stride())}; expected {_contiguous_strides(want)}")
     if state.requires_grad:
-        raise ValueError(f"{fn}: 'state' requires grad; a decode step updates it in place and is "
-                         "inference only (pass state.detach())")
+        raise ConfigError(f"{fn}: 'state' requires grad; a decode step updates it in place and "
+                          "is inference only (pass state.detach())")
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:
@@ -138,6 +140,9 @@ def _signature(state, args, kwargs):
 
 def step(op, state, *args, **kwargs) -> torch.Tensor:
     """Advance `state` (b, h, n, p) by one step of `op`'s recurrence, in place; return y_t."""
+    if not isinstance(op, CompiledOp):
+        raise ArgumentError(f"ssmc.step.step(): 'op' must be a compiled op (ssmc.compile(...)), "
+                            f"got {type(op).__name__}")
     sig = _signature(state, args, kwargs)
     fast = op._kernels.get((_STEP_KEY, sig)) if sig is not None else None
     if fast is not None:
@@ -158,13 +163,13 @@ def _checked_step(op, state, args, kwargs):
             "later steps otherwise")
     extras = [k for k in EXTRA_ARGS if k in kwargs]
     if extras:
-        raise TypeError(f"{fn} got {', '.join(repr(k) for k in extras)}; a step takes the state "
-                        "as its first argument, updates it in place and takes no "
-                        "'initial_state', 'return_final_state' or 'cu_seqlens'")
+        raise ArgumentError(f"{fn} got {', '.join(repr(k) for k in extras)}; a step takes the "
+                            "state as its first argument, updates it in place and takes no "
+                            "'initial_state', 'return_final_state' or 'cu_seqlens'")
     names = program.input_names
     if len(args) > len(names):
-        raise TypeError(f"{fn} takes the state and {len(names)} tensor arguments "
-                        f"({', '.join(names)}) but {len(args)} tensors were given")
+        raise ArgumentError(f"{fn} takes the state and {len(names)} tensor arguments "
+                            f"({', '.join(names)}) but {len(args)} tensors were given")
     positional = _insert_t(fn, program, dict(zip(names, args)))
     keywords = _insert_t(fn, program, kwargs)
     try:

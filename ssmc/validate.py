@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .errors import DTypeError, ShapeError
+from .errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from .ir import Program
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -40,19 +40,20 @@ def bind(program: Program, args: tuple, kwargs: dict) -> Bound:
     kwargs = dict(kwargs)
     extras = {k: kwargs.pop(k) for k in EXTRA_ARGS if k in kwargs}
     if len(args) > len(names):
-        raise TypeError(f"{fn} takes {len(names)} tensor arguments ({', '.join(names)}) "
-                        f"but {len(args)} were given")
+        raise ArgumentError(f"{fn} takes {len(names)} tensor arguments ({', '.join(names)}) "
+                            f"but {len(args)} were given")
     values = dict(zip(names, args))
     for k, v in kwargs.items():
         if k not in names:
-            raise TypeError(f"{fn} got an unexpected keyword argument {k!r}; arguments are "
-                            f"{', '.join(names + EXTRA_ARGS)}")
+            raise ArgumentError(f"{fn} got an unexpected keyword argument {k!r}; arguments "
+                                f"are {', '.join(names + EXTRA_ARGS)}")
         if k in values:
-            raise TypeError(f"{fn} got multiple values for argument {k!r}")
+            raise ArgumentError(f"{fn} got multiple values for argument {k!r}")
         values[k] = v
     missing = [n for n in names if n not in values]
     if missing:
-        raise TypeError(f"{fn} missing tensor argument(s): {', '.join(repr(m) for m in missing)}")
+        raise ArgumentError(f"{fn} missing tensor argument(s): "
+                            f"{', '.join(repr(m) for m in missing)}")
 
     device = None
     first_name = None
@@ -68,8 +69,8 @@ def bind(program: Program, args: tuple, kwargs: dict) -> Bound:
         if device is None:
             device, first_name = x.device, inp.name
         elif x.device != device:
-            raise DTypeError(f"{fn}: {inp.name!r} is on {x.device} but {first_name!r} is on "
-                             f"{device}; all tensors must be on one device")
+            raise DeviceError(f"{fn}: {inp.name!r} is on {x.device} but {first_name!r} is on "
+                              f"{device}; all tensors must be on one device")
         spec = " ".join(inp.axes)
         if x.dim() != len(inp.axes):
             raise ShapeError(f'{fn}: {inp.name!r} is annotated "{spec}" ({len(inp.axes)} axes) '
@@ -119,7 +120,7 @@ def _check_cu_seqlens(fn, cu, sizes, device):
     if cu.dtype not in (torch.int32, torch.int64):
         raise DTypeError(f"{fn}: 'cu_seqlens' has dtype {cu.dtype}; expected int32 or int64")
     if cu.device != device:
-        raise DTypeError(f"{fn}: 'cu_seqlens' is on {cu.device} but the inputs are on {device}")
+        raise DeviceError(f"{fn}: 'cu_seqlens' is on {cu.device} but the inputs are on {device}")
     if cu.dim() != 1 or cu.numel() < 2:
         raise ShapeError(f"{fn}: 'cu_seqlens' must be 1-d with at least 2 entries "
                          f"(0 and the total length), got shape {_shape(cu)}")
@@ -164,8 +165,8 @@ def _check_state(fn, program, h0, bound):
     if h0.dtype not in FLOAT_DTYPES:
         raise DTypeError(f"{fn}: 'initial_state' has dtype {h0.dtype}; expected a float dtype")
     if h0.device != bound.device:
-        raise DTypeError(f"{fn}: 'initial_state' is on {h0.device} but the inputs are on "
-                         f"{bound.device}")
+        raise DeviceError(f"{fn}: 'initial_state' is on {h0.device} but the inputs are on "
+                          f"{bound.device}")
     want = expected_state_shape(program, bound)
     if tuple(h0.shape) != want:
         lead = "(directions, " if len(want) == 5 else "("

@@ -17,15 +17,26 @@ def mamba2_args(b=2, t=7, h=4, g=2, n=3, p=5, dtype=torch.float32, seed=0):
 
 
 def test_compile_rejects_bad_backend_and_lowering():
-    with pytest.raises(ValueError, match=r"^backend='cuda' is not valid; valid values: auto, "
-                       r"triton, tvm, reference$"):
+    """ConfigError for an option's value, ArgumentError for a non-definition: SSMCErrors that
+    are still the ValueError / TypeError they were reported as before."""
+    with pytest.raises(ssmc.ConfigError, match=r"^backend='cuda' is not valid; valid values: "
+                       r"auto, triton, tvm, reference$") as info:
         ssmc.compile(mamba2, backend="cuda")
-    with pytest.raises(ValueError, match=r"^lowering='fast' is not valid; valid values: auto, "
-                       r"scan, chunked, quadratic$"):
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(ssmc.ConfigError, match=r"^lowering='fast' is not valid; valid values: "
+                       r"auto, scan, chunked, quadratic$"):
         ssmc.compile(mamba2, lowering="fast")
-    with pytest.raises(TypeError, match=r"^ssmc.compile expects a function decorated with "
-                       r"@ssmc.ssm, got function$"):
+    with pytest.raises(ssmc.ArgumentError, match=r"^ssmc.compile expects a function decorated "
+                       r"with @ssmc.ssm, got function$") as info:
         ssmc.compile(lambda x: x)
+    assert isinstance(info.value, TypeError)
+
+
+def test_attention_matrix_rejects_a_non_op():
+    with pytest.raises(ssmc.ArgumentError, match=r"^attention_matrix expects an ssmc definition "
+                       r"or compiled op, got function$") as info:
+        ssmc.attention_matrix(lambda x: x, torch.zeros(1))
+    assert isinstance(info.value, TypeError)
 
 
 @pytest.mark.parametrize("lowering", ["chunked", "quadratic"])

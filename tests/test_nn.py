@@ -286,6 +286,7 @@ def test_ssm_layer_errors():
     from ssmc.ops.retention import build
     with pytest.raises(ssmc.ShapeError, match=r"parameter 'gamma' \(\"h\"\) needs sizes for h"):
         SSMLayer(build(0.5))
-    with pytest.raises(TypeError, match="not parameters"):
+    with pytest.raises(ssmc.ArgumentError, match="not parameters") as info:
         SSMLayer(build(0.5), init={"q": torch.ones(2)})
+    assert isinstance(info.value, TypeError)
     assert retention is not None

@@ -181,7 +181,8 @@ def test_step_rejects_non_causal_definitions(direction):
      r"'state' has dtype torch.bfloat16; expected torch.float32"),
     (torch.zeros(2, 2, 3, 4).transpose(2, 3), ssmc.ShapeError, r"'state' must be contiguous"),
     ([[0.0]], ssmc.DTypeError, r"'state' must be a torch.Tensor"),
-    (torch.zeros(2, 2, 4, 3, device="meta"), ssmc.DTypeError, r"'state' is on meta"),
+    (torch.zeros(2, 2, 4, 3, device="meta"), ssmc.DeviceError,
+     r"'state' is on meta but the inputs are on cpu"),
 ])
 def test_step_state_errors(bad, error, pattern):
     op, inputs, _ = _ssd_step_args()
@@ -191,8 +192,9 @@ def test_step_state_errors(bad, error, pattern):
 
 def test_step_state_that_requires_grad_is_rejected():
     op, inputs, state = _ssd_step_args()
-    with pytest.raises(ValueError, match="'state' requires grad"):
+    with pytest.raises(ssmc.ConfigError, match="'state' requires grad") as info:
         op.step(state.requires_grad_(), **inputs)
+    assert isinstance(info.value, ValueError)
 
 
 def test_step_input_with_time_axis_is_rejected():
@@ -223,17 +225,29 @@ def test_step_errors_leave_the_state_untouched():
 @pytest.mark.parametrize("extra", ["initial_state", "return_final_state", "cu_seqlens"])
 def test_step_rejects_full_call_options(extra):
     op, inputs, state = _ssd_step_args()
-    with pytest.raises(TypeError, match=f"'{extra}'"):
+    with pytest.raises(ssmc.ArgumentError, match=f"'{extra}'") as info:
         op.step(state, **inputs, **{extra: None})
+    assert isinstance(info.value, TypeError)
 
 
 def test_step_argument_count_errors():
     op, inputs, state = _ssd_step_args()
     names = op.program.input_names
     args = [inputs[n] for n in names]
-    with pytest.raises(TypeError, match="missing tensor argument"):
+    with pytest.raises(ssmc.ArgumentError, match=r"^ssd\.step\(\) missing tensor argument"):
         op.step(state, *args[:-1])
-    with pytest.raises(TypeError, match="takes the state and 7 tensor arguments"):
+    with pytest.raises(ssmc.ArgumentError, match="takes the state and 7 tensor arguments"):
         op.step(state, *args, args[0])
+    with pytest.raises(ssmc.ArgumentError, match=r"^ssd\.step\(\) got an unexpected keyword "
+                       r"argument 'w'"):
+        op.step(state, *args, w=args[0])
     with pytest.raises(ssmc.ShapeError, match=r"'x' is annotated \"b t h p\"; one step"):
         op.step(*args)  # forgot the state: x is taken as the state and dt (b, h) as x
+
+
+def test_step_module_function_needs_a_compiled_op():
+    _, inputs, state = _ssd_step_args()
+    step_module = importlib.import_module("ssmc.step")
+    with pytest.raises(ssmc.ArgumentError, match=r"^ssmc\.step\.step\(\): 'op' must be a compiled "
+                       r"op \(ssmc\.compile\(\.\.\.\)\), got Definition$"):
+        step_module.step(mamba2, state, **inputs)

@@ -98,10 +98,17 @@ def test_non_tensor_argument(value, type_name):
 
 
 def test_tensors_on_different_devices():
+    """A device mismatch is a DeviceError naming the argument, its device and the expected one
+    (still a DTypeError and a TypeError, what it was reported as before)."""
     B = torch.randn(2, 5, 2, 3, device="meta")
-    with raises(ssmc.DTypeError, "ssd(): 'B' is on meta but 'x' is on cpu; all tensors must be "
-                "on one device"):
+    with raises(ssmc.DeviceError, "ssd(): 'B' is on meta but 'x' is on cpu; all tensors must be "
+                "on one device") as info:
         reference_op()(*args(B=B))
+    assert isinstance(info.value, ssmc.DTypeError) and isinstance(info.value, TypeError)
+    on_meta = tuple(t.to("meta") for t in args())
+    with raises(ssmc.DeviceError, "ssd(): 'dt' is on cpu but 'x' is on meta; all tensors must "
+                "be on one device"):
+        bind(mamba2.program, (on_meta[0], args()[1]) + on_meta[2:], {})
 
 
 def test_all_on_meta_binds():
@@ -135,7 +142,7 @@ def test_bad_cu_seqlens_type_dtype_shape_device():
     with raises(ssmc.ShapeError, "ssd(): 'cu_seqlens' must be 1-d with at least 2 entries "
                 "(0 and the total length), got shape (1, 2)"):
         bind(mamba2.program, a, dict(cu_seqlens=torch.tensor([[0, 9]])))
-    with raises(ssmc.DTypeError, "ssd(): 'cu_seqlens' is on meta but the inputs are on cpu"):
+    with raises(ssmc.DeviceError, "ssd(): 'cu_seqlens' is on meta but the inputs are on cpu"):
         bind(mamba2.program, a, dict(cu_seqlens=torch.tensor([0, 9], device="meta")))
 
 
@@ -178,24 +185,24 @@ def test_initial_state_type_dtype_device():
     with raises(ssmc.DTypeError, "ssd(): 'initial_state' has dtype torch.int64; expected a "
                 "float dtype"):
         bind(mamba2.program, a, dict(initial_state=torch.zeros(2, 4, 3, 6, dtype=torch.long)))
-    with raises(ssmc.DTypeError, "ssd(): 'initial_state' is on meta but the inputs are on cpu"):
+    with raises(ssmc.DeviceError, "ssd(): 'initial_state' is on meta but the inputs are on cpu"):
         bind(mamba2.program, a, dict(initial_state=torch.zeros(2, 4, 3, 6, device="meta")))
 
 
 def test_unknown_keyword_argument():
-    with raises(TypeError, "ssd() got an unexpected keyword argument 'w'; arguments are x, dt, "
+    with raises(ssmc.ArgumentError, "ssd() got an unexpected keyword argument 'w'; arguments are x, dt, "
                 "A, B, C, D, z, initial_state, return_final_state, cu_seqlens"):
         reference_op()(*args(), w=torch.zeros(1))
 
 
 def test_missing_and_extra_arguments():
     a = args()
-    with raises(TypeError, "ssd() missing tensor argument(s): 'D', 'z'"):
+    with raises(ssmc.ArgumentError, "ssd() missing tensor argument(s): 'D', 'z'"):
         reference_op()(*a[:5])
-    with raises(TypeError, "ssd() takes 7 tensor arguments (x, dt, A, B, C, D, z) but 8 were "
-                "given"):
+    with raises(ssmc.ArgumentError, "ssd() takes 7 tensor arguments (x, dt, A, B, C, D, z) but 8 "
+                "were given"):
         bind(mamba2.program, a + (a[0],), {})
-    with raises(TypeError, "ssd() got multiple values for argument 'x'"):
+    with raises(ssmc.ArgumentError, "ssd() got multiple values for argument 'x'"):
         bind(mamba2.program, a, dict(x=a[0]))
 
 
@@ -208,6 +215,26 @@ def test_error_classes_mix_in_builtins():
         bind(mamba2.program, args(A=torch.randn(5)), {})
     with pytest.raises(TypeError):
         bind(mamba2.program, args(A=torch.ones(4, dtype=torch.int32)), {})
+    # the classes added for argument, option and device errors keep the builtin each case was
+    # reported as before, so `except TypeError` / `except ValueError` still catch them
+    for cls, builtin in ((ssmc.ArgumentError, TypeError), (ssmc.ConfigError, ValueError),
+                         (ssmc.DeviceError, TypeError), (ssmc.DeviceError, ssmc.DTypeError)):
+        assert issubclass(cls, builtin) and issubclass(cls, ssmc.SSMCError), cls
+    with pytest.raises(TypeError):
+        bind(mamba2.program, args(), dict(w=torch.zeros(1)))
+
+
+@pytest.mark.parametrize("call", ["too_many", "unknown", "repeated", "missing"])
+def test_argument_errors_are_ssmc_errors(call):
+    """Every way a call can miss the signature raises ArgumentError (an SSMCError and still a
+    TypeError), through the op and through bind."""
+    a = args()
+    op = reference_op()
+    bad = {"too_many": lambda: op(*a, a[0]), "unknown": lambda: op(*a, w=a[0]),
+           "repeated": lambda: op(*a, x=a[0]), "missing": lambda: op(*a[:6])}[call]
+    with pytest.raises(ssmc.ArgumentError, match=r"^ssd\(\) ") as info:
+        bad()
+    assert isinstance(info.value, ssmc.SSMCError) and isinstance(info.value, TypeError)
 
 
 def test_builtin_wrappers_report_the_same_errors():

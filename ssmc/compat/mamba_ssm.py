@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ShapeError, UnsupportedError
+from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..torch.ops import compiled
 
 _INF = float("inf")
@@ -57,7 +57,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     z: (b, l, h, p); dt_bias: (h,); initial_states: (b, h, p, n); seq_idx: (b, l)."""
     fn = "mamba_chunk_scan_combined()"
     if return_varlen_states and cu_seqlens is None:
-        raise ValueError(f"{fn}: return_varlen_states=True needs 'cu_seqlens' (as in mamba_ssm)")
+        raise ConfigError(f"{fn}: return_varlen_states=True needs 'cu_seqlens' (as in mamba_ssm)")
     packed = seq_idx is not None or (cu_seqlens is not None and return_varlen_states)
     cu = None
     if packed:

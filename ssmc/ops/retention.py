@@ -7,6 +7,7 @@ import torch
 
 from .. import api
 from .. import dsl as S
+from ..errors import ConfigError
 from ._variants import call
 
 
@@ -32,7 +33,7 @@ def retention(q, k, v, gamma=None, scale=None, initial_state=None, return_final_
         gamma = default_gamma(q.shape[2], q.device, torch.promote_types(q.dtype, torch.float32))
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if not math.isfinite(scale):
-        raise ValueError(f"retention(): scale must be finite, got {scale}")
+        raise ConfigError(f"retention(): scale must be finite, got {scale}")
     return call(build, dict(scale=scale), (q, k, v, gamma), backend=backend, lowering=lowering,
                 initial_state=initial_state, return_final_state=return_final_state,
                 cu_seqlens=cu_seqlens)

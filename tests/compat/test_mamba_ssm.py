@@ -146,7 +146,7 @@ def test_mamba_chunk_scan_combined_unsupported():
     with pytest.raises(ssmc.UnsupportedError, match="'initial_states'"):
         mamba_chunk_scan_combined(**a1, chunk_size=4, seq_idx=torch.zeros(1, 4, dtype=torch.long),
                                   initial_states=randn(1, 4, 5, 3, seed=2), **REF)
-    with pytest.raises(ValueError, match="cu_seqlens"):
+    with pytest.raises(ssmc.ConfigError, match="cu_seqlens"):
         mamba_chunk_scan_combined(**a1, chunk_size=4, return_varlen_states=True, **REF)
 
 

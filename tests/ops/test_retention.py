@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import ssmc
 from ssmc.ops import retention
 from ssmc.ops.retention import default_gamma
 from tests.helpers import (SHAPES, check_against_reference, cu_seqlens, random_state,
@@ -73,5 +74,6 @@ def test_retention_float32_against_reference_with_grads():
 
 def test_retention_rejects_non_finite_scale():
     x = retention_inputs(1, 2, 1, 2, 2, seed=9)
-    with pytest.raises(ValueError, match="scale must be finite"):
+    with pytest.raises(ssmc.ConfigError, match="scale must be finite") as info:
         retention(**x, scale=float("inf"), **REF)
+    assert isinstance(info.value, ValueError)
