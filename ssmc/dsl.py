@@ -11,6 +11,7 @@ import numbers
 import threading
 
 import sympy as sp
+from torch.overrides import resolve_name
 
 from .errors import SpecError
 from .ir import functions as F
@@ -84,6 +85,29 @@ def _lift(value, what: str = "operand") -> sp.Expr:
                     "expressions combine inputs, Python numbers and S.* functions")
 
 
+#: torch functions (by their last name) -> the S.* function that computes the same elementwise
+TORCH_EQUIVALENTS = {"exp": "exp", "log": "log", "sigmoid": "sigmoid", "expit": "sigmoid",
+                     "tanh": "tanh", "sqrt": "sqrt", "abs": "abs", "absolute": "abs",
+                     "maximum": "maximum", "minimum": "minimum", "clamp": "clamp",
+                     "clip": "clamp", "softplus": "softplus", "silu": "silu"}
+
+
+def _first_expr(values):
+    """The first Expr among `values`, looking inside lists, tuples and dicts (as torch does)."""
+    for v in values:
+        if isinstance(v, Expr):
+            return v
+        if isinstance(v, (list, tuple)):
+            found = _first_expr(v)
+        elif isinstance(v, dict):
+            found = _first_expr(v.values())
+        else:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
 def _not_elementwise(what: str):
     def method(self, *args, **kwargs):
         raise SpecError(f"{_current().name}: {self._label()} is used with {what}, which is not "
@@ -137,7 +161,31 @@ class Expr:
     __floordiv__ = _not_elementwise("floor division")
     __mod__ = _not_elementwise("modulo")
 
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """A torch function given a traced expression (`torch.exp(dt)`): a SpecError naming the
+        S.* function to use."""
+        qualname = resolve_name(func) or getattr(func, "__name__", repr(func))
+        short = qualname.rsplit(".", 1)[-1]
+        if qualname.startswith("torch.Tensor.") and args and not isinstance(args[0], Expr):
+            _lift(args[0])  # `tensor * x`: the tensor is the operand a definition cannot take
+        expr = _first_expr(list(args) + list((kwargs or {}).values()))
+        on = "a traced expression" if expr is None else f"{expr._label()}, a traced expression"
+        equivalent = TORCH_EQUIVALENTS.get(short)
+        if equivalent is not None:
+            hint = f"use ssmc.dsl.{equivalent} (S.{equivalent}) inside a definition"
+        else:
+            hint = ("torch functions do not apply inside a definition, which may only use "
+                    "+ - * / ** and S.* functions (" +
+                    ", ".join(f"S.{n}" for n in sorted(set(TORCH_EQUIVALENTS.values()))) +
+                    ") on inputs")
+        raise SpecError(f"{_current().name}: {qualname}() was called on {on}; {hint}")
+
     def __getattr__(self, name):
+        if name in TORCH_EQUIVALENTS:  # a tensor method: x.exp(), x.clamp(0, 1)
+            equivalent = TORCH_EQUIVALENTS[name]
+            raise SpecError(f"{_current().name}: {self._label()} has no method {name!r}; use "
+                            f"ssmc.dsl.{equivalent} (S.{equivalent}) inside a definition")
         raise SpecError(f"{_current().name}: {self._label()} has no attribute {name!r}; inputs are "
                         "symbolic inside a definition and only elementwise operations are allowed "
                         "(reductions, reshapes and indexing are not)")

@@ -3,6 +3,7 @@ import re
 
 import pytest
 import sympy as sp
+import torch
 
 import ssmc
 from ssmc import dsl as S
@@ -250,6 +251,54 @@ def test_reduction_method():
 def test_non_elementwise_on_expression_names_it():
     msg = spec_error(_with_value(lambda x: (x * 2).mean(-1)), "no attribute 'mean'")
     assert msg.startswith("f: expression '2*x' has no attribute 'mean'")
+
+
+@pytest.mark.parametrize("call, torch_name, s_name", [
+    (lambda x: torch.exp(x), "torch.exp", "exp"),
+    (lambda x: torch.log(x), "torch.log", "log"),
+    (lambda x: torch.sigmoid(x), "torch.sigmoid", "sigmoid"),
+    (lambda x: torch.special.expit(x), "torch.special.expit", "sigmoid"),
+    (lambda x: torch.tanh(x), "torch.tanh", "tanh"),
+    (lambda x: torch.sqrt(x), "torch.sqrt", "sqrt"),
+    (lambda x: torch.abs(x), "torch.abs", "abs"),
+    (lambda x: torch.maximum(x, x), "torch.maximum", "maximum"),
+    (lambda x: torch.minimum(x, x), "torch.minimum", "minimum"),
+    (lambda x: torch.clamp(x, min=0.0), "torch.clamp", "clamp"),
+    (lambda x: torch.nn.functional.softplus(x), "torch.nn.functional.softplus", "softplus"),
+    (lambda x: torch.nn.functional.silu(x), "torch.nn.functional.silu", "silu"),
+], ids=lambda v: v if isinstance(v, str) and "." in v else None)
+def test_torch_function_names_the_s_function(call, torch_name, s_name):
+    """A torch function on a traced input is a SpecError naming the definition, the input and
+    the S.* function that does the same, not a TypeError from inside torch."""
+    msg = spec_error(_with_value(call), "was called on")
+    assert msg == (f"f: {torch_name}() was called on input 'x', a traced expression; use "
+                   f"ssmc.dsl.{s_name} (S.{s_name}) inside a definition")
+
+
+def test_torch_function_on_an_expression_names_it():
+    msg = spec_error(_with_value(lambda x: torch.exp(x * 2)), "was called on")
+    assert msg.startswith("f: torch.exp() was called on expression '2*x', a traced expression; ")
+
+
+def test_torch_function_without_an_s_equivalent():
+    msg = spec_error(_with_value(lambda x: torch.cumsum(x, 1)), "was called on")
+    assert msg.startswith("f: torch.cumsum() was called on input 'x', a traced expression; "
+                          "torch functions do not apply inside a definition, which may only use "
+                          "+ - * / ** and S.* functions (S.abs, S.clamp, S.exp, ")
+
+
+def test_tensor_method_names_the_s_function():
+    msg = spec_error(_with_value(lambda x: x.exp()), "no method 'exp'")
+    assert msg == "f: input 'x' has no method 'exp'; use ssmc.dsl.exp (S.exp) inside a definition"
+
+
+@pytest.mark.parametrize("combine", [lambda x, c: c * x, lambda x, c: x * c,
+                                     lambda x, c: c + x], ids=["tensor*x", "x*tensor", "tensor+x"])
+def test_tensor_operand(combine):
+    """A tensor mixed into an expression, on either side, is reported as the bad operand."""
+    spec_error(_with_value(lambda x: combine(x, torch.tensor(2.0))),
+               r"^f: Tensor tensor\(2\.\) is not a valid operand; expressions combine inputs, "
+               r"Python numbers and S\.\* functions$")
 
 
 def test_expression_exponent():
