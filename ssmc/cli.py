@@ -587,7 +587,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the exit status of a command whose reader went away (`ssmc explain ... | head -1`): 128 +
+#: SIGPIPE, what a shell reports for a tool that SIGPIPE ended
+BROKEN_PIPE_STATUS = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's final flush
+        return status
+    except BrokenPipeError:
+        # the rest of the output has nowhere to go: point stdout at /dev/null so that the
+        # interpreter's flush at exit does not report the same error again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout is not a file (captured output)
+            pass
+        return BROKEN_PIPE_STATUS
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:

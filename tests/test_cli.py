@@ -246,3 +246,20 @@ def test_compile_illegal_lowering(capsys, tmp_path):
         "    return S.recurrence(decay=S.sigmoid(a), key=B, value=x, query=B)\n")
     assert cli.main(["compile", f"{src}:s6", "--emit", "triton", "--lowering", "chunked"]) == 2
     assert "not legal" in capsys.readouterr().err
+
+
+def test_closed_stdout_pipe_exits_quietly():
+    """`ssmc explain ... | head -1`: a reader that goes away is no error worth a traceback; the
+    exit status is 141 (128 + SIGPIPE), as for a tool that SIGPIPE ended. The whole output
+    (about 2 KB) would fit in the pipe, so the reader closes its end before ssmc writes
+    anything, which is what `head -1` does to a longer output after its first line."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "ssmc.cli", "explain", "ssmc.ops.ssd:mamba2",
+                             "--shape", "b=8,t=16,h=80,p=64,n=128,g=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    proc.stdout.close()  # before the child has imported ssmc, let alone written anything
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert "BrokenPipeError" not in err and "Traceback" not in err, err
+    assert proc.returncode == cli.BROKEN_PIPE_STATUS == 141, err
