@@ -15,6 +15,14 @@ when the op is constructed, a constant in a traced graph. `final_state` is an em
 `return_final_state` is false, and `grad_initial_state` when there is no initial state: a
 custom op returns tensors, never None.
 
+Lifetimes: the registry holds a CompiledOp weakly, so an op nobody uses is freed, but whatever
+will call it later keeps it alive. An eager autograd graph holds it strongly in the saved
+context of its node, so `ssmc.compile(d)(*xs).sum().backward()` works with no reference left
+to the op and frees it with the graph. A graph traced by torch.compile (or export) holds only
+the integer, and lives in torch's caches, which say nothing when they drop it: tracing runs the
+fake implementations, which pin the executor for the rest of the process (so does a call on
+meta tensors, which also runs them).
+
 The fake (meta) implementations compute shapes from the IR's axis annotations only, so
 FakeTensors and SymInts flow through them: out (b, t, h, p) in the output dtype, final state
 (b | sequences, h, n, p) in float32 (float64 for float64 inputs), with a leading 2 for
@@ -65,6 +73,7 @@ class TorchOp:
 
 _OPS: dict[str, TorchOp] = {}
 _EXECUTORS: dict[int, weakref.ref] = {}
+_PINNED: dict[int, object] = {}  # executors of traced graphs, held strongly
 _TOKENS = itertools.count(1)
 _LOCK = threading.Lock()
 
@@ -88,10 +97,19 @@ def _executor(token: int):
     ref = _EXECUTORS.get(token)
     op = ref() if ref is not None else None
     if op is None:
-        raise RuntimeError(f"ssmc: the compiled op with executor id {token} no longer exists "
-                           "(a traced graph outlived the ssmc.compile(...) object it calls; "
-                           "keep that object alive, e.g. as a module attribute)")
+        raise RuntimeError(f"ssmc: no compiled op has executor id {token} in this process (the "
+                           "graphs ssmc builds keep theirs alive; an id from another process, "
+                           "e.g. in a saved exported program, does not name one here)")
     return op
+
+
+def _pin(token: int) -> None:
+    """Keep the executor `token` alive for the rest of the process: a graph being traced will
+    call it by its id, and nothing tells us when that graph is dropped."""
+    if token not in _PINNED:
+        op = _executor(token)
+        with _LOCK:
+            _PINNED.setdefault(token, op)
 
 
 # ---------------------------------------------------------------------------------- shapes
@@ -191,6 +209,7 @@ def _make_ops(program: Program) -> TorchOp:
 
     def fwd_fake(inputs, initial_state, cu_seqlens, executor, return_final_state,
                  check_cu_seqlens):
+        _pin(executor)  # the traced graph will call it by id, for as long as torch keeps it
         sizes = sizes_of(program, inputs)
         dtype = _output_dtype(program, dict(zip(program.input_names, inputs)))
         out = inputs[0].new_empty((sizes["b"], sizes["t"], sizes["h"], sizes["p"]), dtype=dtype)
@@ -227,6 +246,7 @@ def _make_ops(program: Program) -> TorchOp:
         return result, _fresh(grad_h0, taken)
 
     def bwd_fake(inputs, initial_state, cu_seqlens, grad_out, grad_final, executor):
+        _pin(executor)
         grads = [torch.empty_like(x) for x in inputs]
         grad_h0 = (inputs[0].new_empty((0,)) if initial_state is None
                    else torch.empty_like(initial_state))
@@ -246,6 +266,8 @@ def _make_ops(program: Program) -> TorchOp:
         tensors, initial_state, cu_seqlens, executor, return_final_state, _ = inputs
         ctx.num_inputs = len(tensors)
         ctx.executor = executor
+        # the backward calls the executor by id: the graph keeps it alive, not the user
+        ctx.executor_op = _executor(executor)
         ctx.return_final_state = return_final_state
         ctx.save_for_backward(*tensors, initial_state, cu_seqlens)
 

@@ -4,6 +4,9 @@ it passes `opcheck` and compiles under `torch.compile(fullgraph=True)`, dynamic 
 
 On this machine (CPU) most tests pin the reference backend, whose float64 scan keeps gradient
 checks exact; the TVM default's own backward is tested in tests/backends/tvm."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -11,7 +14,7 @@ import ssmc
 from ssmc.ops import mamba2
 from ssmc.torch import torch_op_for
 from tests.helpers import (check_against_reference, cu_seqlens, make_definition, random_inputs,
-                           random_state, ssd_inputs)
+                           random_state, reference_of, ssd_inputs)
 
 REF = dict(backend="reference")
 
@@ -130,6 +133,62 @@ def test_backward_without_kernel_backward_names_the_backend(monkeypatch):
     with pytest.raises(ssmc.UnsupportedError, match=r"ssd\(\): backend 'reference' has no "
                                                      r"backward for scan_fp64"):
         y.sum().backward()
+
+
+# -------------------------------------------------------------------------------- lifetimes
+
+def _small():
+    """A small definition, float64 leaves that require grad, and the reference gradients."""
+    d = make_definition("scalar", epilogue=True)
+    x = random_inputs(d, dict(b=2, t=5, h=2, g=1, n=3, p=2), dtype=torch.float64, seed=11)
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+    ref_leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+    reference_of(d)(**ref_leaves).sin().sum().backward()
+    return d, leaves, {k: v.grad for k, v in ref_leaves.items()}
+
+
+def _assert_grads(leaves, expected):
+    for name, leaf in leaves.items():
+        torch.testing.assert_close(leaf.grad, expected[name], rtol=1e-9, atol=1e-9,
+                                   msg=f"grad {name}")
+
+
+def test_backward_after_the_inline_op_is_dropped():
+    """`ssmc.compile(d)(*xs)` keeps no reference to the op, yet the autograd graph calls it in
+    backward: the graph holds it, and frees it with itself."""
+    d, leaves, expected = _small()
+    y = ssmc.compile(d, **REF)(**leaves)
+    gc.collect()
+    y.sin().sum().backward()
+    _assert_grads(leaves, expected)
+
+    op = ssmc.compile(d, **REF)
+    freed = weakref.ref(op)
+    y = op(**{k: v.detach().requires_grad_() for k, v in leaves.items()})
+    del op
+    gc.collect()
+    assert freed() is not None  # y's graph needs it
+    del y
+    gc.collect()
+    assert freed() is None  # and nothing else holds it
+
+
+def test_compiled_graph_keeps_a_dropped_op_alive():
+    """A torch.compile'd function that calls an op created and dropped elsewhere: the traced
+    forward and backward graphs call it by id after every Python reference to it is gone."""
+    torch._dynamo.reset()
+    d, leaves, expected = _small()
+    holder = {"op": ssmc.compile(d, **REF)}
+
+    def f(q, k, v, a, z, D):
+        return holder["op"](q, k, v, a, z, D).sin().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(**leaves)
+    holder.clear()
+    gc.collect()
+    loss.backward()
+    _assert_grads(leaves, expected)
 
 
 # --------------------------------------------------------------------------- torch.compile
