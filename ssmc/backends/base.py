@@ -8,6 +8,13 @@ import torch
 from ..errors import BackendUnavailableError, UnsupportedError
 from ..plan import Plan
 
+#: why a lowering that sums log-decays without their sign refuses a decay that may reach 0 or
+#: go negative (`Program.decay_log_safe`); `auto` then picks a lowering that computes it
+SIGNED_DECAY_REASON = ("the decay may be zero or negative (it is not provably positive with a "
+                       "closed-form log, as exp(u) or sigmoid(x) are), and this lowering sums "
+                       "log-decays without their sign; the scan lowering (and the Triton "
+                       "chunked lowering) compute such decays")
+
 #: kernel(tensors: dict[name, Tensor], sizes: dict[axis, int], initial_state, cu_seqlens)
 #:   -> (output (b, t, h, p) in the output dtype, final state or None)
 #:

@@ -147,6 +147,29 @@ class Program:
     def axes_present(self) -> set[str]:
         return {a for i in self.inputs for a in i.axes}
 
+    @property
+    def decay_signed(self) -> bool:
+        """Whether the decay may be negative or zero for some input (not provably positive):
+        kernels working in log space then carry its sign apart from log|decay|."""
+        d = self.recurrence.decay
+        return d is not None and d.expr.is_positive is not True
+
+    @property
+    def log_decay_exact(self) -> bool:
+        """Whether log|decay| was found in closed form (exp(u) -> u, sigmoid(x) ->
+        -softplus(-x)) with no `log` of a variable left: then it is finite wherever the decay
+        is nonzero in exact arithmetic, and its derivatives are bounded, so a backward in log
+        space is exact. Otherwise (a decay such as sigmoid(a) * w) the decay may reach 0, where
+        d log|decay| = 1/decay is not finite: its gradient needs the direct form."""
+        ld = self.log_decay
+        return ld is None or all(lg.args[0].is_number for lg in ld.expr.atoms(sp.log))
+
+    @property
+    def decay_log_safe(self) -> bool:
+        """Positive with an exact log: kernels may use exp(sum of log-decays) unsigned, and
+        a backward in log space is exact."""
+        return not self.decay_signed and self.log_decay_exact
+
     def structural_key(self) -> str:
         """A text that is equal for programs that compute the same thing.
 

@@ -1,23 +1,47 @@
-"""Rewrite the decay into log space: kernels accumulate sums of log-decays, not products."""
+"""Rewrite the decay into log space: kernels accumulate sums of log|decay|, not products.
+
+Factors whose log has a closed form are rewritten exactly (`exp(u)` -> `u`, `sigmoid(x)` ->
+`-softplus(-x)`, positive constants, powers), so a gate that underflows in the decay's own
+dtype (sigmoid(-200) in fp32) keeps its exact log. Any other factor f becomes `log(Abs(f))`:
+its sign is carried apart by the kernels (`Program.decay_signed`) and a zero is log 0 = -inf,
+which the kernels sum without ever subtracting two such sums.
+"""
 from __future__ import annotations
 
 import sympy as sp
 
 from ..ir import Elementwise, Program
+from ..ir.functions import Sigmoid, Softplus
 from .base import PassContext, register_pass
 
 
+def _exact_log(f: sp.Expr) -> sp.Expr | None:
+    """log(f) in closed form for a factor that is positive by construction, else None."""
+    if isinstance(f, sp.exp):
+        return f.args[0]
+    if isinstance(f, Sigmoid):
+        return -Softplus(-f.args[0])
+    if f.is_number and f.is_positive:
+        return sp.log(f)
+    if isinstance(f, sp.Pow) and f.exp.is_real:
+        inner = _exact_log(f.base)
+        if inner is not None:
+            return inner * f.exp
+    return None
+
+
 def log_of(decay: sp.Expr) -> sp.Expr:
-    """`exp(u)` -> `u` symbolically (also through products of exps); otherwise `log(decay)`."""
-    if isinstance(decay, sp.exp):
-        return decay.args[0]
-    if isinstance(decay, sp.Mul):
-        factors = decay.args
-        if all(isinstance(f, sp.exp) or (f.is_number and f.is_positive) for f in factors):
-            return sp.Add(*(f.args[0] if isinstance(f, sp.exp) else sp.log(f) for f in factors))
-    if isinstance(decay, sp.Pow) and isinstance(decay.base, sp.exp):
-        return decay.base.args[0] * decay.exp
-    return sp.log(decay)
+    """log|decay|: a sum over the decay's factors, each in closed form where it has one and
+    `log(Abs(factor))` otherwise (one such term for all the remaining factors)."""
+    factors = decay.args if isinstance(decay, sp.Mul) else (decay,)
+    exact, rest = [], []
+    for f in factors:
+        e = _exact_log(f)
+        (rest.append(f) if e is None else exact.append(e))
+    terms = list(exact)
+    if rest:
+        terms.append(sp.log(sp.Abs(sp.Mul(*rest))))
+    return sp.Add(*terms)
 
 
 @register_pass("log_space_decay", requires=("classify_decay",))

@@ -19,11 +19,14 @@ a, b, u = symbol("a"), symbol("b"), symbol("u")
     (sp.Float(0.5) * sp.exp(a), a + sp.log(sp.Float(0.5))),         # positive constant factor
     (sp.Pow(sp.exp(a), b, evaluate=False), a * b),                  # exp(a) ** b
     (sp.Pow(sp.exp(a), 3, evaluate=False), 3 * a),
-    (a, sp.log(a)),                                                 # other decays: log(decay)
-    (Sigmoid(a), sp.log(Sigmoid(a))),
-    (a * b, sp.log(a * b)),
-    (b * sp.exp(a), sp.log(b * sp.exp(a))),                         # not all factors exps
-    (-sp.exp(a), sp.log(-sp.exp(a))),                               # negative constant
+    (Sigmoid(a), -Softplus(-a)),                                    # exact: no underflow
+    (Sigmoid(a) * sp.exp(b), b - Softplus(-a)),
+    (a, sp.log(sp.Abs(a))),                                         # other decays: log|decay|
+    (a * b, sp.log(sp.Abs(a * b))),
+    (b * sp.exp(a), a + sp.log(sp.Abs(b))),                         # exact factors kept apart
+    (b * Sigmoid(a), sp.log(sp.Abs(b)) - Softplus(-a)),
+    (-sp.exp(a), a),                                                # |-1| = 1: sign apart
+    (Softplus(a), sp.log(Softplus(a))),                             # positive, may underflow
     (sp.Float(0.9), sp.log(sp.Float(0.9))),
 ], ids=lambda v: sp.sstr(v))
 def test_log_of(decay, expected):
@@ -63,7 +66,9 @@ def test_other_decay_gets_log():
     def before(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"], gamma: S.In["h"]):
         return S.recurrence(decay=gamma, key=k, value=v, query=q)
 
-    assert run_log_space(before).log_decay == Elementwise(sp.log(symbol("gamma")), ("h",))
+    after = run_log_space(before)
+    assert after.log_decay == Elementwise(sp.log(sp.Abs(symbol("gamma"))), ("h",))
+    assert after.decay_signed and not after.log_decay_exact and not after.decay_log_safe
 
 
 def test_sigmoid_decay_gets_log():
@@ -71,7 +76,25 @@ def test_sigmoid_decay_gets_log():
         return S.recurrence(decay=S.sigmoid(g), key=k, value=x, query=k)
 
     after = run_log_space(before)
-    assert after.log_decay == Elementwise(sp.log(Sigmoid(symbol("g"))), ("b", "t", "h", "n"))
+    assert after.log_decay == Elementwise(-Softplus(-symbol("g")), ("b", "t", "h", "n"))
+    assert not after.decay_signed and after.log_decay_exact and after.decay_log_safe
+
+
+@pytest.mark.parametrize("decay, signed, exact", [
+    (lambda a, w: S.exp(a), False, True),
+    (lambda a, w: S.sigmoid(a) * 0.5, False, True),
+    (lambda a, w: -S.exp(a), True, True),                 # negative: sign carried apart
+    (lambda a, w: S.sigmoid(a) * w, True, False),         # w may be 0 or negative
+    (lambda a, w: S.softplus(a), False, False),           # positive, but log may be -inf
+    (lambda a, w: a, True, False),
+], ids=["exp", "sigmoid_const", "neg_exp", "sigmoid_w", "softplus", "input"])
+def test_decay_domain_flags(decay, signed, exact):
+    def before(x: S.In["b t h p"], k: S.In["b t h n"], a: S.In["b t h"], w: S.In["h"]):
+        return S.recurrence(decay=decay(a, w), key=k, value=x + 0 * w, query=k)
+
+    after = run_log_space(before)
+    assert (after.decay_signed, after.log_decay_exact) == (signed, exact)
+    assert after.decay_log_safe == (not signed and exact)
 
 
 def test_no_decay_no_log_decay():
@@ -95,10 +118,11 @@ def test_requires_classify_decay():
 def test_log_decay_is_equivalent_numerically():
     """log_of(decay) evaluates to log(decay) at a sample point."""
     cases = [sp.exp(Softplus(u) * a), sp.Mul(sp.exp(a), sp.exp(b), evaluate=False),
-             sp.Float(0.5) * sp.exp(a), Sigmoid(a)]
+             sp.Float(0.5) * sp.exp(a), Sigmoid(a), b * Sigmoid(a), -sp.exp(a) * b]
     point = {a: -0.7, b: 0.3, u: 1.2}
     impl = {"Softplus": lambda x: sp.log(1 + sp.exp(x)), "Sigmoid": lambda x: 1 / (1 + sp.exp(-x))}
     for decay in cases:
         lhs = sp.lambdify(list(point), log_of(decay), modules=[impl, "math"])(*point.values())
-        rhs = sp.lambdify(list(point), sp.log(decay), modules=[impl, "math"])(*point.values())
+        rhs = sp.lambdify(list(point), sp.log(abs(decay)),
+                          modules=[impl, "math"])(*point.values())
         assert lhs == pytest.approx(rhs, rel=1e-12)

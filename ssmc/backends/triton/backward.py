@@ -34,8 +34,13 @@ from .lowerings import chunked_bwd, scan_bwd
 
 
 def backward_lowering(plan: Plan) -> str:
-    """Which backward implements a plan: its own for scan and chunked; quadratic uses chunked."""
-    return "scan" if plan.lowering == "scan" else "chunked"
+    """Which backward implements a plan: its own for scan and chunked; quadratic uses chunked.
+    A decay that may be zero or negative (not `decay_log_safe`) takes the scan's: its gradient
+    is d decay from the states, where the chunked form gives d log|decay|, and turning that
+    into d decay divides by the decay (0 at a reset)."""
+    if plan.lowering == "scan" or not plan.program.decay_log_safe:
+        return "scan"
+    return "chunked"
 
 
 def load_backward_module(backend, plan: Plan):
@@ -50,8 +55,11 @@ def make_backward(backend, plan: Plan):
     compiled Triton kernel."""
     prog: Program = plan.program
     rule = ChainRule(prog)
-    bplan = plan if plan.lowering != "quadratic" else dataclasses.replace(plan,
-                                                                          lowering="chunked")
+    lowering = backward_lowering(plan)
+    bplan = plan
+    if lowering != plan.lowering:   # a forward lowering's tiles do not apply to the scan's
+        bplan = dataclasses.replace(plan, lowering=lowering,
+                                    tile=plan.tile if lowering == "chunked" else ())
     use_scan = bplan.lowering == "scan"
     state = {}
 

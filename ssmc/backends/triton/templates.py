@@ -105,3 +105,21 @@ def chunk_state_store(ptr: str, value: str, level: int = 2) -> str:
     """Store an (n, p) block of chunk `chunk`'s state (indented `level`)."""
     return indent(f"tl.store({ptr} + ((chunk * H + h_idx) * N + offs_n[:, None]) * P"
                   f" + offs_p[None, :],\n         {value}, mask=state_mask)", level)
+
+
+def after(v: str, zero: str = "0.0") -> str:
+    """Per step s of a (BT,) vector, the sum of the later steps r > s, summed directly rather
+    than as a suffix sum minus v_s: a log-decay of -inf (a zero decay) or -1e4 would make that
+    difference NaN or round away the small terms."""
+    return f"tl.sum(tl.where(offs_c[None, :] > offs_c[:, None], {v}[None, :], {zero}), axis=1)"
+
+
+def segment(v: str, zero: str = "0.0") -> str:
+    """(BT, BT): [t, s] = the sum of v over the steps s < r <= t (0 for t <= s), each a direct
+    sum (see `after`)."""
+    return f"tl.cumsum(tl.where(offs_c[:, None] > offs_c[None, :], {v}[:, None], {zero}), axis=0)"
+
+
+def signed(value: str, count: str) -> str:
+    """`value` negated where `count` (negative decays in its product) is odd."""
+    return f"tl.where({count} % 2 == 1, -({value}), {value})"

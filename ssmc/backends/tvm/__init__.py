@@ -24,7 +24,7 @@ import torch
 from ...errors import DTypeError, UnsupportedError
 from ...passes.classify_decay import legal_lowerings
 from ...plan import Plan
-from ..base import register_backend
+from ..base import SIGNED_DECAY_REASON, register_backend
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -74,6 +74,8 @@ class TVMBackend:
         parts = {"key": r.key, "value": r.value, "query": r.query, "decay": r.decay,
                  "output": prog.output}
         if plan.lowering == "chunked":
+            if not prog.decay_log_safe:
+                return SIGNED_DECAY_REASON
             parts["log_decay"] = prog.log_decay
         for role, node in parts.items():
             if node is None:

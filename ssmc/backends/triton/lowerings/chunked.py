@@ -26,7 +26,8 @@ from ....plan import Plan
 from ..common import (HEADER, Outputs, compute_type, dot_type, emit_output, fp32_precision,
                       input_args, input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile, split_scale
-from ..templates import chunk_setup, chunk_state_store, indent, rows, seq_setup, state_init
+from ..templates import (after, chunk_setup, chunk_state_store, indent, rows, segment, seq_setup,
+                         signed, state_init)
 from . import register_lowering
 
 FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx"}
@@ -101,29 +102,37 @@ class _Chunk:
         return name, f"{name}_scale"
 
     def log_decay_rows(self):
-        """lc (running sum within the chunk, per row) and l_last, scalar-per-step decays."""
+        """ld (masked log|decay| per row) and l_last, scalar-per-step decays; with a signed
+        decay also ng (1 where the decay is negative)."""
         ctx = Context(self.prog, T_TILE, self.body, "l", self.ct)
         v = ctx.value(self.prog.log_decay, "ld_raw")
         self.body(f"ld = tl.where(mask_t, {v}, 0.0)")
-        self.body("lc = tl.cumsum(ld, axis=0)")
         self.body("l_last = tl.sum(ld, axis=0)")
+        if self.prog.decay_signed:
+            v = ctx.value(self.prog.recurrence.decay, "dsg_raw")
+            self.body(f"ng = tl.where(mask_t, tl.where({v} < 0, 1, 0), 0)")
 
     def log_decay_keys_t(self):
-        """lcT (n, t) and l_last (n) for per-key decays, in key layout."""
+        """ldT (n, t) and l_last (n) for per-key decays, in key layout (ngT: negative flags)."""
         ctx = Context(self.prog, KT_TILE, self.body, "kt", self.ct)
         ctx.loaded = self.ctx_kt.loaded
         v = ctx.value(self.prog.log_decay, "ldT_raw")
         self.body(f"ldT = tl.where(mask_n[:, None] & mask_t[None, :], {v}, 0.0)")
-        self.body("lcT = tl.cumsum(ldT, axis=1)")
         self.body("l_last = tl.sum(ldT, axis=1)")
+        if self.prog.decay_signed:
+            v = ctx.value(self.prog.recurrence.decay, "dsgT_raw")
+            self.body(f"ngT = tl.where(mask_n[:, None] & mask_t[None, :], tl.where({v} < 0, 1, 0), 0)")
 
     def log_decay_keys(self):
-        """lc (t, n) for per-key decays, in query layout."""
+        """ld (t, n) and its running sum lc for per-key decays, in query layout (ng)."""
         ctx = Context(self.prog, QK_TILE, self.body, "qk", self.ct)
         ctx.loaded = self.ctx_qk.loaded
         v = ctx.value(self.prog.log_decay, "ld_raw")
         self.body(f"ld = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
         self.body("lc = tl.cumsum(ld, axis=0)")
+        if self.prog.decay_signed:
+            v = ctx.value(self.prog.recurrence.decay, "dsg_raw")
+            self.body(f"ng = tl.where(mask_t[:, None] & mask_n[None, :], tl.where({v} < 0, 1, 0), 0)")
 
 
 def render_state_kernel(plan: Plan) -> str:
@@ -134,10 +143,15 @@ def render_state_kernel(plan: Plan) -> str:
         c.key_t()
         c.value()
         c.log_decay_keys_t()
-        # decay from each key to the chunk's end as a suffix sum: exactly 0 on the last key
-        # (l_last - lcT rounds two different sums and is not)
-        body("kT_dec = keyT * tl.exp(tl.cumsum(ldT, axis=1, reverse=True) - ldT)")
-        body(f"state = state * tl.exp(l_last)[:, None] + {c.dot(f'kT_dec.to({c.dt})', 'value')}")
+        # decay from each key to the chunk's end: the later steps' log-decays summed directly
+        later = ("offs_c[None, None, :] > offs_c[None, :, None]")
+        body(f"dec = tl.exp(tl.sum(tl.where({later}, ldT[:, None, :], 0.0), axis=2))")
+        body("total = tl.exp(l_last)")
+        if plan.program.decay_signed:
+            body("dec = " + signed("dec", f"tl.sum(tl.where({later}, ngT[:, None, :], 0), axis=2)"))
+            body("total = " + signed("total", "tl.sum(ngT, axis=1)"))
+        body("kT_dec = keyT * dec")
+        body(f"state = state * total[:, None] + {c.dot(f'kT_dec.to({c.dt})', 'value')}")
     else:
         key = c.scaled(rec.key, "n", KT_TILE, T_TILE, "keyT", "kt")
         val = c.scaled(rec.value, "p", V_TILE, T_TILE, "value", "v")
@@ -151,8 +165,13 @@ def render_state_kernel(plan: Plan) -> str:
         weights = [s for s in (key[1], val[1]) if s is not None]
         if plan.program.log_decay is not None:
             c.log_decay_rows()
-            # suffix sums: exactly 0 for the chunk's last key (l_last - lc is not)
-            weights.append("tl.exp(tl.cumsum(ld, axis=0, reverse=True) - ld)")
+            # the decay from each key to the chunk's end (exactly 1 for its last key)
+            body(f"dec = tl.exp({after('ld')})")
+            body("total = tl.exp(l_last)")
+            if plan.program.decay_signed:
+                body("dec = " + signed("dec", after("ng", "0")))
+                body("total = " + signed("total", "tl.sum(ng, axis=0)"))
+            weights.append("dec")
         if weights:
             body(f"w = tl.where(mask_t, {' * '.join(weights)}, 0.0)")
             body(f"kT_dec = ({key[0]} * w[None, :]).to({c.dt})")
@@ -160,7 +179,7 @@ def render_state_kernel(plan: Plan) -> str:
             body(f"kT_dec = {key[0]}.to({c.dt})")
         upd = c.dot("kT_dec", val[0])
         if plan.program.log_decay is not None:
-            body(f"state = state * tl.exp(l_last) + {upd}")
+            body(f"state = state * total + {upd}")
         else:
             body(f"state += {upd}")
     return f'''
@@ -196,11 +215,18 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
     """Rows r*BT.. of a CS-long chunk: the decayed carried state, then every key block of
     the chunk up to the diagonal (a scalar or absent decay factors per row and per key).
     Operands that split as bare input * scale are loaded straight into the matmul type and
-    their scales applied to the score matrix's rows and columns."""
+    their scales applied to the score matrix's rows and columns.
+
+    The log-decay between key s and row t is a sum over the steps s < r <= t formed from
+    disjoint parts (the diagonal block's `segment`, or the row block's running sum + the
+    blocks between + the key block's `after`), never as a difference of two running sums: a
+    zero decay (-inf) or a log-decay of -1e4 keeps the others exact. A signed decay adds the
+    count of negative decays in each product, whose parity is the product's sign."""
     prog = plan.program
     rec = prog.recurrence
     dt = c.dt
     decay = prog.log_decay is not None
+    sgn = decay and prog.decay_signed
     query = c.scaled(rec.query, "n", QK_TILE, T_TILE, "q_op", "q")
     if query is None:
         c.query()
@@ -208,8 +234,10 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
         query = ("q_op", None)
     row_scale = [s for s in (query[1],) if s is not None]
     if decay:
-        # running sum of log-decays from the chunk start to each row
+        # sums of log-decays (and negative counts) from the chunk start to the row block
         body("prefix = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)")
+        if sgn:
+            body("prefix_ng = tl.sum(tl.zeros([BT], dtype=tl.int32), axis=0)")
         body("for j in range(0, r):")
         with body.block():
             pre = Emitter(indent=body.level)
@@ -218,19 +246,31 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
             ctx = Context(prog, KEY_T_TILE, pre, "pj", c.ct)
             v = ctx.value(prog.log_decay, "ldj_raw")
             pre(f"prefix += tl.sum(tl.where(mask_key, {v}, 0.0), axis=0)")
+            if sgn:
+                v = ctx.value(rec.decay, "dsj_raw")
+                pre(f"prefix_ng += tl.sum(tl.where(mask_key, tl.where({v} < 0, 1, 0), 0), axis=0)")
             body.lines.extend(pre.lines)
         c.log_decay_rows()
-        body("lq = prefix + lc")
-        row_scale.append("tl.exp(lq)")
-        body("lk_base = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)")
+        body("lc = tl.cumsum(ld, axis=0)")
+        body("rs_dec = tl.exp(prefix + lc)")
+        if sgn:
+            body("ngc = tl.cumsum(ng, axis=0)")
+            body("rs_dec = " + signed("rs_dec", "prefix_ng + ngc"))
+        row_scale.append("rs_dec")
+        body("mid = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)")
+        if sgn:
+            body("mid_ng = tl.sum(tl.zeros([BT], dtype=tl.int32), axis=0)")
     if row_scale:
         body(f"rs = {' * '.join(row_scale)}")
         body(f"y = {c.dot('q_op', f'state_in.to({dt})')} * rs[:, None]")
     else:
         body(f"y = {c.dot('q_op', f'state_in.to({dt})')}")
-    body("for j in range(0, r + 1):")
-    with body.block():
+
+    def key_block(diagonal: bool) -> None:
+        """One key block j: the diagonal one (j == r) or, in the loop, j = r - jj < r."""
         loop = Emitter(indent=body.level)
+        if not diagonal:
+            loop("j = r - jj")
         for line in KEY_ROWS.splitlines():
             loop(line)
         inner = _Chunk(plan, loop)
@@ -247,18 +287,31 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
             loop(f"vj = tl.where(mask_key[:, None] & mask_p[None, :], {v}, 0.0).to({dt})")
             val = ("vj", None)
         col_scale = [s for s in (key[1], val[1]) if s is not None]
-        loop("past = (j * BT + offs_c[None, :]) <= (r * BT + offs_c[:, None])")
         loop(f"scores = {c.dot('q_op', 'kT')}")
         if decay:
             lt = Context(prog, KEY_T_TILE, loop, "lj", c.ct)
             v = lt.value(prog.log_decay, "ldk_raw")
             loop(f"ldk = tl.where(mask_key, {v}, 0.0)")
-            loop("lk = lk_base + tl.cumsum(ldk, axis=0)")
-            loop("lk_base += tl.sum(ldk, axis=0)")
-            loop("gap = tl.where(past, lq[:, None] - lk[None, :], float('-inf'))")
-            factor = "tl.exp(gap)"
+            if sgn:
+                v = lt.value(rec.decay, "dsk_raw")
+                loop(f"ngk = tl.where(mask_key, tl.where({v} < 0, 1, 0), 0)")
+            if diagonal:
+                loop("past = offs_c[None, :] <= offs_c[:, None]")
+                loop(f"gap = {segment('ldk')}")
+                count = segment("ngk", "0")
+            else:
+                loop(f"gap = lc[:, None] + mid + ({after('ldk')})[None, :]")
+                count = f"ngc[:, None] + mid_ng + ({after('ngk', '0')})[None, :]"
+                loop("mid += tl.sum(ldk, axis=0)")
+                if sgn:
+                    loop("mid_ng += tl.sum(ngk, axis=0)")
+            factor = "tl.exp(tl.where(past, gap, float('-inf')))" if diagonal else "tl.exp(gap)"
+            if sgn:
+                loop(f"dec = {factor}")
+                factor = signed("dec", count)
         else:
-            factor = "tl.where(past, 1.0, 0.0)"
+            factor = ("tl.where(offs_c[None, :] <= offs_c[:, None], 1.0, 0.0)" if diagonal
+                      else "1.0")
         if query[1] is not None:
             factor += f" * {query[1]}[:, None]"
         if col_scale:
@@ -267,14 +320,23 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
         loop(f"y += {c.dot(f'scores.to({dt})', 'vj')}")
         body.lines.extend(loop.lines)
 
+    # the diagonal block, then the earlier key blocks of the chunk from the nearest back
+    body("j = r")
+    key_block(True)
+    body("for jj in range(1, r + 1):")
+    with body.block():
+        key_block(False)
+
 
 def _per_key_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
     """Per-key decays: one block per chunk (CS == BT). The decay between steps s <= u of the
     chunk does not factor through the key dim without exp(-L_s), which overflows; the scores
-    are summed over n elementwise instead, one key column s at a time (unrolled), with
-    exp(L_u - L_s) formed only on the causal rows u >= s, where the exponent is <= 0 (a running
-    sum of log-decays <= 0 never grows). The entering state is weighted by exp(L_u) <= 1."""
+    are summed over n elementwise instead, one key column s at a time (unrolled), with the
+    log-decay over s < r <= u summed directly per key (never a difference of running sums, see
+    `after`), so every exponent is <= 0 and a zero decay is an exact 0. The entering state is
+    weighted by exp(L_u), L the running sum from the chunk start."""
     ct, dt = c.ct, c.dt
+    sgn = c.prog.decay_signed
     v = c.ctx_qk.value(c.prog.recurrence.query, "query_raw")
     body(f"query = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
     v = c.ctx_qk.value(c.prog.recurrence.key, "key_raw")
@@ -286,12 +348,18 @@ def _per_key_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
     with body.block():
         body("sel = offs_c == s")
         body("k_s = tl.sum(tl.where(sel[:, None], key, 0.0), axis=0)")
-        body("lc_s = tl.sum(tl.where(sel[:, None], lc, 0.0), axis=0)")
-        body("dec = tl.exp(tl.where(offs_c[:, None] >= s, lc - lc_s[None, :], float('-inf')))")
+        body("later = offs_c[:, None] > s")
+        body("seg = tl.cumsum(tl.where(later, ld, 0.0), axis=0)")
+        body("dec = tl.exp(tl.where(offs_c[:, None] >= s, seg, float('-inf')))")
+        if sgn:
+            body("dec = " + signed("dec", "tl.cumsum(tl.where(later, ng, 0), axis=0)"))
         body("col = tl.sum(query * dec * k_s[None, :], axis=1)")
         body("scores = tl.where(sel[None, :], col[:, None], scores)")
     body(f"y = {c.dot(f'scores.to({dt})', 'value')}")
-    body(f"y += {c.dot(f'(query * tl.exp(lc)).to({dt})', f'state_in.to({dt})')}")
+    body("q_dec = tl.exp(lc)")
+    if sgn:
+        body("q_dec = " + signed("q_dec", "tl.cumsum(ng, axis=0)"))
+    body(f"y += {c.dot(f'(query * q_dec).to({dt})', f'state_in.to({dt})')}")
 
 
 # the output pass runs R = CS // BT programs (row blocks) per chunk

@@ -27,6 +27,7 @@ from ....errors import BackendUnavailableError, UnsupportedError
 from ....ir import DecayKind, Direction
 from ....passes.classify_decay import decay_kind_of
 from ....plan import Plan
+from ...base import SIGNED_DECAY_REASON
 from ..common import (HEADER, Outputs, compute_dtype, compute_type, emit_output,
                       fp32_precision, input_args, input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile
@@ -56,6 +57,8 @@ def supports(plan: Plan) -> str | None:
                 "lowering needs a decay that factors through the key dim (use scan)")
     if prog.recurrence.decay is not None and prog.log_decay is None:
         return "the program has no log-space decay (the log_space_decay pass did not run)"
+    if not prog.decay_log_safe:
+        return SIGNED_DECAY_REASON
     if prog.recurrence.transition.kind != "diagonal":
         return f"the {prog.recurrence.transition.kind!r} transition is not implemented"
     return None
