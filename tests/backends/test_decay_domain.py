@@ -1,0 +1,141 @@
+"""Decays from the whole domain the language accepts, on every lowering of every backend.
+
+A decay is any real number: 0 is an exact reset, a negative one flips the state's sign, a
+log-decay may be -1e4 or -inf, a gate may underflow (sigmoid(-200) is 0 in fp32) or sit within
+1e-7 of 1. Each lowering either computes these (outputs and gradients against the float64
+reference) or refuses the definition with `UnsupportedError` before launching, and `auto`
+never picks a lowering that refuses.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ssmc
+from ssmc import dsl as S
+from tests.helpers import check_against_reference
+
+SIZES = dict(b=1, t=70, h=2, g=1, n=8, p=4)   # t: a full chunk of 64 and a partial one
+TOL = 2e-5
+CASES = [("triton", "scan"), ("triton", "chunked"), ("triton", "quadratic"),
+         ("tvm", "scan"), ("tvm", "chunked"), ("tvm", "quadratic")]
+IDS = [f"{b}-{lw}" for b, lw in CASES]
+
+
+@ssmc.ssm
+def gated(x: S.In["b t h p"], a: S.In["b t h"], w: S.In["h"], B: S.In["b t g n"],
+          C: S.In["b t g n"]):
+    return S.recurrence(decay=S.sigmoid(a) * w, key=B, value=x, query=C)
+
+
+@ssmc.ssm
+def gated_keys(x: S.In["b t h p"], a: S.In["b t h n"], w: S.In["h n"], B: S.In["b t g n"],
+               C: S.In["b t g n"]):
+    return S.recurrence(decay=S.sigmoid(a) * w, key=B, value=x, query=C)
+
+
+@ssmc.ssm
+def exp_decay(x: S.In["b t h p"], u: S.In["b t h"], B: S.In["b t g n"], C: S.In["b t g n"]):
+    return S.recurrence(decay=S.exp(u), key=B, value=x, query=C)
+
+
+@ssmc.ssm
+def exp_decay_keys(x: S.In["b t h p"], u: S.In["b t h n"], B: S.In["b t g n"],
+                   C: S.In["b t g n"]):
+    return S.recurrence(decay=S.exp(u), key=B, value=x, query=C)
+
+
+@ssmc.ssm
+def sigmoid_gate(x: S.In["b t h p"], a: S.In["b t h"], B: S.In["b t g n"], C: S.In["b t g n"]):
+    return S.recurrence(decay=S.sigmoid(a), key=B, value=x, query=C)
+
+
+def _common(gen, s):
+    b, t, h, g, n, p = (s[k] for k in "bthgnp")
+    return dict(x=torch.randn(b, t, h, p, generator=gen), B=torch.randn(b, t, g, n, generator=gen),
+                C=torch.randn(b, t, g, n, generator=gen))
+
+
+def signed_inputs(per_key: bool, seed: int = 0) -> dict:
+    """w holds an exact 0 (a reset at every step of that head/key) and negative values."""
+    gen = torch.Generator().manual_seed(seed)
+    s = SIZES
+    lead = (s["b"], s["t"], s["h"]) + ((s["n"],) if per_key else ())
+    w = torch.rand(lead[2:], generator=gen) * 1.8 - 0.9
+    w.view(-1)[0] = 0.0
+    w.view(-1)[-1] = -0.95
+    return dict(_common(gen, s), a=torch.randn(lead, generator=gen), w=w)
+
+
+def strong_inputs(per_key: bool, seed: int = 0) -> dict:
+    """exp(u): u in [-0.05, 0) with -1e4 on about 5% of the steps and one -inf."""
+    gen = torch.Generator().manual_seed(seed)
+    s = SIZES
+    lead = (s["b"], s["t"], s["h"]) + ((s["n"],) if per_key else ())
+    u = -0.05 * torch.rand(lead, generator=gen)
+    u[torch.rand(lead, generator=gen) < 0.05] = -1e4
+    u.view(-1)[7] = float("-inf")
+    return dict(_common(gen, s), u=u)
+
+
+def run(defn, inputs, backend, lowering, states: bool):
+    kw = {}
+    if states:
+        s = SIZES
+        kw = dict(initial_state=torch.randn(s["b"], s["h"], s["n"], s["p"],
+                                            generator=torch.Generator().manual_seed(5)),
+                  return_final_state=True)
+    check_against_reference(defn, inputs, tol=TOL, backend=backend, lowering=lowering, **kw)
+
+
+def refuses(backend: str, lowering: str) -> bool:
+    """The lowerings that sum log-decays without their sign (the decay may be 0 or < 0)."""
+    return (backend, lowering) in (("triton", "quadratic"), ("tvm", "chunked"))
+
+
+@pytest.mark.parametrize("states", [False, True], ids=["nostate", "states"])
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+@pytest.mark.parametrize("backend, lowering", CASES, ids=IDS)
+def test_zero_and_negative_decays(backend, lowering, per_key, states):
+    defn = gated_keys if per_key else gated
+    inputs = signed_inputs(per_key)
+    if refuses(backend, lowering):
+        with pytest.raises(ssmc.UnsupportedError, match="may be zero or negative"):
+            run(defn, inputs, backend, lowering, states)
+        return
+    run(defn, inputs, backend, lowering, states)
+
+
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+@pytest.mark.parametrize("backend", ["triton", "tvm"])
+def test_auto_never_picks_a_refusing_lowering(backend, per_key):
+    defn = gated_keys if per_key else gated
+    run(defn, signed_inputs(per_key, seed=3), backend, "auto", states=True)
+
+
+@pytest.mark.parametrize("states", [False, True], ids=["nostate", "states"])
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+@pytest.mark.parametrize("backend, lowering", CASES, ids=IDS)
+def test_strong_and_infinite_log_decays(backend, lowering, per_key, states):
+    """exp(u) is positive with an exact log, so every lowering takes it; -1e4 and -inf must
+    neither give NaN nor round the other steps' log-decays away."""
+    defn = exp_decay_keys if per_key else exp_decay
+    run(defn, strong_inputs(per_key), backend, lowering, states)
+
+
+@pytest.mark.parametrize("backend, lowering", CASES, ids=IDS)
+def test_sigmoid_gate_underflow_and_near_one(backend, lowering):
+    """sigmoid(-200) is 0 in fp32 and sigmoid(16) rounds to 1 - 6e-8; log sigmoid(a) =
+    -softplus(-a) keeps both exact, so every lowering takes the gate."""
+    gen = torch.Generator().manual_seed(2)
+    s = SIZES
+    a = torch.randn(s["b"], s["t"], s["h"], generator=gen)
+    a[:, ::9] = -200.0
+    a[:, :, 1] = 16.0
+    run(sigmoid_gate, dict(_common(gen, s), a=a), backend, lowering, states=True)
+
+
+def test_forced_refusal_names_the_reason():
+    op = ssmc.compile(gated, backend="tvm", lowering="chunked")
+    with pytest.raises(ssmc.UnsupportedError, match="chunked.*may be zero or negative"):
+        op(**signed_inputs(False))
