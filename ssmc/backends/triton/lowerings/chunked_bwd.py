@@ -65,8 +65,7 @@ from ....plan import Plan
 from ..common import (HEADER, compute_dtype, compute_type, direction_slices, dot_type,
                       fp32_precision, input_args, input_params, next_pow2, num_sequences)
 from ..render import Context, Emitter, Tile, split_scale
-from ..templates import (after, chunk_setup, chunk_state_store, indent, rows, segment, seq_setup,
-                         state_init)
+from ..templates import chunk_setup, chunk_state_store, indent, rows, seq_setup, state_init
 
 # The backward keeps its own tiles and operand helpers (it shares only the kernel set-up
 # snippets of ..templates with the forward, and does not call into the forward's kernels),
@@ -181,13 +180,10 @@ class _Ops:
             return
         self.body("lc = tl.cumsum(ld, axis=0)")
         self.body("l_last = tl.sum(ld, axis=0)")
-        # l_last - lc summed directly over the later steps (`after`): a difference of two
-        # sums cancels for strong decays and is NaN at a zero decay (-inf - -inf)
-        if self.mode == "row":
-            self.body(f"lr = {after('ld')}")
-        else:
-            self.body("lr = tl.sum(tl.where(offs_c[None, :, None] > offs_c[:, None, None], "
-                      "ld[None, :, :], 0.0), axis=1)")
+        # l_last - lc as a sum of the later steps: the difference of the total and a running
+        # sum (two reductions in different orders) is not 0 on the last row and cancels for
+        # strong decays
+        self.body("lr = tl.cumsum(ld, axis=0, reverse=True) - ld")
 
     def q_in(self) -> str:
         """query weighted by the decay from the chunk's start (applied to the entering state)."""
@@ -201,9 +197,9 @@ class _Ops:
 
     @staticmethod
     def decay_matrix() -> str:
-        """D[u, s] = exp(sum of ld over s < r <= u) on the causal half (`causal`), 0 elsewhere
-        (decays without n); each entry summed directly (`segment`)."""
-        return f"tl.exp(tl.where(causal, {segment('ld')}, float('-inf')))"
+        """D[u, s] = exp(lc_u - lc_s) on the causal half (`causal`), 0 elsewhere (decays
+        without n)."""
+        return "tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))"
 
     def scores(self) -> str:
         """A[u, s] = q_u . (decay s+1..u) k_s on the causal half (emits it as `A`)."""
@@ -219,8 +215,8 @@ class _Ops:
 
     def key_columns(self, scores: bool = False, grads: bool = False):
         """Per-key decays: the chunk's key steps s one at a time (unrolled), with the decay
-        D[u, s, n] = exp(sum of ld[r, n] over s < r <= u) formed elementwise on the rows u >= s
-        only, where its exponent is <= 0 (factoring it as exp(lc_u) * exp(-lc_s) overflows). Emits `A` (u, s)
+        D[u, s, n] = exp(lc_u - lc_s) formed elementwise on the rows u >= s only, where its
+        exponent is <= 0 (factoring it as exp(lc_u) * exp(-lc_s) overflows). Emits `A` (u, s)
         with `scores`; with `grads`, `AT` (s, u) = A^T and, from dA (u, s), the chunk-local
         parts of dq (sum_s dA[u, s] D k_s) and dk (sum_u dA[u, s] D q_u)."""
         b = self.body
@@ -234,8 +230,8 @@ class _Ops:
         with b.block():
             b("sel = offs_c == s")
             b("k_s = tl.sum(tl.where(sel[:, None], key, 0.0), axis=0)")
-            b("seg = tl.cumsum(tl.where(offs_c[:, None] > s, ld, 0.0), axis=0)")
-            b("dec = tl.exp(tl.where(offs_c[:, None] >= s, seg, float('-inf')))")
+            b("lc_s = tl.sum(tl.where(sel[:, None], lc, 0.0), axis=0)")
+            b("dec = tl.exp(tl.where(offs_c[:, None] >= s, lc - lc_s[None, :], float('-inf')))")
             b("qd = query * dec")
             b("a_s = tl.sum(qd * k_s[None, :], axis=1)")
             if scores:

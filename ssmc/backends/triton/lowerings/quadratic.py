@@ -175,16 +175,18 @@ def _log_decay_block(plan: Plan, emit: Emitter, tile_t: tuple[str, str, str], na
     emit(f"bsum_{name} = tl.sum({name}, axis=0)")
 
 
-def _scores(emit: Emitter, mode: str, q: str, k: str, ex: str) -> None:
+def _scores(emit: Emitter, mode: str, q: str, k: str, exponent_k: str) -> None:
     """`sc` (BT, BS): the decayed, causally masked scores of the current key block.
-    `ex` is the log-decay from each key to each query, (BT, BS) or (BT, BS, BNC)."""
+    `exponent_k` is the key-side part of the exponent, (BS,) or (BS, BNC)."""
     if mode == "none":
         emit(f"sc = tl.where(causal, _mm({q}, tl.trans({k}), LOWP), 0.0)")
     elif mode == "scalar":
-        emit(f'w = tl.exp(tl.where(causal, {ex}, float("-inf")))')
+        emit(f"ex = cum_lq[:, None] + {exponent_k}[None, :]")
+        emit('w = tl.exp(tl.where(causal, ex, float("-inf")))')
         emit(f"sc = _mm({q}, tl.trans({k}), LOWP) * w")
     else:
-        emit(f'w = tl.exp(tl.where(causal[:, :, None], {ex}, float("-inf")))')
+        emit(f"ex = cum_lq[:, None, :] + {exponent_k}[None, :, :]")
+        emit('w = tl.exp(tl.where(causal[:, :, None], ex, float("-inf")))')
         emit(f"sc = tl.sum({q}[:, None, :] * {k}[None, :, :] * w, axis=2)")
 
 
@@ -225,8 +227,10 @@ def _render_fwd(plan: Plan) -> str:
             e("q = _rd(q, LOWP)  # a matmul operand only: keep it in its smallest type")
         if mode != "none":
             _log_decay_block(plan, e, ("t", "offs_q", "mask_q"), "lq", mode)
-        def key_block(diagonal: bool) -> None:
-            """Key block qb - jj: the diagonal one (jj == 0) or an earlier one."""
+            e("# dlt = L(query block start - 1) - L(key block end): starts at the diagonal")
+            e("dlt = -bsum_lq")
+        e("for jj in range(0, qb + 1):")
+        with e.block():
             e("offs_j = (qb - jj) * BT + tl.arange(0, BT)")
             _positions(e, "offs_j", "offs_k", "mask_k")
             _operand(plan, e, rec.key, k_tile, "k")
@@ -234,33 +238,13 @@ def _render_fwd(plan: Plan) -> str:
             e("causal = offs_i[:, None] >= offs_j[None, :]")
             if mode != "none":
                 _log_decay_block(plan, e, ("t", "offs_k", "mask_k"), "lk", mode)
-                e("# L_t - L_s from disjoint ranges, each summed directly (never a difference")
-                e("# of sums: NaN at a zero decay, -inf - -inf; cancelling at -1e4)")
-                later = "tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]"
-                if diagonal and mode == "scalar":
-                    e(f"ex = tl.cumsum(tl.where({later}, lk[:, None], 0.0), axis=0)")
-                elif diagonal:
-                    e(f"ex = tl.cumsum(tl.where(({later})[:, :, None], lk[:, None, :], 0.0), "
-                      "axis=0)")
-                elif mode == "scalar":
-                    e(f"ex = cum_lq[:, None] + (mid + tl.sum(tl.where({later}, lk[:, None], "
-                      "0.0), axis=0))[None, :]")
-                else:
-                    e(f"ex = cum_lq[:, None, :] + (mid[None, :] + tl.sum(tl.where(({later})"
-                      "[:, :, None], lk[:, None, :], 0.0), axis=0))[None, :, :]")
-            _scores(e, mode, "q", "k", "ex")
+                e("# L_t - L_s = cum_lq[t] + dlt + (bsum_lk - cum_lk[s]): disjoint ranges")
+                e("exk = dlt + bsum_lk - cum_lk" if mode == "scalar"
+                  else "exk = dlt[None, :] + bsum_lk[None, :] - cum_lk")
+            _scores(e, mode, "q", "k", "exk")
             e("acc += _mm(sc, v, LOWP)")
-            if mode != "none" and not diagonal:
-                e("mid += bsum_lk")
-
-        if mode != "none":
-            e("# mid: the log-decay of the blocks between the query block and the key block")
-            e("mid = tl.zeros_like(bsum_lq)")
-        e("jj = 0")
-        key_block(True)
-        e("for jj in range(1, qb + 1):")
-        with e.block():
-            key_block(False)
+            if mode != "none":
+                e("dlt += bsum_lk")
         e("if HAS_H0:")
         with e.block():
             e("h0 = tl.load(h0_ptr + ((seq * H + h_idx) * N + offs_n[:, None]) * P + "
@@ -268,10 +252,10 @@ def _render_fwd(plan: Plan) -> str:
             if mode == "none":
                 e(f"acc += _mm_exact(q.to({ct}), h0)")
             elif mode == "scalar":
-                e("# mid is now L(query block start - 1)")
-                e(f"acc += _mm_exact(q.to({ct}) * tl.exp(mid + cum_lq)[:, None], h0)")
+                e("# dlt is now L(query block start - 1)")
+                e(f"acc += _mm_exact(q.to({ct}) * tl.exp(dlt + cum_lq)[:, None], h0)")
             else:
-                e("acc += _mm_exact(q * tl.exp(mid[None, :] + cum_lq), h0)")
+                e("acc += _mm_exact(q * tl.exp(dlt[None, :] + cum_lq), h0)")
     e("y = acc")
     e("y_mask = mask_q[:, None] & mask_p[None, :]")
     emit_output(e, prog, out_tile, ct, "offs_q[:, None]", "offs_p[None, :]", "y_mask")
@@ -330,10 +314,7 @@ def _render_state(plan: Plan) -> str:
             # a suffix sum, not bsum - cum[s]: that difference of two long sums cancels for
             # strong decays (fp32 final states off by 2.5e-5 at t=64)
             e("# L_end - L_s = dlt + (the block's log-decays after s), dlt = L_end - L(block end)")
-            later = "tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]"
-            e(f"after_lk = tl.sum(tl.where({later}, lk[:, None], 0.0), axis=0)" if mode == "scalar"
-              else f"after_lk = tl.sum(tl.where(({later})[:, :, None], lk[:, None, :], 0.0), "
-                   "axis=0)")
+            e("after_lk = tl.cumsum(lk, axis=0, reverse=True) - lk")
         if mode == "scalar":
             e("k = k * tl.exp(dlt + after_lk)[:, None]")
         elif mode == "diagonal":
