@@ -52,7 +52,6 @@ BUILTINS = [
     # (name, extra factory options, op options, shape)
     ("ssd", {}, dict(dt_softplus=True), dict(b=2, t=63, h=4, g=2, n=5, p=3)),
     ("selective_scan", {}, dict(delta_softplus=True), dict(b=2, t=7, h=6, g=1, n=4, p=1)),
-    ("retention", {}, {}, dict(b=1, t=100, h=3, g=3, n=6, p=5)),
     ("gla", {}, {}, dict(b=2, t=63, h=2, g=2, n=5, p=4)),
     ("linear_attention", {}, {}, dict(b=2, t=7, h=3, g=3, n=4, p=5)),
 ]
