@@ -37,7 +37,10 @@ def log_of(decay: sp.Expr) -> sp.Expr:
     exact, rest = [], []
     for f in factors:
         e = _exact_log(f)
-        (rest.append(f) if e is None else exact.append(e))
+        if e is None:
+            rest.append(f)
+        else:
+            exact.append(e)
     terms = list(exact)
     if rest:
         terms.append(sp.log(sp.Abs(sp.Mul(*rest))))

@@ -121,7 +121,8 @@ class _Chunk:
         self.body("l_last = tl.sum(ldT, axis=1)")
         if self.prog.decay_signed:
             v = ctx.value(self.prog.recurrence.decay, "dsgT_raw")
-            self.body(f"ngT = tl.where(mask_n[:, None] & mask_t[None, :], tl.where({v} < 0, 1, 0), 0)")
+            self.body("ngT = tl.where(mask_n[:, None] & mask_t[None, :], "
+                      f"tl.where({v} < 0, 1, 0), 0)")
 
     def log_decay_keys(self):
         """ld (t, n) and its running sum lc for per-key decays, in query layout (ng)."""
@@ -132,7 +133,22 @@ class _Chunk:
         self.body("lc = tl.cumsum(ld, axis=0)")
         if self.prog.decay_signed:
             v = ctx.value(self.prog.recurrence.decay, "dsg_raw")
-            self.body(f"ng = tl.where(mask_t[:, None] & mask_n[None, :], tl.where({v} < 0, 1, 0), 0)")
+            self.body("ng = tl.where(mask_t[:, None] & mask_n[None, :], "
+                      f"tl.where({v} < 0, 1, 0), 0)")
+
+
+def _decay_to_chunk_end(body: Emitter, prog, ld: str, ng: str, axis: int, after_of) -> None:
+    """`dec`, each key's decay to the chunk's end (exactly 1 for its last key), and `total`,
+    the whole chunk's, from the log-decays `ld` (negative flags `ng`) along `axis`;
+    `after_of(v, zero)` sums v over the later steps directly."""
+    if prog.decay_log_safe:   # a suffix sum: exactly 0 on the last key
+        body(f"dec = tl.exp(tl.cumsum({ld}, axis={axis}, reverse=True) - {ld})")
+    else:
+        body(f"dec = tl.exp({after_of(ld, '0.0')})")
+    body("total = tl.exp(l_last)")
+    if prog.decay_signed:
+        body("dec = " + signed("dec", after_of(ng, "0")))
+        body("total = " + signed("total", f"tl.sum({ng}, axis={axis})"))
 
 
 def render_state_kernel(plan: Plan) -> str:
@@ -143,16 +159,9 @@ def render_state_kernel(plan: Plan) -> str:
         c.key_t()
         c.value()
         c.log_decay_keys_t()
-        # decay from each key to the chunk's end: the later steps' log-decays summed directly
-        later = ("offs_c[None, None, :] > offs_c[None, :, None]")
-        if plan.program.decay_log_safe:   # a suffix sum: exactly 0 on the last key
-            body("dec = tl.exp(tl.cumsum(ldT, axis=1, reverse=True) - ldT)")
-        else:
-            body(f"dec = tl.exp(tl.sum(tl.where({later}, ldT[:, None, :], 0.0), axis=2))")
-        body("total = tl.exp(l_last)")
-        if plan.program.decay_signed:
-            body("dec = " + signed("dec", f"tl.sum(tl.where({later}, ngT[:, None, :], 0), axis=2)"))
-            body("total = " + signed("total", "tl.sum(ngT, axis=1)"))
+        later = "offs_c[None, None, :] > offs_c[None, :, None]"
+        _decay_to_chunk_end(body, plan.program, "ldT", "ngT", 1,
+                            lambda v, z: f"tl.sum(tl.where({later}, {v}[:, None, :], {z}), axis=2)")
         body("kT_dec = keyT * dec")
         body(f"state = state * total[:, None] + {c.dot(f'kT_dec.to({c.dt})', 'value')}")
     else:
@@ -168,15 +177,7 @@ def render_state_kernel(plan: Plan) -> str:
         weights = [s for s in (key[1], val[1]) if s is not None]
         if plan.program.log_decay is not None:
             c.log_decay_rows()
-            # the decay from each key to the chunk's end (exactly 1 for its last key)
-            if plan.program.decay_log_safe:   # a suffix sum: exactly 0 on the last key
-                body("dec = tl.exp(tl.cumsum(ld, axis=0, reverse=True) - ld)")
-            else:
-                body(f"dec = tl.exp({after('ld')})")
-            body("total = tl.exp(l_last)")
-            if plan.program.decay_signed:
-                body("dec = " + signed("dec", after("ng", "0")))
-                body("total = " + signed("total", "tl.sum(ng, axis=0)"))
+            _decay_to_chunk_end(body, plan.program, "ld", "ng", 0, after)
             weights.append("dec")
         if weights:
             body(f"w = tl.where(mask_t, {' * '.join(weights)}, 0.0)")
@@ -223,11 +224,13 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
     Operands that split as bare input * scale are loaded straight into the matmul type and
     their scales applied to the score matrix's rows and columns.
 
-    The log-decay between key s and row t is a sum over the steps s < r <= t formed from
-    disjoint parts (the diagonal block's `segment`, or the row block's running sum + the
-    blocks between + the key block's `after`), never as a difference of two running sums: a
-    zero decay (-inf) or a log-decay of -1e4 keeps the others exact. A signed decay adds the
-    count of negative decays in each product, whose parity is the product's sign."""
+    The log-decay between key s and row t is a sum over the steps s < r <= t: the row block's
+    running sum + the blocks between + the key block's sum after s. For a decay that may be
+    zero or negative (not `decay_log_safe`) each part is a direct sum (`segment`, `after`),
+    never a difference of two running sums, so a zero decay (-inf) or a log-decay of -1e4
+    keeps the others exact, and the parity of the count of negative decays in each product
+    gives its sign. Positive decays keep running-sum differences: the direct sums doubled the
+    SSD forward on an H200 (benchmarks/RESULTS.md)."""
     prog = plan.program
     rec = prog.recurrence
     dt = c.dt
@@ -254,7 +257,8 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
             pre(f"prefix += tl.sum(tl.where(mask_key, {v}, 0.0), axis=0)")
             if sgn:
                 v = ctx.value(rec.decay, "dsj_raw")
-                pre(f"prefix_ng += tl.sum(tl.where(mask_key, tl.where({v} < 0, 1, 0), 0), axis=0)")
+                pre("prefix_ng += tl.sum(tl.where(mask_key, "
+                    f"tl.where({v} < 0, 1, 0), 0), axis=0)")
             body.lines.extend(pre.lines)
         c.log_decay_rows()
         body("lc = tl.cumsum(ld, axis=0)")
@@ -295,25 +299,23 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
         col_scale = [s for s in (key[1], val[1]) if s is not None]
         loop(f"scores = {c.dot('q_op', 'kT')}")
         if decay:
-            lt = Context(prog, KEY_T_TILE, loop, "lj", c.ct)
-            v = lt.value(prog.log_decay, "ldk_raw")
-            loop(f"ldk = tl.where(mask_key, {v}, 0.0)")
-            if sgn:
-                v = lt.value(rec.decay, "dsk_raw")
-                loop(f"ngk = tl.where(mask_key, tl.where({v} < 0, 1, 0), 0)")
             exact = not prog.decay_log_safe
-            if diagonal:
+            if diagonal:   # the row block itself: its ld (and ng, lc) are at hand
                 loop("past = offs_c[None, :] <= offs_c[:, None]")
-                loop(f"gap = {segment('ldk')}" if exact
-                     else "gap = lc[:, None] - tl.cumsum(ldk, axis=0)[None, :]")
-                count = segment("ngk", "0")
+                loop(f"gap = {segment('ld')}" if exact else "gap = lc[:, None] - lc[None, :]")
+                count = segment("ng", "0")
             else:
-                excl = (after("ldk") if exact
-                        else "tl.sum(ldk, axis=0) - tl.cumsum(ldk, axis=0)")
+                lt = Context(prog, KEY_T_TILE, loop, "lj", c.ct)
+                v = lt.value(prog.log_decay, "ldk_raw")
+                loop(f"ldk = tl.where(mask_key, {v}, 0.0)")
+                loop("ldk_sum = tl.sum(ldk, axis=0)")
+                excl = after("ldk") if exact else "ldk_sum - tl.cumsum(ldk, axis=0)"
                 loop(f"gap = lc[:, None] + mid + ({excl})[None, :]")
-                count = f"ngc[:, None] + mid_ng + ({after('ngk', '0')})[None, :]"
-                loop("mid += tl.sum(ldk, axis=0)")
+                loop("mid += ldk_sum")
                 if sgn:
+                    v = lt.value(rec.decay, "dsk_raw")
+                    loop(f"ngk = tl.where(mask_key, tl.where({v} < 0, 1, 0), 0)")
+                    count = f"ngc[:, None] + mid_ng + ({after('ngk', '0')})[None, :]"
                     loop("mid_ng += tl.sum(ngk, axis=0)")
             factor = "tl.exp(tl.where(past, gap, float('-inf')))" if diagonal else "tl.exp(gap)"
             if sgn:
@@ -341,10 +343,11 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
 def _per_key_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
     """Per-key decays: one block per chunk (CS == BT). The decay between steps s <= u of the
     chunk does not factor through the key dim without exp(-L_s), which overflows; the scores
-    are summed over n elementwise instead, one key column s at a time (unrolled), with the
-    log-decay over s < r <= u summed directly per key (never a difference of running sums, see
-    `after`), so every exponent is <= 0 and a zero decay is an exact 0. The entering state is
-    weighted by exp(L_u), L the running sum from the chunk start."""
+    are summed over n elementwise instead, one key column s at a time (unrolled), with
+    exp(L_u - L_s) formed on the causal rows u >= s only (exponent <= 0). For a decay that may
+    be zero or negative the log-decay over s < r <= u is summed directly per key instead (never
+    a difference of running sums, see `after`) and signed by its count of negative decays.
+    The entering state is weighted by exp(L_u), L the running sum from the chunk start."""
     ct, dt = c.ct, c.dt
     sgn = c.prog.decay_signed
     v = c.ctx_qk.value(c.prog.recurrence.query, "query_raw")
@@ -358,11 +361,11 @@ def _per_key_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
     with body.block():
         body("sel = offs_c == s")
         body("k_s = tl.sum(tl.where(sel[:, None], key, 0.0), axis=0)")
-        body("later = offs_c[:, None] > s")
         if c.prog.decay_log_safe:
             body("lc_s = tl.sum(tl.where(sel[:, None], lc, 0.0), axis=0)")
             body("seg = lc - lc_s[None, :]")
         else:
+            body("later = offs_c[:, None] > s")
             body("seg = tl.cumsum(tl.where(later, ld, 0.0), axis=0)")
         body("dec = tl.exp(tl.where(offs_c[:, None] >= s, seg, float('-inf')))")
         if sgn:
