@@ -13,6 +13,7 @@ import torch
 
 import ssmc
 from ssmc import dsl as S
+from ssmc.backends.triton.lowerings import chunked
 from tests.helpers import check_against_reference
 
 SIZES = dict(b=1, t=70, h=2, g=1, n=8, p=4)   # t: a full chunk of 64 and a partial one
@@ -153,3 +154,22 @@ def test_forced_refusal_names_the_reason():
     op = ssmc.compile(gated, backend="tvm", lowering="chunked")
     with pytest.raises(ssmc.UnsupportedError, match="chunked.*may be zero or negative"):
         op(**signed_inputs(False))
+
+
+def test_signed_decays_with_several_row_blocks_per_chunk(monkeypatch):
+    """Chunks of 64 steps in row blocks of 16 (per-key decays take one block per chunk): a
+    row's sign adds the negative count of the chunk's earlier blocks and of the blocks between
+    it and a key block, so an odd count there must flip it (a precedence slip once took only
+    the last term's parity)."""
+    real = chunked.tiles
+    used = []
+
+    def tiles(plan, sizes, n):
+        used.append(dict(real(plan, sizes, n), CS=64, BT=16))
+        return used[-1]
+
+    monkeypatch.setattr(chunked, "tiles", tiles)
+    inputs = signed_inputs(False, seed=7)
+    inputs["w"] = -inputs["w"].abs() - 0.05     # every decay negative: every parity matters
+    run(gated, inputs, "triton", "chunked", states=True)
+    assert used and all(m["CS"] == 64 and m["BT"] == 16 for m in used)

@@ -122,4 +122,4 @@ def segment(v: str, zero: str = "0.0") -> str:
 
 def signed(value: str, count: str) -> str:
     """`value` negated where `count` (negative decays in its product) is odd."""
-    return f"tl.where({count} % 2 == 1, -({value}), {value})"
+    return f"tl.where(({count}) % 2 == 1, -({value}), {value})"
