@@ -20,3 +20,9 @@ def gla(q, k, v, g, scale=None, initial_state=None, return_final_state=False, cu
     return call(build, dict(scale=scale), (q, k, v, g), backend=backend, lowering=lowering,
                 initial_state=initial_state, return_final_state=return_final_state,
                 cu_seqlens=cu_seqlens)
+
+
+#: the definition of `gla` for ssmc.compile, explain, tune and export. It uses q as given:
+#: the function's default scale n ** -0.5 depends on a size, which a definition cannot; scale q
+#: first, or take `build(scale)` for a fixed scale.
+definition = gla.definition = build(scale=1)

@@ -20,3 +20,9 @@ def linear_attention(q, k, v, scale=None, initial_state=None, return_final_state
     return call(build, dict(scale=scale), (q, k, v), backend=backend, lowering=lowering,
                 initial_state=initial_state, return_final_state=return_final_state,
                 cu_seqlens=cu_seqlens)
+
+
+#: the definition of `linear_attention` for ssmc.compile, explain, tune and export. It uses q as given:
+#: the function's default scale n ** -0.5 depends on a size, which a definition cannot; scale q
+#: first, or take `build(scale)` for a fixed scale.
+definition = linear_attention.definition = build(scale=1)

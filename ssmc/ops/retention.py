@@ -37,3 +37,9 @@ def retention(q, k, v, gamma=None, scale=None, initial_state=None, return_final_
     return call(build, dict(scale=scale), (q, k, v, gamma), backend=backend, lowering=lowering,
                 initial_state=initial_state, return_final_state=return_final_state,
                 cu_seqlens=cu_seqlens)
+
+
+#: the definition of `retention` for ssmc.compile, explain, tune and export. It uses q as given:
+#: the function's default scale n ** -0.5 depends on a size, which a definition cannot; scale q
+#: first, or take `build(scale)` for a fixed scale.
+definition = retention.definition = build(scale=1)

@@ -48,3 +48,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if return_final_state:
         return out[0].squeeze(-1), out[1].squeeze(-1)
     return out.squeeze(-1)
+
+
+#: the plain Mamba-1 definition (u, delta, A, B, C, D, z; softplus of delta), and the definition
+#: of `selective_scan` for ssmc.compile, explain, tune and export. Its tensors carry the axes
+#: the function adds: u and z (b, t, d, 1), B and C (b, t, g, n), with h = d and p = 1.
+mamba1 = definition = selective_scan.definition = build(has_D=True, has_z=True,
+                                                         delta_softplus=True)

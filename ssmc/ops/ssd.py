@@ -56,5 +56,6 @@ def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                 cu_seqlens=cu_seqlens)
 
 
-#: the plain Mamba-2 definition of DESIGN.md, usable with ssmc.compile
-mamba2 = build(has_D=True, has_z=True, dt_softplus=True)
+#: the plain Mamba-2 definition of DESIGN.md (x, dt, A, B, C, D, z; softplus of dt), and the
+#: definition of `ssd` for ssmc.compile, explain, tune and export
+mamba2 = definition = ssd.definition = build(has_D=True, has_z=True, dt_softplus=True)
