@@ -12,11 +12,14 @@
 from ._version import __version__
 from . import dsl
 from .api import CompiledOp, Definition, attention_matrix, compile, ssm
+from . import distributed
+from .backends.tvm.export import export
+from .backends.tvm.load import ExportedKernel, load
 from .errors import (ArgumentError, BackendUnavailableError, ConfigError, DeviceError,
                      DeviceLostError, DTypeError, ShapeError, SpecError, SSMCError,
                      UnsupportedError)
 
-__all__ = ["__version__", "dsl", "ssm", "compile", "attention_matrix", "CompiledOp",
-           "Definition", "SSMCError", "SpecError", "ShapeError", "DTypeError", "DeviceError",
-           "ArgumentError", "ConfigError", "UnsupportedError", "BackendUnavailableError",
-           "DeviceLostError"]
+__all__ = ["__version__", "dsl", "distributed", "ssm", "compile", "attention_matrix", "CompiledOp",
+           "Definition", "export", "load", "ExportedKernel", "SSMCError", "SpecError",
+           "ShapeError", "DTypeError", "DeviceError", "ArgumentError", "ConfigError",
+           "UnsupportedError", "BackendUnavailableError", "DeviceLostError"]

@@ -18,13 +18,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
+import re
 from pathlib import Path
 
 from ..._version import __version__ as ssmc_version
-from ...errors import UnsupportedError
+from ...errors import (ArgumentError, BackendUnavailableError, ConfigError, ShapeError,
+                       UnsupportedError)
 from ...ir import Program, print_program
+from ...passes import run_pipeline
 from ...plan import Plan
+from . import SUPPORTED_DTYPES, TVMBackend, build
 from .lowerings import LOWERINGS, KernelSpec, func_name
+from .lowerings.chunked_cuda import operand_dtype, unsupported
+
+TARGETS = ("llvm", "cuda")
 
 FORMAT = "ssmc-tvm-export/1"
 
@@ -32,12 +40,45 @@ FORMAT = "ssmc-tvm-export/1"
 def _program(definition_or_program) -> Program:
     program = getattr(definition_or_program, "program", definition_or_program)
     if not isinstance(program, Program):
-        raise TypeError(f"export expects an ssmc definition or Program, got "
-                        f"{type(definition_or_program).__name__}")
+        raise ArgumentError(f"export(): expects an ssmc definition or Program, got "
+                            f"{type(definition_or_program).__name__}")
     if program.decay_kind is None:
-        from ...passes import run_pipeline
         program = run_pipeline(program)
     return program
+
+
+def _check_request(target: str, arch: str, lowering: str, dtypes: dict, shapes: dict) -> dict:
+    """The options and sizes of an export, checked before anything is rendered; returns the
+    sizes with g defaulted to h."""
+    options = (("target", target, TARGETS),
+               ("lowering", lowering, sorted({name for name, _ in LOWERINGS})),
+               *((what, d, SUPPORTED_DTYPES) for what, d in dtypes.items()))
+    for what, value, valid in options:
+        if value not in valid:
+            raise ConfigError(f"export(): {what}={value!r} is not valid; valid values: "
+                              f"{', '.join(valid)}")
+    if target == "cuda" and not re.fullmatch(r"sm_\d+a?", str(arch)):
+        raise ConfigError(f"export(): arch={arch!r} is not a CUDA architecture like sm_90")
+    missing = [a for a in "hnp" if a not in shapes]
+    if missing:
+        raise ConfigError(f"export(): shapes needs sizes for {', '.join(missing)} "
+                          f"(got {sorted(shapes)}); b and t stay symbolic")
+    unknown = sorted(set(shapes) - set("btghnp"))
+    if unknown:
+        raise ConfigError(f"export(): shapes has unknown axes {', '.join(unknown)} "
+                          "(expected h, g, n, p)")
+    shapes = {a: shapes[a] for a in "hgnp" if a in shapes}
+    shapes.setdefault("g", shapes["h"])
+    for axis, size in shapes.items():
+        if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size <= 0:
+            raise ShapeError(f"export(): shapes[{axis!r}] must be a positive int, got {size!r}")
+    if shapes["h"] % shapes["g"]:
+        raise ShapeError(f"export(): heads h={shapes['h']} is not a multiple of groups "
+                         f"g={shapes['g']}")
+    if not TVMBackend().is_available():
+        raise BackendUnavailableError(f"export(): the tvm package is needed to export "
+                                      f"({TVMBackend().unavailable_reason()})")
+    return shapes
 
 
 def export(definition_or_program, target: str = "cuda", arch: str = "sm_90", shapes=None,
@@ -53,28 +94,25 @@ def export(definition_or_program, target: str = "cuda", arch: str = "sm_90", sha
     input name. initial_state / return_final_state / varlen: the call features compiled in.
     chunk_size / tile: the plan's chunk length and tile pins (chunked lowering).
     """
-    from . import build
     program = _program(definition_or_program)
-    if target not in ("cuda", "llvm"):
-        raise ValueError(f"target={target!r} is not valid; valid values: cuda, llvm")
-    shapes = dict(shapes or {})
-    missing = [a for a in "hnp" if a not in shapes]
-    if missing:
-        raise ValueError(f"export(): shapes needs sizes for {', '.join(missing)} "
-                         f"(got {sorted(shapes)})")
-    shapes.setdefault("g", shapes["h"])
+    unknown = sorted(set(input_dtypes or ()) - set(program.input_names))
+    if unknown:
+        raise ConfigError(f"export(): input_dtypes names {', '.join(map(repr, unknown))}, "
+                          f"which {program.name} does not take (inputs: "
+                          f"{', '.join(program.input_names)})")
+    dtypes = {"dtype": dtype, **{f"input_dtypes[{k!r}]": d
+                                 for k, d in (input_dtypes or {}).items()}}
+    shapes = _check_request(target, arch, lowering, dtypes, dict(shapes or {}))
     if (lowering, target) not in LOWERINGS:
         raise UnsupportedError(f"export(): the TVM backend has no {lowering!r} lowering for "
                                f"target {target!r}")
     plan = Plan(program=program, lowering=lowering, dtype=dtype,
                 has_initial_state=initial_state, return_final_state=return_final_state,
                 varlen=varlen, chunk_size=chunk_size, tile=tuple(sorted((tile or {}).items())))
-    from . import TVMBackend
     why = TVMBackend().supports(plan)
     if why is not None:
         raise UnsupportedError(f"export(): {why}")
     if lowering == "chunked" and target == "cuda":
-        from .lowerings.chunked_cuda import unsupported
         why = unsupported(plan, int(shapes["n"]), int(shapes["p"]))
         if why is not None:
             raise UnsupportedError(f"export(): the CUDA chunked lowering cannot run this: {why} "
@@ -94,7 +132,10 @@ def export(definition_or_program, target: str = "cuda", arch: str = "sm_90", sha
     if target == "cuda":
         cu = build.cuda_host_source(source, name, arch)
         (out / "kernel.cu").write_text(cu)
-        build.nvcc_compile(out / "kernel.cu", lib, arch, nvcc)
+        try:
+            build.nvcc_compile(out / "kernel.cu", lib, arch, nvcc)
+        except FileNotFoundError as exc:  # nvcc is not installed
+            raise BackendUnavailableError(f"export(): {exc}") from None
     else:
         # generic x86-64 code: an export is meant to run on other machines
         build.compile_source(source, build.llvm_target("generic")).export_library(str(lib))
@@ -142,11 +183,10 @@ def spec_size(spec: KernelSpec, axis: str) -> int:
 def _workspaces(plan: Plan, target: str) -> list[dict]:
     """Scratch arguments the caller allocates (after the outputs): the CUDA chunked lowering's
     chunk states, chunk log-decays and, for packed sequences, its chunk -> sequence map.
-    `dims` name sizes; "slots" is B * max(ceil(T / chunk_size), 1), or T // chunk_size + S for packed sequences
-    (lowerings/chunked_cuda.py: workspace_shapes)."""
+    `dims` name sizes; "slots" is B * max(ceil(T / chunk_size), 1), or T // chunk_size + S for
+    packed sequences (lowerings/chunked_cuda.py: workspace_shapes)."""
     if plan.lowering != "chunked" or target != "cuda":
         return []
-    from .lowerings.chunked_cuda import operand_dtype
     out = [{"name": "chunk_states", "dims": ["slots", "h", "p", "n"],
             "dtype": operand_dtype(plan)},
            {"name": "chunk_decay", "dims": ["slots", "h"], "dtype": "float32"}]
