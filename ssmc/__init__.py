@@ -19,7 +19,7 @@ from .errors import (ArgumentError, BackendUnavailableError, ConfigError, Device
                      DeviceLostError, DTypeError, ShapeError, SpecError, SSMCError,
                      UnsupportedError)
 
-__all__ = ["__version__", "dsl", "distributed", "ssm", "compile", "attention_matrix", "CompiledOp",
-           "Definition", "export", "load", "ExportedKernel", "SSMCError", "SpecError",
-           "ShapeError", "DTypeError", "DeviceError", "ArgumentError", "ConfigError",
-           "UnsupportedError", "BackendUnavailableError", "DeviceLostError"]
+__all__ = ["__version__", "dsl", "distributed", "ssm", "compile", "attention_matrix",
+           "CompiledOp", "Definition", "export", "load", "ExportedKernel", "SSMCError",
+           "SpecError", "ShapeError", "DTypeError", "DeviceError", "ArgumentError",
+           "ConfigError", "UnsupportedError", "BackendUnavailableError", "DeviceLostError"]
