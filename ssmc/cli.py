@@ -10,6 +10,7 @@ work and returns the exit status. The first line of `run`'s docstring is its hel
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -19,10 +20,24 @@ from pathlib import Path
 from typing import Callable
 
 import sympy as sp
+import torch
 
+from . import config
+from ._version import __version__
+from .api import Definition, _device_model
+from .autotune import tuner as tuner_mod
+from .autotune.cache import (TuneCache, TuneKey, all_caches, device_slug,
+                             export_defaults)
+from .autotune.measure import Settings, outputs_match
+from .autotune.space import Config, DeviceLimits
+from .backends import registered
+from .backends.tvm.export import TARGETS, export
+from .backends.tvm.lowerings import KernelSpec
 from .errors import SSMCError
 from .ir import AXES, DecayKind, print_program
 from .ir.nodes import AXIS_ROLES
+from .passes import DEVICES, choose_lowering, legal_lowerings, lowering_costs
+from .plan import Plan
 
 PROG = "ssmc"
 
@@ -49,11 +64,11 @@ DECAY_DESCRIPTIONS = {
 }
 
 
-def load_definition(target: str):
+def load_definition(target: str) -> Definition:
     """`MODULE:ATTR` -> the ssmc Definition it names. MODULE is a dotted module name or the
-    path of a .py file; ATTR may be dotted (`ops.mamba2`)."""
-    from .api import Definition
-
+    path of a .py file; ATTR may be dotted (`ops.mamba2`). An object that carries a definition
+    as its `definition` attribute (each keyword function in ssmc.ops) stands for it, so that
+    `ssmc.ops.gla:gla` works; a note on stderr says which definition was used."""
     module_part, sep, attr = target.rpartition(":")
     if not sep or not module_part or not attr:
         raise CLIError(f"definition {target!r} is not of the form MODULE:FUNCTION "
@@ -67,8 +82,13 @@ def load_definition(target: str):
             hint = f"; definitions there: {', '.join(found)}" if found else ""
             raise CLIError(f"{where} has no attribute {part!r}{hint}")
         obj = getattr(obj, part)
+    kind = "function" if callable(obj) else type(obj).__name__
+    if not isinstance(obj, Definition) and isinstance(getattr(obj, "definition", None),
+                                                      Definition):
+        print(f"note: {target} is a {kind}; using its definition {target}.definition "
+              f"({obj.definition.name})", file=sys.stderr)
+        obj = obj.definition
     if not isinstance(obj, Definition):
-        kind = "function" if callable(obj) else type(obj).__name__
         found = _definitions_in(module)
         hint = f"; definitions there: {', '.join(found)}" if found else ""
         raise CLIError(f"{target} is a {kind}, not an ssmc definition (a function decorated "
@@ -103,7 +123,6 @@ def _import(module_part: str):
 
 
 def _definitions_in(module) -> list[str]:
-    from .api import Definition
     return sorted(k for k, v in vars(module).items() if isinstance(v, Definition))
 
 
@@ -133,15 +152,17 @@ def parse_shape(text: str) -> dict[str, int]:
     return sizes
 
 
-def resolve_sizes(program, given: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+def resolve_sizes(program, given: dict[str, int],
+                  optional: tuple[str, ...] = ()) -> tuple[dict[str, int], list[str]]:
     """Every axis size the cost model needs, following `ssmc.validate`'s rules.
 
-    The axes the definition's inputs carry are required. The others take validate's defaults:
-    b and t are 1, h is g (else 1), g is h, n and p are 1. Sizes given for axes the definition
-    does not use are ignored; their names are returned so the caller can say so.
+    The axes the definition's inputs carry are required, except those in `optional`. The
+    others take validate's defaults: b and t are 1, h is g (else 1), g is h, n and p are 1.
+    Sizes given for axes the definition does not use are ignored; their names are returned so
+    the caller can say so.
     """
     used = program.axes_present()
-    missing = [a for a in AXES if a in used and a not in given]
+    missing = [a for a in AXES if a in used and a not in given and a not in optional]
     if missing:
         users = {a: [i.name for i in program.inputs if a in i.axes] for a in missing}
         first = missing[0]
@@ -181,17 +202,34 @@ def _seconds(s: float) -> str:
 
 # -- explain -----------------------------------------------------------------------------
 
+def device_at_hand() -> tuple[str, str]:
+    """(cost-model device, what was found): what a call here would run on, the GPU here, else
+    the CPU (TVM's LLVM target)."""
+    if not torch.cuda.is_available():
+        return "cpu", "no CUDA GPU here, so the CPU and TVM's LLVM target"
+    name = torch.cuda.get_device_name()
+    model = _device_model(torch.device("cuda"))
+    nearest = "" if model in name.lower() else f"; not in the cost model's table, so {model}"
+    return model, f"the GPU here, {name}{nearest}"
+
+
+def default_dtype(device: str) -> str:
+    """The dtype to explain for when none is given: what models train in on that device."""
+    return "fp32" if device == "cpu" else "bf16"
+
+
 def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
-    from .passes import DEVICES
     parser.add_argument("definition", metavar="MODULE:FUNCTION",
                         help="an ssmc definition, e.g. ssmc.ops.ssd:mamba2 or model.py:mamba2")
     parser.add_argument("--shape", required=True,
                         help="axis sizes, e.g. b=8,t=4096,h=80,p=64,n=128,g=1; every axis the "
                              "definition uses is required")
-    parser.add_argument("--device", default="h100", choices=sorted(DEVICES),
-                        help="device model for the cost estimate (default: h100)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
-                        help="input dtype; sets the bytes per element E (default: bf16)")
+    parser.add_argument("--device", default=None, choices=sorted(DEVICES),
+                        help="device model for the cost estimate (default: the GPU here, else "
+                             "cpu)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="input dtype; sets the bytes per element E (default: fp32 for "
+                             "--device cpu, else bf16)")
     parser.add_argument("--chunk", type=int, default=64,
                         help="chunk size Q of the chunked lowering (default: 64)")
 
@@ -207,7 +245,6 @@ _COST_FIELDS = (  # (Cost attribute, label, unit)
 
 def run_explain(args: argparse.Namespace) -> int:
     """Show a definition's IR, decay structure, cost per lowering and the chosen lowering."""
-    from .passes import choose_lowering, legal_lowerings, lowering_costs
 
     if args.chunk <= 0:
         raise CLIError(f"--chunk must be positive, got {args.chunk}")
@@ -215,15 +252,21 @@ def run_explain(args: argparse.Namespace) -> int:
     program = definition.program
     given = parse_shape(args.shape)
     sizes, ignored = resolve_sizes(program, given)
-    dtype, elem_bytes = DTYPES[args.dtype]
-    choice = choose_lowering(program, sizes, args.device, elem_bytes=elem_bytes, chunk=args.chunk)
+    hand_device, found = device_at_hand()
+    device = args.device or hand_device
+    dtype, elem_bytes = DTYPES[args.dtype or default_dtype(device)]
+    choice = choose_lowering(program, sizes, device, elem_bytes=elem_bytes, chunk=args.chunk)
     estimates = {e.lowering: e for e in choice.estimates}
     chunk = min(args.chunk, max(sizes["t"], 16))  # what choose_lowering substitutes for Q
 
     out = []
     out.append(f"definition: {args.definition} ({program.name})")
     out.append("shape: " + " ".join(f"{a}={sizes[a]}" for a in AXES)
-               + f"   dtype: {dtype} (E={elem_bytes} bytes)   device: {args.device}")
+               + f"   dtype: {dtype} (E={elem_bytes} bytes)   device: {device}")
+    if args.device is None:
+        out.append(f"device {device} by default: {found} (--device overrides)")
+    if args.dtype is None:
+        out.append(f"dtype {dtype} by default on {device} (--dtype overrides)")
     if ignored:
         out.append(f"note: {program.name} does not use axis {', '.join(ignored)}; ignored")
     out += ["", "== IR ==", print_program(program), ""]
@@ -261,7 +304,6 @@ TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64"
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import BACKENDS
     parser.add_argument("definition", nargs="?", metavar="MODULE:FUNCTION",
                         help="an ssmc definition, e.g. ssmc.ops.ssd:mamba2 or model.py:mamba2")
     parser.add_argument("--shape", action="append", default=[],
@@ -272,7 +314,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lowering", default="all", choices=TUNE_LOWERINGS,
                         help="tune across every legal lowering (all, what lowering='auto' ops "
                              "use) or within one (default: all)")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+    parser.add_argument("--backend", default="auto", choices=config.BACKENDS,
                         help="backend policy, as in ssmc.compile (default: auto)")
     parser.add_argument("--device", default=None,
                         help="cuda, cuda:N or cpu (default: cuda; cpu must be asked for)")
@@ -296,7 +338,6 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _tune_device(text: str | None):
-    import torch
     if text is None:
         if not torch.cuda.is_available():
             raise CLIError("no CUDA GPU here: tuning measures on the device (pass --device cpu "
@@ -323,7 +364,6 @@ def _tune_table(record: dict, top: int) -> list[str]:
     ok = sorted((r for r in results if r["status"] == "ok"), key=lambda r: r["median_ms"])
     bad = [r for r in results if r["status"] not in ("ok", "skipped")]
     skipped = sum(r["status"] == "skipped" for r in results)
-    from .autotune.space import Config
     rows = [("#", "config", "median ms", "speedup", "status")]
     winner = record.get("config")
     for i, r in enumerate(ok[:top], 1):
@@ -344,14 +384,11 @@ def _tune_table(record: dict, top: int) -> list[str]:
 
 
 def device_slug_of(cache) -> str:
-    from .autotune.cache import device_slug
     return device_slug(cache.env)
 
 
 def _show_cache() -> int:
-    from .autotune.cache import all_caches
-    from .config import cache_dir
-    root = cache_dir() / "autotune"
+    root = config.cache_dir() / "autotune"
     caches = all_caches(root)
     if not any(entries for _, _, entries in caches):
         print(f"no tuned configs under {root}")
@@ -362,7 +399,8 @@ def _show_cache() -> int:
         env = env or {}
         stack = ", ".join(f"{k} {env[k]}" for k in ("capability", "cuda", "driver", "triton",
                                                       "tvm", "torch", "ssmc") if k in env)
-        print(f"== {env.get('gpu', '?') if env.get('gpu') != 'none' else env.get('cpu_model', 'cpu')}"
+        gpu = env.get("gpu", "?")
+        print(f"== {gpu if gpu != 'none' else env.get('cpu_model', 'cpu')}"
               f" ({stack}) [{directory.parent.name}/{directory.name}]")
         rows = [("key", "config", "median ms", "speedup", "tuned shape")]
         for path, rec in entries:
@@ -382,17 +420,8 @@ def _show_cache() -> int:
 
 def run_tune(args: argparse.Namespace) -> int:
     """Measure configs (lowering, chunk, blocks, warps, stages) on this GPU and cache the best."""
-    import dataclasses
 
-    import torch
 
-    from .api import _device_model
-    from .autotune import tuner as tuner_mod
-    from .autotune.cache import TuneCache, TuneKey, export_defaults
-    from .autotune.measure import Settings, outputs_match
-    from .autotune.space import DeviceLimits
-    from .passes import choose_lowering
-    from .plan import Plan
 
     if args.show:
         return _show_cache()
@@ -420,8 +449,7 @@ def run_tune(args: argparse.Namespace) -> int:
     tuner = tuner_mod.default_tuner(settings, progress=None)
     backend_name = args.backend
     if backend_name == "auto":
-        from .config import backend as env_backend
-        backend_name = env_backend()
+        backend_name = config.backend()
     policy = "auto" if args.lowering == "all" else args.lowering
     status = 0
     for text in args.shape:
@@ -491,11 +519,10 @@ def run_tune(args: argparse.Namespace) -> int:
     return status
 
 
-# -- the registry and main ----------------------------------------------------------------
-
 # -- compile ----------------------------------------------------------------------------
 
 EMIT_LOWERINGS = ("all", "scan", "chunked", "quadratic")
+EXPORT_LOWERINGS = EMIT_LOWERINGS[1:]
 
 
 def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -516,9 +543,6 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_compile(args: argparse.Namespace) -> int:
     """Print the kernel source a backend generates for a definition."""
-    from .backends import registered
-    from .passes import legal_lowerings
-    from .plan import Plan
 
     definition = load_definition(args.definition)
     program = definition.program
@@ -553,7 +577,6 @@ def run_compile(args: argparse.Namespace) -> int:
 
 
 def _tvm_source(backend, plan, sizes: dict, dtype: str) -> str:
-    from .backends.tvm.lowerings import KernelSpec
     kernel = backend.compile(plan)
     spec = KernelSpec(target="llvm", arch=None, plan=plan, H=sizes["h"], G=sizes["g"],
                       N=sizes["n"], P=sizes["p"],
@@ -563,6 +586,71 @@ def _tvm_source(backend, plan, sizes: dict, dtype: str) -> str:
     return kernel.source(spec)
 
 
+# -- export -----------------------------------------------------------------------------
+
+#: axes an export leaves symbolic: each call may have its own batch and length
+SYMBOLIC_AXES = ("b", "t")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("definition", metavar="MODULE:FUNCTION",
+                        help="an ssmc definition, e.g. ssmc.ops.gla:definition or model.py:mamba2")
+    parser.add_argument("--target", required=True, choices=TARGETS,
+                        help="llvm (the CPU; generic x86-64 code) or cuda (built with "
+                             "nvcc for --arch)")
+    parser.add_argument("--arch", default=None,
+                        help="CUDA architecture of --target cuda (default: sm_90)")
+    parser.add_argument("--shape", required=True,
+                        help="sizes of the axes h, g, n, p the definition uses, e.g. "
+                             "h=8,g=1,n=64,p=64; b and t stay free at call time")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                        help="the inputs' and output's dtype (default: fp32)")
+    parser.add_argument("--lowering", default="scan", choices=EXPORT_LOWERINGS,
+                        help="scan (every decay, every target), chunked, or quadratic (llvm "
+                             "only) (default: scan)")
+    parser.add_argument("--chunk", type=int, default=64,
+                        help="chunk size of the chunked lowering (default: 64)")
+    parser.add_argument("--initial-state", action="store_true",
+                        help="calls may pass initial_state")
+    parser.add_argument("--final-state", action="store_true",
+                        help="calls return the final state")
+    parser.add_argument("--varlen", action="store_true",
+                        help="calls pass packed sequences (cu_seqlens, int32)")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR",
+                        help="directory to write (created if missing)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Compile one specialisation ahead of time into a directory that ssmc.load() runs."""
+    if args.arch is not None and args.target != "cuda":
+        raise CLIError(f"--arch {args.arch} applies to --target cuda only")
+    if args.chunk <= 0:
+        raise CLIError(f"--chunk must be positive, got {args.chunk}")
+    definition = load_definition(args.definition)
+    program = definition.program
+    given = parse_shape(args.shape)
+    sizes, ignored = resolve_sizes(program, given, optional=SYMBOLIC_AXES)
+    free = [a for a in SYMBOLIC_AXES if a in given]
+    if free:
+        print(f"note: {' and '.join(free)} {'stay' if len(free) > 1 else 'stays'} free in an "
+              "export; the size given is ignored", file=sys.stderr)
+    if ignored:
+        print(f"note: {program.name} does not use axis {', '.join(ignored)}; ignored",
+              file=sys.stderr)
+    dtype = TORCH_DTYPES[DTYPES[args.dtype][0]]
+    arch = args.arch or "sm_90"
+    out = export(definition, target=args.target, arch=arch,
+                 shapes={a: sizes[a] for a in "hgnp"}, out_dir=args.output,
+                 lowering=args.lowering, dtype=dtype, initial_state=args.initial_state,
+                 return_final_state=args.final_state, varlen=args.varlen, chunk_size=args.chunk)
+    where = f"{args.target} {arch}" if args.target == "cuda" else args.target
+    print(f"exported {program.name}: {args.lowering} lowering for {where}, "
+          + " ".join(f"{a}={sizes[a]}" for a in "hgnp") + f", {dtype}; b and t free")
+    print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
+    print(f"load it with ssmc.load({str(out)!r})")
+    return 0
+
+
 Subcommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 #: name -> (add_arguments, run); one entry per subcommand
@@ -570,11 +658,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "explain": (add_explain_arguments, run_explain),
     "tune": (add_tune_arguments, run_tune),
     "compile": (add_compile_arguments, run_compile),
+    "export": (add_export_arguments, run_export),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ._version import __version__
     parser = argparse.ArgumentParser(prog=PROG, description="Compile state-space-model "
                                      "recurrences into fast kernels.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -1,16 +1,22 @@
-"""The `ssmc` command line: explain, its argument errors, and the subcommand registry."""
+"""The `ssmc` command line: explain (and its defaults), compile, tune and export of built-in
+and file definitions, argument errors, and the subcommand registry."""
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import ssmc.ops
 from ssmc import cli
+from ssmc.api import _device_model
 from ssmc.passes import choose_lowering
+from tests.helpers import compare, gla_inputs, random_state, reference_of
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = "b=8,t=4096,h=80,p=64,n=128,g=1"
@@ -35,7 +41,8 @@ def test_explain_mamba2_chosen_lowering(capsys, t, lowering):
 
 
 def test_explain_sections(capsys):
-    code, out, _ = run(capsys, "explain", "ssmc.ops.ssd:mamba2", "--shape", SHAPE)
+    code, out, _ = run(capsys, "explain", "ssmc.ops.ssd:mamba2", "--shape", SHAPE, "--device",
+                       "h100")
     assert code == 0
     # the IR, as the printer writes it
     assert ssmc.ir.print_program(ssmc.ops.mamba2.program) in out
@@ -51,7 +58,7 @@ def test_explain_sections(capsys):
 
 
 def test_explain_dtype_and_device_change_estimates(capsys):
-    _, bf16, _ = run(capsys, "explain", "ssmc.ops:mamba2", "--shape", SHAPE)
+    _, bf16, _ = run(capsys, "explain", "ssmc.ops:mamba2", "--shape", SHAPE, "--device", "h100")
     _, fp32, _ = run(capsys, "explain", "ssmc.ops:mamba2", "--shape", SHAPE, "--dtype", "fp32",
                      "--device", "a100")
     assert "E=4 bytes" in fp32 and "device: a100" in fp32 and "on a100" in fp32
@@ -132,8 +139,9 @@ def test_explain_bad_shape(capsys, shape, message):
     ("ssmc.ops.ssd", "is not of the form MODULE:FUNCTION"),
     ("ssmc.ops.ssd:", "is not of the form MODULE:FUNCTION"),
     ("ssmc.no_such_module:f", "no module named 'ssmc.no_such_module'"),
-    ("ssmc.ops.ssd:nope", "ssmc.ops.ssd has no attribute 'nope'; definitions there: mamba2"),
-    ("ssmc.ops.ssd:ssd", "ssmc.ops.ssd:ssd is a function, not an ssmc definition"),
+    ("ssmc.ops.ssd:nope", "ssmc.ops.ssd has no attribute 'nope'; definitions there: "
+                          "definition, mamba2"),
+    ("ssmc.ops.ssd:build", "ssmc.ops.ssd:build is a function, not an ssmc definition"),
     ("ssmc.ops.ssd:_signature", "is a function, not an ssmc definition"),
     ("ssmc.ir.nodes:AXES", "ssmc.ir.nodes:AXES is a tuple, not an ssmc definition"),
     ("no/such/file.py:f", "module file 'no/such/file.py' does not exist"),
@@ -161,7 +169,8 @@ def test_explain_spec_error_in_file(capsys, tmp_path):
 
 
 def test_explain_dotted_attribute(capsys):
-    code, out, err = run(capsys, "explain", "ssmc:ops.mamba2", "--shape", SHAPE)
+    code, out, err = run(capsys, "explain", "ssmc:ops.mamba2", "--shape", SHAPE, "--device",
+                         "h100")
     assert code == 0, err
     assert "chosen lowering: chunked" in out
 
@@ -211,7 +220,7 @@ def test_module_entry_point():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO),
                                                         os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-m", "ssmc.cli", "explain", "ssmc.ops.ssd:mamba2",
-                          "--shape", "b=8,t=16,h=80,p=64,n=128,g=1"],
+                          "--shape", "b=8,t=16,h=80,p=64,n=128,g=1", "--device", "h100"],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "chosen lowering: quadratic" in out.stdout
@@ -263,3 +272,139 @@ def test_closed_stdout_pipe_exits_quietly():
     err = err.decode()
     assert "BrokenPipeError" not in err and "Traceback" not in err, err
     assert proc.returncode == cli.BROKEN_PIPE_STATUS == 141, err
+
+
+# -- the device at hand, built-in definitions, export --------------------------------------
+
+def ssmc_command(*argv, env=None, cwd=REPO):
+    """`python -m ssmc.cli ARGV` in a fresh process, as the `ssmc` script runs it."""
+    env = dict(os.environ, **(env or {}),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "ssmc.cli", *argv], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_explain_defaults_to_the_device_at_hand():
+    done = ssmc_command("explain", "ssmc.ops.ssd:mamba2", "--shape", SHAPE)
+    assert done.returncode == 0, done.stderr
+    if torch.cuda.is_available():
+        model = _device_model(torch.device("cuda"))
+        assert f"dtype: bf16 (E=2 bytes)   device: {model}" in done.stdout
+        assert f"device {model} by default: the GPU here, " in done.stdout
+    else:
+        assert "dtype: fp32 (E=4 bytes)   device: cpu" in done.stdout
+        assert ("device cpu by default: no CUDA GPU here, so the CPU and TVM's LLVM target "
+                "(--device overrides)") in done.stdout
+        assert "dtype fp32 by default on cpu (--dtype overrides)" in done.stdout
+
+
+@pytest.mark.parametrize("flags, shown, defaults", [
+    (("--device", "a100"), "dtype: bf16 (E=2 bytes)   device: a100",
+     ["dtype bf16 by default on a100"]),
+    (("--dtype", "fp16"), "dtype: fp16 (E=2 bytes)   device: ", ["device "]),
+    (("--device", "cpu", "--dtype", "fp64"), "dtype: fp64 (E=8 bytes)   device: cpu", []),
+])
+def test_explain_flags_override_the_defaults(capsys, flags, shown, defaults):
+    code, out, err = run(capsys, "explain", "ssmc.ops.ssd:mamba2", "--shape", SHAPE, *flags)
+    assert code == 0, err
+    assert shown in out
+    said = [ln for ln in out.splitlines() if "by default" in ln]
+    assert [ln[:len(d)] for ln, d in zip(said, defaults)] == defaults and len(said) == len(
+        defaults)
+
+
+BUILTINS = {  # keyword function -> the name of its definition's program, a shape it takes
+    "ssd": ("ssd", "b=1,t=64,h=4,g=1,n=16,p=8"),
+    "selective_scan": ("selective_scan", "b=1,t=64,h=16,g=1,n=4,p=1"),
+    "gla": ("gla", "b=1,t=64,h=4,n=16,p=8"),
+    "retention": ("retention", "b=1,t=64,h=4,n=16,p=8"),
+    "linear_attention": ("linear_attention", "b=1,t=64,h=4,n=16,p=8"),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_explain_every_builtin(capsys, name):
+    program, shape = BUILTINS[name]
+    definition = getattr(ssmc.ops, name).definition
+    code, out, err = run(capsys, "explain", f"ssmc.ops.{name}:definition", "--shape", shape)
+    assert code == 0, err
+    assert ssmc.ir.print_program(definition.program) in out and err == ""
+    # the keyword function stands for its definition, and says so
+    code, by_function, err = run(capsys, "explain", f"ssmc.ops.{name}:{name}", "--shape", shape)
+    assert code == 0, err
+    assert (f"note: ssmc.ops.{name}:{name} is a function; using its definition "
+            f"ssmc.ops.{name}:{name}.definition ({program})") in err
+    assert by_function.split("\n", 1)[1] == out.split("\n", 1)[1]
+
+
+def test_compile_builtin_definition(capsys):
+    assert cli.main(["compile", "ssmc.ops.retention:retention", "--emit", "tvm", "--lowering",
+                     "scan", "--dtype", "fp32", "--shape", "b=1,t=8,h=2,n=4,p=4"]) == 0
+    out, err = capsys.readouterr()
+    assert "def ssmc_scan_fwd" in out and "retention.definition" in err
+
+
+def test_tune_builtin_function(tmp_path):
+    """`ssmc tune` of a keyword function tunes its definition (on the CPU backend here)."""
+    done = ssmc_command("tune", "ssmc.ops.linear_attention:linear_attention", "--shape",
+                        "b=1,t=8,h=2,n=4,p=4", "--dtype", "fp32", "--device", "cpu",
+                        "--max-configs", "2", env={"SSMC_CACHE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "linear_attention b=1 t=8 h=2 g=2 n=4 p=4 fp32 lowering=all on cpu" in done.stdout
+    assert "stored linear-attention_auto_fp32_" in done.stdout
+    assert "linear_attention.definition" in done.stderr
+
+
+def test_export_then_load_round_trip(tmp_path):
+    """`ssmc export` in one process, `ssmc.load` in this one: equal to the reference."""
+    out = tmp_path / "gla"
+    done = ssmc_command("export", "ssmc.ops.gla:definition", "--target", "llvm", "--shape",
+                        "b=2,h=3,n=4,p=5", "--initial-state", "--final-state", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert ("exported gla: scan lowering for llvm, h=3 g=3 n=4 p=5, float32; b and t free"
+            in done.stdout)
+    assert f"load it with ssmc.load({str(out)!r})" in done.stdout
+    assert "note: b stays free in an export; the size given is ignored" in done.stderr
+    kernel = ssmc.load(out)
+    x = gla_inputs(2, 11, 3, 4, 5, seed=1)
+    h0 = random_state(2, 3, 4, 5, seed=2)
+    y, final = kernel(**x, initial_state=h0)
+    ry, rfinal = reference_of(ssmc.ops.gla.definition)(
+        **{k: v.double() for k, v in x.items()}, initial_state=h0.double(),
+        return_final_state=True)
+    for name, actual, expected in (("y", y, ry), ("final_state", final, rfinal)):
+        result = compare(name, actual, expected, 2e-5)
+        assert result.ok, str(result)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_export_cuda_sources(capsys, tmp_path):
+    """No GPU needed to export for one: nvcc builds the library from the generated source."""
+    out = tmp_path / "ssd"
+    assert cli.main(["export", "ssmc.ops.ssd:mamba2", "--target", "cuda", "--arch", "sm_80",
+                     "--shape", "h=4,g=2,n=16,p=8", "--dtype", "bf16", "--lowering",
+                     "chunked", "--final-state", "-o", str(out)]) == 0
+    assert "chunked lowering for cuda sm_80, h=4 g=2 n=16 p=8, bfloat16" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["arch"] == "sm_80" and manifest["dtype"] == "bfloat16"
+    assert "__global__" in (out / "kernel.cu").read_text()
+    assert (out / manifest["library"]).stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (("--target", "llvm", "--arch", "sm_80", "--shape", "h=4,n=8,p=8"), 2,
+     "error: --arch sm_80 applies to --target cuda only"),
+    (("--target", "llvm", "--shape", "h=4,n=8"), 2, "--shape lacks axis 'p'"),
+    (("--target", "llvm", "--shape", "h=4,n=8,p=8", "--chunk", "0"), 2,
+     "--chunk must be positive, got 0"),
+    (("--target", "cuda", "--arch", "90", "--shape", "h=4,n=8,p=8"), 1,
+     "ConfigError: export(): arch='90' is not a CUDA architecture like sm_90"),
+    (("--target", "cuda", "--lowering", "quadratic", "--shape", "h=4,n=8,p=8"), 1,
+     "UnsupportedError: export(): the TVM backend has no 'quadratic' lowering for target "
+     "'cuda'"),
+])
+def test_export_errors(capsys, tmp_path, argv, code, message):
+    out = tmp_path / "never"
+    assert cli.main(["export", "ssmc.ops.gla:definition", *argv, "-o", str(out)]) == code
+    assert message in capsys.readouterr().err
+    assert not out.exists()
