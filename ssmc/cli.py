@@ -536,9 +536,17 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input dtype (default: bf16)")
     parser.add_argument("--shape", default=None,
                         help="axis sizes; needed for --emit tvm, which specialises h, g, n, p")
-    parser.add_argument("--initial-state", action="store_true", help="kernel takes a state")
-    parser.add_argument("--final-state", action="store_true", help="kernel returns a state")
-    parser.add_argument("--varlen", action="store_true", help="packed sequences (cu_seqlens)")
+    add_kernel_features(parser)
+
+
+def add_kernel_features(parser: argparse.ArgumentParser) -> None:
+    """The call features a kernel is built for (compile and export build one kernel each)."""
+    parser.add_argument("--initial-state", action="store_true",
+                        help="the kernel takes an initial_state")
+    parser.add_argument("--final-state", action="store_true",
+                        help="the kernel returns the final state")
+    parser.add_argument("--varlen", action="store_true",
+                        help="packed sequences (cu_seqlens, int32)")
 
 
 def run_compile(args: argparse.Namespace) -> int:
@@ -610,12 +618,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                              "only) (default: scan)")
     parser.add_argument("--chunk", type=int, default=64,
                         help="chunk size of the chunked lowering (default: 64)")
-    parser.add_argument("--initial-state", action="store_true",
-                        help="calls may pass initial_state")
-    parser.add_argument("--final-state", action="store_true",
-                        help="calls return the final state")
-    parser.add_argument("--varlen", action="store_true",
-                        help="calls pass packed sequences (cu_seqlens, int32)")
+    add_kernel_features(parser)
     parser.add_argument("-o", "--output", required=True, metavar="DIR",
                         help="directory to write (created if missing)")
 
