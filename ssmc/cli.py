@@ -245,7 +245,6 @@ _COST_FIELDS = (  # (Cost attribute, label, unit)
 
 def run_explain(args: argparse.Namespace) -> int:
     """Show a definition's IR, decay structure, cost per lowering and the chosen lowering."""
-
     if args.chunk <= 0:
         raise CLIError(f"--chunk must be positive, got {args.chunk}")
     definition = load_definition(args.definition)

@@ -22,7 +22,7 @@ def linear_attention(q, k, v, scale=None, initial_state=None, return_final_state
                 cu_seqlens=cu_seqlens)
 
 
-#: the definition of `linear_attention` for ssmc.compile, explain, tune and export. It uses q as given:
-#: the function's default scale n ** -0.5 depends on a size, which a definition cannot; scale q
-#: first, or take `build(scale)` for a fixed scale.
+#: the definition of `linear_attention` for ssmc.compile, explain, tune and export. It uses q
+#: as given: the function's default scale n ** -0.5 depends on a size, which a definition
+#: cannot; scale q first, or take `build(scale)` for a fixed scale.
 definition = linear_attention.definition = build(scale=1)
