@@ -419,9 +419,6 @@ def _show_cache() -> int:
 
 def run_tune(args: argparse.Namespace) -> int:
     """Measure configs (lowering, chunk, blocks, warps, stages) on this GPU and cache the best."""
-
-
-
     if args.show:
         return _show_cache()
     if args.export_defaults:
@@ -550,7 +547,6 @@ def add_kernel_features(parser: argparse.ArgumentParser) -> None:
 
 def run_compile(args: argparse.Namespace) -> int:
     """Print the kernel source a backend generates for a definition."""
-
     definition = load_definition(args.definition)
     program = definition.program
     legal = legal_lowerings(program)
