@@ -4,8 +4,9 @@
 
 Each subcommand is one entry in `SUBCOMMANDS`: its name maps to `(add_arguments, run)`, where
 `add_arguments(parser)` declares its options on an argparse sub-parser and `run(args)` does the
-work and returns the exit status. The first line of `run`'s docstring is its help text. Adding
-`compile`, `tune`, `bench` or `export` is one function pair and one line in the dict.
+work and returns the exit status. The first line of `run`'s docstring is its help text. The
+commands are explain, tune, compile and export; adding `bench` is one function pair and one
+line in the dict.
 """
 from __future__ import annotations
 
