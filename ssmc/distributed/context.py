@@ -111,17 +111,20 @@ def _run(op: CompiledOp, bound: Bound, spec: Spec):
     last = all(spec.rank == spec.order(d)[-1] for d in range(len(spec.reverse)))
     needed = spec.return_final_state or not last  # does anyone read this shard's final state?
     h0 = bound.initial_state
-    out = None
-    if single:
+    s = bound.sizes
+    empty = s["t"] == 0
+    out, final = None, None
+    if empty:  # the identity map: nothing to run (and no kernel sees empty inputs)
+        out = torch.zeros((s["b"], 0, s["h"], s["p"]), dtype=bound.dtype, device=bound.device)
+        final = h0 if single else None
+    elif single:
         out = op(**bound.tensors, initial_state=h0, return_final_state=needed)
         out, final = out if needed else (out, None)
     elif needed:
         _, final = op(**bound.tensors, return_final_state=True)
-    else:
-        final = None
     dtype = torch.float64 if bound.dtype == torch.float64 else torch.float32
     contribution = (torch.zeros(spec.states_shape, dtype=dtype, device=bound.device)
-                    if final is None else final.reshape(spec.states_shape))
+                    if final is None else final.to(dtype).reshape(spec.states_shape))
     decay = None
     if spec.decay_shape is not None:
         # a single run's entering state is zero in the fold, so its decay multiplies nothing
@@ -135,7 +138,7 @@ def _run(op: CompiledOp, bound: Bound, spec: Spec):
                if t is not None and t.requires_grad] if spec.needs_grad else []
     entering, final, out = StateExchange.apply(spec, contribution, decay, initial, out, *anchors)
     state_shape = spec.states_shape if len(spec.reverse) > 1 else spec.state_shape
-    if not single:
+    if not (single or empty):
         out = op(**bound.tensors, initial_state=entering.reshape(state_shape))
     if bound.return_final_state:
         return out, final.reshape(state_shape)

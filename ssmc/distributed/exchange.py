@@ -129,6 +129,7 @@ class StateExchange(torch.autograd.Function):
             states.append(s)
         ctx.spec, ctx.decays, ctx.states = spec, decays, states
         ctx.num_anchors = len(anchors)
+        ctx.given = [x is not None for x in (contribution, decay, initial, passthrough)]
         return torch.stack(entering), torch.stack(finals), passthrough
 
     @staticmethod
@@ -151,7 +152,7 @@ class StateExchange(torch.autograd.Function):
             if g_a[k] is not None:
                 grad_decay = g_a[k] if grad_decay is None else grad_decay + g_a[k]
             grad_initial.append(g_h)
-        grad_initial = (torch.stack(grad_initial) if spec.carries_initial and spec.rank == 0
-                        else None)
-        return (None, torch.stack(grad_contribution), grad_decay, grad_initial,
-                grad_passthrough) + (None,) * ctx.num_anchors
+        grads = (torch.stack(grad_contribution), grad_decay, torch.stack(grad_initial),
+                 grad_passthrough)
+        grads = tuple(g if given else None for g, given in zip(grads, ctx.given))
+        return (None,) + grads + (None,) * ctx.num_anchors
