@@ -130,8 +130,8 @@ def _check_case(case: Case, seed: int, group) -> list[str]:
     loss = (y_ref.double() * w_y).sum()
     if case.final_state:
         loss = loss + (final_ref.double() * w_final.sum(0)).sum()
-    wrt = list(ref_leaves.values()) + ([ref_h0] if ref_h0 is not None else [])
-    grads_ref = torch.autograd.grad(loss, wrt, allow_unused=True)
+    ref_wrt = list(ref_leaves.values()) + ([ref_h0] if ref_h0 is not None else [])
+    grads_ref = torch.autograd.grad(loss, ref_wrt, allow_unused=True)
 
     axes = {i.name: i.axes for i in definition.program.inputs}
     shard = {k: _t_slice(v, axes[k], start, stop).clone().requires_grad_(True)
@@ -158,9 +158,9 @@ def _check_case(case: Case, seed: int, group) -> list[str]:
     for i, (name, g, g_ref) in enumerate(zip(list(shard) + ["initial_state"], grads,
                                               grads_ref)):
         g = torch.zeros_like(wrt[i]) if g is None else g
-        g_ref = torch.zeros_like(wrt[i]) if g_ref is None else g_ref
-        if name in axes and "t" not in axes[name]:
-            dist.all_reduce(g, group=group)  # each rank has its shard's share of a parameter's gradient
+        g_ref = torch.zeros_like(ref_wrt[i]) if g_ref is None else g_ref
+        if name in axes and "t" not in axes[name]:  # each rank has its shard's share of it
+            dist.all_reduce(g, group=group)
         else:
             g_ref = _t_slice(g_ref, axes.get(name, ()), start, stop)
         report.append(compare(f"grad {name}", g, g_ref, tol))
