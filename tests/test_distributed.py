@@ -55,7 +55,14 @@ class Case:
     direction: str
     initial_state: bool
     final_state: bool
+    four: bool = False    # also on a group of four ranks (all cases run on groups of two)
     dtype: torch.dtype = torch.float64
+
+    @property
+    def lowering(self) -> str:
+        """The scan for the signed decays (what `auto` mostly picks for them on TVM; planning
+        costs CPU time in every process), the cost model's choice for Mamba-2."""
+        return "auto" if self.decay == "ssd" else "scan"
 
     def definition(self):
         if self.decay == "ssd":
@@ -77,17 +84,17 @@ class Case:
 CASES = [
     Case("none-fwd", None, "forward", True, True),
     Case("per_head-fwd", "h", "forward", False, True),
-    Case("per_head_key-fwd", "h n", "forward", True, False),
-    Case("per_step-fwd", "b t h", "forward", True, True),
+    Case("per_head_key-fwd", "h n", "forward", True, False, four=True),
+    Case("per_step-fwd", "b t h", "forward", True, True, four=True),
     Case("per_key-fwd", "b t h n", "forward", False, False),
-    Case("full-fwd", "b t h n p", "forward", True, True),
-    Case("none-rev", None, "reverse", False, True),
+    Case("full-fwd", "b t h n p", "forward", True, True, four=True),
+    Case("none-rev", None, "reverse", False, True, four=True),
     Case("per_step-rev", "b t h", "reverse", True, True),
-    Case("per_key-rev", "b t h n", "reverse", True, False),
+    Case("per_key-rev", "b t h n", "reverse", True, False, four=True),
     Case("per_head-bi", "h", "bidirectional", False, False),
-    Case("per_step-bi", "b t h", "bidirectional", True, True),
-    Case("ssd-fwd", "ssd", "forward", True, True),
-    Case("ssd-fwd-fp32", "ssd", "forward", True, True, torch.float32),
+    Case("per_step-bi", "b t h", "bidirectional", True, True, four=True),
+    Case("ssd-fwd", "ssd", "forward", True, True, four=True),
+    Case("ssd-fwd-fp32", "ssd", "forward", True, True, dtype=torch.float32),
 ]
 
 
@@ -108,7 +115,7 @@ def _check_case(case: Case, seed: int, group) -> list[str]:
     """Run one case on this rank of `group`; return its comparisons as lines (ok or FAIL)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     definition = case.definition()
-    op = ssmc.compile(definition, backend="tvm")
+    op = ssmc.compile(definition, backend="tvm", lowering=case.lowering)
     lengths = _lengths(world, seed)
     start, stop = sum(lengths[:rank]), sum(lengths[:rank + 1])
     full = case.inputs(definition, sum(lengths), seed)
@@ -199,7 +206,8 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         for i, case in enumerate(CASES):
             lines += _check_case(case, seed=200 + 20 * (rank // 2) + i, group=pair)
         for i, case in enumerate(CASES):
-            lines += _check_case(case, seed=400 + i, group=None)
+            if case.four:
+                lines += _check_case(case, seed=400 + i, group=None)
         lines += _check_disagreements(pair)
     finally:
         dist.destroy_process_group()
@@ -214,8 +222,9 @@ def test_context_parallel_matches_single_process(tmp_path):
              for line in json.loads((tmp_path / f"rank{r}.json").read_text())]
     bad = [line for line in lines if ": FAIL" in line]
     assert not bad, "context_parallel disagrees with the single-process op:\n" + "\n".join(bad)
-    for size in (2, 4):  # every rank compared every case's output, in groups of 2 and of 4
-        assert sum(f"/{size}: ok   y:" in line for line in lines) == world * len(CASES)
+    # every rank compared every case's output in its group of two, and in the group of four
+    assert sum("/2: ok   y:" in line for line in lines) == world * len(CASES)
+    assert sum("/4: ok   y:" in line for line in lines) == world * sum(c.four for c in CASES)
 
 
 def test_fold_backward_is_the_gradient_of_fold():

@@ -85,7 +85,11 @@ def _split(gathered: torch.Tensor, spec: Spec):
 
 
 def _check_agreement(flags: torch.Tensor, spec: Spec) -> None:
-    """Raise on every rank alike when the ranks disagree on a flag the backward depends on."""
+    """Raise on every rank alike when the ranks disagree on a flag the backward depends on.
+    Reading the flags synchronises the host with the device once per call; a group of one has
+    nothing to disagree with and skips it."""
+    if spec.world == 1:
+        return
     host = flags.to("cpu", torch.int64).tolist()
     for i, (what, fix, error) in enumerate((
             ("need gradients", "every rank's shard must require gradients (the backward is "
