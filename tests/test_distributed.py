@@ -83,9 +83,8 @@ class Case:
 #: every decay kind and direction; initial and final states in turn
 CASES = [
     Case("none-fwd", None, "forward", True, True),
-    Case("per_head-fwd", "h", "forward", False, True),
-    Case("per_head_key-fwd", "h n", "forward", True, False, four=True),
-    Case("per_step-fwd", "b t h", "forward", True, True, four=True),
+    Case("per_head-fwd", "h", "forward", False, True, four=True),
+    Case("per_step-fwd", "b t h", "forward", True, False, four=True),
     Case("per_key-fwd", "b t h n", "forward", False, False),
     Case("full-fwd", "b t h n p", "forward", True, True, four=True),
     Case("none-rev", None, "reverse", False, True, four=True),

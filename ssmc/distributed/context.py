@@ -59,7 +59,9 @@ class ContextParallel:
         return f"<ssmc context_parallel {self.op!r}>"
 
     def _rank_and_world(self) -> tuple[int, int]:
-        if not (dist.is_available() and dist.is_initialized()):
+        if not dist.is_available():
+            raise ConfigError(f"{self.fn}: this build of torch has no torch.distributed")
+        if not dist.is_initialized():
             raise ConfigError(f"{self.fn}: torch.distributed is not initialised; call "
                               "torch.distributed.init_process_group first")
         rank = dist.get_rank(self.group)

@@ -1,7 +1,7 @@
 """The collective of context parallelism, as an autograd Function: one all-gather forward, one
 all-gather backward, each of a few (b, h, n, p)-sized tensors per rank whatever the shard length.
 
-Forward, every rank contributes one flat buffer: two flags (does this rank need gradients, does
+Forward, every rank contributes one flat buffer: its flags (does this rank need gradients, does
 it return the final state), its shard's final state from a zero start (`contribution`), its
 total decay, and on rank 0 the initial state it did not fold into its own run. Each rank folds
 the gathered contributions (`combine.fold`) in the order each direction runs through the ranks
@@ -28,10 +28,14 @@ import torch.distributed as dist
 from ..errors import ArgumentError, UnsupportedError
 from .combine import fold, fold_backward
 
-#: the all-gather into one flat tensor (named all_gather_into_tensor before torch 2.13)
-_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+#: the all-gather into one flat tensor (named all_gather_into_tensor before torch 2.13; neither
+#: exists in a torch built without distributed support, where `context` refuses every call)
+_gather_into = (getattr(dist, "all_gather_single", None)
+                or getattr(dist, "all_gather_into_tensor", None))
 
-_FLAGS = 2  # needs gradients, returns the final state
+#: one value whose bits say: needs gradients (1), returns the final state (2). Made on the
+#: device by a fill, not copied from the host, which would synchronise with the device.
+_FLAGS = 1
 
 
 @dataclass(frozen=True)
@@ -90,15 +94,15 @@ def _check_agreement(flags: torch.Tensor, spec: Spec) -> None:
     nothing to disagree with and skips it."""
     if spec.world == 1:
         return
-    host = flags.to("cpu", torch.int64).tolist()
-    for i, (what, fix, error) in enumerate((
+    host = [int(f) for f in flags.reshape(-1).tolist()]
+    for bit, (what, fix, error) in zip((1, 2), (
             ("need gradients", "every rank's shard must require gradients (the backward is "
              "collective), or none", UnsupportedError),
             ("pass return_final_state=True", "pass the same value on every rank",
              ArgumentError))):
-        yes = [r for r, f in enumerate(host) if f[i]]
+        yes = [r for r, f in enumerate(host) if f & bit]
         if yes and len(yes) < spec.world:
-            no = [r for r, f in enumerate(host) if not f[i]]
+            no = [r for r, f in enumerate(host) if not f & bit]
             raise error(f"{spec.fn}: ranks {yes} {what} but ranks {no} do not; {fix}")
 
 
@@ -114,8 +118,8 @@ class StateExchange(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: Spec, contribution, decay, initial, passthrough, *anchors):
-        pieces = [contribution.new_tensor([spec.needs_grad, spec.return_final_state]),
-                  contribution.reshape(-1)]
+        flags = int(spec.needs_grad) + 2 * int(spec.return_final_state)
+        pieces = [contribution.new_full((_FLAGS,), flags), contribution.reshape(-1)]
         if spec.decay_shape is not None:
             pieces.append(decay.reshape(-1))
         if spec.carries_initial:
