@@ -1,11 +1,12 @@
 """Context parallelism (`ssmc.distributed`) on the CPU with gloo.
 
-Groups of 2 and 4 processes run one sequence cut into random shards (empty ones included); each
-rank compares its shard of the output, the final state and every gradient with the same compiled
-op (TVM on LLVM, float64) run on the whole sequence in one process. The cases cover every decay
-kind, with decays that are zero or negative, each direction, with and without `initial_state`
-and `return_final_state`. The fold of the shards' states is checked against autograd alone, and
-a group of one and the argument checks run in this process.
+Four spawned processes form two groups of two and then one group of four; each group runs one
+sequence cut into random shards (empty ones included), and each rank compares its shard of the
+output, the final state and every gradient with the same compiled op (TVM on LLVM, float64) run
+on the whole sequence in one process. The cases cover every decay kind, with decays that are
+zero or negative, each direction, with and without `initial_state` and `return_final_state`.
+The fold of the shards' states is checked against autograd alone, and a group of one and the
+argument checks run in this process.
 """
 import datetime
 import json
@@ -98,7 +99,7 @@ CASES = [
 
 
 def _lengths(world: int, seed: int) -> list[int]:
-    """Random shard lengths summing to 11..30; every third seed has an empty shard."""
+    """Random shard lengths of 1..8 tokens; with every third seed one of them is empty."""
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 9, (world,), generator=gen).tolist()
     if seed % 3 == 0:
