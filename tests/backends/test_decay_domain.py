@@ -13,8 +13,11 @@ import torch
 
 import ssmc
 from ssmc import dsl as S
-from ssmc.backends.triton.lowerings import chunked
-from tests.helpers import check_against_reference
+from ssmc import reference
+from ssmc.backends.triton.lowerings import chunked, quadratic
+from ssmc.plan import Plan
+from ssmc.validate import bind
+from tests.helpers import check_against_reference, compare
 
 SIZES = dict(b=1, t=70, h=2, g=1, n=8, p=4)   # t: a full chunk of 64 and a partial one
 TOL = 2e-5
@@ -121,27 +124,32 @@ def test_auto_never_picks_a_refusing_lowering(backend, per_key):
 @pytest.mark.parametrize("states", [False, True], ids=["nostate", "states"])
 @pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
 @pytest.mark.parametrize("backend, lowering", CASES, ids=IDS)
-def test_strong_and_infinite_log_decays(backend, lowering, per_key, states, request):
+def test_strong_and_infinite_log_decays(backend, lowering, per_key, states):
     """exp(u) is positive with an exact log, so every lowering takes it; -1e4 and -inf must
     neither give NaN nor round the other steps' log-decays away."""
-    if backend == "triton" and lowering != "scan":
-        # the exact (direct-sum) form these kernels use for signed decays cost 2x on the
-        # H200's SSD forward; positive decays keep running-sum differences until a form
-        # without that cost lands (the open decay-domain issue)
-        request.applymarker(pytest.mark.xfail(strict=True, reason="-inf - -inf in the "
-                                              "positive-decay fast path"))
     defn = exp_decay_keys if per_key else exp_decay
     run(defn, strong_inputs(per_key), backend, lowering, states)
 
 
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+def test_attention_matrix_with_strong_and_infinite_log_decays(per_key):
+    """The Triton attention-matrix kernel (the quadratic lowering's exponents) is 0 across a
+    reset and keeps the other entries' accuracy."""
+    defn = exp_decay_keys if per_key else exp_decay
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = {k: v.to(device) for k, v in strong_inputs(per_key, seed=4).items()}
+    bound = bind(defn.program, (), x)
+    plan = Plan(program=defn.program, lowering="quadratic", dtype="float32")
+    M = quadratic.attention_matrix(plan, bound.tensors, bound.sizes)
+    ref = bind(defn.program, (), {k: v.double().cpu() for k, v in x.items()})
+    r = compare("M", M, reference.attention_matrix(defn.program, ref.tensors, ref.sizes), TOL)
+    assert r.ok, str(r)
+
+
 @pytest.mark.parametrize("backend, lowering", CASES, ids=IDS)
-def test_sigmoid_gate_underflow_and_near_one(backend, lowering, request):
+def test_sigmoid_gate_underflow_and_near_one(backend, lowering):
     """sigmoid(-200) is 0 in fp32 and sigmoid(16) rounds to 1 - 6e-8; log sigmoid(a) =
     -softplus(-a) keeps both exact, so every lowering takes the gate."""
-    if backend == "triton" and lowering != "scan":
-        # log-decays of -200 every 9 steps round the running sums' differences on the GPU
-        # and under the interpreter: the positive-decay fast path's open precision bug
-        request.applymarker(pytest.mark.xfail(strict=False, reason="running-sum differences"))
     gen = torch.Generator().manual_seed(2)
     s = SIZES
     a = torch.randn(s["b"], s["t"], s["h"], generator=gen)

@@ -107,6 +107,37 @@ def chunk_state_store(ptr: str, value: str, level: int = 2) -> str:
                   f" + offs_p[None, :],\n         {value}, mask=state_mask)", level)
 
 
+#: A log-decay below this is a reset: the decay is under fp32's smallest normal number (e^-87.3,
+#: which the GPU's exp flushes to 0) or exactly 0 (-inf). The running-sum (positive-decay)
+#: kernels keep such steps out of their sums and count them apart: a difference of running
+#: sums that hold -inf is NaN, and one of sums that hold -1e4 rounds the other steps away.
+RESET_BELOW = -87.0
+#: what one reset adds to an exponent: exp(-65536 + the sum of any finite decays) is exactly 0
+RESET_WEIGHT = 65536.0
+#: a block's sum of folded log-decays (`fold_resets`) below this holds a reset: its other steps
+#: (each above RESET_BELOW, at most 256 of them) sum to more. Kernels test it to count resets
+#: apart only in the rare blocks that have one, at the cost of one scalar branch elsewhere.
+HAS_RESET_BELOW = -RESET_WEIGHT / 2
+
+
+def split_resets(ld: str, rz: str) -> list[str]:
+    """Lines moving the resets of log-decays `ld` into `rz` (1.0 per reset, else 0.0)."""
+    return [f"{rz} = tl.where({ld} < {RESET_BELOW}, 1.0, 0.0)",
+            f"{ld} = tl.where({rz} > 0.0, 0.0, {ld})"]
+
+
+def fold_resets(ld: str) -> str:
+    """`ld` with each reset replaced by -RESET_WEIGHT: only for a sum that is exponentiated
+    whole (never subtracted from another), which is then exactly 0 across a reset, or whose
+    resets are split out again (`split_resets`) before it is."""
+    return f"tl.where(({ld}) < {RESET_BELOW}, -{RESET_WEIGHT}, {ld})"
+
+
+def with_resets(regular: str, resets: str) -> str:
+    """An exponent from a sum of regular log-decays and the count of resets in its range."""
+    return f"({regular}) - {RESET_WEIGHT} * ({resets})"
+
+
 def after(v: str, zero: str = "0.0") -> str:
     """Per step s of a (BT,) vector, the sum of the later steps r > s, summed directly rather
     than as a suffix sum minus v_s: a log-decay of -inf (a zero decay) or -1e4 would make that

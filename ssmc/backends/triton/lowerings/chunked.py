@@ -15,8 +15,18 @@ which overflows once a chunk's summed log-decay on one key falls below about -88
 log-decay below -5.5 with 16 steps); per-key decays instead form exp(L_t - L_s) elementwise
 per (t, s, n) on the causal half only (every exponent <= 0), in 16-step chunks to bound that
 work, and use only exponents <= 0 for the state terms (exp(L_t), exp(L_last - L_s)).
+
+A positive decay's resets (`templates.RESET_BELOW`: a decay of 0, or under fp32's smallest
+normal number) are kept out of L and counted apart in Z: the weight is exp((L_t - L_s) -
+RESET_WEIGHT * (Z_t - Z_s)), exactly 0 across a reset, and L keeps the accuracy ordinary
+decays give it. Scalar decays count them only in a block that has one (a scalar branch on the
+block's folded sum, `templates.HAS_RESET_BELOW`): counting everywhere cost 25% of the SSD
+forward on an H200. A decay that may be zero or negative takes direct sums instead (see
+`_scalar_decay_body`).
 """
 from __future__ import annotations
+
+import textwrap
 
 import torch
 import triton
@@ -26,8 +36,9 @@ from ....plan import Plan
 from ..common import (HEADER, Outputs, compute_type, dot_type, emit_output, fp32_precision,
                       input_args, input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile, split_scale
-from ..templates import (after, chunk_setup, chunk_state_store, indent, rows, segment, seq_setup,
-                         signed, state_init)
+from ..templates import (HAS_RESET_BELOW, after, chunk_setup, chunk_state_store, fold_resets,
+                         indent, rows, segment, seq_setup, signed, split_resets, state_init,
+                         with_resets)
 from . import register_lowering
 
 FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx"}
@@ -101,35 +112,60 @@ class _Chunk:
         self.body(f"{name}_scale = tl.zeros([BT], dtype={self.ct}) + {v}")
         return name, f"{name}_scale"
 
-    def log_decay_rows(self):
-        """ld (masked log|decay| per row) and l_last, scalar-per-step decays; with a signed
-        decay also ng (1 where the decay is negative)."""
+    def resets(self, ld: str, rz: str, axis: int) -> None:
+        """`l_last`, the chunk's total log-decay along `axis`; for a positive decay, its resets
+        first moved out of `ld` into `rz`."""
+        total = f"tl.sum({ld}, axis={axis})"
+        if self.prog.decay_log_safe:
+            for line in split_resets(ld, rz):
+                self.body(line)
+            total = with_resets(total, f"tl.sum({rz}, axis={axis})")
+        self.body(f"l_last = {total}")
+
+    def log_decay_rows(self, resets: str = "fold"):
+        """ld (masked log|decay| per row) and its total l_last, scalar-per-step decays; a
+        positive decay's resets are folded in (`fold_resets`: l_last < HAS_RESET_BELOW says
+        the chunk has one), or split out into rz (`resets="split"`), or left as they are (a
+        chunk known to have none: "none"); with a signed decay also ng (1 where the decay is
+        negative)."""
         ctx = Context(self.prog, T_TILE, self.body, "l", self.ct)
         v = ctx.value(self.prog.log_decay, "ld_raw")
+        safe = self.prog.decay_log_safe
+        if safe and resets == "fold":
+            v = fold_resets(v)
         self.body(f"ld = tl.where(mask_t, {v}, 0.0)")
-        self.body("l_last = tl.sum(ld, axis=0)")
+        if safe and resets == "split":
+            self.resets("ld", "rz", 0)
+        else:
+            self.body("l_last = tl.sum(ld, axis=0)")
         if self.prog.decay_signed:
             v = ctx.value(self.prog.recurrence.decay, "dsg_raw")
             self.body(f"ng = tl.where(mask_t, tl.where({v} < 0, 1, 0), 0)")
 
     def log_decay_keys_t(self):
-        """ldT (n, t) and l_last (n) for per-key decays, in key layout (ngT: negative flags)."""
+        """ldT (n, t) (rzT) and l_last (n) for per-key decays, in key layout (ngT: negative
+        flags)."""
         ctx = Context(self.prog, KT_TILE, self.body, "kt", self.ct)
         ctx.loaded = self.ctx_kt.loaded
         v = ctx.value(self.prog.log_decay, "ldT_raw")
         self.body(f"ldT = tl.where(mask_n[:, None] & mask_t[None, :], {v}, 0.0)")
-        self.body("l_last = tl.sum(ldT, axis=1)")
+        self.resets("ldT", "rzT", 1)
         if self.prog.decay_signed:
             v = ctx.value(self.prog.recurrence.decay, "dsgT_raw")
             self.body("ngT = tl.where(mask_n[:, None] & mask_t[None, :], "
                       f"tl.where({v} < 0, 1, 0), 0)")
 
     def log_decay_keys(self):
-        """ld (t, n) and its running sum lc for per-key decays, in query layout (ng)."""
+        """ld (t, n) and its running sum lc for per-key decays, in query layout (ng; for a
+        positive decay the running count of resets zc)."""
         ctx = Context(self.prog, QK_TILE, self.body, "qk", self.ct)
         ctx.loaded = self.ctx_qk.loaded
         v = ctx.value(self.prog.log_decay, "ld_raw")
         self.body(f"ld = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
+        if self.prog.decay_log_safe:
+            for line in split_resets("ld", "rz"):
+                self.body(line)
+            self.body("zc = tl.cumsum(rz, axis=0)")
         self.body("lc = tl.cumsum(ld, axis=0)")
         if self.prog.decay_signed:
             v = ctx.value(self.prog.recurrence.decay, "dsg_raw")
@@ -137,12 +173,24 @@ class _Chunk:
                       f"tl.where({v} < 0, 1, 0), 0)")
 
 
-def _decay_to_chunk_end(body: Emitter, prog, ld: str, ng: str, axis: int, after_of) -> None:
+def _decay_to_chunk_end(body: Emitter, prog, ld: str, rz: str, ng: str, axis: int,
+                        after_of) -> None:
     """`dec`, each key's decay to the chunk's end (exactly 1 for its last key), and `total`,
-    the whole chunk's, from the log-decays `ld` (negative flags `ng`) along `axis`;
-    `after_of(v, zero)` sums v over the later steps directly."""
-    if prog.decay_log_safe:   # a suffix sum: exactly 0 on the last key
-        body(f"dec = tl.exp(tl.cumsum({ld}, axis={axis}, reverse=True) - {ld})")
+    the whole chunk's, from the log-decays `ld` (resets `rz`, negative flags `ng`) along
+    `axis`; `after_of(v, zero)` sums v over the later steps directly."""
+    if prog.decay_log_safe:   # suffix sums: exactly 0 on the last key
+        suffix = lambda v: f"tl.cumsum({v}, axis={axis}, reverse=True) - {v}"  # noqa: E731
+        if axis == 0:   # resets folded into ld (`log_decay_rows`): counted apart if any
+            body(f"if l_last < {HAS_RESET_BELOW}:")
+            with body.block():
+                for line in split_resets(ld, rz):
+                    body(line)
+                body(f"dec = tl.exp({with_resets(suffix(ld), suffix(rz))})")
+            body("else:")
+            with body.block():
+                body(f"dec = tl.exp({suffix(ld)})")
+        else:
+            body(f"dec = tl.exp({with_resets(suffix(ld), suffix(rz))})")
     else:
         body(f"dec = tl.exp({after_of(ld, '0.0')})")
     body("total = tl.exp(l_last)")
@@ -160,7 +208,7 @@ def render_state_kernel(plan: Plan) -> str:
         c.value()
         c.log_decay_keys_t()
         later = "offs_c[None, None, :] > offs_c[None, :, None]"
-        _decay_to_chunk_end(body, plan.program, "ldT", "ngT", 1,
+        _decay_to_chunk_end(body, plan.program, "ldT", "rzT", "ngT", 1,
                             lambda v, z: f"tl.sum(tl.where({later}, {v}[:, None, :], {z}), axis=2)")
         body("kT_dec = keyT * dec")
         body(f"state = state * total[:, None] + {c.dot(f'kT_dec.to({c.dt})', 'value')}")
@@ -177,8 +225,11 @@ def render_state_kernel(plan: Plan) -> str:
         weights = [s for s in (key[1], val[1]) if s is not None]
         if plan.program.log_decay is not None:
             c.log_decay_rows()
-            _decay_to_chunk_end(body, plan.program, "ld", "ng", 0, after)
+            _decay_to_chunk_end(body, plan.program, "ld", "rz", "ng", 0, after)
             weights.append("dec")
+            if reset_specialised(plan):   # which output pass takes the chunk
+                body(f"tl.store(resets_ptr + chunk * H + h_idx, "
+                     f"(l_last < {HAS_RESET_BELOW}).to(tl.int8))")
         if weights:
             body(f"w = tl.where(mask_t, {' * '.join(weights)}, 0.0)")
             body(f"kT_dec = ({key[0]} * w[None, :]).to({c.dt})")
@@ -193,7 +244,7 @@ def render_state_kernel(plan: Plan) -> str:
 @triton.jit
 def ssmc_chunked_state_fwd(
     {input_params(plan.program)},
-    states_ptr, h0_ptr, hT_ptr, cu_ptr, chunk_off_ptr,
+    states_ptr, resets_ptr, h0_ptr, hT_ptr, cu_ptr, chunk_off_ptr,
     T, HPG, N, P,
     BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr,
     REVERSE: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -218,7 +269,7 @@ KEY_T_TILE = Tile([KEY_AXIS], FIXED)
 KEY_ROWS = rows("cs0 + j * BT", "j_row", "mask_key", "t_key")
 
 
-def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
+def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter, resets: bool) -> None:
     """Rows r*BT.. of a CS-long chunk: the decayed carried state, then every key block of
     the chunk up to the diagonal (a scalar or absent decay factors per row and per key).
     Operands that split as bare input * scale are loaded straight into the matmul type and
@@ -230,12 +281,15 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
     never a difference of two running sums, so a zero decay (-inf) or a log-decay of -1e4
     keeps the others exact, and the parity of the count of negative decays in each product
     gives its sign. Positive decays keep running-sum differences: the direct sums doubled the
-    SSD forward on an H200 (benchmarks/RESULTS.md)."""
+    SSD forward on an H200 (benchmarks/RESULTS.md). With `resets` (a chunk that has one) they
+    count resets apart (module docstring); without, the chunk has none."""
     prog = plan.program
     rec = prog.recurrence
     dt = c.dt
     decay = prog.log_decay is not None
     sgn = decay and prog.decay_signed
+    exact = decay and not prog.decay_log_safe
+    resets = resets and decay and not exact
     query = c.scaled(rec.query, "n", QK_TILE, T_TILE, "q_op", "q")
     if query is None:
         c.query()
@@ -254,15 +308,22 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
                 pre(line)
             ctx = Context(prog, KEY_T_TILE, pre, "pj", c.ct)
             v = ctx.value(prog.log_decay, "ldj_raw")
+            if resets:   # only exponentiated whole (rs_dec): resets folded in
+                v = fold_resets(v)
             pre(f"prefix += tl.sum(tl.where(mask_key, {v}, 0.0), axis=0)")
             if sgn:
                 v = ctx.value(rec.decay, "dsj_raw")
                 pre("prefix_ng += tl.sum(tl.where(mask_key, "
                     f"tl.where({v} < 0, 1, 0), 0), axis=0)")
             body.lines.extend(pre.lines)
-        c.log_decay_rows()
+        c.log_decay_rows("split" if resets else "none")
         body("lc = tl.cumsum(ld, axis=0)")
-        body("rs_dec = tl.exp(prefix + lc)")
+        row_part = "lc"
+        if resets:   # zc the count of resets, lcf the row's part of an exponent (0 after one)
+            body("zc = tl.cumsum(rz, axis=0)")
+            body(f"lcf = {with_resets('lc', 'zc')}")
+            row_part = "lcf"
+        body(f"rs_dec = tl.exp(prefix + {row_part})")
         if sgn:
             body("ngc = tl.cumsum(ng, axis=0)")
             body("rs_dec = " + signed("rs_dec", "prefix_ng + ngc"))
@@ -299,19 +360,34 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
         col_scale = [s for s in (key[1], val[1]) if s is not None]
         loop(f"scores = {c.dot('q_op', 'kT')}")
         if decay:
-            exact = not prog.decay_log_safe
-            if diagonal:   # the row block itself: its ld (and ng, lc) are at hand
+            if diagonal:   # the row block itself: its ld (and ng, lc, zc) are at hand
                 loop("past = offs_c[None, :] <= offs_c[:, None]")
-                loop(f"gap = {segment('ld')}" if exact else "gap = lc[:, None] - lc[None, :]")
+                if exact:
+                    loop(f"gap = {segment('ld')}")
+                elif resets:
+                    loop("gap = " + with_resets("lc[:, None] - lc[None, :]",
+                                                "zc[:, None] - zc[None, :]"))
+                else:
+                    loop("gap = lc[:, None] - lc[None, :]")
                 count = segment("ng", "0")
             else:
                 lt = Context(prog, KEY_T_TILE, loop, "lj", c.ct)
                 v = lt.value(prog.log_decay, "ldk_raw")
                 loop(f"ldk = tl.where(mask_key, {v}, 0.0)")
+                if resets:   # the key block's steps after s, its resets counted apart
+                    for line in split_resets("ldk", "rzk"):
+                        loop(line)
+                    loop("rzk_sum = tl.sum(rzk, axis=0)")
                 loop("ldk_sum = tl.sum(ldk, axis=0)")
-                excl = after("ldk") if exact else "ldk_sum - tl.cumsum(ldk, axis=0)"
-                loop(f"gap = lc[:, None] + mid + ({excl})[None, :]")
-                loop("mid += ldk_sum")
+                if exact:
+                    loop(f"excl = {after('ldk')}")
+                elif resets:
+                    loop("excl = " + with_resets("ldk_sum - tl.cumsum(ldk, axis=0)",
+                                                 "rzk_sum - tl.cumsum(rzk, axis=0)"))
+                else:
+                    loop("excl = ldk_sum - tl.cumsum(ldk, axis=0)")
+                loop(f"gap = {row_part}[:, None] + mid + excl[None, :]")
+                loop("mid += " + (with_resets("ldk_sum", "rzk_sum") if resets else "ldk_sum"))
                 if sgn:
                     v = lt.value(rec.decay, "dsk_raw")
                     loop(f"ngk = tl.where(mask_key, tl.where({v} < 0, 1, 0), 0)")
@@ -363,7 +439,8 @@ def _per_key_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
         body("k_s = tl.sum(tl.where(sel[:, None], key, 0.0), axis=0)")
         if c.prog.decay_log_safe:
             body("lc_s = tl.sum(tl.where(sel[:, None], lc, 0.0), axis=0)")
-            body("seg = lc - lc_s[None, :]")
+            body("zc_s = tl.sum(tl.where(sel[:, None], zc, 0.0), axis=0)")
+            body("seg = " + with_resets("lc - lc_s[None, :]", "zc - zc_s[None, :]"))
         else:
             body("later = offs_c[:, None] > s")
             body("seg = tl.cumsum(tl.where(later, ld, 0.0), axis=0)")
@@ -373,18 +450,25 @@ def _per_key_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
         body("col = tl.sum(query * dec * k_s[None, :], axis=1)")
         body("scores = tl.where(sel[None, :], col[:, None], scores)")
     body(f"y = {c.dot(f'scores.to({dt})', 'value')}")
-    body("q_dec = tl.exp(lc)")
+    from_start = with_resets("lc", "zc") if c.prog.decay_log_safe else "lc"
+    body(f"q_dec = tl.exp({from_start})")
     if sgn:
         body("q_dec = " + signed("q_dec", "tl.cumsum(ng, axis=0)"))
     body(f"y += {c.dot(f'(query * q_dec).to({dt})', f'state_in.to({dt})')}")
 
 
-# the output pass runs R = CS // BT programs (row blocks) per chunk
-CHUNK_OF_PROGRAM = "tl.program_id(0).to(tl.int64) // R"
 
 
-def render_output_kernel(plan: Plan) -> str:
+def reset_specialised(plan: Plan) -> bool:
+    """Whether the output pass runs twice, once per chunk kind (`RESETS`): positive decays
+    without n, whose chunks the state pass flags where they hold a reset. Counting resets in
+    every chunk cost 25% of the SSD forward on an H200 (40% more time in this kernel: 214
+    registers against 165); flagged, the chunks without one run the plain running sums."""
     prog = plan.program
+    return prog.log_decay is not None and prog.decay_log_safe and not per_key_decay(plan)
+
+
+def _output_body(plan: Plan, resets: bool) -> Emitter:
     body = Emitter(indent=1)
     c = _Chunk(plan, body)
     body("state_in = tl.load(states_ptr + ((chunk * H + h_idx) * N + offs_n[:, None]) * P"
@@ -392,27 +476,78 @@ def render_output_kernel(plan: Plan) -> str:
     if per_key_decay(plan):
         _per_key_decay_body(plan, c, body)
     else:
-        _scalar_decay_body(plan, c, body)
+        _scalar_decay_body(plan, c, body, resets)
     body("y_mask = mask_t[:, None] & mask_p[None, :]")
-    emit_output(body, prog, V_TILE, c.ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
-    return f'''
-@triton.jit
-def ssmc_chunked_out_fwd(
-    {input_params(prog)},
+    emit_output(body, plan.program, V_TILE, c.ct, "t_row[:, None]", "offs_p[None, :]",
+                "y_mask")
+    return body
+
+
+OUT_PARAMS = """
     out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
-    yacc_ptr, states_ptr, cu_ptr, chunk_off_ptr, chunk_seq_ptr,
+    yacc_ptr, states_ptr, resets_ptr, cu_ptr, chunk_off_ptr, chunk_seq_ptr,
     T, HPG, N, P,
     BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr,
     REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
-    WRITE_OUT: tl.constexpr,
+    WRITE_OUT: tl.constexpr,"""
+
+#: row blocks (with their flags) one program of the counting pass walks
+RESET_ROWS_PER_PROGRAM = 16
+
+
+def _row_block(plan: Plan, chunk: str, body: Emitter, level: int) -> str:
+    """One row block of the output pass (the program's `chunk`, row block r), at `level`."""
+    setup = chunk_setup(True, "cu_ptr", "chunk_off_ptr", "chunk_seq_ptr", chunk, "CS", "cs0")
+    return "\n".join([indent(textwrap.dedent(setup), level),
+                      indent("r = pid0 % R\nc0 = cs0 + r * BT\nif c0 < length:", level),
+                      indent(rows(), level + 1), indent(textwrap.dedent(body.text()), level + 1)])
+
+
+def render_output_kernel(plan: Plan) -> str:
+    """The output pass; for `reset_specialised` plans two kernels: the plain running sums on
+    the chunks the state pass did not flag, and `ssmc_chunked_out_resets_fwd`, counting resets
+    on the flagged ones, RESET_ROWS_PER_PROGRAM row blocks per program (one vector load of
+    their flags, so a run without resets costs it little)."""
+    prog = plan.program
+    params = f"{input_params(prog)},{OUT_PARAMS}"
+    if not reset_specialised(plan):
+        return f'''
+@triton.jit
+def ssmc_chunked_out_fwd({params}
 ):
     R = CS // BT
-{chunk_setup(True, "cu_ptr", "chunk_off_ptr", "chunk_seq_ptr", CHUNK_OF_PROGRAM, "CS", "cs0")}
-    r = tl.program_id(0) % R
-    c0 = cs0 + r * BT
-    if c0 < length:
-{indent(rows(), 2)}
-{chr(10).join("    " + ln for ln in body.text().splitlines())}
+    pid0 = tl.program_id(0).to(tl.int64)
+{_row_block(plan, "pid0 // R", _output_body(plan, True), 1)}
+'''
+    plain = Emitter(indent=0)
+    plain("if tl.load(resets_ptr + chunk * H + h_idx) == 0:")
+    plain.lines.append(indent(textwrap.dedent(_output_body(plan, False).text()), 1))
+    counting = Emitter(indent=0)
+    counting("if tl.load(resets_ptr + chunk * H + h_idx) != 0:")
+    counting.lines.append(indent(textwrap.dedent(_output_body(plan, True).text()), 1))
+    return f'''
+@triton.jit
+def ssmc_chunked_out_fwd({params}
+):
+    R = CS // BT
+    pid0 = tl.program_id(0).to(tl.int64)
+{_row_block(plan, "pid0 // R", plain, 1)}
+
+
+@triton.jit
+def ssmc_chunked_out_resets_fwd({params}
+    NROWS, ROWS: tl.constexpr,
+):
+    R = CS // BT
+    first = tl.program_id(0).to(tl.int64) * ROWS
+    blocks = first + tl.arange(0, ROWS)
+    flags = tl.load(resets_ptr + (blocks // R) * tl.num_programs(1) + tl.program_id(1),
+                    mask=blocks < NROWS, other=0)
+    if tl.max(flags, axis=0) != 0:
+        for i in range(0, ROWS):
+            pid0 = first + i
+            if pid0 < NROWS:
+{_row_block(plan, "pid0 // R", counting, 4)}
 '''
 
 
@@ -469,6 +604,9 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     state_dtype = cdt if interpreting() else {"bfloat16": torch.bfloat16,
                                               "float16": torch.float16}.get(plan.dtype, cdt)
     states = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype, device=device)
+    # 1 where a chunk holds a reset (`reset_specialised`): written by the state pass
+    resets = torch.empty(max(n_chunks, 1), H, dtype=torch.int8, device=device)
+
     on_gpu = device.type == "cuda"
     launch_state = dict(num_warps=m["warps_state"], num_stages=m["stages_state"]) if on_gpu else {}
     launch_out = dict(num_warps=m["warps_out"], num_stages=m["stages_out"]) if on_gpu else {}
@@ -480,7 +618,8 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
         reverse = direction is Direction.REVERSE
         npb = triton.cdiv(P, m["BP_state"])
         module.ssmc_chunked_state_fwd[(S, H, triton.cdiv(N, m["BN_state"]) * npb)](
-            *args, states, out if h0 is None else h0, out if final is None else final[i],
+            *args, states, resets, out if h0 is None else h0,
+            out if final is None else final[i],
             cu, off, T, H // G, N, P,
             BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"], NPB=npb, REVERSE=reverse,
             HAS_H0=h0 is not None,
@@ -488,12 +627,17 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
         if n_chunks == 0:
             continue
         npb = triton.cdiv(P, m["BP_out"])
-        module.ssmc_chunked_out_fwd[(n_chunks * (m["CS"] // m["BT"]), H, npb)](
-            *args, out, *out.stride(), yacc, states, cu, off,
-            out if chunk_seq is None else chunk_seq, T, H // G, N, P,
-            BT=m["BT"], CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb, REVERSE=reverse,
-            IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1,
-            **launch_out)
+        n_rows = n_chunks * (m["CS"] // m["BT"])
+        out_args = (*args, out, *out.stride(), yacc, states, resets, cu, off,
+                    out if chunk_seq is None else chunk_seq, T, H // G, N, P)
+        out_meta = dict(BT=m["BT"], CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb,
+                        REVERSE=reverse, IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0,
+                        WRITE_OUT=i == len(dirs) - 1, **launch_out)
+        module.ssmc_chunked_out_fwd[(n_rows, H, npb)](*out_args, **out_meta)
+        if reset_specialised(plan):
+            rows_per = RESET_ROWS_PER_PROGRAM
+            module.ssmc_chunked_out_resets_fwd[(triton.cdiv(n_rows, rows_per), H, npb)](
+                *out_args, **out_meta, NROWS=n_rows, ROWS=rows_per)
     return o.result()
 
 

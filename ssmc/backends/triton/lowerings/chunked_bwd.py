@@ -65,7 +65,8 @@ from ....plan import Plan
 from ..common import (HEADER, compute_dtype, compute_type, direction_slices, dot_type,
                       fp32_precision, input_args, input_params, next_pow2, num_sequences)
 from ..render import Context, Emitter, Tile, split_scale
-from ..templates import chunk_setup, chunk_state_store, indent, rows, seq_setup, state_init
+from ..templates import (HAS_RESET_BELOW, chunk_setup, chunk_state_store, fold_resets, indent,
+                         rows, seq_setup, split_resets, state_init, with_resets)
 
 # The backward keeps its own tiles and operand helpers (it shares only the kernel set-up
 # snippets of ..templates with the forward, and does not call into the forward's kernels),
@@ -98,6 +99,13 @@ def head_free(plan: Plan) -> bool:
     return all("h" not in axes[s.name] for e in exprs for s in e.free_symbols if s.name in axes)
 
 
+def _suffix(v: str) -> str:
+    """Per step, the sum of the later steps of the chunk: a suffix sum, not the total minus a
+    running sum (two reductions in different orders: not 0 on the last row, and it cancels
+    for strong decays)."""
+    return f"tl.cumsum({v}, axis=0, reverse=True) - {v}"
+
+
 def per_key_decay(plan: Plan) -> bool:
     ld = plan.program.log_decay
     return ld is not None and "n" in ld.axes
@@ -113,8 +121,11 @@ class _Ops:
     """Emits one chunk's operands: query/key (t, n), value (t, p), dy (t, p), log-decays.
 
     After `decay()`: `lc` is the inclusive running sum of log-decays within the chunk ((t,) or
-    (t, n)), `l_last` its total ((), or (n,)) and `lr` = l_last - lc (the later steps' sum);
-    nothing for decay-free programs."""
+    (t, n)) without its resets (`templates.RESET_BELOW`), `zc` the running count of those;
+    `lcf` the exponent from the chunk's start, `l_last` the chunk's total ((), or (n,)) and
+    `lr` = l_last - lc (the later steps' sum), each with its resets (0 across one); nothing
+    for decay-free programs. (Only positive decays reach these kernels: `backward.py`.)
+    Scalar decays count resets only in a chunk that has one (`reset_branch`)."""
 
     def __init__(self, plan: Plan, body: Emitter):
         self.plan, self.body = plan, body
@@ -167,39 +178,65 @@ class _Ops:
                   " + offs_p[None, :], mask=mask_t[:, None] & mask_p[None, :], other=0.0)")
 
     def decay(self):
+        b = self.body
         if self.mode == "row":
-            ctx = Context(self.prog, T_TILE, self.body, "l", self.ct)
+            ctx = Context(self.prog, T_TILE, b, "l", self.ct)
             v = ctx.value(self.prog.log_decay, "ld_raw")
-            self.body(f"ld = tl.where(mask_t, {v}, 0.0)")
+            b(f"ld = tl.where(mask_t, {fold_resets(v)}, 0.0)")
+            b("l_last = tl.sum(ld, axis=0)")   # resets folded in: exponentiated whole only
+            b(f"if {self.reset_branch()}:")
+            with b.block():
+                self._split_decay()
+            b("else:")
+            with b.block():
+                b("lc = tl.cumsum(ld, axis=0)")
+                b("zc = tl.zeros_like(lc)")
+                b("lcf = lc")
+                b(f"lr = {_suffix('ld')}")
         elif self.mode == "key":
-            ctx = Context(self.prog, QK_TILE, self.body, "qk", self.ct)
+            ctx = Context(self.prog, QK_TILE, b, "qk", self.ct)
             ctx.loaded = self.ctx_qk.loaded
             v = ctx.value(self.prog.log_decay, "ld_raw")
-            self.body(f"ld = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
-        else:
-            return
+            b(f"ld = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
+            self._split_decay()
+            b("l_last = " + with_resets("tl.sum(ld, axis=0)", "tl.sum(rz, axis=0)"))
+
+    def _split_decay(self):
+        """lc, zc, lcf and lr with the resets of `ld` split out into `rz`."""
+        for line in split_resets("ld", "rz"):
+            self.body(line)
         self.body("lc = tl.cumsum(ld, axis=0)")
-        self.body("l_last = tl.sum(ld, axis=0)")
-        # l_last - lc as a sum of the later steps: the difference of the total and a running
-        # sum (two reductions in different orders) is not 0 on the last row and cancels for
-        # strong decays
-        self.body("lr = tl.cumsum(ld, axis=0, reverse=True) - ld")
+        self.body("zc = tl.cumsum(rz, axis=0)")
+        self.body(f"lcf = {with_resets('lc', 'zc')}")
+        self.body(f"lr = {with_resets(_suffix('ld'), _suffix('rz'))}")
+
+    @staticmethod
+    def reset_branch() -> str:
+        """The condition (scalar decays) under which a chunk has a reset to count apart."""
+        return f"l_last < {HAS_RESET_BELOW}"
 
     def q_in(self) -> str:
         """query weighted by the decay from the chunk's start (applied to the entering state)."""
-        return {"none": "query", "row": "query * tl.exp(lc)[:, None]",
-                "key": "query * tl.exp(lc)"}[self.mode]
+        return {"none": "query", "row": "query * tl.exp(lcf)[:, None]",
+                "key": "query * tl.exp(lcf)"}[self.mode]
 
     def k_out(self) -> str:
         """key weighted by the decay to the chunk's end."""
         return {"none": "key", "row": "key * tl.exp(lr)[:, None]",
                 "key": "key * tl.exp(lr)"}[self.mode]
 
-    @staticmethod
-    def decay_matrix() -> str:
-        """D[u, s] = exp(lc_u - lc_s) on the causal half (`causal`), 0 elsewhere (decays
-        without n)."""
-        return "tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))"
+    def decay_matrix(self) -> str:
+        """Emits `Dm`, D[u, s] = exp(lc_u - lc_s) on the causal half (`causal`) without a
+        reset between, 0 elsewhere (decays without n), and returns its name."""
+        b = self.body
+        b(f"if {self.reset_branch()}:")
+        with b.block():
+            gap = with_resets("lc[:, None] - lc[None, :]", "zc[:, None] - zc[None, :]")
+            b(f"Dm = tl.exp(tl.where(causal, {gap}, float('-inf')))")
+        b("else:")
+        with b.block():
+            b("Dm = tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
+        return "Dm"
 
     def scores(self) -> str:
         """A[u, s] = q_u . (decay s+1..u) k_s on the causal half (emits it as `A`)."""
@@ -207,8 +244,7 @@ class _Ops:
         if self.mode == "none":
             self.body("A = tl.where(causal, " + self.dot("query", "tl.trans(key)") + ", 0.0)")
         elif self.mode == "row":
-            self.body(f"Dm = {self.decay_matrix()}")
-            self.body("A = " + self.dot("query", "tl.trans(key)") + " * Dm")
+            self.body("A = " + self.dot("query", "tl.trans(key)") + f" * {self.decay_matrix()}")
         else:
             self.key_columns(scores=True)
         return "A"
@@ -231,7 +267,9 @@ class _Ops:
             b("sel = offs_c == s")
             b("k_s = tl.sum(tl.where(sel[:, None], key, 0.0), axis=0)")
             b("lc_s = tl.sum(tl.where(sel[:, None], lc, 0.0), axis=0)")
-            b("dec = tl.exp(tl.where(offs_c[:, None] >= s, lc - lc_s[None, :], float('-inf')))")
+            b("zc_s = tl.sum(tl.where(sel[:, None], zc, 0.0), axis=0)")
+            gap = with_resets("lc - lc_s[None, :]", "zc - zc_s[None, :]")
+            b(f"dec = tl.exp(tl.where(offs_c[:, None] >= s, {gap}, float('-inf')))")
             b("qd = query * dec")
             b("a_s = tl.sum(qd * k_s[None, :], axis=1)")
             if scores:
@@ -349,7 +387,7 @@ def render_chunk_kernel(plan: Plan) -> str:
     body("dyv = " + dot("dy", "tl.trans(value)"))                            # [u, s]
     body("dA = tl.where(offs_c[:, None] >= offs_c[None, :], dyv, 0.0)")
     o.key_columns(grads=True)
-    body("dq = dq_in + tl.exp(lc) * " + dot("dy", "S_inT"))
+    body("dq = dq_in + tl.exp(lcf) * " + dot("dy", "S_inT"))
     body("dk = dk_in + tl.exp(lr) * " + dot("value", "GT"))
     body("dv = " + dot("AT", "dy") + " + " + dot(o.k_out(), "G"))
     body("row = (b_idx * T + t_row[:, None]) * H + h_idx")
@@ -438,7 +476,7 @@ def render_dv_kernel(plan: Plan) -> str:
     if o.mode == "row":
         body(f"A = QK * {o.decay_matrix()}")
         body("kG = kG * tl.exp(lr)[:, None]")                                # k_out @ G
-        body("yoff = qS * tl.exp(lc)[:, None]")                               # q_in @ S_in
+        body("yoff = qS * tl.exp(lcf)[:, None]")                               # q_in @ S_in
     else:
         body("A = tl.where(causal, QK, 0.0)")
         body("yoff = qS")
@@ -507,7 +545,7 @@ def render_dqk_kernel(plan: Plan) -> str:
         body("vG += " + dot("value", "GT"))
     if o.mode == "row":
         body(f"dA = dyv * {o.decay_matrix()}")
-        body("dq += " + dot("dA", "key") + " + tl.exp(lc)[:, None] * dyS")
+        body("dq += " + dot("dA", "key") + " + tl.exp(lcf)[:, None] * dyS")
         body("dk += " + dot("tl.trans(dA)", "query") + " + tl.exp(lr)[:, None] * vG")
     else:
         body("dA = tl.where(causal, dyv, 0.0)")

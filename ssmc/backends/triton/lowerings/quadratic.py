@@ -31,6 +31,7 @@ from ...base import SIGNED_DECAY_REASON
 from ..common import (HEADER, Outputs, compute_dtype, compute_type, emit_output,
                       fp32_precision, input_args, input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile
+from ..templates import split_resets, with_resets
 from . import register_lowering
 
 FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
@@ -163,29 +164,47 @@ def _positions(emit: Emitter, logical: str, phys: str, mask: str) -> None:
 def _log_decay_block(plan: Plan, emit: Emitter, tile_t: tuple[str, str, str], name: str,
                      mode: str) -> None:
     """`{name}` the masked log-decay of a block, `cum_{name}` its inclusive running sum over
-    the block, `bsum_{name}` its total. Shapes (BT,) / () for scalar, (BT, BNC) / (BNC,) for
-    diagonal."""
+    the block, `bsum_{name}` its total; its resets (`templates.RESET_BELOW`) are moved out of
+    `{name}` into `rz_{name}`, counted by `zcum_{name}` and `zsum_{name}`, and enter every
+    exponent through `with_resets` (0 across a reset; the sums keep ordinary accuracy).
+    Shapes (BT,) / () for scalar, (BT, BNC) / (BNC,) for diagonal."""
     prog = plan.program
     if mode == "scalar":
         tile = Tile([tile_t], FIXED)
     else:
         tile = Tile([tile_t, ("n", "offs_n", "mask_n")], FIXED)
     _operand(plan, emit, prog.log_decay, tile, name)
+    for line in split_resets(name, f"rz_{name}"):
+        emit(line)
     emit(f"cum_{name} = tl.cumsum({name}, axis=0)")
     emit(f"bsum_{name} = tl.sum({name}, axis=0)")
+    emit(f"zcum_{name} = tl.cumsum(rz_{name}, axis=0)")
+    emit(f"zsum_{name} = tl.sum(rz_{name}, axis=0)")
 
 
-def _scores(emit: Emitter, mode: str, q: str, k: str, exponent_k: str) -> None:
-    """`sc` (BT, BS): the decayed, causally masked scores of the current key block.
-    `exponent_k` is the key-side part of the exponent, (BS,) or (BS, BNC)."""
+def _key_side(emit: Emitter, mode: str) -> None:
+    """`exk` and `zexk`, the key-side parts of the log-decay and of the count of resets from
+    each key of the block to a query, given `dlt`/`zdlt` (from the query block's start back to
+    the key block's end): disjoint ranges, so L_t - L_s = cum_lq[t] + exk[s]."""
+    for ex, cum, bsum, dlt in (("exk", "cum_lk", "bsum_lk", "dlt"),
+                               ("zexk", "zcum_lk", "zsum_lk", "zdlt")):
+        emit(f"{ex} = {dlt} + {bsum} - {cum}" if mode == "scalar"
+             else f"{ex} = {dlt}[None, :] + {bsum}[None, :] - {cum}")
+
+
+def _scores(emit: Emitter, mode: str, q: str, k: str) -> None:
+    """`sc` (BT, BS): the decayed, causally masked scores of the current key block, from the
+    key-side exponent parts `exk`/`zexk` ((BS,) or (BS, BNC), see `_key_side`)."""
     if mode == "none":
         emit(f"sc = tl.where(causal, _mm({q}, tl.trans({k}), LOWP), 0.0)")
     elif mode == "scalar":
-        emit(f"ex = cum_lq[:, None] + {exponent_k}[None, :]")
+        emit("ex = " + with_resets("cum_lq[:, None] + exk[None, :]",
+                                   "zcum_lq[:, None] + zexk[None, :]"))
         emit('w = tl.exp(tl.where(causal, ex, float("-inf")))')
         emit(f"sc = _mm({q}, tl.trans({k}), LOWP) * w")
     else:
-        emit(f"ex = cum_lq[:, None, :] + {exponent_k}[None, :, :]")
+        emit("ex = " + with_resets("cum_lq[:, None, :] + exk[None, :, :]",
+                                   "zcum_lq[:, None, :] + zexk[None, :, :]"))
         emit('w = tl.exp(tl.where(causal[:, :, None], ex, float("-inf")))')
         emit(f"sc = tl.sum({q}[:, None, :] * {k}[None, :, :] * w, axis=2)")
 
@@ -227,8 +246,10 @@ def _render_fwd(plan: Plan) -> str:
             e("q = _rd(q, LOWP)  # a matmul operand only: keep it in its smallest type")
         if mode != "none":
             _log_decay_block(plan, e, ("t", "offs_q", "mask_q"), "lq", mode)
-            e("# dlt = L(query block start - 1) - L(key block end): starts at the diagonal")
+            e("# dlt = L(query block start - 1) - L(key block end): starts at the diagonal;")
+            e("# zdlt: the same count of resets")
             e("dlt = -bsum_lq")
+            e("zdlt = -zsum_lq")
         e("for jj in range(0, qb + 1):")
         with e.block():
             e("offs_j = (qb - jj) * BT + tl.arange(0, BT)")
@@ -238,13 +259,12 @@ def _render_fwd(plan: Plan) -> str:
             e("causal = offs_i[:, None] >= offs_j[None, :]")
             if mode != "none":
                 _log_decay_block(plan, e, ("t", "offs_k", "mask_k"), "lk", mode)
-                e("# L_t - L_s = cum_lq[t] + dlt + (bsum_lk - cum_lk[s]): disjoint ranges")
-                e("exk = dlt + bsum_lk - cum_lk" if mode == "scalar"
-                  else "exk = dlt[None, :] + bsum_lk[None, :] - cum_lk")
-            _scores(e, mode, "q", "k", "exk")
+                _key_side(e, mode)
+            _scores(e, mode, "q", "k")
             e("acc += _mm(sc, v, LOWP)")
             if mode != "none":
                 e("dlt += bsum_lk")
+                e("zdlt += zsum_lk")
         e("if HAS_H0:")
         with e.block():
             e("h0 = tl.load(h0_ptr + ((seq * H + h_idx) * N + offs_n[:, None]) * P + "
@@ -253,9 +273,11 @@ def _render_fwd(plan: Plan) -> str:
                 e(f"acc += _mm_exact(q.to({ct}), h0)")
             elif mode == "scalar":
                 e("# dlt is now L(query block start - 1)")
-                e(f"acc += _mm_exact(q.to({ct}) * tl.exp(dlt + cum_lq)[:, None], h0)")
+                wq = with_resets("dlt + cum_lq", "zdlt + zcum_lq")
+                e(f"acc += _mm_exact(q.to({ct}) * tl.exp({wq})[:, None], h0)")
             else:
-                e("acc += _mm_exact(q * tl.exp(dlt[None, :] + cum_lq), h0)")
+                wq = with_resets("dlt[None, :] + cum_lq", "zdlt[None, :] + zcum_lq")
+                e(f"acc += _mm_exact(q * tl.exp({wq}), h0)")
     e("y = acc")
     e("y_mask = mask_q[:, None] & mask_p[None, :]")
     emit_output(e, prog, out_tile, ct, "offs_q[:, None]", "offs_p[None, :]", "y_mask")
@@ -300,8 +322,10 @@ def _render_state(plan: Plan) -> str:
     e(f"st = tl.zeros([BNC, BP], dtype={ct})")
     if mode == "scalar":
         e(f"dlt = tl.sum(tl.zeros([BT], dtype={ct}), axis=0)")
+        e(f"zdlt = tl.sum(tl.zeros([BT], dtype={ct}), axis=0)")
     elif mode == "diagonal":
         e(f"dlt = tl.zeros([BNC], dtype={ct})")
+        e(f"zdlt = tl.zeros([BNC], dtype={ct})")
     e("nkb = tl.cdiv(seqlen, BT)")
     e("for jj in range(0, nkb):")
     with e.block():
@@ -315,13 +339,16 @@ def _render_state(plan: Plan) -> str:
             # strong decays (fp32 final states off by 2.5e-5 at t=64)
             e("# L_end - L_s = dlt + (the block's log-decays after s), dlt = L_end - L(block end)")
             e("after_lk = tl.cumsum(lk, axis=0, reverse=True) - lk")
+            e("zafter_lk = tl.cumsum(rz_lk, axis=0, reverse=True) - rz_lk")
         if mode == "scalar":
-            e("k = k * tl.exp(dlt + after_lk)[:, None]")
+            e(f"k = k * tl.exp({with_resets('dlt + after_lk', 'zdlt + zafter_lk')})[:, None]")
         elif mode == "diagonal":
-            e("k = k * tl.exp(dlt[None, :] + after_lk)")
+            wk = with_resets("dlt[None, :] + after_lk", "zdlt[None, :] + zafter_lk")
+            e(f"k = k * tl.exp({wk})")
         e("st += _mm(tl.trans(k), v, LOWP)")
         if mode != "none":
             e("dlt += bsum_lk")
+            e("zdlt += zsum_lk")
     e("off = ((seq * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]")
     e("mask = mask_n[:, None] & mask_p[None, :]")
     e("if HAS_H0:")
@@ -330,9 +357,9 @@ def _render_state(plan: Plan) -> str:
         if mode == "none":
             e("st += h0")
         elif mode == "scalar":
-            e("st += tl.exp(dlt) * h0")
+            e(f"st += tl.exp({with_resets('dlt', 'zdlt')}) * h0")
         else:
-            e("st += tl.exp(dlt)[:, None] * h0")
+            e(f"st += tl.exp({with_resets('dlt', 'zdlt')})[:, None] * h0")
     e("tl.store(hT_ptr + off, st, mask=mask)")
 
     return f'''
@@ -387,9 +414,11 @@ def _render_matrix(plan: Plan) -> str:
             e("if qb == kb:")
             with e.block():
                 e("dlt = -bsum_lk")
+                e("zdlt = -zsum_lk")
             e("else:")
             with e.block():
                 e("dlt = bsum_lk * 0.0")
+                e("zdlt = zsum_lk * 0.0")
             e("for jb in range(kb + 1, qb):")
             with e.block():
                 e("offs_b = jb * BT + tl.arange(0, BT)")
@@ -397,10 +426,12 @@ def _render_matrix(plan: Plan) -> str:
                 lb_tile = (Tile([("t", "offs_bt", "mask_bt")], FIXED) if mode == "scalar" else
                            Tile([("t", "offs_bt", "mask_bt"), ("n", "offs_n", "mask_n")], FIXED))
                 _operand(plan, e, prog.log_decay, lb_tile, "lb")
+                for line in split_resets("lb", "rz_lb"):
+                    e(line)
                 e("dlt += tl.sum(lb, axis=0)")
-            e("exk = dlt + bsum_lk - cum_lk" if mode == "scalar"
-              else "exk = dlt[None, :] + bsum_lk[None, :] - cum_lk")
-        _scores(e, mode, "q", "k", "exk")
+                e("zdlt += tl.sum(rz_lb, axis=0)")
+            _key_side(e, mode)
+        _scores(e, mode, "q", "k")
         e("m += sc")
     e("off = ((bh * T + offs_q[:, None]) * T + offs_k[None, :])")
     e("mask = mask_q[:, None] & mask_k[None, :]")
