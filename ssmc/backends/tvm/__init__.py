@@ -238,8 +238,14 @@ class TVMKernel:
             from .lowerings.chunked_cuda import workspace_shapes
             for _, shape, dt in workspace_shapes(plan, B, T, S, H, N, P):
                 args.append(torch.empty(shape, dtype=getattr(torch, dt), device=device))
-        if B * T > 0 or plan.return_final_state:
+        if B * T > 0:
             fn(*args)
+        elif final is not None:   # no step to run: each direction's state passes through
+            # (and TVM's DLPack import refuses zero-size views whose strides are not compact)
+            if initial_state is None:
+                final.zero_()
+            else:
+                final.copy_(initial_state if D > 1 else initial_state.unsqueeze(0))
         if final is not None and D == 1:
             final = final[0]
         return out, final

@@ -291,6 +291,23 @@ def test_mixed_dtypes_and_non_contiguous():
     check(defn.program, op(*args), args, {}, torch.bfloat16, "mixed")
 
 
+@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("b", [1, 3])
+def test_empty_sequences_pass_the_state_through(b, lowering):
+    """t = 0 with any batch: an empty output and the initial state as the final state (with
+    b > 1 the kernels once got zero-size inputs whose strides TVM refused, a raw ValueError)."""
+    defn = gated_tanh
+    gen = torch.Generator().manual_seed(3)
+    x = dict(x=torch.randn(b, 0, 2, 4), a=torch.randn(b, 0, 2), k=torch.randn(b, 0, 1, 3),
+             q=torch.randn(b, 0, 1, 3), w=torch.randn(2, 4, generator=gen))
+    h0 = torch.randn(b, 2, 3, 4, generator=gen)
+    y, hT = ssmc.compile(defn, backend="tvm", lowering=lowering)(
+        **x, initial_state=h0, return_final_state=True)
+    assert y.shape == (b, 0, 2, 4) and torch.equal(hT, h0)
+    _, hT = ssmc.compile(defn, backend="tvm", lowering=lowering)(**x, return_final_state=True)
+    assert not hT.any()
+
+
 def test_one_kernel_serves_all_lengths():
     defn = _definition("scalar", "forward")
     op = ssmc.compile(defn, backend="tvm", lowering="chunked")
