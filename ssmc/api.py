@@ -154,8 +154,13 @@ def compile(definition: Definition, backend: str = "auto", lowering: str = "auto
     """Compile a definition: `backend` in auto|triton|tvm|reference, `lowering` in
     auto|scan|chunked|quadratic. Kernels are built lazily for each call signature."""
     if not isinstance(definition, Definition):
+        hint = ""
+        if isinstance(getattr(definition, "definition", None), Definition):
+            # a built-in's keyword function: its definition is an attribute of it
+            name = getattr(definition, "__qualname__", type(definition).__name__)
+            hint = f"; pass its definition, {name}.definition"
         raise ArgumentError(f"ssmc.compile expects a function decorated with @ssmc.ssm, got "
-                            f"{type(definition).__name__}")
+                            f"{type(definition).__name__}{hint}")
     return CompiledOp(definition, backend, lowering)
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import ssmc
+import ssmc.ops
 from ssmc import dsl as S
 from ssmc.ops import mamba2
 from tests.helpers import (check_against_reference, make_definition, random_inputs,
@@ -30,6 +31,9 @@ def test_compile_rejects_bad_backend_and_lowering():
                        r"with @ssmc.ssm, got function$") as info:
         ssmc.compile(lambda x: x)
     assert isinstance(info.value, TypeError)
+    with pytest.raises(ssmc.ArgumentError, match=r"got function; pass its definition, "
+                       r"gla\.definition$"):
+        ssmc.compile(ssmc.ops.gla)
 
 
 def test_attention_matrix_rejects_a_non_op():
