@@ -138,6 +138,13 @@ def with_resets(regular: str, resets: str) -> str:
     return f"({regular}) - {RESET_WEIGHT} * ({resets})"
 
 
+def later_sum(v: str, axis: int = 0) -> str:
+    """Per step of a block, the sum of v over its later steps: a suffix sum minus the step
+    itself, not the total minus a running sum (two reductions in different orders: not 0 on
+    the last step, and it cancels for strong decays). Resets must be split out of v first."""
+    return f"tl.cumsum({v}, axis={axis}, reverse=True) - {v}"
+
+
 def after(v: str, zero: str = "0.0") -> str:
     """Per step s of a (BT,) vector, the sum of the later steps r > s, summed directly rather
     than as a suffix sum minus v_s: a log-decay of -inf (a zero decay) or -1e4 would make that

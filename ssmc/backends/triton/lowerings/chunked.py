@@ -37,8 +37,8 @@ from ..common import (HEADER, Outputs, compute_type, dot_type, emit_output, fp32
                       input_args, input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile, split_scale
 from ..templates import (HAS_RESET_BELOW, after, chunk_setup, chunk_state_store, fold_resets,
-                         indent, rows, segment, seq_setup, signed, split_resets, state_init,
-                         with_resets)
+                         indent, later_sum, rows, segment, seq_setup, signed, split_resets,
+                         state_init, with_resets)
 from . import register_lowering
 
 FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx"}
@@ -179,18 +179,17 @@ def _decay_to_chunk_end(body: Emitter, prog, ld: str, rz: str, ng: str, axis: in
     the whole chunk's, from the log-decays `ld` (resets `rz`, negative flags `ng`) along
     `axis`; `after_of(v, zero)` sums v over the later steps directly."""
     if prog.decay_log_safe:   # suffix sums: exactly 0 on the last key
-        suffix = lambda v: f"tl.cumsum({v}, axis={axis}, reverse=True) - {v}"  # noqa: E731
         if axis == 0:   # resets folded into ld (`log_decay_rows`): counted apart if any
             body(f"if l_last < {HAS_RESET_BELOW}:")
             with body.block():
                 for line in split_resets(ld, rz):
                     body(line)
-                body(f"dec = tl.exp({with_resets(suffix(ld), suffix(rz))})")
+                body(f"dec = tl.exp({with_resets(later_sum(ld), later_sum(rz))})")
             body("else:")
             with body.block():
-                body(f"dec = tl.exp({suffix(ld)})")
+                body(f"dec = tl.exp({later_sum(ld)})")
         else:
-            body(f"dec = tl.exp({with_resets(suffix(ld), suffix(rz))})")
+            body(f"dec = tl.exp({with_resets(later_sum(ld, axis), later_sum(rz, axis))})")
     else:
         body(f"dec = tl.exp({after_of(ld, '0.0')})")
     body("total = tl.exp(l_last)")

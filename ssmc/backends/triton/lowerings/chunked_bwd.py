@@ -66,7 +66,7 @@ from ..common import (HEADER, compute_dtype, compute_type, direction_slices, dot
                       fp32_precision, input_args, input_params, next_pow2, num_sequences)
 from ..render import Context, Emitter, Tile, split_scale
 from ..templates import (HAS_RESET_BELOW, chunk_setup, chunk_state_store, fold_resets, indent,
-                         rows, seq_setup, split_resets, state_init, with_resets)
+                         later_sum, rows, seq_setup, split_resets, state_init, with_resets)
 
 # The backward keeps its own tiles and operand helpers (it shares only the kernel set-up
 # snippets of ..templates with the forward, and does not call into the forward's kernels),
@@ -97,13 +97,6 @@ def head_free(plan: Plan) -> bool:
     axes = {i.name: i.axes for i in prog.inputs}
     exprs = (prog.recurrence.query.expr, prog.recurrence.key.expr)
     return all("h" not in axes[s.name] for e in exprs for s in e.free_symbols if s.name in axes)
-
-
-def _suffix(v: str) -> str:
-    """Per step, the sum of the later steps of the chunk: a suffix sum, not the total minus a
-    running sum (two reductions in different orders: not 0 on the last row, and it cancels
-    for strong decays)."""
-    return f"tl.cumsum({v}, axis=0, reverse=True) - {v}"
 
 
 def per_key_decay(plan: Plan) -> bool:
@@ -192,7 +185,7 @@ class _Ops:
                 b("lc = tl.cumsum(ld, axis=0)")
                 b("zc = tl.zeros_like(lc)")
                 b("lcf = lc")
-                b(f"lr = {_suffix('ld')}")
+                b(f"lr = {later_sum('ld')}")
         elif self.mode == "key":
             ctx = Context(self.prog, QK_TILE, b, "qk", self.ct)
             ctx.loaded = self.ctx_qk.loaded
@@ -208,7 +201,7 @@ class _Ops:
         self.body("lc = tl.cumsum(ld, axis=0)")
         self.body("zc = tl.cumsum(rz, axis=0)")
         self.body(f"lcf = {with_resets('lc', 'zc')}")
-        self.body(f"lr = {with_resets(_suffix('ld'), _suffix('rz'))}")
+        self.body(f"lr = {with_resets(later_sum('ld'), later_sum('rz'))}")
 
     @staticmethod
     def reset_branch() -> str:

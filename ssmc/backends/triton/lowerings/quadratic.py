@@ -31,7 +31,7 @@ from ...base import SIGNED_DECAY_REASON
 from ..common import (HEADER, Outputs, compute_dtype, compute_type, emit_output,
                       fp32_precision, input_args, input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile
-from ..templates import split_resets, with_resets
+from ..templates import later_sum, split_resets, with_resets
 from . import register_lowering
 
 FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
@@ -338,8 +338,8 @@ def _render_state(plan: Plan) -> str:
             # a suffix sum, not bsum - cum[s]: that difference of two long sums cancels for
             # strong decays (fp32 final states off by 2.5e-5 at t=64)
             e("# L_end - L_s = dlt + (the block's log-decays after s), dlt = L_end - L(block end)")
-            e("after_lk = tl.cumsum(lk, axis=0, reverse=True) - lk")
-            e("zafter_lk = tl.cumsum(rz_lk, axis=0, reverse=True) - rz_lk")
+            e(f"after_lk = {later_sum('lk')}")
+            e(f"zafter_lk = {later_sum('rz_lk')}")
         if mode == "scalar":
             e(f"k = k * tl.exp({with_resets('dlt + after_lk', 'zdlt + zafter_lk')})[:, None]")
         elif mode == "diagonal":
