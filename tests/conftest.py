@@ -29,6 +29,13 @@ def _nan_filled_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", nan_empty)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-count", type=int, default=None,
+                     help="examples of each backend's differential fuzz test in all, split "
+                          "over its shards (tests/backends/*/test_fuzz.py, tests/fuzzing.py; "
+                          "default: DEFAULT_EXAMPLES there)")
+
+
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
         return

@@ -1,5 +1,5 @@
-"""Shared pieces of the Triton backend tests: the `--fuzz-count` option and a forward checker
-against the float64 sequential reference (`ssmc.reference.scan`)."""
+"""Shared pieces of the Triton backend tests: a forward checker against the float64 sequential
+reference (`ssmc.reference.scan`)."""
 from __future__ import annotations
 
 import math
@@ -16,13 +16,6 @@ from ssmc.validate import bind
 #: fp32/fp64 throughout; bf16/fp16 outputs carry one rounding to 8 or 11 mantissa bits (the
 #: reference sees the same rounded inputs, so input rounding is not counted).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-
-
-def pytest_addoption(parser):
-    parser.addoption("--fuzz-count", type=int, default=None,
-                     help="examples of the Triton backend's differential fuzz test in all, "
-                          "split over its shards (tests/backends/triton/test_fuzz.py; "
-                          "default: DEFAULT_EXAMPLES there)")
 
 
 def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
