@@ -64,7 +64,7 @@ def test_tutorial_runs(tmp_path, monkeypatch):
     assert [lang for lang, _, _ in blocks].count("python") >= 5
     # the tutorial's files and exports land in tmp_path; its kernels and tuning results in a
     # cache of their own, so the test neither reads nor changes the user's cache
-    env = {**os.environ, "SSMC_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "SSMC_CACHE_DIR": str(tmp_path / "cache")}
     monkeypatch.setenv("SSMC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -90,6 +90,7 @@ def test_tutorial_runs(tmp_path, monkeypatch):
         else:
             pytest.fail(f"{where}: the test does not know how to run a {lang!r} block")
     assert (tmp_path / "gated_cpu" / "manifest.json").is_file()
+    sys.modules.pop("my_ssm", None)  # the tutorial's module, imported from tmp_path
 
 
 # -- the errors page -------------------------------------------------------------------------
