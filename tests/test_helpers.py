@@ -27,6 +27,16 @@ def test_compare_metrics():
     assert m.rel_rms < 1e-2 and not m.ok
 
 
+def test_compare_below_the_dtypes_normal_range_is_absolute():
+    """A reference of fp32 denormals (a state decayed through a decay under fp32's smallest
+    normal number, which the kernels take as a reset) is zero to an fp32 result; one just above
+    that range is still compared relative to its scale."""
+    denormal = torch.tensor([2.5e-39, -1e-40], dtype=torch.float64)
+    assert compare("t", torch.zeros(2), denormal, tol=2e-5).ok
+    assert not compare("t", torch.zeros(2), denormal * 1e3, tol=2e-5).ok
+    assert not compare("t", torch.zeros(2, dtype=torch.float64), denormal, tol=2e-5).ok
+
+
 def perturbed(op, how):
     """A callable like a built-in whose non-reference path is wrong in a given way."""
     def bad(*args, backend="auto", lowering="auto", **kwargs):
