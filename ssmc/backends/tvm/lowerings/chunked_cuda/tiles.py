@@ -99,13 +99,15 @@ class ChunkedCudaTile:
 
     @classmethod
     def from_plan(cls, plan: Plan) -> ChunkedCudaTile:
-        """The pins in `plan.tile`: (name, int) pairs (None: none; a ChunkedCudaTile is taken
-        as it is). Names that are not this lowering's are left alone: a Plan does not say
-        which backend runs it (Triton's chunked tiles are BT, BP_state, ...)."""
+        """The pins in `plan.tile`, read through `plan.tile_dict()` ((name, int) pairs; None:
+        none; a ChunkedCudaTile is taken as it is). Names that are not this lowering's are
+        left alone: a Plan does not say which backend runs it (Triton's chunked tiles are
+        BT, BP_state, ...)."""
         if isinstance(plan.tile, cls):
             return plan.tile
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in plan.tile or () if k in names})
+        pins = plan.tile_dict() if plan.tile else {}
+        return cls(**{k: v for k, v in pins.items() if k in names})
 
     def pairs(self) -> tuple[tuple[str, int], ...]:
         """The pins that differ from the defaults, sorted: the `plan.tile` form of this tile."""
