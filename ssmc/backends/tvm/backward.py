@@ -22,6 +22,11 @@ import torch
 
 from ...plan import Plan
 from ..chain_rule import ChainRule, initial_state_grad
+from .build import cached_function
+from .lowerings import chunked_bwd, scan_bwd
+
+#: steps per chunk of the chunked backward
+CHUNK = 32
 
 CPU = torch.device("cpu")
 
@@ -60,13 +65,116 @@ def _contig(x):
     return x if x is None or x.is_contiguous() else x.contiguous()
 
 
+def backward_kind(plan: Plan) -> str:
+    """"chunked" where lowerings/chunked_bwd.py applies (decays positive with an exact log and
+    without n or p axes, or none), whatever the forward lowering (they compute the same
+    function, and on the CPU the chunked backward is the faster one: its products vectorise,
+    where the scan's sums over p and n run one lane at a time); "scan" otherwise."""
+    return "chunked" if chunked_bwd.unsupported(plan) is None else "scan"
+
+
+def chunked_functions(kernel, tensors, sizes, initial_state, cu_seqlens, want_y: bool) -> dict:
+    """{"states": ..., "bwd": ...}: the chunked backward's functions (LLVM) for this call's
+    specialisation, built or loaded through the on-disk cache and kept on the kernel."""
+    spec = kernel.spec_for(tensors, sizes, initial_state, cu_seqlens)
+    bplan = dataclasses.replace(kernel.plan, lowering="chunked",
+                                has_initial_state=initial_state is not None,
+                                return_final_state=False, varlen=cu_seqlens is not None,
+                                chunk_size=CHUNK, tile=())
+    spec = dataclasses.replace(spec, plan=bplan)
+    memo = ("chunked", spec, want_y)
+    fns = kernel._bwd_functions.get(memo)
+    if fns is None:
+        with kernel._lock:
+            fns = kernel._bwd_functions.get(memo)
+            if fns is None:
+                key = bplan.cache_key(kernel.backend_tag) + "_bwd"
+                fns = {
+                    "states": cached_function(key, spec.tag() + ("_states_y" if want_y
+                                                                 else "_states"),
+                                              chunked_bwd.render_states(spec, want_y),
+                                              "ssmc_chunked_bwd_states"),
+                    "bwd": cached_function(key, spec.tag() + "_bwd",
+                                           chunked_bwd.render_bwd(spec), "ssmc_chunked_bwd"),
+                }
+                kernel._bwd_functions[memo] = fns
+    return fns
+
+
 def _backward_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens, grad_out,
                   grad_final):
-    from .lowerings import scan_bwd
     plan = kernel.plan
-    prog = plan.program
     tensors = {k: _contig(v) for k, v in tensors.items()}
     initial_state, cu_seqlens = _contig(initial_state), _contig(cu_seqlens)
+    if backward_kind(plan) == "chunked":
+        return _chunked_cpu(kernel, rule, tensors, sizes, initial_state, cu_seqlens, grad_out,
+                            grad_final)
+    return _scan_cpu(kernel, rule, tensors, sizes, initial_state, cu_seqlens, grad_out,
+                     grad_final)
+
+
+def _chunked_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens, grad_out,
+                 grad_final):
+    plan = kernel.plan
+    prog = plan.program
+    cdt = torch.float64 if plan.dtype == "float64" else torch.float32
+    B, T, H, N, P = (int(sizes[a]) for a in "bthnp")
+    D = len(prog.recurrence.directions)
+    S = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    has_decay = prog.recurrence.decay is not None
+    want_y = rule.needs_y
+    # every row is written by the first direction, except rows outside cu_seqlens' range
+    new = torch.empty if cu_seqlens is None else torch.zeros
+    y = torch.zeros(B, T, H, P, dtype=cdt) if want_y else None
+    dq, dk = new(B, T, H, N, dtype=cdt), new(B, T, H, N, dtype=cdt)
+    dv = new(B, T, H, P, dtype=cdt)
+    dl = new(B, T, H, dtype=cdt) if has_decay else None
+    gT = torch.zeros(D, S, H, N, P, dtype=cdt)
+    if grad_final is not None:
+        gT.copy_(grad_final if D > 1 else grad_final.unsqueeze(0))
+    dh0 = gT.clone() if initial_state is not None else None   # what an empty input gives
+
+    if B * T > 0 and S > 0:
+        fns = chunked_functions(kernel, tensors, sizes, initial_state, cu_seqlens, want_y)
+        args = [tensors[i.name] for i in prog.inputs]
+        if cu_seqlens is not None:
+            args.append(cu_seqlens)
+        C = chunked_bwd.num_slots(B, T, S, cu_seqlens is not None, CHUNK)
+        ws = torch.empty(D, C, H, P, N, dtype=cdt)
+        fargs = list(args)
+        if initial_state is not None:
+            fargs.append(initial_state if D > 1 else initial_state.unsqueeze(0))
+        fargs.append(ws)
+        if want_y:
+            fargs.append(y)
+        fns["states"](*fargs)
+        env, g_out, dy = rule.epilogue(tensors, sizes, y, grad_out, cdt)
+        bargs = args + [dy, ws, gT, dq, dk, dv]
+        if has_decay:
+            bargs.append(dl)
+        if dh0 is not None:
+            bargs.append(dh0)
+        fns["bwd"](*bargs)
+    else:
+        env, g_out, dy = rule.epilogue(tensors, sizes, y, grad_out, cdt)
+        for g in (dq, dk, dv, dl):
+            if g is not None:
+                g.zero_()
+
+    op_grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3)}
+    if has_decay:
+        op_grads["log_decay"] = dl[..., None, None]
+    result = rule.input_grads(env, g_out, op_grads, tensors, sizes)
+    grad_h0 = None
+    if initial_state is not None:
+        grad_h0 = initial_state_grad([dh0[i] for i in range(D)], initial_state)
+    return result, grad_h0
+
+
+def _scan_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens, grad_out,
+              grad_final):
+    plan = kernel.plan
+    prog = plan.program
     cdt = torch.float64 if plan.dtype == "float64" else torch.float32
     B, T, H, N, P = (int(sizes[a]) for a in "bthnp")
     rec = prog.recurrence

@@ -1,0 +1,399 @@
+"""The recurrence's backward in chunks (SSD form) as TIR for the LLVM target.
+
+For decays that are positive with an exact log (`program.decay_log_safe`) and carry no n or p
+axis (scalar per step, per head, or none); every forward lowering may use it (they compute
+the same function). Per head, in the direction's own time, a chunk of Q steps with log-decays
+l_u, S_in the state entering it and G = dL/dS at its end:
+
+    D[u, s] = prod_{s < r <= u} a_r (a = exp(l); u >= s, else 0),   A = (q k^T) * D
+    cd_u = exp(l_0 + ... + l_u),   re_s = exp(l_{s+1} + ... + l_last),   el = cd_last
+    dA = (dy v^T) * D
+    dq = dA k + cd * (dy S_in^T)        dk = dA^T q + re * (v G^T)
+    dv = A^T dy + (re * k) G            G <- el * G + (cd * q)^T dy  (G of the chunk before)
+    dL/dl_r = sum_{u >= r in the chunk} (q_u . dq_u - k_u . dk_u) + sum (G * S_end)
+
+with sum (G * S_end) = el * sum (G * S_in) + sum (v * ((re * k) G)) (S_end the state leaving
+the chunk). The last identity holds because every factor of the chunk's products from step r on
+carries l_r (and el all of S_in); the sum stays inside the chunk, where it does not cancel.
+
+Decay factors: D is a running product of the chunk's decays (one exp per step, not per entry:
+LLVM calls libm's exp one lane at a time, ~6 ns each, which for Q^2 entries would cost as much
+as the products); cd, re and el are exps of direct sums (a -inf log-decay gives an exact 0,
+never -inf - -inf, and -1e4 never cancels against another sum). Products of decays in (0, 1]
+never overflow.
+
+Two functions, both parallel over (sequence, head) and sequential over chunks:
+
+    ssmc_chunked_bwd_states(inputs, [cu], [h0], ws, [yw])
+        the forward over chunks: stores the state entering every chunk, transposed (p, n), into
+        ws (D, C, H, P, N); with `want_y` also y summed over directions into yw (B, TT, H, P)
+        (zeroed by the caller).
+    ssmc_chunked_bwd(inputs, [cu], dy, ws, gT, dq, dk, dv, [dl], [dh0])
+        the chunks last to first, G carried from gT (grad_final): dq, dk (B, TT, H, N),
+        dv (B, TT, H, P) and dl = dL/d log_decay (B, TT, H), written by the first direction and
+        added to by the second; dh0 (D, S, H, N, P) = G after the first chunk.
+
+Chunk slots as in scan_bwd.py's checkpoints with Q steps per slot. Every product is written
+with the output row in an inner vectorised loop and the reduction one loop out (the row stays
+in registers); entries outside the causal half or past the chunk's end are chosen away with a
+select, never multiplied (stale or uninitialised scratch may hold anything).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+from ....ir import Program
+from ....plan import Plan
+from ..render import unsupported_in
+from .common import KernelSpec, i64
+from .scan_bwd import _BwdEmitter
+
+#: lanes of the partial sums of dot products (one AVX-512 register of fp32)
+LANES = 16
+
+
+def unsupported(plan: Plan) -> str | None:
+    """Why the chunked backward cannot serve `plan` (None when it can)."""
+    prog: Program = plan.program
+    if prog.recurrence.decay is None:
+        return None
+    if not prog.decay_log_safe:
+        return "the decay may be zero or negative (its gradient needs the states)"
+    if prog.log_decay is None or {"n", "p"} & set(prog.log_decay.axes):
+        return "the decay varies over the key or value axis"
+    bad = unsupported_in(prog.log_decay.expr)
+    if bad is not None:
+        return f"the log-decay uses {bad}"
+    return None
+
+
+def num_slots(B: int, T: int, num_seqs: int, varlen: bool, Q: int) -> int:
+    """How many chunk slots (per direction) the functions index into."""
+    if varlen:
+        return T // Q + num_seqs + 1
+    return max(B * ((T + Q - 1) // Q), 1)
+
+
+class _ChunkEmitter(_BwdEmitter):
+    """Chunk-wise helpers over the scan backward's headers."""
+
+    def __init__(self, spec: KernelSpec):
+        super().__init__(spec)
+        self.Q = spec.plan.chunk_size
+        self.has_decay = self.program.recurrence.decay is not None
+        self.zero = self.renderer.const(0)
+        self.one = self.renderer.const(1)
+
+    def slot(self, c: str) -> str:
+        Q = self.Q
+        if self.varlen:
+            return f"t0_ // {i64(Q)} + s_ + ({c})"
+        return f"s_ * ((TT + {i64(Q - 1)}) // {i64(Q)}) + ({c})"
+
+    def ws_shape(self) -> str:
+        s = self.spec
+        return f"({i64(self.D)}, C, {i64(s.H)}, {i64(s.P)}, {i64(s.N)})"
+
+    @contextlib.contextmanager
+    def chunks(self, reverse: bool = False):
+        """The loop over the sequence's chunks; defines c_, c0_, cl_."""
+        Q, w = self.Q, self.w
+        w(f"nc_ = (L_ + {i64(Q - 1)}) // {i64(Q)}")
+        with w.block("for cc_ in range(nc_):"):
+            w("c_ = nc_ - T.int64(1) - cc_" if reverse else "c_ = cc_")
+            w(f"c0_ = c_ * {i64(Q)}", f"cl_ = T.min({i64(Q)}, L_ - c0_)")
+            yield
+
+    def load_chunk(self, direction, parts: tuple[str, ...], dy: bool = False):
+        """Operands of the chunk's steps (serial loops: rendered expressions hold let
+        bindings): kc (Q, N) and kT (N, Q) for "key", qc (Q, N) for "query", vc (Q, P) and
+        vT (P, Q) for "value", dyc (Q, P) with `dy`, log-decays lg (Q,) when there is a
+        decay."""
+        w, r, s = self.w, self.program.recurrence, self.spec
+        with w.block("for i_ in range(cl_):"):
+            w(f"t_ = {self.time_of(direction, 'c0_ + i_')}")
+            if "key" in parts or "query" in parts:
+                with w.block(f"for n_ in range({i64(s.N)}):"):
+                    idx = self.index("t_", n="n_")
+                    if "key" in parts:
+                        w(f"kv_ = {self.value_of(r.key.expr, idx)}")
+                        w("kc[i_, n_] = kv_", "kT[n_, i_] = kv_")
+                    if "query" in parts:
+                        w(f"qc[i_, n_] = {self.value_of(r.query.expr, idx)}")
+            if "value" in parts or dy:
+                with w.block(f"for p_ in range({i64(s.P)}):"):
+                    if "value" in parts:
+                        w(f"vv_ = {self.value_of(r.value.expr, self.index('t_', p='p_'))}")
+                        w("vc[i_, p_] = vv_", "vT[p_, i_] = vv_")
+                    if dy:
+                        w("dyc[i_, p_] = dy[b_, t_, h_, p_]")
+            if self.has_decay:
+                lg = self.value_of(self.program.log_decay.expr, self.index("t_"))
+                w(f"lg[i_] = {lg}")
+
+    def decay_factors(self, matrix: bool):
+        """cd, re (Q,) and el (1,) from the chunk's log-decays (exps of direct sums); with
+        `matrix` also D (Q, Q), the causal running products of exp(lg)."""
+        w, Q, zero, one = self.w, self.Q, self.zero, self.one
+        last = "cl_ - T.int64(1)"
+        w(f"sm[T.int64(0)] = {zero}")
+        with w.block("for i_ in range(cl_):"):
+            w("sm[T.int64(0)] = sm[T.int64(0)] + lg[i_]", "cd[i_] = T.exp(sm[T.int64(0)])")
+        w(f"el[T.int64(0)] = cd[{last}]")
+        w(f"sm[T.int64(0)] = {zero}", f"re[{last}] = {one}")
+        with w.block(f"for jj_ in range({last}):"):
+            w(f"j_ = {last} - T.int64(1) - jj_")
+            w("sm[T.int64(0)] = sm[T.int64(0)] + lg[j_ + T.int64(1)]",
+              "re[j_] = T.exp(sm[T.int64(0)])")
+        if not matrix:
+            return
+        with w.block("for i_ in range(cl_):"):
+            w("ea[i_] = T.exp(lg[i_])")
+        with w.block(f"for j_ in T.vectorized({i64(Q)}):"):
+            w(f"Dm[T.int64(0), j_] = T.if_then_else(j_ == T.int64(0), {one}, {zero})")
+        with w.block("for i_ in range(T.int64(1), cl_):"):
+            with w.block(f"for j_ in T.vectorized({i64(Q)}):"):
+                w(f"Dm[i_, j_] = T.if_then_else(j_ < i_, Dm[i_ - T.int64(1), j_] * ea[i_], "
+                  f"T.if_then_else(j_ == i_, {one}, {zero}))")
+
+    def causal(self, name: str, left: str, right: str, inner: int):
+        """name[u, s] = sum_x left[u, x] * right[x, s] on the causal half times D, else 0
+        (rows u < cl_; right is stored (x, s))."""
+        w, Q, zero = self.w, self.Q, self.zero
+        with w.block("for u_ in range(cl_):"):
+            with w.block(f"for s_v in T.vectorized({i64(Q)}):"):
+                w(f"{name}[u_, s_v] = {zero}")
+            with w.block(f"for x_ in range({i64(inner)}):"):
+                with w.block(f"for s_v in T.vectorized({i64(Q)}):"):
+                    w(f"{name}[u_, s_v] = {name}[u_, s_v] + {left}[u_, x_] * {right}[x_, s_v]")
+            scaled = f"{name}[u_, s_v] * Dm[u_, s_v]" if self.has_decay else f"{name}[u_, s_v]"
+            with w.block(f"for s_v in T.vectorized({i64(Q)}):"):
+                w(f"{name}[u_, s_v] = T.if_then_else(s_v <= u_, {scaled}, {zero})")
+
+    def dot(self, dst: str, a: str, b: str, size: int, sign: str = "+"):
+        """dst = dst (sign) sum_x a(x) * b(x): LANES partial sums in a vector, then their sum
+        (a serial sum would wait on every add). `a`, `b` are texts with `x_` as the index."""
+        w, zero = self.w, self.zero
+        full = size // LANES
+        if full:
+            with w.block(f"for l_ in T.vectorized({i64(LANES)}):"):
+                w(f"part[l_] = {zero}")
+            with w.block(f"for xo_ in range({i64(full)}):"):
+                with w.block(f"for l_ in T.vectorized({i64(LANES)}):"):
+                    ai = a.replace("x_", f"(xo_ * {i64(LANES)} + l_)")
+                    bi = b.replace("x_", f"(xo_ * {i64(LANES)} + l_)")
+                    w(f"part[l_] = part[l_] + {ai} * {bi}")
+            with w.block(f"for l_ in range({i64(LANES)}):"):
+                w(f"{dst} = {dst} {sign} part[l_]")
+        if size % LANES:
+            with w.block(f"for x_ in range({i64(full * LANES)}, {i64(size)}):"):
+                w(f"{dst} = {dst} {sign} {a} * {b}")
+
+
+def _put(w, first: bool, buf: str, idx: str, value: str):
+    """The first direction writes a gradient, the second adds to it (a task owns its rows)."""
+    w(f"{buf}[{idx}] = {value}" if first else f"{buf}[{idx}] = {buf}[{idx}] + {value}")
+
+
+def render_states(spec: KernelSpec, want_y: bool) -> str:
+    e = _ChunkEmitter(spec)
+    w, s = e.w, spec
+    N, P, Q = s.N, s.P, e.Q
+    bufs = []
+    if e.plan.has_initial_state:
+        bufs.append(("h0", e.state_shape(), s.h0_dtype))
+    bufs.append(("ws", e.ws_shape(), e.acc))
+    if want_y:
+        bufs.append(("yw", f"(B, TT, {i64(s.H)}, {i64(P)})", e.acc))
+    e.bwd_header("ssmc_chunked_bwd_states", bufs)
+    with e.tasks():
+        e.alloc("st", (N, P))
+        e.alloc("kc", (Q, N))
+        e.alloc("kT", (N, Q))
+        e.alloc("vc", (Q, P))
+        e.alloc("vT", (P, Q))
+        if e.has_decay:
+            for name in ("lg", "cd", "re"):
+                e.alloc(name, (Q,))
+            e.alloc("el", (1,))
+            e.alloc("sm", (1,))
+        if want_y:
+            e.alloc("qc", (Q, N))
+            e.alloc("sc", (Q, Q))
+            e.alloc("yc", (P,))
+            if e.has_decay:
+                e.alloc("ea", (Q,))
+                e.alloc("Dm", (Q, Q))
+        parts = ("key", "value") + (("query",) if want_y else ())
+        for d_index, direction in enumerate(e.directions):
+            e.init_state("st", d_index)
+            with e.chunks():
+                with w.block(f"for p_ in range({i64(P)}):"):
+                    with w.block(f"for n_ in range({i64(N)}):"):
+                        w(f"ws[{i64(d_index)}, {e.slot('c_')}, h_, p_, n_] = st[n_, p_]")
+                e.load_chunk(direction, parts)
+                if e.has_decay:
+                    e.decay_factors(matrix=want_y)
+                if want_y:
+                    e.causal("sc", "qc", "kT", N)
+                    with w.block("for u_ in range(cl_):"):
+                        w(f"t_ = {e.time_of(direction, 'c0_ + u_')}")
+                        with w.block(f"for p_ in T.vectorized({i64(P)}):"):
+                            w(f"yc[p_] = {e.zero}")
+                        with w.block("for j_ in range(u_ + T.int64(1)):"):
+                            with w.block(f"for p_ in T.vectorized({i64(P)}):"):
+                                w("yc[p_] = yc[p_] + sc[u_, j_] * vc[j_, p_]")
+                        wq = "qc[u_, n_] * cd[u_]" if e.has_decay else "qc[u_, n_]"
+                        with w.block(f"for n_ in range({i64(N)}):"):
+                            with w.block(f"for p_ in T.vectorized({i64(P)}):"):
+                                w(f"yc[p_] = yc[p_] + {wq} * st[n_, p_]")
+                        with w.block(f"for p_ in range({i64(P)}):"):
+                            w("yw[b_, t_, h_, p_] = yw[b_, t_, h_, p_] + yc[p_]")
+                # S <- el * S + sum_s re_s k_s v_s^T
+                with w.block(f"for n_ in range({i64(N)}):"):
+                    if e.has_decay:
+                        with w.block(f"for p_ in T.vectorized({i64(P)}):"):
+                            w("st[n_, p_] = st[n_, p_] * el[T.int64(0)]")
+                    wk = "kT[n_, j_] * re[j_]" if e.has_decay else "kT[n_, j_]"
+                    with w.block("for j_ in range(cl_):"):
+                        with w.block(f"for p_ in T.vectorized({i64(P)}):"):
+                            w(f"st[n_, p_] = st[n_, p_] + {wk} * vc[j_, p_]")
+    return e.finish()
+
+
+def render_bwd(spec: KernelSpec) -> str:
+    e = _ChunkEmitter(spec)
+    w, s = e.w, spec
+    N, P, Q = s.N, s.P, e.Q
+    acc, zero, dec = e.acc, e.zero, e.has_decay
+    bufs = [("dy", f"(B, TT, {i64(s.H)}, {i64(P)})", acc),
+            ("ws", e.ws_shape(), acc),
+            ("gT", e.state_shape(), acc),
+            ("dq", f"(B, TT, {i64(s.H)}, {i64(N)})", acc),
+            ("dk", f"(B, TT, {i64(s.H)}, {i64(N)})", acc),
+            ("dv", f"(B, TT, {i64(s.H)}, {i64(P)})", acc)]
+    if dec:
+        bufs.append(("dl", f"(B, TT, {i64(s.H)})", acc))
+    if e.plan.has_initial_state:
+        bufs.append(("dh0", e.state_shape(), acc))
+    e.bwd_header("ssmc_chunked_bwd", bufs)
+    with e.tasks():
+        for name, shape in (("G", (N, P)), ("GT", (P, N)), ("ST", (P, N)), ("kc", (Q, N)),
+                            ("kT", (N, Q)), ("qc", (Q, N)), ("vc", (Q, P)), ("vT", (P, Q)),
+                            ("dyc", (Q, P)), ("sc", (Q, Q)), ("dA", (Q, Q)), ("rn", (N,)),
+                            ("tn", (N,)), ("rp", (P,)), ("tp", (P,)), ("part", (LANES,)),
+                            ("wu", (Q,))):
+            e.alloc(name, shape)
+        if dec:
+            for name, shape in (("lg", (Q,)), ("cd", (Q,)), ("re", (Q,)), ("ea", (Q,)),
+                                ("Dm", (Q, Q)), ("el", (1,)), ("sm", (1,)), ("gsp", (N,)),
+                                ("vkg", (P,)), ("term", (1,))):
+                e.alloc(name, shape)
+        for d_index, direction in enumerate(e.directions):
+            put = functools.partial(_put, w, d_index == 0)
+            with w.block(f"for n_ in range({i64(N)}):"):
+                with w.block(f"for p_ in range({i64(P)}):"):
+                    w(f"G[n_, p_] = gT[{e.state_index(d_index)}]", f"GT[p_, n_] = G[n_, p_]")
+            with e.chunks(reverse=True):
+                with w.block(f"for p_ in range({i64(P)}):"):
+                    with w.block(f"for n_ in T.vectorized({i64(N)}):"):
+                        w(f"ST[p_, n_] = ws[{i64(d_index)}, {e.slot('c_')}, h_, p_, n_]")
+                e.load_chunk(direction, ("key", "query", "value"), dy=True)
+                if dec:
+                    e.decay_factors(matrix=True)
+                e.causal("sc", "qc", "kT", N)       # A
+                e.causal("dA", "dyc", "vT", P)      # dA
+                cdu = " * cd[u_]" if dec else ""
+                # dq = dA k + cd * (dy S_in^T); w_u = q_u . dq_u
+                with w.block("for u_ in range(cl_):"):
+                    w(f"t_ = {e.time_of(direction, 'c0_ + u_')}")
+                    with w.block(f"for n_ in T.vectorized({i64(N)}):"):
+                        w(f"rn[n_] = {zero}", f"tn[n_] = {zero}")
+                    with w.block("for j_ in range(u_ + T.int64(1)):"):
+                        with w.block(f"for n_ in T.vectorized({i64(N)}):"):
+                            w("rn[n_] = rn[n_] + dA[u_, j_] * kc[j_, n_]")
+                    with w.block(f"for p_ in range({i64(P)}):"):
+                        with w.block(f"for n_ in T.vectorized({i64(N)}):"):
+                            w("tn[n_] = tn[n_] + dyc[u_, p_] * ST[p_, n_]")
+                    with w.block(f"for n_ in T.vectorized({i64(N)}):"):
+                        w(f"rn[n_] = rn[n_] + tn[n_]{cdu}")
+                    with w.block(f"for n_ in range({i64(N)}):"):
+                        put("dq", "b_, t_, h_, n_", "rn[n_]")
+                    if dec:
+                        w(f"wu[u_] = {zero}")
+                        e.dot("wu[u_]", "qc[u_, x_]", "rn[x_]", N)
+                # dk = dA^T q + re * (v G^T); w_s -= k_s . dk_s
+                res = " * re[u_]" if dec else ""
+                with w.block("for u_ in range(cl_):"):
+                    w(f"t_ = {e.time_of(direction, 'c0_ + u_')}")
+                    with w.block(f"for n_ in T.vectorized({i64(N)}):"):
+                        w(f"rn[n_] = {zero}", f"tn[n_] = {zero}")
+                    with w.block("for j_ in range(u_, cl_):"):
+                        with w.block(f"for n_ in T.vectorized({i64(N)}):"):
+                            w("rn[n_] = rn[n_] + dA[j_, u_] * qc[j_, n_]")
+                    with w.block(f"for p_ in range({i64(P)}):"):
+                        with w.block(f"for n_ in T.vectorized({i64(N)}):"):
+                            w("tn[n_] = tn[n_] + vc[u_, p_] * GT[p_, n_]")
+                    with w.block(f"for n_ in T.vectorized({i64(N)}):"):
+                        w(f"rn[n_] = rn[n_] + tn[n_]{res}")
+                    with w.block(f"for n_ in range({i64(N)}):"):
+                        put("dk", "b_, t_, h_, n_", "rn[n_]")
+                    if dec:
+                        e.dot("wu[u_]", "kc[u_, x_]", "rn[x_]", N, sign="-")
+                # dv = A^T dy + (re * k) G; sum (v * (re * k) G) for the chunk-end term
+                if dec:
+                    with w.block(f"for p_ in T.vectorized({i64(P)}):"):
+                        w(f"vkg[p_] = {zero}")
+                with w.block("for u_ in range(cl_):"):
+                    w(f"t_ = {e.time_of(direction, 'c0_ + u_')}")
+                    with w.block(f"for p_ in T.vectorized({i64(P)}):"):
+                        w(f"rp[p_] = {zero}", f"tp[p_] = {zero}")
+                    with w.block("for j_ in range(u_, cl_):"):
+                        with w.block(f"for p_ in T.vectorized({i64(P)}):"):
+                            w("rp[p_] = rp[p_] + sc[j_, u_] * dyc[j_, p_]")
+                    with w.block(f"for n_ in range({i64(N)}):"):
+                        with w.block(f"for p_ in T.vectorized({i64(P)}):"):
+                            w("tp[p_] = tp[p_] + kc[u_, n_] * G[n_, p_]")
+                    with w.block(f"for p_ in T.vectorized({i64(P)}):"):
+                        w(f"tp[p_] = tp[p_]{res}")
+                        w("rp[p_] = rp[p_] + tp[p_]")
+                        if dec:
+                            w("vkg[p_] = vkg[p_] + vc[u_, p_] * tp[p_]")
+                    with w.block(f"for p_ in range({i64(P)}):"):
+                        put("dv", "b_, t_, h_, p_", "rp[p_]")
+                if dec:
+                    # dL/dl_r = sum_{u >= r} w_u + el * sum (G * S_in) + sum (v * (re k) G)
+                    with w.block(f"for n_ in T.vectorized({i64(N)}):"):
+                        w(f"gsp[n_] = {zero}")
+                    with w.block(f"for p_ in range({i64(P)}):"):
+                        with w.block(f"for n_ in T.vectorized({i64(N)}):"):
+                            w("gsp[n_] = gsp[n_] + GT[p_, n_] * ST[p_, n_]")
+                    w(f"term[T.int64(0)] = {zero}")
+                    with w.block(f"for n_ in range({i64(N)}):"):
+                        w("term[T.int64(0)] = term[T.int64(0)] + gsp[n_]")
+                    w("term[T.int64(0)] = term[T.int64(0)] * el[T.int64(0)]")
+                    with w.block(f"for p_ in range({i64(P)}):"):
+                        w("term[T.int64(0)] = term[T.int64(0)] + vkg[p_]")
+                    w(f"sm[T.int64(0)] = {zero}")
+                    with w.block("for jj_ in range(cl_):"):
+                        w("j_ = cl_ - T.int64(1) - jj_")
+                        w(f"t_ = {e.time_of(direction, 'c0_ + j_')}")
+                        w("sm[T.int64(0)] = sm[T.int64(0)] + wu[j_]")
+                        put("dl", "b_, t_, h_", "sm[T.int64(0)] + term[T.int64(0)]")
+                # G <- el * G + (cd * q)^T dy, and its transpose
+                with w.block(f"for n_ in range({i64(N)}):"):
+                    if dec:
+                        with w.block(f"for p_ in T.vectorized({i64(P)}):"):
+                            w("G[n_, p_] = G[n_, p_] * el[T.int64(0)]")
+                    with w.block("for u_ in range(cl_):"):
+                        with w.block(f"for p_ in T.vectorized({i64(P)}):"):
+                            w(f"G[n_, p_] = G[n_, p_] + qc[u_, n_]{cdu} * dyc[u_, p_]")
+                with w.block(f"for p_ in range({i64(P)}):"):
+                    with w.block(f"for n_ in range({i64(N)}):"):
+                        w("GT[p_, n_] = G[n_, p_]")
+            if e.plan.has_initial_state:
+                with w.block(f"for n_ in range({i64(N)}):"):
+                    with w.block(f"for p_ in range({i64(P)}):"):
+                        w(f"dh0[{e.state_index(d_index)}] = G[n_, p_]")
+    return e.finish()
