@@ -1,9 +1,10 @@
 """The TVM chunked backward (ssmc/backends/tvm/lowerings/chunked_bwd.py) against the float64
 reference: definitions with scalar decays (ssd with D, z, groups, whose epilogue needs y; a
-sigmoid gate with an epilogue; linear attention without a decay) in every direction, with initial states and
-grad_final or without, packed sequences with empty ones, float64 and bf16, t = 0; decays
-from the edges of the domain (log-decays -1e4 and -inf, decays within 1e-7 of 1) through
-`check_against_reference`; and which plans it serves (the others keep the scan backward).
+sigmoid gate with an epilogue; linear attention without a decay) in every direction, with
+initial states and grad_final or without, packed sequences with empty ones, float64 and bf16,
+t = 0; decays from the edges of the domain (log-decays -1e4 and -inf, decays within 1e-7 of
+1) through `check_against_reference`; and which plans it serves (the others keep the scan
+backward).
 
 Sizes are small and odd: t = 70 (two full chunks of 32 and a partial one), n = 5, p = 3.
 """
@@ -121,7 +122,8 @@ def _edge_inputs(u: torch.Tensor, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     b, t, h = u.shape
     return dict(x=torch.randn(b, t, h, 3, generator=gen), u=u,
-                B=torch.randn(b, t, 1, 5, generator=gen), C=torch.randn(b, t, 1, 5, generator=gen))
+                B=torch.randn(b, t, 1, 5, generator=gen),
+                C=torch.randn(b, t, 1, 5, generator=gen))
 
 
 def _edge_states(u: torch.Tensor) -> dict:
