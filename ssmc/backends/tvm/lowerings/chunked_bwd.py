@@ -107,9 +107,9 @@ class _ChunkEmitter(_BwdEmitter):
 
     def load_chunk(self, direction, parts: tuple[str, ...], dy: bool = False):
         """Operands of the chunk's steps (serial loops: rendered expressions hold let
-        bindings): kc (Q, N) and kT (N, Q) for "key", qc (Q, N) for "query", vc (Q, P) and
-        vT (P, Q) for "value", dyc (Q, P) with `dy`, log-decays lg (Q,) when there is a
-        decay."""
+        bindings): kc (Q, N) and kT (N, Q) for "key", qc (Q, N) for "query" (and qT (N, Q)
+        for "query_t"), vc (Q, P) and vT (P, Q) for "value", dyc (Q, P) with `dy`,
+        log-decays lg (Q,) when there is a decay."""
         w, r, s = self.w, self.program.recurrence, self.spec
         with w.block("for i_ in range(cl_):"):
             w(f"t_ = {self.time_of(direction, 'c0_ + i_')}")
@@ -120,7 +120,9 @@ class _ChunkEmitter(_BwdEmitter):
                         w(f"kv_ = {self.value_of(r.key.expr, idx)}")
                         w("kc[i_, n_] = kv_", "kT[n_, i_] = kv_")
                     if "query" in parts:
-                        w(f"qc[i_, n_] = {self.value_of(r.query.expr, idx)}")
+                        w(f"qv_ = {self.value_of(r.query.expr, idx)}", "qc[i_, n_] = qv_")
+                        if "query_t" in parts:
+                            w("qT[n_, i_] = qv_")
             if "value" in parts:
                 with w.block(f"for p_ in range({i64(s.P)}):"):
                     w(f"vv_ = {self.value_of(r.value.expr, self.index('t_', p='p_'))}")
@@ -236,35 +238,40 @@ def render_states(spec: KernelSpec, want_y: bool) -> str:
         bufs.append(("yw", f"(B, TT, {i64(s.H)}, {i64(P)})", e.acc))
     e.bwd_header("ssmc_chunked_bwd_states", bufs)
     with e.tasks():
-        e.alloc("st", (N, P))
-        e.alloc("kc", (Q, N))
-        e.alloc("kT", (N, Q))
-        e.alloc("vc", (Q, P))
-        e.alloc("vT", (P, Q))
+        e.alloc("st", (P, N))      # the state, transposed as ws stores it
+        for name, shape in (("kc", (Q, N)), ("kT", (N, Q)), ("vc", (Q, P)), ("vT", (P, Q))):
+            e.alloc(name, shape)
         if e.has_decay:
             for name in ("lg", "cd", "re"):
                 e.alloc(name, (Q,))
             e.alloc("el", (1,))
             e.alloc("sm", (1,))
         if want_y:
-            e.alloc("qc", (Q, N))
-            e.alloc("sc", (Q, Q))
-            e.alloc("yc", (P,))
+            for name, shape in (("qc", (Q, N)), ("qT", (N, Q)), ("sc", (Q, Q)), ("yT", (P, Q)),
+                                ("yc", (P,))):
+                e.alloc(name, shape)
             if e.has_decay:
                 e.alloc("ea", (Q,))
                 e.alloc("Dm", (Q, Q))
-        parts = ("key", "value") + (("query",) if want_y else ())
+        parts = ("key", "value") + (("query", "query_t") if want_y else ())
         for d_index, direction in enumerate(e.directions):
-            e.init_state("st", d_index)
+            with w.block(f"for n_ in range({i64(N)}):"):
+                with w.block(f"for p_ in range({i64(P)}):"):
+                    v = e.load_h0(d_index) if e.plan.has_initial_state else e.zero
+                    w(f"st[p_, n_] = {v}")
             with e.chunks():
                 with w.block(f"for p_ in range({i64(P)}):"):
-                    with w.block(f"for n_ in range({i64(N)}):"):
-                        w(f"ws[{i64(d_index)}, {e.slot('c_')}, h_, p_, n_] = st[n_, p_]")
+                    with w.block(f"for n_ in T.vectorized({i64(N)}):"):
+                        w(f"ws[{i64(d_index)}, {e.slot('c_')}, h_, p_, n_] = st[p_, n_]")
                 e.load_chunk(direction, parts)
                 if e.has_decay:
                     e.decay_factors(matrix=want_y)
                 if want_y:
+                    # y = A v + cd * (q S_in), the second as (S_in^T q^T)^T
                     e.causal("sc", "qc", "kT", N)
+                    e.matmul("yT", lambda r, x: f"st[{r}, {x}]", lambda x, j: f"qT[{x}, {j}]",
+                             i64(P), i64(N), Q)
+                    cdu = " * cd[u_]" if e.has_decay else ""
                     with w.block("for u_ in range(cl_):"):
                         w(f"t_ = {e.time_of(direction, 'c0_ + u_')}")
                         with w.block(f"for p_ in T.vectorized({i64(P)}):"):
@@ -272,16 +279,12 @@ def render_states(spec: KernelSpec, want_y: bool) -> str:
                         with w.block("for j_ in range(u_ + T.int64(1)):"):
                             with w.block(f"for p_ in T.vectorized({i64(P)}):"):
                                 w("yc[p_] = yc[p_] + sc[u_, j_] * vc[j_, p_]")
-                        wq = "qc[u_, n_] * cd[u_]" if e.has_decay else "qc[u_, n_]"
-                        with w.block(f"for n_ in range({i64(N)}):"):
-                            with w.block(f"for p_ in T.vectorized({i64(P)}):"):
-                                w(f"yc[p_] = yc[p_] + {wq} * st[n_, p_]")
                         with w.block(f"for p_ in range({i64(P)}):"):
-                            w("yw[b_, t_, h_, p_] = yw[b_, t_, h_, p_] + yc[p_]")
-                # S <- el * S + sum_s re_s k_s v_s^T
-                e.matmul("st", (lambda r, x: f"kT[{r}, {x}] * re[{x}]") if e.has_decay else
-                         (lambda r, x: f"kT[{r}, {x}]"), lambda x, j: f"vc[{x}, {j}]",
-                         i64(N), "cl_", P, "el[T.int64(0)]" if e.has_decay else "out")
+                            w(f"yw[b_, t_, h_, p_] = yw[b_, t_, h_, p_] + yc[p_] + yT[p_, u_]{cdu}")
+                # S^T <- el * S^T + sum_s re_s v_s k_s^T
+                e.matmul("st", (lambda r, x: f"vT[{r}, {x}] * re[{x}]") if e.has_decay else
+                         (lambda r, x: f"vT[{r}, {x}]"), lambda x, j: f"kc[{x}, {j}]",
+                         i64(P), "cl_", N, "el[T.int64(0)]" if e.has_decay else "out")
     return e.finish()
 
 
