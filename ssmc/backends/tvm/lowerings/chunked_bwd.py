@@ -15,6 +15,10 @@ l_u, S_in the state entering it and G = dL/dS at its end:
 with sum (G * S_end) = el * sum (G * S_in) + sum (v * ((re * k) G)) (S_end the state leaving
 the chunk). The last identity holds because every factor of the chunk's products from step r on
 carries l_r (and el all of S_in); the sum stays inside the chunk, where it does not cancel.
+The gradient goes out as d log_decay (the chain rule takes it as is; dividing by the decay
+would fail where it underflows to 0). Measured at t=2048 h=8 n=p=64, the identity (two
+length-n dot products per step, O(n p) per chunk) is ~0.2 ms of the ~14 ms function; d decay
+itself would need every step's state, an n x p product per step more.
 
 Decay factors: D is a running product of the chunk's decays (one exp per step, not per entry:
 LLVM calls libm's exp one lane at a time, ~6 ns each, which for Q^2 entries would cost as much
@@ -35,8 +39,9 @@ Two functions, both parallel over (sequence, head) and sequential over chunks:
 
 Chunk slots as in scan_bwd.py's checkpoints with Q steps per slot. Every product is written
 with the output row in an inner vectorised loop and the reduction one loop out (the row stays
-in registers); entries outside the causal half or past the chunk's end are chosen away with a
-select, never multiplied (stale or uninitialised scratch may hold anything).
+in registers; `matmul` takes two rows at a time); entries outside the causal half or past
+the chunk's end are chosen away with a select, never multiplied (stale or uninitialised
+scratch may hold anything).
 """
 from __future__ import annotations
 
