@@ -79,8 +79,8 @@ def layer_cache(cache, layer_idx: int, cache_position=None) -> Optional[LayerCac
     layer = layers[layer_idx]
     if _keeps_history(cache, layer, layer_idx):
         raise UnsupportedError(
-            f"ssmc.integrations.transformers: the cache records {type(cache).__name__} "
-            f"intermediate states of layer {layer_idx} (assisted or speculative decoding); the "
+            f"ssmc.integrations.transformers: the {type(cache).__name__} records the states "
+            f"of layer {layer_idx} after each new token (assisted or speculative decoding); the "
             "patched mixers do not produce them. Generate without an assistant model, or "
             "unpatch the model first")
     per_state = isinstance(getattr(layer, "conv_states", None), dict)
@@ -112,9 +112,8 @@ def _keeps_history(cache, layer, layer_idx: int) -> bool:
     if not getattr(layer, "record_past", False):
         return False
     keep = getattr(cache, "get_recurrent_states_to_keep", None)
-    if keep is not None:
-        return keep(layer_idx) > 0
-    return bool(getattr(layer, "recurrent_states_to_keep", 0))
+    count = keep(layer_idx) if keep is not None else getattr(layer, "recurrent_states_to_keep", 0)
+    return bool(count)  # None (recording without a count) keeps none
 
 
 def _unknown(cache) -> str:

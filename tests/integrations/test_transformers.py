@@ -179,7 +179,7 @@ def test_refuses_a_cache_that_records_intermediate_states():
         if not hasattr(cache, "get_recurrent_states_to_keep"):
             pytest.skip("this transformers release has no recording caches")
         cache.activate_past_recording(recurrent_states_to_keep=2)
-        with pytest.raises(UnsupportedError, match="intermediate states"):
+        with pytest.raises(UnsupportedError, match="after each new token"):
             patch(model)(ids(8), **decode_kwargs(name, cache, 0))
 
 
