@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 
 import ssmc
-from ssmc.api import _device_model
+from ssmc.devices import DeviceLimits, device_model
+from ssmc.planner import candidates
 from ssmc.autotune import tuner as tuner_mod
 from ssmc.autotune.measure import Settings, default_timer, outputs_match
-from ssmc.autotune.space import Config, DeviceLimits
+from ssmc.autotune.space import Config
 from ssmc.ops.gla import build as build_gla
 from ssmc.ops.selective_scan import build as build_ss
 from ssmc.ops.ssd import build as build_ssd
@@ -112,8 +113,8 @@ def tune(op, args, settings):
     record goes into the cache that SSMC_AUTOTUNE=cached reads. -> (TuneResult, wall s)."""
     bound = bind(op.program, args, {})
     device = bound.device
-    plan = dataclasses.replace(op.last_plan, tile=())         # the cost model's plan
-    lowerings = tuner_mod.allowed_lowerings(op.program, op.backend_name, device, plan)
+    plan = dataclasses.replace(op.last_plan, tile=None)         # the cost model's plan
+    lowerings = candidates(op.program, op.backend_name, device, plan)
     limits = DeviceLimits.from_device(device)
     first = tuner_mod.InputSet({k: v.detach() for k, v in bound.tensors.items()})
     start = time.perf_counter()
@@ -121,7 +122,7 @@ def tune(op, args, settings):
         op.program, backend_name=op.backend_name, lowering_policy=op.lowering,
         lowerings=lowerings, default_lowering=plan.lowering, base=plan, sizes=dict(bound.sizes),
         device=device, input_sets=tuner_mod.rotating_sets(first, limits.l2_bytes), limits=limits,
-        device_model=_device_model(device), max_configs=settings.max_configs)
+        device_model=device_model(device), max_configs=settings.max_configs)
     print(f"  tuning {task.describe()}", flush=True)
     with torch.no_grad():
         result = tuner_mod.Tuner(settings=settings, progress=False).tune(task, device)

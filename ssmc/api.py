@@ -1,23 +1,22 @@
 """The user-facing entry points: `@ssm`, `compile`, `attention_matrix`."""
 from __future__ import annotations
 
-import dataclasses
-import sys
 import threading
 
 import torch
 
 from . import config, reference
-from .backends import resolve_backend
+from .backends.base import AUTO_ORDER, compile_plan, registered
 from .dsl import trace
-from .errors import ArgumentError, BackendUnavailableError, ConfigError, UnsupportedError
+from .errors import ArgumentError, ConfigError, UnsupportedError
 from .ir import Program
-from .passes import DEVICES, choose_lowering, legal_lowerings, run_pipeline
+from .lowerings import legal_lowerings, lowering_names
+from .passes import run_pipeline
 from .plan import Plan
+from .planner import dtype_name, make_plan
+from .step import step as step_op
 from .torch import ops as torch_ops
 from .validate import Bound, bind
-
-ELEM_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
 
 
 class Definition:
@@ -49,23 +48,14 @@ def ssm(fn=None, *, name: str | None = None):
     return Definition(fn, name)
 
 
-def _device_model(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    gpu = torch.cuda.get_device_name(device).lower()
-    for key in DEVICES:
-        if key in gpu:
-            return key
-    return "h100"
-
-
 class CompiledOp:
     """A definition bound to a backend and a lowering policy; plans are made per call shape."""
 
     def __init__(self, definition: Definition, backend: str = "auto", lowering: str = "auto"):
-        if lowering not in config.LOWERINGS:
+        valid = ("auto",) + lowering_names()
+        if lowering not in valid:
             raise ConfigError(f"lowering={lowering!r} is not valid; valid values: "
-                              f"{', '.join(config.LOWERINGS)}")
+                              f"{', '.join(valid)}")
         if backend not in config.BACKENDS:
             raise ConfigError(f"backend={backend!r} is not valid; valid values: "
                               f"{', '.join(config.BACKENDS)}")
@@ -93,44 +83,18 @@ class CompiledOp:
                bound.cu_seqlens is not None)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._make_plan(bound)
+            plan = self._plans[key] = make_plan(self.program, self.backend_name,
+                                                  self.lowering, bound)
         return plan
-
-    def _make_plan(self, bound: Bound) -> Plan:
-        base = Plan(program=self.program, lowering="scan", dtype=str(bound.dtype).split(".")[1],
-                    has_initial_state=bound.initial_state is not None,
-                    return_final_state=bound.return_final_state,
-                    varlen=bound.cu_seqlens is not None)
-        from .autotune.tuner import tuned_plan  # SSMC_AUTOTUNE: a tuned config for this key
-        if self.lowering != "auto":
-            return tuned_plan(self, bound, dataclasses.replace(base, lowering=self.lowering),
-                              [self.lowering])
-        # only lowerings that some eligible backend implements are candidates
-        allowed = []
-        for lowering in legal_lowerings(self.program):
-            try:
-                resolve_backend(self.backend_name, bound.device,
-                                dataclasses.replace(base, lowering=lowering))
-                allowed.append(lowering)
-            except (BackendUnavailableError, UnsupportedError):
-                continue
-        choice = choose_lowering(self.program, bound.sizes, _device_model(bound.device),
-                                 ELEM_BYTES[bound.dtype], allowed=allowed or None)
-        if config.debug_level() >= 1:
-            print(f"ssmc: {self.program.name}: {choice.explanation}", file=sys.stderr)
-        return tuned_plan(self, bound, dataclasses.replace(base, lowering=choice.lowering),
-                          allowed or [choice.lowering])
 
     def kernel_for(self, plan: Plan, device: torch.device):
         key = (plan, device.type)
         kernel = self._kernels.get(key)
         if kernel is None:
-            backend = resolve_backend(self.backend_name, device, plan)
-            why = backend.supports(plan)
-            if why is not None:
-                raise UnsupportedError(f"{self.program.name}: backend {backend.name!r} cannot run "
-                                       f"{plan.describe()}: {why}")
-            kernel = self._kernels[key] = backend.compile(plan)
+            try:
+                kernel = self._kernels[key] = compile_plan(self.backend_name, device, plan)
+            except UnsupportedError as e:
+                raise UnsupportedError(f"{self.program.name}: {e}") from None
         return kernel
 
     def __call__(self, *args, **kwargs):
@@ -142,8 +106,7 @@ class CompiledOp:
         """One decode step: the inputs without their `t` axis (x (b, h, p), dt (b, h), ...);
         `state` (b, h, n, p), float32, is updated in place; returns y_t (b, h, p). Forward
         definitions only; see `ssmc.step`."""
-        from .step import step
-        return step(self, state, *args, **kwargs)
+        return step_op(self, state, *args, **kwargs)
 
     def __repr__(self):
         return (f"<ssmc op {self.program.name} backend={self.backend_name} "
@@ -176,9 +139,29 @@ def attention_matrix(op, *args, **kwargs) -> torch.Tensor:
     if bound.cu_seqlens is not None or bound.initial_state is not None:
         raise UnsupportedError("attention_matrix: 'cu_seqlens' and 'initial_state' are not "
                                "supported; pass one unpacked batch")
-    if bound.device.type == "cuda":
-        from .backends.triton.lowerings.quadratic import attention_matrix as triton_matrix
-        plan = Plan(program=definition.program, lowering="quadratic",
-                    dtype=str(bound.dtype).split(".")[1])
-        return triton_matrix(plan, bound.tensors, bound.sizes)
+    plan = Plan(program=definition.program, lowering="quadratic", dtype=dtype_name(bound.dtype))
+    # the first backend of the device's auto order that builds the matrix itself
+    for name in AUTO_ORDER.get(bound.device.type, ()):
+        backend = registered().get(name)
+        build = getattr(backend, "attention_matrix", None)
+        if build is not None and backend.is_available() and backend.supports(plan) is None:
+            return build(plan, bound.tensors, bound.sizes)
     return reference.attention_matrix(definition.program, bound.tensors, bound.sizes)
+
+
+# compiled ops of builder variants (ssmc.nn, ssmc.compat), in a plain dict: torch.compile traces
+# a hit as a lookup (an lru_cache-wrapped builder would be traced into, rebuilding the
+# definition). The first call with new options builds the op, so it must not be under tracing.
+_VARIANTS: dict = {}
+
+
+def compiled_variant(builder, options: tuple, backend: str = "auto",
+                     lowering: str = "auto") -> CompiledOp:
+    """The CompiledOp of `builder(**dict(options))`, built once per (options, backend, lowering);
+    `options` is a sorted tuple of (name, value) pairs."""
+    key = (builder, options, backend, lowering)
+    op = _VARIANTS.get(key)
+    if op is None:
+        op = _VARIANTS[key] = compile(builder(**dict(options)), backend=backend,
+                                      lowering=lowering)
+    return op

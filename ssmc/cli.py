@@ -25,20 +25,21 @@ import torch
 
 from . import config
 from ._version import __version__
-from .api import Definition, _device_model
+from .api import Definition
 from .autotune import tuner as tuner_mod
 from .autotune.cache import (TuneCache, TuneKey, all_caches, device_slug,
                              export_defaults)
 from .autotune.measure import Settings, outputs_match
-from .autotune.space import Config, DeviceLimits
+from .autotune.space import Config
 from .backends import registered
 from .backends.tvm.export import TARGETS, export
-from .backends.tvm.lowerings import KernelSpec
 from .errors import SSMCError
 from .ir import AXES, DecayKind, print_program
 from .ir.nodes import AXIS_ROLES
-from .passes import DEVICES, choose_lowering, legal_lowerings, lowering_costs
+from .devices import DEVICES, DeviceLimits, device_model, gpu_model
+from .lowerings import legal_lowerings, lowering_costs, lowering_names
 from .plan import Plan
+from .planner import candidates, choose
 
 PROG = "ssmc"
 
@@ -209,7 +210,7 @@ def device_at_hand() -> tuple[str, str]:
     if not torch.cuda.is_available():
         return "cpu", "no CUDA GPU here, so the CPU and TVM's LLVM target"
     name = torch.cuda.get_device_name()
-    model = _device_model(torch.device("cuda"))
+    model = device_model(torch.device("cuda"))
     nearest = "" if model in name.lower() else f"; not in the cost model's table, so {model}"
     return model, f"the GPU here, {name}{nearest}"
 
@@ -255,7 +256,10 @@ def run_explain(args: argparse.Namespace) -> int:
     hand_device, found = device_at_hand()
     device = args.device or hand_device
     dtype, elem_bytes = DTYPES[args.dtype or default_dtype(device)]
-    choice = choose_lowering(program, sizes, device, elem_bytes=elem_bytes, chunk=args.chunk)
+    # the planner's own choice: among the lowerings a backend for that device implements
+    base = Plan(program=program, lowering="scan", dtype=TORCH_DTYPES[dtype])
+    choice, _ = choose(program, config.backend(), "cpu" if device == "cpu" else "cuda", sizes,
+                       base, model=device, chunk=args.chunk)
     estimates = {e.lowering: e for e in choice.estimates}
     chunk = min(args.chunk, max(sizes["t"], 16))  # what choose_lowering substitutes for Q
 
@@ -299,7 +303,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
 # -- tune --------------------------------------------------------------------------------
 
-TUNE_LOWERINGS = ("all", "scan", "chunked", "quadratic")
+TUNE_LOWERINGS = ("all",) + lowering_names()
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
@@ -425,7 +429,7 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.export_defaults:
         device = _tune_device(args.device)
         cache = TuneCache.for_device(device)
-        model = tuner_mod.defaults_model(device) or device_slug_of(cache)
+        model = gpu_model(device) or device_slug_of(cache)
         n = export_defaults(cache, model, Path(args.export_defaults))
         print(f"wrote {n} tuned configs for {cache.env.get('gpu')} to {args.export_defaults}")
         return 0
@@ -453,7 +457,7 @@ def run_tune(args: argparse.Namespace) -> int:
         sizes, ignored = resolve_sizes(program, parse_shape(text))
         base = Plan(program=program, lowering="scan", dtype=dtype_name,
                     has_initial_state=args.initial_state, return_final_state=args.final_state)
-        allowed = tuner_mod.allowed_lowerings(program, backend_name, device, base)
+        allowed = candidates(program, backend_name, device, base)
         if policy != "auto":
             if policy not in allowed:
                 raise CLIError(f"--lowering {policy}: not legal or not implemented for "
@@ -461,8 +465,8 @@ def run_tune(args: argparse.Namespace) -> int:
             allowed = [policy]
         if not allowed:
             raise CLIError(f"no backend implements any lowering of {program.name} on {device}")
-        default_lowering = choose_lowering(program, sizes, _device_model(device),
-                                           DTYPES[args.dtype][1], allowed=allowed).lowering
+        default_lowering = choose(program, backend_name, device, sizes, base,
+                                  among=allowed)[0].lowering
         base = dataclasses.replace(base, lowering=default_lowering)
         shape_text = " ".join(f"{a}={sizes[a]}" for a in AXES)
         print(f"{program.name} {shape_text} {args.dtype} lowering={args.lowering} on "
@@ -476,7 +480,7 @@ def run_tune(args: argparse.Namespace) -> int:
                 program, backend_name=backend_name, lowering_policy=policy, lowerings=allowed,
                 default_lowering=default_lowering, base=base, sizes=sizes, device=device,
                 input_sets=tuner_mod.rotating_sets(first, limits.l2_bytes), limits=limits,
-                device_model=_device_model(device), max_configs=args.max_configs)
+                device_model=device_model(device), max_configs=args.max_configs)
 
         def tune():
             task = None
@@ -518,7 +522,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
 # -- compile ----------------------------------------------------------------------------
 
-EMIT_LOWERINGS = ("all", "scan", "chunked", "quadratic")
+EMIT_LOWERINGS = ("all",) + lowering_names()
 EXPORT_LOWERINGS = EMIT_LOWERINGS[1:]
 
 
@@ -573,21 +577,8 @@ def run_compile(args: argparse.Namespace) -> int:
         if why is not None:
             print(f"# not supported: {why}\n")
             continue
-        if args.emit == "triton":
-            print(backend.source(plan))
-        else:
-            print(_tvm_source(backend, plan, sizes, dtype))
+        print(backend.source(plan, sizes))
     return 0
-
-
-def _tvm_source(backend, plan, sizes: dict, dtype: str) -> str:
-    kernel = backend.compile(plan)
-    spec = KernelSpec(target="llvm", arch=None, plan=plan, H=sizes["h"], G=sizes["g"],
-                      N=sizes["n"], P=sizes["p"],
-                      input_dtypes=tuple(dtype for _ in plan.program.inputs),
-                      cu_dtype="int32" if plan.varlen else None,
-                      h0_dtype="float32" if plan.has_initial_state else None)
-    return kernel.source(spec)
 
 
 # -- export -----------------------------------------------------------------------------

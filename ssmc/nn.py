@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from . import api
 from .errors import ArgumentError, ConfigError, ShapeError, UnsupportedError
-from .torch.ops import compiled
+from .api import compiled_variant as compiled
+from .ops.ssd import build as ssd_build
 
 __all__ = ["InferenceParams", "RMSNormGated", "Mamba2", "SSMLayer", "causal_conv1d",
            "seq_idx_from_cu_seqlens"]
@@ -185,11 +186,10 @@ class Mamba2(nn.Module):
                                      group_size=self.d_ssm // ngroups, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
-        from .ops.ssd import build
         options = dict(has_D=True, D_per_channel=D_has_hdim, has_z=not rmsnorm,
                        has_dt_bias=True, dt_softplus=True, dt_min=float(self.dt_limit[0]),
                        dt_max=float(self.dt_limit[1]))
-        self._ssd_key = (build, tuple(sorted(options.items())), backend, lowering)
+        self._ssd_key = (ssd_build, tuple(sorted(options.items())), backend, lowering)
         compiled(*self._ssd_key)  # built now: a first call may be under torch.compile
 
     @property

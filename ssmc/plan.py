@@ -27,10 +27,12 @@ class Plan:
     return_final_state: bool = False
     varlen: bool = False
     chunk_size: int = 64
-    tile: tuple[tuple[str, int], ...] = ()
+    #: None (the lowering's built-in tiles) or the backend lowering's `ssmc.tiles.Tile`
+    tile: object = None
 
     def tile_dict(self) -> dict[str, int]:
-        return dict(self.tile)
+        """The tile parameters that are set, by name."""
+        return {} if self.tile is None else self.tile.as_dict()
 
     def describe(self) -> str:
         flags = "".join(f for f, on in (("_h0", self.has_initial_state),

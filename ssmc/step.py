@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from .api import CompiledOp
 from .backends import resolve_backend
 from .errors import (ArgumentError, BackendUnavailableError, ConfigError, DeviceError, DTypeError,
                      ShapeError, UnsupportedError)
@@ -86,7 +85,8 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 
 def _launcher(op, plan: Plan, device: torch.device):
     """A callable (tensors, sizes, state) -> output (b, 1, h, p) that updates `state`,
-    cached on the op per plan and device type."""
+    cached on the op per plan and device type: the backend's `compile_step(plan)` where it has
+    one, else its kernel with the final state copied back."""
     key = (_STEP_KEY, plan, device.type)
     launcher = op._kernels.get(key)
     if launcher is not None:
@@ -96,21 +96,9 @@ def _launcher(op, plan: Plan, device: torch.device):
     except (BackendUnavailableError, UnsupportedError) as e:
         raise type(e)(f"{op.program.name}.step(): {e}") from None
 
-    if backend.name == "triton":
-        from .backends.triton import _interpreting
-        from .backends.triton.lowerings import LOWERINGS
-        module = backend.load_module(plan)
-        launch = LOWERINGS["scan"].launch
-
-        def launcher(tensors, sizes, state):
-            if device.type != "cuda" and not _interpreting():
-                raise BackendUnavailableError(
-                    f"{op.program.name}.step(): the Triton backend runs on CUDA tensors (got "
-                    f"{device}); use backend='tvm' or 'reference' on the CPU")
-            # initial state and final state are the same buffer: each program reads its tile
-            # before it writes it
-            out, _ = launch(module, plan, tensors, sizes, state, None, final_out=state)
-            return out
+    compile_step = getattr(backend, "compile_step", None)
+    if compile_step is not None:   # the backend updates the state in place itself
+        launcher = compile_step(plan)
     else:
         kernel = backend.compile(plan)
 
@@ -139,10 +127,8 @@ def _signature(state, args, kwargs):
 
 
 def step(op, state, *args, **kwargs) -> torch.Tensor:
-    """Advance `state` (b, h, n, p) by one step of `op`'s recurrence, in place; return y_t."""
-    if not isinstance(op, CompiledOp):
-        raise ArgumentError(f"ssmc.step.step(): 'op' must be a compiled op (ssmc.compile(...)), "
-                            f"got {type(op).__name__}")
+    """Advance `state` (b, h, n, p) by one step of compiled op `op`'s recurrence, in place;
+    return y_t (`CompiledOp.step`)."""
     sig = _signature(state, args, kwargs)
     fast = op._kernels.get((_STEP_KEY, sig)) if sig is not None else None
     if fast is not None:

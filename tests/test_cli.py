@@ -14,8 +14,8 @@ import torch
 
 import ssmc.ops
 from ssmc import cli
-from ssmc.api import _device_model
-from ssmc.passes import choose_lowering
+from ssmc.devices import device_model
+from ssmc.lowerings import choose_lowering
 from tests.helpers import compare, gla_inputs, random_state, reference_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,7 +288,7 @@ def test_explain_defaults_to_the_device_at_hand():
     done = ssmc_command("explain", "ssmc.ops.ssd:mamba2", "--shape", SHAPE)
     assert done.returncode == 0, done.stderr
     if torch.cuda.is_available():
-        model = _device_model(torch.device("cuda"))
+        model = device_model(torch.device("cuda"))
         assert f"dtype: bf16 (E=2 bytes)   device: {model}" in done.stdout
         assert f"device {model} by default: the GPU here, " in done.stdout
     else:

@@ -24,7 +24,7 @@ import pytest
 
 import ssmc
 from ssmc import cli, dsl
-from ssmc.passes import legal_lowerings
+from ssmc.lowerings import legal_lowerings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

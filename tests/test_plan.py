@@ -8,6 +8,7 @@ import ssmc
 import ssmc.ops
 from ssmc import dsl as S
 import ssmc.plan as plan_module
+from ssmc.backends.triton.tiles import ChunkedTile
 from ssmc.plan import Plan, sources_digest
 
 
@@ -30,12 +31,12 @@ def test_frozen_and_hashable():
 
 def test_defaults():
     assert (BASE.has_initial_state, BASE.return_final_state, BASE.varlen) == (False,) * 3
-    assert BASE.chunk_size == 64 and BASE.tile == () and BASE.tile_dict() == {}
+    assert BASE.chunk_size == 64 and BASE.tile is None and BASE.tile_dict() == {}
 
 
 def test_tile_dict():
-    plan = dataclasses.replace(BASE, tile=(("BT", 64), ("BN", 32)))
-    assert plan.tile_dict() == {"BT": 64, "BN": 32}
+    plan = dataclasses.replace(BASE, tile=ChunkedTile(BT=64, BN_state=32))
+    assert plan.tile_dict() == {"BT": 64, "BN_state": 32}
 
 
 @pytest.mark.parametrize("changes, expected", [
@@ -59,7 +60,7 @@ def test_cache_key_readable_prefix_and_hash():
 @pytest.mark.parametrize("changes", [
     dict(lowering="scan"), dict(dtype="float16"), dict(has_initial_state=True),
     dict(return_final_state=True), dict(varlen=True), dict(chunk_size=128),
-    dict(tile=(("BT", 32),)),
+    dict(tile=ChunkedTile(BT=32)),
 ])
 def test_cache_key_covers_every_plan_field(changes):
     other = dataclasses.replace(BASE, **changes)

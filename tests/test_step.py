@@ -245,9 +245,3 @@ def test_step_argument_count_errors():
         op.step(*args)  # forgot the state: x is taken as the state and dt (b, h) as x
 
 
-def test_step_module_function_needs_a_compiled_op():
-    _, inputs, state = _ssd_step_args()
-    step_module = importlib.import_module("ssmc.step")
-    with pytest.raises(ssmc.ArgumentError, match=r"^ssmc\.step\.step\(\): 'op' must be a compiled "
-                       r"op \(ssmc\.compile\(\.\.\.\)\), got Definition$"):
-        step_module.step(mamba2, state, **inputs)

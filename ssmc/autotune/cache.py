@@ -34,6 +34,7 @@ from typing import Callable
 from .. import config
 from .._version import __version__
 from ..backends.cache import read_checked, write_checked
+from ..plan import DTYPE_SHORT
 from .space import Config, next_pow2
 
 FORMAT = 1
@@ -76,7 +77,6 @@ class TuneKey:
 
     def text(self) -> str:
         """`mamba2_auto_bf16_bt32768_t4096_h80_g1_n128_p64_<sha8>`: readable prefix + hash."""
-        from ..plan import DTYPE_SHORT
         bucket = "_".join(f"{a}{v}" for a, v in self.bucket)
         body = "|".join([self.name, self.definition, self.backend, self.lowering, self.dtype,
                          bucket, self.flags, str(FORMAT)])

@@ -18,33 +18,24 @@ built-in tiles. It is the baseline of every speedup and the reference of the cor
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
+from ..backends import registered
+from ..devices import DEVICES, DeviceLimits, DeviceModel
 from ..ir import AXIS_SIZES, CHUNK, Program
-from ..passes import DEVICES, DeviceModel, choose_lowering, lowering_costs
-from ..passes.choose_lowering import estimate_seconds
+from ..lowerings import choose_lowering, estimate_seconds, lowering_costs
 from ..passes.cost import E
 from ..plan import Plan
-
-#: bytes of one matmul operand element per plan dtype (fp32 dots run in IEEE fp32)
-OPERAND_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
-ACC_BYTES = 4
+from ..errors import ConfigError
+from ..tiles import OPERAND_BYTES, SpaceContext, TileSpace, next_pow2, pow2_upto
 
 #: a lowering whose estimate exceeds the best one by this factor is not measured
 LOWERING_SLACK = 8.0
 #: a chunk size whose chunked estimate exceeds the best chunk size's by this factor is dropped
 CHUNK_SLACK = 3.0
-#: fraction of a thread's registers that fp32 accumulators may take before we call it a spill
-REG_FRACTION = 0.75
-
-
-def next_pow2(x: int) -> int:
-    return 1 << max(int(x) - 1, 0).bit_length()
-
-
 # --------------------------------------------------------------------------- configs
 
 @dataclass(frozen=True)
@@ -71,9 +62,10 @@ class Config:
             parts.append("(defaults)")
         return " ".join(parts)
 
-    def apply(self, plan: Plan) -> Plan:
-        import dataclasses
-        changes = dict(lowering=self.lowering, tile=self.tile)
+    def apply(self, plan: Plan, backend: str) -> Plan:
+        """The plan with this config, its tile typed by `backend`'s lowering (a tile parameter
+        that lowering does not have is a ConfigError)."""
+        changes = dict(lowering=self.lowering, tile=tile_for(backend, self.lowering, self.tile))
         if self.chunk_size is not None:
             changes["chunk_size"] = self.chunk_size
         return dataclasses.replace(plan, **changes)
@@ -100,99 +92,7 @@ class Config:
         return Config.make(data["lowering"], tile, chunk)
 
 
-# --------------------------------------------------------------------------- device limits
-
-@dataclass(frozen=True)
-class DeviceLimits:
-    """What a block may use on the device. Read from the device, never assumed."""
-
-    name: str
-    capability: tuple[int, int] = (0, 0)
-    sm_count: int = 1
-    smem_per_block: int = 1 << 62        # bytes, the opt-in maximum
-    regs_per_block: int = 1 << 62
-    max_regs_per_thread: int = 1 << 30
-    max_threads_per_block: int = 1 << 30
-    l2_bytes: int = 0
-    warp_size: int = 32
-
-    @staticmethod
-    def unlimited(name: str = "cpu", l2_bytes: int = 0) -> "DeviceLimits":
-        return DeviceLimits(name=name, l2_bytes=l2_bytes)
-
-    @staticmethod
-    def from_device(device) -> "DeviceLimits":
-        """The limits of a torch device. CUDA: torch's device properties, completed by Triton's
-        driver query where torch lacks a field. Other devices: no limits."""
-        import torch
-        device = torch.device(device)
-        if device.type != "cuda":
-            import platform
-            return DeviceLimits.unlimited(f"cpu-{platform.machine() or 'unknown'}")
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(index)
-        smem = (getattr(props, "shared_memory_per_block_optin", 0)
-                or getattr(props, "shared_memory_per_block", 0))
-        regs_sm = getattr(props, "regs_per_multiprocessor", 0)
-        max_regs = 0
-        try:  # triton asks the driver directly (CU_DEVICE_ATTRIBUTE_*)
-            import triton
-            tprops = triton.runtime.driver.active.utils.get_device_properties(index)
-            smem = smem or tprops.get("max_shared_mem", 0)
-            max_regs = tprops.get("max_num_regs", 0)
-        except Exception:  # noqa: BLE001 - a missing field only loosens the pruning
-            pass
-        return DeviceLimits(
-            name=props.name,
-            capability=(props.major, props.minor),
-            sm_count=props.multi_processor_count,
-            smem_per_block=smem or (1 << 62),
-            regs_per_block=max_regs or regs_sm or (1 << 62),
-            # 255 is the ISA's limit on every architecture ssmc targets (sm70 .. sm100)
-            max_regs_per_thread=255,
-            max_threads_per_block=getattr(props, "max_threads_per_block", 0) or 1024,
-            l2_bytes=getattr(props, "L2_cache_size", 0),
-            warp_size=getattr(props, "warp_size", 32) or 32,
-        )
-
-
 # --------------------------------------------------------------------------- the space
-
-@dataclass
-class SpaceContext:
-    program: Program
-    backend: str
-    sizes: dict[str, int]
-    dtype: str                      # torch dtype name, e.g. "bfloat16"
-    limits: DeviceLimits
-    device_model: DeviceModel
-    elem_bytes: int
-    has_initial_state: bool = False
-    return_final_state: bool = False
-    varlen: bool = False
-
-    @property
-    def op_bytes(self) -> int:
-        return OPERAND_BYTES.get(self.dtype, 4)
-
-    def plan(self, lowering: str) -> Plan:
-        return Plan(program=self.program, lowering=lowering, dtype=self.dtype,
-                    has_initial_state=self.has_initial_state,
-                    return_final_state=self.return_final_state, varlen=self.varlen)
-
-    def fits(self, threads: int, smem: int, acc_elems_per_thread: float) -> str | None:
-        """None, or why a block of this shape does not fit the device."""
-        lim = self.limits
-        if threads > lim.max_threads_per_block:
-            return f"{threads} threads > {lim.max_threads_per_block} per block"
-        if smem > lim.smem_per_block:
-            return f"~{smem // 1024} KiB shared memory > {lim.smem_per_block // 1024} KiB"
-        per_thread = min(lim.max_regs_per_thread, lim.regs_per_block // max(threads, 1))
-        if acc_elems_per_thread > REG_FRACTION * per_thread:
-            return (f"~{acc_elems_per_thread:.0f} accumulator registers per thread > "
-                    f"{REG_FRACTION:.0%} of {per_thread}")
-        return None
-
 
 @dataclass
 class Space:
@@ -205,30 +105,28 @@ class Space:
         return len(self.candidates)
 
 
-#: (backend, lowering) -> generator(ctx) -> (default tile values, axis -> values, check)
-#: check(values, ctx) -> None or the reason the point is pruned
-TileSpace = tuple[dict[str, int], dict[str, tuple[int, ...]], Callable[[dict, SpaceContext], "str | None"]]
-SPACES: dict[tuple[str, str], Callable[[SpaceContext], TileSpace]] = {}
+def backend_lowering(backend: str, lowering: str):
+    """The backend's object for a lowering (its tile type and space), or None."""
+    get = getattr(registered().get(backend), "lowering", None)
+    return None if get is None else get(lowering)
 
 
-def register_space(backend: str, lowering: str):
-    def deco(fn):
-        SPACES[(backend, lowering)] = fn
-        return fn
-    return deco
+def tile_for(backend: str, lowering: str, tile: tuple[tuple[str, int], ...]):
+    """A config's tile pairs as the typed tile of `backend`'s lowering; None for none."""
+    if not tile:
+        return None
+    impl = backend_lowering(backend, lowering)
+    tile_type = getattr(impl, "tile_type", None)
+    if tile_type is None:
+        raise ConfigError(f"backend {backend!r} reads no tile parameters for the {lowering!r} "
+                          f"lowering; got {dict(tile)}")
+    return tile_type.from_dict(dict(tile))
 
 
-def _pow2_upto(lo: int, hi: int) -> tuple[int, ...]:
-    out, v = [], lo
-    while v <= hi:
-        out.append(v)
-        v *= 2
-    return tuple(out)
-
-
-def _per_key_decay(program: Program) -> bool:
-    ld = program.log_decay
-    return ld is not None and "n" in ld.axes
+def tile_space(backend: str, lowering: str, ctx: SpaceContext) -> TileSpace | None:
+    impl = backend_lowering(backend, lowering)
+    space = getattr(impl, "tile_space", None)
+    return None if space is None else space(ctx)
 
 
 def chunk_estimate(ctx: SpaceContext, q: int) -> float:
@@ -238,101 +136,6 @@ def chunk_estimate(ctx: SpaceContext, q: int) -> float:
     values[CHUNK] = q
     values[E] = ctx.elem_bytes
     return estimate_seconds(cost.subs(values), ctx.device_model)
-
-
-@register_space("triton", "chunked")
-def _triton_chunked(ctx: SpaceContext) -> TileSpace:
-    from ..backends.triton.lowerings.chunked import tiles
-    N, P, T = ctx.sizes["n"], ctx.sizes["p"], ctx.sizes["t"]
-    n_programs = ctx.sizes.get("b", 1) * ctx.sizes["h"]
-    default = tiles(ctx.plan("chunked"), ctx.sizes, n_programs)
-    BN = default["BN"]
-    BPmax = max(next_pow2(P), 16)
-    per_key = _per_key_decay(ctx.program)
-    axes = {
-        # per-key decays factor exp(L_t - L_s) and overflow beyond 16-step chunks
-        "BT": (16,) if per_key else _pow2_upto(16, min(128, max(next_pow2(T), 16))),
-        "BP_state": _pow2_upto(16, min(64, BPmax)),
-        "BP_out": _pow2_upto(16, min(128, BPmax)),
-        "warps_state": (2, 4, 8),
-        "warps_out": (4, 8),
-        "stages_state": (1, 2, 3, 4),
-    }
-    # the output pass has no pipelined loop: its stages change nothing, so they stay default
-    default = {k: v for k, v in default.items() if k in axes}
-    ob = ctx.op_bytes
-
-    def check(v, ctx):
-        # the sequential state pass: an n x BP_state fp32 state, pipelined key/value chunk loads
-        threads = 32 * v["warps_state"]
-        smem = v["stages_state"] * (BN * v["BT"] + v["BT"] * v["BP_state"]) * ob
-        why = ctx.fits(threads, smem, BN * v["BP_state"] / threads)
-        if why:
-            return f"state pass: {why}"
-        # measured on an H200 (Triton 3.6; ssd bf16, n=128, BT=64): the output pass with 8 warps
-        # over a 32-channel p-block faulted with an illegal memory access, which loses the
-        # process's device context; 16 channels were not tried
-        if v["warps_out"] == 8 and v["BP_out"] < 64:
-            return "output pass: 8 warps over fewer than 64 value channels (faulted on an H200)"
-        # the output pass: q, k^T, v and the entering state as operands; scores and y in fp32
-        threads = 32 * v["warps_out"]
-        smem = (2 * v["BT"] * BN + v["BT"] * v["BP_out"] + BN * v["BP_out"]) * ob
-        why = ctx.fits(threads, smem, (v["BT"] * v["BT"] + v["BT"] * v["BP_out"]) / threads)
-        return f"output pass: {why}" if why else None
-
-    return default, axes, check
-
-
-@register_space("triton", "scan")
-def _triton_scan(ctx: SpaceContext) -> TileSpace:
-    from ..backends.triton.lowerings.scan import block_sizes
-    N, P = ctx.sizes["n"], ctx.sizes["p"]
-    BN, BP = block_sizes(N, P)
-    axes = {"BP": _pow2_upto(2, min(64, max(next_pow2(P), 2))), "num_warps": (1, 2, 4, 8)}
-    default = {"BP": BP, "num_warps": 4}
-
-    def check(v, ctx):
-        threads = 32 * v["num_warps"]
-        # the n x BP state and the per-step operand tiles live in registers
-        return ctx.fits(threads, 0, 3 * BN * v["BP"] / threads)
-
-    return default, axes, check
-
-
-@register_space("triton", "quadratic")
-def _triton_quadratic(ctx: SpaceContext) -> TileSpace:
-    from ..backends.triton.lowerings.quadratic import block_sizes
-    N, P, T = ctx.sizes["n"], ctx.sizes["p"], ctx.sizes["t"]
-    default = block_sizes(ctx.plan("quadratic"), N, P)
-    BN = max(next_pow2(N), 16)
-    wide = {"float32": 128, "float64": 64}.get(ctx.dtype, 256)
-    diagonal = _per_key_decay(ctx.program)
-    axes = {
-        "BT": _pow2_upto(16, min(128, max(next_pow2(T), 16))),
-        "BNC": _pow2_upto(16, min(BN, wide)),
-        "BP": _pow2_upto(16, min(128, max(next_pow2(P), 16))),
-        "num_warps": (4, 8),
-    }
-    default = {k: v for k, v in default.items() if k in axes}
-    ob = ctx.op_bytes
-
-    def check(v, ctx):
-        threads = 32 * v["num_warps"]
-        bcast = v["BT"] * v["BT"] * v["BNC"] if diagonal else 0
-        if bcast > 16384:  # the exact per-key decay broadcast lives in registers
-            return f"(BT, BT, BNC) broadcast of {bcast} elements > 16384"
-        smem = 3 * (2 * v["BT"] * v["BNC"] + v["BT"] * v["BP"]) * ob
-        acc = (v["BT"] * v["BT"] + v["BT"] * v["BP"] + bcast) / threads
-        return ctx.fits(threads, smem, acc)
-
-    return default, axes, check
-
-
-@register_space("tvm", "chunked")
-def _tvm_chunked(ctx: SpaceContext) -> TileSpace:
-    T = ctx.sizes["t"]
-    axes = {"chunk_size": _pow2_upto(16, min(128, max(next_pow2(T), 16)))}
-    return {"chunk_size": ctx.plan("chunked").chunk_size}, axes, lambda v, ctx: None
 
 
 def search_space(program: Program, *, backend: str, lowerings, default_lowering: str,
@@ -367,12 +170,12 @@ def search_space(program: Program, *, backend: str, lowerings, default_lowering:
 
     ranked: list[tuple[tuple, Config]] = []
     for lw in kept:
-        gen = SPACES.get((backend, lw))
-        if gen is None:  # the backend reads no tile parameters for this lowering
+        space = tile_space(backend, lw, ctx)
+        if space is None:  # the backend reads no tile parameters for this lowering
             if lw != default_lowering:
                 ranked.append(((-1.0, 0.0, est.get(lw, 0.0) / best), Config(lw)))
             continue
-        tile_default, axes, check = gen(ctx)
+        tile_default, axes, check = space
         names = list(axes)
         chunk_axis = "BT" if lw == "chunked" and "BT" in axes else (
             "chunk_size" if "chunk_size" in axes else None)

@@ -25,6 +25,9 @@ from typing import Any, Callable
 import torch
 
 from .. import config
+from .._version import __version__
+from ..backends.base import compile_plan, first_available
+from ..devices import device_model, gpu_model
 from ..errors import DeviceLostError
 from ..plan import Plan
 from .cache import TuneCache, TuneKey, packaged_defaults, record_config, report_once
@@ -68,33 +71,16 @@ class Task:
                 f"({len(self.space)} configs)")
 
 
-def allowed_lowerings(program, backend_name: str, device: torch.device, base: Plan) -> list[str]:
-    """The legal lowerings that some eligible backend implements (as CompiledOp._make_plan)."""
-    from ..backends import resolve_backend
-    from ..errors import BackendUnavailableError, UnsupportedError
-    from ..passes import legal_lowerings
-    out = []
-    for lowering in legal_lowerings(program):
-        try:
-            resolve_backend(backend_name, device, dataclasses.replace(base, lowering=lowering))
-            out.append(lowering)
-        except (BackendUnavailableError, UnsupportedError):
-            continue
-    return out
-
-
 def make_task(program, *, backend_name: str, lowering_policy: str, lowerings: list[str],
               default_lowering: str, base: Plan, sizes: dict[str, int], device,
               input_sets: list[InputSet], limits: DeviceLimits | None = None,
               device_model: str = "h100", max_configs: int | None = 64) -> Task:
     """A Task over the backend's real kernels, run on `input_sets` (rotated)."""
-    from ..backends import resolve_backend
-    from ..errors import UnsupportedError
-
     device = torch.device(device)
     limits = limits or DeviceLimits.from_device(device)
     elem = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}.get(base.dtype, 4)
-    space = search_space(program, backend=_backend_for_space(backend_name, device),
+    space_backend = first_available(backend_name, device)
+    space = search_space(program, backend=space_backend,
                          lowerings=lowerings, default_lowering=default_lowering,
                          sizes=sizes, dtype=base.dtype, limits=limits, device_model=device_model,
                          elem_bytes=elem, has_initial_state=base.has_initial_state,
@@ -106,12 +92,7 @@ def make_task(program, *, backend_name: str, lowering_policy: str, lowerings: li
     sets = list(input_sets)
 
     def build(cfg: Config):
-        plan = cfg.apply(base)
-        backend = resolve_backend(backend_name, device, plan)
-        why = backend.supports(plan)
-        if why is not None:
-            raise UnsupportedError(f"backend {backend.name!r} cannot run {plan.describe()}: {why}")
-        kernel = backend.compile(plan)
+        kernel = compile_plan(backend_name, device, cfg.apply(base, space_backend))
 
         def run(i: int):
             s = sets[i % len(sets)]
@@ -119,18 +100,6 @@ def make_task(program, *, backend_name: str, lowering_policy: str, lowerings: li
         return run
 
     return Task(key, space, build, len(sets), base.dtype, dict(sizes), str(device))
-
-
-def _backend_for_space(backend_name: str, device: torch.device) -> str:
-    """The backend whose tile parameters the space enumerates: `auto` is Triton on CUDA."""
-    if backend_name != "auto":
-        return backend_name
-    from ..backends.base import AUTO_ORDER, registered
-    for name in AUTO_ORDER.get(device.type, ("reference",)):
-        b = registered().get(name)
-        if b is not None and b.is_available():
-            return name
-    return "reference"
 
 
 def rotating_sets(first: InputSet, l2_bytes: int) -> list[InputSet]:
@@ -191,7 +160,6 @@ class TuneResult:
     def record(self) -> dict | None:
         if self.best is None:
             return None
-        from .._version import __version__
         return {
             "config": self.best.config.to_json(),
             "label": self.best.config.label(),
@@ -349,46 +317,49 @@ def default_tuner(settings: Settings = IMPLICIT_SETTINGS, progress: bool | None 
     return Tuner(settings=settings, progress=progress)
 
 
-def tuned_plan(op, bound, plan: Plan, lowerings: list[str]) -> Plan:
-    """The hook `CompiledOp._make_plan` calls after the cost model's choice: the plan with the
-    tuned config for this call's key, or `plan` itself (off, CPU, nothing cached, failure)."""
+def tuned_plan(program, backend_name: str, lowering_policy: str, bound, plan: Plan,
+               lowerings: list[str]) -> Plan:
+    """The planner's last step (`ssmc.planner.make_plan`), after the cost model's choice: the
+    plan with the tuned config for this call's key, or `plan` itself (off, CPU, nothing cached,
+    failure). `lowerings` are those the tuned config may pick."""
     mode = config.autotune()
     if mode == "off":
         return plan
     if bound.device.type != "cuda" and not FORCE_CPU:
         return plan
     try:
-        return _tuned_plan(op, bound, plan, lowerings, mode)
+        return _tuned_plan(program, backend_name, lowering_policy, bound, plan, lowerings,
+                           mode)
     except DeviceLostError:  # every launch after it fails: say why here, not at the next one
         raise
     except Exception as e:  # noqa: BLE001 - tuning never breaks the op
-        report_once(f"error:{op.program.name}",
-                    f"{op.program.name}: tuning failed ({type(e).__name__}: {e}); using the "
+        report_once(f"error:{program.name}",
+                    f"{program.name}: tuning failed ({type(e).__name__}: {e}); using the "
                     "cost model's plan")
         return plan
 
 
-def _apply(record: dict, plan: Plan, lowerings: list[str]) -> Plan | None:
+def _apply(record: dict, plan: Plan, lowerings: list[str], backend: str) -> Plan | None:
     cfg = record_config(record)
     if cfg.lowering not in lowerings:
         return None
-    return cfg.apply(plan)
+    return cfg.apply(plan, backend)
 
 
-def _tuned_plan(op, bound, plan: Plan, lowerings: list[str], mode: str) -> Plan:
-    from ..api import _device_model
-    program = op.program
+def _tuned_plan(program, backend_name: str, lowering_policy: str, bound, plan: Plan,
+                lowerings: list[str], mode: str) -> Plan:
     lowerings = list(lowerings) or [plan.lowering]
-    key = TuneKey.make(program, backend=op.backend_name, lowering=op.lowering, dtype=plan.dtype,
+    key = TuneKey.make(program, backend=backend_name, lowering=lowering_policy, dtype=plan.dtype,
                        sizes=bound.sizes, has_initial_state=plan.has_initial_state,
                        return_final_state=plan.return_final_state, varlen=plan.varlen)
+    space_backend = first_available(backend_name, bound.device)
     cache = cache_for(bound.device)
     record = cache.load(key)
-    model = defaults_model(bound.device)
+    model = gpu_model(bound.device)
     if record is None and model is not None:
         record = packaged_defaults(model).get(key.text())
     if record is not None:
-        return _apply(record, plan, lowerings) or plan
+        return _apply(record, plan, lowerings, space_backend) or plan
     if mode != "full" or _compiling() or not _real_tensors(bound):
         return plan
 
@@ -397,11 +368,11 @@ def _tuned_plan(op, bound, plan: Plan, lowerings: list[str], mode: str) -> Plan:
         h0 = bound.initial_state
         first = InputSet({k: v.detach() for k, v in bound.tensors.items()},
                          None if h0 is None else h0.detach(), bound.cu_seqlens)
-        task = make_task(program, backend_name=op.backend_name, lowering_policy=op.lowering,
+        task = make_task(program, backend_name=backend_name, lowering_policy=lowering_policy,
                          lowerings=lowerings, default_lowering=plan.lowering,
-                         base=dataclasses.replace(plan, tile=()), sizes=dict(bound.sizes),
+                         base=dataclasses.replace(plan, tile=None), sizes=dict(bound.sizes),
                          device=bound.device, input_sets=rotating_sets(first, limits.l2_bytes),
-                         limits=limits, device_model=_device_model(bound.device),
+                         limits=limits, device_model=device_model(bound.device),
                          max_configs=tuner.settings.max_configs)
         print(f"ssmc: autotune: tuning {task.describe()}; cached in {cache.dir.name} "
               "(SSMC_AUTOTUNE=off|cached to skip)", file=sys.stderr)
@@ -419,7 +390,7 @@ def _tuned_plan(op, bound, plan: Plan, lowerings: list[str], mode: str) -> Plan:
         record, _ = cache.get_or_tune(key, tune)
     if record is None:
         return plan
-    return _apply(record, plan, lowerings) or plan
+    return _apply(record, plan, lowerings, space_backend) or plan
 
 
 def _real_tensors(bound) -> bool:
@@ -430,18 +401,6 @@ def _real_tensors(bound) -> bool:
         def is_fake(t):
             return False
     return all(not is_fake(t) and t.device.type != "meta" for t in bound.tensors.values())
-
-
-def defaults_model(device) -> str | None:
-    """The GPU model whose shipped defaults apply (`h100`, `h200`, ...), or None: unlike the
-    cost model, which assumes an H100 for an unknown GPU, defaults are only used on their own
-    model."""
-    from ..passes import DEVICES
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).lower()
-    return next((key for key in DEVICES if key != "cpu" and key in name), None)
 
 
 def _compiling() -> bool:

@@ -1,6 +1,7 @@
 """The backend protocol and its explicit registry."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Protocol
 
 import torch
@@ -80,3 +81,50 @@ def resolve_backend(name: str, device: torch.device, plan: Plan | None = None) -
             return backend
         reasons.append(f"{candidate}: {why}")
     raise BackendUnavailableError(f"no backend can run this on {device}: " + "; ".join(reasons))
+
+
+def first_available(name: str, device: torch.device) -> str:
+    """The backend `name` stands for on `device` before any plan is known: itself, or for
+    `auto` the first available one of the device's auto order."""
+    if name != "auto":
+        return name
+    for candidate in AUTO_ORDER.get(torch.device(device).type, ("reference",)):
+        backend = _BACKENDS.get(candidate)
+        if backend is not None and backend.is_available():
+            return candidate
+    return "reference"
+
+
+def implementing_lowerings(lowerings, name: str, device: torch.device, base: Plan) -> list[str]:
+    """Those of `lowerings` that backend `name` (or, for `auto`, some backend of the device's
+    auto order) can run, as `base` with that lowering."""
+    out = []
+    for lowering in lowerings:
+        try:
+            resolve_backend(name, device, dataclasses.replace(base, lowering=lowering))
+        except (BackendUnavailableError, UnsupportedError):
+            continue
+        out.append(lowering)
+    return out
+
+
+def compile_plan(name: str, device: torch.device, plan: Plan) -> Kernel:
+    """The kernel of `plan` from backend `name` (`auto`: the device's first that supports it)."""
+    return resolve_backend(name, device, plan).compile(plan)
+
+
+def backward_for(name: str, device: torch.device, plan: Plan, kernel: Kernel):
+    """`kernel.backward`, or with `auto` the backward of the first backend in the device's auto
+    order whose kernel has one (a backend whose kernels carry no backward still runs the
+    forward; both compute the same function). None when there is none."""
+    backward = getattr(kernel, "backward", None)
+    if backward is not None or name != "auto":
+        return backward
+    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+        backend = _BACKENDS.get(candidate)
+        if backend is None or not backend.is_available() or backend.supports(plan) is not None:
+            continue
+        backward = getattr(backend.compile(plan), "backward", None)
+        if backward is not None:
+            return backward
+    return None

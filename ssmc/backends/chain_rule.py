@@ -3,7 +3,7 @@
 A program is  inputs -> prologue (decay, key, value, query) -> recurrence -> epilogue E(y, x).
 A backend computes the recurrence's backward (operand gradients from dy) with its own kernels;
 everything around it is the same for every backend and lives here, built on
-`ssmc.passes.derive_backward` (sympy.diff of the elementwise parts):
+the derive_backward pass (sympy.diff of the elementwise parts, `Program.backward`):
 
 1. Epilogue (`ChainRule.epilogue`): dy = grad_out * dE/dy, on canonical (b, t, h, n, p)
    broadcast tensors in the compute type. Where dE/dy or dE/d input depends on y (the
@@ -31,8 +31,9 @@ import sympy as sp
 import torch
 
 from ..ir import Program, Y
-from ..passes.derive_backward import cse, derive_backward
-from ..reference.evaluate import CANON, evaluate, to_canonical
+from ..errors import SpecError, UnsupportedError
+from ..ir.backward import Underivable, cse
+from ..ir.evaluate import CANON, evaluate, to_canonical
 
 
 class CanonicalInputs(dict):
@@ -162,7 +163,12 @@ class ChainRule:
 
     def __init__(self, program: Program):
         self.program = program
-        self.exprs = derive_backward(program)
+        if program.backward is None:
+            raise SpecError(f"{program.name}: the program carries no derivatives; it must come "
+                            "from ssmc.passes.run_pipeline (as every definition's does)")
+        if isinstance(program.backward, Underivable):
+            raise UnsupportedError(f"{program.name}: no gradient: {program.backward.reason}")
+        self.exprs = program.backward
 
     def _reads_rows_only(self, expr: sp.Expr) -> bool:
         """Whether every input `expr` reads lives on (b, t, h, p) rows (no n, no groups)."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 from .. import api
 from .. import dsl as S
 from ..errors import UnsupportedError
-from ..torch.ops import compiled
+from ..api import compiled_variant as compiled
+from ..ops.gla import build as gla_build
 
 
 def build_simple_gla(scale: float, gate: str, direction: str = "forward"):
@@ -42,8 +43,7 @@ def build_simple_gla(scale: float, gate: str, direction: str = "forward"):
 
 
 def _gla_build(scale: float):
-    from ..ops.gla import build
-    return build(scale)
+    return gla_build(scale)
 
 
 def _check_kwargs(fn: str, kwargs: dict, allowed=("chunk_size",)):

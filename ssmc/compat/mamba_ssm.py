@@ -20,19 +20,19 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, ShapeError, UnsupportedError
-from ..torch.ops import compiled
+from ..api import compiled_variant as compiled
+from ..ops.selective_scan import build as s6_build
+from ..ops.ssd import build as ssd_build
 
 _INF = float("inf")
 
 
 def _ssd_build():
-    from ..ops.ssd import build
-    return build
+    return ssd_build
 
 
 def _s6_build():
-    from ..ops.selective_scan import build
-    return build
+    return s6_build
 
 
 def _options(**kw) -> tuple:

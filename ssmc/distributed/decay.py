@@ -1,7 +1,7 @@
 """A shard's total decay: the product of its decays over `t`, the factor by which the shard
 scales the state that enters it.
 
-The decay is evaluated with the reference evaluator (`ssmc.reference.evaluate`), so the
+The decay is evaluated with the IR's evaluator (`ssmc.ir.evaluate`), so the
 expression means exactly what it means to every backend, and only the inputs the decay reads
 are converted. The product is taken directly, never as exp(sum log|decay|): a decay may be any
 real number (0 is an exact reset, a negative one flips the state's sign), and a log-space sum
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..ir import Program
-from ..reference.evaluate import evaluate, to_canonical
+from ..ir.evaluate import evaluate, to_canonical
 
 
 def total_decay(program: Program, tensors: dict, sizes: dict,

@@ -130,6 +130,9 @@ class Program:
     decay_kind: DecayKind | None = None
     log_decay: Elementwise | None = None
     analyses: tuple[str, ...] = field(default=())
+    #: the derivatives of the elementwise parts (`ssmc.ir.backward.BackwardExprs`), set by the
+    #: derive_backward pass; derived from the fields above, so not part of equality
+    backward: object = field(default=None, compare=False, repr=False)
 
     def replace(self, **changes) -> "Program":
         return dataclasses.replace(self, **changes)

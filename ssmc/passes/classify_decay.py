@@ -1,18 +1,9 @@
-"""Classify how the decay varies; the class decides which lowerings are legal."""
+"""Classify how the decay varies; the class decides which lowerings are legal
+(`ssmc.lowerings`)."""
 from __future__ import annotations
 
 from ..ir import DecayKind, Program
 from .base import PassContext, register_pass
-
-#: lowerings each decay structure permits (DESIGN.md). Chunked/quadratic need the decay to
-#: factor through the key dim, so a decay that varies over p (S6 with p > 1) is scan-only.
-LEGAL_LOWERINGS = {
-    DecayKind.NONE: ("scan", "chunked", "quadratic"),
-    DecayKind.TIME_INVARIANT: ("scan", "chunked", "quadratic"),
-    DecayKind.SCALAR: ("scan", "chunked", "quadratic"),
-    DecayKind.DIAGONAL: ("scan", "chunked", "quadratic"),
-    DecayKind.FULL: ("scan",),
-}
 
 
 def decay_kind_of(program: Program) -> DecayKind:
@@ -32,7 +23,3 @@ def decay_kind_of(program: Program) -> DecayKind:
 @register_pass("classify_decay")
 def classify_decay(program: Program, ctx: PassContext) -> Program:
     return program.replace(decay_kind=decay_kind_of(program))
-
-
-def legal_lowerings(program: Program) -> tuple[str, ...]:
-    return LEGAL_LOWERINGS[program.decay_kind or decay_kind_of(program)]

@@ -1,8 +1,9 @@
 """A symbolic cost model: FLOPs and bytes of each lowering as sympy expressions.
 
 The formulas are in the axis symbols (b t h g n p), the chunk size Q and the element size E;
-`evaluate` substitutes concrete shapes. They count what each lowering must do, not what a
-particular kernel does, so they rank lowerings rather than predict microseconds.
+`Cost.subs` substitutes concrete shapes, and `ssmc.lowerings` registers one formula per
+lowering. They count what each lowering must do, not what a particular kernel does, so they
+rank lowerings rather than predict microseconds.
 """
 from __future__ import annotations
 
@@ -46,40 +47,47 @@ def io_bytes(program: Program) -> sp.Expr:
     return (total + b * t * h * p) * E
 
 
-def lowering_costs(program: Program) -> dict[str, Cost]:
-    kind = program.decay_kind
+def _per_key_decay(program: Program) -> bool:
+    return program.decay_kind in (DecayKind.DIAGONAL, DecayKind.FULL)
+
+
+def scan_cost(program: Program) -> Cost:
+    """State update (mul + fma) and the query contraction (fma), per (b t h n p)."""
     dirs = len(program.recurrence.directions)
-    io = io_bytes(program)
-    per_key_decay = kind in (DecayKind.DIAGONAL, DecayKind.FULL)
+    return Cost(
+        tensor_flops=sp.Integer(0),
+        vector_flops=dirs * 5 * b * t * h * n * p,
+        bytes=io_bytes(program),
+        launches=1,
+        serial_steps=t,
+    )
+
+
+def chunked_cost(program: Program) -> Cost:
+    """Intra-chunk: (C B^T) (Q x Q x n) and its product with V (Q x Q x p); chunk states and
+    their contribution to the output (n x p per step); inter-chunk passing on vectors."""
+    dirs = len(program.recurrence.directions)
     nchunks = t / Q
-    costs = {
-        # state update (mul + fma) and the query contraction (fma), per (b t h n p)
-        "scan": Cost(
-            tensor_flops=sp.Integer(0),
-            vector_flops=dirs * 5 * b * t * h * n * p,
-            bytes=io,
-            launches=1,
-            serial_steps=t,
-        ),
-        # intra-chunk: (C B^T) (Q x Q x n) and its product with V (Q x Q x p); chunk states and
-        # their contribution to the output (n x p per step); inter-chunk passing on vectors
-        "chunked": Cost(
-            tensor_flops=dirs * (b * h * t * Q * (n + p) + 4 * b * h * t * n * p),
-            # per-key decays form their chunk-local decays elementwise: 16-step chunks, about
-            # a dozen operations per (step, key step, n) in the unrolled loop
-            vector_flops=dirs * (2 * b * h * nchunks * n * p
-                                 + (12 * 16 * b * h * t * n if per_key_decay else 0)),
-            bytes=2 * io + dirs * 3 * b * h * nchunks * n * p * STATE_BYTES,
-            launches=3,
-            serial_steps=nchunks,
-        ),
-        # the causal half of the t x t decayed score matrix, then its product with V
-        "quadratic": Cost(
-            tensor_flops=dirs * b * h * t * t * (n + p),
-            vector_flops=dirs * (12 * b * h * t * t * n if per_key_decay else b * h * t * t),
-            bytes=io,
-            launches=1,
-            serial_steps=sp.Integer(1),
-        ),
-    }
-    return costs
+    return Cost(
+        tensor_flops=dirs * (b * h * t * Q * (n + p) + 4 * b * h * t * n * p),
+        # per-key decays form their chunk-local decays elementwise: 16-step chunks, about
+        # a dozen operations per (step, key step, n) in the unrolled loop
+        vector_flops=dirs * (2 * b * h * nchunks * n * p
+                             + (12 * 16 * b * h * t * n if _per_key_decay(program) else 0)),
+        bytes=2 * io_bytes(program) + dirs * 3 * b * h * nchunks * n * p * STATE_BYTES,
+        launches=3,
+        serial_steps=nchunks,
+    )
+
+
+def quadratic_cost(program: Program) -> Cost:
+    """The causal half of the t x t decayed score matrix, then its product with V."""
+    dirs = len(program.recurrence.directions)
+    per_key = _per_key_decay(program)
+    return Cost(
+        tensor_flops=dirs * b * h * t * t * (n + p),
+        vector_flops=dirs * (12 * b * h * t * t * n if per_key else b * h * t * t),
+        bytes=io_bytes(program),
+        launches=1,
+        serial_steps=sp.Integer(1),
+    )

@@ -13,9 +13,9 @@ This module produces the symbolic derivatives of the first and last step. They a
 written: a user's own discretisation, gate or epilogue gets its gradient with no extra code.
 The derivatives of the opaque functions (Softplus, Sigmoid, Silu) come from their `fdiff`.
 
-It is a pure function of the Program (memoised), not a registered pass, because the Program
-node has no slot for it and the forward pipeline does not need it. `cse` gives the common
-subexpressions of all derivatives one operand or input needs, for evaluators that want them.
+The pass stores the result on the program (`Program.backward`, an `ssmc.ir.backward.
+BackwardExprs`), where the backends' chain rule reads it; `derive_backward` is the same
+derivation as a memoised function.
 """
 from __future__ import annotations
 
@@ -25,37 +25,8 @@ from dataclasses import dataclass
 import sympy as sp
 
 from ..ir import Y, Program
-
-#: the recurrence operands whose gradients the backends produce
-OPERANDS = ("key", "value", "query", "decay", "log_decay")
-
-
-@dataclass(frozen=True)
-class BackwardExprs:
-    """Symbolic derivatives of one program's elementwise parts.
-
-    epilogue_dy:  dE/dy (may contain `y` and inputs).
-    epilogue:     input name -> dE/d input, for inputs the epilogue uses (nonzero only).
-    operands:     operand name -> {input name -> d operand / d input} (nonzero only); operand
-                  names are OPERANDS; "decay"/"log_decay" are absent where there is no decay.
-    """
-
-    epilogue_dy: sp.Expr
-    epilogue: dict
-    operands: dict
-
-    @property
-    def needs_y(self) -> bool:
-        """Whether any epilogue derivative depends on the recurrence output itself."""
-        return Y in self.epilogue_dy.free_symbols or any(
-            Y in e.free_symbols for e in self.epilogue.values())
-
-    def inputs_with_gradient(self) -> set[str]:
-        names = set(self.epilogue)
-        for d in self.operands.values():
-            names |= set(d)
-        return names
-
+from ..ir.backward import BackwardExprs, Underivable
+from .base import PassContext, register_pass
 
 def _diff(expr: sp.Expr, sym: sp.Symbol) -> sp.Expr:
     d = sp.diff(expr, sym)
@@ -93,11 +64,10 @@ def derive_backward(program: Program) -> BackwardExprs:
     return BackwardExprs(_diff(out, Y), epilogue, operands)
 
 
-def cse(exprs: list[sp.Expr], prefix: str = "bwd_cse"):
-    """sympy.cse with real-valued temporaries named `prefix<i>`: (replacements, reduced)."""
-    def names():
-        i = 0
-        while True:
-            yield sp.Symbol(f"{prefix}{i}", real=True)
-            i += 1
-    return sp.cse(exprs, symbols=names())
+@register_pass("derive_backward", requires=("log_space_decay",))
+def derive_backward_pass(program: Program, ctx: PassContext) -> Program:
+    """Attach the derivatives (the log-space decay must exist: it is one of the operands)."""
+    try:
+        return program.replace(backward=derive_backward(program))
+    except NotImplementedError as e:
+        return program.replace(backward=Underivable(str(e)))

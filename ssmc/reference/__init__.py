@@ -1,5 +1,5 @@
 """Float64 references: a sequential scan and the materialised semiseparable matrix."""
-from .evaluate import evaluate, to_canonical
+from ..ir.evaluate import evaluate, to_canonical
 from .matrix import attention_matrix, matrix
 from .scan import scan
 

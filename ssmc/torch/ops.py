@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends import resolve_backend
+from ..backends.base import backward_for, resolve_backend
 from ..errors import UnsupportedError
 from ..ir import Program
 from ..validate import Bound, _output_dtype, check_cu_seqlens_values
@@ -172,21 +172,6 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return sa.data_ptr() == sb.data_ptr() and sa.nbytes() > 0
 
 
-def _fallback_backward(plan, device):
-    """With backend="auto", the first backend in the device's auto order whose kernel can
-    differentiate this plan (a backend whose kernels carry no `kernel.backward` still runs the
-    forward; the gradient comes from the next one). Both compute the same function."""
-    from ..backends.base import AUTO_ORDER, registered
-    for name in AUTO_ORDER.get(device.type, ("reference",)):
-        backend = registered().get(name)
-        if backend is None or not backend.is_available() or backend.supports(plan) is not None:
-            continue
-        backward = getattr(backend.compile(plan), "backward", None)
-        if backward is not None:
-            return backward
-    return None
-
-
 def _make_ops(program: Program) -> TorchOp:
     name = op_name(program)
     qual = f"{NAMESPACE}::{name}"
@@ -221,9 +206,7 @@ def _make_ops(program: Program) -> TorchOp:
         bound = _bound(op, inputs, initial_state, cu_seqlens, grad_final is not None)
         plan = op.plan_for(bound)
         kernel = op.kernel_for(plan, bound.device)
-        backward = getattr(kernel, "backward", None)
-        if backward is None and op.backend_name == "auto":
-            backward = _fallback_backward(plan, bound.device)
+        backward = backward_for(op.backend_name, bound.device, plan, kernel)
         if backward is None:
             backend = resolve_backend(op.backend_name, bound.device, plan).name
             raise UnsupportedError(
@@ -320,21 +303,3 @@ def call(compiled_op, bound: Bound):
     if bound.return_final_state:
         return out, final
     return out
-
-
-# compiled ops of builder variants (ssmc.nn, ssmc.compat), in a plain dict: torch.compile traces
-# a hit as a lookup (an lru_cache-wrapped builder would be traced into, rebuilding the
-# definition). The first call with new options builds the op, so it must not be under tracing.
-_VARIANTS: dict = {}
-
-
-def compiled(builder, options: tuple, backend: str = "auto", lowering: str = "auto"):
-    """The CompiledOp of `builder(**dict(options))`, built once per (options, backend, lowering);
-    `options` is a sorted tuple of (name, value) pairs."""
-    key = (builder, options, backend, lowering)
-    op = _VARIANTS.get(key)
-    if op is None:
-        from ..api import compile as compile_op
-        op = _VARIANTS[key] = compile_op(builder(**dict(options)), backend=backend,
-                                         lowering=lowering)
-    return op

@@ -4,8 +4,10 @@ import torch
 
 import ssmc
 import ssmc.ops
-from ssmc.autotune.space import CHUNK_SLACK, Config, DeviceLimits, chunk_estimate, search_space
-from ssmc.passes import choose_lowering
+from ssmc.autotune.space import CHUNK_SLACK, Config, chunk_estimate, search_space
+from ssmc.devices import DEVICES, DeviceLimits
+from ssmc.lowerings import choose_lowering
+from ssmc.tiles import SpaceContext
 
 from ..helpers import make_definition
 
@@ -30,9 +32,9 @@ def test_config_json_round_trip_and_apply():
     assert Config.from_json(cfg.to_json()) == cfg
     assert cfg.label() == "chunked BT=32 warps_out=8 chunk=32"
     assert Config("scan").label() == "scan (defaults)"
-    plan = Config("scan").apply(_plan())
-    assert plan.lowering == "scan" and plan.tile == ()
-    tuned = cfg.apply(_plan())
+    plan = Config("scan").apply(_plan(), "triton")
+    assert plan.lowering == "scan" and plan.tile is None
+    tuned = cfg.apply(_plan(), "triton")
     assert tuned.lowering == "chunked" and tuned.tile_dict() == {"BT": 32, "warps_out": 8}
     assert tuned.chunk_size == 32
 
@@ -77,8 +79,6 @@ def test_cost_model_prunes_chunk_sizes():
     shape = dict(SHAPE, b=1, h=8)   # few heads: the serial chunk loop dominates
     s = space(sizes=shape, max_configs=None)
     prog = ssmc.ops.mamba2.program
-    from ssmc.autotune.space import SpaceContext
-    from ssmc.passes import DEVICES
     ctx = SpaceContext(prog, "triton", shape, "bfloat16", H100_LIKE, DEVICES["h100"], 2)
     costs = {q: chunk_estimate(ctx, q) for q in (16, 32, 64, 128)}
     best = min(costs.values())

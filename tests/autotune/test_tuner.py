@@ -193,7 +193,7 @@ def test_policy_off_and_cached_never_measure(fake_tuning, monkeypatch):
     monkeypatch.setenv("SSMC_AUTOTUNE", "off")
     untuned(**mamba2_inputs())
     default_lowering = untuned.last_plan.lowering
-    assert default_lowering != "scan" and untuned.last_plan.tile == ()
+    assert default_lowering != "scan" and untuned.last_plan.tile is None
     monkeypatch.setenv("SSMC_AUTOTUNE", "cached")
     op = ssmc.compile(ssmc.ops.mamba2, backend="reference")
     op(**mamba2_inputs())
@@ -219,11 +219,11 @@ def test_shipped_defaults_are_used_on_their_gpu_model(fake_tuning, monkeypatch):
                "median_ms": 1.0}
     cache_mod._packaged_memo["h100"] = {key.text(): shipped}
     monkeypatch.setenv("SSMC_AUTOTUNE", "cached")
-    monkeypatch.setattr(tuner_mod, "defaults_model", lambda device: "h100")
+    monkeypatch.setattr(tuner_mod, "gpu_model", lambda device: "h100")
     op(**mamba2_inputs())
     assert op.last_plan.lowering == "chunked" and not fake_tuning.timed
     # another GPU model: not used
-    monkeypatch.setattr(tuner_mod, "defaults_model", lambda device: None)
+    monkeypatch.setattr(tuner_mod, "gpu_model", lambda device: None)
     op = ssmc.compile(ssmc.ops.mamba2, backend="reference")
     op(**mamba2_inputs())
     assert op.last_plan.lowering == "quadratic"

@@ -6,7 +6,7 @@ import ssmc
 import ssmc.ops
 from ssmc import dsl as S
 from ssmc.ir import AXIS_SIZES, CHUNK
-from ssmc.passes import lowering_costs
+from ssmc.lowerings import lowering_costs
 from ssmc.passes.cost import E, io_bytes
 
 b, t, h, g, n, p = (AXIS_SIZES[a] for a in "bthgnp")

@@ -6,7 +6,8 @@ import sympy as sp
 import ssmc
 from ssmc import dsl as S
 from ssmc.ir import Y, Sigmoid, Silu, Softplus, symbol
-from ssmc.passes.derive_backward import cse, derive_backward
+from ssmc.ir.backward import cse
+from ssmc.passes.derive_backward import derive_backward
 
 ssd_module = importlib.import_module("ssmc.ops.ssd")  # ssmc.ops.ssd is also a function
 

@@ -1,21 +1,30 @@
-"""The Triton backend: generated source per Plan, cached on disk, imported and launched."""
+"""The Triton backend: generated source per Plan, cached on disk, imported and launched.
+
+triton is an optional dependency (Linux only): this module imports without it, and the
+modules that generate and launch kernels (`lowerings`, `backward`) are imported on first use.
+"""
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import importlib.util
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from ...errors import BackendUnavailableError
+from ...errors import BackendUnavailableError, UnsupportedError
 from ...plan import Plan
 from ..base import register_backend
 from ..cache import cache_root, get_or_build_text
+from .common import interpreting
 
 
-from .common import interpreting as _interpreting
+def _lowerings() -> dict:
+    """The registered Triton lowerings (imports triton on first use)."""
+    return importlib.import_module(f"{__name__}.lowerings").LOWERINGS
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,19 +50,23 @@ class TritonBackend:
     def unavailable_reason(self) -> str:
         return "the triton package is not installed"
 
+    def lowering(self, name: str):
+        """The registered lowering object (`lowerings.registry.TritonLowering`), or None."""
+        return _lowerings().get(name)
+
     def supports(self, plan: Plan) -> str | None:
-        from .lowerings import LOWERINGS
-        if plan.lowering not in LOWERINGS:
+        lowering = self.lowering(plan.lowering)
+        if lowering is None:
             return f"the {plan.lowering!r} lowering is not implemented in the Triton backend"
-        return LOWERINGS[plan.lowering].supports(plan)
+        return lowering.supports(plan)
 
     def cache_tag(self) -> str:
-        import triton
-        return f"triton-{triton.__version__}-interp{int(_interpreting())}-gen{_generator_digest()}"
+        triton = importlib.import_module("triton")
+        return f"triton-{triton.__version__}-interp{int(interpreting())}-gen{_generator_digest()}"
 
-    def source(self, plan: Plan) -> str:
-        from .lowerings import LOWERINGS
-        return LOWERINGS[plan.lowering].render(plan)
+    def source(self, plan: Plan, sizes: dict | None = None) -> str:
+        """The generated module of `plan` (Triton kernels take every size at run time)."""
+        return self.lowering(plan.lowering).render(plan)
 
     def load_module(self, plan: Plan):
         return self.load_generated(plan.cache_key(self.cache_tag()), lambda: self.source(plan))
@@ -73,40 +86,68 @@ class TritonBackend:
         return module
 
     def compile(self, plan: Plan, config=None):
-        from .lowerings import LOWERINGS
-        lowering = LOWERINGS[plan.lowering]
+        lowering = self.lowering(plan.lowering)
         module = self.load_module(plan)
 
         def kernel(tensors, sizes, initial_state=None, cu_seqlens=None):
             device = next(iter(tensors.values())).device
-            if device.type != "cuda" and not _interpreting():
-                raise BackendUnavailableError(
-                    f"the Triton backend runs on CUDA tensors (got {device}); set "
-                    "TRITON_INTERPRET=1 before importing triton to run it on the CPU, or use "
-                    "backend='tvm' / 'reference'")
-            with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+            _check_device(device)
+            with _on(device):
                 return lowering.launch(module, plan, tensors, sizes, initial_state, cu_seqlens)
 
-        from .backward import make_backward
-        backward_impl = make_backward(self, plan)
+        backward_impl = importlib.import_module(f"{__name__}.backward").make_backward(self, plan)
 
         def backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final):
             """Gradients by generated Triton kernels (see backward.py)."""
             device = grad_out.device
-            with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+            with _on(device):
                 return backward_impl(tensors, sizes, initial_state, cu_seqlens, grad_out,
                                      grad_final)
 
         kernel.backward = backward
         return kernel
 
+    def compile_step(self, plan: Plan):
+        """One decode step, `step(tensors, sizes, state) -> y (b, 1, h, p)`: the scan with the
+        state as both initial and final state (each program reads its state tile before it
+        writes it), so the state is updated in place."""
+        lowering = self.lowering("scan")
+        module = self.load_module(plan)
 
-class _nullcontext:
-    def __enter__(self):
-        return None
+        def step(tensors, sizes, state):
+            device = state.device
+            if device.type != "cuda" and not interpreting():
+                raise BackendUnavailableError(
+                    f"{plan.program.name}.step(): the Triton backend runs on CUDA tensors (got "
+                    f"{device}); use backend='tvm' or 'reference' on the CPU")
+            with _on(device):
+                out, _ = lowering.launch(module, plan, tensors, sizes, state, None,
+                                         final_out=state)
+            return out
 
-    def __exit__(self, *exc):
-        return False
+        return step
+
+    def attention_matrix(self, plan: Plan, tensors, sizes) -> torch.Tensor:
+        """The hidden attention matrix (b, h, t, t) by the quadratic lowering's matrix kernel
+        (`ssmc.attention_matrix`)."""
+        if plan.lowering != "quadratic":
+            raise UnsupportedError(f"{plan.program.name}: attention_matrix is built by the "
+                                   f"quadratic lowering, not {plan.lowering!r}")
+        quadratic = importlib.import_module(f"{__name__}.lowerings.quadratic")
+        return quadratic.attention_matrix(self.load_module(plan), plan, tensors, sizes)
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type != "cuda" and not interpreting():
+        raise BackendUnavailableError(
+            f"the Triton backend runs on CUDA tensors (got {device}); set "
+            "TRITON_INTERPRET=1 before importing triton to run it on the CPU, or use "
+            "backend='tvm' / 'reference'")
+
+
+def _on(device: torch.device):
+    """The device's context for launches (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 register_backend(TritonBackend())

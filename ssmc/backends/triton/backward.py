@@ -1,6 +1,7 @@
 """`kernel.backward` for the Triton backend (the contract is in ssmc/backends/base.py).
 
-Three steps, after `ssmc.passes.derive_backward` (sympy.diff of the elementwise parts):
+Three steps, after the derive_backward pass (sympy.diff of the elementwise parts, on
+`Program.backward`):
 
 1. Epilogue: dy = grad_out * dE/dy. Where dE/dy or dE/d input depends on y, y (before the
    epilogue, summed over directions) is recomputed by the lowering's forward kernels first.
@@ -30,22 +31,27 @@ from ...plan import Plan
 from ..chain_rule import ChainRule, initial_state_grad, sum_directions
 from . import chain_rows
 from .common import compute_dtype
-from .lowerings import chunked_bwd, scan_bwd
+from .lowerings import LOWERINGS, chunked_bwd, scan_bwd
+
+
+#: the backward kernels per backward lowering (a lowering names its own in `backward`)
+BACKWARD_RENDER = {"scan": scan_bwd.render, "chunked": chunked_bwd.render}
 
 
 def backward_lowering(plan: Plan) -> str:
-    """Which backward implements a plan: its own for scan and chunked; quadratic uses chunked.
+    """Which backward implements a plan: the one its lowering names (quadratic uses chunked's).
     A decay that may be zero or negative (not `decay_log_safe`) takes the scan's: its gradient
     is d decay from the states, where the chunked form gives d log|decay|, and turning that
     into d decay divides by the decay (0 at a reset)."""
-    if plan.lowering == "scan" or not plan.program.decay_log_safe:
+    if not plan.program.decay_log_safe:
         return "scan"
-    return "chunked"
+    return LOWERINGS[plan.lowering].backward
 
 
 def load_backward_module(backend, plan: Plan):
-    """The generated backward kernels of `plan`, cached on disk beside the forward's."""
-    render = scan_bwd.render if plan.lowering == "scan" else chunked_bwd.render
+    """The generated backward kernels of `plan` (a plan of a backward lowering), cached on disk
+    beside the forward's."""
+    render = BACKWARD_RENDER[plan.lowering]
     return backend.load_generated(plan.cache_key(backend.cache_tag()) + "_bwd",
                                   lambda: render(plan))
 
@@ -57,9 +63,8 @@ def make_backward(backend, plan: Plan):
     rule = ChainRule(prog)
     lowering = backward_lowering(plan)
     bplan = plan
-    if lowering != plan.lowering:   # a forward lowering's tiles do not apply to the scan's
-        bplan = dataclasses.replace(plan, lowering=lowering,
-                                    tile=plan.tile if lowering == "chunked" else ())
+    if lowering != plan.lowering:   # a forward lowering's tiles do not apply to another's
+        bplan = dataclasses.replace(plan, lowering=lowering, tile=None)
     use_scan = bplan.lowering == "scan"
     state = {}
 

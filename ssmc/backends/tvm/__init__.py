@@ -22,9 +22,15 @@ import threading
 import torch
 
 from ...errors import DTypeError, UnsupportedError
-from ...passes.classify_decay import legal_lowerings
+from ...lowerings import legal_lowerings
 from ...plan import Plan
 from ..base import SIGNED_DECAY_REASON, register_backend
+from .backward import make_backward
+from .build import cached_function, host_cpu, tvm_version
+from .lowerings import LOWERINGS, KernelSpec, func_name
+from .lowerings.chunked_cuda import unsupported, workspace_shapes
+from .render import unsupported_in
+from .tiles import TVM_LOWERINGS
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -55,9 +61,11 @@ class TVMBackend:
         self.is_available()
         return self._reason or "tvm is installed"
 
+    def lowering(self, name: str):
+        """The lowering's tile type and tuning space (`tiles.TVMLowering`), or None."""
+        return TVM_LOWERINGS.get(name)
+
     def supports(self, plan: Plan) -> str | None:
-        from .lowerings import LOWERINGS
-        from .render import unsupported_in
         prog = plan.program
         if (plan.lowering, "llvm") not in LOWERINGS:
             return f"no TVM lowering named {plan.lowering!r}"
@@ -87,7 +95,6 @@ class TVMBackend:
 
     def cache_tag(self) -> str:
         try:
-            from .build import host_cpu, tvm_version
             version, cpu = tvm_version(), host_cpu()
         except Exception:  # noqa: BLE001
             version, cpu = "unavailable", "generic"
@@ -99,6 +106,18 @@ class TVMBackend:
             raise UnsupportedError(f"{plan.program.name}: backend 'tvm' cannot run "
                                    f"{plan.describe()}: {why}")
         return TVMKernel(plan, plan.cache_key(self.cache_tag()), self.cache_tag())
+
+    def source(self, plan: Plan, sizes: dict | None = None) -> str:
+        """The TVMScript of `plan` for the LLVM target at head, group, key and value sizes
+        `sizes` (TVM kernels specialise them), every input in the plan's dtype."""
+        if sizes is None:
+            raise UnsupportedError("TVM kernels specialise h, g, n and p: pass their sizes")
+        spec = KernelSpec(target="llvm", arch=None, plan=plan, H=sizes["h"], G=sizes["g"],
+                          N=sizes["n"], P=sizes["p"],
+                          input_dtypes=tuple(plan.dtype for _ in plan.program.inputs),
+                          cu_dtype="int32" if plan.varlen else None,
+                          h0_dtype="float32" if plan.has_initial_state else None)
+        return self.compile(plan).source(spec)
 
 
 class TVMKernel:
@@ -118,7 +137,6 @@ class TVMKernel:
         self._lock = threading.Lock()
         self.out_dtype = getattr(torch, plan.dtype)
         self.state_dtype = torch.float64 if plan.dtype == "float64" else torch.float32
-        from .backward import make_backward
         self.backward = make_backward(self)
 
     def backward_functions(self, tensors, sizes, initial_state, cu_seqlens, want_y: bool):
@@ -151,7 +169,6 @@ class TVMKernel:
         return fns
 
     def spec_for(self, tensors, sizes, initial_state, cu_seqlens, device=None):
-        from .lowerings import KernelSpec
         prog = self.plan.program
         target, arch = "llvm", None
         if device is not None and device.type == "cuda":
@@ -174,7 +191,6 @@ class TVMKernel:
         return cuda_lowering(self.plan, spec.N, spec.P)
 
     def source(self, spec) -> str:
-        from .lowerings import LOWERINGS
         return LOWERINGS[(self.lowering_for(spec), spec.target)](spec)
 
     def function(self, spec):
@@ -183,8 +199,6 @@ class TVMKernel:
             with self._lock:
                 fn = self._functions.get(spec)
                 if fn is None:
-                    from .build import cached_function
-                    from .lowerings import func_name
                     fn = cached_function(self.key, spec.tag(), self.source(spec),
                                          func_name(self.plan), spec.arch)
                     self._functions[spec] = fn
@@ -235,7 +249,6 @@ class TVMKernel:
             acc = torch.float64 if plan.dtype == "float64" else torch.float32
             args.append(torch.empty(B, T, H, P, dtype=acc, device=device))
         if device.type == "cuda" and lowering == "chunked":
-            from .lowerings.chunked_cuda import workspace_shapes
             for _, shape, dt in workspace_shapes(plan, B, T, S, H, N, P):
                 args.append(torch.empty(shape, dtype=getattr(torch, dt), device=device))
         if B * T > 0:
@@ -256,7 +269,6 @@ def cuda_lowering(plan: Plan, N: int, P: int) -> str:
     chunked plans that lowerings/chunked_cuda.py implements (tensor cores for bf16/fp16),
     "scan" otherwise (quadratic plans, per-key decays, float64, ...)."""
     if plan.lowering == "chunked":
-        from .lowerings.chunked_cuda import unsupported
         if unsupported(plan, N, P) is None:
             return "chunked"
     return "scan"

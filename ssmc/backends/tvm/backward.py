@@ -49,7 +49,7 @@ def backward_plan(plan: Plan, initial_state, cu_seqlens) -> Plan:
     one scan backward; the call decides the initial state and packing."""
     return dataclasses.replace(plan, lowering="scan", has_initial_state=initial_state is not None,
                                return_final_state=False, varlen=cu_seqlens is not None,
-                               chunk_size=64, tile=())
+                               chunk_size=64, tile=None)
 
 
 def make_backward(kernel):
@@ -93,7 +93,7 @@ def chunked_functions(kernel, tensors, sizes, initial_state, cu_seqlens, want_y:
     bplan = dataclasses.replace(kernel.plan, lowering="chunked",
                                 has_initial_state=initial_state is not None,
                                 return_final_state=False, varlen=cu_seqlens is not None,
-                                chunk_size=CHUNK, tile=())
+                                chunk_size=CHUNK, tile=None)
     spec = dataclasses.replace(spec, plan=bplan)
     memo = ("chunked", spec, want_y)
     fns = kernel._bwd_functions.get(memo)

@@ -26,11 +26,11 @@ from ..._version import __version__ as ssmc_version
 from ...errors import (ArgumentError, BackendUnavailableError, ConfigError, ShapeError,
                        UnsupportedError)
 from ...ir import Program, print_program
-from ...passes import run_pipeline
 from ...plan import Plan
 from . import SUPPORTED_DTYPES, TVMBackend, build
 from .lowerings import LOWERINGS, KernelSpec, func_name
 from .lowerings.chunked_cuda import operand_dtype, unsupported
+from .lowerings.chunked_cuda.tiles import ChunkedCudaTile
 
 TARGETS = ("llvm", "cuda")
 
@@ -42,8 +42,9 @@ def _program(definition_or_program) -> Program:
     if not isinstance(program, Program):
         raise ArgumentError(f"export(): expects an ssmc definition or Program, got "
                             f"{type(definition_or_program).__name__}")
-    if program.decay_kind is None:
-        program = run_pipeline(program)
+    if program.backward is None:
+        raise ArgumentError(f"export(): program {program.name!r} has not been analysed; pass "
+                            "its definition (or the Program ssmc.passes.run_pipeline returns)")
     return program
 
 
@@ -108,7 +109,8 @@ def export(definition_or_program, target: str = "cuda", arch: str = "sm_90", sha
                                f"target {target!r}")
     plan = Plan(program=program, lowering=lowering, dtype=dtype,
                 has_initial_state=initial_state, return_final_state=return_final_state,
-                varlen=varlen, chunk_size=chunk_size, tile=tuple(sorted((tile or {}).items())))
+                varlen=varlen, chunk_size=chunk_size,
+                tile=ChunkedCudaTile.from_dict(tile) if tile else None)
     why = TVMBackend().supports(plan)
     if why is not None:
         raise UnsupportedError(f"export(): {why}")

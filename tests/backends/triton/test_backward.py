@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ssmc.backends import get_backend
-from ssmc.passes import legal_lowerings
+from ssmc.lowerings import legal_lowerings
 from ssmc.plan import Plan
 from tests.backends.triton.conftest import gradient_problems
 from tests.backends.triton.test_scan import (BUILTINS, builtin, cu_seqlens, custom, inputs_for,

@@ -23,6 +23,7 @@ import torch
 import ssmc
 from ssmc import reference
 from ssmc.backends import get_backend
+from ssmc.backends.triton.tiles import ChunkedTile
 from ssmc.errors import UnsupportedError
 from ssmc.plan import Plan
 from ssmc.validate import bind
@@ -344,7 +345,8 @@ def test_chunked_plan_tile(tile, which, varlen):
         sizes = dict(b=2, t=150, h=2, g=2, n=5, p=3)
         cu, num = None, None
     plan = Plan(program=defn.program, lowering=LOWERING, dtype="float32",
-                has_initial_state=True, return_final_state=True, varlen=varlen, tile=tile)
+                has_initial_state=True, return_final_state=True, varlen=varlen,
+                tile=ChunkedTile(**dict(tile)))
     m = chunked().tiles(plan, sizes, 2)
     assert all(m[k] == v for k, v in tile if k != "CS" or which[0] not in ("gla",)), m
     inputs = inputs_for(defn, sizes, seed=15)

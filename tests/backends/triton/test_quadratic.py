@@ -22,6 +22,7 @@ import ssmc
 import ssmc.ops
 from ssmc import dsl as S
 from ssmc import reference
+from ssmc.backends import get_backend
 from ssmc.errors import UnsupportedError
 from ssmc.plan import Plan
 from ssmc.validate import bind
@@ -174,7 +175,7 @@ def test_quadratic_attention_matrix(decay, direction):
     x = random_inputs(d, dict(b=2, t=t, h=4, g=2, n=5, p=3), seed=9)
     bound = bind(d.program, (), x)
     plan = Plan(program=d.program, lowering="quadratic", dtype="float32")
-    M = quadratic().attention_matrix(plan, bound.tensors, bound.sizes)
+    M = get_backend("triton").attention_matrix(plan, bound.tensors, bound.sizes)
     assert M.shape == (2, 4, t, t) and M.dtype == torch.float32
     ref_bound = bind(d.program, (), {k: v.double() for k, v in x.items()})
     expected = reference.attention_matrix(d.program, ref_bound.tensors, ref_bound.sizes)
@@ -189,7 +190,7 @@ def test_quadratic_attention_matrix_times_value_is_y():
     definition = importlib.import_module("ssmc.ops.ssd").build(has_dt_bias=True, dt_softplus=True)
     bound = bind(definition.program, (), inputs)
     plan = Plan(program=definition.program, lowering="quadratic", dtype="float32")
-    M = quadratic().attention_matrix(plan, bound.tensors, bound.sizes)
+    M = get_backend("triton").attention_matrix(plan, bound.tensors, bound.sizes)
     dt = torch.nn.functional.softplus(inputs["dt"] + inputs["dt_bias"])
     value = inputs["x"] * dt[..., None]
     y = ssmc.compile(definition, backend="triton", lowering="quadratic")(**inputs)

@@ -21,7 +21,7 @@ import torch
 import ssmc
 from ssmc import dsl as S
 from ssmc.backends import get_backend
-from ssmc.passes import legal_lowerings
+from ssmc.lowerings import legal_lowerings
 from ssmc.plan import Plan
 
 # the modules (ssmc.ops exports functions of the same names)

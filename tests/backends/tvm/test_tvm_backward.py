@@ -23,7 +23,7 @@ pytest.importorskip("tvm")
 
 import ssmc
 from ssmc.backends import get_backend
-from ssmc.passes import legal_lowerings
+from ssmc.lowerings import legal_lowerings
 from ssmc.plan import Plan
 from tests.backends.triton.conftest import gradient_problems, rel_l2
 from tests.backends.triton.test_scan import (

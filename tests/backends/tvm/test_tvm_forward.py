@@ -30,7 +30,7 @@ import ssmc.ops  # noqa: E402
 from ssmc import dsl as S  # noqa: E402
 from ssmc import reference  # noqa: E402
 from ssmc.backends import get_backend  # noqa: E402
-from ssmc.passes.classify_decay import legal_lowerings  # noqa: E402
+from ssmc.lowerings import legal_lowerings  # noqa: E402
 from ssmc.validate import bind  # noqa: E402
 
 LOWERINGS = ("scan", "chunked", "quadratic")

@@ -39,7 +39,8 @@ from ..render import Context, Emitter, Tile, split_scale
 from ..templates import (HAS_RESET_BELOW, after, chunk_setup, chunk_state_store, fold_resets,
                          indent, later_sum, rows, segment, seq_setup, signed, split_resets,
                          state_init, with_resets)
-from . import register_lowering
+from ..tiles import ChunkedTile, chunked_space
+from .registry import TritonLowering, register_lowering
 
 FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx"}
 T_AXIS = ("t", "t_row", "mask_t")
@@ -640,4 +641,12 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     return o.result()
 
 
-register_lowering("chunked", render, launch, supports)
+
+
+def tile_space(ctx):
+    n_programs = ctx.sizes.get("b", 1) * ctx.sizes["h"]
+    return chunked_space(ctx, tiles(ctx.plan("chunked"), ctx.sizes, n_programs))
+
+
+register_lowering(TritonLowering("chunked", render, launch, supports, tile_type=ChunkedTile,
+                                 tile_space=tile_space, backward="chunked"))

@@ -25,14 +25,14 @@ import triton
 
 from ....errors import BackendUnavailableError, UnsupportedError
 from ....ir import DecayKind, Direction
-from ....passes.classify_decay import decay_kind_of
 from ....plan import Plan
 from ...base import SIGNED_DECAY_REASON
 from ..common import (HEADER, Outputs, compute_dtype, compute_type, emit_output,
                       fp32_precision, input_args, input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile
 from ..templates import later_sum, split_resets, with_resets
-from . import register_lowering
+from ..tiles import QuadraticTile, quadratic_space
+from .registry import TritonLowering, register_lowering
 
 FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
 
@@ -52,7 +52,7 @@ def _decay_mode(plan: Plan) -> str:
 
 def supports(plan: Plan) -> str | None:
     prog = plan.program
-    kind = prog.decay_kind or decay_kind_of(prog)
+    kind = prog.decay_kind
     if kind is DecayKind.FULL:
         return ("the decay varies over 'p', so M differs per value channel; the quadratic "
                 "lowering needs a decay that factors through the key dim (use scan)")
@@ -522,11 +522,10 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     return o.result()
 
 
-def attention_matrix(plan: Plan, tensors, sizes) -> torch.Tensor:
+def attention_matrix(module, plan: Plan, tensors, sizes) -> torch.Tensor:
     """The hidden attention matrix M (b, h, t, t), y = M value before the epilogue, summed over
-    directions, in the compute dtype (fp32; fp64 for fp64 plans). One unpacked batch."""
-    from .. import TritonBackend
-
+    directions, in the compute dtype (fp32; fp64 for fp64 plans). One unpacked batch; `module`
+    is the plan's generated module."""
     why = supports(plan)
     if why is not None:
         raise UnsupportedError(f"{plan.program.name}: attention_matrix: {why}")
@@ -536,7 +535,6 @@ def attention_matrix(plan: Plan, tensors, sizes) -> torch.Tensor:
         raise BackendUnavailableError(
             f"the Triton backend runs on CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
             "before importing triton to run it on the CPU, or use ssmc.reference")
-    module = TritonBackend().load_module(plan)
     B, T, H, G, N = (sizes[a] for a in "bthgn")
     M = torch.zeros(B, H, T, T, dtype=compute_dtype(plan), device=device)
     if M.numel() == 0:
@@ -562,4 +560,14 @@ class _NullContext:
         return False
 
 
-register_lowering("quadratic", render, launch, supports)
+
+
+def tile_space(ctx):
+    return quadratic_space(ctx, block_sizes(ctx.plan("quadratic"), ctx.sizes["n"],
+                                            ctx.sizes["p"]))
+
+
+# the chunked backward: the same mathematics
+register_lowering(TritonLowering("quadratic", render, launch, supports,
+                                 tile_type=QuadraticTile, tile_space=tile_space,
+                                 backward="chunked"))

@@ -13,7 +13,8 @@ from ....plan import Plan
 from ..common import (HEADER, Outputs, emit_output, compute_type, input_args,
                       input_params, next_pow2)
 from ..render import Context, Emitter, Tile, tile_mask
-from . import register_lowering
+from ..tiles import ScanTile, scan_space
+from .registry import TritonLowering, register_lowering
 
 FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
 
@@ -138,4 +139,11 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
     return o.result()
 
 
-register_lowering("scan", render, launch)
+
+
+def tile_space(ctx):
+    return scan_space(ctx, *block_sizes(ctx.sizes["n"], ctx.sizes["p"]))
+
+
+register_lowering(TritonLowering("scan", render, launch, tile_type=ScanTile,
+                                 tile_space=tile_space, backward="scan"))

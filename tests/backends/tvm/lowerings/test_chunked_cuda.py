@@ -26,6 +26,7 @@ from ssmc.backends.tvm.lowerings.chunked_cuda import (  # noqa: E402
 )
 from ssmc.backends.tvm.lowerings.chunked_cuda.tiles import (  # noqa: E402
     SMEM,
+    ChunkedCudaTile,
     stage_cols,
     state_smem,
 )
@@ -53,8 +54,10 @@ def gla(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"], g: S.In["b t
     return S.recurrence(decay=S.exp(g), key=k, value=v, query=q)
 
 
-def _spec(defn, dtype, sizes, **plan_kw):
-    plan = Plan(program=defn.program, lowering="chunked", dtype=dtype, **plan_kw)
+def _spec(defn, dtype, sizes, tile=(), **plan_kw):
+    """The CUDA chunked specialisation; `tile`: (name, value) pins of a ChunkedCudaTile."""
+    plan = Plan(program=defn.program, lowering="chunked", dtype=dtype,
+                tile=ChunkedCudaTile(**dict(tile)) if tile else None, **plan_kw)
     return KernelSpec(plan=plan, H=sizes["h"], G=sizes["g"], N=sizes["n"], P=sizes["p"],
                       input_dtypes=(dtype,) * len(defn.program.inputs), target="cuda",
                       arch="sm_90", cu_dtype="int32" if plan.varlen else None,

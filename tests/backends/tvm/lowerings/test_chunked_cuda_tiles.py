@@ -16,6 +16,7 @@ from ssmc.backends.tvm.lowerings.chunked_cuda.tiles import (  # noqa: E402
     ChunkedCudaTile,
     tiles,
 )
+from ssmc.backends.triton.tiles import ChunkedTile  # noqa: E402
 from ssmc.errors import ConfigError  # noqa: E402
 from ssmc.ops.ssd import build as ssd_build  # noqa: E402
 from ssmc.plan import Plan  # noqa: E402
@@ -24,7 +25,9 @@ MAMBA2 = ssd_build(has_D=True, has_z=True, has_dt_bias=True, dt_softplus=True)
 
 
 def _plan(dtype="bfloat16", tile=(), **kw):
-    return Plan(program=MAMBA2.program, lowering="chunked", dtype=dtype, tile=tile, **kw)
+    """A chunked plan pinning `tile`'s (name, value) pairs."""
+    return Plan(program=MAMBA2.program, lowering="chunked", dtype=dtype,
+                tile=ChunkedCudaTile(**dict(tile)) if tile else None, **kw)
 
 
 def test_chunked_cuda_tile_defaults():
@@ -39,16 +42,21 @@ def test_chunked_cuda_tile_defaults():
 
 
 def test_chunked_cuda_tile_from_plan_pairs():
-    """plan.tile's pairs become fields; other backends' names are left alone; `pairs` gives
-    back the non-default pins, sorted (the Plan's form)."""
+    """A plan's tile is read as it is; `pairs` / `as_dict` give back the non-default pins,
+    sorted; names and values are checked on construction; another lowering's tile is an
+    error."""
     pins = (("EP", 1), ("GF", 1), ("KC", 64), ("LB", 8), ("MB", 7))
-    t = ChunkedCudaTile.from_plan(_plan(tile=pins + (("BT", 32), ("warps_out", 4))))
+    t = ChunkedCudaTile.from_plan(_plan(tile=pins))
     assert (t.EP, t.GF, t.KC, t.LB, t.MB) == (1, 1, 64, 8, 7)
-    assert t.pairs() == pins
+    assert t.pairs() == pins and _plan(tile=pins).tile_dict() == dict(pins)
     assert ChunkedCudaTile(VT=1, SV=2).pairs() == (("SV", 2),)
-    assert ChunkedCudaTile.from_plan(_plan(tile=t.pairs())) == t
-    assert ChunkedCudaTile.from_plan(_plan(tile=None)) == ChunkedCudaTile()
-    assert ChunkedCudaTile.from_plan(_plan(tile=t)) is t
+    assert ChunkedCudaTile.from_dict(dict(pins)) == t
+    assert ChunkedCudaTile.from_plan(_plan()) == ChunkedCudaTile()
+    with pytest.raises(ConfigError, match=r"ChunkedCudaTile has no field 'BT'"):
+        ChunkedCudaTile.from_dict({"BT": 32})
+    triton_tile = dataclasses.replace(_plan(), tile=ChunkedTile(BT=32))
+    with pytest.raises(ConfigError, match=r"the plan's tile is a ChunkedTile"):
+        ChunkedCudaTile.from_plan(triton_tile)
     with pytest.raises(dataclasses.FrozenInstanceError):
         t.BP = 8
 
@@ -75,15 +83,8 @@ def test_chunked_cuda_tile_validation(name, value, expected):
     with pytest.raises(ConfigError) as err:
         ChunkedCudaTile(**{name: value})
     assert msg in str(err.value) and isinstance(err.value, ValueError)
-    plan = _plan(tile=((name, value),))
     with pytest.raises(ConfigError, match=r"plan\.tile " + name):
-        ChunkedCudaTile.from_plan(plan)
-    with pytest.raises(ConfigError, match=r"plan\.tile " + name):
-        tiles(plan, 128, 64)
-    with pytest.raises(ConfigError, match=r"plan\.tile " + name):
-        unsupported(plan, 128, 64)
-    # without sizes nothing is resolved, so the pins are not read
-    assert unsupported(plan) is None
+        _plan(tile=((name, value),))   # a plan cannot hold a bad pin
 
 
 def test_chunked_cuda_tile_pins_resolve():
@@ -121,7 +122,7 @@ def test_chunked_cuda_tile_variants_apply_where_they_can():
 def test_scalar_copies_pin():
     """plan.tile VL=0 keeps the scalar operand copies (7.45 ms vs 6.68 ms on an H100)."""
     plan = Plan(program=MAMBA2.program, lowering="chunked", dtype="bfloat16",
-                tile=(("VL", 0),))
+                tile=ChunkedCudaTile(VL=0))
     assert tiles(plan, 128, 64).VL == 1
     plan = Plan(program=MAMBA2.program, lowering="chunked", dtype="bfloat16")
     assert tiles(plan, 128, 64).VL == 8 and tiles(plan, 36, 64).VL == 1

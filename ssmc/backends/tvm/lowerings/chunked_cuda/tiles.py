@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 from .....errors import ConfigError
 from .....plan import Plan
+from .....tiles import Tile
 from .value_split import value_split
 
 THREADS = 128
@@ -31,7 +32,7 @@ _FLAG = ("0 or 1", lambda v: v in (0, 1))
 
 
 @dataclass(frozen=True)
-class ChunkedCudaTile:
+class ChunkedCudaTile(Tile):
     """What `plan.tile` may pin for this lowering (a tuned configuration), typed and checked.
 
     Block sizes (None: the largest that fits in shared memory; a pin must also divide the key
@@ -99,20 +100,23 @@ class ChunkedCudaTile:
 
     @classmethod
     def from_plan(cls, plan: Plan) -> ChunkedCudaTile:
-        """The pins in `plan.tile`, read through `plan.tile_dict()` ((name, int) pairs; None:
-        none; a ChunkedCudaTile is taken as it is). Names that are not this lowering's are
-        left alone: a Plan does not say which backend runs it (Triton's chunked tiles are
-        BT, BP_state, ...)."""
-        if isinstance(plan.tile, cls):
-            return plan.tile
-        names = {f.name for f in fields(cls)}
-        pins = plan.tile_dict() if plan.tile else {}
-        return cls(**{k: v for k, v in pins.items() if k in names})
+        """The plan's pins: its tile, or all defaults where it has none (a tile of another
+        lowering's type is a ConfigError)."""
+        if plan.tile is None:
+            return cls()
+        if not isinstance(plan.tile, cls):
+            raise ConfigError(f"CUDA chunked lowering: the plan's tile is a "
+                              f"{type(plan.tile).__name__}, not a {cls.__name__}")
+        return plan.tile
 
     def pairs(self) -> tuple[tuple[str, int], ...]:
-        """The pins that differ from the defaults, sorted: the `plan.tile` form of this tile."""
+        """The pins that differ from the defaults, sorted."""
         return tuple(sorted((f.name, getattr(self, f.name)) for f in fields(self)
                             if getattr(self, f.name) != f.default))
+
+    def as_dict(self) -> dict[str, int]:
+        """The pins that differ from the defaults (`Plan.tile_dict`)."""
+        return dict(self.pairs())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,133 @@
+"""The Triton lowerings' tile parameters (typed) and the spaces the tuner searches over them.
+
+Each field left None takes the lowering's built-in value, which may depend on the call's sizes
+(`chunked.tiles`, `scan.block_sizes`, `quadratic.block_sizes` compute them). The resource
+checks are deliberately rough (operand tiles times pipeline stages, fp32 accumulators spread
+over the threads); a config that passes them but still fails to compile is recorded as failed
+by the tuner.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...ir import Program
+from ...tiles import SpaceContext, Tile, TileSpace, count, next_pow2, pow2, pow2_upto
+
+
+@dataclass(frozen=True)
+class ScanTile(Tile):
+    BP: int | None = pow2("value channels per program (the state tile is n x BP)")
+    num_warps: int | None = pow2("warps per program")
+
+
+@dataclass(frozen=True)
+class ChunkedTile(Tile):
+    BT: int | None = pow2("rows per output block (16 for per-key decays)")
+    CS: int | None = pow2("state-pass chunk length, a multiple of BT")
+    BN_state: int | None = pow2("key channels per state-pass program")
+    BP_state: int | None = pow2("value channels per state-pass program")
+    BP_out: int | None = pow2("value channels per output-pass program")
+    warps_state: int | None = pow2("warps of the state pass")
+    warps_out: int | None = pow2("warps of the output pass")
+    stages_state: int | None = count("pipeline stages of the state pass's loads")
+    stages_out: int | None = count("pipeline stages of the output pass")
+    BT_bwd: int | None = pow2("backward: rows per chunk")
+    BP_bwd: int | None = pow2("backward: value channels per block")
+    WARPS_bwd: int | None = pow2("backward: warps of the per-chunk kernels")
+    WARPS_DV_bwd: int | None = pow2("backward: warps of the d value kernel")
+    BK_bwd: int | None = pow2("backward: key channels per step of the d value kernel's loop")
+
+
+@dataclass(frozen=True)
+class QuadraticTile(Tile):
+    BT: int | None = pow2("rows per query/key block")
+    BNC: int | None = pow2("key channels per chunk of the attention kernels")
+    BNS: int | None = pow2("key channels per final-state program")
+    BP: int | None = pow2("value channels per block")
+    num_warps: int | None = pow2("warps per program")
+
+
+def _per_key_decay(program: Program) -> bool:
+    ld = program.log_decay
+    return ld is not None and "n" in ld.axes
+
+
+def chunked_space(ctx: SpaceContext, built_in: dict) -> TileSpace:
+    """`built_in`: the chunked lowering's built-in tiles at ctx's sizes."""
+    P, T = ctx.sizes["p"], ctx.sizes["t"]
+    BN = built_in["BN"]
+    BPmax = max(next_pow2(P), 16)
+    per_key = _per_key_decay(ctx.program)
+    axes = {
+        # per-key decays factor exp(L_t - L_s) and overflow beyond 16-step chunks
+        "BT": (16,) if per_key else pow2_upto(16, min(128, max(next_pow2(T), 16))),
+        "BP_state": pow2_upto(16, min(64, BPmax)),
+        "BP_out": pow2_upto(16, min(128, BPmax)),
+        "warps_state": (2, 4, 8),
+        "warps_out": (4, 8),
+        "stages_state": (1, 2, 3, 4),
+    }
+    # the output pass has no pipelined loop: its stages change nothing, so they stay default
+    default = {k: v for k, v in built_in.items() if k in axes}
+    ob = ctx.op_bytes
+
+    def check(v, ctx):
+        # the sequential state pass: an n x BP_state fp32 state, pipelined key/value chunk loads
+        threads = 32 * v["warps_state"]
+        smem = v["stages_state"] * (BN * v["BT"] + v["BT"] * v["BP_state"]) * ob
+        why = ctx.fits(threads, smem, BN * v["BP_state"] / threads)
+        if why:
+            return f"state pass: {why}"
+        # measured on an H200 (Triton 3.6; ssd bf16, n=128, BT=64): the output pass with 8 warps
+        # over a 32-channel p-block faulted with an illegal memory access, which loses the
+        # process's device context; 16 channels were not tried
+        if v["warps_out"] == 8 and v["BP_out"] < 64:
+            return "output pass: 8 warps over fewer than 64 value channels (faulted on an H200)"
+        # the output pass: q, k^T, v and the entering state as operands; scores and y in fp32
+        threads = 32 * v["warps_out"]
+        smem = (2 * v["BT"] * BN + v["BT"] * v["BP_out"] + BN * v["BP_out"]) * ob
+        why = ctx.fits(threads, smem, (v["BT"] * v["BT"] + v["BT"] * v["BP_out"]) / threads)
+        return f"output pass: {why}" if why else None
+
+    return default, axes, check
+
+
+def scan_space(ctx: SpaceContext, BN: int, BP: int) -> TileSpace:
+    """`BN`, `BP`: the scan's built-in blocks at ctx's sizes."""
+    P = ctx.sizes["p"]
+    axes = {"BP": pow2_upto(2, min(64, max(next_pow2(P), 2))), "num_warps": (1, 2, 4, 8)}
+    default = {"BP": BP, "num_warps": 4}
+
+    def check(v, ctx):
+        threads = 32 * v["num_warps"]
+        # the n x BP state and the per-step operand tiles live in registers
+        return ctx.fits(threads, 0, 3 * BN * v["BP"] / threads)
+
+    return default, axes, check
+
+
+def quadratic_space(ctx: SpaceContext, built_in: dict) -> TileSpace:
+    """`built_in`: the quadratic lowering's built-in blocks at ctx's sizes."""
+    N, P, T = ctx.sizes["n"], ctx.sizes["p"], ctx.sizes["t"]
+    BN = max(next_pow2(N), 16)
+    wide = {"float32": 128, "float64": 64}.get(ctx.dtype, 256)
+    diagonal = _per_key_decay(ctx.program)
+    axes = {
+        "BT": pow2_upto(16, min(128, max(next_pow2(T), 16))),
+        "BNC": pow2_upto(16, min(BN, wide)),
+        "BP": pow2_upto(16, min(128, max(next_pow2(P), 16))),
+        "num_warps": (4, 8),
+    }
+    default = {k: v for k, v in built_in.items() if k in axes}
+    ob = ctx.op_bytes
+
+    def check(v, ctx):
+        threads = 32 * v["num_warps"]
+        bcast = v["BT"] * v["BT"] * v["BNC"] if diagonal else 0
+        if bcast > 16384:  # the exact per-key decay broadcast lives in registers
+            return f"(BT, BT, BNC) broadcast of {bcast} elements > 16384"
+        smem = 3 * (2 * v["BT"] * v["BNC"] + v["BT"] * v["BP"]) * ob
+        acc = (v["BT"] * v["BT"] + v["BT"] * v["BP"] + bcast) / threads
+        return ctx.fits(threads, smem, acc)
+
+    return default, axes, check

@@ -1,0 +1,80 @@
+"""Evaluate IR expressions with torch, on tensors laid out in the canonical (b, t, h, n, p) form.
+
+Shared by the float64 references (which compute the operands with it), the chain rule of the
+backends' backward (which evaluates the derived derivatives with it) and the distributed
+decay: one meaning of every IR function.
+"""
+from __future__ import annotations
+
+import sympy as sp
+import torch
+import torch.nn.functional as TF
+
+from .functions import Sigmoid, Silu, Softplus
+
+CANON = ("b", "t", "h", "n", "p")
+
+_UNARY = {
+    sp.exp: torch.exp, sp.log: torch.log, sp.tanh: torch.tanh, sp.Abs: torch.abs,
+    Sigmoid: torch.sigmoid, Softplus: TF.softplus, Silu: TF.silu, sp.sign: torch.sign,
+}
+
+
+def evaluate(expr: sp.Expr, env: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Evaluate a sympy expression; symbols are looked up in `env` by name."""
+    def const(v):
+        return torch.tensor(float(v), dtype=like.dtype, device=like.device)
+
+    def ev(e):
+        if e.is_Symbol:
+            return env[e.name]
+        if e.is_Number:
+            return const(e)
+        if isinstance(e, sp.Add):
+            out = ev(e.args[0])
+            for a in e.args[1:]:
+                out = out + ev(a)
+            return out
+        if isinstance(e, sp.Mul):
+            out = ev(e.args[0])
+            for a in e.args[1:]:
+                out = out * ev(a)
+            return out
+        if isinstance(e, sp.Pow):
+            base, ex = ev(e.base), e.exp
+            if ex == -1:
+                return 1 / base
+            if ex == sp.Rational(1, 2):
+                return torch.sqrt(base)
+            if ex == sp.Rational(-1, 2):
+                return torch.rsqrt(base)
+            return torch.pow(base, ev(ex))
+        if isinstance(e, (sp.Max, sp.Min)):
+            fn = torch.maximum if isinstance(e, sp.Max) else torch.minimum
+            out = ev(e.args[0])
+            for a in e.args[1:]:
+                out = fn(out, ev(a))
+            return out
+        if isinstance(e, sp.Heaviside):
+            return (ev(e.args[0]) > 0).to(like.dtype)
+        fn = _UNARY.get(type(e))
+        if fn is None:
+            raise NotImplementedError(f"cannot evaluate {type(e).__name__} in {e}")
+        return fn(ev(e.args[0]))
+
+    return ev(expr)
+
+
+def to_canonical(x: torch.Tensor, axes: tuple[str, ...], sizes: dict[str, int]) -> torch.Tensor:
+    """View `x` (laid out as `axes`) as a 5-d (b, t, h, n, p) tensor; absent axes have size 1
+    and a groups axis g is repeated to heads."""
+    slot = {a: CANON.index("h" if a == "g" else a) for a in axes}
+    order = sorted(range(len(axes)), key=lambda i: slot[axes[i]])
+    y = x.permute(order)
+    shape = [1] * 5
+    for i in order:
+        shape[slot[axes[i]]] = x.shape[i]
+    y = y.reshape(shape)
+    if "g" in axes and sizes["h"] != sizes["g"]:
+        y = y.repeat_interleave(sizes["h"] // sizes["g"], dim=2)
+    return y
