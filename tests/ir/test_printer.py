@@ -123,7 +123,7 @@ program mamba2(x: [b t h p], dt: [b t h], A: [h], B: [b t g n], C: [b t g n], D:
   out[b t h p] = (D*x + y)*Silu(z)
   # decay_kind = scalar
   # log_decay[b t h] = A*Softplus(dt)
-  # analyses = classify_decay, log_space_decay"""
+  # analyses = classify_decay, log_space_decay, derive_backward"""
 
 
 def test_print_mamba2():
