@@ -14,6 +14,7 @@ from .lowerings import legal_lowerings, lowering_names
 from .passes import run_pipeline
 from .plan import Plan
 from .planner import dtype_name, make_plan
+from .step import decode as decode_op
 from .step import step as step_op
 from .torch import ops as torch_ops
 from .validate import Bound, bind
@@ -104,9 +105,16 @@ class CompiledOp:
 
     def step(self, state: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """One decode step: the inputs without their `t` axis (x (b, h, p), dt (b, h), ...);
-        `state` (b, h, n, p), float32, is updated in place; returns y_t (b, h, p). Forward
-        definitions only; see `ssmc.step`."""
+        `state` (b, h, n, p) (or a cache of slots with `state_batch_indices`), float32, bfloat16
+        or float16, is updated in place; returns y_t (b, h, p). Forward definitions only; see
+        `ssmc.step`."""
         return step_op(self, state, *args, **kwargs)
+
+    def decode(self, state: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """k tokens in one call (speculative decoding): the inputs with their `t` axis of size
+        k; `state` is updated in place, or the state after each token written to the slots
+        `state_out_indices` (b, k) names; returns y (b, k, h, p). See `ssmc.step`."""
+        return decode_op(self, state, *args, **kwargs)
 
     def __repr__(self):
         return (f"<ssmc op {self.program.name} backend={self.backend_name} "

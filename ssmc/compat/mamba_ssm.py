@@ -9,7 +9,9 @@
   (`seq_idx`, `cu_seqlens`) need batch 1; the state restarts at each sequence.
 - `selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
   dt_softplus=False, state_batch_indices=None)`: one decode step, `state` (b, [h,] dim, n)
-  updated in place; per-channel dt and A as in mamba_ssm (Mamba-2's tied values included).
+  updated in place (fp32, bf16 or fp16; a cache of slots with `state_batch_indices`, negative
+  indices skipped as padding); per-channel dt and A as in mamba_ssm, Mamba-2's tied values run
+  as ssmc's SSD step.
 - `selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
   delta_softplus=False, return_last_state=False)`: Mamba-1's S6 in mamba_ssm's channel-major
   (b, d, l) layout; B, C (b, n, l), (b, g, n, l) or time-invariant (d, n). Returns out, or
@@ -99,8 +101,12 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     """state: (b, dim, n) or (b, h, dim, n), updated in place; x, dt, z: (b, [h,] dim);
     A: ([h,] dim, n); B, C: (b, [g,] n); D, dt_bias: ([h,] dim). Returns (b, [h,] dim).
 
-    Each (head, channel) pair is a head of ssmc's Mamba-1 definition with value size 1, so the
-    state (b, h, dim, n) is, reshaped, ssmc's (b, h * dim, n, 1)."""
+    `state_batch_indices` (b,) names the row of `state` (a cache of slots) each sequence reads
+    and updates; a negative index is padding, skipped (its output is zeros). Mamba-2's tied
+    values (dt, A, D and dt_bias repeated over dim and n by expand, as mamba_ssm's Mamba2.step
+    passes them) run ssmc's SSD step on the state in its own layout; otherwise each (head,
+    channel) pair is a head of ssmc's Mamba-1 definition with value size 1 (the state
+    (b, h, dim, n) is then ssmc's (b, h * dim, n, 1))."""
     fn = "selective_state_update()"
     has_heads = state.dim() > 3
     if not has_heads:
@@ -123,7 +129,54 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
             raise ShapeError(f"{fn}: {name!r} has shape {tuple(t.shape)} (heads added where "
                              f"missing); expected {want} for a state of shape "
                              f"{tuple(state.shape)}")
-    H = h * dim
+    build = _ssd_step if _tied(dt, A, dt_bias) else _s6_step
+    op, tensors, to_work = build(x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    in_place = (torch.float64,) if compute == torch.float64 else _STATE_DTYPES
+    work = _view(to_work, state) if state.dtype in in_place else None
+    with torch.no_grad():
+        if work is not None:
+            y = op.step(work, *tensors, state_batch_indices=state_batch_indices)
+        else:
+            y = _step_on_copy(op, tensors, state, state_batch_indices, to_work, compute)
+    y = y.reshape(batch, h, dim).to(x.dtype)
+    return y if has_heads else y.squeeze(1)
+
+
+#: the state dtypes a step updates in place for 16- and 32-bit inputs (float32 math)
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _same_over(t: torch.Tensor, dims) -> bool:
+    """Whether t holds one value along `dims` (repeated by expand, stride 0, or size 1)."""
+    return all(t.shape[d] == 1 or t.stride(d) == 0 for d in dims)
+
+
+def _tied(dt, A, dt_bias) -> bool:
+    """Mamba-2's call: dt and dt_bias per head, A per head, repeated by expand over dim, n."""
+    return (_same_over(dt, (-1,)) and _same_over(A, (-1, -2))
+            and (dt_bias is None or _same_over(dt_bias, (-1,))))
+
+
+def _ssd_step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
+    """(op, tensors, to_work) for ssmc's SSD: state (b, h, dim, n) is its (b, h, n, p) when
+    transposed (a view: the step writes through the strides)."""
+    per_channel = D is not None and not _same_over(D, (-1,))
+    options = _options(has_D=D is not None, D_per_channel=per_channel, has_z=z is not None,
+                       has_dt_bias=dt_bias is not None, dt_softplus=bool(dt_softplus),
+                       dt_min=0.0, dt_max=_INF)
+    op = compiled(_ssd_build(), options, backend, "auto")
+    tensors = [x, dt[..., 0], A[:, 0, 0], B, C]
+    tensors += [t for t in (None if D is None else (D if per_channel else D[:, 0]), z,
+                            None if dt_bias is None else dt_bias[:, 0]) if t is not None]
+    return op, tensors, lambda s: s.transpose(-1, -2)
+
+
+def _s6_step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
+    """(op, tensors, to_work) for ssmc's Mamba-1 definition with a head per (head, channel)
+    and value size 1: state (b, h, dim, n) viewed as (b, h * dim, n, 1)."""
+    batch, h, dim = x.shape
+    H, n = h * dim, A.shape[-1]
     options = _options(has_D=D is not None, has_z=z is not None,
                        has_delta_bias=dt_bias is not None, delta_softplus=bool(dt_softplus))
     op = compiled(_s6_build(), options, backend, "scan")
@@ -132,21 +185,29 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
                             None if z is None else z.reshape(batch, H, 1),
                             None if dt_bias is None else dt_bias.reshape(H))
                 if t is not None]
-    target = state if state_batch_indices is None else state[state_batch_indices]
-    work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    direct = (target is state and state.dtype == work_dtype and state.is_contiguous())
-    work = state.view(batch, H, n, 1) if direct else \
-        target.to(work_dtype).contiguous().view(target.shape[0], H, n, 1)
-    with torch.no_grad():
-        y = op.step(work, *tensors)
-        if not direct:
-            new = work.view(target.shape).to(state.dtype)
-            if state_batch_indices is None:
-                state.copy_(new)
-            else:
-                state[state_batch_indices] = new
-    y = y.reshape(batch, h, dim).to(x.dtype)
-    return y if has_heads else y.squeeze(1)
+    return op, tensors, lambda s: s.view(s.shape[0], H, n, 1)
+
+
+def _view(to_work, state):
+    try:
+        return to_work(state)
+    except RuntimeError:   # strides that the (b, h * dim, n, 1) view cannot express
+        return None
+
+
+def _step_on_copy(op, tensors, state, idx, to_work, compute):
+    """The step on a contiguous copy in the compute dtype, written back (a state dtype that
+    the step does not update in place, float64 inputs with a float32 state, say)."""
+    if idx is None:
+        copy = state.to(compute).contiguous()
+        y = op.step(to_work(copy), *tensors)
+        state.copy_(copy)
+        return y
+    valid = (idx >= 0) & (idx < state.shape[0])
+    copy = state[idx.clamp(0, state.shape[0] - 1)].to(compute).contiguous()
+    y = op.step(to_work(copy), *tensors)
+    state[idx[valid]] = copy[valid].to(state.dtype)
+    return y.masked_fill(~valid.view(-1, *([1] * (y.dim() - 1))), 0)
 
 
 # ------------------------------------------------------------------------- Mamba-1 (S6)

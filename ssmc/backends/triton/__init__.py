@@ -108,22 +108,24 @@ class TritonBackend:
         return kernel
 
     def compile_step(self, plan: Plan):
-        """One decode step, `step(tensors, sizes, state) -> y (b, 1, h, p)`: the scan with the
-        state as both initial and final state (each program reads its state tile before it
-        writes it), so the state is updated in place."""
-        lowering = self.lowering("scan")
-        module = self.load_module(plan)
+        """Decode steps, `step(tensors, sizes, state, slots=None, out_slots=None) -> y (b, t,
+        h, p)`: the generated step kernel (lowerings/step.py), which reads each state element
+        once and writes it once, in place or into the `out_slots` of the state cache."""
+        step_lowering = importlib.import_module(f"{__name__}.lowerings.step")
+        module = self.load_generated(f"step_{plan.cache_key(self.cache_tag())}",
+                                     lambda: step_lowering.render(plan))
+        launch = step_lowering.make_launch(module, plan)
 
-        def step(tensors, sizes, state):
+        def step(tensors, sizes, state, slots=None, out_slots=None):
             device = state.device
             if device.type != "cuda" and not interpreting():
                 raise BackendUnavailableError(
                     f"{plan.program.name}.step(): the Triton backend runs on CUDA tensors (got "
                     f"{device}); use backend='tvm' or 'reference' on the CPU")
-            with _on(device):
-                out, _ = lowering.launch(module, plan, tensors, sizes, state, None,
-                                         final_out=state)
-            return out
+            if device.type != "cuda":
+                return launch(tensors, sizes, state, slots, out_slots)
+            with torch.cuda.device(device):
+                return launch(tensors, sizes, state, slots, out_slots)
 
         return step
 

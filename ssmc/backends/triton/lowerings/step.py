@@ -1,0 +1,138 @@
+"""Decode steps: k tokens (k >= 1, usually 1) from a state that is read once and written once.
+
+One program per (sequence, head, p-block) holds its n x BP tile of the state in registers: it
+loads the tile once (in the state's own dtype, fp32/bf16/fp16, at any strides), runs the k steps
+in fp32 with the prologue and epilogue fused, and stores the tile once, back in place or (for
+speculative decoding) after every token into the slot `state_out_indices[b, t]` names. With
+`state_batch_indices` sequence b reads and writes slot `state_batch_indices[b]` of a state cache;
+a negative slot (padding) or one past the cache is skipped: its state is neither read nor
+written and its outputs are zeros. Nothing here synchronises with the host or allocates more than
+the output, so a step can be captured in a CUDA graph.
+
+A decay of magnitude below exp(RESET_BELOW) (exactly 0 included) resets the state exactly, as
+the forward's log-space kernels treat it; negative decays multiply as they are.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from ....plan import Plan
+from ..common import HEADER, compute_type, input_args, input_params
+from ..render import Context, Emitter, Tile, tile_mask
+from ..templates import RESET_BELOW
+from .scan import block_sizes
+
+FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
+#: |decay| below this is an exact reset (the forward's log-decay threshold, RESET_BELOW)
+RESET_MAGNITUDE = math.exp(RESET_BELOW)
+
+
+def _operand(ctx: Context, node, name: str) -> None:
+    var = ctx.value(node, f"{name}_raw")
+    mask = tile_mask(ctx.tile, [a for a in node.axes if a in ("n", "p")])
+    ctx.emit(f"{name} = {var}" if mask is None else f"{name} = tl.where({mask}, {var}, 0.0)")
+
+
+def render(plan: Plan) -> str:
+    prog = plan.program
+    rec = prog.recurrence
+    ct = compute_type(plan)
+    state_tile = Tile([("n", "offs_n", "mask_n"), ("p", "offs_p", "mask_p")], FIXED)
+    out_tile = Tile([("p", "offs_p", "mask_p")], FIXED)
+
+    pre = Emitter(indent=2)     # once per program: operands without a time axis
+    body = Emitter(indent=3)    # per token
+    outer = Context(prog, state_tile, pre, "c", ct)
+    inner = Context(prog, state_tile, body, "s", ct)
+    for name in ("decay", "key", "value", "query"):
+        node = getattr(rec, name)
+        if node is not None:
+            _operand(inner if "t" in node.axes else outer, node, name)
+    if rec.decay is not None:
+        ctx = inner if "t" in rec.decay.axes else outer
+        ctx.emit(f"decay = tl.where(tl.abs(decay) < {RESET_MAGNITUDE!r}, 0.0, decay)")
+        body("state = decay * state + key * value")
+    else:
+        body("state = state + key * value")
+    body("y = tl.sum(query * state, axis=0)")
+    epi = Context(prog, out_tile, body, "e", ct, extra={"y": "y"})
+    out = epi.value(prog.output, "out")
+    body(f"tl.store(out_ptr + b_idx * s_out_b + t_idx * s_out_t + h_idx * s_out_h + "
+         f"offs_p * s_out_p, {out}.to(out_ptr.dtype.element_ty), mask=mask_p)")
+    body("if HAS_OUT_SLOTS:")
+    body("    dst = tl.load(oslot_ptr + b_idx * s_oslot_b + t_idx * s_oslot_t).to(tl.int64)")
+    body("    if (dst >= 0) & (dst < SLOTS):")
+    body("        tl.store(state_ptr + dst * s_state_b + tile_off, "
+         "state.to(state_ptr.dtype.element_ty), mask=state_mask)")
+
+    return HEADER + f'''
+@triton.jit
+def ssmc_step_fwd(
+    {input_params(prog)},
+    out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
+    state_ptr, s_state_b, s_state_h, s_state_n, s_state_p,
+    slot_ptr, oslot_ptr, s_oslot_b, s_oslot_t,
+    T, SLOTS, HPG, N, P,
+    BN: tl.constexpr, BP: tl.constexpr, HAS_SLOTS: tl.constexpr,
+    HAS_OUT_SLOTS: tl.constexpr,
+):
+    b_idx = tl.program_id(0).to(tl.int64)
+    h_idx = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(2)
+    g_idx = h_idx // HPG
+    offs_n = tl.arange(0, BN)
+    mask_n = offs_n < N
+    offs_p = pid_p * BP + tl.arange(0, BP)
+    mask_p = offs_p < P
+    if HAS_SLOTS:
+        slot = tl.load(slot_ptr + b_idx).to(tl.int64)
+    else:
+        slot = b_idx
+    tile_off = h_idx * s_state_h + offs_n[:, None] * s_state_n + offs_p[None, :] * s_state_p
+    state_mask = mask_n[:, None] & mask_p[None, :]
+    if (slot >= 0) & (slot < SLOTS):
+        state = tl.load(state_ptr + slot * s_state_b + tile_off, mask=state_mask,
+                        other=0.0).to({ct})
+{pre.text()}
+        for t_idx in range(0, T):
+{body.text()}
+        if not HAS_OUT_SLOTS:
+            tl.store(state_ptr + slot * s_state_b + tile_off,
+                     state.to(state_ptr.dtype.element_ty), mask=state_mask)
+    else:
+        for t_idx in range(0, T):
+            tl.store(out_ptr + b_idx * s_out_b + t_idx * s_out_t + h_idx * s_out_h
+                     + offs_p * s_out_p, tl.zeros([BP], dtype=out_ptr.dtype.element_ty),
+                     mask=mask_p)
+'''
+
+
+def make_launch(module, plan: Plan):
+    """launch(tensors, sizes, state, slots, out_slots) -> y (b, t, h, p): the kernel with the
+    block sizes and the constant arguments fixed once, so a call does the launch alone."""
+    prog = plan.program
+    kernel = module.ssmc_step_fwd
+    out_dtype = getattr(torch, plan.dtype)
+    tile = plan.tile_dict()
+
+    def launch(tensors, sizes, state, slots=None, out_slots=None):
+        B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
+        BN, BP = block_sizes(N, P, tile)
+        out = torch.empty(B, T, H, P, dtype=out_dtype, device=state.device)
+        if out.numel() == 0:
+            return out
+        warps = ({"num_warps": tile["num_warps"]}
+                 if "num_warps" in tile and state.device.type == "cuda" else {})
+        oslot_strides = (0, 0) if out_slots is None else out_slots.stride()
+        kernel[(B, H, triton.cdiv(P, BP))](
+            *input_args(prog, tensors), out, *out.stride(), state, *state.stride(),
+            state if slots is None else slots, state if out_slots is None else out_slots,
+            *oslot_strides, T, state.shape[0], H // G, N, P,
+            BN=BN, BP=BP, HAS_SLOTS=slots is not None, HAS_OUT_SLOTS=out_slots is not None,
+            **warps)
+        return out
+
+    return launch
