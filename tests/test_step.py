@@ -99,7 +99,7 @@ def _decode(op, inputs, state, t, keywords=False):
 def test_step_decode_loop_matches_forward(name, backend):
     definition, sizes, ranges = CASES[name]
     op = ssmc.compile(definition, backend=backend, lowering="scan")
-    T = 64
+    T = 24
     inputs = _inputs(op.program, sizes, ranges, T)
     b, h, n, p = (sizes[a] for a in "bhnp")
     h0 = torch.randn(b, h, n, p, generator=torch.Generator().manual_seed(1))
@@ -247,3 +247,235 @@ def test_step_argument_count_errors():
         op.step(*args)  # forgot the state: x is taken as the state and dt (b, h) as x
 
 
+
+
+# --------------------------------------------------------------------------- serving
+
+def _raw_decay(axes):
+    """A decay that is an input as it is: any real number (zero, negative, underflowing)."""
+    def body(q, k, v, a, z):
+        y = S.recurrence(decay=a, key=k, value=v, query=q)
+        return y * S.sigmoid(z)
+
+    annotations = {"q": "b t g n", "k": "b t g n", "v": "b t h p", "a": axes, "z": "b t h p"}
+    body.__signature__ = inspect.Signature([
+        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=S.In[a])
+        for n, a in annotations.items()])
+    return ssmc.ssm(body, name="raw_decay_" + axes.replace(" ", ""))
+
+
+def _no_decay():
+    def body(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"]):
+        return S.recurrence(key=k, value=v, query=q)
+    return ssmc.ssm(body, name="no_decay")
+
+
+def _invariant():
+    def body(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"], a: S.In["h"]):
+        return S.recurrence(decay=S.sigmoid(a), key=k, value=v, query=q)
+    return ssmc.ssm(body, name="invariant_decay")
+
+
+#: decays the language accepts and the kernels must get exactly right
+EDGE_DECAYS = (0.0, -0.7, 1e-39, -1e-40, 1.0 - 1e-7, 1.0, -1.0, 1e-30)
+
+#: name -> (definition, sizes, ranges) covering every decay kind
+KINDS = {
+    "none": (_no_decay(), dict(b=2, h=2, g=2, n=3, p=4), {}),
+    "invariant": (_invariant(), dict(b=1, h=3, g=3, n=4, p=2), {}),
+    "scalar-signed": (_raw_decay("b t h"), dict(b=2, h=4, g=2, n=3, p=3), {"a": (-1.2, 1.2)}),
+    "per-key-signed": (_raw_decay("b t h n"), dict(b=1, h=2, g=1, n=5, p=3),
+                       {"a": (-1.2, 1.2)}),
+    "full-signed": (_raw_decay("b t h p n"), dict(b=1, h=2, g=2, n=3, p=4),
+                    {"a": (-1.2, 1.2)}),
+}
+
+
+def _with_edge_decays(program, inputs, seed):
+    """Every tenth or so decay value replaced by one of EDGE_DECAYS."""
+    if "a" not in inputs or "t" not in program.input("a").axes:
+        return inputs
+    a = inputs["a"].clone()
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.rand(a.shape, generator=gen) < 0.3
+    edges = torch.tensor(EDGE_DECAYS, dtype=a.dtype)
+    a[pick] = edges[torch.randint(len(EDGE_DECAYS), (int(pick.sum()),), generator=gen)]
+    return dict(inputs, a=a)
+
+
+def _reference(definition, inputs, h0):
+    op = ssmc.compile(definition, backend="reference", lowering="scan")
+    return op(**{k: v.double() for k, v in inputs.items()}, initial_state=h0.double(),
+              return_final_state=True)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_step_and_decode_match_the_forward_for_every_decay_kind(kind):
+    """One token at a time and all tokens in one decode call both reproduce the forward (and
+    the float64 reference), zero, negative and underflowing decays included."""
+    definition, sizes, ranges = KINDS[kind]
+    op = ssmc.compile(definition, backend="triton", lowering="scan")
+    T = 5
+    inputs = _with_edge_decays(op.program, _inputs(op.program, sizes, ranges, T, seed=7), 8)
+    b, h, n, p = (sizes[a] for a in "bhnp")
+    h0 = torch.randn(b, h, n, p, generator=torch.Generator().manual_seed(9))
+    y_full, h_full = op(**inputs, initial_state=h0, return_final_state=True)
+    y_ref, h_ref = _reference(definition, inputs, h0)
+
+    state = h0.clone()
+    y_step = _decode(op, inputs, state, T)
+    many = h0.clone()
+    y_many = op.decode(many, **inputs)
+    assert y_many.shape == y_full.shape
+    for y, s in ((y_step, state), (y_many, many)):
+        assert _rel(y, y_full) <= TOL_FP32 and _rel(s, h_full) <= TOL_FP32
+        assert _rel(y, y_ref) <= TOL_FP32 and _rel(s, h_ref) <= TOL_FP32
+
+
+def test_step_zero_decay_resets_the_state_exactly():
+    definition, sizes, _ = KINDS["scalar-signed"]
+    op = ssmc.compile(definition, backend="triton", lowering="scan")
+    inputs = _at(op.program, _inputs(op.program, sizes, {}, 1, seed=2), 0)
+    for decay in (0.0, 1e-39, -1e-40):
+        inputs["a"] = torch.full_like(inputs["a"], decay)
+        state = torch.full((2, 4, 3, 3), 1e30)
+        op.step(state, **inputs)
+        k = inputs["k"].repeat_interleave(2, dim=1)       # (b, h, n) from the groups
+        torch.testing.assert_close(state, k[..., :, None] * inputs["v"][..., None, :],
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_step_low_precision_states(dtype, tol):
+    """A bf16/fp16 state, fp32 math: each step rounds the stored state once, as the reference
+    backend's step does; outputs are in the inputs' dtype."""
+    definition, sizes, ranges = CASES["ssd"]
+    ops = {be: ssmc.compile(definition, backend=be) for be in ("triton", "reference")}
+    T = 4
+    inputs = _inputs(ops["triton"].program, sizes, ranges, T, seed=4)
+    b, h, n, p = (sizes[a] for a in "bhnp")
+    h0 = torch.randn(b, h, n, p, generator=torch.Generator().manual_seed(5)).to(dtype)
+    states = {be: h0.clone() for be in ops}
+    ys = {be: _decode(op, inputs, states[be], T) for be, op in ops.items()}
+    assert states["triton"].dtype == dtype and ys["triton"].dtype == torch.float32
+    assert _rel(ys["triton"], ys["reference"]) <= tol
+    assert _rel(states["triton"], states["reference"]) <= tol
+    y_full, h_full = ops["reference"](**inputs, initial_state=h0.float(),
+                                      return_final_state=True)
+    assert _rel(states["triton"], h_full) <= 4 * tol   # rounding accumulates over the steps
+
+
+@pytest.mark.parametrize("backend", ["triton", "tvm", "reference"])
+def test_step_state_cache_slots_with_padding(backend):
+    """state_batch_indices: each sequence reads and writes its own slot; padding (negative) and
+    slots past the cache are skipped (zeros out, nothing written); other slots are untouched."""
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    definition, sizes, ranges = CASES["custom"]
+    op = ssmc.compile(definition, backend=backend, lowering="scan")
+    sizes = dict(sizes, b=4)
+    inputs = _at(op.program, _inputs(op.program, sizes, ranges, 1, seed=6), 0)
+    h, n, p = (sizes[a] for a in "hnp")
+    cache = torch.randn(6, h, n, p, generator=torch.Generator().manual_seed(7))
+    before = cache.clone()
+    slots = torch.tensor([4, -1, 0, 9] if backend != "reference" else [4, -1, 0, -1])
+    y = op.step(cache, **inputs, state_batch_indices=slots)
+
+    dense = before[[4, 0, 0, 0]].clone()   # rows 1 and 3 are padding; their values unused
+    y_dense = ssmc.compile(definition, backend="reference").step(dense, **inputs)
+    torch.testing.assert_close(y[[0, 2]], y_dense[[0, 2]], rtol=1e-5, atol=1e-5)
+    assert (y[[1, 3]] == 0).all()
+    torch.testing.assert_close(cache[[4, 0]], dense[[0, 2]], rtol=1e-5, atol=1e-5)
+    assert torch.equal(cache[[1, 2, 3, 5]], before[[1, 2, 3, 5]])
+
+
+@pytest.mark.parametrize("backend", ["triton", "tvm"])
+def test_decode_writes_the_state_after_each_token_to_slots(backend):
+    """Speculative decoding: k draft tokens in one call, the state after each one written to
+    the slot state_out_indices[b, t] names (negative: not written); the source slot is only
+    read, so every accepted prefix's state is there to continue from."""
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    definition, sizes, ranges = CASES["gla"]
+    op = ssmc.compile(definition, backend=backend, lowering="scan")
+    sizes = dict(sizes, b=2)
+    k = 3
+    inputs = _inputs(op.program, sizes, ranges, k, seed=8)
+    h, n, p = (sizes[a] for a in "hnp")
+    cache = torch.zeros(9, h, n, p)
+    h0 = torch.randn(2, h, n, p, generator=torch.Generator().manual_seed(9))
+    cache[[7, 2]] = h0
+    src = torch.tensor([7, 2], dtype=torch.int32)
+    dst = torch.tensor([[0, 1, -1], [3, 4, 5]])
+    y = op.decode(cache, **inputs, state_batch_indices=src, state_out_indices=dst)
+
+    ref = ssmc.compile(definition, backend="reference", lowering="scan")
+    y_full = ref(**inputs, initial_state=h0)
+    torch.testing.assert_close(y, y_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache[[7, 2]], h0)        # sources untouched
+    for j in range(k):
+        prefix = {name: x.narrow(1, 0, j + 1) if x.dim() > 1 and name != "w" else x
+                  for name, x in inputs.items()}
+        _, h_j = ref(**prefix, initial_state=h0, return_final_state=True)
+        for i in range(2):
+            if dst[i, j] >= 0:
+                torch.testing.assert_close(cache[dst[i, j]], h_j[i], rtol=1e-5, atol=1e-5)
+    assert (cache[[6, 8]] == 0).all()
+
+
+def test_step_writes_through_a_transposed_state():
+    """The state in (b, h, p, n) memory (mamba_ssm's layout) seen as (b, h, n, p) by a
+    transpose: updated in place through its strides."""
+    definition, sizes, ranges = CASES["ssd"]
+    op = ssmc.compile(definition, backend="triton")
+    inputs = _inputs(op.program, sizes, ranges, 2, seed=10)
+    b, h, n, p = (sizes[a] for a in "bhnp")
+    h0 = torch.randn(b, h, n, p, generator=torch.Generator().manual_seed(11))
+    mem = h0.transpose(2, 3).contiguous()          # (b, h, p, n)
+    dense = h0.clone()
+    y1 = _decode(op, inputs, mem.transpose(2, 3), 2)
+    y2 = _decode(op, inputs, dense, 2)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    torch.testing.assert_close(mem.transpose(2, 3), dense, rtol=0, atol=0)
+
+
+def test_step_repeated_call_skips_the_checks(monkeypatch):
+    """After the first call of a signature, a step is the launch alone: no binding, planning
+    or compiling; a call with other metadata is checked again."""
+    op, inputs, state = _ssd_step_args()
+    op.step(state, **inputs)
+    step_module = importlib.import_module("ssmc.step")
+
+    def boom(*a, **k):
+        raise AssertionError("checked again")
+    monkeypatch.setattr(step_module, "bind", boom)
+    monkeypatch.setattr(step_module, "resolve_backend", boom)
+    op.step(state, **inputs)
+    with pytest.raises(AssertionError, match="checked again"):
+        op.step(state, **dict(inputs, x=inputs["x"].clone().transpose(1, 2).contiguous()
+                              .transpose(1, 2)))
+
+
+@pytest.mark.parametrize("bad, error, pattern", [
+    (dict(state_batch_indices=torch.tensor([0.0, 1.0])), ssmc.DTypeError,
+     r"'state_batch_indices' has dtype torch.float32; expected int32 or int64"),
+    (dict(state_batch_indices=torch.tensor([0, 1, 2])), ssmc.ShapeError,
+     r"'state_batch_indices' has shape \(3,\); expected \(2,\)"),
+    (dict(state_out_indices=torch.tensor([[0], [1]])), ssmc.ShapeError,
+     r"'state_out_indices' has shape \(2, 1\); expected \(2,\)"),
+    (dict(state_batch_indices=[0, 1]), ssmc.DTypeError,
+     r"'state_batch_indices' must be a torch.Tensor"),
+])
+def test_step_index_errors(bad, error, pattern):
+    op, inputs, state = _ssd_step_args()
+    with pytest.raises(error, match=pattern):
+        op.step(state, **inputs, **bad)
+
+
+def test_decode_index_shape_is_per_token():
+    op, inputs, state = _ssd_step_args()
+    tokens = {k: (v.unsqueeze(1).expand(v.shape[0], 3, *v.shape[1:]) if v.dim() > 1 else v)
+              for k, v in inputs.items()}
+    with pytest.raises(ssmc.ShapeError, match=r"'state_out_indices' has shape \(2,\); "
+                       r"expected \(2, 3\)"):
+        op.decode(state, **tokens, state_out_indices=torch.tensor([0, 1]))
