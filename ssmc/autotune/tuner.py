@@ -8,7 +8,8 @@ call signature, whether to look up, tune, or leave the cost model's plan alone.
 - `full` (the default): as `cached`, and a shape bucket found in neither is tuned on first use,
   with a one-line log and, on a terminal, a progress bar.
 
-Implicit tuning happens only on CUDA devices (`FORCE_CPU` lets tests tune on the CPU) and never
+Implicit tuning happens only on CUDA devices (`FORCE_CPU` lets tests tune on the CPU; a config
+stored for the CPU by `ssmc tune` is used there) and never
 while torch.compile traces. Any failure in here falls back to the untuned plan with a one-time
 message: tuning can make an op faster, never break it.
 """
@@ -321,12 +322,13 @@ def tuned_plan(program, backend_name: str, lowering_policy: str, bound, plan: Pl
                lowerings: list[str]) -> Plan:
     """The planner's last step (`ssmc.planner.make_plan`), after the cost model's choice: the
     plan with the tuned config for this call's key, or `plan` itself (off, CPU, nothing cached,
-    failure). `lowerings` are those the tuned config may pick."""
+    failure). `lowerings` are those the tuned config may pick. On the CPU a config stored by
+    `ssmc tune` is used, but nothing is tuned implicitly."""
     mode = config.autotune()
     if mode == "off":
         return plan
     if bound.device.type != "cuda" and not FORCE_CPU:
-        return plan
+        mode = "cached"
     try:
         return _tuned_plan(program, backend_name, lowering_policy, bound, plan, lowerings,
                            mode)

@@ -244,6 +244,25 @@ def test_cpu_is_not_tuned_unless_forced(monkeypatch, tmp_path):
     assert not (tmp_path / "cache" / "autotune").exists()
 
 
+def test_cpu_uses_a_stored_config_without_tuning(fake_tuning, monkeypatch):
+    """A config stored for the CPU (as `ssmc tune --device cpu` stores it) is used by later
+    ops; only the implicit tuning of a new shape is left to CUDA devices."""
+    monkeypatch.setenv("SSMC_AUTOTUNE", "full")
+    ssmc.compile(ssmc.ops.mamba2, backend="reference")(**mamba2_inputs())   # tunes: scan
+    monkeypatch.setattr(tuner_mod, "FORCE_CPU", False)
+    monkeypatch.setattr(tuner_mod, "_caches", {})
+    monkeypatch.setattr(tuner_mod, "default_tuner", lambda *a, **k: pytest.fail("tuned on CPU"))
+    untuned = ssmc.compile(ssmc.ops.mamba2, backend="reference")
+    monkeypatch.setenv("SSMC_AUTOTUNE", "off")
+    untuned(**mamba2_inputs())
+    assert untuned.last_plan.lowering != "scan"   # the cost model's choice
+    monkeypatch.setenv("SSMC_AUTOTUNE", "full")
+    op = ssmc.compile(ssmc.ops.mamba2, backend="reference")
+    op(**mamba2_inputs())
+    assert op.last_plan.lowering == "scan"        # the stored config
+    op(**ssd_inputs(**dict(SHAPE, t=40), dt_bias=False))   # a new shape: not tuned
+
+
 def test_fixed_lowering_tunes_within_it(fake_tuning):
     op = ssmc.compile(ssmc.ops.mamba2, backend="reference", lowering="chunked")
     op(**mamba2_inputs())
