@@ -234,6 +234,62 @@ def test_selective_state_update_decode_matches_chunk_scan():
     torch.testing.assert_close(state, final.double(), rtol=1e-10, atol=1e-10)
 
 
+def _state_update_args(b, h, dim, n, g, seed, tied):
+    args = dict(x=randn(b, h, dim, seed=seed), B=randn(b, g, n, seed=seed + 1),
+                C=randn(b, g, n, seed=seed + 2), D=randn(h, seed=seed + 3)[:, None].expand(h, dim),
+                z=randn(b, h, dim, seed=seed + 4))
+    if tied:   # Mamba2.step's call: per-head values repeated over dim (and n) by expand
+        args.update(dt=randn(b, h, seed=seed + 5, scale=0.5)[..., None].expand(b, h, dim),
+                    A=-torch.linspace(0.5, 2, h, dtype=F64)[:, None, None].expand(h, dim, n),
+                    dt_bias=randn(h, seed=seed + 6, scale=0.3)[:, None].expand(h, dim))
+    else:
+        args.update(dt=randn(b, h, dim, seed=seed + 5, scale=0.5),
+                    A=-torch.rand(h, dim, n, generator=_gen(seed + 6), dtype=F64) - 0.5,
+                    dt_bias=randn(h, dim, seed=seed + 7, scale=0.3))
+    return args
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("tied", [True, False], ids=["mamba2-tied", "per-channel"])
+def test_selective_state_update_slots_with_padding_vs_a_loop(tied, backend):
+    """state_batch_indices into a cache of slots, with padding (-1): each sequence's slot is
+    what a step on that sequence alone gives; padded rows output zeros and write nothing."""
+    b, h, dim, n, g = 4, 4, 3, 5, 2
+    args = {k: v.float() for k, v in _state_update_args(b, h, dim, n, g, 40, tied).items()}
+    cache = randn(7, h, dim, n, seed=50).float()
+    before = cache.clone()
+    idx = torch.tensor([5, -1, 1, 3], dtype=torch.int32)
+    out = selective_state_update(cache, dt_softplus=True, state_batch_indices=idx, **args,
+                                 backend=backend)
+    for i, slot in enumerate(idx.tolist()):
+        if slot < 0:
+            assert (out[i] == 0).all()
+            continue
+        one = {k: (v[i:i + 1] if k in ("x", "dt", "z", "B", "C") else v) for k, v in args.items()}
+        s = before[slot:slot + 1].double()
+        e_out, e_state = naive_state_update(s, dt_softplus=True,
+                                            **{k: v.double() for k, v in one.items()})
+        torch.testing.assert_close(out[i:i + 1].double(), e_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache[slot:slot + 1].double(), e_state, rtol=1e-5,
+                                   atol=1e-5)
+    assert torch.equal(cache[[0, 2, 4, 6]], before[[0, 2, 4, 6]])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_selective_state_update_low_precision_state(dtype):
+    """A bf16/fp16 state is updated in place with fp32 math: one rounding of the exact step."""
+    b, h, dim, n, g = 2, 2, 4, 3, 1
+    args = {k: v.float() for k, v in _state_update_args(b, h, dim, n, g, 60, True).items()}
+    state = randn(b, h, dim, n, seed=61).to(dtype)
+    e_out, e_state = naive_state_update(state.double(), dt_softplus=True,
+                                        **{k: v.double() for k, v in args.items()})
+    ptr = state.data_ptr()
+    out = selective_state_update(state, dt_softplus=True, **args, backend="triton")
+    assert state.dtype == dtype and state.data_ptr() == ptr
+    torch.testing.assert_close(out.double(), e_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, e_state.to(dtype), rtol=1e-2, atol=1e-2)
+
+
 # --------------------------------------------------------------------------- selective_scan_fn
 
 def naive_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
