@@ -37,16 +37,18 @@ from ..chain_rule import ChainRule, initial_state_grad
 from .build import cached_function
 from .lowerings import chunked_bwd, scan_bwd
 
-#: steps per chunk of the chunked backward (single thread at t=2048 h=8 n=p=64: 17 ms with 32,
-#: 19 with 16 and 18 with 64: shorter chunks do less intra-chunk work, longer ones less per-chunk)
+#: steps per chunk of the chunked backward: both passes at t=2048 h=8 n=p=64, one thread, took
+#: 17.7 ms with 32, 18.4 with 64, ~19 with 16 and 21.6-24 with 24, 40, 48 (not multiples of
+#: 16: partial vectors); shorter chunks do less intra-chunk work, longer ones less per chunk
 CHUNK = 32
 
 CPU = torch.device("cpu")
 
 
 def backward_plan(plan: Plan, initial_state, cu_seqlens) -> Plan:
-    """The plan the backward functions are generated from: every forward lowering maps to the
-    one scan backward; the call decides the initial state and packing."""
+    """The plan the scan backward's functions are generated from (for every forward lowering
+    whose decay `backward_kind` leaves to the scan); the call decides the initial state and
+    packing."""
     return dataclasses.replace(plan, lowering="scan", has_initial_state=initial_state is not None,
                                return_final_state=False, varlen=cu_seqlens is not None,
                                chunk_size=64, tile=None)
