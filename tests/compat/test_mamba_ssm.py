@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import ssmc
-from ssmc.compat.mamba_ssm import (mamba_chunk_scan_combined, selective_scan_fn,
+from ssmc.compat.mamba_ssm import (_tied, mamba_chunk_scan_combined, selective_scan_fn,
                                    selective_state_update)
 
 REF = dict(backend="reference")
@@ -234,18 +234,22 @@ def test_selective_state_update_decode_matches_chunk_scan():
     torch.testing.assert_close(state, final.double(), rtol=1e-10, atol=1e-10)
 
 
-def _state_update_args(b, h, dim, n, g, seed, tied):
-    args = dict(x=randn(b, h, dim, seed=seed), B=randn(b, g, n, seed=seed + 1),
-                C=randn(b, g, n, seed=seed + 2), D=randn(h, seed=seed + 3)[:, None].expand(h, dim),
-                z=randn(b, h, dim, seed=seed + 4))
-    if tied:   # Mamba2.step's call: per-head values repeated over dim (and n) by expand
-        args.update(dt=randn(b, h, seed=seed + 5, scale=0.5)[..., None].expand(b, h, dim),
-                    A=-torch.linspace(0.5, 2, h, dtype=F64)[:, None, None].expand(h, dim, n),
-                    dt_bias=randn(h, seed=seed + 6, scale=0.3)[:, None].expand(h, dim))
+def _state_update_args(b, h, dim, n, g, seed, tied, dtype=torch.float32):
+    """Inputs of selective_state_update in `dtype`; with `tied`, Mamba2.step's call: per-head
+    dt, A, D and dt_bias repeated over dim (and n) by expand (stride 0)."""
+    def r(*shape, k, scale=1.0):
+        return randn(*shape, seed=seed + k, scale=scale).to(dtype)
+    args = dict(x=r(b, h, dim, k=0), B=r(b, g, n, k=1), C=r(b, g, n, k=2),
+                D=r(h, k=3)[:, None].expand(h, dim), z=r(b, h, dim, k=4))
+    if tied:
+        A = (-torch.linspace(0.5, 2, h, dtype=F64)).to(dtype)
+        args.update(dt=r(b, h, k=5, scale=0.5)[..., None].expand(b, h, dim),
+                    A=A[:, None, None].expand(h, dim, n),
+                    dt_bias=r(h, k=6, scale=0.3)[:, None].expand(h, dim))
     else:
-        args.update(dt=randn(b, h, dim, seed=seed + 5, scale=0.5),
-                    A=-torch.rand(h, dim, n, generator=_gen(seed + 6), dtype=F64) - 0.5,
-                    dt_bias=randn(h, dim, seed=seed + 7, scale=0.3))
+        args.update(dt=r(b, h, dim, k=5, scale=0.5),
+                    A=(-torch.rand(h, dim, n, generator=_gen(seed + 6), dtype=F64) - 0.5)
+                    .to(dtype), dt_bias=r(h, dim, k=7, scale=0.3))
     return args
 
 
@@ -255,7 +259,8 @@ def test_selective_state_update_slots_with_padding_vs_a_loop(tied, backend):
     """state_batch_indices into a cache of slots, with padding (-1): each sequence's slot is
     what a step on that sequence alone gives; padded rows output zeros and write nothing."""
     b, h, dim, n, g = 4, 4, 3, 5, 2
-    args = {k: v.float() for k, v in _state_update_args(b, h, dim, n, g, 40, tied).items()}
+    args = _state_update_args(b, h, dim, n, g, 40, tied)
+    assert _tied(args["dt"], args["A"], args["dt_bias"]) == tied
     cache = randn(7, h, dim, n, seed=50).float()
     before = cache.clone()
     idx = torch.tensor([5, -1, 1, 3], dtype=torch.int32)
@@ -279,7 +284,7 @@ def test_selective_state_update_slots_with_padding_vs_a_loop(tied, backend):
 def test_selective_state_update_low_precision_state(dtype):
     """A bf16/fp16 state is updated in place with fp32 math: one rounding of the exact step."""
     b, h, dim, n, g = 2, 2, 4, 3, 1
-    args = {k: v.float() for k, v in _state_update_args(b, h, dim, n, g, 60, True).items()}
+    args = _state_update_args(b, h, dim, n, g, 60, True)
     state = randn(b, h, dim, n, seed=61).to(dtype)
     e_out, e_state = naive_state_update(state.double(), dt_softplus=True,
                                         **{k: v.double() for k, v in args.items()})
