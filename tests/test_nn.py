@@ -181,6 +181,19 @@ def test_decode_on_the_tvm_backend_float32():
     torch.testing.assert_close(dec, full, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", ["groups-Dhdim-gate-bias", "mlp-normfirst-limit"])
+def test_decode_on_the_triton_backend_float32(config):
+    """The generated step kernel (and the conv state) in a generation loop: a prompt, then one
+    token at a time, equals the full forward."""
+    torch.manual_seed(5)
+    m = Mamba2(**SMALL, **CONFIGS[config], layer_idx=0, backend="triton")
+    u = torch.randn(2, 10, 16)
+    with torch.no_grad():
+        full = m(u)
+        dec, _ = _decode(m, u, 3)
+    torch.testing.assert_close(dec, full, rtol=1e-4, atol=1e-5)
+
+
 def test_packed_sequences_match_separate_ones():
     """cu_seqlens: the conv and the scan restart at each boundary; decoding after a packed
     prompt starts from each sequence's own conv and SSM state."""
