@@ -479,3 +479,128 @@ def test_decode_index_shape_is_per_token():
     with pytest.raises(ssmc.ShapeError, match=r"'state_out_indices' has shape \(2,\); "
                        r"expected \(2, 3\)"):
         op.decode(state, **tokens, state_out_indices=torch.tensor([0, 1]))
+
+
+# --------------------------------------------------------------------------- CUDA graphs (GPU)
+
+def _cuda_step_case(b=4, slots=7, state_dtype=torch.float32):
+    definition, sizes, ranges = CASES["ssd"]
+    op = ssmc.compile(definition, backend="triton")
+    sizes = dict(sizes, b=b)
+    T = 5
+    inputs = {k: v.cuda() for k, v in _inputs(op.program, sizes, ranges, T, seed=12).items()}
+    h, n, p = (sizes[a] for a in "hnp")
+    cache = torch.randn(slots, h, n, p, device="cuda").to(state_dtype)
+    index = torch.tensor([5, -1, 0, 3][:b], device="cuda", dtype=torch.int32)
+    return op, inputs, cache, index, T
+
+
+def _warm_up(fn):
+    """Run fn on a side stream (kernels compiled, fast path cached) before a capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_step_cuda_graph_replay_matches_eager(state_dtype):
+    """op.step with cache slots and padding, captured once and replayed per token on new
+    inputs copied into the captured buffers, equals eager steps bit for bit."""
+    op, inputs, cache, index, T = _cuda_step_case(state_dtype=state_dtype)
+    static = {k: v.clone() for k, v in _at(op.program, inputs, 0).items()}
+    eager_cache = cache.clone()
+    _warm_up(lambda: op.step(cache.clone(), **static, state_batch_indices=index))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = op.step(cache, **static, state_batch_indices=index)
+    for t in range(T):
+        for k, v in _at(op.program, inputs, t).items():
+            static[k].copy_(v)
+        graph.replay()
+        y_eager = op.step(eager_cache, **{k: v.clone() for k, v in static.items()},
+                          state_batch_indices=index)
+        torch.testing.assert_close(y_static, y_eager, rtol=0, atol=0)
+        torch.testing.assert_close(cache, eager_cache, rtol=0, atol=0)
+    assert (y_static[1] == 0).all()
+
+
+@pytest.mark.gpu
+def test_decode_cuda_graph_replay_writes_per_token_slots():
+    op, inputs, cache, index, T = _cuda_step_case(slots=8 + 4 * T)
+    # slots apart from the sources (5, 0, 3) and from each other: no program reads a slot
+    # another writes
+    out_index = 8 + torch.arange(4 * T, device="cuda").view(4, T)
+    out_index[1] = -1
+    eager_cache = cache.clone()
+    static = {k: v.clone() for k, v in inputs.items()}
+    _warm_up(lambda: op.decode(cache.clone(), **static, state_batch_indices=index,
+                               state_out_indices=out_index))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = op.decode(cache, **static, state_batch_indices=index,
+                             state_out_indices=out_index)
+    graph.replay()
+    y_eager = op.decode(eager_cache, **inputs, state_batch_indices=index,
+                        state_out_indices=out_index)
+    torch.testing.assert_close(y_static, y_eager, rtol=0, atol=0)
+    torch.testing.assert_close(cache, eager_cache, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_selective_state_update_cuda_graph_replay():
+    """The mamba_ssm shim (Mamba-2's tied call, mamba_ssm's (b, h, p, n) state, slots with
+    padding) captured and replayed equals eager calls."""
+    from ssmc.compat.mamba_ssm import selective_state_update
+    b, h, p, n, g = 4, 4, 8, 16, 2
+    gen = torch.Generator().manual_seed(13)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen).cuda()
+    static = dict(x=r(b, h, p), dt=r(b, h)[..., None].expand(b, h, p),
+                  A=(-torch.rand(h, generator=gen) - 0.5).cuda()[:, None, None].expand(h, p, n),
+                  B=r(b, g, n), C=r(b, g, n), D=r(h)[:, None].expand(h, p), z=r(b, h, p),
+                  dt_bias=r(h)[:, None].expand(h, p))
+    cache = r(6, h, p, n)
+    index = torch.tensor([2, -1, 5, 0], device="cuda")
+    eager_cache = cache.clone()
+    kw = dict(dt_softplus=True, state_batch_indices=index, backend="triton")
+    _warm_up(lambda: selective_state_update(cache.clone(), **static, **kw))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = selective_state_update(cache, **static, **kw)
+    for _ in range(3):
+        static["x"].copy_(r(b, h, p))
+        static["B"].copy_(r(b, g, n))
+        graph.replay()
+        y_eager = selective_state_update(eager_cache, **static, **kw)
+        torch.testing.assert_close(y_static, y_eager, rtol=0, atol=0)
+        torch.testing.assert_close(cache, eager_cache, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_step_decode_loop_under_torch_compile_reduce_overhead():
+    """A decode loop of op.step compiled with mode="reduce-overhead" equals the eager loop."""
+    op, inputs, cache, index, T = _cuda_step_case()
+    names = op.program.input_names
+
+    def loop(state, *xs):
+        ys = []
+        for t in range(T):
+            step_inputs = [x.select(op.program.input(nm).axes.index("t"), t)
+                           if "t" in op.program.input(nm).axes else x
+                           for nm, x in zip(names, xs)]
+            ys.append(op.step(state, *step_inputs, state_batch_indices=index))
+        return torch.stack(ys, 1)
+
+    compiled = torch.compile(loop, mode="reduce-overhead")
+    args = [inputs[nm] for nm in names]
+    eager_cache = cache.clone()
+    expected = loop(eager_cache, *args)
+    for _ in range(3):    # warm-up, recording, replay
+        state = cache.clone()
+        got = compiled(state, *args)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(state, eager_cache, rtol=1e-6, atol=1e-6)
