@@ -11,7 +11,8 @@
 """
 from ._version import __version__
 from . import dsl
-from .api import CompiledOp, Definition, attention_matrix, compile, ssm
+from .api import CompiledOp, Definition, compile, ssm
+from .matrix import attention_matrix, mixing_loss
 from . import distributed
 from .backends.tvm.export import export
 from .backends.tvm.load import ExportedKernel, load
@@ -20,6 +21,7 @@ from .errors import (ArgumentError, BackendUnavailableError, ConfigError, Device
                      UnsupportedError)
 
 __all__ = ["__version__", "dsl", "distributed", "ssm", "compile", "attention_matrix",
+           "mixing_loss",
            "CompiledOp", "Definition", "export", "load", "ExportedKernel", "SSMCError",
            "SpecError", "ShapeError", "DTypeError", "DeviceError", "ArgumentError",
            "ConfigError", "UnsupportedError", "BackendUnavailableError", "DeviceLostError"]

@@ -1,19 +1,19 @@
-"""The user-facing entry points: `@ssm`, `compile`, `attention_matrix`."""
+"""The user-facing entry points: `@ssm`, `compile` (the mixing matrix is in `matrix.py`)."""
 from __future__ import annotations
 
 import threading
 
 import torch
 
-from . import config, reference
-from .backends.base import AUTO_ORDER, compile_plan, registered
+from . import config
+from .backends.base import compile_plan
 from .dsl import trace
 from .errors import ArgumentError, ConfigError, UnsupportedError
 from .ir import Program
 from .lowerings import legal_lowerings, lowering_names
 from .passes import run_pipeline
 from .plan import Plan
-from .planner import dtype_name, make_plan
+from .planner import make_plan
 from .step import decode as decode_op
 from .step import step as step_op
 from .torch import ops as torch_ops
@@ -133,28 +133,6 @@ def compile(definition: Definition, backend: str = "auto", lowering: str = "auto
         raise ArgumentError(f"ssmc.compile expects a function decorated with @ssmc.ssm, got "
                             f"{type(definition).__name__}{hint}")
     return CompiledOp(definition, backend, lowering)
-
-
-def attention_matrix(op, *args, **kwargs) -> torch.Tensor:
-    """The hidden attention matrix M (b, h, t, t) of a definition on these inputs: y = M value,
-    before the epilogue. On CUDA tensors the Triton quadratic kernel builds it in float32
-    (float64 for float64 inputs); elsewhere the float64 reference does."""
-    definition = op.definition if isinstance(op, CompiledOp) else op
-    if not isinstance(definition, Definition):
-        raise ArgumentError(f"attention_matrix expects an ssmc definition or compiled op, got "
-                            f"{type(op).__name__}")
-    bound = bind(definition.program, args, kwargs)
-    if bound.cu_seqlens is not None or bound.initial_state is not None:
-        raise UnsupportedError("attention_matrix: 'cu_seqlens' and 'initial_state' are not "
-                               "supported; pass one unpacked batch")
-    plan = Plan(program=definition.program, lowering="quadratic", dtype=dtype_name(bound.dtype))
-    # the first backend of the device's auto order that builds the matrix itself
-    for name in AUTO_ORDER.get(bound.device.type, ()):
-        backend = registered().get(name)
-        build = getattr(backend, "attention_matrix", None)
-        if build is not None and backend.is_available() and backend.supports(plan) is None:
-            return build(plan, bound.tensors, bound.sizes)
-    return reference.attention_matrix(definition.program, bound.tensors, bound.sizes)
 
 
 # compiled ops of builder variants (ssmc.nn, ssmc.compat), in a plain dict: torch.compile traces

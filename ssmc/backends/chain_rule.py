@@ -242,9 +242,11 @@ class ChainRule:
 
     def input_grads(self, env: dict, g_out: torch.Tensor, op_grads: dict, tensors: dict,
                     sizes: dict, row_parts: dict | None = None,
-                    grouped: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+                    grouped: frozenset = frozenset(),
+                    epilogue: bool = True) -> dict[str, torch.Tensor]:
         """Gradients of every input (its shape and dtype) from the operand gradients
-        `op_grads` (summed over directions) and the epilogue's direct terms. `row_parts`:
+        `op_grads` (summed over directions) and the epilogue's direct terms (none without
+        `epilogue`: a loss on the hidden attention matrix, which comes before the epilogue). `row_parts`:
         input name -> its `row_terms` already evaluated by the backend (a canonical tensor,
         summed or partly summed over the axes the input lacks); those terms are not redone.
         `grouped`: operands whose gradient the backend summed over each group's heads (h axis
@@ -259,7 +261,7 @@ class ChainRule:
             for op, d in exprs.operands.items():
                 if inp.name in d and op in op_grads and not (done and op == "value"):
                     terms.append((op_grads[op], d[inp.name], op in grouped and H != G))
-            if inp.name in exprs.epilogue and not done:
+            if epilogue and inp.name in exprs.epilogue and not done:
                 if isinstance(g_out, _LazyGradOut):
                     g_out = g_out.tensor()
                 terms.append((g_out, exprs.epilogue[inp.name], False))

@@ -5,7 +5,12 @@ import torch
 
 from .. import reference
 from ..plan import Plan
+from . import matrix_rows
 from .base import register_backend
+
+
+def _compute_dtype(plan: Plan) -> torch.dtype:
+    return torch.float64 if plan.dtype == "float64" else torch.float32
 
 
 class ReferenceBackend:
@@ -57,6 +62,24 @@ class ReferenceBackend:
 
         kernel.backward = backward
         return kernel
+
+    # the hidden attention matrix and the matrix-matching loss, in float64 (matrix_rows.py)
+
+    def attention_matrix(self, plan: Plan, tensors, sizes, reduce: str = "none"):
+        M = matrix_rows.matrix(plan.program, tensors, sizes, torch.float64, reduce)
+        return M.to(_compute_dtype(plan))
+
+    def attention_matrix_backward(self, plan: Plan, tensors, sizes, grad, reduce: str = "none"):
+        return matrix_rows.matrix_backward(plan.program, tensors, sizes, torch.float64, grad,
+                                           reduce)
+
+    def mixing_loss(self, plan: Plan, tensors, sizes, q, k, scale: float):
+        loss = matrix_rows.mixing_loss(plan.program, tensors, sizes, q, k, scale, torch.float64)
+        return loss.to(_compute_dtype(plan))
+
+    def mixing_loss_backward(self, plan: Plan, tensors, sizes, q, k, scale: float, grad):
+        return matrix_rows.mixing_loss_backward(plan.program, tensors, sizes, q, k, scale,
+                                                torch.float64, grad)
 
 
 register_backend(ReferenceBackend())

@@ -89,12 +89,14 @@ def test_attention_matrix_every_decay_kind(decay, direction):
     close("y", torch.einsum("bhts,bshp->bthp", M, x["v"]), op(**x))
 
 
-def test_attention_matrix_p_dependent_decay_raises():
+def test_attention_matrix_p_dependent_decay_is_per_channel():
     f = make_definition("full")
     assert "p" in DECAY_AXES["full"].split()
     x = random_inputs(f, dict(b=1, t=4, h=2, g=1, n=3, p=2), dtype=torch.float64, seed=2)
-    with pytest.raises(ssmc.UnsupportedError, match="varies over 'p'"):
-        ssmc.attention_matrix(f, **x)
+    M = ssmc.attention_matrix(f, **x)
+    assert M.shape == (1, 2, 2, 4, 4)   # (b, h, p, t, t): one matrix per value channel
+    close("y", torch.einsum("bhpts,bshp->bthp", M, x["v"]),
+          ssmc.compile(f, backend="reference")(**x))
 
 
 def test_attention_matrix_p_axis_of_size_one_is_fine():

@@ -18,8 +18,9 @@ import torch
 from ...errors import BackendUnavailableError, UnsupportedError
 from ...plan import Plan
 from ..base import register_backend
+from .. import matrix_rows
 from ..cache import cache_root, get_or_build_text
-from .common import interpreting
+from .common import compute_dtype, interpreting
 
 
 def _lowerings() -> dict:
@@ -129,14 +130,41 @@ class TritonBackend:
 
         return step
 
-    def attention_matrix(self, plan: Plan, tensors, sizes) -> torch.Tensor:
+    def attention_matrix(self, plan: Plan, tensors, sizes, reduce: str = "none"):
         """The hidden attention matrix (b, h, t, t) by the quadratic lowering's matrix kernel
-        (`ssmc.attention_matrix`)."""
+        (`ssmc.attention_matrix`); summed or averaged over heads after it with `reduce`."""
         if plan.lowering != "quadratic":
             raise UnsupportedError(f"{plan.program.name}: attention_matrix is built by the "
                                    f"quadratic lowering, not {plan.lowering!r}")
         quadratic = importlib.import_module(f"{__name__}.lowerings.quadratic")
-        return quadratic.attention_matrix(self.load_module(plan), plan, tensors, sizes)
+        M = quadratic.attention_matrix(self.load_module(plan), plan, tensors, sizes)
+        return matrix_rows.reduce_heads(M.unsqueeze(2), reduce, channels=False)
+
+    def attention_matrix_backward(self, plan: Plan, tensors, sizes, grad, reduce: str = "none"):
+        """Input gradients of `attention_matrix`: autograd a block of rows at a time in torch
+        onto the operands, then the chain rule (`matrix_rows.py`)."""
+        return matrix_rows.matrix_backward(plan.program, tensors, sizes, compute_dtype(plan),
+                                           grad, reduce)
+
+    def mixing_loss(self, plan: Plan, tensors, sizes, q, k, scale: float) -> torch.Tensor:
+        """(b, h) matrix-matching losses: the fused kernels (mixing_loss.py) where they apply,
+        else block rows in torch."""
+        fused = importlib.import_module(f"{__name__}.mixing_loss")
+        if fused.fused(plan) is not None:
+            return matrix_rows.mixing_loss(plan.program, tensors, sizes, q, k, scale,
+                                           compute_dtype(plan))
+        _check_device(q.device)
+        with _on(q.device):
+            return fused.loss(plan, tensors, sizes, q, k, scale)
+
+    def mixing_loss_backward(self, plan: Plan, tensors, sizes, q, k, scale: float, grad):
+        fused = importlib.import_module(f"{__name__}.mixing_loss")
+        if fused.fused(plan) is not None:
+            return matrix_rows.mixing_loss_backward(plan.program, tensors, sizes, q, k, scale,
+                                                    compute_dtype(plan), grad)
+        _check_device(q.device)
+        with _on(q.device):
+            return fused.loss_backward(plan, tensors, sizes, q, k, scale, grad)
 
 
 def _check_device(device: torch.device) -> None:

@@ -1,0 +1,368 @@
+"""The fused matrix-matching loss: sum_{t, s} (M[t, s] - P[t, s])^2 per (b, h), with M the
+definition's hidden attention matrix and P = causal softmax(q k^T scale) of a teacher, tile by
+tile: both matrices live in registers, never in device memory.
+
+Scope: one forward direction and a decay that is positive with an exact log and has no n or p
+axis (none, time-invariant or scalar: Mamba-2, RetNet, simple GLA); `fused(plan)` says why not
+otherwise, and the backend then runs the block-row torch path. The prologue runs on the host
+(the operands q_s, k_s (b, h, t, n) and log-decays (b, h, t) are linear in t); the kernels are
+fixed, not generated per definition, and the chain rule turns operand gradients into input
+gradients as for every kernel (`chain_rule.py`).
+
+Three kernels, one program per (block of BT rows or columns, b * h):
+
+* `mixing_loss_fwd`: the softmax row statistics in a first pass over the key blocks (online
+  max and sum, as flash attention), the log-sum-exp stored; then the loss over the same blocks.
+* `mixing_loss_bwd_rows`: D[t] = sum_s P dP in a first pass, then dq (teacher) = scale dS k and
+  dq_s = (dM * W) k_s, with dM = 2 g (M - P), dP = -dM, dS = P (dP - D).
+* `mixing_loss_bwd_cols`: dk (teacher) = scale dS^T q and dk_s = (dM * W)^T q_s, walking the
+  row blocks below each column block (no atomics).
+
+Decay weights W[t, s] = exp(sum_{s < u <= t} ld_u) are assembled from sums over disjoint ranges:
+inside the row block (cin[t]), the blocks in between (a float64 difference of block prefix
+sums, exact enough at any length), and the column block after s (after[s]); within one block,
+cin[t] - cin[s]. Log-decays below RESET_BELOW (exp underflows fp32: -1e4, -inf) are counted
+as resets apart (W = 0 across one) and never enter a sum. d log-decay comes from the identity
+d ld_r = sum_{t >= r} (q_s . dq_s - k_s . dk_s)[t] on the host (exactly 0 at a reset).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...ir import DecayKind, Direction
+from ...plan import Plan
+from .. import matrix_rows
+from ..chain_rule import CanonicalInputs, ChainRule
+from .common import fp32_precision, interpreting, next_pow2
+from .templates import RESET_BELOW
+
+
+def fused(plan: Plan) -> str | None:
+    """None where the fused kernels compute this plan's loss, else why not."""
+    prog = plan.program
+    if prog.recurrence.directions != (Direction.FORWARD,):
+        return "the fused loss kernels take one forward direction"
+    if plan.dtype == "float64":
+        return "the fused loss kernels compute in float32"
+    if prog.recurrence.decay is not None:
+        if not prog.decay_log_safe:
+            return "the decay may be zero or negative"
+        if prog.decay_kind in (DecayKind.DIAGONAL, DecayKind.FULL) or \
+                {"n", "p"} & set(prog.log_decay.axes):
+            return "the decay varies over n or p"
+    if prog.recurrence.transition.kind != "diagonal":
+        return f"the {prog.recurrence.transition.kind!r} transition is not implemented"
+    return None
+
+
+@triton.jit
+def _dot(a, b, LOWP: tl.constexpr, PREC: tl.constexpr):
+    if LOWP:
+        c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        c = tl.dot(a, b, input_precision=PREC)
+    return c
+
+
+@triton.jit
+def _weights(offs_t, offs_s, mask_s, i, j, bh, cin_ptr, aft_ptr, z_ptr, pre_ptr, T, NB,
+             HAS_DECAY: tl.constexpr):
+    """W (BT, BT) of rows offs_t (block i) and columns offs_s (block j <= i); 0 where s > t."""
+    causal = (offs_t[:, None] >= offs_s[None, :]) & mask_s[None, :]
+    if HAS_DECAY:
+        mask_t = offs_t < T
+        cin_t = tl.load(cin_ptr + bh * T + offs_t, mask=mask_t, other=0.0)
+        cin_s = tl.load(cin_ptr + bh * T + offs_s, mask=mask_s, other=0.0)
+        aft_s = tl.load(aft_ptr + bh * T + offs_s, mask=mask_s, other=0.0)
+        z_t = tl.load(z_ptr + bh * T + offs_t, mask=mask_t, other=0)
+        z_s = tl.load(z_ptr + bh * T + offs_s, mask=mask_s, other=0)
+        # the blocks strictly between j and i (float64 prefix sums; unused on the diagonal)
+        ip = tl.maximum(i - 1, 0)
+        mid = (tl.load(pre_ptr + bh * NB + ip) - tl.load(pre_ptr + bh * NB + j)).to(tl.float32)
+        ex = tl.where(i == j, cin_t[:, None] - cin_s[None, :],
+                      cin_t[:, None] + mid + aft_s[None, :])
+        ok = causal & (z_t[:, None] == z_s[None, :])
+        w = tl.exp(tl.where(ok, ex, float("-inf")))
+    else:
+        w = tl.where(causal, 1.0, 0.0)
+    return w
+
+
+@triton.jit
+def _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs_t, qt_t, lse_t, offs_t, mask_t,
+           qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd,
+           cin_ptr, aft_ptr, z_ptr, pre_ptr, T, N, DH, NB, scale,
+           BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_DECAY: tl.constexpr,
+           LOWP: tl.constexpr, PREC: tl.constexpr):
+    """(M, P, W, k_s, k_teacher) of the tile (row block i, column block j)."""
+    offs_s = j * BT + tl.arange(0, BT)
+    mask_s = offs_s < T
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    ks = tl.load(ks_ptr + (bh * T + offs_s[:, None]) * N + offs_n[None, :],
+                 mask=mask_s[:, None] & (offs_n[None, :] < N), other=0.0)
+    kt = tl.load(kt_ptr + b_idx * skb + offs_s[:, None] * skt + hk_idx * skh +
+                 offs_d[None, :] * skd, mask=mask_s[:, None] & (offs_d[None, :] < DH),
+                 other=0.0).to(tl.float32)
+    w = _weights(offs_t, offs_s, mask_s, i, j, bh, cin_ptr, aft_ptr, z_ptr, pre_ptr, T, NB,
+                 HAS_DECAY)
+    m = _dot(qs_t, tl.trans(ks), LOWP, PREC) * w
+    causal = (offs_t[:, None] >= offs_s[None, :]) & mask_s[None, :] & mask_t[:, None]
+    sc = _dot(qt_t, tl.trans(kt), LOWP, PREC) * scale
+    p = tl.where(causal, tl.exp(sc - lse_t[:, None]), 0.0)
+    return m, p, w, ks, kt
+
+
+@triton.jit
+def _rows_in(bh, b_idx, h_idx, offs_t, mask_t, qs_ptr, qt_ptr, sqb, sqt, sqh, sqd, T, N, DH,
+             BN: tl.constexpr, BD: tl.constexpr):
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    qs = tl.load(qs_ptr + (bh * T + offs_t[:, None]) * N + offs_n[None, :],
+                 mask=mask_t[:, None] & (offs_n[None, :] < N), other=0.0)
+    qt = tl.load(qt_ptr + b_idx * sqb + offs_t[:, None] * sqt + h_idx * sqh +
+                 offs_d[None, :] * sqd, mask=mask_t[:, None] & (offs_d[None, :] < DH),
+                 other=0.0).to(tl.float32)
+    return qs, qt
+
+
+@triton.jit
+def mixing_loss_fwd(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh, skd,
+                    cin_ptr, aft_ptr, z_ptr, pre_ptr, lse_ptr, part_ptr,
+                    T, H, HPK, N, DH, NB, scale,
+                    BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                    HAS_DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b_idx, h_idx = bh // H, bh % H
+    hk_idx = h_idx // HPK
+    offs_t = i * BT + tl.arange(0, BT)
+    mask_t = offs_t < T
+    qs, qt = _rows_in(bh, b_idx, h_idx, offs_t, mask_t, qs_ptr, qt_ptr, sqb, sqt, sqh, sqd,
+                      T, N, DH, BN, BD)
+    offs_d = tl.arange(0, BD)
+    # pass 1: the softmax normalisers (every row has its diagonal, so the max is finite)
+    mx = tl.full([BT], float("-inf"), tl.float32)
+    sm = tl.zeros([BT], tl.float32)
+    for j in range(0, i + 1):
+        offs_s = j * BT + tl.arange(0, BT)
+        mask_s = offs_s < T
+        kt = tl.load(kt_ptr + b_idx * skb + offs_s[:, None] * skt + hk_idx * skh +
+                     offs_d[None, :] * skd, mask=mask_s[:, None] & (offs_d[None, :] < DH),
+                     other=0.0).to(tl.float32)
+        sc = _dot(qt, tl.trans(kt), LOWP, PREC) * scale
+        sc = tl.where((offs_t[:, None] >= offs_s[None, :]) & mask_s[None, :], sc, float("-inf"))
+        new = tl.maximum(mx, tl.max(sc, 1))
+        sm = sm * tl.exp(mx - new) + tl.sum(tl.exp(sc - new[:, None]), 1)
+        mx = new
+    lse = mx + tl.log(sm)
+    tl.store(lse_ptr + bh * T + offs_t, lse, mask=mask_t)
+    # pass 2: the loss
+    acc = tl.zeros([BT], tl.float32)
+    for j in range(0, i + 1):
+        m, p, w, ks, kt = _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs, qt, lse, offs_t, mask_t,
+                                 qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd, cin_ptr, aft_ptr,
+                                 z_ptr, pre_ptr, T, N, DH, NB, scale, BT, BN, BD, HAS_DECAY,
+                                 LOWP, PREC)
+        e = m - p
+        acc += tl.sum(e * e, 1)
+    tl.store(part_ptr + bh * NB + i, tl.sum(tl.where(mask_t, acc, 0.0), 0))
+
+
+@triton.jit
+def mixing_loss_bwd_rows(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh,
+                         skd, cin_ptr, aft_ptr, z_ptr, pre_ptr, lse_ptr, g_ptr, dd_ptr,
+                         dqs_ptr, dqt_ptr, T, H, HPK, N, DH, NB, scale,
+                         BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                         HAS_DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b_idx, h_idx = bh // H, bh % H
+    hk_idx = h_idx // HPK
+    offs_t = i * BT + tl.arange(0, BT)
+    mask_t = offs_t < T
+    qs, qt = _rows_in(bh, b_idx, h_idx, offs_t, mask_t, qs_ptr, qt_ptr, sqb, sqt, sqh, sqd,
+                      T, N, DH, BN, BD)
+    lse = tl.load(lse_ptr + bh * T + offs_t, mask=mask_t, other=0.0)
+    g2 = 2.0 * tl.load(g_ptr + bh)
+    # pass 1: D[t] = sum_s P dP, dP = -2 g (M - P)
+    dd = tl.zeros([BT], tl.float32)
+    for j in range(0, i + 1):
+        m, p, w, ks, kt = _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs, qt, lse, offs_t, mask_t,
+                                 qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd, cin_ptr, aft_ptr,
+                                 z_ptr, pre_ptr, T, N, DH, NB, scale, BT, BN, BD, HAS_DECAY,
+                                 LOWP, PREC)
+        dd += tl.sum(p * (g2 * (p - m)), 1)
+    tl.store(dd_ptr + bh * T + offs_t, dd, mask=mask_t)
+    # pass 2: the row-side gradients
+    dqs = tl.zeros([BT, BN], tl.float32)
+    dqt = tl.zeros([BT, BD], tl.float32)
+    for j in range(0, i + 1):
+        m, p, w, ks, kt = _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs, qt, lse, offs_t, mask_t,
+                                 qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd, cin_ptr, aft_ptr,
+                                 z_ptr, pre_ptr, T, N, DH, NB, scale, BT, BN, BD, HAS_DECAY,
+                                 LOWP, PREC)
+        dm = g2 * (m - p)
+        ds = p * (-dm - dd[:, None])
+        dqs += _dot(dm * w, ks, LOWP, PREC)
+        dqt += _dot(ds, kt, LOWP, PREC)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    tl.store(dqs_ptr + (bh * T + offs_t[:, None]) * N + offs_n[None, :], dqs,
+             mask=mask_t[:, None] & (offs_n[None, :] < N))
+    tl.store(dqt_ptr + ((b_idx * T + offs_t[:, None]) * H + h_idx) * DH + offs_d[None, :],
+             dqt * scale, mask=mask_t[:, None] & (offs_d[None, :] < DH))
+
+
+@triton.jit
+def mixing_loss_bwd_cols(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh,
+                         skd, cin_ptr, aft_ptr, z_ptr, pre_ptr, lse_ptr, g_ptr, dd_ptr,
+                         dks_ptr, dkt_ptr, T, H, HPK, N, DH, NB, scale,
+                         BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                         HAS_DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+    j = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b_idx, h_idx = bh // H, bh % H
+    hk_idx = h_idx // HPK
+    g2 = 2.0 * tl.load(g_ptr + bh)
+    dks = tl.zeros([BT, BN], tl.float32)
+    dkt = tl.zeros([BT, BD], tl.float32)
+    for i in range(j, NB):
+        offs_t = i * BT + tl.arange(0, BT)
+        mask_t = offs_t < T
+        qs, qt = _rows_in(bh, b_idx, h_idx, offs_t, mask_t, qs_ptr, qt_ptr, sqb, sqt, sqh,
+                          sqd, T, N, DH, BN, BD)
+        lse = tl.load(lse_ptr + bh * T + offs_t, mask=mask_t, other=0.0)
+        dd = tl.load(dd_ptr + bh * T + offs_t, mask=mask_t, other=0.0)
+        m, p, w, ks, kt = _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs, qt, lse, offs_t, mask_t,
+                                 qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd, cin_ptr, aft_ptr,
+                                 z_ptr, pre_ptr, T, N, DH, NB, scale, BT, BN, BD, HAS_DECAY,
+                                 LOWP, PREC)
+        dm = tl.where(mask_t[:, None], g2 * (m - p), 0.0)
+        ds = p * (-dm - dd[:, None])
+        dks += _dot(tl.trans(dm * w), qs, LOWP, PREC)
+        dkt += _dot(tl.trans(ds), qt, LOWP, PREC)
+    offs_s = j * BT + tl.arange(0, BT)
+    mask_s = offs_s < T
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    tl.store(dks_ptr + (bh * T + offs_s[:, None]) * N + offs_n[None, :], dks,
+             mask=mask_s[:, None] & (offs_n[None, :] < N))
+    tl.store(dkt_ptr + ((b_idx * T + offs_s[:, None]) * H + h_idx) * DH + offs_d[None, :],
+             dkt * scale, mask=mask_s[:, None] & (offs_d[None, :] < DH))
+
+
+# --------------------------------------------------------------------------- host side
+
+class Launch:
+    """The operands of one call in the kernels' layout, and the launch parameters."""
+
+    def __init__(self, qs, ks, ld, q, k, scale: float, low_precision: bool):
+        B, H, T, N = qs.shape
+        self.B, self.H, self.T, self.N = B, H, T, N
+        self.DH = q.shape[3]
+        self.HPK = H // k.shape[2]
+        self.BT = 64 if qs.is_cuda else 16
+        self.NB = triton.cdiv(T, self.BT)
+        self.qs, self.ks, self.q, self.k, self.scale = qs, ks, q, k, scale
+        self.has_decay = ld is not None
+        self.cin, self.aft, self.z, self.pre = self._decay_parts(ld)
+        self.consts = dict(BT=self.BT, BN=max(16, next_pow2(N)), BD=max(16, next_pow2(self.DH)),
+                           HAS_DECAY=self.has_decay, LOWP=low_precision and not interpreting(),
+                           PREC=fp32_precision(), num_warps=4)
+
+    def _decay_parts(self, ld):
+        """cin (inclusive sums inside each block), aft (sums after each step inside its block),
+        z (resets up to each step), pre (float64 inclusive prefix sums of the block sums)."""
+        if ld is None:
+            one = self.qs.new_zeros(1)
+            return one, one, one.to(torch.int32), one.double()
+        B, H, T, BT, NB = self.B, self.H, self.T, self.BT, self.NB
+        reset = self.reset = ld < RESET_BELOW
+        z = reset.to(torch.int32).cumsum(-1, dtype=torch.int32).contiguous()
+        ldc = torch.where(reset, 0.0, ld)
+        blocks = torch.nn.functional.pad(ldc, (0, NB * BT - T)).view(B, H, NB, BT)
+        cin = blocks.cumsum(-1)
+        aft = torch.cat([blocks.flip(-1).cumsum(-1).flip(-1)[..., 1:],
+                         torch.zeros_like(blocks[..., :1])], -1)
+        pre = blocks.double().sum(-1).cumsum(-1)
+        flat = lambda x: x.reshape(B * H, NB * BT)[:, :T].contiguous()  # noqa: E731
+        return flat(cin), flat(aft), z.reshape(B * H, T), pre.reshape(B * H, NB).contiguous()
+
+    def common(self):
+        return (self.qs, self.ks, self.q, *self.q.stride(), self.k, *self.k.stride(),
+                self.cin, self.aft, self.z, self.pre)
+
+    def sizes(self):
+        return (self.T, self.H, self.HPK, self.N, self.DH, self.NB, self.scale)
+
+    def forward(self):
+        """(loss (b, h), lse)."""
+        lse = self.qs.new_empty(self.B * self.H, self.T)
+        part = self.qs.new_empty(self.B * self.H, self.NB)
+        grid = (self.NB, self.B * self.H)
+        if self.T:
+            mixing_loss_fwd[grid](*self.common(), lse, part, *self.sizes(), **self.consts)
+        return part.sum(-1).view(self.B, self.H), lse
+
+    def backward(self, lse, grad):
+        """(dq_s, dk_s (b, h, t, n), dq (b, t, h, d), dk per head (b, t, h, d)), in fp32."""
+        BH, T = self.B * self.H, self.T
+        g = grad.to(torch.float32).reshape(BH).contiguous()
+        dd = self.qs.new_empty(BH, T)
+        dqs, dks = torch.empty_like(self.qs), torch.empty_like(self.ks)
+        dqt = self.qs.new_empty(self.B, T, self.H, self.DH)
+        dkt = torch.empty_like(dqt)
+        grid = (self.NB, BH)
+        if T:
+            mixing_loss_bwd_rows[grid](*self.common(), lse, g, dd, dqs, dqt, *self.sizes(),
+                                       **self.consts)
+            mixing_loss_bwd_cols[grid](*self.common(), lse, g, dd, dks, dkt, *self.sizes(),
+                                       **self.consts)
+        return dqs, dks, dqt, dkt
+
+
+def _launch(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float):
+    """(Launch, env, operand leaves' shapes) for a call the fused kernels take."""
+    env = CanonicalInputs(plan.program, tensors, sizes, torch.float32)
+    ops = matrix_rows.operands(plan.program, env)
+    B, T, H, N = (sizes[a] for a in "bthn")
+
+    def heads_major(x, n):   # canonical (b, t, h, n, p) -> (b, h, t, n) contiguous fp32
+        return x.expand(B, T, H, n, 1)[..., 0].permute(0, 2, 1, 3).contiguous()
+
+    ld = None if ops.decay is None else heads_major(ops.decay, 1)[..., 0]
+    launch = Launch(heads_major(ops.query, N), heads_major(ops.key, N), ld, q, k, scale,
+                    plan.dtype in ("bfloat16", "float16"))
+    return launch, env
+
+
+def loss(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float) -> torch.Tensor:
+    """(b, h) fp32 losses by the fused kernels (`fused(plan)` must be None)."""
+    launch, _ = _launch(plan, tensors, sizes, q, k, scale)
+    return launch.forward()[0]
+
+
+def loss_backward(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float, grad):
+    """(input gradients, dq, dk) by the fused kernels; the forward's statistics are
+    recomputed (one pass over the key blocks per row block)."""
+    launch, env = _launch(plan, tensors, sizes, q, k, scale)
+    _, lse = launch.forward()
+    dqs, dks, dqt, dkt = launch.backward(lse, grad)
+    B, T, H = sizes["b"], sizes["t"], sizes["h"]
+    op_grads = {"query": dqs.permute(0, 2, 1, 3).unsqueeze(-1),
+                "key": dks.permute(0, 2, 1, 3).unsqueeze(-1)}
+    if launch.has_decay:
+        # d ld_r = sum_{t >= r} (q_s . dq_s - k_s . dk_s)[t]
+        d = (launch.qs * dqs).sum(-1) - (launch.ks * dks).sum(-1)     # (b, h, t)
+        # across a reset every term is 0: exactly 0 there, not the identity's rounding
+        dld = torch.where(launch.reset, 0.0, d.flip(-1).cumsum(-1).flip(-1))
+        op_grads["log_decay"] = dld.permute(0, 2, 1)[..., None, None]
+    like = dqs.new_zeros((1, 1, 1, 1, 1))
+    grads = ChainRule(plan.program).input_grads(env, like, op_grads, tensors, sizes,
+                                                 epilogue=False)
+    hk = k.shape[2]
+    dk = dkt.view(B, T, hk, H // hk, -1).sum(3)
+    return grads, dqt.to(q.dtype), dk.to(k.dtype)

@@ -1,0 +1,182 @@
+"""`torch.library` custom ops for the hidden attention matrix and the matrix-matching loss.
+
+    ssmc::attention_matrix(Tensor[] inputs, int route, str reduce) -> Tensor
+    ssmc::attention_matrix_bwd(Tensor[] inputs, Tensor grad, int route, str reduce) -> Tensor[]
+    ssmc::mixing_loss(Tensor[] inputs, Tensor q, Tensor k, float scale, int route) -> Tensor
+    ssmc::mixing_loss_bwd(Tensor[] inputs, Tensor q, Tensor k, float scale, Tensor grad,
+                          int route) -> (Tensor[], Tensor, Tensor)
+
+`route` names a (program, backend) pair registered once per pair (programs are small and a
+traced graph holds only the integer, so routes are kept for the process). The implementations
+ask the first backend of the route (for `auto`: the device's auto order) that has the method
+and supports the program's quadratic plan; the reference backend serves every program.
+
+The fake implementations compute shapes from the IR's axes: the matrix is (b, h, t, t),
+(b, h, p, t, t) for a decay over p, or (b, t, t) reduced; the loss is (b, h); both in the
+compute dtype (float32, float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from ..backends.base import AUTO_ORDER, registered
+from ..errors import UnsupportedError
+from ..ir import DecayKind, Program
+from ..plan import Plan
+from ..validate import _output_dtype
+from .ops import sizes_of, state_dtype
+
+_ROUTES: list[tuple[Program, str]] = []
+_ROUTE_IDS: dict[tuple, int] = {}
+_LOCK = threading.Lock()
+
+
+@torch.compiler.assume_constant_result
+def route_for(program: Program, backend: str) -> int:
+    """The route id of (program, backend name or "auto"); a constant to torch.compile, which
+    calls it while tracing instead of tracing into the program's structural key."""
+    key = (program.name, program.structural_key(), backend)
+    with _LOCK:
+        if key not in _ROUTE_IDS:
+            _ROUTE_IDS[key] = len(_ROUTES)
+            _ROUTES.append((program, backend))
+    return _ROUTE_IDS[key]
+
+
+def _plan(program: Program, inputs) -> Plan:
+    dtype = _output_dtype(program, dict(zip(program.input_names, inputs)))
+    return Plan(program=program, lowering="quadratic", dtype=str(dtype).split(".")[1])
+
+
+def _serve(route: int, inputs, method: str):
+    """(backend method, plan, tensors, sizes) for a call on `inputs`."""
+    program, name = _ROUTES[route]
+    plan = _plan(program, inputs)
+    device = inputs[0].device
+    names = AUTO_ORDER.get(device.type, ()) if name == "auto" else (name,)
+    for candidate in tuple(names) + ("reference",):
+        backend = registered().get(candidate)
+        fn = getattr(backend, method, None)
+        if fn is not None and backend.is_available() and backend.supports(plan) is None:
+            break
+    else:  # pragma: no cover - the reference backend has every method
+        raise UnsupportedError(f"{program.name}: no backend has {method}")
+    return fn, plan, dict(zip(program.input_names, inputs)), sizes_of(program, inputs)
+
+
+def _compute_dtype(program: Program, inputs) -> torch.dtype:
+    return state_dtype(_output_dtype(program, dict(zip(program.input_names, inputs))))
+
+
+def matrix_shape(program: Program, sizes: dict, reduce: str) -> tuple:
+    b, h, t, p = sizes["b"], sizes["h"], sizes["t"], sizes["p"]
+    if reduce != "none":
+        return (b, t, t)
+    return (b, h, p, t, t) if program.decay_kind is DecayKind.FULL and p > 1 else (b, h, t, t)
+
+
+# The backward ops are plain library definitions without an autograd kernel (as in ops.py):
+# their implementations differentiate one row block at a time with torch.autograd, which a
+# `custom_op` (whose autograd kernel runs the implementation below autograd) would not allow.
+_LIB = torch.library.Library("ssmc", "FRAGMENT")
+_LIB.define("attention_matrix_bwd(Tensor[] inputs, Tensor grad, int route, str reduce) "
+            "-> Tensor[]")
+_LIB.define("mixing_loss_bwd(Tensor[] inputs, Tensor q, Tensor k, float scale, Tensor grad, "
+            "int route) -> (Tensor[], Tensor, Tensor)")
+
+
+def _register_backward(name: str, impl, fake):
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"ssmc::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.ssmc, name).default
+
+
+# --------------------------------------------------------------------------- attention matrix
+
+@torch.library.custom_op("ssmc::attention_matrix", mutates_args=())
+def attention_matrix_op(inputs: list[torch.Tensor], route: int, reduce: str) -> torch.Tensor:
+    fn, plan, tensors, sizes = _serve(route, inputs, "attention_matrix")
+    return fn(plan, tensors, sizes, reduce=reduce).contiguous()
+
+
+@attention_matrix_op.register_fake
+def _(inputs, route, reduce):
+    program = _ROUTES[route][0]
+    shape = matrix_shape(program, sizes_of(program, inputs), reduce)
+    return inputs[0].new_empty(shape, dtype=_compute_dtype(program, inputs))
+
+
+def _attention_matrix_bwd(inputs, grad, route, reduce):
+    fn, plan, tensors, sizes = _serve(route, inputs, "attention_matrix_backward")
+    grads = fn(plan, tensors, sizes, grad.contiguous(), reduce=reduce)
+    return [grads[n].clone() for n in plan.program.input_names]
+
+
+def _attention_matrix_bwd_fake(inputs, grad, route, reduce):
+    return [torch.empty_like(x) for x in inputs]
+
+
+attention_matrix_bwd_op = _register_backward("attention_matrix_bwd", _attention_matrix_bwd,
+                                             _attention_matrix_bwd_fake)
+
+
+def _matrix_setup(ctx, inputs, output):
+    tensors, route, reduce = inputs
+    ctx.route, ctx.reduce = route, reduce
+    ctx.save_for_backward(*tensors)
+
+
+def _matrix_backward(ctx, grad):
+    grads = attention_matrix_bwd_op(list(ctx.saved_tensors), grad, ctx.route, ctx.reduce)
+    return list(grads), None, None
+
+
+attention_matrix_op.register_autograd(_matrix_backward, setup_context=_matrix_setup)
+
+
+# --------------------------------------------------------------------------- mixing loss
+
+@torch.library.custom_op("ssmc::mixing_loss", mutates_args=())
+def mixing_loss_op(inputs: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, scale: float,
+                   route: int) -> torch.Tensor:
+    fn, plan, tensors, sizes = _serve(route, inputs, "mixing_loss")
+    return fn(plan, tensors, sizes, q, k, scale).contiguous()
+
+
+@mixing_loss_op.register_fake
+def _(inputs, q, k, scale, route):
+    program = _ROUTES[route][0]
+    sizes = sizes_of(program, inputs)
+    return q.new_empty((sizes["b"], sizes["h"]), dtype=_compute_dtype(program, inputs))
+
+
+def _mixing_loss_bwd(inputs, q, k, scale, grad, route):
+    fn, plan, tensors, sizes = _serve(route, inputs, "mixing_loss_backward")
+    grads, dq, dk = fn(plan, tensors, sizes, q, k, scale, grad.contiguous())
+    return [grads[n].clone() for n in plan.program.input_names], dq.clone(), dk.clone()
+
+
+def _mixing_loss_bwd_fake(inputs, q, k, scale, grad, route):
+    return [torch.empty_like(x) for x in inputs], torch.empty_like(q), torch.empty_like(k)
+
+
+mixing_loss_bwd_op = _register_backward("mixing_loss_bwd", _mixing_loss_bwd,
+                                        _mixing_loss_bwd_fake)
+
+
+def _loss_setup(ctx, inputs, output):
+    tensors, q, k, scale, route = inputs
+    ctx.scale, ctx.route, ctx.count = scale, route, len(tensors)
+    ctx.save_for_backward(*tensors, q, k)
+
+
+def _loss_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    tensors, q, k = list(saved[:ctx.count]), saved[ctx.count], saved[ctx.count + 1]
+    grads, dq, dk = mixing_loss_bwd_op(tensors, q, k, ctx.scale, grad, ctx.route)
+    return list(grads), dq, dk, None, None
+
+
+mixing_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
