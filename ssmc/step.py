@@ -108,10 +108,21 @@ def _check_indices(fn: str, name: str, idx, want: tuple, bound, meaning: str) ->
 
 def _fallback(kernel, plan: Plan, t_axis: dict):
     """A step from a backend's scan kernel: gather the rows of the state, run, scatter back
-    (and, for per-token states, one kernel call per token). Host-synchronising; CPU backends."""
+    (and, for per-token states, one kernel call per token). Host-synchronising; CPU backends.
+    Takes what `compile_step`'s launchers take: with t = 1, inputs without their `t` axis and
+    `out_slots` (b,)."""
     cdt = _compute_dtype(getattr(torch, plan.dtype))
+    rank = {i.name: len(i.axes) for i in plan.program.inputs}
 
     def launcher(tensors, sizes, state, slots=None, out_slots=None):
+        tensors = {n: x.unsqueeze(t_axis[n]) if n in t_axis and x.dim() < rank[n] else x
+                   for n, x in tensors.items()}
+        if out_slots is not None and out_slots.dim() == 1:
+            out_slots = out_slots.unsqueeze(1)
+        with torch.no_grad():
+            return run(tensors, sizes, state, slots, out_slots)
+
+    def run(tensors, sizes, state, slots, out_slots):
         B, T, S = sizes["b"], sizes["t"], state.shape[0]
         rows = torch.arange(B, device=state.device) if slots is None else slots.long()
         valid = (rows >= 0) & (rows < S)
@@ -142,7 +153,8 @@ def _fallback(kernel, plan: Plan, t_axis: dict):
 def _launcher(op, plan: Plan, device: torch.device, t_axis: dict):
     """A callable (tensors, sizes, state, slots, out_slots) -> output (b, t, h, p) that updates
     `state`, cached on the op per plan and device type: the backend's `compile_step(plan)` where
-    it has one, else its scan kernel around gathered rows (`_fallback`)."""
+    it has one, else its scan kernel around gathered rows (`_fallback`). Launchers make no
+    autograd graph: the Triton one runs no torch op but the output's allocation."""
     key = (_STEP_KEY, plan, device.type)
     launcher = op._kernels.get(key)
     if launcher is not None:
@@ -258,17 +270,11 @@ def _checked(op, tokens, state, args, kwargs, slots, out_slots):
     launcher = _launcher(op, plan, bound.device, t_axis)
 
     def fast(state, args, kwargs, slots, out_slots):
-        """The launch alone, for a call whose tensors match this one's metadata."""
-        values = dict(zip(names, args))
-        values.update(kwargs)
-        if tokens:
-            tensors = {n: values[n] for n in names}
-        else:
-            tensors = {n: (values[n].unsqueeze(t_axis[n]) if n in t_axis else values[n])
-                       for n in names}
-            out_slots = None if out_slots is None else out_slots.unsqueeze(1)
-        with torch.no_grad():
-            y = launcher(tensors, sizes, state, slots, out_slots)
+        """The launch alone, for a call whose tensors match this one's metadata (a step's
+        inputs go without their `t` axis: the launcher reads them as one time step)."""
+        tensors = dict(zip(names, args))
+        tensors.update(kwargs)
+        y = launcher(tensors, sizes, state, slots, out_slots)
         return y if tokens else y.select(1, 0)
 
     return fast(state, args, kwargs, slots, out_slots), fast

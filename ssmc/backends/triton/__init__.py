@@ -111,7 +111,8 @@ class TritonBackend:
     def compile_step(self, plan: Plan):
         """Decode steps, `step(tensors, sizes, state, slots=None, out_slots=None) -> y (b, t,
         h, p)`: the generated step kernel (lowerings/step.py), which reads each state element
-        once and writes it once, in place or into the `out_slots` of the state cache."""
+        once and writes it once, in place or into the `out_slots` of the state cache. With
+        t = 1 the inputs may leave out their `t` axis and `out_slots` may be (b,)."""
         step_lowering = importlib.import_module(f"{__name__}.lowerings.step")
         module = self.load_generated(f"step_{plan.cache_key(self.cache_tag())}",
                                      lambda: step_lowering.render(plan))
@@ -123,7 +124,7 @@ class TritonBackend:
                 raise BackendUnavailableError(
                     f"{plan.program.name}.step(): the Triton backend runs on CUDA tensors (got "
                     f"{device}); use backend='tvm' or 'reference' on the CPU")
-            if device.type != "cuda":
+            if device.type != "cuda" or device.index == torch.cuda.current_device():
                 return launch(tensors, sizes, state, slots, out_slots)
             with torch.cuda.device(device):
                 return launch(tensors, sizes, state, slots, out_slots)

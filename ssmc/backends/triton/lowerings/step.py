@@ -20,7 +20,7 @@ import torch
 import triton
 
 from ....plan import Plan
-from ..common import HEADER, compute_type, input_args, input_params
+from ..common import HEADER, compute_type, input_params
 from ..render import Context, Emitter, Tile, tile_mask
 from ..templates import RESET_BELOW
 from .scan import block_sizes
@@ -112,11 +112,25 @@ def ssmc_step_fwd(
 
 def make_launch(module, plan: Plan):
     """launch(tensors, sizes, state, slots, out_slots) -> y (b, t, h, p): the kernel with the
-    block sizes and the constant arguments fixed once, so a call does the launch alone."""
+    block sizes and the constant arguments fixed once, so a call does the launch alone. With
+    t = 1, an input may come without its `t` axis and `out_slots` as (b,) (no views made)."""
     prog = plan.program
     kernel = module.ssmc_step_fwd
     out_dtype = getattr(torch, plan.dtype)
     tile = plan.tile_dict()
+    layout = [(i.name, i.axes.index("t") if "t" in i.axes else None, len(i.axes))
+              for i in prog.inputs]
+
+    def input_args(tensors):
+        args = []
+        for name, t_pos, rank in layout:
+            x = tensors[name]
+            strides = x.stride()
+            if t_pos is not None and x.dim() < rank:   # one step: the t axis left out
+                strides = strides[:t_pos] + (0,) + strides[t_pos:]
+            args.append(x)
+            args.extend(strides)
+        return args
 
     def launch(tensors, sizes, state, slots=None, out_slots=None):
         B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
@@ -126,9 +140,13 @@ def make_launch(module, plan: Plan):
             return out
         warps = ({"num_warps": tile["num_warps"]}
                  if "num_warps" in tile and state.device.type == "cuda" else {})
-        oslot_strides = (0, 0) if out_slots is None else out_slots.stride()
+        if out_slots is None:
+            oslot_strides = (0, 0)
+        else:
+            oslot_strides = out_slots.stride() if out_slots.dim() == 2 else \
+                (out_slots.stride(0), 0)
         kernel[(B, H, triton.cdiv(P, BP))](
-            *input_args(prog, tensors), out, *out.stride(), state, *state.stride(),
+            *input_args(tensors), out, *out.stride(), state, *state.stride(),
             state if slots is None else slots, state if out_slots is None else out_slots,
             *oslot_strides, T, state.shape[0], H // G, N, P,
             BN=BN, BP=BP, HAS_SLOTS=slots is not None, HAS_OUT_SLOTS=out_slots is not None,
