@@ -30,10 +30,20 @@ def _nan_filled_empty(monkeypatch):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--fuzz-count", type=int, default=None,
-                     help="examples of each backend's differential fuzz test in all, split "
-                          "over its shards (tests/backends/*/test_fuzz.py, tests/fuzzing.py; "
-                          "default: DEFAULT_EXAMPLES there)")
+    group = parser.getgroup("fuzz", "differential fuzz tests (tests/backends/*/test_fuzz.py, "
+                                    "tests/fuzzing.py; defaults there)")
+    group.addoption("--fuzz-count", type=int, default=None,
+                    help="cases of each backend's fuzz test in all, split over its shards "
+                         "(a case: one value draw, checked on every lowering)")
+    group.addoption("--fuzz-cases-per-definition", type=int, default=None,
+                    help="cases checked on each drawn definition, reusing its kernels")
+    group.addoption("--fuzz-shards", type=int, default=None,
+                    help="tests each backend's fuzz cases are split over (parallel workers "
+                         "share them)")
+    group.addoption("--fuzz-stop-at", type=float, default=None,
+                    help="time (seconds since the epoch) after which no new definition starts")
+    group.addoption("--fuzz-report", default=None,
+                    help="file each fuzz shard appends a JSON line of what it ran to")
 
 
 def pytest_collection_modifyitems(config, items):

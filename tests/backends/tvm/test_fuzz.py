@@ -1,29 +1,31 @@
-"""Differential fuzzing of the TVM backend on LLVM (the grammar, decay values and calls are in
+"""Differential fuzzing of the TVM backend on LLVM (the grammar, setups and cases are in
 tests/fuzzing.py): every legal lowering the backend runs, outputs and (fp32) gradients against
 the float64 sequential reference.
 
-Fewer examples by default than the Triton fuzz test (each new definition builds its kernels
-with LLVM, seconds apiece); `--fuzz-count N` runs N.
+Each drawn definition builds its kernels with LLVM (seconds apiece) and then checks
+`CASES_PER_DEFINITION` cases with them (milliseconds each); `--fuzz-count N` runs N cases.
 """
 from __future__ import annotations
 
-import pytest
-import torch
-
-from tests.fuzzing import FUZZ_TOL, SHARDS, call_inputs, fuzz
+from tests.fuzzing import FUZZ_TOL, case_inputs, compares_gradients, fuzz, parametrize_shards
 from tests.helpers import check_against_reference
 
-#: examples in CI, split over SHARDS tests
-DEFAULT_EXAMPLES = 40
+#: cases in CI, split over the shards
+DEFAULT_CASES = 80
+CASES_PER_DEFINITION = 10
 
 
-@pytest.mark.parametrize("shard", range(SHARDS))
+def pytest_generate_tests(metafunc):
+    parametrize_shards(metafunc)
+
+
 def test_fuzz_tvm_against_reference(pytestconfig, shard):
-    def check(defn, call, lowering):
-        inputs, kwargs = call_inputs(defn, call, "cpu")
-        check_against_reference(defn, inputs, tol=FUZZ_TOL[call["dtype"]], backend="tvm",
+    def check(defn, setup, case, lowering):
+        inputs, kwargs = case_inputs(defn, setup, case, "cpu")
+        check_against_reference(defn, inputs, tol=FUZZ_TOL[setup.dtype], backend="tvm",
                                 lowering=lowering,
-                                grad=call["dtype"] == torch.float32 and call["grad"], **kwargs)
+                                grad=compares_gradients(setup, case, "tvm", lowering), **kwargs)
 
-    checked = fuzz(pytestconfig, shard, "tvm", DEFAULT_EXAMPLES, check)
-    assert checked["calls"] > 0 and "scan" in checked["lowerings"]
+    ran = fuzz(pytestconfig, shard, "tvm", check, default_cases=DEFAULT_CASES,
+               per_definition=CASES_PER_DEFINITION)
+    assert ran["cases"] > 0 and "scan" in ran["lowerings"]
