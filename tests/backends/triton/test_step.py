@@ -1,0 +1,36 @@
+"""The generated step kernel's source (ssmc/backends/triton/lowerings/step.py): one kernel with
+the prologue and epilogue fused, which loads the state once and stores it once per program
+(its numbers against the forward are in tests/test_step.py)."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from ssmc.ops.selective_scan import build as s6_build
+from ssmc.ops.ssd import build as ssd_build
+from ssmc.plan import Plan
+
+step = importlib.import_module("ssmc.backends.triton.lowerings.step")
+
+DEFINITIONS = {
+    "ssd": ssd_build(has_D=True, has_z=True, has_dt_bias=True, dt_softplus=True),
+    "selective_scan": s6_build(has_D=True, has_z=True, delta_softplus=True),
+}
+
+
+@pytest.mark.parametrize("name", list(DEFINITIONS))
+def test_step_kernel_reads_and_writes_the_state_once(name):
+    program = DEFINITIONS[name].program
+    source = step.render(Plan(program=program, lowering="scan", dtype="bfloat16",
+                              has_initial_state=True, return_final_state=True))
+    assert source.count("@triton.jit") == 1
+    assert source.count("tl.load(state_ptr") == 1       # before the loop over tokens
+    # stored after each token only with per-token slots, else once after the loop
+    loop, after = source.split("for t_idx in range(0, T):", 1)[1].split("if not HAS_OUT_SLOTS:")
+    assert loop.count("tl.store(state_ptr") == 1 and "if HAS_OUT_SLOTS:" in loop
+    assert after.split("else:")[0].count("tl.store(state_ptr") == 1
+    # the state is converted to fp32 once and back to its own dtype on store
+    assert ".to(tl.float32)" in source and "state.to(state_ptr.dtype.element_ty)" in source
+    # the prologue (softplus of dt) and epilogue (silu gate) are in the kernel
+    assert "tl.log(1.0 + tl.exp(" in source and "tl.sigmoid(" in source
