@@ -1,6 +1,6 @@
 """The TVM backend: TIR (as TVMScript) per lowering, compiled for LLVM (CPU) and for CUDA
 (through nvcc; the library links only tvm_ffi). On CUDA, chunked plans run the chunked
-lowering of lowerings/chunked_cuda.py (tensor cores for bf16/fp16) where it applies, and every
+lowering of lowerings/chunked_cuda/ (tensor cores for bf16/fp16) where it applies, and every
 other plan runs the CUDA scan (`cuda_lowering`).
 
 `compile(plan)` returns a kernel that specialises on first use to the call's head, group,
@@ -9,9 +9,11 @@ serves every batch size and length), builds or loads that function through the o
 and calls it with the torch tensors themselves (zero-copy through DLPack).
 
 Every kernel also has `kernel.backward` (backward.py): the recurrence's gradient by TIR
-functions compiled for the LLVM target (lowerings/scan_bwd.py, one backward for every forward
-lowering: they compute the same function), the elementwise parts by the chain rule shared with
-the Triton backend (ssmc/backends/chain_rule.py). The backward has no CUDA target: for CUDA
+functions compiled for the LLVM target, chosen by the decay and shared by every forward
+lowering (they compute the same function): chunked (lowerings/chunked_bwd.py) for positive
+decays with an exact log, the checkpointed scan (lowerings/scan_bwd.py) otherwise; the
+elementwise parts by the chain rule shared with the Triton backend
+(ssmc/backends/chain_rule.py). The backward has no CUDA target: for CUDA
 tensors it runs that CPU code on host copies and copies the gradients back (correct, slow; on
 a GPU `backend="auto"` picks Triton, whose backward runs on the device).
 """
@@ -124,9 +126,9 @@ class TVMKernel:
     """kernel(tensors, sizes, initial_state, cu_seqlens) -> (out, final state or None), and
     kernel.backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final) ->
     (grads by input name, grad_initial_state): the recurrence's gradient by TIR functions
-    compiled for the LLVM target (backward.py; one scan backward for every forward lowering),
-    the elementwise parts by the shared chain rule (ssmc/backends/chain_rule.py). CUDA tensors
-    are differentiated on host copies by the same CPU code."""
+    compiled for the LLVM target (backward.py: chunked or scan by the decay, for every forward
+    lowering), the elementwise parts by the shared chain rule (ssmc/backends/chain_rule.py).
+    CUDA tensors are differentiated on host copies by the same CPU code."""
 
     def __init__(self, plan: Plan, key: str, backend_tag: str = ""):
         self.plan = plan
@@ -138,35 +140,6 @@ class TVMKernel:
         self.out_dtype = getattr(torch, plan.dtype)
         self.state_dtype = torch.float64 if plan.dtype == "float64" else torch.float32
         self.backward = make_backward(self)
-
-    def backward_functions(self, tensors, sizes, initial_state, cu_seqlens, want_y: bool):
-        """{"ckpt": ..., "bwd": ...}: the compiled backward functions (LLVM) for this call's
-        specialisation, built or loaded through the on-disk cache."""
-        import dataclasses
-
-        from .backward import backward_plan
-        spec = self.spec_for(tensors, sizes, initial_state, cu_seqlens)
-        bplan = backward_plan(self.plan, initial_state, cu_seqlens)
-        spec = dataclasses.replace(spec, plan=bplan)
-        memo = (spec, want_y)
-        fns = self._bwd_functions.get(memo)
-        if fns is None:
-            with self._lock:
-                fns = self._bwd_functions.get(memo)
-                if fns is None:
-                    from .build import cached_function
-                    from .lowerings import scan_bwd
-                    key = bplan.cache_key(self.backend_tag) + "_bwd"
-                    fns = {
-                        "ckpt": cached_function(key, spec.tag() + ("_ckpt_y" if want_y
-                                                                   else "_ckpt"),
-                                                scan_bwd.render_ckpt(spec, want_y),
-                                                "ssmc_scan_bwd_ckpt"),
-                        "bwd": cached_function(key, spec.tag() + "_bwd",
-                                               scan_bwd.render_bwd(spec), "ssmc_scan_bwd"),
-                    }
-                    self._bwd_functions[memo] = fns
-        return fns
 
     def spec_for(self, tensors, sizes, initial_state, cu_seqlens, device=None):
         prog = self.plan.program

@@ -88,32 +88,53 @@ def backward_kind(plan: Plan) -> str:
     return "chunked" if chunked_bwd.unsupported(plan) is None else "scan"
 
 
-def chunked_functions(kernel, tensors, sizes, initial_state, cu_seqlens, want_y: bool) -> dict:
-    """{"states": ..., "bwd": ...}: the chunked backward's functions (LLVM) for this call's
-    specialisation, built or loaded through the on-disk cache and kept on the kernel."""
-    spec = kernel.spec_for(tensors, sizes, initial_state, cu_seqlens)
-    bplan = dataclasses.replace(kernel.plan, lowering="chunked",
-                                has_initial_state=initial_state is not None,
-                                return_final_state=False, varlen=cu_seqlens is not None,
-                                chunk_size=CHUNK, tile=None)
-    spec = dataclasses.replace(spec, plan=bplan)
-    memo = ("chunked", spec, want_y)
+def _functions(kernel, memo, build) -> dict:
+    """The compiled backward functions kept on the kernel under `memo`, built once (`build()`
+    compiles or loads them through the on-disk cache)."""
     fns = kernel._bwd_functions.get(memo)
     if fns is None:
         with kernel._lock:
             fns = kernel._bwd_functions.get(memo)
             if fns is None:
-                key = bplan.cache_key(kernel.backend_tag) + "_bwd"
-                fns = {
-                    "states": cached_function(key, spec.tag() + ("_states_y" if want_y
-                                                                 else "_states"),
-                                              chunked_bwd.render_states(spec, want_y),
-                                              "ssmc_chunked_bwd_states"),
-                    "bwd": cached_function(key, spec.tag() + "_bwd",
-                                           chunked_bwd.render_bwd(spec), "ssmc_chunked_bwd"),
-                }
-                kernel._bwd_functions[memo] = fns
+                fns = kernel._bwd_functions[memo] = build()
     return fns
+
+
+def _spec(kernel, bplan: Plan, tensors, sizes, initial_state, cu_seqlens):
+    spec = kernel.spec_for(tensors, sizes, initial_state, cu_seqlens)
+    return dataclasses.replace(spec, plan=bplan)
+
+
+def scan_functions(kernel, tensors, sizes, initial_state, cu_seqlens, want_y: bool) -> dict:
+    """{"ckpt": ..., "bwd": ...}: the scan backward's functions (LLVM) for this call's
+    specialisation."""
+    bplan = backward_plan(kernel.plan, initial_state, cu_seqlens)
+    spec = _spec(kernel, bplan, tensors, sizes, initial_state, cu_seqlens)
+    key = bplan.cache_key(kernel.backend_tag) + "_bwd"
+    return _functions(kernel, ("scan", spec, want_y), lambda: {
+        "ckpt": cached_function(key, spec.tag() + ("_ckpt_y" if want_y else "_ckpt"),
+                                scan_bwd.render_ckpt(spec, want_y), "ssmc_scan_bwd_ckpt"),
+        "bwd": cached_function(key, spec.tag() + "_bwd", scan_bwd.render_bwd(spec),
+                               "ssmc_scan_bwd"),
+    })
+
+
+def chunked_functions(kernel, tensors, sizes, initial_state, cu_seqlens, want_y: bool) -> dict:
+    """{"states": ..., "bwd": ...}: the chunked backward's functions (LLVM) for this call's
+    specialisation."""
+    bplan = dataclasses.replace(kernel.plan, lowering="chunked",
+                                has_initial_state=initial_state is not None,
+                                return_final_state=False, varlen=cu_seqlens is not None,
+                                chunk_size=CHUNK, tile=None)
+    spec = _spec(kernel, bplan, tensors, sizes, initial_state, cu_seqlens)
+    key = bplan.cache_key(kernel.backend_tag) + "_bwd"
+    return _functions(kernel, ("chunked", spec, want_y), lambda: {
+        "states": cached_function(key, spec.tag() + ("_states_y" if want_y else "_states"),
+                                  chunked_bwd.render_states(spec, want_y),
+                                  "ssmc_chunked_bwd_states"),
+        "bwd": cached_function(key, spec.tag() + "_bwd", chunked_bwd.render_bwd(spec),
+                               "ssmc_chunked_bwd"),
+    })
 
 
 def _backward_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens, grad_out,
@@ -219,7 +240,7 @@ def _scan_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens
     dh0 = gT.clone() if initial_state is not None else None   # what an empty input gives
 
     if B * T > 0 and S > 0:
-        fns = kernel.backward_functions(tensors, sizes, initial_state, cu_seqlens, want_y)
+        fns = scan_functions(kernel, tensors, sizes, initial_state, cu_seqlens, want_y)
         args = [tensors[i.name] for i in prog.inputs]
         if cu_seqlens is not None:
             args.append(cu_seqlens)

@@ -1,4 +1,5 @@
-"""The recurrence's backward as TIR: one scan backward for every forward lowering.
+"""The recurrence's backward as TIR by the scan: for every forward lowering whose decay the
+chunked backward (chunked_bwd.py) does not take (zero or negative, per-key, per-element).
 
 The scan, chunked and quadratic lowerings compute the same function, so they share one
 gradient; it is computed the scan's way, which works for every decay kind (including decays
