@@ -291,27 +291,40 @@ class Mamba2(nn.Module):
         return gathered.transpose(1, 2)
 
     def step(self, hidden_states: Tensor, conv_state: Tensor, ssm_state: Tensor):
-        """One token: hidden_states (b, 1, d_model); conv_state (b, conv_dim, d_conv) and
-        ssm_state (b, h, n, p) float32 are updated in place. Returns (out (b, 1, d_model),
-        conv_state, ssm_state)."""
-        if hidden_states.shape[1] != 1:
-            raise ShapeError(f"Mamba2.step: decoding takes one token at a time; hidden_states "
-                             f"has shape {tuple(hidden_states.shape)} (t={hidden_states.shape[1]})")
+        """k tokens (usually 1; more for speculative decoding): hidden_states (b, k, d_model);
+        conv_state (b, conv_dim, d_conv) and ssm_state (b, h, n, p) (float32, bfloat16 or
+        float16) are updated in place to their values after the k tokens. Returns
+        (out (b, k, d_model), conv_state, ssm_state)."""
+        if hidden_states.dim() != 3 or hidden_states.shape[1] < 1:
+            raise ShapeError(f"Mamba2.step: hidden_states must be (b, k, d_model) with k >= 1 "
+                             f"tokens, got shape {tuple(hidden_states.shape)}")
         dtype = hidden_states.dtype
-        zxbcdt = self.in_proj(hidden_states.squeeze(1))
+        zxbcdt = self.in_proj(hidden_states)
         z0, x0, z, xBC, dt = self._split(zxbcdt)
-        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-        conv_state[:, :, -1] = xBC
-        xBC = (conv_state * self._conv_weight()).sum(-1)
-        if self.conv1d.bias is not None:
-            xBC = xBC + self.conv1d.bias
-        xBC = self.act(xBC).to(dtype)
+        xBC = self.act(self._conv_step(xBC, conv_state)).to(dtype)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state,
                                     self.ngroups * self.d_state], dim=-1)
         args = self._ssd_args(self._heads(x, self.headdim), dt, self._heads(B, self.d_state),
                               self._heads(C, self.d_state), self._heads(z, self.headdim))
-        y = self.ssd_op.step(ssm_state, *args)
-        return self._finish(y, z, z0, x0).unsqueeze(1), conv_state, ssm_state
+        y = self.ssd_op.decode(ssm_state, *args)
+        return self._finish(y, z, z0, x0), conv_state, ssm_state
+
+    def _conv_step(self, xBC: Tensor, conv_state: Tensor) -> Tensor:
+        """The conv's outputs for k new inputs xBC (b, k, conv_dim) from conv_state, the last
+        d_conv inputs (b, conv_dim, d_conv), which then holds the last d_conv inputs again."""
+        k, w = xBC.shape[1], self.d_conv
+        if k == 1:
+            conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+            conv_state[:, :, -1] = xBC[:, 0]
+            out = (conv_state * self._conv_weight()).sum(-1, keepdim=True)
+        else:
+            window = torch.cat([conv_state, xBC.transpose(1, 2).to(conv_state.dtype)], -1)
+            out = F.conv1d(window[..., 1:], self._conv_weight().unsqueeze(1),
+                           groups=window.shape[1])
+            conv_state.copy_(window[..., -w:])
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias[:, None]
+        return out.transpose(1, 2)
 
     def allocate_inference_cache(self, batch_size, max_seqlen=None, dtype=None, **kwargs):
         """(conv_state (b, conv_dim, d_conv) in the conv's dtype, ssm_state (b, h, n, p) in

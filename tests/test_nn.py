@@ -194,6 +194,26 @@ def test_decode_on_the_triton_backend_float32(config):
     torch.testing.assert_close(dec, full, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_decode_several_tokens_per_step_matches_full_forward(backend):
+    """Speculative-decoding shape: after a prompt, blocks of k = 3 (and a last of 1) tokens per
+    call through inference_params (conv window and SSM state carried across) equal the full
+    forward."""
+    torch.manual_seed(6)
+    kw = F64 if backend == "reference" else dict(backend=backend)
+    m = Mamba2(**SMALL, **CONFIGS["groups-Dhdim-gate-bias"], layer_idx=1, **kw)
+    u = torch.randn(2, 12, 16, dtype=torch.float64 if backend == "reference" else None)
+    with torch.no_grad():
+        full = m(u)
+        ip = InferenceParams(max_seqlen=12, max_batch_size=2)
+        outs = [m(u[:, :2], inference_params=ip)]
+        for start, stop in ((2, 5), (5, 8), (8, 11), (11, 12)):
+            ip.seqlen_offset = start
+            outs.append(m(u[:, start:stop], inference_params=ip))
+    tol = 1e-10 if backend == "reference" else 1e-5
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=tol, atol=tol)
+
+
 def test_packed_sequences_match_separate_ones():
     """cu_seqlens: the conv and the scan restart at each boundary; decoding after a packed
     prompt starts from each sequence's own conv and SSM state."""
