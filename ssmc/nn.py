@@ -8,7 +8,8 @@ parameters, the others are the layer's arguments.
 
 Incremental decoding follows mamba_ssm: pass an `InferenceParams` (same fields) with a
 `layer_idx` on the layer; the first call (seqlen_offset == 0) runs the whole prompt and fills the
-cache, later calls take one token each and step the state in place. One difference: the cached
+cache, later calls take one token each (or several: speculative decoding) and step the state in
+place. One difference: the cached
 SSM state is kept in ssmc's layout (b, h, n, p) and in float32 (float64 for float64 models), the
 layout and dtype `CompiledOp.step` updates in place; mamba_ssm keeps (b, h, p, n) in the
 model dtype. The conv state is mamba_ssm's: (b, conv_dim, d_conv).
