@@ -6,16 +6,22 @@ used with (negative A, moderate raw dt, decays in (0, 1)), at small, odd shapes.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+import sympy as sp
 import torch
 
 import ssmc
 import ssmc.ops
 from ssmc import reference
+from ssmc.ir import Y, Y_AXES, Elementwise
+from ssmc.ir.backward import BackwardExprs
+from ssmc.ir.evaluate import evaluate
+from ssmc.reference.evaluate import canonical_inputs
 from ssmc.validate import bind
 
 __all__ = [
@@ -245,6 +251,40 @@ def compare(name: str, actual, expected: torch.Tensor, tol: float) -> Mismatch:
     rel_rms = float(diff.norm()) / ref_norm if ref_norm > 0 else float(diff.norm())
     rel_max = max_abs / ref_max if ref_max > 0 else max_abs
     return Mismatch(name, max_abs, rel_rms, rel_max, tol)
+
+
+def term_magnitude(program, tensors: dict, sizes: dict, initial_state=None,
+                   cu_seqlens=None) -> torch.Tensor:
+    """The scale of each output element's rounding error, (b, t, h, p) in float64:
+    |E(y)| + |dE/dy| * y_abs, where y_abs is the recurrence over the absolute values of its
+    terms (|decay|, |key|, |value|, |query|, |initial state|) and E the epilogue.
+
+    A kernel that rounds its operands (tensor cores in 16 bits) is off by a few units of this,
+    however much the terms cancel in y itself: a relative error against |y| alone would call
+    that cancellation a wrong answer."""
+    rec = program.recurrence
+
+    def absolute(node):
+        return None if node is None else Elementwise(sp.Abs(node.expr), node.axes)
+
+    identity = Elementwise(Y, Y_AXES)
+    magnitudes = program.replace(
+        recurrence=dataclasses.replace(rec, key=absolute(rec.key), value=absolute(rec.value),
+                                       query=absolute(rec.query), decay=absolute(rec.decay)),
+        output=identity)
+    t64 = {k: v.detach().cpu().double() for k, v in tensors.items()}
+    h0 = None if initial_state is None else initial_state.detach().cpu().double()
+    cu = None if cu_seqlens is None else cu_seqlens.cpu()
+    y_abs, _ = reference.scan(magnitudes, t64, sizes, None if h0 is None else h0.abs(), cu)
+    out, _ = reference.scan(program, t64, sizes, h0, cu)
+    derivatives = program.backward
+    if not isinstance(derivatives, BackwardExprs) or derivatives.epilogue_dy == 1:
+        return out.abs() + y_abs
+    y, _ = reference.scan(program.replace(output=identity), t64, sizes, h0, cu)
+    env = canonical_inputs(program, t64, sizes)
+    env[Y.name] = y.unsqueeze(3)
+    dEdy = evaluate(derivatives.epilogue_dy, env, y).expand(*y.shape[:3], 1, y.shape[3])
+    return out.abs() + dEdy.squeeze(3).abs() * y_abs
 
 
 def _program_of(op):

@@ -3,9 +3,14 @@ import pytest
 import torch
 
 import ssmc
+import ssmc.ops
+from ssmc import dsl as S
+from ssmc import reference
 from ssmc.ops import gla, ssd
+from ssmc.validate import bind
 from tests.helpers import (INPUT_FACTORIES, SHAPES, check_against_reference, compare,
-                           cu_seqlens, make_definition, random_inputs, ssd_inputs)
+                           cu_seqlens, make_definition, random_inputs, ssd_inputs,
+                           term_magnitude)
 
 REF = dict(backend="reference")
 
@@ -127,3 +132,25 @@ def test_factories_feed_the_builtins(name, shape):
     assert y.shape[:2] == (shape["b"], shape["t"]) and torch.isfinite(y).all()
     again = factory(**shape, seed=4)
     assert all(torch.equal(x[k], again[k]) for k in x)  # seeded: reproducible
+
+
+def test_term_magnitude_bounds_the_output_and_sees_cancellation():
+    """|E(y)| + |dE/dy| y_abs is at least |out| everywhere; where the terms of a sum cancel
+    (a fuzz case: bf16, t=1, the initial state's term against the key's) it is many times |y|,
+    the scale of a 16-bit kernel's rounding."""
+    x = ssd_inputs(b=1, t=5, h=2, g=1, n=3, p=2, dt_bias=False, dtype=torch.float64)
+    program = ssmc.ops.mamba2.program
+    bound = bind(program, (), x)
+    magnitude = term_magnitude(program, bound.tensors, bound.sizes)
+    out, _ = reference.scan(program, bound.tensors, bound.sizes)
+    assert magnitude.shape == out.shape and bool((magnitude >= out.abs() * (1 - 1e-12)).all())
+
+    @ssmc.ssm
+    def cancelling(q: S.In["b t g n"], k: S.In["b t g n"], v: S.In["b t h p"]):
+        return S.recurrence(key=k, value=v, query=q)
+
+    ones = torch.ones(1, 1, 1, 2, dtype=torch.float64)
+    inputs = dict(q=ones, k=torch.tensor([1.0, -1.0], dtype=torch.float64).view(1, 1, 1, 2),
+                  v=torch.ones(1, 1, 1, 1, dtype=torch.float64))
+    bound = bind(cancelling.program, (), inputs)
+    assert term_magnitude(cancelling.program, bound.tensors, bound.sizes).item() == 2.0
