@@ -12,7 +12,7 @@ import torch
 
 import ssmc
 from ssmc import dsl as S
-from tests.fuzzing import (EMPTY_BATCH_BACKWARD_BUGS, FUZZ_TOL, SATURATED_DECAY_BACKWARD_BUGS,
+from tests.fuzzing import (EDGE_DECAY_GRADIENT_BUGS, EMPTY_BATCH_BACKWARD_BUGS, FUZZ_TOL,
                            case_inputs, compares_gradients, fuzz, parametrize_shards)
 from tests.helpers import check_against_reference, make_definition, random_inputs
 
@@ -69,11 +69,11 @@ def saturated_gate(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"],
     return S.recurrence(decay=S.sigmoid(a), key=k, value=v, query=q)
 
 
-@pytest.mark.parametrize("lowering", sorted(lw for be, lw in SATURATED_DECAY_BACKWARD_BUGS
+@pytest.mark.parametrize("lowering", sorted(lw for be, lw in EDGE_DECAY_GRADIENT_BUGS
                                             if be == "triton"))
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="grad a is 0 where the decay rounds to 1 in fp32 (a known bug, "
-                          "skipped by the fuzz test: SATURATED_DECAY_BACKWARD_BUGS)")
+                          "skipped by the fuzz test: EDGE_DECAY_GRADIENT_BUGS)")
 def test_saturated_decay_gradient(lowering):
     """sigmoid(19.5) is 1.0 in fp32, but its derivative 3.4e-9 is not 0: the gradient of a
     gate that is all but open is small, not missing (the fuzz test found it with every decay
