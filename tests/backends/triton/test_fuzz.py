@@ -44,7 +44,7 @@ def test_fuzz_triton_against_reference(pytestconfig, triton_check, shard):
 
     ran = fuzz(pytestconfig, shard, "triton", check, default_cases=DEFAULT_CASES,
                per_definition=CASES_PER_DEFINITION, long=DEVICE == "cuda")
-    assert ran["cases"] > 0 and "scan" in ran["lowerings"]
+    assert ran["stopped"] or (ran["cases"] > 0 and "scan" in ran["lowerings"])
 
 
 @pytest.mark.parametrize("lowering", sorted(lw for be, lw in EMPTY_BATCH_BACKWARD_BUGS
