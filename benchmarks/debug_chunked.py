@@ -4,7 +4,7 @@ benchmark shapes (b*t = 32k, h=80, n=128, p=64, bf16, plain ssd with softplus)."
 import torch
 import triton.testing
 
-from ssmc.backends.triton.lowerings import chunked
+from ssmc.backends.triton.lowerings import chunked_launch as chunked
 from ssmc.ops import linear_attention, ssd
 
 

@@ -16,10 +16,10 @@ b, t, h, n, p = 8, 4096, 80, 128, 64
 args = [a for a in sys.argv[1:] if not a.startswith("-") and "=" not in a]
 train = "--train" in sys.argv
 if "--bwd-tile" in sys.argv:
-    from ssmc.backends.triton.lowerings import chunked_bwd
+    from ssmc.backends.triton.lowerings import chunked_bwd_launch
     pins = dict(kv.split("=") for kv in sys.argv[sys.argv.index("--bwd-tile") + 1].split(","))
-    default_tiles = chunked_bwd.tiles
-    chunked_bwd.tiles = lambda plan, sizes: dict(
+    default_tiles = chunked_bwd_launch.tiles
+    chunked_bwd_launch.tiles = lambda plan, sizes: dict(
         default_tiles(plan, sizes), **{k.removesuffix("_bwd"): int(v) for k, v in pins.items()})
 low = args[0] if args else "chunked"
 x = torch.randn(b, t, h, p, device="cuda", dtype=torch.bfloat16)

@@ -15,7 +15,7 @@ import ssmc
 from ssmc import dsl as S
 from ssmc import reference
 from ssmc.backends import get_backend
-from ssmc.backends.triton.lowerings import chunked
+from ssmc.backends.triton.lowerings import chunked_launch
 from ssmc.plan import Plan
 from ssmc.validate import bind
 from tests.helpers import check_against_reference, compare
@@ -170,14 +170,14 @@ def test_signed_decays_with_several_row_blocks_per_chunk(monkeypatch):
     row's sign adds the negative count of the chunk's earlier blocks and of the blocks between
     it and a key block, so an odd count there must flip it (a precedence slip once took only
     the last term's parity)."""
-    real = chunked.tiles
+    real = chunked_launch.tiles
     used = []
 
     def tiles(plan, sizes, n):
         used.append(dict(real(plan, sizes, n), CS=64, BT=16))
         return used[-1]
 
-    monkeypatch.setattr(chunked, "tiles", tiles)
+    monkeypatch.setattr(chunked_launch, "tiles", tiles)
     inputs = signed_inputs(False, seed=7)
     inputs["w"] = -inputs["w"].abs() - 0.05     # every decay negative: every parity matters
     run(gated, inputs, "triton", "chunked", states=True)

@@ -8,8 +8,8 @@ Three steps, after the derive_backward pass (sympy.diff of the elementwise parts
 2. Recurrence: the lowering's backward kernels turn dy (and grad_final) into the gradients of
    the recurrence operands, per direction, and dL/d initial_state:
    scan -> lowerings/scan_bwd.py (every decay kind: d decay from checkpointed states);
-   chunked -> lowerings/chunked_bwd.py (d log_decay by the q dq - k dk identity; y itself
-   for decays without n, where dy does not need it);
+   chunked -> lowerings/chunked_bwd.py, launched by chunked_run.py (d log_decay by
+   the q dq - k dk identity; y itself for decays without n, where dy does not need it);
    quadratic -> the chunked backward (the same mathematics).
 3. Chain rule: d input = sum over operands of d operand * d operand/d input (+ grad_out *
    dE/d input), summed over the axes the input lacks and over the heads of a group for `g`
@@ -32,6 +32,7 @@ from ..chain_rule import ChainRule, initial_state_grad, sum_directions
 from . import chain_rows
 from .common import compute_dtype
 from .lowerings import LOWERINGS, chunked_bwd, scan_bwd
+from .lowerings import chunked_bwd_launch as chunked_run
 
 
 #: the backward kernels per backward lowering (a lowering names its own in `backward`)
@@ -79,16 +80,16 @@ def make_backward(backend, plan: Plan):
         want_y = rule.needs_y
         # y after the recurrence's backward (its kernels have y's parts at hand) where dy
         # does not need it
-        late_y = (want_y and not use_scan and chunked_bwd.computes_y(bplan)
+        late_y = (want_y and not use_scan and chunked_run.computes_y(bplan)
                   and not rule.dy_needs_y)
         if use_scan:
             saved, y = scan_bwd.forward_pass(module, bplan, tensors, sizes, initial_state,
                                              cu_seqlens, want_y)
         else:
-            saved, y = chunked_bwd.forward_pass(module, bplan, tensors, sizes,
-                                                initial_state, cu_seqlens, want_y and not late_y)
+            saved, y = chunked_run.forward_pass(module, bplan, tensors, sizes, initial_state,
+                                                cu_seqlens, want_y and not late_y)
         # dy stored like the chunk states: the chunked kernels round it to the matmul type
-        dy_dtype = None if use_scan else chunked_bwd.state_dtype(bplan)
+        dy_dtype = None if use_scan else chunked_run.state_dtype(bplan)
         dy = chain_rows.epilogue_dy(backend, plan, rule, tensors, sizes, y, grad_out, dy_dtype)
         env, g_out, dy_host = rule.epilogue(tensors, sizes, y, grad_out, cdt, dy is None)
         dy = dy_host if dy is None else dy
@@ -96,15 +97,15 @@ def make_backward(backend, plan: Plan):
             per_dir = scan_bwd.backward_pass(module, bplan, tensors, sizes, saved, dy,
                                              grad_final, cu_seqlens)
         else:
-            per_dir, y_late = chunked_bwd.backward_pass(module, bplan, tensors, sizes, saved, dy,
-                                                        grad_final, cu_seqlens, late_y)
+            per_dir, y_late = chunked_run.backward_pass(module, bplan, tensors, sizes, saved,
+                                                        dy, grad_final, cu_seqlens, late_y)
             if late_y:
                 y = y_late
                 env[Y.name] = y.unsqueeze(3)
         del saved, dy    # the chunk states are the largest buffers: gone before the chain rule
         op_grads = sum_directions(per_dir)
         rows = chain_rows.row_parts(backend, plan, rule, tensors, sizes, y, grad_out, op_grads)
-        grouped = frozenset() if use_scan else chunked_bwd.grouped_operands(bplan, sizes)
+        grouped = frozenset() if use_scan else chunked_run.grouped_operands(bplan, sizes)
         result = rule.input_grads(env, g_out, op_grads, tensors, sizes, rows, grouped)
         grad_h0 = initial_state_grad([dh0 for _, dh0 in per_dir], initial_state)
         return result, grad_h0

@@ -135,3 +135,16 @@ def emit_output(emit: Emitter, program: Program, tile: Tile, compute: str, t: st
     emit("else:")
     with emit.block():
         emit(f"tl.store(yacc_ptr + y_off, y, mask={mask})")
+
+
+def chunk_layout(sizes, cu_seqlens, BT, device):
+    """Number of chunks overall; for packed batches, each sequence's first chunk and the
+    sequence of every chunk."""
+    if cu_seqlens is None:
+        return sizes["b"] * ((sizes["t"] + BT - 1) // BT), None, None
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).cpu().to(torch.int64)
+    counts = (lengths + BT - 1) // BT
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    seq_of = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return int(offsets[-1]), offsets.to(device), seq_of.to(device)

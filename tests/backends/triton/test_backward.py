@@ -156,11 +156,11 @@ def test_backward_chunked_head_blocks(monkeypatch, programs, heads):
     """Programs walking several heads of a group (query, key and q k^T made once, dq and dk
     summed in registers): the whole group, and half-group blocks the host adds up. On small
     problems the block is one head, so PROGRAMS is lowered to force it."""
-    from ssmc.backends.triton.lowerings import chunked_bwd
-    monkeypatch.setattr(chunked_bwd, "PROGRAMS", programs)
+    from ssmc.backends.triton.lowerings import chunked_bwd_launch
+    monkeypatch.setattr(chunked_bwd_launch, "PROGRAMS", programs)
     sizes = dict(b=1, t=40, h=4, g=1, n=8, p=8)
     plan = _plan(builtin("ssd"), "chunked", torch.float32, True, True, False)
-    assert chunked_bwd.head_block(plan, sizes, 1) == heads
+    assert chunked_bwd_launch.head_block(plan, sizes, 1) == heads
     check_backward(builtin("ssd", "bidirectional"), "chunked", sizes, seed=17)
 
 

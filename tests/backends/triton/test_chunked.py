@@ -40,8 +40,9 @@ pytestmark = pytest.mark.usefixtures("kernel_cache_per_module")
 
 
 def chunked():
-    from ssmc.backends.triton.lowerings import chunked as c
-    return c
+    """The chunked lowering's launch module (its `tiles` sizes every launch)."""
+    from ssmc.backends.triton.lowerings import chunked_launch
+    return chunked_launch
 
 
 #: small odd shapes, g < h wherever a definition has groups. t = 200 and 300 cross chunk

@@ -23,24 +23,22 @@ decays give it. Scalar decays count them only in a block that has one (a scalar 
 block's folded sum, `templates.HAS_RESET_BELOW`): counting everywhere cost 25% of the SSD
 forward on an H200. A decay that may be zero or negative takes direct sums instead (see
 `_scalar_decay_body`).
+
+This module renders the kernels; chunked_launch.py sizes the tiles, launches them and registers
+the lowering.
 """
 from __future__ import annotations
 
 import textwrap
 
-import torch
-import triton
-
-from ....ir import DecayKind, Direction, Elementwise
+from ....ir import DecayKind, Elementwise
 from ....plan import Plan
-from ..common import (HEADER, Outputs, compute_type, dot_type, emit_output, fp32_precision,
-                      input_args, input_params, interpreting, next_pow2)
+from ..common import (HEADER, compute_type, dot_type, emit_output, fp32_precision,
+                      input_params)
 from ..render import Context, Emitter, Tile, split_scale
 from ..templates import (HAS_RESET_BELOW, after, chunk_setup, chunk_state_store, fold_resets,
                          indent, later_sum, rows, segment, seq_setup, signed, split_resets,
                          state_init, with_resets)
-from ..tiles import ChunkedTile, chunked_space
-from .registry import TritonLowering, register_lowering
 
 FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx"}
 T_AXIS = ("t", "t_row", "mask_t")
@@ -553,100 +551,3 @@ def ssmc_chunked_out_resets_fwd({params}
 
 def render(plan: Plan) -> str:
     return HEADER + render_state_kernel(plan) + "\n" + render_output_kernel(plan)
-
-
-def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
-    """CS, the state-pass chunk, and BT, the output pass's row block (CS a multiple of BT;
-    per-key decays use CS = BT = 16). The state pass may split n and p into blocks (its
-    recurrence is independent per element: `BN_state`, `BP_state`); the output pass takes
-    all of n (the query-key contraction) and a p-block."""
-    tile = plan.tile_dict()
-    N, P = sizes["n"], sizes["p"]
-    BN = max(next_pow2(N), 16)
-    if per_key_decay(plan):
-        BT = CS = tile.get("BT", 16)
-    else:
-        BT = tile.get("BT", 64)
-        CS = tile.get("CS", BT)
-    # measured on H100 (benchmarks/RESULTS.md): splitting the state pass over n to add
-    # programs lost more to re-reading the value than it gained in parallelism
-    BN_state = tile.get("BN_state", BN)
-    BP_state = tile.get("BP_state", max(min(next_pow2(P), 64), 16))
-    BP_out = tile.get("BP_out", max(min(next_pow2(P), 64 if BN <= 128 else 32), 16))
-    return dict(BT=BT, CS=CS, BN=BN, BN_state=BN_state, BP_state=BP_state, BP_out=BP_out,
-                warps_state=tile.get("warps_state", 4), warps_out=tile.get("warps_out", 4),
-                stages_state=tile.get("stages_state", 2), stages_out=tile.get("stages_out", 2))
-
-
-def chunk_layout(sizes, cu_seqlens, BT, device):
-    """Number of chunks overall; for packed batches, each sequence's first chunk and the
-    sequence of every chunk."""
-    if cu_seqlens is None:
-        return sizes["b"] * triton.cdiv(sizes["t"], BT), None, None
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).cpu()
-    counts = (lengths + BT - 1) // BT
-    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(counts, 0)
-    seq_of = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    return int(offsets[-1]), offsets.to(device), seq_of.to(device)
-
-
-def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
-    prog = plan.program
-    B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
-    o = Outputs(plan, tensors, sizes, initial_state, cu_seqlens)
-    if o.empty:
-        return o.result()
-    device, S, dirs, cdt = o.device, o.S, o.dirs, o.cdt
-    out, final, yacc, h0s = o.out, o.final, o.yacc, o.h0s
-    m = tiles(plan, sizes, S * H)
-    n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["CS"], device)
-    state_dtype = cdt if interpreting() else {"bfloat16": torch.bfloat16,
-                                              "float16": torch.float16}.get(plan.dtype, cdt)
-    states = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype, device=device)
-    # 1 where a chunk holds a reset (`reset_specialised`): written by the state pass
-    resets = torch.empty(max(n_chunks, 1), H, dtype=torch.int8, device=device)
-
-    on_gpu = device.type == "cuda"
-    launch_state = dict(num_warps=m["warps_state"], num_stages=m["stages_state"]) if on_gpu else {}
-    launch_out = dict(num_warps=m["warps_out"], num_stages=m["stages_out"]) if on_gpu else {}
-    args = input_args(prog, tensors)
-    cu = out if cu_seqlens is None else cu_seqlens
-    off = out if chunk_off is None else chunk_off
-    for i, direction in enumerate(dirs):
-        h0 = None if h0s[i] is None else h0s[i].contiguous()
-        reverse = direction is Direction.REVERSE
-        npb = triton.cdiv(P, m["BP_state"])
-        module.ssmc_chunked_state_fwd[(S, H, triton.cdiv(N, m["BN_state"]) * npb)](
-            *args, states, resets, out if h0 is None else h0,
-            out if final is None else final[i],
-            cu, off, T, H // G, N, P,
-            BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"], NPB=npb, REVERSE=reverse,
-            HAS_H0=h0 is not None,
-            STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None, **launch_state)
-        if n_chunks == 0:
-            continue
-        npb = triton.cdiv(P, m["BP_out"])
-        n_rows = n_chunks * (m["CS"] // m["BT"])
-        out_args = (*args, out, *out.stride(), yacc, states, resets, cu, off,
-                    out if chunk_seq is None else chunk_seq, T, H // G, N, P)
-        out_meta = dict(BT=m["BT"], CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb,
-                        REVERSE=reverse, IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0,
-                        WRITE_OUT=i == len(dirs) - 1, **launch_out)
-        module.ssmc_chunked_out_fwd[(n_rows, H, npb)](*out_args, **out_meta)
-        if reset_specialised(plan):
-            rows_per = RESET_ROWS_PER_PROGRAM
-            module.ssmc_chunked_out_resets_fwd[(triton.cdiv(n_rows, rows_per), H, npb)](
-                *out_args, **out_meta, NROWS=n_rows, ROWS=rows_per)
-    return o.result()
-
-
-
-
-def tile_space(ctx):
-    n_programs = ctx.sizes.get("b", 1) * ctx.sizes["h"]
-    return chunked_space(ctx, tiles(ctx.plan("chunked"), ctx.sizes, n_programs))
-
-
-register_lowering(TritonLowering("chunked", render, launch, supports, tile_type=ChunkedTile,
-                                 tile_space=tile_space, backward="chunked"))

@@ -31,10 +31,9 @@ import triton
 
 from ....ir import Direction
 from ....plan import Plan
-from ..common import (HEADER, compute_dtype, compute_type, direction_slices, input_args,
-                      input_params, next_pow2, num_sequences)
+from ..common import (HEADER, chunk_layout, compute_dtype, compute_type, direction_slices,
+                      input_args, input_params, next_pow2, num_sequences)
 from ..render import Context, Emitter, Tile, tile_mask
-from .chunked_bwd import chunk_layout
 
 FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
 
