@@ -27,8 +27,10 @@ from ..ir import DecayKind, Direction, Program
 from ..ir.evaluate import evaluate
 from .chain_rule import CanonicalInputs, ChainRule
 
-#: elements of the largest temporary of one row block (W: rows x t x n' x p' per head)
+#: elements of the largest temporary of one row block (W: rows x t x n' x p' per head), by
+#: device: a GPU takes larger blocks (fewer launches), a CPU's stay in cache
 BLOCK_ELEMENTS = 1 << 22
+BLOCK_ELEMENTS_CUDA = 1 << 26
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -153,12 +155,16 @@ def reduce_heads(M: torch.Tensor, reduce: str, channels: bool) -> torch.Tensor:
     return out / (M.shape[1] * M.shape[2]) if reduce == "mean" else out
 
 
-def row_blocks(program: Program, sizes: dict):
-    """(t0, t1) row blocks whose largest temporary stays near BLOCK_ELEMENTS."""
+def row_blocks(program: Program, sizes: dict, device: torch.device):
+    """(t0, t1) row blocks whose largest temporary stays near the device's block size."""
     T = sizes["t"]
-    per_row = max(1, sizes["b"] * sizes["h"] * max(T, 1) * sizes["n"] *
-                  (sizes["p"] if per_channel(program, sizes) else 1))
-    R = max(1, min(T, BLOCK_ELEMENTS // per_row))
+    ld = program.log_decay if program.decay_log_safe else program.recurrence.decay
+    wide = sizes["n"] if ld is not None and "n" in ld.axes else 1
+    if per_channel(program, sizes):
+        wide *= sizes["p"]
+    per_row = max(1, sizes["b"] * sizes["h"] * max(T, 1) * max(wide, 1))
+    limit = BLOCK_ELEMENTS_CUDA if device.type == "cuda" else BLOCK_ELEMENTS
+    R = max(1, min(T, limit // per_row))
     return [(t0, min(T, t0 + R)) for t0 in range(0, T, R)]
 
 
@@ -174,7 +180,7 @@ def matrix(program: Program, tensors: dict, sizes: dict, cdt: torch.dtype,
     channels = per_channel(program, sizes)
     with torch.no_grad():
         parts = [reduce_heads(rows(program, ops, sizes, t0, t1), reduce, channels)
-                 for t0, t1 in row_blocks(program, sizes)]
+                 for t0, t1 in row_blocks(program, sizes, ops.query.device)]
     if parts:
         return torch.cat(parts, -2)
     shape = ((sizes["b"],) if reduce != "none" else
@@ -210,7 +216,7 @@ def matrix_backward(program: Program, tensors: dict, sizes: dict, cdt: torch.dty
     grad = grad.to(cdt)
     channels = per_channel(program, sizes)
     with torch.enable_grad():
-        for t0, t1 in row_blocks(program, sizes):
+        for t0, t1 in row_blocks(program, sizes, grad.device):
             M = reduce_heads(rows(program, leaves, sizes, t0, t1), reduce, channels)
             _accumulate(M, [leaves.query, leaves.key, leaves.decay], grad[..., t0:t1, :])
     return _to_inputs(program, env, leaves, tensors, sizes)
@@ -245,7 +251,7 @@ def mixing_loss(program: Program, tensors: dict, sizes: dict, q: torch.Tensor,
     q, k = q.to(cdt), k.to(cdt)
     total = torch.zeros(sizes["b"], sizes["h"], dtype=cdt, device=q.device)
     with torch.no_grad():
-        for t0, t1 in row_blocks(program, sizes):
+        for t0, t1 in row_blocks(program, sizes, q.device):
             total += _loss_rows(program, ops, q, k, scale, sizes, t0, t1)
     return total
 
@@ -259,7 +265,7 @@ def mixing_loss_backward(program: Program, tensors: dict, sizes: dict, q: torch.
     kl = k.detach().to(cdt).requires_grad_(True)
     grad = grad.to(cdt)
     with torch.enable_grad():
-        for t0, t1 in row_blocks(program, sizes):
+        for t0, t1 in row_blocks(program, sizes, q.device):
             loss = (_loss_rows(program, leaves, ql, kl, scale, sizes, t0, t1) * grad).sum()
             _accumulate(loss, [leaves.query, leaves.key, leaves.decay, ql, kl])
     dq = torch.zeros_like(q) if ql.grad is None else ql.grad.to(q.dtype)
