@@ -35,7 +35,8 @@ from .. import config
 from .._version import __version__
 from ..backends.cache import read_checked, write_checked
 from ..plan import DTYPE_SHORT
-from .space import Config, next_pow2
+from ..tiles import next_pow2
+from .space import Config
 
 FORMAT = 1
 #: how long a process waits for another one tuning the same key before giving up on it

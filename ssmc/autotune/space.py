@@ -30,7 +30,7 @@ from ..lowerings import choose_lowering, estimate_seconds, lowering_costs
 from ..passes.cost import E
 from ..plan import Plan
 from ..errors import ConfigError
-from ..tiles import OPERAND_BYTES, SpaceContext, TileSpace, next_pow2, pow2_upto
+from ..tiles import OPERAND_BYTES, SpaceContext, TileSpace
 
 #: a lowering whose estimate exceeds the best one by this factor is not measured
 LOWERING_SLACK = 8.0

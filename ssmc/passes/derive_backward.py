@@ -20,7 +20,6 @@ derivation as a memoised function.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import sympy as sp
 
