@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ssmc
+import ssmc.ops
 from ssmc import dsl as S
 from ssmc import reference
 from ssmc.backends import matrix_rows
@@ -171,3 +172,13 @@ def test_attention_matrix_rejects_bad_reduce_and_window():
         ssmc.attention_matrix(f, **x, window=((3, 12), (0, 2)))
     with pytest.raises(ssmc.ArgumentError, match="window rows must be a .start, stop. pair"):
         ssmc.attention_matrix(f, **x, window=(0, 3))
+
+
+@pytest.mark.parametrize("name", ["ssd", "selective_scan", "retention", "gla",
+                                  "linear_attention"])
+def test_attention_matrix_builtins_mean_over_heads(name):
+    """The built-ins' definitions (Mamba-1's matrices per channel: h = d, p = 1), averaged over
+    heads, with gradients through their prologues (softplus, exp, biases)."""
+    f = getattr(ssmc.ops, name).definition
+    check(f, random_inputs(f, dict(SIZES, t=6), dtype=torch.float64, seed=11), TOL,
+          reduce="mean")
