@@ -12,7 +12,8 @@ gradients as for every kernel (`chain_rule.py`).
 Three kernels, one program per (block of BT rows or columns, b * h):
 
 * `mixing_loss_fwd`: the softmax row statistics in a first pass over the key blocks (online
-  max and sum, as flash attention), the log-sum-exp stored; then the loss over the same blocks.
+  max and sum, as flash attention), the log-sum-exp stored; then the loss over the same blocks
+  (skipped when the backward recomputes the statistics).
 * `mixing_loss_bwd_rows`: D[t] = sum_s P dP in a first pass, then dq (teacher) = scale dS k and
   dq_s = (dM * W) k_s, with dM = 2 g (M - P), dP = -dM, dS = P (dP - D).
 * `mixing_loss_bwd_cols`: dk (teacher) = scale dS^T q and dk_s = (dM * W)^T q_s, walking the
@@ -133,7 +134,8 @@ def mixing_loss_fwd(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt
                     cin_ptr, aft_ptr, z_ptr, pre_ptr, lse_ptr, part_ptr,
                     T, H, HPK, N, DH, NB, scale,
                     BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                    HAS_DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+                    HAS_DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
+                    STATS_ONLY: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b_idx, h_idx = bh // H, bh % H
@@ -159,16 +161,17 @@ def mixing_loss_fwd(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt
         mx = new
     lse = mx + tl.log(sm)
     tl.store(lse_ptr + bh * T + offs_t, lse, mask=mask_t)
-    # pass 2: the loss
-    acc = tl.zeros([BT], tl.float32)
-    for j in range(0, i + 1):
-        m, p, w, ks, kt = _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs, qt, lse, offs_t, mask_t,
-                                 qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd, cin_ptr, aft_ptr,
-                                 z_ptr, pre_ptr, T, N, DH, NB, scale, BT, BN, BD, HAS_DECAY,
-                                 LOWP, PREC)
-        e = m - p
-        acc += tl.sum(e * e, 1)
-    tl.store(part_ptr + bh * NB + i, tl.sum(tl.where(mask_t, acc, 0.0), 0))
+    if not STATS_ONLY:
+        # pass 2: the loss
+        acc = tl.zeros([BT], tl.float32)
+        for j in range(0, i + 1):
+            m, p, w, ks, kt = _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs, qt, lse, offs_t,
+                                     mask_t, qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd,
+                                     cin_ptr, aft_ptr, z_ptr, pre_ptr, T, N, DH, NB, scale, BT,
+                                     BN, BD, HAS_DECAY, LOWP, PREC)
+            e = m - p
+            acc += tl.sum(e * e, 1)
+        tl.store(part_ptr + bh * NB + i, tl.sum(tl.where(mask_t, acc, 0.0), 0))
 
 
 @triton.jit
@@ -298,13 +301,15 @@ class Launch:
     def sizes(self):
         return (self.T, self.H, self.HPK, self.N, self.DH, self.NB, self.scale)
 
-    def forward(self):
-        """(loss (b, h), lse)."""
+    def forward(self, stats_only: bool = False):
+        """(loss (b, h), lse); with `stats_only` the softmax statistics alone (the backward
+        recomputes them rather than keep them from the forward)."""
         lse = self.qs.new_empty(self.B * self.H, self.T)
-        part = self.qs.new_empty(self.B * self.H, self.NB)
+        part = self.qs.new_zeros(self.B * self.H, self.NB)
         grid = (self.NB, self.B * self.H)
         if self.T:
-            mixing_loss_fwd[grid](*self.common(), lse, part, *self.sizes(), **self.consts)
+            mixing_loss_fwd[grid](*self.common(), lse, part, *self.sizes(), **self.consts,
+                                  STATS_ONLY=stats_only)
         return part.sum(-1).view(self.B, self.H), lse
 
     def backward(self, lse, grad):
@@ -346,10 +351,10 @@ def loss(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float) -> torch.Te
 
 
 def loss_backward(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float, grad):
-    """(input gradients, dq, dk) by the fused kernels; the forward's statistics are
-    recomputed (one pass over the key blocks per row block)."""
+    """(input gradients, dq, dk) by the fused kernels; the softmax statistics are recomputed
+    (a pass over the teacher's scores only)."""
     launch, env = _launch(plan, tensors, sizes, q, k, scale)
-    _, lse = launch.forward()
+    _, lse = launch.forward(stats_only=True)
     dqs, dks, dqt, dkt = launch.backward(lse, grad)
     B, T, H = sizes["b"], sizes["t"], sizes["h"]
     op_grads = {"query": dqs.permute(0, 2, 1, 3).unsqueeze(-1),
