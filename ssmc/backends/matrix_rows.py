@@ -32,8 +32,6 @@ from .chain_rule import CanonicalInputs, ChainRule
 BLOCK_ELEMENTS = 1 << 22
 BLOCK_ELEMENTS_CUDA = 1 << 26
 
-REDUCTIONS = ("none", "sum", "mean")
-
 
 @dataclass
 class Operands:
