@@ -111,6 +111,8 @@ def test_mixing_loss_reductions_and_fp32():
 
 
 def test_mixing_loss_opcheck_and_compile():
+    """opcheck; torch.compile(fullgraph=True) with gradients, on strided (non-contiguous)
+    inputs, as the projections of a layer give them."""
     f = make_definition("scalar")
     x = random_inputs(f, dict(SIZES, t=5), seed=5)
     q, k = teacher(2, 5, 4, 2, seed=5, dtype=torch.float32)
@@ -118,8 +120,21 @@ def test_mixing_loss_opcheck_and_compile():
     torch.library.opcheck(mixing_loss_op, (inputs, q.requires_grad_(True),
                                            k.requires_grad_(True), 0.5,
                                            route_for(f.program, "auto")))
-    fn = torch.compile(lambda *a, q, k: ssmc.mixing_loss(f, *a, q=q, k=k), fullgraph=True)
-    close("compiled", fn(*inputs, q=q, k=k), ssmc.mixing_loss(f, *inputs, q=q, k=k), 1e-6)
+
+    def grads(fn):
+        xs = [v.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
+              if v.dim() > 1 else v.detach().clone().requires_grad_(True) for v in x.values()]
+        ql = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+        kl = k.detach().clone().requires_grad_(True)
+        loss = fn(*xs, q=ql, k=kl)
+        loss.backward()
+        return [loss] + [a.grad for a in xs] + [ql.grad, kl.grad]
+
+    def loss(*a, q, k):
+        return ssmc.mixing_loss(f, *a, q=q, k=k) + ssmc.attention_matrix(f, *a).sum()
+
+    for i, (c, e) in enumerate(zip(grads(torch.compile(loss, fullgraph=True)), grads(loss))):
+        close(f"compiled {i}", c, e, 1e-6)
 
 
 def test_mixing_loss_rejects_bad_teacher_and_options():

@@ -87,6 +87,16 @@ _LIB.define("mixing_loss_bwd(Tensor[] inputs, Tensor q, Tensor k, float scale, T
             "int route) -> (Tensor[], Tensor, Tensor)")
 
 
+def _fresh(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy: an output must not alias an input, and its layout must be the one
+    the fake implementation promises (a gradient of a strided view comes back contiguous)."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def _register_backward(name: str, impl, fake):
     _LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"ssmc::{name}", fake, lib=_LIB)
@@ -111,11 +121,11 @@ def _(inputs, route, reduce):
 def _attention_matrix_bwd(inputs, grad, route, reduce):
     fn, plan, tensors, sizes = _serve(route, inputs, "attention_matrix_backward")
     grads = fn(plan, tensors, sizes, grad.contiguous(), reduce=reduce)
-    return [grads[n].clone() for n in plan.program.input_names]
+    return [_fresh(grads[n]) for n in plan.program.input_names]
 
 
 def _attention_matrix_bwd_fake(inputs, grad, route, reduce):
-    return [torch.empty_like(x) for x in inputs]
+    return [_empty_like(x) for x in inputs]
 
 
 attention_matrix_bwd_op = _register_backward("attention_matrix_bwd", _attention_matrix_bwd,
@@ -155,11 +165,11 @@ def _(inputs, q, k, scale, route):
 def _mixing_loss_bwd(inputs, q, k, scale, grad, route):
     fn, plan, tensors, sizes = _serve(route, inputs, "mixing_loss_backward")
     grads, dq, dk = fn(plan, tensors, sizes, q, k, scale, grad.contiguous())
-    return [grads[n].clone() for n in plan.program.input_names], dq.clone(), dk.clone()
+    return [_fresh(grads[n]) for n in plan.program.input_names], _fresh(dq), _fresh(dk)
 
 
 def _mixing_loss_bwd_fake(inputs, q, k, scale, grad, route):
-    return [torch.empty_like(x) for x in inputs], torch.empty_like(q), torch.empty_like(k)
+    return [_empty_like(x) for x in inputs], _empty_like(q), _empty_like(k)
 
 
 mixing_loss_bwd_op = _register_backward("mixing_loss_bwd", _mixing_loss_bwd,
