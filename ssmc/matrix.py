@@ -125,9 +125,9 @@ def mixing_loss(op, *args, q: torch.Tensor, k: torch.Tensor, scale: float | None
     M is per value channel, the channels' losses add. `reduction`: "sum" (a scalar), "mean"
     (over b and h) or "none" ((b, h)). Differentiable with respect to the definition's inputs
     and to q and k. Pass inputs named q or k positionally (the keywords are the teacher's).
-    On CUDA, definitions with a scalar (or no) decay that is positive with an exact log run a
-    fused Triton kernel that never stores either matrix; other ones go a block of rows at a
-    time, in memory linear in t per row block."""
+    On CUDA, forward definitions whose decay is positive with an exact log and does not vary
+    over p run fused Triton kernels that never store either matrix; others go a block of rows
+    at a time (each block's memory linear in t)."""
     fn = "mixing_loss"
     if norm != "fro":
         raise ArgumentError(f"{fn}: norm={norm!r} is not valid; valid values: 'fro'")

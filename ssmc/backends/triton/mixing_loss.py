@@ -2,12 +2,15 @@
 definition's hidden attention matrix and P = causal softmax(q k^T scale) of a teacher, tile by
 tile: both matrices live in registers, never in device memory.
 
-Scope: one forward direction and a decay that is positive with an exact log and has no n or p
-axis (none, time-invariant or scalar: Mamba-2, RetNet, simple GLA); `fused(plan)` says why not
-otherwise, and the backend then runs the block-row torch path. The prologue runs on the host
-(the operands q_s, k_s (b, h, t, n) and log-decays (b, h, t) are linear in t); the kernels are
-fixed, not generated per definition, and the chain rule turns operand gradients into input
-gradients as for every kernel (`chain_rule.py`).
+Scope: one forward direction and a decay that is positive with an exact log and does not vary
+over p (none, time-invariant, scalar: Mamba-2, RetNet; over n: GLA, Mamba-1's per-channel
+heads); `fused(plan)` says why not otherwise, and the backend then runs the block-row torch
+path. The prologue runs on the host (the operands q_s, k_s (b, h, t, n) and log-decays
+(b, h, t) or (b, h, t, n) are linear in t); the kernels are fixed, not generated per
+definition, and the chain rule turns operand gradients into input gradients as for every
+kernel (`chain_rule.py`). Scores use tensor cores where the decay does not vary over n; a
+decay over n is applied exactly on a (BT, BT, BN) broadcast, BN key dims at a time, whose
+gradient parts the program adds to the rows of dq_s / dk_s it owns.
 
 Three kernels, one program per (block of BT rows or columns, b * h):
 
@@ -50,9 +53,8 @@ def fused(plan: Plan) -> str | None:
     if prog.recurrence.decay is not None:
         if not prog.decay_log_safe:
             return "the decay may be zero or negative"
-        if prog.decay_kind in (DecayKind.DIAGONAL, DecayKind.FULL) or \
-                {"n", "p"} & set(prog.log_decay.axes):
-            return "the decay varies over n or p"
+        if prog.decay_kind is DecayKind.FULL or "p" in prog.log_decay.axes:
+            return "the decay varies over p (one matrix per value channel)"
     if prog.recurrence.transition.kind != "diagonal":
         return f"the {prog.recurrence.transition.kind!r} transition is not implemented"
     return None
@@ -69,10 +71,10 @@ def _dot(a, b, LOWP: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _weights(offs_t, offs_s, mask_s, i, j, bh, cin_ptr, aft_ptr, z_ptr, pre_ptr, T, NB,
-             HAS_DECAY: tl.constexpr):
+             DECAY: tl.constexpr):
     """W (BT, BT) of rows offs_t (block i) and columns offs_s (block j <= i); 0 where s > t."""
     causal = (offs_t[:, None] >= offs_s[None, :]) & mask_s[None, :]
-    if HAS_DECAY:
+    if DECAY == 1:
         mask_t = offs_t < T
         cin_t = tl.load(cin_ptr + bh * T + offs_t, mask=mask_t, other=0.0)
         cin_s = tl.load(cin_ptr + bh * T + offs_s, mask=mask_s, other=0.0)
@@ -92,10 +94,80 @@ def _weights(offs_t, offs_s, mask_s, i, j, bh, cin_ptr, aft_ptr, z_ptr, pre_ptr,
 
 
 @triton.jit
+def _weights_diag(offs_t, mask_t, offs_s, mask_s, offs_n, mask_n, i, j, bh, cin_ptr, aft_ptr,
+                  z_ptr, pre_ptr, T, N, NB):
+    """W (BT, BT, BN) of a decay over n, for the key dims offs_n (as `_weights`, per n)."""
+    causal = (offs_t[:, None] >= offs_s[None, :]) & mask_s[None, :]
+    at_t = (bh * T + offs_t[:, None]) * N + offs_n[None, :]
+    at_s = (bh * T + offs_s[:, None]) * N + offs_n[None, :]
+    m_t = mask_t[:, None] & mask_n[None, :]
+    m_s = mask_s[:, None] & mask_n[None, :]
+    cin_t = tl.load(cin_ptr + at_t, mask=m_t, other=0.0)
+    cin_s = tl.load(cin_ptr + at_s, mask=m_s, other=0.0)
+    aft_s = tl.load(aft_ptr + at_s, mask=m_s, other=0.0)
+    z_t = tl.load(z_ptr + at_t, mask=m_t, other=0)
+    z_s = tl.load(z_ptr + at_s, mask=m_s, other=0)
+    ip = tl.maximum(i - 1, 0)
+    mid = (tl.load(pre_ptr + (bh * NB + ip) * N + offs_n, mask=mask_n, other=0.0) -
+           tl.load(pre_ptr + (bh * NB + j) * N + offs_n, mask=mask_n, other=0.0)).to(tl.float32)
+    ex = tl.where(i == j, cin_t[:, None, :] - cin_s[None, :, :],
+                  cin_t[:, None, :] + mid[None, None, :] + aft_s[None, :, :])
+    ok = causal[:, :, None] & (z_t[:, None, :] == z_s[None, :, :])
+    return tl.exp(tl.where(ok, ex, float("-inf")))
+
+
+@triton.jit
+def _chunk(ptr, bh, offs, mask, offs_n, mask_n, T, N):
+    """A (BT, BN) tile of a (b h, t, n) operand."""
+    return tl.load(ptr + (bh * T + offs[:, None]) * N + offs_n[None, :],
+                   mask=mask[:, None] & mask_n[None, :], other=0.0)
+
+
+@triton.jit
+def _m_diag(i, j, bh, offs_t, mask_t, offs_s, mask_s, qs_ptr, ks_ptr, cin_ptr, aft_ptr,
+            z_ptr, pre_ptr, T, N, NB, BT: tl.constexpr, BN: tl.constexpr):
+    """M (BT, BT) of a decay over n: the exact broadcast, BN key dims at a time."""
+    m = tl.zeros([BT, BT], tl.float32)
+    for nc in range(0, N, BN):
+        offs_n = nc + tl.arange(0, BN)
+        mask_n = offs_n < N
+        q = _chunk(qs_ptr, bh, offs_t, mask_t, offs_n, mask_n, T, N)
+        k = _chunk(ks_ptr, bh, offs_s, mask_s, offs_n, mask_n, T, N)
+        w = _weights_diag(offs_t, mask_t, offs_s, mask_s, offs_n, mask_n, i, j, bh, cin_ptr,
+                          aft_ptr, z_ptr, pre_ptr, T, N, NB)
+        m += tl.sum(q[:, None, :] * k[None, :, :] * w, 2)
+    return m
+
+
+@triton.jit
+def _grad_diag(dm, i, j, bh, offs_t, mask_t, offs_s, mask_s, other_ptr, out_ptr, cin_ptr,
+               aft_ptr, z_ptr, pre_ptr, T, N, NB, BN: tl.constexpr, ROWS: tl.constexpr):
+    """Add a tile's part of dq_s (ROWS: sum_s dM k_s W, into rows offs_t) or of dk_s
+    (sum_t dM q_s W, into rows offs_s) to `out_ptr`, BN key dims at a time; the program owns
+    those rows, so a read-modify-write needs no atomics."""
+    for nc in range(0, N, BN):
+        offs_n = nc + tl.arange(0, BN)
+        mask_n = offs_n < N
+        w = _weights_diag(offs_t, mask_t, offs_s, mask_s, offs_n, mask_n, i, j, bh, cin_ptr,
+                          aft_ptr, z_ptr, pre_ptr, T, N, NB)
+        if ROWS:
+            k = _chunk(other_ptr, bh, offs_s, mask_s, offs_n, mask_n, T, N)
+            part = tl.sum(dm[:, :, None] * k[None, :, :] * w, 1)
+            at = (bh * T + offs_t[:, None]) * N + offs_n[None, :]
+            mask = mask_t[:, None] & mask_n[None, :]
+        else:
+            q = _chunk(other_ptr, bh, offs_t, mask_t, offs_n, mask_n, T, N)
+            part = tl.sum(dm[:, :, None] * q[:, None, :] * w, 0)
+            at = (bh * T + offs_s[:, None]) * N + offs_n[None, :]
+            mask = mask_s[:, None] & mask_n[None, :]
+        tl.store(out_ptr + at, tl.load(out_ptr + at, mask=mask, other=0.0) + part, mask=mask)
+
+
+@triton.jit
 def _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs_t, qt_t, lse_t, offs_t, mask_t,
            qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd,
            cin_ptr, aft_ptr, z_ptr, pre_ptr, T, N, DH, NB, scale,
-           BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_DECAY: tl.constexpr,
+           BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DECAY: tl.constexpr,
            LOWP: tl.constexpr, PREC: tl.constexpr):
     """(M, P, W, k_s, k_teacher) of the tile (row block i, column block j)."""
     offs_s = j * BT + tl.arange(0, BT)
@@ -107,9 +179,14 @@ def _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs_t, qt_t, lse_t, offs_t, mask_t,
     kt = tl.load(kt_ptr + b_idx * skb + offs_s[:, None] * skt + hk_idx * skh +
                  offs_d[None, :] * skd, mask=mask_s[:, None] & (offs_d[None, :] < DH),
                  other=0.0).to(tl.float32)
-    w = _weights(offs_t, offs_s, mask_s, i, j, bh, cin_ptr, aft_ptr, z_ptr, pre_ptr, T, NB,
-                 HAS_DECAY)
-    m = _dot(qs_t, tl.trans(ks), LOWP, PREC) * w
+    if DECAY == 2:
+        m = _m_diag(i, j, bh, offs_t, mask_t, offs_s, mask_s, qs_ptr, ks_ptr, cin_ptr, aft_ptr,
+                    z_ptr, pre_ptr, T, N, NB, BT, BN)
+        w = m        # not used: the gradients recompute the weights per chunk of n
+    else:
+        w = _weights(offs_t, offs_s, mask_s, i, j, bh, cin_ptr, aft_ptr, z_ptr, pre_ptr, T, NB,
+                     DECAY)
+        m = _dot(qs_t, tl.trans(ks), LOWP, PREC) * w
     causal = (offs_t[:, None] >= offs_s[None, :]) & mask_s[None, :] & mask_t[:, None]
     sc = _dot(qt_t, tl.trans(kt), LOWP, PREC) * scale
     p = tl.where(causal, tl.exp(sc - lse_t[:, None]), 0.0)
@@ -134,7 +211,7 @@ def mixing_loss_fwd(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt
                     cin_ptr, aft_ptr, z_ptr, pre_ptr, lse_ptr, part_ptr,
                     T, H, HPK, N, DH, NB, scale,
                     BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                    HAS_DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
+                    DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
                     STATS_ONLY: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -168,7 +245,7 @@ def mixing_loss_fwd(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt
             m, p, w, ks, kt = _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs, qt, lse, offs_t,
                                      mask_t, qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd,
                                      cin_ptr, aft_ptr, z_ptr, pre_ptr, T, N, DH, NB, scale, BT,
-                                     BN, BD, HAS_DECAY, LOWP, PREC)
+                                     BN, BD, DECAY, LOWP, PREC)
             e = m - p
             acc += tl.sum(e * e, 1)
         tl.store(part_ptr + bh * NB + i, tl.sum(tl.where(mask_t, acc, 0.0), 0))
@@ -179,7 +256,7 @@ def mixing_loss_bwd_rows(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb
                          skd, cin_ptr, aft_ptr, z_ptr, pre_ptr, lse_ptr, g_ptr, dd_ptr,
                          dqs_ptr, dqt_ptr, T, H, HPK, N, DH, NB, scale,
                          BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                         HAS_DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+                         DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b_idx, h_idx = bh // H, bh % H
@@ -195,7 +272,7 @@ def mixing_loss_bwd_rows(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb
     for j in range(0, i + 1):
         m, p, w, ks, kt = _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs, qt, lse, offs_t, mask_t,
                                  qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd, cin_ptr, aft_ptr,
-                                 z_ptr, pre_ptr, T, N, DH, NB, scale, BT, BN, BD, HAS_DECAY,
+                                 z_ptr, pre_ptr, T, N, DH, NB, scale, BT, BN, BD, DECAY,
                                  LOWP, PREC)
         dd += tl.sum(p * (g2 * (p - m)), 1)
     tl.store(dd_ptr + bh * T + offs_t, dd, mask=mask_t)
@@ -205,16 +282,22 @@ def mixing_loss_bwd_rows(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb
     for j in range(0, i + 1):
         m, p, w, ks, kt = _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs, qt, lse, offs_t, mask_t,
                                  qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd, cin_ptr, aft_ptr,
-                                 z_ptr, pre_ptr, T, N, DH, NB, scale, BT, BN, BD, HAS_DECAY,
+                                 z_ptr, pre_ptr, T, N, DH, NB, scale, BT, BN, BD, DECAY,
                                  LOWP, PREC)
         dm = g2 * (m - p)
         ds = p * (-dm - dd[:, None])
-        dqs += _dot(dm * w, ks, LOWP, PREC)
+        if DECAY == 2:
+            offs_s = j * BT + tl.arange(0, BT)
+            _grad_diag(dm, i, j, bh, offs_t, mask_t, offs_s, offs_s < T, ks_ptr, dqs_ptr,
+                       cin_ptr, aft_ptr, z_ptr, pre_ptr, T, N, NB, BN, True)
+        else:
+            dqs += _dot(dm * w, ks, LOWP, PREC)
         dqt += _dot(ds, kt, LOWP, PREC)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
-    tl.store(dqs_ptr + (bh * T + offs_t[:, None]) * N + offs_n[None, :], dqs,
-             mask=mask_t[:, None] & (offs_n[None, :] < N))
+    if DECAY != 2:
+        tl.store(dqs_ptr + (bh * T + offs_t[:, None]) * N + offs_n[None, :], dqs,
+                 mask=mask_t[:, None] & (offs_n[None, :] < N))
     tl.store(dqt_ptr + ((b_idx * T + offs_t[:, None]) * H + h_idx) * DH + offs_d[None, :],
              dqt * scale, mask=mask_t[:, None] & (offs_d[None, :] < DH))
 
@@ -224,7 +307,7 @@ def mixing_loss_bwd_cols(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb
                          skd, cin_ptr, aft_ptr, z_ptr, pre_ptr, lse_ptr, g_ptr, dd_ptr,
                          dks_ptr, dkt_ptr, T, H, HPK, N, DH, NB, scale,
                          BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                         HAS_DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+                         DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
     j = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b_idx, h_idx = bh // H, bh % H
@@ -241,18 +324,24 @@ def mixing_loss_bwd_cols(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb
         dd = tl.load(dd_ptr + bh * T + offs_t, mask=mask_t, other=0.0)
         m, p, w, ks, kt = _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs, qt, lse, offs_t, mask_t,
                                  qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd, cin_ptr, aft_ptr,
-                                 z_ptr, pre_ptr, T, N, DH, NB, scale, BT, BN, BD, HAS_DECAY,
+                                 z_ptr, pre_ptr, T, N, DH, NB, scale, BT, BN, BD, DECAY,
                                  LOWP, PREC)
         dm = tl.where(mask_t[:, None], g2 * (m - p), 0.0)
         ds = p * (-dm - dd[:, None])
-        dks += _dot(tl.trans(dm * w), qs, LOWP, PREC)
+        if DECAY == 2:
+            offs_s = j * BT + tl.arange(0, BT)
+            _grad_diag(dm, i, j, bh, offs_t, mask_t, offs_s, offs_s < T, qs_ptr, dks_ptr,
+                       cin_ptr, aft_ptr, z_ptr, pre_ptr, T, N, NB, BN, False)
+        else:
+            dks += _dot(tl.trans(dm * w), qs, LOWP, PREC)
         dkt += _dot(tl.trans(ds), qt, LOWP, PREC)
     offs_s = j * BT + tl.arange(0, BT)
     mask_s = offs_s < T
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
-    tl.store(dks_ptr + (bh * T + offs_s[:, None]) * N + offs_n[None, :], dks,
-             mask=mask_s[:, None] & (offs_n[None, :] < N))
+    if DECAY != 2:
+        tl.store(dks_ptr + (bh * T + offs_s[:, None]) * N + offs_n[None, :], dks,
+                 mask=mask_s[:, None] & (offs_n[None, :] < N))
     tl.store(dkt_ptr + ((b_idx * T + offs_s[:, None]) * H + h_idx) * DH + offs_d[None, :],
              dkt * scale, mask=mask_s[:, None] & (offs_d[None, :] < DH))
 
@@ -263,36 +352,49 @@ class Launch:
     """The operands of one call in the kernels' layout, and the launch parameters."""
 
     def __init__(self, qs, ks, ld, q, k, scale: float, low_precision: bool):
+        """qs, ks (b, h, t, n) fp32; ld None, (b, h, t) or (b, h, t, n) (a decay over n)."""
         B, H, T, N = qs.shape
         self.B, self.H, self.T, self.N = B, H, T, N
         self.DH = q.shape[3]
         self.HPK = H // k.shape[2]
-        self.BT = 64 if qs.is_cuda else 16
+        self.decay = 0 if ld is None else (2 if ld.dim() == 4 else 1)
+        # a decay over n: W is a (BT, BT, BN) broadcast, BN key dims at a time (16K elements)
+        diag = self.decay == 2
+        self.BT = (32 if diag else 64) if qs.is_cuda else 16
         self.NB = triton.cdiv(T, self.BT)
         self.qs, self.ks, self.q, self.k, self.scale = qs, ks, q, k, scale
-        self.has_decay = ld is not None
         self.cin, self.aft, self.z, self.pre = self._decay_parts(ld)
-        self.consts = dict(BT=self.BT, BN=max(16, next_pow2(N)), BD=max(16, next_pow2(self.DH)),
-                           HAS_DECAY=self.has_decay, LOWP=low_precision and not interpreting(),
-                           PREC=fp32_precision(), num_warps=4)
+        self.consts = dict(BT=self.BT, BN=16 if diag else max(16, next_pow2(N)),
+                           BD=max(16, next_pow2(self.DH)), DECAY=self.decay,
+                           LOWP=low_precision and not interpreting(), PREC=fp32_precision(),
+                           num_warps=4)
 
     def _decay_parts(self, ld):
         """cin (inclusive sums inside each block), aft (sums after each step inside its block),
-        z (resets up to each step), pre (float64 inclusive prefix sums of the block sums)."""
+        z (resets up to each step), pre (float64 inclusive prefix sums of the block sums); per
+        key dim for a decay over n."""
         if ld is None:
             one = self.qs.new_zeros(1)
             return one, one, one.to(torch.int32), one.double()
         B, H, T, BT, NB = self.B, self.H, self.T, self.BT, self.NB
-        reset = self.reset = ld < RESET_BELOW
-        z = reset.to(torch.int32).cumsum(-1, dtype=torch.int32).contiguous()
+        wide = ld.dim() == 4
+        ld = ld if wide else ld[..., None]                          # (b, h, t, n')
+        n = ld.shape[3]
+        reset = ld < RESET_BELOW
+        self.reset = reset if wide else reset[..., 0]
+        z = reset.to(torch.int32).cumsum(2, dtype=torch.int32)
         ldc = torch.where(reset, 0.0, ld)
-        blocks = torch.nn.functional.pad(ldc, (0, NB * BT - T)).view(B, H, NB, BT)
-        cin = blocks.cumsum(-1)
-        aft = torch.cat([blocks.flip(-1).cumsum(-1).flip(-1)[..., 1:],
-                         torch.zeros_like(blocks[..., :1])], -1)
-        pre = blocks.double().sum(-1).cumsum(-1)
-        flat = lambda x: x.reshape(B * H, NB * BT)[:, :T].contiguous()  # noqa: E731
-        return flat(cin), flat(aft), z.reshape(B * H, T), pre.reshape(B * H, NB).contiguous()
+        blocks = torch.nn.functional.pad(ldc, (0, 0, 0, NB * BT - T)).view(B, H, NB, BT, n)
+        cin = blocks.cumsum(3)
+        aft = torch.cat([blocks.flip(3).cumsum(3).flip(3)[:, :, :, 1:],
+                         torch.zeros_like(blocks[:, :, :, :1])], 3)
+        pre = blocks.double().sum(3).cumsum(2)                     # (b, h, nb, n')
+
+        def flat(x, steps):
+            x = x.reshape(B * H, steps, n)[:, :T if steps != NB else NB]
+            return (x if wide else x[..., 0]).contiguous()
+
+        return (flat(cin, NB * BT), flat(aft, NB * BT), flat(z, T), flat(pre, NB))
 
     def common(self):
         return (self.qs, self.ks, self.q, *self.q.stride(), self.k, *self.k.stride(),
@@ -317,7 +419,9 @@ class Launch:
         BH, T = self.B * self.H, self.T
         g = grad.to(torch.float32).reshape(BH).contiguous()
         dd = self.qs.new_empty(BH, T)
-        dqs, dks = torch.empty_like(self.qs), torch.empty_like(self.ks)
+        # a decay over n adds each tile's part to dq_s / dk_s in place
+        fresh = torch.zeros_like if self.decay == 2 else torch.empty_like
+        dqs, dks = fresh(self.qs), fresh(self.ks)
         dqt = self.qs.new_empty(self.B, T, self.H, self.DH)
         dkt = torch.empty_like(dqt)
         grid = (self.NB, BH)
@@ -338,7 +442,11 @@ def _launch(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float):
     def heads_major(x, n):   # canonical (b, t, h, n, p) -> (b, h, t, n) contiguous fp32
         return x.expand(B, T, H, n, 1)[..., 0].permute(0, 2, 1, 3).contiguous()
 
-    ld = None if ops.decay is None else heads_major(ops.decay, 1)[..., 0]
+    ld = None
+    if ops.decay is not None:
+        wide = ops.decay.shape[3] > 1                      # a decay over n
+        ld = heads_major(ops.decay, N if wide else 1)
+        ld = ld if wide else ld[..., 0]
     launch = Launch(heads_major(ops.query, N), heads_major(ops.key, N), ld, q, k, scale,
                     plan.dtype in ("bfloat16", "float16"))
     return launch, env
@@ -359,12 +467,13 @@ def loss_backward(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float, gr
     B, T, H = sizes["b"], sizes["t"], sizes["h"]
     op_grads = {"query": dqs.permute(0, 2, 1, 3).unsqueeze(-1),
                 "key": dks.permute(0, 2, 1, 3).unsqueeze(-1)}
-    if launch.has_decay:
-        # d ld_r = sum_{t >= r} (q_s . dq_s - k_s . dk_s)[t]
-        d = (launch.qs * dqs).sum(-1) - (launch.ks * dks).sum(-1)     # (b, h, t)
+    if launch.decay:
+        # d ld_r = sum_{t >= r} (q_s . dq_s - k_s . dk_s)[t], per key dim for a decay over n
+        d = launch.qs * dqs - launch.ks * dks                          # (b, h, t, n)
+        d = d if launch.decay == 2 else d.sum(-1)
         # across a reset every term is 0: exactly 0 there, not the identity's rounding
-        dld = torch.where(launch.reset, 0.0, d.flip(-1).cumsum(-1).flip(-1))
-        op_grads["log_decay"] = dld.permute(0, 2, 1)[..., None, None]
+        dld = torch.where(launch.reset, 0.0, d.flip(2).cumsum(2).flip(2)).transpose(1, 2)
+        op_grads["log_decay"] = (dld if launch.decay == 2 else dld[..., None])[..., None]
     like = dqs.new_zeros((1, 1, 1, 1, 1))
     grads = ChainRule(plan.program).input_grads(env, like, op_grads, tensors, sizes,
                                                  epilogue=False)

@@ -1,7 +1,7 @@
 """ssmc/backends/triton/mixing_loss.py: the fused matrix-matching loss kernels (interpreted on
 the CPU) against the loss of the materialised float64 matrices, values and the gradients of
-every input, q and k: scalar, time-invariant and no decay, strong and infinite log-decays, GQA,
-several row blocks with a partial last one, bf16 inputs."""
+every input, q and k: scalar, per-key, time-invariant and no decay, strong and infinite
+log-decays, GQA, several row blocks with a partial last one, bf16 inputs."""
 import importlib
 import math
 
@@ -43,6 +43,12 @@ def exp_decay(x: S.In["b t h p"], u: S.In["b t h"], B: S.In["b t g n"], C: S.In[
     return S.recurrence(decay=S.exp(u), key=B, value=x, query=C)
 
 
+@ssmc.ssm
+def exp_decay_keys(x: S.In["b t h p"], u: S.In["b t h n"], B: S.In["b t g n"],
+                   C: S.In["b t g n"]):
+    return S.recurrence(decay=S.exp(u), key=B, value=x, query=C)
+
+
 def inputs(defn, b, t, h, g, n, p, seed, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     sizes = dict(b=b, t=t, h=h, g=g, n=n, p=p)
@@ -69,16 +75,32 @@ def test_fused_loss_time_invariant_and_no_decay(defn):
     check(defn, x, q, k, TOL32, op=ssmc.compile(defn, backend="triton"), scale=0.7)
 
 
-def test_fused_loss_strong_and_infinite_log_decays():
+@pytest.mark.parametrize("defn", [exp_decay, exp_decay_keys], ids=["scalar", "per_key"])
+def test_fused_loss_strong_and_infinite_log_decays(defn):
     """-1e4 and -inf log-decays are resets: exact zeros across them, no NaN, full accuracy
-    elsewhere; d log-decay is exactly 0 at a reset."""
-    x = inputs(exp_decay, 1, 24, 2, 1, 4, 2, seed=3)
+    elsewhere; d log-decay is exactly 0 at a reset. Per key: n = 20 is two chunks of n."""
+    x = inputs(defn, 1, 24, 2, 1, 20, 2, seed=3)
     gen = torch.Generator().manual_seed(3)
     u = -0.05 * torch.rand(x["u"].shape, generator=gen)
     u[:, 5, 0] = -1e4
     u[:, 17, 1] = -float("inf")
+    u[torch.rand(u.shape, generator=gen) < 0.05] = -1e4
+    assert fused_reason(defn) is None
     q, k = teacher(1, 24, 2, 2, d=4, seed=3, dtype=torch.float32)
-    check(exp_decay, dict(x, u=u), q, k, TOL32, op=ssmc.compile(exp_decay, backend="triton"))
+    check(defn, dict(x, u=u), q, k, TOL32, op=ssmc.compile(defn, backend="triton"))
+
+
+@ssmc.ssm
+def gla_like(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"], a: S.In["b t h n"]):
+    return S.recurrence(decay=S.sigmoid(a + 3), key=k, value=v, query=q)
+
+
+def test_fused_loss_per_key_decay_gqa():
+    """A decay over n (GLA, Mamba-1's per-channel heads): the exact broadcast, several row
+    blocks, k shared by pairs of heads."""
+    x = inputs(gla_like, 2, 37, 4, 4, 6, 2, seed=6)
+    q, k = teacher(2, 37, 4, 2, d=5, seed=6, dtype=torch.float32)
+    check(gla_like, x, q, k, TOL32, op=ssmc.compile(gla_like, backend="triton"))
 
 
 def test_fused_loss_bf16():
@@ -95,11 +117,14 @@ def test_fused_loss_bf16():
 
 
 def test_unfused_plans_take_the_row_block_path():
-    """Bidirectional, per-key and signed decays, float64: refused by the fused kernels with a
-    reason, computed by the backend's row-block path instead."""
-    d = importlib.import_module("tests.helpers").make_definition("diagonal", "forward")
-    assert "varies over n" in fused_reason(d)
+    """Per-channel, signed and bidirectional decays, float64: refused by the fused kernels
+    with a reason, computed by the backend's row-block path instead."""
+    helpers = importlib.import_module("tests.helpers")
+    full = helpers.make_definition("full", "forward")
+    assert "varies over p" in fused_reason(full)
+    assert "one forward direction" in fused_reason(helpers.make_definition("scalar",
+                                                                           "bidirectional"))
     assert "float32" in fused_reason(mamba2_like, "float64")
-    x = inputs(d, 1, 6, 2, 1, 3, 2, seed=5)
+    x = inputs(full, 1, 6, 2, 1, 3, 2, seed=5)
     q, k = teacher(1, 6, 2, 2, d=4, seed=5, dtype=torch.float32)
-    check(d, x, q, k, TOL32, op=ssmc.compile(d, backend="triton"), scale=1 / math.sqrt(4))
+    check(full, x, q, k, TOL32, op=ssmc.compile(full, backend="triton"), scale=1 / math.sqrt(4))
