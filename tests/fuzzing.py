@@ -82,8 +82,9 @@ EMPTY_BATCH_BACKWARD_BUGS = frozenset({("triton", "chunked"), ("triton", "quadra
 #: and two wrong decay gradients at the edges, which show where every decay value is an edge
 #: (`Case.edges` 1.0; with ordinary values beside them the error is below the tolerance): the
 #: Triton scan's backward returns 0 for a decay that rounds to 1 in fp32 (sigmoid(19.5) = 1 -
-#: 3.4e-9; its derivative is not 0), and TVM's backward (every lowering) returns about 4e-7 for
-#: an exactly-zero decay (sigmoid(-inf); its derivative is 0). Those cases compare only outputs.
+#: 3.4e-9; its derivative is not 0); TVM's backward (every lowering) returns about 4e-7 for an
+#: exactly-zero decay (sigmoid(-inf); its derivative is 0), and 0 for a per-channel decay
+#: sigmoid(19.5) applied to an initial state. Those cases compare only outputs.
 EDGE_DECAY_GRADIENT_BUGS = frozenset({("triton", "scan"), ("tvm", "scan"), ("tvm", "chunked"),
                                       ("tvm", "quadratic")})
 
