@@ -82,7 +82,9 @@ def attention_matrix(op, *args, reduce: str | None = None, window=None,
     a block of rows at a time. `window=(rows, columns)`, each a (start, stop) pair or slice,
     returns only M[..., rows, columns], computed from the steps between them. In float32
     (float64 for float64 inputs). On CUDA the Triton kernel builds it where the quadratic
-    lowering applies; otherwise (and for gradients) a block-row torch evaluation does."""
+    lowering applies, and Triton kernels give its gradient for forward definitions whose decay
+    is positive with an exact log and does not vary over p; otherwise a block-row torch
+    evaluation does (float64 on the CPU)."""
     fn = "attention_matrix"
     if reduce not in REDUCE:
         raise ArgumentError(f"{fn}: reduce={reduce!r} is not valid; valid values: None, "

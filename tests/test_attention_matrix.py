@@ -2,6 +2,8 @@
 checked (values and gradients of every input) against the float64 materialised reference
 `ssmc.reference.attention_matrix`, differentiated by torch. Every decay structure and sign,
 groups, every direction, `reduce=`, `window=`, the Triton forward (interpreted on the CPU)."""
+import importlib
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ import ssmc.ops
 from ssmc import dsl as S
 from ssmc import reference
 from ssmc.backends import matrix_rows
+from ssmc.plan import Plan
 from ssmc.torch.matrix_ops import attention_matrix_op, route_for
 from ssmc.validate import bind
 from tests.helpers import compare, make_definition, random_inputs
@@ -182,3 +185,15 @@ def test_attention_matrix_builtins_mean_over_heads(name):
     f = getattr(ssmc.ops, name).definition
     check(f, random_inputs(f, dict(SIZES, t=6), dtype=torch.float64, seed=11), TOL,
           reduce="mean")
+
+
+@pytest.mark.parametrize("decay, reduce", [("none", "sum"), ("scalar", None),
+                                           ("diagonal", "mean")])
+def test_attention_matrix_triton_backward_kernels(decay, reduce):
+    """Forward definitions with a log-safe decay: the Triton kernels read dM tile by tile
+    (several row blocks, g < h; a decay over n in chunks of n), fp32."""
+    f = make_definition(decay, "forward")
+    fused = importlib.import_module("ssmc.backends.triton.mixing_loss").fused
+    assert fused(Plan(program=f.program, lowering="quadratic", dtype="float32")) is None
+    x = random_inputs(f, dict(SIZES, t=37, n=18), seed=12)
+    check(f, x, TOL32, op=ssmc.compile(f, backend="triton"), reduce=reduce)

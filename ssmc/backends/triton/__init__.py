@@ -151,10 +151,16 @@ class TritonBackend:
         return matrix_rows.reduce_heads(M.unsqueeze(2), reduce, channels=False)
 
     def attention_matrix_backward(self, plan: Plan, tensors, sizes, grad, reduce: str = "none"):
-        """Input gradients of `attention_matrix`: autograd a block of rows at a time in torch
-        onto the operands, then the chain rule (`matrix_rows.py`)."""
-        return matrix_rows.matrix_backward(plan.program, tensors, sizes, compute_dtype(plan),
-                                           grad, reduce)
+        """Input gradients of `attention_matrix`: the kernels of mixing_loss.py that read dM
+        tile by tile where they apply, else autograd a block of rows at a time in torch onto
+        the operands (`matrix_rows.py`); then the chain rule."""
+        fused = importlib.import_module(f"{__name__}.mixing_loss")
+        if fused.fused(plan) is not None:
+            return matrix_rows.matrix_backward(plan.program, tensors, sizes,
+                                               compute_dtype(plan), grad, reduce)
+        _check_device(grad.device)
+        with _on(grad.device):
+            return fused.matrix_backward(plan, tensors, sizes, grad, reduce)
 
     def mixing_loss(self, plan: Plan, tensors, sizes, q, k, scale: float) -> torch.Tensor:
         """(b, h) matrix-matching losses: the fused kernels (mixing_loss.py) where they apply,

@@ -22,6 +22,9 @@ Three kernels, one program per (block of BT rows or columns, b * h):
 * `mixing_loss_bwd_cols`: dk (teacher) = scale dS^T q and dk_s = (dM * W)^T q_s, walking the
   row blocks below each column block (no atomics).
 
+`matrix_bwd_rows` / `matrix_bwd_cols` are the same gradients for `ssmc.attention_matrix`, with
+dM read from its gradient (per head, or one for all heads where it was reduced).
+
 Decay weights W[t, s] = exp(sum_{s < u <= t} ld_u) are assembled from sums over disjoint ranges:
 inside the row block (cin[t]), the blocks in between (a float64 difference of block prefix
 sums, exact enough at any length), and the column block after s (after[s]); within one block,
@@ -44,7 +47,8 @@ from .templates import RESET_BELOW
 
 
 def fused(plan: Plan) -> str | None:
-    """None where the fused kernels compute this plan's loss, else why not."""
+    """None where the kernels here compute this plan's loss (and the attention matrix's
+    backward), else why not."""
     prog = plan.program
     if prog.recurrence.directions != (Direction.FORWARD,):
         return "the fused loss kernels take one forward direction"
@@ -346,6 +350,78 @@ def mixing_loss_bwd_cols(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb
              dkt * scale, mask=mask_s[:, None] & (offs_d[None, :] < DH))
 
 
+# ------------------------------------------------------- the attention matrix's backward
+
+@triton.jit
+def _grad_tile(g_ptr, sgb, sgh, sgt, sgs, b_idx, h_idx, offs_t, mask_t, offs_s, mask_s, gscale):
+    """dM of a tile, from the gradient of `attention_matrix` (strides 0 over reduced heads)."""
+    return tl.load(g_ptr + b_idx * sgb + h_idx * sgh + offs_t[:, None] * sgt +
+                   offs_s[None, :] * sgs, mask=mask_t[:, None] & mask_s[None, :],
+                   other=0.0) * gscale
+
+
+@triton.jit
+def matrix_bwd_rows(qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, g_ptr, sgb, sgh, sgt,
+                    sgs, dqs_ptr, T, H, N, NB, gscale,
+                    BT: tl.constexpr, BN: tl.constexpr, DECAY: tl.constexpr,
+                    LOWP: tl.constexpr, PREC: tl.constexpr):
+    """dq_s = sum_s (dM * W) k_s for one block of rows, dM read from the matrix's gradient."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b_idx, h_idx = bh // H, bh % H
+    offs_t = i * BT + tl.arange(0, BT)
+    mask_t = offs_t < T
+    offs_n = tl.arange(0, BN)
+    dqs = tl.zeros([BT, BN], tl.float32)
+    for j in range(0, i + 1):
+        offs_s = j * BT + tl.arange(0, BT)
+        mask_s = offs_s < T
+        dm = _grad_tile(g_ptr, sgb, sgh, sgt, sgs, b_idx, h_idx, offs_t, mask_t, offs_s, mask_s,
+                        gscale)
+        if DECAY == 2:
+            _grad_diag(dm, i, j, bh, offs_t, mask_t, offs_s, mask_s, ks_ptr, dqs_ptr, cin_ptr,
+                       aft_ptr, z_ptr, pre_ptr, T, N, NB, BN, True)
+        else:
+            ks = _chunk(ks_ptr, bh, offs_s, mask_s, offs_n, offs_n < N, T, N)
+            w = _weights(offs_t, offs_s, mask_s, i, j, bh, cin_ptr, aft_ptr, z_ptr, pre_ptr, T,
+                         NB, DECAY)
+            dqs += _dot(dm * w, ks, LOWP, PREC)
+    if DECAY != 2:
+        tl.store(dqs_ptr + (bh * T + offs_t[:, None]) * N + offs_n[None, :], dqs,
+                 mask=mask_t[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def matrix_bwd_cols(qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, g_ptr, sgb, sgh, sgt,
+                    sgs, dks_ptr, T, H, N, NB, gscale,
+                    BT: tl.constexpr, BN: tl.constexpr, DECAY: tl.constexpr,
+                    LOWP: tl.constexpr, PREC: tl.constexpr):
+    """dk_s = sum_t (dM * W)^T q_s for one block of columns."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b_idx, h_idx = bh // H, bh % H
+    offs_s = j * BT + tl.arange(0, BT)
+    mask_s = offs_s < T
+    offs_n = tl.arange(0, BN)
+    dks = tl.zeros([BT, BN], tl.float32)
+    for i in range(j, NB):
+        offs_t = i * BT + tl.arange(0, BT)
+        mask_t = offs_t < T
+        dm = _grad_tile(g_ptr, sgb, sgh, sgt, sgs, b_idx, h_idx, offs_t, mask_t, offs_s, mask_s,
+                        gscale)
+        if DECAY == 2:
+            _grad_diag(dm, i, j, bh, offs_t, mask_t, offs_s, mask_s, qs_ptr, dks_ptr, cin_ptr,
+                       aft_ptr, z_ptr, pre_ptr, T, N, NB, BN, False)
+        else:
+            qs = _chunk(qs_ptr, bh, offs_t, mask_t, offs_n, offs_n < N, T, N)
+            w = _weights(offs_t, offs_s, mask_s, i, j, bh, cin_ptr, aft_ptr, z_ptr, pre_ptr, T,
+                         NB, DECAY)
+            dks += _dot(tl.trans(dm * w), qs, LOWP, PREC)
+    if DECAY != 2:
+        tl.store(dks_ptr + (bh * T + offs_s[:, None]) * N + offs_n[None, :], dks,
+                 mask=mask_s[:, None] & (offs_n[None, :] < N))
+
+
 # --------------------------------------------------------------------------- host side
 
 class Launch:
@@ -355,8 +431,9 @@ class Launch:
         """qs, ks (b, h, t, n) fp32; ld None, (b, h, t) or (b, h, t, n) (a decay over n)."""
         B, H, T, N = qs.shape
         self.B, self.H, self.T, self.N = B, H, T, N
-        self.DH = q.shape[3]
-        self.HPK = H // k.shape[2]
+        # the teacher (q, k) is None for the attention matrix's backward
+        self.DH = 16 if q is None else q.shape[3]
+        self.HPK = 1 if k is None else H // k.shape[2]
         self.decay = 0 if ld is None else (2 if ld.dim() == 4 else 1)
         # a decay over n: W is a (BT, BT, BN) broadcast, BN key dims at a time (16K elements)
         diag = self.decay == 2
@@ -432,6 +509,28 @@ class Launch:
                                        **self.consts)
         return dqs, dks, dqt, dkt
 
+    def matrix_backward(self, grad, reduce: str):
+        """(dq_s, dk_s) from the gradient of the hidden attention matrix: (b, h, t, t), or
+        (b, t, t) summed / averaged over heads."""
+        BH, T = self.B * self.H, self.T
+        fresh = torch.zeros_like if self.decay == 2 else torch.empty_like
+        dqs, dks = fresh(self.qs), fresh(self.ks)
+        grad = grad.to(torch.float32)
+        if grad.dim() == 3:                     # reduced over heads: the same dM for each
+            sgb, sgt, sgs = grad.stride()
+            strides = (sgb, 0, sgt, sgs)
+        else:
+            strides = grad.stride()
+        gscale = 1.0 / self.H if reduce == "mean" else 1.0
+        consts = {k: v for k, v in self.consts.items() if k not in ("BD",)}
+        grid = (self.NB, BH)
+        if T:
+            args = (self.qs, self.ks, self.cin, self.aft, self.z, self.pre, grad, *strides)
+            sizes = (T, self.H, self.N, self.NB, gscale)
+            matrix_bwd_rows[grid](*args, dqs, *sizes, **consts)
+            matrix_bwd_cols[grid](*args, dks, *sizes, **consts)
+        return dqs, dks
+
 
 def _launch(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float):
     """(Launch, env, operand leaves' shapes) for a call the fused kernels take."""
@@ -465,6 +564,22 @@ def loss_backward(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float, gr
     _, lse = launch.forward(stats_only=True)
     dqs, dks, dqt, dkt = launch.backward(lse, grad)
     B, T, H = sizes["b"], sizes["t"], sizes["h"]
+    grads = _input_grads(plan, env, launch, dqs, dks, tensors, sizes)
+    hk = k.shape[2]
+    dk = dkt.view(B, T, hk, H // hk, -1).sum(3)
+    return grads, dqt.to(q.dtype), dk.to(k.dtype)
+
+
+def matrix_backward(plan: Plan, tensors: dict, sizes: dict, grad, reduce: str) -> dict:
+    """Input gradients of the hidden attention matrix from its gradient, by the kernels above
+    (`fused(plan)` must be None): dM is read tile by tile, M is not recomputed."""
+    launch, env = _launch(plan, tensors, sizes, None, None, 1.0)
+    dqs, dks = launch.matrix_backward(grad, reduce)
+    return _input_grads(plan, env, launch, dqs, dks, tensors, sizes)
+
+
+def _input_grads(plan: Plan, env, launch: Launch, dqs, dks, tensors, sizes) -> dict:
+    """Operand gradients (b, h, t, n) -> input gradients by the chain rule."""
     op_grads = {"query": dqs.permute(0, 2, 1, 3).unsqueeze(-1),
                 "key": dks.permute(0, 2, 1, 3).unsqueeze(-1)}
     if launch.decay:
@@ -475,8 +590,5 @@ def loss_backward(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float, gr
         dld = torch.where(launch.reset, 0.0, d.flip(2).cumsum(2).flip(2)).transpose(1, 2)
         op_grads["log_decay"] = (dld if launch.decay == 2 else dld[..., None])[..., None]
     like = dqs.new_zeros((1, 1, 1, 1, 1))
-    grads = ChainRule(plan.program).input_grads(env, like, op_grads, tensors, sizes,
-                                                 epilogue=False)
-    hk = k.shape[2]
-    dk = dkt.view(B, T, hk, H // hk, -1).sum(3)
-    return grads, dqt.to(q.dtype), dk.to(k.dtype)
+    return ChainRule(plan.program).input_grads(env, like, op_grads, tensors, sizes,
+                                               epilogue=False)
