@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 # the float64 references run on the CPU: one thread per process, or a dozen processes with a
 # full thread pool each slow one another down several times over
 export OMP_NUM_THREADS=1
-STEPS="${STEPS:-tests fuzz mamba2 compat table decode}"
+STEPS="${STEPS:-tests fuzz mamba2 compat table decode mixing}"
 LIMIT="${LIMIT:-420}"
 LOGS="${OUT:-.}"
 want() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
@@ -64,4 +64,9 @@ if want decode; then
     echo; echo "=== decode steps (eager and CUDA-graph replayed) vs mamba_ssm / FLA"
     timeout -s INT -k 30 "${DECODE_LIMIT:-300}" python3 benchmarks/decode.py 2>&1 \
         | tee "$LOGS/decode.log"
+fi
+if want mixing; then
+    echo; echo "=== fused matrix-matching loss vs materialised matrices (issue 19)"
+    timeout -s INT -k 30 "${MIXING_LIMIT:-420}" python3 benchmarks/mixing_loss.py 2>&1 \
+        | tee "$LOGS/mixing_loss.log"
 fi
