@@ -221,18 +221,19 @@ def _make_ops(program: Program) -> TorchOp:
         result = []
         for n, x in zip(op.program.input_names, inputs):
             g = grads.get(n)
-            result.append(_fresh(g, taken) if g is not None else torch.zeros_like(x))
+            result.append(_fresh(g, taken) if g is not None else x.new_zeros(x.shape))
         if initial_state is None:
             grad_h0 = inputs[0].new_empty((0,))
         elif grad_h0 is None:
-            grad_h0 = torch.zeros_like(initial_state)
+            grad_h0 = initial_state.new_zeros(initial_state.shape)
         return result, _fresh(grad_h0, taken)
 
     def bwd_fake(inputs, initial_state, cu_seqlens, grad_out, grad_final, executor):
         _pin(executor)
-        grads = [torch.empty_like(x) for x in inputs]
+        # contiguous, as the real gradients are (`_fresh`), whatever the inputs' strides
+        grads = [x.new_empty(x.shape) for x in inputs]
         grad_h0 = (inputs[0].new_empty((0,)) if initial_state is None
-                   else torch.empty_like(initial_state))
+                   else initial_state.new_empty(initial_state.shape))
         return grads, grad_h0
 
     lib = _library()

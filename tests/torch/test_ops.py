@@ -306,3 +306,18 @@ def test_builtin_op_wrapper_compiles_fullgraph():
     fn = torch.compile(lambda q, k, v: ssmc.ops.linear_attention(q, k, v, backend="reference"),
                        fullgraph=True)
     torch.testing.assert_close(fn(q, k, v), eager)
+
+
+def test_backward_op_gradients_are_contiguous_as_its_fake_says():
+    """Strided inputs (a transposed view): the real backward returns contiguous gradients, so
+    the fake must promise contiguous ones, not the inputs' strides (inductor asserts the
+    strides of what the fake promised). TVM: the reference backward runs autograd itself."""
+    pytest.importorskip("tvm")
+    op = ssmc.compile(mamba2, backend="tvm")
+    a = _ssd(dtype=torch.float32)
+    a["x"] = a["x"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not a["x"].is_contiguous()
+    out = op(**a)
+    args = ([a[n] for n in op.program.input_names], None, None, torch.ones_like(out), None,
+            op._executor_id)
+    torch.library.opcheck(op._torch_op.bwd, args, test_utils=("test_faketensor",))
