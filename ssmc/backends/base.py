@@ -16,6 +16,10 @@ SIGNED_DECAY_REASON = ("the decay may be zero or negative (it is not provably po
                        "log-decays without their sign; the scan lowering (and the Triton "
                        "chunked lowering) compute such decays")
 
+#: a log-decay below this is an exact reset, in every backend: the decay is under fp32's smallest
+#: normal number (exp(-87) ~ 1.6e-38, which a GPU's exp flushes to 0) or exactly 0 (-inf)
+RESET_BELOW = -87.0
+
 #: kernel(tensors: dict[name, Tensor], sizes: dict[axis, int], initial_state, cu_seqlens)
 #:   -> (output (b, t, h, p) in the output dtype, final state or None)
 #:

@@ -30,10 +30,11 @@ import functools
 import sympy as sp
 import torch
 
-from ..ir import Program, Y
 from ..errors import SpecError, UnsupportedError
+from ..ir import Program, Y
 from ..ir.backward import Underivable, cse
 from ..ir.evaluate import CANON, evaluate, to_canonical
+from .base import RESET_BELOW
 
 
 class CanonicalInputs(dict):
@@ -240,6 +241,18 @@ class ChainRule:
         dy = (g_out * dEdy).expand(B, T, H, 1, P).squeeze(3).contiguous()
         return env, g_out, dy
 
+    def _without_reset_steps(self, op_grads: dict, env, per_group: bool) -> dict:
+        """d log_decay is exactly 0 at a reset (a step whose log-decay is below RESET_BELOW,
+        which every kernel takes as a decay of exactly 0): dL/dl = a dL/da. Kernels that form it
+        by the chunk identity (q dq - k dk) leave a rounding residue of the other steps' terms
+        there instead."""
+        dl = op_grads.get("log_decay")
+        if dl is None or self.program.log_decay is None:
+            return op_grads
+        scope = env.groups() if per_group else env
+        ld = evaluate(self.program.log_decay.expr, scope, dl)
+        return dict(op_grads, log_decay=torch.where(ld < RESET_BELOW, 0.0, dl))
+
     def input_grads(self, env: dict, g_out: torch.Tensor, op_grads: dict, tensors: dict,
                     sizes: dict, row_parts: dict | None = None,
                     grouped: frozenset = frozenset(),
@@ -254,6 +267,7 @@ class ChainRule:
         exprs = self.exprs
         row_parts = row_parts or {}
         H, G = sizes["h"], sizes["g"]
+        op_grads = self._without_reset_steps(op_grads, env, "log_decay" in grouped and H != G)
         result = {}
         for inp in self.program.inputs:
             terms = []      # (canonical gradient, factor, whether it is per group)

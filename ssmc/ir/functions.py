@@ -35,8 +35,10 @@ class Sigmoid(_RealFunction):
         return self.args[0].is_real
 
     def fdiff(self, argindex=1):
-        s = Sigmoid(self.args[0])
-        return s * (1 - s)
+        # s(x) s(-x), not s (1 - s): where s rounds to 1 (x > 17 in fp32) 1 - s is 0, while
+        # s(-x) keeps the derivative's own value (e^-x)
+        x = self.args[0]
+        return Sigmoid(x) * Sigmoid(-x)
 
 
 class Softplus(_RealFunction):
@@ -54,8 +56,7 @@ class Silu(_RealFunction):
 
     def fdiff(self, argindex=1):
         x = self.args[0]
-        s = Sigmoid(x)
-        return s * (1 + x * (1 - s))
+        return Sigmoid(x) * (1 + x * Sigmoid(-x))
 
 
 CUSTOM_FUNCTIONS = {"Sigmoid": Sigmoid, "Softplus": Softplus, "Silu": Silu}

@@ -566,7 +566,7 @@ def loss_backward(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float, gr
     B, T, H = sizes["b"], sizes["t"], sizes["h"]
     grads = _input_grads(plan, env, launch, dqs, dks, tensors, sizes)
     hk = k.shape[2]
-    dk = dkt.view(B, T, hk, H // hk, -1).sum(3)
+    dk = dkt.view(B, T, hk, H // hk, dkt.shape[-1]).sum(3)   # -1 is ambiguous when empty
     return grads, dqt.to(q.dtype), dk.to(k.dtype)
 
 

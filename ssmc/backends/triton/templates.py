@@ -6,6 +6,8 @@ kernel's top level (4 spaces) unless told otherwise.
 """
 from __future__ import annotations
 
+from ..base import RESET_BELOW
+
 
 def indent(text: str, level: int) -> str:
     return "\n".join("    " * level + line for line in text.splitlines())
@@ -107,11 +109,10 @@ def chunk_state_store(ptr: str, value: str, level: int = 2) -> str:
                   f" + offs_p[None, :],\n         {value}, mask=state_mask)", level)
 
 
-#: A log-decay below this is a reset: the decay is under fp32's smallest normal number (e^-87.3,
-#: which the GPU's exp flushes to 0) or exactly 0 (-inf). The running-sum (positive-decay)
-#: kernels keep such steps out of their sums and count them apart: a difference of running
-#: sums that hold -inf is NaN, and one of sums that hold -1e4 rounds the other steps away.
-RESET_BELOW = -87.0
+#: A log-decay below RESET_BELOW (`ssmc.backends.base`) is a reset. The running-sum
+#: (positive-decay) kernels keep such steps out of their sums and count them apart: a difference
+#: of running sums that hold -inf is NaN, and one of sums that hold -1e4 rounds the other steps
+#: away.
 #: what one reset adds to an exponent: exp(-65536 + the sum of any finite decays) is exactly 0
 RESET_WEIGHT = 65536.0
 #: a block's sum of folded log-decays (`fold_resets`) below this holds a reset: its other steps

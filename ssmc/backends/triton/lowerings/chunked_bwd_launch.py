@@ -237,8 +237,9 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         elif want_y:
             y.zero_()
         if grouped_operands(plan, sizes) and H // heads_qk != G:   # blocks -> groups
-            dq = dq.view(B, T, G, -1, N).sum(3)
-            dk = dk.view(B, T, G, -1, N).sum(3)
+            per_group = H // heads_qk // G    # spelt out: -1 is ambiguous for an empty batch
+            dq = dq.view(B, T, G, per_group, N).sum(3)
+            dk = dk.view(B, T, G, per_group, N).sum(3)
         grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3)}
         if mode == "row":   # (NPB, b, t, h) partials -> (b, t, h, 1, 1)
             grads["log_decay"] = (dl[0] if NPB == 1 else dl.sum(0))[..., None, None]
