@@ -11,6 +11,7 @@ import ssmc
 from ssmc import reference
 from ssmc.ir import print_program
 from ssmc.validate import bind
+from tests.helpers import term_magnitude
 
 #: relative L2 error bounds ||out - ref|| / ||ref|| by input dtype. fp32 and fp64 compute in
 #: fp32/fp64 throughout; bf16/fp16 outputs carry one rounding to 8 or 11 mantissa bits (the
@@ -18,14 +19,16 @@ from ssmc.validate import bind
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
-def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
-    """(relative L2 error, max abs error) of `actual` against the float64 `expected`."""
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor,
+           scale: torch.Tensor | None = None) -> tuple[float, float]:
+    """(relative L2 error, max abs error) of `actual` against the float64 `expected`, relative
+    to `scale`'s norm where given (default: `expected`'s)."""
     a = actual.detach().cpu().double()
     e = expected.detach().cpu().double()
     diff = (a - e).abs()
     if diff.numel() == 0:
         return 0.0, 0.0
-    norm = float(e.norm())
+    norm = float((e if scale is None else scale).norm())
     err = float(diff.norm()) / norm if norm > 0 else float(diff.norm())
     return err, float(diff.max())
 
@@ -60,12 +63,15 @@ def gradient_problems(grads: dict, g_h0, ref_grads: dict, ref_h0, inputs: dict, 
 
 def check_triton(definition, inputs: dict, *, lowering: str = "scan", tol: float | None = None,
                  initial_state=None, return_final_state: bool = False, cu_seqlens=None,
-                 label: str = "") -> dict[str, float]:
+                 label: str = "", by_magnitude: bool = False) -> dict[str, float]:
     """Run `definition` on the Triton backend with `lowering` and compare the output (and the
     final state) with `ssmc.reference.scan` in float64 on the same (rounded) inputs.
 
-    `tol` bounds the relative L2 error (default: `TOL` of the output dtype). Fails with the
-    tensor name, max abs error, relative error and the definition's IR. Returns the errors."""
+    `tol` bounds the relative L2 error (default: `TOL` of the output dtype); with
+    `by_magnitude` the output's error is relative to `tests.helpers.term_magnitude` (the size of
+    its terms, which cancel in y: what a kernel rounding its operands is off by a fraction of).
+    Fails with the tensor name, max abs error, relative error and the definition's IR. Returns
+    the errors."""
     op = ssmc.compile(definition, backend="triton", lowering=lowering)
     program = op.program
     extra = dict(return_final_state=return_final_state)
@@ -85,11 +91,13 @@ def check_triton(definition, inputs: dict, *, lowering: str = "scan", tol: float
     tol = TOL[bound.dtype] if tol is None else tol
 
     problems, errors = [], {}
-    checks = [("y", out, ref_out, bound.dtype)]
+    y_scale = (term_magnitude(program, ref_tensors, bound.sizes, h0, cu) if by_magnitude
+               else None)
+    checks = [("y", out, ref_out, bound.dtype, y_scale)]
     if return_final_state:
         want = torch.float64 if bound.dtype == torch.float64 else torch.float32
-        checks.append(("final_state", final, ref_final, want))
-    for name, actual, expected, dtype in checks:
+        checks.append(("final_state", final, ref_final, want, None))
+    for name, actual, expected, dtype, scale in checks:
         if actual is None or tuple(actual.shape) != tuple(expected.shape):
             problems.append(f"{name}: shape {None if actual is None else tuple(actual.shape)}, "
                             f"reference {tuple(expected.shape)}")
@@ -101,7 +109,7 @@ def check_triton(definition, inputs: dict, *, lowering: str = "scan", tol: float
             problems.append(f"{name}: {int(bad.sum())} non-finite value(s) where the reference "
                             "is finite")
             continue
-        err, max_abs = rel_l2(actual, expected)
+        err, max_abs = rel_l2(actual, expected, scale)
         errors[name] = err
         if not (err <= tol) or math.isnan(err):
             problems.append(f"{name}: relative L2 error {err:.3e} > tol {tol:.1e} "
