@@ -149,6 +149,27 @@ def _backward_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seq
                      grad_final)
 
 
+def _state_grads(D, S, H, N, P, cdt, initial_state, grad_final):
+    """(gT, dh0): the final states' gradient as the backward functions take it (D, S, H, N,
+    P), and the initial state's buffer, which already holds what an empty input gives."""
+    gT = torch.zeros(D, S, H, N, P, dtype=cdt)
+    if grad_final is not None:
+        gT.copy_(grad_final if D > 1 else grad_final.unsqueeze(0))
+    return gT, (gT.clone() if initial_state is not None else None)
+
+
+def _input_args(prog, tensors, cu_seqlens) -> list:
+    args = [tensors[i.name] for i in prog.inputs]
+    return args if cu_seqlens is None else args + [cu_seqlens]
+
+
+def _directions_state(initial_state, D: int) -> list:
+    """The initial state as the functions take it, (D, S, H, N, P), or nothing."""
+    if initial_state is None:
+        return []
+    return [initial_state if D > 1 else initial_state.unsqueeze(0)]
+
+
 def _chunked_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens, grad_out,
                  grad_final):
     plan = kernel.plan
@@ -165,21 +186,14 @@ def _chunked_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seql
     dq, dk = new(B, T, H, N, dtype=cdt), new(B, T, H, N, dtype=cdt)
     dv = new(B, T, H, P, dtype=cdt)
     dl = new(B, T, H, dtype=cdt) if has_decay else None
-    gT = torch.zeros(D, S, H, N, P, dtype=cdt)
-    if grad_final is not None:
-        gT.copy_(grad_final if D > 1 else grad_final.unsqueeze(0))
-    dh0 = gT.clone() if initial_state is not None else None   # what an empty input gives
+    gT, dh0 = _state_grads(D, S, H, N, P, cdt, initial_state, grad_final)
 
     if B * T > 0 and S > 0:
         fns = chunked_functions(kernel, tensors, sizes, initial_state, cu_seqlens, want_y)
-        args = [tensors[i.name] for i in prog.inputs]
-        if cu_seqlens is not None:
-            args.append(cu_seqlens)
+        args = _input_args(prog, tensors, cu_seqlens)
         C = chunked_bwd.num_slots(B, T, S, cu_seqlens is not None, CHUNK)
         ws = torch.empty(D, C, H, P, N, dtype=cdt)
-        fargs = list(args)
-        if initial_state is not None:
-            fargs.append(initial_state if D > 1 else initial_state.unsqueeze(0))
+        fargs = args + _directions_state(initial_state, D)
         fargs.append(ws)
         if want_y:
             fargs.append(y)
@@ -209,9 +223,7 @@ def _chunked_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seql
     if has_decay:
         op_grads["log_decay"] = dl[..., None, None]
     result = rule.input_grads(env, g_out, op_grads, tensors, sizes)
-    grad_h0 = None
-    if initial_state is not None:
-        grad_h0 = initial_state_grad([dh0[i] for i in range(D)], initial_state)
+    grad_h0 = None if dh0 is None else initial_state_grad(list(dh0), initial_state)
     return result, grad_h0
 
 
@@ -234,21 +246,14 @@ def _scan_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens
     dk = torch.zeros(B, T, H, N, dtype=cdt)
     dv = torch.zeros(B, T, H, P, dtype=cdt)
     da = torch.zeros(B, T, H, Nd, Pd, dtype=cdt) if has_decay else None
-    gT = torch.zeros(D, S, H, N, P, dtype=cdt)
-    if grad_final is not None:
-        gT.copy_(grad_final if D > 1 else grad_final.unsqueeze(0))
-    dh0 = gT.clone() if initial_state is not None else None   # what an empty input gives
+    gT, dh0 = _state_grads(D, S, H, N, P, cdt, initial_state, grad_final)
 
     if B * T > 0 and S > 0:
         fns = scan_functions(kernel, tensors, sizes, initial_state, cu_seqlens, want_y)
-        args = [tensors[i.name] for i in prog.inputs]
-        if cu_seqlens is not None:
-            args.append(cu_seqlens)
+        args = _input_args(prog, tensors, cu_seqlens)
         C = scan_bwd.num_checkpoints(B, T, S, cu_seqlens is not None)
         ck = torch.empty(D, C, H, N, P, dtype=cdt)
-        fargs = list(args)
-        if initial_state is not None:
-            fargs.append(initial_state if D > 1 else initial_state.unsqueeze(0))
+        fargs = args + _directions_state(initial_state, D)
         fargs.append(ck)
         if want_y:
             fargs.append(y)
@@ -267,7 +272,5 @@ def _scan_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens
     if has_decay:
         op_grads["decay"] = da
     result = rule.input_grads(env, g_out, op_grads, tensors, sizes)
-    grad_h0 = None
-    if initial_state is not None:
-        grad_h0 = initial_state_grad([dh0[i] for i in range(D)], initial_state)
+    grad_h0 = None if dh0 is None else initial_state_grad(list(dh0), initial_state)
     return result, grad_h0
