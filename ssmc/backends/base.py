@@ -67,6 +67,12 @@ def get_backend(name: str) -> Backend:
 AUTO_ORDER = {"cuda": ("triton", "tvm", "reference"), "cpu": ("tvm", "reference")}
 
 
+def auto_candidates(device) -> list[Backend]:
+    """The available backends `backend="auto"` tries on `device`, in order."""
+    order = AUTO_ORDER.get(torch.device(device).type, ("reference",))
+    return [b for b in (_BACKENDS.get(n) for n in order) if b is not None and b.is_available()]
+
+
 def resolve_backend(name: str, device: torch.device, plan: Plan | None = None) -> Backend:
     """`auto` -> the first available backend for the device that supports the plan."""
     if name != "auto":
@@ -76,14 +82,11 @@ def resolve_backend(name: str, device: torch.device, plan: Plan | None = None) -
             raise UnsupportedError(f"backend {name!r} cannot run {plan.describe()}: {why}")
         return backend
     reasons = []
-    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-        backend = _BACKENDS.get(candidate)
-        if backend is None or not backend.is_available():
-            continue
+    for backend in auto_candidates(device):
         why = backend.supports(plan) if plan is not None else None
         if why is None:
             return backend
-        reasons.append(f"{candidate}: {why}")
+        reasons.append(f"{backend.name}: {why}")
     raise BackendUnavailableError(f"no backend can run this on {device}: " + "; ".join(reasons))
 
 
@@ -92,11 +95,8 @@ def first_available(name: str, device: torch.device) -> str:
     `auto` the first available one of the device's auto order."""
     if name != "auto":
         return name
-    for candidate in AUTO_ORDER.get(torch.device(device).type, ("reference",)):
-        backend = _BACKENDS.get(candidate)
-        if backend is not None and backend.is_available():
-            return candidate
-    return "reference"
+    available = auto_candidates(device)
+    return available[0].name if available else "reference"
 
 
 def implementing_lowerings(lowerings, name: str, device: torch.device, base: Plan) -> list[str]:
@@ -124,9 +124,8 @@ def backward_for(name: str, device: torch.device, plan: Plan, kernel: Kernel):
     backward = getattr(kernel, "backward", None)
     if backward is not None or name != "auto":
         return backward
-    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-        backend = _BACKENDS.get(candidate)
-        if backend is None or not backend.is_available() or backend.supports(plan) is not None:
+    for backend in auto_candidates(device):
+        if backend.supports(plan) is not None:
             continue
         backward = getattr(backend.compile(plan), "backward", None)
         if backward is not None:
