@@ -265,7 +265,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
     out = []
     out.append(f"definition: {args.definition} ({program.name})")
-    out.append("shape: " + " ".join(f"{a}={sizes[a]}" for a in AXES)
+    out.append("shape: " + " ".join(f"{a}={sizes[a]}" for a in AXES if a in sizes)
                + f"   dtype: {dtype} (E={elem_bytes} bytes)   device: {device}")
     if args.device is None:
         out.append(f"device {device} by default: {found} (--device overrides)")
@@ -468,7 +468,7 @@ def run_tune(args: argparse.Namespace) -> int:
         default_lowering = choose(program, backend_name, device, sizes, base,
                                   among=allowed)[0].lowering
         base = dataclasses.replace(base, lowering=default_lowering)
-        shape_text = " ".join(f"{a}={sizes[a]}" for a in AXES)
+        shape_text = " ".join(f"{a}={sizes[a]}" for a in AXES if a in sizes)
         print(f"{program.name} {shape_text} {args.dtype} lowering={args.lowering} on "
               f"{limits.name}" + (f" (ignored: {' '.join(ignored)})" if ignored else ""))
 

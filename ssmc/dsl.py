@@ -234,7 +234,10 @@ def recurrence(*, key, value, query, decay=None, direction: str = "forward") -> 
     `y_t = query_t . state_t`, and return `y` (axes b t h p).
 
     `direction="reverse"` runs from the last step to the first (the same recurrence on the
-    time-reversed sequence); `"bidirectional"` is the sum of both.
+    time-reversed sequence); `"bidirectional"` is the sum of both. `"cross2d"` reads t as a
+    row-major H x W grid (the call passes `grid=(H, W)`) and sums four orders: 0 row-major,
+    1 column-major, 2 row-major reversed, 3 column-major reversed; an input with the axis `k`
+    (size 4) gives each order its own slice.
     """
     tr = _current()
     if tr.recurrence is not None:
@@ -263,6 +266,13 @@ def recurrence(*, key, value, query, decay=None, direction: str = "forward") -> 
         if forbid in e.axes:
             raise SpecError(f"{tr.name}: {role} has axes '{' '.join(e.axes)}' including "
                             f"'{forbid}', which the {role} of a recurrence cannot carry")
+    if direction != "cross2d":
+        for role, e in (("key", key_e), ("value", value_e), ("query", query_e),
+                        ("decay", decay_e)):
+            if e is not None and "k" in e.axes:
+                raise SpecError(f"{tr.name}: {role} has the order axis 'k', which only a "
+                                f"recurrence with direction='cross2d' has (one slice per scan "
+                                f"order); this one has direction={direction!r}")
     tr.recurrence = Recurrence(key=key_e, value=value_e, query=query_e, decay=decay_e,
                                directions=DIRECTION_SETS[direction])
     return Expr(Y)
@@ -318,6 +328,11 @@ def trace(fn, name: str | None = None) -> Program:
         if "n" in out_axes:
             raise SpecError(f"{name}: the return value has the state axis 'n' "
                             f"(axes '{' '.join(out_axes)}'); the output is over b t h p")
+        if "k" in out_axes:
+            raise SpecError(f"{name}: the return value reads an input with the order axis 'k' "
+                            f"(axes '{' '.join(out_axes)}'); the epilogue applies once to the "
+                            "sum over the orders, so it may only read inputs without 'k' (sum "
+                            "a per-order term over k yourself, e.g. D.sum(0) * x)")
     finally:
         _state.trace = prev
     program = Program(name=name, inputs=tuple(inputs), recurrence=tr.recurrence,

@@ -107,7 +107,7 @@ def choose_lowering(program: Program, sizes: dict[str, int], device: str | Devic
     if not legal:
         raise UnsupportedError(f"{program.name}: no lowering among {sorted(allowed)} is legal for "
                                f"decay kind {program.decay_kind.value!r}")
-    values = {AXIS_SIZES[a]: int(sizes[a]) for a in sizes}
+    values = {AXIS_SIZES[a]: int(sizes[a]) for a in sizes if a in AXIS_SIZES}
     values[CHUNK] = min(chunk, max(int(sizes.get("t", chunk)), 16))
     values[E] = elem_bytes
     estimates = []

@@ -29,6 +29,9 @@ def _bound(fn: str, op, args, kwargs) -> tuple[Definition, str, Bound]:
         raise ArgumentError(f"{fn} expects an ssmc definition or compiled op, got "
                             f"{type(op).__name__}")
     backend = op.backend_name if isinstance(op, CompiledOp) else "auto"
+    if definition.program.on_grid:
+        raise UnsupportedError(f"{fn}: a cross2d recurrence (four scan orders over a grid) has "
+                               "no single hidden attention matrix here; not supported")
     bound = bind(definition.program, args, kwargs)
     if bound.cu_seqlens is not None or bound.initial_state is not None:
         raise UnsupportedError(f"{fn}: 'cu_seqlens' and 'initial_state' are not supported; "

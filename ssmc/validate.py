@@ -6,11 +6,12 @@ from dataclasses import dataclass
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .errors import ArgumentError, DeviceError, DTypeError, ShapeError
+from .errors import ArgumentError, DeviceError, DTypeError, ShapeError, UnsupportedError
 from .ir import Program
+from .ir.orders import ORDER_AXIS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-EXTRA_ARGS = ("initial_state", "return_final_state", "cu_seqlens")
+EXTRA_ARGS = ("initial_state", "return_final_state", "cu_seqlens", "grid")
 
 
 @dataclass
@@ -94,6 +95,7 @@ def bind(program: Program, args: tuple, kwargs: dict) -> Bound:
     for axis in ("n", "p"):
         sizes.setdefault(axis, 1)
 
+    _check_grid(fn, program, extras, sizes, owner)
     dtype = _output_dtype(program, values)
     cu = _check_cu_seqlens(fn, extras.get("cu_seqlens"), sizes, device)
     bound = Bound(tensors={n: values[n] for n in names}, sizes=sizes, device=device, dtype=dtype,
@@ -101,6 +103,43 @@ def bind(program: Program, args: tuple, kwargs: dict) -> Bound:
                   return_final_state=bool(extras.get("return_final_state", False)))
     bound.initial_state = _check_state(fn, program, extras.get("initial_state"), bound)
     return bound
+
+
+def _check_grid(fn, program: Program, extras: dict, sizes: dict, owner: dict) -> None:
+    """`grid=(H, W)` of a cross2d call: t = H * W (row-major); sets sizes grid_h, grid_w."""
+    grid = extras.get("grid")
+    orders = len(program.recurrence.directions)
+    if ORDER_AXIS in sizes and sizes[ORDER_AXIS] != orders:
+        raise ShapeError(f"{fn}: {owner[ORDER_AXIS]!r} has k={sizes[ORDER_AXIS]}; the order axis "
+                         f"k holds one slice per scan order, {orders} for direction="
+                         f"{program.recurrence.direction_name!r}")
+    if not program.on_grid:
+        if grid is not None:
+            raise ArgumentError(f"{fn}: 'grid' is only for a recurrence over a grid "
+                                f"(direction='cross2d'); this one has direction="
+                                f"{program.recurrence.direction_name!r}")
+        return
+    if grid is None:
+        raise ArgumentError(f"{fn}: a cross2d recurrence needs grid=(H, W), the image's height "
+                            f"and width (t = H * W, row-major); got no grid")
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+                       for v in grid)):
+        raise ArgumentError(f"{fn}: 'grid' must be a pair of ints (H, W), got {grid!r}")
+    gh, gw = grid
+    if gh < 1 or gw < 1:
+        raise ShapeError(f"{fn}: 'grid' must be positive, got grid=({gh}, {gw})")
+    if gh * gw != sizes["t"]:
+        raise ShapeError(f"{fn}: grid=({gh}, {gw}) has {gh * gw} positions but the inputs have "
+                         f"t={sizes['t']} ({owner.get('t', 'implied')!r}); t must be H * W")
+    for name in ("initial_state", "cu_seqlens"):
+        if extras.get(name) is not None:
+            raise UnsupportedError(f"{fn}: {name!r} is not supported with direction='cross2d' "
+                                   "(one image per batch entry, no state carried in)")
+    if extras.get("return_final_state"):
+        raise UnsupportedError(f"{fn}: return_final_state=True is not supported with "
+                               "direction='cross2d' (four orders end at four different places)")
+    sizes["grid_h"], sizes["grid_w"] = gh, gw
 
 
 def _output_dtype(program: Program, values) -> torch.dtype:

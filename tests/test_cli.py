@@ -113,7 +113,7 @@ def test_explain_note_for_axes_the_definition_lacks(capsys, tmp_path):
 @pytest.mark.parametrize("shape, message", [
     ("b=8,t=x,h=80,p=64,n=128,g=1", "--shape item 't=x': size 'x' is not an integer"),
     ("b=8,q=3,h=80,p=64,n=128,g=1", "--shape item 'q=3': unknown axis 'q' "
-                                    "(expected one of b t h g n p)"),
+                                    "(expected one of b k t h g n p)"),
     ("b=8,t,h=80", "--shape item 't' is not of the form axis=size"),
     ("b=8,t=0,h=80", "--shape item 't=0': size must be positive, got 0"),
     ("b=8,t=-4,h=80", "--shape item 't=-4': size must be positive, got -4"),
@@ -165,7 +165,7 @@ def test_explain_spec_error_in_file(capsys, tmp_path):
     code, _, err = run(capsys, "explain", f"{path}:broken", "--shape", SHAPE)
     assert code == 1
     assert ("SpecError: broken: 'B' is annotated \"b t g q\"; unknown axis 'q' "
-            "(expected one of b t h g n p)") in err
+            "(expected one of b k t h g n p)") in err
 
 
 def test_explain_dotted_attribute(capsys):

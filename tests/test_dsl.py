@@ -93,7 +93,7 @@ def test_unknown_axis_letter():
 
     msg = spec_error(mamba2, "unknown axis")
     assert msg == ("mamba2: 'B' is annotated \"b t g q\"; unknown axis 'q' "
-                   "(expected one of b t h g n p)")
+                   "(expected one of b k t h g n p)")
 
 
 def test_repeated_axis():

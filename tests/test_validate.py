@@ -191,7 +191,7 @@ def test_initial_state_type_dtype_device():
 
 def test_unknown_keyword_argument():
     with raises(ssmc.ArgumentError, "ssd() got an unexpected keyword argument 'w'; arguments are "
-                "x, dt, A, B, C, D, z, initial_state, return_final_state, cu_seqlens"):
+                "x, dt, A, B, C, D, z, initial_state, return_final_state, cu_seqlens, grid"):
         reference_op()(*args(), w=torch.zeros(1))
 
 

@@ -132,7 +132,7 @@ def tile_space(backend: str, lowering: str, ctx: SpaceContext) -> TileSpace | No
 def chunk_estimate(ctx: SpaceContext, q: int) -> float:
     """The cost model's chunked estimate (seconds) at chunk size q."""
     cost = lowering_costs(ctx.program)["chunked"]
-    values = {AXIS_SIZES[a]: int(v) for a, v in ctx.sizes.items()}
+    values = {AXIS_SIZES[a]: int(v) for a, v in ctx.sizes.items() if a in AXIS_SIZES}
     values[CHUNK] = q
     values[E] = ctx.elem_bytes
     return estimate_seconds(cost.subs(values), ctx.device_model)

@@ -77,6 +77,9 @@ class ContextParallel:
                               f"{bound.device}; NCCL needs CUDA tensors (use gloo on the CPU)")
 
     def __call__(self, *args, **kwargs):
+        if self.op.program.on_grid:
+            raise UnsupportedError(f"{self.fn}: a cross2d recurrence is not supported: its "
+                                   "column orders cross every shard of a row-major sequence")
         if kwargs.get("cu_seqlens") is not None:
             raise UnsupportedError(f"{self.fn}: 'cu_seqlens' is not supported: the shards are "
                                    "one sequence (b sequences side by side are fine)")

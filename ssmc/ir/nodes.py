@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-AXES = ("b", "t", "h", "g", "n", "p")
+AXES = ("b", "k", "t", "h", "g", "n", "p")
 AXIS_ROLES = {
-    "b": "batch", "t": "time", "h": "heads", "g": "groups of heads sharing key/query",
+    "b": "batch", "k": "scan order (cross2d: one slice per order)", "t": "time",
+    "h": "heads", "g": "groups of heads sharing key/query",
     "n": "state (key) dim", "p": "value (head) dim",
 }
 AXIS_SIZES = {a: sp.Symbol(a, integer=True, positive=True) for a in AXES}
@@ -28,24 +29,40 @@ RESERVED_NAMES = ("y", "initial_state", "return_final_state", "cu_seqlens")
 
 #: the axes each recurrence operand may carry (g is broadcast to h)
 OPERAND_AXES = {
-    "decay": frozenset("bthgnp"),
-    "key": frozenset("bthgn"),
-    "query": frozenset("bthgn"),
-    "value": frozenset("bthgp"),
+    "decay": frozenset("bkthgnp"),
+    "key": frozenset("bkthgn"),
+    "query": frozenset("bkthgn"),
+    "value": frozenset("bkthgp"),
     "output": frozenset("bthgp"),
 }
 Y_AXES = ("b", "t", "h", "p")
 
 
 class Direction(str, enum.Enum):
+    """An order in which the recurrence visits the t axis. The column orders read `t` (of
+    size H * W, row-major over a grid) column by column: step s is grid row s % H, column
+    s // H."""
+
     FORWARD = "forward"
     REVERSE = "reverse"
+    COLUMN = "column"
+    COLUMN_REVERSE = "column_reverse"
+
+    @property
+    def reversed(self) -> bool:
+        return self in (Direction.REVERSE, Direction.COLUMN_REVERSE)
+
+    @property
+    def column(self) -> bool:
+        return self in (Direction.COLUMN, Direction.COLUMN_REVERSE)
 
 
 DIRECTION_SETS = {
     "forward": (Direction.FORWARD,),
     "reverse": (Direction.REVERSE,),
     "bidirectional": (Direction.FORWARD, Direction.REVERSE),
+    # VMamba's order: row-major, column-major, and both reversed; an input's axis `k` indexes it
+    "cross2d": (Direction.FORWARD, Direction.COLUMN, Direction.REVERSE, Direction.COLUMN_REVERSE),
 }
 
 
@@ -149,6 +166,11 @@ class Program:
 
     def axes_present(self) -> set[str]:
         return {a for i in self.inputs for a in i.axes}
+
+    @property
+    def on_grid(self) -> bool:
+        """Whether some order reads t as a 2-D grid (the call then passes `grid=(H, W)`)."""
+        return any(d.column for d in self.recurrence.directions)
 
     @property
     def decay_signed(self) -> bool:

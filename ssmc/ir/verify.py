@@ -58,6 +58,9 @@ def verify(program: Program) -> Program:
         raise SpecError(f"{where}: the output does not use the recurrence's result")
     if not r.directions:
         raise SpecError(f"{where}: the recurrence has no direction")
+    if any("k" in i.axes for i in program.inputs) and not program.on_grid:
+        raise SpecError(f"{where}: an input has the order axis 'k', but the recurrence has no "
+                        "grid orders (direction='cross2d')")
     if program.log_decay is not None and r.decay is not None:
         if program.log_decay.axes != r.decay.axes:
             raise SpecError(f"{where}: log_decay axes {program.log_decay.axes} differ from "

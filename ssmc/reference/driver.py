@@ -2,13 +2,16 @@
 
 A `core(decay, key, value, query, h0)` applies the forward recurrence to one segment of
 canonical float64 operands and returns (y (b, t, h, p), final state (b, h, n, p)).
-Reverse runs the core on the time-flipped segment, so both cores only know forward time.
+Reverse runs the core on the time-flipped segment, and a grid's column orders on the segment
+gathered in column order, so both cores only know forward time. An input with the order
+axis `k` gives each order its slice (`ssmc.ir.orders`).
 """
 from __future__ import annotations
 
 import torch
 
-from ..ir import Direction, Program
+from ..ir import Program
+from ..ir.orders import grid_step_positions, has_order_axis, order_program, order_tensors
 from .evaluate import canonical_inputs, epilogue, prologue
 
 
@@ -20,14 +23,24 @@ def _flip(x):
     return x if x is None or x.shape[1] == 1 else x.flip(1)
 
 
+def _gather(x, positions):
+    return x if x is None or x.shape[1] == 1 else x[:, positions]
+
+
 def run(program: Program, core, tensors: dict, sizes: dict, initial_state=None,
         cu_seqlens=None, return_final_state=False):
     """Float64 output (b, t, h, p) and, if asked, the final state(s)."""
-    env = canonical_inputs(program, tensors, sizes)
-    ops = prologue(program, env)
     B, T, H, N, P = sizes["b"], sizes["t"], sizes["h"], sizes["n"], sizes["p"]
-    ops = {k: None if v is None else v.expand(B, v.shape[1], H, v.shape[3], v.shape[4])
-           for k, v in ops.items()}
+
+    def operands(order: int):
+        prog, xs = order_program(program), order_tensors(program, tensors, order)
+        env = canonical_inputs(prog, xs, sizes)
+        ops = {k: None if v is None else v.expand(B, v.shape[1], H, v.shape[3], v.shape[4])
+               for k, v in prologue(prog, env).items()}
+        return env, ops
+
+    env, ops = operands(0)      # the epilogue reads no input with `k`
+    per_order = has_order_axis(program)
     if cu_seqlens is None:
         segments = [(None, 0, T)]
     else:
@@ -38,6 +51,12 @@ def run(program: Program, core, tensors: dict, sizes: dict, initial_state=None,
     y = torch.zeros(B, T, H, P, dtype=torch.float64, device=ops["value"].device)
     finals = []
     for d_index, direction in enumerate(directions):
+        if per_order and d_index:
+            _, ops = operands(d_index)
+        positions = None
+        if direction.column:
+            positions = grid_step_positions(direction, sizes["grid_h"], sizes["grid_w"],
+                                            ops["value"].device)
         h0_all = None
         if initial_state is not None:
             h0_all = initial_state[d_index] if bidirectional else initial_state
@@ -55,11 +74,17 @@ def run(program: Program, core, tensors: dict, sizes: dict, initial_state=None,
             if stop == start:  # an empty sequence passes its state through
                 seg_finals.append(h0)
                 continue
-            if direction is Direction.REVERSE:
+            if positions is not None:   # a whole grid: no packed sequences
+                parts = {k: _gather(v, positions) for k, v in parts.items()}
+            elif direction.reversed:
                 parts = {k: _flip(v) for k, v in parts.items()}
             ys, hT = core(parts["decay"], parts["key"], parts["value"], parts["query"], h0,
                           stop - start)
-            if direction is Direction.REVERSE:
+            if positions is not None:
+                y[:, positions] += ys
+                seg_finals.append(hT)
+                continue
+            if direction.reversed:
                 ys = ys.flip(1)
             y[:, start:stop] += ys
             seg_finals.append(hT)

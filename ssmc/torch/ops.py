@@ -56,9 +56,9 @@ from ..validate import Bound, _output_dtype, check_cu_seqlens_values
 NAMESPACE = "ssmc"
 
 FWD_SCHEMA = ("(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens, int executor, "
-              "bool return_final_state, bool check_cu_seqlens) -> (Tensor, Tensor)")
+              "bool return_final_state, bool check_cu_seqlens, SymInt[] grid) -> (Tensor, Tensor)")
 BWD_SCHEMA = ("(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens, Tensor grad_out, "
-              "Tensor? grad_final, int executor) -> (Tensor[], Tensor)")
+              "Tensor? grad_final, int executor, SymInt[] grid) -> (Tensor[], Tensor)")
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,13 @@ def _pin(token: int) -> None:
 
 # ---------------------------------------------------------------------------------- shapes
 
-def sizes_of(program: Program, inputs) -> dict:
-    """The size of every axis, read off the inputs' shapes (ints or SymInts), no checks: the
-    inputs were checked by `validate.bind` before the op was called."""
+def sizes_of(program: Program, inputs, grid=()) -> dict:
+    """The size of every axis, read off the inputs' shapes (ints or SymInts), and a cross2d
+    call's grid (grid_h, grid_w); no checks: the inputs were checked by `validate.bind` before
+    the op was called."""
     sizes: dict = {}
+    if grid:
+        sizes["grid_h"], sizes["grid_w"] = grid
     for inp, x in zip(program.inputs, inputs):
         for axis, size in zip(inp.axes, x.shape):
             sizes.setdefault(axis, size)
@@ -149,10 +152,10 @@ def _state_shape(program: Program, sizes: dict, cu_seqlens) -> tuple:
 
 # ------------------------------------------------------------------------ implementations
 
-def _bound(op, inputs, initial_state, cu_seqlens, return_final_state) -> Bound:
+def _bound(op, inputs, initial_state, cu_seqlens, return_final_state, grid) -> Bound:
     program = op.program
     tensors = dict(zip(program.input_names, inputs))
-    return Bound(tensors=tensors, sizes=sizes_of(program, inputs), device=inputs[0].device,
+    return Bound(tensors=tensors, sizes=sizes_of(program, inputs, grid), device=inputs[0].device,
                  dtype=_output_dtype(program, tensors), initial_state=initial_state,
                  cu_seqlens=cu_seqlens, return_final_state=return_final_state)
 
@@ -172,15 +175,21 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return sa.data_ptr() == sb.data_ptr() and sa.nbytes() > 0
 
 
+def _no_grad_like(grid):
+    """The gradient slot of the `grid` argument in the structure torch's autograd wrapper
+    flattens it to: an empty plain list stays a list (of no tensors), anything else is a leaf."""
+    return [] if type(grid) is list and not grid else None
+
+
 def _make_ops(program: Program) -> TorchOp:
     name = op_name(program)
     qual = f"{NAMESPACE}::{name}"
     fn = f"{program.name}()"
 
     def fwd_impl(inputs, initial_state, cu_seqlens, executor, return_final_state,
-                 check_cu_seqlens):
+                 check_cu_seqlens, grid):
         op = _executor(executor)
-        bound = _bound(op, inputs, initial_state, cu_seqlens, return_final_state)
+        bound = _bound(op, inputs, initial_state, cu_seqlens, return_final_state, grid)
         if check_cu_seqlens and cu_seqlens is not None:
             check_cu_seqlens_values(fn, cu_seqlens, bound.sizes["t"])
         plan = op.plan_for(bound)
@@ -193,7 +202,7 @@ def _make_ops(program: Program) -> TorchOp:
         return _fresh(out, taken), _fresh(final, taken)
 
     def fwd_fake(inputs, initial_state, cu_seqlens, executor, return_final_state,
-                 check_cu_seqlens):
+                 check_cu_seqlens, grid):
         _pin(executor)  # the traced graph will call it by id, for as long as torch keeps it
         sizes = sizes_of(program, inputs)
         dtype = _output_dtype(program, dict(zip(program.input_names, inputs)))
@@ -201,9 +210,9 @@ def _make_ops(program: Program) -> TorchOp:
         shape = _state_shape(program, sizes, cu_seqlens) if return_final_state else (0,)
         return out, inputs[0].new_empty(shape, dtype=state_dtype(dtype))
 
-    def bwd_impl(inputs, initial_state, cu_seqlens, grad_out, grad_final, executor):
+    def bwd_impl(inputs, initial_state, cu_seqlens, grad_out, grad_final, executor, grid):
         op = _executor(executor)
-        bound = _bound(op, inputs, initial_state, cu_seqlens, grad_final is not None)
+        bound = _bound(op, inputs, initial_state, cu_seqlens, grad_final is not None, grid)
         plan = op.plan_for(bound)
         kernel = op.kernel_for(plan, bound.device)
         backward = backward_for(op.backend_name, bound.device, plan, kernel)
@@ -228,7 +237,7 @@ def _make_ops(program: Program) -> TorchOp:
             grad_h0 = initial_state.new_zeros(initial_state.shape)
         return result, _fresh(grad_h0, taken)
 
-    def bwd_fake(inputs, initial_state, cu_seqlens, grad_out, grad_final, executor):
+    def bwd_fake(inputs, initial_state, cu_seqlens, grad_out, grad_final, executor, grid):
         _pin(executor)
         # contiguous, as the real gradients are (`_fresh`), whatever the inputs' strides
         grads = [x.new_empty(x.shape) for x in inputs]
@@ -247,9 +256,10 @@ def _make_ops(program: Program) -> TorchOp:
     bwd_op = getattr(getattr(torch.ops, NAMESPACE), f"{name}_bwd").default
 
     def setup_context(ctx, inputs, output):
-        tensors, initial_state, cu_seqlens, executor, return_final_state, _ = inputs
+        tensors, initial_state, cu_seqlens, executor, return_final_state, _, grid = inputs
         ctx.num_inputs = len(tensors)
         ctx.executor = executor
+        ctx.grid = grid
         # the backward calls the executor by id: the graph keeps it alive, not the user
         ctx.executor_op = _executor(executor)
         ctx.return_final_state = return_final_state
@@ -262,9 +272,9 @@ def _make_ops(program: Program) -> TorchOp:
         if not ctx.return_final_state:
             grad_final = None
         grads, grad_h0 = bwd_op(tensors, initial_state, cu_seqlens, grad_out, grad_final,
-                                ctx.executor)
+                                ctx.executor, ctx.grid)
         return (list(grads), grad_h0 if initial_state is not None else None,
-                None, None, None, None)
+                None, None, None, None, _no_grad_like(ctx.grid))
 
     torch.library.register_autograd(qual, backward, setup_context=setup_context, lib=lib)
     fwd_op = getattr(getattr(torch.ops, NAMESPACE), name).default
@@ -298,9 +308,11 @@ def call(compiled_op, bound: Bound):
     """Run a bound call through the custom op. Traceable by dynamo: plain attribute access and
     one op call."""
     route = compiled_op._torch_op
+    sizes = bound.sizes
+    grid = [sizes["grid_h"], sizes["grid_w"]] if "grid_h" in sizes else []
     out, final = route.fwd(list(bound.tensors.values()), bound.initial_state, bound.cu_seqlens,
                            compiled_op._executor_id, bound.return_final_state,
-                           torch.compiler.is_compiling())
+                           torch.compiler.is_compiling(), grid)
     if bound.return_final_state:
         return out, final
     return out

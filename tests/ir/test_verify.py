@@ -45,9 +45,9 @@ BROKEN = [
      "gla: key is recorded over axes ('b', 't', 'h', 'n') but its operands range over "
      "('b', 't', 'g', 'n')"),
     (with_recurrence(key=Elementwise(k * v, ("b", "t", "h", "n", "p"))),
-     "gla: key has axis 'p', which it cannot carry (allowed: b t h g n)"),
+     "gla: key has axis 'p', which it cannot carry (allowed: b k t h g n)"),
     (with_recurrence(value=Elementwise(v * q, ("b", "t", "h", "n", "p"))),
-     "gla: value has axis 'n', which it cannot carry (allowed: b t h g p)"),
+     "gla: value has axis 'n', which it cannot carry (allowed: b k t h g p)"),
     (GOOD.replace(output=Elementwise(Y * q, ("b", "t", "h", "n", "p"))),
      "gla: output has axis 'n', which it cannot carry"),
     (with_recurrence(key=Elementwise(g * 0 + 1, ())),

@@ -25,7 +25,7 @@ def _ssd(b=2, t=7, h=4, g=2, n=3, p=5, dtype=torch.float64, seed=1):
 
 def _opcheck_args(op, inputs: dict, initial_state=None, cu=None, final=True):
     return ([inputs[n] for n in op.program.input_names], initial_state, cu, op._executor_id,
-            final, cu is not None)
+            final, cu is not None, [])
 
 
 # --------------------------------------------------------------------------- op registration
@@ -319,5 +319,5 @@ def test_backward_op_gradients_are_contiguous_as_its_fake_says():
     assert not a["x"].is_contiguous()
     out = op(**a)
     args = ([a[n] for n in op.program.input_names], None, None, torch.ones_like(out), None,
-            op._executor_id)
+            op._executor_id, [])
     torch.library.opcheck(op._torch_op.bwd, args, test_utils=("test_faketensor",))
