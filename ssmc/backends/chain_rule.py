@@ -34,6 +34,7 @@ from ..errors import SpecError, UnsupportedError
 from ..ir import Program, Y
 from ..ir.backward import Underivable, cse
 from ..ir.evaluate import CANON, evaluate, to_canonical
+from ..ir.orders import order_program, order_tensors, stack_order_grads
 from .base import RESET_BELOW
 
 
@@ -308,3 +309,24 @@ class ChainRule:
                 total = part if total is None else total + part
             result[inp.name] = to_input(total, inp, sizes).to(x.dtype).contiguous()
         return result
+
+
+def per_order_input_grads(program: Program, env: dict, g_out, per_dir, tensors: dict,
+                          sizes: dict, cdt: torch.dtype,
+                          grouped: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """Input gradients of a cross2d program with per-order inputs (axis `k`): each order's
+    chain rule runs on its own slices (its operands read them) with that order's operand
+    gradients `per_dir[d][0]`, the epilogue's terms once; an input with `k` gets each order's
+    gradient in its slice, the others the sum over orders. `env` and `g_out` come from
+    `ChainRule.epilogue` (y, if there, is shared by the orders)."""
+    oprog = order_program(program)
+    rule = ChainRule(oprog)
+    per_order = []
+    for d, (grads, _) in enumerate(per_dir):
+        xs = order_tensors(program, tensors, d)
+        env_d = CanonicalInputs(oprog, xs, sizes, cdt)
+        if Y.name in env:
+            env_d[Y.name] = env[Y.name]
+        per_order.append(rule.input_grads(env_d, g_out, grads, xs, sizes, None, grouped,
+                                          epilogue=d == 0))
+    return stack_order_grads(program, per_order)

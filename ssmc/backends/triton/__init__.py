@@ -63,8 +63,9 @@ class TritonBackend:
         lowering = self.lowering(plan.lowering)
         if lowering is None:
             return f"the {plan.lowering!r} lowering is not implemented in the Triton backend"
-        if plan.program.on_grid:
-            return "scan orders over a grid (direction='cross2d') are not implemented"
+        if plan.program.on_grid and not lowering.grid_orders:
+            return (f"the {plan.lowering!r} lowering does not implement scan orders over a grid "
+                    "(direction='cross2d')")
         return lowering.supports(plan)
 
     def cache_tag(self) -> str:

@@ -28,7 +28,8 @@ import dataclasses
 
 from ...ir import Program, Y
 from ...plan import Plan
-from ..chain_rule import ChainRule, initial_state_grad, sum_directions
+from ...ir.orders import has_order_axis
+from ..chain_rule import ChainRule, initial_state_grad, per_order_input_grads, sum_directions
 from . import chain_rows
 from .common import compute_dtype
 from .lowerings import LOWERINGS, chunked_bwd, scan_bwd
@@ -103,11 +104,14 @@ def make_backward(backend, plan: Plan):
                 y = y_late
                 env[Y.name] = y.unsqueeze(3)
         del saved, dy    # the chunk states are the largest buffers: gone before the chain rule
+        grouped = frozenset() if use_scan else chunked_run.grouped_operands(bplan, sizes)
+        grad_h0 = initial_state_grad([dh0 for _, dh0 in per_dir], initial_state)
+        if has_order_axis(prog):    # each order's operands read its own slices
+            return per_order_input_grads(prog, env, g_out, per_dir, tensors, sizes, cdt,
+                                         grouped), grad_h0
         op_grads = sum_directions(per_dir)
         rows = chain_rows.row_parts(backend, plan, rule, tensors, sizes, y, grad_out, op_grads)
-        grouped = frozenset() if use_scan else chunked_run.grouped_operands(bplan, sizes)
         result = rule.input_grads(env, g_out, op_grads, tensors, sizes, rows, grouped)
-        grad_h0 = initial_state_grad([dh0 for _, dh0 in per_dir], initial_state)
         return result, grad_h0
 
     return backward

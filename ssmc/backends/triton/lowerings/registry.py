@@ -20,7 +20,9 @@ class TritonLowering:
     tile_type: the plan's tile for it (None: no tile parameters);
     tile_space(ctx) -> the tuner's space over those (`ssmc.tiles.TileSpace`), or None;
     backward: the lowering whose backward kernels differentiate it ("scan" or "chunked";
-    `ssmc.backends.triton.backward`)."""
+    `ssmc.backends.triton.backward`);
+    grid_orders: whether its forward and backward kernels walk a grid's column orders
+    (direction="cross2d")."""
 
     name: str
     render: Callable
@@ -29,6 +31,7 @@ class TritonLowering:
     tile_type: type[Tile] | None = None
     tile_space: Callable | None = None
     backward: str = "scan"
+    grid_orders: bool = False
 
 
 LOWERINGS: dict[str, TritonLowering] = {}
