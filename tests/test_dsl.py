@@ -208,7 +208,7 @@ def test_bad_direction():
     def f(x: S.In["b t h p"], k: S.In["b t h n"]):
         return S.recurrence(key=k, value=x, query=k, direction="both")
     assert spec_error(f, "direction") == ("f: direction='both' is not valid; valid values: "
-                                          "forward, reverse, bidirectional")
+                                          "forward, reverse, bidirectional, cross2d")
 
 
 def test_missing_operand():
@@ -356,3 +356,19 @@ def test_trace_state_restored_after_error():
         ssmc.ssm(bad)
     with pytest.raises(SpecError, match="only be used inside"):
         S.recurrence(key=1, value=1, query=1)
+
+
+def test_order_axis_needs_a_grid_recurrence():
+    def f(x: S.In["b t h p"], B: S.In["b k t n"], C: S.In["b t n"]):
+        return S.recurrence(key=B, value=x, query=C, direction="bidirectional")
+    with pytest.raises(ssmc.SpecError, match="key has the order axis 'k', which only a "
+                       "recurrence with direction='cross2d' has"):
+        ssmc.ssm(f)
+
+
+def test_epilogue_may_not_read_a_per_order_input():
+    def f(x: S.In["b t h p"], B: S.In["b t n"], C: S.In["b t n"], D: S.In["k h"]):
+        return S.recurrence(key=B, value=x, query=C, direction="cross2d") + D * x
+    with pytest.raises(ssmc.SpecError, match="the return value reads an input with the order "
+                       "axis 'k'"):
+        ssmc.ssm(f)

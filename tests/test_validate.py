@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ssmc
+from ssmc import dsl as S
 from ssmc.ops import mamba2, selective_scan, ssd
 from ssmc.validate import bind
 from tests.helpers import cu_seqlens, make_definition, random_inputs, ssd_inputs
@@ -248,3 +249,55 @@ def test_builtin_wrappers_report_the_same_errors():
                        r"has t=5"):
         selective_scan(torch.randn(2, 5, 3), torch.randn(2, 4, 3), -torch.rand(3, 2),
                        torch.randn(2, 5, 2), torch.randn(2, 5, 2))
+
+
+# ------------------------------------------------------------------------- grids (cross2d)
+
+@ssmc.ssm
+def grid_ssd(x: S.In["b t h p"], dt: S.In["b k t h"], A: S.In["h"], B: S.In["b t n"],
+             C: S.In["b t n"]):
+    return S.recurrence(decay=S.exp(dt * A), key=B, value=x, query=C, direction="cross2d")
+
+
+def grid_args(b=1, t=6, h=2, n=3, p=4, k=4):
+    return (torch.randn(b, t, h, p), torch.rand(b, k, t, h), -torch.rand(h),
+            torch.randn(b, t, n), torch.randn(b, t, n))
+
+
+def test_grid_sizes_reach_the_kernels():
+    bound = bind(grid_ssd.program, grid_args(), {"grid": (2, 3)})
+    assert bound.sizes["grid_h"] == 2 and bound.sizes["grid_w"] == 3 and bound.sizes["k"] == 4
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    ({}, ssmc.ArgumentError, "grid_ssd(): a cross2d recurrence needs grid=(H, W), the image's "
+     "height and width (t = H * W, row-major); got no grid"),
+    ({"grid": (4, 2)}, ssmc.ShapeError, "grid_ssd(): grid=(4, 2) has 8 positions but the "
+     "inputs have t=6 ('x'); t must be H * W"),
+    ({"grid": 6}, ssmc.ArgumentError, "grid_ssd(): 'grid' must be a pair of ints (H, W), "
+     "got 6"),
+    ({"grid": (2.0, 3)}, ssmc.ArgumentError, "grid_ssd(): 'grid' must be a pair of ints (H, W), "
+     "got (2.0, 3)"),
+    ({"grid": (0, 3)}, ssmc.ShapeError, "grid_ssd(): 'grid' must be positive, got grid=(0, 3)"),
+    ({"grid": (2, 3), "return_final_state": True}, ssmc.UnsupportedError,
+     "grid_ssd(): return_final_state=True is not supported with direction='cross2d' (four "
+     "orders end at four different places)"),
+    ({"grid": (2, 3), "initial_state": torch.zeros(4, 1, 2, 3, 4)}, ssmc.UnsupportedError,
+     "grid_ssd(): 'initial_state' is not supported with direction='cross2d' (one image per "
+     "batch entry, no state carried in)"),
+])
+def test_bad_grids_are_refused_before_any_kernel(kwargs, exc, message):
+    with raises(exc, message):
+        ssmc.compile(grid_ssd, backend="reference")(*grid_args(), **kwargs)
+
+
+def test_order_axis_must_have_one_slice_per_order():
+    with raises(ssmc.ShapeError, "grid_ssd(): 'dt' has k=3; the order axis k holds one slice "
+                "per scan order, 4 for direction='cross2d'"):
+        ssmc.compile(grid_ssd, backend="reference")(*grid_args(k=3), grid=(2, 3))
+
+
+def test_grid_on_a_line_recurrence_is_refused():
+    with raises(ssmc.ArgumentError, "ssd(): 'grid' is only for a recurrence over a grid "
+                "(direction='cross2d'); this one has direction='forward'"):
+        reference_op()(*args(), grid=(1, 5))

@@ -44,7 +44,7 @@ def order_tensors(program: Program, tensors: dict, order: int) -> dict:
     """The tensors order `order` reads: an input with `k` as its slice (a view, no copy)."""
     out = dict(tensors)
     for inp in program.inputs:
-        if ORDER_AXIS in inp.axes:
+        if ORDER_AXIS in inp.axes and inp.name in tensors:
             out[inp.name] = tensors[inp.name].select(inp.axes.index(ORDER_AXIS), order)
     return out
 
