@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ssmc
+from ssmc import dsl as S
 from ssmc.ops import mamba2
 from ssmc.torch import torch_op_for
 from tests.helpers import (check_against_reference, cu_seqlens, make_definition, random_inputs,
@@ -321,3 +322,27 @@ def test_backward_op_gradients_are_contiguous_as_its_fake_says():
     args = ([a[n] for n in op.program.input_names], None, None, torch.ones_like(out), None,
             op._executor_id, [])
     torch.library.opcheck(op._torch_op.bwd, args, test_utils=("test_faketensor",))
+
+
+@ssmc.ssm
+def grid_gate(x: S.In["b t h p"], dt: S.In["b k t h"], A: S.In["h"], B: S.In["b t n"],
+              C: S.In["b k t n"]):
+    return S.recurrence(decay=S.exp(dt * A), key=B, value=x, query=C, direction="cross2d")
+
+
+def test_compile_fullgraph_passes_a_grid():
+    """grid=(H, W) travels through the custom ops (forward and backward) as ints."""
+    op = ssmc.compile(grid_gate, **REF)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 6, 2, 3, generator=g), torch.rand(2, 4, 6, 2, generator=g),
+          -torch.rand(2, generator=g), torch.randn(2, 6, 4, generator=g),
+          torch.randn(2, 4, 6, 4, generator=g)]
+    xs = [x.requires_grad_(True) for x in xs]
+
+    def loss(*a):
+        return op(*a, grid=(2, 3)).square().sum()
+    eager = loss(*xs)
+    traced = torch.compile(loss, fullgraph=True, backend="aot_eager")(*xs)
+    torch.testing.assert_close(traced, eager)
+    for a, b in zip(torch.autograd.grad(traced, xs), torch.autograd.grad(eager, xs)):
+        torch.testing.assert_close(a, b)
