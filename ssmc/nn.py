@@ -4,7 +4,8 @@
 RMSNorm, out_proj) with the parameter names and shapes of mamba_ssm's `Mamba2`, so a state dict
 of one loads into the other. Its conv1d and gated RMSNorm are written in torch here.
 `SSMLayer(definition, ...)` wraps any definition: its inputs without batch and time axes become
-parameters, the others are the layer's arguments.
+parameters, the others are the layer's arguments. `SS2D` (VMamba's 2-D selective scan on images,
+one cross2d op) lives in `ssmc.nn_vision` and is exported here.
 
 Incremental decoding follows mamba_ssm: pass an `InferenceParams` (same fields) with a
 `layer_idx` on the layer; the first call (seqlen_offset == 0) runs the whole prompt and fills the
@@ -27,9 +28,10 @@ from torch import Tensor, nn
 from . import api
 from .errors import ArgumentError, ConfigError, ShapeError, UnsupportedError
 from .api import compiled_variant as compiled
+from .nn_vision import SS2D
 from .ops.ssd import build as ssd_build
 
-__all__ = ["InferenceParams", "RMSNormGated", "Mamba2", "SSMLayer", "causal_conv1d",
+__all__ = ["InferenceParams", "RMSNormGated", "Mamba2", "SS2D", "SSMLayer", "causal_conv1d",
            "seq_idx_from_cu_seqlens"]
 
 
