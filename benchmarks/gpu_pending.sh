@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 # the float64 references run on the CPU: one thread per process, or a dozen processes with a
 # full thread pool each slow one another down several times over
 export OMP_NUM_THREADS=1
-STEPS="${STEPS:-tests fuzz mamba2 compat table decode mixing}"
+STEPS="${STEPS:-tests fuzz mamba2 compat table decode mixing cross2d}"
 LIMIT="${LIMIT:-420}"
 LOGS="${OUT:-.}"
 want() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
@@ -69,4 +69,9 @@ if want mixing; then
     echo; echo "=== fused matrix-matching loss vs materialised matrices (issue 19)"
     timeout -s INT -k 30 "${MIXING_LIMIT:-420}" python3 benchmarks/mixing_loss.py 2>&1 \
         | tee "$LOGS/mixing_loss.log"
+fi
+if want cross2d; then
+    echo; echo "=== cross2d: one fused op vs four stacked orderings through the 1-D op (issue 18)"
+    timeout -s INT -k 30 "${CROSS2D_LIMIT:-420}" python3 benchmarks/cross2d.py 2>&1 \
+        | tee "$LOGS/cross2d.log"
 fi
