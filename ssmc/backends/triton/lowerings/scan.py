@@ -2,13 +2,13 @@
 
 The n x BP block of the state lives in registers for the whole sequence. Operands that do not
 vary in t are computed once before the loop. Every decay structure is legal here, including a
-decay that varies over p (Mamba-1 with p > 1).
+decay that varies over p (Mamba-1 with p > 1). Every order, the grid's column orders of cross2d
+included, is one launch that indexes its steps' positions in place (no permuted copies).
 """
 from __future__ import annotations
 
 import triton
 
-from ....ir import Direction
 from ....plan import Plan
 from ..common import (HEADER, Outputs, emit_output, compute_type, input_args,
                       input_params, next_pow2)
@@ -17,6 +17,22 @@ from ..tiles import ScanTile, scan_space
 from .registry import TritonLowering, register_lowering
 
 FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
+
+#: the position t_idx that step i visits (the backward's kernels share it). A column order
+#: (cross2d) reads the row-major H x W grid column by column straight from memory: step u is
+#: grid row u % GH, column u // GH. Such plans have no packed sequences (start = 0, end = T).
+T_OF_I = '''if REVERSE:
+    u = end - 1 - i
+else:
+    u = start + i
+if COLUMN:
+    t_idx = (u % GH) * (T // GH) + u // GH
+else:
+    t_idx = u'''
+
+
+def indent(text: str, level: int) -> str:
+    return "\n".join("    " * level + line for line in text.splitlines())
 
 
 def _operand(ctx: Context, node, name: str, mask_axes) -> str:
@@ -58,8 +74,9 @@ def ssmc_scan_fwd(
     {input_params(prog)},
     out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
     yacc_ptr, h0_ptr, hT_ptr, cu_ptr,
-    T, HPG, N, P,
-    BN: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
+    T, HPG, N, P, GH,
+    BN: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr, COLUMN: tl.constexpr,
+    HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
     WRITE_OUT: tl.constexpr,
 ):
@@ -88,10 +105,7 @@ def ssmc_scan_fwd(
         state = tl.zeros([BN, BP], dtype={ct})
 {pre.text()}
     for i in range(0, end - start):
-        if REVERSE:
-            t_idx = end - 1 - i
-        else:
-            t_idx = start + i
+{indent(T_OF_I, 2)}
 {body.text()}
     if STORE_HT:
         tl.store(hT_ptr + state_off, state, mask=state_mask)
@@ -124,21 +138,19 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
     BN, BP = block_sizes(N, P, tile)
     grid = (S, H, triton.cdiv(P, BP))
     warps = {"num_warps": tile["num_warps"]} if "num_warps" in tile and device.type == "cuda" else {}
-    args = input_args(prog, tensors)
     for i, direction in enumerate(dirs):
         h0 = None if h0s[i] is None else h0s[i].contiguous()
         module.ssmc_scan_fwd[grid](
-            *args, out, *out.stride(), yacc,
+            *input_args(prog, tensors, i), out, *out.stride(), yacc,
             out if h0 is None else h0, out if final is None else final[i],
             out if cu_seqlens is None else cu_seqlens,
-            T, H // G, N, P,
-            BN=BN, BP=BP, REVERSE=direction is Direction.REVERSE, HAS_H0=h0 is not None,
+            T, H // G, N, P, sizes.get("grid_h", 1),
+            BN=BN, BP=BP, REVERSE=direction.reversed, COLUMN=direction.column,
+            HAS_H0=h0 is not None,
             STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None,
             ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1, **warps,
         )
     return o.result()
-
-
 
 
 def tile_space(ctx):
@@ -146,4 +158,4 @@ def tile_space(ctx):
 
 
 register_lowering(TritonLowering("scan", render, launch, tile_type=ScanTile,
-                                 tile_space=tile_space, backward="scan"))
+                                 tile_space=tile_space, backward="scan", grid_orders=True))

@@ -19,7 +19,9 @@ stays linear in t by recomputation: `ssmc_scan_ckpt_fwd` runs the forward recurr
 the state entering every CK-step segment (and, when the epilogue needs it, y itself);
 `ssmc_scan_bwd` walks the segments last to first, recomputes the segment's states from its
 checkpoint into a per-program scratch of CK states, then walks the segment backwards. This
-handles decays that vary over p (Mamba-1 with p > 1) and is used for every decay kind.
+handles decays that vary over p (Mamba-1 with p > 1) and is used for every decay kind. "Time"
+is the direction's own step order: a grid's column orders (cross2d) map step i to its grid
+position in-kernel (`scan.T_OF_I`), so every gradient lands at its row-major t.
 
 Sums over p (dq, dk, and da for decays without p) are per p-block partials (a leading p-block
 axis), added on the host. Outputs are in the compute type (fp32, fp64 for fp64 inputs).
@@ -29,11 +31,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from ....ir import Direction
 from ....plan import Plan
 from ..common import (HEADER, chunk_layout, compute_dtype, compute_type, direction_slices,
                       input_args, input_params, next_pow2, num_sequences)
 from ..render import Context, Emitter, Tile, tile_mask
+from .scan import T_OF_I, indent
 
 FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
 
@@ -66,11 +68,6 @@ SETUP = '''
     state_mask = mask_n[:, None] & mask_p[None, :]
 '''
 
-T_OF_I = '''if REVERSE:
-    t_idx = end - 1 - i
-else:
-    t_idx = start + i'''
-
 
 def _operand(ctx: Context, node, name: str, mask_axes) -> str:
     """Evaluate an operand on the state tile, zero outside the tile's masks."""
@@ -85,10 +82,6 @@ def block_sizes(N: int, P: int) -> tuple[int, int]:
     BN = max(next_pow2(N), 2)
     BP = max(min(next_pow2(P), max(4096 // BN, 2), 32), 2)
     return BN, BP
-
-
-def _lines(text: str, level: int) -> str:
-    return "\n".join("    " * level + line for line in text.splitlines())
 
 
 def decay_layout(plan: Plan) -> str:
@@ -136,9 +129,9 @@ def render(plan: Plan) -> str:
 def ssmc_scan_ckpt_fwd(
     {input_params(prog)},
     ssmc_y, ssmc_ckpt, ssmc_h0, ssmc_cu, ssmc_ck_off,
-    T, HPG, N, P,
+    T, HPG, N, P, GH,
     BN: tl.constexpr, BP: tl.constexpr, CK: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
+    COLUMN: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
     WRITE_Y: tl.constexpr,
 ):
 {SETUP}
@@ -152,7 +145,7 @@ def ssmc_scan_ckpt_fwd(
         tl.store(ssmc_ckpt + ((chunk * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :],
                  state, mask=state_mask)
         for i in range(c0, tl.minimum(c0 + CK, length)):
-{_lines(T_OF_I, 3)}
+{indent(T_OF_I, 3)}
 {body_f.text()}
 '''
 
@@ -207,9 +200,9 @@ def ssmc_scan_bwd(
     {input_params(prog)},
     ssmc_dy, ssmc_ckpt, ssmc_scratch, ssmc_gT, ssmc_dh0, ssmc_dq, ssmc_dk, ssmc_dv, ssmc_da,
     ssmc_cu, ssmc_ck_off,
-    B, T, HPG, N, P,
+    B, T, HPG, N, P, GH,
     BN: tl.constexpr, BP: tl.constexpr, CK: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_GT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    COLUMN: tl.constexpr, HAS_GT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
 {SETUP}
     prog_id = (seq * H + h_idx) * NPB + pid_p
@@ -227,12 +220,12 @@ def ssmc_scan_bwd(
         state = tl.load(ssmc_ckpt + (((c_base + c0 // CK) * H + h_idx) * N + offs_n[:, None]) * P
                         + offs_p[None, :], mask=state_mask, other=0.0)
         for i in range(c0, c1):
-{_lines(T_OF_I, 3)}
+{indent(T_OF_I, 3)}
 {rec_b.text()}
         tl.debug_barrier()
         for j in range(0, c1 - c0):
             i = c1 - 1 - j
-{_lines(T_OF_I, 3)}
+{indent(T_OF_I, 3)}
 {rev_b.text()}
         tl.debug_barrier()
     tl.store(ssmc_dh0 + state_off, dS, mask=state_mask)
@@ -251,18 +244,18 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     n_ck, ck_off, _ = chunk_layout(sizes, cu_seqlens, CK, device)
     y = torch.zeros(B, T, H, P, dtype=cdt, device=device) if want_y else None
     dummy = torch.zeros(1, dtype=cdt, device=device)
-    args = input_args(prog, tensors)
     ckpts = []
     for i, (direction, h0) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, initial_state))):
         ckpt = torch.empty(max(n_ck, 1), H, N, P, dtype=cdt, device=device)
         h0 = None if h0 is None else h0.to(cdt).contiguous()
         module.ssmc_scan_ckpt_fwd[(S, H, triton.cdiv(P, BP))](
-            *args, dummy if y is None else y, ckpt, dummy if h0 is None else h0,
+            *input_args(prog, tensors, i), dummy if y is None else y, ckpt,
+            dummy if h0 is None else h0,
             dummy if cu_seqlens is None else cu_seqlens, dummy if ck_off is None else ck_off,
-            T, H // G, N, P, BN=BN, BP=BP, CK=CK, REVERSE=direction is Direction.REVERSE,
-            HAS_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0,
-            WRITE_Y=want_y)
+            T, H // G, N, P, sizes.get("grid_h", 1), BN=BN, BP=BP, CK=CK,
+            REVERSE=direction.reversed, COLUMN=direction.column, HAS_H0=h0 is not None,
+            IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0, WRITE_Y=want_y)
         ckpts.append(ckpt)
     return dict(ckpts=ckpts, ck_off=ck_off), y
 
@@ -279,7 +272,6 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     BN, BP = block_sizes(N, P)
     NPB = triton.cdiv(P, BP)
     dummy = torch.zeros(1, dtype=cdt, device=device)
-    args = input_args(prog, tensors)
     has_decay = prog.recurrence.decay is not None
     layout = decay_layout(plan) if has_decay else None
     scratch = torch.empty(S * H * NPB * CK * BN * BP, dtype=cdt, device=device)
@@ -296,12 +288,14 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         dh0 = torch.empty(S, H, N, P, dtype=cdt, device=device)
         gT = None if gT is None else gT.to(cdt).contiguous()
         module.ssmc_scan_bwd[(S, H, NPB)](
-            *args, dy, saved["ckpts"][i], scratch, dummy if gT is None else gT, dh0,
+            *input_args(prog, tensors, i), dy, saved["ckpts"][i], scratch,
+            dummy if gT is None else gT, dh0,
             dq, dk, dv, dummy if da is None else da,
             dummy if cu_seqlens is None else cu_seqlens,
             dummy if saved["ck_off"] is None else saved["ck_off"],
-            B, T, H // G, N, P, BN=BN, BP=BP, CK=CK, REVERSE=direction is Direction.REVERSE,
-            HAS_GT=gT is not None, IS_VARLEN=cu_seqlens is not None)
+            B, T, H // G, N, P, sizes.get("grid_h", 1), BN=BN, BP=BP, CK=CK,
+            REVERSE=direction.reversed, COLUMN=direction.column, HAS_GT=gT is not None,
+            IS_VARLEN=cu_seqlens is not None)
         grads = {"query": dq.sum(0).unsqueeze(-1), "key": dk.sum(0).unsqueeze(-1),
                  "value": dv.unsqueeze(3)}
         if has_decay:
