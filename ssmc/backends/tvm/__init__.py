@@ -5,8 +5,10 @@ other plan runs the CUDA scan (`cuda_lowering`).
 
 `compile(plan)` returns a kernel that specialises on first use to the call's head, group,
 state and value sizes and the inputs' dtypes (b and t stay symbolic: one compiled function
-serves every batch size and length), builds or loads that function through the on-disk cache,
-and calls it with the torch tensors themselves (zero-copy through DLPack).
+serves every batch size and length, and a cross2d call's grid height is a scalar argument),
+builds or loads that function through the on-disk cache, and calls it with the torch tensors
+themselves (zero-copy through DLPack). Cross2d runs its four orders inside one kernel on the
+LLVM lowerings and the CUDA scan (the CUDA chunked lowering takes at most two directions).
 
 Every kernel also has `kernel.backward` (backward.py): the recurrence's gradient by TIR
 functions compiled for the LLVM target, chosen by the decay and shared by every forward
@@ -29,7 +31,7 @@ from ...plan import Plan
 from ..base import SIGNED_DECAY_REASON, register_backend
 from .backward import make_backward
 from .build import cached_function, host_cpu, tvm_version
-from .lowerings import LOWERINGS, KernelSpec, func_name
+from .lowerings import LOWERINGS, KernelSpec, func_name, grid_args
 from .lowerings.chunked_cuda import unsupported, workspace_shapes
 from .render import unsupported_in
 from .tiles import TVM_LOWERINGS
@@ -78,8 +80,6 @@ class TVMBackend:
             return f"transition {prog.recurrence.transition.kind!r} is not implemented"
         if plan.dtype not in SUPPORTED_DTYPES:
             return f"dtype {plan.dtype} is not supported (supported: {', '.join(SUPPORTED_DTYPES)})"
-        if len(prog.recurrence.directions) > 2:
-            return "more than two traversal directions are not implemented"
         r = prog.recurrence
         parts = {"key": r.key, "value": r.value, "query": r.query, "decay": r.decay,
                  "output": prog.output}
@@ -224,6 +224,7 @@ class TVMKernel:
         if device.type == "cuda" and lowering == "chunked":
             for _, shape, dt in workspace_shapes(plan, B, T, S, H, N, P):
                 args.append(torch.empty(shape, dtype=getattr(torch, dt), device=device))
+        args += grid_args(prog, sizes)
         if B * T > 0:
             fn(*args)
         elif final is not None:   # no step to run: each direction's state passes through

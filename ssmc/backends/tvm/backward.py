@@ -13,8 +13,10 @@
      per-element decays): the forward with a checkpoint every 16 steps, then the reverse
      adjoint pass recomputing each segment, giving d decay over the decay's own axes.
    Both sum over the directions and give dL/d initial_state; they are compiled and cached once
-   per program, call features and specialisation.
-3. Chain rule (chain_rule.py): operand gradients -> input gradients.
+   per program, call features and specialisation. Where inputs have the order axis k
+   (cross2d), they keep each direction's operand gradients apart instead (a leading axis D).
+3. Chain rule (chain_rule.py): operand gradients -> input gradients; per order, on each
+   order's own slices, where inputs have the order axis k (`per_order_input_grads`).
 
 At b=1 t=2048 h=8 n=p=64 (fp32, one thread) `kernel.backward` of ssd takes ~22 ms with the
 chunked backward and ~110 ms with the scan's: the chunked products vectorise with the output
@@ -31,11 +33,12 @@ import dataclasses
 
 import torch
 
-from ...ir import Y
+from ...ir import Program, Y
+from ...ir.orders import has_order_axis
 from ...plan import Plan
-from ..chain_rule import ChainRule, initial_state_grad
+from ..chain_rule import ChainRule, initial_state_grad, per_order_input_grads
 from .build import cached_function
-from .lowerings import chunked_bwd, scan_bwd
+from .lowerings import chunked_bwd, grid_args, scan_bwd
 
 #: steps per chunk of the chunked backward: both passes at t=2048 h=8 n=p=64, one thread, took
 #: 17.7 ms with 32, 18.4 with 64, ~19 with 16 and 21.6-24 with 24, 40, 48 (not multiples of
@@ -170,6 +173,24 @@ def _directions_state(initial_state, D: int) -> list:
     return [initial_state if D > 1 else initial_state.unsqueeze(0)]
 
 
+def _grad_lead(program: Program, D: int) -> tuple:
+    """The operand gradients' leading axes: one entry per direction where inputs have the order
+    axis k (each order's chain rule reads its own), none where the directions are summed."""
+    return (D,) if has_order_axis(program) else ()
+
+
+def _input_grads(rule: ChainRule, env, g_out, op_grads: dict, tensors, sizes,
+                 cdt) -> dict:
+    """Input gradients from the operand gradients: summed over directions, or per order on
+    each order's slices (`_grad_lead`)."""
+    program = rule.program
+    if not has_order_axis(program):
+        return rule.input_grads(env, g_out, op_grads, tensors, sizes)
+    D = len(program.recurrence.directions)
+    per_dir = [({k: v[d] for k, v in op_grads.items()}, None) for d in range(D)]
+    return per_order_input_grads(program, env, g_out, per_dir, tensors, sizes, cdt)
+
+
 def _chunked_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens, grad_out,
                  grad_final):
     plan = kernel.plan
@@ -182,10 +203,11 @@ def _chunked_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seql
     want_y = rule.needs_y
     # every row is written by the first direction, except rows outside cu_seqlens' range
     new = torch.empty if cu_seqlens is None else torch.zeros
+    lead = _grad_lead(prog, D)
     y = torch.zeros(B, T, H, P, dtype=cdt) if want_y else None
-    dq, dk = new(B, T, H, N, dtype=cdt), new(B, T, H, N, dtype=cdt)
-    dv = new(B, T, H, P, dtype=cdt)
-    dl = new(B, T, H, dtype=cdt) if has_decay else None
+    dq, dk = new(*lead, B, T, H, N, dtype=cdt), new(*lead, B, T, H, N, dtype=cdt)
+    dv = new(*lead, B, T, H, P, dtype=cdt)
+    dl = new(*lead, B, T, H, dtype=cdt) if has_decay else None
     gT, dh0 = _state_grads(D, S, H, N, P, cdt, initial_state, grad_final)
 
     if B * T > 0 and S > 0:
@@ -202,7 +224,7 @@ def _chunked_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seql
         early = not rule.dy_needs_y
         if early:
             env, g_out, dy = rule.epilogue(tensors, sizes, None, grad_out, cdt)
-        fns["states"](*fargs)
+        fns["states"](*fargs, *grid_args(prog, sizes))
         if not early:
             env, g_out, dy = rule.epilogue(tensors, sizes, y, grad_out, cdt)
         elif want_y:
@@ -212,17 +234,17 @@ def _chunked_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seql
             bargs.append(dl)
         if dh0 is not None:
             bargs.append(dh0)
-        fns["bwd"](*bargs)
+        fns["bwd"](*bargs, *grid_args(prog, sizes))
     else:
         env, g_out, dy = rule.epilogue(tensors, sizes, y, grad_out, cdt)
         for g in (dq, dk, dv, dl):
             if g is not None:
                 g.zero_()
 
-    op_grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3)}
+    op_grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(-2)}
     if has_decay:
         op_grads["log_decay"] = dl[..., None, None]
-    result = rule.input_grads(env, g_out, op_grads, tensors, sizes)
+    result = _input_grads(rule, env, g_out, op_grads, tensors, sizes, cdt)
     grad_h0 = None if dh0 is None else initial_state_grad(list(dh0), initial_state)
     return result, grad_h0
 
@@ -241,11 +263,12 @@ def _scan_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens
     Nd, Pd = (N if "n" in dax else 1), (P if "p" in dax else 1)
 
     want_y = rule.needs_y
+    lead = _grad_lead(prog, D)
     y = torch.zeros(B, T, H, P, dtype=cdt) if want_y else None
-    dq = torch.zeros(B, T, H, N, dtype=cdt)
-    dk = torch.zeros(B, T, H, N, dtype=cdt)
-    dv = torch.zeros(B, T, H, P, dtype=cdt)
-    da = torch.zeros(B, T, H, Nd, Pd, dtype=cdt) if has_decay else None
+    dq = torch.zeros(*lead, B, T, H, N, dtype=cdt)
+    dk = torch.zeros(*lead, B, T, H, N, dtype=cdt)
+    dv = torch.zeros(*lead, B, T, H, P, dtype=cdt)
+    da = torch.zeros(*lead, B, T, H, Nd, Pd, dtype=cdt) if has_decay else None
     gT, dh0 = _state_grads(D, S, H, N, P, cdt, initial_state, grad_final)
 
     if B * T > 0 and S > 0:
@@ -257,20 +280,20 @@ def _scan_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens
         fargs.append(ck)
         if want_y:
             fargs.append(y)
-        fns["ckpt"](*fargs)
+        fns["ckpt"](*fargs, *grid_args(prog, sizes))
         env, g_out, dy = rule.epilogue(tensors, sizes, y, grad_out, cdt)
         bargs = args + [dy, ck, gT, dq, dk, dv]
         if has_decay:
             bargs.append(da)
         if dh0 is not None:
             bargs.append(dh0)
-        fns["bwd"](*bargs)
+        fns["bwd"](*bargs, *grid_args(prog, sizes))
     else:
         env, g_out, dy = rule.epilogue(tensors, sizes, y, grad_out, cdt)
 
-    op_grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3)}
+    op_grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(-2)}
     if has_decay:
         op_grads["decay"] = da
-    result = rule.input_grads(env, g_out, op_grads, tensors, sizes)
+    result = _input_grads(rule, env, g_out, op_grads, tensors, sizes, cdt)
     grad_h0 = None if dh0 is None else initial_state_grad(list(dh0), initial_state)
     return result, grad_h0

@@ -114,6 +114,10 @@ def export(definition_or_program, target: str = "cuda", arch: str = "sm_90", sha
     why = TVMBackend().supports(plan)
     if why is not None:
         raise UnsupportedError(f"export(): {why}")
+    if program.on_grid:
+        raise UnsupportedError("export(): direction='cross2d' is not exported (its functions "
+                               "take the grid's height, which the manifest and load() do not "
+                               "pass)")
     if lowering == "chunked" and target == "cuda":
         why = unsupported(plan, int(shapes["n"]), int(shapes["p"]))
         if why is not None:

@@ -41,7 +41,7 @@ def render_chunked(spec: KernelSpec) -> str:
             e.alloc("gT", (Nd, Q, Q))
             e.alloc("l0", (Nd,))
         dn = "n_" if diagonal else "T.int64(0)"
-        for d_index, direction in enumerate(e.directions):
+        for d_index, direction in e.orders():
             e.init_state("st", d_index)
             with w.block(f"for c_ in range((L_ + {i64(Q - 1)}) // {i64(Q)}):"):
                 w(f"c0_ = c_ * {i64(Q)}", f"cl_ = T.min({i64(Q)}, L_ - c0_)")

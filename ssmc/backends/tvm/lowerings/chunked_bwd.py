@@ -35,7 +35,8 @@ Two functions, both parallel over (sequence, head) and sequential over chunks:
     ssmc_chunked_bwd(inputs, [cu], dy, ws, gT, dq, dk, dv, [dl], [dh0])
         the chunks last to first, G carried from gT (grad_final): dq, dk (B, TT, H, N),
         dv (B, TT, H, P) and dl = dL/d log_decay (B, TT, H), written by the first direction and
-        added to by the second; dh0 (D, S, H, N, P) = G after the first chunk.
+        added to by the others (with a leading direction axis D, each its own, where inputs
+        have the order axis k); dh0 (D, S, H, N, P) = G after the first chunk.
 
 Chunk slots as in scan_bwd.py's checkpoints with Q steps per slot. Every product is written
 with the output row in an inner vectorised loop and the reduction one loop out (the row stays
@@ -49,6 +50,7 @@ import contextlib
 import functools
 
 from ....ir import Program
+from ....ir.orders import has_order_axis
 from ....plan import Plan
 from ..render import unsupported_in
 from .common import KernelSpec, i64
@@ -226,9 +228,12 @@ class _ChunkEmitter(_BwdEmitter):
                 w(f"{dst} = {dst} {sign} {a} * {b}")
 
 
-def _put(w, first: bool, buf: str, idx: str, value: str):
-    """The first direction writes a gradient, the second adds to it (a task owns its rows)."""
-    w(f"{buf}[{idx}] = {value}" if first else f"{buf}[{idx}] = {buf}[{idx}] + {value}")
+def _put(e: _ChunkEmitter, buf: str, idx: str, value: str):
+    """The first direction writes a gradient, the others add to it (a task owns its rows);
+    each writes its own where the gradients have a direction axis (`grad_shape`)."""
+    at = e.grad_at(buf, idx)
+    first = e.order == 0 or has_order_axis(e.program)
+    e.w(f"{at} = {value}" if first else f"{at} = {at} + {value}")
 
 
 def render_states(spec: KernelSpec, want_y: bool) -> str:
@@ -259,7 +264,7 @@ def render_states(spec: KernelSpec, want_y: bool) -> str:
                 e.alloc("ea", (Q,))
                 e.alloc("Dm", (Q, Q))
         parts = ("key", "value") + (("query", "query_t") if want_y else ())
-        for d_index, direction in enumerate(e.directions):
+        for d_index, direction in e.orders():
             with w.block(f"for n_ in range({i64(N)}):"):
                 with w.block(f"for p_ in range({i64(P)}):"):
                     v = e.load_h0(d_index) if e.plan.has_initial_state else e.zero
@@ -301,11 +306,10 @@ def render_bwd(spec: KernelSpec) -> str:
     bufs = [("dy", f"(B, TT, {i64(s.H)}, {i64(P)})", acc),
             ("ws", e.ws_shape(), acc),
             ("gT", e.state_shape(), acc),
-            ("dq", f"(B, TT, {i64(s.H)}, {i64(N)})", acc),
-            ("dk", f"(B, TT, {i64(s.H)}, {i64(N)})", acc),
-            ("dv", f"(B, TT, {i64(s.H)}, {i64(P)})", acc)]
+            ("dq", e.grad_shape(N), acc), ("dk", e.grad_shape(N), acc),
+            ("dv", e.grad_shape(P), acc)]
     if dec:
-        bufs.append(("dl", f"(B, TT, {i64(s.H)})", acc))
+        bufs.append(("dl", e.grad_shape(), acc))
     if e.plan.has_initial_state:
         bufs.append(("dh0", e.state_shape(), acc))
     e.bwd_header("ssmc_chunked_bwd", bufs)
@@ -321,11 +325,11 @@ def render_bwd(spec: KernelSpec) -> str:
                                 ("Dm", (Q, Q)), ("el", (1,)), ("sm", (1,)), ("gsp", (N,)),
                                 ("vkg", (P,)), ("term", (1,))):
                 e.alloc(name, shape)
-        for d_index, direction in enumerate(e.directions):
-            put = functools.partial(_put, w, d_index == 0)
+        put = functools.partial(_put, e)
+        for d_index, direction in e.orders():
             with w.block(f"for n_ in range({i64(N)}):"):
                 with w.block(f"for p_ in range({i64(P)}):"):
-                    w(f"G[n_, p_] = gT[{e.state_index(d_index)}]", f"GT[p_, n_] = G[n_, p_]")
+                    w(f"G[n_, p_] = gT[{e.state_index(d_index)}]", "GT[p_, n_] = G[n_, p_]")
             with e.chunks(reverse=True):
                 with w.block(f"for p_ in range({i64(P)}):"):
                     with w.block(f"for n_ in T.vectorized({i64(N)}):"):

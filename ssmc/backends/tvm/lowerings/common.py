@@ -2,15 +2,20 @@
 inputs at given indices, and the emission of prologue/epilogue expressions.
 
 Generated kernels follow one calling convention (destination passing):
-    inputs (in program order), [cu_seqlens], [initial_state], out, [final_state], [y_work]
+    inputs (in program order), [cu_seqlens], [initial_state], out, [final_state], [y_work],
+    [GH]
 with shapes
-    input        its own axes, sizes b -> B, t -> TT (symbolic), h g n p specialised
+    input        its own axes, sizes b -> B, t -> TT (symbolic), h g n p specialised, the
+                 order axis k (cross2d) one slice per direction
     cu_seqlens   (S1,) int32/int64; S1 - 1 sequences          (varlen plans only)
     states       (D, S, H, N, P); D = number of directions, S = B or the number of sequences
     out          (B, TT, H, P) in the plan's dtype
-    y_work       (B, TT, H, P) in the accumulation dtype: the first direction's y, summed with
-                 the second before the epilogue (bidirectional plans only; the epilogue is
-                 nonlinear in y, so it must see the sum)
+    y_work       (B, TT, H, P) in the accumulation dtype: the directions' y summed before the
+                 epilogue (plans with several directions only; the epilogue is nonlinear in
+                 y, so it must see the sum)
+    GH           int64 scalar: the grid's height (cross2d plans only, last: their column
+                 orders read t as a row-major GH x TT / GH grid; a runtime argument, so that
+                 one function serves every image size, as it serves every b and t)
 Work is parallel over (sequence, head); each task runs its directions one after the other.
 """
 from __future__ import annotations
@@ -38,6 +43,12 @@ def register_lowering(name: str, target: str = "llvm"):
 
 def func_name(plan: Plan) -> str:
     return f"ssmc_{plan.lowering}_fwd"
+
+
+def grid_args(program: Program, sizes: dict) -> list[int]:
+    """The last argument of every function of a cross2d program: the grid's height (the width
+    is t / height); nothing for other programs."""
+    return [int(sizes["grid_h"])] if program.on_grid else []
 
 
 @dataclass(frozen=True)
@@ -119,7 +130,8 @@ class Emitter:
         rec = self.program.recurrence
         self.directions = rec.directions
         self.D = len(self.directions)
-        self.bidirectional = self.D > 1
+        self.bidirectional = self.D > 1    # several directions: y summed in y_work
+        self.order = 0                     # the direction `orders()` is at (inputs' k index)
         self.decay = rec.decay
         dax = set(rec.decay.axes) if rec.decay is not None else set()
         self.Nd = spec.N if "n" in dax else 1   # decay's extent over n
@@ -129,8 +141,9 @@ class Emitter:
 
     # ---- header -------------------------------------------------------------------------
     def shape_of(self, axes) -> str:
-        size = {"b": "B", "t": "TT", "h": i64(self.spec.H), "g": i64(self.spec.G),
-                "n": i64(self.spec.N), "p": i64(self.spec.P)}
+        s = self.spec
+        size = {"b": "B", "k": i64(self.D), "t": "TT", "h": i64(s.H), "g": i64(s.G),
+                "n": i64(s.N), "p": i64(s.P)}
         dims = [size[a] for a in axes]
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
@@ -146,6 +159,7 @@ class Emitter:
             args.append("hT_h: T.handle")
         if self.bidirectional:
             args.append("yw_h: T.handle")
+        args += self.grid_params()
         name = func_name(self.plan)
         w("# from tvm.script import tirx as T", "@T.prim_func")
         w(f"def {name}({', '.join(args)}):")
@@ -169,6 +183,10 @@ class Emitter:
             w(f'hT = T.match_buffer(hT_h, {state_shape}, "{s.state_dtype}")')
         if self.bidirectional:
             w(f'yw = T.match_buffer(yw_h, (B, TT, {i64(s.H)}, {i64(s.P)}), "{self.acc}")')
+
+    def grid_params(self) -> list[str]:
+        """The grid height's scalar parameter, last in every function of a cross2d plan."""
+        return ["GH: T.int64"] if self.program.on_grid else []
 
     @staticmethod
     def buf(name: str) -> str:
@@ -209,17 +227,28 @@ class Emitter:
         dims = ", ".join(i64(d) for d in shape) + ("," if len(shape) == 1 else "")
         self.w(f'{name} = T.alloc_buffer(({dims}), "{dtype or self.acc}", scope="local")')
 
+    def orders(self):
+        """(index, direction) of each direction in the order a task runs them; while one is
+        being emitted, loads read its slice of an input with the order axis k."""
+        for d_index, direction in enumerate(self.directions):
+            self.order = d_index
+            yield d_index, direction
+        self.order = 0
+
     def time_of(self, direction: Direction, pos: str) -> str:
-        """The time index of position `pos` (0-based in traversal order) in this sequence."""
-        if direction is Direction.REVERSE:
-            return f"t1_ - T.int64(1) - ({pos})"
-        return f"t0_ + ({pos})"
+        """The time index of position `pos` (0-based in traversal order) in this sequence: a
+        column order's step u is grid row u % H, column u // H (cross2d: one whole grid per
+        sequence, t0_ = 0)."""
+        u = f"t1_ - T.int64(1) - ({pos})" if direction.reversed else f"t0_ + ({pos})"
+        if not direction.column:
+            return u
+        return f"(({u}) % GH) * (TT // GH) + ({u}) // GH"
 
     # ---- expressions --------------------------------------------------------------------
     def index(self, t: str, n: str = "T.int64(0)", p: str = "T.int64(0)") -> dict[str, str]:
         hg = self.spec.H // self.spec.G
         g = "h_" if hg == 1 else f"h_ // {i64(hg)}"
-        return {"b": "b_", "t": t, "h": "h_", "g": g, "n": n, "p": p}
+        return {"b": "b_", "k": i64(self.order), "t": t, "h": "h_", "g": g, "n": n, "p": p}
 
     def loads(self, idx: dict[str, str], y: str | None = None) -> dict[str, str]:
         out = {}
@@ -246,8 +275,10 @@ class Emitter:
         self.w(f"out[b_, {t}, h_, p_] = {v}")
 
     def emit_y(self, d_index: int, t: str, y: str):
-        """Hand y (at p_) of direction `d_index` on: to the workspace, or to the epilogue."""
-        if self.bidirectional and d_index == 0:
+        """Hand y (at p_) of direction `d_index` on: to the workspace (every direction but the
+        last adds its own), or with the others' sum to the epilogue (the last)."""
+        if self.bidirectional and d_index < self.D - 1:
+            y = y if d_index == 0 else f"yw[b_, {t}, h_, p_] + {y}"
             self.w(f"yw[b_, {t}, h_, p_] = {y}")
             return
         if self.bidirectional:

@@ -37,7 +37,7 @@ def render_quadratic(spec: KernelSpec) -> str:
         e.alloc("ms", (1,))        # one entry of the attention matrix
         if e.plan.return_final_state:
             e.alloc("st", (N, P))
-        for d_index, direction in enumerate(e.directions):
+        for d_index, direction in e.orders():
             with w.block("for i_ in range(L_):"):
                 w(f"t_ = {e.time_of(direction, 'i_')}")
                 with w.block(f"for n_ in range({i64(N)}):"):

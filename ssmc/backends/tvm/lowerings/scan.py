@@ -24,7 +24,7 @@ def render_scan(spec: KernelSpec) -> str:
         e.alloc("yb", (P,))
         if r.decay is not None:
             e.alloc("db", (Nd, Pd))
-        for d_index, direction in enumerate(e.directions):
+        for d_index, direction in e.orders():
             e.init_state("st", d_index)
             with w.block("for i_ in range(L_):"):
                 w(f"t_ = {e.time_of(direction, 'i_')}")
@@ -71,7 +71,7 @@ def render_scan_cuda(spec: KernelSpec) -> str:
     with e.tasks(cuda_p=True):
         e.alloc("st", (N,))
         e.alloc("yb", (1,))
-        for d_index, direction in enumerate(e.directions):
+        for d_index, direction in e.orders():
             with w.block(f"for n_ in range({i64(N)}):"):
                 v = e.load_h0(d_index) if e.plan.has_initial_state else e.renderer.const(0)
                 w(f"st[n_] = {v}")

@@ -27,7 +27,8 @@ Two functions, both parallel over (sequence, head) and sequential over t, memory
         grows with the threads, not with b * h), then walks the segment backwards
         accumulating dq, dk (B, TT, H, N), dv (B, TT, H, P), da (B, TT, H, Nd, Pd)
         (zeroed by the caller; directions add into them: each task owns its rows), and writes
-        dh0 (D, S, H, N, P).
+        dh0 (D, S, H, N, P). Where inputs have the order axis k (cross2d), the gradients have
+        a leading direction axis D instead: the chain rule runs per order on its own slices.
 
 Checkpoint slots: sequence s of a plain batch uses slots s * ceil(TT / CK) + c; a packed
 sequence starting at t0 uses t0 // CK + s + c, which never overlap (C = TT // CK + S + 1 slots
@@ -35,6 +36,7 @@ suffice). Everything is in the accumulation type (fp32; fp64 for fp64 plans).
 """
 from __future__ import annotations
 
+from ....ir.orders import has_order_axis
 from .common import Emitter, KernelSpec, i64
 
 #: steps per checkpoint segment
@@ -57,7 +59,7 @@ class _BwdEmitter(Emitter):
         args = [f"{self.buf(i.name)}_h: T.handle" for i in self.program.inputs]
         if self.varlen:
             args.append("cu_h: T.handle")
-        args += [f"{b}_h: T.handle" for b, _, _ in buffers]
+        args += [f"{b}_h: T.handle" for b, _, _ in buffers] + self.grid_params()
         w("# from tvm.script import tirx as T", "@T.prim_func")
         w(f"def {name}({', '.join(args)}):")
         w.depth += 1
@@ -76,6 +78,20 @@ class _BwdEmitter(Emitter):
             w(f'cu = T.match_buffer(cu_h, (S1,), "{s.cu_dtype}")')
         for b, shape, dt in buffers:
             w(f'{b} = T.match_buffer({b}_h, {shape}, "{dt}")')
+
+    def grad_shape(self, *tail: int) -> str:
+        """A gradient buffer's shape, (B, TT, H, *tail), with a leading direction axis where
+        inputs have the order axis k (each order's gradients stay apart)."""
+        dims = ["B", "TT", i64(self.spec.H)] + [i64(d) for d in tail]
+        if has_order_axis(self.program):
+            dims.insert(0, i64(self.D))
+        return f"({', '.join(dims)})"
+
+    def grad_at(self, buf: str, idx: str) -> str:
+        """The element `idx` (b, t, h, ...) of a gradient buffer in the current direction."""
+        if has_order_axis(self.program):
+            idx = f"{i64(self.order)}, {idx}"
+        return f"{buf}[{idx}]"
 
     def state_shape(self) -> str:
         s = self.spec
@@ -131,7 +147,7 @@ def render_ckpt(spec: KernelSpec, want_y: bool) -> str:
             e.alloc("yb", (P,))
         if r.decay is not None:
             e.alloc("db", (e.Nd, e.Pd))
-        for d_index, direction in enumerate(e.directions):
+        for d_index, direction in e.orders():
             e.init_state("st", d_index)
             with w.block(f"for c_ in range((L_ + {i64(CK - 1)}) // {i64(CK)}):"):
                 w(f"c0_ = c_ * {i64(CK)}", f"cl_ = T.min({i64(CK)}, L_ - c0_)")
@@ -167,11 +183,10 @@ def render_bwd(spec: KernelSpec) -> str:
     bufs = [("dy", f"(B, TT, {i64(s.H)}, {i64(P)})", acc),
             ("ck", f"({i64(e.D)}, C, {i64(s.H)}, {i64(N)}, {i64(P)})", acc),
             ("gT", e.state_shape(), acc),
-            ("dq", f"(B, TT, {i64(s.H)}, {i64(N)})", acc),
-            ("dk", f"(B, TT, {i64(s.H)}, {i64(N)})", acc),
-            ("dv", f"(B, TT, {i64(s.H)}, {i64(P)})", acc)]
+            ("dq", e.grad_shape(N), acc), ("dk", e.grad_shape(N), acc),
+            ("dv", e.grad_shape(P), acc)]
     if has_decay:
-        bufs.append(("da", f"(B, TT, {i64(s.H)}, {i64(Nd)}, {i64(Pd)})", acc))
+        bufs.append(("da", e.grad_shape(Nd, Pd), acc))
     if e.plan.has_initial_state:
         bufs.append(("dh0", e.state_shape(), acc))
     e.bwd_header("ssmc_scan_bwd", bufs)
@@ -191,7 +206,7 @@ def render_bwd(spec: KernelSpec) -> str:
             e.alloc("ra", (Nd, Pd))
         dn = "n_" if Nd > 1 else "T.int64(0)"
         dp = "p_" if Pd > 1 else "T.int64(0)"
-        for d_index, direction in enumerate(e.directions):
+        for d_index, direction in e.orders():
             with w.block(f"for n_ in range({i64(N)}):"):
                 with w.block(f"for p_ in range({i64(P)}):"):
                     w(f"dS[n_, p_] = gT[{e.state_index(d_index)}]")
@@ -242,14 +257,17 @@ def render_bwd(spec: KernelSpec) -> str:
                         with w.block(f"for p_ in T.vectorized({i64(P)}):"):
                             w("rv[p_] = rv[p_] + dS[n_, p_] * kb[n_]")
                     with w.block(f"for n_ in range({i64(N)}):"):
-                        w("dq[b_, t_, h_, n_] = dq[b_, t_, h_, n_] + rq[n_]")
-                        w("dk[b_, t_, h_, n_] = dk[b_, t_, h_, n_] + rk[n_]")
+                        for g, r_ in (("dq", "rq"), ("dk", "rk")):
+                            at = e.grad_at(g, "b_, t_, h_, n_")
+                            w(f"{at} = {at} + {r_}[n_]")
                     with w.block(f"for p_ in range({i64(P)}):"):
-                        w("dv[b_, t_, h_, p_] = dv[b_, t_, h_, p_] + rv[p_]")
+                        at = e.grad_at("dv", "b_, t_, h_, p_")
+                        w(f"{at} = {at} + rv[p_]")
                     if has_decay:
                         with w.block(f"for n_ in range({i64(Nd)}):"):
                             with w.block(f"for p_ in range({i64(Pd)}):"):
-                                w("da[b_, t_, h_, n_, p_] = da[b_, t_, h_, n_, p_] + ra[n_, p_]")
+                                at = e.grad_at("da", "b_, t_, h_, n_, p_")
+                                w(f"{at} = {at} + ra[n_, p_]")
                         # dS_{t-1} (before its own q dy term) = a_t * dS_t
                         with w.block(f"for n_ in range({i64(N)}):"):
                             with w.block(f"for p_ in T.vectorized({i64(P)}):"):
