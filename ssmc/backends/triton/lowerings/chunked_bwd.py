@@ -45,12 +45,24 @@ chunk c with end state S_c and G_c = dL/dS_c from the later chunks (dL/dS_T for 
 
 (every factor exp(lc_u) of the chunk carries l_r for u >= r, and l_last scales all of S_c).
 Summing w over the whole sequence instead is the same number in exact arithmetic but cancels
-catastrophically at long t. For decays without n the dv kernel forms it without dq and dk:
-q_u . dq_u = sum_s (dyv * A)[u, s] + dy_u . (q_in S_in)_u, k_s . dk_s = sum_u (dyv * A)[u, s]
-+ v_s . (k_out G)_s, and S_c = exp(l_last) S_in + k_out^T v gives sum (G_c * S_c) =
-exp(l_last) sum (G * S_in) + sum (v * k_out G); the chunk-local reverse sums run in
-registers. Per-key decays store w per n; the reverse sums and the chunk-end term run on the
-host (`_decay_grad`). Sums over p are per p-block partials.
+catastrophically at long t. Per-key decays store w per n; the reverse sums and the chunk-end
+term run on the host (`_decay_grad`).
+
+For decays without n the dv kernel sums only the terms that carry l_r, with no dq and dk: with
+M = (dy v^T) * A (M[u, s] = dy_u . v_s A[u, s], one term of y's gradient), yoff = q_in S_in and
+kG = k_out G, the terms of sum_{u >= r} w_u that do not cancel out are
+
+    dL/dl_r = sum_{u >= r, s < r} M[u, s] + sum_{u >= r} dy_u . yoff_u
+              + sum_{s < r} v_s . kG_s + exp(l_last) sum (G * S_in)
+
+(the pairs u, s >= r of q dq and k dk are the same terms twice, and S_c = exp(l_last) S_in +
+k_out^T v turns sum (G_c * S_c) into the last two sums). The rectangle sum is a running sum of
+M along s, X[u, r] = sum_{s < r} M[u, s], summed over the causal half. Forming sum w instead
+(the same number) rounds every step's q dq and k dk, each of the size of the whole chunk's
+terms, into a result that can be far smaller: a time-invariant decay's gradient is dl summed
+over t, which cancels (up to 4e-5 relative error at t = 65 in fp32, 2e-6 now, as the scan's).
+The running sums of the log-decays come from float64 (`_Ops._running_sums`) for the same
+reason. Sums over p are per p-block partials.
 
 The quadratic lowering has the same mathematics (M = the scores of all chunks at once) and
 uses this backward too.
@@ -180,10 +192,10 @@ class _Ops:
                 self._split_decay()
             b("else:")
             with b.block():
-                b("lc = tl.cumsum(ld, axis=0)")
+                self._running_sums()
                 b("zc = tl.zeros_like(lc)")
                 b("lcf = lc")
-                b(f"lr = {later_sum('ld')}")
+                b(f"lr = {self._later('ld')}")
         elif self.mode == "key":
             ctx = Context(self.prog, QK_TILE, b, "qk", self.ct)
             ctx.loaded = self.ctx_qk.loaded
@@ -196,10 +208,44 @@ class _Ops:
         """lc, zc, lcf and lr with the resets of `ld` split out into `rz`."""
         for line in split_resets("ld", "rz"):
             self.body(line)
-        self.body("lc = tl.cumsum(ld, axis=0)")
+        self._running_sums()
         self.body("zc = tl.cumsum(rz, axis=0)")
         self.body(f"lcf = {with_resets('lc', 'zc')}")
-        self.body(f"lr = {with_resets(later_sum('ld'), later_sum('rz'))}")
+        self.body(f"lr = {with_resets(self._later('ld'), later_sum('rz'))}")
+
+    @property
+    def precise(self) -> bool:
+        """Whether the running sums of the log-decays are formed in float64 (`_running_sums`):
+        decays without n in a compute type below float64."""
+        return self.mode == "row" and self.ct != "tl.float64"
+
+    def _running_sums(self):
+        """`lc`, the running sum of `ld`; where `precise`, formed in float64 and split into
+        its rounding to the compute type and `lo`, the rest (lc + lo is the sum to twice the
+        compute type's precision). An fp32 running sum is off by up to a few ulps of its
+        largest partial sum, and D = exp(lc_u - lc_s) carried that as a relative error (2e-6
+        at lc = -45) into every entry near the diagonal late in a chunk, which the decay
+        gradient of a time-invariant decay (its sum over t cancels) did not survive;
+        lc_u - lc_s + (lo_u - lo_s) is off by a rounding of the difference itself."""
+        if not self.precise:
+            self.body("lc = tl.cumsum(ld, axis=0)")
+            return
+        self.body("ld64 = ld.to(tl.float64)")
+        self.body("lc64 = tl.cumsum(ld64, axis=0)")
+        self.body(f"lc = lc64.to({self.ct})")
+        self.body(f"lo = (lc64 - lc.to(tl.float64)).to({self.ct})")
+
+    def _later(self, v: str) -> str:
+        """`later_sum` of the log-decays `v` (after `_running_sums`)."""
+        if not self.precise:
+            return later_sum(v)
+        return f"({later_sum(v + '64')}).to({self.ct})"
+
+    def gap(self) -> str:
+        """lc_u - lc_s over (u, s) (to the compute type's precision where `precise`)."""
+        if not self.precise:
+            return "lc[:, None] - lc[None, :]"
+        return "(lc[:, None] - lc[None, :]) + (lo[:, None] - lo[None, :])"
 
     @staticmethod
     def reset_branch() -> str:
@@ -222,11 +268,11 @@ class _Ops:
         b = self.body
         b(f"if {self.reset_branch()}:")
         with b.block():
-            gap = with_resets("lc[:, None] - lc[None, :]", "zc[:, None] - zc[None, :]")
+            gap = with_resets(self.gap(), "zc[:, None] - zc[None, :]")
             b(f"Dm = tl.exp(tl.where(causal, {gap}, float('-inf')))")
         b("else:")
         with b.block():
-            b("Dm = tl.exp(tl.where(causal, lc[:, None] - lc[None, :], float('-inf')))")
+            b(f"Dm = tl.exp(tl.where(causal, {self.gap()}, float('-inf')))")
         return "Dm"
 
     def scores(self) -> str:
@@ -431,8 +477,8 @@ def _qk_loads(plan: Plan, body: Emitter):
 
 def render_dv_kernel(plan: Plan) -> str:
     """Decays without n, per (chunk, head, p-block) in parallel: dv; for a decay, its gradient
-    (complete: chunk-local reverse sums plus the chunk-end term, per p-block partial); y when
-    WANT_Y (summed over directions: ACCUM_Y adds to what is there).
+    (complete: the terms that carry each step's log-decay, as in the module docstring, per
+    p-block partial); y when WANT_Y (summed over directions: ACCUM_Y adds to what is there).
 
     The products over n (q k^T, q S_in, k G and sum G * S_in) run first, in a loop over
     BN-blocks of n; the decay factors of q_in = q exp(lc) and
@@ -483,14 +529,14 @@ def render_dv_kernel(plan: Plan) -> str:
             body("y += tl.load(ssmc_y + row * P + offs_p[None, :], mask=pmask, other=0.0)")
         body("tl.store(ssmc_y + row * P + offs_p[None, :], y, mask=pmask)")
     if o.mode == "row":
-        # w_u = q_u . dq_u - k_u . dk_u without dq, dk: q_u . dq_u = sum_s (dyv * A)[u, s]
-        # + dy_u . yoff_u and k_s . dk_s = sum_u (dyv * A)[u, s] + v_s . kG_s
+        # dL/dl_r, only the terms that carry l_r (module docstring): M over rows u >= r and
+        # columns s < r, dy . yoff over u >= r, v . kG over s < r, exp(l_last) sum (G * S_in)
         body("M = " + _scale(vs, dot("dy", "tl.trans(value)"), cols=True) + " * A")
         body("vkG = " + _scale(vs, "tl.sum(value * kG, axis=1)"))
-        body("w = tl.sum(M, axis=1) - tl.sum(M, axis=0) + tl.sum(dy * yoff, axis=1) - vkG")
-        # sum over (n, p) of G * S_c, with S_c = exp(l_last) S_in + k_out^T v leaving the chunk
-        body("term = tl.exp(l_last) * tl.sum(GS, axis=0) + tl.sum(vkG, axis=0)")
-        body("dl = tl.sum(w, axis=0) - tl.cumsum(w, axis=0) + w + term")
+        body("X = tl.cumsum(M, axis=1) - M")                        # X[u, r] = sum_{s<r} M[u, s]
+        body("dl = (tl.sum(tl.where(causal, X, 0.0), axis=0)"
+             " + tl.cumsum(tl.sum(dy * yoff, axis=1), axis=0, reverse=True)"
+             " + (tl.cumsum(vkG, axis=0) - vkG) + tl.exp(l_last) * tl.sum(GS, axis=0))")
         body("tl.store(ssmc_dl + pid_p.to(tl.int64) * B * T * H + (b_idx * T + t_row) * H"
              " + h_idx, dl, mask=mask_t)")
     return f"""
