@@ -84,15 +84,24 @@ def chunk_setup(split_n: bool, cu: str, chunk_off: str, chunk_seq: str, chunk: s
 """
 
 
+def grid_position(u: str) -> str:
+    """The row-major time step of position `u` of a column order (direction="cross2d"): the
+    grid of GH rows and T // GH columns read column by column (`ssmc.ir.orders`)."""
+    return f"({u} % GH) * (T // GH) + {u} // GH"
+
+
 def rows(first: str = "c0", i: str = "i_row", mask: str = "mask_t", t: str = "t_row") -> str:
     """The rows of one block (unindented): position `i` from the sequence start, its mask, and
-    `t`, the time step it reads in the direction's own order."""
+    `t`, the time step it reads in the direction's own order (COLUMN: a grid's column order,
+    indexed in place: no column-major copy of any input or output)."""
     return f"""{i} = {first} + offs_c
 {mask} = {i} < length
 if REVERSE:
     {t} = end - 1 - {i}
 else:
-    {t} = start + {i}"""
+    {t} = start + {i}
+if COLUMN:
+    {t} = {grid_position(t)}"""
 
 
 def state_init(flag: str, ptr: str, var: str, ct: str) -> str:

@@ -259,13 +259,13 @@ for decay, dtype in (("scalar", "bfloat16"), ("diagonal", "bfloat16"), ("none", 
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     bs = q.block_sizes(plan, 64, 64)
-    flags = dict(REVERSE=True, HAS_H0=True, IS_VARLEN=True, LOWP=True)
+    flags = dict(REVERSE=True, COLUMN=True, HAS_H0=True, IS_VARLEN=True, LOWP=True)
     for name, consts in (
             ("ssmc_quadratic_fwd", dict(BT=bs["BT"], BNC=bs["BNC"], BP=bs["BP"], ACCUM_IN=True,
                                         WRITE_OUT=True, **flags)),
             ("ssmc_quadratic_state", dict(BT=bs["BT"], BNC=bs["BNS"], BP=bs["BP"], **flags)),
             ("ssmc_quadratic_matrix", dict(BT=bs["BT"], BNC=bs["BNC"], REVERSE=True,
-                                           IS_VARLEN=False, LOWP=True))):
+                                           COLUMN=True, IS_VARLEN=False, LOWP=True))):
         fn = getattr(mod, name)
         state = {"yacc_ptr", "h0_ptr", "hT_ptr", "m_ptr"}
         sig = {a: "constexpr" if a in consts else "*i32" if a == "cu_ptr" else

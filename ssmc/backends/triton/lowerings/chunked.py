@@ -24,6 +24,10 @@ block's folded sum, `templates.HAS_RESET_BELOW`): counting everywhere cost 25% o
 forward on an H200. A decay that may be zero or negative takes direct sums instead (see
 `_scalar_decay_body`).
 
+Every kernel works in the direction's own order: `templates.rows` maps a block's positions to
+the time steps they read (reversed, or a grid's column order for direction="cross2d"), so
+chunks of a column order gather their rows from the row-major inputs in place.
+
 This module renders the kernels; chunked_launch.py sizes the tiles, launches them and registers
 the lowering.
 """
@@ -243,9 +247,10 @@ def render_state_kernel(plan: Plan) -> str:
 def ssmc_chunked_state_fwd(
     {input_params(plan.program)},
     states_ptr, resets_ptr, h0_ptr, hT_ptr, cu_ptr, chunk_off_ptr,
-    T, HPG, N, P,
+    T, HPG, N, P, GH,
     BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    REVERSE: tl.constexpr, COLUMN: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
 {seq_setup(True, "cu_ptr", "chunk_off_ptr")}
 {state_init("HAS_H0", "h0_ptr", "state", c.ct)}
@@ -484,10 +489,10 @@ def _output_body(plan: Plan, resets: bool) -> Emitter:
 OUT_PARAMS = """
     out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
     yacc_ptr, states_ptr, resets_ptr, cu_ptr, chunk_off_ptr, chunk_seq_ptr,
-    T, HPG, N, P,
+    T, HPG, N, P, GH,
     BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr,
-    REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
-    WRITE_OUT: tl.constexpr,"""
+    REVERSE: tl.constexpr, COLUMN: tl.constexpr, IS_VARLEN: tl.constexpr,
+    ACCUM_IN: tl.constexpr, WRITE_OUT: tl.constexpr,"""
 
 #: row blocks (with their flags) one program of the counting pass walks
 RESET_ROWS_PER_PROGRAM = 16

@@ -94,10 +94,11 @@ CHUNK_HEADS_SETUP = chunk_setup(True, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_s
                                 "tl.program_id(0).to(tl.int64)", "BT", "c0", heads=True)
 ROWS = rows()
 
-STATE_PARAMS = "ssmc_cu, ssmc_chunk_off,\n    T, HPG, N, P,"
-CHUNK_PARAMS = "ssmc_cu, ssmc_chunk_off, ssmc_chunk_seq,\n    B, T, HPG, N, P,"
+# GH, COLUMN: a grid's height and whether the order reads it column by column (`rows`)
+STATE_PARAMS = "ssmc_cu, ssmc_chunk_off,\n    T, HPG, N, P, GH,"
+CHUNK_PARAMS = "ssmc_cu, ssmc_chunk_off, ssmc_chunk_seq,\n    B, T, HPG, N, P, GH,"
 CONSTS = ("BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr,\n"
-          "    IS_VARLEN: tl.constexpr")
+          "    COLUMN: tl.constexpr, IS_VARLEN: tl.constexpr")
 
 
 def head_free(plan: Plan) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ....ir import Direction
+from ....ir.orders import grid_step_positions
 from ....plan import Plan
 from ..common import (chunk_layout, compute_dtype, direction_slices, dot_type, input_args,
                       next_pow2, num_sequences)
@@ -53,25 +53,26 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["BT"], device)
     dummy = torch.zeros(1, dtype=cdt, device=device)
     y = torch.zeros(B, T, H, P, dtype=cdt, device=device) if want_y else None
-    args = input_args(prog, tensors)
     cu = dummy if cu_seqlens is None else cu_seqlens
     off = dummy if chunk_off is None else chunk_off
     npb = triton.cdiv(P, m["BP"])
+    GH = sizes.get("grid_h", 1)
     states, finals = [], []
     for i, (direction, h0) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, initial_state))):
-        reverse = direction is Direction.REVERSE
+        args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
+        order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
         h0 = None if h0 is None else h0.to(cdt).contiguous()
         st = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan), device=device)
         final = torch.empty(S, H, N, P, dtype=cdt, device=device)
         module.ssmc_chunked_bwd_states[(S, H, npb)](
-            *args, st, dummy if h0 is None else h0, final, cu, off, T, H // G, N, P,
-            BT=m["BT"], BN=m["BN"], BP=m["BP"], REVERSE=reverse,
+            *args, st, dummy if h0 is None else h0, final, cu, off, T, H // G, N, P, GH,
+            BT=m["BT"], BN=m["BN"], BP=m["BP"], **order,
             IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None)
         if want_y and n_chunks > 0:
             module.ssmc_chunked_bwd_y[(n_chunks, H, npb)](
                 *args, y, st, cu, off, dummy if chunk_seq is None else chunk_seq,
-                B, T, H // G, N, P, BT=m["BT"], BN=m["BN"], BP=m["BP"], REVERSE=reverse,
+                B, T, H // G, N, P, GH, BT=m["BT"], BN=m["BN"], BP=m["BP"], **order,
                 IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0)
         states.append(st)
         finals.append(final)
@@ -128,21 +129,31 @@ def _chunk_end_term(dstates, states, finals, layout, sizes, cu_seqlens):
     return term
 
 
-def _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, reverse):
+def _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, direction):
     """Per-key decays: dL/dl (b, t, h, n) from w (b, t, h, n): chunk-local reverse sums
-    (float64 differences of one running sum) plus each chunk's end term."""
+    (float64 differences of one running sum) plus each chunk's end term. A grid's column order
+    (cross2d; never packed) sums its steps in its own order: w gathered by their positions, the
+    result put back."""
     lay = saved["layout"]
+    reverse, positions = direction.reversed, None
+    w64 = w.double()
+    if direction.column:
+        positions = grid_step_positions(direction, sizes["grid_h"], sizes["grid_w"], w.device)
+        w64, reverse = w64[:, positions], False
     chunk, lo, hi = _chunk_bounds(sizes, cu_seqlens, lay["m"]["BT"], reverse, lay, w.device)
     # cs[:, i] = sum of w[:, :i]; the running sum runs over the innermost axis (CUDA scans a
     # middle axis one thread per column, serially: 1.3 ms for (8, 4096, 80) on an H100)
-    w64 = w.double().movedim(1, -1).contiguous()
+    w64 = w64.movedim(1, -1).contiguous()
     cs = torch.cat([torch.zeros_like(w64[..., :1]), w64.cumsum(-1)], -1).movedim(-1, 1)
     local = (cs[:, hi] - cs[:, lo]).to(w.dtype)
     term = _chunk_end_term(dstates, saved["states"][i], saved["finals"][i], lay, sizes,
                            cu_seqlens)
-    if cu_seqlens is None:
-        return local + term[chunk]                                     # (b, t, h, n)
-    return local + term[chunk][None]
+    if cu_seqlens is not None:
+        return local + term[chunk][None]
+    dlog = local + term[chunk]                                         # (b, t, h, n)
+    if positions is not None:    # step s of the order is time step positions[s]
+        dlog = torch.empty_like(dlog).index_copy_(1, positions, dlog)
+    return dlog
 
 
 def grouped_operands(plan: Plan, sizes: dict) -> frozenset:
@@ -184,7 +195,6 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     n_chunks = lay["n_chunks"]
     NPB = triton.cdiv(P, m["BP"])
     dummy = torch.zeros(1, dtype=cdt, device=device)
-    args = input_args(prog, tensors)
     cu = dummy if cu_seqlens is None else cu_seqlens
     off = dummy if lay["chunk_off"] is None else lay["chunk_off"]
     seq_of_chunk = dummy if lay["chunk_seq"] is None else lay["chunk_seq"]
@@ -201,21 +211,23 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
                 and dy.dtype == state_dtype(plan) and dy.is_contiguous())
     y = dy if in_place else (torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)
                              if want_y else None)
+    GH = sizes.get("grid_h", 1)
     results = []
     for i, (direction, gT) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, grad_final))):
-        reverse = direction is Direction.REVERSE
+        args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
+        order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
         gT = None if gT is None else gT.to(cdt).contiguous()
         dstates = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan),
                               device=device)
         dh0 = torch.empty(S, H, N, P, dtype=cdt, device=device)
         module.ssmc_chunked_bwd_dstates[(S, H, NPB)](
             *args, dy, dstates, dummy if gT is None else gT, dh0, cu, off, T, H // G, N, P,
-            REVERSE=reverse, HAS_GT=gT is not None, **consts)
-        chunk_args = (cu, off, seq_of_chunk, B, T, H // G, N, P)
+            GH, **order, HAS_GT=gT is not None, **consts)
+        chunk_args = (cu, off, seq_of_chunk, B, T, H // G, N, P, GH)
         if mode == "key":
             grads = _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args,
-                                   sizes, cu_seqlens, reverse, consts, launch)
+                                   sizes, cu_seqlens, direction, consts, launch)
             results.append((grads, dh0))
             continue
         dv = torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)   # like dy
@@ -228,11 +240,11 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         if n_chunks > 0:
             module.ssmc_chunked_bwd_dqk[(n_chunks, H // heads_qk, nnb)](
                 *args, dy, saved["states"][i], dstates, dq, dk, *chunk_args,
-                REVERSE=reverse, H=H, HEADS=heads_qk, NPBK=NPB, NPB=1,
+                **order, H=H, HEADS=heads_qk, NPBK=NPB, NPB=1,
                 **dict(consts, BN=bn), **launch)
             module.ssmc_chunked_bwd_dv[(n_chunks, H, NPB)](
                 *args, dy, saved["states"][i], dstates, dv, dl, dummy if y is None else y,
-                *chunk_args, REVERSE=reverse, WANT_Y=want_y, ACCUM_Y=i > 0,
+                *chunk_args, **order, WANT_Y=want_y, ACCUM_Y=i > 0,
                 **dict(consts, BN=min(m["BK"], m["BN"])), **launch_dv)
         elif want_y:
             y.zero_()
@@ -248,7 +260,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
 
 
 def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes, cu_seqlens,
-                   reverse, consts, launch):
+                   direction, consts, launch):
     """Operand grads of one direction for per-key decays: per-head dq and dk, and w summed
     into the decay gradient on the host (`_decay_grad`)."""
     B, T, H, N, P = (sizes[a] for a in "bthnp")
@@ -264,12 +276,12 @@ def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes,
     if n_chunks > 0:
         module.ssmc_chunked_bwd[(n_chunks, H, NPB)](
             *args, dy, saved["states"][i], dstates, dq, dk, dv, w, *chunk_args,
-            REVERSE=reverse, **consts, **launch)
+            REVERSE=direction.reversed, COLUMN=direction.column, **consts, **launch)
     # sums over p-blocks (none to do for one block: these are the largest tensors here)
     grads = {"query": (dq[0] if NPB == 1 else dq.sum(0)).unsqueeze(-1),
              "key": (dk[0] if NPB == 1 else dk.sum(0)).unsqueeze(-1),
              "value": dv.unsqueeze(3)}
     w = w[0] if NPB == 1 else w.sum(0)
-    dlog = _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, reverse)
+    dlog = _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, direction)
     grads["log_decay"] = dlog.unsqueeze(-1)
     return grads

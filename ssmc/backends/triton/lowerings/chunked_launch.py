@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import triton
 
-from ....ir import Direction
 from ....plan import Plan
 from ..common import Outputs, chunk_layout, input_args, interpreting, next_pow2
 from ..tiles import ChunkedTile, chunked_space
@@ -55,18 +54,19 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     on_gpu = device.type == "cuda"
     launch_state = dict(num_warps=m["warps_state"], num_stages=m["stages_state"]) if on_gpu else {}
     launch_out = dict(num_warps=m["warps_out"], num_stages=m["stages_out"]) if on_gpu else {}
-    args = input_args(prog, tensors)
     cu = out if cu_seqlens is None else cu_seqlens
     off = out if chunk_off is None else chunk_off
+    GH = sizes.get("grid_h", 1)   # a grid's height (cross2d): its column orders' layout
     for i, direction in enumerate(dirs):
+        args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
         h0 = None if h0s[i] is None else h0s[i].contiguous()
-        reverse = direction is Direction.REVERSE
+        order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
         npb = triton.cdiv(P, m["BP_state"])
         module.ssmc_chunked_state_fwd[(S, H, triton.cdiv(N, m["BN_state"]) * npb)](
             *args, states, resets, out if h0 is None else h0,
             out if final is None else final[i],
-            cu, off, T, H // G, N, P,
-            BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"], NPB=npb, REVERSE=reverse,
+            cu, off, T, H // G, N, P, GH,
+            BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"], NPB=npb, **order,
             HAS_H0=h0 is not None,
             STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None, **launch_state)
         if n_chunks == 0:
@@ -74,9 +74,9 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
         npb = triton.cdiv(P, m["BP_out"])
         n_rows = n_chunks * (m["CS"] // m["BT"])
         out_args = (*args, out, *out.stride(), yacc, states, resets, cu, off,
-                    out if chunk_seq is None else chunk_seq, T, H // G, N, P)
+                    out if chunk_seq is None else chunk_seq, T, H // G, N, P, GH)
         out_meta = dict(BT=m["BT"], CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb,
-                        REVERSE=reverse, IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0,
+                        **order, IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0,
                         WRITE_OUT=i == len(dirs) - 1, **launch_out)
         module.ssmc_chunked_out_fwd[(n_rows, H, npb)](*out_args, **out_meta)
         if reset_specialised(plan):
@@ -92,4 +92,4 @@ def tile_space(ctx):
 
 
 register_lowering(TritonLowering("chunked", render, launch, supports, tile_type=ChunkedTile,
-                                 tile_space=tile_space, backward="chunked"))
+                                 tile_space=tile_space, backward="chunked", grid_orders=True))

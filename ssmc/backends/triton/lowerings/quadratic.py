@@ -14,9 +14,10 @@ time-invariant per (h, n)) is applied exactly on a (BT, BT, BNC) broadcast, loop
 n-chunks, and only the score-times-value product uses `tl.dot`.
 
 Directions work in *logical* time: position i of a sequence is t = start + i forward and
-t = end - 1 - i in reverse, so the kernel body only knows forward time. The final state is a
-second, small kernel (`ssmc_quadratic_state`); the hidden attention matrix M (b, h, t, t) is a
-third (`ssmc_quadratic_matrix`, see `attention_matrix`).
+t = end - 1 - i in reverse, and a grid's column orders (direction="cross2d") map that
+position to its row-major step (`templates.grid_position`), so the kernel body only knows
+forward time. The final state is a second, small kernel (`ssmc_quadratic_state`); the hidden
+attention matrix M (b, h, t, t) is a third (`ssmc_quadratic_matrix`, see `attention_matrix`).
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ import torch
 import triton
 
 from ....errors import BackendUnavailableError, UnsupportedError
-from ....ir import DecayKind, Direction
+from ....ir import DecayKind
 from ....plan import Plan
 from ...base import SIGNED_DECAY_REASON
 from ..common import (HEADER, Outputs, compute_dtype, compute_type, emit_output,
                       fp32_precision, input_args, input_params, interpreting, next_pow2)
 from ..render import Context, Emitter, Tile
-from ..templates import later_sum, split_resets, with_resets
+from ..templates import grid_position, later_sum, split_resets, with_resets
 from ..tiles import QuadraticTile, quadratic_space
 from .registry import TritonLowering, register_lowering
 
@@ -151,7 +152,8 @@ def _sequence_bounds(emit: Emitter) -> None:
 
 
 def _positions(emit: Emitter, logical: str, phys: str, mask: str) -> None:
-    """Physical time offsets `phys` of logical positions `logical` (forward or reverse)."""
+    """Physical time offsets `phys` of logical positions `logical` (forward or reverse; with
+    COLUMN in a grid's column order)."""
     emit(f"{mask} = {logical} < seqlen")
     emit("if REVERSE:")
     with emit.block():
@@ -159,6 +161,9 @@ def _positions(emit: Emitter, logical: str, phys: str, mask: str) -> None:
     emit("else:")
     with emit.block():
         emit(f"{phys} = start + {logical}")
+    emit("if COLUMN:")
+    with emit.block():
+        emit(f"{phys} = {grid_position(phys)}")
 
 
 def _log_decay_block(plan: Plan, emit: Emitter, tile_t: tuple[str, str, str], name: str,
@@ -288,9 +293,9 @@ def ssmc_quadratic_fwd(
     {input_params(prog)},
     out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
     yacc_ptr, h0_ptr, cu_ptr,
-    T, HPG, N, P,
+    T, HPG, N, P, GH,
     BT: tl.constexpr, BNC: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
+    COLUMN: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
     WRITE_OUT: tl.constexpr, LOWP: tl.constexpr,
 ):
 {e.text()}
@@ -367,9 +372,9 @@ def _render_state(plan: Plan) -> str:
 def ssmc_quadratic_state(
     {input_params(prog)},
     h0_ptr, hT_ptr, cu_ptr,
-    T, HPG, N, P,
+    T, HPG, N, P, GH,
     BT: tl.constexpr, BNC: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, LOWP: tl.constexpr,
+    COLUMN: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, LOWP: tl.constexpr,
 ):
 {e.text()}
 '''
@@ -443,9 +448,9 @@ def _render_matrix(plan: Plan) -> str:
 def ssmc_quadratic_matrix(
     {input_params(prog)},
     m_ptr, cu_ptr,
-    T, H, HPG, N,
-    BT: tl.constexpr, BNC: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    LOWP: tl.constexpr,
+    T, H, HPG, N, GH,
+    BT: tl.constexpr, BNC: tl.constexpr, REVERSE: tl.constexpr, COLUMN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, LOWP: tl.constexpr,
 ):
 {e.text()}
 '''
@@ -503,22 +508,24 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     # (T); programs past their sequence's end return at once
     grid = (triton.cdiv(T, BT) * npb, H, S)
     state_grid = (triton.cdiv(N, BNS) * npb, H, S)
-    args = input_args(prog, tensors)
     cu = out if cu_seqlens is None else cu_seqlens
     lowp = _low_precision_dots(device)
+    GH = sizes.get("grid_h", 1)   # a grid's height (cross2d): its column orders' layout
     for i, direction in enumerate(dirs):
+        args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
         h0 = None if h0s[i] is None else h0s[i].contiguous()
-        flags = dict(REVERSE=direction is Direction.REVERSE, HAS_H0=h0 is not None,
-                     IS_VARLEN=cu_seqlens is not None, LOWP=lowp, num_warps=warps)
+        flags = dict(REVERSE=direction.reversed, COLUMN=direction.column,
+                     HAS_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None, LOWP=lowp,
+                     num_warps=warps)
         if out.numel() > 0:
             module.ssmc_quadratic_fwd[grid](
                 *args, out, *out.stride(), yacc, out if h0 is None else h0, cu,
-                T, H // G, N, P, BT=BT, BNC=BNC, BP=BP,
+                T, H // G, N, P, GH, BT=BT, BNC=BNC, BP=BP,
                 ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1, **flags)
         if final is not None and final.numel() > 0:
             module.ssmc_quadratic_state[state_grid](
                 *args, out if h0 is None else h0, final[i], cu,
-                T, H // G, N, P, BT=BT, BNC=BNS, BP=BP, **flags)
+                T, H // G, N, P, GH, BT=BT, BNC=BNS, BP=BP, **flags)
     return o.result()
 
 
@@ -542,13 +549,12 @@ def attention_matrix(module, plan: Plan, tensors, sizes) -> torch.Tensor:
     bs = block_sizes(plan, N, sizes["p"])
     BT, BNC = bs["BT"], bs["BNC"]
     nb = triton.cdiv(T, BT)
-    args = input_args(prog, tensors)
     with torch.cuda.device(device) if device.type == "cuda" else _NullContext():
-        for direction in prog.recurrence.directions:
+        for i, direction in enumerate(prog.recurrence.directions):
             module.ssmc_quadratic_matrix[(nb, nb, B * H)](
-                *args, M, M, T, H, H // G, N, BT=BT, BNC=BNC,
-                REVERSE=direction is Direction.REVERSE, IS_VARLEN=False,
-                LOWP=_low_precision_dots(device), num_warps=bs["num_warps"])
+                *input_args(prog, tensors, i), M, M, T, H, H // G, N, sizes.get("grid_h", 1),
+                BT=BT, BNC=BNC, REVERSE=direction.reversed, COLUMN=direction.column,
+                IS_VARLEN=False, LOWP=_low_precision_dots(device), num_warps=bs["num_warps"])
     return M
 
 
@@ -570,4 +576,4 @@ def tile_space(ctx):
 # the chunked backward: the same mathematics
 register_lowering(TritonLowering("quadratic", render, launch, supports,
                                  tile_type=QuadraticTile, tile_space=tile_space,
-                                 backward="chunked"))
+                                 backward="chunked", grid_orders=True))
