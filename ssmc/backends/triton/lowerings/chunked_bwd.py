@@ -73,7 +73,7 @@ from __future__ import annotations
 
 from ....ir import Elementwise
 from ....plan import Plan
-from ..common import HEADER, compute_type, dot_type, fp32_precision, input_params
+from ..common import HEADER, compute_type, dot_type, input_params
 from ..render import Context, Emitter, Tile, split_scale
 from ..templates import (HAS_RESET_BELOW, chunk_setup, chunk_state_store, fold_resets, indent,
                          later_sum, rows, seq_setup, split_resets, state_init, with_resets)
@@ -136,8 +136,11 @@ class _Ops:
         self.prog = plan.program
         self.ct = compute_type(plan)
         self.dt = dot_type(plan)
-        self.prec = (f', input_precision="{fp32_precision()}"' if plan.dtype == "float32"
-                     else "")
+        # fp32 matmuls in plain fp32 even on a GPU: with tf32x3 (Triton 3.6, H200) the
+        # decay-free backward's gradients were off by 1.2e-1 relative (bidirectional) and
+        # 1.3e-4 (forward) against 1.7e-7 with "ieee", and one shape faulted reading shared
+        # memory; slower, but only fp32 plans pay it (16-bit plans feed the tensor cores)
+        self.prec = ', input_precision="ieee"' if plan.dtype == "float32" else ""
         self.ctx_qk = Context(self.prog, QK_TILE, body, "qk", self.ct)
         self.ctx_v = Context(self.prog, V_TILE, body, "v", self.ct)
         self.mode = decay_mode(plan)
