@@ -30,6 +30,7 @@ from .._version import __version__
 from ..backends.base import compile_plan, first_available
 from ..devices import device_model, gpu_model
 from ..errors import DeviceLostError
+from ..ir.orders import default_grid
 from ..plan import Plan
 from .cache import TuneCache, TuneKey, packaged_defaults, record_config, report_once
 from .measure import (Measurement, Settings, Timer, default_timer, device_lost, measure,
@@ -78,6 +79,8 @@ def make_task(program, *, backend_name: str, lowering_policy: str, lowerings: li
               device_model: str = "h100", max_configs: int | None = 64) -> Task:
     """A Task over the backend's real kernels, run on `input_sets` (rotated)."""
     device = torch.device(device)
+    if program.on_grid and "grid_h" not in sizes:   # a cross2d kernel reads a grid's shape
+        sizes = dict(sizes, **dict(zip(("grid_h", "grid_w"), default_grid(sizes["t"]))))
     limits = limits or DeviceLimits.from_device(device)
     elem = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}.get(base.dtype, 4)
     space_backend = first_available(backend_name, device)

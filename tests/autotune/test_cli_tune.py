@@ -132,3 +132,21 @@ def test_illegal_lowering(capsys, timer, tmp_path):
 def test_no_gpu_message(capsys, timer):
     code, _, err = run(capsys, "tune", "ssmc.ops.ssd:mamba2", "--shape", SHAPE)
     assert code == 2 and "no CUDA GPU here" in err
+
+
+def test_tune_a_cross2d_definition_on_a_square_grid(capsys, timer, tmp_path):
+    """A cross2d kernel reads the grid's shape; tuning without a call picks the most nearly
+    square grid of t (was: every config failed for want of a grid)."""
+    module = tmp_path / "grid_defs.py"
+    module.write_text("from ssmc.nn_vision import build_ss2d_scan\nss2d = build_ss2d_scan()\n")
+    code, out, err = run(capsys, "tune", f"{module}:ss2d", "--shape",
+                         "b=1,k=4,t=12,h=1,p=4,n=2", "--dtype", "fp32", "--device", "cpu",
+                         "--backend", "reference")
+    assert code == 0, err
+    assert "every config failed" not in err and " ok" in out + err
+
+
+def test_default_grid_is_nearly_square():
+    from ssmc.ir.orders import default_grid
+    assert [default_grid(t) for t in (12, 16, 7, 1, 0)] == [(3, 4), (4, 4), (1, 7), (1, 1),
+                                                             (1, 0)]
