@@ -4,8 +4,8 @@ backend runs, against the float64 sequential reference (tests/backends/*/test_fu
 
 A drawn `Spec` is plain data (so hypothesis shrinks and prints it): the decay structure (none,
 per head "h", "h n", per step "b t h", per key "b t h n", full "b t h p n") and how it is
-squashed, the direction, whether key/query are per group, extra inputs with random axes, and
-expression trees (+ - * / exp log softplus sigmoid silu tanh sqrt abs maximum minimum clamp and
+squashed, the direction (cross2d on a random factorisation of t), whether key/query are per
+group, extra inputs with random axes, and expression trees (+ - * / exp log softplus sigmoid silu tanh sqrt abs maximum minimum clamp and
 Python constants) that modify the key, value, query and decay and form the epilogue over y.
 Operand values are kept finite by construction: log and sqrt take softplus(.) + 0.1, division
 divides by 1 + |.|, exp takes tanh(.). Decays are drawn from the whole domain the language
@@ -150,7 +150,7 @@ def specs(draw) -> Spec:
     return Spec(
         decay=decay,
         squash=draw(st.sampled_from(SQUASHES)),
-        direction=draw(st.sampled_from(["forward", "reverse", "bidirectional"])),
+        direction=draw(st.sampled_from(["forward", "reverse", "bidirectional", "cross2d"])),
         kq=kq, extras=extras,
         decay_mod=None if decay is None else maybe_tree(_canon(decay)),
         key_mod=maybe_tree(set("bthn")),
@@ -280,9 +280,11 @@ def setups(draw, spec: Spec) -> Setup:
     h = draw(st.sampled_from([1, 2, 1, 2, 3, 4]))   # h > 2 limits t to T_SHORT
     g = h if spec.kq == "h" else draw(st.sampled_from([d for d in (1, 2, 3, 4) if h % d == 0]))
     dtype = draw(st.sampled_from([torch.float32] * 3 + [torch.bfloat16]))
+    line = spec.direction != "cross2d"     # a grid takes no states and no packed sequences
     return Setup(
         h=h, g=g, n=draw(st.integers(1, 8)), p=draw(st.integers(1, 9)), dtype=dtype,
-        h0=draw(st.booleans()), final=draw(st.booleans()), varlen=draw(st.booleans()),
+        h0=line and draw(st.booleans()), final=line and draw(st.booleans()),
+        varlen=line and draw(st.booleans()),
         # a quarter: the gradient cases also run the reference's autograd
         grad=dtype == torch.float32 and draw(st.sampled_from([True, False, False, False])))
 
@@ -296,6 +298,7 @@ class Case:
     lengths: tuple | None        # packed sequence lengths (may be 0), summing to t
     edges: float                 # share of the decay input set to EDGE_VALUES
     seed: int
+    grid: tuple | None = None    # cross2d: (H, W) with H * W = t
 
 
 def _lengths(rng: random.Random, t: int) -> tuple:
@@ -321,7 +324,12 @@ def draw_case(rng: random.Random, spec: Spec, setup: Setup, long: bool = False) 
     edges = 0.0
     if spec.decay is not None and rng.random() < 0.5:
         edges = rng.choice(EDGE_SHARES)
-    return Case(b=b, t=t, lengths=lengths, edges=edges, seed=rng.getrandbits(63))
+    grid = None
+    if spec.direction == "cross2d":   # an image has a position; any factorisation of t
+        t = max(t, 1)
+        rows = rng.choice([d for d in range(1, t + 1) if t % d == 0])
+        grid = (rows, t // rows)
+    return Case(b=b, t=t, lengths=lengths, edges=edges, seed=rng.getrandbits(63), grid=grid)
 
 
 def draw_cases(spec: Spec, setup: Setup, values_seed: int, count: int,
@@ -351,6 +359,8 @@ def case_inputs(defn, setup: Setup, case: Case, device) -> tuple[dict, dict]:
             flat[picked] = torch.tensor(EDGE_VALUES)[which][picked]
         inputs[inp.name] = x.to(dtype=setup.dtype, device=device)
     kwargs = dict(return_final_state=setup.final)
+    if case.grid is not None:
+        kwargs["grid"] = case.grid
     num_states = case.b
     if setup.varlen:
         cu = [0, *torch.tensor(case.lengths, dtype=torch.int64).cumsum(0).tolist()]
