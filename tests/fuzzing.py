@@ -6,7 +6,8 @@ A drawn `Spec` is plain data (so hypothesis shrinks and prints it): the decay st
 per head "h", "h n", per step "b t h", per key "b t h n", full "b t h p n") and how it is
 squashed, the direction (cross2d on a random factorisation of t), whether key/query are per
 group, extra inputs with random axes, and expression trees (+ - * / exp log softplus sigmoid
-silu tanh sqrt abs maximum minimum clamp and Python constants) that modify the key, value, query and decay and form the epilogue over y.
+silu tanh sqrt abs maximum minimum clamp and Python constants) that modify the key, value,
+query and decay and form the epilogue over y.
 Operand values are kept finite by construction: log and sqrt take softplus(.) + 0.1, division
 divides by 1 + |.|, exp takes tanh(.). Decays are drawn from the whole domain the language
 accepts: positive ones through sigmoid(.) or exp(-softplus(.)), signed ones through tanh(.),
