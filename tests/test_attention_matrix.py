@@ -197,3 +197,25 @@ def test_attention_matrix_triton_backward_kernels(decay, reduce):
     assert fused(Plan(program=f.program, lowering="quadratic", dtype="float32")) is None
     x = random_inputs(f, dict(SIZES, t=37, n=18), seed=12)
     check(f, x, TOL32, op=ssmc.compile(f, backend="triton"), reduce=reduce)
+
+
+def test_grid_orders_have_no_attention_matrix():
+    """A cross2d op is refused before anything runs, and the backend-neutral paths refuse it
+    too rather than return a matrix of the row orders alone."""
+    from ssmc.backends.chain_rule import CanonicalInputs
+    from ssmc.reference.matrix import attention_matrix as reference_matrix
+
+    @ssmc.ssm
+    def grid(x: S.In["b t h p"], B: S.In["b t h n"], C: S.In["b t h n"]):
+        return S.recurrence(key=B, value=x, query=C, direction="cross2d")
+
+    xs = (torch.randn(1, 6, 1, 2), torch.randn(1, 6, 1, 3), torch.randn(1, 6, 1, 3))
+    with pytest.raises(ssmc.UnsupportedError, match="cross2d"):
+        ssmc.attention_matrix(grid, *xs, grid=(2, 3))
+    tensors = dict(zip(("x", "B", "C"), xs))
+    sizes = dict(b=1, t=6, h=1, g=1, n=3, p=2, grid_h=2, grid_w=3)
+    with pytest.raises(ssmc.UnsupportedError, match="grid orders"):
+        reference_matrix(grid.program, tensors, sizes)
+    env = CanonicalInputs(grid.program, tensors, sizes, torch.float64)
+    with pytest.raises(ssmc.UnsupportedError, match="grid orders"):
+        matrix_rows.rows(grid.program, matrix_rows.operands(grid.program, env), sizes, 0, 6)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UnsupportedError
 from ..ir import DecayKind, Direction, Program
 from ..ir.evaluate import evaluate
 from .chain_rule import CanonicalInputs, ChainRule
@@ -132,6 +133,8 @@ def rows(program: Program, ops: Operands, sizes: dict, t0: int, t1: int) -> torc
     w = None if ops.decay is None else _heads_major(ops.decay, sizes, None)
     total = 0
     for direction in program.recurrence.directions:
+        if direction.column:    # ssmc.matrix refuses grids before this; kept from silence
+            raise UnsupportedError(f"{program.name}: no attention matrix over grid orders")
         if direction is Direction.REVERSE:
             fq, fk = q.flip(2), k.flip(2)
             fw = None if w is None else w.flip(2)

@@ -77,6 +77,8 @@ def attention_matrix(program: Program, tensors: dict, sizes: dict) -> torch.Tens
     T = sizes["t"]
     total = 0
     for direction in program.recurrence.directions:
+        if direction.column:    # ssmc.matrix refuses grids before this; kept from silence
+            raise UnsupportedError(f"{program.name}: no attention matrix over grid orders")
         parts = dict(ops)
         if direction is Direction.REVERSE:
             parts = {k: driver._flip(v) for k, v in parts.items()}
