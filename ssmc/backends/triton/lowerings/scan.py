@@ -13,6 +13,7 @@ from ....plan import Plan
 from ..common import (HEADER, Outputs, emit_output, compute_type, input_args,
                       input_params, next_pow2)
 from ..render import Context, Emitter, Tile, tile_mask
+from ..templates import grid_position, indent
 from ..tiles import ScanTile, scan_space
 from .registry import TritonLowering, register_lowering
 
@@ -21,18 +22,14 @@ FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
 #: the position t_idx that step i visits (the backward's kernels share it). A column order
 #: (cross2d) reads the row-major H x W grid column by column straight from memory: step u is
 #: grid row u % GH, column u // GH. Such plans have no packed sequences (start = 0, end = T).
-T_OF_I = '''if REVERSE:
+T_OF_I = f'''if REVERSE:
     u = end - 1 - i
 else:
     u = start + i
 if COLUMN:
-    t_idx = (u % GH) * (T // GH) + u // GH
+    t_idx = {grid_position("u")}
 else:
     t_idx = u'''
-
-
-def indent(text: str, level: int) -> str:
-    return "\n".join("    " * level + line for line in text.splitlines())
 
 
 def _operand(ctx: Context, node, name: str, mask_axes) -> str:

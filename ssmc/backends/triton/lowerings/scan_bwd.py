@@ -35,7 +35,8 @@ from ....plan import Plan
 from ..common import (HEADER, chunk_layout, compute_dtype, compute_type, direction_slices,
                       input_args, input_params, next_pow2, num_sequences)
 from ..render import Context, Emitter, Tile, tile_mask
-from .scan import T_OF_I, indent
+from ..templates import indent
+from .scan import T_OF_I
 
 FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
 
