@@ -63,7 +63,7 @@ def gradient_problems(grads: dict, g_h0, ref_grads: dict, ref_h0, inputs: dict, 
 
 def check_triton(definition, inputs: dict, *, lowering: str = "scan", tol: float | None = None,
                  initial_state=None, return_final_state: bool = False, cu_seqlens=None,
-                 label: str = "", by_magnitude: bool = False) -> dict[str, float]:
+                 grid=None, label: str = "", by_magnitude: bool = False) -> dict[str, float]:
     """Run `definition` on the Triton backend with `lowering` and compare the output (and the
     final state) with `ssmc.reference.scan` in float64 on the same (rounded) inputs.
 
@@ -79,6 +79,8 @@ def check_triton(definition, inputs: dict, *, lowering: str = "scan", tol: float
         extra["initial_state"] = initial_state
     if cu_seqlens is not None:
         extra["cu_seqlens"] = cu_seqlens
+    if grid is not None:    # cross2d
+        extra["grid"] = grid
     result = op(**inputs, **extra)
     out, final = result if return_final_state else (result, None)
 
