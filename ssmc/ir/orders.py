@@ -85,5 +85,7 @@ def grid_step_positions(direction: Direction, grid_h: int, grid_w: int,
 def default_grid(t: int) -> tuple[int, int]:
     """The most nearly square H x W = t (H <= W): a grid to tune or explain a cross2d kernel
     when no call named one."""
-    h = max(d for d in range(1, int(t ** 0.5) + 1) if t % d == 0) if t > 0 else 1
-    return h, max(t // h, 1) if t > 0 else 0
+    if t < 1:
+        return 1, 0
+    h = max(d for d in range(1, int(t ** 0.5) + 1) if t % d == 0)
+    return h, t // h

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..errors import SpecError
 from .nodes import AXES, OPERAND_AXES, RESERVED_NAMES, Y, Y_AXES, Elementwise, Program, canonical_axes
+from .orders import has_order_axis
 
 
 def expr_axes(expr, input_axes: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
@@ -58,7 +59,7 @@ def verify(program: Program) -> Program:
         raise SpecError(f"{where}: the output does not use the recurrence's result")
     if not r.directions:
         raise SpecError(f"{where}: the recurrence has no direction")
-    if any("k" in i.axes for i in program.inputs) and not program.on_grid:
+    if has_order_axis(program) and not program.on_grid:
         raise SpecError(f"{where}: an input has the order axis 'k', but the recurrence has no "
                         "grid orders (direction='cross2d')")
     if program.log_decay is not None and r.decay is not None:
