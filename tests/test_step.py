@@ -483,11 +483,15 @@ def test_decode_index_shape_is_per_token():
 
 # --------------------------------------------------------------------------- CUDA graphs (GPU)
 
+#: tokens per case of the CUDA step tests
+CUDA_STEPS = 5
+
+
 def _cuda_step_case(b=4, slots=7, state_dtype=torch.float32):
     definition, sizes, ranges = CASES["ssd"]
     op = ssmc.compile(definition, backend="triton")
     sizes = dict(sizes, b=b)
-    T = 5
+    T = CUDA_STEPS
     inputs = {k: v.cuda() for k, v in _inputs(op.program, sizes, ranges, T, seed=12).items()}
     h, n, p = (sizes[a] for a in "hnp")
     cache = torch.randn(slots, h, n, p, device="cuda").to(state_dtype)
@@ -529,7 +533,7 @@ def test_step_cuda_graph_replay_matches_eager(state_dtype):
 
 @pytest.mark.gpu
 def test_decode_cuda_graph_replay_writes_per_token_slots():
-    op, inputs, cache, index, T = _cuda_step_case(slots=8 + 4 * T)
+    op, inputs, cache, index, T = _cuda_step_case(slots=8 + 4 * CUDA_STEPS)
     # slots apart from the sources (5, 0, 3) and from each other: no program reads a slot
     # another writes
     out_index = 8 + torch.arange(4 * T, device="cuda").view(4, T)
