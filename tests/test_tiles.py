@@ -56,8 +56,8 @@ def test_plan_reads_its_tile_by_type():
 def test_config_apply_types_the_tile_by_backend_lowering():
     plan = Config.make("scan", {"BP": 16, "num_warps": 2}).apply(PLAN, "triton")
     assert plan.lowering == "scan" and plan.tile == ScanTile(BP=16, num_warps=2)
-    with pytest.raises(ssmc.ConfigError, match=r"ScanTile has no field 'BT'"):
-        Config.make("scan", {"BT": 16}).apply(PLAN, "triton")
+    with pytest.raises(ssmc.ConfigError, match=r"ScanTile has no field 'CS'"):
+        Config.make("scan", {"CS": 16}).apply(PLAN, "triton")
     with pytest.raises(ssmc.ConfigError, match=r"backend 'tvm' reads no tile parameters for "
                        r"the 'scan' lowering"):
         Config.make("scan", {"BP": 16}).apply(PLAN, "tvm")

@@ -49,13 +49,14 @@ def input_params(program: Program) -> str:
     return ", ".join(n for inp in program.inputs for n in arg_names(inp))
 
 
-def input_args(program: Program, tensors: dict, order: int = 0) -> list:
+def input_args(program: Program, tensors: dict, order: int | None = 0) -> list:
     """Each input's tensor and strides; an input with the order axis `k` (cross2d) as its
-    slice `order`, a view of size 1 along k (kernels read k index 0)."""
+    slice `order`, a view of size 1 along k (kernels read k index 0), or whole where `order`
+    is None (kernels that index k themselves: a tile with `k` fixed)."""
     args = []
     for inp in program.inputs:
         x = tensors[inp.name]
-        if "k" in inp.axes:
+        if "k" in inp.axes and order is not None:
             x = x.narrow(inp.axes.index("k"), order, 1)
         args.append(x)
         args.extend(x.stride())

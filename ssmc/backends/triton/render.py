@@ -59,8 +59,8 @@ def input_pointer_and_mask(inp: Input, tile: Tile) -> tuple[str, str | None]:
             else:
                 terms.append(f"{tile.broadcast(offs, a)} * {stride}")
             masks.append(tile.broadcast(mask, lookup))
-        elif a == "k":   # the launch passes each scan order its own slice (k size 1)
-            continue
+        elif a == "k" and "k" not in tile.fixed:
+            continue     # the launch passes each scan order its own slice (k size 1)
         else:
             terms.append(f"({tile.fixed[a]}) * {stride}")
     ptr = f"{inp.name}_ptr + " + " + ".join(terms)

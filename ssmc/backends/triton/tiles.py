@@ -17,6 +17,7 @@ from ...tiles import SpaceContext, Tile, TileSpace, count, next_pow2, pow2, pow2
 @dataclass(frozen=True)
 class ScanTile(Tile):
     BP: int | None = pow2("value channels per program (the state tile is n x BP)")
+    BT: int | None = pow2("steps per block (one prefix scan over a [BT, n, BP] tile)")
     num_warps: int | None = pow2("warps per program")
 
 
@@ -92,16 +93,17 @@ def chunked_space(ctx: SpaceContext, built_in: dict) -> TileSpace:
     return default, axes, check
 
 
-def scan_space(ctx: SpaceContext, BN: int, BP: int) -> TileSpace:
-    """`BN`, `BP`: the scan's built-in blocks at ctx's sizes."""
+def scan_space(ctx: SpaceContext, BN: int, BP: int, BT: int) -> TileSpace:
+    """`BN`, `BP`, `BT`: the scan's built-in blocks at ctx's sizes."""
     P = ctx.sizes["p"]
-    axes = {"BP": pow2_upto(2, min(64, max(next_pow2(P), 2))), "num_warps": (1, 2, 4, 8)}
-    default = {"BP": BP, "num_warps": 4}
+    axes = {"BP": pow2_upto(2, min(64, max(next_pow2(P), 2))), "BT": (2, 4, 8, 16, 32),
+            "num_warps": (1, 2, 4, 8)}
+    default = {"BP": BP, "BT": BT, "num_warps": 4}
 
     def check(v, ctx):
         threads = 32 * v["num_warps"]
-        # the n x BP state and the per-step operand tiles live in registers
-        return ctx.fits(threads, 0, 3 * BN * v["BP"] / threads)
+        # the n x BP state and about six [BT, n, BP] block tiles live in registers
+        return ctx.fits(threads, 0, (BN * v["BP"] + 6 * v["BT"] * BN * v["BP"]) / threads)
 
     return default, axes, check
 

@@ -408,3 +408,64 @@ def test_scan_gpu_real_shapes_varlen(lowering, triton_check):
     triton_check(defn, inputs, lowering=lowering,
                  initial_state=state_for(defn, sizes, num_states=len(lengths)).cuda(),
                  return_final_state=True, cu_seqlens=cu_seqlens(lengths).cuda())
+
+
+@pytest.mark.parametrize("direction", ("bidirectional", "cross2d"))
+def test_scan_orders_summed_atomically_or_one_launch_each(direction, monkeypatch):
+    """Several orders run in one launch and add into an fp32 accumulator atomically; with
+    torch's deterministic algorithms on, one launch per order instead. Both equal the float64
+    reference; the deterministic path gives the same bits on every call."""
+    import dataclasses
+
+    from ssmc.backends.triton.lowerings.registry import LOWERINGS
+
+    defn = _ssd_like(direction)
+    sizes = dict(b=2, t=12, h=2, g=1, n=3, p=5)
+    grid = (3, 4) if direction == "cross2d" else None
+    orders = 4 if grid else 2
+    inputs = inputs_for(defn, sizes, seed=9)
+    kw = {"grid": grid} if grid else dict(initial_state=state_for(defn, sizes),
+                                          return_final_state=True)
+    op = ssmc.compile(defn, backend="triton", lowering="scan")
+    ref = ssmc.compile(defn, backend="reference", lowering="scan")
+    want = ref(**{k: v.double() for k, v in inputs.items()},
+               **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    launches = []
+    scan = LOWERINGS["scan"]
+
+    def counting(module, *args, **kwargs):
+        kernel = module.ssmc_scan_fwd
+
+        class Count:
+            def __getitem__(self, launch_grid):
+                launches.append(launch_grid)
+                return kernel[launch_grid]
+        return scan.launch(_Proxy(module, ssmc_scan_fwd=Count()), *args, **kwargs)
+
+    monkeypatch.setitem(LOWERINGS, "scan", dataclasses.replace(scan, launch=counting))
+    results = {}
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            launches.clear()
+            results[deterministic] = [op(**inputs, **kw) for _ in range(2)]
+            assert len(launches) == (2 * orders if deterministic else 2), launches
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    y = (lambda r: r) if grid else (lambda r: r[0])
+    for got in results[False] + results[True]:
+        assert _rel(y(got), y(want)) <= 1e-5
+        if not grid:
+            assert _rel(got[1], want[1]) <= 1e-5
+    assert torch.equal(y(results[True][0]), y(results[True][1]))
+
+
+class _Proxy:
+    """A module whose named attributes are replaced (the rest read from `module`)."""
+
+    def __init__(self, module, **replaced):
+        self._module, self._replaced = module, replaced
+
+    def __getattr__(self, name):
+        return self._replaced.get(name) or getattr(self._module, name)

@@ -1,23 +1,37 @@
-"""The scan lowering: one program per (sequence, head, p-block), sequential over t.
+"""The scan lowering: one program per (sequence, head, p-block, order), sequential over t in
+blocks of BT steps.
 
-The n x BP block of the state lives in registers for the whole sequence. Operands that do not
-vary in t are computed once before the loop. Every decay structure is legal here, including a
-decay that varies over p (Mamba-1 with p > 1). Every order, the grid's column orders of cross2d
-included, is one launch that indexes its steps' positions in place (no permuted copies).
+The n x BP block of the state lives in registers for the whole sequence. Each block's operands
+are loaded and computed for BT steps at once (a [BT, n, BP] tile: every load of the block in
+flight together), and the BT steps of the recurrence S_t = a_t * S_{t-1} + k_t v_t^T are one
+parallel prefix scan over (a, kv) pairs in registers: a step-at-a-time loop waits on its loads'
+latency every step and leaves the GPU idle at the program counts a scan has. Operands that do
+not vary in t are computed once before the loop. Every decay structure is legal here, including
+a decay that varies over p (Mamba-1 with p > 1).
+
+Every order of the op (both directions of a bidirectional op, the four of cross2d) runs in the
+same launch, one program per order (its flags unpacked from the REV_BITS / COL_BITS masks), the
+grid's column orders indexed in place (no permuted copies). The orders' outputs are summed in
+an fp32 accumulator with atomic adds and a second small kernel applies the epilogue; under
+`torch.use_deterministic_algorithms(True)` the orders run one launch each instead, each adding
+the earlier ones' sum, so that the output's bits do not depend on the order of the adds.
 """
 from __future__ import annotations
 
+import torch
 import triton
 
 from ....plan import Plan
 from ..common import (HEADER, Outputs, emit_output, compute_type, input_args,
                       input_params, next_pow2)
 from ..render import Context, Emitter, Tile, tile_mask
-from ..templates import grid_position, indent
+from ..templates import grid_position, indent, rows
 from ..tiles import ScanTile, scan_space
 from .registry import TritonLowering, register_lowering
 
-FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
+FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx", "k": "order"}
+#: a block of BT steps: t is tiled too
+BLOCK_FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx", "k": "order"}
 
 #: the position t_idx that step i visits (the backward's kernels share it). A column order
 #: (cross2d) reads the row-major H x W grid column by column straight from memory: step u is
@@ -30,6 +44,19 @@ if COLUMN:
     t_idx = {grid_position("u")}
 else:
     t_idx = u'''
+
+#: which order a program runs (the third grid axis is p-blocks x orders) and its flags
+ORDER_OF_PROGRAM = '''order = tl.program_id(2) // NPB + FIRST_ORDER
+pid_p = tl.program_id(2) % NPB
+REVERSE = ((REV_BITS >> order) & 1) != 0
+COLUMN = ((COL_BITS >> order) & 1) != 0'''
+
+#: the prefix scan's operator: composing S -> a1 S + b1 with S -> a2 S + b2
+AFFINE = '''
+@triton.jit
+def _ssmc_affine(a1, b1, a2, b2):
+    return a1 * a2, a2 * b1 + b2
+'''
 
 
 def _operand(ctx: Context, node, name: str, mask_axes) -> str:
@@ -46,41 +73,62 @@ def render(plan: Plan) -> str:
     prog = plan.program
     rec = prog.recurrence
     ct = compute_type(plan)
-    state_tile = Tile([("n", "offs_n", "mask_n"), ("p", "offs_p", "mask_p")], FIXED)
-    out_tile = Tile([("p", "offs_p", "mask_p")], FIXED)
+    block = Tile([("t", "t_row", "mask_t"), ("n", "offs_n", "mask_n"),
+                  ("p", "offs_p", "mask_p")], BLOCK_FIXED)
+    out_tile = Tile([("t", "t_row", "mask_t"), ("p", "offs_p", "mask_p")], BLOCK_FIXED)
 
     pre = Emitter(indent=1)     # before the loop: time-invariant operands
-    body = Emitter(indent=2)    # per step
-    outer = Context(prog, state_tile, pre, "c", ct)
-    inner = Context(prog, state_tile, body, "s", ct)
+    body = Emitter(indent=2)    # per block of BT steps
+    outer = Context(prog, block, pre, "c", ct)
+    inner = Context(prog, block, body, "s", ct)
     operands = {"decay": rec.decay, "key": rec.key, "value": rec.value, "query": rec.query}
     for name, node in operands.items():
         if node is None:
             continue
         ctx = inner if "t" in node.axes else outer
         _operand(ctx, node, name, ("n", "p"))
-    update = "state = decay * state + key * value" if rec.decay is not None else \
-        "state = state + key * value"
-    body(update)
-    body("y = tl.sum(query * state, axis=0)")
-    emit_output(body, prog, out_tile, ct, "t_idx", "offs_p", "mask_p")
+    full = "(BT, BN, BP)"
+    rows_valid = "mask_t[:, None, None]"
+    # rows past the sequence's end are the identity step (a = 1, kv = 0): the state after the
+    # block's last row is then the state after its last valid step
+    if rec.decay is not None:
+        body(f"a = tl.where({rows_valid}, tl.broadcast_to(decay, {full}), 1.0)")
+    else:
+        body(f"a = tl.full({full}, 1.0, {ct})")
+    body(f"kv = tl.where({rows_valid}, tl.broadcast_to(key * value, {full}), 0.0)")
+    body("a, kv = tl.associative_scan((a, kv), 0, _ssmc_affine)")
+    body("states = a * state[None, :, :] + kv")
+    body("y = tl.sum(query * states, axis=1)")
+    body("state = tl.sum(tl.where(last_row[:, None, None], states, 0.0), axis=0)")
+    body("y_mask = mask_t[:, None] & mask_p[None, :]")
+    body("if ATOMIC:")
+    with body.block():
+        body("tl.atomic_add(yacc_ptr + ((b_idx * T + t_row[:, None]) * H + h_idx) * P "
+             "+ offs_p[None, :], y, mask=y_mask, sem=\"relaxed\")")
+    body("else:")
+    with body.block():
+        emit_output(body, prog, out_tile, ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
 
-    return HEADER + f'''
+    # the epilogue of an atomically summed output: one program per (sequence, block of rows,
+    # head)
+    epi = Emitter(indent=1)
+    emit_output(epi, prog, out_tile, ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
+
+    return HEADER + AFFINE + f'''
 @triton.jit
 def ssmc_scan_fwd(
     {input_params(prog)},
     out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
     yacc_ptr, h0_ptr, hT_ptr, cu_ptr,
-    T, HPG, N, P, GH,
-    BN: tl.constexpr, BP: tl.constexpr, REVERSE: tl.constexpr, COLUMN: tl.constexpr,
-    HAS_H0: tl.constexpr,
+    T, HPG, N, P, GH, NPB, FIRST_ORDER, REV_BITS, COL_BITS,
+    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
-    WRITE_OUT: tl.constexpr,
+    WRITE_OUT: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     h_idx = tl.program_id(1).to(tl.int64)
     H = tl.num_programs(1)
-    pid_p = tl.program_id(2)
+{indent(ORDER_OF_PROGRAM, 1)}
     g_idx = h_idx // HPG
     if IS_VARLEN:
         b_idx = seq * 0
@@ -90,33 +138,84 @@ def ssmc_scan_fwd(
         b_idx = seq
         start = seq * 0
         end = start + T
+    length = end - start
+    offs_c = tl.arange(0, BT)
+    last_row = offs_c == BT - 1
     offs_n = tl.arange(0, BN)
     mask_n = offs_n < N
     offs_p = pid_p * BP + tl.arange(0, BP)
     mask_p = offs_p < P
-    state_off = ((seq * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]
+    # hT_ptr and h0_ptr hold one (S, H, N, P) block per order of the launch
+    state_off = ((((order - FIRST_ORDER) * tl.num_programs(0) + seq) * H + h_idx) * N
+                 + offs_n[:, None]) * P + offs_p[None, :]
     state_mask = mask_n[:, None] & mask_p[None, :]
     if HAS_H0:
         state = tl.load(h0_ptr + state_off, mask=state_mask, other=0.0).to({ct})
     else:
         state = tl.zeros([BN, BP], dtype={ct})
 {pre.text()}
-    for i in range(0, end - start):
-{indent(T_OF_I, 2)}
+    for c0 in range(0, length, BT):
+{indent(rows(), 2)}
 {body.text()}
     if STORE_HT:
         tl.store(hT_ptr + state_off, state, mask=state_mask)
+
+
+@triton.jit
+def ssmc_scan_epilogue(
+    {input_params(prog)},
+    out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
+    yacc_ptr, T, HPG, P,
+    BT: tl.constexpr, BP: tl.constexpr,
+):
+    b_idx = tl.program_id(0).to(tl.int64)
+    t_row = tl.program_id(1).to(tl.int64) * BT + tl.arange(0, BT)
+    h_idx = tl.program_id(2).to(tl.int64)
+    H = tl.num_programs(2)
+    g_idx = h_idx // HPG
+    order = 0
+    mask_t = t_row < T
+    offs_p = tl.arange(0, BP)
+    mask_p = offs_p < P
+    y_mask = mask_t[:, None] & mask_p[None, :]
+    y = tl.zeros([BT, BP], dtype={ct})
+    ACCUM_IN: tl.constexpr = True
+    WRITE_OUT: tl.constexpr = True
+{epi.text()}
 '''
 
 
 def block_sizes(N: int, P: int, tile: dict | None = None) -> tuple[int, int]:
     """All of n (the query contraction) and a p-block that keeps the state tile at or under
-    4096 fp32 values; `tile` (plan.tile) may set BP."""
+    4096 fp32 values; `tile` (plan.tile) may set BP. (The decode step's blocks.)"""
     BN = max(next_pow2(N), 2)
     BP = max(min(next_pow2(P), max(4096 // BN, 2), 32), 2)
     if tile and "BP" in tile:
         BP = tile["BP"]
     return BN, BP
+
+
+#: values of one [BT, n, BP] block tile: a handful of such tiles are live in the loop
+BLOCK_VALUES = 2048
+#: steps per block at most (the prefix scan's depth is log2 of it)
+MAX_BT = 16
+
+
+def scan_blocks(N: int, P: int, tile: dict | None = None) -> tuple[int, int, int]:
+    """(BN, BP, BT): all of n; a p-block narrow enough that a block of MAX_BT steps fits
+    BLOCK_VALUES (narrow p-blocks also give more programs to a scan that has few); steps per
+    block to fill the rest. `tile` may set BP and BT."""
+    tile = tile or {}
+    BN = max(next_pow2(N), 2)
+    BP = tile.get("BP") or max(min(next_pow2(P), 32, BLOCK_VALUES // (BN * MAX_BT)), 2)
+    BT = tile.get("BT") or max(min(MAX_BT, BLOCK_VALUES // (BN * BP)), 2)
+    return BN, BP, BT
+
+
+def _order_bits(dirs) -> tuple[int, int]:
+    rev = sum(1 << i for i, d in enumerate(dirs) if d.reversed)
+    col = sum(1 << i for i, d in enumerate(dirs) if d.column)
+    return rev, col
 
 
 def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_out=None):
@@ -130,28 +229,41 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
     if o.empty:
         return o.result()
     device, S, dirs = o.device, o.S, o.dirs
-    out, final, yacc, h0s = o.out, o.final, o.yacc, o.h0s
+    out, final, yacc = o.out, o.final, o.yacc
     tile = plan.tile_dict()
-    BN, BP = block_sizes(N, P, tile)
-    grid = (S, H, triton.cdiv(P, BP))
+    BN, BP, BT = scan_blocks(N, P, tile)
+    NPB = triton.cdiv(P, BP)
+    rev, col = _order_bits(dirs)
     warps = {"num_warps": tile["num_warps"]} if "num_warps" in tile and device.type == "cuda" else {}
-    for i, direction in enumerate(dirs):
-        h0 = None if h0s[i] is None else h0s[i].contiguous()
-        module.ssmc_scan_fwd[grid](
-            *input_args(prog, tensors, i), out, *out.stride(), yacc,
-            out if h0 is None else h0, out if final is None else final[i],
-            out if cu_seqlens is None else cu_seqlens,
-            T, H // G, N, P, sizes.get("grid_h", 1),
-            BN=BN, BP=BP, REVERSE=direction.reversed, COLUMN=direction.column,
-            HAS_H0=h0 is not None,
-            STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None,
-            ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1, **warps,
-        )
+    args = input_args(prog, tensors, None)
+    common = dict(BN=BN, BP=BP, BT=BT, HAS_H0=initial_state is not None,
+                  STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None, **warps)
+    one_launch = len(dirs) == 1 or not torch.are_deterministic_algorithms_enabled()
+    if one_launch:
+        h0 = None if initial_state is None else initial_state.contiguous()
+        module.ssmc_scan_fwd[(S, H, NPB * len(dirs))](
+            *args, out, *out.stride(), yacc, out if h0 is None else h0,
+            out if final is None else final, out if cu_seqlens is None else cu_seqlens,
+            T, H // G, N, P, sizes.get("grid_h", 1), NPB, 0, rev, col,
+            ACCUM_IN=False, WRITE_OUT=True, ATOMIC=len(dirs) > 1, **common)
+        if len(dirs) > 1 and out.numel():
+            BTE = 16
+            module.ssmc_scan_epilogue[(B, triton.cdiv(T, BTE), H)](
+                *args, out, *out.stride(), yacc, T, H // G, P,
+                BT=BTE, BP=max(next_pow2(P), 2))
+        return o.result()
+    for i, h0 in enumerate(o.h0s):
+        h0 = None if h0 is None else h0.contiguous()
+        module.ssmc_scan_fwd[(S, H, NPB)](
+            *args, out, *out.stride(), yacc, out if h0 is None else h0,
+            out if final is None else final[i], out if cu_seqlens is None else cu_seqlens,
+            T, H // G, N, P, sizes.get("grid_h", 1), NPB, i, rev, col,
+            ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1, ATOMIC=False, **common)
     return o.result()
 
 
 def tile_space(ctx):
-    return scan_space(ctx, *block_sizes(ctx.sizes["n"], ctx.sizes["p"]))
+    return scan_space(ctx, *scan_blocks(ctx.sizes["n"], ctx.sizes["p"]))
 
 
 register_lowering(TritonLowering("scan", render, launch, tile_type=ScanTile,
