@@ -45,12 +45,6 @@ if COLUMN:
 else:
     t_idx = u'''
 
-#: which order a program runs (the third grid axis is p-blocks x orders) and its flags
-ORDER_OF_PROGRAM = '''order = tl.program_id(2) // NPB + FIRST_ORDER
-pid_p = tl.program_id(2) % NPB
-REVERSE = ((REV_BITS >> order) & 1) != 0
-COLUMN = ((COL_BITS >> order) & 1) != 0'''
-
 #: the prefix scan's operator: composing S -> a1 S + b1 with S -> a2 S + b2
 AFFINE = '''
 @triton.jit
@@ -69,66 +63,16 @@ def _operand(ctx: Context, node, name: str, mask_axes) -> str:
     return name
 
 
-def render(plan: Plan) -> str:
-    prog = plan.program
-    rec = prog.recurrence
-    ct = compute_type(plan)
-    block = Tile([("t", "t_row", "mask_t"), ("n", "offs_n", "mask_n"),
-                  ("p", "offs_p", "mask_p")], BLOCK_FIXED)
-    out_tile = Tile([("t", "t_row", "mask_t"), ("p", "offs_p", "mask_p")], BLOCK_FIXED)
-
-    pre = Emitter(indent=1)     # before the loop: time-invariant operands
-    body = Emitter(indent=2)    # per block of BT steps
-    outer = Context(prog, block, pre, "c", ct)
-    inner = Context(prog, block, body, "s", ct)
-    operands = {"decay": rec.decay, "key": rec.key, "value": rec.value, "query": rec.query}
-    for name, node in operands.items():
-        if node is None:
-            continue
-        ctx = inner if "t" in node.axes else outer
-        _operand(ctx, node, name, ("n", "p"))
-    full = "(BT, BN, BP)"
-    rows_valid = "mask_t[:, None, None]"
-    # rows past the sequence's end are the identity step (a = 1, kv = 0): the state after the
-    # block's last row is then the state after its last valid step
-    if rec.decay is not None:
-        body(f"a = tl.where({rows_valid}, tl.broadcast_to(decay, {full}), 1.0)")
-    else:
-        body(f"a = tl.full({full}, 1.0, {ct})")
-    body(f"kv = tl.where({rows_valid}, tl.broadcast_to(key * value, {full}), 0.0)")
-    body("a, kv = tl.associative_scan((a, kv), 0, _ssmc_affine)")
-    body("states = a * state[None, :, :] + kv")
-    body("y = tl.sum(query * states, axis=1)")
-    body("state = tl.sum(tl.where(last_row[:, None, None], states, 0.0), axis=0)")
-    body("y_mask = mask_t[:, None] & mask_p[None, :]")
-    body("if ATOMIC:")
-    with body.block():
-        body("tl.atomic_add(yacc_ptr + ((b_idx * T + t_row[:, None]) * H + h_idx) * P "
-             "+ offs_p[None, :], y, mask=y_mask, sem=\"relaxed\")")
-    body("else:")
-    with body.block():
-        emit_output(body, prog, out_tile, ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
-
-    # the epilogue of an atomically summed output: one program per (sequence, block of rows,
-    # head)
-    epi = Emitter(indent=1)
-    emit_output(epi, prog, out_tile, ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
-
-    return HEADER + AFFINE + f'''
-@triton.jit
-def ssmc_scan_fwd(
-    {input_params(prog)},
-    out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
-    yacc_ptr, h0_ptr, hT_ptr, cu_ptr,
-    T, HPG, N, P, GH, NPB, FIRST_ORDER, REV_BITS, COL_BITS,
-    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr,
-    STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
-    WRITE_OUT: tl.constexpr, ATOMIC: tl.constexpr,
-):
-    seq = tl.program_id(0).to(tl.int64)
+#: a program's sequence, head, order and p-block; its rows [start, end) (packed sequences read
+#: theirs from cu_ptr); the n and p offsets of its state tile (state_off: one (S, H, N, P)
+#: block per order of the launch)
+SETUP = '''    seq = tl.program_id(0).to(tl.int64)
     h_idx = tl.program_id(1).to(tl.int64)
     H = tl.num_programs(1)
-{indent(ORDER_OF_PROGRAM, 1)}
+    order = tl.program_id(2) // NPB + FIRST_ORDER
+    pid_p = tl.program_id(2) % NPB
+    REVERSE = ((REV_BITS >> order) & 1) != 0
+    COLUMN = ((COL_BITS >> order) & 1) != 0
     g_idx = h_idx // HPG
     if IS_VARLEN:
         b_idx = seq * 0
@@ -145,10 +89,86 @@ def ssmc_scan_fwd(
     mask_n = offs_n < N
     offs_p = pid_p * BP + tl.arange(0, BP)
     mask_p = offs_p < P
-    # hT_ptr and h0_ptr hold one (S, H, N, P) block per order of the launch
     state_off = ((((order - FIRST_ORDER) * tl.num_programs(0) + seq) * H + h_idx) * N
                  + offs_n[:, None]) * P + offs_p[None, :]
-    state_mask = mask_n[:, None] & mask_p[None, :]
+    state_mask = mask_n[:, None] & mask_p[None, :]'''
+
+#: the kernels' parameters that SETUP reads
+SETUP_PARAMS = "NPB, FIRST_ORDER, REV_BITS, COL_BITS"
+
+BLOCK = Tile([("t", "t_row", "mask_t"), ("n", "offs_n", "mask_n"), ("p", "offs_p", "mask_p")],
+             BLOCK_FIXED)
+OUT_TILE = Tile([("t", "t_row", "mask_t"), ("p", "offs_p", "mask_p")], BLOCK_FIXED)
+
+
+def emit_operands(prog, ct: str, pre: Emitter, body: Emitter, names, tag: str = "") -> None:
+    """The recurrence operands `names` (decay, key, value, query) on the block tile, zero
+    outside its n and p masks: time-invariant ones into `pre` (before the loop), the others
+    into `body` (per block). `tag` tells apart two kernels' variables in one module."""
+    rec = prog.recurrence
+    outer = Context(prog, BLOCK, pre, f"c{tag}", ct)
+    inner = Context(prog, BLOCK, body, f"s{tag}", ct)
+    for name in names:
+        node = getattr(rec, name)
+        if node is not None:
+            _operand(inner if "t" in node.axes else outer, node, name, ("n", "p"))
+
+
+def emit_block_states(rec, ct: str, body: Emitter) -> None:
+    """`states` [BT, n, BP]: the state after each row of the block, from `state` (the state
+    entering it) and the operands; `a` the rows' decays. Rows past the sequence's end are the
+    identity step (a = 1, kv = 0), so the block's last row holds the state after its last valid
+    step."""
+    full = "(BT, BN, BP)"
+    rows_valid = "mask_t[:, None, None]"
+    if rec.decay is not None:
+        body(f"a = tl.where({rows_valid}, tl.broadcast_to(decay, {full}), 1.0)")
+    else:
+        body(f"a = tl.full({full}, 1.0, {ct})")
+    body(f"kv = tl.where({rows_valid}, tl.broadcast_to(key * value, {full}), 0.0)")
+    body("a_cum, kv_cum = tl.associative_scan((a, kv), 0, _ssmc_affine)")
+    body("states = a_cum * state[None, :, :] + kv_cum")
+
+
+def last_state() -> str:
+    return "state = tl.sum(tl.where(last_row[:, None, None], states, 0.0), axis=0)"
+
+
+def render(plan: Plan) -> str:
+    prog = plan.program
+    ct = compute_type(plan)
+    pre = Emitter(indent=1)     # before the loop: time-invariant operands
+    body = Emitter(indent=2)    # per block of BT steps
+    emit_operands(prog, ct, pre, body, ("decay", "key", "value", "query"))
+    emit_block_states(prog.recurrence, ct, body)
+    body("y = tl.sum(query * states, axis=1)")
+    body(last_state())
+    body("y_mask = mask_t[:, None] & mask_p[None, :]")
+    body("if ATOMIC:")
+    with body.block():
+        body("tl.atomic_add(yacc_ptr + ((b_idx * T + t_row[:, None]) * H + h_idx) * P "
+             "+ offs_p[None, :], y, mask=y_mask, sem=\"relaxed\")")
+    body("else:")
+    with body.block():
+        emit_output(body, prog, OUT_TILE, ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
+
+    # the epilogue of an atomically summed output: one program per (sequence, block of rows,
+    # head)
+    epi = Emitter(indent=1)
+    emit_output(epi, prog, OUT_TILE, ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
+
+    return HEADER + AFFINE + f'''
+@triton.jit
+def ssmc_scan_fwd(
+    {input_params(prog)},
+    out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
+    yacc_ptr, h0_ptr, hT_ptr, cu_ptr,
+    T, HPG, N, P, GH, {SETUP_PARAMS},
+    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr,
+    STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
+    WRITE_OUT: tl.constexpr, ATOMIC: tl.constexpr,
+):
+{SETUP}
     if HAS_H0:
         state = tl.load(h0_ptr + state_off, mask=state_mask, other=0.0).to({ct})
     else:
