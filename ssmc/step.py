@@ -172,29 +172,32 @@ def _launcher(op, plan: Plan, device: torch.device, t_axis: dict):
     return launcher
 
 
-class _Uncached(Exception):
-    """An argument that is not a tensor: the call is checked in full every time."""
-
-
-def _meta(x, optional: bool = False):
-    if x is None and optional:
-        return None
-    if not isinstance(x, torch.Tensor):
-        raise _Uncached
-    return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
-
-
 def _signature(tokens, state, args, kwargs, slots, out_slots):
-    """Everything the checks look at, so that a repeated call with tensors of the same shapes,
-    strides, dtypes and devices can skip straight to the launch (decode loops call this once
-    per token, where microseconds of Python are a visible share of the time); None where an
-    argument is not a tensor."""
-    try:
-        return (tokens, _meta(state), _meta(slots, True), _meta(out_slots, True),
-                tuple(_meta(a) for a in args),
-                tuple((k, _meta(v)) for k, v in sorted(kwargs.items())))
-    except _Uncached:
+    """Everything the checks look at (shapes, strides, dtypes, devices, the state's
+    requires_grad), so that a repeated call with tensors of the same metadata can skip straight
+    to the launch (decode loops call this once per token and layer, where microseconds of Python
+    are a visible share of the time); None where an argument is not a tensor: such a call is
+    checked in full every time."""
+    Tensor = torch.Tensor
+    metas = tuple([(a.shape, a.stride(), a.dtype, a.device) for a in args
+                   if isinstance(a, Tensor)])
+    if len(metas) != len(args) or not isinstance(state, Tensor):
         return None
+    sig = (_STEP_KEY, tokens, state.shape, state.stride(), state.dtype, state.device,
+           state.requires_grad, metas)
+    for idx in (slots, out_slots):
+        if idx is None:
+            sig += (None,)
+        elif isinstance(idx, Tensor):
+            sig += ((idx.shape, idx.stride(), idx.dtype, idx.device),)
+        else:
+            return None
+    if kwargs:
+        for k, v in sorted(kwargs.items()):
+            if not isinstance(v, Tensor):
+                return None
+            sig += ((k, v.shape, v.stride(), v.dtype, v.device),)
+    return sig
 
 
 def step(op, state, *args, state_batch_indices=None, state_out_indices=None,
@@ -214,13 +217,24 @@ def decode(op, state, *args, state_batch_indices=None, state_out_indices=None,
 def _run(op, tokens, state, args, kwargs, slots, out_slots):
     sig = _signature(tokens, state, args, kwargs, slots, out_slots)
     if sig is not None:
-        fast = op._kernels.get((_STEP_KEY, sig))
+        fast = op._kernels.get(sig)
         if fast is not None:
             return fast(state, args, kwargs, slots, out_slots)
         out, fast = _checked(op, tokens, state, args, kwargs, slots, out_slots)
-        op._kernels[(_STEP_KEY, sig)] = fast
+        op._kernels[sig] = fast
         return out
     return _checked(op, tokens, state, args, kwargs, slots, out_slots)[0]
+
+
+def fixed_launch(op, tokens: bool, state, args, slots=None, out_slots=None):
+    """After a call `op.step(state, *args, state_batch_indices=slots, state_out_indices=
+    out_slots)` (`op.decode` with `tokens`): the launch for calls whose tensors have the same
+    metadata, `fixed(inputs, state, slots, out_slots, out=None)` with the inputs in the program's
+    order (see `launch.bind` in backends/triton/lowerings/step.py), which callers that check
+    their own arguments (ssmc.compat) call directly; None where the backend has none."""
+    sig = _signature(tokens, state, args, {}, slots, out_slots)
+    fast = None if sig is None else op._kernels.get(sig)
+    return getattr(fast, "fixed", None)
 
 
 def _checked(op, tokens, state, args, kwargs, slots, out_slots):
@@ -268,13 +282,36 @@ def _checked(op, tokens, state, args, kwargs, slots, out_slots):
                 has_initial_state=True, return_final_state=True, varlen=False)
     t_axis = {i.name: i.axes.index("t") for i in program.inputs if "t" in i.axes}
     launcher = _launcher(op, plan, bound.device, t_axis)
+    bind_launch = getattr(launcher, "bind", None)
+    if bind_launch is None:
+        def fast(state, args, kwargs, slots, out_slots):
+            """The launch alone, for a call whose tensors match this one's metadata (a step's
+            inputs go without their `t` axis: the launcher reads them as one time step)."""
+            tensors = dict(zip(names, args))
+            tensors.update(kwargs)
+            y = launcher(tensors, sizes, state, slots, out_slots)
+            return y if tokens else y.select(1, 0)
 
-    def fast(state, args, kwargs, slots, out_slots):
-        """The launch alone, for a call whose tensors match this one's metadata (a step's
-        inputs go without their `t` axis: the launcher reads them as one time step)."""
-        tensors = dict(zip(names, args))
-        tensors.update(kwargs)
-        y = launcher(tensors, sizes, state, slots, out_slots)
-        return y if tokens else y.select(1, 0)
+        return fast(state, args, kwargs, slots, out_slots), fast
 
+    # the backend's launch with every argument but the tensors fixed by this call's metadata
+    tensors = dict(zip(names, args))
+    tensors.update(kwargs)
+    fixed = bind_launch(tensors, sizes, state, slots, out_slots)
+    out_shape = (B, T, sizes["h"], sizes["p"]) if tokens else (B, sizes["h"], sizes["p"])
+    out_dtype = getattr(torch, plan.dtype)
+    device = bound.device
+    if len(args) == len(names):          # positional: the inputs in order already
+        def fast(state, args, kwargs, slots, out_slots):
+            """The launch alone, for a call whose tensors match this one's metadata."""
+            out = torch.empty(out_shape, dtype=out_dtype, device=device)
+            return fixed(args, state, slots, out_slots, out)
+    else:
+        def fast(state, args, kwargs, slots, out_slots):
+            """The launch alone, for a call whose tensors match this one's metadata."""
+            out = torch.empty(out_shape, dtype=out_dtype, device=device)
+            return fixed(args + tuple(kwargs[n] for n in names[len(args):]), state, slots,
+                         out_slots, out)
+
+    fast.fixed = fixed
     return fast(state, args, kwargs, slots, out_slots), fast

@@ -125,17 +125,40 @@ class TritonBackend:
                                      lambda: step_lowering.render(plan))
         launch = step_lowering.make_launch(module, plan)
 
-        def step(tensors, sizes, state, slots=None, out_slots=None):
-            device = state.device
+        def check(device):
             if device.type != "cuda" and not interpreting():
                 raise BackendUnavailableError(
                     f"{plan.program.name}.step(): the Triton backend runs on CUDA tensors (got "
                     f"{device}); use backend='tvm' or 'reference' on the CPU")
+
+        def step(tensors, sizes, state, slots=None, out_slots=None):
+            device = state.device
+            check(device)
             if device.type != "cuda" or device.index == torch.cuda.current_device():
                 return launch(tensors, sizes, state, slots, out_slots)
             with torch.cuda.device(device):
                 return launch(tensors, sizes, state, slots, out_slots)
 
+        def bind(tensors, sizes, state, slots=None, out_slots=None):
+            """`launch.bind` (lowerings/step.py) on the tensors' device: the launch for tensors
+            with these metadata, every argument but the tensors computed once."""
+            device = state.device
+            check(device)
+            fixed = launch.bind(tensors, sizes, state, slots, out_slots)
+            if device.type != "cuda":
+                return fixed
+            index = device.index
+            current = torch.cuda.current_device
+
+            def on_device(inputs, state, slots=None, out_slots=None, out=None):
+                if current() == index:
+                    return fixed(inputs, state, slots, out_slots, out)
+                with torch.cuda.device(index):
+                    return fixed(inputs, state, slots, out_slots, out)
+
+            return on_device
+
+        step.bind = bind
         return step
 
     def attention_matrix(self, plan: Plan, tensors, sizes, reduce: str = "none"):

@@ -17,11 +17,10 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
 from ....plan import Plan
-from ..common import HEADER, compute_type, input_params
-from ..render import Context, Emitter, Tile, tile_mask
+from ..common import HEADER, compute_type
+from ..render import Context, Emitter, Tile, arg_names, tile_mask
 from ..templates import RESET_BELOW
 from .scan import block_sizes
 
@@ -68,13 +67,18 @@ def render(plan: Plan) -> str:
     body("        tl.store(state_ptr + dst * s_state_b + tile_off, "
          "state.to(state_ptr.dtype.element_ty), mask=state_mask)")
 
+    # the pointers first, then the integers: a bound launch (make_launch) passes the tensors
+    # of a call followed by integers fixed once, with no list to fill per call
+    names = [arg_names(i) for i in prog.inputs]
+    pointers = ", ".join(n[0] for n in names)
+    strides = ", ".join(s for n in names for s in n[1:])
     return HEADER + f'''
 @triton.jit
 def ssmc_step_fwd(
-    {input_params(prog)},
-    out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
-    state_ptr, s_state_b, s_state_h, s_state_n, s_state_p,
-    slot_ptr, oslot_ptr, s_oslot_b, s_oslot_t,
+    {pointers}, out_ptr, state_ptr, slot_ptr, oslot_ptr,
+    {strides},
+    s_out_b, s_out_t, s_out_h, s_out_p,
+    s_state_b, s_state_h, s_state_n, s_state_p, s_oslot_b, s_oslot_t,
     T, SLOTS, HPG, N, P,
     BN: tl.constexpr, BP: tl.constexpr, HAS_SLOTS: tl.constexpr,
     HAS_OUT_SLOTS: tl.constexpr,
@@ -113,44 +117,70 @@ def ssmc_step_fwd(
 def make_launch(module, plan: Plan):
     """launch(tensors, sizes, state, slots, out_slots) -> y (b, t, h, p): the kernel with the
     block sizes and the constant arguments fixed once, so a call does the launch alone. With
-    t = 1, an input may come without its `t` axis and `out_slots` as (b,) (no views made)."""
+    t = 1, an input may come without its `t` axis and `out_slots` as (b,) (no views made).
+
+    `launch.bind(tensors, sizes, state, slots, out_slots)` goes further for a decode loop: it
+    returns `fixed(inputs, state, slots, out_slots, out=None)`, the launch for tensors with the
+    same shapes, strides, dtypes and device as these (`inputs` in the program's input order),
+    every integer argument (strides, sizes, grid, block sizes) computed once, so that a call
+    passes the tensors alone. Triton reads nothing of a tensor argument but its address and
+    dtype, so `fixed` may be given any tensor with the same address and dtype in place of an
+    input (the tensor a view of offset 0 was made from, say). `out`, where given, is a
+    contiguous tensor of y's dtype and numel in any shape (y (b, h, p) for one step), written as
+    a contiguous (b, t, h, p); it is returned."""
     prog = plan.program
     kernel = module.ssmc_step_fwd
     out_dtype = getattr(torch, plan.dtype)
     tile = plan.tile_dict()
+    names = prog.input_names
     layout = [(i.name, i.axes.index("t") if "t" in i.axes else None, len(i.axes))
               for i in prog.inputs]
 
-    def input_args(tensors):
-        args = []
+    def bind(tensors, sizes, state, slots=None, out_slots=None):
+        B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
+        BN, BP = block_sizes(N, P, tile)
+        device = state.device
+        shape = (B, T, H, P)
+        numel = B * T * H * P
+        ints = []                                       # every integer argument, in order
         for name, t_pos, rank in layout:
             x = tensors[name]
             strides = x.stride()
-            if t_pos is not None and x.dim() < rank:   # one step: the t axis left out
+            if t_pos is not None and x.dim() < rank:    # one step: the t axis left out
                 strides = strides[:t_pos] + (0,) + strides[t_pos:]
-            args.append(x)
-            args.extend(strides)
-        return args
+            ints.extend(strides)
+        ints += [T * H * P, H * P, P, 1]                # out: a contiguous (b, t, h, p)
+        ints += state.stride()
+        if out_slots is None:
+            ints += [0, 0]
+        else:
+            ints += out_slots.stride() if out_slots.dim() == 2 else [out_slots.stride(0), 0]
+        ints += [T, state.shape[0], H // G, N, P]
+        ints = tuple(ints)
+        consts = dict(BN=BN, BP=BP, HAS_SLOTS=slots is not None,
+                      HAS_OUT_SLOTS=out_slots is not None)
+        if "num_warps" in tile and device.type == "cuda":
+            consts["num_warps"] = tile["num_warps"]
+        run = kernel[(B, H, -(-P // BP))]
+        # the kernel reads slot b at slot_ptr + b: a strided index tensor is made contiguous
+        gather_slots = slots is not None and B > 1 and slots.stride(0) != 1
+
+        def fixed(inputs, state, slots=None, out_slots=None, out=None):
+            if out is None:
+                out = torch.empty(shape, dtype=out_dtype, device=device)
+            if numel == 0:
+                return out
+            if gather_slots:
+                slots = slots.contiguous()
+            run(*inputs, out, state, state if slots is None else slots,
+                state if out_slots is None else out_slots, *ints, **consts)
+            return out
+
+        return fixed
 
     def launch(tensors, sizes, state, slots=None, out_slots=None):
-        B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
-        BN, BP = block_sizes(N, P, tile)
-        out = torch.empty(B, T, H, P, dtype=out_dtype, device=state.device)
-        if out.numel() == 0:
-            return out
-        warps = ({"num_warps": tile["num_warps"]}
-                 if "num_warps" in tile and state.device.type == "cuda" else {})
-        if out_slots is None:
-            oslot_strides = (0, 0)
-        else:
-            oslot_strides = out_slots.stride() if out_slots.dim() == 2 else \
-                (out_slots.stride(0), 0)
-        kernel[(B, H, triton.cdiv(P, BP))](
-            *input_args(tensors), out, *out.stride(), state, *state.stride(),
-            state if slots is None else slots, state if out_slots is None else out_slots,
-            *oslot_strides, T, state.shape[0], H // G, N, P,
-            BN=BN, BP=BP, HAS_SLOTS=slots is not None, HAS_OUT_SLOTS=out_slots is not None,
-            **warps)
-        return out
+        fixed = bind(tensors, sizes, state, slots, out_slots)
+        return fixed([tensors[n] for n in names], state, slots, out_slots)
 
+    launch.bind = bind
     return launch
