@@ -23,6 +23,7 @@ import torch
 
 from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..api import compiled_variant as compiled
+from ..step import fixed_launch
 from ..ops.selective_scan import build as s6_build
 from ..ops.ssd import build as ssd_build
 
@@ -106,8 +107,48 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     values (dt, A, D and dt_bias repeated over dim and n by expand, as mamba_ssm's Mamba2.step
     passes them) run ssmc's SSD step on the state in its own layout; otherwise each (head,
     channel) pair is a head of ssmc's Mamba-1 definition with value size 1 (the state
-    (b, h, dim, n) is then ssmc's (b, h * dim, n, 1))."""
+    (b, h, dim, n) is then ssmc's (b, h * dim, n, 1)).
+
+    The first call with given shapes, strides, dtypes and devices checks everything; later
+    calls with the same metadata launch the step kernel straight away, on the tensors as given
+    (a decode loop calls this once per token per layer)."""
+    key = _update_key(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
+                      backend)
+    if key is not None:
+        fast = _FAST_UPDATES.get(key)
+        if fast is not None:
+            return fast(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    y, fast = _checked_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                              state_batch_indices, backend)
+    if key is not None and fast is not None:
+        _FAST_UPDATES[key] = fast
+    return y
+
+
+#: (metadata of a selective_state_update call) -> its launch alone; see _update_key
+_FAST_UPDATES: dict = {}
+
+
+def _update_key(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx, backend):
+    """Everything the checks and the choice of step look at: shapes, strides (the tied test,
+    the views), dtypes, devices, the state's requires_grad, the options; None where an argument
+    is not a tensor or None."""
+    Tensor = torch.Tensor
+    tensors = (state, x, dt, A, B, C, D, z, dt_bias, idx)
+    metas = tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+                   for t in tensors if t is None or isinstance(t, Tensor)])
+    if len(metas) != len(tensors) or state is None:
+        return None
+    return (backend, bool(dt_softplus), state.requires_grad, metas)
+
+
+def _checked_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
+                    backend):
+    """Every check of a selective_state_update call, then the step; returns (y, the launch
+    alone for calls with the same metadata, or None where there is none)."""
     fn = "selective_state_update()"
+    args = (x, dt, A, B, C, D, z, dt_bias)
+    state_arg = state
     has_heads = state.dim() > 3
     if not has_heads:
         state = state.unsqueeze(1)
@@ -139,8 +180,41 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
             y = op.step(work, *tensors, state_batch_indices=state_batch_indices)
         else:
             y = _step_on_copy(op, tensors, state, state_batch_indices, to_work, compute)
+    out_shape = (batch, h, dim) if has_heads else (batch, dim)
+    fast = None
+    if work is not None:
+        fast = _fast_update(op, work, tensors, state_batch_indices, state_arg, args, out_shape,
+                            y.dtype, x.dtype)
     y = y.reshape(batch, h, dim).to(x.dtype)
-    return y if has_heads else y.squeeze(1)
+    return (y if has_heads else y.squeeze(1)), fast
+
+
+def _fast_update(op, work, tensors, idx, state, args, out_shape, y_dtype, x_dtype):
+    """The step's launch alone for calls with the metadata of this one (`ssmc.step.
+    fixed_launch`), on the caller's tensors as given: every tensor the step read is a view of
+    one of them at the same address (an unsqueeze, an index 0 of an expanded axis, a transpose
+    or a reshape that made no copy), and the kernel reads nothing of a tensor but its address
+    and dtype, its strides being fixed with the rest. None where the backend has no such launch
+    or a view was a copy."""
+    fixed = fixed_launch(op, False, work, tensors, idx)
+    if fixed is None:
+        return None
+    present = [i for i, t in enumerate(args) if t is not None]
+    sources = [args[i] for i in present]
+    if len(sources) != len(tensors) or any(
+            t.data_ptr() != s.data_ptr() or t.dtype != s.dtype
+            for t, s in zip((work, *tensors), (state, *sources))):
+        return None
+    device = work.device
+    convert = y_dtype != x_dtype
+
+    def fast(state, x, dt, A, B, C, D, z, dt_bias, idx):
+        args = (x, dt, A, B, C, D, z, dt_bias)
+        out = torch.empty(out_shape, dtype=y_dtype, device=device)
+        fixed([args[i] for i in present], state, idx, None, out)
+        return out.to(x_dtype) if convert else out
+
+    return fast
 
 
 #: the state dtypes a step updates in place for 16- and 32-bit inputs (float32 math)
