@@ -12,7 +12,8 @@ kernel (`chain_rule.py`). Scores use tensor cores where the decay does not vary 
 decay over n is applied exactly on a (BT, BT, BN) broadcast, BN key dims at a time, whose
 gradient parts the program adds to the rows of dq_s / dk_s it owns.
 
-Three kernels, one program per (block of BT rows or columns, b * h):
+Three kernels, one program per (b * h, block of BT rows or columns), the programs of the
+blocks with the most tiles launched first (`_program`):
 
 * `mixing_loss_fwd`: the softmax row statistics in a first pass over the key blocks (online
   max and sum, as flash attention), the log-sum-exp stored; then the loss over the same blocks
@@ -211,14 +212,25 @@ def _rows_in(bh, b_idx, h_idx, offs_t, mask_t, qs_ptr, qt_ptr, sqb, sqt, sqh, sq
 
 
 @triton.jit
+def _program(NB, LAST_FIRST: tl.constexpr):
+    """(row or column block, b * h) of this program in a (b * h, NB) grid. A block's programs
+    have i + 1 tiles (rows) or NB - j (columns): the b * h programs of the longest block come
+    first, then the next (axis 0 varies fastest), so no long program starts last and leaves the
+    GPU waiting on one (at short t the last wave is most of the time)."""
+    blk = tl.program_id(1)
+    if LAST_FIRST:
+        blk = NB - 1 - blk
+    return blk, tl.program_id(0).to(tl.int64)
+
+
+@triton.jit
 def mixing_loss_fwd(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh, skd,
                     cin_ptr, aft_ptr, z_ptr, pre_ptr, lse_ptr, part_ptr,
                     T, H, HPK, N, DH, NB, scale,
                     BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                     DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
                     STATS_ONLY: tl.constexpr):
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    i, bh = _program(NB, True)
     b_idx, h_idx = bh // H, bh % H
     hk_idx = h_idx // HPK
     offs_t = i * BT + tl.arange(0, BT)
@@ -261,8 +273,7 @@ def mixing_loss_bwd_rows(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb
                          dqs_ptr, dqt_ptr, T, H, HPK, N, DH, NB, scale,
                          BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                          DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    i, bh = _program(NB, True)
     b_idx, h_idx = bh // H, bh % H
     hk_idx = h_idx // HPK
     offs_t = i * BT + tl.arange(0, BT)
@@ -312,8 +323,7 @@ def mixing_loss_bwd_cols(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb
                          dks_ptr, dkt_ptr, T, H, HPK, N, DH, NB, scale,
                          BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                          DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
-    j = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    j, bh = _program(NB, False)
     b_idx, h_idx = bh // H, bh % H
     hk_idx = h_idx // HPK
     g2 = 2.0 * tl.load(g_ptr + bh)
@@ -366,8 +376,7 @@ def matrix_bwd_rows(qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, g_ptr, sgb
                     BT: tl.constexpr, BN: tl.constexpr, DECAY: tl.constexpr,
                     LOWP: tl.constexpr, PREC: tl.constexpr):
     """dq_s = sum_s (dM * W) k_s for one block of rows, dM read from the matrix's gradient."""
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    i, bh = _program(NB, True)
     b_idx, h_idx = bh // H, bh % H
     offs_t = i * BT + tl.arange(0, BT)
     mask_t = offs_t < T
@@ -397,8 +406,7 @@ def matrix_bwd_cols(qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, g_ptr, sgb
                     BT: tl.constexpr, BN: tl.constexpr, DECAY: tl.constexpr,
                     LOWP: tl.constexpr, PREC: tl.constexpr):
     """dk_s = sum_t (dM * W)^T q_s for one block of columns."""
-    j = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    j, bh = _program(NB, False)
     b_idx, h_idx = bh // H, bh % H
     offs_s = j * BT + tl.arange(0, BT)
     mask_s = offs_s < T
@@ -485,7 +493,7 @@ class Launch:
         recomputes them rather than keep them from the forward)."""
         lse = self.qs.new_empty(self.B * self.H, self.T)
         part = self.qs.new_zeros(self.B * self.H, self.NB)
-        grid = (self.NB, self.B * self.H)
+        grid = (self.B * self.H, self.NB)
         if self.T:
             mixing_loss_fwd[grid](*self.common(), lse, part, *self.sizes(), **self.consts,
                                   STATS_ONLY=stats_only)
@@ -501,7 +509,7 @@ class Launch:
         dqs, dks = fresh(self.qs), fresh(self.ks)
         dqt = self.qs.new_empty(self.B, T, self.H, self.DH)
         dkt = torch.empty_like(dqt)
-        grid = (self.NB, BH)
+        grid = (BH, self.NB)
         if T:
             mixing_loss_bwd_rows[grid](*self.common(), lse, g, dd, dqs, dqt, *self.sizes(),
                                        **self.consts)
@@ -523,7 +531,7 @@ class Launch:
             strides = grad.stride()
         gscale = 1.0 / self.H if reduce == "mean" else 1.0
         consts = {k: v for k, v in self.consts.items() if k not in ("BD",)}
-        grid = (self.NB, BH)
+        grid = (BH, self.NB)
         if T:
             args = (self.qs, self.ks, self.cin, self.aft, self.z, self.pre, grad, *strides)
             sizes = (T, self.H, self.N, self.NB, gscale)
