@@ -3,22 +3,29 @@ both matrices (`ssmc.attention_matrix` for the SSM's, torch for the teacher's so
 taking the same loss in torch; forward + backward, with peak memory per length.
 
     python benchmarks/mixing_loss.py [--t 2048 8192 32768] [--dtype bf16] [--reps 5]
+                                     [--warmup-ms 1000] [--rep-ms 50]
 
 A Mamba-2-style definition (softplus(dt), exp(dt A) decay, B and C shared by all heads) at
 b=1, h=16, n=64, p=64, and a teacher q, k (b, t, h, 64); inputs in `--dtype`, both losses in
 fp32. Prints one markdown table for benchmarks/RESULTS.md: median ms of forward + backward
-(gradients of every SSM input and of q, k), the speed-up (materialised / fused), peak MiB
-allocated during one forward + backward of each (the inputs excluded), and the relative
-difference of the two losses. The materialised baseline runs only where its matrices fit
-(`--max-baseline-t`, default 8192: at t=32768 one fp32 (h, t, t) matrix is 64 GiB).
+(gradients of every SSM input and of q, k), the host ms of the fused side (the CPU time to
+issue one step: where it is near the step's ms, the host bounds the row, not the kernels), the
+speed-up (materialised / fused), peak MiB allocated during one forward + backward of each (the
+inputs excluded), and the relative difference of the two losses. Both sides are timed alike by
+`measure`: a warm-up of at least `--warmup-ms` per side and length, then `--reps` timings of
+back-to-back steps; a Triton compilation while timing is reported under the row. The
+materialised baseline runs only where its matrices fit (`--max-baseline-t`, default 8192: at
+t=32768 one fp32 (h, t, t) matrix is 64 GiB).
 """
 from __future__ import annotations
 
 import argparse
 import math
 import statistics
+import time
 
 import torch
+import triton
 
 import ssmc
 from ssmc import dsl as S
@@ -70,25 +77,66 @@ def step(loss_fn, op, x, q, k):
     return loss.detach()
 
 
-def measure(loss_fn, op, x, q, k, reps: int):
-    """(median ms of forward + backward, peak MiB above the inputs, loss)."""
-    loss = step(loss_fn, op, x, q, k)                   # warm-up: compile, load kernels
+class _Compiles:
+    """Counts Triton JIT compilations (in-memory cache misses), so a kernel compiled inside the
+    timed steps (a specialisation that changes from call to call) shows in the table."""
+
+    def __init__(self):
+        self.count = 0
+        knobs = getattr(triton, "knobs", None)
+        runtime = getattr(knobs, "runtime", None)
+        if runtime is not None and runtime.jit_post_compile_hook is None:
+            runtime.jit_post_compile_hook = self._hook
+
+    def _hook(self, *args, **kwargs):
+        self.count += 1
+        return None
+
+
+COMPILES = _Compiles()
+
+
+def measure(loss_fn, op, x, q, k, reps: int, warmup_ms: float, rep_ms: float):
+    """(median ms of one forward + backward, host ms of one, peak MiB above the inputs, loss,
+    kernels compiled while timing). Both sides are measured here alike: steps for at least
+    `warmup_ms` first, so that compilation, kernel loading, the allocator's cache and the GPU's
+    clocks have settled (a single warm-up step left a short t no time), then `reps` timings of
+    back-to-back steps (a training loop's steady state: the host issues the next step while
+    the GPU runs this one), each at least `rep_ms` long, one synchronisation per timing. The
+    host ms is the CPU time to issue one step onto an idle GPU; where it is near the step's
+    ms, the row is bound by the host, not the kernels."""
+    loss = step(loss_fn, op, x, q, k)                   # compiles, loads the kernels
     torch.cuda.synchronize()
-    times = []
+    steps, begin = 0, time.perf_counter()
+    while steps < 3 or time.perf_counter() - begin < warmup_ms / 1e3:
+        step(loss_fn, op, x, q, k)
+        torch.cuda.synchronize()
+        steps += 1
+    per_step = (time.perf_counter() - begin) * 1e3 / steps
+    inner = max(1, math.ceil(rep_ms / per_step))
+    compiled = COMPILES.count
+    times, host = [], []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        step(loss_fn, op, x, q, k)
+        for _ in range(inner):
+            step(loss_fn, op, x, q, k)
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / inner)
+        # the host's time alone: one step issued onto an idle GPU (its queue never fills)
+        issue = time.perf_counter()
+        step(loss_fn, op, x, q, k)
+        host.append((time.perf_counter() - issue) * 1e3)
+        torch.cuda.synchronize()
+    compiled = COMPILES.count - compiled
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     step(loss_fn, op, x, q, k)
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    return statistics.median(times), peak, float(loss)
+    return statistics.median(times), statistics.median(host), peak, float(loss), compiled
 
 
 def main():
@@ -101,6 +149,10 @@ def main():
     parser.add_argument("--p", type=int, default=64)
     parser.add_argument("--d", type=int, default=64, help="teacher head dim")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup-ms", type=float, default=1000.0,
+                        help="steps before timing, per side and length")
+    parser.add_argument("--rep-ms", type=float, default=50.0,
+                        help="least length of one timing (back-to-back steps)")
     parser.add_argument("--max-baseline-t", type=int, default=8192)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -109,16 +161,18 @@ def main():
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, b=1 h={args.heads} n={args.n} "
           f"p={args.p}, teacher d={args.d} kv heads={args.kv_heads}; forward + backward")
     print()
-    print("| t | fused ms | fused peak MiB | materialised ms | materialised peak MiB | "
-          "speed-up | rel. loss diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("| t | fused ms | fused host ms | fused peak MiB | materialised ms | "
+          "materialised peak MiB | speed-up | rel. loss diff |")
+    print("|---|---|---|---|---|---|---|---|")
     for t in args.t:
         x, q, k = make_inputs(t, args, DTYPES[args.dtype])
-        f_ms, f_mib, f_loss = measure(fused, op, x, q, k, args.reps)
-        row = [f"{t}", f"{f_ms:.1f}", f"{f_mib:.0f}"]
+        timing = (args.reps, args.warmup_ms, args.rep_ms)
+        f_ms, f_host, f_mib, f_loss, compiled = measure(fused, op, x, q, k, *timing)
+        row = [f"{t}", f"{f_ms:.2f}", f"{f_host:.2f}", f"{f_mib:.0f}"]
         if t <= args.max_baseline_t:
             try:
-                m_ms, m_mib, m_loss = measure(materialised, op, x, q, k, args.reps)
+                m_ms, _, m_mib, m_loss, m_compiled = measure(materialised, op, x, q, k, *timing)
+                compiled += m_compiled
                 row += [f"{m_ms:.1f}", f"{m_mib:.0f}", f"{m_ms / f_ms:.2f}x",
                         f"{abs(f_loss - m_loss) / abs(m_loss):.1e}"]
             except torch.cuda.OutOfMemoryError:
@@ -126,6 +180,9 @@ def main():
         else:
             row += ["skipped", "-", "-", "-"]
         print("| " + " | ".join(row) + " |", flush=True)
+        if compiled:
+            print(f"(t={t}: {compiled} Triton kernel(s) compiled while timing: a specialisation "
+                  "changes from step to step)", flush=True)
         del x, q, k
         torch.cuda.empty_cache()
 
