@@ -147,17 +147,13 @@ def _checked_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_bat
     """Every check of a selective_state_update call, then the step; returns (y, the launch
     alone for calls with the same metadata, or None where there is none)."""
     fn = "selective_state_update()"
-    args = (x, dt, A, B, C, D, z, dt_bias)
+    given = (x, dt, A, B, C, D, z, dt_bias)
     state_arg = state
     has_heads = state.dim() > 3
     if not has_heads:
         state = state.unsqueeze(1)
-    x, dt, z = (None if t is None else (t.unsqueeze(1) if t.dim() == 2 else t)
-                for t in (x, dt, z))
-    A = A.unsqueeze(0) if A.dim() == 2 else A
-    B, C = (t.unsqueeze(1) if t.dim() == 2 else t for t in (B, C))
-    D, dt_bias = (None if t is None else (t.unsqueeze(0) if t.dim() == 1 else t)
-                  for t in (D, dt_bias))
+    args = tuple(None if t is None else _with_heads(i, t) for i, t in enumerate(given))
+    x, dt, A, B, C, D, z, dt_bias = args
     _, h, dim, n = state.shape
     batch = x.shape[0]
     if state_batch_indices is None and state.shape[0] != batch:
@@ -171,7 +167,8 @@ def _checked_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_bat
                              f"missing); expected {want} for a state of shape "
                              f"{tuple(state.shape)}")
     build = _ssd_step if _tied(dt, A, dt_bias) else _s6_step
-    op, tensors, to_work = build(x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend)
+    op, picks, to_work = build(*args, dt_softplus, backend)
+    tensors = [f(args[i]) for i, f in picks]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     in_place = (torch.float64,) if compute == torch.float64 else _STATE_DTYPES
     work = _view(to_work, state) if state.dtype in in_place else None
@@ -180,38 +177,50 @@ def _checked_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_bat
             y = op.step(work, *tensors, state_batch_indices=state_batch_indices)
         else:
             y = _step_on_copy(op, tensors, state, state_batch_indices, to_work, compute)
-    out_shape = (batch, h, dim) if has_heads else (batch, dim)
     fast = None
-    if work is not None:
-        fast = _fast_update(op, work, tensors, state_batch_indices, state_arg, args, out_shape,
+    if work is not None and work.data_ptr() == state_arg.data_ptr():
+        out_shape = (batch, h, dim) if has_heads else (batch, dim)
+        fast = _fast_update(op, work, tensors, state_batch_indices, given, picks, out_shape,
                             y.dtype, x.dtype)
     y = y.reshape(batch, h, dim).to(x.dtype)
     return (y if has_heads else y.squeeze(1)), fast
 
 
-def _fast_update(op, work, tensors, idx, state, args, out_shape, y_dtype, x_dtype):
+def _with_heads(i: int, t: torch.Tensor) -> torch.Tensor:
+    """Argument i of (x, dt, A, B, C, D, z, dt_bias) with its head (or group) axis, a view."""
+    at, without = ((1, 2), (1, 2), (0, 2), (1, 2), (1, 2), (0, 1), (1, 2), (0, 1))[i]
+    return t.unsqueeze(at) if t.dim() == without else t
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _fast_update(op, work, tensors, idx, given, picks, out_shape, y_dtype, x_dtype):
     """The step's launch alone for calls with the metadata of this one (`ssmc.step.
-    fixed_launch`), on the caller's tensors as given: every tensor the step read is a view of
-    one of them at the same address (an unsqueeze, an index 0 of an expanded axis, a transpose
-    or a reshape that made no copy), and the kernel reads nothing of a tensor but its address
-    and dtype, its strides being fixed with the rest. None where the backend has no such launch
-    or a view was a copy."""
+    fixed_launch`), on the caller's tensors as given: the state the step wrote through is a
+    view of the caller's at the same address, and so is, as a rule, every input it read (an
+    unsqueeze, an index 0 of an expanded axis, a reshape that made no copy); the kernel reads
+    nothing of a tensor but its address and dtype, its strides being fixed with the rest. An
+    input that is a copy (the reshape of an expanded tensor) is made again on each call. None
+    where the backend has no such launch."""
     fixed = fixed_launch(op, False, work, tensors, idx)
     if fixed is None:
         return None
-    present = [i for i, t in enumerate(args) if t is not None]
-    sources = [args[i] for i in present]
-    if len(sources) != len(tensors) or any(
-            t.data_ptr() != s.data_ptr() or t.dtype != s.dtype
-            for t, s in zip((work, *tensors), (state, *sources))):
-        return None
+    # (argument index, None where the caller's tensor goes to the kernel as it is, else the
+    # function that makes the kernel's tensor from it)
+    plan = []
+    for (i, f), t in zip(picks, tensors):
+        src = given[i]
+        alias = t.data_ptr() == src.data_ptr() and t.dtype == src.dtype
+        plan.append((i, None if alias else lambda t, i=i, f=f: f(_with_heads(i, t))))
     device = work.device
     convert = y_dtype != x_dtype
 
     def fast(state, x, dt, A, B, C, D, z, dt_bias, idx):
         args = (x, dt, A, B, C, D, z, dt_bias)
         out = torch.empty(out_shape, dtype=y_dtype, device=device)
-        fixed([args[i] for i in present], state, idx, None, out)
+        fixed([args[i] if f is None else f(args[i]) for i, f in plan], state, idx, None, out)
         return out.to(x_dtype) if convert else out
 
     return fast
@@ -233,33 +242,57 @@ def _tied(dt, A, dt_bias) -> bool:
 
 
 def _ssd_step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
-    """(op, tensors, to_work) for ssmc's SSD: state (b, h, dim, n) is its (b, h, n, p) when
-    transposed (a view: the step writes through the strides)."""
+    """(op, picks, to_work) for ssmc's SSD: `picks` lists the op's inputs as (index into (x,
+    dt, A, B, C, D, z, dt_bias), the view of it); state (b, h, dim, n) is the op's (b, h, n, p)
+    when transposed (a view: the step writes through the strides)."""
     per_channel = D is not None and not _same_over(D, (-1,))
     options = _options(has_D=D is not None, D_per_channel=per_channel, has_z=z is not None,
                        has_dt_bias=dt_bias is not None, dt_softplus=bool(dt_softplus),
                        dt_min=0.0, dt_max=_INF)
     op = compiled(_ssd_build(), options, backend, "auto")
-    tensors = [x, dt[..., 0], A[:, 0, 0], B, C]
-    tensors += [t for t in (None if D is None else (D if per_channel else D[:, 0]), z,
-                            None if dt_bias is None else dt_bias[:, 0]) if t is not None]
-    return op, tensors, lambda s: s.transpose(-1, -2)
+    per_head = _first_of_dim
+    picks = [(0, _same), (1, per_head), (2, _first_of_dim_n), (3, _same), (4, _same)]
+    if D is not None:
+        picks.append((5, _same if per_channel else per_head))
+    if z is not None:
+        picks.append((6, _same))
+    if dt_bias is not None:
+        picks.append((7, per_head))
+    return op, picks, _transposed
+
+
+def _first_of_dim(t: torch.Tensor) -> torch.Tensor:
+    return t[..., 0]
+
+
+def _first_of_dim_n(t: torch.Tensor) -> torch.Tensor:
+    return t[:, 0, 0]
+
+
+def _transposed(state: torch.Tensor) -> torch.Tensor:
+    return state.transpose(-1, -2)
 
 
 def _s6_step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
-    """(op, tensors, to_work) for ssmc's Mamba-1 definition with a head per (head, channel)
-    and value size 1: state (b, h, dim, n) viewed as (b, h * dim, n, 1)."""
+    """(op, picks, to_work) for ssmc's Mamba-1 definition with a head per (head, channel) and
+    value size 1 (`picks` as in _ssd_step): state (b, h, dim, n) viewed as (b, h * dim, n, 1)."""
     batch, h, dim = x.shape
     H, n = h * dim, A.shape[-1]
     options = _options(has_D=D is not None, has_z=z is not None,
                        has_delta_bias=dt_bias is not None, delta_softplus=bool(dt_softplus))
     op = compiled(_s6_build(), options, backend, "scan")
-    tensors = [x.reshape(batch, H, 1), dt.reshape(batch, H), A.reshape(H, n), B, C]
-    tensors += [t for t in (None if D is None else D.reshape(H),
-                            None if z is None else z.reshape(batch, H, 1),
-                            None if dt_bias is None else dt_bias.reshape(H))
-                if t is not None]
-    return op, tensors, lambda s: s.view(s.shape[0], H, n, 1)
+
+    def shaped(*shape):
+        return lambda t: t.reshape(*shape)
+    picks = [(0, shaped(batch, H, 1)), (1, shaped(batch, H)), (2, shaped(H, n)), (3, _same),
+             (4, _same)]
+    if D is not None:
+        picks.append((5, shaped(H)))
+    if z is not None:
+        picks.append((6, shaped(batch, H, 1)))
+    if dt_bias is not None:
+        picks.append((7, shaped(H)))
+    return op, picks, lambda s: s.view(s.shape[0], H, n, 1)
 
 
 def _view(to_work, state):
