@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ssmc
 from ssmc import dsl as S
@@ -479,6 +481,136 @@ def test_decode_index_shape_is_per_token():
     with pytest.raises(ssmc.ShapeError, match=r"'state_out_indices' has shape \(2,\); "
                        r"expected \(2, 3\)"):
         op.decode(state, **tokens, state_out_indices=torch.tensor([0, 1]))
+
+
+# ------------------------------------------------------------------ host cost of a repeated call
+
+class RecordingKernel:
+    """Stands for a generated step kernel: records each launch's positional arguments."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(args)
+
+
+def recording_step_kernel(monkeypatch) -> RecordingKernel:
+    """Triton step launches built from now on record their arguments instead of running."""
+    step_lowering = importlib.import_module("ssmc.backends.triton.lowerings.step")
+    kernel = RecordingKernel()
+    real = step_lowering.make_launch
+    monkeypatch.setattr(step_lowering, "make_launch", lambda module, plan: real(
+        types.SimpleNamespace(ssmc_step_fwd=kernel), plan))
+    return kernel
+
+
+class TorchOps(TorchDispatchMode):
+    """The aten ops run inside the block (conftest's torch.empty adds a fill_ to each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+ALLOCATION = {"aten.empty.memory_format", "aten.fill_.Scalar"}
+
+
+@pytest.mark.parametrize("call", ["positional", "keywords", "decode-slots"])
+def test_step_repeated_call_launches_on_the_callers_tensors(monkeypatch, call):
+    """A decode loop's second call with tensors of the same metadata is the bound launch alone:
+    the kernel gets the caller's tensors themselves (no views, copies or conversions; the
+    state, here in mamba_ssm's (b, h, p, n) memory, is not rearranged) and no torch op runs
+    but the output's allocation."""
+    kernel = recording_step_kernel(monkeypatch)
+    definition, sizes, ranges = CASES["ssd"]
+    op = ssmc.compile(definition, backend="triton")
+    names = op.program.input_names
+    b, h, n, p = (sizes[a] for a in "bhnp")
+    tokens = call == "decode-slots"
+    state = torch.randn(5 if tokens else b, h, p, n).transpose(2, 3)
+    extra = dict(state_batch_indices=torch.tensor([3, 0]),
+                 state_out_indices=torch.tensor([[1, 4], [-1, 2]])) if tokens else {}
+    step_module = importlib.import_module("ssmc.step")
+    for seed in (0, 1):
+        inputs = _inputs(op.program, sizes, ranges, 2, seed=seed)
+        if not tokens:
+            inputs = _at(op.program, inputs, 0)
+        if seed:   # nothing is bound, planned or resolved again
+            for name in ("bind", "resolve_backend", "_checked"):
+                monkeypatch.setattr(step_module, name, None)
+        with TorchOps() as mode:
+            if call == "keywords":
+                y = op.step(state, **inputs, **extra)
+            elif tokens:
+                y = op.decode(state, *(inputs[n] for n in names), **extra)
+            else:
+                y = op.step(state, *(inputs[n] for n in names))
+    assert len(kernel.launches) == 2
+    launched = kernel.launches[-1]
+    k = len(names)
+    assert all(a is inputs[n] for a, n in zip(launched, names))
+    assert launched[k] is y and launched[k + 1] is state
+    if tokens:
+        assert launched[k + 2] is extra["state_batch_indices"]
+        assert launched[k + 3] is extra["state_out_indices"]
+    assert y.shape == ((b, 2, h, p) if tokens else (b, h, p))
+    assert set(mode.ops) <= ALLOCATION and mode.ops.count("aten.empty.memory_format") == 1
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keywords", [False, True], ids=["positional", "keywords"])
+def test_step_repeated_calls_are_bit_identical_to_checked_calls(state_dtype, keywords):
+    """The bound launch of later calls gives the bits of a call checked in full (a new op per
+    step), outputs and state."""
+    definition, sizes, ranges = CASES["custom"]
+    op = ssmc.compile(definition, backend="triton")
+    inputs = _inputs(op.program, sizes, ranges, 3, seed=20)
+    b, h, n, p = (sizes[a] for a in "bhnp")
+    s1 = torch.randn(b, h, n, p, generator=torch.Generator().manual_seed(21)).to(state_dtype)
+    s2 = s1.clone()
+    y1 = _decode(op, inputs, s1, 3, keywords)
+    ys = [ssmc.compile(definition, backend="triton").step(s2, **_at(op.program, inputs, i))
+          for i in range(3)]
+    assert torch.equal(y1, torch.stack(ys, 1))
+    assert torch.equal(s1, s2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_step_strided_state_batch_indices(backend):
+    """A state_batch_indices with a stride (every other entry of a larger index) names the
+    same slots as its contiguous copy (the Triton kernel read it as contiguous once)."""
+    _, inputs, _ = _ssd_step_args()
+    op = ssmc.compile(mamba2, backend=backend)
+    h, n, p = 2, 4, 3
+    cache = torch.randn(5, h, n, p, generator=torch.Generator().manual_seed(22))
+    c1, c2 = cache.clone(), cache.clone()
+    index = torch.tensor([3, 9, 0, 9])[::2]
+    for _ in range(2):   # the first call checked, the second the bound launch
+        y1 = op.step(c1, **inputs, state_batch_indices=index)
+        y2 = op.step(c2, **inputs, state_batch_indices=index.contiguous())
+        assert torch.equal(y1, y2) and torch.equal(c1, c2)
+    assert not torch.equal(c1[[0, 3]], cache[[0, 3]])
+
+
+def test_step_bad_call_after_cached_calls_is_still_checked():
+    """A call whose metadata differ from a cached call's is checked in full: the error names
+    the argument, expected and actual, and nothing is launched."""
+    op, inputs, state = _ssd_step_args()
+    op.step(state, **inputs)
+    op.step(state, **inputs)
+    before = state.clone()
+    with pytest.raises(ssmc.ShapeError, match=r"ssd\.step\(\): 'C' has n=5 but 'B' has n=4"):
+        op.step(state, **dict(inputs, C=torch.randn(2, 1, 5)))
+    with pytest.raises(ssmc.ConfigError, match="'state' requires grad"):
+        op.step(state.clone().requires_grad_(), **inputs)
+    with pytest.raises(ssmc.DTypeError, match="'state_batch_indices' must be a torch.Tensor"):
+        op.step(state, **inputs, state_batch_indices=[0, 1])
+    assert torch.equal(state, before)
 
 
 # --------------------------------------------------------------------------- CUDA graphs (GPU)

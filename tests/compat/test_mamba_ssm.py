@@ -295,6 +295,100 @@ def test_selective_state_update_low_precision_state(dtype):
     torch.testing.assert_close(state, e_state.to(dtype), rtol=1e-2, atol=1e-2)
 
 
+def _shim_call(layout, seed, dtype=torch.float32):
+    """(state, kwargs) of a selective_state_update call: `layout` is mamba2-tied (Mamba2.step's
+    expanded per-head values), per-channel (Mamba-1's values per channel, D (h, dim)
+    contiguous), per-channel-expanded-D (D a per-head value expanded over dim), no-heads
+    (b, dim, n) or slots (a cache with padding)."""
+    b, h, dim, n, g = 3, 4, 5, 6, 2
+    args = _state_update_args(b, h, dim, n, g, seed, not layout.startswith("per-channel"),
+                              dtype)
+    if layout == "per-channel":
+        args["D"] = args["D"].contiguous()
+    state = randn(b, h, dim, n, seed=seed + 20).to(dtype)
+    if layout == "no-heads":
+        state = state[:, 0].contiguous()
+        args = {k: v.select(0 if k in ("A", "D", "dt_bias") else 1, 0)
+                for k, v in args.items()}
+    if layout == "slots":
+        state = randn(6, h, dim, n, seed=seed + 20).to(dtype)
+        args["state_batch_indices"] = torch.tensor([4, -1, 0])
+    return state, args
+
+
+LAYOUTS = ["mamba2-tied", "per-channel", "per-channel-expanded-D", "no-heads", "slots"]
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_selective_state_update_repeated_calls_bit_identical(monkeypatch, layout, state_dtype):
+    """Later calls with the same metadata (the launch bound on the first) give the bits of
+    calls checked in full (the cache of launches emptied before each), outputs and state."""
+    import ssmc.compat.mamba_ssm as shim
+    state, _ = _shim_call(layout, 70, state_dtype)
+    s1, s2 = state.clone(), state.clone()
+    for step in range(3):
+        _, args = _shim_call(layout, 71 + step)
+        y1 = selective_state_update(s1, dt_softplus=True, **args, backend="triton")
+        monkeypatch.setattr(shim, "_FAST_UPDATES", {})
+        y2 = selective_state_update(s2, dt_softplus=True, **args, backend="triton")
+        assert torch.equal(y1, y2) and y1.shape == y2.shape and y1.is_contiguous()
+        assert torch.equal(s1, s2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_selective_state_update_repeated_call_launches_on_the_callers_tensors(monkeypatch,
+                                                                               layout):
+    """The second call with tensors of the same metadata is the step kernel's launch alone,
+    on the caller's tensors themselves: mamba_ssm's (b, h, p, n) state is neither transposed
+    nor copied, the expanded per-head values are not indexed, nothing is checked again, and
+    no torch op runs but the output's allocation. (A D expanded over the channels of a
+    per-channel call is the exception: the op's D (h * dim,) is a copy of it, made each
+    call.)"""
+    import ssmc.api
+    import ssmc.compat.mamba_ssm as shim
+    from tests.test_step import ALLOCATION, TorchOps, recording_step_kernel
+    kernel = recording_step_kernel(monkeypatch)
+    monkeypatch.setattr(ssmc.api, "_VARIANTS", {})       # ops built with the recording kernel
+    monkeypatch.setattr(shim, "_FAST_UPDATES", {})
+    state, _ = _shim_call(layout, 80)
+    for step in range(2):
+        _, args = _shim_call(layout, 81 + step)
+        if step:
+            monkeypatch.setattr(shim, "_checked_update", None)
+        with TorchOps() as mode:
+            y = selective_state_update(state, dt_softplus=True, **args, backend="triton")
+    launched = kernel.launches[-1]
+    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    copied = {"D"} if layout == "per-channel-expanded-D" else set()
+    assert all((a is args[n]) != (n in copied) for a, n in zip(launched, names))
+    k = len(names)
+    assert launched[k] is y and launched[k + 1] is state
+    if layout == "slots":
+        assert launched[k + 2] is args["state_batch_indices"]
+    if copied:
+        assert torch.equal(launched[names.index("D")], args["D"].reshape(-1))
+    else:
+        assert set(mode.ops) <= ALLOCATION and mode.ops.count("aten.empty.memory_format") == 1
+
+
+def test_selective_state_update_bad_call_after_cached_calls_is_still_checked():
+    """Arguments whose metadata differ from a cached call's are checked in full, before any
+    launch: the error names the argument, the expected and the actual shape."""
+    state, args = _shim_call("mamba2-tied", 90)
+    for _ in range(2):
+        selective_state_update(state, dt_softplus=True, **args, backend="triton")
+    before = state.clone()
+    with pytest.raises(ssmc.ShapeError, match=r"selective_state_update\(\): 'z' has shape "
+                       r"\(3, 4, 4\).*expected \(3, 4, 5\)"):
+        selective_state_update(state, dt_softplus=True, **dict(args, z=args["z"][..., :4]),
+                               backend="triton")
+    with pytest.raises(ssmc.ConfigError, match="'state' requires grad"):
+        selective_state_update(state.clone().requires_grad_(), dt_softplus=True, **args,
+                               backend="triton")
+    assert torch.equal(state, before)
+
+
 # --------------------------------------------------------------------------- selective_scan_fn
 
 def naive_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
