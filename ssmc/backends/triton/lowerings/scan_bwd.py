@@ -15,16 +15,21 @@ and the operand gradients are
     da_t = dS_t * S_{t-1}            (summed in-kernel over p / n where the decay lacks them)
 
 The decay gradient needs S_{t-1} and dS_t at the same step, in opposite time orders. Memory
-stays linear in t by recomputation: `ssmc_scan_ckpt_fwd` runs the forward recurrence and stores
-the state entering every CK-step segment (and, when the epilogue needs it, y itself);
-`ssmc_scan_bwd` walks the segments last to first, recomputes the segment's states from its
-checkpoint into a per-program scratch of CK states, then walks the segment backwards. This
+stays linear in t by recomputation, in blocks of BT steps as the forward runs them
+(`scan.emit_block_states`): `ssmc_scan_ckpt_fwd` stores the state entering every block (and,
+when the epilogue needs it, y itself); `ssmc_scan_bwd` walks the blocks last to first,
+recomputes a block's BT states from its checkpoint with one prefix scan, takes S_{t-1} as
+those states shifted by a row (tl.gather), and runs the adjoint over the block as one reverse
+prefix scan of dS_t = m_t * dS_{t+1} + q_t dy_t^T (m_t = a_{t+1}; the block's last row takes
+the carry a * dS from the block after it). Everything a block needs stays in registers. This
 handles decays that vary over p (Mamba-1 with p > 1) and is used for every decay kind. "Time"
 is the direction's own step order: a grid's column orders (cross2d) map step i to its grid
-position in-kernel (`scan.T_OF_I`), so every gradient lands at its row-major t.
+position in-kernel (`templates.rows`), so every gradient lands at its row-major t.
 
-Sums over p (dq, dk, and da for decays without p) are per p-block partials (a leading p-block
-axis), added on the host. Outputs are in the compute type (fp32, fp64 for fp64 inputs).
+Every order of the op runs in the same launch (`scan.SETUP`); each order writes its own
+gradient buffers (a leading order axis), so the backward is deterministic. Sums over p (dq, dk,
+and da for decays without p) are per p-block partials (a p-block axis after the order's),
+added on the host. Outputs are in the compute type (fp32, fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -32,233 +37,197 @@ import torch
 import triton
 
 from ....plan import Plan
-from ..common import (HEADER, chunk_layout, compute_dtype, compute_type, direction_slices,
-                      input_args, input_params, next_pow2, num_sequences)
-from ..render import Context, Emitter, Tile, tile_mask
-from ..templates import indent
-from .scan import T_OF_I
-
-FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
-
-#: steps per checkpoint: the scratch holds CK states of n x BP per program
-CK = 16
-
-SETUP = '''
-    seq = tl.program_id(0).to(tl.int64)
-    h_idx = tl.program_id(1).to(tl.int64)
-    H = tl.num_programs(1)
-    pid_p = tl.program_id(2)
-    NPB = tl.num_programs(2)
-    g_idx = h_idx // HPG
-    if IS_VARLEN:
-        b_idx = seq * 0
-        start = tl.load(ssmc_cu + seq).to(tl.int64)
-        end = tl.load(ssmc_cu + seq + 1).to(tl.int64)
-        c_base = tl.load(ssmc_ck_off + seq).to(tl.int64)
-    else:
-        b_idx = seq
-        start = seq * 0
-        end = start + T
-        c_base = seq * tl.cdiv(T, CK)
-    length = end - start
-    offs_n = tl.arange(0, BN)
-    mask_n = offs_n < N
-    offs_p = pid_p * BP + tl.arange(0, BP)
-    mask_p = offs_p < P
-    state_off = ((seq * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]
-    state_mask = mask_n[:, None] & mask_p[None, :]
-'''
-
-
-def _operand(ctx: Context, node, name: str, mask_axes) -> str:
-    """Evaluate an operand on the state tile, zero outside the tile's masks."""
-    var = ctx.value(node, f"{name}_raw")
-    mask = tile_mask(ctx.tile, [a for a in node.axes if a in mask_axes])
-    ctx.emit(f"{name} = {var}" if mask is None else f"{name} = tl.where({mask}, {var}, 0.0)")
-    return name
-
-
-def block_sizes(N: int, P: int) -> tuple[int, int]:
-    """All of n; p in blocks so that a state tile has at most 4096 elements (<= 32 wide)."""
-    BN = max(next_pow2(N), 2)
-    BP = max(min(next_pow2(P), max(4096 // BN, 2), 32), 2)
-    return BN, BP
+from ..common import (HEADER, chunk_layout, compute_dtype, compute_type, input_args,
+                      input_params, num_sequences)
+from ..render import Emitter
+from ..templates import indent, rows
+from .scan import AFFINE, SETUP, SETUP_PARAMS, emit_block_states, emit_operands, last_state
+from .scan import scan_blocks
 
 
 def decay_layout(plan: Plan) -> str:
     """How the decay gradient is stored: 'np' (b, t, h, n, p), 'n' (p-block, b, t, h, n) or
-    's' (p-block, b, t, h), by the axes the decay has."""
+    's' (p-block, b, t, h), by the axes the decay has (each after the order axis)."""
     axes = plan.program.recurrence.decay.axes
     if "p" in axes:
         return "np"
     return "n" if "n" in axes else "s"
 
 
+#: where a block's checkpoint lives: (order, block, h, n, p)
+CKPT_OFF = ("((((order - FIRST_ORDER) * NCK + chunk) * H + h_idx) * N + offs_n[:, None]) * P"
+            " + offs_p[None, :]")
+
+#: the block number of a sequence's first block
+C_BASE = '''    if IS_VARLEN:
+        c_base = tl.load(ssmc_ck_off + seq).to(tl.int64)
+    else:
+        c_base = seq * tl.cdiv(T, BT)'''
+
+
 def render(plan: Plan) -> str:
     prog = plan.program
     rec = prog.recurrence
     ct = compute_type(plan)
-    tile = Tile([("n", "offs_n", "mask_n"), ("p", "offs_p", "mask_p")], FIXED)
-    has_decay = rec.decay is not None
-    ops = {"decay": rec.decay, "key": rec.key, "value": rec.value, "query": rec.query}
+    operands = ("decay", "key", "value", "query")
 
     # ---- forward: checkpoints (and y)
     pre_f = Emitter(indent=1)
-    body_f = Emitter(indent=3)
-    outer = Context(prog, tile, pre_f, "c", ct)
-    inner = Context(prog, tile, body_f, "s", ct)
-    for name in ("decay", "key", "value"):
-        node = ops[name]
-        if node is not None:
-            _operand(inner if "t" in node.axes else outer, node, name, ("n", "p"))
-    body_f("state = decay * state + key * value" if has_decay else "state = state + key * value")
+    body_f = Emitter(indent=2)
+    emit_operands(prog, ct, pre_f, body_f, operands, tag="f")
+    emit_block_states(rec, ct, body_f)
     body_f("if WRITE_Y:")
     with body_f.block():
-        if "t" in rec.query.axes:
-            _operand(inner, rec.query, "query", ("n", "p"))
-        body_f("y = tl.sum(tl.where(state_mask, query * state, 0.0), axis=0)")
-        body_f("y_off = ((b_idx * T + t_idx) * H + h_idx) * P + offs_p")
-        body_f("if ACCUM_IN:")
+        body_f("y = tl.sum(query * states, axis=1)")
+        body_f("y_mask = mask_t[:, None] & mask_p[None, :]")
+        body_f("y_off = ((b_idx * T + t_row[:, None]) * H + h_idx) * P + offs_p[None, :]")
+        body_f("if ATOMIC:")
         with body_f.block():
-            body_f("y += tl.load(ssmc_y + y_off, mask=mask_p, other=0.0)")
-        body_f("tl.store(ssmc_y + y_off, y, mask=mask_p)")
-    if "t" not in rec.query.axes:
-        _operand(outer, rec.query, "query", ("n", "p"))
+            body_f("tl.atomic_add(ssmc_y + y_off, y, mask=y_mask, sem=\"relaxed\")")
+        body_f("else:")
+        with body_f.block():
+            body_f("if ACCUM_IN:")
+            with body_f.block():
+                body_f("y += tl.load(ssmc_y + y_off, mask=y_mask, other=0.0)")
+            body_f("tl.store(ssmc_y + y_off, y, mask=y_mask)")
+    body_f(last_state())
 
     fwd = f'''
 @triton.jit
 def ssmc_scan_ckpt_fwd(
     {input_params(prog)},
-    ssmc_y, ssmc_ckpt, ssmc_h0, ssmc_cu, ssmc_ck_off,
-    T, HPG, N, P, GH,
-    BN: tl.constexpr, BP: tl.constexpr, CK: tl.constexpr, REVERSE: tl.constexpr,
-    COLUMN: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
-    WRITE_Y: tl.constexpr,
+    ssmc_y, ssmc_ckpt, ssmc_h0, cu_ptr, ssmc_ck_off,
+    T, HPG, N, P, GH, NCK, {SETUP_PARAMS},
+    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr,
+    IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr, WRITE_Y: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
 {SETUP}
+{C_BASE}
     if HAS_H0:
         state = tl.load(ssmc_h0 + state_off, mask=state_mask, other=0.0).to({ct})
     else:
         state = tl.zeros([BN, BP], dtype={ct})
 {pre_f.text()}
-    for c0 in range(0, length, CK):
-        chunk = c_base + c0 // CK
-        tl.store(ssmc_ckpt + ((chunk * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :],
-                 state, mask=state_mask)
-        for i in range(c0, tl.minimum(c0 + CK, length)):
-{indent(T_OF_I, 3)}
+    for c0 in range(0, length, BT):
+        chunk = c_base + c0 // BT
+        tl.store(ssmc_ckpt + {CKPT_OFF}, state, mask=state_mask)
+{indent(rows(), 2)}
 {body_f.text()}
 '''
 
     # ---- backward
     pre_b = Emitter(indent=1)
-    rec_b = Emitter(indent=3)      # forward recompute inside a segment
-    rev_b = Emitter(indent=3)      # the reverse walk
-    outer_b = Context(prog, tile, pre_b, "c", ct)
-    ctx_r = Context(prog, tile, rec_b, "r", ct)
-    ctx_v = Context(prog, tile, rev_b, "v", ct)
-    for name, node in ops.items():
-        if node is not None and "t" not in node.axes:
-            _operand(outer_b, node, name, ("n", "p"))
-    for name in ("decay", "key", "value"):
-        node = ops[name]
-        if node is not None and "t" in node.axes:
-            _operand(ctx_r, node, name, ("n", "p"))
-    rec_b("tl.store(scratch + (i - c0) * (BN * BP) + local, state)")
-    rec_b("state = decay * state + key * value" if has_decay else "state = state + key * value")
-
-    for name, node in ops.items():
-        if node is not None and "t" in node.axes:
-            _operand(ctx_v, node, name, ("n", "p"))
-    rev_b("prev = tl.load(scratch + (i - c0) * (BN * BP) + local)")
-    rev_b("state = decay * prev + key * value" if has_decay else "state = prev + key * value")
-    rev_b("row = (b_idx * T + t_idx) * H + h_idx")
-    rev_b("dy = tl.load(ssmc_dy + row * P + offs_p, mask=mask_p, other=0.0).to(" + ct + ")")
-    rev_b("dS = tl.where(state_mask, dS + query * dy[None, :], 0.0)")
-    rev_b("part = (pid_p.to(tl.int64) * B * T * H + row) * N + offs_n")
-    rev_b("dq = tl.sum(tl.where(state_mask, state * dy[None, :], 0.0), axis=1)")
-    rev_b("tl.store(ssmc_dq + part, dq, mask=mask_n)")
-    rev_b("dk = tl.sum(tl.where(state_mask, dS * value, 0.0), axis=1)")
-    rev_b("tl.store(ssmc_dk + part, dk, mask=mask_n)")
-    rev_b("dv = tl.sum(tl.where(state_mask, dS * key, 0.0), axis=0)")
-    rev_b("tl.store(ssmc_dv + row * P + offs_p, dv, mask=mask_p)")
-    if has_decay:
-        rev_b("da = tl.where(state_mask, dS * prev, 0.0)")
+    body_b = Emitter(indent=2)
+    emit_operands(prog, ct, pre_b, body_b, operands, tag="b")
+    body_b(f"state = tl.load(ssmc_ckpt + {CKPT_OFF}, mask=state_mask, other=0.0)")
+    emit_block_states(rec, ct, body_b)
+    full = "(BT, BN, BP)"
+    body_b("first = offs_c[:, None, None] == 0")
+    body_b(f"prev = tl.where(first, state[None, :, :], tl.gather(states, tl.broadcast_to("
+           f"tl.maximum(offs_c - 1, 0)[:, None, None], {full}), 0))")
+    body_b("row = (b_idx * T + t_row) * H + h_idx")
+    body_b("y_mask = mask_t[:, None] & mask_p[None, :]")
+    body_b(f"dy = tl.load(ssmc_dy + row[:, None] * P + offs_p[None, :], mask=y_mask, "
+           f"other=0.0).to({ct})")
+    body_b(f"g = tl.broadcast_to(query * dy[:, None, :], {full})")
+    body_b(f"m = tl.where(last_row[:, None, None], 1.0, tl.gather(a, tl.broadcast_to("
+           f"tl.minimum(offs_c + 1, BT - 1)[:, None, None], {full}), 0))")
+    body_b("m, g = tl.associative_scan((m, g), 0, _ssmc_affine, reverse=True)")
+    body_b("dS = g + m * carry[None, :, :]")
+    body_b("carry = tl.sum(tl.where(first, a * dS, 0.0), axis=0)")
+    body_b("rows_n = mask_t[:, None] & mask_n[None, :]")
+    body_b("part = ((order * NPB + pid_p) * B * T * H + row)[:, None] * N + offs_n[None, :]")
+    body_b("tl.store(ssmc_dq + part, tl.sum(states * dy[:, None, :], axis=2), mask=rows_n)")
+    body_b("tl.store(ssmc_dk + part, tl.sum(dS * value, axis=2), mask=rows_n)")
+    body_b("tl.store(ssmc_dv + (order * B * T * H + row)[:, None] * P + offs_p[None, :], "
+           "tl.sum(dS * key, axis=1), mask=y_mask)")
+    if rec.decay is not None:
+        body_b("da = dS * prev")
         layout = decay_layout(plan)
         if layout == "np":
-            rev_b("tl.store(ssmc_da + (row * N + offs_n[:, None]) * P + offs_p[None, :], da, "
-                  "mask=state_mask)")
+            body_b("tl.store(ssmc_da + ((order * B * T * H + row)[:, None, None] * N "
+                   "+ offs_n[None, :, None]) * P + offs_p[None, None, :], da, "
+                   "mask=rows_n[:, :, None] & mask_p[None, None, :])")
         elif layout == "n":
-            rev_b("tl.store(ssmc_da + part, tl.sum(da, axis=1), mask=mask_n)")
+            body_b("tl.store(ssmc_da + part, tl.sum(da, axis=2), mask=rows_n)")
         else:
-            rev_b("tl.store(ssmc_da + pid_p.to(tl.int64) * B * T * H + row, "
-                  "tl.sum(tl.sum(da, axis=1), axis=0))")
-        rev_b("dS = decay * dS")
+            body_b("tl.store(ssmc_da + (order * NPB + pid_p) * B * T * H + row, "
+                   "tl.sum(tl.sum(da, axis=2), axis=1), mask=mask_t)")
 
     bwd = f'''
 @triton.jit
 def ssmc_scan_bwd(
     {input_params(prog)},
-    ssmc_dy, ssmc_ckpt, ssmc_scratch, ssmc_gT, ssmc_dh0, ssmc_dq, ssmc_dk, ssmc_dv, ssmc_da,
-    ssmc_cu, ssmc_ck_off,
-    B, T, HPG, N, P, GH,
-    BN: tl.constexpr, BP: tl.constexpr, CK: tl.constexpr, REVERSE: tl.constexpr,
-    COLUMN: tl.constexpr, HAS_GT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    ssmc_dy, ssmc_ckpt, ssmc_gT, ssmc_dh0, ssmc_dq, ssmc_dk, ssmc_dv, ssmc_da,
+    cu_ptr, ssmc_ck_off,
+    B, T, HPG, N, P, GH, NCK, {SETUP_PARAMS},
+    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, HAS_GT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
 {SETUP}
-    prog_id = (seq * H + h_idx) * NPB + pid_p
-    scratch = ssmc_scratch + prog_id * (CK * BN * BP)
-    local = offs_n[:, None] * BP + tl.arange(0, BP)[None, :]
+{C_BASE}
     if HAS_GT:
-        dS = tl.load(ssmc_gT + state_off, mask=state_mask, other=0.0).to({ct})
+        carry = tl.load(ssmc_gT + state_off, mask=state_mask, other=0.0).to({ct})
     else:
-        dS = tl.zeros([BN, BP], dtype={ct})
+        carry = tl.zeros([BN, BP], dtype={ct})
 {pre_b.text()}
-    n_ck = tl.cdiv(length, CK)
+    n_ck = tl.cdiv(length, BT)
     for cc in range(0, n_ck):
-        c0 = (n_ck - 1 - cc) * CK
-        c1 = tl.minimum(c0 + CK, length)
-        state = tl.load(ssmc_ckpt + (((c_base + c0 // CK) * H + h_idx) * N + offs_n[:, None]) * P
-                        + offs_p[None, :], mask=state_mask, other=0.0)
-        for i in range(c0, c1):
-{indent(T_OF_I, 3)}
-{rec_b.text()}
-        tl.debug_barrier()
-        for j in range(0, c1 - c0):
-            i = c1 - 1 - j
-{indent(T_OF_I, 3)}
-{rev_b.text()}
-        tl.debug_barrier()
-    tl.store(ssmc_dh0 + state_off, dS, mask=state_mask)
+        c0 = (n_ck - 1 - cc) * BT
+        chunk = c_base + c0 // BT
+{indent(rows(), 2)}
+{body_b.text()}
+    tl.store(ssmc_dh0 + state_off, carry, mask=state_mask)
 '''
-    return HEADER + fwd + "\n" + bwd
+    return HEADER + AFFINE + fwd + "\n" + bwd
+
+
+def _order_launches(plan: Plan, deterministic_sum: bool):
+    """[(first order, number of orders)] per launch: all in one, or one launch per order where
+    the orders' y is summed and torch's deterministic algorithms are on."""
+    nd = len(plan.program.recurrence.directions)
+    if nd > 1 and deterministic_sum and torch.are_deterministic_algorithms_enabled():
+        return [(i, 1) for i in range(nd)]
+    return [(0, nd)]
+
+
+def _bits(plan: Plan) -> tuple[int, int]:
+    dirs = plan.program.recurrence.directions
+    return (sum(1 << i for i, d in enumerate(dirs) if d.reversed),
+            sum(1 << i for i, d in enumerate(dirs) if d.column))
 
 
 def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, want_y):
-    """Checkpoints per direction (and y summed over directions, fp32, when `want_y`)."""
+    """Checkpoints of every order, (orders, blocks, h, n, p), and y summed over the orders
+    (fp32) when `want_y`."""
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
     device = tensors[prog.inputs[0].name].device
     cdt = compute_dtype(plan)
     S = num_sequences(sizes, cu_seqlens)
-    BN, BP = block_sizes(N, P)
-    n_ck, ck_off, _ = chunk_layout(sizes, cu_seqlens, CK, device)
+    nd = len(prog.recurrence.directions)
+    BN, BP, BT = scan_blocks(N, P, plan.tile_dict())
+    NPB = triton.cdiv(P, BP)
+    n_ck, ck_off, _ = chunk_layout(sizes, cu_seqlens, BT, device)
+    NCK = max(n_ck, 1)
     y = torch.zeros(B, T, H, P, dtype=cdt, device=device) if want_y else None
     dummy = torch.zeros(1, dtype=cdt, device=device)
-    ckpts = []
-    for i, (direction, h0) in enumerate(zip(prog.recurrence.directions,
-                                            direction_slices(plan, initial_state))):
-        ckpt = torch.empty(max(n_ck, 1), H, N, P, dtype=cdt, device=device)
-        h0 = None if h0 is None else h0.to(cdt).contiguous()
-        module.ssmc_scan_ckpt_fwd[(S, H, triton.cdiv(P, BP))](
-            *input_args(prog, tensors, i), dummy if y is None else y, ckpt,
-            dummy if h0 is None else h0,
+    ckpt = torch.empty(nd, NCK, H, N, P, dtype=cdt, device=device)
+    h0_all = None if initial_state is None else initial_state.to(cdt).contiguous()
+    rev, col = _bits(plan)
+    args = input_args(prog, tensors, None)
+    for first, count in _order_launches(plan, want_y):
+        h0 = h0_all
+        if h0 is not None and count < nd:
+            h0 = h0[first]
+        module.ssmc_scan_ckpt_fwd[(S, H, NPB * count)](
+            *args, dummy if y is None else y, ckpt[first:], dummy if h0 is None else h0,
             dummy if cu_seqlens is None else cu_seqlens, dummy if ck_off is None else ck_off,
-            T, H // G, N, P, sizes.get("grid_h", 1), BN=BN, BP=BP, CK=CK,
-            REVERSE=direction.reversed, COLUMN=direction.column, HAS_H0=h0 is not None,
-            IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0, WRITE_Y=want_y)
-        ckpts.append(ckpt)
-    return dict(ckpts=ckpts, ck_off=ck_off), y
+            T, H // G, N, P, sizes.get("grid_h", 1), NCK, NPB, first, rev, col,
+            BN=BN, BP=BP, BT=BT, HAS_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
+            ACCUM_IN=first > 0, WRITE_Y=want_y, ATOMIC=want_y and count > 1)
+    return dict(ckpt=ckpt, ck_off=ck_off, NCK=NCK), y
 
 
 def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_seqlens):
@@ -270,37 +239,35 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     device = dy.device
     cdt = compute_dtype(plan)
     S = num_sequences(sizes, cu_seqlens)
-    BN, BP = block_sizes(N, P)
+    nd = len(prog.recurrence.directions)
+    BN, BP, BT = scan_blocks(N, P, plan.tile_dict())
     NPB = triton.cdiv(P, BP)
     dummy = torch.zeros(1, dtype=cdt, device=device)
     has_decay = prog.recurrence.decay is not None
     layout = decay_layout(plan) if has_decay else None
-    scratch = torch.empty(S * H * NPB * CK * BN * BP, dtype=cdt, device=device)
-    results = []
-    for i, (direction, gT) in enumerate(zip(prog.recurrence.directions,
-                                            direction_slices(plan, grad_final))):
-        dq = torch.zeros(NPB, B, T, H, N, dtype=cdt, device=device)
-        dk = torch.zeros(NPB, B, T, H, N, dtype=cdt, device=device)
-        dv = torch.zeros(B, T, H, P, dtype=cdt, device=device)
-        da = None
-        if has_decay:
-            da = torch.zeros(*{"np": (B, T, H, N, P), "n": (NPB, B, T, H, N),
+    dq = torch.zeros(nd, NPB, B, T, H, N, dtype=cdt, device=device)
+    dk = torch.zeros(nd, NPB, B, T, H, N, dtype=cdt, device=device)
+    dv = torch.zeros(nd, B, T, H, P, dtype=cdt, device=device)
+    da = None
+    if has_decay:
+        da = torch.zeros(nd, *{"np": (B, T, H, N, P), "n": (NPB, B, T, H, N),
                                "s": (NPB, B, T, H)}[layout], dtype=cdt, device=device)
-        dh0 = torch.empty(S, H, N, P, dtype=cdt, device=device)
-        gT = None if gT is None else gT.to(cdt).contiguous()
-        module.ssmc_scan_bwd[(S, H, NPB)](
-            *input_args(prog, tensors, i), dy, saved["ckpts"][i], scratch,
-            dummy if gT is None else gT, dh0,
-            dq, dk, dv, dummy if da is None else da,
-            dummy if cu_seqlens is None else cu_seqlens,
-            dummy if saved["ck_off"] is None else saved["ck_off"],
-            B, T, H // G, N, P, sizes.get("grid_h", 1), BN=BN, BP=BP, CK=CK,
-            REVERSE=direction.reversed, COLUMN=direction.column, HAS_GT=gT is not None,
-            IS_VARLEN=cu_seqlens is not None)
-        grads = {"query": dq.sum(0).unsqueeze(-1), "key": dk.sum(0).unsqueeze(-1),
-                 "value": dv.unsqueeze(3)}
+    dh0 = torch.empty(nd, S, H, N, P, dtype=cdt, device=device)
+    gT = None if grad_final is None else grad_final.to(cdt).contiguous()
+    rev, col = _bits(plan)
+    module.ssmc_scan_bwd[(S, H, NPB * nd)](
+        *input_args(prog, tensors, None), dy, saved["ckpt"], dummy if gT is None else gT, dh0,
+        dq, dk, dv, dummy if da is None else da,
+        dummy if cu_seqlens is None else cu_seqlens,
+        dummy if saved["ck_off"] is None else saved["ck_off"],
+        B, T, H // G, N, P, sizes.get("grid_h", 1), saved["NCK"], NPB, 0, rev, col,
+        BN=BN, BP=BP, BT=BT, HAS_GT=gT is not None, IS_VARLEN=cu_seqlens is not None)
+    results = []
+    for i in range(nd):
+        grads = {"query": dq[i].sum(0).unsqueeze(-1), "key": dk[i].sum(0).unsqueeze(-1),
+                 "value": dv[i].unsqueeze(3)}
         if has_decay:
-            grads["decay"] = {"np": lambda: da, "n": lambda: da.sum(0).unsqueeze(-1),
-                              "s": lambda: da.sum(0)[..., None, None]}[layout]()
-        results.append((grads, dh0))
+            grads["decay"] = {"np": lambda: da[i], "n": lambda: da[i].sum(0).unsqueeze(-1),
+                              "s": lambda: da[i].sum(0)[..., None, None]}[layout]()
+        results.append((grads, dh0[i] if nd > 1 else dh0[0]))
     return results
