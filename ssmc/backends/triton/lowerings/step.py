@@ -161,7 +161,7 @@ def make_launch(module, plan: Plan):
                       HAS_OUT_SLOTS=out_slots is not None)
         if "num_warps" in tile and device.type == "cuda":
             consts["num_warps"] = tile["num_warps"]
-        run = kernel[(B, H, -(-P // BP))]
+        grid = (B, H, -(-P // BP))
         # the kernel reads slot b at slot_ptr + b: a strided index tensor is made contiguous
         gather_slots = slots is not None and B > 1 and slots.stride(0) != 1
 
@@ -172,8 +172,9 @@ def make_launch(module, plan: Plan):
                 return out
             if gather_slots:
                 slots = slots.contiguous()
-            run(*inputs, out, state, state if slots is None else slots,
-                state if out_slots is None else out_slots, *ints, **consts)
+            # kernel[grid] at the call, as torch.compile recognises a Triton launch
+            kernel[grid](*inputs, out, state, state if slots is None else slots,
+                         state if out_slots is None else out_slots, *ints, **consts)
             return out
 
         return fixed
