@@ -173,8 +173,8 @@ def make_launch(module, plan: Plan):
             if gather_slots:
                 slots = slots.contiguous()
             # kernel[grid] at the call, as torch.compile recognises a Triton launch
-            kernel[grid](*inputs, out, state, state if slots is None else slots,
-                         state if out_slots is None else out_slots, *ints, **consts)
+            # an absent index is None (a constexpr to Triton: nothing to specialise or pass)
+            kernel[grid](*inputs, out, state, slots, out_slots, *ints, **consts)
             return out
 
         return fixed
