@@ -91,7 +91,9 @@ class _Scope(dict):
 
 def evaluate_all(exprs: list, env: dict, like: torch.Tensor) -> list:
     """Evaluate expressions sharing common subexpressions once."""
-    replacements, reduced = cse(list(exprs))
+    if not exprs:
+        return []
+    replacements, reduced = cse(exprs)
     scope = _Scope(env)
     for sym, sub in replacements:
         scope[sym.name] = evaluate(sub, scope, like)
@@ -264,7 +266,9 @@ class ChainRule:
         input name -> its `row_terms` already evaluated by the backend (a canonical tensor,
         summed or partly summed over the axes the input lacks); those terms are not redone.
         `grouped`: operands whose gradient the backend summed over each group's heads (h axis
-        g long; only for operands that read no head-axis input)."""
+        g long; only for operands that read no head-axis input). An entry (operand, input) of
+        `op_grads` is that operand's whole term of the input's gradient, formed by the backend
+        (canonical, partly summed): it replaces d operand * d operand / d input."""
         exprs = self.exprs
         row_parts = row_parts or {}
         H, G = sizes["h"], sizes["g"]
@@ -274,7 +278,9 @@ class ChainRule:
             terms = []      # (canonical gradient, factor, whether it is per group)
             done = inp.name in row_parts
             for op, d in exprs.operands.items():
-                if inp.name in d and op in op_grads and not (done and op == "value"):
+                if (op, inp.name) in op_grads:   # the backend formed this term itself
+                    terms.append((op_grads[op, inp.name], sp.Integer(1), False))
+                elif inp.name in d and op in op_grads and not (done and op == "value"):
                     terms.append((op_grads[op], d[inp.name], op in grouped and H != G))
             if epilogue and inp.name in exprs.epilogue and not done:
                 if isinstance(g_out, _LazyGradOut):

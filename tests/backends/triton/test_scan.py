@@ -506,3 +506,33 @@ def test_scan_backward_of_several_orders(direction, deterministic):
         torch.use_deterministic_algorithms(previous)
     for name, g in want.items():
         assert _rel(got[name], g) <= 1e-5, name
+
+
+@pytest.mark.parametrize("varlen", (False, True))
+def test_scan_backward_decay_terms_of_every_input_shape(varlen):
+    """The decay's chain-rule terms are formed in the backward kernel, summed over what each
+    input lacks: a group input with t (u), one without h or t (w), one with b but no t (c),
+    under packed sequences too (where b's sum runs over the sequences), both directions."""
+    defn = definition("decay_terms", dict(u="b t g n", w="n", c="b h", k="b t g n",
+                                          v="b t h p", q="b t g n"),
+                      lambda v: S.recurrence(decay=S.sigmoid(v["u"] + v["w"] + v["c"]),
+                                             key=v["k"], value=v["v"], query=v["q"],
+                                             direction="bidirectional"))
+    sizes = dict(b=2, t=11, h=4, g=2, n=3, p=5)
+    kw = {}
+    if varlen:
+        sizes = dict(sizes, b=1, t=sum(LENGTHS))
+        kw["cu_seqlens"] = cu_seqlens(LENGTHS)
+    inputs = inputs_for(defn, sizes, seed=6)
+    gen = torch.Generator().manual_seed(8)
+    grad_y = torch.randn(sizes["b"], sizes["t"], sizes["h"], sizes["p"], generator=gen)
+
+    def grads(backend, dtype):
+        op = ssmc.compile(defn, backend=backend, lowering="scan")
+        xs = {k: x.to(dtype).requires_grad_(True) for k, x in inputs.items()}
+        op(**xs, **kw).backward(grad_y.to(dtype))
+        return {k: x.grad for k, x in xs.items()}
+
+    want, got = grads("reference", torch.float64), grads("triton", torch.float32)
+    for name, g in want.items():
+        assert _rel(got[name], g) <= 1e-5, name

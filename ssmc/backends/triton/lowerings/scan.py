@@ -101,10 +101,12 @@ BLOCK = Tile([("t", "t_row", "mask_t"), ("n", "offs_n", "mask_n"), ("p", "offs_p
 OUT_TILE = Tile([("t", "t_row", "mask_t"), ("p", "offs_p", "mask_p")], BLOCK_FIXED)
 
 
-def emit_operands(prog, ct: str, pre: Emitter, body: Emitter, names, tag: str = "") -> None:
+def emit_operands(prog, ct: str, pre: Emitter, body: Emitter, names,
+                  tag: str = "") -> tuple[Context, Context]:
     """The recurrence operands `names` (decay, key, value, query) on the block tile, zero
     outside its n and p masks: time-invariant ones into `pre` (before the loop), the others
-    into `body` (per block). `tag` tells apart two kernels' variables in one module."""
+    into `body` (per block). `tag` tells apart two kernels' variables in one module. Returns
+    the two contexts (what each has loaded)."""
     rec = prog.recurrence
     outer = Context(prog, BLOCK, pre, f"c{tag}", ct)
     inner = Context(prog, BLOCK, body, f"s{tag}", ct)
@@ -112,6 +114,7 @@ def emit_operands(prog, ct: str, pre: Emitter, body: Emitter, names, tag: str = 
         node = getattr(rec, name)
         if node is not None:
             _operand(inner if "t" in node.axes else outer, node, name, ("n", "p"))
+    return outer, inner
 
 
 def emit_block_states(rec, ct: str, body: Emitter) -> None:

@@ -12,7 +12,8 @@ the adjoint state dS_t = dL/dS_t runs in reverse time:
 and the operand gradients are
 
     dq_t = S_t dy_t (sum over p)     dk_t = dS_t v_t (sum over p)     dv_t = dS_t^T k_t (over n)
-    da_t = dS_t * S_{t-1}            (summed in-kernel over p / n where the decay lacks them)
+    da_t = dS_t * S_{t-1}            (never stored: each input's decay term is formed in-kernel,
+                                      `decay_terms`)
 
 The decay gradient needs S_{t-1} and dS_t at the same step, in opposite time orders. Memory
 stays linear in t by recomputation, in blocks of BT steps as the forward runs them
@@ -28,8 +29,8 @@ position in-kernel (`templates.rows`), so every gradient lands at its row-major 
 
 Every order of the op runs in the same launch (`scan.SETUP`); each order writes its own
 gradient buffers (a leading order axis), so the backward is deterministic. Sums over p (dq, dk,
-and da for decays without p) are per p-block partials (a p-block axis after the order's),
-added on the host. Outputs are in the compute type (fp32, fp64 for fp64 inputs).
+and the decay terms of inputs without p) are per p-block partials (a p-block axis after the
+order's), added on the host. Outputs are in the compute type (fp32, fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -39,19 +40,12 @@ import triton
 from ....plan import Plan
 from ..common import (HEADER, chunk_layout, compute_dtype, compute_type, input_args,
                       input_params, num_sequences)
-from ..render import Emitter
+from ..render import Context, Emitter
 from ..templates import indent, rows
-from .scan import AFFINE, SETUP, SETUP_PARAMS, emit_block_states, emit_operands, last_state
+from .decay_terms import buffers as term_buffers, canonical as term_canonical, decay_terms
+from .decay_terms import emit as emit_terms
+from .scan import AFFINE, BLOCK, SETUP, SETUP_PARAMS, emit_block_states, emit_operands, last_state
 from .scan import scan_blocks
-
-
-def decay_layout(plan: Plan) -> str:
-    """How the decay gradient is stored: 'np' (b, t, h, n, p), 'n' (p-block, b, t, h, n) or
-    's' (p-block, b, t, h), by the axes the decay has (each after the order axis)."""
-    axes = plan.program.recurrence.decay.axes
-    if "p" in axes:
-        return "np"
-    return "n" if "n" in axes else "s"
 
 
 #: where a block's checkpoint lives: (order, block, h, n, p)
@@ -119,7 +113,7 @@ def ssmc_scan_ckpt_fwd(
     # ---- backward
     pre_b = Emitter(indent=1)
     body_b = Emitter(indent=2)
-    emit_operands(prog, ct, pre_b, body_b, operands, tag="b")
+    outer_b, inner_b = emit_operands(prog, ct, pre_b, body_b, operands, tag="b")
     body_b(f"state = tl.load(ssmc_ckpt + {CKPT_OFF}, mask=state_mask, other=0.0)")
     emit_block_states(rec, ct, body_b)
     full = "(BT, BN, BP)"
@@ -142,24 +136,19 @@ def ssmc_scan_ckpt_fwd(
     body_b("tl.store(ssmc_dk + part, tl.sum(dS * value, axis=2), mask=rows_n)")
     body_b("tl.store(ssmc_dv + (order * B * T * H + row)[:, None] * P + offs_p[None, :], "
            "tl.sum(dS * key, axis=1), mask=y_mask)")
-    if rec.decay is not None:
+    terms = decay_terms(prog)
+    post_b = Emitter(indent=1)
+    if terms:
         body_b("da = dS * prev")
-        layout = decay_layout(plan)
-        if layout == "np":
-            body_b("tl.store(ssmc_da + ((order * B * T * H + row)[:, None, None] * N "
-                   "+ offs_n[None, :, None]) * P + offs_p[None, None, :], da, "
-                   "mask=rows_n[:, :, None] & mask_p[None, None, :])")
-        elif layout == "n":
-            body_b("tl.store(ssmc_da + part, tl.sum(da, axis=2), mask=rows_n)")
-        else:
-            body_b("tl.store(ssmc_da + (order * NPB + pid_p) * B * T * H + row, "
-                   "tl.sum(tl.sum(da, axis=2), axis=1), mask=mask_t)")
+        derivs = Context(prog, BLOCK, body_b, "d", ct, extra={**outer_b.loaded, **inner_b.loaded})
+        emit_terms(terms, derivs, pre_b, body_b, post_b, ct)
+    term_params = "".join(f"{t.param}, " for t in terms)
 
     bwd = f'''
 @triton.jit
 def ssmc_scan_bwd(
     {input_params(prog)},
-    ssmc_dy, ssmc_ckpt, ssmc_gT, ssmc_dh0, ssmc_dq, ssmc_dk, ssmc_dv, ssmc_da,
+    ssmc_dy, ssmc_ckpt, ssmc_gT, ssmc_dh0, ssmc_dq, ssmc_dk, ssmc_dv, {term_params}
     cu_ptr, ssmc_ck_off,
     B, T, HPG, N, P, GH, NCK, {SETUP_PARAMS},
     BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, HAS_GT: tl.constexpr,
@@ -178,6 +167,7 @@ def ssmc_scan_bwd(
         chunk = c_base + c0 // BT
 {indent(rows(), 2)}
 {body_b.text()}
+{post_b.text()}
     tl.store(ssmc_dh0 + state_off, carry, mask=state_mask)
 '''
     return HEADER + AFFINE + fwd + "\n" + bwd
@@ -243,21 +233,17 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     BN, BP, BT = scan_blocks(N, P, plan.tile_dict())
     NPB = triton.cdiv(P, BP)
     dummy = torch.zeros(1, dtype=cdt, device=device)
-    has_decay = prog.recurrence.decay is not None
-    layout = decay_layout(plan) if has_decay else None
+    terms = decay_terms(prog)
     dq = torch.zeros(nd, NPB, B, T, H, N, dtype=cdt, device=device)
     dk = torch.zeros(nd, NPB, B, T, H, N, dtype=cdt, device=device)
     dv = torch.zeros(nd, B, T, H, P, dtype=cdt, device=device)
-    da = None
-    if has_decay:
-        da = torch.zeros(nd, *{"np": (B, T, H, N, P), "n": (NPB, B, T, H, N),
-                               "s": (NPB, B, T, H)}[layout], dtype=cdt, device=device)
+    bufs = term_buffers(terms, nd, NPB, sizes, S, cdt, device)
     dh0 = torch.empty(nd, S, H, N, P, dtype=cdt, device=device)
     gT = None if grad_final is None else grad_final.to(cdt).contiguous()
     rev, col = _bits(plan)
     module.ssmc_scan_bwd[(S, H, NPB * nd)](
         *input_args(prog, tensors, None), dy, saved["ckpt"], dummy if gT is None else gT, dh0,
-        dq, dk, dv, dummy if da is None else da,
+        dq, dk, dv, *bufs.values(),
         dummy if cu_seqlens is None else cu_seqlens,
         dummy if saved["ck_off"] is None else saved["ck_off"],
         B, T, H // G, N, P, sizes.get("grid_h", 1), saved["NCK"], NPB, 0, rev, col,
@@ -266,8 +252,8 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     for i in range(nd):
         grads = {"query": dq[i].sum(0).unsqueeze(-1), "key": dk[i].sum(0).unsqueeze(-1),
                  "value": dv[i].unsqueeze(3)}
-        if has_decay:
-            grads["decay"] = {"np": lambda: da[i], "n": lambda: da[i].sum(0).unsqueeze(-1),
-                              "s": lambda: da[i].sum(0)[..., None, None]}[layout]()
+        for term in terms:    # the decay's terms, done: ("decay", input) -> canonical tensor
+            grads[("decay", term.name)] = term_canonical(term, bufs[term.name], i,
+                                                         cu_seqlens is not None)
         results.append((grads, dh0[i] if nd > 1 else dh0[0]))
     return results
