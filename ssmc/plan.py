@@ -41,11 +41,23 @@ class Plan:
         return f"{self.lowering}_{DTYPE_SHORT.get(self.dtype, self.dtype)}{flags}"
 
     def cache_key(self, backend_tag: str = "") -> str:
-        """Readable prefix + hash of (IR structure, plan, backend tag, ssmc version and code)."""
+        """Readable prefix + hash of (IR structure, plan, backend tag, ssmc version and code);
+        made once per plan, tag, version and code (backends ask for it on every call)."""
+        memo = (backend_tag, __version__, code_fingerprint())
+        key = self._cache_keys.get(memo)
+        if key is None:
+            key = self._cache_keys[memo] = self._cache_key(*memo)
+        return key
+
+    @functools.cached_property
+    def _cache_keys(self) -> dict[tuple, str]:
+        return {}
+
+    def _cache_key(self, backend_tag: str, version: str, code: str) -> str:
         body = "|".join([self.program.structural_key(), self.lowering, self.dtype,
                          str(self.has_initial_state), str(self.return_final_state),
                          str(self.varlen), str(self.chunk_size), repr(self.tile), backend_tag,
-                         __version__, code_fingerprint()])
+                         version, code])
         digest = hashlib.sha256(body.encode()).hexdigest()[:8]
         return f"{self.program.name}_{self.describe()}_{digest}"
 

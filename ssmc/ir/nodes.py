@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -172,14 +173,14 @@ class Program:
         """Whether some order reads t as a 2-D grid (the call then passes `grid=(H, W)`)."""
         return any(d.column for d in self.recurrence.directions)
 
-    @property
+    @functools.cached_property
     def decay_signed(self) -> bool:
         """Whether the decay may be negative or zero for some input (not provably positive):
         kernels working in log space then carry its sign apart from log|decay|."""
         d = self.recurrence.decay
         return d is not None and d.expr.is_positive is not True
 
-    @property
+    @functools.cached_property
     def log_decay_exact(self) -> bool:
         """Whether log|decay| was found in closed form (exp(u) -> u, sigmoid(x) ->
         -softplus(-x)) with no `log` of a variable left: then it is finite wherever the decay
@@ -189,7 +190,7 @@ class Program:
         ld = self.log_decay
         return ld is None or all(lg.args[0].is_number for lg in ld.expr.atoms(sp.log))
 
-    @property
+    @functools.cached_property
     def decay_log_safe(self) -> bool:
         """Positive with an exact log: kernels may use exp(sum of log-decays) unsigned, and
         a backward in log space is exact."""
@@ -199,8 +200,13 @@ class Program:
         """A text that is equal for programs that compute the same thing.
 
         Input names are replaced by their positions, so renaming arguments keeps the key;
-        sympy's `srepr` is deterministic across processes (no hash-ordered output).
+        sympy's `srepr` is deterministic across processes (no hash-ordered output). Made once
+        per program (every field it reads is frozen): kernel cache keys ask for it per call.
         """
+        return self._structural_key
+
+    @functools.cached_property
+    def _structural_key(self) -> str:
         rename = {inp.symbol: symbol(f"in{i}") for i, inp in enumerate(self.inputs)}
 
         def ew(e: Elementwise | None) -> str:
@@ -222,4 +228,8 @@ class Program:
         return ";".join(parts)
 
     def structural_hash(self) -> str:
+        return self._structural_hash
+
+    @functools.cached_property
+    def _structural_hash(self) -> str:
         return hashlib.sha256(self.structural_key().encode()).hexdigest()
