@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ... import config
 from ...errors import BackendUnavailableError, UnsupportedError
 from ...plan import Plan
 from ..base import register_backend
@@ -44,6 +45,10 @@ def _generator_digest() -> str:
 
 class TritonBackend:
     name = "triton"
+
+    def __init__(self):
+        #: (cache directory, key) -> the generated module loaded from it (`load_generated`)
+        self._loaded: dict[tuple[str, str], object] = {}
 
     def is_available(self) -> bool:
         try:
@@ -81,16 +86,23 @@ class TritonBackend:
 
     def load_generated(self, key: str, render):
         """Import the generated module cached under `key`, rendering it with `render()` on a
-        miss (Triton needs the source in a file to jit it)."""
+        miss (Triton needs the source in a file to jit it). The file is read and its hash
+        checked on the first load per cache directory in a process; later loads are a dict
+        lookup (the key hashes everything the source depends on)."""
+        memo = (str(config.cache_dir()), key)
+        module = self._loaded.get(memo)
+        if module is not None:
+            return module
         path = cache_root("triton") / f"{key}.py"
         get_or_build_text(path, render)
         name = f"ssmc_triton_{key}"
-        if name in sys.modules:
-            return sys.modules[name]
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[name] = module
+        self._loaded[memo] = module
         return module
 
     def compile(self, plan: Plan, config=None):
