@@ -2,6 +2,7 @@
 leaves it on the Program (`Program.backward`) for every backend's chain rule."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import sympy as sp
@@ -47,11 +48,19 @@ class Underivable:
     reason: str
 
 
-def cse(exprs: list[sp.Expr], prefix: str = "bwd_cse"):
-    """sympy.cse with real-valued temporaries named `prefix<i>`: (replacements, reduced)."""
+def cse(exprs, prefix: str = "bwd_cse"):
+    """sympy.cse with real-valued temporaries named `prefix<i>`: (replacements, reduced), as
+    tuples. Memoised per expression tuple: the chain rule asks for the same few on every
+    backward call, and sympy.cse costs about as much as the rest of the call's host work."""
+    return _cse(tuple(exprs), prefix)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cse(exprs: tuple, prefix: str):
     def names():
         i = 0
         while True:
             yield sp.Symbol(f"{prefix}{i}", real=True)
             i += 1
-    return sp.cse(exprs, symbols=names())
+    replacements, reduced = sp.cse(list(exprs), symbols=names())
+    return tuple(replacements), tuple(reduced)
