@@ -160,19 +160,21 @@ def _bound(op, inputs, initial_state, cu_seqlens, return_final_state, grid) -> B
                  cu_seqlens=cu_seqlens, return_final_state=return_final_state)
 
 
-def _fresh(x: torch.Tensor, taken: list) -> torch.Tensor:
-    """`x`, contiguous and sharing no memory with `taken` (a custom op's outputs must not alias
-    its inputs or each other; a kernel may hand back a view, e.g. a final state for t=0)."""
+def _storages(tensors) -> set:
+    """The storages (by address) of the nonempty tensors among `tensors` (None skipped)."""
+    return {t.untyped_storage().data_ptr() for t in tensors if t is not None and t.numel()}
+
+
+def _fresh(x: torch.Tensor, taken: set) -> torch.Tensor:
+    """`x`, contiguous and sharing no storage with `taken` (`_storages`; a custom op's outputs
+    must not alias its inputs or each other; a kernel may hand back a view, e.g. a final state
+    for t=0); its own storage is added to `taken`."""
     x = x.contiguous()
-    if x.numel() and any(t is not None and t.numel() and _overlaps(x, t) for t in taken):
-        x = x.clone()
-    taken.append(x)
+    if x.numel():
+        if x.untyped_storage().data_ptr() in taken:
+            x = x.clone()
+        taken.add(x.untyped_storage().data_ptr())
     return x
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    sa, sb = a.untyped_storage(), b.untyped_storage()
-    return sa.data_ptr() == sb.data_ptr() and sa.nbytes() > 0
 
 
 def _no_grad_like(grid):
@@ -198,7 +200,7 @@ def _make_ops(program: Program) -> TorchOp:
         out, final = kernel(bound.tensors, bound.sizes, initial_state, cu_seqlens)
         if final is None or not return_final_state:
             final = inputs[0].new_empty((0,), dtype=state_dtype(bound.dtype))
-        taken = list(inputs) + [initial_state, cu_seqlens]
+        taken = _storages([*inputs, initial_state, cu_seqlens])
         return _fresh(out, taken), _fresh(final, taken)
 
     def fwd_fake(inputs, initial_state, cu_seqlens, executor, return_final_state,
@@ -226,7 +228,7 @@ def _make_ops(program: Program) -> TorchOp:
         grad_final = None if grad_final is None else grad_final.contiguous()
         grads, grad_h0 = backward(bound.tensors, bound.sizes, initial_state, cu_seqlens,
                                   grad_out.contiguous(), grad_final)
-        taken = list(inputs) + [initial_state, cu_seqlens, grad_out, grad_final]
+        taken = _storages([*inputs, initial_state, cu_seqlens, grad_out, grad_final])
         result = []
         for n, x in zip(op.program.input_names, inputs):
             g = grads.get(n)
