@@ -36,13 +36,17 @@ _LOCK = threading.Lock()
 @torch.compiler.assume_constant_result
 def route_for(program: Program, backend: str) -> int:
     """The route id of (program, backend name or "auto"); a constant to torch.compile, which
-    calls it while tracing instead of tracing into the program's structural key."""
+    calls it while tracing instead of tracing into the program's structural key. A hit is a
+    dict lookup (the program keeps its structural key once made)."""
     key = (program.name, program.structural_key(), backend)
-    with _LOCK:
-        if key not in _ROUTE_IDS:
-            _ROUTE_IDS[key] = len(_ROUTES)
-            _ROUTES.append((program, backend))
-    return _ROUTE_IDS[key]
+    route = _ROUTE_IDS.get(key)
+    if route is None:
+        with _LOCK:
+            if key not in _ROUTE_IDS:
+                _ROUTES.append((program, backend))
+                _ROUTE_IDS[key] = len(_ROUTES) - 1
+            route = _ROUTE_IDS[key]
+    return route
 
 
 def _plan(program: Program, inputs) -> Plan:
@@ -50,20 +54,31 @@ def _plan(program: Program, inputs) -> Plan:
     return Plan(program=program, lowering="quadratic", dtype=str(dtype).split(".")[1])
 
 
+#: (route, method, device type, dtype) -> (backend method, plan): `_serve`'s choice, which
+#: depends on nothing else
+_SERVED: dict[tuple, tuple] = {}
+
+
 def _serve(route: int, inputs, method: str):
     """(backend method, plan, tensors, sizes) for a call on `inputs`."""
     program, name = _ROUTES[route]
-    plan = _plan(program, inputs)
-    device = inputs[0].device
-    names = AUTO_ORDER.get(device.type, ()) if name == "auto" else (name,)
-    for candidate in tuple(names) + ("reference",):
-        backend = registered().get(candidate)
-        fn = getattr(backend, method, None)
-        if fn is not None and backend.is_available() and backend.supports(plan) is None:
-            break
-    else:  # pragma: no cover - the reference backend has every method
-        raise UnsupportedError(f"{program.name}: no backend has {method}")
-    return fn, plan, dict(zip(program.input_names, inputs)), sizes_of(program, inputs)
+    tensors = dict(zip(program.input_names, inputs))
+    device_type = inputs[0].device.type
+    key = (route, method, device_type, _output_dtype(program, tensors))
+    served = _SERVED.get(key)
+    if served is None:
+        plan = _plan(program, inputs)
+        names = AUTO_ORDER.get(device_type, ()) if name == "auto" else (name,)
+        for candidate in tuple(names) + ("reference",):
+            backend = registered().get(candidate)
+            fn = getattr(backend, method, None)
+            if fn is not None and backend.is_available() and backend.supports(plan) is None:
+                break
+        else:  # pragma: no cover - the reference backend has every method
+            raise UnsupportedError(f"{program.name}: no backend has {method}")
+        served = _SERVED[key] = (fn, plan)
+    fn, plan = served
+    return fn, plan, tensors, sizes_of(program, inputs)
 
 
 def _compute_dtype(program: Program, inputs) -> torch.dtype:
