@@ -16,7 +16,8 @@ import torch
 
 from .api import CompiledOp, Definition
 from .errors import ArgumentError, DeviceError, DTypeError, ShapeError, UnsupportedError
-from .torch.matrix_ops import attention_matrix_op, mixing_loss_op, route_for
+from .torch import matrix_ops
+from .torch.matrix_ops import attention_matrix_op, route_for
 from .validate import Bound, bind
 
 REDUCE = {None: "none", "none": "none", "sum": "sum", "mean": "mean"}
@@ -144,7 +145,7 @@ def mixing_loss(op, *args, q: torch.Tensor, k: torch.Tensor, scale: float | None
     _check_teacher(fn, q, k, bound.sizes, bound.device)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     inputs = [bound.tensors[n] for n in program.input_names]
-    loss = mixing_loss_op(inputs, q, k, scale, route_for(program, backend))
+    loss = matrix_ops.mixing_loss(inputs, q, k, scale, route_for(program, backend))
     if reduction == "sum":
         return loss.sum()
     return loss.mean() if reduction == "mean" else loss

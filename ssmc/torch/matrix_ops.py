@@ -14,9 +14,18 @@ and supports the program's quadratic plan; the reference backend serves every pr
 The fake implementations compute shapes from the IR's axes: the matrix is (b, h, t, t),
 (b, h, p, t, t) for a decay over p, or (b, t, t) reduced; the loss is (b, h); both in the
 compute dtype (float32, float64 for float64 inputs).
+
+An eager mixing loss that records a graph (`mixing_loss`) lets a backend whose method takes
+`keep` hand the host-side operands of its forward to its backward (`prepared`) through the
+autograd node: the implementation leaves them in a thread-local slot, setup_context (which
+torch runs next, in the same thread) moves them into ctx, and the backward formula passes them
+to the backward's implementation around its call. Under torch.compile nothing is kept (the
+compiled graphs run the implementations without setup_context).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 
 import torch
@@ -163,11 +172,47 @@ attention_matrix_op.register_autograd(_matrix_backward, setup_context=_matrix_se
 
 # --------------------------------------------------------------------------- mixing loss
 
+class _Kept(threading.local):
+    """The host-side operands a mixing loss's forward keeps for its backward (module doc)."""
+
+    want = False        # set by `mixing_loss` around an eager call that records a graph
+    forward = None      # (the loss tensor, what its forward kept), until setup_context
+    backward = None     # what the backward formula hands to the backward's implementation
+
+
+_KEPT = _Kept()
+
+
+@functools.lru_cache(maxsize=None)
+def _takes(method, keyword: str) -> bool:
+    return keyword in inspect.signature(method).parameters
+
+
+def mixing_loss(inputs: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, scale: float,
+                route: int) -> torch.Tensor:
+    """`mixing_loss_op`; an eager call that records a graph (grad enabled, some tensor
+    requiring it: torch's own condition) lets the forward keep its operands for the
+    backward."""
+    if torch.compiler.is_compiling() or not (
+            torch.is_grad_enabled() and any(x.requires_grad for x in (*inputs, q, k))):
+        return mixing_loss_op(inputs, q, k, scale, route)
+    _KEPT.want = True
+    try:
+        return mixing_loss_op(inputs, q, k, scale, route)
+    finally:
+        _KEPT.want, _KEPT.forward = False, None
+
+
 @torch.library.custom_op("ssmc::mixing_loss", mutates_args=())
 def mixing_loss_op(inputs: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, scale: float,
                    route: int) -> torch.Tensor:
     fn, plan, tensors, sizes = _serve(route, inputs, "mixing_loss")
-    return fn(plan, tensors, sizes, q, k, scale).contiguous()
+    if not (_KEPT.want and _takes(fn, "keep")):
+        return fn(plan, tensors, sizes, q, k, scale).contiguous()
+    kept: list = []
+    loss = fn(plan, tensors, sizes, q, k, scale, keep=kept).contiguous()
+    _KEPT.forward = (loss, kept[0]) if kept else None
+    return loss
 
 
 @mixing_loss_op.register_fake
@@ -179,7 +224,9 @@ def _(inputs, q, k, scale, route):
 
 def _mixing_loss_bwd(inputs, q, k, scale, grad, route):
     fn, plan, tensors, sizes = _serve(route, inputs, "mixing_loss_backward")
-    grads, dq, dk = fn(plan, tensors, sizes, q, k, scale, grad.contiguous())
+    prepared, _KEPT.backward = _KEPT.backward, None
+    extra = {"prepared": prepared} if prepared is not None and _takes(fn, "prepared") else {}
+    grads, dq, dk = fn(plan, tensors, sizes, q, k, scale, grad.contiguous(), **extra)
     return [_fresh(grads[n]) for n in plan.program.input_names], _fresh(dq), _fresh(dk)
 
 
@@ -195,12 +242,19 @@ def _loss_setup(ctx, inputs, output):
     tensors, q, k, scale, route = inputs
     ctx.scale, ctx.route, ctx.count = scale, route, len(tensors)
     ctx.save_for_backward(*tensors, q, k)
+    # what this very call's forward kept (the slot holds the last forward's, in this thread)
+    kept, _KEPT.forward = _KEPT.forward, None
+    ctx.prepared = kept[1] if kept is not None and kept[0] is output else None
 
 
 def _loss_backward(ctx, grad):
     saved = ctx.saved_tensors
     tensors, q, k = list(saved[:ctx.count]), saved[ctx.count], saved[ctx.count + 1]
-    grads, dq, dk = mixing_loss_bwd_op(tensors, q, k, ctx.scale, grad, ctx.route)
+    _KEPT.backward = getattr(ctx, "prepared", None)
+    try:
+        grads, dq, dk = mixing_loss_bwd_op(tensors, q, k, ctx.scale, grad, ctx.route)
+    finally:
+        _KEPT.backward = None
     return list(grads), dq, dk, None, None
 
 

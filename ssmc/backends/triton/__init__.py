@@ -200,25 +200,29 @@ class TritonBackend:
         with _on(grad.device):
             return fused.matrix_backward(plan, tensors, sizes, grad, reduce)
 
-    def mixing_loss(self, plan: Plan, tensors, sizes, q, k, scale: float) -> torch.Tensor:
+    def mixing_loss(self, plan: Plan, tensors, sizes, q, k, scale: float,
+                    keep: list | None = None) -> torch.Tensor:
         """(b, h) matrix-matching losses: the fused kernels (mixing_loss.py) where they apply,
-        else block rows in torch."""
+        else block rows in torch. `keep`: a list the fused kernels' host-side operands are
+        appended to for the backward (`mixing_loss.Prepared`), where they are small."""
         fused = importlib.import_module(f"{__name__}.mixing_loss")
         if fused.fused(plan) is not None:
             return matrix_rows.mixing_loss(plan.program, tensors, sizes, q, k, scale,
                                            compute_dtype(plan))
         _check_device(q.device)
         with _on(q.device):
-            return fused.loss(plan, tensors, sizes, q, k, scale)
+            return fused.loss(plan, tensors, sizes, q, k, scale, keep)
 
-    def mixing_loss_backward(self, plan: Plan, tensors, sizes, q, k, scale: float, grad):
+    def mixing_loss_backward(self, plan: Plan, tensors, sizes, q, k, scale: float, grad,
+                             prepared=None):
+        """(input gradients, dq, dk); `prepared`: what the forward kept (`keep`), if any."""
         fused = importlib.import_module(f"{__name__}.mixing_loss")
         if fused.fused(plan) is not None:
             return matrix_rows.mixing_loss_backward(plan.program, tensors, sizes, q, k, scale,
                                                     compute_dtype(plan), grad)
         _check_device(q.device)
         with _on(q.device):
-            return fused.loss_backward(plan, tensors, sizes, q, k, scale, grad)
+            return fused.loss_backward(plan, tensors, sizes, q, k, scale, grad, prepared)
 
 
 def _check_device(device: torch.device) -> None:

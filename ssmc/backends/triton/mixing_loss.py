@@ -559,16 +559,69 @@ def _launch(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float):
     return launch, env
 
 
-def loss(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float) -> torch.Tensor:
-    """(b, h) fp32 losses by the fused kernels (`fused(plan)` must be None)."""
-    launch, _ = _launch(plan, tensors, sizes, q, k, scale)
-    return launch.forward()[0]
+#: the most memory (bytes, beyond the inputs') the host-side operands of one call may take for
+#: the forward to keep them for its backward (`Prepared`): building them is a large part of a
+#: call's host time at small shapes, and nothing next to the kernels' time at large ones, where
+#: holding them from the forward to the backward would cost memory instead
+KEEP_BYTES = 8 << 20
 
 
-def loss_backward(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float, grad):
-    """(input gradients, dq, dk) by the fused kernels; the softmax statistics are recomputed
-    (a pass over the teacher's scores only)."""
+def _identity(tensors: dict, q, k, scale: float) -> tuple:
+    """What makes two calls' operands the same: the very memory (address, layout, dtype,
+    device) and its version (bumped by every in-place change) of each tensor, and the scale."""
+    return (scale,) + tuple((x.data_ptr(), x.dtype, x.device, tuple(x.shape), x.stride(),
+                             x._version) for x in (*tensors.values(), q, k))
+
+
+class Prepared:
+    """The host-side operands of one call (`_launch`: the prologue's operands in the kernels'
+    layout, the decay's sums, the canonical inputs the chain rule reads), kept by a forward for
+    its own backward, which then builds none of them again (the same values: they are made
+    from the same tensors). `matches` tells whether a backward runs on the tensors, in the
+    versions, they were made from."""
+
+    def __init__(self, plan: Plan, launch: Launch, env, tensors: dict, q, k, scale: float):
+        self.plan, self.launch, self.env = plan, launch, env
+        self._identity = _identity(tensors, q, k, scale)
+
+    def matches(self, plan: Plan, tensors: dict, q, k, scale: float) -> bool:
+        return plan == self.plan and _identity(tensors, q, k, scale) == self._identity
+
+    @staticmethod
+    def nbytes(launch: Launch, env, tensors: dict) -> int:
+        """The memory the operands hold apart from the inputs' and the teacher's storages."""
+        held = list(vars(launch).values()) + list(env.values())
+        own = {x.untyped_storage().data_ptr() for x in (*tensors.values(), launch.q, launch.k)}
+        storages = {}
+        for x in held:
+            if isinstance(x, torch.Tensor) and x.numel():
+                st = x.untyped_storage()
+                if st.data_ptr() not in own:
+                    storages[st.data_ptr()] = st.nbytes()
+        return sum(storages.values())
+
+
+def loss(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float,
+         keep: list | None = None) -> torch.Tensor:
+    """(b, h) fp32 losses by the fused kernels (`fused(plan)` must be None). With `keep` (a
+    list), the call's host-side operands are appended to it as a `Prepared` for the backward,
+    where they take at most KEEP_BYTES."""
     launch, env = _launch(plan, tensors, sizes, q, k, scale)
+    out = launch.forward()[0]
+    if keep is not None and Prepared.nbytes(launch, env, tensors) <= KEEP_BYTES:
+        keep.append(Prepared(plan, launch, env, tensors, q, k, scale))
+    return out
+
+
+def loss_backward(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float, grad,
+                  prepared: Prepared | None = None):
+    """(input gradients, dq, dk) by the fused kernels; the softmax statistics are recomputed
+    (a pass over the teacher's scores only). `prepared`: the forward's operands, used where
+    they were made from these very tensors (`Prepared.matches`), else built again."""
+    if prepared is not None and prepared.matches(plan, tensors, q, k, scale):
+        launch, env = prepared.launch, prepared.env
+    else:
+        launch, env = _launch(plan, tensors, sizes, q, k, scale)
     _, lse = launch.forward(stats_only=True)
     dqs, dks, dqt, dkt = launch.backward(lse, grad)
     B, T, H = sizes["b"], sizes["t"], sizes["h"]
