@@ -18,6 +18,7 @@ from ...tiles import SpaceContext, Tile, TileSpace, count, next_pow2, pow2, pow2
 class ScanTile(Tile):
     BP: int | None = pow2("value channels per program (the state tile is n x BP)")
     BT: int | None = pow2("steps per block (one prefix scan over a [BT, n, BP] tile)")
+    stages: int | None = count("blocks whose loads are in flight ahead of the one computed")
     num_warps: int | None = pow2("warps per program")
 
 
@@ -96,9 +97,9 @@ def chunked_space(ctx: SpaceContext, built_in: dict) -> TileSpace:
 def scan_space(ctx: SpaceContext, BN: int, BP: int, BT: int) -> TileSpace:
     """`BN`, `BP`, `BT`: the scan's built-in blocks at ctx's sizes."""
     P = ctx.sizes["p"]
-    axes = {"BP": pow2_upto(2, min(64, max(next_pow2(P), 2))), "BT": (2, 4, 8, 16, 32),
-            "num_warps": (1, 2, 4, 8)}
-    default = {"BP": BP, "BT": BT, "num_warps": 4}
+    axes = {"BP": pow2_upto(2, min(64, max(next_pow2(P), 2))), "BT": (1, 2, 4, 8, 16, 32),
+            "stages": (1, 2, 3), "num_warps": (1, 2, 4, 8)}
+    default = {"BP": BP, "BT": BT, "stages": 1, "num_warps": 4}
 
     def check(v, ctx):
         threads = 32 * v["num_warps"]

@@ -167,8 +167,8 @@ def ssmc_scan_fwd(
     out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
     yacc_ptr, h0_ptr, hT_ptr, cu_ptr,
     T, HPG, N, P, GH, {SETUP_PARAMS},
-    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr,
-    STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
+    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, STAGES: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
     WRITE_OUT: tl.constexpr, ATOMIC: tl.constexpr,
 ):
 {SETUP}
@@ -177,7 +177,7 @@ def ssmc_scan_fwd(
     else:
         state = tl.zeros([BN, BP], dtype={ct})
 {pre.text()}
-    for c0 in range(0, length, BT):
+    for c0 in tl.range(0, length, BT, num_stages=STAGES):
 {indent(rows(), 2)}
 {body.text()}
     if STORE_HT:
@@ -259,7 +259,9 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
     rev, col = _order_bits(dirs)
     warps = {"num_warps": tile["num_warps"]} if "num_warps" in tile and device.type == "cuda" else {}
     args = input_args(prog, tensors, None)
-    common = dict(BN=BN, BP=BP, BT=BT, HAS_H0=initial_state is not None,
+    # STAGES: the block loop's loads issued that many blocks ahead (Triton's pipeliner)
+    common = dict(BN=BN, BP=BP, BT=BT, STAGES=tile.get("stages") or 1,
+                  HAS_H0=initial_state is not None,
                   STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None, **warps)
     one_launch = len(dirs) == 1 or not torch.are_deterministic_algorithms_enabled()
     if one_launch:
