@@ -222,17 +222,35 @@ def block_sizes(N: int, P: int, tile: dict | None = None) -> tuple[int, int]:
 BLOCK_VALUES = 2048
 #: steps per block at most (the prefix scan's depth is log2 of it)
 MAX_BT = 16
+#: a state tile (n x BP) at least this large runs a step at a time (BT = 1): measured on an
+#: H200 (VMamba's selective scan, 56x56 grid, b=32, d=192, bf16), n=16: 4.3-4.8 ms a step at a
+#: time (BP=32) against 6.7-7.8 ms in blocks of 16 steps (BP=8); n=1: 1.1-1.7 ms in blocks
+#: against 3.4-4.2 ms a step at a time. A large tile has the work per step to hide its loads'
+#: latency; a small one waits on them unless the loads of many steps are issued together.
+STEP_AT_A_TIME_VALUES = 256
 
 
-def scan_blocks(N: int, P: int, tile: dict | None = None) -> tuple[int, int, int]:
-    """(BN, BP, BT): all of n; a p-block narrow enough that a block of MAX_BT steps fits
-    BLOCK_VALUES (narrow p-blocks also give more programs to a scan that has few); steps per
-    block to fill the rest. `tile` may set BP and BT."""
+def block_tile(N: int, P: int, tile: dict | None = None) -> tuple[int, int, int]:
+    """(BN, BP, BT) in blocks: all of n; a p-block narrow enough that a block of MAX_BT steps
+    fits BLOCK_VALUES (narrow p-blocks also give more programs to a scan that has few); steps
+    per block to fill the rest (at least 2). `tile` may set BP and BT. (The backward's
+    blocks: it checkpoints the state entering each.)"""
     tile = tile or {}
     BN = max(next_pow2(N), 2)
     BP = tile.get("BP") or max(min(next_pow2(P), 32, BLOCK_VALUES // (BN * MAX_BT)), 2)
     BT = tile.get("BT") or max(min(MAX_BT, BLOCK_VALUES // (BN * BP)), 2)
     return BN, BP, BT
+
+
+def scan_blocks(N: int, P: int, tile: dict | None = None) -> tuple[int, int, int]:
+    """The forward's (BN, BP, BT): a step at a time (BT = 1, the decode step's p-block) where
+    the state tile is large (STEP_AT_A_TIME_VALUES), else `block_tile`. `tile` may set BP and
+    BT."""
+    tile = tile or {}
+    BN, BP_step = block_sizes(N, P, tile)
+    if tile.get("BT") == 1 or ("BT" not in tile and BN * BP_step >= STEP_AT_A_TIME_VALUES):
+        return BN, BP_step, 1
+    return block_tile(N, P, tile)
 
 
 def _order_bits(dirs) -> tuple[int, int]:

@@ -45,7 +45,7 @@ from ..templates import indent, rows
 from .decay_terms import buffers as term_buffers, canonical as term_canonical, decay_terms
 from .decay_terms import emit as emit_terms
 from .scan import AFFINE, BLOCK, SETUP, SETUP_PARAMS, emit_block_states, emit_operands, last_state
-from .scan import scan_blocks
+from .scan import block_tile
 
 
 #: where a block's checkpoint lives: (order, block, h, n, p)
@@ -197,7 +197,7 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     cdt = compute_dtype(plan)
     S = num_sequences(sizes, cu_seqlens)
     nd = len(prog.recurrence.directions)
-    BN, BP, BT = scan_blocks(N, P)    # its own blocks: the forward's tile is tuned for it
+    BN, BP, BT = block_tile(N, P)    # its own blocks: the forward's tile is tuned for it
     NPB = triton.cdiv(P, BP)
     n_ck, ck_off, _ = chunk_layout(sizes, cu_seqlens, BT, device)
     NCK = max(n_ck, 1)
@@ -230,7 +230,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     cdt = compute_dtype(plan)
     S = num_sequences(sizes, cu_seqlens)
     nd = len(prog.recurrence.directions)
-    BN, BP, BT = scan_blocks(N, P)    # its own blocks: the forward's tile is tuned for it
+    BN, BP, BT = block_tile(N, P)    # its own blocks: the forward's tile is tuned for it
     NPB = triton.cdiv(P, BP)
     dummy = torch.zeros(1, dtype=cdt, device=device)
     terms = decay_terms(prog)
