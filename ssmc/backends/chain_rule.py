@@ -21,6 +21,13 @@ the derive_backward pass (sympy.diff of the elementwise parts, `Program.backward
    those operands read no head-axis input), with their derivatives evaluated per group.
    `initial_state_grad` stacks the per-direction state gradients as the contract wants them.
 
+A cross2d program whose inputs have the order axis k (one slice per scan order) takes its
+operand gradients per order instead of summed (`stack_orders`: a leading order axis; order d's
+operands read slice d of those inputs), and its canonical inputs with k have that leading axis
+too: (k, b, t, h, n, p). The chain rule runs once over all orders, broadcasting the inputs
+without k over them; an input with k keeps each order's gradient in its slice, the others are
+summed over the orders with the axes they lack.
+
 Everything is linear in t in memory; nothing loops over t in Python.
 """
 from __future__ import annotations
@@ -34,14 +41,31 @@ from ..errors import SpecError, UnsupportedError
 from ..ir import Program, Y
 from ..ir.backward import Underivable, cse
 from ..ir.evaluate import CANON, evaluate, to_canonical
-from ..ir.orders import order_program, order_tensors, stack_order_grads
+from ..ir.orders import ORDER_AXIS
 from .base import RESET_BELOW
+
+
+def canonical(x: torch.Tensor, axes: tuple[str, ...], sizes: dict) -> torch.Tensor:
+    """`to_canonical`, and for an input with the order axis k a 6-d (k, b, t, h, n, p) view
+    (k leading, so that it broadcasts against the canonical tensors without it)."""
+    if ORDER_AXIS not in axes:
+        return to_canonical(x, axes, sizes)
+    slot = {a: 0 if a == ORDER_AXIS else 1 + CANON.index("h" if a == "g" else a) for a in axes}
+    order = sorted(range(len(axes)), key=lambda i: slot[axes[i]])
+    shape = [1] * 6
+    for i in order:
+        shape[slot[axes[i]]] = x.shape[i]
+    y = x.permute(order).reshape(shape)
+    if "g" in axes and sizes["h"] != sizes["g"]:
+        y = y.repeat_interleave(sizes["h"] // sizes["g"], dim=3)
+    return y
 
 
 class CanonicalInputs(dict):
     """The inputs as canonical (b, t, h, n, p) tensors in the compute type, made on first use:
     most derivatives read few inputs, and a canonical group input (key or query shared by
-    the heads of a group) is h/g times the input's size."""
+    the heads of a group) is h/g times the input's size. An input with the order axis k is
+    (k, b, t, h, n, p) (`canonical`)."""
 
     def __init__(self, program: Program, tensors: dict, sizes: dict, cdt: torch.dtype):
         super().__init__()
@@ -61,7 +85,7 @@ class CanonicalInputs(dict):
     def __missing__(self, name: str) -> torch.Tensor:
         if name not in self._axes:
             raise KeyError(name)
-        value = to_canonical(self._tensors[name].to(self._cdt), self._axes[name], self._sizes)
+        value = canonical(self._tensors[name].to(self._cdt), self._axes[name], self._sizes)
         self[name] = value
         return value
 
@@ -101,38 +125,49 @@ def evaluate_all(exprs: list, env: dict, like: torch.Tensor) -> list:
 
 
 def canonical_target(inp, sizes: dict) -> list[int]:
-    """The canonical (b, t, h, n, p) shape of an input (g counted as h; absent axes 1)."""
+    """The canonical (b, t, h, n, p) shape of an input (g counted as h; absent axes 1), with
+    the order axis in front for an input that has it: (k, b, t, h, n, p)."""
     target = [1] * 5
     for a in inp.axes:
-        slot = CANON.index("h" if a == "g" else a)
-        target[slot] = sizes["h"] if a == "g" else sizes[a]
-    return target
+        if a != ORDER_AXIS:
+            slot = CANON.index("h" if a == "g" else a)
+            target[slot] = sizes["h"] if a == "g" else sizes[a]
+    return [sizes[ORDER_AXIS]] + target if ORDER_AXIS in inp.axes else target
 
 
 def reduce_to(grad: torch.Tensor, target: list[int]) -> torch.Tensor:
-    """Sum a canonical gradient over the axes where the target has size 1; each term of the
-    chain rule is reduced on its own (terms broadcast differently: a value term over p, a
-    decay term over n)."""
-    dims = [i for i in range(5) if target[i] == 1 and grad.shape[i] != 1]
+    """Sum a canonical gradient over the axes where the target has size 1, and over a leading
+    order axis the target lacks (a term of a cross2d input without k: the orders' sum); each
+    term of the chain rule is reduced on its own (terms broadcast differently: a value term
+    over p, a decay term over n)."""
+    lead = grad.dim() - len(target)
+    dims = list(range(lead)) + [
+        i for i in range(-min(len(target), grad.dim()), 0)
+        if target[i] == 1 and grad.shape[i] != 1]
     if dims:
         grad = grad.sum(dim=dims, keepdim=True)
+        if lead > 0:
+            grad = grad.reshape(grad.shape[lead:])
     return grad.expand(target) if list(grad.shape) != list(target) else grad
 
 
 def sum_groups(grad: torch.Tensor, sizes: dict) -> torch.Tensor:
     """A canonical gradient with h heads -> one with g entries (each group's heads summed)."""
     s = list(grad.shape)
-    return grad.reshape(s[0], s[1], sizes["g"], sizes["h"] // sizes["g"], s[3], s[4]).sum(3)
+    return grad.reshape(*s[:-3], sizes["g"], sizes["h"] // sizes["g"], s[-2], s[-1]).sum(-3)
 
 
 def to_input(grad: torch.Tensor, inp, sizes: dict) -> torch.Tensor:
     """A canonical (b, t, h, n, p) gradient of the input's canonical shape (h axis g long for
-    `g` inputs: heads of a group summed), in the input's own axes and layout."""
+    `g` inputs: heads of a group summed; the order axis in front for an input with k), in the
+    input's own axes and layout."""
+    lead = grad.dim() - 5
+
+    def slot(a):
+        return 0 if a == ORDER_AXIS else lead + CANON.index("h" if a == "g" else a)
     # canonical order -> the input's axis order
-    order = sorted(range(len(inp.axes)), key=lambda i: CANON.index(
-        "h" if inp.axes[i] == "g" else inp.axes[i]))
-    canon_axes = [inp.axes[i] for i in order]
-    keep = [CANON.index("h" if a == "g" else a) for a in canon_axes]
+    canon_axes = sorted(inp.axes, key=slot)
+    keep = [slot(a) for a in canon_axes]
     grad = grad.reshape([grad.shape[i] for i in keep]) if keep else grad.reshape(())
     perm = [canon_axes.index(a) for a in inp.axes]
     return grad.permute(perm) if perm else grad
@@ -145,6 +180,19 @@ def sum_directions(per_dir) -> dict[str, torch.Tensor]:
         for k, v in grads.items():
             op_grads[k] = v if k not in op_grads else op_grads[k] + v
     return op_grads
+
+
+def stack_orders(per_dir) -> dict[str, torch.Tensor]:
+    """[(operand grads, dh0) per order] -> operand grads with a leading order axis, for a
+    cross2d program with inputs on the order axis k: order d's operands read slice d of those
+    inputs, so its terms are not summed with the other orders' before the chain rule."""
+    out = {}
+    for key in per_dir[0][0]:
+        parts = [grads[key] for grads, _ in per_dir]
+        if any(p.shape != parts[0].shape for p in parts):
+            parts = torch.broadcast_tensors(*parts)
+        out[key] = torch.stack(parts)
+    return out
 
 
 def initial_state_grad(dh0s: list, initial_state):
@@ -261,9 +309,10 @@ class ChainRule:
                     grouped: frozenset = frozenset(),
                     epilogue: bool = True) -> dict[str, torch.Tensor]:
         """Gradients of every input (its shape and dtype) from the operand gradients
-        `op_grads` (summed over directions) and the epilogue's direct terms (none without
-        `epilogue`: a loss on the hidden attention matrix, which comes before the epilogue). `row_parts`:
-        input name -> its `row_terms` already evaluated by the backend (a canonical tensor,
+        `op_grads` (summed over directions; for a program with inputs on the order axis k,
+        per order on a leading order axis: `stack_orders`) and the epilogue's direct terms
+        (none without `epilogue`: a loss on the hidden attention matrix, which comes before the
+        epilogue). `row_parts`: input name -> its `row_terms` already evaluated by the backend (a canonical tensor,
         summed or partly summed over the axes the input lacks); those terms are not redone.
         `grouped`: operands whose gradient the backend summed over each group's heads (h axis
         g long; only for operands that read no head-axis input). An entry (operand, input) of
@@ -294,7 +343,7 @@ class ChainRule:
                 continue
             target = canonical_target(inp, sizes)
             per_group = "g" in inp.axes and H != G
-            target_g = target[:2] + [G] + target[3:]
+            target_g = target[:-3] + [G] + target[-2:]
             like = g_out.like if isinstance(g_out, _LazyGradOut) else g_out
             values = {}
             for level in (False, True):
@@ -315,24 +364,3 @@ class ChainRule:
                 total = part if total is None else total + part
             result[inp.name] = to_input(total, inp, sizes).to(x.dtype).contiguous()
         return result
-
-
-def per_order_input_grads(program: Program, env: dict, g_out, per_dir, tensors: dict,
-                          sizes: dict, cdt: torch.dtype,
-                          grouped: frozenset = frozenset()) -> dict[str, torch.Tensor]:
-    """Input gradients of a cross2d program with per-order inputs (axis `k`): each order's
-    chain rule runs on its own slices (its operands read them) with that order's operand
-    gradients `per_dir[d][0]`, the epilogue's terms once; an input with `k` gets each order's
-    gradient in its slice, the others the sum over orders. `env` and `g_out` come from
-    `ChainRule.epilogue` (y, if there, is shared by the orders)."""
-    oprog = order_program(program)
-    rule = ChainRule(oprog)
-    per_order = []
-    for d, (grads, _) in enumerate(per_dir):
-        xs = order_tensors(program, tensors, d)
-        env_d = CanonicalInputs(oprog, xs, sizes, cdt)
-        if Y.name in env:
-            env_d[Y.name] = env[Y.name]
-        per_order.append(rule.input_grads(env_d, g_out, grads, xs, sizes, None, grouped,
-                                          epilogue=d == 0))
-    return stack_order_grads(program, per_order)

@@ -15,7 +15,8 @@ Three steps, after the derive_backward pass (sympy.diff of the elementwise parts
    dE/d input), summed over the axes the input lacks and over the heads of a group for `g`
    inputs, and cast to the input's dtype. The terms on (b, t, h, p) rows (value and
    epilogue) run in one generated kernel (chain_rows.py); the rest as vectorised torch ops on
-   canonical (b, t, h, n, p) broadcast tensors in the compute type.
+   canonical (b, t, h, n, p) broadcast tensors in the compute type. A cross2d program with
+   per-order inputs (axis k) runs all its terms as torch ops, once, over a leading order axis.
 
 Steps 1 and 3 are backend-neutral and live in ssmc/backends/chain_rule.py (shared with the TVM
 backend); this module runs the Triton kernels of step 2 between them.
@@ -29,7 +30,7 @@ import dataclasses
 from ...ir import Program, Y
 from ...plan import Plan
 from ...ir.orders import has_order_axis
-from ..chain_rule import ChainRule, initial_state_grad, per_order_input_grads, sum_directions
+from ..chain_rule import ChainRule, initial_state_grad, stack_orders, sum_directions
 from . import chain_rows
 from .common import compute_dtype
 from .lowerings import LOWERINGS, chunked_bwd, scan_bwd
@@ -106,11 +107,15 @@ def make_backward(backend, plan: Plan):
         del saved, dy    # the chunk states are the largest buffers: gone before the chain rule
         grouped = frozenset() if use_scan else chunked_run.grouped_operands(bplan, sizes)
         grad_h0 = initial_state_grad([dh0 for _, dh0 in per_dir], initial_state)
-        if has_order_axis(prog):    # each order's operands read its own slices
-            return per_order_input_grads(prog, env, g_out, per_dir, tensors, sizes, cdt,
-                                         grouped), grad_h0
-        op_grads = sum_directions(per_dir)
-        rows = chain_rows.row_parts(backend, plan, rule, tensors, sizes, y, grad_out, op_grads)
+        if has_order_axis(prog):
+            # each order's operands read its own slices: one chain rule over a leading order
+            # axis (the row terms' kernel knows no order axis)
+            op_grads, rows = stack_orders(per_dir), None
+        else:
+            op_grads = sum_directions(per_dir)
+            rows = chain_rows.row_parts(backend, plan, rule, tensors, sizes, y, grad_out,
+                                        op_grads)
+        del per_dir     # each order's own tensors (stacked above): gone before the chain rule
         result = rule.input_grads(env, g_out, op_grads, tensors, sizes, rows, grouped)
         return result, grad_h0
 

@@ -15,8 +15,9 @@
    Both sum over the directions and give dL/d initial_state; they are compiled and cached once
    per program, call features and specialisation. Where inputs have the order axis k
    (cross2d), they keep each direction's operand gradients apart instead (a leading axis D).
-3. Chain rule (chain_rule.py): operand gradients -> input gradients; per order, on each
-   order's own slices, where inputs have the order axis k (`per_order_input_grads`).
+3. Chain rule (chain_rule.py): operand gradients -> input gradients; with the directions'
+   operand gradients on a leading order axis where inputs have the order axis k (one chain
+   rule over all orders, each order's terms reading its own slices).
 
 At b=1 t=2048 h=8 n=p=64 (fp32, one thread) `kernel.backward` of ssd takes ~22 ms with the
 chunked backward and ~110 ms with the scan's: the chunked products vectorise with the output
@@ -36,7 +37,7 @@ import torch
 from ...ir import Program, Y
 from ...ir.orders import has_order_axis
 from ...plan import Plan
-from ..chain_rule import ChainRule, initial_state_grad, per_order_input_grads
+from ..chain_rule import ChainRule, initial_state_grad
 from .build import cached_function
 from .lowerings import chunked_bwd, grid_args, scan_bwd
 
@@ -175,20 +176,9 @@ def _directions_state(initial_state, D: int) -> list:
 
 def _grad_lead(program: Program, D: int) -> tuple:
     """The operand gradients' leading axes: one entry per direction where inputs have the order
-    axis k (each order's chain rule reads its own), none where the directions are summed."""
+    axis k (the chain rule's order axis: each order's terms read its own slices), none where
+    the directions are summed."""
     return (D,) if has_order_axis(program) else ()
-
-
-def _input_grads(rule: ChainRule, env, g_out, op_grads: dict, tensors, sizes,
-                 cdt) -> dict:
-    """Input gradients from the operand gradients: summed over directions, or per order on
-    each order's slices (`_grad_lead`)."""
-    program = rule.program
-    if not has_order_axis(program):
-        return rule.input_grads(env, g_out, op_grads, tensors, sizes)
-    D = len(program.recurrence.directions)
-    per_dir = [({k: v[d] for k, v in op_grads.items()}, None) for d in range(D)]
-    return per_order_input_grads(program, env, g_out, per_dir, tensors, sizes, cdt)
 
 
 def _chunked_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens, grad_out,
@@ -244,7 +234,7 @@ def _chunked_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seql
     op_grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(-2)}
     if has_decay:
         op_grads["log_decay"] = dl[..., None, None]
-    result = _input_grads(rule, env, g_out, op_grads, tensors, sizes, cdt)
+    result = rule.input_grads(env, g_out, op_grads, tensors, sizes)
     grad_h0 = None if dh0 is None else initial_state_grad(list(dh0), initial_state)
     return result, grad_h0
 
@@ -294,6 +284,6 @@ def _scan_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens
     op_grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(-2)}
     if has_decay:
         op_grads["decay"] = da
-    result = _input_grads(rule, env, g_out, op_grads, tensors, sizes, cdt)
+    result = rule.input_grads(env, g_out, op_grads, tensors, sizes)
     grad_h0 = None if dh0 is None else initial_state_grad(list(dh0), initial_state)
     return result, grad_h0
