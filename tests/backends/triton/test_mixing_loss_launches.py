@@ -6,6 +6,8 @@ is tested in test_mixing_loss.py, and that every kernel compiles for sm_90 at th
 import importlib
 
 import pytest
+
+from tests.helpers import compile_for_hopper
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -153,20 +155,4 @@ print("compiled")
 def test_mixing_loss_kernels_compile_for_sm90(tmp_path):
     """Every kernel of the file, for each decay kind, through Triton's real compiler (sm90
     cubin) without a GPU: the interpreter above does not see GPU-only front-end errors."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    import triton
-    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("this triton install has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    root = pathlib.Path(__file__).resolve().parents[3]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _AOT], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    compile_for_hopper(_AOT, tmp_path, timeout=600)

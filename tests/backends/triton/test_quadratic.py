@@ -26,8 +26,9 @@ from ssmc.backends import get_backend
 from ssmc.errors import UnsupportedError
 from ssmc.plan import Plan
 from ssmc.validate import bind
-from tests.helpers import (INPUT_FACTORIES, check_against_reference, compare, cu_seqlens,
-                           make_definition, random_inputs, random_state)
+from tests.helpers import (INPUT_FACTORIES, check_against_reference, compare,
+                           compile_for_hopper, cu_seqlens, make_definition, random_inputs,
+                           random_state)
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 KW = dict(backend="triton", lowering="quadratic", grad=False)  # forward-only lowering
@@ -282,20 +283,4 @@ print("compiled")
 def test_quadratic_kernels_compile_for_sm90(tmp_path):
     """The generated kernels go through Triton's real compiler (to sm90 cubin) without a GPU,
     so GPU-only front-end errors (dot shapes, dtypes, control flow) show up on the CPU too."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    import triton
-    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("this triton install has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    root = pathlib.Path(__file__).resolve().parents[3]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _AOT], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    compile_for_hopper(_AOT, tmp_path, timeout=300)
