@@ -1,8 +1,18 @@
 """ChainRule: which inputs' terms a backend may evaluate on (b, t, h, p) rows (`row_terms`), and
 the chain rule of a cross2d program with per-order inputs, run once over all its orders."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
 import ssmc.ops
-from ssmc.backends.chain_rule import DV, GOUT, ChainRule
+from ssmc import dsl as S
+from ssmc.backends import chain_rule
+from ssmc.backends.chain_rule import DV, GOUT, CanonicalInputs, ChainRule, stack_orders
+from ssmc.ir import Y
+from ssmc.ir.orders import order_program, order_tensors, stack_order_grads
+from ssmc.nn_vision import build_ss2d_scan
 from ssmc.ops.gla import build as build_gla
+from tests.helpers import random_inputs
 
 
 def test_ssd_row_terms_cover_the_row_inputs_only():
@@ -20,18 +30,6 @@ def test_inputs_with_n_have_no_row_terms():
 
 
 # ------------------------------------------------------------ cross2d: one chain rule, all orders
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from ssmc import dsl as S  # noqa: E402
-from ssmc.backends import chain_rule  # noqa: E402
-from ssmc.backends.chain_rule import CanonicalInputs, stack_orders  # noqa: E402
-from ssmc.ir import Y  # noqa: E402
-from ssmc.ir.orders import order_program, order_tensors, stack_order_grads  # noqa: E402
-from ssmc.nn_vision import build_ss2d_scan  # noqa: E402
-from tests.helpers import random_inputs  # noqa: E402
 
 ORDERS = 4
 SIZES = dict(b=2, k=ORDERS, t=6, h=4, g=2, n=3, p=2, grid_h=2, grid_w=3)
@@ -72,7 +70,7 @@ def _each_order_on_its_own(program, tensors, sizes, y, g_out, op_grads, grouped)
     """What every order's own chain rule gives (the order's slices, its operand gradients, the
     epilogue's terms once), stacked (inputs with k) or summed over the orders."""
     oprog = order_program(program)
-    rule = chain_rule.ChainRule(oprog)
+    rule = ChainRule(oprog)
     per_order = []
     for d in range(ORDERS):
         xs = order_tensors(program, tensors, d)
@@ -119,7 +117,7 @@ def test_cross2d_chain_rule_runs_once_over_all_orders(case, monkeypatch):
     calls = []
     evaluate = chain_rule.evaluate
     monkeypatch.setattr(chain_rule, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
-    rule = chain_rule.ChainRule(program)
+    rule = ChainRule(program)
     env = CanonicalInputs(program, tensors, sizes, torch.float64)
     env[Y.name] = y
     with _CountOps() as count:
@@ -133,8 +131,8 @@ def test_cross2d_chain_rule_runs_once_over_all_orders(case, monkeypatch):
     env0 = CanonicalInputs(oprog, xs, sizes, torch.float64)
     env0[Y.name] = y
     with _CountOps() as count:
-        chain_rule.ChainRule(oprog).input_grads(env0, g_out, {k: v[0] for k, v in op_grads.items()},
-                                                xs, sizes, None, grouped)
+        ChainRule(oprog).input_grads(env0, g_out, {k: v[0] for k, v in op_grads.items()},
+                                     xs, sizes, None, grouped)
     assert all_orders == len(calls) > 0
     # the orders' sum may cost a reshape per input without k
     assert all_ops <= count.ops + len(program.inputs), (all_ops, count.ops)
@@ -167,8 +165,8 @@ def test_cross2d_backward_runs_the_chain_rule_once(backend, monkeypatch):
     sizes = dict(SIZES, b=1, h=2, g=1, n=2)
     xs = {k: v.requires_grad_() for k, v in random_inputs(op, sizes, seed=3).items()}
     calls = []
-    input_grads = chain_rule.ChainRule.input_grads
-    monkeypatch.setattr(chain_rule.ChainRule, "input_grads",
+    input_grads = ChainRule.input_grads
+    monkeypatch.setattr(ChainRule, "input_grads",
                         lambda self, *a, **kw: calls.append(1) or input_grads(self, *a, **kw))
     op(**xs, grid=(2, 3)).sum().backward()
     assert len(calls) == 1
