@@ -45,7 +45,7 @@ from ..templates import indent, rows
 from .decay_terms import buffers as term_buffers, canonical as term_canonical, decay_terms
 from .decay_terms import emit as emit_terms
 from .scan import AFFINE, BLOCK, SETUP, SETUP_PARAMS, emit_block_states, emit_operands, last_state
-from .scan import block_tile
+from .scan import block_tile, scan_blocks
 
 
 #: where a block's checkpoint lives: (order, block, h, n, p)
@@ -56,7 +56,7 @@ CKPT_OFF = ("((((order - FIRST_ORDER) * NCK + chunk) * H + h_idx) * N + offs_n[:
 C_BASE = '''    if IS_VARLEN:
         c_base = tl.load(ssmc_ck_off + seq).to(tl.int64)
     else:
-        c_base = seq * tl.cdiv(T, BT)'''
+        c_base = seq * tl.cdiv(T, CK)'''
 
 
 def render(plan: Plan) -> str:
@@ -67,7 +67,7 @@ def render(plan: Plan) -> str:
 
     # ---- forward: checkpoints (and y)
     pre_f = Emitter(indent=1)
-    body_f = Emitter(indent=2)
+    body_f = Emitter(indent=3)
     emit_operands(prog, ct, pre_f, body_f, operands, tag="f")
     emit_block_states(rec, ct, body_f)
     body_f("if WRITE_Y:")
@@ -92,9 +92,9 @@ def ssmc_scan_ckpt_fwd(
     {input_params(prog)},
     ssmc_y, ssmc_ckpt, ssmc_h0, cu_ptr, ssmc_ck_off,
     T, HPG, N, P, GH, NCK, {SETUP_PARAMS},
-    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr,
-    IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr, WRITE_Y: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, CK: tl.constexpr,
+    HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
+    WRITE_Y: tl.constexpr, ATOMIC: tl.constexpr,
 ):
 {SETUP}
 {C_BASE}
@@ -103,10 +103,12 @@ def ssmc_scan_ckpt_fwd(
     else:
         state = tl.zeros([BN, BP], dtype={ct})
 {pre_f.text()}
-    for c0 in range(0, length, BT):
-        chunk = c_base + c0 // BT
+    for c_ck in range(0, length, CK):
+        chunk = c_base + c_ck // CK
         tl.store(ssmc_ckpt + {CKPT_OFF}, state, mask=state_mask)
-{indent(rows(), 2)}
+        # the forward's own form: CK // BT blocks of BT steps (BT = 1: a step at a time)
+        for c0 in range(c_ck, tl.minimum(c_ck + CK, length), BT):
+{indent(rows(), 3)}
 {body_f.text()}
 '''
 
@@ -151,8 +153,8 @@ def ssmc_scan_bwd(
     ssmc_dy, ssmc_ckpt, ssmc_gT, ssmc_dh0, ssmc_dq, ssmc_dk, ssmc_dv, {term_params}
     cu_ptr, ssmc_ck_off,
     B, T, HPG, N, P, GH, NCK, {SETUP_PARAMS},
-    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, HAS_GT: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, CK: tl.constexpr,
+    HAS_GT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
 {SETUP}
 {C_BASE}
@@ -197,9 +199,12 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     cdt = compute_dtype(plan)
     S = num_sequences(sizes, cu_seqlens)
     nd = len(prog.recurrence.directions)
-    BN, BP, BT = block_tile(N, P)    # its own blocks: the forward's tile is tuned for it
+    # checkpoints every CK steps (the backward's blocks); in between, the forward's own form
+    # (a step at a time for large state tiles: `scan.scan_blocks`)
+    CK = block_tile(N, P)[2]
+    BN, BP, BT = scan_blocks(N, P)
     NPB = triton.cdiv(P, BP)
-    n_ck, ck_off, _ = chunk_layout(sizes, cu_seqlens, BT, device)
+    n_ck, ck_off, _ = chunk_layout(sizes, cu_seqlens, CK, device)
     NCK = max(n_ck, 1)
     y = torch.zeros(B, T, H, P, dtype=cdt, device=device) if want_y else None
     dummy = torch.zeros(1, dtype=cdt, device=device)
@@ -215,7 +220,7 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
             *args, dummy if y is None else y, ckpt[first:], dummy if h0 is None else h0,
             dummy if cu_seqlens is None else cu_seqlens, dummy if ck_off is None else ck_off,
             T, H // G, N, P, sizes.get("grid_h", 1), NCK, NPB, first, rev, col,
-            BN=BN, BP=BP, BT=BT, HAS_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
+            BN=BN, BP=BP, BT=BT, CK=CK, HAS_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
             ACCUM_IN=first > 0, WRITE_Y=want_y, ATOMIC=want_y and count > 1)
     return dict(ckpt=ckpt, ck_off=ck_off, NCK=NCK), y
 
@@ -247,7 +252,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         dummy if cu_seqlens is None else cu_seqlens,
         dummy if saved["ck_off"] is None else saved["ck_off"],
         B, T, H // G, N, P, sizes.get("grid_h", 1), saved["NCK"], NPB, 0, rev, col,
-        BN=BN, BP=BP, BT=BT, HAS_GT=gT is not None, IS_VARLEN=cu_seqlens is not None)
+        BN=BN, BP=BP, BT=BT, CK=BT, HAS_GT=gT is not None, IS_VARLEN=cu_seqlens is not None)
     results = []
     for i in range(nd):
         grads = {"query": dq[i].sum(0).unsqueeze(-1), "key": dk[i].sum(0).unsqueeze(-1),
