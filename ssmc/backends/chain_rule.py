@@ -55,7 +55,7 @@ def canonical(x: torch.Tensor, axes: tuple[str, ...], sizes: dict) -> torch.Tens
     shape = [1] * 6
     for i in order:
         shape[slot[axes[i]]] = x.shape[i]
-    y = x.permute(order).reshape(shape)
+    y = (x.permute(order) if order != sorted(order) else x).reshape(shape)
     if "g" in axes and sizes["h"] != sizes["g"]:
         y = y.repeat_interleave(sizes["h"] // sizes["g"], dim=3)
     return y
@@ -85,7 +85,9 @@ class CanonicalInputs(dict):
     def __missing__(self, name: str) -> torch.Tensor:
         if name not in self._axes:
             raise KeyError(name)
-        value = canonical(self._tensors[name].to(self._cdt), self._axes[name], self._sizes)
+        x = self._tensors[name]
+        x = x if x.dtype == self._cdt else x.to(self._cdt)   # no op to dispatch: host time
+        value = canonical(x, self._axes[name], self._sizes)
         self[name] = value
         return value
 
@@ -170,7 +172,7 @@ def to_input(grad: torch.Tensor, inp, sizes: dict) -> torch.Tensor:
     keep = [slot(a) for a in canon_axes]
     grad = grad.reshape([grad.shape[i] for i in keep]) if keep else grad.reshape(())
     perm = [canon_axes.index(a) for a in inp.axes]
-    return grad.permute(perm) if perm else grad
+    return grad.permute(perm) if perm != sorted(perm) else grad
 
 
 def sum_directions(per_dir) -> dict[str, torch.Tensor]:
@@ -362,5 +364,7 @@ class ChainRule:
                     if per_group:
                         part = sum_groups(part, sizes)
                 total = part if total is None else total + part
-            result[inp.name] = to_input(total, inp, sizes).to(x.dtype).contiguous()
+            grad = to_input(total, inp, sizes)
+            grad = grad if grad.dtype == x.dtype else grad.to(x.dtype)
+            result[inp.name] = grad.contiguous()
         return result
