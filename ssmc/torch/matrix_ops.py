@@ -35,7 +35,7 @@ from ..errors import UnsupportedError
 from ..ir import DecayKind, Program
 from ..plan import Plan
 from ..validate import _output_dtype
-from .ops import sizes_of, state_dtype
+from .ops import _fresh as _fresh_of, _storages, sizes_of, state_dtype
 
 _ROUTES: list[tuple[Program, str]] = []
 _ROUTE_IDS: dict[tuple, int] = {}
@@ -115,6 +115,10 @@ def _fresh(x: torch.Tensor) -> torch.Tensor:
     """A contiguous copy: an output must not alias an input, and its layout must be the one
     the fake implementation promises (a gradient of a strided view comes back contiguous)."""
     return x.clone(memory_format=torch.contiguous_format)
+
+
+def _contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def _empty_like(x: torch.Tensor) -> torch.Tensor:
@@ -208,9 +212,9 @@ def mixing_loss_op(inputs: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                    route: int) -> torch.Tensor:
     fn, plan, tensors, sizes = _serve(route, inputs, "mixing_loss")
     if not (_KEPT.want and _takes(fn, "keep")):
-        return fn(plan, tensors, sizes, q, k, scale).contiguous()
+        return _contiguous(fn(plan, tensors, sizes, q, k, scale))
     kept: list = []
-    loss = fn(plan, tensors, sizes, q, k, scale, keep=kept).contiguous()
+    loss = _contiguous(fn(plan, tensors, sizes, q, k, scale, keep=kept))
     _KEPT.forward = (loss, kept[0]) if kept else None
     return loss
 
@@ -226,8 +230,13 @@ def _mixing_loss_bwd(inputs, q, k, scale, grad, route):
     fn, plan, tensors, sizes = _serve(route, inputs, "mixing_loss_backward")
     prepared, _KEPT.backward = _KEPT.backward, None
     extra = {"prepared": prepared} if prepared is not None and _takes(fn, "prepared") else {}
-    grads, dq, dk = fn(plan, tensors, sizes, q, k, scale, grad.contiguous(), **extra)
-    return [_fresh(grads[n]) for n in plan.program.input_names], _fresh(dq), _fresh(dk)
+    # grad as it comes (the loss's sum hands an expanded one): the backends read it by strides
+    grads, dq, dk = fn(plan, tensors, sizes, q, k, scale, grad, **extra)
+    # copied only where a backend hands back a view of an input or another output's storage,
+    # or a strided tensor (the fused kernels' gradients are fresh and contiguous already)
+    taken = _storages([*inputs, q, k, grad])
+    return ([_fresh_of(grads[n], taken) for n in plan.program.input_names],
+            _fresh_of(dq, taken), _fresh_of(dk, taken))
 
 
 def _mixing_loss_bwd_fake(inputs, q, k, scale, grad, route):

@@ -5,21 +5,27 @@ tile: both matrices live in registers, never in device memory.
 Scope: one forward direction and a decay that is positive with an exact log and does not vary
 over p (none, time-invariant, scalar: Mamba-2, RetNet; over n: GLA, Mamba-1's per-channel
 heads); `fused(plan)` says why not otherwise, and the backend then runs the block-row torch
-path. The prologue runs on the host (the operands q_s, k_s (b, h, t, n) and log-decays
-(b, h, t) or (b, h, t, n) are linear in t); the kernels are fixed, not generated per
-definition, and the chain rule turns operand gradients into input gradients as for every
-kernel (`chain_rule.py`). Scores use tensor cores where the decay does not vary over n; a
-decay over n is applied exactly on a (BT, BT, BN) broadcast, BN key dims at a time, whose
-gradient parts the program adds to the rows of dq_s / dk_s it owns.
+path. Scores use tensor cores where the decay does not vary over n; a decay over n is applied
+exactly on a (BT, BT, BN) broadcast, BN key dims at a time, whose gradient parts the program
+adds to the rows of dq_s / dk_s it owns.
 
-Three kernels, one program per (b * h, block of BT rows or columns), the programs of the
+Two kernels are generated per definition (`render`), one program per (b, h) walking the
+blocks of t, so that a step's host work is a few launches and allocations (at short t the
+host's time is the step's time; the prologue and the chain rule as torch ops were about 150
+ops a step):
+
+* `ssmc_mixing_prep`: the prologue on each block, stored in one workspace (`_operands`): the
+  operands q_s, k_s (b h, t, n) and the log-decay's sums below (linear in t).
+* `ssmc_mixing_grads`: the chain rule, operand gradients to input gradients (`_render_grads`).
+
+The fixed kernels, one program per (b * h, block of BT rows or columns), the programs of the
 blocks with the most tiles launched first (`_program`):
 
 * `mixing_loss_fwd`: the softmax row statistics in a first pass over the key blocks (online
-  max and sum, as flash attention), the log-sum-exp stored; then the loss over the same blocks
-  (skipped when the backward recomputes the statistics).
-* `mixing_loss_bwd_rows`: D[t] = sum_s P dP in a first pass, then dq (teacher) = scale dS k and
-  dq_s = (dM * W) k_s, with dM = 2 g (M - P), dP = -dM, dS = P (dP - D).
+  max and sum, as flash attention, `_stats`); then the loss over the same blocks.
+* `mixing_loss_bwd_rows`: the statistics of its rows again (stored for the columns kernel),
+  D[t] = sum_s P dP in a second pass, then dq (teacher) = scale dS k and dq_s = (dM * W) k_s,
+  with dM = 2 g (M - P), dP = -dM, dS = P (dP - D).
 * `mixing_loss_bwd_cols`: dk (teacher) = scale dS^T q and dk_s = (dM * W)^T q_s, walking the
   row blocks below each column block (no atomics).
 
@@ -28,22 +34,27 @@ dM read from its gradient (per head, or one for all heads where it was reduced).
 
 Decay weights W[t, s] = exp(sum_{s < u <= t} ld_u) are assembled from sums over disjoint ranges:
 inside the row block (cin[t]), the blocks in between (a float64 difference of block prefix
-sums, exact enough at any length), and the column block after s (after[s]); within one block,
+sums, exact enough at any length), and the column block after s (aft[s]); within one block,
 cin[t] - cin[s]. Log-decays below RESET_BELOW (exp underflows fp32: -1e4, -inf) are counted
-as resets apart (W = 0 across one) and never enter a sum. d log-decay comes from the identity
-d ld_r = sum_{t >= r} (q_s . dq_s - k_s . dk_s)[t] on the host (exactly 0 at a reset).
+as resets apart (z: W = 0 across one) and never enter a sum. d log-decay comes from the
+identity d ld_r = sum_{t >= r} (q_s . dq_s - k_s . dk_s)[t] (exactly 0 at a reset).
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ...ir import DecayKind, Direction
+from ...ir.backward import BackwardExprs
 from ...plan import Plan
-from .. import matrix_rows
-from ..chain_rule import CanonicalInputs, ChainRule
-from .common import fp32_precision, interpreting, next_pow2
+from ..base import registered
+from ..chain_rule import ChainRule
+from .common import HEADER, fp32_precision, input_args, input_params, interpreting, next_pow2
+from .render import Context, Emitter, Tile
 from .templates import RESET_BELOW
 
 
@@ -212,33 +223,39 @@ def _rows_in(bh, b_idx, h_idx, offs_t, mask_t, qs_ptr, qt_ptr, sqb, sqt, sqh, sq
 
 
 @triton.jit
-def _program(NB, LAST_FIRST: tl.constexpr):
-    """(row or column block, b * h) of this program in a (b * h, NB) grid. A block's programs
-    have i + 1 tiles (rows) or NB - j (columns): the b * h programs of the longest block come
-    first, then the next (axis 0 varies fastest), so no long program starts last and leaves the
-    GPU waiting on one (at short t the last wave is most of the time)."""
-    blk = tl.program_id(1)
-    if LAST_FIRST:
-        blk = NB - 1 - blk
-    return blk, tl.program_id(0).to(tl.int64)
+def _operands(ops_ptr, T, N, DECAY: tl.constexpr):
+    """(qs, ks, cin, aft, z): the operand workspace (`Launch`) of one fp32 buffer, in this
+    order: qs, ks (b h, t, n), then cin, aft, z (b h, t), or (b h, t, n) for a decay over n.
+    Axis 0 of every kernel's grid is b * h."""
+    bht = tl.num_programs(0).to(tl.int64) * T
+    ks_ptr = ops_ptr + bht * N
+    cin_ptr = ks_ptr + bht * N
+    if DECAY == 2:
+        aft_ptr = cin_ptr + bht * N
+        z_ptr = aft_ptr + bht * N
+    else:
+        aft_ptr = cin_ptr + bht
+        z_ptr = aft_ptr + bht
+    return ops_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr
 
 
 @triton.jit
-def mixing_loss_fwd(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh, skd,
-                    cin_ptr, aft_ptr, z_ptr, pre_ptr, lse_ptr, part_ptr,
-                    T, H, HPK, N, DH, NB, scale,
-                    BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                    DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
-                    STATS_ONLY: tl.constexpr):
-    i, bh = _program(NB, True)
-    b_idx, h_idx = bh // H, bh % H
-    hk_idx = h_idx // HPK
-    offs_t = i * BT + tl.arange(0, BT)
-    mask_t = offs_t < T
-    qs, qt = _rows_in(bh, b_idx, h_idx, offs_t, mask_t, qs_ptr, qt_ptr, sqb, sqt, sqh, sqd,
-                      T, N, DH, BN, BD)
+def _gradients(bw_ptr, T, N):
+    """(lse, dd, dq_s, dk_s): the backward's fp32 workspace (`Launch.backward`) in this order,
+    lse and dd (b h, t), dq_s and dk_s (b h, t, n)."""
+    bht = tl.num_programs(0).to(tl.int64) * T
+    dd_ptr = bw_ptr + bht
+    dqs_ptr = dd_ptr + bht
+    return bw_ptr, dd_ptr, dqs_ptr, dqs_ptr + bht * N
+
+
+@triton.jit
+def _stats(qt, offs_t, b_idx, hk_idx, kt_ptr, skb, skt, skh, skd, T, DH, i, scale,
+           BT: tl.constexpr, BD: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+    """The log-sum-exp of the teacher's causal scores of rows offs_t (block i): online max
+    and sum over the key blocks, as flash attention (every row has its diagonal, so the max
+    is finite)."""
     offs_d = tl.arange(0, BD)
-    # pass 1: the softmax normalisers (every row has its diagonal, so the max is finite)
     mx = tl.full([BT], float("-inf"), tl.float32)
     sm = tl.zeros([BT], tl.float32)
     for j in range(0, i + 1):
@@ -252,36 +269,67 @@ def mixing_loss_fwd(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt
         new = tl.maximum(mx, tl.max(sc, 1))
         sm = sm * tl.exp(mx - new) + tl.sum(tl.exp(sc - new[:, None]), 1)
         mx = new
-    lse = mx + tl.log(sm)
-    tl.store(lse_ptr + bh * T + offs_t, lse, mask=mask_t)
-    if not STATS_ONLY:
-        # pass 2: the loss
-        acc = tl.zeros([BT], tl.float32)
-        for j in range(0, i + 1):
-            m, p, w, ks, kt = _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs, qt, lse, offs_t,
-                                     mask_t, qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd,
-                                     cin_ptr, aft_ptr, z_ptr, pre_ptr, T, N, DH, NB, scale, BT,
-                                     BN, BD, DECAY, LOWP, PREC)
-            e = m - p
-            acc += tl.sum(e * e, 1)
-        tl.store(part_ptr + bh * NB + i, tl.sum(tl.where(mask_t, acc, 0.0), 0))
+    return mx + tl.log(sm)
 
 
 @triton.jit
-def mixing_loss_bwd_rows(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh,
-                         skd, cin_ptr, aft_ptr, z_ptr, pre_ptr, lse_ptr, g_ptr, dd_ptr,
-                         dqs_ptr, dqt_ptr, T, H, HPK, N, DH, NB, scale,
+def _program(NB, LAST_FIRST: tl.constexpr):
+    """(row or column block, b * h) of this program in a (b * h, NB) grid. A block's programs
+    have i + 1 tiles (rows) or NB - j (columns): the b * h programs of the longest block come
+    first, then the next (axis 0 varies fastest), so no long program starts last and leaves the
+    GPU waiting on one (at short t the last wave is most of the time)."""
+    blk = tl.program_id(1)
+    if LAST_FIRST:
+        blk = NB - 1 - blk
+    return blk, tl.program_id(0).to(tl.int64)
+
+
+@triton.jit
+def mixing_loss_fwd(ops_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh, skd, pre_ptr,
+                    part_ptr, T, H, HPK, N, DH, NB, scale,
+                    BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                    DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+    i, bh = _program(NB, True)
+    b_idx, h_idx = bh // H, bh % H
+    hk_idx = h_idx // HPK
+    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr = _operands(ops_ptr, T, N, DECAY)
+    offs_t = i * BT + tl.arange(0, BT)
+    mask_t = offs_t < T
+    qs, qt = _rows_in(bh, b_idx, h_idx, offs_t, mask_t, qs_ptr, qt_ptr, sqb, sqt, sqh, sqd,
+                      T, N, DH, BN, BD)
+    # pass 1: the softmax normalisers; pass 2: the loss
+    lse = _stats(qt, offs_t, b_idx, hk_idx, kt_ptr, skb, skt, skh, skd, T, DH, i, scale, BT,
+                 BD, LOWP, PREC)
+    acc = tl.zeros([BT], tl.float32)
+    for j in range(0, i + 1):
+        m, p, w, ks, kt = _tiles(i, j, bh, b_idx, h_idx, hk_idx, qs, qt, lse, offs_t,
+                                 mask_t, qs_ptr, ks_ptr, kt_ptr, skb, skt, skh, skd,
+                                 cin_ptr, aft_ptr, z_ptr, pre_ptr, T, N, DH, NB, scale, BT,
+                                 BN, BD, DECAY, LOWP, PREC)
+        e = m - p
+        acc += tl.sum(e * e, 1)
+    tl.store(part_ptr + bh * NB + i, tl.sum(tl.where(mask_t, acc, 0.0), 0))
+
+
+@triton.jit
+def mixing_loss_bwd_rows(ops_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh, skd,
+                         pre_ptr, g_ptr, sgb, sgh, bw_ptr, dqt_ptr, T, H, HPK, N, DH, NB, scale,
                          BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                          DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
     i, bh = _program(NB, True)
     b_idx, h_idx = bh // H, bh % H
     hk_idx = h_idx // HPK
+    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr = _operands(ops_ptr, T, N, DECAY)
+    lse_ptr, dd_ptr, dqs_ptr, dks_ptr = _gradients(bw_ptr, T, N)
     offs_t = i * BT + tl.arange(0, BT)
     mask_t = offs_t < T
     qs, qt = _rows_in(bh, b_idx, h_idx, offs_t, mask_t, qs_ptr, qt_ptr, sqb, sqt, sqh, sqd,
                       T, N, DH, BN, BD)
-    lse = tl.load(lse_ptr + bh * T + offs_t, mask=mask_t, other=0.0)
-    g2 = 2.0 * tl.load(g_ptr + bh)
+    # the softmax statistics of its own rows (the forward's pass 1), for the columns kernel too
+    lse = _stats(qt, offs_t, b_idx, hk_idx, kt_ptr, skb, skt, skh, skd, T, DH, i, scale, BT,
+                 BD, LOWP, PREC)
+    tl.store(lse_ptr + bh * T + offs_t, lse, mask=mask_t)
+    g2 = 2.0 * tl.load(g_ptr + b_idx * sgb + h_idx * sgh)
     # pass 1: D[t] = sum_s P dP, dP = -2 g (M - P)
     dd = tl.zeros([BT], tl.float32)
     for j in range(0, i + 1):
@@ -314,19 +362,21 @@ def mixing_loss_bwd_rows(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb
         tl.store(dqs_ptr + (bh * T + offs_t[:, None]) * N + offs_n[None, :], dqs,
                  mask=mask_t[:, None] & (offs_n[None, :] < N))
     tl.store(dqt_ptr + ((b_idx * T + offs_t[:, None]) * H + h_idx) * DH + offs_d[None, :],
-             dqt * scale, mask=mask_t[:, None] & (offs_d[None, :] < DH))
+             (dqt * scale).to(dqt_ptr.dtype.element_ty),
+             mask=mask_t[:, None] & (offs_d[None, :] < DH))
 
 
 @triton.jit
-def mixing_loss_bwd_cols(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh,
-                         skd, cin_ptr, aft_ptr, z_ptr, pre_ptr, lse_ptr, g_ptr, dd_ptr,
-                         dks_ptr, dkt_ptr, T, H, HPK, N, DH, NB, scale,
+def mixing_loss_bwd_cols(ops_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh, skd,
+                         pre_ptr, g_ptr, sgb, sgh, bw_ptr, dkt_ptr, T, H, HPK, N, DH, NB, scale,
                          BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                          DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
     j, bh = _program(NB, False)
     b_idx, h_idx = bh // H, bh % H
     hk_idx = h_idx // HPK
-    g2 = 2.0 * tl.load(g_ptr + bh)
+    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr = _operands(ops_ptr, T, N, DECAY)
+    lse_ptr, dd_ptr, dqs_ptr, dks_ptr = _gradients(bw_ptr, T, N)
+    g2 = 2.0 * tl.load(g_ptr + b_idx * sgb + h_idx * sgh)
     dks = tl.zeros([BT, BN], tl.float32)
     dkt = tl.zeros([BT, BD], tl.float32)
     for i in range(j, NB):
@@ -357,7 +407,8 @@ def mixing_loss_bwd_cols(qs_ptr, ks_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb
         tl.store(dks_ptr + (bh * T + offs_s[:, None]) * N + offs_n[None, :], dks,
                  mask=mask_s[:, None] & (offs_n[None, :] < N))
     tl.store(dkt_ptr + ((b_idx * T + offs_s[:, None]) * H + h_idx) * DH + offs_d[None, :],
-             dkt * scale, mask=mask_s[:, None] & (offs_d[None, :] < DH))
+             (dkt * scale).to(dkt_ptr.dtype.element_ty),
+             mask=mask_s[:, None] & (offs_d[None, :] < DH))
 
 
 # ------------------------------------------------------- the attention matrix's backward
@@ -371,12 +422,13 @@ def _grad_tile(g_ptr, sgb, sgh, sgt, sgs, b_idx, h_idx, offs_t, mask_t, offs_s, 
 
 
 @triton.jit
-def matrix_bwd_rows(qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, g_ptr, sgb, sgh, sgt,
-                    sgs, dqs_ptr, T, H, N, NB, gscale,
+def matrix_bwd_rows(ops_ptr, pre_ptr, g_ptr, sgb, sgh, sgt, sgs, bw_ptr, T, H, N, NB, gscale,
                     BT: tl.constexpr, BN: tl.constexpr, DECAY: tl.constexpr,
                     LOWP: tl.constexpr, PREC: tl.constexpr):
     """dq_s = sum_s (dM * W) k_s for one block of rows, dM read from the matrix's gradient."""
     i, bh = _program(NB, True)
+    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr = _operands(ops_ptr, T, N, DECAY)
+    lse_ptr, dd_ptr, dqs_ptr, dks_ptr = _gradients(bw_ptr, T, N)
     b_idx, h_idx = bh // H, bh % H
     offs_t = i * BT + tl.arange(0, BT)
     mask_t = offs_t < T
@@ -401,12 +453,13 @@ def matrix_bwd_rows(qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, g_ptr, sgb
 
 
 @triton.jit
-def matrix_bwd_cols(qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, g_ptr, sgb, sgh, sgt,
-                    sgs, dks_ptr, T, H, N, NB, gscale,
+def matrix_bwd_cols(ops_ptr, pre_ptr, g_ptr, sgb, sgh, sgt, sgs, bw_ptr, T, H, N, NB, gscale,
                     BT: tl.constexpr, BN: tl.constexpr, DECAY: tl.constexpr,
                     LOWP: tl.constexpr, PREC: tl.constexpr):
     """dk_s = sum_t (dM * W)^T q_s for one block of columns."""
     j, bh = _program(NB, False)
+    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr = _operands(ops_ptr, T, N, DECAY)
+    lse_ptr, dd_ptr, dqs_ptr, dks_ptr = _gradients(bw_ptr, T, N)
     b_idx, h_idx = bh // H, bh % H
     offs_s = j * BT + tl.arange(0, BT)
     mask_s = offs_s < T
@@ -430,139 +483,412 @@ def matrix_bwd_cols(qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, g_ptr, sgb
                  mask=mask_s[:, None] & (offs_n[None, :] < N))
 
 
+# --------------------------------------------------------------------------- generated kernels
+
+FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx"}
+QK_TILE = Tile([("t", "offs_t", "mask_t"), ("n", "offs_n", "mask_n")], FIXED)
+#: the operands the loss reads, and their gradients' names in the generated kernels
+GRADIENTS = {"query": "ssmc_dq", "key": "ssmc_dk", "log_decay": "ssmc_dld"}
+
+
+def _decay_mode(program) -> int:
+    """DECAY of the kernels: 0 without a decay, 1 a log-decay per step, 2 one over n."""
+    if program.recurrence.decay is None:
+        return 0
+    return 2 if "n" in program.log_decay.axes else 1
+
+
+def _tile(t: str, mask: str, wide: bool) -> Tile:
+    """A block of steps, and the key dims where `wide` (a decay over n)."""
+    return Tile([("t", t, mask)] + ([("n", "offs_n", "mask_n")] if wide else []), FIXED)
+
+
+def _operand(ctx: Context, node, name: str) -> str:
+    """`node` evaluated on the context's tile into `name`, in the tile's full shape and 0
+    outside its masks (an operand may lack some of the tile's axes)."""
+    raw = ctx.value(node, f"{name}_raw")
+    mask = " & ".join(ctx.tile.broadcast(m, a) for a, _, m in ctx.tile.tiled)
+    emit = ctx.emit
+    emit(f"{name} = tl.where({mask}, {raw}, 0.0)")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _grad_terms(program) -> tuple:
+    """((input, ((operand, d operand / d input), ...)), ...) for the inputs the loss's
+    gradient reaches (through the query, the key and the log-decay; the value and the
+    epilogue come after the matrix)."""
+    exprs = program.backward
+    if not isinstance(exprs, BackwardExprs):
+        ChainRule(program)                  # raises the chain rule's error for this program
+    ops = exprs.operands
+    terms = []
+    for inp in program.inputs:
+        d = tuple((op, ops[op][inp.name]) for op in GRADIENTS if inp.name in ops.get(op, {}))
+        if d:
+            terms.append((inp.name, d))
+    return tuple(terms)
+
+
+def _setup(emit: Emitter, carries: list[str]) -> None:
+    emit("bh = tl.program_id(0).to(tl.int64)")
+    emit("bht = tl.num_programs(0).to(tl.int64) * T")
+    emit("b_idx = bh // H")
+    emit("h_idx = bh % H")
+    emit("g_idx = h_idx // HPG")
+    emit("offs_c = tl.arange(0, BT)")
+    emit("offs_n = tl.arange(0, BN)")
+    emit("mask_n = offs_n < N")
+    for line in carries:
+        emit(line)
+
+
+def _zero(wide: bool, dtype: str = "tl.float32") -> str:
+    """A loop-carried zero per key dim (BN,), or a scalar one."""
+    return f"tl.zeros([BN], {dtype})" if wide else f"tl.sum(tl.zeros([BT], {dtype}), axis=0)"
+
+
+def _render_prep(plan: Plan) -> str:
+    """`ssmc_mixing_prep`, one program per (b, h) walking the blocks of BT steps: the prologue
+    on each block (the query and key (BT, n), the log-decay (BT,) or (BT, n)), stored in the
+    operand workspace (`_operands`): q_s, k_s; the log-decay's sums inside the block, cin
+    (inclusive) and aft (of the later steps: a suffix sum of the next steps' log-decays, not a
+    suffix sum minus the step), the resets up to each step z, and the float64 prefix sums of
+    the block sums (pre). Resets (log-decay < RESET_BELOW) are counted apart and never summed."""
+    prog = plan.program
+    rec = prog.recurrence
+    mode = _decay_mode(prog)
+    wide = mode == 2
+    e = Emitter(indent=2)
+    e("row = (bh * T + offs_t[:, None]) * N + offs_n[None, :]")
+    e("rmask = mask_t[:, None] & mask_n[None, :]")
+    for node, name, at in ((rec.query, "ssmc_q", ""), (rec.key, "ssmc_k", "bht * N + ")):
+        _operand(Context(prog, QK_TILE, e, f"{name}_in"), node, name)
+        e(f"tl.store(ssmc_ops + {at}row, {name}, mask=rmask)")
+    carries = []
+    if mode:
+        carries = [f"zrun = {_zero(wide)}", f"prun = {_zero(wide, 'tl.float64')}"]
+        _operand(Context(prog, _tile("offs_t", "mask_t", wide), e, "ssmc_l"), prog.log_decay,
+                 "ssmc_ld")
+        e("offs_u = offs_t + 1")
+        e("mask_u = (offs_c < BT - 1) & (offs_u < T)")
+        _operand(Context(prog, _tile("offs_u", "mask_u", wide), e, "ssmc_u"), prog.log_decay,
+                 "ssmc_ln")
+        e(f"rz = tl.where(ssmc_ld < {RESET_BELOW}, 1.0, 0.0)")
+        e("ssmc_ld = tl.where(rz > 0.0, 0.0, ssmc_ld)")
+        e(f"ssmc_ln = tl.where(ssmc_ln < {RESET_BELOW}, 0.0, ssmc_ln)")
+        at, mask, width = ("row", "rmask", "bht * N") if wide else ("bh * T + offs_t", "mask_t",
+                                                                    "bht")
+        e("cin_ptr = ssmc_ops + 2 * bht * N")
+        e(f"tl.store(cin_ptr + {at}, tl.cumsum(ssmc_ld, axis=0), mask={mask})")
+        e(f"tl.store(cin_ptr + {width} + {at}, tl.cumsum(ssmc_ln, axis=0, reverse=True), "
+          f"mask={mask})")
+        e(f"tl.store(cin_ptr + 2 * {width} + {at}, zrun + tl.cumsum(rz, axis=0), mask={mask})")
+        e("zrun += tl.sum(rz, axis=0)")
+        e("prun += tl.sum(ssmc_ld.to(tl.float64), axis=0)")
+        if wide:
+            e("tl.store(ssmc_pre + (bh * NB + i) * N + offs_n, prun, mask=mask_n)")
+        else:
+            e("tl.store(ssmc_pre + bh * NB + i, prun)")
+    top = Emitter(indent=1)
+    _setup(top, carries)
+    return f"""
+@triton.jit
+def ssmc_mixing_prep(
+    {input_params(prog)},
+    ssmc_ops, ssmc_pre, T, H, HPG, N, NB, BT: tl.constexpr, BN: tl.constexpr,
+):
+{top.text()}
+    for i in range(0, NB):
+        offs_t = i * BT + offs_c
+        mask_t = offs_t < T
+{e.text()}
+"""
+
+
+def _render_grads(plan: Plan) -> str:
+    """`ssmc_mixing_grads`, one program per (b, h) walking the blocks backwards: the chain rule
+    from the operand gradients dq_s, dk_s (the backward's workspace) to the inputs. d ld_r =
+    sum_{t >= r} (q_s . dq_s - k_s . dk_s)[t] (per key dim for a decay over n; exactly 0 at a
+    reset) is a suffix sum over the block plus the later blocks' total; each input's terms
+    (operand gradient * d operand / d input, `Program.backward`) are added on the tile, summed
+    over n where it lacks n and over t (across the blocks) where it lacks t, and stored at the
+    strides the host passes: into the input's gradient in its own dtype, or into a per-(b, h)
+    fp32 partial the host sums over b and heads."""
+    prog = plan.program
+    mode = _decay_mode(prog)
+    wide = mode == 2
+    terms = _grad_terms(prog)
+    uses = {op for _, d in terms for op, _ in d}
+    carries, e, post = [], Emitter(indent=2), Emitter(indent=1)
+    e("row = (bh * T + offs_t[:, None]) * N + offs_n[None, :]")
+    e("rmask = mask_t[:, None] & mask_n[None, :]")
+    if mode or "query" in uses:
+        e("ssmc_dq = tl.load(ssmc_bw + 2 * bht + row, mask=rmask, other=0.0)")
+    if mode or "key" in uses:
+        e("ssmc_dk = tl.load(ssmc_bw + 2 * bht + bht * N + row, mask=rmask, other=0.0)")
+    if mode:
+        carries.append(f"carry = {_zero(wide)}")
+        e("ssmc_a = (tl.load(ssmc_ops + row, mask=rmask, other=0.0) * ssmc_dq -")
+        e("          tl.load(ssmc_ops + bht * N + row, mask=rmask, other=0.0) * ssmc_dk)")
+        if not wide:
+            e("ssmc_a = tl.sum(ssmc_a, axis=1)")
+        e("ssmc_dld = carry + tl.cumsum(ssmc_a, axis=0, reverse=True)")
+        e("carry += tl.sum(ssmc_a, axis=0)")
+    # derivatives on the (BT, BN) tile, and on the steps (BT,) for a log-decay without n
+    on_tile = Context(prog, QK_TILE, e, "ssmc_d2")
+    on_steps = on_tile if wide else Context(prog, _tile("offs_t", "mask_t", False), e, "ssmc_d1")
+    if mode:
+        _operand(on_steps, prog.log_decay, "ssmc_ld")
+        e(f"ssmc_dld = tl.where(ssmc_ld < {RESET_BELOW}, 0.0, ssmc_dld)")
+    outs = []
+    for k, (name, derivs) in enumerate(terms):
+        axes = set(prog.input(name).axes)
+        two, one = [], []
+        for op, expr in derivs:
+            if op == "log_decay" and not wide:      # on the steps alone (BT,)
+                d = on_steps.value(expr, f"ssmc_d{k}_{op}")
+                one.append(f"tl.where(mask_t, {GRADIENTS[op]} * {d}, 0.0)")
+            else:
+                d = on_tile.value(expr, f"ssmc_d{k}_{op}")
+                two.append(f"tl.where(rmask, {GRADIENTS[op]} * {d}, 0.0)")
+        # an input with n is not read by a log-decay without n: its terms are all (BT, BN)
+        if "n" in axes:
+            e(f"ssmc_v{k} = " + " + ".join(two))
+        else:
+            e(f"ssmc_v{k} = " + " + ".join(
+                ([f"tl.sum({' + '.join(two)}, axis=1)"] if two else []) + one))
+        out = f"ssmc_g{k}"
+        outs.append(f"{out}, {out}_b, {out}_t, {out}_h, {out}_n")
+        at = f"{out} + b_idx * {out}_b + h_idx * {out}_h"
+        cast = f".to({out}.dtype.element_ty)"
+        if "t" in axes:
+            if "n" in axes:
+                e(f"tl.store({at} + offs_t[:, None] * {out}_t + offs_n[None, :] * {out}_n, "
+                  f"ssmc_v{k}{cast}, mask=rmask)")
+            else:
+                e(f"tl.store({at} + offs_t * {out}_t, ssmc_v{k}{cast}, mask=mask_t)")
+        else:
+            carries.append(f"ssmc_acc{k} = {_zero('n' in axes)}")
+            e(f"ssmc_acc{k} += tl.sum(ssmc_v{k}, axis=0)")
+            if "n" in axes:
+                post(f"tl.store({at} + offs_n * {out}_n, ssmc_acc{k}{cast}, mask=mask_n)")
+            else:
+                post(f"tl.store({at}, ssmc_acc{k}{cast})")
+    top = Emitter(indent=1)
+    _setup(top, carries)
+    return f"""
+@triton.jit
+def ssmc_mixing_grads(
+    {input_params(prog)},
+    ssmc_ops, ssmc_bw, {', '.join(outs)},
+    T, H, HPG, N, NB, BT: tl.constexpr, BN: tl.constexpr,
+):
+{top.text()}
+    for ii in range(0, NB):
+        i = NB - 1 - ii
+        offs_t = i * BT + offs_c
+        mask_t = offs_t < T
+{e.text()}
+{post.text()}
+"""
+
+
+def render(plan: Plan) -> str:
+    """The generated module of one plan's loss: its prologue and its chain rule."""
+    return HEADER + _render_prep(plan) + _render_grads(plan)
+
+
+#: id(plan) -> (plan, what selects the cache directory and the backend's tag, module)
+_MODULES: dict[int, tuple] = {}
+
+
+def _module(plan: Plan):
+    """The generated module of `plan`: a dict lookup per call once loaded (the cache
+    directory and the backend's tag are made from these environment variables; building
+    them, a Path, is a part of a call's host time worth saving)."""
+    env = os.environ
+    where = (env.get("SSMC_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"),
+             env.get("TRITON_INTERPRET"))
+    memo = _MODULES.get(id(plan))
+    if memo is not None and memo[0] is plan and memo[1] == where:
+        return memo[2]
+    backend = registered()["triton"]
+    module = backend.load_generated(f"mixing_{plan.cache_key(backend.cache_tag())}",
+                                    lambda: render(plan))
+    _MODULES[id(plan)] = (plan, where, module)
+    return module
+
+
 # --------------------------------------------------------------------------- host side
 
 class Launch:
-    """The operands of one call in the kernels' layout, and the launch parameters."""
+    """The operands of one call in the kernels' layout, and the launch parameters. The
+    generated prologue kernel fills the operand workspace `ops` (`_operands`: q_s, k_s, and
+    for a decay cin, aft, z) and `pre` (float64 block prefix sums, (b h, nb) or (b h, nb, n))."""
 
-    def __init__(self, qs, ks, ld, q, k, scale: float, low_precision: bool):
-        """qs, ks (b, h, t, n) fp32; ld None, (b, h, t) or (b, h, t, n) (a decay over n)."""
-        B, H, T, N = qs.shape
-        self.B, self.H, self.T, self.N = B, H, T, N
+    def __init__(self, plan: Plan, tensors: dict, sizes: dict, q, k, scale: float):
+        prog = plan.program
+        B, T, H, G, N = (sizes[a] for a in "bthgn")
+        self.plan, self.tensors, self.sizes = plan, tensors, sizes
+        self.B, self.H, self.T, self.N, self.HPG = B, H, T, N, H // G
         # the teacher (q, k) is None for the attention matrix's backward
+        self.q, self.k, self.scale = q, k, scale
         self.DH = 16 if q is None else q.shape[3]
         self.HPK = 1 if k is None else H // k.shape[2]
-        self.decay = 0 if ld is None else (2 if ld.dim() == 4 else 1)
-        # a decay over n: W is a (BT, BT, BN) broadcast, BN key dims at a time (16K elements)
+        self.decay = _decay_mode(prog)
         diag = self.decay == 2
-        self.BT = (32 if diag else 64) if qs.is_cuda else 16
+        self.device = tensors[prog.inputs[0].name].device
+        # a decay over n: W is a (BT, BT, BN) broadcast, BN key dims at a time (16K elements)
+        self.BT = (32 if diag else 64) if self.device.type == "cuda" else 16
         self.NB = triton.cdiv(T, self.BT)
-        self.qs, self.ks, self.q, self.k, self.scale = qs, ks, q, k, scale
-        self.cin, self.aft, self.z, self.pre = self._decay_parts(ld)
         self.consts = dict(BT=self.BT, BN=16 if diag else max(16, next_pow2(N)),
                            BD=max(16, next_pow2(self.DH)), DECAY=self.decay,
-                           LOWP=low_precision and not interpreting(), PREC=fp32_precision(),
-                           num_warps=4)
+                           LOWP=plan.dtype in ("bfloat16", "float16") and not interpreting(),
+                           PREC=fp32_precision(), num_warps=4)
+        BH, width = B * H, N if diag else 1
+        parts = 2 * N + (3 * width if self.decay else 0)
+        self.ops = torch.empty(BH * T * parts, dtype=torch.float32, device=self.device)
+        self.pre = (torch.empty(BH * self.NB * width, dtype=torch.float64, device=self.device)
+                    if self.decay else self.ops)
+        self.module = _module(plan)
+        if BH * T:
+            self.module.ssmc_mixing_prep[(BH,)](
+                *input_args(prog, tensors), self.ops, self.pre, T, H, self.HPG, N, self.NB,
+                BT=self.BT, BN=max(16, next_pow2(N)), num_warps=4)
 
-    def _decay_parts(self, ld):
-        """cin (inclusive sums inside each block), aft (sums after each step inside its block),
-        z (resets up to each step), pre (float64 inclusive prefix sums of the block sums); per
-        key dim for a decay over n."""
-        if ld is None:
-            one = self.qs.new_zeros(1)
-            return one, one, one.to(torch.int32), one.double()
-        B, H, T, BT, NB = self.B, self.H, self.T, self.BT, self.NB
-        wide = ld.dim() == 4
-        ld = ld if wide else ld[..., None]                          # (b, h, t, n')
-        n = ld.shape[3]
-        reset = ld < RESET_BELOW
-        self.reset = reset if wide else reset[..., 0]
-        z = reset.to(torch.int32).cumsum(2, dtype=torch.int32)
-        ldc = torch.where(reset, 0.0, ld)
-        blocks = torch.nn.functional.pad(ldc, (0, 0, 0, NB * BT - T)).view(B, H, NB, BT, n)
-        cin = blocks.cumsum(3)
-        aft = torch.cat([blocks.flip(3).cumsum(3).flip(3)[:, :, :, 1:],
-                         torch.zeros_like(blocks[:, :, :, :1])], 3)
-        pre = blocks.double().sum(3).cumsum(2)                     # (b, h, nb, n')
+    def nbytes(self) -> int:
+        """The memory of the operands (beyond the inputs')."""
+        pre = 0 if self.pre is self.ops else self.pre.nbytes
+        return self.ops.nbytes + pre
 
-        def flat(x, steps):
-            x = x.reshape(B * H, steps, n)[:, :T if steps != NB else NB]
-            return (x if wide else x[..., 0]).contiguous()
+    def _args(self):
+        return (self.ops, self.q, *self.q.stride(), self.k, *self.k.stride(), self.pre)
 
-        return (flat(cin, NB * BT), flat(aft, NB * BT), flat(z, T), flat(pre, NB))
-
-    def common(self):
-        return (self.qs, self.ks, self.q, *self.q.stride(), self.k, *self.k.stride(),
-                self.cin, self.aft, self.z, self.pre)
-
-    def sizes(self):
+    def _sizes(self):
         return (self.T, self.H, self.HPK, self.N, self.DH, self.NB, self.scale)
 
-    def forward(self, stats_only: bool = False):
-        """(loss (b, h), lse); with `stats_only` the softmax statistics alone (the backward
-        recomputes them rather than keep them from the forward)."""
-        lse = self.qs.new_empty(self.B * self.H, self.T)
-        part = self.qs.new_zeros(self.B * self.H, self.NB)
-        grid = (self.B * self.H, self.NB)
+    def forward(self) -> torch.Tensor:
+        """The (b, h) losses."""
+        part = self.ops.new_empty(self.B, self.H, self.NB)
         if self.T:
-            mixing_loss_fwd[grid](*self.common(), lse, part, *self.sizes(), **self.consts,
-                                  STATS_ONLY=stats_only)
-        return part.sum(-1).view(self.B, self.H), lse
+            mixing_loss_fwd[(self.B * self.H, self.NB)](*self._args(), part, *self._sizes(),
+                                                        **self.consts)
+        return part.sum(-1)
 
-    def backward(self, lse, grad):
-        """(dq_s, dk_s (b, h, t, n), dq (b, t, h, d), dk per head (b, t, h, d)), in fp32."""
-        BH, T = self.B * self.H, self.T
-        g = grad.to(torch.float32).reshape(BH).contiguous()
-        dd = self.qs.new_empty(BH, T)
-        # a decay over n adds each tile's part to dq_s / dk_s in place
-        fresh = torch.zeros_like if self.decay == 2 else torch.empty_like
-        dqs, dks = fresh(self.qs), fresh(self.ks)
-        dqt = self.qs.new_empty(self.B, T, self.H, self.DH)
-        dkt = torch.empty_like(dqt)
-        grid = (BH, self.NB)
+    def _workspace(self):
+        """The backward's fp32 workspace (`_gradients`): lse, dd, dq_s, dk_s; zeros for a
+        decay over n, whose kernels add each tile's part to dq_s / dk_s in place."""
+        make = torch.zeros if self.decay == 2 else torch.empty
+        return make(self.B * self.H * self.T * (2 + 2 * self.N), dtype=torch.float32,
+                    device=self.device)
+
+    def backward(self, grad):
+        """(workspace, dq, dk): the operand gradients dq_s, dk_s in the workspace, the
+        teacher's gradients in its dtype."""
+        B, T, H, DH, HPK = self.B, self.T, self.H, self.DH, self.HPK
+        q, k = self.q, self.k
+        g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
+        bw = self._workspace()
+        dq = torch.empty(B, T, H, DH, dtype=q.dtype, device=self.device)
+        # per head, (b, t, hk, heads sharing it, d): summed over those below, in fp32
+        dkt = (torch.empty(B, T, H, DH, dtype=k.dtype, device=self.device) if HPK == 1 else
+               torch.empty(B, T, H // HPK, HPK, DH, dtype=torch.float32, device=self.device))
+        grid = (B * H, self.NB)
         if T:
-            mixing_loss_bwd_rows[grid](*self.common(), lse, g, dd, dqs, dqt, *self.sizes(),
+            mixing_loss_bwd_rows[grid](*self._args(), g, *g.stride(), bw, dq, *self._sizes(),
                                        **self.consts)
-            mixing_loss_bwd_cols[grid](*self.common(), lse, g, dd, dks, dkt, *self.sizes(),
+            mixing_loss_bwd_cols[grid](*self._args(), g, *g.stride(), bw, dkt, *self._sizes(),
                                        **self.consts)
-        return dqs, dks, dqt, dkt
+        if HPK == 1:
+            return bw, dq, dkt
+        dk = dkt.sum(3)
+        return bw, dq, dk if dk.dtype == k.dtype else dk.to(k.dtype)
 
     def matrix_backward(self, grad, reduce: str):
-        """(dq_s, dk_s) from the gradient of the hidden attention matrix: (b, h, t, t), or
-        (b, t, t) summed / averaged over heads."""
-        BH, T = self.B * self.H, self.T
-        fresh = torch.zeros_like if self.decay == 2 else torch.empty_like
-        dqs, dks = fresh(self.qs), fresh(self.ks)
-        grad = grad.to(torch.float32)
+        """The workspace with dq_s, dk_s from the gradient of the hidden attention matrix:
+        (b, h, t, t), or (b, t, t) summed / averaged over heads."""
+        bw = self._workspace()
+        grad = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
         if grad.dim() == 3:                     # reduced over heads: the same dM for each
             sgb, sgt, sgs = grad.stride()
             strides = (sgb, 0, sgt, sgs)
         else:
             strides = grad.stride()
         gscale = 1.0 / self.H if reduce == "mean" else 1.0
-        consts = {k: v for k, v in self.consts.items() if k not in ("BD",)}
-        grid = (BH, self.NB)
-        if T:
-            args = (self.qs, self.ks, self.cin, self.aft, self.z, self.pre, grad, *strides)
-            sizes = (T, self.H, self.N, self.NB, gscale)
-            matrix_bwd_rows[grid](*args, dqs, *sizes, **consts)
-            matrix_bwd_cols[grid](*args, dks, *sizes, **consts)
-        return dqs, dks
+        consts = {k: v for k, v in self.consts.items() if k != "BD"}
+        if self.T:
+            args = (self.ops, self.pre, grad, *strides, bw, self.T, self.H, self.N, self.NB,
+                    gscale)
+            grid = (self.B * self.H, self.NB)
+            matrix_bwd_rows[grid](*args, **consts)
+            matrix_bwd_cols[grid](*args, **consts)
+        return bw
+
+    def input_grads(self, bw) -> dict:
+        """Every input's gradient from the operand gradients in `bw`: the generated chain-rule
+        kernel stores each into the input's gradient where one program per (b, h) owns its
+        elements, else into an fp32 partial per (b, h) summed here."""
+        prog = self.plan.program
+        B, T, H, N, HPG = self.B, self.T, self.H, self.N, self.HPG
+        result, finish, args = {}, [], []
+        for name, _ in _grad_terms(prog):
+            inp, x = prog.input(name), self.tensors[name]
+            has = set(inp.axes)
+            if ("b" in has or B == 1) and ("h" in has or H == 1 or ("g" in has and HPG == 1)):
+                out = result[name] = torch.empty(x.shape, dtype=x.dtype, device=self.device)
+                st = dict(zip(inp.axes, out.stride()))
+                st.setdefault("h", st.get("g", 0))
+            else:
+                # (b, t if it has t, heads as (g, heads of a group) or h, n if it has n):
+                # summed over b and the heads it lacks, it has the input's axes
+                axes = ["b"] + [a for a in "tghn" if a in has or (a == "h" and "g" not in has)]
+                shape = [{"b": B, "t": T, "n": N, "g": H // HPG}.get(a, H) for a in axes]
+                if "g" in has:
+                    axes.insert(axes.index("g") + 1, "h")
+                    shape.insert(axes.index("h"), HPG)
+                out = torch.empty(shape, dtype=torch.float32, device=self.device)
+                st = dict(zip(axes, out.stride()))
+                dims = [i for i, a in enumerate(axes) if a not in has or (a == "h" and "g" in has)]
+                finish.append((inp, x, out, dims))
+            args += [out, st.get("b", 0), st.get("t", 0), st["h"], st.get("n", 0)]
+        if B * H * T:
+            self.module.ssmc_mixing_grads[(B * H,)](
+                *input_args(prog, self.tensors), self.ops, bw, *args, T, H, HPG, N, self.NB,
+                BT=self.BT, BN=max(16, next_pow2(N)), num_warps=4)
+        else:
+            for out in args[::5]:
+                out.zero_()
+        for inp, x, part, dims in finish:
+            result[inp.name] = _finish(inp, x, part.sum(dims))
+        for inp in prog.inputs:
+            if inp.name not in result:
+                x = self.tensors[inp.name]
+                result[inp.name] = torch.zeros(x.shape, dtype=x.dtype, device=self.device)
+        return result
 
 
-def _launch(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float):
-    """(Launch, env, operand leaves' shapes) for a call the fused kernels take."""
-    env = CanonicalInputs(plan.program, tensors, sizes, torch.float32)
-    ops = matrix_rows.operands(plan.program, env)
-    B, T, H, N = (sizes[a] for a in "bthn")
-
-    def heads_major(x, n):   # canonical (b, t, h, n, p) -> (b, h, t, n) contiguous fp32
-        return x.expand(B, T, H, n, 1)[..., 0].permute(0, 2, 1, 3).contiguous()
-
-    ld = None
-    if ops.decay is not None:
-        wide = ops.decay.shape[3] > 1                      # a decay over n
-        ld = heads_major(ops.decay, N if wide else 1)
-        ld = ld if wide else ld[..., 0]
-    launch = Launch(heads_major(ops.query, N), heads_major(ops.key, N), ld, q, k, scale,
-                    plan.dtype in ("bfloat16", "float16"))
-    return launch, env
+def _finish(inp, x, g):
+    """An input's gradient from its fp32 sum `g` with its axes in canonical order (b t g h n):
+    in its own dtype and layout."""
+    canon = [a for a in "btghn" if a in inp.axes]
+    if list(inp.axes) != canon:
+        g = g.permute([canon.index(a) for a in inp.axes])
+    elif g.dtype == x.dtype:
+        return g
+    return g.to(x.dtype, memory_format=torch.contiguous_format)
 
 
-#: the most memory (bytes, beyond the inputs') the host-side operands of one call may take for
-#: the forward to keep them for its backward (`Prepared`): building them is a large part of a
-#: call's host time at small shapes, and nothing next to the kernels' time at large ones, where
-#: holding them from the forward to the backward would cost memory instead
+def _launch(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float) -> Launch:
+    """The operands of a call the fused kernels take."""
+    return Launch(plan, tensors, sizes, q, k, scale)
+
+
+#: the most memory (bytes, beyond the inputs') the operands of one call may take for the
+#: forward to keep them for its backward (`Prepared`): making them again is a launch and a few
+#: allocations, which at small shapes is a part of a call's host time worth saving, and nothing
+#: next to the kernels' time at large ones, where holding them from the forward to the backward
+#: would cost memory instead
 KEEP_BYTES = 8 << 20
 
 
@@ -574,82 +900,49 @@ def _identity(tensors: dict, q, k, scale: float) -> tuple:
 
 
 class Prepared:
-    """The host-side operands of one call (`_launch`: the prologue's operands in the kernels'
-    layout, the decay's sums, the canonical inputs the chain rule reads), kept by a forward for
-    its own backward, which then builds none of them again (the same values: they are made
-    from the same tensors). `matches` tells whether a backward runs on the tensors, in the
-    versions, they were made from."""
+    """The operands of one call (`Launch`), kept by a forward for its own backward, which then
+    makes none of them again (the same values: they are made from the same tensors).
+    `matches` tells whether a backward runs on the tensors, in the versions, they were made
+    from."""
 
-    def __init__(self, plan: Plan, launch: Launch, env, tensors: dict, q, k, scale: float):
-        self.plan, self.launch, self.env = plan, launch, env
+    def __init__(self, plan: Plan, launch: Launch, tensors: dict, q, k, scale: float):
+        self.plan, self.launch = plan, launch
         self._identity = _identity(tensors, q, k, scale)
 
     def matches(self, plan: Plan, tensors: dict, q, k, scale: float) -> bool:
         return plan == self.plan and _identity(tensors, q, k, scale) == self._identity
 
-    @staticmethod
-    def nbytes(launch: Launch, env, tensors: dict) -> int:
-        """The memory the operands hold apart from the inputs' and the teacher's storages."""
-        held = list(vars(launch).values()) + list(env.values())
-        own = {x.untyped_storage().data_ptr() for x in (*tensors.values(), launch.q, launch.k)}
-        storages = {}
-        for x in held:
-            if isinstance(x, torch.Tensor) and x.numel():
-                st = x.untyped_storage()
-                if st.data_ptr() not in own:
-                    storages[st.data_ptr()] = st.nbytes()
-        return sum(storages.values())
-
 
 def loss(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float,
          keep: list | None = None) -> torch.Tensor:
     """(b, h) fp32 losses by the fused kernels (`fused(plan)` must be None). With `keep` (a
-    list), the call's host-side operands are appended to it as a `Prepared` for the backward,
-    where they take at most KEEP_BYTES."""
-    launch, env = _launch(plan, tensors, sizes, q, k, scale)
-    out = launch.forward()[0]
-    if keep is not None and Prepared.nbytes(launch, env, tensors) <= KEEP_BYTES:
-        keep.append(Prepared(plan, launch, env, tensors, q, k, scale))
+    list), the call's operands are appended to it as a `Prepared` for the backward, where they
+    take at most KEEP_BYTES."""
+    launch = _launch(plan, tensors, sizes, q, k, scale)
+    out = launch.forward()
+    if keep is not None and launch.nbytes() <= KEEP_BYTES:
+        keep.append(Prepared(plan, launch, tensors, q, k, scale))
     return out
 
 
 def loss_backward(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float, grad,
                   prepared: Prepared | None = None):
     """(input gradients, dq, dk) by the fused kernels; the softmax statistics are recomputed
-    (a pass over the teacher's scores only). `prepared`: the forward's operands, used where
-    they were made from these very tensors (`Prepared.matches`), else built again."""
+    (by the rows kernel, a pass over the teacher's scores only). `prepared`: the forward's
+    operands, used where they were made from these very tensors (`Prepared.matches`), else
+    made again."""
+    _grad_terms(plan.program)           # an underivable program fails before any launch
     if prepared is not None and prepared.matches(plan, tensors, q, k, scale):
-        launch, env = prepared.launch, prepared.env
+        launch = prepared.launch
     else:
-        launch, env = _launch(plan, tensors, sizes, q, k, scale)
-    _, lse = launch.forward(stats_only=True)
-    dqs, dks, dqt, dkt = launch.backward(lse, grad)
-    B, T, H = sizes["b"], sizes["t"], sizes["h"]
-    grads = _input_grads(plan, env, launch, dqs, dks, tensors, sizes)
-    hk = k.shape[2]
-    dk = dkt.view(B, T, hk, H // hk, dkt.shape[-1]).sum(3)   # -1 is ambiguous when empty
-    return grads, dqt.to(q.dtype), dk.to(k.dtype)
+        launch = _launch(plan, tensors, sizes, q, k, scale)
+    bw, dq, dk = launch.backward(grad)
+    return launch.input_grads(bw), dq, dk
 
 
 def matrix_backward(plan: Plan, tensors: dict, sizes: dict, grad, reduce: str) -> dict:
     """Input gradients of the hidden attention matrix from its gradient, by the kernels above
     (`fused(plan)` must be None): dM is read tile by tile, M is not recomputed."""
-    launch, env = _launch(plan, tensors, sizes, None, None, 1.0)
-    dqs, dks = launch.matrix_backward(grad, reduce)
-    return _input_grads(plan, env, launch, dqs, dks, tensors, sizes)
-
-
-def _input_grads(plan: Plan, env, launch: Launch, dqs, dks, tensors, sizes) -> dict:
-    """Operand gradients (b, h, t, n) -> input gradients by the chain rule."""
-    op_grads = {"query": dqs.permute(0, 2, 1, 3).unsqueeze(-1),
-                "key": dks.permute(0, 2, 1, 3).unsqueeze(-1)}
-    if launch.decay:
-        # d ld_r = sum_{t >= r} (q_s . dq_s - k_s . dk_s)[t], per key dim for a decay over n
-        d = launch.qs * dqs - launch.ks * dks                          # (b, h, t, n)
-        d = d if launch.decay == 2 else d.sum(-1)
-        # across a reset every term is 0: exactly 0 there, not the identity's rounding
-        dld = torch.where(launch.reset, 0.0, d.flip(2).cumsum(2).flip(2)).transpose(1, 2)
-        op_grads["log_decay"] = (dld if launch.decay == 2 else dld[..., None])[..., None]
-    like = dqs.new_zeros((1, 1, 1, 1, 1))
-    return ChainRule(plan.program).input_grads(env, like, op_grads, tensors, sizes,
-                                               epilogue=False)
+    _grad_terms(plan.program)
+    launch = _launch(plan, tensors, sizes, None, None, 1.0)
+    return launch.input_grads(launch.matrix_backward(grad, reduce))
