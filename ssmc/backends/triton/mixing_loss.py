@@ -160,7 +160,12 @@ def _grad_diag(dm, i, j, bh, offs_t, mask_t, offs_s, mask_s, other_ptr, out_ptr,
                aft_ptr, z_ptr, pre_ptr, T, N, NB, BN: tl.constexpr, ROWS: tl.constexpr):
     """Add a tile's part of dq_s (ROWS: sum_s dM k_s W, into rows offs_t) or of dk_s
     (sum_t dM q_s W, into rows offs_s) to `out_ptr`, BN key dims at a time; the program owns
-    those rows, so a read-modify-write needs no atomics."""
+    those rows, so a read-modify-write needs no atomics, and its first tile (j = 0 for rows,
+    i = j for columns) reads nothing: the workspace needs no zeros."""
+    if ROWS:
+        before = j          # tiles of these rows before this one
+    else:
+        before = i - j
     for nc in range(0, N, BN):
         offs_n = nc + tl.arange(0, BN)
         mask_n = offs_n < N
@@ -176,7 +181,8 @@ def _grad_diag(dm, i, j, bh, offs_t, mask_t, offs_s, mask_s, other_ptr, out_ptr,
             part = tl.sum(dm[:, :, None] * q[:, None, :] * w, 0)
             at = (bh * T + offs_s[:, None]) * N + offs_n[None, :]
             mask = mask_s[:, None] & mask_n[None, :]
-        tl.store(out_ptr + at, tl.load(out_ptr + at, mask=mask, other=0.0) + part, mask=mask)
+        later = mask & (offs_n[None, :] * 0 + before > 0)
+        tl.store(out_ptr + at, tl.load(out_ptr + at, mask=later, other=0.0) + part, mask=mask)
 
 
 @triton.jit
@@ -223,30 +229,41 @@ def _rows_in(bh, b_idx, h_idx, offs_t, mask_t, qs_ptr, qt_ptr, sqb, sqt, sqh, sq
 
 
 @triton.jit
-def _operands(ops_ptr, T, N, DECAY: tl.constexpr):
-    """(qs, ks, cin, aft, z): the operand workspace (`Launch`) of one fp32 buffer, in this
-    order: qs, ks (b h, t, n), then cin, aft, z (b h, t), or (b h, t, n) for a decay over n.
-    Axis 0 of every kernel's grid is b * h."""
-    bht = tl.num_programs(0).to(tl.int64) * T
-    ks_ptr = ops_ptr + bht * N
+def _operands(ws_ptr, T, N, NB, DECAY: tl.constexpr):
+    """(qs, ks, cin, aft, z, pre, end): the operands in the workspace of a call (`Launch`), one
+    fp32 buffer: qs, ks (b h, t, n); for a decay cin, aft, z (b h, t), or (b h, t, n) for one
+    over n, and pre, float64 (b h, nb) or (b h, nb, n) at the next even offset; `end`, where
+    the backward's part starts (`_gradients`). Axis 0 of every kernel's grid is b * h."""
+    nbh = tl.num_programs(0).to(tl.int64)
+    bht = nbh * T
+    ks_ptr = ws_ptr + bht * N
     cin_ptr = ks_ptr + bht * N
     if DECAY == 2:
-        aft_ptr = cin_ptr + bht * N
-        z_ptr = aft_ptr + bht * N
+        width = N
     else:
-        aft_ptr = cin_ptr + bht
-        z_ptr = aft_ptr + bht
-    return ops_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr
+        width = 1
+    aft_ptr = cin_ptr + bht * width
+    z_ptr = aft_ptr + bht * width
+    if DECAY == 0:
+        pre_ptr = cin_ptr.to(tl.pointer_type(tl.float64))
+        end = 2 * bht * N
+    else:
+        at = 2 * bht * N + 3 * bht * width
+        at += at % 2
+        pre_ptr = (ws_ptr + at).to(tl.pointer_type(tl.float64))
+        end = at + 2 * nbh * NB * width
+    return ws_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, end
 
 
 @triton.jit
-def _gradients(bw_ptr, T, N):
-    """(lse, dd, dq_s, dk_s): the backward's fp32 workspace (`Launch.backward`) in this order,
-    lse and dd (b h, t), dq_s and dk_s (b h, t, n)."""
+def _gradients(ws_ptr, T, N, NB, DECAY: tl.constexpr):
+    """(lse, dd, dq_s, dk_s): the backward's part of the workspace (`Launch`), after the
+    operands: lse and dd (b h, t), dq_s and dk_s (b h, t, n)."""
     bht = tl.num_programs(0).to(tl.int64) * T
-    dd_ptr = bw_ptr + bht
-    dqs_ptr = dd_ptr + bht
-    return bw_ptr, dd_ptr, dqs_ptr, dqs_ptr + bht * N
+    _, _, _, _, _, _, end = _operands(ws_ptr, T, N, NB, DECAY)
+    lse_ptr = ws_ptr + end
+    dqs_ptr = lse_ptr + 2 * bht
+    return lse_ptr, lse_ptr + bht, dqs_ptr, dqs_ptr + bht * N
 
 
 @triton.jit
@@ -285,14 +302,14 @@ def _program(NB, LAST_FIRST: tl.constexpr):
 
 
 @triton.jit
-def mixing_loss_fwd(ops_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh, skd, pre_ptr,
-                    part_ptr, T, H, HPK, N, DH, NB, scale,
+def mixing_loss_fwd(ws_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh, skd, part_ptr,
+                    T, H, HPK, N, DH, NB, scale,
                     BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                     DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
     i, bh = _program(NB, True)
     b_idx, h_idx = bh // H, bh % H
     hk_idx = h_idx // HPK
-    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr = _operands(ops_ptr, T, N, DECAY)
+    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, _ = _operands(ws_ptr, T, N, NB, DECAY)
     offs_t = i * BT + tl.arange(0, BT)
     mask_t = offs_t < T
     qs, qt = _rows_in(bh, b_idx, h_idx, offs_t, mask_t, qs_ptr, qt_ptr, sqb, sqt, sqh, sqd,
@@ -312,15 +329,15 @@ def mixing_loss_fwd(ops_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh, 
 
 
 @triton.jit
-def mixing_loss_bwd_rows(ops_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh, skd,
-                         pre_ptr, g_ptr, sgb, sgh, bw_ptr, dqt_ptr, T, H, HPK, N, DH, NB, scale,
+def mixing_loss_bwd_rows(ws_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh, skd,
+                         g_ptr, sgb, sgh, dqt_ptr, T, H, HPK, N, DH, NB, scale,
                          BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                          DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
     i, bh = _program(NB, True)
     b_idx, h_idx = bh // H, bh % H
     hk_idx = h_idx // HPK
-    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr = _operands(ops_ptr, T, N, DECAY)
-    lse_ptr, dd_ptr, dqs_ptr, dks_ptr = _gradients(bw_ptr, T, N)
+    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, _ = _operands(ws_ptr, T, N, NB, DECAY)
+    lse_ptr, dd_ptr, dqs_ptr, dks_ptr = _gradients(ws_ptr, T, N, NB, DECAY)
     offs_t = i * BT + tl.arange(0, BT)
     mask_t = offs_t < T
     qs, qt = _rows_in(bh, b_idx, h_idx, offs_t, mask_t, qs_ptr, qt_ptr, sqb, sqt, sqh, sqd,
@@ -367,15 +384,15 @@ def mixing_loss_bwd_rows(ops_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, 
 
 
 @triton.jit
-def mixing_loss_bwd_cols(ops_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh, skd,
-                         pre_ptr, g_ptr, sgb, sgh, bw_ptr, dkt_ptr, T, H, HPK, N, DH, NB, scale,
+def mixing_loss_bwd_cols(ws_ptr, qt_ptr, sqb, sqt, sqh, sqd, kt_ptr, skb, skt, skh, skd,
+                         g_ptr, sgb, sgh, dkt_ptr, T, H, HPK, N, DH, NB, scale,
                          BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                          DECAY: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
     j, bh = _program(NB, False)
     b_idx, h_idx = bh // H, bh % H
     hk_idx = h_idx // HPK
-    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr = _operands(ops_ptr, T, N, DECAY)
-    lse_ptr, dd_ptr, dqs_ptr, dks_ptr = _gradients(bw_ptr, T, N)
+    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, _ = _operands(ws_ptr, T, N, NB, DECAY)
+    lse_ptr, dd_ptr, dqs_ptr, dks_ptr = _gradients(ws_ptr, T, N, NB, DECAY)
     g2 = 2.0 * tl.load(g_ptr + b_idx * sgb + h_idx * sgh)
     dks = tl.zeros([BT, BN], tl.float32)
     dkt = tl.zeros([BT, BD], tl.float32)
@@ -422,13 +439,13 @@ def _grad_tile(g_ptr, sgb, sgh, sgt, sgs, b_idx, h_idx, offs_t, mask_t, offs_s, 
 
 
 @triton.jit
-def matrix_bwd_rows(ops_ptr, pre_ptr, g_ptr, sgb, sgh, sgt, sgs, bw_ptr, T, H, N, NB, gscale,
+def matrix_bwd_rows(ws_ptr, g_ptr, sgb, sgh, sgt, sgs, T, H, N, NB, gscale,
                     BT: tl.constexpr, BN: tl.constexpr, DECAY: tl.constexpr,
                     LOWP: tl.constexpr, PREC: tl.constexpr):
     """dq_s = sum_s (dM * W) k_s for one block of rows, dM read from the matrix's gradient."""
     i, bh = _program(NB, True)
-    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr = _operands(ops_ptr, T, N, DECAY)
-    lse_ptr, dd_ptr, dqs_ptr, dks_ptr = _gradients(bw_ptr, T, N)
+    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, _ = _operands(ws_ptr, T, N, NB, DECAY)
+    lse_ptr, dd_ptr, dqs_ptr, dks_ptr = _gradients(ws_ptr, T, N, NB, DECAY)
     b_idx, h_idx = bh // H, bh % H
     offs_t = i * BT + tl.arange(0, BT)
     mask_t = offs_t < T
@@ -453,13 +470,13 @@ def matrix_bwd_rows(ops_ptr, pre_ptr, g_ptr, sgb, sgh, sgt, sgs, bw_ptr, T, H, N
 
 
 @triton.jit
-def matrix_bwd_cols(ops_ptr, pre_ptr, g_ptr, sgb, sgh, sgt, sgs, bw_ptr, T, H, N, NB, gscale,
+def matrix_bwd_cols(ws_ptr, g_ptr, sgb, sgh, sgt, sgs, T, H, N, NB, gscale,
                     BT: tl.constexpr, BN: tl.constexpr, DECAY: tl.constexpr,
                     LOWP: tl.constexpr, PREC: tl.constexpr):
     """dk_s = sum_t (dM * W)^T q_s for one block of columns."""
     j, bh = _program(NB, False)
-    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr = _operands(ops_ptr, T, N, DECAY)
-    lse_ptr, dd_ptr, dqs_ptr, dks_ptr = _gradients(bw_ptr, T, N)
+    qs_ptr, ks_ptr, cin_ptr, aft_ptr, z_ptr, pre_ptr, _ = _operands(ws_ptr, T, N, NB, DECAY)
+    lse_ptr, dd_ptr, dqs_ptr, dks_ptr = _gradients(ws_ptr, T, N, NB, DECAY)
     b_idx, h_idx = bh // H, bh % H
     offs_s = j * BT + tl.arange(0, BT)
     mask_s = offs_s < T
@@ -530,9 +547,12 @@ def _grad_terms(program) -> tuple:
     return tuple(terms)
 
 
-def _setup(emit: Emitter, carries: list[str]) -> None:
+def _setup(emit: Emitter, carries: list[str], grads: bool = False) -> None:
     emit("bh = tl.program_id(0).to(tl.int64)")
-    emit("bht = tl.num_programs(0).to(tl.int64) * T")
+    emit("ssmc_qs, ssmc_ks, ssmc_cin, ssmc_aft, ssmc_z, ssmc_pre, ssmc_end = _operands(")
+    emit("    ssmc_ws, T, N, NB, DECAY)")
+    if grads:
+        emit("ssmc_lse, ssmc_dd, ssmc_dqs, ssmc_dks = _gradients(ssmc_ws, T, N, NB, DECAY)")
     emit("b_idx = bh // H")
     emit("h_idx = bh % H")
     emit("g_idx = h_idx // HPG")
@@ -562,9 +582,9 @@ def _render_prep(plan: Plan) -> str:
     e = Emitter(indent=2)
     e("row = (bh * T + offs_t[:, None]) * N + offs_n[None, :]")
     e("rmask = mask_t[:, None] & mask_n[None, :]")
-    for node, name, at in ((rec.query, "ssmc_q", ""), (rec.key, "ssmc_k", "bht * N + ")):
+    for node, name in ((rec.query, "ssmc_q"), (rec.key, "ssmc_k")):
         _operand(Context(prog, QK_TILE, e, f"{name}_in"), node, name)
-        e(f"tl.store(ssmc_ops + {at}row, {name}, mask=rmask)")
+        e(f"tl.store({name}s + row, {name}, mask=rmask)")
     carries = []
     if mode:
         carries = [f"zrun = {_zero(wide)}", f"prun = {_zero(wide, 'tl.float64')}"]
@@ -577,13 +597,10 @@ def _render_prep(plan: Plan) -> str:
         e(f"rz = tl.where(ssmc_ld < {RESET_BELOW}, 1.0, 0.0)")
         e("ssmc_ld = tl.where(rz > 0.0, 0.0, ssmc_ld)")
         e(f"ssmc_ln = tl.where(ssmc_ln < {RESET_BELOW}, 0.0, ssmc_ln)")
-        at, mask, width = ("row", "rmask", "bht * N") if wide else ("bh * T + offs_t", "mask_t",
-                                                                    "bht")
-        e("cin_ptr = ssmc_ops + 2 * bht * N")
-        e(f"tl.store(cin_ptr + {at}, tl.cumsum(ssmc_ld, axis=0), mask={mask})")
-        e(f"tl.store(cin_ptr + {width} + {at}, tl.cumsum(ssmc_ln, axis=0, reverse=True), "
-          f"mask={mask})")
-        e(f"tl.store(cin_ptr + 2 * {width} + {at}, zrun + tl.cumsum(rz, axis=0), mask={mask})")
+        at, mask = ("row", "rmask") if wide else ("bh * T + offs_t", "mask_t")
+        e(f"tl.store(ssmc_cin + {at}, tl.cumsum(ssmc_ld, axis=0), mask={mask})")
+        e(f"tl.store(ssmc_aft + {at}, tl.cumsum(ssmc_ln, axis=0, reverse=True), mask={mask})")
+        e(f"tl.store(ssmc_z + {at}, zrun + tl.cumsum(rz, axis=0), mask={mask})")
         e("zrun += tl.sum(rz, axis=0)")
         e("prun += tl.sum(ssmc_ld.to(tl.float64), axis=0)")
         if wide:
@@ -596,7 +613,7 @@ def _render_prep(plan: Plan) -> str:
 @triton.jit
 def ssmc_mixing_prep(
     {input_params(prog)},
-    ssmc_ops, ssmc_pre, T, H, HPG, N, NB, BT: tl.constexpr, BN: tl.constexpr,
+    ssmc_ws, T, H, HPG, N, NB, BT: tl.constexpr, BN: tl.constexpr, DECAY: tl.constexpr,
 ):
 {top.text()}
     for i in range(0, NB):
@@ -624,13 +641,13 @@ def _render_grads(plan: Plan) -> str:
     e("row = (bh * T + offs_t[:, None]) * N + offs_n[None, :]")
     e("rmask = mask_t[:, None] & mask_n[None, :]")
     if mode or "query" in uses:
-        e("ssmc_dq = tl.load(ssmc_bw + 2 * bht + row, mask=rmask, other=0.0)")
+        e("ssmc_dq = tl.load(ssmc_dqs + row, mask=rmask, other=0.0)")
     if mode or "key" in uses:
-        e("ssmc_dk = tl.load(ssmc_bw + 2 * bht + bht * N + row, mask=rmask, other=0.0)")
+        e("ssmc_dk = tl.load(ssmc_dks + row, mask=rmask, other=0.0)")
     if mode:
         carries.append(f"carry = {_zero(wide)}")
-        e("ssmc_a = (tl.load(ssmc_ops + row, mask=rmask, other=0.0) * ssmc_dq -")
-        e("          tl.load(ssmc_ops + bht * N + row, mask=rmask, other=0.0) * ssmc_dk)")
+        e("ssmc_a = (tl.load(ssmc_qs + row, mask=rmask, other=0.0) * ssmc_dq -")
+        e("          tl.load(ssmc_ks + row, mask=rmask, other=0.0) * ssmc_dk)")
         if not wide:
             e("ssmc_a = tl.sum(ssmc_a, axis=1)")
         e("ssmc_dld = carry + tl.cumsum(ssmc_a, axis=0, reverse=True)")
@@ -676,13 +693,13 @@ def _render_grads(plan: Plan) -> str:
             else:
                 post(f"tl.store({at}, ssmc_acc{k}{cast})")
     top = Emitter(indent=1)
-    _setup(top, carries)
+    _setup(top, carries, grads=True)
     return f"""
 @triton.jit
 def ssmc_mixing_grads(
     {input_params(prog)},
-    ssmc_ops, ssmc_bw, {', '.join(outs)},
-    T, H, HPG, N, NB, BT: tl.constexpr, BN: tl.constexpr,
+    ssmc_ws, {', '.join(outs)},
+    T, H, HPG, N, NB, BT: tl.constexpr, BN: tl.constexpr, DECAY: tl.constexpr,
 ):
 {top.text()}
     for ii in range(0, NB):
@@ -696,7 +713,8 @@ def ssmc_mixing_grads(
 
 def render(plan: Plan) -> str:
     """The generated module of one plan's loss: its prologue and its chain rule."""
-    return HEADER + _render_prep(plan) + _render_grads(plan)
+    return (HEADER + f"from {__name__} import _gradients, _operands\n" + _render_prep(plan) +
+            _render_grads(plan))
 
 
 #: id(plan) -> (plan, what selects the cache directory and the backend's tag, module)
@@ -723,11 +741,15 @@ def _module(plan: Plan):
 # --------------------------------------------------------------------------- host side
 
 class Launch:
-    """The operands of one call in the kernels' layout, and the launch parameters. The
-    generated prologue kernel fills the operand workspace `ops` (`_operands`: q_s, k_s, and
-    for a decay cin, aft, z) and `pre` (float64 block prefix sums, (b h, nb) or (b h, nb, n))."""
+    """The workspace of one call and the launch parameters. The workspace is one fp32 buffer
+    (a launch's pointers into it are made in the kernels, `_operands` and `_gradients`): the
+    operands in the kernels' layout, filled by the generated prologue kernel, then for a
+    backward the operand gradients and the softmax statistics."""
 
-    def __init__(self, plan: Plan, tensors: dict, sizes: dict, q, k, scale: float):
+    def __init__(self, plan: Plan, tensors: dict, sizes: dict, q, k, scale: float,
+                 backward: bool = True, keep: int | None = None):
+        """`backward`: with room for a backward; `keep`: unless the workspace would take more
+        bytes than that (then `backward` is dropped: the backward makes its own)."""
         prog = plan.program
         B, T, H, G, N = (sizes[a] for a in "bthgn")
         self.plan, self.tensors, self.sizes = plan, tensors, sizes
@@ -746,69 +768,60 @@ class Launch:
                            BD=max(16, next_pow2(self.DH)), DECAY=self.decay,
                            LOWP=plan.dtype in ("bfloat16", "float16") and not interpreting(),
                            PREC=fp32_precision(), num_warps=4)
+        # the layout of `_operands` and `_gradients`, in fp32 elements
         BH, width = B * H, N if diag else 1
-        parts = 2 * N + (3 * width if self.decay else 0)
-        self.ops = torch.empty(BH * T * parts, dtype=torch.float32, device=self.device)
-        self.pre = (torch.empty(BH * self.NB * width, dtype=torch.float64, device=self.device)
-                    if self.decay else self.ops)
+        size = BH * T * 2 * N
+        if self.decay:
+            size += 3 * BH * T * width
+            size += size % 2 + 2 * BH * self.NB * width       # float64 prefix sums
+        grads = BH * T * (2 + 2 * N)
+        if keep is not None and 4 * (size + grads) > keep:
+            backward = False
+        self.backward_room = backward
+        self.ws = torch.empty(size + grads * backward, dtype=torch.float32, device=self.device)
         self.module = _module(plan)
         if BH * T:
             self.module.ssmc_mixing_prep[(BH,)](
-                *input_args(prog, tensors), self.ops, self.pre, T, H, self.HPG, N, self.NB,
-                BT=self.BT, BN=max(16, next_pow2(N)), num_warps=4)
-
-    def nbytes(self) -> int:
-        """The memory of the operands (beyond the inputs')."""
-        pre = 0 if self.pre is self.ops else self.pre.nbytes
-        return self.ops.nbytes + pre
+                *input_args(prog, tensors), self.ws, T, H, self.HPG, N, self.NB,
+                BT=self.BT, BN=max(16, next_pow2(N)), DECAY=self.decay, num_warps=4)
 
     def _args(self):
-        return (self.ops, self.q, *self.q.stride(), self.k, *self.k.stride(), self.pre)
+        return (self.ws, self.q, *self.q.stride(), self.k, *self.k.stride())
 
     def _sizes(self):
         return (self.T, self.H, self.HPK, self.N, self.DH, self.NB, self.scale)
 
     def forward(self) -> torch.Tensor:
         """The (b, h) losses."""
-        part = self.ops.new_empty(self.B, self.H, self.NB)
+        part = self.ws.new_empty(self.B, self.H, self.NB)
         if self.T:
             mixing_loss_fwd[(self.B * self.H, self.NB)](*self._args(), part, *self._sizes(),
                                                         **self.consts)
         return part.sum(-1)
 
-    def _workspace(self):
-        """The backward's fp32 workspace (`_gradients`): lse, dd, dq_s, dk_s; zeros for a
-        decay over n, whose kernels add each tile's part to dq_s / dk_s in place."""
-        make = torch.zeros if self.decay == 2 else torch.empty
-        return make(self.B * self.H * self.T * (2 + 2 * self.N), dtype=torch.float32,
-                    device=self.device)
-
     def backward(self, grad):
-        """(workspace, dq, dk): the operand gradients dq_s, dk_s in the workspace, the
-        teacher's gradients in its dtype."""
+        """(dq, dk), the teacher's gradients in its dtype; dq_s, dk_s in the workspace."""
         B, T, H, DH, HPK = self.B, self.T, self.H, self.DH, self.HPK
         q, k = self.q, self.k
         g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
-        bw = self._workspace()
         dq = torch.empty(B, T, H, DH, dtype=q.dtype, device=self.device)
         # per head, (b, t, hk, heads sharing it, d): summed over those below, in fp32
         dkt = (torch.empty(B, T, H, DH, dtype=k.dtype, device=self.device) if HPK == 1 else
                torch.empty(B, T, H // HPK, HPK, DH, dtype=torch.float32, device=self.device))
         grid = (B * H, self.NB)
         if T:
-            mixing_loss_bwd_rows[grid](*self._args(), g, *g.stride(), bw, dq, *self._sizes(),
+            mixing_loss_bwd_rows[grid](*self._args(), g, *g.stride(), dq, *self._sizes(),
                                        **self.consts)
-            mixing_loss_bwd_cols[grid](*self._args(), g, *g.stride(), bw, dkt, *self._sizes(),
+            mixing_loss_bwd_cols[grid](*self._args(), g, *g.stride(), dkt, *self._sizes(),
                                        **self.consts)
         if HPK == 1:
-            return bw, dq, dkt
+            return dq, dkt
         dk = dkt.sum(3)
-        return bw, dq, dk if dk.dtype == k.dtype else dk.to(k.dtype)
+        return dq, dk if dk.dtype == k.dtype else dk.to(k.dtype)
 
-    def matrix_backward(self, grad, reduce: str):
-        """The workspace with dq_s, dk_s from the gradient of the hidden attention matrix:
+    def matrix_backward(self, grad, reduce: str) -> None:
+        """dq_s, dk_s in the workspace from the gradient of the hidden attention matrix:
         (b, h, t, t), or (b, t, t) summed / averaged over heads."""
-        bw = self._workspace()
         grad = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
         if grad.dim() == 3:                     # reduced over heads: the same dM for each
             sgb, sgt, sgs = grad.stride()
@@ -818,15 +831,13 @@ class Launch:
         gscale = 1.0 / self.H if reduce == "mean" else 1.0
         consts = {k: v for k, v in self.consts.items() if k != "BD"}
         if self.T:
-            args = (self.ops, self.pre, grad, *strides, bw, self.T, self.H, self.N, self.NB,
-                    gscale)
+            args = (self.ws, grad, *strides, self.T, self.H, self.N, self.NB, gscale)
             grid = (self.B * self.H, self.NB)
             matrix_bwd_rows[grid](*args, **consts)
             matrix_bwd_cols[grid](*args, **consts)
-        return bw
 
-    def input_grads(self, bw) -> dict:
-        """Every input's gradient from the operand gradients in `bw`: the generated chain-rule
+    def input_grads(self) -> dict:
+        """Every input's gradient from the operand gradients in the workspace: the chain-rule
         kernel stores each into the input's gradient where one program per (b, h) owns its
         elements, else into an fp32 partial per (b, h) summed here."""
         prog = self.plan.program
@@ -854,8 +865,8 @@ class Launch:
             args += [out, st.get("b", 0), st.get("t", 0), st["h"], st.get("n", 0)]
         if B * H * T:
             self.module.ssmc_mixing_grads[(B * H,)](
-                *input_args(prog, self.tensors), self.ops, bw, *args, T, H, HPG, N, self.NB,
-                BT=self.BT, BN=max(16, next_pow2(N)), num_warps=4)
+                *input_args(prog, self.tensors), self.ws, *args, T, H, HPG, N, self.NB,
+                BT=self.BT, BN=max(16, next_pow2(N)), DECAY=self.decay, num_warps=4)
         else:
             for out in args[::5]:
                 out.zero_()
@@ -879,16 +890,16 @@ def _finish(inp, x, g):
     return g.to(x.dtype, memory_format=torch.contiguous_format)
 
 
-def _launch(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float) -> Launch:
-    """The operands of a call the fused kernels take."""
-    return Launch(plan, tensors, sizes, q, k, scale)
+def _launch(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float, **kwargs) -> Launch:
+    """The workspace of a call the fused kernels take, its operands made (`Launch`)."""
+    return Launch(plan, tensors, sizes, q, k, scale, **kwargs)
 
 
-#: the most memory (bytes, beyond the inputs') the operands of one call may take for the
-#: forward to keep them for its backward (`Prepared`): making them again is a launch and a few
-#: allocations, which at small shapes is a part of a call's host time worth saving, and nothing
-#: next to the kernels' time at large ones, where holding them from the forward to the backward
-#: would cost memory instead
+#: the most memory (bytes) a call's workspace with room for its backward may take for the
+#: forward to keep it, its operands made, for its backward (`Prepared`): making them again is
+#: a launch and an allocation, which at small shapes is a part of a call's host time worth
+#: saving, and nothing next to the kernels' time at large ones, where holding them from the
+#: forward to the backward would cost memory instead
 KEEP_BYTES = 8 << 20
 
 
@@ -918,9 +929,10 @@ def loss(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float,
     """(b, h) fp32 losses by the fused kernels (`fused(plan)` must be None). With `keep` (a
     list), the call's operands are appended to it as a `Prepared` for the backward, where they
     take at most KEEP_BYTES."""
-    launch = _launch(plan, tensors, sizes, q, k, scale)
+    launch = _launch(plan, tensors, sizes, q, k, scale, backward=keep is not None,
+                     keep=KEEP_BYTES)
     out = launch.forward()
-    if keep is not None and launch.nbytes() <= KEEP_BYTES:
+    if launch.backward_room:
         keep.append(Prepared(plan, launch, tensors, q, k, scale))
     return out
 
@@ -936,8 +948,8 @@ def loss_backward(plan: Plan, tensors: dict, sizes: dict, q, k, scale: float, gr
         launch = prepared.launch
     else:
         launch = _launch(plan, tensors, sizes, q, k, scale)
-    bw, dq, dk = launch.backward(grad)
-    return launch.input_grads(bw), dq, dk
+    dq, dk = launch.backward(grad)
+    return launch.input_grads(), dq, dk
 
 
 def matrix_backward(plan: Plan, tensors: dict, sizes: dict, grad, reduce: str) -> dict:
@@ -945,4 +957,5 @@ def matrix_backward(plan: Plan, tensors: dict, sizes: dict, grad, reduce: str) -
     (`fused(plan)` must be None): dM is read tile by tile, M is not recomputed."""
     _grad_terms(plan.program)
     launch = _launch(plan, tensors, sizes, None, None, 1.0)
-    return launch.input_grads(launch.matrix_backward(grad, reduce))
+    launch.matrix_backward(grad, reduce)
+    return launch.input_grads()
