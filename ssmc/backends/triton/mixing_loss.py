@@ -41,7 +41,6 @@ identity d ld_r = sum_{t >= r} (q_s . dq_s - k_s . dk_s)[t] (exactly 0 at a rese
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -530,11 +529,18 @@ def _operand(ctx: Context, node, name: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+#: id(program) -> (program, its `_grad_terms`): asked on every backward (an lru_cache would
+#: hash the program's nodes each time)
+_TERMS: dict[int, tuple] = {}
+
+
 def _grad_terms(program) -> tuple:
     """((input, ((operand, d operand / d input), ...)), ...) for the inputs the loss's
     gradient reaches (through the query, the key and the log-decay; the value and the
     epilogue come after the matrix)."""
+    memo = _TERMS.get(id(program))
+    if memo is not None and memo[0] is program:
+        return memo[1]
     exprs = program.backward
     if not isinstance(exprs, BackwardExprs):
         ChainRule(program)                  # raises the chain rule's error for this program
@@ -544,6 +550,7 @@ def _grad_terms(program) -> tuple:
         d = tuple((op, ops[op][inp.name]) for op in GRADIENTS if inp.name in ops.get(op, {}))
         if d:
             terms.append((inp.name, d))
+    _TERMS[id(program)] = (program, tuple(terms))
     return tuple(terms)
 
 
