@@ -25,25 +25,13 @@ from ....plan import Plan
 from ..common import (HEADER, Outputs, emit_output, compute_type, input_args,
                       input_params, next_pow2)
 from ..render import Context, Emitter, Tile, tile_mask
-from ..templates import grid_position, indent, rows
+from ..templates import indent, rows
 from ..tiles import ScanTile, scan_space
 from .registry import TritonLowering, register_lowering
 
-FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx", "k": "order"}
-#: a block of BT steps: t is tiled too
+#: a block of BT steps: t is tiled too; k, the order axis of cross2d's per-order inputs, is
+#: the program's order
 BLOCK_FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx", "k": "order"}
-
-#: the position t_idx that step i visits (the backward's kernels share it). A column order
-#: (cross2d) reads the row-major H x W grid column by column straight from memory: step u is
-#: grid row u % GH, column u // GH. Such plans have no packed sequences (start = 0, end = T).
-T_OF_I = f'''if REVERSE:
-    u = end - 1 - i
-else:
-    u = start + i
-if COLUMN:
-    t_idx = {grid_position("u")}
-else:
-    t_idx = u'''
 
 #: the prefix scan's operator: composing S -> a1 S + b1 with S -> a2 S + b2
 AFFINE = '''
@@ -253,10 +241,21 @@ def scan_blocks(N: int, P: int, tile: dict | None = None) -> tuple[int, int, int
     return block_tile(N, P, tile)
 
 
-def _order_bits(dirs) -> tuple[int, int]:
-    rev = sum(1 << i for i, d in enumerate(dirs) if d.reversed)
-    col = sum(1 << i for i, d in enumerate(dirs) if d.column)
-    return rev, col
+def order_bits(plan: Plan) -> tuple[int, int]:
+    """(REV_BITS, COL_BITS): bit i set where order i runs reversed / down the grid's columns."""
+    dirs = plan.program.recurrence.directions
+    return (sum(1 << i for i, d in enumerate(dirs) if d.reversed),
+            sum(1 << i for i, d in enumerate(dirs) if d.column))
+
+
+def order_launches(plan: Plan, sums_output: bool = True) -> list[tuple[int, int]]:
+    """[(first order, number of orders)] per launch: every order in one launch, or one launch
+    per order where the orders' outputs are summed (atomically, in one launch) and torch's
+    deterministic algorithms are on."""
+    nd = len(plan.program.recurrence.directions)
+    if nd > 1 and sums_output and torch.are_deterministic_algorithms_enabled():
+        return [(i, 1) for i in range(nd)]
+    return [(0, nd)]
 
 
 def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_out=None):
@@ -274,34 +273,27 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
     tile = plan.tile_dict()
     BN, BP, BT = scan_blocks(N, P, tile)
     NPB = triton.cdiv(P, BP)
-    rev, col = _order_bits(dirs)
+    rev, col = order_bits(plan)
     warps = {"num_warps": tile["num_warps"]} if "num_warps" in tile and device.type == "cuda" else {}
     args = input_args(prog, tensors, None)
-    # STAGES: the block loop's loads issued that many blocks ahead (Triton's pipeliner)
-    common = dict(BN=BN, BP=BP, BT=BT, STAGES=tile.get("stages") or 1,
-                  HAS_H0=initial_state is not None,
-                  STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None, **warps)
-    one_launch = len(dirs) == 1 or not torch.are_deterministic_algorithms_enabled()
-    if one_launch:
-        h0 = None if initial_state is None else initial_state.contiguous()
-        module.ssmc_scan_fwd[(S, H, NPB * len(dirs))](
+    nd = len(dirs)
+    for first, count in order_launches(plan):
+        # all orders: the whole (orders, S, H, N, P) states; one: its own slice
+        h0 = initial_state if count == nd else o.h0s[first]
+        h0 = None if h0 is None else h0.contiguous()
+        fin = final if final is None or count == nd else final[first]
+        module.ssmc_scan_fwd[(S, H, NPB * count)](
             *args, out, *out.stride(), yacc, out if h0 is None else h0,
-            out if final is None else final, out if cu_seqlens is None else cu_seqlens,
-            T, H // G, N, P, sizes.get("grid_h", 1), NPB, 0, rev, col,
-            ACCUM_IN=False, WRITE_OUT=True, ATOMIC=len(dirs) > 1, **common)
-        if len(dirs) > 1 and out.numel():
+            out if fin is None else fin, out if cu_seqlens is None else cu_seqlens,
+            T, H // G, N, P, sizes.get("grid_h", 1), NPB, first, rev, col,
+            BN=BN, BP=BP, BT=BT, STAGES=tile.get("stages") or 1, HAS_H0=h0 is not None,
+            STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None,
+            ACCUM_IN=first > 0, WRITE_OUT=first + count == nd, ATOMIC=count > 1, **warps)
+        if count > 1 and out.numel():     # the atomically summed orders' epilogue
             BTE = 16
             module.ssmc_scan_epilogue[(B, triton.cdiv(T, BTE), H)](
                 *args, out, *out.stride(), yacc, T, H // G, P,
                 BT=BTE, BP=max(next_pow2(P), 2))
-        return o.result()
-    for i, h0 in enumerate(o.h0s):
-        h0 = None if h0 is None else h0.contiguous()
-        module.ssmc_scan_fwd[(S, H, NPB)](
-            *args, out, *out.stride(), yacc, out if h0 is None else h0,
-            out if final is None else final[i], out if cu_seqlens is None else cu_seqlens,
-            T, H // G, N, P, sizes.get("grid_h", 1), NPB, i, rev, col,
-            ACCUM_IN=i > 0, WRITE_OUT=i == len(dirs) - 1, ATOMIC=False, **common)
     return o.result()
 
 

@@ -45,7 +45,7 @@ from ..templates import indent, rows
 from .decay_terms import buffers as term_buffers, canonical as term_canonical, decay_terms
 from .decay_terms import emit as emit_terms
 from .scan import AFFINE, BLOCK, SETUP, SETUP_PARAMS, emit_block_states, emit_operands, last_state
-from .scan import block_tile, scan_blocks
+from .scan import block_tile, order_bits, order_launches, scan_blocks
 
 
 #: where a block's checkpoint lives: (order, block, h, n, p)
@@ -175,21 +175,6 @@ def ssmc_scan_bwd(
     return HEADER + AFFINE + fwd + "\n" + bwd
 
 
-def _order_launches(plan: Plan, deterministic_sum: bool):
-    """[(first order, number of orders)] per launch: all in one, or one launch per order where
-    the orders' y is summed and torch's deterministic algorithms are on."""
-    nd = len(plan.program.recurrence.directions)
-    if nd > 1 and deterministic_sum and torch.are_deterministic_algorithms_enabled():
-        return [(i, 1) for i in range(nd)]
-    return [(0, nd)]
-
-
-def _bits(plan: Plan) -> tuple[int, int]:
-    dirs = plan.program.recurrence.directions
-    return (sum(1 << i for i, d in enumerate(dirs) if d.reversed),
-            sum(1 << i for i, d in enumerate(dirs) if d.column))
-
-
 def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, want_y):
     """Checkpoints of every order, (orders, blocks, h, n, p), and y summed over the orders
     (fp32) when `want_y`."""
@@ -210,9 +195,9 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     dummy = torch.zeros(1, dtype=cdt, device=device)
     ckpt = torch.empty(nd, NCK, H, N, P, dtype=cdt, device=device)
     h0_all = None if initial_state is None else initial_state.to(cdt).contiguous()
-    rev, col = _bits(plan)
+    rev, col = order_bits(plan)
     args = input_args(prog, tensors, None)
-    for first, count in _order_launches(plan, want_y):
+    for first, count in order_launches(plan, want_y):
         h0 = h0_all
         if h0 is not None and count < nd:
             h0 = h0[first]
@@ -245,7 +230,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     bufs = term_buffers(terms, nd, NPB, sizes, S, cdt, device)
     dh0 = torch.empty(nd, S, H, N, P, dtype=cdt, device=device)
     gT = None if grad_final is None else grad_final.to(cdt).contiguous()
-    rev, col = _bits(plan)
+    rev, col = order_bits(plan)
     module.ssmc_scan_bwd[(S, H, NPB * nd)](
         *input_args(prog, tensors, None), dy, saved["ckpt"], dummy if gT is None else gT, dh0,
         dq, dk, dv, *bufs.values(),
