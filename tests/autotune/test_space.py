@@ -134,12 +134,16 @@ def test_triton_chunked_never_tries_8_output_warps_on_narrow_p_blocks():
                for c, why in s.pruned)
 
 
-def test_per_key_decay_keeps_16_step_chunks():
+def test_per_key_decay_tries_chunks_of_small_row_blocks():
+    """Per-key decays: row blocks of 16 or 32 (their diagonal block is elementwise work) in
+    chunks that hold a whole number of them, up to 128 steps."""
     gla = make_definition("diagonal")
     s = space(program=gla.program, sizes=dict(b=2, t=1024, h=4, p=64, n=64, g=4),
               lowerings=["scan", "chunked", "quadratic"], max_configs=None)
-    bts = {c.tile_dict()["BT"] for c in s.candidates if c.lowering == "chunked" and c.tile}
-    assert bts == {16}
+    tiles = [c.tile_dict() for c in s.candidates if c.lowering == "chunked" and c.tile]
+    assert {t["BT"] for t in tiles} == {16, 32}
+    assert {t["CS"] for t in tiles} == {16, 32, 64, 128}
+    assert all(t["CS"] % t["BT"] == 0 for t in tiles)
     # the per-key decay broadcast (BT, BT, BNC) stays within 16K elements
     for c in s.candidates:
         if c.lowering == "quadratic" and c.tile:

@@ -15,7 +15,7 @@ import ssmc
 from ssmc import dsl as S
 from ssmc import reference
 from ssmc.backends import get_backend
-from ssmc.backends.triton.lowerings import chunked_launch
+from ssmc.backends.triton.lowerings import chunked_keys, chunked_launch
 from ssmc.plan import Plan
 from ssmc.validate import bind
 from tests.helpers import check_against_reference, compare
@@ -165,11 +165,65 @@ def test_forced_refusal_names_the_reason():
         op(**signed_inputs(False))
 
 
-def test_signed_decays_with_several_row_blocks_per_chunk(monkeypatch):
-    """Chunks of 64 steps in row blocks of 16 (per-key decays take one block per chunk): a
-    row's sign adds the negative count of the chunk's earlier blocks and of the blocks between
-    it and a key block, so an odd count there must flip it (a precedence slip once took only
-    the last term's parity)."""
+def growing_inputs(per_key: bool, seed: int = 0) -> dict:
+    """exp(u) with u in [-0.3, 0.3]: decays larger than 1 on about half the steps."""
+    gen = torch.Generator().manual_seed(seed)
+    s = SIZES
+    lead = (s["b"], s["t"], s["h"]) + ((s["n"],) if per_key else ())
+    return dict(_common(gen, s), u=0.6 * torch.rand(lead, generator=gen) - 0.3)
+
+
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+@pytest.mark.parametrize("backend, lowering", CASES, ids=IDS)
+def test_decays_larger_than_one(backend, lowering, per_key):
+    """A decay above 1 grows the state: the per-key chunked forward factors a weight through a
+    row block's start only where every log-decay is <= 0 (neither factor can overflow), and
+    forms it whole elsewhere."""
+    defn = exp_decay_keys if per_key else exp_decay
+    run(defn, growing_inputs(per_key), backend, lowering, states=True)
+
+
+@pytest.mark.parametrize("dtype, rate, scale, tol", [
+    (torch.float32, 1.6, 1e-30, 1e-4),   # weights up to exp(75): factors far above 1
+    (torch.float16, 0.25, 1e-3, 1e-2),   # a key factor of exp(12) is inf in fp16
+], ids=["fp32", "fp16"])
+def test_per_key_growth(dtype, rate, scale, tol):
+    """A chunk that grows and shrinks back, on values small enough that every output is
+    finite. In fp32 the factors through a row block's start stay in range wherever the
+    weights do; fp16 operands would overflow (inf times an underflowed factor: NaN), so such
+    chunks take the elementwise form there. (The interpreter keeps fp32 matmul operands: the
+    fp16 case reaches that form on a GPU only.)"""
+    inputs = growing_inputs(True, seed=1)
+    inputs["u"][:, :40] += rate
+    inputs["u"][:, 40:] -= rate
+    inputs["x"] = inputs["x"] * scale
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = {k: v.to(device=device, dtype=dtype) for k, v in inputs.items()}
+    check_against_reference(exp_decay_keys, inputs, tol=tol, backend="triton",
+                            lowering="chunked", grad=False)
+
+
+@pytest.mark.parametrize("inputs", ["growing", "signed"])
+def test_per_key_elementwise_form_of_earlier_key_blocks(inputs, tmp_path, monkeypatch):
+    """The form fp16 operands take in growing chunks, run here on fp32 operands (each
+    exponent of an earlier key block summed whole, signs by parity), on decays that grow and
+    on every sign. A fresh cache directory: the plan's kernels are rendered again."""
+    monkeypatch.setenv("SSMC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(chunked_keys, "narrow_operands", lambda dt: True)
+    if inputs == "growing":
+        run(exp_decay_keys, growing_inputs(True, seed=2), "triton", "chunked", states=True)
+    else:   # |w| up to 1.6: some decays above 1 in size, so chunks take the form
+        signed = signed_inputs(True, seed=2)
+        run(gated_keys, dict(signed, w=signed["w"] * 1.6), "triton", "chunked", states=True)
+    plan = Plan(program=exp_decay_keys.program, lowering="chunked", dtype="float32")
+    assert "if grow > 0.0:" in get_backend("triton").source(plan)
+
+
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+def test_signed_decays_with_several_row_blocks_per_chunk(per_key, monkeypatch):
+    """Chunks of 64 steps in row blocks of 16: a row's sign adds the negative count of the
+    chunk's earlier blocks and of the blocks between it and a key block, so an odd count
+    there must flip it (a precedence slip once took only the last term's parity)."""
     real = chunked_launch.tiles
     used = []
 
@@ -178,7 +232,7 @@ def test_signed_decays_with_several_row_blocks_per_chunk(monkeypatch):
         return used[-1]
 
     monkeypatch.setattr(chunked_launch, "tiles", tiles)
-    inputs = signed_inputs(False, seed=7)
+    inputs = signed_inputs(per_key, seed=7)
     inputs["w"] = -inputs["w"].abs() - 0.05     # every decay negative: every parity matters
-    run(gated, inputs, "triton", "chunked", states=True)
+    run(gated_keys if per_key else gated, inputs, "triton", "chunked", states=True)
     assert used and all(m["CS"] == 64 and m["BT"] == 16 for m in used)

@@ -60,23 +60,29 @@ def chunked_space(ctx: SpaceContext, built_in: dict) -> TileSpace:
     BN = built_in["BN"]
     BPmax = max(next_pow2(P), 16)
     per_key = _per_key_decay(ctx.program)
+    longest = min(128, max(next_pow2(T), 16))
     axes = {
-        # per-key decays factor exp(L_t - L_s) and overflow beyond 16-step chunks
-        "BT": (16,) if per_key else pow2_upto(16, min(128, max(next_pow2(T), 16))),
+        # per-key decays: a row block's diagonal block is elementwise work, BT^2 * BN
+        "BT": (16, 32) if per_key else pow2_upto(16, longest),
         "BP_state": pow2_upto(16, min(64, BPmax)),
         "BP_out": pow2_upto(16, min(128, BPmax)),
         "warps_state": (2, 4, 8),
         "warps_out": (4, 8),
         "stages_state": (1, 2, 3, 4),
     }
+    if per_key:   # the state pass's chunk; row blocks between them are tensor-core products
+        axes["CS"] = pow2_upto(16, max(longest, 64))
     # the output pass has no pipelined loop: its stages change nothing, so they stay default
     default = {k: v for k, v in built_in.items() if k in axes}
     ob = ctx.op_bytes
 
     def check(v, ctx):
+        cs = v.get("CS", v["BT"])
+        if cs % v["BT"]:
+            return f"a chunk of {cs} steps is not a whole number of {v['BT']}-row blocks"
         # the sequential state pass: an n x BP_state fp32 state, pipelined key/value chunk loads
         threads = 32 * v["warps_state"]
-        smem = v["stages_state"] * (BN * v["BT"] + v["BT"] * v["BP_state"]) * ob
+        smem = v["stages_state"] * (BN * cs + cs * v["BP_state"]) * ob
         why = ctx.fits(threads, smem, BN * v["BP_state"] / threads)
         if why:
             return f"state pass: {why}"

@@ -2,7 +2,7 @@
 
 The lowering runs a state pass over chunks of CS steps (the state entering every chunk, and the
 final state) and an output pass over row blocks of BT inside each chunk; per-key decays use
-CS = BT = 16. Covered: every built-in where chunked is legal (ssd with D, z, dt_bias, softplus
+row blocks of 16 in chunks of 64. Covered: every built-in where chunked is legal (ssd with D, z, dt_bias, softplus
 and groups g < h; selective_scan, a per-key decay with p = 1; retention; gla, per-key;
 linear_attention), the built-ins' look-alikes and custom definitions of every legal decay kind
 in the reverse and bidirectional directions, initial and final states, packed sequences (an
@@ -209,8 +209,8 @@ def test_chunked_custom_bf16(decay, direction, triton_check):
 # --------------------------------------------------------------------------- tile sizes
 
 def test_chunked_default_tiles():
-    """CS is a multiple of BT; per-key decays use CS = BT = 16; the state pass's blocks cover
-    n and p."""
+    """CS is a multiple of BT; per-key decays use BT = 16 and CS = 64; the state pass's blocks
+    cover n and p."""
     c = chunked()
     sizes = dict(b=1, t=300, h=2, g=1, n=40, p=40)
     for name in BUILTINS:
@@ -218,7 +218,7 @@ def test_chunked_default_tiles():
         m = c.tiles(plan, sizes, 2)
         assert m["CS"] % m["BT"] == 0, (name, m)
         if name in ("selective_scan", "gla"):
-            assert m["CS"] == m["BT"] == 16, (name, m)
+            assert (m["BT"], m["CS"]) == (16, 64), (name, m)
         assert m["BN"] >= sizes["n"]
         for key in ("BN_state", "BP_state", "BP_out"):
             assert m[key] >= 16 and m[key] & (m[key] - 1) == 0, (name, key, m)
@@ -255,6 +255,10 @@ TILE_CASES = [
      dict(b=1, t=200, h=2, g=2, n=4, p=40)),
     ("per_key_bt32", dict(CS=32, BT=32), ("gla", "reverse"), dict(b=1, t=100, h=2, g=2, n=5,
                                                                  p=3)),
+    ("per_key_cs128_bt16", dict(CS=128, BT=16), ("gla", "forward"),
+     dict(b=1, t=300, h=2, g=2, n=5, p=3)),
+    ("per_key_cs64_bt32", dict(CS=64, BT=32), ("gla", "bidirectional"),
+     dict(b=1, t=150, h=2, g=2, n=5, p=3)),
     ("per_key_bn_state16_n32", dict(BN_state=16), ("gla", "forward"),
      dict(b=1, t=63, h=2, g=2, n=32, p=3)),
 ]
@@ -349,7 +353,7 @@ def test_chunked_plan_tile(tile, which, varlen):
                 has_initial_state=True, return_final_state=True, varlen=varlen,
                 tile=ChunkedTile(**dict(tile)))
     m = chunked().tiles(plan, sizes, 2)
-    assert all(m[k] == v for k, v in tile if k != "CS" or which[0] not in ("gla",)), m
+    assert all(m[k] == v for k, v in tile), m
     inputs = inputs_for(defn, sizes, seed=15)
     h0 = state_for(defn, sizes, num_states=num)
     (out, final), (ref_out, ref_final) = _run_plan(plan, inputs, h0, cu)

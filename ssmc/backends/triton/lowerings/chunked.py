@@ -11,10 +11,10 @@ short as it can be.
 Decays are handled in log space. With L the within-chunk running sum of log-decays, key s
 seen from query t is weighted by exp(L_t - L_s) (exponent <= 0 on the causal half). A decay
 that varies over the key dim would factor that weight as (q_t exp(L_t)) . (k_s exp(-L_s)),
-which overflows once a chunk's summed log-decay on one key falls below about -88 (any per-step
-log-decay below -5.5 with 16 steps); per-key decays instead form exp(L_t - L_s) elementwise
-per (t, s, n) on the causal half only (every exponent <= 0), in 16-step chunks to bound that
-work, and use only exponents <= 0 for the state terms (exp(L_t), exp(L_last - L_s)).
+which overflows once a chunk's summed log-decay on one key falls below about -88; per-key
+decays (`chunked_keys.py`) factor it through the start of the query's 16-row block instead
+(both factors are weights between steps of the chunk), form the diagonal block elementwise,
+and use only exponents <= 0 for the state terms (exp(L_t), exp(L_last - L_s)).
 
 A positive decay's resets (`templates.RESET_BELOW`: a decay of 0, or under fp32's smallest
 normal number) are kept out of L and counted apart in Z: the weight is exp((L_t - L_s) -
@@ -40,17 +40,13 @@ from ....plan import Plan
 from ..common import (HEADER, compute_type, dot_type, emit_output, fp32_precision,
                       input_params)
 from ..render import Context, Emitter, Tile, split_scale
+from .chunked_keys import per_key_decay_body
+from .chunked_tiles import (KEY_KT_TILE, KEY_ROWS, KEY_T_TILE, KEY_V_TILE, KT_TILE, QK_TILE,
+                            T_TILE, V_TILE)
 from ..templates import (HAS_RESET_BELOW, after, chunk_setup, chunk_state_store, fold_resets,
                          indent, later_sum, rows, segment, seq_setup, signed, split_resets,
                          state_init, with_resets)
 
-FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx"}
-T_AXIS = ("t", "t_row", "mask_t")
-QK_TILE = Tile([T_AXIS, ("n", "offs_n", "mask_n")], FIXED)
-# key is evaluated directly in (n, t) layout, so no matmul operand comes from tl.trans
-KT_TILE = Tile([("n", "offs_n", "mask_n"), T_AXIS], FIXED)
-V_TILE = Tile([T_AXIS, ("p", "offs_p", "mask_p")], FIXED)
-T_TILE = Tile([T_AXIS], FIXED)
 
 
 def per_key_decay(plan: Plan) -> bool:
@@ -152,52 +148,40 @@ class _Chunk:
         ctx.loaded = self.ctx_kt.loaded
         v = ctx.value(self.prog.log_decay, "ldT_raw")
         self.body(f"ldT = tl.where(mask_n[:, None] & mask_t[None, :], {v}, 0.0)")
-        self.resets("ldT", "rzT", 1)
+        for line in split_resets("ldT", "rzT"):   # every sign: see _decay_to_chunk_end
+            self.body(line)
+        self.body("l_last = " + with_resets("tl.sum(ldT, axis=1)", "tl.sum(rzT, axis=1)"))
         if self.prog.decay_signed:
             v = ctx.value(self.prog.recurrence.decay, "dsgT_raw")
             self.body("ngT = tl.where(mask_n[:, None] & mask_t[None, :], "
                       f"tl.where({v} < 0, 1, 0), 0)")
 
-    def log_decay_keys(self):
-        """ld (t, n) and its running sum lc for per-key decays, in query layout (ng; for a
-        positive decay the running count of resets zc)."""
-        ctx = Context(self.prog, QK_TILE, self.body, "qk", self.ct)
-        ctx.loaded = self.ctx_qk.loaded
-        v = ctx.value(self.prog.log_decay, "ld_raw")
-        self.body(f"ld = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
-        if self.prog.decay_log_safe:
-            for line in split_resets("ld", "rz"):
-                self.body(line)
-            self.body("zc = tl.cumsum(rz, axis=0)")
-        self.body("lc = tl.cumsum(ld, axis=0)")
-        if self.prog.decay_signed:
-            v = ctx.value(self.prog.recurrence.decay, "dsg_raw")
-            self.body("ng = tl.where(mask_t[:, None] & mask_n[None, :], "
-                      f"tl.where({v} < 0, 1, 0), 0)")
 
-
-def _decay_to_chunk_end(body: Emitter, prog, ld: str, rz: str, ng: str, axis: int,
-                        after_of) -> None:
+def _decay_to_chunk_end(body: Emitter, prog, ld: str, rz: str, ng: str, axis: int) -> None:
     """`dec`, each key's decay to the chunk's end (exactly 1 for its last key), and `total`,
     the whole chunk's, from the log-decays `ld` (resets `rz`, negative flags `ng`) along
-    `axis`; `after_of(v, zero)` sums v over the later steps directly."""
-    if prog.decay_log_safe:   # suffix sums: exactly 0 on the last key
-        if axis == 0:   # resets folded into ld (`log_decay_rows`): counted apart if any
-            body(f"if l_last < {HAS_RESET_BELOW}:")
-            with body.block():
-                for line in split_resets(ld, rz):
-                    body(line)
-                body(f"dec = tl.exp({with_resets(later_sum(ld), later_sum(rz))})")
-            body("else:")
-            with body.block():
-                body(f"dec = tl.exp({later_sum(ld)})")
-        else:
-            body(f"dec = tl.exp({with_resets(later_sum(ld, axis), later_sum(rz, axis))})")
+    `axis`: 0 for scalar decays (a (BT,) row), 1 for per-key ones ((BN, BT), resets already
+    split out for every sign: a direct sum per (n, s) over the later steps would be a
+    (BN, BT, BT) tile at the 64-step chunks that keep their sequential pass short)."""
+    if axis == 1:
+        body(f"dec = tl.exp({with_resets(later_sum(ld, axis), later_sum(rz, axis))})")
+        later_ng = later_sum(ng, axis)
+    elif prog.decay_log_safe:   # suffix sums: exactly 0 on the last key
+        # resets folded into ld (`log_decay_rows`): counted apart if any
+        body(f"if l_last < {HAS_RESET_BELOW}:")
+        with body.block():
+            for line in split_resets(ld, rz):
+                body(line)
+            body(f"dec = tl.exp({with_resets(later_sum(ld), later_sum(rz))})")
+        body("else:")
+        with body.block():
+            body(f"dec = tl.exp({later_sum(ld)})")
     else:
-        body(f"dec = tl.exp({after_of(ld, '0.0')})")
+        body(f"dec = tl.exp({after(ld)})")
+        later_ng = after(ng, "0")
     body("total = tl.exp(l_last)")
     if prog.decay_signed:
-        body("dec = " + signed("dec", after_of(ng, "0")))
+        body("dec = " + signed("dec", later_ng))
         body("total = " + signed("total", f"tl.sum({ng}, axis={axis})"))
 
 
@@ -209,9 +193,7 @@ def render_state_kernel(plan: Plan) -> str:
         c.key_t()
         c.value()
         c.log_decay_keys_t()
-        later = "offs_c[None, None, :] > offs_c[None, :, None]"
-        _decay_to_chunk_end(body, plan.program, "ldT", "rzT", "ngT", 1,
-                            lambda v, z: f"tl.sum(tl.where({later}, {v}[:, None, :], {z}), axis=2)")
+        _decay_to_chunk_end(body, plan.program, "ldT", "rzT", "ngT", 1)
         body("kT_dec = keyT * dec")
         body(f"state = state * total[:, None] + {c.dot(f'kT_dec.to({c.dt})', 'value')}")
     else:
@@ -227,7 +209,7 @@ def render_state_kernel(plan: Plan) -> str:
         weights = [s for s in (key[1], val[1]) if s is not None]
         if plan.program.log_decay is not None:
             c.log_decay_rows()
-            _decay_to_chunk_end(body, plan.program, "ld", "rz", "ng", 0, after)
+            _decay_to_chunk_end(body, plan.program, "ld", "rz", "ng", 0)
             weights.append("dec")
             if reset_specialised(plan):   # which output pass takes the chunk
                 body(f"tl.store(resets_ptr + chunk * H + h_idx, "
@@ -262,14 +244,6 @@ def ssmc_chunked_state_fwd(
     if STORE_HT:
         tl.store(hT_ptr + state_off, state, mask=state_mask)
 '''
-
-
-KEY_AXIS = ("t", "t_key", "mask_key")
-KEY_KT_TILE = Tile([("n", "offs_n", "mask_n"), KEY_AXIS], FIXED)
-KEY_V_TILE = Tile([KEY_AXIS, ("p", "offs_p", "mask_p")], FIXED)
-KEY_T_TILE = Tile([KEY_AXIS], FIXED)
-
-KEY_ROWS = rows("cs0 + j * BT", "j_row", "mask_key", "t_key")
 
 
 def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter, resets: bool) -> None:
@@ -419,49 +393,6 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter, resets: bool) -> No
         key_block(False)
 
 
-def _per_key_decay_body(plan: Plan, c: _Chunk, body: Emitter) -> None:
-    """Per-key decays: one block per chunk (CS == BT). The decay between steps s <= u of the
-    chunk does not factor through the key dim without exp(-L_s), which overflows; the scores
-    are summed over n elementwise instead, one key column s at a time (unrolled), with
-    exp(L_u - L_s) formed on the causal rows u >= s only (exponent <= 0). For a decay that may
-    be zero or negative the log-decay over s < r <= u is summed directly per key instead (never
-    a difference of running sums, see `after`) and signed by its count of negative decays.
-    The entering state is weighted by exp(L_u), L the running sum from the chunk start."""
-    ct, dt = c.ct, c.dt
-    sgn = c.prog.decay_signed
-    v = c.ctx_qk.value(c.prog.recurrence.query, "query_raw")
-    body(f"query = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
-    v = c.ctx_qk.value(c.prog.recurrence.key, "key_raw")
-    body(f"key = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
-    c.value()
-    c.log_decay_keys()
-    body(f"scores = tl.zeros([BT, BT], dtype={ct})")
-    body("for s in tl.static_range(BT):")
-    with body.block():
-        body("sel = offs_c == s")
-        body("k_s = tl.sum(tl.where(sel[:, None], key, 0.0), axis=0)")
-        if c.prog.decay_log_safe:
-            body("lc_s = tl.sum(tl.where(sel[:, None], lc, 0.0), axis=0)")
-            body("zc_s = tl.sum(tl.where(sel[:, None], zc, 0.0), axis=0)")
-            body("seg = " + with_resets("lc - lc_s[None, :]", "zc - zc_s[None, :]"))
-        else:
-            body("later = offs_c[:, None] > s")
-            body("seg = tl.cumsum(tl.where(later, ld, 0.0), axis=0)")
-        body("dec = tl.exp(tl.where(offs_c[:, None] >= s, seg, float('-inf')))")
-        if sgn:
-            body("dec = " + signed("dec", "tl.cumsum(tl.where(later, ng, 0), axis=0)"))
-        body("col = tl.sum(query * dec * k_s[None, :], axis=1)")
-        body("scores = tl.where(sel[None, :], col[:, None], scores)")
-    body(f"y = {c.dot(f'scores.to({dt})', 'value')}")
-    from_start = with_resets("lc", "zc") if c.prog.decay_log_safe else "lc"
-    body(f"q_dec = tl.exp({from_start})")
-    if sgn:
-        body("q_dec = " + signed("q_dec", "tl.cumsum(ng, axis=0)"))
-    body(f"y += {c.dot(f'(query * q_dec).to({dt})', f'state_in.to({dt})')}")
-
-
-
-
 def reset_specialised(plan: Plan) -> bool:
     """Whether the output pass runs twice, once per chunk kind (`RESETS`): positive decays
     without n, whose chunks the state pass flags where they hold a reset. Counting resets in
@@ -477,7 +408,7 @@ def _output_body(plan: Plan, resets: bool) -> Emitter:
     body("state_in = tl.load(states_ptr + ((chunk * H + h_idx) * N + offs_n[:, None]) * P"
          " + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0)")
     if per_key_decay(plan):
-        _per_key_decay_body(plan, c, body)
+        per_key_decay_body(c, body)
     else:
         _scalar_decay_body(plan, c, body, resets)
     body("y_mask = mask_t[:, None] & mask_p[None, :]")

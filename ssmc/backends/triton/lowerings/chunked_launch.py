@@ -14,14 +14,16 @@ from .registry import TritonLowering, register_lowering
 
 def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
     """CS, the state-pass chunk, and BT, the output pass's row block (CS a multiple of BT;
-    per-key decays use CS = BT = 16). The state pass may split n and p into blocks (its
+    per-key decays use BT = 16 in 64-step chunks). The state pass may split n and p into blocks (its
     recurrence is independent per element: `BN_state`, `BP_state`); the output pass takes
     all of n (the query-key contraction) and a p-block."""
     tile = plan.tile_dict()
     N, P = sizes["n"], sizes["p"]
     BN = max(next_pow2(N), 16)
-    if per_key_decay(plan):
-        BT = CS = tile.get("BT", 16)
+    per_key = per_key_decay(plan)
+    if per_key:   # 16-row blocks: their diagonal block is elementwise work, BT^2 * BN
+        BT = tile.get("BT", 16)
+        CS = tile.get("CS", max(64, BT))
     else:
         BT = tile.get("BT", 64)
         CS = tile.get("CS", BT)
@@ -29,7 +31,9 @@ def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
     # programs lost more to re-reading the value than it gained in parallelism
     BN_state = tile.get("BN_state", BN)
     BP_state = tile.get("BP_state", max(min(next_pow2(P), 64), 16))
-    BP_out = tile.get("BP_out", max(min(next_pow2(P), 64 if BN <= 128 else 32), 16))
+    # per-key decays: every p-block forms the row block's scores again, so take up to 128
+    BP_out = tile.get("BP_out", max(min(next_pow2(P), 128 if per_key else
+                                        64 if BN <= 128 else 32), 16))
     return dict(BT=BT, CS=CS, BN=BN, BN_state=BN_state, BP_state=BP_state, BP_out=BP_out,
                 warps_state=tile.get("warps_state", 4), warps_out=tile.get("warps_out", 4),
                 stages_state=tile.get("stages_state", 2), stages_out=tile.get("stages_out", 2))
