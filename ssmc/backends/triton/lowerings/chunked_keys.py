@@ -25,46 +25,15 @@ their sign as the parity of their count in each factor's range, split the same w
 """
 from __future__ import annotations
 
-from ..render import Context, Emitter
-from ..templates import later_sum, split_resets, with_resets
-from .chunked_tiles import KEY_KT_TILE, KEY_QK_TILE, KEY_ROWS, KEY_V_TILE, QK_TILE
+from ..render import Emitter
+from ..templates import later_sum, with_resets
+from .chunked_tiles import (KEY_KT_TILE, KEY_QK_TILE, KEY_ROWS, KEY_V_TILE, QK_TILE,
+                            BlockOperands)
 
 
 def _sign(count: str) -> str:
     """+1 or -1: the sign of a product holding `count` negative decays."""
     return f"tl.where(({count}) % 2 == 1, -1.0, 1.0)"
-
-
-class _Block:
-    """One tile's per-key log-decay terms: `ld{s}` (resets split into `rz{s}`) and, for a
-    signed decay, `ng{s}` (1 where the decay is negative)."""
-
-    def __init__(self, c, emit: Emitter, tile, tag: str, mask: str, suffix: str):
-        self.c, self.emit, self.suffix = c, emit, suffix
-        self.ctx = Context(c.prog, tile, emit, tag, c.ct)
-        self.mask = mask
-
-    def log_decays(self) -> tuple[str, str, str | None]:
-        s, prog = self.suffix, self.c.prog
-        v = self.ctx.value(prog.log_decay, f"ld{s}_raw")
-        self.emit(f"ld{s} = tl.where({self.mask}, {v}, 0.0)")
-        for line in split_resets(f"ld{s}", f"rz{s}"):
-            self.emit(line)
-        ng = None
-        if prog.decay_signed:
-            v = self.ctx.value(prog.recurrence.decay, f"dsg{s}_raw")
-            ng = f"ng{s}"
-            self.emit(f"{ng} = tl.where({self.mask}, tl.where({v} < 0, 1, 0), 0)")
-        return f"ld{s}", f"rz{s}", ng
-
-    def operand(self, which: str, name: str, dtype: str | None = None) -> str:
-        node = getattr(self.c.prog.recurrence, which)
-        if dtype is not None and self.ctx.direct_load(node, name, dtype) is not None:
-            return name
-        v = self.ctx.value(node, f"{name}_raw")
-        cast = f".to({dtype})" if dtype else ""
-        self.emit(f"{name} = tl.where({self.mask}, {v}, 0.0){cast}")
-        return name
 
 
 def _columns(body: Emitter, ct: str, key: str, extract: list[tuple[str, str]],
@@ -98,7 +67,7 @@ def per_key_decay_body(c, body: Emitter) -> None:
     prog, ct, dt = c.prog, c.ct, c.dt
     sgn = prog.decay_signed
     narrow = narrow_operands(dt)
-    row = _Block(c, body, QK_TILE, "qk", "mask_t[:, None] & mask_n[None, :]", "")
+    row = BlockOperands(prog, ct, body, QK_TILE, "qk", "")
     row.ctx.loaded = c.ctx_qk.loaded
     query = row.operand("query", "query")
     key = row.operand("key", "key")
@@ -120,7 +89,7 @@ def per_key_decay_body(c, body: Emitter) -> None:
     with body.block():
         for line in KEY_ROWS.splitlines():
             body(line)
-        pre = _Block(c, body, KEY_KT_TILE, "pj", "mask_n[:, None] & mask_key[None, :]", "p")
+        pre = BlockOperands(prog, ct, body, KEY_KT_TILE, "pj", "p")
         lp, rp, gp = pre.log_decays()
         body(f"prefix += {with_resets(f'tl.sum({lp}, axis=1)', f'tl.sum({rp}, axis=1)')}")
         if narrow:
@@ -149,17 +118,15 @@ def per_key_decay_body(c, body: Emitter) -> None:
             body("j = r - jj")
             for line in KEY_ROWS.splitlines():
                 body(line)
-            vj = _Block(c, body, KEY_V_TILE, "vj", "mask_key[:, None] & mask_p[None, :]", "v")
+            vj = BlockOperands(prog, ct, body, KEY_V_TILE, "vj", "v")
             vj.operand("value", "vj", dt)
             if factored:   # (n, t) layout: the key operand of q k^T
-                blk = _Block(c, body, KEY_KT_TILE, "kj", "mask_n[:, None] & mask_key[None, :]",
-                             "k")
+                blk = BlockOperands(prog, ct, body, KEY_KT_TILE, "kj", "k")
                 kT = blk.operand("key", "kT", dt)
                 lk, rk, gk = blk.log_decays()
                 axis, bcast = 1, "mid[:, None]"
             else:
-                blk = _Block(c, body, KEY_QK_TILE, "kj", "mask_key[:, None] & mask_n[None, :]",
-                             "k")
+                blk = BlockOperands(prog, ct, body, KEY_QK_TILE, "kj", "k")
                 kj = blk.operand("key", "kj")
                 lk, rk, gk = blk.log_decays()
                 axis, bcast = 0, "mid[None, :]"
