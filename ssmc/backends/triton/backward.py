@@ -33,12 +33,12 @@ from ...ir.orders import has_order_axis
 from ..chain_rule import ChainRule, initial_state_grad, stack_orders, sum_directions
 from . import chain_rows
 from .common import compute_dtype
-from .lowerings import LOWERINGS, chunked_bwd, scan_bwd
+from .lowerings import LOWERINGS, scan_bwd
 from .lowerings import chunked_bwd_launch as chunked_run
 
 
 #: the backward kernels per backward lowering (a lowering names its own in `backward`)
-BACKWARD_RENDER = {"scan": scan_bwd.render, "chunked": chunked_bwd.render}
+BACKWARD_RENDER = {"scan": scan_bwd.render, "chunked": chunked_run.render}
 
 
 def backward_lowering(plan: Plan) -> str:

@@ -5,7 +5,7 @@ Every built-in (ssd with D, z, dt_bias, softplus, a clamp and groups g < h; sele
 retention; gla; linear_attention) x lowering (scan; chunked; quadratic, which uses the chunked
 backward) x direction (the built-ins' look-alikes for reverse and bidirectional), with initial
 states and grad_final; packed sequences (empty ones inside and at the end); several chunks
-(t = 100); bf16; definitions nobody wrote a gradient for (a sigmoid-gated decay with a tanh
+(t = 100); per-key decays over several 16-row blocks per chunk and several value blocks; bf16; definitions nobody wrote a gradient for (a sigmoid-gated decay with a tanh
 epilogue; a decay per (p, n) element, scan only); `torch.autograd.gradcheck` in float64 on tiny
 shapes through a small autograd.Function calling the kernel's forward and backward.
 
@@ -22,6 +22,7 @@ import torch
 
 from ssmc import dsl as S
 from ssmc.backends import get_backend
+from ssmc.backends.triton.tiles import ChunkedTile
 from ssmc.lowerings import legal_lowerings
 from ssmc.plan import Plan
 from tests.backends.triton.conftest import gradient_problems
@@ -43,9 +44,9 @@ def definition_for(name: str, direction: str):
     return builtin(name, direction) if name in BUILTINS else custom(name, direction)
 
 
-def _plan(defn, lowering, dtype, h0, gF, varlen):
+def _plan(defn, lowering, dtype, h0, gF, varlen, tile=None):
     return Plan(program=defn.program, lowering=lowering, dtype=str(dtype).split(".")[1],
-                has_initial_state=h0, return_final_state=gF, varlen=varlen)
+                has_initial_state=h0, return_final_state=gF, varlen=varlen, tile=tile)
 
 
 def _skip_unless_legal(defn, lowering):
@@ -54,9 +55,11 @@ def _skip_unless_legal(defn, lowering):
 
 
 def check_backward(defn, lowering: str, sizes: dict, *, dtype=torch.float32, h0=True,
-                   grad_final=True, lengths=None, seed=0, tol=None, device="cpu", inputs=None):
+                   grad_final=True, lengths=None, seed=0, tol=None, device="cpu", inputs=None,
+                   tile=None):
     """Compare the Triton kernel's backward with the reference backend's (float64 on the same
-    rounded inputs). `inputs` (name -> tensor) replaces the random draw of `inputs_for`.
+    rounded inputs). `inputs` (name -> tensor) replaces the random draw of `inputs_for`; `tile`
+    is the plan's.
     Returns the relative L2 errors by gradient name."""
     _skip_unless_legal(defn, lowering)
     program = defn.program
@@ -66,7 +69,7 @@ def check_backward(defn, lowering: str, sizes: dict, *, dtype=torch.float32, h0=
     S = sizes["b"] if lengths is None else len(lengths)
     state = state_for(defn, sizes, num_states=S, seed=seed + 1).to(device) if h0 else None
     cu = None if lengths is None else cu_seqlens(lengths).to(device)
-    plan = _plan(defn, lowering, dtype, h0, grad_final, cu is not None)
+    plan = _plan(defn, lowering, dtype, h0, grad_final, cu is not None, tile)
     kernel = get_backend("triton").compile(plan)
     ref = get_backend("reference").compile(_plan(defn, "scan", torch.float64, h0, grad_final,
                                                  cu is not None))
@@ -103,6 +106,29 @@ def test_backward_builtin(lowering, name, direction):
     if lowering == "quadratic" and direction == "reverse":
         pytest.skip("quadratic shares the chunked backward; reverse is covered there")
     check_backward(builtin(name, direction), lowering, shape_for(name, "t7"))
+
+
+PER_KEY_TILES = {"cs64_bp16": dict(BT_bwd=64, BP_bwd=16), "cs32_bp16": dict(BT_bwd=32, BP_bwd=16),
+                 "cs16": dict(BT_bwd=16), "cs128": dict(BT_bwd=128)}
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("tile", list(PER_KEY_TILES))
+def test_per_key_backward_row_and_value_blocks(direction, tile):
+    """Per-key decays: chunks of several 16-row blocks (the factored products between them),
+    a partial last chunk and block, and value channels over several p-blocks (dA, dy S^T and
+    v G^T summed over them, dv per block)."""
+    check_backward(builtin("gla", direction), "chunked", dict(b=2, t=150, h=2, g=2, n=8, p=40),
+                   tile=ChunkedTile(**PER_KEY_TILES[tile]))
+
+
+def test_per_key_backward_packed_sequences():
+    """Chunks of packed sequences: the state leaving a sequence's last chunk is its final
+    state, not the next chunk's entering one (the first sequence fills its chunk exactly)."""
+    lengths = (64, 0, 90, 5)
+    check_backward(builtin("gla", "reverse"), "chunked",
+                   dict(b=1, t=sum(lengths), h=2, g=1, n=8, p=20), lengths=lengths,
+                   tile=ChunkedTile(BT_bwd=64, BP_bwd=16))
 
 
 @pytest.mark.parametrize("name", list(BUILTINS))

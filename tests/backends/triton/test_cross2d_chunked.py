@@ -3,8 +3,8 @@ against the float64 reference (which gathers each order's steps by their grid po
 
 The kernels read a column order's steps in place (`templates.rows`, `quadratic._positions`):
 any slip in that mapping, in a launch that reads another order's slice of a per-order input
-(axis `k`), or in the host's per-key decay gradient (`chunked_bwd_launch._decay_grad`, which
-sums a column order's steps in its own order) shows up here. Covered: every decay kind these
+(axis `k`), or in the per-key decay gradient (`chunked_bwd_keys.py`, whose suffix sums run
+over a column order's steps in its own order) shows up here. Covered: every decay kind these
 lowerings take (none, time-invariant per head, scalar per (b, t, h) as Mamba-2, per key as
 GLA), each with inputs shared by the four orders and with per-order inputs; grids H != W,
 1 x W, H x 1 and one whose t spans several chunks and ends in a partial one; decays that are

@@ -31,9 +31,9 @@ Kernels, per direction:
     derivatives (written over dy where one direction allows); and the decay gradient,
     complete. The products over n (q k^T, q S_in, k G) run over n-blocks and the decay
     factors scale their rows afterwards.
-* Per-key decays (selective_scan, gla): `ssmc_chunked_bwd` forms A and the chunk-local parts
-  of dq and dk elementwise, one key step s at a time, with D only on the causal half where
-  its exponent is <= 0 (the factoring q exp(lc) . k exp(-lc) overflows); BT 16.
+* Per-key decays (selective_scan, gla): `ssmc_chunked_bwd_keys` (chunked_bwd_keys.py), one
+  program per (chunk, head) over the chunk's 16-row blocks: tensor-core products between
+  blocks, D elementwise within one (`_Ops.key_columns`), and the decay gradient complete.
 
 Operands that are bare inputs are loaded straight into the matmul type; a value that is an
 input times a scale along t (Mamba-2's x * dt) scales products' rows or columns instead.
@@ -45,8 +45,8 @@ chunk c with end state S_c and G_c = dL/dS_c from the later chunks (dL/dS_T for 
 
 (every factor exp(lc_u) of the chunk carries l_r for u >= r, and l_last scales all of S_c).
 Summing w over the whole sequence instead is the same number in exact arithmetic but cancels
-catastrophically at long t. Per-key decays store w per n; the reverse sums and the chunk-end
-term run on the host (`_decay_grad`).
+catastrophically at long t. Per-key decays form this per n in their kernel, the reverse sums
+in float64.
 
 For decays without n the dv kernel sums only the terms that carry l_r, with no dq and dk: with
 M = (dy v^T) * A (M[u, s] = dy_u . v_s A[u, s], one term of y's gradient), yoff = q_in S_in and
@@ -67,13 +67,14 @@ reason. Sums over p are per p-block partials.
 The quadratic lowering has the same mathematics (M = the scores of all chunks at once) and
 uses this backward too.
 
-This module renders the kernels; chunked_bwd_launch.py sizes and launches them.
+This module renders the kernels (chunked_bwd_keys.py the per-key ones); chunked_bwd_launch.py
+sizes, launches and assembles them.
 """
 from __future__ import annotations
 
 from ....ir import Elementwise
 from ....plan import Plan
-from ..common import HEADER, compute_type, dot_type, input_params
+from ..common import compute_type, dot_type, input_params
 from ..render import Context, Emitter, Tile, split_scale
 from ..templates import (HAS_RESET_BELOW, chunk_setup, chunk_state_store, fold_resets, indent,
                          later_sum, rows, seq_setup, split_resets, state_init, with_resets)
@@ -280,29 +281,25 @@ class _Ops:
         return "Dm"
 
     def scores(self) -> str:
-        """A[u, s] = q_u . (decay s+1..u) k_s on the causal half (emits it as `A`)."""
+        """A[u, s] = q_u . (decay s+1..u) k_s on the causal half (emits it as `A`); decays
+        without n (per-key ones form theirs in `key_columns`)."""
         self.body("causal = offs_c[:, None] >= offs_c[None, :]")
         if self.mode == "none":
             self.body("A = tl.where(causal, " + self.dot("query", "tl.trans(key)") + ", 0.0)")
-        elif self.mode == "row":
-            self.body("A = " + self.dot("query", "tl.trans(key)") + f" * {self.decay_matrix()}")
         else:
-            self.key_columns(scores=True)
+            self.body("A = " + self.dot("query", "tl.trans(key)") + f" * {self.decay_matrix()}")
         return "A"
 
-    def key_columns(self, scores: bool = False, grads: bool = False):
-        """Per-key decays: the chunk's key steps s one at a time (unrolled), with the decay
-        D[u, s, n] = exp(lc_u - lc_s) formed elementwise on the rows u >= s only, where its
-        exponent is <= 0 (factoring it as exp(lc_u) * exp(-lc_s) overflows). Emits `A` (u, s)
-        with `scores`; with `grads`, `AT` (s, u) = A^T and, from dA (u, s), the chunk-local
-        parts of dq (sum_s dA[u, s] D k_s) and dk (sum_u dA[u, s] D q_u)."""
+    def key_columns(self):
+        """Per-key decays within one row block: its key steps s one at a time (unrolled), with
+        the decay D[u, s, n] = exp(lc_u - lc_s) formed elementwise on the rows u >= s only
+        (there is no reference point inside the block to factor it through). Emits `AT`
+        (s, u) = A^T and, from dA (u, s), the block-local parts of dq (sum_s dA[u, s] D k_s)
+        and dk (sum_u dA[u, s] D q_u): `dq_in`, `dk_in`."""
         b = self.body
-        if scores:
-            b(f"A = tl.zeros([BT, BT], dtype={self.ct})")
-        if grads:
-            b(f"AT = tl.zeros([BT, BT], dtype={self.ct})")
-            b(f"dq_in = tl.zeros([BT, BN], dtype={self.ct})")
-            b(f"dk_in = tl.zeros([BT, BN], dtype={self.ct})")
+        b(f"AT = tl.zeros([BT, BT], dtype={self.ct})")
+        b(f"dq_in = tl.zeros([BT, BN], dtype={self.ct})")
+        b(f"dk_in = tl.zeros([BT, BN], dtype={self.ct})")
         b("for s in tl.static_range(BT):")
         with b.block():
             b("sel = offs_c == s")
@@ -313,14 +310,11 @@ class _Ops:
             b(f"dec = tl.exp(tl.where(offs_c[:, None] >= s, {gap}, float('-inf')))")
             b("qd = query * dec")
             b("a_s = tl.sum(qd * k_s[None, :], axis=1)")
-            if scores:
-                b("A = tl.where(sel[None, :], a_s[:, None], A)")
-            if grads:
-                b("AT = tl.where(sel[:, None], a_s[None, :], AT)")
-                b("da_s = tl.sum(tl.where(sel[None, :], dA, 0.0), axis=1)")
-                b("dq_in += da_s[:, None] * dec * k_s[None, :]")
-                b("dk_s = tl.sum(da_s[:, None] * qd, axis=0)")
-                b("dk_in = tl.where(sel[:, None], dk_s[None, :], dk_in)")
+            b("AT = tl.where(sel[:, None], a_s[None, :], AT)")
+            b("da_s = tl.sum(tl.where(sel[None, :], dA, 0.0), axis=1)")
+            b("dq_in += da_s[:, None] * dec * k_s[None, :]")
+            b("dk_s = tl.sum(da_s[:, None] * qd, axis=0)")
+            b("dk_in = tl.where(sel[:, None], dk_s[None, :], dk_in)")
 
     def state_decay(self) -> str:
         """The factor the state carries across the whole chunk ((n, BP)-broadcastable)."""
@@ -410,45 +404,6 @@ def ssmc_chunked_bwd_dstates(
 {indent(ROWS, 2)}
 {body.text()}
     tl.store(ssmc_dh0 + state_off, G, mask=state_mask)
-"""
-
-
-def render_chunk_kernel(plan: Plan) -> str:
-    """Per-key decays, per chunk in parallel: dq, dk, dv and w = q dq - k dk (per n)."""
-    body = Emitter(indent=1)
-    o = _Ops(plan, body)
-    dot = o.dot
-    o.operand("query", "query")
-    o.operand("key", "key")
-    o.operand("value", "value")
-    o.dy()
-    o.decay()
-    _state_tiles(body, transposed=True)
-    body("G = tl.trans(GT)")
-    body("dyv = " + dot("dy", "tl.trans(value)"))                            # [u, s]
-    body("dA = tl.where(offs_c[:, None] >= offs_c[None, :], dyv, 0.0)")
-    o.key_columns(grads=True)
-    body("dq = dq_in + tl.exp(lcf) * " + dot("dy", "S_inT"))
-    body("dk = dk_in + tl.exp(lr) * " + dot("value", "GT"))
-    body("dv = " + dot("AT", "dy") + " + " + dot(o.k_out(), "G"))
-    body("row = (b_idx * T + t_row[:, None]) * H + h_idx")
-    body("nmask = mask_t[:, None] & mask_n[None, :]")
-    body("part = (pid_p.to(tl.int64) * B * T * H + row) * N + offs_n[None, :]")
-    body("tl.store(ssmc_dq + part, dq, mask=nmask)")
-    body("tl.store(ssmc_dk + part, dk, mask=nmask)")
-    body("tl.store(ssmc_w + part, query * dq - key * dk, mask=nmask)")
-    body("tl.store(ssmc_dv + row * P + offs_p[None, :], dv, "
-         "mask=mask_t[:, None] & mask_p[None, :])")
-    return f"""
-@triton.jit
-def ssmc_chunked_bwd(
-    {input_params(plan.program)},
-    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dq, ssmc_dk, ssmc_dv, ssmc_w, {CHUNK_PARAMS}
-    {CONSTS},
-):
-{CHUNK_SETUP}
-{indent(ROWS, 1)}
-{body.text()}
 """
 
 
@@ -609,10 +564,3 @@ def ssmc_chunked_bwd_dqk(
     tl.store(ssmc_dq + part, dq, mask=nmask)
     tl.store(ssmc_dk + part, dk, mask=nmask)
 """
-
-
-def render(plan: Plan) -> str:
-    per_chunk = ([render_chunk_kernel(plan)] if per_key_decay(plan) else
-                 [render_dv_kernel(plan), render_dqk_kernel(plan)])
-    return HEADER + "\n".join([render_states_kernel(plan), render_y_kernel(plan),
-                               render_dstate_kernel(plan)] + per_chunk)

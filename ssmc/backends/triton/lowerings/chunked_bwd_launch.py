@@ -5,21 +5,23 @@ from __future__ import annotations
 import torch
 import triton
 
-from ....ir.orders import grid_step_positions
 from ....plan import Plan
-from ..common import (chunk_layout, compute_dtype, direction_slices, dot_type, input_args,
+from ..common import (HEADER, chunk_layout, compute_dtype, direction_slices, dot_type, input_args,
                       next_pow2, num_sequences)
-from .chunked_bwd import decay_mode, head_free, per_key_decay
+from .chunked_bwd import (decay_mode, head_free, per_key_decay, render_dqk_kernel,
+                          render_dstate_kernel, render_dv_kernel, render_states_kernel,
+                          render_y_kernel)
+from .chunked_bwd_keys import render_keys_kernel, render_keys_y_kernel
 
 
 def tiles(plan: Plan, sizes: dict) -> dict:
-    """BT 64 (16 for per-key decays, as the forward: their chunk-local work is elementwise,
-    BT^2 * BN per chunk); all of n; p in blocks of up to 64; WARPS for the per-chunk kernels
-    (a dozen (BT, BN|BP) tiles live at once) and WARPS_DV for the dv kernel, whose loop over
-    n in blocks of BK keeps fewer (H100: 2.6 ms with 4 warps, 3.2 ms with 8 at b=8 t=4096
-    h=80 n=128 p=64)."""
+    """BT 64, the chunk (per-key decays walk it in row blocks of RB = 16, their diagonal blocks
+    elementwise: BT^2 * BN work each); all of n; p in blocks of up to 64; WARPS for the
+    per-chunk kernels (a dozen (BT, BN|BP) tiles live at once) and WARPS_DV for the dv kernel,
+    whose loop over n in blocks of BK keeps fewer (H100: 2.6 ms with 4 warps, 3.2 ms with 8 at
+    b=8 t=4096 h=80 n=128 p=64)."""
     tile = plan.tile_dict()
-    return dict(BT=tile.get("BT_bwd", 16 if per_key_decay(plan) else 64),
+    return dict(BT=tile.get("BT_bwd", 64), RB=16,
                 BN=max(next_pow2(sizes["n"]), 16),
                 BP=tile.get("BP_bwd", max(min(next_pow2(sizes["p"]), 64), 16)),
                 WARPS=tile.get("WARPS_bwd", 8), WARPS_DV=tile.get("WARPS_DV_bwd", 4),
@@ -29,7 +31,7 @@ def tiles(plan: Plan, sizes: dict) -> dict:
 def state_dtype(plan: Plan) -> torch.dtype:
     """The stored chunk states and their gradients: the matmul operand type (every kernel
     rounds them to it before its products; bf16 halves their traffic and memory, the largest
-    of the backward) except for per-key decays, whose host-side decay gradient sums them."""
+    of the backward) except for per-key decays, whose decay gradient sums G * S per chunk."""
     if per_key_decay(plan):
         return compute_dtype(plan)
     return {"tl.bfloat16": torch.bfloat16, "tl.float16": torch.float16,
@@ -70,90 +72,21 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
             BT=m["BT"], BN=m["BN"], BP=m["BP"], **order,
             IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None)
         if want_y and n_chunks > 0:
-            module.ssmc_chunked_bwd_y[(n_chunks, H, npb)](
-                *args, y, st, cu, off, dummy if chunk_seq is None else chunk_seq,
-                B, T, H // G, N, P, GH, BT=m["BT"], BN=m["BN"], BP=m["BP"], **order,
-                IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0)
+            seqs = dummy if chunk_seq is None else chunk_seq
+            if per_key_decay(plan):   # row blocks of RB in chunks of BT
+                module.ssmc_chunked_bwd_y[(n_chunks * (m["BT"] // m["RB"]), H, npb)](
+                    *args, y, st, cu, off, seqs, B, T, H // G, N, P, GH, BT=m["RB"],
+                    CS=m["BT"], BN=m["BN"], BP=m["BP"], **order,
+                    IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0)
+            else:
+                module.ssmc_chunked_bwd_y[(n_chunks, H, npb)](
+                    *args, y, st, cu, off, seqs, B, T, H // G, N, P, GH, BT=m["BT"],
+                    BN=m["BN"], BP=m["BP"], **order, IS_VARLEN=cu_seqlens is not None,
+                    ACCUM_IN=i > 0)
         states.append(st)
         finals.append(final)
     layout = dict(n_chunks=n_chunks, chunk_off=chunk_off, chunk_seq=chunk_seq, m=m)
     return dict(states=states, finals=finals, layout=layout), y
-
-
-def _chunk_bounds(sizes, cu_seqlens, BT: int, reverse: bool, layout, device):
-    """For every (b, t): its chunk's index and the real-time range [lo, hi) of the steps u >= t
-    of that chunk in the direction's own order. Shapes (b, t); chunks numbered as the kernels
-    number them."""
-    B, T = sizes["b"], sizes["t"]
-    t = torch.arange(T, device=device)
-    if cu_seqlens is None:
-        start = torch.zeros(T, dtype=torch.int64, device=device)
-        end = torch.full((T,), T, dtype=torch.int64, device=device)
-        first_chunk = torch.zeros(T, dtype=torch.int64, device=device)
-    else:
-        bounds = cu_seqlens.to(device=device, dtype=torch.int64)
-        seq = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=device),
-                                      bounds[1:] - bounds[:-1], output_size=T)
-        start, end = bounds[seq], bounds[seq + 1]
-        first_chunk = layout["chunk_off"].to(torch.int64)[seq]
-    i = end - 1 - t if reverse else t - start              # step within the sequence
-    cl = i // BT
-    chunk_len = torch.minimum((cl + 1) * BT, end - start)  # steps up to the chunk's end
-    if reverse:
-        lo, hi = end - chunk_len, t + 1
-    else:
-        lo, hi = t, start + chunk_len
-    chunk = first_chunk + cl
-    if cu_seqlens is None:
-        chunk = chunk[None] + torch.arange(B, device=device)[:, None] * triton.cdiv(T, BT)
-    return chunk, lo, hi
-
-
-def _chunk_end_term(dstates, states, finals, layout, sizes, cu_seqlens):
-    """sum_p G_c * S_c per chunk, (chunks, h, n): S_c is the next chunk's entering state, or
-    the sequence's final state for its last chunk."""
-    n_chunks = layout["n_chunks"]
-    term = torch.zeros(n_chunks, *states.shape[1:3], dtype=states.dtype, device=states.device)
-    if n_chunks > 1:
-        term[:-1] = (dstates[:n_chunks - 1] * states[1:n_chunks]).sum(-1)
-    if cu_seqlens is None:
-        per_seq = triton.cdiv(sizes["t"], layout["m"]["BT"])
-        last = torch.arange(1, sizes["b"] + 1, device=states.device) * per_seq - 1
-        seqs = torch.arange(sizes["b"], device=states.device)
-    else:
-        off = layout["chunk_off"].to(torch.int64)
-        nonempty = off[1:] > off[:-1]
-        last, seqs = (off[1:] - 1)[nonempty], torch.nonzero(nonempty)[:, 0]
-    if len(last):
-        term[last] = (dstates[last] * finals[seqs]).sum(-1)
-    return term
-
-
-def _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, direction):
-    """Per-key decays: dL/dl (b, t, h, n) from w (b, t, h, n): chunk-local reverse sums
-    (float64 differences of one running sum) plus each chunk's end term. A grid's column order
-    (cross2d; never packed) sums its steps in its own order: w gathered by their positions, the
-    result put back."""
-    lay = saved["layout"]
-    reverse, positions = direction.reversed, None
-    w64 = w.double()
-    if direction.column:
-        positions = grid_step_positions(direction, sizes["grid_h"], sizes["grid_w"], w.device)
-        w64, reverse = w64[:, positions], False
-    chunk, lo, hi = _chunk_bounds(sizes, cu_seqlens, lay["m"]["BT"], reverse, lay, w.device)
-    # cs[:, i] = sum of w[:, :i]; the running sum runs over the innermost axis (CUDA scans a
-    # middle axis one thread per column, serially: 1.3 ms for (8, 4096, 80) on an H100)
-    w64 = w64.movedim(1, -1).contiguous()
-    cs = torch.cat([torch.zeros_like(w64[..., :1]), w64.cumsum(-1)], -1).movedim(-1, 1)
-    local = (cs[:, hi] - cs[:, lo]).to(w.dtype)
-    term = _chunk_end_term(dstates, saved["states"][i], saved["finals"][i], lay, sizes,
-                           cu_seqlens)
-    if cu_seqlens is not None:
-        return local + term[chunk][None]
-    dlog = local + term[chunk]                                         # (b, t, h, n)
-    if positions is not None:    # step s of the order is time step positions[s]
-        dlog = torch.empty_like(dlog).index_copy_(1, positions, dlog)
-    return dlog
 
 
 def grouped_operands(plan: Plan, sizes: dict) -> frozenset:
@@ -227,7 +160,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         chunk_args = (cu, off, seq_of_chunk, B, T, H // G, N, P, GH)
         if mode == "key":
             grads = _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args,
-                                   sizes, cu_seqlens, direction, consts, launch)
+                                   sizes, direction, consts, launch)
             results.append((grads, dh0))
             continue
         dv = torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)   # like dy
@@ -259,29 +192,32 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     return results, y
 
 
-def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes, cu_seqlens,
-                   direction, consts, launch):
-    """Operand grads of one direction for per-key decays: per-head dq and dk, and w summed
-    into the decay gradient on the host (`_decay_grad`)."""
+def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes, direction,
+                   consts, launch):
+    """Operand grads of one direction for per-key decays, the decay's complete (one kernel:
+    chunked_bwd_keys.py)."""
     B, T, H, N, P = (sizes[a] for a in "bthnp")
     cdt = compute_dtype(plan)
     device = dy.device
-    NPB = triton.cdiv(P, consts["BP"])
     # every (b, t) row belongs to exactly one chunk: the kernel writes all of these
-    dq = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
-    dk = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
-    w = torch.empty(NPB, B, T, H, N, dtype=cdt, device=device)
+    dq, dk, dl = (torch.empty(B, T, H, N, dtype=cdt, device=device) for _ in range(3))
     dv = torch.empty(B, T, H, P, dtype=cdt, device=device)
-    n_chunks = saved["layout"]["n_chunks"]
-    if n_chunks > 0:
-        module.ssmc_chunked_bwd[(n_chunks, H, NPB)](
-            *args, dy, saved["states"][i], dstates, dq, dk, dv, w, *chunk_args,
-            REVERSE=direction.reversed, COLUMN=direction.column, **consts, **launch)
-    # sums over p-blocks (none to do for one block: these are the largest tensors here)
-    grads = {"query": (dq[0] if NPB == 1 else dq.sum(0)).unsqueeze(-1),
-             "key": (dk[0] if NPB == 1 else dk.sum(0)).unsqueeze(-1),
-             "value": dv.unsqueeze(3)}
-    w = w[0] if NPB == 1 else w.sum(0)
-    dlog = _decay_grad(w, dstates, saved, i, sizes, cu_seqlens, direction)
-    grads["log_decay"] = dlog.unsqueeze(-1)
-    return grads
+    m = saved["layout"]["m"]
+    if saved["layout"]["n_chunks"] > 0:
+        module.ssmc_chunked_bwd_keys[(saved["layout"]["n_chunks"], H, 1)](
+            *args, dy, saved["states"][i], dstates, saved["finals"][i], dq, dk, dv, dl,
+            *chunk_args, BT=m["RB"], CS=m["BT"], BN=m["BN"], BP=m["BP"],
+            REVERSE=direction.reversed, COLUMN=direction.column,
+            IS_VARLEN=consts["IS_VARLEN"], **launch)
+    return {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3),
+            "log_decay": dl.unsqueeze(-1)}
+
+
+def render(plan: Plan) -> str:
+    """The backward's generated module: the state passes, y, and the per-chunk kernels."""
+    if per_key_decay(plan):
+        kernels = [render_keys_y_kernel(plan), render_keys_kernel(plan)]
+    else:
+        kernels = [render_y_kernel(plan), render_dv_kernel(plan), render_dqk_kernel(plan)]
+    return HEADER + "\n".join([render_states_kernel(plan), render_dstate_kernel(plan)]
+                              + kernels)

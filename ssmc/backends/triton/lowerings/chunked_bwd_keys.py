@@ -1,0 +1,268 @@
+"""The chunked backward for decays that vary over the key dim: tensor-core products per chunk.
+
+Notation as in chunked_bwd.py; chunks of CS steps in row blocks of BT (16). One program per
+(chunk, head) walks the chunk's row blocks from the last to the first. For row block i:
+
+* its own block: dA = dy v^T on the causal half, and the decay D[u, s, n] elementwise on it
+  (`_Ops.key_columns`): A^T, and the block-local parts of dq and dk;
+* earlier key blocks j < i (dq): the weight factors through block i's start, as in the forward
+  (chunked_keys.py): dq_i += exp(lc_i) * (dA_ij (k_j exp(rest_j))), one matmul per block;
+* later query blocks j > i (dk, dv): dk_i += exp(rest_i) * (dA_ji^T (q_j exp(lc_j))), and
+  dv_i += A_ji^T dy_j with A_ji = (q_j exp(lc_j)) (k_i exp(rest_i))^T;
+* the state terms: dq += exp(lc from the chunk start) (dy S_in^T), dk += exp(decay to the chunk
+  end) (v G^T), dv += (k exp(decay to the end)) G;
+* the decay gradient, in the kernel: dL/dl_r = sum_{u >= r in the chunk} w_u + sum_p G * S_end,
+  w = q dq - k dk, the suffix sums in float64 (as a float64 running sum over the later blocks),
+  S_end the state leaving the chunk (the next chunk's entering state, or the final state).
+
+Every exponent is a sum of log-decays over steps of the chunk, resets split out (exactly 0
+across one). Both factors of a factored weight are themselves weights between steps of the
+chunk (chunked_keys.py), so they stay in fp32's range wherever the gradients do; fp16 operands
+(65504) take the factored products in fp32. Products over p run over p-blocks (dA, dy S_in^T
+and v G^T need all of p); dv is formed per p-block.
+"""
+from __future__ import annotations
+
+from ....plan import Plan
+from ..common import input_params
+from ..render import Emitter
+from ..templates import chunk_setup, indent, later_sum, rows, with_resets
+from .chunked import _Chunk
+from .chunked_bwd import _Ops
+from .chunked_keys import narrow_operands, per_key_decay_body
+from .chunked_tiles import KEY_KT_TILE, KEY_QK_TILE, KEY_ROWS, KEY_V_TILE, V_TILE, BlockOperands
+
+PARAMS = ("ssmc_cu, ssmc_chunk_off, ssmc_chunk_seq,\n    B, T, HPG, N, P, GH,\n"
+          "    BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,\n"
+          "    REVERSE: tl.constexpr, COLUMN: tl.constexpr, IS_VARLEN: tl.constexpr,")
+STATE_TILE = ("((chunk * H + h_idx) * N + offs_n[:, None]) * P + offs_p[None, :]",
+              "mask_n[:, None] & mask_p[None, :]")
+
+
+def _p_block(body: Emitter) -> None:
+    body("offs_p = p0 + tl.arange(0, BP)")
+    body("mask_p = offs_p < P")
+
+
+def _dy(body: Emitter, name: str, t: str, mask: str) -> None:
+    body(f"{name} = tl.load(ssmc_dy + ((b_idx * T + {t}[:, None]) * H + h_idx) * P"
+         f" + offs_p[None, :], mask={mask}[:, None] & mask_p[None, :], other=0.0)")
+
+
+def _state(body: Emitter, name: str, ptr: str, chunk: str = "chunk") -> None:
+    off, mask = STATE_TILE
+    body(f"{name} = tl.load({ptr} + {off.replace('chunk', chunk)}, mask={mask}, other=0.0)")
+
+
+def _total(ld: str, rz: str) -> str:
+    return with_resets(f"tl.sum({ld}, axis=0)", f"tl.sum({rz}, axis=0)")
+
+
+class _Kernel:
+    def __init__(self, plan: Plan, body: Emitter):
+        self.plan, self.body = plan, body
+        self.o = _Ops(plan, body)
+        self.prog, self.ct = plan.program, self.o.ct
+        # the factored products' operand type: fp16 would overflow where fp32 does not
+        self.ft = "tl.float32" if narrow_operands(self.o.dt) else self.o.dt
+
+    def fdot(self, a: str, b: str) -> str:
+        return f"tl.dot(({a}).to({self.ft}), ({b}).to({self.ft}){self.o.prec})"
+
+    def block(self, tile, tag: str, suffix: str) -> BlockOperands:
+        return BlockOperands(self.prog, self.ct, self.body, tile, tag, suffix)
+
+    def other_rows(self) -> None:
+        for line in KEY_ROWS.splitlines():
+            self.body(line)
+
+    def later_queries(self, tag: str) -> str:
+        """In a loop over a later block j: its query times the decay from its start (qf)."""
+        b = self.body
+        blk = self.block(KEY_QK_TILE, tag, tag)
+        q = blk.operand("query", f"q_{tag}")
+        lq, rq, _ = blk.log_decays()
+        b(f"qf = {q} * tl.exp({with_resets(f'tl.cumsum({lq}, axis=0)', f'tl.cumsum({rq}, axis=0)')})")
+        return _total(lq, rq)
+
+    def own_block(self) -> None:
+        """Block i's operands, its earlier blocks' log-decay sums and its products over p."""
+        b, o = self.body, self.o
+        o.operand("query", "query")
+        o.operand("key", "key")
+        o.decay()
+        b(f"prefix = tl.zeros([BN], dtype={self.ct})")
+        b("for j in range(0, i):")
+        with b.block():
+            self.other_rows()
+            lp, rp, _ = self.block(KEY_KT_TILE, "pj", "p").log_decays()
+            b(f"prefix += {with_resets(f'tl.sum({lp}, axis=1)', f'tl.sum({rp}, axis=1)')}")
+        b(f"dyv = tl.zeros([BT, BT], dtype={self.ct})")
+        b(f"dyS = tl.zeros([BT, BN], dtype={self.ct})")
+        b(f"vG = tl.zeros([BT, BN], dtype={self.ct})")
+        b("for p0 in range(0, P, BP):")
+        with b.block():
+            _p_block(b)
+            _dy(b, "dy", "t_row", "mask_t")
+            v = self.block(V_TILE, "v", "v").operand("value", "value")
+            _state(b, "S_in", "ssmc_states")
+            _state(b, "G", "ssmc_dstates")
+            b(f"dyv += {o.dot('dy', f'tl.trans({v})')}")
+            b(f"dyS += {o.dot('dy', 'tl.trans(S_in)')}")
+            b(f"vG += {o.dot(v, 'tl.trans(G)')}")
+        b("dA = tl.where(offs_c[:, None] >= offs_c[None, :], dyv, 0.0)")
+        o.key_columns()
+        b("lr_end = lr + post[None, :]")   # the decay from each key to the chunk's end
+        b("dq = dq_in + tl.exp(prefix[None, :] + lcf) * dyS")
+        b("dk = dk_in + tl.exp(lr_end) * vG")
+
+    def earlier_keys(self) -> None:
+        """dq's terms from the key blocks before block i, nearest first."""
+        b = self.body
+        b(f"dqx = tl.zeros([BT, BN], dtype={self.ct})")
+        b(f"mid = tl.zeros([BN], dtype={self.ct})")
+        b("for jj in range(1, i + 1):")
+        with b.block():
+            b("j = i - jj")
+            self.other_rows()
+            blk = self.block(KEY_QK_TILE, "kj", "k")
+            kj = blk.operand("key", "kj")
+            lk, rk, _ = blk.log_decays()
+            rest = with_resets(later_sum(lk), later_sum(rk))
+            b(f"kf = {kj} * tl.exp({rest} + mid[None, :])")
+            b(f"dAj = tl.zeros([BT, BT], dtype={self.ct})")
+            b("for p0 in range(0, P, BP):")
+            with b.block():
+                _p_block(b)
+                _dy(b, "dy", "t_row", "mask_t")
+                vj = self.block(KEY_V_TILE, "vj", "vj").operand("value", "vj")
+                b(f"dAj += {self.o.dot('dy', f'tl.trans({vj})')}")
+            b(f"dqx += {self.fdot('dAj', 'kf')}")
+            b(f"mid += {_total(lk, rk)}")
+        b("dq += tl.exp(lcf) * dqx")
+
+    def later_queries_dk(self) -> None:
+        """dk's terms from the query blocks after block i."""
+        b = self.body
+        b(f"mid = tl.zeros([BN], dtype={self.ct})")
+        b("for j in range(i + 1, R):")
+        with b.block():
+            self.other_rows()
+            total = self.later_queries("qj")
+            b("kfac = tl.exp(lr + mid[None, :])")
+            b(f"dAj = tl.zeros([BT, BT], dtype={self.ct})")   # [u in j, s in i]
+            b("for p0 in range(0, P, BP):")
+            with b.block():
+                _p_block(b)
+                _dy(b, "dyj", "t_key", "mask_key")
+                v = self.block(V_TILE, "vi", "vi").operand("value", "v_i")
+                b(f"dAj += {self.o.dot('dyj', f'tl.trans({v})')}")
+            b(f"dk += kfac * {self.fdot('tl.trans(dAj)', 'qf')}")
+            b(f"mid += {total}")
+
+    def decay_gradient(self) -> None:
+        b = self.body
+        b("w = (query * dq - key * dk).to(tl.float64)")
+        b("dl = tl.cumsum(w, axis=0, reverse=True) + carry[None, :]")
+        b("carry += tl.sum(w, axis=0)")
+        b("row = (b_idx * T + t_row[:, None]) * H + h_idx")
+        b("nmask = mask_t[:, None] & mask_n[None, :]")
+        for name, v in (("dq", "dq"), ("dk", "dk"), ("dl", "dl")):
+            b(f"tl.store(ssmc_{name} + row * N + offs_n[None, :], {v}, mask=nmask)")
+
+    def values(self) -> None:
+        """dv of block i, per p-block."""
+        b = self.body
+        b("for p0 in range(0, P, BP):")
+        with b.block():
+            _p_block(b)
+            _dy(b, "dy", "t_row", "mask_t")
+            _state(b, "G", "ssmc_dstates")
+            b(f"dv = {self.o.dot('AT', 'dy')} + {self.o.dot('key * tl.exp(lr_end)', 'G')}")
+            b(f"mid = tl.zeros([BN], dtype={self.ct})")
+            b("for j in range(i + 1, R):")
+            with b.block():
+                self.other_rows()
+                total = self.later_queries("qv")
+                b(f"Aj = {self.fdot('qf', 'tl.trans(key * tl.exp(lr + mid[None, :]))')}")
+                _dy(b, "dyj", "t_key", "mask_key")
+                b(f"dv += {self.o.dot('tl.trans(Aj)', 'dyj')}")
+                b(f"mid += {total}")
+            b("tl.store(ssmc_dv + ((b_idx * T + t_row[:, None]) * H + h_idx) * P"
+              " + offs_p[None, :], dv, mask=mask_t[:, None] & mask_p[None, :])")
+
+
+def render_keys_kernel(plan: Plan) -> str:
+    body = Emitter(indent=2)
+    k = _Kernel(plan, body)
+    body("i = R - 1 - ii")
+    body("c0 = cs0 + i * BT")
+    for line in rows().splitlines():
+        body(line)
+    k.own_block()
+    k.earlier_keys()
+    k.later_queries_dk()
+    k.decay_gradient()
+    k.values()
+    body(f"post += {with_resets('tl.sum(ld, axis=0)', 'tl.sum(rz, axis=0)')}")
+    end = Emitter(indent=2)   # sum_p G * S_end, S_end the state leaving the chunk
+    _p_block(end)
+    _state(end, "G", "ssmc_dstates")
+    end("if cs0 + CS >= length:")
+    with end.block():
+        end("S_end = tl.load(ssmc_finals + ((seq * H + h_idx) * N + offs_n[:, None]) * P"
+            " + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0)")
+    end("else:")
+    with end.block():
+        _state(end, "S_end", "ssmc_states", "(chunk + 1)")
+    end("carry += tl.sum(G * S_end, axis=1).to(tl.float64)")
+    setup = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
+                        "tl.program_id(0).to(tl.int64)", "CS", "cs0")
+    return f"""
+@triton.jit
+def ssmc_chunked_bwd_keys(
+    {input_params(plan.program)},
+    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_finals, ssmc_dq, ssmc_dk, ssmc_dv, ssmc_dl,
+    {PARAMS}
+):
+{setup}
+    R = tl.cdiv(tl.minimum(CS, length - cs0), BT)
+    carry = tl.zeros([BN], dtype=tl.float64)
+    for p0 in range(0, P, BP):
+{end.text()}
+    post = tl.zeros([BN], dtype={k.ct})
+    for ii in range(0, R):
+{body.text()}
+"""
+
+
+def render_keys_y_kernel(plan: Plan) -> str:
+    """y before the epilogue (summed over directions into an fp32 buffer), as the forward's
+    output pass forms it, from the states the backward's forward pass saved."""
+    body = Emitter(indent=2)
+    c = _Chunk(plan, body)
+    _state(body, "state_in", "ssmc_states")
+    per_key_decay_body(c, body)
+    body("y_off = ((b_idx * T + t_row[:, None]) * H + h_idx) * P + offs_p[None, :]")
+    body("y_mask = mask_t[:, None] & mask_p[None, :]")
+    body("if ACCUM_IN:")
+    with body.block():
+        body("y += tl.load(ssmc_y + y_off, mask=y_mask, other=0.0)")
+    body("tl.store(ssmc_y + y_off, y, mask=y_mask)")
+    setup = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
+                        "tl.program_id(0).to(tl.int64) // R", "CS", "cs0")
+    return f"""
+@triton.jit
+def ssmc_chunked_bwd_y(
+    {input_params(plan.program)},
+    ssmc_y, ssmc_states,
+    {PARAMS} ACCUM_IN: tl.constexpr,
+):
+    R = CS // BT
+{setup}
+    r = tl.program_id(0).to(tl.int64) % R
+    c0 = cs0 + r * BT
+    if c0 < length:
+{indent(rows(), 2)}
+{body.text()}
+"""
