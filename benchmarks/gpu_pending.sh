@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 # the float64 references run on the CPU: one thread per process, or a dozen processes with a
 # full thread pool each slow one another down several times over
 export OMP_NUM_THREADS=1
-STEPS="${STEPS:-tests fuzz mamba2 compat table decode mixing cross2d}"
+STEPS="${STEPS:-tests fuzz mamba2 compat table per_key decode mixing cross2d}"
 LIMIT="${LIMIT:-420}"
 LOGS="${OUT:-.}"
 want() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
@@ -59,6 +59,11 @@ if want table; then
     echo; echo "=== forward, decode, forward+backward vs mamba_ssm / FLA"
     timeout -s INT -k 30 "${TABLE_LIMIT:-300}" python3 benchmarks/gpu_table.py \
         --only "${TABLE:-check,fwd,decode,train}" 2>&1 | tee "$LOGS/table.log"
+fi
+if want per_key; then
+    echo; echo "=== per-key decays vs FLA chunk_gla; selective_scan scan vs chunked (issue 16)"
+    timeout -s INT -k 30 "${PER_KEY_LIMIT:-420}" python3 benchmarks/per_key.py 2>&1 \
+        | tee "$LOGS/per_key.log"
 fi
 if want decode; then
     echo; echo "=== decode steps (eager and CUDA-graph replayed) vs mamba_ssm / FLA"
