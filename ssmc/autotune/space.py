@@ -4,7 +4,7 @@ A `Config` is what tuning may change in a Plan: the lowering, the tile parameter
 reads from `plan.tile`, and the chunk size (TVM's chunked lowering reads `plan.chunk_size`).
 `search_space` enumerates the candidates per backend and lowering, then prunes:
 
-- by legality (a per-key decay overflows in chunks longer than 16 steps; `tl.dot` needs every
+- by legality (a chunk must hold a whole number of row blocks; `tl.dot` needs every
   dimension >= 16; blocks wider than the padded axis only waste lanes);
 - by the symbolic cost model (`passes.cost`): lowerings and chunk sizes whose estimate is far
   above the best one are not measured;

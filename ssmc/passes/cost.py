@@ -70,8 +70,8 @@ def chunked_cost(program: Program) -> Cost:
     nchunks = t / Q
     return Cost(
         tensor_flops=dirs * (b * h * t * Q * (n + p) + 4 * b * h * t * n * p),
-        # per-key decays form their chunk-local decays elementwise: 16-step chunks, about
-        # a dozen operations per (step, key step, n) in the unrolled loop
+        # per-key decays form the decays within each 16-row block elementwise, about a dozen
+        # operations per (step, key step of its block, n) in the unrolled loop
         vector_flops=dirs * (2 * b * h * nchunks * n * p
                              + (12 * 16 * b * h * t * n if _per_key_decay(program) else 0)),
         bytes=2 * io_bytes(program) + dirs * 3 * b * h * nchunks * n * p * STATE_BYTES,

@@ -14,9 +14,9 @@ from .registry import TritonLowering, register_lowering
 
 def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
     """CS, the state-pass chunk, and BT, the output pass's row block (CS a multiple of BT;
-    per-key decays use BT = 16 in 64-step chunks). The state pass may split n and p into blocks (its
-    recurrence is independent per element: `BN_state`, `BP_state`); the output pass takes
-    all of n (the query-key contraction) and a p-block."""
+    per-key decays use BT = 16 in 64-step chunks). The state pass may split n and p into
+    blocks (its recurrence is independent per element: `BN_state`, `BP_state`); the output
+    pass takes all of n (the query-key contraction) and a p-block."""
     tile = plan.tile_dict()
     N, P = sizes["n"], sizes["p"]
     BN = max(next_pow2(N), 16)
