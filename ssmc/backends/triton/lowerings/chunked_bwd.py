@@ -348,6 +348,16 @@ def ssmc_chunked_bwd_states(
 """
 
 
+def store_y(body: Emitter) -> None:
+    """y of the row block into the fp32 buffer, added to the earlier directions' (ACCUM_IN)."""
+    body("y_off = ((b_idx * T + t_row[:, None]) * H + h_idx) * P + offs_p[None, :]")
+    body("y_mask = mask_t[:, None] & mask_p[None, :]")
+    body("if ACCUM_IN:")
+    with body.block():
+        body("y += tl.load(ssmc_y + y_off, mask=y_mask, other=0.0)")
+    body("tl.store(ssmc_y + y_off, y, mask=y_mask)")
+
+
 def render_y_kernel(plan: Plan) -> str:
     """y (before the epilogue), accumulated over directions into an fp32 buffer."""
     body = Emitter(indent=1)
@@ -360,12 +370,7 @@ def render_y_kernel(plan: Plan) -> str:
     body("S_in = tl.load(ssmc_states + ((chunk * H + h_idx) * N + offs_n[:, None]) * P"
          " + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0)")
     body("y = " + o.dot(a, "value") + " + " + o.dot(o.q_in(), "S_in"))
-    body("y_off = ((b_idx * T + t_row[:, None]) * H + h_idx) * P + offs_p[None, :]")
-    body("y_mask = mask_t[:, None] & mask_p[None, :]")
-    body("if ACCUM_IN:")
-    with body.block():
-        body("y += tl.load(ssmc_y + y_off, mask=y_mask, other=0.0)")
-    body("tl.store(ssmc_y + y_off, y, mask=y_mask)")
+    store_y(body)
     return f"""
 @triton.jit
 def ssmc_chunked_bwd_y(

@@ -28,7 +28,7 @@ from ..common import input_params
 from ..render import Emitter
 from ..templates import chunk_setup, indent, later_sum, rows, with_resets
 from .chunked import _Chunk
-from .chunked_bwd import _Ops
+from .chunked_bwd import _Ops, store_y
 from .chunked_keys import narrow_operands, per_key_decay_body
 from .chunked_tiles import KEY_KT_TILE, KEY_QK_TILE, KEY_ROWS, KEY_V_TILE, V_TILE, BlockOperands
 
@@ -75,6 +75,18 @@ class _Kernel:
     def other_rows(self) -> None:
         for line in KEY_ROWS.splitlines():
             self.body(line)
+
+    def dy_values(self, dy_rows: tuple[str, str], value_tile, tag: str) -> None:
+        """`dAj` = dy v^T summed over p-blocks, dy on the rows `dy_rows` (time steps, mask),
+        v on `value_tile`."""
+        b = self.body
+        b(f"dAj = tl.zeros([BT, BT], dtype={self.ct})")
+        b("for p0 in range(0, P, BP):")
+        with b.block():
+            _p_block(b)
+            _dy(b, "dyb", *dy_rows)
+            v = self.block(value_tile, tag, tag).operand("value", f"v_{tag}")
+            b(f"dAj += {self.o.dot('dyb', f'tl.trans({v})')}")
 
     def later_queries(self, tag: str) -> str:
         """In a loop over a later block j: its query times the decay from its start (qf)."""
@@ -130,13 +142,7 @@ class _Kernel:
             lk, rk, _ = blk.log_decays()
             rest = with_resets(later_sum(lk), later_sum(rk))
             b(f"kf = {kj} * tl.exp({rest} + mid[None, :])")
-            b(f"dAj = tl.zeros([BT, BT], dtype={self.ct})")
-            b("for p0 in range(0, P, BP):")
-            with b.block():
-                _p_block(b)
-                _dy(b, "dy", "t_row", "mask_t")
-                vj = self.block(KEY_V_TILE, "vj", "vj").operand("value", "vj")
-                b(f"dAj += {self.o.dot('dy', f'tl.trans({vj})')}")
+            self.dy_values(("t_row", "mask_t"), KEY_V_TILE, "vj")   # [u in i, s in j]
             b(f"dqx += {self.fdot('dAj', 'kf')}")
             b(f"mid += {_total(lk, rk)}")
         b("dq += tl.exp(lcf) * dqx")
@@ -150,13 +156,7 @@ class _Kernel:
             self.other_rows()
             total = self.later_queries("qj")
             b("kfac = tl.exp(lr + mid[None, :])")
-            b(f"dAj = tl.zeros([BT, BT], dtype={self.ct})")   # [u in j, s in i]
-            b("for p0 in range(0, P, BP):")
-            with b.block():
-                _p_block(b)
-                _dy(b, "dyj", "t_key", "mask_key")
-                v = self.block(V_TILE, "vi", "vi").operand("value", "v_i")
-                b(f"dAj += {self.o.dot('dyj', f'tl.trans({v})')}")
+            self.dy_values(("t_key", "mask_key"), V_TILE, "vi")   # [u in j, s in i]
             b(f"dk += kfac * {self.fdot('tl.trans(dAj)', 'qf')}")
             b(f"mid += {total}")
 
@@ -243,12 +243,7 @@ def render_keys_y_kernel(plan: Plan) -> str:
     c = _Chunk(plan, body)
     _state(body, "state_in", "ssmc_states")
     per_key_decay_body(c, body)
-    body("y_off = ((b_idx * T + t_row[:, None]) * H + h_idx) * P + offs_p[None, :]")
-    body("y_mask = mask_t[:, None] & mask_p[None, :]")
-    body("if ACCUM_IN:")
-    with body.block():
-        body("y += tl.load(ssmc_y + y_off, mask=y_mask, other=0.0)")
-    body("tl.store(ssmc_y + y_off, y, mask=y_mask)")
+    store_y(body)
     setup = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
                         "tl.program_id(0).to(tl.int64) // R", "CS", "cs0")
     return f"""
