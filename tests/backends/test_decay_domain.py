@@ -203,6 +203,21 @@ def test_per_key_growth(dtype, rate, scale, tol):
                             lowering="chunked", grad=False)
 
 
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+@pytest.mark.parametrize("inputs", ["signed", "strong"])
+def test_segmented_state_pass(inputs, per_key, monkeypatch):
+    """The chunked state pass in segments of one 16-step chunk, joined by the products of
+    their decays: a reset must zero what crosses it, a negative decay flip it."""
+    real = chunked_launch.tiles
+    monkeypatch.setattr(chunked_launch, "tiles", lambda plan, sizes, n: dict(
+        real(plan, sizes, n), CS=16, BT=16, SEG_state=1))
+    if inputs == "signed":
+        defn, values = (gated_keys if per_key else gated), signed_inputs(per_key, seed=9)
+    else:
+        defn, values = (exp_decay_keys if per_key else exp_decay), strong_inputs(per_key, seed=9)
+    run(defn, values, "triton", "chunked", states=True)
+
+
 @pytest.mark.parametrize("inputs", ["growing", "signed"])
 def test_per_key_elementwise_form_of_earlier_key_blocks(inputs, tmp_path, monkeypatch):
     """The form fp16 operands take in growing chunks, run here on fp32 operands (each

@@ -38,11 +38,12 @@ def prologue(split_n: bool, heads: bool = False) -> str:
 """
 
 
-def seq_setup(split_n: bool, cu: str, chunk_off: str) -> str:
+def seq_setup(split_n: bool, cu: str, chunk_off: str,
+              seq: str = "tl.program_id(0).to(tl.int64)") -> str:
     """A program per (sequence, head, block): the sequence's bounds, its first chunk `c_base`
-    and the offsets/mask of its (n, p) state block."""
+    and the offsets/mask of its (n, p) state block; `seq` the expression of its sequence."""
     return f"""
-    seq = tl.program_id(0).to(tl.int64)
+    seq = {seq}
 {prologue(split_n)}
     if IS_VARLEN:
         b_idx = seq * 0

@@ -33,6 +33,9 @@ class ChunkedTile(Tile):
     warps_out: int | None = pow2("warps of the output pass")
     stages_state: int | None = count("pipeline stages of the state pass's loads")
     stages_out: int | None = count("pipeline stages of the output pass")
+    SEG_state: int | None = count("chunks per segment of the state pass, its segments walked "
+                                  "side by side (default: where few sequences and heads would "
+                                  "leave the GPU idle)")
     BT_bwd: int | None = pow2("backward: rows per chunk")
     BP_bwd: int | None = pow2("backward: value channels per block")
     WARPS_bwd: int | None = pow2("backward: warps of the per-chunk kernels")

@@ -224,6 +224,21 @@ def test_chunked_default_tiles():
             assert m[key] >= 16 and m[key] & (m[key] - 1) == 0, (name, key, m)
 
 
+def test_chunked_segments_only_where_the_state_pass_leaves_the_gpu_idle():
+    """Segments for few long walks (b=1 t=64k h=16: 16 walks of 1024 chunks on a GPU wanting
+    264 programs), none for enough walks, short sequences, packed ones or no GPU."""
+    from ssmc.backends.triton.lowerings.chunked_launch import segment_chunks
+    m = dict(CS=64, SEG_state=None)
+    seg = segment_chunks(m, dict(t=65536), 16, False, 264)
+    assert seg and 16 * -(-1024 // seg) >= 264 and seg >= 4, seg
+    assert segment_chunks(m, dict(t=65536), 300, False, 264) == 0
+    assert segment_chunks(m, dict(t=200), 16, False, 264) == 0     # 4 chunks: one segment
+    assert segment_chunks(m, dict(t=512), 16, False, 264) == 4     # 8 chunks: two of 4
+    assert segment_chunks(m, dict(t=65536), 16, True, 264) == 0
+    assert segment_chunks(m, dict(t=65536), 16, False, None) == 0
+    assert segment_chunks(dict(m, SEG_state=8), dict(t=65536), 16, False, None) == 8
+
+
 def _with_tiles(monkeypatch, **override):
     """Patch `chunked.tiles` to apply `override` on top of the defaults; returns the list of
     the tile dicts the launches used."""
@@ -255,6 +270,15 @@ TILE_CASES = [
      dict(b=1, t=200, h=2, g=2, n=4, p=40)),
     ("per_key_bt32", dict(CS=32, BT=32), ("gla", "reverse"), dict(b=1, t=100, h=2, g=2, n=5,
                                                                  p=3)),
+    # the state pass in segments walked side by side, then joined (`segment_chunks`)
+    ("seg2_cs32", dict(CS=32, BT=16, SEG_state=2), ("ssd", "forward"),
+     dict(b=2, t=300, h=4, g=2, n=5, p=3)),
+    ("seg3_per_key", dict(SEG_state=3), ("gla", "reverse"), dict(b=1, t=400, h=2, g=2, n=5,
+                                                                 p=3)),
+    ("seg1_none_bidirectional", dict(CS=16, BT=16, SEG_state=1),
+     ("linear_attention", "bidirectional"), dict(b=2, t=100, h=2, g=2, n=4, p=3)),
+    ("seg2_blocks", dict(CS=16, BT=16, SEG_state=2, BN_state=16, BP_state=16),
+     ("retention", "reverse"), dict(b=1, t=150, h=2, g=2, n=32, p=40)),
     ("per_key_cs128_bt16", dict(CS=128, BT=16), ("gla", "forward"),
      dict(b=1, t=300, h=2, g=2, n=5, p=3)),
     ("per_key_cs64_bt32", dict(CS=64, BT=32), ("gla", "bidirectional"),
