@@ -43,14 +43,16 @@ class Tile:
 
 
 def arg_names(inp: Input) -> list[str]:
-    """The kernel parameters for one input: its pointer and one stride per axis."""
-    return [f"{inp.name}_ptr"] + [f"s_{inp.name}_{a}" for a in inp.axes]
+    """The kernel parameters for one input: its pointer and one stride per axis. Everything
+    generated from a user's input name starts with `u_`, which no kernel's own names do: an
+    input may be called `out`, `states` or `state_in`."""
+    return [f"u_{inp.name}_ptr"] + [f"u_{inp.name}_s_{a}" for a in inp.axes]
 
 
 def input_pointer_and_mask(inp: Input, tile: Tile) -> tuple[str, str | None]:
     terms, masks = [], []
     for a in inp.axes:
-        stride = f"s_{inp.name}_{a}"
+        stride = f"u_{inp.name}_s_{a}"
         lookup = "h" if a == "g" and tile.slot("h") is not None else a
         if tile.slot(lookup) is not None:
             _, offs, mask = tile.tiled[tile.slot(lookup)]
@@ -63,7 +65,7 @@ def input_pointer_and_mask(inp: Input, tile: Tile) -> tuple[str, str | None]:
             continue     # the launch passes each scan order its own slice (k size 1)
         else:
             terms.append(f"({tile.fixed[a]}) * {stride}")
-    ptr = f"{inp.name}_ptr + " + " + ".join(terms)
+    ptr = f"u_{inp.name}_ptr + " + " + ".join(terms)
     return ptr, (" & ".join(masks) if masks else None)
 
 
@@ -195,7 +197,7 @@ class Context:
             return self.loaded[name]
         inp = self.program.input(name)
         ptr, mask = input_pointer_and_mask(inp, self.tile)
-        var = f"{name}_{self.tag}"
+        var = f"u_{name}_{self.tag}"
         masked = f", mask={mask}, other=0.0" if mask else ""
         self.emit(f"{var} = tl.load({ptr}{masked}).to({self.compute})")
         self.loaded[name] = var

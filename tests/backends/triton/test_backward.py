@@ -5,8 +5,8 @@ Every built-in (ssd with D, z, dt_bias, softplus, a clamp and groups g < h; sele
 retention; gla; linear_attention) x lowering (scan; chunked; quadratic, which uses the chunked
 backward) x direction (the built-ins' look-alikes for reverse and bidirectional), with initial
 states and grad_final; packed sequences (empty ones inside and at the end); several chunks
-(t = 100); per-key decays over several 16-row blocks per chunk and several value blocks; bf16; definitions nobody wrote a gradient for (a sigmoid-gated decay with a tanh
-epilogue; a decay per (p, n) element, scan only); `torch.autograd.gradcheck` in float64 on tiny
+(t = 100); per-key decays over several 16-row blocks per chunk and several value blocks; bf16;
+definitions nobody wrote a gradient for (a sigmoid-gated decay with a tanh epilogue; a decay per (p, n) element, scan only); `torch.autograd.gradcheck` in float64 on tiny
 shapes through a small autograd.Function calling the kernel's forward and backward.
 
 Tolerances, relative L2 error of every gradient: fp32 1e-5 for the scan backward; 3e-5 for the

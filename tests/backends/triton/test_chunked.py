@@ -2,13 +2,13 @@
 
 The lowering runs a state pass over chunks of CS steps (the state entering every chunk, and the
 final state) and an output pass over row blocks of BT inside each chunk; per-key decays use
-row blocks of 16 in chunks of 64. Covered: every built-in where chunked is legal (ssd with D, z, dt_bias, softplus
-and groups g < h; selective_scan, a per-key decay with p = 1; retention; gla, per-key;
+row blocks of 16 in chunks of 64. Covered: every built-in where chunked is legal (ssd with D,
+z, dt_bias, softplus and groups g < h; selective_scan, a per-key decay with p = 1; retention; gla, per-key;
 linear_attention), the built-ins' look-alikes and custom definitions of every legal decay kind
 in the reverse and bidirectional directions, initial and final states, packed sequences (an
 empty one, ones shorter and longer than a chunk), t = 1, 7, 63, 100, 200, 300 (several chunks of
 CS steps, partial chunks and row blocks), fp32 / bf16 / fp16, explicit tile overrides (through a
-patched `tiles` and through `Plan.tile`), the refusal of a decay that varies over p, and, on a
+patched `tiles` and through `Plan.tile`), the state pass in segments, the refusal of a decay that varies over p, and, on a
 GPU, real shapes.
 
 Tolerances (relative L2 error ||out - ref|| / ||ref||, conftest.TOL): fp32 1e-5 (the fp32 dots
@@ -227,16 +227,15 @@ def test_chunked_default_tiles():
 def test_chunked_segments_only_where_the_state_pass_leaves_the_gpu_idle():
     """Segments for few long walks (b=1 t=64k h=16: 16 walks of 1024 chunks on a GPU wanting
     264 programs), none for enough walks, short sequences, packed ones or no GPU."""
-    from ssmc.backends.triton.lowerings.chunked_launch import segment_chunks
-    m = dict(CS=64, SEG_state=None)
-    seg = segment_chunks(m, dict(t=65536), 16, False, 264)
+    from ssmc.backends.triton.lowerings.chunked_segments import segment_chunks
+    seg = segment_chunks(None, 1024, 16, False, 264)   # t=64k in chunks of 64
     assert seg and 16 * -(-1024 // seg) >= 264 and seg >= 4, seg
-    assert segment_chunks(m, dict(t=65536), 300, False, 264) == 0
-    assert segment_chunks(m, dict(t=200), 16, False, 264) == 0     # 4 chunks: one segment
-    assert segment_chunks(m, dict(t=512), 16, False, 264) == 4     # 8 chunks: two of 4
-    assert segment_chunks(m, dict(t=65536), 16, True, 264) == 0
-    assert segment_chunks(m, dict(t=65536), 16, False, None) == 0
-    assert segment_chunks(dict(m, SEG_state=8), dict(t=65536), 16, False, None) == 8
+    assert segment_chunks(None, 1024, 300, False, 264) == 0
+    assert segment_chunks(None, 4, 16, False, 264) == 0     # 4 chunks: one segment
+    assert segment_chunks(None, 8, 16, False, 264) == 4     # 8 chunks: two of 4
+    assert segment_chunks(None, 1024, 16, True, 264) == 0
+    assert segment_chunks(None, 1024, 16, False, None) == 0
+    assert segment_chunks(8, 1024, 16, False, None) == 8
 
 
 def _with_tiles(monkeypatch, **override):

@@ -44,6 +44,7 @@ from ....plan import Plan
 from ..common import (HEADER, compute_type, dot_type, emit_output, fp32_precision,
                       input_params)
 from ..render import Context, Emitter, Tile, split_scale
+from . import chunked_segments as seg
 from .chunked_keys import per_key_decay_body
 from .chunked_tiles import (KEY_KT_TILE, KEY_ROWS, KEY_T_TILE, KEY_V_TILE, KT_TILE, QK_TILE,
                             T_TILE, V_TILE)
@@ -228,100 +229,44 @@ def render_state_kernel(plan: Plan) -> str:
             body(f"state = state * total + {upd}")
         else:
             body(f"state += {upd}")
-    prog = plan.program
-    per_key = per_key_decay(plan)
-    if prog.log_decay is None:   # no decay: segments join by a plain sum
-        prod_init, prod_step, prod_store, seg_prod = "", "", "", ""
-    else:
-        prod_init = ("    prod = tl.full([BN], 1.0, tl.float32)" if per_key else
-                     "    prod = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0) + 1.0")
-        prod_step = "        if SEGMENTED:\n            prod = prod * total"
-        where = ("((chunk * H + h_idx) * N + offs_n, prod, mask=mask_n)" if per_key
-                 else "(chunk * H + h_idx, prod)")
-        prod_store = (f"        if SEGMENTED:   # the decay from the segment's start\n"
-                      f"            tl.store(chunk_prod_ptr + {where[1:]}")
-        seg_where = ("((seq * NSEG + seg) * H + h_idx) * N + offs_n, prod, mask=mask_n)"
-                     if per_key else "(seq * NSEG + seg) * H + h_idx, prod)")
-        seg_prod = f"        tl.store(seg_prod_ptr + {seg_where}"
+    decay = decay_kind(plan)
     return f'''
 @triton.jit
 def ssmc_chunked_state_fwd(
     {input_params(plan.program)},
-    states_ptr, resets_ptr, h0_ptr, hT_ptr, cu_ptr, chunk_off_ptr,
-    seg_state_ptr, seg_prod_ptr, chunk_prod_ptr,
-    T, HPG, N, P, GH, NSEG, SEG_STEPS,
+    states_ptr, resets_ptr, h0_ptr, hT_ptr, cu_ptr, chunk_off_ptr, {seg.PARAMS}
+    T, HPG, N, P, GH, NSEG, SEG,
     BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr,
     REVERSE: tl.constexpr, COLUMN: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
     IS_VARLEN: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
 {seq_setup(True, "cu_ptr", "chunk_off_ptr", "tl.program_id(0).to(tl.int64) // NSEG")}
-    # SEGMENTED: this program walks one segment of SEG_STEPS steps from a zero state (the
-    # first from h0); ssmc_chunked_segments joins them
-    seg = tl.program_id(0).to(tl.int64) % NSEG
-    lo = seg * SEG_STEPS
-    hi = length
-    if SEGMENTED:
-        hi = tl.minimum(length, lo + SEG_STEPS)
+{seg.walk_bounds(False)}
     state = tl.zeros([BN, BP], dtype={c.ct})
     if HAS_H0:
-        if seg == 0:
+        if starts:
             state = tl.load(h0_ptr + state_off, mask=state_mask, other=0.0).to({c.ct})
-{prod_init}
-    for c0 in range(lo, hi, BT):
-        chunk = c_base + c0 // BT
+{seg.prod_init(decay)}
+    for cidx in range(first, last):
+        c0 = cidx * BT
+        chunk = c_base + cidx
 {chunk_state_store("states_ptr", "state.to(states_ptr.dtype.element_ty)")}
-{prod_store}
+{seg.prod_store(decay)}
 {indent(rows(), 2)}
 {body.text()}
-{prod_step}
+{seg.prod_step(decay, "total")}
     if SEGMENTED:
-        tl.store(seg_state_ptr + (((seq * NSEG + seg) * H + h_idx) * N + offs_n[:, None]) * P
-                 + offs_p[None, :], state, mask=state_mask)
-{seg_prod}
+{seg.segment_end(decay, "state")}
     elif STORE_HT:
         tl.store(hT_ptr + state_off, state, mask=state_mask)
-''' + render_segments_kernel(plan)
+''' + seg.render_join("ssmc_chunked_segments", decay)
 
 
-def render_segments_kernel(plan: Plan) -> str:
-    """Joins the state pass's segments in order: each segment's entering state (written over
-    its local final state) and the sequence's final state. Per (sequence, head, block)."""
-    prog = plan.program
-    if prog.log_decay is None:
-        prod, step = "", "carry = carry + local"
-    elif per_key_decay(plan):
-        prod = ("prod = tl.load(seg_prod_ptr + ((seq * NSEG + sg) * H + h_idx) * N + offs_n, "
-                "mask=mask_n, other=0.0)")
-        step = "carry = prod[:, None] * carry + local"
-    else:
-        prod = "prod = tl.load(seg_prod_ptr + (seq * NSEG + sg) * H + h_idx)"
-        step = "carry = prod * carry + local"
-    return f'''
-
-@triton.jit
-def ssmc_chunked_segments(
-    seg_state_ptr, seg_prod_ptr, hT_ptr, NSEG, N, P,
-    BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr, STORE_HT: tl.constexpr,
-):
-    seq = tl.program_id(0).to(tl.int64)
-    h_idx = tl.program_id(1).to(tl.int64)
-    H = tl.num_programs(1)
-    offs_n = (tl.program_id(2) // NPB) * BN + tl.arange(0, BN)
-    offs_p = (tl.program_id(2) % NPB) * BP + tl.arange(0, BP)
-    mask_n = offs_n < N
-    mask_p = offs_p < P
-    state_mask = mask_n[:, None] & mask_p[None, :]
-    tile = (h_idx * N + offs_n[:, None]) * P + offs_p[None, :]
-    carry = tl.load(seg_state_ptr + seq * NSEG * H * N * P + tile, mask=state_mask, other=0.0)
-    for sg in range(1, NSEG):
-        at = seg_state_ptr + (seq * NSEG + sg) * H * N * P + tile
-        local = tl.load(at, mask=state_mask, other=0.0)
-        {prod}
-        tl.store(at, carry, mask=state_mask)
-        {step}
-    if STORE_HT:
-        tl.store(hT_ptr + seq * H * N * P + tile, carry, mask=state_mask)
-'''
+def decay_kind(plan: Plan) -> str:
+    """"none", "row" (a decay per step) or "key" (per key), for the segment kernels."""
+    if plan.program.log_decay is None:
+        return "none"
+    return "key" if per_key_decay(plan) else "row"
 
 
 def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter, resets: bool) -> None:
@@ -482,25 +427,17 @@ def reset_specialised(plan: Plan) -> bool:
 
 def _join_segment(plan: Plan, body: Emitter) -> None:
     """A segmented state pass stored each chunk's state from its segment's start: add the
-    state entering the segment times the decay from there (`ssmc_chunked_segments`)."""
+    state entering the segment times the decay from there (chunked_segments.py)."""
     body("if SEGMENTED:")
     with body.block():
         body("state_in = state_in.to(tl.float32)")   # one type on both sides of the branch
-        body("sg = (cs0 // CS) // SEG_CHUNKS")
+        body("sg = (cs0 // CS) // SEG")
         body("if sg > 0:")
         with body.block():
             body("seg_in = tl.load(seg_state_ptr + (((seq * NSEG + sg) * H + h_idx) * N"
                  " + offs_n[:, None]) * P + offs_p[None, :], mask=mask_n[:, None]"
                  " & mask_p[None, :], other=0.0)")
-            if plan.program.log_decay is None:
-                body("state_in = state_in + seg_in")
-            elif per_key_decay(plan):
-                body("cp = tl.load(chunk_prod_ptr + (chunk * H + h_idx) * N + offs_n,"
-                     " mask=mask_n, other=0.0)")
-                body("state_in = state_in + cp[:, None] * seg_in")
-            else:
-                body("cp = tl.load(chunk_prod_ptr + chunk * H + h_idx)")
-                body("state_in = state_in + cp * seg_in")
+            body(seg.fixup_line(decay_kind(plan), "state_in"))
 
 
 def _output_body(plan: Plan, resets: bool) -> Emitter:
@@ -523,7 +460,7 @@ OUT_PARAMS = """
     out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
     yacc_ptr, states_ptr, resets_ptr, cu_ptr, chunk_off_ptr, chunk_seq_ptr,
     seg_state_ptr, chunk_prod_ptr,
-    T, HPG, N, P, GH, NSEG, SEG_CHUNKS,
+    T, HPG, N, P, GH, NSEG, SEG,
     BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr,
     REVERSE: tl.constexpr, COLUMN: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACCUM_IN: tl.constexpr, WRITE_OUT: tl.constexpr, SEGMENTED: tl.constexpr,"""

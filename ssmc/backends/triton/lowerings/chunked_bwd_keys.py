@@ -94,7 +94,8 @@ class _Kernel:
         blk = self.block(KEY_QK_TILE, tag, tag)
         q = blk.operand("query", f"q_{tag}")
         lq, rq, _ = blk.log_decays()
-        b(f"qf = {q} * tl.exp({with_resets(f'tl.cumsum({lq}, axis=0)', f'tl.cumsum({rq}, axis=0)')})")
+        start = with_resets(f"tl.cumsum({lq}, axis=0)", f"tl.cumsum({rq}, axis=0)")
+        b(f"qf = {q} * tl.exp({start})")
         return _total(lq, rq)
 
     def own_block(self) -> None:

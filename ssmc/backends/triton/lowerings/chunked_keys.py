@@ -145,7 +145,8 @@ def per_key_decay_body(c, body: Emitter) -> None:
                          "lcf + rest_s[None, :]", "ngc + ngx_s[None, :]" if sgn else None,
                          causal=False)
             body(f"y += {c.dot(f'scores.to({dt})', 'vj')}")
-            body(f"mid += {with_resets(f'tl.sum({lk}, axis={axis})', f'tl.sum({rk}, axis={axis})')}")
+            total = with_resets(f"tl.sum({lk}, axis={axis})", f"tl.sum({rk}, axis={axis})")
+            body(f"mid += {total}")
             if sgn:
                 body(f"mid_ng += tl.sum({gk}, axis={axis})")
 

@@ -9,6 +9,8 @@ from ....plan import Plan
 from ..common import Outputs, chunk_layout, input_args, interpreting, next_pow2
 from ..tiles import ChunkedTile, chunked_space
 from .chunked import RESET_ROWS_PER_PROGRAM, per_key_decay, render, reset_specialised, supports
+from . import chunked_segments as seg
+from .chunked_segments import Segments
 from .registry import TritonLowering, register_lowering
 
 
@@ -40,31 +42,6 @@ def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
                 stages_state=tile.get("stages_state", 2), stages_out=tile.get("stages_out", 2))
 
 
-#: the fewest chunks one segment of a segmented state pass walks
-MIN_SEGMENT_CHUNKS = 4
-
-
-def segment_chunks(m: dict, sizes: dict, programs: int, varlen: bool,
-                   target: int | None) -> int:
-    """Chunks per segment of the state pass, 0 for one sequential walk per sequence. A walk
-    per (sequence, head, block) leaves most of a GPU idle where those are few (one long
-    sequence, few heads: b=1 t=64k h=16 is 16 walks of 1024 chunks); split into segments, the
-    walks run side by side from zero states and a short pass joins them (the joined state is
-    the same sum, reordered). Segments are sized for `target` programs (about two per SM;
-    None: no GPU, one walk); packed sequences keep one walk each. `ChunkedTile.SEG_state`
-    (in `m`, the tiles) sets it."""
-    if varlen:
-        return 0
-    per_seq = triton.cdiv(sizes["t"], m["CS"])
-    seg = m["SEG_state"]
-    if seg is None:
-        if target is None or programs >= target:
-            return 0
-        seg = triton.cdiv(per_seq, min(triton.cdiv(target, programs),
-                                       per_seq // MIN_SEGMENT_CHUNKS) or 1)
-    return seg if seg < per_seq else 0
-
-
 def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
@@ -89,45 +66,36 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     GH = sizes.get("grid_h", 1)   # a grid's height (cross2d): its column orders' layout
     npb_state = triton.cdiv(P, m["BP_state"])
     blocks = triton.cdiv(N, m["BN_state"]) * npb_state
-    target = (2 * torch.cuda.get_device_properties(device).multi_processor_count
-              if device.type == "cuda" else None)
-    seg = segment_chunks(m, sizes, S * H * blocks, cu_seqlens is not None, target)
-    n_seg = triton.cdiv(triton.cdiv(T, m["CS"]), seg) if seg else 1
-    seg_state = seg_prod = chunk_prod = out
-    if seg:   # each segment's final state (then its entering one), decay products
-        per_key = per_key_decay(plan)
-        seg_state = torch.empty(S * n_seg, H, N, P, dtype=torch.float32, device=device)
-        seg_prod = torch.empty(S * n_seg, H, *((N,) if per_key else ()), dtype=torch.float32,
-                               device=device)
-        chunk_prod = torch.empty(max(n_chunks, 1), H, *((N,) if per_key else ()),
-                                 dtype=torch.float32, device=device)
+    per_seq = triton.cdiv(T, m["CS"])
+    sg = Segments(seg.segment_chunks(m["SEG_state"], per_seq, S * H * blocks,
+                                     cu_seqlens is not None, seg.program_target(device)),
+                  S, per_seq, n_chunks, sizes, per_key_decay(plan), device, out)
     for i, direction in enumerate(dirs):
         args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
         h0 = None if h0s[i] is None else h0s[i].contiguous()
         order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
-        module.ssmc_chunked_state_fwd[(S * n_seg, H, blocks)](
+        module.ssmc_chunked_state_fwd[(S * sg.n_seg, H, blocks)](
             *args, states, resets, out if h0 is None else h0,
-            out if final is None else final[i],
-            cu, off, seg_state, seg_prod, chunk_prod, T, H // G, N, P, GH, n_seg,
-            seg * m["CS"] if seg else T,
+            out if final is None else final[i], cu, off, *sg.buffers,
+            T, H // G, N, P, GH, sg.n_seg, sg.seg or 1,
             BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"], NPB=npb_state, **order,
             HAS_H0=h0 is not None, STORE_HT=final is not None,
-            IS_VARLEN=cu_seqlens is not None, SEGMENTED=bool(seg), **launch_state)
-        if seg:
+            IS_VARLEN=cu_seqlens is not None, SEGMENTED=bool(sg.seg), **launch_state)
+        if sg.seg:
             module.ssmc_chunked_segments[(S, H, blocks)](
-                seg_state, seg_prod, out if final is None else final[i], n_seg, N, P,
+                sg.seg_state, sg.seg_prod, out if final is None else final[i], sg.n_seg, N, P,
                 BN=m["BN_state"], BP=m["BP_state"], NPB=npb_state,
-                STORE_HT=final is not None)
+                STORE_OUT=final is not None, REVERSE=False)
         if n_chunks == 0:
             continue
         npb = triton.cdiv(P, m["BP_out"])
         n_rows = n_chunks * (m["CS"] // m["BT"])
         out_args = (*args, out, *out.stride(), yacc, states, resets, cu, off,
-                    out if chunk_seq is None else chunk_seq, seg_state, chunk_prod,
-                    T, H // G, N, P, GH, n_seg, seg or 1)
+                    out if chunk_seq is None else chunk_seq, sg.seg_state, sg.chunk_prod,
+                    T, H // G, N, P, GH, sg.n_seg, sg.seg or 1)
         out_meta = dict(BT=m["BT"], CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb,
                         **order, IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0,
-                        WRITE_OUT=i == len(dirs) - 1, SEGMENTED=bool(seg), **launch_out)
+                        WRITE_OUT=i == len(dirs) - 1, SEGMENTED=bool(sg.seg), **launch_out)
         module.ssmc_chunked_out_fwd[(n_rows, H, npb)](*out_args, **out_meta)
         if reset_specialised(plan):
             rows_per = RESET_ROWS_PER_PROGRAM

@@ -1,0 +1,44 @@
+"""Generated Triton source: names taken from a user's definition never meet a kernel's own."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ssmc
+from ssmc import dsl as S
+from tests.helpers import check_against_reference
+
+
+@ssmc.ssm
+def named_like_internals(states: S.In["b t h p"], out: S.In["b t h"], state_in: S.In["b t g n"],
+                         query: S.In["b t g n"], mid: S.In["h"]):
+    """Inputs named as the kernels' own pointers (`states_ptr`, `out_ptr`) and locals
+    (`state_in`, `query`, `mid`): once a duplicate parameter (SyntaxError while rendering)."""
+    return S.recurrence(decay=S.exp(-S.softplus(out)), key=state_in, value=states * mid,
+                        query=query)
+
+
+@pytest.mark.parametrize("lowering", ["scan", "chunked", "quadratic"])
+def test_inputs_named_like_kernel_internals(lowering):
+    gen = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = dict(states=torch.randn(1, 40, 2, 4, generator=gen),
+             out=torch.randn(1, 40, 2, generator=gen),
+             state_in=torch.randn(1, 40, 1, 8, generator=gen),
+             query=torch.randn(1, 40, 1, 8, generator=gen), mid=torch.rand(2, generator=gen))
+    check_against_reference(named_like_internals, {k: v.to(device) for k, v in x.items()},
+                            tol=2e-5, backend="triton", lowering=lowering)
+
+
+def test_decode_step_with_inputs_named_like_kernel_internals():
+    op = ssmc.compile(named_like_internals, backend="triton", lowering="scan")
+    gen = torch.Generator().manual_seed(1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = dict(states=torch.randn(1, 1, 2, 4, generator=gen),
+             out=torch.randn(1, 1, 2, generator=gen),
+             state_in=torch.randn(1, 1, 1, 8, generator=gen),
+             query=torch.randn(1, 1, 1, 8, generator=gen), mid=torch.rand(2, generator=gen))
+    x = {k: v.to(device) for k, v in x.items()}
+    state = torch.zeros(1, 2, 8, 4, device=device)
+    y = op.step(state, **{k: v[:, 0] if v.dim() > 1 else v for k, v in x.items()})
+    assert torch.allclose(y, op(**x)[:, 0], atol=1e-5)
