@@ -41,6 +41,8 @@ class ChunkedTile(Tile):
     WARPS_bwd: int | None = pow2("backward: warps of the per-chunk kernels")
     WARPS_DV_bwd: int | None = pow2("backward: warps of the d value kernel")
     BK_bwd: int | None = pow2("backward: key channels per step of the d value kernel's loop")
+    SEG_bwd: int | None = count("backward: chunks per segment of its sequential passes "
+                                "(default: as SEG_state)")
 
 
 @dataclass(frozen=True)

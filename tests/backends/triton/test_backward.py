@@ -122,6 +122,16 @@ def test_per_key_backward_row_and_value_blocks(direction, tile):
                    tile=ChunkedTile(**PER_KEY_TILES[tile]))
 
 
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("name", ["gla", "ssd", "linear_attention"])
+def test_backward_segmented_passes(name, direction):
+    """The backward's state recompute and its reverse pass over dL/dS in segments of 3 chunks
+    walked side by side, then joined (the reverse one from the last segment): per-key, per-step
+    and no decay."""
+    check_backward(builtin(name, direction), "chunked", dict(b=2, t=150, h=2, g=2, n=8, p=4),
+                   tile=ChunkedTile(BT_bwd=16, SEG_bwd=3))
+
+
 def test_per_key_backward_packed_sequences():
     """Chunks of packed sequences: the state leaving a sequence's last chunk is its final
     state, not the next chunk's entering one (the first sequence fills its chunk exactly)."""

@@ -76,8 +76,9 @@ from ....ir import Elementwise
 from ....plan import Plan
 from ..common import compute_type, dot_type, input_params
 from ..render import Context, Emitter, Tile, split_scale
+from . import chunked_segments as seg
 from ..templates import (HAS_RESET_BELOW, chunk_setup, chunk_state_store, fold_resets, indent,
-                         later_sum, rows, seq_setup, split_resets, state_init, with_resets)
+                         later_sum, rows, seq_setup, split_resets, with_resets)
 
 # The backward keeps its own tiles and operand helpers (it shares only the kernel set-up
 # snippets of ..templates with the forward, and does not call into the forward's kernels),
@@ -88,7 +89,6 @@ QK_TILE = Tile([T_AXIS, ("n", "offs_n", "mask_n")], FIXED)
 V_TILE = Tile([T_AXIS, ("p", "offs_p", "mask_p")], FIXED)
 T_TILE = Tile([T_AXIS], FIXED)
 
-SEQ_SETUP = seq_setup(False, "ssmc_cu", "ssmc_chunk_off")
 CHUNK_SETUP = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
                           "tl.program_id(0).to(tl.int64)", "BT", "c0")
 CHUNK_HEADS_SETUP = chunk_setup(True, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
@@ -322,8 +322,22 @@ class _Ops:
             self.mode]
 
 
+def _segment_setup(reverse: bool) -> str:
+    """A program per (sequence * NSEG + segment, head, p-block) (chunked_segments.py)."""
+    return (seq_setup(False, "ssmc_cu", "ssmc_chunk_off", "tl.program_id(0).to(tl.int64) // NSEG")
+            + seg.walk_bounds(reverse))
+
+
+def _segment_tail(mode: str, var: str, ptr: str) -> str:
+    return f"""    if SEGMENTED:
+{seg.segment_end(mode, var)}
+    else:
+        tl.store({ptr} + state_off, {var}, mask=state_mask)"""
+
+
 def render_states_kernel(plan: Plan) -> str:
-    """Forward recompute: fp32 state entering every chunk, and the final state."""
+    """Forward recompute: fp32 state entering every chunk, and the final state; in segments
+    where the walks are few (chunked_segments.py)."""
     body = Emitter(indent=2)
     o = _Ops(plan, body)
     o.operand("key", "key")
@@ -334,17 +348,24 @@ def render_states_kernel(plan: Plan) -> str:
 @triton.jit
 def ssmc_chunked_bwd_states(
     {input_params(plan.program)},
-    ssmc_states, ssmc_h0, ssmc_hT, {STATE_PARAMS}
-    {CONSTS}, HAS_H0: tl.constexpr,
+    ssmc_states, ssmc_h0, ssmc_hT, {seg.PARAMS} {STATE_PARAMS} NSEG, SEG,
+    {CONSTS}, HAS_H0: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
-{SEQ_SETUP}
-{state_init("HAS_H0", "ssmc_h0", "state", o.ct)}
-    for c0 in range(0, length, BT):
-        chunk = c_base + c0 // BT
+{_segment_setup(False)}
+    state = tl.zeros([BN, BP], dtype={o.ct})
+    if HAS_H0:
+        if starts:
+            state = tl.load(ssmc_h0 + state_off, mask=state_mask, other=0.0).to({o.ct})
+{seg.prod_init(o.mode)}
+    for cidx in range(first, last):
+        c0 = cidx * BT
+        chunk = c_base + cidx
 {chunk_state_store("ssmc_states", "state")}
+{seg.prod_store(o.mode)}
 {indent(ROWS, 2)}
 {body.text()}
-    tl.store(ssmc_hT + state_off, state, mask=state_mask)
+{seg.prod_step(o.mode, 'tl.exp(l_last)')}
+{_segment_tail(o.mode, "state", "ssmc_hT")}
 """
 
 
@@ -385,7 +406,8 @@ def ssmc_chunked_bwd_y(
 
 
 def render_dstate_kernel(plan: Plan) -> str:
-    """Reverse state pass: G (dL/dS at every chunk's end), then dL/dS_0."""
+    """Reverse state pass: G (dL/dS at every chunk's end), then dL/dS_0; in segments where
+    the walks are few, each walked from its last chunk to its first."""
     body = Emitter(indent=2)
     o = _Ops(plan, body)
     o.operand("query", "query")
@@ -396,19 +418,25 @@ def render_dstate_kernel(plan: Plan) -> str:
 @triton.jit
 def ssmc_chunked_bwd_dstates(
     {input_params(plan.program)},
-    ssmc_dy, ssmc_dstates, ssmc_gT, ssmc_dh0, {STATE_PARAMS}
-    {CONSTS}, HAS_GT: tl.constexpr,
+    ssmc_dy, ssmc_dstates, ssmc_gT, ssmc_dh0, {seg.PARAMS} {STATE_PARAMS} NSEG, SEG,
+    {CONSTS}, HAS_GT: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
-{SEQ_SETUP}
-{state_init("HAS_GT", "ssmc_gT", "G", o.ct)}
-    n_chunks = tl.cdiv(length, BT)
-    for cc in range(0, n_chunks):
-        c0 = (n_chunks - 1 - cc) * BT
-        chunk = c_base + c0 // BT
+{_segment_setup(True)}
+    G = tl.zeros([BN, BP], dtype={o.ct})
+    if HAS_GT:
+        if starts:
+            G = tl.load(ssmc_gT + state_off, mask=state_mask, other=0.0).to({o.ct})
+{seg.prod_init(o.mode)}
+    for cc in range(first, last):
+        cidx = first + last - 1 - cc
+        c0 = cidx * BT
+        chunk = c_base + cidx
 {chunk_state_store("ssmc_dstates", "G")}
+{seg.prod_store(o.mode)}
 {indent(ROWS, 2)}
 {body.text()}
-    tl.store(ssmc_dh0 + state_off, G, mask=state_mask)
+{seg.prod_step(o.mode, 'tl.exp(l_last)')}
+{_segment_tail(o.mode, "G", "ssmc_dh0")}
 """
 
 

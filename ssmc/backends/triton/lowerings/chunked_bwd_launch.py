@@ -11,7 +11,9 @@ from ..common import (HEADER, chunk_layout, compute_dtype, direction_slices, dot
 from .chunked_bwd import (decay_mode, head_free, per_key_decay, render_dqk_kernel,
                           render_dstate_kernel, render_dv_kernel, render_states_kernel,
                           render_y_kernel)
+from . import chunked_segments as seg
 from .chunked_bwd_keys import render_keys_kernel, render_keys_y_kernel
+from .chunked_segments import Segments
 
 
 def tiles(plan: Plan, sizes: dict) -> dict:
@@ -25,7 +27,7 @@ def tiles(plan: Plan, sizes: dict) -> dict:
                 BN=max(next_pow2(sizes["n"]), 16),
                 BP=tile.get("BP_bwd", max(min(next_pow2(sizes["p"]), 64), 16)),
                 WARPS=tile.get("WARPS_bwd", 8), WARPS_DV=tile.get("WARPS_DV_bwd", 4),
-                BK=tile.get("BK_bwd", 64))
+                BK=tile.get("BK_bwd", 64), SEG=tile.get("SEG_bwd"))
 
 
 def state_dtype(plan: Plan) -> torch.dtype:
@@ -67,10 +69,12 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         h0 = None if h0 is None else h0.to(cdt).contiguous()
         st = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan), device=device)
         final = torch.empty(S, H, N, P, dtype=cdt, device=device)
-        module.ssmc_chunked_bwd_states[(S, H, npb)](
-            *args, st, dummy if h0 is None else h0, final, cu, off, T, H // G, N, P, GH,
-            BT=m["BT"], BN=m["BN"], BP=m["BP"], **order,
-            IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None)
+        sg = _segments(plan, sizes, m, S, npb, n_chunks, cu_seqlens, device, dummy)
+        module.ssmc_chunked_bwd_states[(S * sg.n_seg, H, npb)](
+            *args, st, dummy if h0 is None else h0, final, *sg.buffers, cu, off, T, H // G,
+            N, P, GH, sg.n_seg, sg.seg or 1, BT=m["BT"], BN=m["BN"], BP=m["BP"], **order,
+            IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None, SEGMENTED=bool(sg.seg))
+        _join(module, sg, st, final, S, H, npb, n_chunks, sizes, m, reverse=False)
         if want_y and n_chunks > 0:
             seqs = dummy if chunk_seq is None else chunk_seq
             if per_key_decay(plan):   # row blocks of RB in chunks of BT
@@ -87,6 +91,31 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         finals.append(final)
     layout = dict(n_chunks=n_chunks, chunk_off=chunk_off, chunk_seq=chunk_seq, m=m)
     return dict(states=states, finals=finals, layout=layout), y
+
+
+def _segments(plan: Plan, sizes: dict, m: dict, S: int, blocks: int, n_chunks: int,
+              cu_seqlens, device, dummy) -> Segments:
+    """The segments of a sequential pass of the backward (chunked_segments.py)."""
+    per_seq = triton.cdiv(sizes["t"], m["BT"])
+    chunks = seg.segment_chunks(m["SEG"], per_seq,
+                                S * sizes["h"] * blocks, cu_seqlens is not None,
+                                seg.program_target(device))
+    return Segments(chunks, S, per_seq, n_chunks, sizes, per_key_decay(plan), device, dummy)
+
+
+def _join(module, sg: Segments, states, out, S, H, blocks, n_chunks, sizes, m, reverse):
+    """After a segmented pass: the segments' entering states and the sequence's end (`out`:
+    h_T, or dL/dS_0 for the reverse pass), then every chunk's state made whole."""
+    if not sg.seg:
+        return
+    N, P = sizes["n"], sizes["p"]
+    module.ssmc_chunked_bwd_join[(S, H, blocks)](
+        sg.seg_state, sg.seg_prod, out, sg.n_seg, N, P, BN=m["BN"], BP=m["BP"], NPB=blocks,
+        STORE_OUT=True, REVERSE=reverse)
+    if n_chunks:
+        module.ssmc_chunked_bwd_fixup[(n_chunks, H, blocks)](
+            states, sg.seg_state, sg.chunk_prod, triton.cdiv(sizes["t"], m["BT"]), sg.n_seg,
+            sg.seg, N, P, BN=m["BN"], BP=m["BP"], NPB=blocks, REVERSE=reverse)
 
 
 def grouped_operands(plan: Plan, sizes: dict) -> frozenset:
@@ -154,9 +183,12 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         dstates = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan),
                               device=device)
         dh0 = torch.empty(S, H, N, P, dtype=cdt, device=device)
-        module.ssmc_chunked_bwd_dstates[(S, H, NPB)](
-            *args, dy, dstates, dummy if gT is None else gT, dh0, cu, off, T, H // G, N, P,
-            GH, **order, HAS_GT=gT is not None, **consts)
+        sg = _segments(plan, sizes, m, S, NPB, n_chunks, cu_seqlens, device, dummy)
+        module.ssmc_chunked_bwd_dstates[(S * sg.n_seg, H, NPB)](
+            *args, dy, dstates, dummy if gT is None else gT, dh0, *sg.buffers, cu, off, T,
+            H // G, N, P, GH, sg.n_seg, sg.seg or 1, **order, HAS_GT=gT is not None,
+            SEGMENTED=bool(sg.seg), **consts)
+        _join(module, sg, dstates, dh0, S, H, NPB, n_chunks, sizes, m, reverse=True)
         chunk_args = (cu, off, seq_of_chunk, B, T, H // G, N, P, GH)
         if mode == "key":
             grads = _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args,
@@ -219,5 +251,7 @@ def render(plan: Plan) -> str:
         kernels = [render_keys_y_kernel(plan), render_keys_kernel(plan)]
     else:
         kernels = [render_y_kernel(plan), render_dv_kernel(plan), render_dqk_kernel(plan)]
-    return HEADER + "\n".join([render_states_kernel(plan), render_dstate_kernel(plan)]
-                              + kernels)
+    mode = decay_mode(plan)
+    return HEADER + "\n".join([render_states_kernel(plan), render_dstate_kernel(plan),
+                               seg.render_join("ssmc_chunked_bwd_join", mode),
+                               seg.render_fixup("ssmc_chunked_bwd_fixup", mode)] + kernels)
