@@ -68,17 +68,17 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def ssd_inputs(b, t, dtype=torch.bfloat16, seed=0):
+def ssd_inputs(b, t, dtype=torch.bfloat16, seed=0, heads=H):
     g = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
-    x = r(b, t, H, P).to(dtype)
-    dt = (r(b, t, H) * 0.5 - 1.0).to(dtype)
-    A = -torch.exp(r(H) * 0.5).float()
+    x = r(b, t, heads, P).to(dtype)
+    dt = (r(b, t, heads) * 0.5 - 1.0).to(dtype)
+    A = -torch.exp(r(heads) * 0.5).float()
     B = r(b, t, G, N).to(dtype)
     C = r(b, t, G, N).to(dtype)
-    D = r(H).float()
-    z = r(b, t, H, P).to(dtype)
-    dt_bias = (r(H) * 0.1).float()
+    D = r(heads).float()
+    z = r(b, t, heads, P).to(dtype)
+    dt_bias = (r(heads) * 0.1).float()
     return x, dt, A, B, C, D, z, dt_bias
 
 
@@ -171,6 +171,45 @@ def train_rows(quick):
     return rows
 
 
+def long_rows():
+    """One long sequence with few heads (b=1 t=65536 h=16, issue 15): forward and forward +
+    backward per token, against b=8 t=4096 h=80 per token (the target: within 1.5x). The
+    sequential chunk passes run in segments here (`chunked_segments`)."""
+    rows = []
+    mcs = try_import(mamba_chunk)
+    for b, t, heads in ((8, 4096, H), (1, 65536, 16)):
+        x, dt, A, B, C, D, z, dt_bias = ssd_inputs(b, t, heads=heads)
+        leaves = [v.detach().clone().requires_grad_(True) for v in (x, dt, A, B, C, D, z, dt_bias)]
+        grad = torch.randn_like(x)
+
+        def call(fn, train):
+            if not train:
+                with torch.no_grad():
+                    return fn(x, dt, A, B, C, D, z, dt_bias)
+            return torch.autograd.grad(fn(*leaves), leaves, grad)
+
+        def ours(*a):
+            return ssd(*a[:5], D=a[5], z=a[6], dt_bias=a[7], dt_softplus=True,
+                       lowering="chunked")
+
+        def theirs(*a):
+            return mcs(*a[:5], chunk_size=256, D=a[5], z=a[6], dt_bias=a[7], dt_softplus=True)
+        for train in (False, True):
+            row = dict(kind="long fwd+bwd" if train else "long fwd", shape=f"b={b} t={t} h={heads}")
+            ms = bench(lambda: call(ours, train))
+            row.update(ssmc_ms=ms, ssmc_ns_per_token=ms * 1e6 / (b * t))
+            if mcs is not None:
+                mm = bench(lambda: call(theirs, train))
+                row.update(mamba_ms=mm, ratio_mamba=mm / ms)
+            rows.append(row)
+        del x, dt, B, C, z, leaves
+        torch.cuda.empty_cache()
+    for train in (False, True):
+        a, b_ = rows[int(train)], rows[2 + int(train)]
+        b_["per_token_vs_b8"] = b_["ssmc_ns_per_token"] / a["ssmc_ns_per_token"]
+    return rows
+
+
 def decode_rows():
     rows = []
     ssu = try_import(mamba_update)
@@ -252,14 +291,15 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="check,fwd,decode,train",
                     help="comma-separated sections: check, fwd, fwd32 (fp32, first shape), "
-                         "decode, train")
+                         "decode, train, long (b=1 t=64k h=16 per token)")
     args = ap.parse_args()
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__,
           "triton", triton.__version__)
     rows = []
     sections = {"check": check_reference, "fwd": lambda: forward_rows(args.quick),
                 "fwd32": lambda: forward_rows(True, torch.float32),
-                "decode": decode_rows, "train": lambda: train_rows(args.quick)}
+                "decode": decode_rows, "train": lambda: train_rows(args.quick),
+                "long": long_rows}
     for part in args.only.split(","):
         try:
             new = sections[part]()
