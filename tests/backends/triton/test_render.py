@@ -18,27 +18,28 @@ def named_like_internals(states: S.In["b t h p"], out: S.In["b t h"], state_in: 
                         query=query)
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(t: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    x = dict(states=torch.randn(1, t, 2, 4, generator=gen),
+             out=torch.randn(1, t, 2, generator=gen),
+             state_in=torch.randn(1, t, 1, 8, generator=gen),
+             query=torch.randn(1, t, 1, 8, generator=gen), mid=torch.rand(2, generator=gen))
+    return {k: v.to(DEVICE) for k, v in x.items()}
+
+
 @pytest.mark.parametrize("lowering", ["scan", "chunked", "quadratic"])
 def test_inputs_named_like_kernel_internals(lowering):
-    gen = torch.Generator().manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = dict(states=torch.randn(1, 40, 2, 4, generator=gen),
-             out=torch.randn(1, 40, 2, generator=gen),
-             state_in=torch.randn(1, 40, 1, 8, generator=gen),
-             query=torch.randn(1, 40, 1, 8, generator=gen), mid=torch.rand(2, generator=gen))
-    check_against_reference(named_like_internals, {k: v.to(device) for k, v in x.items()},
-                            tol=2e-5, backend="triton", lowering=lowering)
+    check_against_reference(named_like_internals, _inputs(40, 0), tol=2e-5, backend="triton",
+                            lowering=lowering)
 
 
 def test_decode_step_with_inputs_named_like_kernel_internals():
     op = ssmc.compile(named_like_internals, backend="triton", lowering="scan")
-    gen = torch.Generator().manual_seed(1)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = dict(states=torch.randn(1, 1, 2, 4, generator=gen),
-             out=torch.randn(1, 1, 2, generator=gen),
-             state_in=torch.randn(1, 1, 1, 8, generator=gen),
-             query=torch.randn(1, 1, 1, 8, generator=gen), mid=torch.rand(2, generator=gen))
-    x = {k: v.to(device) for k, v in x.items()}
+    x = _inputs(1, 1)
+    device = DEVICE
     state = torch.zeros(1, 2, 8, 4, device=device)
     y = op.step(state, **{k: v[:, 0] if v.dim() > 1 else v for k, v in x.items()})
     assert torch.allclose(y, op(**x)[:, 0], atol=1e-5)

@@ -6,9 +6,8 @@ operand type) plus the final state: one tensor-core matmul per chunk, key^T time
 decay-weighted value. Where those walks are too few to fill the GPU (one long sequence, few
 heads), each sequence is walked in segments side by side from zero states; the short
 `ssmc_chunked_segments` pass then gives each segment its entering state, and the output pass
-adds it, times the decay from the segment's start, to each chunk's
-(`chunked_launch.segment_chunks`). `ssmc_chunked_out_fwd` then runs every (chunk, head, p-block) in
-parallel: scores = query key^T masked by the decay, y = scores value + query state_in, the
+adds it, times the decay from the segment's start, to each chunk's (chunked_segments.py).
+`ssmc_chunked_out_fwd` then runs every (chunk, head, p-block) in parallel: scores = query key^T masked by the decay, y = scores value + query state_in, the
 epilogue, the store. Chunk-local work never waits on other chunks, and the serial part is as
 short as it can be.
 
@@ -230,6 +229,8 @@ def render_state_kernel(plan: Plan) -> str:
         else:
             body(f"state += {upd}")
     decay = decay_kind(plan)
+    store = chunk_state_store("states_ptr", "state.to(states_ptr.dtype.element_ty)")
+    body = indent(rows(), 2) + "\n" + body.text()
     return f'''
 @triton.jit
 def ssmc_chunked_state_fwd(
@@ -241,24 +242,8 @@ def ssmc_chunked_state_fwd(
     IS_VARLEN: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
 {seq_setup(True, "cu_ptr", "chunk_off_ptr", "tl.program_id(0).to(tl.int64) // NSEG")}
-{seg.walk_bounds(False)}
-    state = tl.zeros([BN, BP], dtype={c.ct})
-    if HAS_H0:
-        if starts:
-            state = tl.load(h0_ptr + state_off, mask=state_mask, other=0.0).to({c.ct})
-{seg.prod_init(decay)}
-    for cidx in range(first, last):
-        c0 = cidx * BT
-        chunk = c_base + cidx
-{chunk_state_store("states_ptr", "state.to(states_ptr.dtype.element_ty)")}
-{seg.prod_store(decay)}
-{indent(rows(), 2)}
-{body.text()}
-{seg.prod_step(decay, "total")}
-    if SEGMENTED:
-{seg.segment_end(decay, "state")}
-    elif STORE_HT:
-        tl.store(hT_ptr + state_off, state, mask=state_mask)
+{seg.render_walk("state", c.ct, ("h0_ptr", "HAS_H0"), store, body, decay, "total", False,
+                 ("hT_ptr", "STORE_HT"))}
 ''' + seg.render_join("ssmc_chunked_segments", decay)
 
 

@@ -328,11 +328,11 @@ def _segment_setup(reverse: bool) -> str:
             + seg.walk_bounds(reverse))
 
 
-def _segment_tail(mode: str, var: str, ptr: str) -> str:
-    return f"""    if SEGMENTED:
-{seg.segment_end(mode, var)}
-    else:
-        tl.store({ptr} + state_off, {var}, mask=state_mask)"""
+def _walk(o: "_Ops", var: str, init: tuple[str, str], store: str, body: Emitter, reverse: bool,
+          end: str) -> str:
+    return seg.render_walk(var, o.ct, init, chunk_state_store(store, var),
+                           indent(ROWS, 2) + "\n" + body.text(), o.mode, "tl.exp(l_last)",
+                           reverse, (end, None))
 
 
 def render_states_kernel(plan: Plan) -> str:
@@ -352,20 +352,7 @@ def ssmc_chunked_bwd_states(
     {CONSTS}, HAS_H0: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
 {_segment_setup(False)}
-    state = tl.zeros([BN, BP], dtype={o.ct})
-    if HAS_H0:
-        if starts:
-            state = tl.load(ssmc_h0 + state_off, mask=state_mask, other=0.0).to({o.ct})
-{seg.prod_init(o.mode)}
-    for cidx in range(first, last):
-        c0 = cidx * BT
-        chunk = c_base + cidx
-{chunk_state_store("ssmc_states", "state")}
-{seg.prod_store(o.mode)}
-{indent(ROWS, 2)}
-{body.text()}
-{seg.prod_step(o.mode, 'tl.exp(l_last)')}
-{_segment_tail(o.mode, "state", "ssmc_hT")}
+{_walk(o, "state", ("ssmc_h0", "HAS_H0"), "ssmc_states", body, False, "ssmc_hT")}
 """
 
 
@@ -422,21 +409,7 @@ def ssmc_chunked_bwd_dstates(
     {CONSTS}, HAS_GT: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
 {_segment_setup(True)}
-    G = tl.zeros([BN, BP], dtype={o.ct})
-    if HAS_GT:
-        if starts:
-            G = tl.load(ssmc_gT + state_off, mask=state_mask, other=0.0).to({o.ct})
-{seg.prod_init(o.mode)}
-    for cc in range(first, last):
-        cidx = first + last - 1 - cc
-        c0 = cidx * BT
-        chunk = c_base + cidx
-{chunk_state_store("ssmc_dstates", "G")}
-{seg.prod_store(o.mode)}
-{indent(ROWS, 2)}
-{body.text()}
-{seg.prod_step(o.mode, 'tl.exp(l_last)')}
-{_segment_tail(o.mode, "G", "ssmc_dh0")}
+{_walk(o, "G", ("ssmc_gT", "HAS_GT"), "ssmc_dstates", body, True, "ssmc_dh0")}
 """
 
 

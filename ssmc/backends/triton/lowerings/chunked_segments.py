@@ -78,6 +78,38 @@ class Segments:
 PARAMS = "seg_state_ptr, seg_prod_ptr, chunk_prod_ptr,"
 
 
+def render_walk(var: str, ct: str, init: tuple[str, str], store: str, body: str, decay: str,
+                total: str, reverse: bool, end: tuple[str, str | None]) -> str:
+    """A sequential pass's walk (indented 1, after the program's set-up with `seq` and
+    `state_off`): `var` (BN, BP) from `init` = (pointer, constexpr flag) where the flag holds
+    and the walk starts in this segment, else zeros; per chunk (`cidx`, `c0`, `chunk`), `store`
+    (indented 2) before `body` (the rows and the chunk's update, indented 2; `total` its
+    decay, (BN,) or a scalar, for the segment's product); at the end the
+    segment's final state and product, or, unsegmented, `var` into `end` = (pointer, flag or
+    None for always)."""
+    order = ("    for cc in range(first, last):\n        cidx = first + last - 1 - cc"
+             if reverse else "    for cidx in range(first, last):")
+    end_ptr, end_flag = end
+    tail = f"tl.store({end_ptr} + state_off, {var}, mask=state_mask)"
+    tail = (f"    elif {end_flag}:\n        {tail}" if end_flag else f"    else:\n        {tail}")
+    return f"""{walk_bounds(reverse)}
+    {var} = tl.zeros([BN, BP], dtype={ct})
+    if {init[1]}:
+        if starts:
+            {var} = tl.load({init[0]} + state_off, mask=state_mask, other=0.0).to({ct})
+{prod_init(decay)}
+{order}
+        c0 = cidx * BT
+        chunk = c_base + cidx
+{store}
+{prod_store(decay)}
+{body}
+{prod_step(decay, total)}
+    if SEGMENTED:
+{segment_end(decay, var)}
+{tail}"""
+
+
 def walk_bounds(reverse: bool) -> str:
     """`seg`, and the segment's chunks [first, last) within the sequence (`n_chunks` long), for
     a program of axis 0 = sequence * NSEG + segment (indented 1)."""
