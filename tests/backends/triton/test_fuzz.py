@@ -13,7 +13,7 @@ import torch
 import ssmc
 from ssmc import dsl as S
 from tests.fuzzing import (FUZZ_TOL, LOWERINGS, case_inputs, compares_gradients, fuzz,
-                           parametrize_shards)
+                           output_scale, parametrize_shards)
 from tests.helpers import check_against_reference, make_definition, random_inputs
 
 #: cases in CI, split over the shards. Under the interpreter a case costs its kernels' runs
@@ -38,7 +38,7 @@ def test_fuzz_triton_against_reference(pytestconfig, triton_check, shard):
         tol = FUZZ_TOL[setup.dtype]
         if compares_gradients(setup, case, "triton", lowering):   # and every gradient
             check_against_reference(defn, inputs, tol=tol, backend="triton", lowering=lowering,
-                                    **kwargs)
+                                    output_scale=output_scale(defn, inputs, kwargs), **kwargs)
         else:   # 16-bit kernels round their operands: errors scale with the terms, not y
             triton_check(defn, inputs, lowering=lowering, tol=tol, by_magnitude=True, **kwargs)
 
