@@ -60,6 +60,9 @@ SHARDS = 4
 #: roundings, tanh as 2 sigmoid(2x) - 1) and the chunked/quadratic lowerings reassociate sums of
 #: up to t terms, so fp32 gets 2e-5 rather than test_scan's 1e-5; bf16 rounds the output once.
 FUZZ_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+#: how far (a fraction of its terms' size) a kernel's fp32 y may be off where it feeds an
+#: epilogue's slope (`tests.helpers.epilogue_slack`): about 32 roundings
+EPILOGUE_EPS = 4e-6
 #: values a case may put into the decay input (a share `Case.edges` of them): through the
 #: squashes above they give decays of exactly 0 (-inf; -90 and below under maximum(tanh, 0) or
 #: in fp32's sigmoid), log-decays of -1e4 and -200, and decays within 1e-8 of 1 (+18)

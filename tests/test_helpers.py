@@ -154,3 +154,32 @@ def test_term_magnitude_bounds_the_output_and_sees_cancellation():
                   v=torch.ones(1, 1, 1, 1, dtype=torch.float64))
     bound = bind(cancelling.program, (), inputs)
     assert term_magnitude(cancelling.program, bound.tensors, bound.sizes).item() == 2.0
+
+
+def test_epilogue_slack_only_where_the_slope_depends_on_y():
+    """No slack for an epilogue linear in y; a slack that grows with eps for one whose slope
+    changes with y."""
+    import torch
+
+    import ssmc
+    from ssmc import dsl as S
+    from tests.helpers import epilogue_slack
+
+    def definition(curved: bool):
+        @ssmc.ssm
+        def f(x: S.In["b t h p"], a: S.In["b t h"], B: S.In["b t g n"], C: S.In["b t g n"],
+              e: S.In["b t h p"]):
+            y = S.recurrence(decay=S.sigmoid(a), key=B, value=x, query=C)
+            return e / (S.abs(y) + 1) if curved else e * y
+        return f
+
+    gen = torch.Generator().manual_seed(0)
+    leaves = {k: torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_(True)
+              for k, s in dict(x=(1, 9, 2, 3), a=(1, 9, 2), B=(1, 9, 1, 4), C=(1, 9, 1, 4),
+                               e=(1, 9, 2, 3)).items()}
+    cot = torch.randn(1, 9, 2, 3, generator=gen, dtype=torch.float64)
+    assert epilogue_slack(definition(False).program, leaves, {}, cot, 1e-6) == {}
+    small = epilogue_slack(definition(True).program, leaves, {}, cot, 1e-6)
+    large = epilogue_slack(definition(True).program, leaves, {}, cot, 1e-4)
+    assert set(small) == set(leaves)
+    assert all(0 < small[k].max() < large[k].max() for k in ("x", "a", "e"))

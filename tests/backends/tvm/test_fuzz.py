@@ -12,8 +12,8 @@ import torch
 
 import ssmc
 from ssmc import dsl as S
-from tests.fuzzing import (FUZZ_TOL, LOWERINGS, case_inputs, compares_gradients, fuzz,
-                           output_scale, parametrize_shards)
+from tests.fuzzing import (EPILOGUE_EPS, FUZZ_TOL, LOWERINGS, case_inputs,
+                           compares_gradients, fuzz, output_scale, parametrize_shards)
 from tests.helpers import check_against_reference
 
 #: cases in CI, split over the shards
@@ -30,6 +30,7 @@ def test_fuzz_tvm_against_reference(pytestconfig, shard):
         inputs, kwargs = case_inputs(defn, setup, case, "cpu")
         check_against_reference(defn, inputs, tol=FUZZ_TOL[setup.dtype], backend="tvm",
                                 lowering=lowering, output_scale=output_scale(defn, inputs, kwargs),
+                                epilogue_eps=EPILOGUE_EPS,
                                 grad=compares_gradients(setup, case, "tvm", lowering), **kwargs)
 
     ran = fuzz(pytestconfig, shard, "tvm", check, default_cases=DEFAULT_CASES,
