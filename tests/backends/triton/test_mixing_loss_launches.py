@@ -240,6 +240,7 @@ import os
 import re
 import tempfile
 
+from ssmc.backends.triton.render import arg_names
 from ssmc.plan import Plan
 from tests.backends.triton import test_mixing_loss as defs
 
@@ -252,7 +253,7 @@ for defn in (defs.mamba2_like, defs.gla_like, defs.retention, defs.linear, defs.
     spec = importlib.util.spec_from_file_location(f"gen_{prog.name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    inputs = {f"{i.name}_ptr" for i in prog.inputs}
+    inputs = {arg_names(i)[0] for i in prog.inputs}   # each input's pointer parameter
     for name in ("ssmc_mixing_prep", "ssmc_mixing_grads"):
         fn = getattr(module, name)
         c = dict(BT=64, BN=64, DECAY=ML._decay_mode(prog))
