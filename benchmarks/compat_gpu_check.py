@@ -287,7 +287,7 @@ def fla_cases(dev, dtype, quick, backend):
                {**qkv, "g": g, "initial_state": h0}, final, why)
     yield case("chunk_simple_gla", simple, ssmc_fla.chunk_simple_gla, "g_gamma, scale=0.1",
                {**qkv, "g_gamma": -r.rand(H, lo=0.01, hi=0.3)}, dict(scale=0.1, **final), why)
-    n1, n2 = T // 3, T - T // 3
+    n1 = T // 3
     cu = torch.tensor([0, n1, T], device=dev, dtype=torch.long)
     packed = {k: v[:1] for k, v in qkv.items()}
     yield case("chunk_simple_gla", simple, ssmc_fla.chunk_simple_gla, "varlen, h0",
