@@ -26,6 +26,7 @@ from ssmc.backends.triton.tiles import ChunkedTile
 from ssmc.lowerings import legal_lowerings
 from ssmc.plan import Plan
 from tests.backends.triton.conftest import gradient_problems
+from tests.helpers import make_definition
 from tests.backends.triton.test_scan import (BUILTINS, builtin, cu_seqlens, custom, definition,
                                              inputs_for, shape_for, state_for)
 
@@ -130,6 +131,15 @@ def test_backward_segmented_passes(name, direction):
     and no decay."""
     check_backward(builtin(name, direction), "chunked", dict(b=2, t=150, h=2, g=2, n=8, p=4),
                    tile=ChunkedTile(BT_bwd=16, SEG_bwd=3))
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_per_key_backward_with_a_gated_epilogue(direction):
+    """(y + D v) * silu(z) needs y in the backward: the per-key y kernel (the forward's row
+    blocks, summed over directions) over several row blocks, chunks and value blocks."""
+    check_backward(make_definition("diagonal", direction, epilogue=True), "chunked",
+                   dict(b=1, t=100, h=2, g=1, n=8, p=40),
+                   tile=ChunkedTile(BT_bwd=32, BP_bwd=16))
 
 
 def test_per_key_backward_packed_sequences():
