@@ -236,6 +236,8 @@ def test_chunked_segments_only_where_the_state_pass_leaves_the_gpu_idle():
     assert segment_chunks(None, 1024, 16, True, 264) == 0
     assert segment_chunks(None, 1024, 16, False, None) == 0
     assert segment_chunks(8, 1024, 16, False, None) == 8
+    assert segment_chunks(None, 1024, 0, False, 264) == 0   # an empty batch
+    assert segment_chunks(None, 0, 16, False, 264) == 0     # empty sequences
 
 
 def _with_tiles(monkeypatch, **override):

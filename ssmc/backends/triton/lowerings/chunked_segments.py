@@ -37,7 +37,7 @@ def segment_chunks(seg: int | None, chunks_per_seq: int, programs: int, varlen: 
     if varlen:
         return 0
     if seg is None:
-        if target is None or programs >= target:
+        if target is None or not 0 < programs < target:
             return 0
         seg = triton.cdiv(chunks_per_seq, min(triton.cdiv(target, programs),
                                               chunks_per_seq // MIN_SEGMENT_CHUNKS) or 1)
