@@ -25,10 +25,16 @@ import sympy as sp
 
 from ..ir import Y, Program
 from ..ir.backward import BackwardExprs, Underivable
+from ..ir.functions import Sigmoid
 from .base import PassContext, register_pass
 
+_W = sp.Wild("w")
+
+
 def _diff(expr: sp.Expr, sym: sp.Symbol) -> sp.Expr:
-    d = sp.diff(expr, sym)
+    # sympy's tanh' = 1 - tanh^2 is 0 in fp32 wherever tanh rounds to +-1 (|u| > 9), while the
+    # derivative itself, about 4 e^-2|u|, is not: 4 s(2u) s(-2u) keeps it (as Sigmoid's own)
+    d = sp.diff(expr, sym).replace(1 - sp.tanh(_W) ** 2, 4 * Sigmoid(2 * _W) * Sigmoid(-2 * _W))
     # Max/Min differentiate to Heaviside; keep derivatives free of unevaluated Derivative nodes
     if d.has(sp.Derivative):
         raise NotImplementedError(f"cannot differentiate {expr} w.r.t. {sym}: got {d}")

@@ -41,7 +41,8 @@ def test_custom_sigmoid_gate_and_tanh_epilogue():
 
     a = symbol("a")
     d = derive_backward(gated.program)
-    assert sp.simplify(d.epilogue_dy - (1 - sp.tanh(Y) ** 2)) == 0
+    # 1 - tanh(y)^2, written so that fp32 keeps it where tanh rounds to 1
+    assert d.epilogue_dy == 4 * Sigmoid(2 * Y) * Sigmoid(-2 * Y)
     assert d.epilogue == {} and d.needs_y
     assert d.operands["decay"]["a"] == Sigmoid(a) * Sigmoid(-a)   # exact where sigmoid rounds to 1
     assert d.operands["log_decay"]["a"] == Sigmoid(-a)    # log sigmoid(a) = -softplus(-a)
@@ -81,3 +82,22 @@ def test_cse_shares_subexpressions():
 def test_memoised():
     prog = ssd_module.build(has_D=True).program
     assert derive_backward(prog) is derive_backward(prog)
+
+
+def test_tanh_derivative_keeps_its_value_where_tanh_rounds_to_one():
+    """1 - tanh(u)^2 is 0 in fp32 once tanh(u) rounds to 1 (u > 9): the derived derivative is
+    4 s(2u) s(-2u), about 4 e^-2u, which fp32 holds down to u = 43."""
+    import sympy as sp
+    import torch
+
+    from ssmc.ir.evaluate import evaluate
+    from ssmc.passes.derive_backward import _diff
+
+    a = sp.Symbol("a", real=True)
+    d = _diff(sp.tanh(a + 1.5), a)
+    assert not d.has(sp.tanh)
+    x = torch.tensor([18.0, 0.0, -30.0], dtype=torch.float32)
+    got = evaluate(d, {"a": x}, x)
+    want = 4 * torch.exp(-2 * (x.double() + 1.5).abs())
+    assert torch.allclose(got.double(), want / (1 + torch.exp(-2 * (x.double() + 1.5).abs())) ** 2,
+                          rtol=1e-5, atol=0)

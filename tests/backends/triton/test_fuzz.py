@@ -153,3 +153,21 @@ def test_epilogue_that_magnifies_y_rounding():
         check_against_reference(defn, inputs, tol=FUZZ_TOL[torch.float32], backend="triton",
                                 lowering=lowering, output_scale=output_scale(defn, inputs, kwargs),
                                 epilogue_eps=EPILOGUE_EPS, **kwargs)
+
+
+def test_saturated_tanh_decay_gradient():
+    """Found by the campaign at seed 20261207: a decay tanh(a + tanh(e2 - 0.5) + 1.5) with every
+    a at an edge value (18: tanh rounds to 1). Its derivative 1 - tanh^2 was 0 in fp32 (the
+    kernels) and in float64 too (the reference, past 19): now 4 s(2u) s(-2u) in both."""
+    from tests.fuzzing import Case, Setup, Spec, build_definition
+    spec = Spec(decay="b t h p n", squash="tanh", direction="bidirectional", kq="g",
+                extras=(("e0", "n"), ("e1", "b t g n"), ("e2", "h p")),
+                decay_mod=("add", ("in", "e2"), ("c", -0.5)), key_mod=None,
+                value_mod=None, query_mod=None, epilogue=None)
+    setup = Setup(h=1, g=1, n=2, p=2, dtype=torch.float32, h0=False, final=False,
+                  varlen=True, grad=True)
+    case = Case(b=1, t=64, lengths=(64,), edges=1.0, seed=8469216845598671736)
+    defn = build_definition(spec)
+    inputs, kwargs = case_inputs(defn, setup, case, DEVICE)
+    check_against_reference(defn, inputs, tol=FUZZ_TOL[torch.float32], backend="triton",
+                            lowering="scan", **kwargs)
