@@ -322,10 +322,9 @@ class _Ops:
             self.mode]
 
 
-def _segment_setup(reverse: bool) -> str:
-    """A program per (sequence * NSEG + segment, head, p-block) (chunked_segments.py)."""
-    return (seq_setup(False, "ssmc_cu", "ssmc_chunk_off", "tl.program_id(0).to(tl.int64) // NSEG")
-            + seg.walk_bounds(reverse))
+#: a program per (sequence * NSEG + segment, head, p-block); `_walk` bounds its segment
+SEGMENT_SETUP = seq_setup(False, "ssmc_cu", "ssmc_chunk_off",
+                          "tl.program_id(0).to(tl.int64) // NSEG")
 
 
 def _walk(o: "_Ops", var: str, init: tuple[str, str], store: str, body: Emitter, reverse: bool,
@@ -351,7 +350,7 @@ def ssmc_chunked_bwd_states(
     ssmc_states, ssmc_h0, ssmc_hT, {seg.PARAMS} {STATE_PARAMS} NSEG, SEG,
     {CONSTS}, HAS_H0: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
-{_segment_setup(False)}
+{SEGMENT_SETUP}
 {_walk(o, "state", ("ssmc_h0", "HAS_H0"), "ssmc_states", body, False, "ssmc_hT")}
 """
 
@@ -408,7 +407,7 @@ def ssmc_chunked_bwd_dstates(
     ssmc_dy, ssmc_dstates, ssmc_gT, ssmc_dh0, {seg.PARAMS} {STATE_PARAMS} NSEG, SEG,
     {CONSTS}, HAS_GT: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
-{_segment_setup(True)}
+{SEGMENT_SETUP}
 {_walk(o, "G", ("ssmc_gT", "HAS_GT"), "ssmc_dstates", body, True, "ssmc_dh0")}
 """
 

@@ -205,14 +205,13 @@ def render_keys_kernel(plan: Plan) -> str:
     k.later_queries_dk()
     k.decay_gradient()
     k.values()
-    body(f"post += {with_resets('tl.sum(ld, axis=0)', 'tl.sum(rz, axis=0)')}")
+    body("post += l_last")   # block i's total (`_Ops.decay`), for the blocks before it
     end = Emitter(indent=2)   # sum_p G * S_end, S_end the state leaving the chunk
     _p_block(end)
     _state(end, "G", "ssmc_dstates")
     end("if cs0 + CS >= length:")
     with end.block():
-        end("S_end = tl.load(ssmc_finals + ((seq * H + h_idx) * N + offs_n[:, None]) * P"
-            " + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0)")
+        _state(end, "S_end", "ssmc_finals", "seq")
     end("else:")
     with end.block():
         _state(end, "S_end", "ssmc_states", "(chunk + 1)")
