@@ -256,6 +256,27 @@ def test_backward_chunked_per_head_decay(direction, seed):
     check_backward(_per_head_decay(direction), "chunked", sizes, seed=seed, tol=5e-6)
 
 
+def _per_key_decay(direction):
+    """A time-invariant decay per key, sigmoid(a + 1.5), a: "h n"."""
+    def body(v):
+        return S.recurrence(decay=S.sigmoid(v["a"] + 1.5), key=v["k"], value=v["v"],
+                            query=v["q"], direction=direction)
+    return definition(f"per_key_decay_{direction}", dict(
+        q="b t h n", k="b t h n", v="b t h p", a="h n"), body)
+
+
+@pytest.mark.parametrize("direction, n, p", [("forward", 1, 1), ("reverse", 1, 1),
+                                             ("forward", 8, 4)])
+def test_backward_chunked_per_key_decay(direction, n, p):
+    """The per-key form of the case above (a fuzz finding at n = p = 1, t = 65): its d
+    log-decay was the reverse sum of q dq - k dk over 64-step chunks, and the gradient of `a`
+    was 2.8e-5 off relative there, and up to 5.6e-6 on these inputs (seed 1), the scan's 1.4e-6.
+    The pairs s < r <= u are summed directly now: at most 2.1e-6 over these seeds."""
+    sizes = dict(b=2, t=65, h=2, g=2, n=n, p=p)
+    for seed in range(4):
+        check_backward(_per_key_decay(direction), "chunked", sizes, seed=seed, tol=3e-6)
+
+
 # --------------------------------------------------------------------------- finite differences
 
 class _Op(torch.autograd.Function):

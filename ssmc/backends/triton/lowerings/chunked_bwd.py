@@ -295,11 +295,15 @@ class _Ops:
         the decay D[u, s, n] = exp(lc_u - lc_s) formed elementwise on the rows u >= s only
         (there is no reference point inside the block to factor it through). Emits `AT`
         (s, u) = A^T and, from dA (u, s), the block-local parts of dq (sum_s dA[u, s] D k_s)
-        and dk (sum_u dA[u, s] D q_u): `dq_in`, `dk_in`."""
+        and dk (sum_u dA[u, s] D q_u): `dq_in`, `dk_in`; and `rect`, the decay gradient's pairs
+        inside the block: rect[r] = sum over s < r <= u of M[u, s], M = dA D q k (the pairs whose
+        weight the decay at r enters), formed directly rather than as the difference q dq - k dk
+        of two sums that mostly cancel."""
         b = self.body
         b(f"AT = tl.zeros([BT, BT], dtype={self.ct})")
         b(f"dq_in = tl.zeros([BT, BN], dtype={self.ct})")
         b(f"dk_in = tl.zeros([BT, BN], dtype={self.ct})")
+        b(f"rect = tl.zeros([BT, BN], dtype={self.ct})")
         b("for s in tl.static_range(BT):")
         with b.block():
             b("sel = offs_c == s")
@@ -312,7 +316,10 @@ class _Ops:
             b("a_s = tl.sum(qd * k_s[None, :], axis=1)")
             b("AT = tl.where(sel[:, None], a_s[None, :], AT)")
             b("da_s = tl.sum(tl.where(sel[None, :], dA, 0.0), axis=1)")
-            b("dq_in += da_s[:, None] * dec * k_s[None, :]")
+            b("dqs = da_s[:, None] * dec * k_s[None, :]")
+            b("dq_in += dqs")
+            b("rect += tl.where(offs_c[:, None] > s,"
+              " tl.cumsum(query * dqs, axis=0, reverse=True), 0.0)")
             b("dk_s = tl.sum(da_s[:, None] * qd, axis=0)")
             b("dk_in = tl.where(sel[:, None], dk_s[None, :], dk_in)")
 

@@ -11,9 +11,12 @@ Notation as in chunked_bwd.py; chunks of CS steps in row blocks of BT (16). One 
   dv_i += A_ji^T dy_j with A_ji = (q_j exp(lc_j)) (k_i exp(rest_i))^T;
 * the state terms: dq += exp(lc from the chunk start) (dy S_in^T), dk += exp(decay to the chunk
   end) (v G^T), dv += (k exp(decay to the end)) G;
-* the decay gradient, in the kernel: dL/dl_r = sum_{u >= r in the chunk} w_u + sum_p G * S_end,
-  w = q dq - k dk, the suffix sums in float64 (as a float64 running sum over the later blocks),
-  S_end the state leaving the chunk (the next chunk's entering state, or the final state).
+* the decay gradient, in the kernel: dL/dl_r = sum over the pairs s < r <= u of M[u, s] =
+  dA[u, s] q_u D[u, s] k_s (the pairs whose weight the decay at r enters), s running from the
+  entering state and u to the leaving one (sum_p G * S_end, S_end the next chunk's entering
+  state or the final state). Summed over rectangles, not as the suffix sum of q dq - k dk: that
+  difference counts every pair with both ends after r twice, with opposite signs, and its
+  rounding residue grew with the chunk (64 steps) to 20x the scan's error.
 
 Every exponent is a sum of log-decays over steps of the chunk, resets split out (exactly 0
 across one). Both factors of a factored weight are themselves weights between steps of the
@@ -126,8 +129,8 @@ class _Kernel:
         b("dA = tl.where(offs_c[:, None] >= offs_c[None, :], dyv, 0.0)")
         o.key_columns()
         b("lr_end = lr + post[None, :]")   # the decay from each key to the chunk's end
-        b("dq = dq_in + tl.exp(prefix[None, :] + lcf) * dyS")
-        b("dk = dk_in + tl.exp(lr_end) * vG")
+        b("dq_x = tl.exp(prefix[None, :] + lcf) * dyS")   # terms from outside the block
+        b("dk_x = tl.exp(lr_end) * vG")
 
     def earlier_keys(self) -> None:
         """dq's terms from the key blocks before block i, nearest first."""
@@ -146,7 +149,7 @@ class _Kernel:
             self.dy_values(("t_row", "mask_t"), KEY_V_TILE, "vj")   # [u in i, s in j]
             b(f"dqx += {self.fdot('dAj', 'kf')}")
             b(f"mid += {_total(lk, rk)}")
-        b("dq += tl.exp(lcf) * dqx")
+        b("dq_x += tl.exp(lcf) * dqx")
 
     def later_queries_dk(self) -> None:
         """dk's terms from the query blocks after block i."""
@@ -158,17 +161,24 @@ class _Kernel:
             total = self.later_queries("qj")
             b("kfac = tl.exp(lr + mid[None, :])")
             self.dy_values(("t_key", "mask_key"), V_TILE, "vi")   # [u in j, s in i]
-            b(f"dk += kfac * {self.fdot('tl.trans(dAj)', 'qf')}")
+            b(f"dk_x += kfac * {self.fdot('tl.trans(dAj)', 'qf')}")
             b(f"mid += {total}")
 
     def decay_gradient(self) -> None:
+        """dl_r = sum of M over the pairs s < r <= u (module docstring), block i's part of
+        them in four pieces: both in the block (`rect`); u in it, s before it (q dq_x); s in it,
+        u after it (k dk_x); and s before, u after it (`carry`, kept from block i + 1's: the
+        pairs across block i + 1 gained, those leaving from block i lost)."""
         b = self.body
-        b("w = (query * dq - key * dk).to(tl.float64)")
-        b("dl = tl.cumsum(w, axis=0, reverse=True) + carry[None, :]")
-        b("carry += tl.sum(w, axis=0)")
+        b("a = (query * dq_x).to(tl.float64)")
+        b("k_out = (key * dk_x).to(tl.float64)")
+        b("carry += a_next - tl.sum(k_out, axis=0)")
+        b("dl = (rect.to(tl.float64) + tl.cumsum(a, axis=0, reverse=True)"
+          " + (tl.cumsum(k_out, axis=0) - k_out) + carry[None, :])")
+        b("a_next = tl.sum(a, axis=0)")
         b("row = (b_idx * T + t_row[:, None]) * H + h_idx")
         b("nmask = mask_t[:, None] & mask_n[None, :]")
-        for name, v in (("dq", "dq"), ("dk", "dk"), ("dl", "dl")):
+        for name, v in (("dq", "dq_in + dq_x"), ("dk", "dk_in + dk_x"), ("dl", "dl")):
             b(f"tl.store(ssmc_{name} + row * N + offs_n[None, :], {v}, mask=nmask)")
 
     def values(self) -> None:
@@ -228,6 +238,7 @@ def ssmc_chunked_bwd_keys(
 {setup}
     R = tl.cdiv(tl.minimum(CS, length - cs0), BT)
     carry = tl.zeros([BN], dtype=tl.float64)
+    a_next = tl.zeros([BN], dtype=tl.float64)
     for p0 in range(0, P, BP):
 {end.text()}
     post = tl.zeros([BN], dtype={k.ct})
