@@ -124,6 +124,14 @@ def test_per_key_backward_row_and_value_blocks(direction, tile):
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
+def test_per_key_backward_key_blocks(direction):
+    """dq, dk and the decay gradient per block of key channels (the last one partial), dv per
+    value block over all of them: each block forms dA over all of p, and A sums every block."""
+    check_backward(builtin("gla", direction), "chunked", dict(b=2, t=100, h=2, g=2, n=40, p=24),
+                   tile=ChunkedTile(BT_bwd=32, BP_bwd=16, BK_bwd=16))
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("name", ["gla", "ssd", "linear_attention"])
 def test_backward_segmented_passes(name, direction):
     """The backward's state recompute and its reverse pass over dL/dS in segments of 3 chunks

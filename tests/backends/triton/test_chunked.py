@@ -527,7 +527,8 @@ for decay, dtype in (("diagonal", "bfloat16"), ("diagonal", "float16"), ("diagon
     build(bwd, "ssmc_chunked_bwd_fixup", dict(BN=64, BP=64, NPB=1, REVERSE=True), dtype)
     if per_key:
         blocks = dict(BT=16, CS=64, BN=64, BP=64, **order)
-        build(bwd, "ssmc_chunked_bwd_keys", blocks, dtype)
+        build(bwd, "ssmc_chunked_bwd_keys", dict(blocks, BP=32, NPB=1), dtype)
+        build(bwd, "ssmc_chunked_bwd_keys_dv", dict(blocks, BN=128), dtype)
         build(bwd, "ssmc_chunked_bwd_y", dict(blocks, ACCUM_IN=True), dtype)
 print("compiled")
 '''

@@ -290,20 +290,23 @@ class _Ops:
             self.body("A = " + self.dot("query", "tl.trans(key)") + f" * {self.decay_matrix()}")
         return "A"
 
-    def key_columns(self):
+    def key_columns(self, scores: bool = True, grads: bool = True):
         """Per-key decays within one row block: its key steps s one at a time (unrolled), with
         the decay D[u, s, n] = exp(lc_u - lc_s) formed elementwise on the rows u >= s only
-        (there is no reference point inside the block to factor it through). Emits `AT`
-        (s, u) = A^T and, from dA (u, s), the block-local parts of dq (sum_s dA[u, s] D k_s)
-        and dk (sum_u dA[u, s] D q_u): `dq_in`, `dk_in`; and `rect`, the decay gradient's pairs
-        inside the block: rect[r] = sum over s < r <= u of M[u, s], M = dA D q k (the pairs whose
-        weight the decay at r enters), formed directly rather than as the difference q dq - k dk
-        of two sums that mostly cancel."""
+        (there is no reference point inside the block to factor it through). With `scores`,
+        emits `AT` (s, u) = A^T (a sum over all of n); with `grads`, from dA (u, s), the
+        block-local parts of dq (sum_s dA[u, s] D k_s) and dk (sum_u dA[u, s] D q_u): `dq_in`,
+        `dk_in`, and `rect`, the decay gradient's pairs inside the block: rect[r] = sum over
+        s < r <= u of M[u, s], M = dA D q k (the pairs whose weight the decay at r enters),
+        formed directly rather than as the difference q dq - k dk of two sums that mostly
+        cancel."""
         b = self.body
-        b(f"AT = tl.zeros([BT, BT], dtype={self.ct})")
-        b(f"dq_in = tl.zeros([BT, BN], dtype={self.ct})")
-        b(f"dk_in = tl.zeros([BT, BN], dtype={self.ct})")
-        b(f"rect = tl.zeros([BT, BN], dtype={self.ct})")
+        if scores:
+            b(f"AT = tl.zeros([BT, BT], dtype={self.ct})")
+        if grads:
+            b(f"dq_in = tl.zeros([BT, BN], dtype={self.ct})")
+            b(f"dk_in = tl.zeros([BT, BN], dtype={self.ct})")
+            b(f"rect = tl.zeros([BT, BN], dtype={self.ct})")
         b("for s in tl.static_range(BT):")
         with b.block():
             b("sel = offs_c == s")
@@ -313,15 +316,17 @@ class _Ops:
             gap = with_resets("lc - lc_s[None, :]", "zc - zc_s[None, :]")
             b(f"dec = tl.exp(tl.where(offs_c[:, None] >= s, {gap}, float('-inf')))")
             b("qd = query * dec")
-            b("a_s = tl.sum(qd * k_s[None, :], axis=1)")
-            b("AT = tl.where(sel[:, None], a_s[None, :], AT)")
-            b("da_s = tl.sum(tl.where(sel[None, :], dA, 0.0), axis=1)")
-            b("dqs = da_s[:, None] * dec * k_s[None, :]")
-            b("dq_in += dqs")
-            b("rect += tl.where(offs_c[:, None] > s,"
-              " tl.cumsum(query * dqs, axis=0, reverse=True), 0.0)")
-            b("dk_s = tl.sum(da_s[:, None] * qd, axis=0)")
-            b("dk_in = tl.where(sel[:, None], dk_s[None, :], dk_in)")
+            if scores:
+                b("a_s = tl.sum(qd * k_s[None, :], axis=1)")
+                b("AT = tl.where(sel[:, None], a_s[None, :], AT)")
+            if grads:
+                b("da_s = tl.sum(tl.where(sel[None, :], dA, 0.0), axis=1)")
+                b("dqs = da_s[:, None] * dec * k_s[None, :]")
+                b("dq_in += dqs")
+                b("rect += tl.where(offs_c[:, None] > s,"
+                  " tl.cumsum(query * dqs, axis=0, reverse=True), 0.0)")
+                b("dk_s = tl.sum(da_s[:, None] * qd, axis=0)")
+                b("dk_in = tl.where(sel[:, None], dk_s[None, :], dk_in)")
 
     def state_decay(self) -> str:
         """The factor the state carries across the whole chunk ((n, BP)-broadcastable)."""

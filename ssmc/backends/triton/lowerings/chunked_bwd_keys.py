@@ -1,7 +1,8 @@
 """The chunked backward for decays that vary over the key dim: tensor-core products per chunk.
 
-Notation as in chunked_bwd.py; chunks of CS steps in row blocks of BT (16). One program per
-(chunk, head) walks the chunk's row blocks from the last to the first. For row block i:
+Notation as in chunked_bwd.py; chunks of CS steps in row blocks of BT (16). Two kernels walk
+the chunk's row blocks from the last to the first: one program per (chunk, head, n-block) for
+dq, dk and the decay gradient, one per (chunk, head, p-block) for dv. For row block i:
 
 * its own block: dA = dy v^T on the causal half, and the decay D[u, s, n] elementwise on it
   (`_Ops.key_columns`): A^T, and the block-local parts of dq and dk;
@@ -127,7 +128,7 @@ class _Kernel:
             b(f"dyS += {o.dot('dy', 'tl.trans(S_in)')}")
             b(f"vG += {o.dot(v, 'tl.trans(G)')}")
         b("dA = tl.where(offs_c[:, None] >= offs_c[None, :], dyv, 0.0)")
-        o.key_columns()
+        o.key_columns(scores=False)
         b("lr_end = lr + post[None, :]")   # the decay from each key to the chunk's end
         b("dq_x = tl.exp(prefix[None, :] + lcf) * dyS")   # terms from outside the block
         b("dk_x = tl.exp(lr_end) * vG")
@@ -182,39 +183,50 @@ class _Kernel:
             b(f"tl.store(ssmc_{name} + row * N + offs_n[None, :], {v}, mask=nmask)")
 
     def values(self) -> None:
-        """dv of block i, per p-block."""
-        b = self.body
-        b("for p0 in range(0, P, BP):")
+        """dv of block i on the program's p-block: A (all of n) against dy, its own block's
+        A^T from `key_columns`, the later blocks' factored, and the state term."""
+        b, o = self.body, self.o
+        o.operand("query", "query")
+        o.operand("key", "key")
+        o.decay()
+        o.key_columns(grads=False)
+        b("lr_end = lr + post[None, :]")
+        _dy(b, "dy", "t_row", "mask_t")
+        _state(b, "G", "ssmc_dstates")
+        b(f"dv = {o.dot('AT', 'dy')} + {o.dot('key * tl.exp(lr_end)', 'G')}")
+        b(f"mid = tl.zeros([BN], dtype={self.ct})")
+        b("for j in range(i + 1, R):")
         with b.block():
-            _p_block(b)
-            _dy(b, "dy", "t_row", "mask_t")
-            _state(b, "G", "ssmc_dstates")
-            b(f"dv = {self.o.dot('AT', 'dy')} + {self.o.dot('key * tl.exp(lr_end)', 'G')}")
-            b(f"mid = tl.zeros([BN], dtype={self.ct})")
-            b("for j in range(i + 1, R):")
-            with b.block():
-                self.other_rows()
-                total = self.later_queries("qv")
-                b(f"Aj = {self.fdot('qf', 'tl.trans(key * tl.exp(lr + mid[None, :]))')}")
-                _dy(b, "dyj", "t_key", "mask_key")
-                b(f"dv += {self.o.dot('tl.trans(Aj)', 'dyj')}")
-                b(f"mid += {total}")
-            b("tl.store(ssmc_dv + ((b_idx * T + t_row[:, None]) * H + h_idx) * P"
-              " + offs_p[None, :], dv, mask=mask_t[:, None] & mask_p[None, :])")
+            self.other_rows()
+            total = self.later_queries("qv")
+            b(f"Aj = {self.fdot('qf', 'tl.trans(key * tl.exp(lr + mid[None, :]))')}")
+            _dy(b, "dyj", "t_key", "mask_key")
+            b(f"dv += {o.dot('tl.trans(Aj)', 'dyj')}")
+            b(f"mid += {total}")
+        b("tl.store(ssmc_dv + ((b_idx * T + t_row[:, None]) * H + h_idx) * P"
+          " + offs_p[None, :], dv, mask=mask_t[:, None] & mask_p[None, :])")
 
 
-def render_keys_kernel(plan: Plan) -> str:
-    body = Emitter(indent=2)
-    k = _Kernel(plan, body)
+def _block_walk(body: Emitter) -> None:
+    """Row block i of the chunk, walked from the last to the first."""
     body("i = R - 1 - ii")
     body("c0 = cs0 + i * BT")
     for line in rows().splitlines():
         body(line)
+
+
+def render_keys_kernel(plan: Plan) -> str:
+    """dq, dk and d log-decay: a program per (chunk, head, n-block): every term of them is
+    per key channel, given dA (all of p); dv, which needs A summed over all of n, is
+    `ssmc_chunked_bwd_keys_dv`'s. Apart, each keeps its registers (one kernel for both held
+    too many tiles at n = 128 and spilled)."""
+    body = Emitter(indent=2)
+    k = _Kernel(plan, body)
+    _block_walk(body)
     k.own_block()
     k.earlier_keys()
     k.later_queries_dk()
     k.decay_gradient()
-    k.values()
     body("post += l_last")   # block i's total (`_Ops.decay`), for the blocks before it
     end = Emitter(indent=2)   # sum_p G * S_end, S_end the state leaving the chunk
     _p_block(end)
@@ -226,14 +238,14 @@ def render_keys_kernel(plan: Plan) -> str:
     with end.block():
         _state(end, "S_end", "ssmc_states", "(chunk + 1)")
     end("carry += tl.sum(G * S_end, axis=1).to(tl.float64)")
-    setup = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
+    setup = chunk_setup(True, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
                         "tl.program_id(0).to(tl.int64)", "CS", "cs0")
     return f"""
 @triton.jit
 def ssmc_chunked_bwd_keys(
     {input_params(plan.program)},
-    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_finals, ssmc_dq, ssmc_dk, ssmc_dv, ssmc_dl,
-    {PARAMS}
+    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_finals, ssmc_dq, ssmc_dk, ssmc_dl,
+    {PARAMS} NPB: tl.constexpr,
 ):
 {setup}
     R = tl.cdiv(tl.minimum(CS, length - cs0), BT)
@@ -241,6 +253,30 @@ def ssmc_chunked_bwd_keys(
     a_next = tl.zeros([BN], dtype=tl.float64)
     for p0 in range(0, P, BP):
 {end.text()}
+    post = tl.zeros([BN], dtype={k.ct})
+    for ii in range(0, R):
+{body.text()}
+"""
+
+
+def render_keys_dv_kernel(plan: Plan) -> str:
+    """dv: a program per (chunk, head, p-block), all of n."""
+    body = Emitter(indent=2)
+    k = _Kernel(plan, body)
+    _block_walk(body)
+    k.values()
+    body("post += l_last")
+    setup = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
+                        "tl.program_id(0).to(tl.int64)", "CS", "cs0")
+    return f"""
+@triton.jit
+def ssmc_chunked_bwd_keys_dv(
+    {input_params(plan.program)},
+    ssmc_dy, ssmc_dstates, ssmc_dv,
+    {PARAMS}
+):
+{setup}
+    R = tl.cdiv(tl.minimum(CS, length - cs0), BT)
     post = tl.zeros([BN], dtype={k.ct})
     for ii in range(0, R):
 {body.text()}

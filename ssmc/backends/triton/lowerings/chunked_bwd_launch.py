@@ -12,7 +12,8 @@ from .chunked_bwd import (decay_mode, head_free, per_key_decay, render_dqk_kerne
                           render_dstate_kernel, render_dv_kernel, render_states_kernel,
                           render_y_kernel)
 from . import chunked_segments as seg
-from .chunked_bwd_keys import render_keys_kernel, render_keys_y_kernel
+from .chunked_bwd_keys import (render_keys_dv_kernel, render_keys_kernel,
+                               render_keys_y_kernel)
 from .chunked_segments import Segments
 
 
@@ -235,12 +236,18 @@ def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes,
     dq, dk, dl = (torch.empty(B, T, H, N, dtype=cdt, device=device) for _ in range(3))
     dv = torch.empty(B, T, H, P, dtype=cdt, device=device)
     m = saved["layout"]["m"]
-    if saved["layout"]["n_chunks"] > 0:
-        module.ssmc_chunked_bwd_keys[(saved["layout"]["n_chunks"], H, 1)](
-            *args, dy, saved["states"][i], dstates, saved["finals"][i], dq, dk, dv, dl,
-            *chunk_args, BT=m["RB"], CS=m["BT"], BN=m["BN"], BP=m["BP"],
-            REVERSE=direction.reversed, COLUMN=direction.column,
-            IS_VARLEN=consts["IS_VARLEN"], **launch)
+    n_chunks = saved["layout"]["n_chunks"]
+    if n_chunks > 0:
+        order = dict(REVERSE=direction.reversed, COLUMN=direction.column,
+                     IS_VARLEN=consts["IS_VARLEN"], BT=m["RB"], CS=m["BT"])
+        # ptxas for sm90 (bf16, 8 warps): n-blocks of 64 with p-blocks of 32 spill 36 bytes,
+        # of 64 with 64 280, all of n = 128 in one program (dv included) 4 KB
+        bk = min(m["BK"], m["BN"])
+        module.ssmc_chunked_bwd_keys[(n_chunks, H, triton.cdiv(N, bk))](
+            *args, dy, saved["states"][i], dstates, saved["finals"][i], dq, dk, dl,
+            *chunk_args, BN=bk, BP=min(m["BP"], 32), NPB=1, **order, **launch)
+        module.ssmc_chunked_bwd_keys_dv[(n_chunks, H, triton.cdiv(P, m["BP"]))](
+            *args, dy, dstates, dv, *chunk_args, BN=m["BN"], BP=m["BP"], **order, **launch)
     return {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3),
             "log_decay": dl.unsqueeze(-1)}
 
@@ -248,7 +255,8 @@ def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes,
 def render(plan: Plan) -> str:
     """The backward's generated module: the state passes, y, and the per-chunk kernels."""
     if per_key_decay(plan):
-        kernels = [render_keys_y_kernel(plan), render_keys_kernel(plan)]
+        kernels = [render_keys_y_kernel(plan), render_keys_kernel(plan),
+                   render_keys_dv_kernel(plan)]
     else:
         kernels = [render_y_kernel(plan), render_dv_kernel(plan), render_dqk_kernel(plan)]
     mode = decay_mode(plan)

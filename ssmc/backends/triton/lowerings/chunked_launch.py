@@ -36,9 +36,13 @@ def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
     # per-key decays: every p-block forms the row block's scores again, so take up to 128
     BP_out = tile.get("BP_out", max(min(next_pow2(P), 128 if per_key else
                                         64 if BN <= 128 else 32), 16))
+    # ptxas for sm90 (bf16): the per-key output pass at n = p = 128 spills 1.1 KB with 4 warps,
+    # none with 8 (230 registers)
+    wide = per_key and BN * BP_out >= 128 * 128
     return dict(BT=BT, CS=CS, BN=BN, BN_state=BN_state, BP_state=BP_state, BP_out=BP_out,
                 SEG_state=tile.get("SEG_state"),
-                warps_state=tile.get("warps_state", 4), warps_out=tile.get("warps_out", 4),
+                warps_state=tile.get("warps_state", 4),
+                warps_out=tile.get("warps_out", 8 if wide else 4),
                 stages_state=tile.get("stages_state", 2), stages_out=tile.get("stages_out", 2))
 
 
