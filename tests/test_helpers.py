@@ -42,6 +42,20 @@ def test_compare_below_the_dtypes_normal_range_is_absolute():
     assert not compare("t", torch.zeros(2, dtype=torch.float64), denormal, tol=2e-5).ok
 
 
+def test_compare_takes_errors_at_fp32_underflow_as_none():
+    """A gradient of 2.3e-38 (a decay of 1.6e-38, at the reset threshold) against an fp32 0
+    (a TVM fuzz finding, seed 20261208): errors within a few of fp32's smallest normal are
+    none; larger ones on the same tiny reference still fail, and float64 keeps no floor."""
+    tiny = torch.finfo(torch.float32).tiny
+    ref = torch.tensor([2.3e-38, 0.0], dtype=torch.float64)
+    assert compare("t", torch.zeros(2), ref, tol=2e-5).ok
+    assert not compare("t", torch.tensor([1e-36, 0.0]), ref, tol=2e-5).ok
+    assert not compare("t", torch.zeros(2, dtype=torch.float64), ref, tol=2e-5).ok
+    big = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    assert not compare("t", (big * (1 + 1e-4)).float(), big, tol=2e-5).ok
+    assert compare("t", (big + 2 * tiny).float(), big, tol=2e-5).ok
+
+
 def perturbed(op, how):
     """A callable like a built-in whose non-reference path is wrong in a given way."""
     def bad(*args, backend="auto", lowering="auto", **kwargs):

@@ -28,13 +28,20 @@ from ..ir.backward import BackwardExprs, Underivable
 from ..ir.functions import Sigmoid
 from .base import PassContext, register_pass
 
-_W = sp.Wild("w")
+class _Tanh(sp.Function):
+    """tanh while differentiating: sympy's tanh' = 1 - tanh^2 loses the derivative, about
+    4 e^-2|u|, to cancellation in fp32 (all of it where tanh rounds to +-1, |u| > 9; 1e-4
+    relative at u = 4.8), and sympy spreads that difference through the product rule
+    ((tanh^2 - 1) exp(-tanh), 3 - 3 tanh^2), where no pattern on the result finds it. Its
+    own derivative 4 s(2u) s(-2u) keeps the value (as Sigmoid's)."""
+
+    def fdiff(self, argindex=1):
+        u = self.args[0]
+        return 4 * Sigmoid(2 * u) * Sigmoid(-2 * u)
 
 
 def _diff(expr: sp.Expr, sym: sp.Symbol) -> sp.Expr:
-    # sympy's tanh' = 1 - tanh^2 is 0 in fp32 wherever tanh rounds to +-1 (|u| > 9), while the
-    # derivative itself, about 4 e^-2|u|, is not: 4 s(2u) s(-2u) keeps it (as Sigmoid's own)
-    d = sp.diff(expr, sym).replace(1 - sp.tanh(_W) ** 2, 4 * Sigmoid(2 * _W) * Sigmoid(-2 * _W))
+    d = sp.diff(expr.replace(sp.tanh, _Tanh), sym).replace(_Tanh, sp.tanh)
     # Max/Min differentiate to Heaviside; keep derivatives free of unevaluated Derivative nodes
     if d.has(sp.Derivative):
         raise NotImplementedError(f"cannot differentiate {expr} w.r.t. {sym}: got {d}")

@@ -1,6 +1,7 @@
 """derive_backward: sympy.diff of the epilogue and of each recurrence operand w.r.t. each input."""
 import importlib
 
+import pytest
 import sympy as sp
 
 import ssmc
@@ -101,3 +102,28 @@ def test_tanh_derivative_keeps_its_value_where_tanh_rounds_to_one():
     want = 4 * torch.exp(-2 * (x.double() + 1.5).abs())
     assert torch.allclose(got.double(), want / (1 + torch.exp(-2 * (x.double() + 1.5).abs())) ** 2,
                           rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("form", ["exp(-tanh(y + 2))", "3 tanh(y)", "tanh(2 y)^2"])
+def test_tanh_derivative_inside_other_functions(form):
+    """sympy spreads 1 - tanh^2 through the product rule ((tanh^2 - 1) exp(-tanh), 3 - 3 tanh^2),
+    where a pattern on the result missed it: the epilogue exp(-tanh(y + 2)) had dE/dy 1e-4 off
+    in fp32 at y = 2.8 (a TVM fuzz finding, seed 20261208). Every tanh is differentiated as
+    4 s(2u) s(-2u) now."""
+    import sympy as sp
+    import torch
+
+    from ssmc.ir.evaluate import evaluate
+    from ssmc.passes.derive_backward import _diff
+
+    y = sp.Symbol("y", real=True)
+    expr = {"exp(-tanh(y + 2))": sp.exp(-sp.tanh(y + 2)), "3 tanh(y)": 3 * sp.tanh(y),
+            "tanh(2 y)^2": sp.tanh(2 * y) ** 2}[form]
+    d = _diff(expr, y)
+    x = torch.tensor([2.83, 4.0, -6.0, 0.3], dtype=torch.float64)
+    exact = sp.diff(expr, y)   # at 50 digits, where 1 - tanh^2 does not cancel
+    ref = torch.tensor([float(exact.subs(y, sp.Float(float(v), 60)).evalf(50)) for v in x],
+                       dtype=torch.float64)
+    assert torch.allclose(evaluate(d, {"y": x}, x), ref, rtol=1e-12, atol=0)
+    got = evaluate(d, {"y": x.float()}, x.float()).double()
+    assert ((got - ref).abs() / ref.abs()).max() < 2e-6
