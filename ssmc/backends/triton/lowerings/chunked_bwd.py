@@ -77,6 +77,7 @@ from ....plan import Plan
 from ..common import compute_type, dot_type, input_params
 from ..render import Context, Emitter, Tile, split_scale
 from . import chunked_segments as seg
+from .chunked_keys import diagonal_walk
 from ..templates import (HAS_RESET_BELOW, chunk_setup, chunk_state_store, fold_resets, indent,
                          later_sum, rows, seq_setup, split_resets, with_resets)
 
@@ -291,42 +292,37 @@ class _Ops:
         return "A"
 
     def key_columns(self, scores: bool = True, grads: bool = True):
-        """Per-key decays within one row block: its key steps s one at a time (unrolled), with
-        the decay D[u, s, n] = exp(lc_u - lc_s) formed elementwise on the rows u >= s only
-        (there is no reference point inside the block to factor it through). With `scores`,
-        emits `AT` (s, u) = A^T (a sum over all of n); with `grads`, from dA (u, s), the
-        block-local parts of dq (sum_s dA[u, s] D k_s) and dk (sum_u dA[u, s] D q_u): `dq_in`,
-        `dk_in`, and `rect`, the decay gradient's pairs inside the block: rect[r] = sum over
-        s < r <= u of M[u, s], M = dA D q k (the pairs whose weight the decay at r enters),
-        formed directly rather than as the difference q dq - k dk of two sums that mostly
-        cancel."""
+        """Per-key decays within one row block: its key steps s one at a time
+        (`chunked_keys.diagonal_walk`), with the decay D[u, s, n] = exp(lc_u - lc_s) formed
+        elementwise on the rows u >= s only (there is no reference point inside the block to
+        factor it through). With `scores`, emits `AT` (s, u) = A^T (a sum over all of n); with
+        `grads`, from dA (u, s), the block-local parts of dq (sum_s dA[u, s] D k_s) and dk
+        (sum_u dA[u, s] D q_u): `dq_in`, `dk_in`, and `rect`, the decay gradient's pairs inside
+        the block: rect[r] = sum over s < r <= u of M[u, s], M = dA D q k (the pairs whose
+        weight the decay at r enters), the suffix sum of q dq_in - k dk_in: the pairs with both
+        ends at r or later cancel in it, but only within the block's 16 steps."""
         b = self.body
         if scores:
             b(f"AT = tl.zeros([BT, BT], dtype={self.ct})")
         if grads:
             b(f"dq_in = tl.zeros([BT, BN], dtype={self.ct})")
             b(f"dk_in = tl.zeros([BT, BN], dtype={self.ct})")
-            b(f"rect = tl.zeros([BT, BN], dtype={self.ct})")
-        b("for s in tl.static_range(BT):")
-        with b.block():
+
+        def step():
             b("sel = offs_c == s")
-            b("k_s = tl.sum(tl.where(sel[:, None], key, 0.0), axis=0)")
-            b("lc_s = tl.sum(tl.where(sel[:, None], lc, 0.0), axis=0)")
-            b("zc_s = tl.sum(tl.where(sel[:, None], zc, 0.0), axis=0)")
-            gap = with_resets("lc - lc_s[None, :]", "zc - zc_s[None, :]")
-            b(f"dec = tl.exp(tl.where(offs_c[:, None] >= s, {gap}, float('-inf')))")
             b("qd = query * dec")
             if scores:
-                b("a_s = tl.sum(qd * k_s[None, :], axis=1)")
+                b("a_s = tl.sum(qd * k_r[None, :], axis=1)")
                 b("AT = tl.where(sel[:, None], a_s[None, :], AT)")
             if grads:
                 b("da_s = tl.sum(tl.where(sel[None, :], dA, 0.0), axis=1)")
-                b("dqs = da_s[:, None] * dec * k_s[None, :]")
-                b("dq_in += dqs")
-                b("rect += tl.where(offs_c[:, None] > s,"
-                  " tl.cumsum(query * dqs, axis=0, reverse=True), 0.0)")
+                b("dq_in += da_s[:, None] * dec * k_r[None, :]")
                 b("dk_s = tl.sum(da_s[:, None] * qd, axis=0)")
                 b("dk_in = tl.where(sel[:, None], dk_s[None, :], dk_in)")
+        diagonal_walk(self.prog, self.ct, b, step)
+        if grads:
+            b("rect = tl.cumsum((query * dq_in - key * dk_in).to(tl.float64), axis=0,"
+              " reverse=True)")
 
     def state_decay(self) -> str:
         """The factor the state carries across the whole chunk ((n, BP)-broadcastable)."""

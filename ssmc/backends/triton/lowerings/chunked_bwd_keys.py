@@ -174,7 +174,7 @@ class _Kernel:
         b("a = (query * dq_x).to(tl.float64)")
         b("k_out = (key * dk_x).to(tl.float64)")
         b("carry += a_next - tl.sum(k_out, axis=0)")
-        b("dl = (rect.to(tl.float64) + tl.cumsum(a, axis=0, reverse=True)"
+        b("dl = (rect + tl.cumsum(a, axis=0, reverse=True)"
           " + (tl.cumsum(k_out, axis=0) - k_out) + carry[None, :])")
         b("a_next = tl.sum(a, axis=0)")
         b("row = (b_idx * T + t_row[:, None]) * H + h_idx")

@@ -28,7 +28,7 @@ from __future__ import annotations
 from ..render import Emitter
 from ..templates import later_sum, with_resets
 from .chunked_tiles import (KEY_KT_TILE, KEY_QK_TILE, KEY_ROWS, KEY_V_TILE, QK_TILE,
-                            BlockOperands)
+                            BlockOperands, RowOperands)
 
 
 def _sign(count: str) -> str:
@@ -37,23 +37,57 @@ def _sign(count: str) -> str:
 
 
 def _columns(body: Emitter, ct: str, key: str, extract: list[tuple[str, str]],
-             exponent: str, count: str | None, causal: bool) -> None:
-    """`scores` (BT, BT) = sum over n of query * exp(exponent) * key_s, one key step s at a
-    time (unrolled); `extract` names the key-side (BT, BN) tiles whose row s the exponent reads
-    as `<name>_s`, with their zero."""
+             exponent: str, count: str | None) -> None:
+    """`scores` (BT, BT) = sum over n of query * exp(exponent) * key_s, one key step s of an
+    earlier block at a time (unrolled; only fp16's chunks whose decays grow); `extract` names
+    the key-side (BT, BN) tiles whose row s the exponent reads as `<name>_s`, with their zero."""
     body(f"scores = tl.zeros([BT, BT], dtype={ct})")
     body("for s in tl.static_range(BT):")
     with body.block():
         body("sel = offs_c == s")
         for name, zero in [(key, "0.0")] + extract:
             body(f"{name}_s = tl.sum(tl.where(sel[:, None], {name}, {zero}), axis=0)")
-        ex = (f"tl.where(offs_c[:, None] >= s, {exponent}, float('-inf'))" if causal
-              else exponent)
-        factor = f"tl.exp({ex})"
+        factor = f"tl.exp({exponent})"
         if count is not None:
             factor += f" * {_sign(count)}"
         body(f"col = tl.sum(query * {factor} * {key}_s[None, :], axis=1)")
         body("scores = tl.where(sel[None, :], col[:, None], scores)")
+
+
+def diagonal_walk(prog, ct: str, body: Emitter, per_step) -> None:
+    """The diagonal block's key steps s one at a time (unrolled): step s's key `k_r` and the
+    running sums of its block's log-decays up to s (`lcs`, `zcs`, `ngs`), kept as the walk
+    goes, which `lc`, `zc`, `ngc` (the rows' own) minus them make D[u, s] of; `per_step(dec)`
+    emits the step's work from `dec`, D[:, s, :] (0 above the diagonal)."""
+    sgn = prog.decay_signed
+    body(f"lcs = tl.zeros([BN], dtype={ct})")
+    body(f"zcs = tl.zeros([BN], dtype={ct})")
+    if sgn:
+        body("ngs = tl.zeros([BN], dtype=tl.int32)")
+    body("for s in tl.static_range(BT):")
+    with body.block():
+        row = RowOperands(prog, ct, body, "s")
+        row.operand("key", "k_r")
+        ld, rz, ng = row.log_decays()
+        body(f"lcs += {ld}")
+        body(f"zcs += {rz}")
+        gap = with_resets("lc - lcs[None, :]", "zc - zcs[None, :]")
+        dec = f"tl.exp(tl.where(offs_c[:, None] >= s, {gap}, float('-inf')))"
+        if sgn:
+            body(f"ngs += {ng}")
+            dec += f" * {_sign('ngc - ngs[None, :]')}"
+        body(f"dec = {dec}")
+        per_step()
+
+
+def diagonal_scores(prog, ct: str, body: Emitter, query: str) -> None:
+    """`scores` (BT, BT) of the diagonal block: sum over n of query * D[:, s] * k_s."""
+    body(f"scores = tl.zeros([BT, BT], dtype={ct})")
+
+    def column():
+        body(f"col = tl.sum({query} * dec * k_r[None, :], axis=1)")
+        body("scores = tl.where(offs_c[None, :] == s, col[:, None], scores)")
+    diagonal_walk(prog, ct, body, column)
 
 
 def narrow_operands(dt: str) -> bool:
@@ -102,10 +136,7 @@ def per_key_decay_body(c, body: Emitter) -> None:
         start += f" * {_sign('prefix_ng[None, :] + ngc')}"
     body(f"y = {c.dot(f'({query} * {start}).to({dt})', f'state_in.to({dt})')}")
 
-    # the diagonal block
-    _columns(body, ct, key, [("lc", "0.0"), ("zc", "0.0")] + ([("ngc", "0")] if sgn else []),
-             with_resets("lc - lc_s[None, :]", "zc - zc_s[None, :]"),
-             "ngc - ngc_s[None, :]" if sgn else None, causal=True)
+    diagonal_scores(prog, ct, body, query)
     body(f"y += {c.dot(f'scores.to({dt})', 'value')}")
 
     # the earlier key blocks, nearest first: `mid` sums the blocks between j and r
@@ -142,8 +173,7 @@ def per_key_decay_body(c, body: Emitter) -> None:
                 if sgn:
                     body(f"ngx = {count}")
                 _columns(body, ct, kj, [("rest", "0.0")] + ([("ngx", "0")] if sgn else []),
-                         "lcf + rest_s[None, :]", "ngc + ngx_s[None, :]" if sgn else None,
-                         causal=False)
+                         "lcf + rest_s[None, :]", "ngc + ngx_s[None, :]" if sgn else None)
             body(f"y += {c.dot(f'scores.to({dt})', 'vj')}")
             total = with_resets(f"tl.sum({lk}, axis={axis})", f"tl.sum({rk}, axis={axis})")
             body(f"mid += {total}")
