@@ -7,8 +7,9 @@
    same gradient), chosen by the decay (`backward_kind`):
    - chunked (lowerings/chunked_bwd.py) where the decay is positive with an exact log and has
      no n or p axis (or there is none): the states entering every chunk of CHUNK steps, then
-     the chunks in reverse giving d query, d key, d value and d log_decay (by the chunk-local
-     q dq - k dk identity; handed to the chain rule as is, never divided by the decay);
+     the chunks in reverse giving d query, d key, d value and d log_decay (summed over the
+     pairs of steps each decay sits between; handed to the chain rule as is, never divided by
+     the decay);
    - scan (lowerings/scan_bwd.py) otherwise (decays that may be 0 or negative, per-key and
      per-element decays): the forward with a checkpoint every 16 steps, then the reverse
      adjoint pass recomputing each segment, giving d decay over the decay's own axes.

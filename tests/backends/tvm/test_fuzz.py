@@ -73,3 +73,25 @@ def test_saturated_decay_gradient():
     inputs["a"] = torch.full((1, 1, 1, 2, 2), 19.5)
     check_against_reference(channel_gate, inputs, tol=2e-5, backend="tvm", lowering=lowering,
                             initial_state=torch.randn(1, 1, 2, 2, generator=gen))
+
+
+@pytest.mark.parametrize("direction, p, case", [
+    ("cross2d", 1, dict(b=2, t=2, lengths=None, edges=0.0, seed=910931048343655641,
+                        grid=(1, 2))),
+    ("forward", 2, dict(b=2, t=17, lengths=None, edges=0.0, seed=2014778559842358803,
+                        grid=None))])
+def test_time_invariant_decay_gradient_without_cancellation(direction, p, case):
+    """Found by the campaign at seed 20261209: a per-head decay sigmoid(a + 1.5), fp32, with the
+    final state returned. The chunked backward formed d log-decay as the suffix sum of
+    q dq - k dk, whose pairs after each step cancel; grad a (their sum over every step) was
+    3.8e-5 and 4.1e-5 off. The pairs each decay sits between are summed directly now."""
+    from tests.fuzzing import Case, Setup, Spec, build_definition
+    spec = Spec(decay="h", squash="sigmoid", direction=direction, kq="g", extras=(),
+                decay_mod=None, key_mod=None, value_mod=None, query_mod=None, epilogue=None)
+    setup = Setup(h=1, g=1, n=1, p=p, dtype=torch.float32, h0=False, final=False,
+                  varlen=False, grad=True)
+    defn = build_definition(spec)
+    inputs, kwargs = case_inputs(defn, setup, Case(**case), "cpu")
+    for lowering in ("scan", "chunked"):
+        check_against_reference(defn, inputs, tol=FUZZ_TOL[torch.float32], backend="tvm",
+                                lowering=lowering, **kwargs)

@@ -10,15 +10,16 @@ l_u, S_in the state entering it and G = dL/dS at its end:
     dA = (dy v^T) * D
     dq = dA k + cd * (dy S_in^T)        dk = dA^T q + re * (v G^T)
     dv = A^T dy + (re * k) G            G <- el * G + (cd * q)^T dy  (G of the chunk before)
-    dL/dl_r = sum_{u >= r in the chunk} (q_u . dq_u - k_u . dk_u) + sum (G * S_end)
+    dL/dl_r = sum over the pairs s < r <= u of M[u, s] = dA[u, s] (q_u . k_s)
+              + sum_{u >= r} q_u . (cd * dy S_in^T)_u + sum_{s < r} k_s . (re * v G^T)_s
+              + el * sum (G * S_in)
 
-with sum (G * S_end) = el * sum (G * S_in) + sum (v * ((re * k) G)) (S_end the state leaving
-the chunk). The last identity holds because every factor of the chunk's products from step r on
-carries l_r (and el all of S_in); the sum stays inside the chunk, where it does not cancel.
-The gradient goes out as d log_decay (the chain rule takes it as is; dividing by the decay
-would fail where it underflows to 0). Measured at t=2048 h=8 n=p=64, the identity (two
-length-n dot products per step, O(n p) per chunk) is ~0.2 ms of the ~14 ms function; d decay
-itself would need every step's state, an n x p product per step more.
+the pairs whose weight the decay at r enters: inside the chunk, from the entering state, to the
+leaving state, and across the whole chunk. Summed directly (rectangles of M), not as the suffix
+sum of q dq - k dk, whose pairs with both ends at r or later cancel: a time-invariant decay's
+gradient sums that residue over every step (4e-5 relative in fp32, a fuzz finding). The
+gradient goes out as d log_decay (the chain rule takes it as is; dividing by the decay would
+fail where it underflows to 0).
 
 Decay factors: D is a running product of the chunk's decays (one exp per step, not per entry:
 LLVM calls libm's exp one lane at a time, ~6 ns each, which for Q^2 entries would cost as much
@@ -197,13 +198,14 @@ class _ChunkEmitter(_BwdEmitter):
                         for r in names:
                             acc(r)
 
-    def causal(self, name: str, left: str, right: str, inner: int):
-        """name[u, s] = sum_x left[u, x] * right[x, s] on the causal half times D, else 0
-        (rows u < cl_; right is stored (x, s))."""
+    def causal(self, name: str, left: str, right: str, inner: int, decayed: bool = True):
+        """name[u, s] = sum_x left[u, x] * right[x, s] on the causal half times D (unless not
+        `decayed`), else 0 (rows u < cl_; right is stored (x, s))."""
         w, Q, zero = self.w, self.Q, self.zero
         self.matmul(name, lambda r, x: f"{left}[{r}, {x}]", lambda x, j: f"{right}[{x}, {j}]",
                     "cl_", i64(inner), Q)
-        scaled = f"{name}[u_, s_v] * Dm[u_, s_v]" if self.has_decay else f"{name}[u_, s_v]"
+        scaled = (f"{name}[u_, s_v] * Dm[u_, s_v]" if self.has_decay and decayed
+                  else f"{name}[u_, s_v]")
         with w.block("for u_ in range(cl_):"):
             with w.block(f"for s_v in T.vectorized({i64(Q)}):"):
                 w(f"{name}[u_, s_v] = T.if_then_else(s_v <= u_, {scaled}, {zero})")
@@ -298,6 +300,27 @@ def render_states(spec: KernelSpec, want_y: bool) -> str:
     return e.finish()
 
 
+def _decay_gradient_pairs(e) -> None:
+    """`dlr[r]` = sum over the chunk's pairs s < r <= u of M[u, s] = dA[u, s] (q_u . k_s), as
+    rectangles: xr[u, r] = sum_{s < r} M[u, s] along each row, then summed down each column.
+    Not as the suffix sum of q dq - k dk, whose pairs with both ends at r or later cancel: a
+    time-invariant decay's gradient sums that residue over every step (a fuzz finding: 4e-5
+    relative). `sc` holds q k^T without D on entry and gets D here."""
+    w, zero = e.w, e.zero
+    with w.block("for u_ in range(cl_):"):
+        w(f"sm[T.int64(0)] = {zero}")
+        with w.block("for s_ in range(u_ + T.int64(1)):"):
+            w("xr[u_, s_] = sm[T.int64(0)]")
+            w("sm[T.int64(0)] = sm[T.int64(0)] + sc[u_, s_] * dA[u_, s_]")
+    with w.block("for r_ in range(cl_):"):
+        w(f"dlr[r_] = {zero}")
+        with w.block("for u_ in range(r_, cl_):"):
+            w("dlr[r_] = dlr[r_] + xr[u_, r_]")
+    with w.block("for u_ in range(cl_):"):
+        with w.block(f"for s_v in T.vectorized({i64(e.Q)}):"):
+            w("sc[u_, s_v] = sc[u_, s_v] * Dm[u_, s_v]")
+
+
 def render_bwd(spec: KernelSpec) -> str:
     e = _ChunkEmitter(spec)
     w, s = e.w, spec
@@ -318,12 +341,13 @@ def render_bwd(spec: KernelSpec) -> str:
                             ("kT", (N, Q)), ("qc", (Q, N)), ("vc", (Q, P)), ("vT", (P, Q)),
                             ("dyc", (Q, P)), ("sc", (Q, Q)), ("dA", (Q, Q)), ("tq", (Q, N)),
                             ("tk", (Q, N)), ("tv", (Q, P)), ("rn", (N,)), ("rp", (P,)),
-                            ("tp", (P,)), ("part", (LANES,)), ("wu", (Q,))):
+                            ("tp", (P,)), ("part", (LANES,))):
             e.alloc(name, shape)
         if dec:
             for name, shape in (("lg", (Q,)), ("cd", (Q,)), ("re", (Q,)), ("ea", (Q,)),
                                 ("Dm", (Q, Q)), ("el", (1,)), ("sm", (1,)), ("gsp", (N,)),
-                                ("vkg", (P,)), ("term", (1,))):
+                                ("term", (1,)), ("au", (Q,)), ("bk", (Q,)), ("xr", (Q, Q)),
+                                ("dlr", (Q,))):
                 e.alloc(name, shape)
         put = functools.partial(_put, e)
         for d_index, direction in e.orders():
@@ -337,7 +361,7 @@ def render_bwd(spec: KernelSpec) -> str:
                 e.load_chunk(direction, ("key", "query", "value"), dy=True)
                 if dec:
                     e.decay_factors(matrix=True)
-                e.causal("sc", "qc", "kT", N)       # A
+                e.causal("sc", "qc", "kT", N, decayed=False)   # q k^T, D applied below
                 e.causal("dA", "dyc", "vT", P)      # dA
                 # the products with the states, for all rows at once: tq = dy S_in^T,
                 # tk = v G^T (both (Q, N)), tv = k G (Q, P)
@@ -349,49 +373,48 @@ def render_bwd(spec: KernelSpec) -> str:
                          "cl_", i64(N), P)
                 cdu = " * cd[u_]" if dec else ""
                 res = " * re[u_]" if dec else ""
-                # dq = dA k + cd * tq; w_u = q_u . dq_u
+                if dec:
+                    _decay_gradient_pairs(e)
+                # dq = dA k + cd * tq; au_u = q_u . (cd * tq)_u, the pairs from the state in
                 with w.block("for u_ in range(cl_):"):
                     w(f"t_ = {e.time_of(direction, 'c0_ + u_')}")
                     with w.block(f"for n_ in T.vectorized({i64(N)}):"):
                         w(f"rn[n_] = tq[u_, n_]{cdu}")
+                    if dec:
+                        w(f"au[u_] = {zero}")
+                        e.dot("au[u_]", "qc[u_, x_]", "rn[x_]", N)
                     with w.block("for j_ in range(u_ + T.int64(1)):"):
                         with w.block(f"for n_ in T.vectorized({i64(N)}):"):
                             w("rn[n_] = rn[n_] + dA[u_, j_] * kc[j_, n_]")
                     with w.block(f"for n_ in T.vectorized({i64(N)}):"):
                         put("dq", "b_, t_, h_, n_", "rn[n_]")
-                    if dec:
-                        w(f"wu[u_] = {zero}")
-                        e.dot("wu[u_]", "qc[u_, x_]", "rn[x_]", N)
-                # dk = dA^T q + re * tk; w_s -= k_s . dk_s
+                # dk = dA^T q + re * tk; bk_s = k_s . (re * tk)_s, the pairs to the state out
                 with w.block("for u_ in range(cl_):"):
                     w(f"t_ = {e.time_of(direction, 'c0_ + u_')}")
                     with w.block(f"for n_ in T.vectorized({i64(N)}):"):
                         w(f"rn[n_] = tk[u_, n_]{res}")
+                    if dec:
+                        w(f"bk[u_] = {zero}")
+                        e.dot("bk[u_]", "kc[u_, x_]", "rn[x_]", N)
                     with w.block("for j_ in range(u_, cl_):"):
                         with w.block(f"for n_ in T.vectorized({i64(N)}):"):
                             w("rn[n_] = rn[n_] + dA[j_, u_] * qc[j_, n_]")
                     with w.block(f"for n_ in T.vectorized({i64(N)}):"):
                         put("dk", "b_, t_, h_, n_", "rn[n_]")
-                    if dec:
-                        e.dot("wu[u_]", "kc[u_, x_]", "rn[x_]", N, sign="-")
-                # dv = A^T dy + re * tv; sum (v * re * tv) for the chunk-end term
-                if dec:
-                    with w.block(f"for p_ in T.vectorized({i64(P)}):"):
-                        w(f"vkg[p_] = {zero}")
+                # dv = A^T dy + re * tv
                 with w.block("for u_ in range(cl_):"):
                     w(f"t_ = {e.time_of(direction, 'c0_ + u_')}")
                     with w.block(f"for p_ in T.vectorized({i64(P)}):"):
                         w(f"tp[p_] = tv[u_, p_]{res}")
                         w("rp[p_] = tp[p_]")
-                        if dec:
-                            w("vkg[p_] = vkg[p_] + vc[u_, p_] * tp[p_]")
                     with w.block("for j_ in range(u_, cl_):"):
                         with w.block(f"for p_ in T.vectorized({i64(P)}):"):
                             w("rp[p_] = rp[p_] + sc[j_, u_] * dyc[j_, p_]")
                     with w.block(f"for p_ in T.vectorized({i64(P)}):"):
                         put("dv", "b_, t_, h_, p_", "rp[p_]")
                 if dec:
-                    # dL/dl_r = sum_{u >= r} w_u + el * sum (G * S_in) + sum (v * (re k) G)
+                    # dL/dl_r = dlr_r (the chunk's own pairs and those from the state in) +
+                    # sum_{s < r} bk_s + el * sum (G * S_in)
                     with w.block(f"for n_ in T.vectorized({i64(N)}):"):
                         w(f"gsp[n_] = {zero}")
                     with w.block(f"for p_ in range({i64(P)}):"):
@@ -401,14 +424,16 @@ def render_bwd(spec: KernelSpec) -> str:
                     with w.block(f"for n_ in range({i64(N)}):"):
                         w("term[T.int64(0)] = term[T.int64(0)] + gsp[n_]")
                     w("term[T.int64(0)] = term[T.int64(0)] * el[T.int64(0)]")
-                    with w.block(f"for p_ in range({i64(P)}):"):
-                        w("term[T.int64(0)] = term[T.int64(0)] + vkg[p_]")
-                    w(f"sm[T.int64(0)] = {zero}")
+                    w(f"sm[T.int64(0)] = {zero}")    # the pairs from the state in: u >= r
                     with w.block("for jj_ in range(cl_):"):
                         w("j_ = cl_ - T.int64(1) - jj_")
+                        w("sm[T.int64(0)] = sm[T.int64(0)] + au[j_]")
+                        w("dlr[j_] = dlr[j_] + sm[T.int64(0)]")
+                    w(f"sm[T.int64(0)] = {zero}")    # the pairs to the state out: s < r
+                    with w.block("for j_ in range(cl_):"):
                         w(f"t_ = {e.time_of(direction, 'c0_ + j_')}")
-                        w("sm[T.int64(0)] = sm[T.int64(0)] + wu[j_]")
-                        put("dl", "b_, t_, h_", "sm[T.int64(0)] + term[T.int64(0)]")
+                        put("dl", "b_, t_, h_", "dlr[j_] + sm[T.int64(0)] + term[T.int64(0)]")
+                        w("sm[T.int64(0)] = sm[T.int64(0)] + bk[j_]")
                 # G <- el * G + (cd * q)^T dy, and its transpose
                 e.matmul("G", (lambda r, x: f"qc[{x}, {r}] * cd[{x}]") if dec else
                          (lambda r, x: f"qc[{x}, {r}]"), lambda x, j: f"dyc[{x}, {j}]",
