@@ -62,7 +62,8 @@ if want table; then
 fi
 if want per_key; then
     echo; echo "=== per-key decays vs FLA chunk_gla; selective_scan scan vs chunked (issue 16)"
-    timeout -s INT -k 30 "${PER_KEY_LIMIT:-420}" python3 benchmarks/per_key.py 2>&1 \
+    timeout -s INT -k 30 "${PER_KEY_LIMIT:-420}" python3 benchmarks/per_key.py \
+        --fla-configs "$ORIGINAL_CONFIGS" 2>&1 \
         | tee "$LOGS/per_key.log"
 fi
 if want decode; then

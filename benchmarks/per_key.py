@@ -1,7 +1,7 @@
 """GPU benchmark: per-key (GLA-class) decays against FLA's chunk_gla, and Mamba-1's selective
 scan on its two lowerings (issue 16).
 
-    python benchmarks/per_key.py [--only gla,check,s6] [--reps 50]
+    python benchmarks/per_key.py [--only gla,check,s6] [--reps 50] [--shapes 1] [--fla-configs 4]
     python benchmarks/per_key.py --device cpu --tiny       # a smoke check of the script
 
 Rows, bf16 inputs, the gate g = log sigmoid(4 x) (gates from near 0 to near 1), fp32 g:
@@ -27,6 +27,7 @@ and forward + backward with lowering="scan" and lowering="chunked", and what "au
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -208,8 +209,18 @@ def main():
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--shapes", type=int, default=len(SHAPES),
+                    help="the first this many of the gla table's shapes")
+    ap.add_argument("--fla-configs", type=int, default=0,
+                    help="let each of FLA's autotuners try only this many configs (0: all); "
+                         "its full first-use tuning takes minutes")
     args = ap.parse_args()
     only = args.only.split(",")
+    del SHAPES[args.shapes:]
+    if args.fla_configs:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # (python -P)
+        from compat_gpu_check import limit_autotuning
+        limit_autotuning(args.fla_configs)
     fla = fla_chunk_gla() if args.device == "cuda" else None
     print(f"# device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}")
     if "check" in only and not args.tiny:

@@ -279,10 +279,11 @@ def test_backward_chunked_per_key_decay(direction, n, p):
     """The per-key form of the case above (a fuzz finding at n = p = 1, t = 65): its d
     log-decay was the reverse sum of q dq - k dk over 64-step chunks, and the gradient of `a`
     was 2.8e-5 off relative there, and up to 5.6e-6 on these inputs (seed 1), the scan's 1.4e-6.
-    The pairs s < r <= u are summed directly now: at most 2.1e-6 over these seeds."""
+    The pairs s < r <= u are summed directly now (those inside a 16-step row block as its
+    q dq - k dk): at most 2.9e-6 over these seeds (CPU)."""
     sizes = dict(b=2, t=65, h=2, g=2, n=n, p=p)
     for seed in range(4):
-        check_backward(_per_key_decay(direction), "chunked", sizes, seed=seed, tol=3e-6)
+        check_backward(_per_key_decay(direction), "chunked", sizes, seed=seed, tol=4e-6)
 
 
 # --------------------------------------------------------------------------- finite differences

@@ -321,8 +321,8 @@ class _Ops:
                 b("dk_in = tl.where(sel[:, None], dk_s[None, :], dk_in)")
         diagonal_walk(self.prog, self.ct, b, step)
         if grads:
-            b("rect = tl.cumsum((query * dq_in - key * dk_in).to(tl.float64), axis=0,"
-              " reverse=True)")
+            b("rect = tl.cumsum((query * dq_in).to(tl.float64) - (key * dk_in).to(tl.float64),"
+              " axis=0, reverse=True)")
 
     def state_decay(self) -> str:
         """The factor the state carries across the whole chunk ((n, BP)-broadcastable)."""

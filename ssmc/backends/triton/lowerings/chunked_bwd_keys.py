@@ -238,21 +238,32 @@ def render_keys_kernel(plan: Plan) -> str:
     with end.block():
         _state(end, "S_end", "ssmc_states", "(chunk + 1)")
     end("carry += tl.sum(G * S_end, axis=1).to(tl.float64)")
-    setup = chunk_setup(True, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
+    prelude = f"""    carry = tl.zeros([BN], dtype=tl.float64)
+    a_next = tl.zeros([BN], dtype=tl.float64)
+    for p0 in range(0, P, BP):
+{end.text()}"""
+    return _walking_kernel(
+        "ssmc_chunked_bwd_keys", plan, k,
+        "ssmc_dy, ssmc_states, ssmc_dstates, ssmc_finals, ssmc_dq, ssmc_dk, ssmc_dl",
+        " NPB: tl.constexpr,", True, prelude, body)
+
+
+def _walking_kernel(name: str, plan: Plan, k: _Kernel, args: str, extra: str, split_n: bool,
+                    prelude: str, body: Emitter) -> str:
+    """A kernel over (chunk, head, block) whose `body` walks the chunk's row blocks from the
+    last (`_block_walk`), `post` summing the log-decays of those it has passed."""
+    setup = chunk_setup(split_n, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
                         "tl.program_id(0).to(tl.int64)", "CS", "cs0")
     return f"""
 @triton.jit
-def ssmc_chunked_bwd_keys(
+def {name}(
     {input_params(plan.program)},
-    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_finals, ssmc_dq, ssmc_dk, ssmc_dl,
-    {PARAMS} NPB: tl.constexpr,
+    {args},
+    {PARAMS}{extra}
 ):
 {setup}
     R = tl.cdiv(tl.minimum(CS, length - cs0), BT)
-    carry = tl.zeros([BN], dtype=tl.float64)
-    a_next = tl.zeros([BN], dtype=tl.float64)
-    for p0 in range(0, P, BP):
-{end.text()}
+{prelude}
     post = tl.zeros([BN], dtype={k.ct})
     for ii in range(0, R):
 {body.text()}
@@ -266,21 +277,8 @@ def render_keys_dv_kernel(plan: Plan) -> str:
     _block_walk(body)
     k.values()
     body("post += l_last")
-    setup = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
-                        "tl.program_id(0).to(tl.int64)", "CS", "cs0")
-    return f"""
-@triton.jit
-def ssmc_chunked_bwd_keys_dv(
-    {input_params(plan.program)},
-    ssmc_dy, ssmc_dstates, ssmc_dv,
-    {PARAMS}
-):
-{setup}
-    R = tl.cdiv(tl.minimum(CS, length - cs0), BT)
-    post = tl.zeros([BN], dtype={k.ct})
-    for ii in range(0, R):
-{body.text()}
-"""
+    return _walking_kernel("ssmc_chunked_bwd_keys_dv", plan, k,
+                           "ssmc_dy, ssmc_dstates, ssmc_dv", "", False, "", body)
 
 
 def render_keys_y_kernel(plan: Plan) -> str:
