@@ -103,8 +103,7 @@ def per_key_decay_body(c, body: Emitter) -> None:
     narrow = narrow_operands(dt)
     row = BlockOperands(prog, ct, body, QK_TILE, "qk", "")
     row.ctx.loaded = c.ctx_qk.loaded
-    query = row.operand("query", "query")
-    key = row.operand("key", "key")
+    query = row.operand("query", "query")   # the diagonal loads its key steps' rows
     c.value()
     ld, rz, ng = row.log_decays()
     body(f"lc = tl.cumsum({ld}, axis=0)")
