@@ -219,19 +219,23 @@ def test_segmented_state_pass(inputs, per_key, monkeypatch):
 
 
 @pytest.mark.parametrize("inputs", ["growing", "signed"])
-def test_per_key_elementwise_form_of_earlier_key_blocks(inputs, tmp_path, monkeypatch):
-    """The form fp16 operands take in growing chunks, run here on fp32 operands (each
-    exponent of an earlier key block summed whole, signs by parity), on decays that grow and
-    on every sign. A fresh cache directory: the plan's kernels are rendered again."""
+def test_per_key_factored_products_in_fp32_for_narrow_operands(inputs, tmp_path, monkeypatch):
+    """fp16 operands (65504) take the factored products between row blocks in fp32, whose
+    range holds every factor a needed weight does. Run here with that form forced on, on
+    decays that grow and on every sign. A fresh cache directory: the plan's kernels are
+    rendered again."""
     monkeypatch.setenv("SSMC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(chunked_keys, "narrow_operands", lambda dt: True)
     if inputs == "growing":
         run(exp_decay_keys, growing_inputs(True, seed=2), "triton", "chunked", states=True)
-    else:   # |w| up to 1.6: some decays above 1 in size, so chunks take the form
+    else:   # |w| up to 1.6: some decays above 1 in size
         signed = signed_inputs(True, seed=2)
         run(gated_keys, dict(signed, w=signed["w"] * 1.6), "triton", "chunked", states=True)
-    plan = Plan(program=exp_decay_keys.program, lowering="chunked", dtype="float32")
-    assert "if grow > 0.0:" in get_backend("triton").source(plan)
+    monkeypatch.undo()
+    plan = Plan(program=exp_decay_keys.program, lowering="chunked", dtype="float16")
+    lines = get_backend("triton").source(plan).splitlines()
+    factored = [ln.strip() for ln in lines if ln.strip().startswith(("q_op =", "kT_op ="))]
+    assert factored and all(ln.endswith(".to(tl.float32)") for ln in factored), factored
 
 
 @pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])

@@ -44,7 +44,7 @@ from ..common import (HEADER, compute_type, dot_type, emit_output, fp32_precisio
                       input_params)
 from ..render import Context, Emitter, Tile, split_scale
 from . import chunked_segments as seg
-from .chunked_keys import per_key_decay_body
+from .chunked_keys import KeyOps, output_body, render_scores_kernel
 from .chunked_tiles import (KEY_KT_TILE, KEY_ROWS, KEY_T_TILE, KEY_V_TILE, KT_TILE, QK_TILE,
                             T_TILE, V_TILE)
 from ..templates import (HAS_RESET_BELOW, after, chunk_setup, chunk_state_store, fold_resets,
@@ -432,7 +432,8 @@ def _output_body(plan: Plan, resets: bool) -> Emitter:
          " + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0)")
     _join_segment(plan, body)
     if per_key_decay(plan):
-        per_key_decay_body(c, body)
+        c.value()
+        output_body(KeyOps(plan, body), "value")
     else:
         _scalar_decay_body(plan, c, body, resets)
     body("y_mask = mask_t[:, None] & mask_p[None, :]")
@@ -443,7 +444,7 @@ def _output_body(plan: Plan, resets: bool) -> Emitter:
 
 OUT_PARAMS = """
     out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
-    yacc_ptr, states_ptr, resets_ptr, cu_ptr, chunk_off_ptr, chunk_seq_ptr,
+    yacc_ptr, states_ptr, resets_ptr, ssmc_scores, cu_ptr, chunk_off_ptr, chunk_seq_ptr,
     seg_state_ptr, chunk_prod_ptr,
     T, HPG, N, P, GH, NSEG, SEG,
     BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr,
@@ -511,4 +512,5 @@ def ssmc_chunked_out_resets_fwd({params}
 
 
 def render(plan: Plan) -> str:
-    return HEADER + render_state_kernel(plan) + "\n" + render_output_kernel(plan)
+    scores = render_scores_kernel(plan) if per_key_decay(plan) else ""
+    return HEADER + render_state_kernel(plan) + "\n" + render_output_kernel(plan) + scores

@@ -33,8 +33,9 @@ from ..render import Emitter
 from ..templates import chunk_setup, indent, later_sum, rows, with_resets
 from .chunked import _Chunk
 from .chunked_bwd import _Ops, store_y
-from .chunked_keys import narrow_operands, per_key_decay_body
-from .chunked_tiles import KEY_KT_TILE, KEY_QK_TILE, KEY_ROWS, KEY_V_TILE, V_TILE, BlockOperands
+from .chunked_keys import KeyOps, narrow_operands, output_body, sign_of
+from .chunked_tiles import (KEY_KT_TILE, KEY_QK_TILE, KEY_ROWS, KEY_V_TILE, QK_TILE, V_TILE,
+                            BlockOperands)
 
 PARAMS = ("ssmc_cu, ssmc_chunk_off, ssmc_chunk_seq,\n    B, T, HPG, N, P, GH,\n"
           "    BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,\n"
@@ -182,30 +183,6 @@ class _Kernel:
         for name, v in (("dq", "dq_in + dq_x"), ("dk", "dk_in + dk_x"), ("dl", "dl")):
             b(f"tl.store(ssmc_{name} + row * N + offs_n[None, :], {v}, mask=nmask)")
 
-    def values(self) -> None:
-        """dv of block i on the program's p-block: A (all of n) against dy, its own block's
-        A^T from `key_columns`, the later blocks' factored, and the state term."""
-        b, o = self.body, self.o
-        o.operand("query", "query")
-        o.operand("key", "key")
-        o.decay()
-        o.key_columns(grads=False)
-        b("lr_end = lr + post[None, :]")
-        _dy(b, "dy", "t_row", "mask_t")
-        _state(b, "G", "ssmc_dstates")
-        b(f"dv = {o.dot('AT', 'dy')} + {o.dot('key * tl.exp(lr_end)', 'G')}")
-        b(f"mid = tl.zeros([BN], dtype={self.ct})")
-        b("for j in range(i + 1, R):")
-        with b.block():
-            self.other_rows()
-            total = self.later_queries("qv")
-            b(f"Aj = {self.fdot('qf', 'tl.trans(key * tl.exp(lr + mid[None, :]))')}")
-            _dy(b, "dyj", "t_key", "mask_key")
-            b(f"dv += {o.dot('tl.trans(Aj)', 'dyj')}")
-            b(f"mid += {total}")
-        b("tl.store(ssmc_dv + ((b_idx * T + t_row[:, None]) * H + h_idx) * P"
-          " + offs_p[None, :], dv, mask=mask_t[:, None] & mask_p[None, :])")
-
 
 def _block_walk(body: Emitter) -> None:
     """Row block i of the chunk, walked from the last to the first."""
@@ -270,39 +247,54 @@ def {name}(
 """
 
 
+def _chunk_kernel(name: str, plan: Plan, args: str, extra: str, body: Emitter) -> str:
+    """A kernel over (chunk, head, p-block) whose `body` takes the whole chunk (BT = CS rows)."""
+    setup = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
+                        "tl.program_id(0).to(tl.int64)", "CS", "cs0")
+    return f"""
+@triton.jit
+def {name}(
+    {input_params(plan.program)},
+    {args},
+    {PARAMS}{extra}
+):
+{setup}
+    c0 = cs0
+{indent(rows(), 1)}
+{body.text()}
+"""
+
+
 def render_keys_dv_kernel(plan: Plan) -> str:
-    """dv: a program per (chunk, head, p-block), all of n."""
-    body = Emitter(indent=2)
-    k = _Kernel(plan, body)
-    _block_walk(body)
-    k.values()
-    body("post += l_last")
-    return _walking_kernel("ssmc_chunked_bwd_keys_dv", plan, k,
-                           "ssmc_dy, ssmc_dstates, ssmc_dv", "", False, "", body)
+    """dv = A^T dy + (k exp(decay to the chunk's end)) G, A the chunk's scores
+    (chunked_keys.py) and G the gradient of the state leaving it."""
+    body = Emitter(indent=1)
+    k = KeyOps(plan, body)
+    blk = BlockOperands(k.prog, k.ct, body, QK_TILE, "qk", "")
+    key = blk.operand("key", "key")
+    ld, rz, ng = blk.log_decays()
+    to_end = f"tl.exp({with_resets(later_sum(ld), later_sum(rz))})"
+    if ng is not None:
+        to_end += f" * {sign_of(later_sum(ng))}"
+    _dy(body, "dy", "t_row", "mask_t")
+    _state(body, "G", "ssmc_dstates")
+    scores_t = k.scores_tile("T")
+    body(f"dv = {k.dot(f'{scores_t}.to({k.dt})', f'dy.to({k.dt})')}")
+    body(f"dv += {k.dot(f'{key} * {to_end}', 'G', k.ft)}")
+    body("tl.store(ssmc_dv + ((b_idx * T + t_row[:, None]) * H + h_idx) * P"
+         " + offs_p[None, :], dv, mask=mask_t[:, None] & mask_p[None, :])")
+    return _chunk_kernel("ssmc_chunked_bwd_keys_dv", plan,
+                         "ssmc_dy, ssmc_dstates, ssmc_scores, ssmc_dv", "", body)
 
 
 def render_keys_y_kernel(plan: Plan) -> str:
     """y before the epilogue (summed over directions into an fp32 buffer), as the forward's
-    output pass forms it, from the states the backward's forward pass saved."""
-    body = Emitter(indent=2)
+    output pass forms it, from the states and scores the backward's forward pass saved."""
+    body = Emitter(indent=1)
     c = _Chunk(plan, body)
     _state(body, "state_in", "ssmc_states")
-    per_key_decay_body(c, body)
+    c.value()
+    output_body(KeyOps(plan, body), "value")
     store_y(body)
-    setup = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
-                        "tl.program_id(0).to(tl.int64) // R", "CS", "cs0")
-    return f"""
-@triton.jit
-def ssmc_chunked_bwd_y(
-    {input_params(plan.program)},
-    ssmc_y, ssmc_states,
-    {PARAMS} ACCUM_IN: tl.constexpr,
-):
-    R = CS // BT
-{setup}
-    r = tl.program_id(0).to(tl.int64) % R
-    c0 = cs0 + r * BT
-    if c0 < length:
-{indent(rows(), 2)}
-{body.text()}
-"""
+    return _chunk_kernel("ssmc_chunked_bwd_y", plan, "ssmc_y, ssmc_states, ssmc_scores",
+                         " ACCUM_IN: tl.constexpr,", body)

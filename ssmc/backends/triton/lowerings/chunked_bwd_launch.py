@@ -15,6 +15,7 @@ from . import chunked_segments as seg
 from .chunked_bwd_keys import (render_keys_dv_kernel, render_keys_kernel,
                                render_keys_y_kernel)
 from .chunked_segments import Segments
+from .chunked_keys import launch_scores, render_scores_kernel
 
 
 def tiles(plan: Plan, sizes: dict) -> dict:
@@ -62,7 +63,7 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     off = dummy if chunk_off is None else chunk_off
     npb = triton.cdiv(P, m["BP"])
     GH = sizes.get("grid_h", 1)
-    states, finals = [], []
+    states, finals, scores = [], [], []
     for i, (direction, h0) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, initial_state))):
         args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
@@ -76,13 +77,19 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
             N, P, GH, sg.n_seg, sg.seg or 1, BT=m["BT"], BN=m["BN"], BP=m["BP"], **order,
             IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None, SEGMENTED=bool(sg.seg))
         _join(module, sg, st, final, S, H, npb, n_chunks, sizes, m, reverse=False)
+        seqs = dummy if chunk_seq is None else chunk_seq
+        if per_key_decay(plan):   # the chunk's scores: y and dv are products with them
+            sc = torch.empty(max(n_chunks, 1), H, m["BT"], m["BT"], dtype=cdt, device=device)
+            launch_scores(module, args, sc, n_chunks, H, (cu, off, seqs), (T, H // G, N, P, GH),
+                          m["RB"], m["BT"], m["BN"], order, cu_seqlens is not None,
+                          device.type == "cuda")
+            scores.append(sc)
         if want_y and n_chunks > 0:
-            seqs = dummy if chunk_seq is None else chunk_seq
-            if per_key_decay(plan):   # row blocks of RB in chunks of BT
-                module.ssmc_chunked_bwd_y[(n_chunks * (m["BT"] // m["RB"]), H, npb)](
-                    *args, y, st, cu, off, seqs, B, T, H // G, N, P, GH, BT=m["RB"],
+            if per_key_decay(plan):   # whole chunks: BT = CS
+                module.ssmc_chunked_bwd_y[(n_chunks, H, npb)](
+                    *args, y, st, sc, cu, off, seqs, B, T, H // G, N, P, GH, BT=m["BT"],
                     CS=m["BT"], BN=m["BN"], BP=m["BP"], **order,
-                    IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0)
+                    IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0, **_key_warps(m, device))
             else:
                 module.ssmc_chunked_bwd_y[(n_chunks, H, npb)](
                     *args, y, st, cu, off, seqs, B, T, H // G, N, P, GH, BT=m["BT"],
@@ -91,7 +98,15 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         states.append(st)
         finals.append(final)
     layout = dict(n_chunks=n_chunks, chunk_off=chunk_off, chunk_seq=chunk_seq, m=m)
-    return dict(states=states, finals=finals, layout=layout), y
+    return dict(states=states, finals=finals, scores=scores, layout=layout), y
+
+
+def _key_warps(m: dict, device) -> dict:
+    """The per-key whole-chunk kernels hold the chunk's key (or query) and its decay,
+    (BT, BN) each."""
+    if device.type != "cuda":
+        return {}
+    return dict(num_warps=8 if m["BN"] * m["BT"] >= 128 * 64 else 4)
 
 
 def _segments(plan: Plan, sizes: dict, m: dict, S: int, blocks: int, n_chunks: int,
@@ -247,7 +262,8 @@ def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes,
             *args, dy, saved["states"][i], dstates, saved["finals"][i], dq, dk, dl,
             *chunk_args, BN=bk, BP=min(m["BP"], 32), NPB=1, **order, **launch)
         module.ssmc_chunked_bwd_keys_dv[(n_chunks, H, triton.cdiv(P, m["BP"]))](
-            *args, dy, dstates, dv, *chunk_args, BN=m["BN"], BP=m["BP"], **order, **launch)
+            *args, dy, dstates, saved["scores"][i], dv, *chunk_args, BN=m["BN"], BP=m["BP"],
+            **dict(order, BT=m["BT"]), **_key_warps(m, device))
     return {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3),
             "log_decay": dl.unsqueeze(-1)}
 
@@ -255,8 +271,8 @@ def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes,
 def render(plan: Plan) -> str:
     """The backward's generated module: the state passes, y, and the per-chunk kernels."""
     if per_key_decay(plan):
-        kernels = [render_keys_y_kernel(plan), render_keys_kernel(plan),
-                   render_keys_dv_kernel(plan)]
+        kernels = [render_scores_kernel(plan), render_keys_y_kernel(plan),
+                   render_keys_kernel(plan), render_keys_dv_kernel(plan)]
     else:
         kernels = [render_y_kernel(plan), render_dv_kernel(plan), render_dqk_kernel(plan)]
     mode = decay_mode(plan)

@@ -1,57 +1,44 @@
-"""The chunked forward's output pass for decays that vary over the key dim (GLA-class gates).
+"""The chunked lowering for decays that vary over the key dim (GLA-class gates).
 
-Row block r (BT steps) of a CS-long chunk, l[t, n] the log-decays with their resets split out
-(`templates.split_resets`: a zero or underflowing decay is counted apart, so exp of a sum is
-exactly 0 across one), lc the running sum within the row block. The weight of key s seen from
-row t is exp(sum of l over s < u <= t), per n. Three parts:
+l[t, n] the log-decays with their resets split out (`templates.split_resets`: a zero or
+underflowing decay is counted apart, so exp of a sum is exactly 0 across one). Key s is seen
+from row t of its chunk with the weight exp(sum of l over s < u <= t), per n, so the chunk's
+decayed scores A[t, s] = sum_n q_t k_s exp(...) do not depend on p: `ssmc_chunked_scores`
+forms them once per (chunk, head) into a buffer (fp32, fp64 for fp64 plans), one program per row block r of BT (16)
+steps:
 
-* the state entering the chunk: (q * exp(prefix + lc)) S_in, prefix the sum over the chunk's
-  earlier blocks; one matmul;
+* the diagonal block: exp(lc_t - lc_s), lc the running sum within the block, formed
+  elementwise on its causal half (BT^2 * BN work), where the weight has no reference point
+  inside the block to factor through;
 * an earlier key block j < r: the weight factors through the row block's start,
-  exp(lc_t) * exp(sum over s < u < start of r), so scores = (q exp(lc)) (k exp(rest))^T is a
-  tensor-core matmul, then y += scores v. Both exponents are sums of log-decays over disjoint
-  steps, each <= 0 for decays of size at most 1, so neither factor overflows and the product is
-  the weight (an underflowing factor means an underflowing weight);
-* the diagonal block: exp(lc_t - lc_s) formed elementwise on its causal half (BT^2 * BN work),
-  where the factoring has no reference point inside the block.
+  exp(lc_t) * exp(sum over s < u < start of r), so its scores are one tensor-core matmul,
+  (q exp(lc)) (k exp(rest))^T. Both exponents are sums of log-decays over disjoint steps, each
+  <= 0 for decays of size at most 1, so neither factor overflows and the product is the weight
+  (an underflowing factor means an underflowing weight).
+
+The output pass then takes the whole chunk (CS rows) per (chunk, head, p-block), and is two
+tensor-core products: y = (q exp(L)) S_in + A v, L the running sum from the chunk's start.
+The backward's dv is A^T dy + (k exp(decay to the chunk's end)) G the same way.
 
 Decays larger than 1 in size (log-decay > 0) make factors above 1. Each factor is itself the
-weight between two steps of the chunk (the key factor is the weight of s seen from the last
-row of block r - 1, the row factor that of the step before block r seen from t), so in a type
-with fp32's range (fp32, bf16 operands) a factor overflows only where a weight the output
-needs does. fp16 operands stop at 65504: a chunk whose decays grow takes the elementwise form
-for its earlier key blocks too (each exponent summed whole, in fp32). Negative decays carry
-their sign as the parity of their count in each factor's range, split the same way.
+weight between two steps of the chunk (the key factor is the weight of s seen from the last row
+of block r - 1, the row factor that of the step before block r seen from t), so in a type with
+fp32's range a factor overflows only where a weight the output needs does. fp16 operands stop
+at 65504: their factored products are taken in fp32. Negative decays carry their sign as the
+parity of their count in each factor's range, split the same way.
 """
 from __future__ import annotations
 
+from ....plan import Plan
+from ..common import compute_type, dot_type, fp32_precision, input_params
 from ..render import Emitter
-from ..templates import later_sum, with_resets
-from .chunked_tiles import (KEY_KT_TILE, KEY_QK_TILE, KEY_ROWS, KEY_V_TILE, QK_TILE,
-                            BlockOperands, RowOperands)
+from ..templates import chunk_setup, indent, later_sum, rows, with_resets
+from .chunked_tiles import KEY_KT_TILE, KEY_ROWS, QK_TILE, BlockOperands, RowOperands
 
 
-def _sign(count: str) -> str:
+def sign_of(count: str) -> str:
     """+1 or -1: the sign of a product holding `count` negative decays."""
     return f"tl.where(({count}) % 2 == 1, -1.0, 1.0)"
-
-
-def _columns(body: Emitter, ct: str, key: str, extract: list[tuple[str, str]],
-             exponent: str, count: str | None) -> None:
-    """`scores` (BT, BT) = sum over n of query * exp(exponent) * key_s, one key step s of an
-    earlier block at a time (unrolled; only fp16's chunks whose decays grow); `extract` names
-    the key-side (BT, BN) tiles whose row s the exponent reads as `<name>_s`, with their zero."""
-    body(f"scores = tl.zeros([BT, BT], dtype={ct})")
-    body("for s in tl.static_range(BT):")
-    with body.block():
-        body("sel = offs_c == s")
-        for name, zero in [(key, "0.0")] + extract:
-            body(f"{name}_s = tl.sum(tl.where(sel[:, None], {name}, {zero}), axis=0)")
-        factor = f"tl.exp({exponent})"
-        if count is not None:
-            factor += f" * {_sign(count)}"
-        body(f"col = tl.sum(query * {factor} * {key}_s[None, :], axis=1)")
-        body("scores = tl.where(sel[None, :], col[:, None], scores)")
 
 
 def diagonal_walk(prog, ct: str, body: Emitter, per_step) -> None:
@@ -75,7 +62,7 @@ def diagonal_walk(prog, ct: str, body: Emitter, per_step) -> None:
         dec = f"tl.exp(tl.where(offs_c[:, None] >= s, {gap}, float('-inf')))"
         if sgn:
             body(f"ngs += {ng}")
-            dec += f" * {_sign('ngc - ngs[None, :]')}"
+            dec += f" * {sign_of('ngc - ngs[None, :]')}"
         body(f"dec = {dec}")
         per_step()
 
@@ -95,102 +82,144 @@ def narrow_operands(dt: str) -> bool:
     return dt == "tl.float16"
 
 
-def per_key_decay_body(c, body: Emitter) -> None:
-    """The output pass's body for row block r (module docstring); `c` is the forward's
-    per-chunk operand emitter (`chunked._Chunk`). Leaves y (BT, BP), before the epilogue."""
-    prog, ct, dt = c.prog, c.ct, c.dt
+
+
+def narrow_operands(dt: str) -> bool:
+    """Whether matmul operands of type `dt` have a range below fp32's (module docstring)."""
+    return dt == "tl.float16"
+
+
+class KeyOps:
+    """Types and products of the per-key kernels."""
+
+    def __init__(self, plan: Plan, body: Emitter):
+        self.plan, self.prog, self.body = plan, plan.program, body
+        self.ct, self.dt = compute_type(plan), dot_type(plan)
+        # the factored products' operand type: fp16 would overflow where fp32 does not
+        self.ft = "tl.float32" if narrow_operands(self.dt) else self.dt
+        self.prec = (f', input_precision="{fp32_precision()}"' if plan.dtype == "float32"
+                     else "")
+
+    def dot(self, a: str, b: str, dtype: str | None = None) -> str:
+        if dtype is None:
+            return f"tl.dot({a}, {b}{self.prec})"
+        return f"tl.dot(({a}).to({dtype}), ({b}).to({dtype}){self.prec})"
+
+    def running_decay(self, blk: BlockOperands, suffix: str = "") -> tuple[str, str]:
+        """`blk`'s (t, n) log-decays loaded; returns the exponent of the decay from the block's
+        start through each step (inclusive; resets counted apart) and the sign factor of that
+        product ("" for decays that cannot be negative)."""
+        ld, rz, ng = blk.log_decays()
+        self.body(f"lc{suffix} = tl.cumsum({ld}, axis=0)")
+        self.body(f"zc{suffix} = tl.cumsum({rz}, axis=0)")
+        sign = ""
+        if ng is not None:
+            self.body(f"ngc{suffix} = tl.cumsum({ng}, axis=0)")
+            sign = f" * {sign_of(f'ngc{suffix}')}"
+        return with_resets(f"lc{suffix}", f"zc{suffix}"), sign
+
+    def scores_tile(self, which: str = "") -> str:
+        """The chunk's A (CS, CS) from the scores buffer, rows t >= columns s only (`which`
+        "T": transposed, A^T[s, t])."""
+        rows_, cols = ("offs_c[:, None]", "offs_c[None, :]")
+        if which == "T":
+            rows_, cols = cols, rows_
+        mask = f"({cols} <= {rows_}) & mask_t[:, None] & mask_t[None, :]"
+        return (f"tl.load(ssmc_scores + ((chunk * H + h_idx) * CS + {rows_}) * CS + {cols}, "
+                f"mask={mask}, other=0.0)")
+
+
+def _scores_row_block(k: KeyOps) -> None:
+    """Row block r's scores against key blocks j <= r (module docstring), each stored into
+    the buffer."""
+    prog, ct, body = k.prog, k.ct, k.body
     sgn = prog.decay_signed
-    narrow = narrow_operands(dt)
     row = BlockOperands(prog, ct, body, QK_TILE, "qk", "")
-    row.ctx.loaded = c.ctx_qk.loaded
-    query = row.operand("query", "query")   # the diagonal loads its key steps' rows
-    c.value()
+    query = row.operand("query", "query")
     ld, rz, ng = row.log_decays()
     body(f"lc = tl.cumsum({ld}, axis=0)")
     body(f"zc = tl.cumsum({rz}, axis=0)")
     body(f"lcf = {with_resets('lc', 'zc')}")
     if sgn:
         body(f"ngc = tl.cumsum({ng}, axis=0)")
-    if narrow:
-        body(f"grow = tl.max({ld})")
+    body("a_ptr = ssmc_scores + ((chunk * H + h_idx) * CS + r * BT + offs_c[:, None]) * CS"
+         " + offs_c[None, :]")
+    diagonal_scores(prog, ct, body, query)
+    body("tl.store(a_ptr + r * BT, scores)")
 
-    # the chunk's earlier blocks: their summed log-decays per key (and whether any grows)
-    body(f"prefix = tl.zeros([BN], dtype={ct})")
+    row_scale = "tl.exp(lcf)" + (f" * {sign_of('ngc')}" if sgn else "")
+    body(f"q_op = ({query} * {row_scale}).to({k.ft})")
+    # the earlier key blocks, nearest first: `mid` sums the blocks between j and r
+    body(f"mid = tl.zeros([BN], dtype={ct})")
     if sgn:
-        body("prefix_ng = tl.zeros([BN], dtype=tl.int32)")
-    body("for j in range(0, r):")
+        body("mid_ng = tl.zeros([BN], dtype=tl.int32)")
+    body("for jj in range(1, r + 1):")
     with body.block():
+        body("j = r - jj")
         for line in KEY_ROWS.splitlines():
             body(line)
-        pre = BlockOperands(prog, ct, body, KEY_KT_TILE, "pj", "p")
-        lp, rp, gp = pre.log_decays()
-        body(f"prefix += {with_resets(f'tl.sum({lp}, axis=1)', f'tl.sum({rp}, axis=1)')}")
-        if narrow:
-            body(f"grow = tl.maximum(grow, tl.max({lp}))")
+        blk = BlockOperands(prog, ct, body, KEY_KT_TILE, "kj", "k")   # (n, t): no transpose
+        kT = blk.operand("key", "kT", k.ft)
+        lk, rk, gk = blk.log_decays()
+        body(f"rest = {with_resets(later_sum(lk, 1), later_sum(rk, 1))} + mid[:, None]")
+        scale = "tl.exp(rest)"
         if sgn:
-            body(f"prefix_ng += tl.sum({gp}, axis=1)")
-
-    start = "tl.exp(prefix[None, :] + lcf)"
-    if sgn:
-        start += f" * {_sign('prefix_ng[None, :] + ngc')}"
-    body(f"y = {c.dot(f'({query} * {start}).to({dt})', f'state_in.to({dt})')}")
-
-    diagonal_scores(prog, ct, body, query)
-    body(f"y += {c.dot(f'scores.to({dt})', 'value')}")
-
-    # the earlier key blocks, nearest first: `mid` sums the blocks between j and r
-    def key_block(factored: bool) -> None:
-        body(f"mid = tl.zeros([BN], dtype={ct})")
+            scale += f" * {sign_of(f'{later_sum(gk, 1)} + mid_ng[:, None]')}"
+        body(f"kT_op = ({kT} * {scale}).to({k.ft})")
+        body(f"tl.store(a_ptr + j * BT, {k.dot('q_op', 'kT_op')})")
+        body(f"mid += {with_resets(f'tl.sum({lk}, axis=1)', f'tl.sum({rk}, axis=1)')}")
         if sgn:
-            body("mid_ng = tl.zeros([BN], dtype=tl.int32)")
-        body("for jj in range(1, r + 1):")
-        with body.block():
-            body("j = r - jj")
-            for line in KEY_ROWS.splitlines():
-                body(line)
-            vj = BlockOperands(prog, ct, body, KEY_V_TILE, "vj", "v")
-            vj.operand("value", "vj", dt)
-            if factored:   # (n, t) layout: the key operand of q k^T
-                blk = BlockOperands(prog, ct, body, KEY_KT_TILE, "kj", "k")
-                kT = blk.operand("key", "kT", dt)
-                lk, rk, gk = blk.log_decays()
-                axis, bcast = 1, "mid[:, None]"
-            else:
-                blk = BlockOperands(prog, ct, body, KEY_QK_TILE, "kj", "k")
-                kj = blk.operand("key", "kj")
-                lk, rk, gk = blk.log_decays()
-                axis, bcast = 0, "mid[None, :]"
-            body(f"rest = {with_resets(later_sum(lk, axis), later_sum(rk, axis))} + {bcast}")
-            count = None
-            if sgn:
-                count = f"{later_sum(gk, axis)} + mid_ng{bcast[3:]}"
-            if factored:
-                scale = "tl.exp(rest)" + (f" * {_sign(count)}" if sgn else "")
-                body(f"kT_op = ({kT} * {scale}).to({dt})")
-                body(f"scores = {c.dot('q_op', 'kT_op')}")
-            else:
-                if sgn:
-                    body(f"ngx = {count}")
-                _columns(body, ct, kj, [("rest", "0.0")] + ([("ngx", "0")] if sgn else []),
-                         "lcf + rest_s[None, :]", "ngc + ngx_s[None, :]" if sgn else None)
-            body(f"y += {c.dot(f'scores.to({dt})', 'vj')}")
-            total = with_resets(f"tl.sum({lk}, axis={axis})", f"tl.sum({rk}, axis={axis})")
-            body(f"mid += {total}")
-            if sgn:
-                body(f"mid_ng += tl.sum({gk}, axis={axis})")
+            body(f"mid_ng += tl.sum({gk}, axis=1)")
 
-    def factored() -> None:
-        row_scale = "tl.exp(lcf)" + (f" * {_sign('ngc')}" if sgn else "")
-        body(f"q_op = ({query} * {row_scale}).to({dt})")
-        key_block(factored=True)
 
-    if not narrow:
-        factored()
+#: the scores kernel's pointer and size arguments, after the inputs'
+SCORES_PARAMS = """ssmc_scores, ssmc_cu, ssmc_chunk_off, ssmc_chunk_seq,
+    T, HPG, N, P, GH,
+    BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+    REVERSE: tl.constexpr, COLUMN: tl.constexpr, IS_VARLEN: tl.constexpr,"""
+
+
+def render_scores_kernel(plan: Plan) -> str:
+    """`ssmc_chunked_scores`: a program per (chunk row block, head); launched with
+    `launch_scores`."""
+    body = Emitter(indent=2)
+    _scores_row_block(KeyOps(plan, body))
+    setup = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
+                        "tl.program_id(0).to(tl.int64) // R", "CS", "cs0")
+    return f"""
+@triton.jit
+def ssmc_chunked_scores(
+    {input_params(plan.program)},
+    {SCORES_PARAMS}
+):
+    R = CS // BT
+{setup}
+    r = tl.program_id(0).to(tl.int64) % R
+    c0 = cs0 + r * BT
+    if c0 < length:
+{indent(rows(), 2)}
+{body.text()}
+"""
+
+
+def launch_scores(module, args, scores, n_chunks: int, H: int, layout: tuple, sizes: tuple,
+                  BT: int, CS: int, BN: int, order: dict, varlen: bool, on_gpu: bool) -> None:
+    """Fills `scores` ((chunks, H, CS, CS), the compute type) for one direction's inputs `args`;
+    `layout` = (cu, chunk_off, chunk_seq) and `sizes` = (T, HPG, N, P, GH)."""
+    if n_chunks == 0:
         return
-    body("if grow > 0.0:")
-    with body.block():
-        key_block(factored=False)
-    body("else:")
-    with body.block():
-        factored()
+    extra = dict(num_warps=4) if on_gpu else {}
+    module.ssmc_chunked_scores[(n_chunks * (CS // BT), H)](
+        *args, scores, *layout, *sizes, BT=BT, CS=CS, BN=BN, BP=16, **order,
+        IS_VARLEN=varlen, **extra)
 
+
+def output_body(k: KeyOps, value: str) -> None:
+    """y (CS, BP) of the chunk before the epilogue: the entering state's part and A v, with
+    `state_in` and the chunk's `value` (matmul type) at hand."""
+    body = k.body
+    row = BlockOperands(k.prog, k.ct, body, QK_TILE, "qk", "")
+    query = row.operand("query", "query")
+    exponent, sign = k.running_decay(row)
+    body(f"y = {k.dot(f'{query} * tl.exp({exponent}){sign}', 'state_in', k.ft)}")
+    body(f"y += {k.dot(f'{k.scores_tile()}.to({k.dt})', value)}")

@@ -9,6 +9,7 @@ from ....plan import Plan
 from ..common import Outputs, chunk_layout, input_args, interpreting, next_pow2
 from ..tiles import ChunkedTile, chunked_space
 from .chunked import RESET_ROWS_PER_PROGRAM, per_key_decay, render, reset_specialised, supports
+from .chunked_keys import launch_scores
 from . import chunked_segments as seg
 from .chunked_segments import Segments
 from .registry import TritonLowering, register_lowering
@@ -23,7 +24,7 @@ def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
     N, P = sizes["n"], sizes["p"]
     BN = max(next_pow2(N), 16)
     per_key = per_key_decay(plan)
-    if per_key:   # 16-row blocks: their diagonal block is elementwise work, BT^2 * BN
+    if per_key:   # the scores pass's row blocks: their diagonal block is elementwise, BT^2 * BN
         BT = tile.get("BT", 16)
         CS = tile.get("CS", max(64, BT))
     else:
@@ -33,12 +34,9 @@ def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
     # programs lost more to re-reading the value than it gained in parallelism
     BN_state = tile.get("BN_state", BN)
     BP_state = tile.get("BP_state", max(min(next_pow2(P), 64), 16))
-    # per-key decays: every p-block forms the row block's scores again, so take up to 128
-    BP_out = tile.get("BP_out", max(min(next_pow2(P), 128 if per_key else
-                                        64 if BN <= 128 else 32), 16))
-    # ptxas for sm90 (bf16): the per-key output pass at n = p = 128 spills 1.1 KB with 4 warps,
-    # none with 8 (230 registers)
-    wide = per_key and BN * BP_out >= 128 * 128
+    BP_out = tile.get("BP_out", max(min(next_pow2(P), 64 if BN <= 128 else 32), 16))
+    # per-key decays: the output pass holds the chunk's query and its decay, (CS, BN) each
+    wide = per_key and BN * CS >= 128 * 64
     return dict(BT=BT, CS=CS, BN=BN, BN_state=BN_state, BP_state=BP_state, BP_out=BP_out,
                 SEG_state=tile.get("SEG_state"),
                 warps_state=tile.get("warps_state", 4),
@@ -61,6 +59,10 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     states = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype, device=device)
     # 1 where a chunk holds a reset (`reset_specialised`): written by the state pass
     resets = torch.empty(max(n_chunks, 1), H, dtype=torch.int8, device=device)
+    per_key = per_key_decay(plan)
+    # per-key decays: each chunk's decayed scores (chunked_keys.py)
+    scores = (torch.empty(max(n_chunks, 1), H, m["CS"], m["CS"], dtype=cdt, device=device)
+              if per_key else out)
 
     on_gpu = device.type == "cuda"
     launch_state = dict(num_warps=m["warps_state"], num_stages=m["stages_state"]) if on_gpu else {}
@@ -93,11 +95,18 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
         if n_chunks == 0:
             continue
         npb = triton.cdiv(P, m["BP_out"])
-        n_rows = n_chunks * (m["CS"] // m["BT"])
-        out_args = (*args, out, *out.stride(), yacc, states, resets, cu, off,
+        out_bt = m["BT"]
+        if per_key:   # the chunk's scores once, then the output pass takes whole chunks
+            out_bt = m["CS"]
+            launch_scores(module, args, scores, n_chunks, H,
+                          (cu, off, out if chunk_seq is None else chunk_seq),
+                          (T, H // G, N, P, GH), m["BT"], m["CS"], m["BN"], order,
+                          cu_seqlens is not None, on_gpu)
+        n_rows = n_chunks * (m["CS"] // out_bt)
+        out_args = (*args, out, *out.stride(), yacc, states, resets, scores, cu, off,
                     out if chunk_seq is None else chunk_seq, sg.seg_state, sg.chunk_prod,
                     T, H // G, N, P, GH, sg.n_seg, sg.seg or 1)
-        out_meta = dict(BT=m["BT"], CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb,
+        out_meta = dict(BT=out_bt, CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb,
                         **order, IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0,
                         WRITE_OUT=i == len(dirs) - 1, SEGMENTED=bool(sg.seg), **launch_out)
         module.ssmc_chunked_out_fwd[(n_rows, H, npb)](*out_args, **out_meta)
