@@ -34,7 +34,7 @@ from ..templates import chunk_setup, indent, later_sum, rows, with_resets
 from .chunked import _Chunk
 from .chunked_bwd import _Ops, store_y
 from .chunked_keys import KeyOps, narrow_operands, output_body, sign_of
-from .chunked_tiles import (KEY_KT_TILE, KEY_QK_TILE, KEY_ROWS, KEY_V_TILE, QK_TILE, V_TILE,
+from .chunked_tiles import (KEY_KT_TILE, KEY_QK_TILE, KEY_ROWS, QK_TILE, V_TILE,
                             BlockOperands)
 
 PARAMS = ("ssmc_cu, ssmc_chunk_off, ssmc_chunk_seq,\n    B, T, HPG, N, P, GH,\n"
@@ -59,6 +59,12 @@ def _state(body: Emitter, name: str, ptr: str, chunk: str = "chunk") -> None:
     body(f"{name} = tl.load({ptr} + {off.replace('chunk', chunk)}, mask={mask}, other=0.0)")
 
 
+def _dA_block(rows_: str, cols: str) -> str:
+    """Block (rows_, cols) of the chunk's dA = dy v^T (`render_keys_prep_kernel`)."""
+    return (f"tl.load(ssmc_dA + ((chunk * H + h_idx) * CS + {rows_} * BT + offs_c[:, None]) * CS"
+            f" + {cols} * BT + offs_c[None, :])")
+
+
 def _total(ld: str, rz: str) -> str:
     return with_resets(f"tl.sum({ld}, axis=0)", f"tl.sum({rz}, axis=0)")
 
@@ -81,18 +87,6 @@ class _Kernel:
         for line in KEY_ROWS.splitlines():
             self.body(line)
 
-    def dy_values(self, dy_rows: tuple[str, str], value_tile, tag: str) -> None:
-        """`dAj` = dy v^T summed over p-blocks, dy on the rows `dy_rows` (time steps, mask),
-        v on `value_tile`."""
-        b = self.body
-        b(f"dAj = tl.zeros([BT, BT], dtype={self.ct})")
-        b("for p0 in range(0, P, BP):")
-        with b.block():
-            _p_block(b)
-            _dy(b, "dyb", *dy_rows)
-            v = self.block(value_tile, tag, tag).operand("value", f"v_{tag}")
-            b(f"dAj += {self.o.dot('dyb', f'tl.trans({v})')}")
-
     def later_queries(self, tag: str) -> str:
         """In a loop over a later block j: its query times the decay from its start (qf)."""
         b = self.body
@@ -104,7 +98,8 @@ class _Kernel:
         return _total(lq, rq)
 
     def own_block(self) -> None:
-        """Block i's operands, its earlier blocks' log-decay sums and its products over p."""
+        """Block i's operands, its earlier blocks' log-decay sums, its own pairs and the
+        state terms the prep kernel left in dq and dk."""
         b, o = self.body, self.o
         o.operand("query", "query")
         o.operand("key", "key")
@@ -115,24 +110,11 @@ class _Kernel:
             self.other_rows()
             lp, rp, _ = self.block(KEY_KT_TILE, "pj", "p").log_decays()
             b(f"prefix += {with_resets(f'tl.sum({lp}, axis=1)', f'tl.sum({rp}, axis=1)')}")
-        b(f"dyv = tl.zeros([BT, BT], dtype={self.ct})")
-        b(f"dyS = tl.zeros([BT, BN], dtype={self.ct})")
-        b(f"vG = tl.zeros([BT, BN], dtype={self.ct})")
-        b("for p0 in range(0, P, BP):")
-        with b.block():
-            _p_block(b)
-            _dy(b, "dy", "t_row", "mask_t")
-            v = self.block(V_TILE, "v", "v").operand("value", "value")
-            _state(b, "S_in", "ssmc_states")
-            _state(b, "G", "ssmc_dstates")
-            b(f"dyv += {o.dot('dy', f'tl.trans({v})')}")
-            b(f"dyS += {o.dot('dy', 'tl.trans(S_in)')}")
-            b(f"vG += {o.dot(v, 'tl.trans(G)')}")
-        b("dA = tl.where(offs_c[:, None] >= offs_c[None, :], dyv, 0.0)")
+        b(f"dA = {_dA_block('i', 'i')}")
         o.key_columns(scores=False)
-        b("lr_end = lr + post[None, :]")   # the decay from each key to the chunk's end
-        b("dq_x = tl.exp(prefix[None, :] + lcf) * dyS")   # terms from outside the block
-        b("dk_x = tl.exp(lr_end) * vG")
+        # the terms from outside the chunk (`render_keys_prep_kernel`), then the other blocks'
+        b("dq_x = tl.load(ssmc_dq + row * N + offs_n[None, :], mask=nmask, other=0.0)")
+        b("dk_x = tl.load(ssmc_dk + row * N + offs_n[None, :], mask=nmask, other=0.0)")
 
     def earlier_keys(self) -> None:
         """dq's terms from the key blocks before block i, nearest first."""
@@ -148,7 +130,7 @@ class _Kernel:
             lk, rk, _ = blk.log_decays()
             rest = with_resets(later_sum(lk), later_sum(rk))
             b(f"kf = {kj} * tl.exp({rest} + mid[None, :])")
-            self.dy_values(("t_row", "mask_t"), KEY_V_TILE, "vj")   # [u in i, s in j]
+            b(f"dAj = {_dA_block('i', 'j')}")   # [u in i, s in j]
             b(f"dqx += {self.fdot('dAj', 'kf')}")
             b(f"mid += {_total(lk, rk)}")
         b("dq_x += tl.exp(lcf) * dqx")
@@ -162,7 +144,7 @@ class _Kernel:
             self.other_rows()
             total = self.later_queries("qj")
             b("kfac = tl.exp(lr + mid[None, :])")
-            self.dy_values(("t_key", "mask_key"), V_TILE, "vi")   # [u in j, s in i]
+            b(f"dAj = {_dA_block('j', 'i')}")   # [u in j, s in i]
             b(f"dk_x += kfac * {self.fdot('tl.trans(dAj)', 'qf')}")
             b(f"mid += {total}")
 
@@ -178,8 +160,6 @@ class _Kernel:
         b("dl = (rect + tl.cumsum(a, axis=0, reverse=True)"
           " + (tl.cumsum(k_out, axis=0) - k_out) + carry[None, :])")
         b("a_next = tl.sum(a, axis=0)")
-        b("row = (b_idx * T + t_row[:, None]) * H + h_idx")
-        b("nmask = mask_t[:, None] & mask_n[None, :]")
         for name, v in (("dq", "dq_in + dq_x"), ("dk", "dk_in + dk_x"), ("dl", "dl")):
             b(f"tl.store(ssmc_{name} + row * N + offs_n[None, :], {v}, mask=nmask)")
 
@@ -190,6 +170,53 @@ def _block_walk(body: Emitter) -> None:
     body("c0 = cs0 + i * BT")
     for line in rows().splitlines():
         body(line)
+    body("row = (b_idx * T + t_row[:, None]) * H + h_idx")
+    body("nmask = mask_t[:, None] & mask_n[None, :]")
+
+
+def render_keys_prep_kernel(plan: Plan) -> str:
+    """The products over p the dq/dk kernel needs, once per (chunk, head, n-block), the whole
+    chunk (BT = CS rows): dA = dy v^T on the causal half (stored by the first n-block); the
+    terms from outside the chunk, exp(decay from its start) (dy S_in^T) into dq and
+    exp(decay to its end) (v G^T) into dk; and sum_p G * S_end into `ssmc_gs` (float64), S_end
+    the state leaving the chunk."""
+    body = Emitter(indent=1)
+    o = _Ops(plan, body)
+    b, ct = body, o.ct
+    b(f"dA = tl.zeros([BT, BT], dtype={ct})")
+    b(f"dyS = tl.zeros([BT, BN], dtype={ct})")
+    b(f"vG = tl.zeros([BT, BN], dtype={ct})")
+    b("gs = tl.zeros([BN], dtype=tl.float64)")
+    b("for p0 in range(0, P, BP):")
+    with b.block():
+        _p_block(b)
+        _dy(b, "dy", "t_row", "mask_t")
+        v = BlockOperands(o.prog, ct, b, V_TILE, "v", "v").operand("value", "value")
+        _state(b, "S_in", "ssmc_states")
+        _state(b, "G", "ssmc_dstates")
+        b("if cs0 + CS >= length:")
+        with b.block():
+            _state(b, "S_end", "ssmc_finals", "seq")
+        b("else:")
+        with b.block():
+            _state(b, "S_end", "ssmc_states", "(chunk + 1)")
+        b(f"dA += {o.dot('dy', f'tl.trans({v})')}")
+        b(f"dyS += {o.dot('dy', 'tl.trans(S_in)')}")
+        b(f"vG += {o.dot(v, 'tl.trans(G)')}")
+        b("gs += tl.sum(G * S_end, axis=1).to(tl.float64)")
+    b("if pid_n == 0:")
+    with b.block():
+        b("tl.store(ssmc_dA + ((chunk * H + h_idx) * CS + offs_c[:, None]) * CS"
+          " + offs_c[None, :], tl.where(offs_c[:, None] >= offs_c[None, :], dA, 0.0))")
+    o.decay()
+    b("row = (b_idx * T + t_row[:, None]) * H + h_idx")
+    b("nmask = mask_t[:, None] & mask_n[None, :]")
+    b("tl.store(ssmc_dq + row * N + offs_n[None, :], tl.exp(lcf) * dyS, mask=nmask)")
+    b("tl.store(ssmc_dk + row * N + offs_n[None, :], tl.exp(lr) * vG, mask=nmask)")
+    b("tl.store(ssmc_gs + (chunk * H + h_idx) * N + offs_n, gs, mask=mask_n)")
+    return _chunk_kernel("ssmc_chunked_bwd_keys_prep", plan,
+                         "ssmc_dy, ssmc_states, ssmc_dstates, ssmc_finals, ssmc_dA, ssmc_gs, "
+                         "ssmc_dq, ssmc_dk", " NPB: tl.constexpr,", body, split_n=True)
 
 
 def render_keys_kernel(plan: Plan) -> str:
@@ -205,24 +232,13 @@ def render_keys_kernel(plan: Plan) -> str:
     k.later_queries_dk()
     k.decay_gradient()
     body("post += l_last")   # block i's total (`_Ops.decay`), for the blocks before it
-    end = Emitter(indent=2)   # sum_p G * S_end, S_end the state leaving the chunk
-    _p_block(end)
-    _state(end, "G", "ssmc_dstates")
-    end("if cs0 + CS >= length:")
-    with end.block():
-        _state(end, "S_end", "ssmc_finals", "seq")
-    end("else:")
-    with end.block():
-        _state(end, "S_end", "ssmc_states", "(chunk + 1)")
-    end("carry += tl.sum(G * S_end, axis=1).to(tl.float64)")
-    prelude = f"""    carry = tl.zeros([BN], dtype=tl.float64)
-    a_next = tl.zeros([BN], dtype=tl.float64)
-    for p0 in range(0, P, BP):
-{end.text()}"""
+    # sum_p G * S_end, S_end the state leaving the chunk (`render_keys_prep_kernel`)
+    prelude = ("    carry = tl.load(ssmc_gs + (chunk * H + h_idx) * N + offs_n, mask=mask_n,"
+               " other=0.0)\n    a_next = tl.zeros([BN], dtype=tl.float64)")
     return _walking_kernel(
         "ssmc_chunked_bwd_keys", plan, k,
-        "ssmc_dy, ssmc_states, ssmc_dstates, ssmc_finals, ssmc_dq, ssmc_dk, ssmc_dl",
-        " NPB: tl.constexpr,", True, prelude, body)
+        "ssmc_dA, ssmc_gs, ssmc_dq, ssmc_dk, ssmc_dl", " NPB: tl.constexpr,", True, prelude,
+        body)
 
 
 def _walking_kernel(name: str, plan: Plan, k: _Kernel, args: str, extra: str, split_n: bool,
@@ -247,9 +263,10 @@ def {name}(
 """
 
 
-def _chunk_kernel(name: str, plan: Plan, args: str, extra: str, body: Emitter) -> str:
-    """A kernel over (chunk, head, p-block) whose `body` takes the whole chunk (BT = CS rows)."""
-    setup = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
+def _chunk_kernel(name: str, plan: Plan, args: str, extra: str, body: Emitter,
+                  split_n: bool = False) -> str:
+    """A kernel over (chunk, head, block) whose `body` takes the whole chunk (BT = CS rows)."""
+    setup = chunk_setup(split_n, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
                         "tl.program_id(0).to(tl.int64)", "CS", "cs0")
     return f"""
 @triton.jit

@@ -13,7 +13,7 @@ from .chunked_bwd import (decay_mode, head_free, per_key_decay, render_dqk_kerne
                           render_y_kernel)
 from . import chunked_segments as seg
 from .chunked_bwd_keys import (render_keys_dv_kernel, render_keys_kernel,
-                               render_keys_y_kernel)
+                               render_keys_prep_kernel, render_keys_y_kernel)
 from .chunked_segments import Segments
 from .chunked_keys import launch_scores, render_scores_kernel
 
@@ -242,8 +242,9 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
 
 def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes, direction,
                    consts, launch):
-    """Operand grads of one direction for per-key decays, the decay's complete (one kernel:
-    chunked_bwd_keys.py)."""
+    """Operand grads of one direction for per-key decays, the decay's complete
+    (chunked_bwd_keys.py): the products over p once per chunk, then dq, dk and the decay
+    gradient per n-block, and dv per p-block."""
     B, T, H, N, P = (sizes[a] for a in "bthnp")
     cdt = compute_dtype(plan)
     device = dy.device
@@ -255,12 +256,16 @@ def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes,
     if n_chunks > 0:
         order = dict(REVERSE=direction.reversed, COLUMN=direction.column,
                      IS_VARLEN=consts["IS_VARLEN"], BT=m["RB"], CS=m["BT"])
-        # ptxas for sm90 (bf16, 8 warps): n-blocks of 64 with p-blocks of 32 spill 36 bytes,
-        # of 64 with 64 280, all of n = 128 in one program (dv included) 4 KB
         bk = min(m["BK"], m["BN"])
-        module.ssmc_chunked_bwd_keys[(n_chunks, H, triton.cdiv(N, bk))](
-            *args, dy, saved["states"][i], dstates, saved["finals"][i], dq, dk, dl,
-            *chunk_args, BN=bk, BP=min(m["BP"], 32), NPB=1, **order, **launch)
+        nkb = triton.cdiv(N, bk)
+        dA = torch.empty(n_chunks, H, m["BT"], m["BT"], dtype=cdt, device=device)
+        gs = torch.empty(n_chunks, H, N, dtype=torch.float64, device=device)
+        module.ssmc_chunked_bwd_keys_prep[(n_chunks, H, nkb)](
+            *args, dy, saved["states"][i], dstates, saved["finals"][i], dA, gs, dq, dk,
+            *chunk_args, BN=bk, BP=m["BP"], NPB=1, **dict(order, BT=m["BT"]), **launch)
+        module.ssmc_chunked_bwd_keys[(n_chunks, H, nkb)](
+            *args, dA, gs, dq, dk, dl, *chunk_args, BN=bk, BP=m["BP"], NPB=1, **order,
+            **launch)
         module.ssmc_chunked_bwd_keys_dv[(n_chunks, H, triton.cdiv(P, m["BP"]))](
             *args, dy, dstates, saved["scores"][i], dv, *chunk_args, BN=m["BN"], BP=m["BP"],
             **dict(order, BT=m["BT"]), **_key_warps(m, device))
@@ -272,7 +277,8 @@ def render(plan: Plan) -> str:
     """The backward's generated module: the state passes, y, and the per-chunk kernels."""
     if per_key_decay(plan):
         kernels = [render_scores_kernel(plan), render_keys_y_kernel(plan),
-                   render_keys_kernel(plan), render_keys_dv_kernel(plan)]
+                   render_keys_prep_kernel(plan), render_keys_kernel(plan),
+                   render_keys_dv_kernel(plan)]
     else:
         kernels = [render_y_kernel(plan), render_dv_kernel(plan), render_dqk_kernel(plan)]
     mode = decay_mode(plan)
