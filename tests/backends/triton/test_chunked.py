@@ -482,7 +482,7 @@ from tests.helpers import make_definition
 
 INT_PTRS = {"cu_ptr": "*i32", "chunk_off_ptr": "*i64", "chunk_seq_ptr": "*i64",
             "resets_ptr": "*i8", "ssmc_cu": "*i32", "ssmc_chunk_off": "*i64",
-            "ssmc_chunk_seq": "*i64"}
+            "ssmc_chunk_seq": "*i64", "ssmc_gs": "*fp64"}
 LOW = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
@@ -511,14 +511,15 @@ for decay, dtype in (("diagonal", "bfloat16"), ("diagonal", "float16"), ("diagon
     plan = Plan(program=make_definition(decay, "forward", epilogue=True).program,
                 lowering="chunked", dtype=dtype)
     per_key = decay == "diagonal"
-    bt = 16 if per_key else 64
     fwd = load(chunked.render(plan), f"f_{decay}_{dtype}")
     seg = dict(BN=64, BP=64, NPB=1, STORE_OUT=True, REVERSE=True)
     build(fwd, "ssmc_chunked_state_fwd", dict(BT=64, BN=64, BP=64, NPB=1, HAS_H0=True,
                                               STORE_HT=True, SEGMENTED=True, **order), dtype)
     build(fwd, "ssmc_chunked_segments", seg, dtype)
-    build(fwd, "ssmc_chunked_out_fwd", dict(BT=bt, CS=64, BN=64, BP=64, NPB=1, ACCUM_IN=True,
+    build(fwd, "ssmc_chunked_out_fwd", dict(BT=64, CS=64, BN=64, BP=64, NPB=1, ACCUM_IN=True,
                                             WRITE_OUT=True, SEGMENTED=True, **order), dtype)
+    if per_key:
+        build(fwd, "ssmc_chunked_scores", dict(BT=16, CS=64, BN=64, BP=16, **order), dtype)
     bwd = load(chunked_bwd_launch.render(plan), f"b_{decay}_{dtype}")
     walk = dict(BT=64, BN=64, BP=64, SEGMENTED=True, **order)
     build(bwd, "ssmc_chunked_bwd_states", dict(walk, HAS_H0=True), dtype)
@@ -527,15 +528,18 @@ for decay, dtype in (("diagonal", "bfloat16"), ("diagonal", "float16"), ("diagon
     build(bwd, "ssmc_chunked_bwd_fixup", dict(BN=64, BP=64, NPB=1, REVERSE=True), dtype)
     if per_key:
         blocks = dict(BT=16, CS=64, BN=64, BP=64, **order)
-        build(bwd, "ssmc_chunked_bwd_keys", dict(blocks, BP=32, NPB=1), dtype)
-        build(bwd, "ssmc_chunked_bwd_keys_dv", dict(blocks, BN=128), dtype)
-        build(bwd, "ssmc_chunked_bwd_y", dict(blocks, ACCUM_IN=True), dtype)
+        chunks = dict(blocks, BT=64)
+        build(bwd, "ssmc_chunked_scores", dict(blocks, BP=16), dtype)
+        build(bwd, "ssmc_chunked_bwd_keys_prep", dict(chunks, NPB=1), dtype)
+        build(bwd, "ssmc_chunked_bwd_keys", dict(blocks, NPB=1), dtype)
+        build(bwd, "ssmc_chunked_bwd_keys_dv", dict(chunks, BN=128), dtype)
+        build(bwd, "ssmc_chunked_bwd_y", dict(chunks, ACCUM_IN=True), dtype)
 print("compiled")
 '''
 
 
 def test_chunked_kernels_compile_for_sm90(tmp_path):
-    """The chunked forward and backward kernels (per-key blocks, segmented walks, fp16's
-    elementwise form) through Triton's real compiler to sm90 cubin, without a GPU: GPU-only
+    """The chunked forward and backward kernels (per-key scores and chunks, segmented walks,
+    fp16's fp32 factored products) through Triton's real compiler to sm90 cubin, without a GPU: GPU-only
     front-end errors (dot shapes and types, loop-carried types, float64 scans) show here."""
     compile_for_hopper(_AOT, tmp_path, timeout=900)

@@ -284,20 +284,25 @@ def {name}(
 
 def render_keys_dv_kernel(plan: Plan) -> str:
     """dv = A^T dy + (k exp(decay to the chunk's end)) G, A the chunk's scores
-    (chunked_keys.py) and G the gradient of the state leaving it."""
+    (chunked_keys.py) and G the gradient of the state leaving it; the second product over n
+    in blocks of BN (BK_bwd), which keeps the key's decay tiles few."""
     body = Emitter(indent=1)
     k = KeyOps(plan, body)
-    blk = BlockOperands(k.prog, k.ct, body, QK_TILE, "qk", "")
-    key = blk.operand("key", "key")
-    ld, rz, ng = blk.log_decays()
-    to_end = f"tl.exp({with_resets(later_sum(ld), later_sum(rz))})"
-    if ng is not None:
-        to_end += f" * {sign_of(later_sum(ng))}"
     _dy(body, "dy", "t_row", "mask_t")
-    _state(body, "G", "ssmc_dstates")
     scores_t = k.scores_tile("T")
     body(f"dv = {k.dot(f'{scores_t}.to({k.dt})', f'dy.to({k.dt})')}")
-    body(f"dv += {k.dot(f'{key} * {to_end}', 'G', k.ft)}")
+    body("for n0 in range(0, N, BN):")
+    with body.block():
+        body("offs_n = n0 + tl.arange(0, BN)")
+        body("mask_n = offs_n < N")
+        blk = BlockOperands(k.prog, k.ct, body, QK_TILE, "qk", "")
+        key = blk.operand("key", "key")
+        ld, rz, ng = blk.log_decays()
+        to_end = f"tl.exp({with_resets(later_sum(ld), later_sum(rz))})"
+        if ng is not None:
+            to_end += f" * {sign_of(later_sum(ng))}"
+        _state(body, "G", "ssmc_dstates")
+        body(f"dv += {k.dot(f'{key} * {to_end}', 'G', k.ft)}")
     body("tl.store(ssmc_dv + ((b_idx * T + t_row[:, None]) * H + h_idx) * P"
          " + offs_p[None, :], dv, mask=mask_t[:, None] & mask_p[None, :])")
     return _chunk_kernel("ssmc_chunked_bwd_keys_dv", plan,

@@ -262,12 +262,12 @@ def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes,
         gs = torch.empty(n_chunks, H, N, dtype=torch.float64, device=device)
         module.ssmc_chunked_bwd_keys_prep[(n_chunks, H, nkb)](
             *args, dy, saved["states"][i], dstates, saved["finals"][i], dA, gs, dq, dk,
-            *chunk_args, BN=bk, BP=m["BP"], NPB=1, **dict(order, BT=m["BT"]), **launch)
+            *chunk_args, BN=bk, BP=min(m["BP"], 32), NPB=1, **dict(order, BT=m["BT"]), **launch)
         module.ssmc_chunked_bwd_keys[(n_chunks, H, nkb)](
             *args, dA, gs, dq, dk, dl, *chunk_args, BN=bk, BP=m["BP"], NPB=1, **order,
             **launch)
         module.ssmc_chunked_bwd_keys_dv[(n_chunks, H, triton.cdiv(P, m["BP"]))](
-            *args, dy, dstates, saved["scores"][i], dv, *chunk_args, BN=m["BN"], BP=m["BP"],
+            *args, dy, dstates, saved["scores"][i], dv, *chunk_args, BN=bk, BP=m["BP"],
             **dict(order, BT=m["BT"]), **_key_warps(m, device))
     return {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3),
             "log_decay": dl.unsqueeze(-1)}
