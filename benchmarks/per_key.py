@@ -76,18 +76,22 @@ def inputs(B, T, H, K, V, device, dtype=torch.bfloat16, seed=0):
     return dict(q=q, k=k, v=v, g=g)
 
 
+#: the lowering of the ssmc rows ("auto", or one to measure on its own: --lowering)
+LOWERING = ["auto"]
+
+
 def rows(device, fla, tiny):
     """name -> fn(q, k, v, g) returning o."""
     out = {}
     if fla is not None:
         out["fla"] = lambda q, k, v, g: fla(q, k, v, g, scale=q.shape[-1] ** -0.5)[0]
-    out["ssmc"] = lambda q, k, v, g: ssmc_fla.chunk_gla(q, k, v, g)[0]
+    out["ssmc"] = lambda q, k, v, g: ssmc_fla.chunk_gla(q, k, v, g, lowering=LOWERING[0])[0]
     ops = {}
 
     def user(q, k, v, g):
         scale = q.shape[-1] ** -0.5
         if scale not in ops:
-            ops[scale] = ssmc.compile(user_gla(scale))
+            ops[scale] = ssmc.compile(user_gla(scale), lowering=LOWERING[0])
         return ops[scale](q=q, k=k, v=v, g=g)
     out["user"] = user
     return out
@@ -211,10 +215,12 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--shapes", type=int, default=len(SHAPES),
                     help="the first this many of the gla table's shapes")
+    ap.add_argument("--lowering", default="auto", help="of the ssmc and user rows")
     ap.add_argument("--fla-configs", type=int, default=0,
                     help="let each of FLA's autotuners try only this many configs (0: all); "
                          "its full first-use tuning takes minutes")
     args = ap.parse_args()
+    LOWERING[0] = args.lowering
     only = args.only.split(",")
     del SHAPES[args.shapes:]
     if args.fla_configs:

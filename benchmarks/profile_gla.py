@@ -2,7 +2,7 @@
 (`ssmc.compat.fla.chunk_gla`) and FLA's chunk_gla on the same bf16 inputs, for tuning the
 per-key kernels (issue 16).
 
-    python3 benchmarks/profile_gla.py [B T H K V] [--fla-configs 4] [--fwd]
+    python3 benchmarks/profile_gla.py [B T H K V] [--fla-configs 4] [--fwd] [--lowering chunked]
 
 Inputs as benchmarks/per_key.py draws them. `--fwd`: the forward alone (no grad).
 """
@@ -39,7 +39,9 @@ def main():
     ap.add_argument("shape", nargs="*", type=int, default=[8, 2048, 16, 128, 128])
     ap.add_argument("--fla-configs", type=int, default=4)
     ap.add_argument("--fwd", action="store_true")
+    ap.add_argument("--lowering", default="chunked", help="of the ssmc rows")
     a = ap.parse_args()
+    per_key.LOWERING[0] = a.lowering
     if a.fla_configs:
         import compat_gpu_check
         compat_gpu_check.limit_autotuning(a.fla_configs)

@@ -331,7 +331,7 @@ class _Ops:
 
 
 #: a program per (sequence * NSEG + segment, head, p-block); `_walk` bounds its segment
-SEGMENT_SETUP = seq_setup(False, "ssmc_cu", "ssmc_chunk_off",
+SEGMENT_SETUP = seq_setup(True, "ssmc_cu", "ssmc_chunk_off",
                           "tl.program_id(0).to(tl.int64) // NSEG")
 
 
@@ -356,7 +356,7 @@ def render_states_kernel(plan: Plan) -> str:
 def ssmc_chunked_bwd_states(
     {input_params(plan.program)},
     ssmc_states, ssmc_h0, ssmc_hT, {seg.PARAMS} {STATE_PARAMS} NSEG, SEG,
-    {CONSTS}, HAS_H0: tl.constexpr, SEGMENTED: tl.constexpr,
+    {CONSTS}, NPB: tl.constexpr, HAS_H0: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
 {SEGMENT_SETUP}
 {_walk(o, "state", ("ssmc_h0", "HAS_H0"), "ssmc_states", body, False, "ssmc_hT")}
@@ -413,7 +413,7 @@ def render_dstate_kernel(plan: Plan) -> str:
 def ssmc_chunked_bwd_dstates(
     {input_params(plan.program)},
     ssmc_dy, ssmc_dstates, ssmc_gT, ssmc_dh0, {seg.PARAMS} {STATE_PARAMS} NSEG, SEG,
-    {CONSTS}, HAS_GT: tl.constexpr, SEGMENTED: tl.constexpr,
+    {CONSTS}, NPB: tl.constexpr, HAS_GT: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
 {SEGMENT_SETUP}
 {_walk(o, "G", ("ssmc_gT", "HAS_GT"), "ssmc_dstates", body, True, "ssmc_dh0")}

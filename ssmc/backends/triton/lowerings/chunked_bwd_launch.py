@@ -25,11 +25,18 @@ def tiles(plan: Plan, sizes: dict) -> dict:
     whose loop over n in blocks of BK keeps fewer (H100: 2.6 ms with 4 warps, 3.2 ms with 8 at
     b=8 t=4096 h=80 n=128 p=64)."""
     tile = plan.tile_dict()
-    return dict(BT=tile.get("BT_bwd", 64), RB=16,
-                BN=max(next_pow2(sizes["n"]), 16),
+    per_key = per_key_decay(plan)
+    BN = max(next_pow2(sizes["n"]), 16)
+    # per-key decays (H100, GLA b=8 t=2048 h=16 n=p=128): their dq/dk walk took 4.6 ms in
+    # n-blocks of 32 with 4 warps, 6.2 ms in blocks of 64 with 8 and 8.7 with 4
+    # and their state passes split n as the forward's does (chunked_launch.tiles): each
+    # n-block's recurrence is its own
+    return dict(BT=tile.get("BT_bwd", 64), RB=16, BN=BN,
+                BN_state=min(BN, 64) if per_key else BN,
                 BP=tile.get("BP_bwd", max(min(next_pow2(sizes["p"]), 64), 16)),
-                WARPS=tile.get("WARPS_bwd", 8), WARPS_DV=tile.get("WARPS_DV_bwd", 4),
-                BK=tile.get("BK_bwd", 64), SEG=tile.get("SEG_bwd"))
+                WARPS=tile.get("WARPS_bwd", 4 if per_key else 8),
+                WARPS_DV=tile.get("WARPS_DV_bwd", 4),
+                BK=tile.get("BK_bwd", 32 if per_key else 64), SEG=tile.get("SEG_bwd"))
 
 
 def state_dtype(plan: Plan) -> torch.dtype:
@@ -62,6 +69,7 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     cu = dummy if cu_seqlens is None else cu_seqlens
     off = dummy if chunk_off is None else chunk_off
     npb = triton.cdiv(P, m["BP"])
+    walks = triton.cdiv(N, m["BN_state"]) * npb   # the state pass's programs per (seq, head)
     GH = sizes.get("grid_h", 1)
     states, finals, scores = [], [], []
     for i, (direction, h0) in enumerate(zip(prog.recurrence.directions,
@@ -71,11 +79,12 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         h0 = None if h0 is None else h0.to(cdt).contiguous()
         st = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan), device=device)
         final = torch.empty(S, H, N, P, dtype=cdt, device=device)
-        sg = _segments(plan, sizes, m, S, npb, n_chunks, cu_seqlens, device, dummy)
-        module.ssmc_chunked_bwd_states[(S * sg.n_seg, H, npb)](
+        sg = _segments(plan, sizes, m, S, walks, n_chunks, cu_seqlens, device, dummy)
+        module.ssmc_chunked_bwd_states[(S * sg.n_seg, H, walks)](
             *args, st, dummy if h0 is None else h0, final, *sg.buffers, cu, off, T, H // G,
-            N, P, GH, sg.n_seg, sg.seg or 1, BT=m["BT"], BN=m["BN"], BP=m["BP"], **order,
-            IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None, SEGMENTED=bool(sg.seg))
+            N, P, GH, sg.n_seg, sg.seg or 1, BT=m["BT"], BN=m["BN_state"], BP=m["BP"],
+            NPB=npb, **order, IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None,
+            SEGMENTED=bool(sg.seg))
         _join(module, sg, st, final, S, H, npb, n_chunks, sizes, m, reverse=False)
         seqs = dummy if chunk_seq is None else chunk_seq
         if per_key_decay(plan):   # the chunk's scores: y and dv are products with them
@@ -199,11 +208,12 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         dstates = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan),
                               device=device)
         dh0 = torch.empty(S, H, N, P, dtype=cdt, device=device)
-        sg = _segments(plan, sizes, m, S, NPB, n_chunks, cu_seqlens, device, dummy)
-        module.ssmc_chunked_bwd_dstates[(S * sg.n_seg, H, NPB)](
+        walks = triton.cdiv(N, m["BN_state"]) * NPB
+        sg = _segments(plan, sizes, m, S, walks, n_chunks, cu_seqlens, device, dummy)
+        module.ssmc_chunked_bwd_dstates[(S * sg.n_seg, H, walks)](
             *args, dy, dstates, dummy if gT is None else gT, dh0, *sg.buffers, cu, off, T,
             H // G, N, P, GH, sg.n_seg, sg.seg or 1, **order, HAS_GT=gT is not None,
-            SEGMENTED=bool(sg.seg), **consts)
+            SEGMENTED=bool(sg.seg), NPB=NPB, **dict(consts, BN=m["BN_state"]))
         _join(module, sg, dstates, dh0, S, H, NPB, n_chunks, sizes, m, reverse=True)
         chunk_args = (cu, off, seq_of_chunk, B, T, H // G, N, P, GH)
         if mode == "key":
@@ -260,9 +270,12 @@ def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes,
         nkb = triton.cdiv(N, bk)
         dA = torch.empty(n_chunks, H, m["BT"], m["BT"], dtype=cdt, device=device)
         gs = torch.empty(n_chunks, H, N, dtype=torch.float64, device=device)
-        module.ssmc_chunked_bwd_keys_prep[(n_chunks, H, nkb)](
+        # its n-blocks each form dA again: 64 wide (H100: 0.64 ms with 4 warps, 0.99 with 8)
+        bp = min(m["BN"], 64)
+        prep = dict(num_warps=4) if device.type == "cuda" else {}
+        module.ssmc_chunked_bwd_keys_prep[(n_chunks, H, triton.cdiv(N, bp))](
             *args, dy, saved["states"][i], dstates, saved["finals"][i], dA, gs, dq, dk,
-            *chunk_args, BN=bk, BP=min(m["BP"], 32), NPB=1, **dict(order, BT=m["BT"]), **launch)
+            *chunk_args, BN=bp, BP=min(m["BP"], 32), NPB=1, **dict(order, BT=m["BT"]), **prep)
         module.ssmc_chunked_bwd_keys[(n_chunks, H, nkb)](
             *args, dA, gs, dq, dk, dl, *chunk_args, BN=bk, BP=m["BP"], NPB=1, **order,
             **launch)

@@ -202,13 +202,17 @@ def ssmc_chunked_scores(
 """
 
 
+#: warps of the scores kernel (ptxas for sm90, bf16, n = 128: 255 registers with 4, 174 with 8)
+SCORES_WARPS = 4
+
+
 def launch_scores(module, args, scores, n_chunks: int, H: int, layout: tuple, sizes: tuple,
                   BT: int, CS: int, BN: int, order: dict, varlen: bool, on_gpu: bool) -> None:
     """Fills `scores` ((chunks, H, CS, CS), the compute type) for one direction's inputs `args`;
     `layout` = (cu, chunk_off, chunk_seq) and `sizes` = (T, HPG, N, P, GH)."""
     if n_chunks == 0:
         return
-    extra = dict(num_warps=4) if on_gpu else {}
+    extra = dict(num_warps=SCORES_WARPS) if on_gpu else {}
     module.ssmc_chunked_scores[(n_chunks * (CS // BT), H)](
         *args, scores, *layout, *sizes, BT=BT, CS=CS, BN=BN, BP=16, **order,
         IS_VARLEN=varlen, **extra)

@@ -31,10 +31,14 @@ def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
         BT = tile.get("BT", 64)
         CS = tile.get("CS", BT)
     # measured on H100 (benchmarks/RESULTS.md): splitting the state pass over n to add
-    # programs lost more to re-reading the value than it gained in parallelism
-    BN_state = tile.get("BN_state", BN)
+    # programs lost more to re-reading the value than it gained in parallelism (scalar
+    # decays); per-key decays at n = p = 128 (GLA, b=8 t=2048 h=16) took 0.62 ms in n-blocks
+    # of 64 against 1.12 ms whole, and their output pass 0.40 ms with p-blocks of 128 against
+    # 0.69 ms with 64 (it forms exp(L) q once per block)
+    BN_state = tile.get("BN_state", min(BN, 64) if per_key else BN)
     BP_state = tile.get("BP_state", max(min(next_pow2(P), 64), 16))
-    BP_out = tile.get("BP_out", max(min(next_pow2(P), 64 if BN <= 128 else 32), 16))
+    BP_out = tile.get("BP_out", max(min(next_pow2(P), 128 if per_key else
+                                        64 if BN <= 128 else 32), 16))
     # per-key decays: the output pass holds the chunk's query and its decay, (CS, BN) each
     wide = per_key and BN * CS >= 128 * 64
     return dict(BT=BT, CS=CS, BN=BN, BN_state=BN_state, BP_state=BP_state, BP_out=BP_out,
