@@ -33,7 +33,7 @@ Kernels, per direction:
     factors scale their rows afterwards.
 * Per-key decays (selective_scan, gla): `ssmc_chunked_bwd_keys` (chunked_bwd_keys.py), one
   program per (chunk, head) over the chunk's 16-row blocks: tensor-core products between
-  blocks, D elementwise within one (`_Ops.key_columns`), and the decay gradient complete.
+  blocks, D elementwise within one (chunked_bwd_keys.py), and the decay gradient complete.
 
 Operands that are bare inputs are loaded straight into the matmul type; a value that is an
 input times a scale along t (Mamba-2's x * dt) scales products' rows or columns instead.
@@ -77,7 +77,6 @@ from ....plan import Plan
 from ..common import compute_type, dot_type, input_params
 from ..render import Context, Emitter, Tile, split_scale
 from . import chunked_segments as seg
-from .chunked_keys import diagonal_walk
 from ..templates import (HAS_RESET_BELOW, chunk_setup, chunk_state_store, fold_resets, indent,
                          later_sum, rows, seq_setup, split_resets, with_resets)
 
@@ -283,46 +282,13 @@ class _Ops:
 
     def scores(self) -> str:
         """A[u, s] = q_u . (decay s+1..u) k_s on the causal half (emits it as `A`); decays
-        without n (per-key ones form theirs in `key_columns`)."""
+        without n (per-key ones form theirs in chunked_bwd_keys.py)."""
         self.body("causal = offs_c[:, None] >= offs_c[None, :]")
         if self.mode == "none":
             self.body("A = tl.where(causal, " + self.dot("query", "tl.trans(key)") + ", 0.0)")
         else:
             self.body("A = " + self.dot("query", "tl.trans(key)") + f" * {self.decay_matrix()}")
         return "A"
-
-    def key_columns(self, scores: bool = True, grads: bool = True):
-        """Per-key decays within one row block: its key steps s one at a time
-        (`chunked_keys.diagonal_walk`), with the decay D[u, s, n] = exp(lc_u - lc_s) formed
-        elementwise on the rows u >= s only (there is no reference point inside the block to
-        factor it through). With `scores`, emits `AT` (s, u) = A^T (a sum over all of n); with
-        `grads`, from dA (u, s), the block-local parts of dq (sum_s dA[u, s] D k_s) and dk
-        (sum_u dA[u, s] D q_u): `dq_in`, `dk_in`, and `rect`, the decay gradient's pairs inside
-        the block: rect[r] = sum over s < r <= u of M[u, s], M = dA D q k (the pairs whose
-        weight the decay at r enters), the suffix sum of q dq_in - k dk_in: the pairs with both
-        ends at r or later cancel in it, but only within the block's 16 steps."""
-        b = self.body
-        if scores:
-            b(f"AT = tl.zeros([BT, BT], dtype={self.ct})")
-        if grads:
-            b(f"dq_in = tl.zeros([BT, BN], dtype={self.ct})")
-            b(f"dk_in = tl.zeros([BT, BN], dtype={self.ct})")
-
-        def step():
-            b("sel = offs_c == s")
-            b("qd = query * dec")
-            if scores:
-                b("a_s = tl.sum(qd * k_r[None, :], axis=1)")
-                b("AT = tl.where(sel[:, None], a_s[None, :], AT)")
-            if grads:
-                b("da_s = tl.sum(tl.where(sel[None, :], dA, 0.0), axis=1)")
-                b("dq_in += da_s[:, None] * dec * k_r[None, :]")
-                b("dk_s = tl.sum(da_s[:, None] * qd, axis=0)")
-                b("dk_in = tl.where(sel[:, None], dk_s[None, :], dk_in)")
-        diagonal_walk(self.prog, self.ct, b, step)
-        if grads:
-            b("rect = tl.cumsum((query * dq_in).to(tl.float64) - (key * dk_in).to(tl.float64),"
-              " axis=0, reverse=True)")
 
     def state_decay(self) -> str:
         """The factor the state carries across the whole chunk ((n, BP)-broadcastable)."""

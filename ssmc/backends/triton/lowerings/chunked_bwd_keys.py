@@ -1,29 +1,28 @@
 """The chunked backward for decays that vary over the key dim: tensor-core products per chunk.
 
-Notation as in chunked_bwd.py; chunks of CS steps in row blocks of BT (16). Two kernels walk
-the chunk's row blocks from the last to the first: one program per (chunk, head, n-block) for
-dq, dk and the decay gradient, one per (chunk, head, p-block) for dv. For row block i:
+Notation as in chunked_bwd.py; chunks of CS steps in row blocks of BT (16). Per chunk and head:
 
-* its own block: dA = dy v^T on the causal half, and the decay D[u, s, n] elementwise on it
-  (`_Ops.key_columns`): A^T, and the block-local parts of dq and dk;
-* earlier key blocks j < i (dq): the weight factors through block i's start, as in the forward
+* `ssmc_chunked_bwd_keys_prep` (whole chunk, per n-block): the products over p, once: dA =
+  dy v^T on the causal half, the state terms exp(decay from the chunk's start) (dy S_in^T)
+  into dq and exp(decay to its end) (v G^T) into dk, and sum_p G * S_end;
+* `ssmc_chunked_bwd_keys` (per n-block) walks the chunk's row blocks from the last to the
+  first. For row block i: its own pairs, D[u, s, n] elementwise (`_Kernel.own_pairs`); earlier
+  key blocks j < i (dq): the weight factors through block i's start, as in the forward
   (chunked_keys.py): dq_i += exp(lc_i) * (dA_ij (k_j exp(rest_j))), one matmul per block;
-* later query blocks j > i (dk, dv): dk_i += exp(rest_i) * (dA_ji^T (q_j exp(lc_j))), and
-  dv_i += A_ji^T dy_j with A_ji = (q_j exp(lc_j)) (k_i exp(rest_i))^T;
-* the state terms: dq += exp(lc from the chunk start) (dy S_in^T), dk += exp(decay to the chunk
-  end) (v G^T), dv += (k exp(decay to the end)) G;
-* the decay gradient, in the kernel: dL/dl_r = sum over the pairs s < r <= u of M[u, s] =
-  dA[u, s] q_u D[u, s] k_s (the pairs whose weight the decay at r enters), s running from the
-  entering state and u to the leaving one (sum_p G * S_end, S_end the next chunk's entering
-  state or the final state). Summed over rectangles, not as the suffix sum of q dq - k dk: that
-  difference counts every pair with both ends after r twice, with opposite signs, and its
-  rounding residue grew with the chunk (64 steps) to 20x the scan's error.
+  later query blocks j > i (dk): dk_i += exp(rest_i) * (dA_ji^T (q_j exp(lc_j))); and the
+  decay gradient: dL/dl_r = sum over the pairs s < r <= u of M[u, s] = dA[u, s] q_u D[u, s]
+  k_s (the pairs whose weight the decay at r enters), s running from the entering state and u
+  to the leaving one (sum_p G * S_end, S_end the next chunk's entering state or the final
+  state). Summed over rectangles, not as the suffix sum of q dq - k dk: that difference counts
+  every pair with both ends after r twice, with opposite signs, and its rounding residue grew
+  with the chunk (64 steps) to 20x the scan's error;
+* `ssmc_chunked_bwd_keys_dv` (whole chunk, per p-block): dv = A^T dy + (k exp(decay to the
+  end)) G, A the chunk's scores (chunked_keys.py).
 
 Every exponent is a sum of log-decays over steps of the chunk, resets split out (exactly 0
 across one). Both factors of a factored weight are themselves weights between steps of the
 chunk (chunked_keys.py), so they stay in fp32's range wherever the gradients do; fp16 operands
-(65504) take the factored products in fp32. Products over p run over p-blocks (dA, dy S_in^T
-and v G^T need all of p); dv is formed per p-block.
+(65504) take the factored products in fp32.
 """
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ from ..render import Emitter
 from ..templates import chunk_setup, indent, later_sum, rows, with_resets
 from .chunked import _Chunk
 from .chunked_bwd import _Ops, store_y
-from .chunked_keys import KeyOps, narrow_operands, output_body, sign_of
+from .chunked_keys import KeyOps, diagonal_walk, narrow_operands, output_body, sign_of
 from .chunked_tiles import (KEY_KT_TILE, KEY_QK_TILE, KEY_ROWS, QK_TILE, V_TILE,
                             BlockOperands)
 
@@ -110,11 +109,37 @@ class _Kernel:
             self.other_rows()
             lp, rp, _ = self.block(KEY_KT_TILE, "pj", "p").log_decays()
             b(f"prefix += {with_resets(f'tl.sum({lp}, axis=1)', f'tl.sum({rp}, axis=1)')}")
-        b(f"dA = {_dA_block('i', 'i')}")
-        o.key_columns(scores=False)
+        self.own_pairs()
         # the terms from outside the chunk (`render_keys_prep_kernel`), then the other blocks'
         b("dq_x = tl.load(ssmc_dq + row * N + offs_n[None, :], mask=nmask, other=0.0)")
         b("dk_x = tl.load(ssmc_dk + row * N + offs_n[None, :], mask=nmask, other=0.0)")
+
+    def own_pairs(self) -> None:
+        """The pairs (u, s) inside block i, where D[u, s, n] = exp(lc_u - lc_s) has no reference
+        point to factor through: `dq_in` (sum_s dA[u, s] D k_s) walking the key steps s and
+        `dk_in` (sum_u dA[u, s] D q_u) walking the query steps u
+        (`chunked_keys.diagonal_walk`), each elementwise on (BT, BN) tiles with dA's column s
+        or row u loaded from the chunk's buffer: no sums across the block's rows, which cost
+        a barrier per step; and `rect`, the decay gradient's pairs inside the block: rect[r] =
+        sum over s < r <= u of M[u, s], M = dA D q k (the pairs whose weight the decay at r
+        enters), the suffix sum of q dq_in - k dk_in: the pairs with both ends at r or later
+        cancel in it, but only within the block's 16 steps."""
+        b = self.body
+        base = "ssmc_dA + ((chunk * H + h_idx) * CS + i * BT"
+        b(f"dq_in = tl.zeros([BT, BN], dtype={self.ct})")
+        b(f"dk_in = tl.zeros([BT, BN], dtype={self.ct})")
+
+        def key_step():
+            b(f"da_s = tl.load({base} + offs_c) * CS + i * BT + s)")
+            b("dq_in += da_s[:, None] * dec * k_r[None, :]")
+
+        def query_step():
+            b(f"da_u = tl.load({base} + s) * CS + i * BT + offs_c)")
+            b("dk_in += da_u[:, None] * dec * q_r[None, :]")
+        diagonal_walk(self.prog, self.ct, b, key_step, "key")
+        diagonal_walk(self.prog, self.ct, b, query_step, "query")
+        b("rect = tl.cumsum((query * dq_in).to(tl.float64) - (key * dk_in).to(tl.float64),"
+          " axis=0, reverse=True)")
 
     def earlier_keys(self) -> None:
         """dq's terms from the key blocks before block i, nearest first."""

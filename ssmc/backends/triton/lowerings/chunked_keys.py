@@ -41,11 +41,13 @@ def sign_of(count: str) -> str:
     return f"tl.where(({count}) % 2 == 1, -1.0, 1.0)"
 
 
-def diagonal_walk(prog, ct: str, body: Emitter, per_step) -> None:
-    """The diagonal block's key steps s one at a time (unrolled): step s's key `k_r` and the
-    running sums of its block's log-decays up to s (`lcs`, `zcs`, `ngs`), kept as the walk
-    goes, which `lc`, `zc`, `ngc` (the rows' own) minus them make D[u, s] of; `per_step(dec)`
-    emits the step's work from `dec`, D[:, s, :] (0 above the diagonal)."""
+def diagonal_walk(prog, ct: str, body: Emitter, per_step, operand: str = "key") -> None:
+    """The diagonal block's steps s one at a time (unrolled): step s's `operand` row (`k_r`
+    for "key", `q_r` for "query") and the running sums of its block's log-decays up to s
+    (`lcs`, `zcs`, `ngs`), kept as the walk goes, against which `lc`, `zc`, `ngc` (the block
+    rows' own) make D; `per_step()` emits the step's work from `dec`: for "key", D[:, s, :]
+    (the rows u >= s seeing key s), for "query", D[s, :, :] (the keys u <= s that row s
+    sees), 0 elsewhere."""
     sgn = prog.decay_signed
     body(f"lcs = tl.zeros([BN], dtype={ct})")
     body(f"zcs = tl.zeros([BN], dtype={ct})")
@@ -54,12 +56,17 @@ def diagonal_walk(prog, ct: str, body: Emitter, per_step) -> None:
     body("for s in tl.static_range(BT):")
     with body.block():
         row = RowOperands(prog, ct, body, "s")
-        row.operand("key", "k_r")
+        row.operand(operand, "k_r" if operand == "key" else "q_r")
         ld, rz, ng = row.log_decays()
         body(f"lcs += {ld}")
         body(f"zcs += {rz}")
-        gap = with_resets("lc - lcs[None, :]", "zc - zcs[None, :]")
-        dec = f"tl.exp(tl.where(offs_c[:, None] >= s, {gap}, float('-inf')))"
+        if operand == "key":
+            gap = with_resets("lc - lcs[None, :]", "zc - zcs[None, :]")
+            seen = "offs_c[:, None] >= s"
+        else:
+            gap = with_resets("lcs[None, :] - lc", "zcs[None, :] - zc")
+            seen = "offs_c[:, None] <= s"
+        dec = f"tl.exp(tl.where({seen}, {gap}, float('-inf')))"
         if sgn:
             body(f"ngs += {ng}")
             dec += f" * {sign_of('ngc - ngs[None, :]')}"
