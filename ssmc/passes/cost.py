@@ -71,11 +71,11 @@ def chunked_cost(program: Program) -> Cost:
     return Cost(
         tensor_flops=dirs * (b * h * t * Q * (n + p) + 4 * b * h * t * n * p),
         # per-key decays form the decays within each 16-row block elementwise, a walk over its
-        # key steps; priced as measured (H100, GLA at b=8 t=2048 h=16 n=p=128: its output pass
-        # 10.8 ms, 58 "FLOPs" per (step, key step of its block, n) at the model's 3 TFLOP/s),
-        # where the scan took 5.4 ms
+        # key steps; priced as measured (H100, GLA at b=8 t=2048 h=16 n=p=128: the scores
+        # kernel 1.33 ms, 12 "FLOPs" per (step, key step of its block, n) at the model's
+        # 3 TFLOP/s; the chunked forward 2.3-2.8 ms where the scan took 5.4 ms)
         vector_flops=dirs * (2 * b * h * nchunks * n * p
-                             + (58 * 16 * b * h * t * n if _per_key_decay(program) else 0)),
+                             + (12 * 16 * b * h * t * n if _per_key_decay(program) else 0)),
         bytes=2 * io_bytes(program) + dirs * 3 * b * h * nchunks * n * p * STATE_BYTES,
         launches=3,
         serial_steps=nchunks,

@@ -89,3 +89,16 @@ def test_subs_gives_numbers():
     assert values["serial_steps"] == 128 / 32
     assert values["tensor_flops"] == 32 * 2 * 4 * 128 * (16 + 8) + 4 * 2 * 4 * 16 * 8 * 128
     assert all(isinstance(v, (int, float)) for v in values.values())
+
+
+@pytest.mark.parametrize("sizes", [dict(b=8, t=2048, h=16, n=128, p=128, g=16),
+                                   dict(b=2, t=8192, h=16, n=128, p=128, g=16),
+                                   dict(b=8, t=4096, h=32, n=64, p=64, g=32)])
+def test_auto_takes_the_faster_lowering_of_per_key_decays(sizes):
+    """As measured on an H100 (benchmarks/RESULTS.md): GLA at these shapes is faster chunked
+    (2.3-4.4 ms forward against 5.4 for the scan at the first), Mamba-1's selective scan
+    (p = 1) faster as a scan (4.2 ms against 37.6)."""
+    from ssmc.lowerings import choose_lowering
+    assert choose_lowering(ssmc.ops.gla.definition.program, sizes).lowering == "chunked"
+    s6 = dict(b=8, t=2048, h=2048, n=16, p=1, g=1)
+    assert choose_lowering(ssmc.ops.selective_scan.definition.program, s6).lowering == "scan"
