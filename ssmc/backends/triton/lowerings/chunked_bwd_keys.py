@@ -33,7 +33,7 @@ from ..templates import chunk_setup, indent, later_sum, rows, with_resets
 from .chunked import _Chunk
 from .chunked_bwd import _Ops, store_y
 from .chunked_keys import KeyOps, diagonal_walk, narrow_operands, output_body, sign_of
-from .chunked_tiles import (KEY_KT_TILE, KEY_QK_TILE, KEY_ROWS, QK_TILE, V_TILE,
+from .chunked_tiles import (KEY_QK_TILE, KEY_ROWS, QK_TILE, V_TILE,
                             BlockOperands)
 
 PARAMS = ("ssmc_cu, ssmc_chunk_off, ssmc_chunk_seq,\n    B, T, HPG, N, P, GH,\n"
@@ -97,18 +97,12 @@ class _Kernel:
         return _total(lq, rq)
 
     def own_block(self) -> None:
-        """Block i's operands, its earlier blocks' log-decay sums, its own pairs and the
-        state terms the prep kernel left in dq and dk."""
+        """Block i's operands, its own pairs and the state terms the prep kernel left in dq
+        and dk."""
         b, o = self.body, self.o
         o.operand("query", "query")
         o.operand("key", "key")
         o.decay()
-        b(f"prefix = tl.zeros([BN], dtype={self.ct})")
-        b("for j in range(0, i):")
-        with b.block():
-            self.other_rows()
-            lp, rp, _ = self.block(KEY_KT_TILE, "pj", "p").log_decays()
-            b(f"prefix += {with_resets(f'tl.sum({lp}, axis=1)', f'tl.sum({rp}, axis=1)')}")
         self.own_pairs()
         # the terms from outside the chunk (`render_keys_prep_kernel`), then the other blocks'
         b("dq_x = tl.load(ssmc_dq + row * N + offs_n[None, :], mask=nmask, other=0.0)")
@@ -116,28 +110,25 @@ class _Kernel:
 
     def own_pairs(self) -> None:
         """The pairs (u, s) inside block i, where D[u, s, n] = exp(lc_u - lc_s) has no reference
-        point to factor through: `dq_in` (sum_s dA[u, s] D k_s) walking the key steps s and
-        `dk_in` (sum_u dA[u, s] D q_u) walking the query steps u
-        (`chunked_keys.diagonal_walk`), each elementwise on (BT, BN) tiles with dA's column s
-        or row u loaded from the chunk's buffer: no sums across the block's rows, which cost
-        a barrier per step; and `rect`, the decay gradient's pairs inside the block: rect[r] =
-        sum over s < r <= u of M[u, s], M = dA D q k (the pairs whose weight the decay at r
-        enters), the suffix sum of q dq_in - k dk_in: the pairs with both ends at r or later
-        cancel in it, but only within the block's 16 steps."""
+        point to factor through, in one walk over the block's steps s
+        (`chunked_keys.diagonal_walk`): `dq_in` += dA[:, s] D[:, s] k_s on the rows after s
+        and `dk_in` += dA[s, :] D[s, :] q_s on the rows before it, elementwise on (BT, BN)
+        tiles with dA's column and row s loaded from the chunk's buffer: no sums across the
+        block's rows, which cost a barrier per step. Then `rect`, the decay gradient's pairs
+        inside the block: rect[r] = sum over s < r <= u of M[u, s], M = dA D q k (the pairs
+        whose weight the decay at r enters), the suffix sum of q dq_in - k dk_in: the pairs
+        with both ends at r or later cancel in it, but only within the block's 16 steps."""
         b = self.body
         base = "ssmc_dA + ((chunk * H + h_idx) * CS + i * BT"
         b(f"dq_in = tl.zeros([BT, BN], dtype={self.ct})")
         b(f"dk_in = tl.zeros([BT, BN], dtype={self.ct})")
 
-        def key_step():
+        def step():
             b(f"da_s = tl.load({base} + offs_c) * CS + i * BT + s)")
+            b(f"da_r = tl.load({base} + s) * CS + i * BT + offs_c)")
             b("dq_in += da_s[:, None] * dec * k_r[None, :]")
-
-        def query_step():
-            b(f"da_u = tl.load({base} + s) * CS + i * BT + offs_c)")
-            b("dk_in += da_u[:, None] * dec * q_r[None, :]")
-        diagonal_walk(self.prog, self.ct, b, key_step, "key")
-        diagonal_walk(self.prog, self.ct, b, query_step, "query")
+            b("dk_in += da_r[:, None] * dec_back * q_r[None, :]")
+        diagonal_walk(self.prog, self.ct, b, step, both=True)
         b("rect = tl.cumsum((query * dq_in).to(tl.float64) - (key * dk_in).to(tl.float64),"
           " axis=0, reverse=True)")
 
@@ -256,20 +247,17 @@ def render_keys_kernel(plan: Plan) -> str:
     k.earlier_keys()
     k.later_queries_dk()
     k.decay_gradient()
-    body("post += l_last")   # block i's total (`_Ops.decay`), for the blocks before it
     # sum_p G * S_end, S_end the state leaving the chunk (`render_keys_prep_kernel`)
     prelude = ("    carry = tl.load(ssmc_gs + (chunk * H + h_idx) * N + offs_n, mask=mask_n,"
                " other=0.0)\n    a_next = tl.zeros([BN], dtype=tl.float64)")
     return _walking_kernel(
-        "ssmc_chunked_bwd_keys", plan, k,
+        "ssmc_chunked_bwd_keys", plan,
         "ssmc_dA, ssmc_gs, ssmc_dq, ssmc_dk, ssmc_dl", " NPB: tl.constexpr,", True, prelude,
         body)
 
 
-def _walking_kernel(name: str, plan: Plan, k: _Kernel, args: str, extra: str, split_n: bool,
-                    prelude: str, body: Emitter) -> str:
-    """A kernel over (chunk, head, block) whose `body` walks the chunk's row blocks from the
-    last (`_block_walk`), `post` summing the log-decays of those it has passed."""
+def _kernel(name: str, plan: Plan, args: str, extra: str, split_n: bool, text: str) -> str:
+    """A kernel over (chunk, head, block): its signature and chunk set-up, then `text`."""
     setup = chunk_setup(split_n, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
                         "tl.program_id(0).to(tl.int64)", "CS", "cs0")
     return f"""
@@ -280,31 +268,24 @@ def {name}(
     {PARAMS}{extra}
 ):
 {setup}
-    R = tl.cdiv(tl.minimum(CS, length - cs0), BT)
-{prelude}
-    post = tl.zeros([BN], dtype={k.ct})
-    for ii in range(0, R):
-{body.text()}
+{text}
 """
+
+
+def _walking_kernel(name: str, plan: Plan, args: str, extra: str, split_n: bool,
+                    prelude: str, body: Emitter) -> str:
+    """A kernel whose `body` walks the chunk's row blocks from the last (`_block_walk`)."""
+    return _kernel(name, plan, args, extra, split_n, f"""    R = tl.cdiv(tl.minimum(CS, length - cs0), BT)
+{prelude}
+    for ii in range(0, R):
+{body.text()}""")
 
 
 def _chunk_kernel(name: str, plan: Plan, args: str, extra: str, body: Emitter,
                   split_n: bool = False) -> str:
-    """A kernel over (chunk, head, block) whose `body` takes the whole chunk (BT = CS rows)."""
-    setup = chunk_setup(split_n, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
-                        "tl.program_id(0).to(tl.int64)", "CS", "cs0")
-    return f"""
-@triton.jit
-def {name}(
-    {input_params(plan.program)},
-    {args},
-    {PARAMS}{extra}
-):
-{setup}
-    c0 = cs0
-{indent(rows(), 1)}
-{body.text()}
-"""
+    """A kernel whose `body` takes the whole chunk (BT = CS rows)."""
+    return _kernel(name, plan, args, extra, split_n,
+                   f"    c0 = cs0\n{indent(rows(), 1)}\n{body.text()}")
 
 
 def render_keys_dv_kernel(plan: Plan) -> str:

@@ -41,13 +41,13 @@ def sign_of(count: str) -> str:
     return f"tl.where(({count}) % 2 == 1, -1.0, 1.0)"
 
 
-def diagonal_walk(prog, ct: str, body: Emitter, per_step, operand: str = "key") -> None:
-    """The diagonal block's steps s one at a time (unrolled): step s's `operand` row (`k_r`
-    for "key", `q_r` for "query") and the running sums of its block's log-decays up to s
-    (`lcs`, `zcs`, `ngs`), kept as the walk goes, against which `lc`, `zc`, `ngc` (the block
-    rows' own) make D; `per_step()` emits the step's work from `dec`: for "key", D[:, s, :]
-    (the rows u >= s seeing key s), for "query", D[s, :, :] (the keys u <= s that row s
-    sees), 0 elsewhere."""
+def diagonal_walk(prog, ct: str, body: Emitter, per_step, both: bool = False) -> None:
+    """The diagonal block's steps s one at a time (unrolled): step s's key row `k_r` and the
+    running sums of its block's log-decays up to s (`lcs`, `zcs`, `ngs`), kept as the walk
+    goes, against which `lc`, `zc`, `ngc` (the block rows' own) make `dec`, D[:, s, :] (the
+    rows u >= s seeing key s; 0 on the others); with `both`, also its query row `q_r` and
+    `dec_back`, D[s, :, :] (the keys u <= s that row s sees). `per_step()` emits the step's
+    work."""
     sgn = prog.decay_signed
     body(f"lcs = tl.zeros([BN], dtype={ct})")
     body(f"zcs = tl.zeros([BN], dtype={ct})")
@@ -56,21 +56,20 @@ def diagonal_walk(prog, ct: str, body: Emitter, per_step, operand: str = "key") 
     body("for s in tl.static_range(BT):")
     with body.block():
         row = RowOperands(prog, ct, body, "s")
-        row.operand(operand, "k_r" if operand == "key" else "q_r")
+        row.operand("key", "k_r")
+        if both:
+            row.operand("query", "q_r")
         ld, rz, ng = row.log_decays()
         body(f"lcs += {ld}")
         body(f"zcs += {rz}")
-        if operand == "key":
-            gap = with_resets("lc - lcs[None, :]", "zc - zcs[None, :]")
-            seen = "offs_c[:, None] >= s"
-        else:
-            gap = with_resets("lcs[None, :] - lc", "zcs[None, :] - zc")
-            seen = "offs_c[:, None] <= s"
-        dec = f"tl.exp(tl.where({seen}, {gap}, float('-inf')))"
+        body(f"gap = {with_resets('lc - lcs[None, :]', 'zc - zcs[None, :]')}")
+        sign = ""
         if sgn:
             body(f"ngs += {ng}")
-            dec += f" * {sign_of('ngc - ngs[None, :]')}"
-        body(f"dec = {dec}")
+            sign = f" * {sign_of('ngc - ngs[None, :]')}"
+        body(f"dec = tl.exp(tl.where(offs_c[:, None] >= s, gap, float('-inf'))){sign}")
+        if both:
+            body(f"dec_back = tl.exp(tl.where(offs_c[:, None] <= s, -gap, float('-inf'))){sign}")
         per_step()
 
 
