@@ -24,7 +24,8 @@ class ScanTile(Tile):
 
 @dataclass(frozen=True)
 class ChunkedTile(Tile):
-    BT: int | None = pow2("rows per output block (16 for per-key decays)")
+    BT: int | None = pow2("rows per output block (per-key decays: per block of the scores "
+                          "pass, 16; their output pass takes whole chunks)")
     CS: int | None = pow2("state-pass chunk length, a multiple of BT")
     BN_state: int | None = pow2("key channels per state-pass program")
     BP_state: int | None = pow2("value channels per state-pass program")
@@ -97,10 +98,12 @@ def chunked_space(ctx: SpaceContext, built_in: dict) -> TileSpace:
         # process's device context; 16 channels were not tried
         if v["warps_out"] == 8 and v["BP_out"] < 64:
             return "output pass: 8 warps over fewer than 64 value channels (faulted on an H200)"
-        # the output pass: q, k^T, v and the entering state as operands; scores and y in fp32
+        # the output pass: q, k^T (per-key decays: the chunk's scores), v and the entering
+        # state as operands; scores and y in fp32. Per-key decays take whole chunks there
+        rows = cs if per_key else v["BT"]
         threads = 32 * v["warps_out"]
-        smem = (2 * v["BT"] * BN + v["BT"] * v["BP_out"] + BN * v["BP_out"]) * ob
-        why = ctx.fits(threads, smem, (v["BT"] * v["BT"] + v["BT"] * v["BP_out"]) / threads)
+        smem = (2 * rows * BN + rows * v["BP_out"] + BN * v["BP_out"]) * ob
+        why = ctx.fits(threads, smem, (rows * rows + rows * v["BP_out"]) / threads)
         return f"output pass: {why}" if why else None
 
     return default, axes, check

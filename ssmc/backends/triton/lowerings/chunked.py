@@ -17,7 +17,9 @@ that varies over the key dim would factor that weight as (q_t exp(L_t)) . (k_s e
 which overflows once a chunk's summed log-decay on one key falls below about -88; per-key
 decays (`chunked_keys.py`) factor it through the start of the query's 16-row block instead
 (both factors are weights between steps of the chunk), form the diagonal block elementwise,
-and use only exponents <= 0 for the state terms (exp(L_t), exp(L_last - L_s)).
+and use only exponents <= 0 for the state terms (exp(L_t), exp(L_last - L_s)). Their decayed
+scores do not depend on p, so a third kernel, `ssmc_chunked_scores`, forms them once per
+(chunk, head), and their output pass takes whole chunks.
 
 A positive decay's resets (`templates.RESET_BELOW`: a decay of 0, or under fp32's smallest
 normal number) are kept out of L and counted apart in Z: the weight is exp((L_t - L_s) -
