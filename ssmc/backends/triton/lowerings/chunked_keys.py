@@ -88,13 +88,6 @@ def narrow_operands(dt: str) -> bool:
     return dt == "tl.float16"
 
 
-
-
-def narrow_operands(dt: str) -> bool:
-    """Whether matmul operands of type `dt` have a range below fp32's (module docstring)."""
-    return dt == "tl.float16"
-
-
 class KeyOps:
     """Types and products of the per-key kernels."""
 
