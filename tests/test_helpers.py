@@ -262,3 +262,22 @@ def test_summed_gradient_of_cancelling_steps_is_judged_by_its_parts():
     scale = summed_gradient_scale(defn.program, x64, kwargs, cot)["a"]
     assert float(scale) > 1e4 * float(grad_a.abs())
     assert not compare("grad a", grad_a + 1e-3 * scale, grad_a, 2e-5, scale=scale).ok
+
+
+@pytest.mark.parametrize("t", [0, 5])
+def test_summed_gradient_scale_without_steps_or_readers(t):
+    """No steps (no cotangent on y) or an input no output reads: no scale, no error (a fuzz
+    campaign's empty batches and decay-free definitions raised inside the judge)."""
+    gen = torch.Generator().manual_seed(1)
+    x = {"q": torch.randn(1, t, 2, 3, generator=gen, dtype=torch.float64),
+         "k": torch.randn(1, t, 2, 3, generator=gen, dtype=torch.float64),
+         "v": torch.randn(1, t, 2, 4, generator=gen, dtype=torch.float64),
+         "a": torch.randn(2, generator=gen, dtype=torch.float64).requires_grad_(True)}
+    cot = {} if t == 0 else {"y": torch.zeros(1, t, 2, 4, dtype=torch.float64)}
+    scales = summed_gradient_scale(_head_gate.program, x, {}, cot)
+    assert scales == {} if t == 0 else set(scales) == {"a"}
+
+    @ssmc.ssm
+    def unread(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"], a: S.In["h"]):
+        return S.recurrence(key=k, value=v, query=q)
+    assert summed_gradient_scale(unread.program, x, {}, cot) == {}
