@@ -4,8 +4,8 @@ l[t, n] the log-decays with their resets split out (`templates.split_resets`: a 
 underflowing decay is counted apart, so exp of a sum is exactly 0 across one). Key s is seen
 from row t of its chunk with the weight exp(sum of l over s < u <= t), per n, so the chunk's
 decayed scores A[t, s] = sum_n q_t k_s exp(...) do not depend on p: `ssmc_chunked_scores`
-forms them once per (chunk, head) into a buffer (fp32, fp64 for fp64 plans), one program per row block r of BT (16)
-steps:
+forms them once per (chunk, head) into a buffer (fp32, fp64 for fp64 plans), one program per
+row block r of BT (16) steps:
 
 * the diagonal block: exp(lc_t - lc_s), lc the running sum within the block, formed
   elementwise on its causal half (BT^2 * BN work), where the weight has no reference point
@@ -135,19 +135,13 @@ def _scores_row_block(k: KeyOps) -> None:
     sgn = prog.decay_signed
     row = BlockOperands(prog, ct, body, QK_TILE, "qk", "")
     query = row.operand("query", "query")
-    ld, rz, ng = row.log_decays()
-    body(f"lc = tl.cumsum({ld}, axis=0)")
-    body(f"zc = tl.cumsum({rz}, axis=0)")
-    body(f"lcf = {with_resets('lc', 'zc')}")
-    if sgn:
-        body(f"ngc = tl.cumsum({ng}, axis=0)")
+    exponent, sign = k.running_decay(row)   # lc, zc (and ngc): the diagonal walk's too
     body("a_ptr = ssmc_scores + ((chunk * H + h_idx) * CS + r * BT + offs_c[:, None]) * CS"
          " + offs_c[None, :]")
     diagonal_scores(prog, ct, body, query)
     body("tl.store(a_ptr + r * BT, scores)")
 
-    row_scale = "tl.exp(lcf)" + (f" * {sign_of('ngc')}" if sgn else "")
-    body(f"q_op = ({query} * {row_scale}).to({k.ft})")
+    body(f"q_op = ({query} * tl.exp({exponent}){sign}).to({k.ft})")
     # the earlier key blocks, nearest first: `mid` sums the blocks between j and r
     body(f"mid = tl.zeros([BN], dtype={ct})")
     if sgn:
