@@ -28,9 +28,9 @@ def tiles(plan: Plan, sizes: dict) -> dict:
     per_key = per_key_decay(plan)
     BN = max(next_pow2(sizes["n"]), 16)
     # per-key decays (H100, GLA b=8 t=2048 h=16 n=p=128): their dq/dk walk took 4.6 ms in
-    # n-blocks of 32 with 4 warps, 6.2 ms in blocks of 64 with 8 and 8.7 with 4
-    # and their state passes split n as the forward's does (chunked_launch.tiles): each
-    # n-block's recurrence is its own
+    # n-blocks of 32 with 4 warps, 6.2 ms in blocks of 64 with 8 and 8.7 with 4; their state
+    # passes split n as the forward's does (chunked_launch.tiles), each n-block's recurrence
+    # being its own
     return dict(BT=tile.get("BT_bwd", 64), RB=16, BN=BN,
                 BN_state=min(BN, 64) if per_key else BN,
                 BP=tile.get("BP_bwd", max(min(next_pow2(sizes["p"]), 64), 16)),
