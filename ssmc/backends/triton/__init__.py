@@ -184,7 +184,7 @@ class TritonBackend:
         per_head = sizes["b"] * sizes["h"] * sizes["t"] ** 2 * compute_dtype(plan).itemsize
         if reduce != "none" and per_head > REDUCE_IN_ROWS_BYTES:
             return matrix_rows.matrix(plan.program, tensors, sizes, compute_dtype(plan), reduce)
-        quadratic = importlib.import_module(f"{__name__}.lowerings.quadratic")
+        quadratic = importlib.import_module(f"{__name__}.lowerings.quadratic_launch")
         M = quadratic.attention_matrix(self.load_module(plan), plan, tensors, sizes)
         return matrix_rows.reduce_heads(M.unsqueeze(2), reduce, channels=False)
 

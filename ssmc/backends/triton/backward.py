@@ -7,7 +7,8 @@ Three steps, after the derive_backward pass (sympy.diff of the elementwise parts
    epilogue, summed over directions) is recomputed by the lowering's forward kernels first.
 2. Recurrence: the lowering's backward kernels turn dy (and grad_final) into the gradients of
    the recurrence operands, per direction, and dL/d initial_state:
-   scan -> lowerings/scan_bwd.py (every decay kind: d decay from checkpointed states);
+   scan -> lowerings/scan_bwd.py, launched by scan_bwd_launch.py (every decay kind: d decay
+   from checkpointed states);
    chunked -> lowerings/chunked_bwd.py, launched by chunked_run.py (d log_decay by
    the q dq - k dk identity; y itself for decays without n, where dy does not need it);
    quadratic -> the chunked backward (the same mathematics).
@@ -34,6 +35,7 @@ from ..chain_rule import ChainRule, initial_state_grad, stack_orders, sum_direct
 from . import chain_rows
 from .common import compute_dtype
 from .lowerings import LOWERINGS, scan_bwd
+from .lowerings import scan_bwd_launch as scan_run
 from .lowerings import chunked_bwd_launch as chunked_run
 
 
@@ -85,7 +87,7 @@ def make_backward(backend, plan: Plan):
         late_y = (want_y and not use_scan and chunked_run.computes_y(bplan)
                   and not rule.dy_needs_y)
         if use_scan:
-            saved, y = scan_bwd.forward_pass(module, bplan, tensors, sizes, initial_state,
+            saved, y = scan_run.forward_pass(module, bplan, tensors, sizes, initial_state,
                                              cu_seqlens, want_y)
         else:
             saved, y = chunked_run.forward_pass(module, bplan, tensors, sizes, initial_state,
@@ -96,7 +98,7 @@ def make_backward(backend, plan: Plan):
         env, g_out, dy_host = rule.epilogue(tensors, sizes, y, grad_out, cdt, dy is None)
         dy = dy_host if dy is None else dy
         if use_scan:
-            per_dir = scan_bwd.backward_pass(module, bplan, tensors, sizes, saved, dy,
+            per_dir = scan_run.backward_pass(module, bplan, tensors, sizes, saved, dy,
                                              grad_final, cu_seqlens)
         else:
             per_dir, y_late = chunked_run.backward_pass(module, bplan, tensors, sizes, saved,

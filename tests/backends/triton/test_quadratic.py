@@ -248,7 +248,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from ssmc.plan import Plan
-from ssmc.backends.triton.lowerings import quadratic as q
+from ssmc.backends.triton.lowerings import quadratic as q, quadratic_launch
 from tests.helpers import make_definition
 
 for decay, dtype in (("scalar", "bfloat16"), ("diagonal", "bfloat16"), ("none", "float32")):
@@ -259,7 +259,7 @@ for decay, dtype in (("scalar", "bfloat16"), ("diagonal", "bfloat16"), ("none", 
     spec = importlib.util.spec_from_file_location(f"k_{decay}_{dtype}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    bs = q.block_sizes(plan, 64, 64)
+    bs = quadratic_launch.block_sizes(plan, 64, 64)
     flags = dict(REVERSE=True, COLUMN=True, HAS_H0=True, IS_VARLEN=True, LOWP=True)
     for name, consts in (
             ("ssmc_quadratic_fwd", dict(BT=bs["BT"], BNC=bs["BNC"], BP=bs["BP"], ACCUM_IN=True,

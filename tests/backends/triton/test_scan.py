@@ -544,7 +544,7 @@ def test_scan_backward_decay_terms_of_every_input_shape(varlen):
 def test_scan_forward_step_at_a_time_and_in_blocks(n, direction):
     """A large state tile runs a step at a time (BT = 1), a small one in blocks of steps:
     both against the float64 reference, with odd lengths and every order in one launch."""
-    from ssmc.backends.triton.lowerings.scan import scan_blocks
+    from ssmc.backends.triton.lowerings.scan_launch import scan_blocks
 
     sizes = dict(b=2, t=35, h=2, g=1, n=n, p=16)
     assert (scan_blocks(n, 16)[2] == 1) == (n == 16)

@@ -34,18 +34,12 @@ order's), added on the host. Outputs are in the compute type (fp32, fp64 for fp6
 """
 from __future__ import annotations
 
-import torch
-import triton
-
 from ....plan import Plan
-from ..common import (HEADER, chunk_layout, compute_dtype, compute_type, input_args,
-                      input_params, num_sequences)
+from ..common import HEADER, compute_type, input_params
 from ..render import Context, Emitter
 from ..templates import indent, rows
-from .decay_terms import buffers as term_buffers, canonical as term_canonical, decay_terms
-from .decay_terms import emit as emit_terms
+from .decay_terms import decay_terms, emit as emit_terms
 from .scan import AFFINE, BLOCK, SETUP, SETUP_PARAMS, emit_block_states, emit_operands, last_state
-from .scan import block_tile, order_bits, order_launches, scan_blocks
 
 
 #: where a block's checkpoint lives: (order, block, h, n, p)
@@ -173,77 +167,3 @@ def ssmc_scan_bwd(
     tl.store(ssmc_dh0 + state_off, carry, mask=state_mask)
 '''
     return HEADER + AFFINE + fwd + "\n" + bwd
-
-
-def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, want_y):
-    """Checkpoints of every order, (orders, blocks, h, n, p), and y summed over the orders
-    (fp32) when `want_y`."""
-    prog = plan.program
-    B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
-    device = tensors[prog.inputs[0].name].device
-    cdt = compute_dtype(plan)
-    S = num_sequences(sizes, cu_seqlens)
-    nd = len(prog.recurrence.directions)
-    # checkpoints every CK steps (the backward's blocks); in between, the forward's own form
-    # (a step at a time for large state tiles: `scan.scan_blocks`)
-    CK = block_tile(N, P)[2]
-    BN, BP, BT = scan_blocks(N, P)
-    NPB = triton.cdiv(P, BP)
-    n_ck, ck_off, _ = chunk_layout(sizes, cu_seqlens, CK, device)
-    NCK = max(n_ck, 1)
-    y = torch.zeros(B, T, H, P, dtype=cdt, device=device) if want_y else None
-    dummy = torch.zeros(1, dtype=cdt, device=device)
-    ckpt = torch.empty(nd, NCK, H, N, P, dtype=cdt, device=device)
-    h0_all = None if initial_state is None else initial_state.to(cdt).contiguous()
-    rev, col = order_bits(plan)
-    args = input_args(prog, tensors, None)
-    for first, count in order_launches(plan, want_y):
-        h0 = h0_all
-        if h0 is not None and count < nd:
-            h0 = h0[first]
-        module.ssmc_scan_ckpt_fwd[(S, H, NPB * count)](
-            *args, dummy if y is None else y, ckpt[first:], dummy if h0 is None else h0,
-            dummy if cu_seqlens is None else cu_seqlens, dummy if ck_off is None else ck_off,
-            T, H // G, N, P, sizes.get("grid_h", 1), NCK, NPB, first, rev, col,
-            BN=BN, BP=BP, BT=BT, CK=CK, HAS_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
-            ACCUM_IN=first > 0, WRITE_Y=want_y, ATOMIC=want_y and count > 1)
-    return dict(ckpt=ckpt, ck_off=ck_off, NCK=NCK), y
-
-
-def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_seqlens):
-    """Operand gradients per direction as canonical (b, t, h, n, p) tensors, and dL/dS_0.
-
-    Returns a list (one per direction) of (grads: {operand: tensor}, dh0 (S, H, N, P))."""
-    prog = plan.program
-    B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
-    device = dy.device
-    cdt = compute_dtype(plan)
-    S = num_sequences(sizes, cu_seqlens)
-    nd = len(prog.recurrence.directions)
-    BN, BP, BT = block_tile(N, P)    # its own blocks: the forward's tile is tuned for it
-    NPB = triton.cdiv(P, BP)
-    dummy = torch.zeros(1, dtype=cdt, device=device)
-    terms = decay_terms(prog)
-    dq = torch.zeros(nd, NPB, B, T, H, N, dtype=cdt, device=device)
-    dk = torch.zeros(nd, NPB, B, T, H, N, dtype=cdt, device=device)
-    dv = torch.zeros(nd, B, T, H, P, dtype=cdt, device=device)
-    bufs = term_buffers(terms, nd, NPB, sizes, S, cdt, device)
-    dh0 = torch.empty(nd, S, H, N, P, dtype=cdt, device=device)
-    gT = None if grad_final is None else grad_final.to(cdt).contiguous()
-    rev, col = order_bits(plan)
-    module.ssmc_scan_bwd[(S, H, NPB * nd)](
-        *input_args(prog, tensors, None), dy, saved["ckpt"], dummy if gT is None else gT, dh0,
-        dq, dk, dv, *bufs.values(),
-        dummy if cu_seqlens is None else cu_seqlens,
-        dummy if saved["ck_off"] is None else saved["ck_off"],
-        B, T, H // G, N, P, sizes.get("grid_h", 1), saved["NCK"], NPB, 0, rev, col,
-        BN=BN, BP=BP, BT=BT, CK=BT, HAS_GT=gT is not None, IS_VARLEN=cu_seqlens is not None)
-    results = []
-    for i in range(nd):
-        grads = {"query": dq[i].sum(0).unsqueeze(-1), "key": dk[i].sum(0).unsqueeze(-1),
-                 "value": dv[i].unsqueeze(3)}
-        for term in terms:    # the decay's terms, done: ("decay", input) -> canonical tensor
-            grads[("decay", term.name)] = term_canonical(term, bufs[term.name], i,
-                                                         cu_seqlens is not None)
-        results.append((grads, dh0[i] if nd > 1 else dh0[0]))
-    return results

@@ -22,7 +22,7 @@ from ....plan import Plan
 from ..common import HEADER, compute_type
 from ..render import Context, Emitter, Tile, arg_names, tile_mask
 from ..templates import RESET_BELOW
-from .scan import block_sizes
+from .scan_launch import block_sizes
 
 FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
 #: |decay| below this is an exact reset (the forward's log-decay threshold, RESET_BELOW)
