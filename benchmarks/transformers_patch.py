@@ -43,7 +43,9 @@ import copy
 import importlib.util
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -52,6 +54,8 @@ import ssmc
 from ssmc.integrations.transformers import patch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: the packages transformers takes an unpatched model's fast path from
+FAST_PATH = ("mamba_ssm", "causal_conv1d", "kernels")
 HEAD = ["model", "what", "shape", "unpatched", "patched", "unit", "speed-up", "first call s"]
 WIDTHS = [6, 34, 30, 9, 9, 5, 8, 12]
 
@@ -174,13 +178,38 @@ def outputs(model, ids) -> list[torch.Tensor]:
     return found + [logits.detach().float().cpu()]
 
 
+def reference_outputs(kind: str, args, model, ids) -> list[torch.Tensor]:
+    """`outputs` of `model` (fp32, on the CPU) on transformers' PyTorch path: computed in a
+    child process that cannot import the fast-path packages. Some transformers versions (5.17)
+    call mamba_ssm's Triton kernels for CPU tensors whenever it is importable, and fail."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.pt")
+        torch.save({"state": model.state_dict(), "ids": ids}, path)
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--reference-of", path,
+                        "--kind", kind, "--hidden", str(args.hidden), "--vocab", str(args.vocab),
+                        "--check-layers", str(args.check_layers)], check=True)
+        return torch.load(path + ".out")
+
+
+def reference_child(args) -> int:
+    """The child of `reference_outputs`: the fast-path packages blocked before transformers
+    is imported, then the model's outputs on its inputs, saved beside them."""
+    for name in FAST_PATH:
+        sys.modules[name] = None     # importing it raises; find_spec returns None
+    saved = torch.load(args.reference_of)
+    model = build(args.kind, args, args.check_layers, "cpu", torch.float32)
+    model.load_state_dict(saved["state"])
+    torch.save(outputs(model, saved["ids"]), args.reference_of + ".out")
+    return 0
+
+
 def check(kind: str, args) -> None:
     """Print the error table of the module docstring for `kind`."""
     layers = args.check_layers
     ref = build(kind, args, layers, "cpu", torch.float32)
     ids = torch.randint(0, args.vocab, (1, args.check_seqlen),
                         generator=torch.Generator().manual_seed(1))
-    want = outputs(ref, ids)
+    want = reference_outputs(kind, args, ref, ids)
     dtype = DTYPES[args.dtype]
     models = {f"unpatched {args.dtype}": lambda: copy.deepcopy(ref).to(args.device, dtype),
               f"patched {args.dtype}": lambda: patch(copy.deepcopy(ref).to(args.device, dtype),
@@ -284,7 +313,10 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help="also time the patched forward under torch.compile")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself")
+    ap.add_argument("--reference-of", help=argparse.SUPPRESS)   # see reference_outputs
     args = ap.parse_args(argv)
+    if args.reference_of:
+        return reference_child(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("transformers_patch.py needs a CUDA GPU (or --device cpu for a smoke run)",
               file=sys.stderr)
@@ -292,8 +324,7 @@ def main(argv=None) -> int:
     os.environ["SSMC_AUTOTUNE"] = args.autotune  # read on each new call shape
     start = time.perf_counter()
     import transformers
-    have = {m: importlib.util.find_spec(m) is not None
-            for m in ("mamba_ssm", "causal_conv1d", "kernels")}
+    have = {m: importlib.util.find_spec(m) is not None for m in FAST_PATH}
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"# {device}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, ssmc {ssmc.__version__}; {args.dtype}, "

@@ -95,3 +95,26 @@ def test_time_invariant_decay_gradient_without_cancellation(direction, p, case):
     for lowering in ("scan", "chunked"):
         check_against_reference(defn, inputs, tol=FUZZ_TOL[torch.float32], backend="tvm",
                                 lowering=lowering, **kwargs)
+
+
+@ssmc.ssm
+def log_key(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"], e0: S.In["b t h"],
+            a: S.In["h"]):
+    return S.recurrence(decay=S.sigmoid(a), key=k * S.log(S.softplus(e0) + 0.1), value=v,
+                        query=q)
+
+
+def test_ill_conditioned_key_is_judged_by_its_fp32_evaluation():
+    """A key k log(softplus(e0) + 0.1) with softplus(e0) + 0.1 = 1.00025 (campaign seed
+    20261212): the log of a number 2.5e-4 above 1 is ~3e-5 relative off in any fp32
+    evaluation, so the kernel's key, final state and gradients are too, however exact its
+    recurrence. The judge allows what evaluating the operands in fp32 moves the float64
+    reference (`tests.helpers.check_against_reference`, `prologue_rounding`)."""
+    gen = torch.Generator().manual_seed(5)
+    inputs = {name: torch.randn(1, 16, 2, 4, generator=gen) for name in "qk"}
+    inputs["v"] = torch.randn(1, 16, 2, 3, generator=gen)
+    inputs["e0"] = torch.full((1, 16, 2), 0.37859) + 1e-5 * torch.randn(1, 16, 2, generator=gen)
+    inputs["a"] = torch.tensor([-0.16, 0.3])
+    check_against_reference(log_key, inputs, tol=2e-5, backend="tvm", lowering="scan",
+                            initial_state=torch.randn(1, 2, 4, 3, generator=gen),
+                            return_final_state=True)
