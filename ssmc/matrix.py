@@ -87,8 +87,8 @@ def attention_matrix(op, *args, reduce: str | None = None, window=None,
     returns only M[..., rows, columns], computed from the steps between them. In float32
     (float64 for float64 inputs). On CUDA the Triton kernel builds it where the quadratic
     lowering applies, and Triton kernels give its gradient for forward definitions whose decay
-    is positive with an exact log and does not vary over p; otherwise a block-row torch
-    evaluation does (float64 on the CPU)."""
+    is positive with an exact log and does not vary over p; on the CPU a TVM kernel (LLVM)
+    builds it; otherwise, and for the CPU's gradients, a block-row torch evaluation does."""
     fn = "attention_matrix"
     if reduce not in REDUCE:
         raise ArgumentError(f"{fn}: reduce={reduce!r} is not valid; valid values: None, "

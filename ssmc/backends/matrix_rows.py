@@ -32,6 +32,9 @@ from .chain_rule import CanonicalInputs, ChainRule
 #: device: a GPU takes larger blocks (fewer launches), a CPU's stay in cache
 BLOCK_ELEMENTS = 1 << 22
 BLOCK_ELEMENTS_CUDA = 1 << 26
+#: the largest per-head matrices a backend's `attention_matrix(reduce=...)` materialises
+#: before reducing (beyond it: a block of rows at a time)
+REDUCE_IN_ROWS_BYTES = 1 << 30
 
 
 @dataclass

@@ -24,9 +24,6 @@ from ..cache import cache_root, get_or_build_text
 from .common import compute_dtype, interpreting
 
 
-#: the largest per-head matrices `attention_matrix(reduce=...)` materialises before reducing
-REDUCE_IN_ROWS_BYTES = 1 << 30
-
 
 def _lowerings() -> dict:
     """The registered Triton lowerings (imports triton on first use)."""
@@ -176,13 +173,13 @@ class TritonBackend:
     def attention_matrix(self, plan: Plan, tensors, sizes, reduce: str = "none"):
         """The hidden attention matrix (b, h, t, t) by the quadratic lowering's matrix kernel
         (`ssmc.attention_matrix`); summed or averaged over heads after it with `reduce`, unless
-        the per-head matrices would take more than REDUCE_IN_ROWS_BYTES: then a block of rows
+        the per-head matrices would take more than matrix_rows.REDUCE_IN_ROWS_BYTES: then a block of rows
         at a time in torch, reduced per block."""
         if plan.lowering != "quadratic":
             raise UnsupportedError(f"{plan.program.name}: attention_matrix is built by the "
                                    f"quadratic lowering, not {plan.lowering!r}")
         per_head = sizes["b"] * sizes["h"] * sizes["t"] ** 2 * compute_dtype(plan).itemsize
-        if reduce != "none" and per_head > REDUCE_IN_ROWS_BYTES:
+        if reduce != "none" and per_head > matrix_rows.REDUCE_IN_ROWS_BYTES:
             return matrix_rows.matrix(plan.program, tensors, sizes, compute_dtype(plan), reduce)
         quadratic = importlib.import_module(f"{__name__}.lowerings.quadratic_launch")
         M = quadratic.attention_matrix(self.load_module(plan), plan, tensors, sizes)

@@ -28,11 +28,13 @@ import torch
 from ...errors import DTypeError, UnsupportedError
 from ...lowerings import legal_lowerings
 from ...plan import Plan
+from .. import matrix_rows
 from ..base import SIGNED_DECAY_REASON, register_backend
 from .backward import make_backward
 from .build import cached_function, host_cpu, tvm_version
 from .lowerings import LOWERINGS, KernelSpec, func_name, grid_args
 from .lowerings.chunked_cuda import unsupported, workspace_shapes
+from .lowerings.matrix import FUNC_NAME as MATRIX_FUNC, render_matrix
 from .render import unsupported_in
 from .tiles import TVM_LOWERINGS
 
@@ -53,6 +55,7 @@ class TVMBackend:
     def __init__(self):
         self._available: bool | None = None
         self._reason = ""
+        self._matrix_kernels: dict[str, TVMKernel] = {}
 
     def is_available(self) -> bool:
         if self._available is None:
@@ -121,6 +124,35 @@ class TVMBackend:
                           h0_dtype="float32" if plan.has_initial_state else None)
         return self.compile(plan).source(spec)
 
+    # the hidden attention matrix (`ssmc.attention_matrix`): built by TIR on the CPU, its
+    # gradient a block of rows at a time in torch (matrix_rows.py), as Triton's where its
+    # kernels do not apply
+
+    def attention_matrix(self, plan: Plan, tensors, sizes, reduce: str = "none"):
+        """(b, h, t, t) in the compute dtype, summed or averaged over heads with `reduce`
+        (a block of rows at a time where the per-head matrices would be large). CUDA tensors
+        take the block-row torch path: the TVM matrix kernel is built for the LLVM target."""
+        why = self.supports(plan)
+        if why is not None or plan.lowering != "quadratic":
+            raise UnsupportedError(f"{plan.program.name}: attention_matrix: "
+                                   f"{why or 'it is built by the quadratic lowering'}")
+        cdt = torch.float64 if plan.dtype == "float64" else torch.float32
+        device = next(iter(tensors.values())).device
+        per_head = sizes["b"] * sizes["h"] * sizes["t"] ** 2 * cdt.itemsize
+        if device.type != "cpu" or (reduce != "none" and
+                                    per_head > matrix_rows.REDUCE_IN_ROWS_BYTES):
+            return matrix_rows.matrix(plan.program, tensors, sizes, cdt, reduce)
+        key = plan.cache_key(self.cache_tag())
+        kernel = self._matrix_kernels.get(key)
+        if kernel is None:
+            kernel = self._matrix_kernels.setdefault(key, TVMKernel(plan, key, self.cache_tag()))
+        M = kernel.matrix(tensors, sizes)
+        return matrix_rows.reduce_heads(M.unsqueeze(2), reduce, channels=False)
+
+    def attention_matrix_backward(self, plan: Plan, tensors, sizes, grad, reduce: str = "none"):
+        cdt = torch.float64 if plan.dtype == "float64" else torch.float32
+        return matrix_rows.matrix_backward(plan.program, tensors, sizes, cdt, grad, reduce)
+
 
 class TVMKernel:
     """kernel(tensors, sizes, initial_state, cu_seqlens) -> (out, final state or None), and
@@ -176,6 +208,24 @@ class TVMKernel:
                                          func_name(self.plan), spec.arch)
                     self._functions[spec] = fn
         return fn
+
+    def matrix(self, tensors, sizes) -> torch.Tensor:
+        """The hidden attention matrix (b, h, t, t) of one unpacked CPU batch
+        (lowerings/matrix.py), in the accumulation dtype."""
+        prog = self.plan.program
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        spec = self.spec_for(tensors, sizes, None, None)
+        fn = self._functions.get((MATRIX_FUNC, spec))
+        if fn is None:
+            with self._lock:
+                fn = cached_function(self.key, spec.tag() + "_matrix", render_matrix(spec),
+                                     MATRIX_FUNC)
+                self._functions[(MATRIX_FUNC, spec)] = fn
+        B, T, H = (int(sizes[a]) for a in "bth")
+        M = torch.zeros(B, H, T, T, dtype=self.state_dtype)
+        if M.numel():
+            fn(*(tensors[i.name] for i in prog.inputs), M)
+        return M
 
     def __call__(self, tensors, sizes, initial_state=None, cu_seqlens=None):
         plan, prog = self.plan, self.plan.program

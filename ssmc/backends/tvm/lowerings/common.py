@@ -170,9 +170,7 @@ class Emitter:
             w("S1 = T.int64()")
         if self.has_state:
             w("S = T.int64()")
-        for inp, dt in zip(self.program.inputs, s.input_dtypes):
-            buf = self.buf(inp.name)
-            w(f'{buf} = T.match_buffer({buf}_h, {self.shape_of(inp.axes)}, "{dt}")')
+        self.match_inputs()
         if self.varlen:
             w(f'cu = T.match_buffer(cu_h, (S1,), "{s.cu_dtype}")')
         state_shape = f"({i64(self.D)}, S, {i64(s.H)}, {i64(s.N)}, {i64(s.P)})"
@@ -183,6 +181,11 @@ class Emitter:
             w(f'hT = T.match_buffer(hT_h, {state_shape}, "{s.state_dtype}")')
         if self.bidirectional:
             w(f'yw = T.match_buffer(yw_h, (B, TT, {i64(s.H)}, {i64(s.P)}), "{self.acc}")')
+
+    def match_inputs(self):
+        for inp, dt in zip(self.program.inputs, self.spec.input_dtypes):
+            buf = self.buf(inp.name)
+            self.w(f'{buf} = T.match_buffer({buf}_h, {self.shape_of(inp.axes)}, "{dt}")')
 
     def grid_params(self) -> list[str]:
         """The grid height's scalar parameter, last in every function of a cross2d plan."""

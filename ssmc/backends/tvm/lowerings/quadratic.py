@@ -11,22 +11,33 @@ from __future__ import annotations
 from .common import Emitter, KernelSpec, i64, register_lowering
 
 
+def walk_decay(e: Emitter, t: str) -> None:
+    """lr[n] *= decay at time t (the factor taking a product one step further back)."""
+    decay = e.program.recurrence.decay
+    if decay is not None:
+        with e.w.block(f"for n_ in range({i64(e.Nd)}):"):
+            d = e.value_of(decay.expr, e.index(t, n="n_"))
+            e.w(f"lr[n_] = lr[n_] * {d}")
+
+
+def matrix_entry(e: Emitter, tj: str) -> None:
+    """ms[0] = the matrix entry of the query in qv and the key at time `tj`, through the decay
+    product in lr."""
+    dn = "n_" if e.Nd > 1 else "T.int64(0)"
+    e.w(f"ms[T.int64(0)] = {e.renderer.const(0)}")
+    with e.w.block(f"for n_ in range({i64(e.spec.N)}):"):
+        k = e.value_of(e.program.recurrence.key.expr, e.index(tj, n="n_"))
+        e.w(f"ms[T.int64(0)] = ms[T.int64(0)] + qv[n_] * lr[{dn}] * {k}")
+
+
 @register_lowering("quadratic")
 def render_quadratic(spec: KernelSpec) -> str:
     e = Emitter(spec)
     w, r = e.w, e.program.recurrence
     N, P, Nd = spec.N, spec.P, e.Nd
-    has_decay = r.decay is not None
     dn = "n_" if Nd > 1 else "T.int64(0)"
     zero, one = e.renderer.const(0), e.renderer.const(1)
     e.header()
-
-    def walk_decay(t: str):
-        """lr[n] *= decay at time t (the factor taking a product one step further back)."""
-        if has_decay:
-            with w.block(f"for n_ in range({i64(Nd)}):"):
-                d = e.value_of(r.decay.expr, e.index(t, n="n_"))
-                w(f"lr[n_] = lr[n_] * {d}")
 
     with e.tasks():
         e.alloc("qv", (N,))
@@ -48,14 +59,11 @@ def render_quadratic(spec: KernelSpec) -> str:
                     w(f"yc[p_] = {zero}")
                 with w.block("for jj_ in range(i_ + T.int64(1)):"):
                     w(f"tj_ = {e.time_of(direction, 'i_ - jj_')}")
-                    w(f"ms[T.int64(0)] = {zero}")
-                    with w.block(f"for n_ in range({i64(N)}):"):
-                        k = e.value_of(r.key.expr, e.index("tj_", n="n_"))
-                        w(f"ms[T.int64(0)] = ms[T.int64(0)] + qv[n_] * lr[{dn}] * {k}")
+                    matrix_entry(e, "tj_")
                     with w.block(f"for p_ in range({i64(P)}):"):
                         v = e.value_of(r.value.expr, e.index("tj_", p="p_"))
                         w(f"yc[p_] = yc[p_] + ms[T.int64(0)] * {v}")
-                    walk_decay("tj_")
+                    walk_decay(e, "tj_")
                 if e.plan.has_initial_state:
                     # lr now holds decay_first ... decay_i
                     with w.block(f"for n_ in range({i64(N)}):"):
@@ -79,7 +87,7 @@ def render_quadratic(spec: KernelSpec) -> str:
                     with w.block(f"for n_ in range({i64(N)}):"):
                         with w.block(f"for p_ in T.vectorized({i64(P)}):"):
                             w(f"st[n_, p_] = st[n_, p_] + lr[{dn}] * kv[n_] * vv[p_]")
-                    walk_decay("tj_")
+                    walk_decay(e, "tj_")
                 if e.plan.has_initial_state:
                     with w.block(f"for n_ in range({i64(N)}):"):
                         with w.block(f"for p_ in range({i64(P)}):"):
