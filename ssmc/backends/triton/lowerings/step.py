@@ -19,14 +19,33 @@ import math
 import torch
 
 from ....plan import Plan
-from ..common import HEADER, compute_type
+from ..common import HEADER, compute_type, next_pow2
 from ..render import Context, Emitter, Tile, arg_names, tile_mask
 from ..templates import RESET_BELOW
-from .scan_launch import block_sizes
 
 FIXED = {"b": "b_idx", "t": "t_idx", "h": "h_idx", "g": "g_idx"}
 #: |decay| below this is an exact reset (the forward's log-decay threshold, RESET_BELOW)
 RESET_MAGNITUDE = math.exp(RESET_BELOW)
+
+
+#: bytes of state one program holds (n x BP in the state's dtype)
+TILE_BYTES = 16384
+#: state values per program from which it runs 8 warps (fewer: 4)
+WIDE_TILE = 4096
+
+
+def step_blocks(N: int, P: int, state_bytes: int, tile: dict | None = None) -> dict:
+    """BN (all of n: y sums over it), BP and num_warps of the step kernel: a p-block of
+    TILE_BYTES of state, 8 warps from WIDE_TILE values. Measured on an H100 (h=80 p=64 n=128,
+    b=64 and 256, benchmarks/RESULTS.md): 4 warps ran an fp32 state at 0.91-0.93x mamba_ssm's
+    step, 8 warps at 0.97-1.03x; a bf16 state in p-blocks of 64 with 8 warps at 1.37-1.71x
+    (p-blocks of 32, 4 warps: 0.87-1.05x). Narrower p-blocks (8, 16) were 1.5-3x slower: the
+    state's p axis is its contiguous one. `tile` (plan.tile) may set BP and num_warps."""
+    tile = tile or {}
+    BN = max(next_pow2(N), 2)
+    BP = tile.get("BP") or max(min(next_pow2(P), max(TILE_BYTES // (BN * state_bytes), 2)), 2)
+    warps = tile.get("num_warps") or (8 if BN * BP >= WIDE_TILE else 4)
+    return dict(BN=BN, BP=BP, num_warps=warps)
 
 
 def _operand(ctx: Context, node, name: str) -> None:
@@ -138,7 +157,8 @@ def make_launch(module, plan: Plan):
 
     def bind(tensors, sizes, state, slots=None, out_slots=None):
         B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
-        BN, BP = block_sizes(N, P, tile)
+        blocks = step_blocks(N, P, state.element_size(), tile)
+        BP = blocks["BP"]
         device = state.device
         shape = (B, T, H, P)
         numel = B * T * H * P
@@ -157,10 +177,10 @@ def make_launch(module, plan: Plan):
             ints += out_slots.stride() if out_slots.dim() == 2 else [out_slots.stride(0), 0]
         ints += [T, state.shape[0], H // G, N, P]
         ints = tuple(ints)
-        consts = dict(BN=BN, BP=BP, HAS_SLOTS=slots is not None,
+        consts = dict(BN=blocks["BN"], BP=BP, HAS_SLOTS=slots is not None,
                       HAS_OUT_SLOTS=out_slots is not None)
-        if "num_warps" in tile and device.type == "cuda":
-            consts["num_warps"] = tile["num_warps"]
+        if device.type == "cuda":
+            consts["num_warps"] = blocks["num_warps"]
         grid = (B, H, -(-P // BP))
         # the kernel reads slot b at slot_ptr + b: a strided index tensor is made contiguous
         gather_slots = slots is not None and B > 1 and slots.stride(0) != 1
