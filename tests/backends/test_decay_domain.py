@@ -255,3 +255,34 @@ def test_signed_decays_with_several_row_blocks_per_chunk(per_key, monkeypatch):
     inputs["w"] = -inputs["w"].abs() - 0.05     # every decay negative: every parity matters
     run(gated_keys if per_key else gated, inputs, "triton", "chunked", states=True)
     assert used and all(m["CS"] == 64 and m["BT"] == 16 for m in used)
+
+
+@pytest.mark.parametrize("programs", [1, 1024], ids=["head-blocks", "one-head"])
+def test_backward_variants_share_chunks_and_head_blocks(monkeypatch, programs):
+    """The per-chunk backward kernels of scalar decays come in two variants, one for the chunks
+    the forward recompute flags as holding a reset and one for the rest
+    (`chunked_bwd.chunk_variants`). Resets in some heads of some chunks only, so that a block of
+    heads (dq, dk summed over a group's heads: PROGRAMS lowered to force it) has heads of both
+    kinds and the counting variant adds onto the other's sums; two directions, states."""
+    from ssmc.backends.triton.lowerings import chunked_bwd_launch
+    monkeypatch.setattr(chunked_bwd_launch, "PROGRAMS", programs)
+    gen = torch.Generator().manual_seed(11)
+    s = dict(b=1, t=150, h=4, g=1, n=8, p=4)      # chunks of 64: two full, one partial
+    u = -0.05 * torch.rand(s["b"], s["t"], s["h"], generator=gen)
+    u[0, 10, 1] = -1e4       # chunk 0: heads 1 and 3 reset, 0 and 2 do not
+    u[0, 40, 3] = float("-inf")
+    u[0, 140, 0] = -1e4      # chunk 2: head 0
+    inputs = dict(_common(gen, s), u=u)
+    defn = bidirectional_exp_decay
+    kw = dict(initial_state=torch.randn(2, s["b"], s["h"], s["n"], s["p"], generator=gen),
+              return_final_state=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    kw["initial_state"] = kw["initial_state"].to(device)
+    check_against_reference(defn, inputs, tol=TOL, backend="triton", lowering="chunked", **kw)
+
+
+@ssmc.ssm
+def bidirectional_exp_decay(x: S.In["b t h p"], u: S.In["b t h"], B: S.In["b t g n"],
+                            C: S.In["b t g n"]):
+    return S.recurrence(decay=S.exp(u), key=B, value=x, query=C, direction="bidirectional")

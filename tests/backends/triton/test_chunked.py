@@ -482,7 +482,7 @@ from tests.helpers import make_definition
 
 INT_PTRS = {"cu_ptr": "*i32", "chunk_off_ptr": "*i64", "chunk_seq_ptr": "*i64",
             "resets_ptr": "*i8", "ssmc_cu": "*i32", "ssmc_chunk_off": "*i64",
-            "ssmc_chunk_seq": "*i64", "ssmc_gs": "*fp64"}
+            "ssmc_chunk_seq": "*i64", "ssmc_gs": "*fp64", "ssmc_resets": "*i8"}
 LOW = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
@@ -534,6 +534,14 @@ for decay, dtype in (("diagonal", "bfloat16"), ("diagonal", "float16"), ("diagon
         build(bwd, "ssmc_chunked_bwd_keys", dict(blocks, NPB=1), dtype)
         build(bwd, "ssmc_chunked_bwd_keys_dv", dict(chunks, BN=128), dtype)
         build(bwd, "ssmc_chunked_bwd_y", dict(chunks, ACCUM_IN=True), dtype)
+    else:   # both variants of the per-chunk kernels (chunked_bwd.chunk_variants)
+        chunks = dict(BT=64, BN=64, BP=64, **order)
+        for suffix in ("", "_resets"):
+            build(bwd, "ssmc_chunked_bwd_y" + suffix, dict(chunks, ACCUM_IN=True), dtype)
+            build(bwd, "ssmc_chunked_bwd_dv" + suffix, dict(chunks, WANT_Y=True, ACCUM_Y=True),
+                  dtype)
+            build(bwd, "ssmc_chunked_bwd_dqk" + suffix, dict(chunks, HEADS=2, NPBK=1, NPB=1),
+                  dtype)
 print("compiled")
 '''
 

@@ -122,6 +122,22 @@ def decay_mode(plan: Plan) -> str:
     return "key" if per_key_decay(plan) else "row"
 
 
+#: a chunk's reset flag, stored by the forward recompute (`render_states_kernel`)
+RESET_FLAG = "tl.load(ssmc_resets + chunk * H + h_idx)"
+
+
+def chunk_variants(plan: Plan) -> list[tuple[str, str, str | None]]:
+    """(kernel name suffix, `_Ops` resets, the flag test of the chunks it takes) of each
+    variant of a per-chunk kernel. Scalar decays: one without reset code for the chunks the
+    forward recompute did not flag, one counting resets for those it did. Compiled into the
+    same kernel behind a branch, the counting code cost the training step 4.1-4.8% on an H100
+    (ssd, h=80 p=64 n=128, benchmarks/RESULTS.md) though no chunk took it, as the forward's
+    output pass did (chunked.py, `reset_specialised`)."""
+    if decay_mode(plan) != "row":
+        return [("", "branch", None)]
+    return [("", "plain", "== 0"), ("_resets", "count", "!= 0")]
+
+
 class _Ops:
     """Emits one chunk's operands: query/key (t, n), value (t, p), dy (t, p), log-decays.
 
@@ -130,10 +146,12 @@ class _Ops:
     `lcf` the exponent from the chunk's start, `l_last` the chunk's total ((), or (n,)) and
     `lr` = l_last - lc (the later steps' sum), each with its resets (0 across one); nothing
     for decay-free programs. (Only positive decays reach these kernels: `backward.py`.)
-    Scalar decays count resets only in a chunk that has one (`reset_branch`)."""
+    Scalar decays count resets apart only in a chunk that has one: `resets` "branch" tests
+    each chunk (`reset_branch`; the sequential passes), "plain" has no reset in its chunks
+    and "count" has (the two variants of a per-chunk kernel, `chunk_variants`)."""
 
-    def __init__(self, plan: Plan, body: Emitter):
-        self.plan, self.body = plan, body
+    def __init__(self, plan: Plan, body: Emitter, resets: str = "branch"):
+        self.plan, self.body, self.resets = plan, body, resets
         self.prog = plan.program
         self.ct = compute_type(plan)
         self.dt = dot_type(plan)
@@ -192,15 +210,17 @@ class _Ops:
             v = ctx.value(self.prog.log_decay, "ld_raw")
             b(f"ld = tl.where(mask_t, {fold_resets(v)}, 0.0)")
             b("l_last = tl.sum(ld, axis=0)")   # resets folded in: exponentiated whole only
-            b(f"if {self.reset_branch()}:")
-            with b.block():
+            if self.resets == "count":
                 self._split_decay()
-            b("else:")
-            with b.block():
-                self._running_sums()
-                b("zc = tl.zeros_like(lc)")
-                b("lcf = lc")
-                b(f"lr = {self._later('ld')}")
+            elif self.resets == "plain":
+                self._plain_decay()
+            else:
+                b(f"if {self.reset_branch()}:")
+                with b.block():
+                    self._split_decay()
+                b("else:")
+                with b.block():
+                    self._plain_decay()
         elif self.mode == "key":
             ctx = Context(self.prog, QK_TILE, b, "qk", self.ct)
             ctx.loaded = self.ctx_qk.loaded
@@ -208,6 +228,13 @@ class _Ops:
             b(f"ld = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
             self._split_decay()
             b("l_last = " + with_resets("tl.sum(ld, axis=0)", "tl.sum(rz, axis=0)"))
+
+    def _plain_decay(self):
+        """lc, zc (zeros), lcf and lr of a chunk without a reset."""
+        self._running_sums()
+        self.body("zc = tl.zeros_like(lc)")
+        self.body("lcf = lc")
+        self.body(f"lr = {self._later('ld')}")
 
     def _split_decay(self):
         """lc, zc, lcf and lr with the resets of `ld` split out into `rz`."""
@@ -271,13 +298,18 @@ class _Ops:
         """Emits `Dm`, D[u, s] = exp(lc_u - lc_s) on the causal half (`causal`) without a
         reset between, 0 elsewhere (decays without n), and returns its name."""
         b = self.body
+        counting = f"Dm = tl.exp(tl.where(causal, " \
+                   f"{with_resets(self.gap(), 'zc[:, None] - zc[None, :]')}, float('-inf')))"
+        plain = f"Dm = tl.exp(tl.where(causal, {self.gap()}, float('-inf')))"
+        if self.resets != "branch":
+            b(counting if self.resets == "count" else plain)
+            return "Dm"
         b(f"if {self.reset_branch()}:")
         with b.block():
-            gap = with_resets(self.gap(), "zc[:, None] - zc[None, :]")
-            b(f"Dm = tl.exp(tl.where(causal, {gap}, float('-inf')))")
+            b(counting)
         b("else:")
         with b.block():
-            b(f"Dm = tl.exp(tl.where(causal, {self.gap()}, float('-inf')))")
+            b(plain)
         return "Dm"
 
     def scores(self) -> str:
@@ -316,12 +348,17 @@ def render_states_kernel(plan: Plan) -> str:
     o.operand("key", "key")
     o.operand("value", "value")
     o.decay()
+    if o.mode == "row":   # which variant of the per-chunk kernels takes the chunk
+        body("if tl.program_id(2) == 0:")
+        with body.block():
+            body(f"tl.store(ssmc_resets + chunk * H + h_idx, "
+                 f"(l_last < {HAS_RESET_BELOW}).to(tl.int8))")
     body(f"state = state * {o.state_decay()} + " + o.dot(f"tl.trans({o.k_out()})", "value"))
     return f"""
 @triton.jit
 def ssmc_chunked_bwd_states(
     {input_params(plan.program)},
-    ssmc_states, ssmc_h0, ssmc_hT, {seg.PARAMS} {STATE_PARAMS} NSEG, SEG,
+    ssmc_states, ssmc_h0, ssmc_hT, ssmc_resets, {seg.PARAMS} {STATE_PARAMS} NSEG, SEG,
     {CONSTS}, NPB: tl.constexpr, HAS_H0: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
 {SEGMENT_SETUP}
@@ -339,10 +376,12 @@ def store_y(body: Emitter) -> None:
     body("tl.store(ssmc_y + y_off, y, mask=y_mask)")
 
 
-def render_y_kernel(plan: Plan) -> str:
-    """y (before the epilogue), accumulated over directions into an fp32 buffer."""
-    body = Emitter(indent=1)
-    o = _Ops(plan, body)
+def render_y_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
+                    test: str | None = None) -> str:
+    """y (before the epilogue), accumulated over directions into an fp32 buffer; one variant
+    of `chunk_variants`."""
+    body = Emitter(indent=1 if test is None else 2)
+    o = _Ops(plan, body, resets)
     o.operand("query", "query")
     o.operand("key", "key")
     o.operand("value", "value")
@@ -354,15 +393,20 @@ def render_y_kernel(plan: Plan) -> str:
     store_y(body)
     return f"""
 @triton.jit
-def ssmc_chunked_bwd_y(
+def ssmc_chunked_bwd_y{suffix}(
     {input_params(plan.program)},
-    ssmc_y, ssmc_states, {CHUNK_PARAMS}
+    ssmc_y, ssmc_states, ssmc_resets, {CHUNK_PARAMS}
     {CONSTS}, ACCUM_IN: tl.constexpr,
 ):
 {CHUNK_SETUP}
 {indent(ROWS, 1)}
-{body.text()}
+{_flag_test(test)}{body.text()}
 """
+
+
+def _flag_test(test: str | None) -> str:
+    """The line opening a variant's body (indented 1), nothing for the only variant."""
+    return "" if test is None else f"    if {RESET_FLAG} {test}:\n"
 
 
 def render_dstate_kernel(plan: Plan) -> str:
@@ -413,7 +457,8 @@ def _qk_loads(plan: Plan, body: Emitter):
     body("causal = offs_c[:, None] >= offs_c[None, :]")
 
 
-def render_dv_kernel(plan: Plan) -> str:
+def render_dv_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
+                     test: str | None = None) -> str:
     """Decays without n, per (chunk, head, p-block) in parallel: dv; for a decay, its gradient
     (complete: the terms that carry each step's log-decay, as in the module docstring, per
     p-block partial); y when WANT_Y (summed over directions: ACCUM_Y adds to what is there).
@@ -421,9 +466,9 @@ def render_dv_kernel(plan: Plan) -> str:
     The products over n (q k^T, q S_in, k G and sum G * S_in) run first, in a loop over
     BN-blocks of n; the decay factors of q_in = q exp(lc) and
     k_out = k exp(l_last - lc) scale their rows afterwards. Every later tile is (BT, BT) or
-    (BT, BP): the whole n never sits in registers."""
-    body = Emitter(indent=1)
-    o = _Ops(plan, body)
+    (BT, BP): the whole n never sits in registers. One variant of `chunk_variants`."""
+    body = Emitter(indent=1 if test is None else 2)
+    o = _Ops(plan, body, resets)
     dot = o.dot
     vs = o.mm_operand("value", "value")
     o.dy()
@@ -432,7 +477,7 @@ def render_dv_kernel(plan: Plan) -> str:
     body(f"qS = tl.zeros([BT, BP], dtype={o.ct})")
     body(f"kG = tl.zeros([BT, BP], dtype={o.ct})")
     body(f"GS = tl.zeros([BP], dtype={o.ct})")
-    loop = Emitter(indent=2)
+    loop = Emitter(indent=body.level + 1)
     o_n = _Ops(plan, loop)
     loop("offs_n = n0 + tl.arange(0, BN)")
     loop("mask_n = offs_n < N")
@@ -479,30 +524,37 @@ def render_dv_kernel(plan: Plan) -> str:
              " + h_idx, dl, mask=mask_t)")
     return f"""
 @triton.jit
-def ssmc_chunked_bwd_dv(
+def ssmc_chunked_bwd_dv{suffix}(
     {input_params(plan.program)},
-    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dv, ssmc_dl, ssmc_y, {CHUNK_PARAMS}
+    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dv, ssmc_dl, ssmc_y, ssmc_resets, {CHUNK_PARAMS}
     {CONSTS}, WANT_Y: tl.constexpr, ACCUM_Y: tl.constexpr,
 ):
 {CHUNK_SETUP}
 {indent(ROWS, 1)}
-{body.text()}
+{_flag_test(test)}{body.text()}
 """
 
 
-def render_dqk_kernel(plan: Plan) -> str:
+def render_dqk_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
+                      test: str | None = None) -> str:
     """Decays without n, per (chunk, block of HEADS heads, n-block) in parallel: dq and dk
     summed over the block's heads (HEADS > 1 only where query and key are the same for every
     head of a group; the host adds up a group's blocks), the p axis walked in NPBK blocks of
-    BP."""
+    BP. One variant of `chunk_variants`: the first stores every program's sums (the heads it
+    does not take add nothing); the counting one adds its heads' to them where it takes one."""
     pre = Emitter(indent=1)
     body = Emitter(indent=2)
     shared = head_free(plan)
-    o = _Ops(plan, body)
+    o = _Ops(plan, body, resets)
     dot = o.dot
     pre(f"dq = tl.zeros([BT, BN], dtype={o.ct})")
     pre(f"dk = tl.zeros([BT, BN], dtype={o.ct})")
+    pre("taken = 0")
     body("h_idx = h_first + j")
+    if test is not None:
+        body(f"if {RESET_FLAG} {test}:")
+        body.level += 1
+        body("taken = 1")
     _qk_loads(plan, pre if shared else body)
     o.decay()
     body(f"dyv = tl.zeros([BT, BT], dtype={o.ct})")
@@ -526,11 +578,17 @@ def render_dqk_kernel(plan: Plan) -> str:
         body("dA = tl.where(causal, dyv, 0.0)")
         body("dq += " + dot("dA", "key") + " + dyS")
         body("dk += " + dot("tl.trans(dA)", "query") + " + vG")
+    stores = ("tl.store(ssmc_dq + part, dq, mask=nmask)\n"
+              "tl.store(ssmc_dk + part, dk, mask=nmask)")
+    if resets == "count":   # onto the first variant's sums, where this one took a head
+        stores = ("if taken != 0:\n" + indent(
+            "dq += tl.load(ssmc_dq + part, mask=nmask, other=0.0)\n"
+            "dk += tl.load(ssmc_dk + part, mask=nmask, other=0.0)\n" + stores, 1))
     return f"""
 @triton.jit
-def ssmc_chunked_bwd_dqk(
+def ssmc_chunked_bwd_dqk{suffix}(
     {input_params(plan.program)},
-    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dq, ssmc_dk, {CHUNK_PARAMS}
+    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dq, ssmc_dk, ssmc_resets, {CHUNK_PARAMS}
     {CONSTS}, H, HEADS: tl.constexpr, NPBK: tl.constexpr, NPB: tl.constexpr,
 ):
 {CHUNK_HEADS_SETUP}
@@ -540,6 +598,5 @@ def ssmc_chunked_bwd_dqk(
 {body.text()}
     part = ((b_idx * T + t_row[:, None]) * (H // HEADS) + tl.program_id(1)) * N + offs_n[None, :]
     nmask = mask_t[:, None] & mask_n[None, :]
-    tl.store(ssmc_dq + part, dq, mask=nmask)
-    tl.store(ssmc_dk + part, dk, mask=nmask)
+{indent(stores, 1)}
 """

@@ -8,7 +8,8 @@ import triton
 from ....plan import Plan
 from ..common import (HEADER, chunk_layout, compute_dtype, direction_slices, dot_type, input_args,
                       next_pow2, num_sequences)
-from .chunked_bwd import (decay_mode, head_free, per_key_decay, render_dqk_kernel,
+from .chunked_bwd import (chunk_variants, decay_mode, head_free, per_key_decay,
+                          render_dqk_kernel,
                           render_dstate_kernel, render_dv_kernel, render_states_kernel,
                           render_y_kernel)
 from . import chunked_segments as seg
@@ -71,7 +72,8 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     npb = triton.cdiv(P, m["BP"])
     walks = triton.cdiv(N, m["BN_state"]) * npb   # the state pass's programs per (seq, head)
     GH = sizes.get("grid_h", 1)
-    states, finals, scores = [], [], []
+    states, finals, scores, flags = [], [], [], []
+    variants = chunk_variants(plan)
     for i, (direction, h0) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, initial_state))):
         args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
@@ -79,9 +81,12 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         h0 = None if h0 is None else h0.to(cdt).contiguous()
         st = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan), device=device)
         final = torch.empty(S, H, N, P, dtype=cdt, device=device)
+        # which chunks hold a reset (decays without n): the per-chunk kernels' variants
+        fl = (torch.empty(max(n_chunks, 1), H, dtype=torch.int8, device=device)
+              if len(variants) > 1 else dummy)
         sg = _segments(plan, sizes, m, S, walks, n_chunks, cu_seqlens, device, dummy)
         module.ssmc_chunked_bwd_states[(S * sg.n_seg, H, walks)](
-            *args, st, dummy if h0 is None else h0, final, *sg.buffers, cu, off, T, H // G,
+            *args, st, dummy if h0 is None else h0, final, fl, *sg.buffers, cu, off, T, H // G,
             N, P, GH, sg.n_seg, sg.seg or 1, BT=m["BT"], BN=m["BN_state"], BP=m["BP"],
             NPB=npb, **order, IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None,
             SEGMENTED=bool(sg.seg))
@@ -100,14 +105,16 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
                     CS=m["BT"], BN=m["BN"], BP=m["BP"], **order,
                     IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0, **_key_warps(m, device))
             else:
-                module.ssmc_chunked_bwd_y[(n_chunks, H, npb)](
-                    *args, y, st, cu, off, seqs, B, T, H // G, N, P, GH, BT=m["BT"],
-                    BN=m["BN"], BP=m["BP"], **order, IS_VARLEN=cu_seqlens is not None,
-                    ACCUM_IN=i > 0)
+                for suffix, _, _ in variants:
+                    getattr(module, "ssmc_chunked_bwd_y" + suffix)[(n_chunks, H, npb)](
+                        *args, y, st, fl, cu, off, seqs, B, T, H // G, N, P, GH, BT=m["BT"],
+                        BN=m["BN"], BP=m["BP"], **order, IS_VARLEN=cu_seqlens is not None,
+                        ACCUM_IN=i > 0)
+        flags.append(fl)
         states.append(st)
         finals.append(final)
     layout = dict(n_chunks=n_chunks, chunk_off=chunk_off, chunk_seq=chunk_seq, m=m)
-    return dict(states=states, finals=finals, scores=scores, layout=layout), y
+    return dict(states=states, finals=finals, scores=scores, flags=flags, layout=layout), y
 
 
 def _key_warps(m: dict, device) -> dict:
@@ -228,16 +235,20 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         heads_qk = head_block(plan, sizes, n_chunks * nnb)
         dq = torch.empty(B, T, H // heads_qk, N, dtype=cdt, device=device)
         dk = torch.empty(B, T, H // heads_qk, N, dtype=cdt, device=device)
-        if n_chunks > 0:
-            module.ssmc_chunked_bwd_dqk[(n_chunks, H // heads_qk, nnb)](
-                *args, dy, saved["states"][i], dstates, dq, dk, *chunk_args,
+        fl = saved["flags"][i]
+        # each variant takes its chunks (chunk_variants): the counting dq/dk one adds to the
+        # first's sums, so it runs after it
+        for suffix, _, _ in chunk_variants(plan) if n_chunks > 0 else ():
+            getattr(module, "ssmc_chunked_bwd_dqk" + suffix)[(n_chunks, H // heads_qk, nnb)](
+                *args, dy, saved["states"][i], dstates, dq, dk, fl, *chunk_args,
                 **order, H=H, HEADS=heads_qk, NPBK=NPB, NPB=1,
                 **dict(consts, BN=bn), **launch)
-            module.ssmc_chunked_bwd_dv[(n_chunks, H, NPB)](
-                *args, dy, saved["states"][i], dstates, dv, dl, dummy if y is None else y,
+        for suffix, _, _ in chunk_variants(plan) if n_chunks > 0 else ():
+            getattr(module, "ssmc_chunked_bwd_dv" + suffix)[(n_chunks, H, NPB)](
+                *args, dy, saved["states"][i], dstates, dv, dl, dummy if y is None else y, fl,
                 *chunk_args, **order, WANT_Y=want_y, ACCUM_Y=i > 0,
                 **dict(consts, BN=min(m["BK"], m["BN"])), **launch_dv)
-        elif want_y:
+        if n_chunks == 0 and want_y:
             y.zero_()
         if grouped_operands(plan, sizes) and H // heads_qk != G:   # blocks -> groups
             per_group = H // heads_qk // G    # spelt out: -1 is ambiguous for an empty batch
@@ -293,7 +304,8 @@ def render(plan: Plan) -> str:
                    render_keys_prep_kernel(plan), render_keys_kernel(plan),
                    render_keys_dv_kernel(plan)]
     else:
-        kernels = [render_y_kernel(plan), render_dv_kernel(plan), render_dqk_kernel(plan)]
+        kernels = [kernel(plan, *variant) for variant in chunk_variants(plan)
+                   for kernel in (render_y_kernel, render_dv_kernel, render_dqk_kernel)]
     mode = decay_mode(plan)
     return HEADER + "\n".join([render_states_kernel(plan), render_dstate_kernel(plan),
                                seg.render_join("ssmc_chunked_bwd_join", mode),
