@@ -535,13 +535,13 @@ for decay, dtype in (("diagonal", "bfloat16"), ("diagonal", "float16"), ("diagon
         build(bwd, "ssmc_chunked_bwd_keys_dv", dict(chunks, BN=128), dtype)
         build(bwd, "ssmc_chunked_bwd_y", dict(chunks, ACCUM_IN=True), dtype)
     else:   # both variants of the per-chunk kernels (chunked_bwd.chunk_variants)
-        chunks = dict(BT=64, BN=64, BP=64, **order)
+        chunks = dict(BT=64, BN=64, BP=64, CPP=16, HP2=1, **order)
         for suffix in ("", "_resets"):
             build(bwd, "ssmc_chunked_bwd_y" + suffix, dict(chunks, ACCUM_IN=True), dtype)
             build(bwd, "ssmc_chunked_bwd_dv" + suffix, dict(chunks, WANT_Y=True, ACCUM_Y=True),
                   dtype)
-            build(bwd, "ssmc_chunked_bwd_dqk" + suffix, dict(chunks, HEADS=2, NPBK=1, NPB=1),
-                  dtype)
+            build(bwd, "ssmc_chunked_bwd_dqk" + suffix,
+                  dict(chunks, HEADS=2, HP2=2, NPBK=1, NPB=1), dtype)
 print("compiled")
 '''
 

@@ -72,6 +72,8 @@ sizes, launches and assembles them.
 """
 from __future__ import annotations
 
+import textwrap
+
 from ....ir import Elementwise
 from ....plan import Plan
 from ..common import compute_type, dot_type, input_params
@@ -89,10 +91,6 @@ QK_TILE = Tile([T_AXIS, ("n", "offs_n", "mask_n")], FIXED)
 V_TILE = Tile([T_AXIS, ("p", "offs_p", "mask_p")], FIXED)
 T_TILE = Tile([T_AXIS], FIXED)
 
-CHUNK_SETUP = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
-                          "tl.program_id(0).to(tl.int64)", "BT", "c0")
-CHUNK_HEADS_SETUP = chunk_setup(True, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
-                                "tl.program_id(0).to(tl.int64)", "BT", "c0", heads=True)
 ROWS = rows()
 
 # GH, COLUMN: a grid's height and whether the order reads it column by column (`rows`)
@@ -396,17 +394,49 @@ def render_y_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
 def ssmc_chunked_bwd_y{suffix}(
     {input_params(plan.program)},
     ssmc_y, ssmc_states, ssmc_resets, {CHUNK_PARAMS}
-    {CONSTS}, ACCUM_IN: tl.constexpr,
+    {CONSTS}, ACCUM_IN: tl.constexpr, {VARIANT_PARAMS}
 ):
-{CHUNK_SETUP}
-{indent(ROWS, 1)}
-{_flag_test(test)}{body.text()}
+{_per_chunk(indent(ROWS, 1) + chr(10) + _flag_test(test) + body.text(), test)}
 """
 
 
 def _flag_test(test: str | None) -> str:
     """The line opening a variant's body (indented 1), nothing for the only variant."""
     return "" if test is None else f"    if {RESET_FLAG} {test}:\n"
+
+
+#: chunks one program of a counting variant walks: a run without resets then costs one small
+#: launch (a flag load per chunk and head) instead of a program per chunk
+CHUNKS_PER_PROGRAM = 16
+#: the counting variants' extra parameters (every variant takes them)
+VARIANT_PARAMS = "NCHUNKS, CPP: tl.constexpr, HP2: tl.constexpr,"
+
+
+def _per_chunk(inner: str, test: str | None, heads: bool = False) -> str:
+    """A per-chunk kernel's program: the set-up of its chunk and `inner` (indented 1, written
+    as for a program per chunk). The counting variant (`test` "!= 0") walks CPP chunks per
+    program instead, each only where a head of the program (HP2 >= HEADS with `heads`, else its
+    one) has the flag: most runs have no reset, and most of its programs then only load flags."""
+    setup = chunk_setup(heads, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq", "{chunk}", "BT",
+                        "c0", heads=heads)
+    if test != "!= 0":
+        return setup.format(chunk="tl.program_id(0).to(tl.int64)") + "\n" + inner
+    first = ("tl.program_id(1).to(tl.int64) * HEADS" if heads else
+             "tl.program_id(1).to(tl.int64)")
+    hs = "tl.arange(0, HP2)" if heads else "tl.arange(0, 1)"
+    width = "HEADS" if heads else "1"
+    chunk_part = indent(textwrap.dedent(setup.format(chunk="chunk0 + i")), 4)
+    return f"""    chunk0 = tl.program_id(0).to(tl.int64) * CPP
+    cs = chunk0 + tl.arange(0, CPP)
+    hs = {hs}
+    flags = tl.load(ssmc_resets + cs[:, None] * {"H" if heads else "tl.num_programs(1)"}
+                    + {first} + hs[None, :], mask=(cs < NCHUNKS)[:, None] & (hs < {width})[None, :],
+                    other=0)
+    if tl.max(tl.max(flags, axis=1), axis=0) != 0:
+        for i in range(0, CPP):
+            if chunk0 + i < NCHUNKS:
+{chunk_part}
+{indent(textwrap.dedent(inner), 4)}"""
 
 
 def render_dstate_kernel(plan: Plan) -> str:
@@ -527,11 +557,9 @@ def render_dv_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
 def ssmc_chunked_bwd_dv{suffix}(
     {input_params(plan.program)},
     ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dv, ssmc_dl, ssmc_y, ssmc_resets, {CHUNK_PARAMS}
-    {CONSTS}, WANT_Y: tl.constexpr, ACCUM_Y: tl.constexpr,
+    {CONSTS}, WANT_Y: tl.constexpr, ACCUM_Y: tl.constexpr, {VARIANT_PARAMS}
 ):
-{CHUNK_SETUP}
-{indent(ROWS, 1)}
-{_flag_test(test)}{body.text()}
+{_per_chunk(indent(ROWS, 1) + chr(10) + _flag_test(test) + body.text(), test)}
 """
 
 
@@ -584,19 +612,16 @@ def render_dqk_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
         stores = ("if taken != 0:\n" + indent(
             "dq += tl.load(ssmc_dq + part, mask=nmask, other=0.0)\n"
             "dk += tl.load(ssmc_dk + part, mask=nmask, other=0.0)\n" + stores, 1))
+    inner = "\n".join([
+        indent(ROWS, 1), pre.text(), "    for j in range(HEADS):", body.text(),
+        "    part = ((b_idx * T + t_row[:, None]) * (H // HEADS) + tl.program_id(1)) * N"
+        " + offs_n[None, :]", "    nmask = mask_t[:, None] & mask_n[None, :]", indent(stores, 1)])
     return f"""
 @triton.jit
 def ssmc_chunked_bwd_dqk{suffix}(
     {input_params(plan.program)},
     ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dq, ssmc_dk, ssmc_resets, {CHUNK_PARAMS}
-    {CONSTS}, H, HEADS: tl.constexpr, NPBK: tl.constexpr, NPB: tl.constexpr,
+    {CONSTS}, H, HEADS: tl.constexpr, NPBK: tl.constexpr, NPB: tl.constexpr, {VARIANT_PARAMS}
 ):
-{CHUNK_HEADS_SETUP}
-{indent(ROWS, 1)}
-{pre.text()}
-    for j in range(HEADS):
-{body.text()}
-    part = ((b_idx * T + t_row[:, None]) * (H // HEADS) + tl.program_id(1)) * N + offs_n[None, :]
-    nmask = mask_t[:, None] & mask_n[None, :]
-{indent(stores, 1)}
+{_per_chunk(inner, test, heads=True)}
 """

@@ -8,8 +8,8 @@ import triton
 from ....plan import Plan
 from ..common import (HEADER, chunk_layout, compute_dtype, direction_slices, dot_type, input_args,
                       next_pow2, num_sequences)
-from .chunked_bwd import (chunk_variants, decay_mode, head_free, per_key_decay,
-                          render_dqk_kernel,
+from .chunked_bwd import (CHUNKS_PER_PROGRAM, chunk_variants, decay_mode, head_free,
+                          per_key_decay, render_dqk_kernel,
                           render_dstate_kernel, render_dv_kernel, render_states_kernel,
                           render_y_kernel)
 from . import chunked_segments as seg
@@ -53,6 +53,15 @@ def state_dtype(plan: Plan) -> torch.dtype:
 def computes_y(plan: Plan) -> bool:
     """Whether `backward_pass` can produce y (decays without n: the dv kernel has its parts)."""
     return not per_key_decay(plan)
+
+
+def variant_launches(module, name: str, plan: Plan, n_chunks: int, heads: int = 1):
+    """[(kernel, grid axis 0, its variant arguments)] of a per-chunk kernel's variants
+    (`chunk_variants`): a program per chunk, CHUNKS_PER_PROGRAM for the counting one."""
+    extra = dict(NCHUNKS=n_chunks, CPP=CHUNKS_PER_PROGRAM, HP2=next_pow2(heads))
+    return [(getattr(module, name + suffix),
+             triton.cdiv(n_chunks, CHUNKS_PER_PROGRAM) if test == "!= 0" else n_chunks, extra)
+            for suffix, _, test in chunk_variants(plan)]
 
 
 def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, want_y):
@@ -105,11 +114,12 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
                     CS=m["BT"], BN=m["BN"], BP=m["BP"], **order,
                     IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0, **_key_warps(m, device))
             else:
-                for suffix, _, _ in variants:
-                    getattr(module, "ssmc_chunked_bwd_y" + suffix)[(n_chunks, H, npb)](
+                for kernel, grid0, extra in variant_launches(module, "ssmc_chunked_bwd_y", plan,
+                                                             n_chunks):
+                    kernel[(grid0, H, npb)](
                         *args, y, st, fl, cu, off, seqs, B, T, H // G, N, P, GH, BT=m["BT"],
                         BN=m["BN"], BP=m["BP"], **order, IS_VARLEN=cu_seqlens is not None,
-                        ACCUM_IN=i > 0)
+                        ACCUM_IN=i > 0, **extra)
         flags.append(fl)
         states.append(st)
         finals.append(final)
@@ -238,16 +248,19 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         fl = saved["flags"][i]
         # each variant takes its chunks (chunk_variants): the counting dq/dk one adds to the
         # first's sums, so it runs after it
-        for suffix, _, _ in chunk_variants(plan) if n_chunks > 0 else ():
-            getattr(module, "ssmc_chunked_bwd_dqk" + suffix)[(n_chunks, H // heads_qk, nnb)](
+        for kernel, grid0, extra in (variant_launches(module, "ssmc_chunked_bwd_dqk", plan,
+                                                      n_chunks, heads_qk)
+                                     if n_chunks > 0 else ()):
+            kernel[(grid0, H // heads_qk, nnb)](
                 *args, dy, saved["states"][i], dstates, dq, dk, fl, *chunk_args,
                 **order, H=H, HEADS=heads_qk, NPBK=NPB, NPB=1,
-                **dict(consts, BN=bn), **launch)
-        for suffix, _, _ in chunk_variants(plan) if n_chunks > 0 else ():
-            getattr(module, "ssmc_chunked_bwd_dv" + suffix)[(n_chunks, H, NPB)](
+                **dict(consts, BN=bn), **launch, **extra)
+        for kernel, grid0, extra in (variant_launches(module, "ssmc_chunked_bwd_dv", plan,
+                                                      n_chunks) if n_chunks > 0 else ()):
+            kernel[(grid0, H, NPB)](
                 *args, dy, saved["states"][i], dstates, dv, dl, dummy if y is None else y, fl,
                 *chunk_args, **order, WANT_Y=want_y, ACCUM_Y=i > 0,
-                **dict(consts, BN=min(m["BK"], m["BN"])), **launch_dv)
+                **dict(consts, BN=min(m["BK"], m["BN"])), **launch_dv, **extra)
         if n_chunks == 0 and want_y:
             y.zero_()
         if grouped_operands(plan, sizes) and H // heads_qk != G:   # blocks -> groups
