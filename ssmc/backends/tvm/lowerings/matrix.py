@@ -10,7 +10,7 @@ Calling convention: inputs (in program order), M (B, H, TT, TT) in the accumulat
 from __future__ import annotations
 
 from .common import Emitter, KernelSpec, i64
-from .quadratic import matrix_entry, walk_decay
+from .quadratic import matrix_entry, start_row, walk_decay
 
 FUNC_NAME = "ssmc_matrix_fwd"
 
@@ -26,18 +26,13 @@ def render_matrix(spec: KernelSpec) -> str:
     w("B = T.int64()", "TT = T.int64()")
     e.match_inputs()
     w(f'M = T.match_buffer(M_h, (B, {i64(s.H)}, TT, TT), "{e.acc}")')
-    one = e.renderer.const(1)
     with e.tasks():
         e.alloc("qv", (s.N,))
         e.alloc("lr", (e.Nd,))        # the decay product from s + 1 to t
         e.alloc("ms", (1,))
         for _, direction in e.orders():
             with w.block("for i_ in range(L_):"):
-                w(f"t_ = {e.time_of(direction, 'i_')}")
-                with w.block(f"for n_ in range({i64(s.N)}):"):
-                    w(f"qv[n_] = {e.value_of(r.query.expr, e.index('t_', n='n_'))}")
-                with w.block(f"for n_ in range({i64(e.Nd)}):"):
-                    w(f"lr[n_] = {one}")
+                start_row(e, direction)
                 with w.block("for jj_ in range(i_ + T.int64(1)):"):
                     w(f"tj_ = {e.time_of(direction, 'i_ - jj_')}")
                     matrix_entry(e, "tj_")

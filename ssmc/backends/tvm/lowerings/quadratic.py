@@ -20,6 +20,17 @@ def walk_decay(e: Emitter, t: str) -> None:
             e.w(f"lr[n_] = lr[n_] * {d}")
 
 
+def start_row(e: Emitter, direction) -> None:
+    """In the loop over rows i_ of `direction`: t_, the row's query in qv, and lr = 1 (the
+    empty decay product)."""
+    w = e.w
+    w(f"t_ = {e.time_of(direction, 'i_')}")
+    with w.block(f"for n_ in range({i64(e.spec.N)}):"):
+        w(f"qv[n_] = {e.value_of(e.program.recurrence.query.expr, e.index('t_', n='n_'))}")
+    with w.block(f"for n_ in range({i64(e.Nd)}):"):
+        w(f"lr[n_] = {e.renderer.const(1)}")
+
+
 def matrix_entry(e: Emitter, tj: str) -> None:
     """ms[0] = the matrix entry of the query in qv and the key at time `tj`, through the decay
     product in lr."""
@@ -50,11 +61,7 @@ def render_quadratic(spec: KernelSpec) -> str:
             e.alloc("st", (N, P))
         for d_index, direction in e.orders():
             with w.block("for i_ in range(L_):"):
-                w(f"t_ = {e.time_of(direction, 'i_')}")
-                with w.block(f"for n_ in range({i64(N)}):"):
-                    w(f"qv[n_] = {e.value_of(r.query.expr, e.index('t_', n='n_'))}")
-                with w.block(f"for n_ in range({i64(Nd)}):"):
-                    w(f"lr[n_] = {one}")
+                start_row(e, direction)
                 with w.block(f"for p_ in range({i64(P)}):"):
                     w(f"yc[p_] = {zero}")
                 with w.block("for jj_ in range(i_ + T.int64(1)):"):
