@@ -31,6 +31,10 @@ Kernels, per direction:
     derivatives (written over dy where one direction allows); and the decay gradient,
     complete. The products over n (q k^T, q S_in, k G) run over n-blocks and the decay
     factors scale their rows afterwards.
+  - Each per-chunk kernel (y, dv, dq/dk) comes in two variants (`chunk_variants`): the
+    forward recompute flags the chunks that hold a reset (a log-decay below RESET_BELOW),
+    one variant takes the others without any reset code, one counts resets in the flagged
+    ones (16 chunks a program, skipped together where none is flagged).
 * Per-key decays (selective_scan, gla): `ssmc_chunked_bwd_keys` (chunked_bwd_keys.py), one
   program per (chunk, head) over the chunk's 16-row blocks: tensor-core products between
   blocks, D elementwise within one (chunked_bwd_keys.py), and the decay gradient complete.
@@ -128,9 +132,10 @@ def chunk_variants(plan: Plan) -> list[tuple[str, str, str | None]]:
     """(kernel name suffix, `_Ops` resets, the flag test of the chunks it takes) of each
     variant of a per-chunk kernel. Scalar decays: one without reset code for the chunks the
     forward recompute did not flag, one counting resets for those it did. Compiled into the
-    same kernel behind a branch, the counting code cost the training step 4.1-4.8% on an H100
+    same kernel behind a branch, the counting code cost the training step 4.1-4.9% on an H100
     (ssd, h=80 p=64 n=128, benchmarks/RESULTS.md) though no chunk took it, as the forward's
-    output pass did (chunked.py, `reset_specialised`)."""
+    output pass did (chunked.py, `reset_specialised`); apart, 0.9-2.4% (the sequential
+    passes' branches)."""
     if decay_mode(plan) != "row":
         return [("", "branch", None)]
     return [("", "plain", "== 0"), ("_resets", "count", "!= 0")]
