@@ -16,7 +16,7 @@ from . import chunked_segments as seg
 from .chunked_bwd_keys import (render_keys_dv_kernel, render_keys_kernel,
                                render_keys_prep_kernel, render_keys_y_kernel)
 from .chunked_segments import Segments
-from .chunked_keys import launch_scores, render_scores_kernel
+from .chunked_keys import launch_scores, render_scores_kernel, whole_chunk_warps
 
 
 def tiles(plan: Plan, sizes: dict) -> dict:
@@ -128,11 +128,10 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
 
 
 def _key_warps(m: dict, device) -> dict:
-    """The per-key whole-chunk kernels hold the chunk's key (or query) and its decay,
-    (BT, BN) each."""
+    """The per-key whole-chunk kernels' warps, as the forward's output pass has them."""
     if device.type != "cuda":
         return {}
-    return dict(num_warps=8 if m["BN"] * m["BT"] >= 128 * 64 else 4)
+    return dict(num_warps=whole_chunk_warps(m["BN"], m["BT"]))
 
 
 def _segments(plan: Plan, sizes: dict, m: dict, S: int, blocks: int, n_chunks: int,

@@ -199,6 +199,13 @@ def ssmc_chunked_scores(
 SCORES_WARPS = 4
 
 
+def whole_chunk_warps(BN: int, CS: int) -> int:
+    """Warps of a per-key kernel that holds a whole chunk's (CS, BN) query or key and its
+    decay (the output pass, the backward's y and dv): 8 from 128 x 64 values (H100, n = p =
+    128: the output pass spilled 856 B a thread with 4), else 4."""
+    return 8 if BN * CS >= 128 * 64 else 4
+
+
 def launch_scores(module, args, scores, n_chunks: int, H: int, layout: tuple, sizes: tuple,
                   BT: int, CS: int, BN: int, order: dict, varlen: bool, on_gpu: bool) -> None:
     """Fills `scores` ((chunks, H, CS, CS), the compute type) for one direction's inputs `args`;

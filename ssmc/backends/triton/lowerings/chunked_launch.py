@@ -9,7 +9,7 @@ from ....plan import Plan
 from ..common import Outputs, chunk_layout, input_args, interpreting, next_pow2
 from ..tiles import ChunkedTile, chunked_space
 from .chunked import RESET_ROWS_PER_PROGRAM, per_key_decay, render, reset_specialised, supports
-from .chunked_keys import launch_scores
+from .chunked_keys import launch_scores, whole_chunk_warps
 from . import chunked_segments as seg
 from .chunked_segments import Segments
 from .registry import TritonLowering, register_lowering
@@ -39,12 +39,10 @@ def tiles(plan: Plan, sizes: dict, n_programs: int) -> dict:
     BP_state = tile.get("BP_state", max(min(next_pow2(P), 64), 16))
     BP_out = tile.get("BP_out", max(min(next_pow2(P), 128 if per_key else
                                         64 if BN <= 128 else 32), 16))
-    # per-key decays: the output pass holds the chunk's query and its decay, (CS, BN) each
-    wide = per_key and BN * CS >= 128 * 64
     return dict(BT=BT, CS=CS, BN=BN, BN_state=BN_state, BP_state=BP_state, BP_out=BP_out,
                 SEG_state=tile.get("SEG_state"),
                 warps_state=tile.get("warps_state", 4),
-                warps_out=tile.get("warps_out", 8 if wide else 4),
+                warps_out=tile.get("warps_out", whole_chunk_warps(BN, CS) if per_key else 4),
                 stages_state=tile.get("stages_state", 2), stages_out=tile.get("stages_out", 2))
 
 
