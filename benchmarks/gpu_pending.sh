@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 # the float64 references run on the CPU: one thread per process, or a dozen processes with a
 # full thread pool each slow one another down several times over
 export OMP_NUM_THREADS=1
-STEPS="${STEPS:-tests fuzz mamba2 compat table per_key decode mixing cross2d}"
+STEPS="${STEPS:-tests fuzz mamba2 compat table per_key decode mixing cross2d ab}"
 LIMIT="${LIMIT:-420}"
 LOGS="${OUT:-.}"
 want() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
@@ -83,4 +83,13 @@ if want cross2d; then
     echo; echo "=== cross2d: one fused op vs four stacked orderings through the 1-D op (issue 18)"
     timeout -s INT -k 30 "${CROSS2D_LIMIT:-420}" python3 benchmarks/cross2d.py 2>&1 \
         | tee "$LOGS/cross2d.log"
+fi
+# commits against each other, where `bash benchmarks/ab_trees.sh prepare REV REV` made trees
+# (AB: the script and its arguments under each tree's benchmarks/)
+if want ab && [ -d .carry/trees ]; then
+    echo; echo "=== commits against each other: ${AB:-profile_gla.py --fla-configs 4}"
+    # shellcheck disable=SC2086 - AB is a script and its arguments
+    ROUNDS="${ROUNDS:-2}" timeout -s INT -k 30 "${AB_LIMIT:-300}" \
+        bash benchmarks/ab_trees.sh run ${AB:-profile_gla.py --fla-configs 4} 2>&1 \
+        | tee "$LOGS/ab.log"
 fi
