@@ -20,6 +20,11 @@ SIGNED_DECAY_REASON = ("the decay may be zero or negative (it is not provably po
 #: normal number (exp(-87) ~ 1.6e-38, which a GPU's exp flushes to 0) or exactly 0 (-inf)
 RESET_BELOW = -87.0
 
+
+def compute_dtype(plan: Plan) -> torch.dtype:
+    """What every backend computes and accumulates in: float64 for float64 plans, else fp32."""
+    return torch.float64 if plan.dtype == "float64" else torch.float32
+
 #: kernel(tensors: dict[name, Tensor], sizes: dict[axis, int], initial_state, cu_seqlens)
 #:   -> (output (b, t, h, p) in the output dtype, final state or None)
 #:

@@ -6,11 +6,7 @@ import torch
 from .. import reference
 from ..plan import Plan
 from . import matrix_rows
-from .base import register_backend
-
-
-def _compute_dtype(plan: Plan) -> torch.dtype:
-    return torch.float64 if plan.dtype == "float64" else torch.float32
+from .base import compute_dtype, register_backend
 
 
 class ReferenceBackend:
@@ -67,7 +63,7 @@ class ReferenceBackend:
 
     def attention_matrix(self, plan: Plan, tensors, sizes, reduce: str = "none"):
         M = matrix_rows.matrix(plan.program, tensors, sizes, torch.float64, reduce)
-        return M.to(_compute_dtype(plan))
+        return M.to(compute_dtype(plan))
 
     def attention_matrix_backward(self, plan: Plan, tensors, sizes, grad, reduce: str = "none"):
         return matrix_rows.matrix_backward(plan.program, tensors, sizes, torch.float64, grad,
@@ -75,7 +71,7 @@ class ReferenceBackend:
 
     def mixing_loss(self, plan: Plan, tensors, sizes, q, k, scale: float):
         loss = matrix_rows.mixing_loss(plan.program, tensors, sizes, q, k, scale, torch.float64)
-        return loss.to(_compute_dtype(plan))
+        return loss.to(compute_dtype(plan))
 
     def mixing_loss_backward(self, plan: Plan, tensors, sizes, q, k, scale: float, grad):
         return matrix_rows.mixing_loss_backward(plan.program, tensors, sizes, q, k, scale,

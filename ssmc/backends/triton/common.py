@@ -7,6 +7,7 @@ import torch
 
 from ...ir import Program
 from ...plan import Plan
+from ..base import compute_dtype
 from .render import Context, Emitter, Tile, arg_names
 
 HEADER = "import triton\nimport triton.language as tl\n\n"
@@ -40,9 +41,6 @@ def dot_type(plan: Plan) -> str:
     return {"bfloat16": "tl.bfloat16", "float16": "tl.float16", "float32": "tl.float32",
             "float64": "tl.float64"}[plan.dtype]
 
-
-def compute_dtype(plan: Plan) -> torch.dtype:
-    return torch.float64 if plan.dtype == "float64" else torch.float32
 
 
 def input_params(program: Program) -> str:

@@ -29,7 +29,7 @@ from ...errors import DTypeError, UnsupportedError
 from ...lowerings import legal_lowerings
 from ...plan import Plan
 from .. import matrix_rows
-from ..base import SIGNED_DECAY_REASON, register_backend
+from ..base import SIGNED_DECAY_REASON, compute_dtype, register_backend
 from .backward import make_backward
 from .build import cached_function, host_cpu, tvm_version
 from .lowerings import LOWERINGS, KernelSpec, func_name, grid_args
@@ -136,7 +136,7 @@ class TVMBackend:
         if why is not None or plan.lowering != "quadratic":
             raise UnsupportedError(f"{plan.program.name}: attention_matrix: "
                                    f"{why or 'it is built by the quadratic lowering'}")
-        cdt = torch.float64 if plan.dtype == "float64" else torch.float32
+        cdt = compute_dtype(plan)
         device = next(iter(tensors.values())).device
         per_head = sizes["b"] * sizes["h"] * sizes["t"] ** 2 * cdt.itemsize
         if device.type != "cpu" or (reduce != "none" and
@@ -150,7 +150,7 @@ class TVMBackend:
         return matrix_rows.reduce_heads(M.unsqueeze(2), reduce, channels=False)
 
     def attention_matrix_backward(self, plan: Plan, tensors, sizes, grad, reduce: str = "none"):
-        cdt = torch.float64 if plan.dtype == "float64" else torch.float32
+        cdt = compute_dtype(plan)
         return matrix_rows.matrix_backward(plan.program, tensors, sizes, cdt, grad, reduce)
 
 
@@ -170,7 +170,7 @@ class TVMKernel:
         self._bwd_functions: dict = {}
         self._lock = threading.Lock()
         self.out_dtype = getattr(torch, plan.dtype)
-        self.state_dtype = torch.float64 if plan.dtype == "float64" else torch.float32
+        self.state_dtype = compute_dtype(plan)
         self.backward = make_backward(self)
 
     def spec_for(self, tensors, sizes, initial_state, cu_seqlens, device=None):
@@ -269,7 +269,7 @@ class TVMKernel:
             final = torch.empty(D, S, H, N, P, dtype=self.state_dtype, device=device)
             args.append(final)
         if D > 1:
-            acc = torch.float64 if plan.dtype == "float64" else torch.float32
+            acc = compute_dtype(plan)
             args.append(torch.empty(B, T, H, P, dtype=acc, device=device))
         if device.type == "cuda" and lowering == "chunked":
             for _, shape, dt in workspace_shapes(plan, B, T, S, H, N, P):

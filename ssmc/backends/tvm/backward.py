@@ -38,6 +38,7 @@ import torch
 from ...ir import Program, Y
 from ...ir.orders import has_order_axis
 from ...plan import Plan
+from ..base import compute_dtype
 from ..chain_rule import ChainRule, initial_state_grad
 from .build import cached_function
 from .lowerings import chunked_bwd, grid_args, scan_bwd
@@ -186,7 +187,7 @@ def _chunked_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seql
                  grad_final):
     plan = kernel.plan
     prog = plan.program
-    cdt = torch.float64 if plan.dtype == "float64" else torch.float32
+    cdt = compute_dtype(plan)
     B, T, H, N, P = (int(sizes[a]) for a in "bthnp")
     D = len(prog.recurrence.directions)
     S = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -244,7 +245,7 @@ def _scan_cpu(kernel, rule: ChainRule, tensors, sizes, initial_state, cu_seqlens
               grad_final):
     plan = kernel.plan
     prog = plan.program
-    cdt = torch.float64 if plan.dtype == "float64" else torch.float32
+    cdt = compute_dtype(plan)
     B, T, H, N, P = (int(sizes[a]) for a in "bthnp")
     rec = prog.recurrence
     D = len(rec.directions)
