@@ -198,15 +198,20 @@ class TVMKernel:
     def source(self, spec) -> str:
         return LOWERINGS[(self.lowering_for(spec), spec.target)](spec)
 
-    def function(self, spec):
-        fn = self._functions.get(spec)
+    def function(self, spec, name: str | None = None):
+        """The compiled function of `spec`: the forward's, or the matrix kernel's
+        (name=MATRIX_FUNC), built or loaded once per spec."""
+        key = spec if name is None else (name, spec)
+        fn = self._functions.get(key)
         if fn is None:
             with self._lock:
-                fn = self._functions.get(spec)
+                fn = self._functions.get(key)
                 if fn is None:
-                    fn = cached_function(self.key, spec.tag(), self.source(spec),
-                                         func_name(self.plan), spec.arch)
-                    self._functions[spec] = fn
+                    tag, source, fname = ((spec.tag(), self.source(spec), func_name(self.plan))
+                                          if name is None else
+                                          (spec.tag() + "_matrix", render_matrix(spec), name))
+                    fn = self._functions[key] = cached_function(self.key, tag, source, fname,
+                                                                spec.arch)
         return fn
 
     def matrix(self, tensors, sizes) -> torch.Tensor:
@@ -214,13 +219,7 @@ class TVMKernel:
         (lowerings/matrix.py), in the accumulation dtype."""
         prog = self.plan.program
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        spec = self.spec_for(tensors, sizes, None, None)
-        fn = self._functions.get((MATRIX_FUNC, spec))
-        if fn is None:
-            with self._lock:
-                fn = cached_function(self.key, spec.tag() + "_matrix", render_matrix(spec),
-                                     MATRIX_FUNC)
-                self._functions[(MATRIX_FUNC, spec)] = fn
+        fn = self.function(self.spec_for(tensors, sizes, None, None), MATRIX_FUNC)
         B, T, H = (int(sizes[a]) for a in "bth")
         M = torch.zeros(B, H, T, T, dtype=self.state_dtype)
         if M.numel():
