@@ -128,17 +128,24 @@ def decay_mode(plan: Plan) -> str:
 RESET_FLAG = "tl.load(ssmc_resets + chunk * H + h_idx)"
 
 
-def chunk_variants(plan: Plan) -> list[tuple[str, str, str | None]]:
-    """(kernel name suffix, `_Ops` resets, the flag test of the chunks it takes) of each
-    variant of a per-chunk kernel. Scalar decays: one without reset code for the chunks the
+def chunk_variants(plan: Plan) -> list[str]:
+    """The `_Ops` resets of each variant of a per-chunk kernel (the kernel's name suffix and
+    the flag test of the chunks it takes follow: `variant_suffix`, `FLAG_TEST`). Scalar
+    decays: one without reset code for the chunks the
     forward recompute did not flag, one counting resets for those it did. Compiled into the
     same kernel behind a branch, the counting code cost the training step 4.1-4.9% on an H100
     (ssd, h=80 p=64 n=128, benchmarks/RESULTS.md) though no chunk took it, as the forward's
     output pass did (chunked.py, `reset_specialised`); apart, 0.9-2.4% (the sequential
     passes' branches)."""
-    if decay_mode(plan) != "row":
-        return [("", "branch", None)]
-    return [("", "plain", "== 0"), ("_resets", "count", "!= 0")]
+    return ["plain", "count"] if decay_mode(plan) == "row" else ["branch"]
+
+
+#: the flag test of the chunks a variant takes (none: the only variant takes every chunk)
+FLAG_TEST = {"plain": "== 0", "count": "!= 0"}
+
+
+def variant_suffix(resets: str) -> str:
+    return "_resets" if resets == "count" else ""
 
 
 class _Ops:
@@ -379,11 +386,10 @@ def store_y(body: Emitter) -> None:
     body("tl.store(ssmc_y + y_off, y, mask=y_mask)")
 
 
-def render_y_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
-                    test: str | None = None) -> str:
+def render_y_kernel(plan: Plan, resets: str = "branch") -> str:
     """y (before the epilogue), accumulated over directions into an fp32 buffer; one variant
     of `chunk_variants`."""
-    body = Emitter(indent=1 if test is None else 2)
+    body = Emitter(indent=1 if resets == "branch" else 2)
     o = _Ops(plan, body, resets)
     o.operand("query", "query")
     o.operand("key", "key")
@@ -396,18 +402,24 @@ def render_y_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
     store_y(body)
     return f"""
 @triton.jit
-def ssmc_chunked_bwd_y{suffix}(
+def ssmc_chunked_bwd_y{variant_suffix(resets)}(
     {input_params(plan.program)},
     ssmc_y, ssmc_states, ssmc_resets, {CHUNK_PARAMS}
     {CONSTS}, ACCUM_IN: tl.constexpr, {VARIANT_PARAMS}
 ):
-{_per_chunk(indent(ROWS, 1) + chr(10) + _flag_test(test) + body.text(), test)}
+{_rows_program(body, resets)}
 """
 
 
-def _flag_test(test: str | None) -> str:
+def _rows_program(body: Emitter, resets: str) -> str:
+    """`_per_chunk` of a kernel whose chunk is one program's rows: the rows, the variant's
+    flag test, `body` (indented 2 under a test, else 1)."""
+    return _per_chunk(indent(ROWS, 1) + "\n" + _flag_test(resets) + body.text(), resets)
+
+
+def _flag_test(resets: str) -> str:
     """The line opening a variant's body (indented 1), nothing for the only variant."""
-    return "" if test is None else f"    if {RESET_FLAG} {test}:\n"
+    return f"    if {RESET_FLAG} {FLAG_TEST[resets]}:\n" if resets in FLAG_TEST else ""
 
 
 #: chunks one program of a counting variant walks: a run without resets then costs one small
@@ -417,14 +429,14 @@ CHUNKS_PER_PROGRAM = 16
 VARIANT_PARAMS = "NCHUNKS, CPP: tl.constexpr, HP2: tl.constexpr,"
 
 
-def _per_chunk(inner: str, test: str | None, heads: bool = False) -> str:
+def _per_chunk(inner: str, resets: str, heads: bool = False) -> str:
     """A per-chunk kernel's program: the set-up of its chunk and `inner` (indented 1, written
-    as for a program per chunk). The counting variant (`test` "!= 0") walks CPP chunks per
+    as for a program per chunk). The counting variant (`resets` "count") walks CPP chunks per
     program instead, each only where a head of the program (HP2 >= HEADS with `heads`, else its
     one) has the flag: most runs have no reset, and most of its programs then only load flags."""
     setup = chunk_setup(heads, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq", "{chunk}", "BT",
                         "c0", heads=heads)
-    if test != "!= 0":
+    if resets != "count":
         return setup.format(chunk="tl.program_id(0).to(tl.int64)") + "\n" + inner
     first = ("tl.program_id(1).to(tl.int64) * HEADS" if heads else
              "tl.program_id(1).to(tl.int64)")
@@ -492,8 +504,7 @@ def _qk_loads(plan: Plan, body: Emitter):
     body("causal = offs_c[:, None] >= offs_c[None, :]")
 
 
-def render_dv_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
-                     test: str | None = None) -> str:
+def render_dv_kernel(plan: Plan, resets: str = "branch") -> str:
     """Decays without n, per (chunk, head, p-block) in parallel: dv; for a decay, its gradient
     (complete: the terms that carry each step's log-decay, as in the module docstring, per
     p-block partial); y when WANT_Y (summed over directions: ACCUM_Y adds to what is there).
@@ -502,7 +513,7 @@ def render_dv_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
     BN-blocks of n; the decay factors of q_in = q exp(lc) and
     k_out = k exp(l_last - lc) scale their rows afterwards. Every later tile is (BT, BT) or
     (BT, BP): the whole n never sits in registers. One variant of `chunk_variants`."""
-    body = Emitter(indent=1 if test is None else 2)
+    body = Emitter(indent=1 if resets == "branch" else 2)
     o = _Ops(plan, body, resets)
     dot = o.dot
     vs = o.mm_operand("value", "value")
@@ -559,17 +570,16 @@ def render_dv_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
              " + h_idx, dl, mask=mask_t)")
     return f"""
 @triton.jit
-def ssmc_chunked_bwd_dv{suffix}(
+def ssmc_chunked_bwd_dv{variant_suffix(resets)}(
     {input_params(plan.program)},
     ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dv, ssmc_dl, ssmc_y, ssmc_resets, {CHUNK_PARAMS}
     {CONSTS}, WANT_Y: tl.constexpr, ACCUM_Y: tl.constexpr, {VARIANT_PARAMS}
 ):
-{_per_chunk(indent(ROWS, 1) + chr(10) + _flag_test(test) + body.text(), test)}
+{_rows_program(body, resets)}
 """
 
 
-def render_dqk_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
-                      test: str | None = None) -> str:
+def render_dqk_kernel(plan: Plan, resets: str = "branch") -> str:
     """Decays without n, per (chunk, block of HEADS heads, n-block) in parallel: dq and dk
     summed over the block's heads (HEADS > 1 only where query and key are the same for every
     head of a group; the host adds up a group's blocks), the p axis walked in NPBK blocks of
@@ -584,8 +594,8 @@ def render_dqk_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
     pre(f"dk = tl.zeros([BT, BN], dtype={o.ct})")
     pre("taken = 0")
     body("h_idx = h_first + j")
-    if test is not None:
-        body(f"if {RESET_FLAG} {test}:")
+    if resets in FLAG_TEST:
+        body(f"if {RESET_FLAG} {FLAG_TEST[resets]}:")
         body.level += 1
         body("taken = 1")
     _qk_loads(plan, pre if shared else body)
@@ -623,10 +633,10 @@ def render_dqk_kernel(plan: Plan, suffix: str = "", resets: str = "branch",
         " + offs_n[None, :]", "    nmask = mask_t[:, None] & mask_n[None, :]", indent(stores, 1)])
     return f"""
 @triton.jit
-def ssmc_chunked_bwd_dqk{suffix}(
+def ssmc_chunked_bwd_dqk{variant_suffix(resets)}(
     {input_params(plan.program)},
     ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dq, ssmc_dk, ssmc_resets, {CHUNK_PARAMS}
     {CONSTS}, H, HEADS: tl.constexpr, NPBK: tl.constexpr, NPB: tl.constexpr, {VARIANT_PARAMS}
 ):
-{_per_chunk(inner, test, heads=True)}
+{_per_chunk(inner, resets, heads=True)}
 """

@@ -9,6 +9,7 @@ from ....plan import Plan
 from ..common import (HEADER, chunk_layout, compute_dtype, direction_slices, dot_type, input_args,
                       next_pow2, num_sequences)
 from .chunked_bwd import (CHUNKS_PER_PROGRAM, chunk_variants, decay_mode, head_free,
+                          variant_suffix,
                           per_key_decay, render_dqk_kernel,
                           render_dstate_kernel, render_dv_kernel, render_states_kernel,
                           render_y_kernel)
@@ -59,9 +60,9 @@ def variant_launches(module, name: str, plan: Plan, n_chunks: int, heads: int = 
     """[(kernel, grid axis 0, its variant arguments)] of a per-chunk kernel's variants
     (`chunk_variants`): a program per chunk, CHUNKS_PER_PROGRAM for the counting one."""
     extra = dict(NCHUNKS=n_chunks, CPP=CHUNKS_PER_PROGRAM, HP2=next_pow2(heads))
-    return [(getattr(module, name + suffix),
-             triton.cdiv(n_chunks, CHUNKS_PER_PROGRAM) if test == "!= 0" else n_chunks, extra)
-            for suffix, _, test in chunk_variants(plan)]
+    return [(getattr(module, name + variant_suffix(resets)),
+             triton.cdiv(n_chunks, CHUNKS_PER_PROGRAM) if resets == "count" else n_chunks, extra)
+            for resets in chunk_variants(plan)]
 
 
 def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, want_y):
@@ -316,7 +317,7 @@ def render(plan: Plan) -> str:
                    render_keys_prep_kernel(plan), render_keys_kernel(plan),
                    render_keys_dv_kernel(plan)]
     else:
-        kernels = [kernel(plan, *variant) for variant in chunk_variants(plan)
+        kernels = [kernel(plan, resets) for resets in chunk_variants(plan)
                    for kernel in (render_y_kernel, render_dv_kernel, render_dqk_kernel)]
     mode = decay_mode(plan)
     return HEADER + "\n".join([render_states_kernel(plan), render_dstate_kernel(plan),
