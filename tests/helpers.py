@@ -314,6 +314,14 @@ def term_magnitude(program, tensors: dict, sizes: dict, initial_state=None,
     return out.abs() + dEdy.squeeze(3).abs() * y_abs
 
 
+def _differentiated(leaves: dict, h0, among=None) -> tuple[list, list]:
+    """(names, tensors) of the leaves (and `h0`, as "initial_state") that require grad, only
+    those named in `among` where given."""
+    names = [n for n, v in {**leaves, "initial_state": h0}.items()
+             if isinstance(v, torch.Tensor) and v.requires_grad and (among is None or n in among)]
+    return names, [leaves.get(n, h0) for n in names]
+
+
 def epilogue_slack(program, leaves: dict, call_kwargs: dict, cot_y: torch.Tensor,
                    eps: float) -> dict:
     """Input name -> how far each gradient element may move when y is off by `eps` times its
@@ -337,9 +345,7 @@ def epilogue_slack(program, leaves: dict, call_kwargs: dict, cot_y: torch.Tensor
     mag = term_magnitude(identity, {k: v.detach() for k, v in bound.tensors.items()},
                          bound.sizes, None if h0 is None else h0.detach(), cu)
     env = canonical_inputs(program, bound.tensors, bound.sizes)
-    names = [n for n, v in {**leaves, "initial_state": h0}.items()
-             if isinstance(v, torch.Tensor) and v.requires_grad]
-    wrt = [leaves.get(n, h0) for n in names]
+    names, wrt = _differentiated(leaves, h0)
 
     def gradients(shift):
         yv = y + shift
@@ -427,9 +433,7 @@ def operand_rounding(program, leaves: dict, call_kwargs: dict, cot: dict, refs: 
     kwargs = {k: v for k, v in call_kwargs.items() if k not in ("backend", "lowering")}
     bound = bind(program, (), {**leaves, **kwargs})
     h0 = kwargs.get("initial_state")
-    wrt_names = [n for n, v in {**leaves, "initial_state": h0}.items()
-                 if isinstance(v, torch.Tensor) and v.requires_grad and n in g_ref]
-    wrt = [leaves.get(n, h0) for n in wrt_names]
+    wrt_names, wrt = _differentiated(leaves, h0, among=g_ref)
     gen = torch.Generator().manual_seed(seed)
     found = {}
 
