@@ -409,9 +409,10 @@ def operand_rounding(program, leaves: dict, call_kwargs: dict, cot: dict, refs: 
     softplus(e0) + 0.1 = 1.00025 is up to 7e-4 relative off in fp32 (a TVM campaign finding:
     softplus and the sum round by ~1e-7 before the log), and so is everything it feeds,
     however exact the recurrence. A bound per operation, not torch's own fp32 evaluation: the
-    kernels' math library rounds differently (TVM's key was off where torch's was not). `leaves`: the float64 leaf inputs; `call_kwargs` the reference
-    call's (`initial_state` a leaf where its gradient is compared); `cot`, `refs`, `g_ref`
-    check_against_reference's cotangents, outputs and gradients (by input name)."""
+    kernels' math library rounds differently (TVM's key was off where torch's was not).
+    `leaves`: the float64 leaf inputs; `call_kwargs` the reference call's (`initial_state` a
+    leaf where its gradient is compared); `cot`, `refs`, `g_ref` check_against_reference's
+    cotangents, outputs and gradients (by input name)."""
     rec = program.recurrence
     axes_of, scales = {}, {}
     current = [None]
