@@ -19,8 +19,8 @@ if "--bwd-tile" in sys.argv:
     from ssmc.backends.triton.lowerings import chunked_bwd_launch
     pins = dict(kv.split("=") for kv in sys.argv[sys.argv.index("--bwd-tile") + 1].split(","))
     default_tiles = chunked_bwd_launch.tiles
-    chunked_bwd_launch.tiles = lambda plan, sizes: dict(
-        default_tiles(plan, sizes), **{k.removesuffix("_bwd"): int(v) for k, v in pins.items()})
+    chunked_bwd_launch.tiles = lambda *a: dict(
+        default_tiles(*a), **{k.removesuffix("_bwd"): int(v) for k, v in pins.items()})
 low = args[0] if args else "chunked"
 x = torch.randn(b, t, h, p, device="cuda", dtype=torch.bfloat16)
 dt = (torch.randn(b, t, h, device="cuda") * 0.5 - 1).to(torch.bfloat16)

@@ -209,8 +209,8 @@ def test_segmented_state_pass(inputs, per_key, monkeypatch):
     """The chunked state pass in segments of one 16-step chunk, joined by the products of
     their decays: a reset must zero what crosses it, a negative decay flip it."""
     real = chunked_launch.tiles
-    monkeypatch.setattr(chunked_launch, "tiles", lambda plan, sizes, n: dict(
-        real(plan, sizes, n), CS=16, BT=16, SEG_state=1))
+    monkeypatch.setattr(chunked_launch, "tiles", lambda *a: dict(
+        real(*a), CS=16, BT=16, SEG_state=1))
     if inputs == "signed":
         defn, values = (gated_keys if per_key else gated), signed_inputs(per_key, seed=9)
     else:
@@ -246,8 +246,8 @@ def test_signed_decays_with_several_row_blocks_per_chunk(per_key, monkeypatch):
     real = chunked_launch.tiles
     used = []
 
-    def tiles(plan, sizes, n):
-        used.append(dict(real(plan, sizes, n), CS=64, BT=16))
+    def tiles(*a):
+        used.append(dict(real(*a), CS=64, BT=16))
         return used[-1]
 
     monkeypatch.setattr(chunked_launch, "tiles", tiles)

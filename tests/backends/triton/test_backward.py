@@ -141,6 +141,17 @@ def test_backward_segmented_passes(name, direction):
                    tile=ChunkedTile(BT_bwd=16, SEG_bwd=3))
 
 
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("name", ["gla", "ssd"])
+@pytest.mark.parametrize("seg", [None, 3], ids=["walks", "segments"])
+def test_backward_walks_in_their_own_value_blocks(name, direction, seg):
+    """The two sequential walks split p as the forward's state pass does (`BP_state`), apart
+    from the per-chunk kernels' blocks (`BP_bwd`): 16 against 32 channels of p = 40, walked
+    whole or in segments, joined over the per-chunk kernels' blocks."""
+    check_backward(builtin(name, direction), "chunked", dict(b=2, t=150, h=2, g=2, n=8, p=40),
+                   tile=ChunkedTile(BT_bwd=16, BP_bwd=32, BP_state=16, SEG_bwd=seg))
+
+
 @pytest.mark.parametrize("direction", ["forward", "bidirectional"])
 def test_per_key_backward_with_a_gated_epilogue(direction):
     """(y + D v) * silu(z) needs y in the backward: the per-key y kernel (the forward's row

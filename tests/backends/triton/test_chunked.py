@@ -240,6 +240,20 @@ def test_chunked_segments_only_where_the_state_pass_leaves_the_gpu_idle():
     assert segment_chunks(None, 0, 16, False, 264) == 0     # empty sequences
 
 
+def test_state_passes_split_value_channels_before_segments():
+    """A sequential pass takes 32 value channels a program where 64 would leave fewer walks
+    than the GPU wants (ssd b=2 h=80 p=64: 160 walks of 64 against 264), else up to 64; never
+    below 16, never more than p needs, and 64 with no GPU."""
+    from ssmc.backends.triton.lowerings.chunked_segments import state_block
+    assert state_block(64, 160, 264) == 32
+    assert state_block(64, 640, 264) == 64
+    assert state_block(64, 160, None) == 64
+    assert state_block(128, 160, 264) == 64        # two blocks of 64 make 320 walks
+    assert state_block(32, 16, 264) == 32
+    assert state_block(5, 16, 264) == 16
+    assert state_block(0, 16, 264) == 16
+
+
 def _with_tiles(monkeypatch, **override):
     """Patch `chunked.tiles` to apply `override` on top of the defaults; returns the list of
     the tile dicts the launches used."""
@@ -247,8 +261,8 @@ def _with_tiles(monkeypatch, **override):
     real = c.tiles
     used = []
 
-    def tiles(plan, sizes, n_programs):
-        m = dict(real(plan, sizes, n_programs), **override)
+    def tiles(*args):
+        m = dict(real(*args), **override)
         used.append(m)
         return m
 

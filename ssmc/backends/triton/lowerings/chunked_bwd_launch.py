@@ -20,25 +20,33 @@ from .chunked_segments import Segments
 from .chunked_keys import launch_scores, render_scores_kernel, whole_chunk_warps
 
 
-def tiles(plan: Plan, sizes: dict) -> dict:
+def tiles(plan: Plan, sizes: dict, n_programs: int = 1, target: int | None = None) -> dict:
     """BT 64, the chunk (per-key decays walk it in row blocks of RB = 16, their diagonal blocks
-    elementwise: BT^2 * BN work each); all of n; p in blocks of up to 64; WARPS for the
-    per-chunk kernels (a dozen (BT, BN|BP) tiles live at once) and WARPS_DV for the dv kernel,
-    whose loop over n in blocks of BK keeps fewer (H100: 2.6 ms with 4 warps, 3.2 ms with 8 at
-    b=8 t=4096 h=80 n=128 p=64)."""
+    elementwise: BT^2 * BN work each); all of n; p in blocks of up to 64 (BP_walk for the two
+    sequential walks, as the forward's state pass splits it: `n_programs` walks per block of
+    channels); WARPS for the per-chunk kernels and WARPS_DV for the dv kernel, whose loop over
+    n in blocks of BK keeps fewer tiles live."""
     tile = plan.tile_dict()
     per_key = per_key_decay(plan)
     BN = max(next_pow2(sizes["n"]), 16)
+    BN_state = min(BN, 64) if per_key else BN
     # per-key decays (H100, GLA b=8 t=2048 h=16 n=p=128): their dq/dk walk took 4.6 ms in
     # n-blocks of 32 with 4 warps, 6.2 ms in blocks of 64 with 8 and 8.7 with 4; their state
     # passes split n as the forward's does (chunked_launch.tiles), each n-block's recurrence
-    # being its own
-    return dict(BT=tile.get("BT_bwd", 64), RB=16, BN=BN,
-                BN_state=min(BN, 64) if per_key else BN,
+    # being its own. Decays without n (H100, ssd h=80 n=128 p=64, b*t = 32k): the training
+    # step took 9.52 / 10.86 / 9.30 ms with 4 warps in the per-chunk kernels against 10.28 /
+    # 11.64 / 10.00 with 8 (b=8 t=4096 / b=2 t=16384 / b=16 t=2048), and 2.6 ms in the dv
+    # kernel with 4 warps against 3.2 with 8
+    return dict(BT=tile.get("BT_bwd", 64), RB=16, BN=BN, BN_state=BN_state,
                 BP=tile.get("BP_bwd", max(min(next_pow2(sizes["p"]), 64), 16)),
-                WARPS=tile.get("WARPS_bwd", 4 if per_key else 8),
+                BP_walk=tile.get("BP_state", seg.state_block(
+                    sizes["p"], n_programs * triton.cdiv(BN, BN_state), target)),
+                WARPS=tile.get("WARPS_bwd", 4),
                 WARPS_DV=tile.get("WARPS_DV_bwd", 4),
-                BK=tile.get("BK_bwd", 32 if per_key else 64), SEG=tile.get("SEG_bwd"))
+                BK=tile.get("BK_bwd", 32 if per_key else 64), SEG=tile.get("SEG_bwd"),
+                # the two sequential walks (states, dstates): the forward state pass's knobs
+                WALK=dict(num_warps=tile.get("warps_state", 4),
+                          num_stages=tile.get("stages_state", 3)))
 
 
 def state_dtype(plan: Plan) -> torch.dtype:
@@ -73,14 +81,15 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     device = tensors[prog.inputs[0].name].device
     cdt = compute_dtype(plan)
     S = num_sequences(sizes, cu_seqlens)
-    m = tiles(plan, sizes)
+    m = tiles(plan, sizes, S * H, seg.program_target(device))
     n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["BT"], device)
     dummy = torch.zeros(1, dtype=cdt, device=device)
     y = torch.zeros(B, T, H, P, dtype=cdt, device=device) if want_y else None
     cu = dummy if cu_seqlens is None else cu_seqlens
     off = dummy if chunk_off is None else chunk_off
     npb = triton.cdiv(P, m["BP"])
-    walks = triton.cdiv(N, m["BN_state"]) * npb   # the state pass's programs per (seq, head)
+    npb_walk = triton.cdiv(P, m["BP_walk"])
+    walks = triton.cdiv(N, m["BN_state"]) * npb_walk   # the state pass's programs per (seq, head)
     GH = sizes.get("grid_h", 1)
     states, finals, scores, flags = [], [], [], []
     variants = chunk_variants(plan)
@@ -97,9 +106,9 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         sg = _segments(plan, sizes, m, S, walks, n_chunks, cu_seqlens, device, dummy)
         module.ssmc_chunked_bwd_states[(S * sg.n_seg, H, walks)](
             *args, st, dummy if h0 is None else h0, final, fl, *sg.buffers, cu, off, T, H // G,
-            N, P, GH, sg.n_seg, sg.seg or 1, BT=m["BT"], BN=m["BN_state"], BP=m["BP"],
-            NPB=npb, **order, IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None,
-            SEGMENTED=bool(sg.seg))
+            N, P, GH, sg.n_seg, sg.seg or 1, BT=m["BT"], BN=m["BN_state"], BP=m["BP_walk"],
+            NPB=npb_walk, **order, IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None,
+            SEGMENTED=bool(sg.seg), **_walk_launch(m, device))
         _join(module, sg, st, final, S, H, npb, n_chunks, sizes, m, reverse=False)
         seqs = dummy if chunk_seq is None else chunk_seq
         if per_key_decay(plan):   # the chunk's scores: y and dv are products with them
@@ -126,6 +135,10 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         finals.append(final)
     layout = dict(n_chunks=n_chunks, chunk_off=chunk_off, chunk_seq=chunk_seq, m=m)
     return dict(states=states, finals=finals, scores=scores, flags=flags, layout=layout), y
+
+
+def _walk_launch(m: dict, device) -> dict:
+    return m["WALK"] if device.type == "cuda" else {}
 
 
 def _key_warps(m: dict, device) -> dict:
@@ -225,12 +238,14 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         dstates = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan),
                               device=device)
         dh0 = torch.empty(S, H, N, P, dtype=cdt, device=device)
-        walks = triton.cdiv(N, m["BN_state"]) * NPB
+        npb_walk = triton.cdiv(P, m["BP_walk"])
+        walks = triton.cdiv(N, m["BN_state"]) * npb_walk
         sg = _segments(plan, sizes, m, S, walks, n_chunks, cu_seqlens, device, dummy)
         module.ssmc_chunked_bwd_dstates[(S * sg.n_seg, H, walks)](
             *args, dy, dstates, dummy if gT is None else gT, dh0, *sg.buffers, cu, off, T,
             H // G, N, P, GH, sg.n_seg, sg.seg or 1, **order, HAS_GT=gT is not None,
-            SEGMENTED=bool(sg.seg), NPB=NPB, **dict(consts, BN=m["BN_state"]))
+            SEGMENTED=bool(sg.seg), NPB=npb_walk,
+            **dict(consts, BN=m["BN_state"], BP=m["BP_walk"]), **_walk_launch(m, device))
         _join(module, sg, dstates, dh0, S, H, NPB, n_chunks, sizes, m, reverse=True)
         chunk_args = (cu, off, seq_of_chunk, B, T, H // G, N, P, GH)
         if mode == "key":
