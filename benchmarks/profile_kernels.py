@@ -4,10 +4,16 @@
 
 `--train` profiles forward + backward (every leaf requires grad), host-side torch ops included.
 `--bwd-tile BT_bwd=64,BP_bwd=32` overrides the chunked backward's tiles (as plan.tile would).
+
+For the chunked kernels it also prints each one's achieved GB/s and TFLOP/s and the fraction of
+its roofline floor: the larger of its least bytes (every tensor it reads once, every one it
+writes once; `least_work`) over the device's measured copy rate and its matmul FLOPs over the
+measured rate of a large bf16 matmul, both timed in the same process.
 """
 import sys
 
 import torch
+import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
 from ssmc.ops import ssd
@@ -49,11 +55,57 @@ with profile(activities=[ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if tra
     for _ in range(5):
         f()
     torch.cuda.synchronize()
+
+
+def least_work(g=1, chunk=64):
+    """{kernel: (bytes, matmul FLOPs)} per call of the chunked ssd kernels at this script's
+    shape: bf16 tensors and chunk states (C * h * n * p, C = b*t / chunk), fp32 row partials."""
+    tok = b * t
+    X, QK, DT = tok * h * p * 2, tok * g * n * 2, tok * h * 2
+    ST = tok // chunk * h * n * p * 2
+    walk = (X + QK + DT + ST, 2 * tok * h * n * p)          # k^T v per chunk
+    return {
+        "ssmc_chunked_state_fwd": walk,
+        "ssmc_chunked_bwd_states": walk,
+        # q k^T, scores x, q S; reads x, z, B, C, dt, states; writes y
+        "ssmc_chunked_out_fwd": (3 * X + 2 * QK + DT + ST,
+                                 2 * tok * h * (chunk * n + chunk * p + n * p)),
+        # reads dy, C, dt; writes G; (q exp(lc))^T dy
+        "ssmc_chunked_bwd_dstates": (X + QK + DT + ST, 2 * tok * h * n * p),
+        # q k^T, A^T dy, A x, dy x^T, q S, k G; reads x, dy, B, C, dt, S, G; writes dv, y, dl
+        "ssmc_chunked_bwd_dv": (4 * X + 2 * QK + DT + 2 * ST + tok * h * 4,
+                                2 * tok * h * (chunk * n + 3 * chunk * p + 2 * n * p)),
+        # dy x^T, dy S^T, x G^T, dA k, dA^T q; reads dy, x, B, C, dt, S, G; writes fp32 dq, dk
+        "ssmc_chunked_bwd_dqk": (2 * X + 2 * QK + DT + 2 * ST + 2 * tok * g * n * 4,
+                                 2 * tok * h * (chunk * p + 2 * n * p + 2 * chunk * n)),
+    }
+
+
+def measured_rates():
+    """(copy GB/s counting read plus write, bf16 matmul TFLOP/s) of this device."""
+    src = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    copy = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    mm = triton.testing.do_bench(lambda: a @ a, return_mode="median")
+    return 2 * src.numel() / copy / 1e6, 2 * 8192 ** 3 / mm / 1e9
+
+
 # device time per call of every kernel, largest first
 events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+model = least_work() if low == "chunked" else {}
+copy_gbs, mm_tflops = measured_rates()
+print(f"measured: copy {copy_gbs:.0f} GB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s")
 for e in events[:24]:
     if e.self_device_time_total > 0:
-        print(f"{e.self_device_time_total / 5e3:8.3f} ms {e.count / 5:5.1f}x  {e.key[:80]}")
+        ms = e.self_device_time_total / 5e3 / max(e.count / 5, 1)
+        line = f"{e.self_device_time_total / 5e3:8.3f} ms {e.count / 5:5.1f}x  {e.key[:48]:48s}"
+        if e.key in model:
+            nbytes, flops = model[e.key]
+            floor = max(nbytes / copy_gbs / 1e6, flops / mm_tflops / 1e9)
+            line += (f" {nbytes / ms / 1e6:6.0f} GB/s {flops / ms / 1e9:5.1f} TFLOP/s"
+                     f"  floor {floor:.3f} ms ({floor / ms:.0%})")
+        print(line)
 print(f"all kernels {sum(e.self_device_time_total for e in events) / 5e3:.3f} ms per call")
 print(f"peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
