@@ -536,7 +536,6 @@ for decay, dtype in (("diagonal", "bfloat16"), ("diagonal", "float16"), ("diagon
         build(fwd, "ssmc_chunked_scores", dict(BT=16, CS=64, BN=64, BP=16, **order), dtype)
     bwd = load(chunked_bwd_launch.render(plan), f"b_{decay}_{dtype}")
     walk = dict(BT=64, BN=64, BP=64, SEGMENTED=True, **order)
-    build(bwd, "ssmc_chunked_bwd_states", dict(walk, HAS_H0=True), dtype)
     build(bwd, "ssmc_chunked_bwd_dstates", dict(walk, HAS_GT=True), dtype)
     build(bwd, "ssmc_chunked_bwd_join", seg, dtype)
     build(bwd, "ssmc_chunked_bwd_fixup", dict(BN=64, BP=64, NPB=1, REVERSE=True), dtype)

@@ -217,9 +217,10 @@ def render_state_kernel(plan: Plan) -> str:
             c.log_decay_rows()
             _decay_to_chunk_end(body, plan.program, "ld", "rz", "ng", 0)
             weights.append("dec")
-            if reset_specialised(plan):   # which output pass takes the chunk
-                body(f"tl.store(resets_ptr + chunk * H + h_idx, "
-                     f"(l_last < {HAS_RESET_BELOW}).to(tl.int8))")
+            # which output pass takes the chunk (`reset_specialised`), and which variant of
+            # the backward's per-chunk kernels (chunked_bwd.chunk_variants: every sign)
+            body(f"tl.store(resets_ptr + chunk * H + h_idx, "
+                 f"(l_last < {HAS_RESET_BELOW}).to(tl.int8))")
         if weights:
             body(f"w = tl.where(mask_t, {' * '.join(weights)}, 0.0)")
             body(f"kT_dec = ({key[0]} * w[None, :]).to({c.dt})")

@@ -15,8 +15,9 @@ scores and dA = (dy v^T) * D:
 
 Kernels, per direction:
 
-* `ssmc_chunked_bwd_states` (sequential over chunks, per (sequence, head, p-block)): S_in of
-  every chunk and the final state (the forward recomputed; the forward stores nothing).
+* `ssmc_chunked_state_fwd` (the forward's state pass, chunked.py; sequential over chunks, per
+  (sequence, head, p-block)): S_in of every chunk and the final state, recomputed (the
+  forward stores nothing for the backward), and each chunk's reset flag.
 * `ssmc_chunked_bwd_dstates` (sequential, last chunk to first): G of every chunk, then
   G <- exp(l_last) * G + (q exp(lc))^T dy; after the first chunk G is dL/dS_0.
   Both store into `state_dtype`: the matmul operand type (bf16 for bf16 plans), which every
@@ -124,7 +125,7 @@ def decay_mode(plan: Plan) -> str:
     return "key" if per_key_decay(plan) else "row"
 
 
-#: a chunk's reset flag, stored by the forward recompute (`render_states_kernel`)
+#: a chunk's reset flag, stored by the state pass (chunked.render_state_kernel)
 RESET_FLAG = "tl.load(ssmc_resets + chunk * H + h_idx)"
 
 
@@ -348,32 +349,6 @@ def _walk(o: "_Ops", var: str, init: tuple[str, str], store: str, body: Emitter,
     return seg.render_walk(var, o.ct, init, chunk_state_store(store, var),
                            indent(ROWS, 2) + "\n" + body.text(), o.mode, "tl.exp(l_last)",
                            reverse, (end, None))
-
-
-def render_states_kernel(plan: Plan) -> str:
-    """Forward recompute: fp32 state entering every chunk, and the final state; in segments
-    where the walks are few (chunked_segments.py)."""
-    body = Emitter(indent=2)
-    o = _Ops(plan, body)
-    o.operand("key", "key")
-    o.operand("value", "value")
-    o.decay()
-    if o.mode == "row":   # which variant of the per-chunk kernels takes the chunk
-        body("if tl.program_id(2) == 0:")
-        with body.block():
-            body(f"tl.store(ssmc_resets + chunk * H + h_idx, "
-                 f"(l_last < {HAS_RESET_BELOW}).to(tl.int8))")
-    body(f"state = state * {o.state_decay()} + " + o.dot(f"tl.trans({o.k_out()})", "value"))
-    return f"""
-@triton.jit
-def ssmc_chunked_bwd_states(
-    {input_params(plan.program)},
-    ssmc_states, ssmc_h0, ssmc_hT, ssmc_resets, {seg.PARAMS} {STATE_PARAMS} NSEG, SEG,
-    {CONSTS}, NPB: tl.constexpr, HAS_H0: tl.constexpr, SEGMENTED: tl.constexpr,
-):
-{SEGMENT_SETUP}
-{_walk(o, "state", ("ssmc_h0", "HAS_H0"), "ssmc_states", body, False, "ssmc_hT")}
-"""
 
 
 def store_y(body: Emitter) -> None:

@@ -8,11 +8,10 @@ import triton
 from ....plan import Plan
 from ..common import (HEADER, chunk_layout, compute_dtype, direction_slices, dot_type, input_args,
                       next_pow2, num_sequences)
+from .chunked import render_state_kernel
 from .chunked_bwd import (CHUNKS_PER_PROGRAM, chunk_variants, decay_mode, head_free,
-                          variant_suffix,
-                          per_key_decay, render_dqk_kernel,
-                          render_dstate_kernel, render_dv_kernel, render_states_kernel,
-                          render_y_kernel)
+                          per_key_decay, render_dqk_kernel, render_dstate_kernel,
+                          render_dv_kernel, render_y_kernel, variant_suffix)
 from . import chunked_segments as seg
 from .chunked_bwd_keys import (render_keys_dv_kernel, render_keys_kernel,
                                render_keys_prep_kernel, render_keys_y_kernel)
@@ -104,11 +103,12 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         fl = (torch.empty(max(n_chunks, 1), H, dtype=torch.int8, device=device)
               if len(variants) > 1 else dummy)
         sg = _segments(plan, sizes, m, S, walks, n_chunks, cu_seqlens, device, dummy)
-        module.ssmc_chunked_bwd_states[(S * sg.n_seg, H, walks)](
-            *args, st, dummy if h0 is None else h0, final, fl, *sg.buffers, cu, off, T, H // G,
+        # the forward's state pass (chunked.py), storing every chunk's state and flag
+        module.ssmc_chunked_state_fwd[(S * sg.n_seg, H, walks)](
+            *args, st, fl, dummy if h0 is None else h0, final, cu, off, *sg.buffers, T, H // G,
             N, P, GH, sg.n_seg, sg.seg or 1, BT=m["BT"], BN=m["BN_state"], BP=m["BP_walk"],
-            NPB=npb_walk, **order, IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None,
-            SEGMENTED=bool(sg.seg), **_walk_launch(m, device))
+            NPB=npb_walk, **order, HAS_H0=h0 is not None, STORE_HT=True,
+            IS_VARLEN=cu_seqlens is not None, SEGMENTED=bool(sg.seg), **_walk_launch(m, device))
         _join(module, sg, st, final, S, H, npb, n_chunks, sizes, m, reverse=False)
         seqs = dummy if chunk_seq is None else chunk_seq
         if per_key_decay(plan):   # the chunk's scores: y and dv are products with them
@@ -335,6 +335,6 @@ def render(plan: Plan) -> str:
         kernels = [kernel(plan, resets) for resets in chunk_variants(plan)
                    for kernel in (render_y_kernel, render_dv_kernel, render_dqk_kernel)]
     mode = decay_mode(plan)
-    return HEADER + "\n".join([render_states_kernel(plan), render_dstate_kernel(plan),
+    return HEADER + "\n".join([render_state_kernel(plan), render_dstate_kernel(plan),
                                seg.render_join("ssmc_chunked_bwd_join", mode),
                                seg.render_fixup("ssmc_chunked_bwd_fixup", mode)] + kernels)
