@@ -65,8 +65,7 @@ def least_work(g=1, chunk=64):
     ST = tok // chunk * h * n * p * 2
     walk = (X + QK + DT + ST, 2 * tok * h * n * p)          # k^T v per chunk
     return {
-        "ssmc_chunked_state_fwd": walk,
-        "ssmc_chunked_bwd_states": walk,
+        "ssmc_chunked_state_fwd": walk,   # the forward's, and the backward's recompute
         # q k^T, scores x, q S; reads x, z, B, C, dt, states; writes y
         "ssmc_chunked_out_fwd": (3 * X + 2 * QK + DT + ST,
                                  2 * tok * h * (chunk * n + chunk * p + n * p)),
