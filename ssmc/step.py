@@ -22,6 +22,8 @@ kernel on gathered rows, then scatter the state back. It is inference only: no a
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .backends import resolve_backend
@@ -29,6 +31,7 @@ from .errors import (ArgumentError, BackendUnavailableError, ConfigError, Device
                      ShapeError, UnsupportedError)
 from .ir import Direction
 from .plan import Plan
+from .planner import base_plan
 from .validate import EXTRA_ARGS, bind
 
 _STEP_KEY = "step"
@@ -278,8 +281,9 @@ def _checked(op, tokens, state, args, kwargs, slots, out_slots):
     _check_indices(fn, "state_out_indices", out_slots, out_want, bound, "the slot the state "
                    "after each token is written to; negative: not written")
 
-    plan = Plan(program=program, lowering="scan", dtype=str(bound.dtype).split(".")[1],
-                has_initial_state=True, return_final_state=True, varlen=False)
+    # a step is the scan over t=1 (or the k tokens) from the state, returning the state after
+    plan = dataclasses.replace(base_plan(program, bound, "scan"), has_initial_state=True,
+                               return_final_state=True)
     t_axis = {i.name: i.axes.index("t") for i in program.inputs if "t" in i.axes}
     launcher = _launcher(op, plan, bound.device, t_axis)
     bind_launch = getattr(launcher, "bind", None)
