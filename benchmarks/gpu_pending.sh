@@ -58,7 +58,7 @@ done
 if want table; then
     echo; echo "=== forward, decode, forward+backward vs mamba_ssm / FLA"
     timeout -s INT -k 30 "${TABLE_LIMIT:-300}" python3 benchmarks/gpu_table.py \
-        --only "${TABLE:-check,fwd,decode,train,long}" 2>&1 | tee "$LOGS/table.log"
+        --only "${TABLE:-check,fwd,decode,train,long,user}" 2>&1 | tee "$LOGS/table.log"
 fi
 if want per_key; then
     echo; echo "=== per-key decays: kernel times of one GLA forward + backward, ssmc and FLA"

@@ -18,6 +18,7 @@ import torch
 import triton.testing
 
 import ssmc
+from ssmc import dsl as S
 from ssmc.ops import ssd
 from ssmc.ops.ssd import build as build_ssd
 
@@ -171,6 +172,49 @@ def train_rows(quick):
     return rows
 
 
+@ssmc.ssm
+def user_mamba2(x: S.In["b t h p"], dt: S.In["b t h"], A_log: S.In["h"], B: S.In["b t g n"],
+                C: S.In["b t g n"], D: S.In["h"], z: S.In["b t h p"], dt_bias: S.In["h"]):
+    """Mamba-2 as a model's own code writes it (A = -exp(A_log)), not ssmc's built-in."""
+    delta = S.softplus(dt + dt_bias)
+    h = S.recurrence(decay=S.exp(-S.exp(A_log) * delta), key=B, value=x * delta, query=C)
+    return (h + D * x) * (z * S.sigmoid(z))
+
+
+def user_rows(quick):
+    """A user's Mamba-2 definition (`user_mamba2`) against the built-in `ssd` on the same
+    inputs (A_log = log(-A)), forward and forward + backward: the same math must get the same
+    kernels and speed (issue 15: within 5%). ratio_builtin = built-in time / user time."""
+    rows = []
+    user = ssmc.compile(user_mamba2, lowering="chunked")
+    for b, t in (SHAPES[:1] if quick else SHAPES):
+        x, dt, A, B, C, D, z, dt_bias = ssd_inputs(b, t)
+        A_log = torch.log(-A)
+        leaves = [v.detach().clone().requires_grad_(True) for v in (x, dt, A_log, B, C, D, z,
+                                                                     dt_bias)]
+        grad = torch.randn_like(x)
+
+        def builtin(xs, dts, Ls, Bs, Cs, Ds, zs, dbs):
+            return ssd(xs, dts, -torch.exp(Ls), Bs, Cs, D=Ds, z=zs, dt_bias=dbs,
+                       dt_softplus=True, lowering="chunked")
+
+        for train in (False, True):
+            def run(fn):
+                if not train:
+                    with torch.no_grad():
+                        return (fn(x, dt, A_log, B, C, D, z, dt_bias),)
+                return torch.autograd.grad(fn(*leaves), leaves, grad)
+            mine, theirs = run(user), run(builtin)
+            t_user, t_builtin = bench(lambda: run(user)), bench(lambda: run(builtin))
+            rows.append(dict(kind="user fwd+bwd" if train else "user fwd", shape=f"b={b} t={t}",
+                             user_ms=t_user, builtin_ms=t_builtin,
+                             ratio_builtin=t_builtin / t_user,
+                             err_vs_builtin=max(rel(a, r) for a, r in zip(mine, theirs))))
+        del x, dt, B, C, z, leaves
+        torch.cuda.empty_cache()
+    return rows
+
+
 def long_rows():
     """One long sequence with few heads (b=1 t=65536 h=16, issue 15): forward and forward +
     backward per token, against b=8 t=4096 h=80 per token (the target: within 1.5x). The
@@ -291,7 +335,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="check,fwd,decode,train",
                     help="comma-separated sections: check, fwd, fwd32 (fp32, first shape), "
-                         "decode, train, long (b=1 t=64k h=16 per token)")
+                         "decode, train, long (b=1 t=64k h=16 per token), user (a user's "
+                         "Mamba-2 definition against the built-in)")
     args = ap.parse_args()
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__,
           "triton", triton.__version__)
@@ -299,7 +344,7 @@ def main():
     sections = {"check": check_reference, "fwd": lambda: forward_rows(args.quick),
                 "fwd32": lambda: forward_rows(True, torch.float32),
                 "decode": decode_rows, "train": lambda: train_rows(args.quick),
-                "long": long_rows}
+                "long": long_rows, "user": lambda: user_rows(args.quick)}
     for part in args.only.split(","):
         try:
             new = sections[part]()
