@@ -194,3 +194,19 @@ def test_limits_read_from_the_gpu():
     props = torch.cuda.get_device_properties(0)
     assert lim.name == props.name and lim.capability == (props.major, props.minor)
     assert 0 < lim.smem_per_block < 1 << 30 and lim.l2_bytes > 0
+
+
+def test_chunked_space_is_centred_on_the_calls_built_in_tiles():
+    """The tuner's default chunked tiles are those an untuned call on the device takes: on a
+    GPU, few walks (b=2 h=80, p=64) split the state pass's p into blocks of 32; with no GPU
+    (no program target) they keep 64."""
+    from ssmc.backends.triton.lowerings.chunked_launch import tile_space
+    shape = dict(SHAPE, b=2, t=16384)
+    prog = ssmc.ops.mamba2.program
+    gpu = SpaceContext(prog, "triton", shape, "bfloat16", H100_LIKE, DEVICES["h100"], 2)
+    cpu = SpaceContext(prog, "triton", shape, "bfloat16", DeviceLimits.unlimited(),
+                       DEVICES["h100"], 2)
+    assert tile_space(gpu)[0]["BP_state"] == 32
+    assert tile_space(cpu)[0]["BP_state"] == 64
+    assert tile_space(SpaceContext(prog, "triton", SHAPE, "bfloat16", H100_LIKE,
+                                   DEVICES["h100"], 2))[0]["BP_state"] == 64

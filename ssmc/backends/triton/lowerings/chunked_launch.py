@@ -125,8 +125,12 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
 
 
 def tile_space(ctx):
+    """The tuner's space around the built-in tiles of a call on ctx's device (a GPU's limits
+    carry its compute capability; the CPU's none)."""
     n_programs = ctx.sizes.get("b", 1) * ctx.sizes["h"]
-    return chunked_space(ctx, tiles(ctx.plan("chunked"), ctx.sizes, n_programs))
+    gpu = ctx.limits.capability != (0, 0)
+    target = seg.target_for(ctx.limits.sm_count) if gpu else None
+    return chunked_space(ctx, tiles(ctx.plan("chunked"), ctx.sizes, n_programs, target))
 
 
 register_lowering(TritonLowering("chunked", render, launch, supports, tile_type=ChunkedTile,

@@ -59,7 +59,12 @@ def program_target(device) -> int | None:
     """About two programs per SM on a GPU; None elsewhere."""
     if device.type != "cuda":
         return None
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return target_for(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def target_for(sm_count: int) -> int:
+    """`program_target` of a GPU with `sm_count` SMs."""
+    return 2 * sm_count
 
 
 class Segments:
