@@ -9,6 +9,7 @@ from ....plan import Plan
 from ..common import (HEADER, chunk_layout, compute_dtype, direction_slices, dot_type, input_args,
                       next_pow2, num_sequences)
 from .chunked import render_state_kernel
+from .chunked_launch import tiles as forward_tiles
 from .chunked_bwd import (CHUNKS_PER_PROGRAM, chunk_variants, decay_mode, head_free,
                           per_key_decay, render_dqk_kernel, render_dstate_kernel,
                           render_dv_kernel, render_y_kernel, variant_suffix)
@@ -28,7 +29,7 @@ def tiles(plan: Plan, sizes: dict, n_programs: int = 1, target: int | None = Non
     tile = plan.tile_dict()
     per_key = per_key_decay(plan)
     BN = max(next_pow2(sizes["n"]), 16)
-    BN_state = min(BN, 64) if per_key else BN
+    walk = forward_tiles(plan, sizes, n_programs, target)   # the recompute is its state pass
     # per-key decays (H100, GLA b=8 t=2048 h=16 n=p=128): their dq/dk walk took 4.6 ms in
     # n-blocks of 32 with 4 warps, 6.2 ms in blocks of 64 with 8 and 8.7 with 4; their state
     # passes split n as the forward's does (chunked_launch.tiles), each n-block's recurrence
@@ -36,15 +37,15 @@ def tiles(plan: Plan, sizes: dict, n_programs: int = 1, target: int | None = Non
     # step took 9.52 / 10.86 / 9.30 ms with 4 warps in the per-chunk kernels against 10.28 /
     # 11.64 / 10.00 with 8 (b=8 t=4096 / b=2 t=16384 / b=16 t=2048), and 2.6 ms in the dv
     # kernel with 4 warps against 3.2 with 8
-    return dict(BT=tile.get("BT_bwd", 64), RB=16, BN=BN, BN_state=BN_state,
+    return dict(BT=tile.get("BT_bwd", 64), RB=16, BN=BN, BN_state=walk["BN_state"],
                 BP=tile.get("BP_bwd", max(min(next_pow2(sizes["p"]), 64), 16)),
-                BP_walk=tile.get("BP_state", seg.state_block(
-                    sizes["p"], n_programs * triton.cdiv(BN, BN_state), target)),
+                BP_walk=walk["BP_state"],
                 WARPS=tile.get("WARPS_bwd", 4),
                 WARPS_DV=tile.get("WARPS_DV_bwd", 4),
                 BK=tile.get("BK_bwd", 32 if per_key else 64), SEG=tile.get("SEG_bwd"),
-                # the two sequential walks (states, dstates): the forward state pass's knobs
-                WALK=dict(num_warps=tile.get("warps_state", 4),
+                # the two sequential walks (states, dstates): the forward state pass's warps;
+                # its stages, but 3 for per-key decays too (their walks were measured so)
+                WALK=dict(num_warps=walk["warps_state"],
                           num_stages=tile.get("stages_state", 3)))
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..common import next_pow2
+
 #: the fewest chunks one segment walks
 MIN_SEGMENT_CHUNKS = 4
 
@@ -49,7 +51,7 @@ def state_block(P: int, walks: int, target: int | None) -> int:
     per 64 channels would leave fewer than `target` (few sequences and heads). Splitting p
     re-reads only the key, and beat segments there: ssd b=2 t=16384 h=80 p=64 (160 walks) on
     an H100, forward 1.82 ms against 2.04 ms with two segments per walk."""
-    bp = max(min(1 << max(P - 1, 0).bit_length(), 64), 16)
+    bp = max(min(next_pow2(P), 64), 16)
     if target and bp > 32 and walks * triton.cdiv(P, bp) < target:
         bp = 32
     return bp
