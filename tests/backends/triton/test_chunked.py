@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import ssmc
+from ssmc import dsl as S
 from ssmc import reference
 from ssmc.backends import get_backend
 from ssmc.backends.triton.tiles import ChunkedTile
@@ -179,6 +180,27 @@ def test_chunked_custom(decay, direction, triton_check):
     sizes = SHAPES["t200"]
     triton_check(defn, inputs_for(defn, sizes, seed=10), lowering=LOWERING,
                  initial_state=state_for(defn, sizes), return_final_state=True)
+
+
+@ssmc.ssm
+def shared_computed_qk(q: S.In["b t g n"], k: S.In["b t g n"], v: S.In["b t h p"],
+                       w: S.In["b t g"], a: S.In["b t h"]):
+    return S.recurrence(decay=S.sigmoid(a + 2), key=k * w, value=v, query=2.0 * q + 0.5,
+                        direction="reverse")
+
+
+@pytest.mark.parametrize("shape", ["t200", "varlen"])
+def test_chunked_shared_qk_computed(shape, triton_check):
+    """Query and key the same for every head of a group but computed from inputs: the output
+    pass and the dv kernel read q k^T formed once per (chunk, group) (chunk_qk.py), which must
+    evaluate them, not load a bare input."""
+    sizes = dict(b=2, t=200, h=4, g=2, n=5, p=3)
+    kwargs = {}
+    if shape == "varlen":
+        sizes = dict(sizes, b=1, t=sum(LENGTHS))
+        kwargs = dict(cu_seqlens=cu_seqlens(LENGTHS))
+    triton_check(shared_computed_qk, inputs_for(shared_computed_qk, sizes, seed=12),
+                 lowering=LOWERING, return_final_state=True, **kwargs)
 
 
 @pytest.mark.parametrize("shape", ["t1", "t63", "varlen"])

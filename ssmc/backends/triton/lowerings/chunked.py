@@ -7,9 +7,11 @@ decay-weighted value. Where those walks are too few to fill the GPU (one long se
 heads), each sequence is walked in segments side by side from zero states; the short
 `ssmc_chunked_segments` pass then gives each segment its entering state, and the output pass
 adds it, times the decay from the segment's start, to each chunk's (chunked_segments.py).
-`ssmc_chunked_out_fwd` then runs every (chunk, head, p-block) in parallel: scores = query key^T masked by the decay, y = scores value + query state_in, the
-epilogue, the store. Chunk-local work never waits on other chunks, and the serial part is as
-short as it can be.
+`ssmc_chunked_out_fwd` then runs every (chunk, head, p-block) in parallel: scores = query
+key^T masked by the decay, y = scores value + query state_in, the epilogue, the store. Where
+query and key are the same for every head of a group, `ssmc_chunk_qk` forms query key^T once
+per (chunk, group) first and the output pass reads it (chunk_qk.py). Chunk-local work never
+waits on other chunks, and the serial part is as short as it can be.
 
 Decays are handled in log space. With L the within-chunk running sum of log-decays, key s
 seen from query t is weighted by exp(L_t - L_s) (exponent <= 0 on the causal half). A decay
@@ -46,6 +48,7 @@ from ..common import (HEADER, compute_type, dot_type, emit_output, fp32_precisio
                       input_params)
 from ..render import Context, Emitter, Tile, split_scale
 from . import chunked_segments as seg
+from .chunk_qk import qk_load, render_qk_kernel, shares_qk
 from .chunked_keys import KeyOps, output_body, render_scores_kernel
 from .chunked_tiles import (KEY_KT_TILE, KEY_ROWS, KEY_T_TILE, KEY_V_TILE, KT_TILE, QK_TILE,
                             T_TILE, V_TILE)
@@ -278,6 +281,7 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter, resets: bool) -> No
     sgn = decay and prog.decay_signed
     exact = decay and not prog.decay_log_safe
     resets = resets and decay and not exact
+    shared = shares_qk(plan)
     query = c.scaled(rec.query, "n", QK_TILE, T_TILE, "q_op", "q")
     if query is None:
         c.query()
@@ -333,8 +337,8 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter, resets: bool) -> No
         for line in KEY_ROWS.splitlines():
             loop(line)
         inner = _Chunk(plan, loop)
-        key = inner.scaled(rec.key, "n", KEY_KT_TILE, KEY_T_TILE, "kT", "kj")
-        if key is None:
+        key = None if shared else inner.scaled(rec.key, "n", KEY_KT_TILE, KEY_T_TILE, "kT", "kj")
+        if key is None and not shared:
             kt = Context(prog, KEY_KT_TILE, loop, "kj", c.ct)
             v = kt.value(rec.key, "kT_raw")
             loop(f"kT = tl.where(mask_n[:, None] & mask_key[None, :], {v}, 0.0).to({dt})")
@@ -345,8 +349,13 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter, resets: bool) -> No
             v = vv.value(rec.value, "vj_raw")
             loop(f"vj = tl.where(mask_key[:, None] & mask_p[None, :], {v}, 0.0).to({dt})")
             val = ("vj", None)
-        col_scale = [s for s in (key[1], val[1]) if s is not None]
-        loop(f"scores = {c.dot('q_op', 'kT')}")
+        if shared:   # q k^T of the whole query and key, formed once per group
+            col_scale = [s for s in (val[1],) if s is not None]
+            loop("scores = " + qk_load("ssmc_scores", "r * BT + offs_c", "j * BT + offs_c",
+                                       "CS"))
+        else:
+            col_scale = [s for s in (key[1], val[1]) if s is not None]
+            loop(f"scores = {c.dot('q_op', 'kT')}")
         if decay:
             if diagonal:   # the row block itself: its ld (and ng, lc, zc) are at hand
                 loop("past = offs_c[None, :] <= offs_c[:, None]")
@@ -388,7 +397,7 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter, resets: bool) -> No
         else:
             factor = ("tl.where(offs_c[None, :] <= offs_c[:, None], 1.0, 0.0)" if diagonal
                       else "1.0")
-        if query[1] is not None:
+        if query[1] is not None and not shared:
             factor += f" * {query[1]}[:, None]"
         if col_scale:
             factor += f" * ({' * '.join(col_scale)})[None, :]"
@@ -515,5 +524,6 @@ def ssmc_chunked_out_resets_fwd({params}
 
 
 def render(plan: Plan) -> str:
-    scores = render_scores_kernel(plan) if per_key_decay(plan) else ""
+    scores = (render_scores_kernel(plan) if per_key_decay(plan)
+              else render_qk_kernel(plan) if shares_qk(plan) else "")
     return HEADER + render_state_kernel(plan) + "\n" + render_output_kernel(plan) + scores

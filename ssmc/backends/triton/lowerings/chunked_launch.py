@@ -9,6 +9,7 @@ from ....plan import Plan
 from ..common import Outputs, chunk_layout, input_args, interpreting, next_pow2
 from ..tiles import ChunkedTile, chunked_space
 from .chunked import RESET_ROWS_PER_PROGRAM, per_key_decay, render, reset_specialised, supports
+from .chunk_qk import launch_qk, shares_qk
 from .chunked_keys import launch_scores, whole_chunk_warps
 from . import chunked_segments as seg
 from .chunked_segments import Segments
@@ -67,9 +68,10 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
     # 1 where a chunk holds a reset (`reset_specialised`): written by the state pass
     resets = torch.empty(max(n_chunks, 1), H, dtype=torch.int8, device=device)
     per_key = per_key_decay(plan)
-    # per-key decays: each chunk's decayed scores (chunked_keys.py)
-    scores = (torch.empty(max(n_chunks, 1), H, m["CS"], m["CS"], dtype=cdt, device=device)
-              if per_key else out)
+    # per-key decays: each chunk's decayed scores (chunked_keys.py); query and key shared by
+    # a group's heads: each chunk's q k^T per group (chunk_qk.py)
+    scores = (torch.empty(max(n_chunks, 1), H if per_key else G, m["CS"], m["CS"], dtype=cdt,
+                          device=device) if per_key or shares_qk(plan) else out)
 
     on_gpu = device.type == "cuda"
     launch_state = dict(num_warps=m["warps_state"], num_stages=m["stages_state"]) if on_gpu else {}
@@ -109,6 +111,10 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
                           (cu, off, out if chunk_seq is None else chunk_seq),
                           (T, H // G, N, P, GH), m["BT"], m["CS"], m["BN"], order,
                           cu_seqlens is not None, on_gpu)
+        elif shares_qk(plan):
+            launch_qk(module, args, scores, n_chunks, G,
+                      (cu, off, out if chunk_seq is None else chunk_seq), sizes, m["CS"], order,
+                      cu_seqlens is not None, launch_out)
         n_rows = n_chunks * (m["CS"] // out_bt)
         out_args = (*args, out, *out.stride(), yacc, states, resets, scores, cu, off,
                     out if chunk_seq is None else chunk_seq, sg.seg_state, sg.chunk_prod,
