@@ -103,6 +103,16 @@ class CompiledOp:
         # the custom op plans (memoised, sets last_plan), builds the kernel and launches it
         return torch_ops.call(self, bound)
 
+    def final_state(self, *args, **kwargs) -> torch.Tensor:
+        """The state after the call's sequence(s), without its output: the op's arguments
+        (`return_final_state` is implied). Differentiable like the op. Backends that can run
+        only the passes the state needs do (the Triton chunked lowering runs its state pass
+        alone); others run the whole op and drop the output. Context parallelism's shards
+        use it for the state they hand on."""
+        kwargs = dict(kwargs, return_final_state=True)
+        bound = bind(self.program, args, kwargs)
+        return torch_ops.call(self, bound, return_output=False)
+
     def step(self, state: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """One decode step: the inputs without their `t` axis (x (b, h, p), dt (b, h), ...);
         `state` (b, h, n, p) (or a cache of slots with `state_batch_indices`), float32, bfloat16

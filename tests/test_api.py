@@ -153,3 +153,53 @@ def test_autograd_through_default_op_with_reference_backend_env(monkeypatch):
     a = mamba2_args(seed=11)
     check_against_reference(op, a, tol=TOL32, initial_state=random_state(2, 4, 3, 5, seed=12),
                             return_final_state=True)
+
+
+FINAL_STATE_CASES = [("triton", "chunked", "forward"), ("triton", "chunked", "bidirectional"),
+                     ("triton", "scan", "reverse"), ("reference", "chunked", "forward"),
+                     ("tvm", "chunked", "forward")]
+
+
+@pytest.mark.parametrize("backend,lowering,direction", FINAL_STATE_CASES)
+@pytest.mark.parametrize("t", [0, 1, 150])
+def test_final_state_is_the_ops_final_state(backend, lowering, direction, t):
+    """`op.final_state` returns what `op(..., return_final_state=True)` does, forward and
+    gradients (every input's and the initial state's), including an empty sequence."""
+    definition = make_definition("scalar", direction)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    inputs = random_inputs(definition, dict(b=2, t=t, h=4, g=2, n=3, p=5), device=device,
+                           seed=3)
+    state = random_state(2, 4, 3, 5, directions=2 if direction == "bidirectional" else 1,
+                         device=device, seed=4)
+    leaves = [*inputs.values(), state]
+    for x in leaves:
+        x.requires_grad_(True)
+    op = ssmc.compile(definition, backend=backend, lowering=lowering)
+    alone = op.final_state(**inputs, initial_state=state)
+    _, whole = op(**inputs, initial_state=state, return_final_state=True)
+    torch.testing.assert_close(alone, whole, rtol=0, atol=0)
+    cotangent = torch.randn_like(whole)
+    expected = torch.autograd.grad((whole * cotangent).sum(), leaves, allow_unused=True)
+    got = torch.autograd.grad((alone * cotangent).sum(), leaves, allow_unused=True)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+def test_final_state_runs_no_output_pass(monkeypatch):
+    """The Triton chunked lowering's final state alone is its state pass: the launch skips the
+    output pass (the state a context-parallel shard hands on costs no output)."""
+    from ssmc.backends.triton.lowerings import chunked_launch
+    real, seen = chunked_launch.launch, []
+
+    def spy(*args, output=True, **kwargs):
+        seen.append(output)
+        return real(*args, output=output, **kwargs)
+
+    monkeypatch.setattr(chunked_launch, "launch", spy)
+    definition = make_definition("scalar", "forward")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = random_inputs(definition, dict(b=1, t=70, h=2, g=1, n=3, p=4), device=device, seed=1)
+    op = ssmc.compile(definition, backend="triton", lowering="chunked")
+    final = op.final_state(**inputs)
+    assert seen == [False]
+    torch.testing.assert_close(final, op(**inputs, return_final_state=True)[1])

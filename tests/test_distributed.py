@@ -58,11 +58,16 @@ class Case:
     final_state: bool
     four: bool = False    # also on a group of four ranks (all cases run on groups of two)
     dtype: torch.dtype = torch.float64
+    backend: str = "tvm"  # triton: the chunked lowering, whose shards' first runs are its
+    #                       state pass alone (`CompiledOp.final_state`)
 
     @property
     def lowering(self) -> str:
         """The scan for the signed decays (what `auto` mostly picks for them on TVM; planning
-        costs CPU time in every process), the cost model's choice for Mamba-2."""
+        costs CPU time in every process), the cost model's choice for Mamba-2; Triton's
+        chunked lowering."""
+        if self.backend == "triton":
+            return "chunked"
         return "auto" if self.decay == "ssd" else "scan"
 
     def definition(self):
@@ -95,6 +100,8 @@ CASES = [
     Case("per_step-bi", "b t h", "bidirectional", True, True, four=True),
     Case("ssd-fwd", "ssd", "forward", True, True, four=True),
     Case("ssd-fwd-fp32", "ssd", "forward", True, True, dtype=torch.float32),
+    Case("ssd-fwd-triton", "ssd", "forward", True, True, four=True, backend="triton"),
+    Case("per_step-rev-triton", "b t h", "reverse", False, True, backend="triton"),
 ]
 
 
@@ -115,7 +122,7 @@ def _check_case(case: Case, seed: int, group) -> list[str]:
     """Run one case on this rank of `group`; return its comparisons as lines (ok or FAIL)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     definition = case.definition()
-    op = ssmc.compile(definition, backend="tvm", lowering=case.lowering)
+    op = ssmc.compile(definition, backend=case.backend, lowering=case.lowering)
     lengths = _lengths(world, seed)
     start, stop = sum(lengths[:rank]), sum(lengths[:rank + 1])
     full = case.inputs(definition, sum(lengths), seed)

@@ -48,7 +48,11 @@ class ReferenceBackend:
                     outputs.append(final)
                     grads_in.append(grad_final.to(torch.float64))
                 wrt = [leaves[n] for n in names] + ([h0] if h0 is not None else [])
-                grads = torch.autograd.grad(outputs, wrt, grads_in, allow_unused=True)
+                # an empty sequence's output is a fresh tensor, outside the graph
+                pairs = [(o, g) for o, g in zip(outputs, grads_in) if o.requires_grad]
+                grads = (torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                             allow_unused=True)
+                         if pairs else [None] * len(wrt))
             result = {n: None if g is None else g.to(tensors[n].dtype)
                       for n, g in zip(names, grads)}
             grad_h0 = None

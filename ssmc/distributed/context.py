@@ -2,7 +2,8 @@
 
 Each rank holds a contiguous shard (rank order = sequence order; lengths may differ, a shard may
 be empty). A rank runs the op on its shard twice: once from a zero start, for the shard's final
-state, then, after the exchange (`exchange.StateExchange`) has told it the state entering its
+state alone (`CompiledOp.final_state`: the chunked lowering's state pass, no output pass), then,
+after the exchange (`exchange.StateExchange`) has told it the state entering its
 shard, once more from that state, for its output. A rank whose entering state is known before
 the exchange (rank 0 of a forward op, which holds `initial_state`; every rank of a group of
 one) runs once, from that state, and contributes its final state with the initial state folded
@@ -125,8 +126,8 @@ def _run(op: CompiledOp, bound: Bound, spec: Spec):
     elif single:
         out = op(**bound.tensors, initial_state=h0, return_final_state=needed)
         out, final = out if needed else (out, None)
-    elif needed:
-        _, final = op(**bound.tensors, return_final_state=True)
+    elif needed:   # the state pass alone where the backend has one (`final_state`)
+        final = op.final_state(**bound.tensors)
     dtype = torch.float64 if bound.dtype == torch.float64 else torch.float32
     contribution = (torch.zeros(spec.states_shape, dtype=dtype, device=bound.device)
                     if final is None else final.to(dtype).reshape(spec.states_shape))

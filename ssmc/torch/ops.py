@@ -3,7 +3,8 @@
 One pair of ops per definition *structure* (its name plus a prefix of the IR's structural hash):
 
     ssmc::<name>_<hash12>(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens,
-                          int executor, bool return_final_state, bool check_cu_seqlens)
+                          int executor, bool return_final_state, bool check_cu_seqlens,
+                          SymInt[] grid, bool return_output)
         -> (Tensor out, Tensor final_state)
     ssmc::<name>_<hash12>_bwd(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens,
                               Tensor grad_out, Tensor? grad_final, int executor)
@@ -12,8 +13,10 @@ One pair of ops per definition *structure* (its name plus a prefix of the IR's s
 `inputs` are the definition's tensors in declaration order. `executor` names the `CompiledOp`
 that runs the call (its backend, lowering policy and kernel cache): a small integer handed out
 when the op is constructed, a constant in a traced graph. `final_state` is an empty tensor when
-`return_final_state` is false, and `grad_initial_state` when there is no initial state: a
-custom op returns tensors, never None.
+`return_final_state` is false, `out` when `return_output` is false (the final state alone:
+backends with a `kernel.final_state` run only the passes it needs, e.g. the chunked lowering's
+state pass), and `grad_initial_state` when there is no initial state: a custom op returns
+tensors, never None.
 
 Lifetimes: the registry holds a CompiledOp weakly, so an op nobody uses is freed, but whatever
 will call it later keeps it alive. An eager autograd graph holds it strongly in the saved
@@ -56,7 +59,8 @@ from ..validate import Bound, _output_dtype, check_cu_seqlens_values
 NAMESPACE = "ssmc"
 
 FWD_SCHEMA = ("(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens, int executor, "
-              "bool return_final_state, bool check_cu_seqlens, SymInt[] grid) -> (Tensor, Tensor)")
+              "bool return_final_state, bool check_cu_seqlens, SymInt[] grid, "
+              "bool return_output) -> (Tensor, Tensor)")
 BWD_SCHEMA = ("(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens, Tensor grad_out, "
               "Tensor? grad_final, int executor, SymInt[] grid) -> (Tensor[], Tensor)")
 
@@ -142,6 +146,10 @@ def _num_directions(program: Program) -> int:
     return len(program.recurrence.directions)
 
 
+def _out_shape(sizes: dict) -> tuple:
+    return (sizes["b"], sizes["t"], sizes["h"], sizes["p"])
+
+
 def _state_shape(program: Program, sizes: dict, cu_seqlens) -> tuple:
     states = sizes["b"] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     shape = (states, sizes["h"], sizes["n"], sizes["p"])
@@ -189,7 +197,7 @@ def _make_ops(program: Program) -> TorchOp:
     fn = f"{program.name}()"
 
     def fwd_impl(inputs, initial_state, cu_seqlens, executor, return_final_state,
-                 check_cu_seqlens, grid):
+                 check_cu_seqlens, grid, return_output):
         op = _executor(executor)
         bound = _bound(op, inputs, initial_state, cu_seqlens, return_final_state, grid)
         if check_cu_seqlens and cu_seqlens is not None:
@@ -197,18 +205,24 @@ def _make_ops(program: Program) -> TorchOp:
         plan = op.plan_for(bound)
         op.last_plan = plan
         kernel = op.kernel_for(plan, bound.device)
-        out, final = kernel(bound.tensors, bound.sizes, initial_state, cu_seqlens)
+        final_only = getattr(kernel, "final_state", None)
+        if return_output or final_only is None:
+            out, final = kernel(bound.tensors, bound.sizes, initial_state, cu_seqlens)
+        else:
+            final = final_only(bound.tensors, bound.sizes, initial_state, cu_seqlens)
+        if not return_output:
+            out = inputs[0].new_empty((0,), dtype=bound.dtype)
         if final is None or not return_final_state:
             final = inputs[0].new_empty((0,), dtype=state_dtype(bound.dtype))
         taken = _storages([*inputs, initial_state, cu_seqlens])
         return _fresh(out, taken), _fresh(final, taken)
 
     def fwd_fake(inputs, initial_state, cu_seqlens, executor, return_final_state,
-                 check_cu_seqlens, grid):
+                 check_cu_seqlens, grid, return_output):
         _pin(executor)  # the traced graph will call it by id, for as long as torch keeps it
         sizes = sizes_of(program, inputs)
         dtype = _output_dtype(program, dict(zip(program.input_names, inputs)))
-        out = inputs[0].new_empty((sizes["b"], sizes["t"], sizes["h"], sizes["p"]), dtype=dtype)
+        out = inputs[0].new_empty(_out_shape(sizes) if return_output else (0,), dtype=dtype)
         shape = _state_shape(program, sizes, cu_seqlens) if return_final_state else (0,)
         return out, inputs[0].new_empty(shape, dtype=state_dtype(dtype))
 
@@ -258,7 +272,8 @@ def _make_ops(program: Program) -> TorchOp:
     bwd_op = getattr(getattr(torch.ops, NAMESPACE), f"{name}_bwd").default
 
     def setup_context(ctx, inputs, output):
-        tensors, initial_state, cu_seqlens, executor, return_final_state, _, grid = inputs
+        tensors, initial_state, cu_seqlens, executor, return_final_state, _, grid, with_out = inputs
+        ctx.return_output = with_out
         ctx.num_inputs = len(tensors)
         ctx.executor = executor
         ctx.grid = grid
@@ -273,10 +288,14 @@ def _make_ops(program: Program) -> TorchOp:
         tensors, initial_state, cu_seqlens = list(saved[:k]), saved[k], saved[k + 1]
         if not ctx.return_final_state:
             grad_final = None
+        if not ctx.return_output:   # the final state alone: nothing flows in through y
+            out = _out_shape(sizes_of(program, tensors, ctx.grid))
+            dtype = _output_dtype(program, dict(zip(program.input_names, tensors)))
+            grad_out = tensors[0].new_zeros(out, dtype=dtype)
         grads, grad_h0 = bwd_op(tensors, initial_state, cu_seqlens, grad_out, grad_final,
                                 ctx.executor, ctx.grid)
         return (list(grads), grad_h0 if initial_state is not None else None,
-                None, None, None, None, _no_grad_like(ctx.grid))
+                None, None, None, None, _no_grad_like(ctx.grid), None)
 
     torch.library.register_autograd(qual, backward, setup_context=setup_context, lib=lib)
     fwd_op = getattr(getattr(torch.ops, NAMESPACE), name).default
@@ -306,15 +325,18 @@ def torch_op_for(program: Program) -> TorchOp:
     return op
 
 
-def call(compiled_op, bound: Bound):
+def call(compiled_op, bound: Bound, return_output: bool = True):
     """Run a bound call through the custom op. Traceable by dynamo: plain attribute access and
-    one op call."""
+    one op call. Without `return_output`, only the final state (`bound.return_final_state`
+    must be set)."""
     route = compiled_op._torch_op
     sizes = bound.sizes
     grid = [sizes["grid_h"], sizes["grid_w"]] if "grid_h" in sizes else []
     out, final = route.fwd(list(bound.tensors.values()), bound.initial_state, bound.cu_seqlens,
                            compiled_op._executor_id, bound.return_final_state,
-                           torch.compiler.is_compiling(), grid)
+                           torch.compiler.is_compiling(), grid, return_output)
+    if not return_output:
+        return final
     if bound.return_final_state:
         return out, final
     return out

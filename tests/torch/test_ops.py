@@ -24,9 +24,9 @@ def _ssd(b=2, t=7, h=4, g=2, n=3, p=5, dtype=torch.float64, seed=1):
     return ssd_inputs(b, t, h, g, n, p, dt_bias=False, dtype=dtype, seed=seed)
 
 
-def _opcheck_args(op, inputs: dict, initial_state=None, cu=None, final=True):
+def _opcheck_args(op, inputs: dict, initial_state=None, cu=None, final=True, output=True):
     return ([inputs[n] for n in op.program.input_names], initial_state, cu, op._executor_id,
-            final, cu is not None, [])
+            final, cu is not None, [], output)
 
 
 # --------------------------------------------------------------------------- op registration
@@ -60,6 +60,8 @@ def test_opcheck_ssd(dtype):
     h0 = random_state(2, 4, 3, 5, dtype=dtype, seed=2)
     torch.library.opcheck(op._torch_op.fwd, _opcheck_args(op, a, h0))
     torch.library.opcheck(op._torch_op.fwd, _opcheck_args(op, a, final=False))
+    # the final state alone (`CompiledOp.final_state`)
+    torch.library.opcheck(op._torch_op.fwd, _opcheck_args(op, a, h0, output=False))
 
 
 def test_opcheck_bidirectional_diagonal_with_state():

@@ -112,6 +112,16 @@ class TritonBackend:
             with _on(device):
                 return lowering.launch(module, plan, tensors, sizes, initial_state, cu_seqlens)
 
+        if lowering.final_state is not None:
+            def final_state(tensors, sizes, initial_state=None, cu_seqlens=None):
+                """The final state alone (the lowering's state pass)."""
+                device = next(iter(tensors.values())).device
+                _check_device(device)
+                with _on(device):
+                    return lowering.final_state(module, plan, tensors, sizes, initial_state,
+                                                cu_seqlens)
+            kernel.final_state = final_state
+
         backward_impl = importlib.import_module(f"{__name__}.backward").make_backward(self, plan)
 
         def backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final):

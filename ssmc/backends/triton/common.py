@@ -85,7 +85,7 @@ class Outputs:
     directions of a bidirectional op before its epilogue, and the initial state per direction."""
 
     def __init__(self, plan: Plan, tensors: dict, sizes: dict, initial_state, cu_seqlens,
-                 final_out: torch.Tensor | None = None):
+                 final_out: torch.Tensor | None = None, output: bool = True):
         prog = plan.program
         B, T, H, N, P = (sizes[a] for a in "bthnp")
         self.device = tensors[prog.inputs[0].name].device
@@ -93,7 +93,10 @@ class Outputs:
         self.dirs = prog.recurrence.directions
         self.cdt = compute_dtype(plan)
         nd = len(self.dirs)
-        self.out = torch.empty(B, T, H, P, dtype=getattr(torch, plan.dtype), device=self.device)
+        # without `output` (the final state alone) an empty stand-in: launches pass it for
+        # pointers they do not read
+        self.out = torch.empty((B, T, H, P) if output else (0,), dtype=getattr(torch, plan.dtype),
+                               device=self.device)
         self.final_out = final_out
         self.final = None
         if final_out is not None:
@@ -107,8 +110,8 @@ class Outputs:
         elif plan.return_final_state:
             self.final = torch.empty((nd, self.S, H, N, P), dtype=self.cdt, device=self.device)
         self.empty = self.out.numel() == 0 and self.final is None
-        self.yacc = (torch.zeros(B, T, H, P, dtype=self.cdt, device=self.device) if nd > 1
-                     else self.out)
+        self.yacc = (torch.zeros(B, T, H, P, dtype=self.cdt, device=self.device)
+                     if nd > 1 and output else self.out)
         self.h0s = direction_slices(plan, initial_state)
 
     def result(self):

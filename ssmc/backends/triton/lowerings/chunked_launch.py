@@ -52,10 +52,11 @@ def tiles(plan: Plan, sizes: dict, n_programs: int, target: int | None = None) -
                 stages_out=tile.get("stages_out", 2))
 
 
-def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
+def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output=True):
+    """(out, final state); without `output`, the state pass alone and (None, final state)."""
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
-    o = Outputs(plan, tensors, sizes, initial_state, cu_seqlens)
+    o = Outputs(plan, tensors, sizes, initial_state, cu_seqlens, output=output)
     if o.empty:
         return o.result()
     device, S, dirs, cdt = o.device, o.S, o.dirs, o.cdt
@@ -101,7 +102,7 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
                 sg.seg_state, sg.seg_prod, out if final is None else final[i], sg.n_seg, N, P,
                 BN=m["BN_state"], BP=m["BP_state"], NPB=npb_state,
                 STORE_OUT=final is not None, REVERSE=False)
-        if n_chunks == 0:
+        if n_chunks == 0 or not output:
             continue
         npb = triton.cdiv(P, m["BP_out"])
         out_bt = m["BT"]
@@ -127,7 +128,12 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
             rows_per = RESET_ROWS_PER_PROGRAM
             module.ssmc_chunked_out_resets_fwd[(triton.cdiv(n_rows, rows_per), H, npb)](
                 *out_args, **out_meta, NROWS=n_rows, ROWS=rows_per)
-    return o.result()
+    return o.result() if output else (None, o.result()[1])
+
+
+def final_state(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
+    """The final state from the state pass alone (no output pass)."""
+    return launch(module, plan, tensors, sizes, initial_state, cu_seqlens, output=False)[1]
 
 
 def tile_space(ctx):
@@ -140,4 +146,5 @@ def tile_space(ctx):
 
 
 register_lowering(TritonLowering("chunked", render, launch, supports, tile_type=ChunkedTile,
-                                 tile_space=tile_space, backward="chunked", grid_orders=True))
+                                 tile_space=tile_space, backward="chunked", grid_orders=True,
+                                 final_state=final_state))

@@ -22,7 +22,9 @@ class TritonLowering:
     backward: the lowering whose backward kernels differentiate it ("scan" or "chunked";
     `ssmc.backends.triton.backward`);
     grid_orders: whether its forward and backward kernels walk a grid's column orders
-    (direction="cross2d")."""
+    (direction="cross2d");
+    final_state(module, plan, tensors, sizes, initial_state, cu_seqlens) -> the final state
+    alone, from only the passes it needs (None: the op runs whole and drops its output)."""
 
     name: str
     render: Callable
@@ -32,6 +34,7 @@ class TritonLowering:
     tile_space: Callable | None = None
     backward: str = "scan"
     grid_orders: bool = False
+    final_state: Callable | None = None
 
 
 LOWERINGS: dict[str, TritonLowering] = {}
