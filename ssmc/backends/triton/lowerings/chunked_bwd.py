@@ -31,8 +31,8 @@ Kernels, per direction:
   - `ssmc_chunked_bwd_dv` (per (chunk, head, p-block)): dv; y for the epilogue's
     derivatives (written over dy where one direction allows); and the decay gradient,
     complete. The products over n (q k^T, q S_in, k G) run over n-blocks and the decay
-    factors scale their rows afterwards; q k^T comes from `ssmc_chunk_qk` (once per chunk
-    and group, chunk_qk.py) where query and key are the same for every head of a group.
+    factors scale their rows afterwards. (Reading q k^T from `ssmc_chunk_qk` instead, as the
+    forward's output pass does, compiled to 200 spilled bytes against 32: chunk_qk.py.)
   - Each per-chunk kernel (y, dv, dq/dk) comes in two variants (`chunk_variants`): the
     forward recompute flags the chunks that hold a reset (a log-decay below RESET_BELOW),
     one variant takes the others without any reset code, one counts resets in the flagged
@@ -85,7 +85,7 @@ from ....plan import Plan
 from ..common import compute_type, dot_type, input_params
 from ..render import Context, Emitter, Tile, split_scale
 from . import chunked_segments as seg
-from .chunk_qk import head_free, qk_load, shares_qk
+from .chunk_qk import head_free
 from ..templates import (HAS_RESET_BELOW, chunk_setup, chunk_state_store, fold_resets, indent,
                          later_sum, rows, seq_setup, split_resets, with_resets)
 
@@ -477,8 +477,8 @@ def render_dv_kernel(plan: Plan, resets: str = "branch") -> str:
     (complete: the terms that carry each step's log-decay, as in the module docstring, per
     p-block partial); y when WANT_Y (summed over directions: ACCUM_Y adds to what is there).
 
-    The products over n (q k^T unless `shares_qk`, q S_in, k G and sum G * S_in) run first,
-    in a loop over BN-blocks of n; the decay factors of q_in = q exp(lc) and
+    The products over n (q k^T, q S_in, k G and sum G * S_in) run first, in a loop over
+    BN-blocks of n; the decay factors of q_in = q exp(lc) and
     k_out = k exp(l_last - lc) scale their rows afterwards. Every later tile is (BT, BT) or
     (BT, BP): the whole n never sits in registers. One variant of `chunk_variants`."""
     body = Emitter(indent=1 if resets == "branch" else 2)
@@ -487,9 +487,7 @@ def render_dv_kernel(plan: Plan, resets: str = "branch") -> str:
     vs = o.mm_operand("value", "value")
     o.dy()
     o.decay()
-    shared = shares_qk(plan)
-    if not shared:
-        body(f"QK = tl.zeros([BT, BT], dtype={o.ct})")
+    body(f"QK = tl.zeros([BT, BT], dtype={o.ct})")
     body(f"qS = tl.zeros([BT, BP], dtype={o.ct})")
     body(f"kG = tl.zeros([BT, BP], dtype={o.ct})")
     body(f"GS = tl.zeros([BP], dtype={o.ct})")
@@ -500,8 +498,7 @@ def render_dv_kernel(plan: Plan, resets: str = "branch") -> str:
     o_n.mm_operand("query", "query")
     o_n.mm_operand("key", "key")
     _state_tiles(loop, transposed=False)
-    if not shared:
-        loop("QK += " + dot("query", "tl.trans(key)"))
+    loop("QK += " + dot("query", "tl.trans(key)"))
     loop("qS += " + dot("query", "S_in"))
     loop("kG += " + dot("key", "G"))
     if o.mode == "row":
@@ -509,8 +506,6 @@ def render_dv_kernel(plan: Plan, resets: str = "branch") -> str:
     # num_stages=2 measured no faster on the H100 (Triton did not pipeline this loop)
     body("for n0 in tl.range(0, N, BN, num_stages=1):")
     body.lines.append(loop.text())
-    if shared:   # q k^T of the chunk, formed once per group (chunk_qk.py)
-        body("QK = " + qk_load("ssmc_qk", "offs_c", "offs_c", "BT"))
     body("causal = offs_c[:, None] >= offs_c[None, :]")
     if o.mode == "row":
         body(f"A = QK * {o.decay_matrix()}")
@@ -545,8 +540,7 @@ def render_dv_kernel(plan: Plan, resets: str = "branch") -> str:
 @triton.jit
 def ssmc_chunked_bwd_dv{variant_suffix(resets)}(
     {input_params(plan.program)},
-    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_qk, ssmc_dv, ssmc_dl, ssmc_y, ssmc_resets,
-    {CHUNK_PARAMS}
+    ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dv, ssmc_dl, ssmc_y, ssmc_resets, {CHUNK_PARAMS}
     {CONSTS}, WANT_Y: tl.constexpr, ACCUM_Y: tl.constexpr, {VARIANT_PARAMS}
 ):
 {_rows_program(body, resets)}

@@ -10,7 +10,6 @@ from ..common import (HEADER, chunk_layout, compute_dtype, direction_slices, dot
                       next_pow2, num_sequences)
 from .chunked import render_state_kernel
 from .chunked_launch import tiles as forward_tiles
-from .chunk_qk import launch_qk, render_qk_kernel, shares_qk
 from .chunked_bwd import (CHUNKS_PER_PROGRAM, chunk_variants, decay_mode, head_free,
                           per_key_decay, render_dqk_kernel, render_dstate_kernel,
                           render_dv_kernel, render_y_kernel, variant_suffix)
@@ -221,6 +220,9 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     consts = dict(BT=m["BT"], BN=m["BN"], BP=m["BP"], IS_VARLEN=cu_seqlens is not None)
     # a dozen (BT, BN|BP) tiles live at once: 8 warps keep them in registers on a GPU
     launch = dict(num_warps=m["WARPS"]) if device.type == "cuda" else {}
+    # the dq/dk kernel's walk over heads pipelines its loads: 2 stages (82 KB of shared memory,
+    # sm_90 as compiled by Triton 3.6) keep two programs on an SM, as without; 3 (114 KB) one
+    launch_dqk = dict(launch, num_stages=2) if device.type == "cuda" else {}
     launch_dv = dict(num_warps=m["WARPS_DV"]) if device.type == "cuda" else {}
     # y for the epilogue's derivatives, stored like the states (bf16 for bf16 plans). With one
     # direction it takes dy's place: every dv program reads its own dy tile before writing y
@@ -271,17 +273,11 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
             kernel[(grid0, H // heads_qk, nnb)](
                 *args, dy, saved["states"][i], dstates, dq, dk, fl, *chunk_args,
                 **order, H=H, HEADS=heads_qk, NPBK=NPB, NPB=1,
-                **dict(consts, BN=bn), **launch, **extra)
-        qk = dummy
-        if shares_qk(plan) and n_chunks > 0:   # q k^T once per (chunk, group)
-            qk = torch.empty(n_chunks, G, m["BT"], m["BT"], dtype=cdt, device=device)
-            launch_qk(module, args, qk, n_chunks, G, (cu, off, seq_of_chunk), sizes, m["BT"],
-                      order, cu_seqlens is not None, launch)
+                **dict(consts, BN=bn), **launch_dqk, **extra)
         for kernel, grid0, extra in (variant_launches(module, "ssmc_chunked_bwd_dv", plan,
                                                       n_chunks) if n_chunks > 0 else ()):
             kernel[(grid0, H, NPB)](
-                *args, dy, saved["states"][i], dstates, qk, dv, dl, dummy if y is None else y,
-                fl,
+                *args, dy, saved["states"][i], dstates, dv, dl, dummy if y is None else y, fl,
                 *chunk_args, **order, WANT_Y=want_y, ACCUM_Y=i > 0,
                 **dict(consts, BN=min(m["BK"], m["BN"])), **launch_dv, **extra)
         if n_chunks == 0 and want_y:
@@ -343,8 +339,6 @@ def render(plan: Plan) -> str:
         kernels = [kernel(plan, resets) for resets in chunk_variants(plan)
                    for kernel in (render_y_kernel, render_dv_kernel, render_dqk_kernel)]
     mode = decay_mode(plan)
-    if shares_qk(plan):
-        kernels.append(render_qk_kernel(plan))
     return HEADER + "\n".join([render_state_kernel(plan), render_dstate_kernel(plan),
                                seg.render_join("ssmc_chunked_bwd_join", mode),
                                seg.render_fixup("ssmc_chunked_bwd_fixup", mode)] + kernels)
