@@ -348,3 +348,24 @@ def test_compile_fullgraph_passes_a_grid():
     torch.testing.assert_close(traced, eager)
     for a, b in zip(torch.autograd.grad(traced, xs), torch.autograd.grad(eager, xs)):
         torch.testing.assert_close(a, b)
+
+
+def test_final_state_compiles_fullgraph():
+    """`op.final_state` (the custom op without its output) traces in one graph, and its values
+    and gradients equal eager ones."""
+    torch._dynamo.reset()
+    d, leaves, _ = _small()
+    op = ssmc.compile(d, **REF)
+
+    def f(**xs):
+        return op.final_state(**xs).sin().sum()
+
+    eager_leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    f(**eager_leaves).backward()
+    explanation = torch._dynamo.explain(f)(**{k: v.detach() for k, v in leaves.items()})
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(**leaves)
+    torch.testing.assert_close(loss, f(**eager_leaves), rtol=1e-12, atol=1e-12)
+    loss.backward()
+    _assert_grads(leaves, {k: v.grad for k, v in eager_leaves.items()})
