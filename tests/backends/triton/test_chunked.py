@@ -194,7 +194,7 @@ def test_chunked_shared_qk_computed(shape, triton_check):
     """Query and key the same for every head of a group but computed from inputs: the output
     pass and the dv kernel read q k^T formed once per (chunk, group) (chunk_qk.py), which must
     evaluate them, not load a bare input."""
-    sizes = dict(b=2, t=200, h=4, g=2, n=5, p=3)
+    sizes = dict(b=2, t=200, h=8, g=2, n=5, p=3)   # four heads a group: read (`reads_qk`)
     kwargs = {}
     if shape == "varlen":
         sizes = dict(sizes, b=1, t=sum(LENGTHS))
@@ -297,6 +297,9 @@ TILE_CASES = [
     ("cs64_bt64", dict(CS=64, BT=64), ("ssd", "forward"), dict(b=2, t=200, h=4, g=2, n=5, p=3)),
     ("cs128_bt32", dict(CS=128, BT=32), ("ssd", "bidirectional"),
      dict(b=1, t=300, h=2, g=1, n=4, p=3)),
+    # four heads a group: the output pass reads q k^T's blocks of each chunk (chunk_qk.py)
+    ("cs128_bt32_qk_read", dict(CS=128, BT=32), ("ssd", "reverse"),
+     dict(b=1, t=300, h=4, g=1, n=4, p=3)),
     ("cs256_bt16", dict(CS=256, BT=16), ("retention", "reverse"),
      dict(b=1, t=300, h=2, g=2, n=4, p=5)),
     ("cs32_bt16_none", dict(CS=32, BT=16), ("linear_attention", "forward"),
@@ -552,8 +555,12 @@ for decay, dtype in (("diagonal", "bfloat16"), ("diagonal", "float16"), ("diagon
     build(fwd, "ssmc_chunked_state_fwd", dict(BT=64, BN=64, BP=64, NPB=1, HAS_H0=True,
                                               STORE_HT=True, SEGMENTED=True, **order), dtype)
     build(fwd, "ssmc_chunked_segments", seg, dtype)
-    build(fwd, "ssmc_chunked_out_fwd", dict(BT=64, CS=64, BN=64, BP=64, NPB=1, ACCUM_IN=True,
-                                            WRITE_OUT=True, SEGMENTED=True, **order), dtype)
+    for qk_read in (False, True) if not per_key else (False,):
+        build(fwd, "ssmc_chunked_out_fwd", dict(BT=64, CS=64, BN=64, BP=64, NPB=1, ACCUM_IN=True,
+                                                WRITE_OUT=True, SEGMENTED=True, **order,
+                                                QK_READ=qk_read), dtype)
+    if not per_key:   # q k^T once per (chunk, group): chunk_qk.py
+        build(fwd, "ssmc_chunk_qk", dict(BT=64, BN=64, BP=16, **order), dtype)
     if per_key:
         build(fwd, "ssmc_chunked_scores", dict(BT=16, CS=64, BN=64, BP=16, **order), dtype)
     bwd = load(chunked_bwd_launch.render(plan), f"b_{decay}_{dtype}")

@@ -3,8 +3,9 @@ head of a group (Mamba-2's C and B with fewer groups than heads).
 
 The forward's output pass runs per head and formed this product again for every head of the
 group: with 80 heads to one group, a third of its matmul work. Formed here once, it is read
-back per head (a chunk's is 16 KB at 64 steps, so the heads of a chunk find it in L2); the
-output pass compiled to 161 registers against 173 (sm_90, Triton 3.6). The backward's dv
+back per head (a chunk's is 16 KB at 64 steps, so the heads of a chunk find it in L2) where a
+group has SHARED_QK_HEADS heads or more; the output pass then compiled to 134 registers
+against 173 (sm_90, Triton 3.6; three programs an SM either way). The backward's dv
 kernel forms it per head still: reading it there compiled to 200 bytes spilled against 32.
 Decays without n only: a per-key decay sits inside the product (chunked_keys.py forms those
 scores per head).
@@ -28,9 +29,22 @@ def head_free(plan: Plan) -> bool:
 
 
 def shares_qk(plan: Plan) -> bool:
-    """Whether the chunked passes read q k^T from `render_qk_kernel`'s buffer."""
+    """Whether the output pass may read q k^T from `render_qk_kernel`'s buffer (renders the
+    kernel and the reading branch; `reads_qk` decides per call)."""
     ld = plan.program.log_decay
     return head_free(plan) and (ld is None or "n" not in ld.axes)
+
+
+#: heads a group must have for the output pass to read q k^T: per (chunk, head) the product
+#: costs its kernel's reads of query and key and a write and a read of itself (48 KB at 64
+#: steps, n = 128, fp32) over the group's heads, against the key (16 KB) and one matmul it
+#: saves; with one or two heads a group that is more traffic, not less (not measured yet)
+SHARED_QK_HEADS = 4
+
+
+def reads_qk(plan: Plan, sizes: dict) -> bool:
+    """Whether this call's output pass reads q k^T (`QK_READ`) rather than forming it."""
+    return shares_qk(plan) and sizes["h"] // sizes["g"] >= SHARED_QK_HEADS
 
 
 def qk_load(ptr: str, rows_expr: str, cols_expr: str, length: str) -> str:

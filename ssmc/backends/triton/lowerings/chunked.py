@@ -9,8 +9,9 @@ heads), each sequence is walked in segments side by side from zero states; the s
 adds it, times the decay from the segment's start, to each chunk's (chunked_segments.py).
 `ssmc_chunked_out_fwd` then runs every (chunk, head, p-block) in parallel: scores = query
 key^T masked by the decay, y = scores value + query state_in, the epilogue, the store. Where
-query and key are the same for every head of a group, `ssmc_chunk_qk` forms query key^T once
-per (chunk, group) first and the output pass reads it (chunk_qk.py). Chunk-local work never
+query and key are the same for every head of a group and a group has a few heads,
+`ssmc_chunk_qk` forms query key^T once per (chunk, group) first and the output pass reads it
+(`QK_READ`, chunk_qk.py). Chunk-local work never
 waits on other chunks, and the serial part is as short as it can be.
 
 Decays are handled in log space. With L the within-chunk running sum of log-decays, key s
@@ -337,24 +338,28 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter, resets: bool) -> No
         for line in KEY_ROWS.splitlines():
             loop(line)
         inner = _Chunk(plan, loop)
-        key = None if shared else inner.scaled(rec.key, "n", KEY_KT_TILE, KEY_T_TILE, "kT", "kj")
-        if key is None and not shared:
-            kt = Context(prog, KEY_KT_TILE, loop, "kj", c.ct)
+        # the key block, loaded (under `QK_READ` false where q k^T may be read instead)
+        key_lines = Emitter(indent=loop.level + int(shared))
+        key = _Chunk(plan, key_lines).scaled(rec.key, "n", KEY_KT_TILE, KEY_T_TILE, "kT", "kj")
+        if key is None:
+            kt = Context(prog, KEY_KT_TILE, key_lines, "kj", c.ct)
             v = kt.value(rec.key, "kT_raw")
-            loop(f"kT = tl.where(mask_n[:, None] & mask_key[None, :], {v}, 0.0).to({dt})")
+            key_lines(f"kT = tl.where(mask_n[:, None] & mask_key[None, :], {v}, 0.0).to({dt})")
             key = ("kT", None)
+        if shared:   # the same order of work as without, when q k^T is formed here
+            loop("if not QK_READ:")
+            loop.lines.extend(key_lines.lines)
+            with loop.block():
+                loop(f"scores = {c.dot('q_op', 'kT')}")
+        else:
+            loop.lines.extend(key_lines.lines)
         val = inner.scaled(rec.value, "p", KEY_V_TILE, KEY_T_TILE, "vj", "vj")
         if val is None:
             vv = Context(prog, KEY_V_TILE, loop, "vj", c.ct)
             v = vv.value(rec.value, "vj_raw")
             loop(f"vj = tl.where(mask_key[:, None] & mask_p[None, :], {v}, 0.0).to({dt})")
             val = ("vj", None)
-        if shared:   # q k^T of the whole query and key, formed once per group
-            col_scale = [s for s in (val[1],) if s is not None]
-            loop("scores = " + qk_load("ssmc_scores", "r * BT + offs_c", "j * BT + offs_c",
-                                       "CS"))
-        else:
-            col_scale = [s for s in (key[1], val[1]) if s is not None]
+        if not shared:
             loop(f"scores = {c.dot('q_op', 'kT')}")
         if decay:
             if diagonal:   # the row block itself: its ld (and ng, lc, zc) are at hand
@@ -397,11 +402,21 @@ def _scalar_decay_body(plan: Plan, c: _Chunk, body: Emitter, resets: bool) -> No
         else:
             factor = ("tl.where(offs_c[None, :] <= offs_c[:, None], 1.0, 0.0)" if diagonal
                       else "1.0")
-        if query[1] is not None and not shared:
-            factor += f" * {query[1]}[:, None]"
-        if col_scale:
-            factor += f" * ({' * '.join(col_scale)})[None, :]"
-        loop(f"scores = scores * {factor}")
+        def scaled_by(rows, cols) -> str:
+            rows, cols = [s for s in rows if s is not None], [s for s in cols if s is not None]
+            return factor + "".join([f" * {s}[:, None]" for s in rows] + (
+                [f" * ({' * '.join(cols)})[None, :]"] if cols else []))
+        formed = scaled_by([query[1]], [key[1], val[1]])
+        if shared:   # q k^T of the whole query and key, formed once per group (chunk_qk.py)
+            loop("if QK_READ:")
+            with loop.block():
+                loop("scores = " + qk_load("ssmc_scores", "r * BT + offs_c", "j * BT + offs_c",
+                                           "CS") + f" * {scaled_by([], [val[1]])}")
+            loop("else:")
+            with loop.block():
+                loop(f"scores = scores * {formed}")
+        else:
+            loop(f"scores = scores * {formed}")
         loop(f"y += {c.dot(f'scores.to({dt})', 'vj')}")
         body.lines.extend(loop.lines)
 
@@ -461,7 +476,8 @@ OUT_PARAMS = """
     T, HPG, N, P, GH, NSEG, SEG,
     BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr,
     REVERSE: tl.constexpr, COLUMN: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ACCUM_IN: tl.constexpr, WRITE_OUT: tl.constexpr, SEGMENTED: tl.constexpr,"""
+    ACCUM_IN: tl.constexpr, WRITE_OUT: tl.constexpr, SEGMENTED: tl.constexpr,
+    QK_READ: tl.constexpr,"""
 
 #: row blocks (with their flags) one program of the counting pass walks
 RESET_ROWS_PER_PROGRAM = 16

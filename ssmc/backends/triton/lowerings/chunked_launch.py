@@ -9,7 +9,7 @@ from ....plan import Plan
 from ..common import Outputs, chunk_layout, input_args, interpreting, next_pow2
 from ..tiles import ChunkedTile, chunked_space
 from .chunked import RESET_ROWS_PER_PROGRAM, per_key_decay, render, reset_specialised, supports
-from .chunk_qk import launch_qk, shares_qk
+from .chunk_qk import launch_qk, reads_qk
 from .chunked_keys import launch_scores, whole_chunk_warps
 from . import chunked_segments as seg
 from .chunked_segments import Segments
@@ -71,8 +71,9 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
     per_key = per_key_decay(plan)
     # per-key decays: each chunk's decayed scores (chunked_keys.py); query and key shared by
     # a group's heads: each chunk's q k^T per group (chunk_qk.py)
+    qk_read = reads_qk(plan, sizes)
     scores = (torch.empty(max(n_chunks, 1), H if per_key else G, m["CS"], m["CS"], dtype=cdt,
-                          device=device) if per_key or shares_qk(plan) else out)
+                          device=device) if per_key or qk_read else out)
 
     on_gpu = device.type == "cuda"
     launch_state = dict(num_warps=m["warps_state"], num_stages=m["stages_state"]) if on_gpu else {}
@@ -112,7 +113,7 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
                           (cu, off, out if chunk_seq is None else chunk_seq),
                           (T, H // G, N, P, GH), m["BT"], m["CS"], m["BN"], order,
                           cu_seqlens is not None, on_gpu)
-        elif shares_qk(plan):
+        elif qk_read:
             launch_qk(module, args, scores, n_chunks, G,
                       (cu, off, out if chunk_seq is None else chunk_seq), sizes, m["CS"], order,
                       cu_seqlens is not None, launch_out)
@@ -122,7 +123,8 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
                     T, H // G, N, P, GH, sg.n_seg, sg.seg or 1)
         out_meta = dict(BT=out_bt, CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb,
                         **order, IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0,
-                        WRITE_OUT=i == len(dirs) - 1, SEGMENTED=bool(sg.seg), **launch_out)
+                        WRITE_OUT=i == len(dirs) - 1, SEGMENTED=bool(sg.seg),
+                        QK_READ=qk_read, **launch_out)
         module.ssmc_chunked_out_fwd[(n_rows, H, npb)](*out_args, **out_meta)
         if reset_specialised(plan):
             rows_per = RESET_ROWS_PER_PROGRAM
