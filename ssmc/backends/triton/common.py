@@ -30,6 +30,12 @@ def fp32_precision() -> str:
     return "ieee" if interpreting() else "tf32x3"
 
 
+def precision_arg(plan: Plan) -> str:
+    """The `input_precision` argument the forward's matmuls pass to tl.dot (`fp32_precision`
+    for fp32 plans; nothing for others)."""
+    return f', input_precision="{fp32_precision()}"' if plan.dtype == "float32" else ""
+
+
 def dot_type(plan: Plan) -> str:
     """Matmul operand type: the input's 16-bit type feeds the tensor cores; fp32 stays fp32.
 

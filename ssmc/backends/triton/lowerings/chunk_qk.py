@@ -13,7 +13,7 @@ scores per head).
 from __future__ import annotations
 
 from ....plan import Plan
-from ..common import compute_type, dot_type, input_params, next_pow2
+from ..common import compute_type, dot_type, input_params, next_pow2, precision_arg
 from ..render import Context, Emitter
 from ..templates import chunk_setup, indent, rows
 from .chunked_tiles import QK_TILE
@@ -66,8 +66,8 @@ def render_qk_kernel(plan: Plan) -> str:
         if ctx.direct_load(node, which, dt) is None:
             v = ctx.value(node, f"{which}_raw")
             body(f"{which} = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0).to({dt})")
-    prec = ', input_precision="ieee"' if plan.dtype == "float32" else ""
-    body(f"qk = tl.dot(query, tl.trans(key){prec})")
+    # the output pass's own precision: its product, formed here instead
+    body(f"qk = tl.dot(query, tl.trans(key){precision_arg(plan)})")
     body("tl.store(ssmc_qk + ((chunk * H + h_idx) * BT + offs_c[:, None]) * BT"
          " + offs_c[None, :], qk)")
     setup = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",

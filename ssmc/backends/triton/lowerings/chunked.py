@@ -45,7 +45,7 @@ import textwrap
 
 from ....ir import DecayKind, Elementwise
 from ....plan import Plan
-from ..common import (HEADER, compute_type, dot_type, emit_output, fp32_precision,
+from ..common import (HEADER, compute_type, dot_type, emit_output, precision_arg,
                       input_params)
 from ..render import Context, Emitter, Tile, split_scale
 from . import chunked_segments as seg
@@ -78,8 +78,7 @@ class _Chunk:
         self.prog = plan.program
         self.ct = compute_type(plan)
         self.dt = dot_type(plan)
-        self.prec = (f', input_precision="{fp32_precision()}"' if plan.dtype == "float32"
-                     else "")
+        self.prec = precision_arg(plan)
         self.ctx_qk = Context(self.prog, QK_TILE, body, "qk", self.ct)
         self.ctx_kt = Context(self.prog, KT_TILE, body, "kt", self.ct)
         self.ctx_v = Context(self.prog, V_TILE, body, "v", self.ct)

@@ -560,14 +560,14 @@ def render_dqk_kernel(plan: Plan, resets: str = "branch") -> str:
     dot = o.dot
     pre(f"dq = tl.zeros([BT, BN], dtype={o.ct})")
     pre(f"dk = tl.zeros([BT, BN], dtype={o.ct})")
-    pre("taken = 0")
     body("h_idx = h_first + j")
     # the first variant takes every head and zeroes dy and G of the flagged ones (the counting
     # variant's): no branch in the walk over heads, whose loads the compiler can then pipeline
     keep = resets == "plain"
     if keep:
         body(f"keep = {RESET_FLAG} == 0")
-    elif resets in FLAG_TEST:
+    elif resets in FLAG_TEST:   # the counting variant: `taken` says whether it took a head
+        pre("taken = 0")
         body(f"if {RESET_FLAG} {FLAG_TEST[resets]}:")
         body.level += 1
         body("taken = 1")

@@ -30,7 +30,7 @@ parity of their count in each factor's range, split the same way.
 from __future__ import annotations
 
 from ....plan import Plan
-from ..common import compute_type, dot_type, fp32_precision, input_params
+from ..common import compute_type, dot_type, input_params, precision_arg
 from ..render import Emitter
 from ..templates import chunk_setup, indent, later_sum, rows, with_resets
 from .chunked_tiles import KEY_KT_TILE, KEY_ROWS, QK_TILE, BlockOperands, RowOperands
@@ -96,8 +96,7 @@ class KeyOps:
         self.ct, self.dt = compute_type(plan), dot_type(plan)
         # the factored products' operand type: fp16 would overflow where fp32 does not
         self.ft = "tl.float32" if narrow_operands(self.dt) else self.dt
-        self.prec = (f', input_precision="{fp32_precision()}"' if plan.dtype == "float32"
-                     else "")
+        self.prec = precision_arg(plan)
 
     def dot(self, a: str, b: str, dtype: str | None = None) -> str:
         if dtype is None:

@@ -80,6 +80,7 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
     launch_out = dict(num_warps=m["warps_out"], num_stages=m["stages_out"]) if on_gpu else {}
     cu = out if cu_seqlens is None else cu_seqlens
     off = out if chunk_off is None else chunk_off
+    seqs = out if chunk_seq is None else chunk_seq
     GH = sizes.get("grid_h", 1)   # a grid's height (cross2d): its column orders' layout
     npb_state = triton.cdiv(P, m["BP_state"])
     blocks = triton.cdiv(N, m["BN_state"]) * npb_state
@@ -109,18 +110,15 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
         out_bt = m["BT"]
         if per_key:   # the chunk's scores once, then the output pass takes whole chunks
             out_bt = m["CS"]
-            launch_scores(module, args, scores, n_chunks, H,
-                          (cu, off, out if chunk_seq is None else chunk_seq),
+            launch_scores(module, args, scores, n_chunks, H, (cu, off, seqs),
                           (T, H // G, N, P, GH), m["BT"], m["CS"], m["BN"], order,
                           cu_seqlens is not None, on_gpu)
         elif qk_read:
-            launch_qk(module, args, scores, n_chunks, G,
-                      (cu, off, out if chunk_seq is None else chunk_seq), sizes, m["CS"], order,
+            launch_qk(module, args, scores, n_chunks, G, (cu, off, seqs), sizes, m["CS"], order,
                       cu_seqlens is not None, launch_out)
         n_rows = n_chunks * (m["CS"] // out_bt)
-        out_args = (*args, out, *out.stride(), yacc, states, resets, scores, cu, off,
-                    out if chunk_seq is None else chunk_seq, sg.seg_state, sg.chunk_prod,
-                    T, H // G, N, P, GH, sg.n_seg, sg.seg or 1)
+        out_args = (*args, out, *out.stride(), yacc, states, resets, scores, cu, off, seqs,
+                    sg.seg_state, sg.chunk_prod, T, H // G, N, P, GH, sg.n_seg, sg.seg or 1)
         out_meta = dict(BT=out_bt, CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb,
                         **order, IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0,
                         WRITE_OUT=i == len(dirs) - 1, SEGMENTED=bool(sg.seg),
