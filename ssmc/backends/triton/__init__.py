@@ -32,11 +32,10 @@ def _lowerings() -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _generator_digest() -> str:
-    """A hash of the code generator itself, so a changed generator never reuses old kernels
-    (the chain rule's row terms are rendered into the backward's kernels too)."""
+    """A hash of the code generator itself, so a changed generator never reuses old kernels."""
     root = Path(__file__).parent
     h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")) + [root.parent / "chain_rule.py"]:
+    for f in sorted(root.rglob("*.py")):
         h.update(f.read_bytes())
     return h.hexdigest()[:12]
 

@@ -37,7 +37,6 @@ from .common import compute_dtype
 from .lowerings import LOWERINGS, scan_bwd
 from .lowerings import scan_bwd_launch as scan_run
 from .lowerings import chunked_bwd_launch as chunked_run
-from .lowerings import chunked_bwd_rows as chunked_rows
 
 
 #: the backward kernels per backward lowering (a lowering names its own in `backward`)
@@ -72,8 +71,6 @@ def make_backward(backend, plan: Plan):
     if lowering != plan.lowering:   # a forward lowering's tiles do not apply to another's
         bplan = dataclasses.replace(plan, lowering=lowering, tile=None)
     use_scan = bplan.lowering == "scan"
-    # the row terms evaluated in the chunked dv kernel, which holds dv and y (chunked_bwd_rows)
-    fused = None if use_scan else chunked_rows.fused_rows(bplan, rule)
     state = {}
 
     def modules():
@@ -89,8 +86,6 @@ def make_backward(backend, plan: Plan):
         # does not need it
         late_y = (want_y and not use_scan and chunked_run.computes_y(bplan)
                   and not rule.dy_needs_y)
-        if fused is not None:    # y only where terms outside the rows read it
-            want_y = late_y = fused.store_y
         if use_scan:
             saved, y = scan_run.forward_pass(module, bplan, tensors, sizes, initial_state,
                                              cu_seqlens, want_y)
@@ -106,9 +101,8 @@ def make_backward(backend, plan: Plan):
             per_dir = scan_run.backward_pass(module, bplan, tensors, sizes, saved, dy,
                                              grad_final, cu_seqlens)
         else:
-            per_dir, y_late, fused_parts = chunked_run.backward_pass(
-                module, bplan, tensors, sizes, saved, dy, grad_final, cu_seqlens, late_y,
-                None if fused is None else (fused, grad_out))
+            per_dir, y_late = chunked_run.backward_pass(module, bplan, tensors, sizes, saved,
+                                                        dy, grad_final, cu_seqlens, late_y)
             if late_y:
                 y = y_late
                 env[Y.name] = y.unsqueeze(3)
@@ -121,8 +115,8 @@ def make_backward(backend, plan: Plan):
             op_grads, rows = stack_orders(per_dir), None
         else:
             op_grads = sum_directions(per_dir)
-            rows = fused_parts if fused is not None else chain_rows.row_parts(
-                backend, plan, rule, tensors, sizes, y, grad_out, op_grads)
+            rows = chain_rows.row_parts(backend, plan, rule, tensors, sizes, y, grad_out,
+                                        op_grads)
         del per_dir     # each order's own tensors (stacked above): gone before the chain rule
         result = rule.input_grads(env, g_out, op_grads, tensors, sizes, rows, grouped)
         return result, grad_h0

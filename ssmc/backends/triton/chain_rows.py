@@ -26,19 +26,6 @@ TILE = Tile([("t", "offs_t", "mask_t"), ("p", "offs_p", "mask_p")],
 BT = 32
 
 
-def reduced_term(ctx: Context, body: Emitter, expr: sp.Expr, var: str, axes: set,
-                 mask: str) -> str:
-    """Emit one term on a (t, p) tile of rows (0 outside `mask`), summed over whichever of t and
-    p its input's `axes` lack; returns its variable."""
-    v = ctx.value(expr, var)
-    body(f"{v} = tl.where({mask}, {v}, 0.0)")
-    if "p" not in axes:
-        body(f"{v} = tl.sum({v}, axis=1)")
-    if "t" not in axes:
-        body(f"{v} = tl.sum({v}, axis=0)")
-    return v
-
-
 def render(plan: Plan, terms: dict[str, sp.Expr], axes_of: dict[str, set] | None = None) -> str:
     """One kernel evaluating `terms` (name -> row expression); each is stored summed over the
     axes among t and p that `axes_of[name]` (default: the input's own axes) lacks."""
@@ -62,7 +49,12 @@ def render(plan: Plan, terms: dict[str, sp.Expr], axes_of: dict[str, set] | None
     block = "b_idx * NTB + tb"
     for k, (name, expr) in enumerate(terms.items()):
         axes = axes_of[name]
-        v = reduced_term(ctx, body, expr, f"g{k}", axes, "rmask")
+        v = ctx.value(expr, f"g{k}")
+        body(f"{v} = tl.where(rmask, {v}, 0.0)")
+        if "p" not in axes:
+            body(f"{v} = tl.sum({v}, axis=1)")
+        if "t" not in axes:
+            body(f"{v} = tl.sum({v}, axis=0)")
         if "t" in axes and "p" in axes:
             body(f"tl.store(ssmc_out{k} + {row}, {v}, mask=rmask)")
         elif "t" in axes:

@@ -167,8 +167,6 @@ class _Ops:
         self.ctx_qk = Context(self.prog, QK_TILE, body, "qk", self.ct)
         self.ctx_v = Context(self.prog, V_TILE, body, "v", self.ct)
         self.mode = decay_mode(plan)
-        #: operand variable -> the input it holds as loaded (`mm_operand`'s bare loads)
-        self.bare: dict[str, str] = {}
 
     def dot(self, a: str, b: str) -> str:
         return f"tl.dot(({a}).to({self.dt}), ({b}).to({self.dt}){self.prec})"
@@ -193,7 +191,6 @@ class _Ops:
             split = split_scale(node, self.prog, "p")
             if split is not None and self.ctx_v.direct_load(
                     Elementwise(split[0], node.axes), name, self.dt) is not None:
-                self.bare[name] = split[0].name
                 if split[1] == 1:
                     return None
                 ctx = Context(self.prog, T_TILE, self.body, "vs", self.ct)
@@ -475,28 +472,10 @@ def _qk_loads(plan: Plan, body: Emitter):
     body("causal = offs_c[:, None] >= offs_c[None, :]")
 
 
-def _decay_gradient(body: Emitter, o: _Ops, vs: str | None) -> None:
-    """dL/dl_r of a decay without n, only the terms that carry l_r (module docstring): M over
-    rows u >= r and columns s < r, dy . yoff over u >= r, v . kG over s < r,
-    exp(l_last) sum (G * S_in); per p-block partial. Nothing for decay-free programs."""
-    if o.mode != "row":
-        return
-    body("M = " + _scale(vs, o.dot("dy", "tl.trans(value)"), cols=True) + " * A")
-    body("vkG = " + _scale(vs, "tl.sum(value * kG, axis=1)"))
-    body("X = tl.cumsum(M, axis=1) - M")                            # X[u, r] = sum_{s<r} M[u, s]
-    body("dl = (tl.sum(tl.where(causal, X, 0.0), axis=0)"
-         " + tl.cumsum(tl.sum(dy * yoff, axis=1), axis=0, reverse=True)"
-         " + (tl.cumsum(vkG, axis=0) - vkG) + tl.exp(l_last) * tl.sum(GS, axis=0))")
-    body("tl.store(ssmc_dl + pid_p.to(tl.int64) * B * T * H + (b_idx * T + t_row) * H"
-         " + h_idx, dl, mask=mask_t)")
-
-
-def render_dv_kernel(plan: Plan, resets: str = "branch", rows=None) -> str:
+def render_dv_kernel(plan: Plan, resets: str = "branch") -> str:
     """Decays without n, per (chunk, head, p-block) in parallel: dv; for a decay, its gradient
     (complete: the terms that carry each step's log-decay, as in the module docstring, per
     p-block partial); y when WANT_Y (summed over directions: ACCUM_Y adds to what is there).
-    With `rows` (a chunked_bwd_rows.FusedRows) it also evaluates the chain rule's row terms,
-    and stores dv only where the rest of the chain rule reads it.
 
     The products over n (q k^T, q S_in, k G and sum G * S_in) run first, in a loop over
     BN-blocks of n; the decay factors of q_in = q exp(lc) and
@@ -535,46 +514,34 @@ def render_dv_kernel(plan: Plan, resets: str = "branch", rows=None) -> str:
     else:
         body("A = tl.where(causal, QK, 0.0)")
         body("yoff = qS")
+    body("dv = " + dot("tl.trans(A)", "dy") + " + kG")
     body("row = (b_idx * T + t_row[:, None]) * H + h_idx")
     body("pmask = mask_t[:, None] & mask_p[None, :]")
-    dv = "dv = " + dot("tl.trans(A)", "dy") + " + kG"
-    y = "y = " + dot(_scale(vs, "A", cols=True), "value") + " + yoff"
-    if rows is None:
-        body(dv)
-        body("tl.store(ssmc_dv + row * P + offs_p[None, :], dv, mask=pmask)")
-        body("if WANT_Y:")
+    body("tl.store(ssmc_dv + row * P + offs_p[None, :], dv, mask=pmask)")
+    body("if WANT_Y:")
+    with body.block():
+        body("y = " + dot(_scale(vs, "A", cols=True), "value") + " + yoff")
+        body("if ACCUM_Y:")
         with body.block():
-            body(y)
-            body("if ACCUM_Y:")
-            with body.block():
-                body("y += tl.load(ssmc_y + row * P + offs_p[None, :], mask=pmask, other=0.0)")
-            body("tl.store(ssmc_y + row * P + offs_p[None, :], y, mask=pmask)")
-        _decay_gradient(body, o, vs)
-    else:
-        # the decay gradient's tiles first, then dv and y, then the row terms that read them:
-        # the fewest tiles live at once
-        _decay_gradient(body, o, vs)
-        body(dv)
-        if rows.store_dv:
-            body("tl.store(ssmc_dv + row * P + offs_p[None, :], dv, mask=pmask)")
-        if rows.uses_y:   # one direction: no ACCUM_Y
-            body(y)
-            body("if WANT_Y:")
-            with body.block():
-                body("tl.store(ssmc_y + row * P + offs_p[None, :], y, mask=pmask)")
-        elif rows.store_y:
-            body("if WANT_Y:")
-            with body.block():
-                body(y)
-                body("tl.store(ssmc_y + row * P + offs_p[None, :], y, mask=pmask)")
-        rows.emit(plan, body, {name: var for var, name in o.bare.items()}, o.ct)
+            body("y += tl.load(ssmc_y + row * P + offs_p[None, :], mask=pmask, other=0.0)")
+        body("tl.store(ssmc_y + row * P + offs_p[None, :], y, mask=pmask)")
+    if o.mode == "row":
+        # dL/dl_r, only the terms that carry l_r (module docstring): M over rows u >= r and
+        # columns s < r, dy . yoff over u >= r, v . kG over s < r, exp(l_last) sum (G * S_in)
+        body("M = " + _scale(vs, dot("dy", "tl.trans(value)"), cols=True) + " * A")
+        body("vkG = " + _scale(vs, "tl.sum(value * kG, axis=1)"))
+        body("X = tl.cumsum(M, axis=1) - M")                        # X[u, r] = sum_{s<r} M[u, s]
+        body("dl = (tl.sum(tl.where(causal, X, 0.0), axis=0)"
+             " + tl.cumsum(tl.sum(dy * yoff, axis=1), axis=0, reverse=True)"
+             " + (tl.cumsum(vkG, axis=0) - vkG) + tl.exp(l_last) * tl.sum(GS, axis=0))")
+        body("tl.store(ssmc_dl + pid_p.to(tl.int64) * B * T * H + (b_idx * T + t_row) * H"
+             " + h_idx, dl, mask=mask_t)")
     return f"""
 @triton.jit
 def ssmc_chunked_bwd_dv{variant_suffix(resets)}(
     {input_params(plan.program)},
     ssmc_dy, ssmc_states, ssmc_dstates, ssmc_dv, ssmc_dl, ssmc_y, ssmc_resets, {CHUNK_PARAMS}
     {CONSTS}, WANT_Y: tl.constexpr, ACCUM_Y: tl.constexpr, {VARIANT_PARAMS}
-    {rows.params() if rows is not None else ""}
 ):
 {_rows_program(body, resets)}
 """

@@ -17,8 +17,6 @@ from . import chunked_segments as seg
 from .chunked_bwd_keys import (render_keys_dv_kernel, render_keys_kernel,
                                render_keys_prep_kernel, render_keys_y_kernel)
 from .chunked_segments import Segments
-from . import chunked_bwd_rows
-from .chunked_bwd_rows import FusedRows, fused_rows
 from .chunked_keys import launch_scores, render_scores_kernel, whole_chunk_warps
 
 
@@ -201,12 +199,10 @@ def head_block(plan: Plan, sizes: dict, programs_per_head: int) -> int:
 
 
 def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_seqlens,
-                  want_y: bool = False, rows: tuple[FusedRows, torch.Tensor] | None = None):
+                  want_y: bool = False):
     """(per direction: (operand grads as canonical (b, t, h, n, p) tensors, dL/dS_0); y
-    (summed over directions) when `want_y` (only where `computes_y`), else None; the row terms
-    (`rows`: the plan's `fused_rows` and grad_out) as canonical tensors, else {}). query and
-    key grads may come summed over the heads of each group: their h axis is then g long; the
-    value's is left out where the row terms were all that read it."""
+    (summed over directions) when `want_y` (only where `computes_y`), else None). query and
+    key grads may come summed over the heads of each group: their h axis is then g long."""
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
     device = dy.device
@@ -237,7 +233,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     y = dy if in_place else (torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)
                              if want_y else None)
     GH = sizes.get("grid_h", 1)
-    results, row_parts = [], {}
+    results = []
     for i, (direction, gT) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, grad_final))):
         args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
@@ -261,16 +257,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
                                    sizes, direction, consts, launch)
             results.append((grads, dh0))
             continue
-        fused = rows[0] if rows is not None else None
-        # like dy; not stored where the row terms were all that read it
-        dv = (torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)
-              if fused is None or fused.store_dv else dummy)
-        row_outs, row_args = [], {}
-        if fused is not None:
-            gout = rows[1]
-            row_outs = chunked_bwd_rows.buffers(fused, tensors, sizes, n_chunks, NPB, cdt,
-                                                device)
-            row_args = fused.arguments(gout, row_outs, n_chunks)
+        dv = torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)   # like dy
         dl = torch.empty(NPB, B, T, H, dtype=cdt, device=device) if mode == "row" else dummy
         bn = min(m["BN"], 64)
         nnb = triton.cdiv(N, bn)
@@ -291,7 +278,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
                                                       n_chunks) if n_chunks > 0 else ()):
             kernel[(grid0, H, NPB)](
                 *args, dy, saved["states"][i], dstates, dv, dl, dummy if y is None else y, fl,
-                *chunk_args, **order, **row_args, WANT_Y=want_y, ACCUM_Y=i > 0,
+                *chunk_args, **order, WANT_Y=want_y, ACCUM_Y=i > 0,
                 **dict(consts, BN=min(m["BK"], m["BN"])), **launch_dv, **extra)
         if n_chunks == 0 and want_y:
             y.zero_()
@@ -299,15 +286,11 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
             per_group = H // heads_qk // G    # spelt out: -1 is ambiguous for an empty batch
             dq = dq.view(B, T, G, per_group, N).sum(3)
             dk = dk.view(B, T, G, per_group, N).sum(3)
-        grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1)}
-        if fused is None or fused.store_dv:
-            grads["value"] = dv.unsqueeze(3)
-        if fused is not None:
-            row_parts = chunked_bwd_rows.canonical(fused, row_outs, sizes, n_chunks)
+        grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3)}
         if mode == "row":   # (NPB, b, t, h) partials -> (b, t, h, 1, 1)
             grads["log_decay"] = (dl[0] if NPB == 1 else dl.sum(0))[..., None, None]
         results.append((grads, dh0))
-    return results, y, row_parts
+    return results, y
 
 
 def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes, direction,
@@ -353,10 +336,8 @@ def render(plan: Plan) -> str:
                    render_keys_prep_kernel(plan), render_keys_kernel(plan),
                    render_keys_dv_kernel(plan)]
     else:
-        rows = fused_rows(plan)
         kernels = [kernel(plan, resets) for resets in chunk_variants(plan)
-                   for kernel in (render_y_kernel, render_dqk_kernel)]
-        kernels += [render_dv_kernel(plan, resets, rows) for resets in chunk_variants(plan)]
+                   for kernel in (render_y_kernel, render_dv_kernel, render_dqk_kernel)]
     mode = decay_mode(plan)
     return HEADER + "\n".join([render_state_kernel(plan), render_dstate_kernel(plan),
                                seg.render_join("ssmc_chunked_bwd_join", mode),
