@@ -1,8 +1,11 @@
 """Per-kernel device times of one ssmc call (torch.profiler), for tuning.
 
-    python3 benchmarks/profile_kernels.py [chunked|scan|quadratic] [--train] [--bwd-tile K=V,...]
+    python3 benchmarks/profile_kernels.py [chunked|scan|quadratic] [--train] [--user]
+        [--bwd-tile K=V,...]
 
 `--train` profiles forward + backward (every leaf requires grad), host-side torch ops included.
+`--user` profiles a user's Mamba-2 definition (`gpu_table.user_mamba2`, A = -exp(A_log))
+instead of the built-in, on the same inputs: the two must run the same kernels.
 `--bwd-tile BT_bwd=64,BP_bwd=32` overrides the chunked backward's tiles (as plan.tile would).
 
 For the chunked kernels it also prints each one's achieved GB/s and TFLOP/s and the fraction of
@@ -40,9 +43,20 @@ leaves = [v.requires_grad_(train) for v in (x, dt, A, B, C, D, z, dt_bias)]
 grad = torch.randn_like(x)
 
 
+if "--user" in sys.argv:
+    import ssmc
+    from gpu_table import user_mamba2
+    user = ssmc.compile(user_mamba2, backend="triton", lowering=low)
+    A_log = torch.log(-A).detach().requires_grad_(train)
+    leaves[2] = A_log
+
+
 def f():
-    y = ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, lowering=low,
-            backend="triton")
+    if "--user" in sys.argv:
+        y = user(x, dt, A_log, B, C, D, z, dt_bias)
+    else:
+        y = ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, lowering=low,
+                backend="triton")
     return torch.autograd.grad(y, leaves, grad) if train else y
 
 
@@ -105,7 +119,8 @@ for e in events[:24]:
             line += (f" {nbytes / ms / 1e6:6.0f} GB/s {flops / ms / 1e9:5.1f} TFLOP/s"
                      f"  floor {floor:.3f} ms ({floor / ms:.0%})")
         print(line)
-print(f"all kernels {sum(e.self_device_time_total for e in events) / 5e3:.3f} ms per call")
+print(f"all kernels {sum(e.self_device_time_total for e in events) / 5e3:.3f} ms per call, "
+      f"wall {triton.testing.do_bench(f, return_mode='median'):.3f} ms per call")
 print(f"peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
 
