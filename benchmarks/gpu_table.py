@@ -205,9 +205,16 @@ def user_rows(quick):
                         return (fn(x, dt, A_log, B, C, D, z, dt_bias),)
                 return torch.autograd.grad(fn(*leaves), leaves, grad)
             mine, theirs = run(user), run(builtin)
-            t_user, t_builtin = bench(lambda: run(user)), bench(lambda: run(builtin))
+            # timed user, built-in, built-in, user: an order effect shows as a spread
+            order = [("user", user), ("builtin", builtin), ("builtin", builtin), ("user", user)]
+            times = {"user": [], "builtin": []}
+            for who, fn in order:
+                times[who].append(bench(lambda: run(fn)))
+            t_user, t_builtin = min(times["user"]), min(times["builtin"])
             rows.append(dict(kind="user fwd+bwd" if train else "user fwd", shape=f"b={b} t={t}",
                              user_ms=t_user, builtin_ms=t_builtin,
+                             user_spread=max(times["user"]) / t_user - 1,
+                             builtin_spread=max(times["builtin"]) / t_builtin - 1,
                              ratio_builtin=t_builtin / t_user,
                              err_vs_builtin=max(rel(a, r) for a, r in zip(mine, theirs))))
         del x, dt, B, C, z, leaves
