@@ -43,6 +43,8 @@ class ChunkedTile(Tile):
     WARPS_DV_bwd: int | None = pow2("backward: warps of the d value kernel")
     BK_bwd: int | None = pow2("backward: key channels per step of the d value kernel's loop "
                               "(per-key decays: per program of the dq/dk kernel)")
+    BNQK_bwd: int | None = pow2("backward, decays without n: key channels per program of the "
+                                "dq/dk kernel")
     SEG_bwd: int | None = count("backward: chunks per segment of its sequential passes "
                                 "(default: as SEG_state)")
 

@@ -218,6 +218,14 @@ def test_backward_several_p_blocks(lowering, name, p):
                                                                    p=p), seed=16)
 
 
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_backward_chunked_dqk_key_blocks(direction):
+    """The dq/dk kernel over n in blocks of 16 (BNQK_bwd): n = 40 is two whole blocks and a
+    ragged one, each program forming its block's dq and dk."""
+    check_backward(builtin("ssd", direction), "chunked", dict(b=2, t=40, h=2, g=1, n=40, p=8),
+                   seed=18, tile=ChunkedTile(BT_bwd=16, BNQK_bwd=16))
+
+
 @pytest.mark.parametrize("programs, heads", [(1, 4), (2, 2)])
 def test_backward_chunked_head_blocks(monkeypatch, programs, heads):
     """Programs walking several heads of a group (query, key and q k^T made once, dq and dk

@@ -43,6 +43,9 @@ def tiles(plan: Plan, sizes: dict, n_programs: int = 1, target: int | None = Non
                 WARPS=tile.get("WARPS_bwd", 4),
                 WARPS_DV=tile.get("WARPS_DV_bwd", 4),
                 BK=tile.get("BK_bwd", 32 if per_key else 64), SEG=tile.get("SEG_bwd"),
+                # decays without n: the dq/dk kernel's n-block (each forms dy v^T again;
+                # at 64, Triton 3.6 spills 168 bytes on sm_90a, at 32 none)
+                BNQK=tile.get("BNQK_bwd", min(BN, 64)),
                 # the two sequential walks (states, dstates): the forward state pass's warps;
                 # its stages, but 3 for per-key decays too (their walks were measured so)
                 WALK=dict(num_warps=walk["warps_state"],
@@ -259,7 +262,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
             continue
         dv = torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)   # like dy
         dl = torch.empty(NPB, B, T, H, dtype=cdt, device=device) if mode == "row" else dummy
-        bn = min(m["BN"], 64)
+        bn = min(m["BNQK"], m["BN"])
         nnb = triton.cdiv(N, bn)
         heads_qk = head_block(plan, sizes, n_chunks * nnb)
         dq = torch.empty(B, T, H // heads_qk, N, dtype=cdt, device=device)
