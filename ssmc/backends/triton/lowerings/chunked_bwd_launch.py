@@ -45,7 +45,7 @@ def tiles(plan: Plan, sizes: dict, n_programs: int = 1, target: int | None = Non
                 BK=tile.get("BK_bwd", 32 if per_key else 64), SEG=tile.get("SEG_bwd"),
                 # decays without n: the dq/dk kernel's n-block (each forms dy v^T again;
                 # at 64, Triton 3.6 spills 168 bytes on sm_90a, at 32 none)
-                BNQK=tile.get("BNQK_bwd", min(BN, 64)),
+                BNQK=min(tile.get("BNQK_bwd", 64), BN),
                 # the two sequential walks (states, dstates): the forward state pass's warps;
                 # its stages, but 3 for per-key decays too (their walks were measured so)
                 WALK=dict(num_warps=walk["warps_state"],
@@ -262,7 +262,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
             continue
         dv = torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)   # like dy
         dl = torch.empty(NPB, B, T, H, dtype=cdt, device=device) if mode == "row" else dummy
-        bn = min(m["BNQK"], m["BN"])
+        bn = m["BNQK"]
         nnb = triton.cdiv(N, bn)
         heads_qk = head_block(plan, sizes, n_chunks * nnb)
         dq = torch.empty(B, T, H // heads_qk, N, dtype=cdt, device=device)

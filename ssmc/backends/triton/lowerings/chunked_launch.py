@@ -53,7 +53,7 @@ def tiles(plan: Plan, sizes: dict, n_programs: int, target: int | None = None) -
 
 
 def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output=True):
-    """(out, final state); without `output`, the state pass alone and (None, final state)."""
+    """(out, final state); without `output`, the state pass alone (out an empty stand-in)."""
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
     o = Outputs(plan, tensors, sizes, initial_state, cu_seqlens, output=output)
@@ -72,8 +72,9 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
     # per-key decays: each chunk's decayed scores (chunked_keys.py); query and key shared by
     # a group's heads: each chunk's q k^T per group (chunk_qk.py)
     qk_read = reads_qk(plan, sizes)
+    # only the output pass reads them: none for the state pass alone
     scores = (torch.empty(max(n_chunks, 1), H if per_key else G, m["CS"], m["CS"], dtype=cdt,
-                          device=device) if per_key or qk_read else out)
+                          device=device) if output and (per_key or qk_read) else out)
 
     on_gpu = device.type == "cuda"
     launch_state = dict(num_warps=m["warps_state"], num_stages=m["stages_state"]) if on_gpu else {}
@@ -128,7 +129,7 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
             rows_per = RESET_ROWS_PER_PROGRAM
             module.ssmc_chunked_out_resets_fwd[(triton.cdiv(n_rows, rows_per), H, npb)](
                 *out_args, **out_meta, NROWS=n_rows, ROWS=rows_per)
-    return o.result() if output else (None, o.result()[1])
+    return o.result()
 
 
 def final_state(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
