@@ -1,11 +1,13 @@
 """Per-kernel device times of one ssmc call (torch.profiler), for tuning.
 
     python3 benchmarks/profile_kernels.py [chunked|scan|quadratic] [--train] [--user]
-        [--bwd-tile K=V,...]
+        [--mamba] [--shape BxT] [--bwd-tile K=V,...]
 
 `--train` profiles forward + backward (every leaf requires grad), host-side torch ops included.
 `--user` profiles a user's Mamba-2 definition (`gpu_table.user_mamba2`, A = -exp(A_log))
 instead of the built-in, on the same inputs: the two must run the same kernels.
+`--mamba` profiles `mamba_chunk_scan_combined` (chunk 256) on the same inputs, so a gap in a
+table can be put on the kernels that make it. `--shape 2x16384` sets batch x length.
 `--bwd-tile BT_bwd=64,BP_bwd=32` overrides the chunked backward's tiles (as plan.tile would).
 
 For the chunked kernels it also prints each one's achieved GB/s and TFLOP/s and the fraction of
@@ -21,12 +23,18 @@ from torch.profiler import ProfilerActivity, profile
 
 from ssmc.ops import ssd
 
-b, t, h, n, p = 8, 4096, 80, 128, 64
-args = [a for a in sys.argv[1:] if not a.startswith("-") and "=" not in a]
+def option(name, default):
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
+b, t = map(int, option("--shape", "8x4096").split("x"))
+h, n, p = 80, 128, 64
+values = {option(o, None) for o in ("--shape", "--bwd-tile")}
+args = [a for a in sys.argv[1:] if not a.startswith("-") and a not in values]
 train = "--train" in sys.argv
 if "--bwd-tile" in sys.argv:
     from ssmc.backends.triton.lowerings import chunked_bwd_launch
-    pins = dict(kv.split("=") for kv in sys.argv[sys.argv.index("--bwd-tile") + 1].split(","))
+    pins = dict(kv.split("=") for kv in option("--bwd-tile", "").split(","))
     default_tiles = chunked_bwd_launch.tiles
     chunked_bwd_launch.tiles = lambda *a: dict(
         default_tiles(*a), **{k.removesuffix("_bwd"): int(v) for k, v in pins.items()})
@@ -52,7 +60,11 @@ if "--user" in sys.argv:
 
 
 def f():
-    if "--user" in sys.argv:
+    if "--mamba" in sys.argv:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        y = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=256, D=D, z=z, dt_bias=dt_bias,
+                                      dt_softplus=True)
+    elif "--user" in sys.argv:
         y = user(x, dt, A_log, B, C, D, z, dt_bias)
     else:
         y = ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, lowering=low,
