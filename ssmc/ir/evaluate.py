@@ -45,7 +45,9 @@ _UNARY = {
 def evaluate(expr: sp.Expr, env: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Evaluate a sympy expression; symbols are looked up in `env` by name."""
     def const(v):
-        return torch.tensor(float(v), dtype=like.dtype, device=like.device)
+        # filled on the device: torch.tensor(v, device=cuda) copies from the host and waits
+        # for the stream, which left the GPU idle ~2 ms a training step (user Mamba-2, H100)
+        return torch.full((), float(v), dtype=like.dtype, device=like.device)
 
     def ev(e):
         if e.is_Symbol:

@@ -24,3 +24,28 @@ def test_gradients_keep_their_value_where_the_function_rounds_to_one(fn, derivat
     evaluate(fn(a), {"a": x}, x).sum().backward()
     for u, g in zip(x.tolist(), x.grad.tolist()):
         assert g == pytest.approx(derivative(u), rel=1e-12), u
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_constants_are_made_on_the_device_not_copied_from_the_host():
+    """A number in an expression (-1 in -exp(A_log) * delta) was a tensor built on the host
+    and copied to the device: on a GPU each such copy waits for the stream, and the chain
+    rule's four of them left the GPU idle ~2 ms of a 9 ms training step. `lift_fresh` is the
+    op through which such host-made tensors enter."""
+    a, d = sp.symbols("a d", real=True)
+    x = torch.randn(3, 4)
+    with _Ops() as ops:
+        out = evaluate(-sp.exp(a) * d + 2 * sp.Max(a, sp.Rational(1, 2)), {"a": x, "d": x}, x)
+    assert not [op for op in ops.seen if "lift_fresh" in op], ops.seen
+    torch.testing.assert_close(out, -x.exp() * x + 2 * x.clamp_min(0.5))
