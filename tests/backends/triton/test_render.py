@@ -43,3 +43,25 @@ def test_decode_step_with_inputs_named_like_kernel_internals():
     state = torch.zeros(1, 2, 8, 4, device=device)
     y = op.step(state, **{k: v[:, 0] if v.dim() > 1 else v for k, v in x.items()})
     assert torch.allclose(y, op(**x)[:, 0], atol=1e-5)
+
+
+def _function(source: str, name: str) -> str:
+    start = source.index(f"def {name}(")
+    end = source.find("@triton.jit", start)
+    return source[start:end if end > 0 else len(source)]
+
+
+def test_walks_load_their_step_rows_a_chunk_ahead():
+    """The sequential walks (forward state pass, backward reverse pass) read Mamba-2's dt,
+    a (t,) row Triton cannot pipeline (2-byte elements a head apart), from a load issued one
+    chunk before; none of their chunk steps loads it where it is used."""
+    from ssmc.backends.triton.lowerings import chunked, chunked_bwd_launch
+    from ssmc.ops import ssd
+    from ssmc.plan import Plan
+    plan = Plan(program=ssd.definition.program, lowering="chunked", dtype="bfloat16")
+    walks = [_function(chunked.render(plan), "ssmc_chunked_state_fwd"),
+             _function(chunked_bwd_launch.render(plan), "ssmc_chunked_bwd_dstates")]
+    for walk in walks:
+        loop = walk[walk.index("    for c"):]
+        assert "pf_u_dt = tl.load(" in loop and "u_dt_row = pf_u_dt" in loop
+        assert "t_row * u_dt_s_t" not in walk

@@ -49,6 +49,7 @@ from ..common import (HEADER, compute_type, dot_type, emit_output, precision_arg
                       input_params)
 from ..render import Context, Emitter, Tile, split_scale
 from . import chunked_segments as seg
+from .walk_rows import RowsAhead
 from .chunk_qk import qk_load, render_qk_kernel, shares_qk
 from .chunked_keys import KeyOps, output_body, render_scores_kernel
 from .chunked_tiles import (KEY_KT_TILE, KEY_ROWS, KEY_T_TILE, KEY_V_TILE, KT_TILE, QK_TILE,
@@ -82,6 +83,8 @@ class _Chunk:
         self.ctx_qk = Context(self.prog, QK_TILE, body, "qk", self.ct)
         self.ctx_kt = Context(self.prog, KT_TILE, body, "kt", self.ct)
         self.ctx_v = Context(self.prog, V_TILE, body, "v", self.ct)
+        #: row inputs a walk loaded ahead (walk_rows.py), read by the (t,) contexts
+        self.rows_extra: dict[str, str] = {}
 
     def dot(self, a: str, b: str) -> str:
         return f"tl.dot({a}, {b}{self.prec})"
@@ -114,7 +117,8 @@ class _Chunk:
             return None
         if scale == 1:
             return name, None
-        sctx = Context(self.prog, scale_tile, self.body, tag + "s", self.ct)
+        sctx = Context(self.prog, scale_tile, self.body, tag + "s", self.ct,
+                       self.rows_extra if scale_tile is T_TILE else None)
         v = sctx.value(scale, f"{name}_scale_raw")
         # a scale without t is a scalar: broadcast it so rows/columns can index it
         self.body(f"{name}_scale = tl.zeros([BT], dtype={self.ct}) + {v}")
@@ -136,7 +140,7 @@ class _Chunk:
         the chunk has one), or split out into rz (`resets="split"`), or left as they are (a
         chunk known to have none: "none"); with a signed decay also ng (1 where the decay is
         negative)."""
-        ctx = Context(self.prog, T_TILE, self.body, "l", self.ct)
+        ctx = Context(self.prog, T_TILE, self.body, "l", self.ct, self.rows_extra)
         v = ctx.value(self.prog.log_decay, "ld_raw")
         safe = self.prog.decay_log_safe
         if safe and resets == "fold":
@@ -197,6 +201,8 @@ def _decay_to_chunk_end(body: Emitter, prog, ld: str, rz: str, ng: str, axis: in
 def render_state_kernel(plan: Plan) -> str:
     body = Emitter(indent=2)
     c = _Chunk(plan, body)
+    rows_ahead = RowsAhead(plan.program, c.ct)
+    c.rows_extra = rows_ahead.extra
     rec = plan.program.recurrence
     if per_key_decay(plan):
         c.key_t()
@@ -249,7 +255,7 @@ def ssmc_chunked_state_fwd(
 ):
 {seq_setup(True, "cu_ptr", "chunk_off_ptr", "tl.program_id(0).to(tl.int64) // NSEG")}
 {seg.render_walk("state", c.ct, ("h0_ptr", "HAS_H0"), store, body, decay, "total", False,
-                 ("hT_ptr", "STORE_HT"))}
+                 ("hT_ptr", "STORE_HT"), (rows_ahead, rows_ahead.used(body)))}
 ''' + seg.render_join("ssmc_chunked_segments", decay)
 
 

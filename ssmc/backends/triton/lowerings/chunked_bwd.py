@@ -85,6 +85,7 @@ from ....plan import Plan
 from ..common import compute_type, dot_type, input_params
 from ..render import Context, Emitter, Tile, split_scale
 from . import chunked_segments as seg
+from .walk_rows import RowsAhead
 from .chunk_qk import head_free
 from ..templates import (HAS_RESET_BELOW, chunk_setup, chunk_state_store, fold_resets, indent,
                          later_sum, rows, seq_setup, split_resets, with_resets)
@@ -167,6 +168,8 @@ class _Ops:
         self.ctx_qk = Context(self.prog, QK_TILE, body, "qk", self.ct)
         self.ctx_v = Context(self.prog, V_TILE, body, "v", self.ct)
         self.mode = decay_mode(plan)
+        #: row inputs a walk loaded ahead (walk_rows.py), read by the (t,) contexts
+        self.rows_extra: dict[str, str] = {}
 
     def dot(self, a: str, b: str) -> str:
         return f"tl.dot(({a}).to({self.dt}), ({b}).to({self.dt}){self.prec})"
@@ -193,7 +196,7 @@ class _Ops:
                     Elementwise(split[0], node.axes), name, self.dt) is not None:
                 if split[1] == 1:
                     return None
-                ctx = Context(self.prog, T_TILE, self.body, "vs", self.ct)
+                ctx = Context(self.prog, T_TILE, self.body, "vs", self.ct, self.rows_extra)
                 v = ctx.value(split[1], f"{name}_scale_raw")
                 self.body(f"{name}_scale = tl.where(mask_t, {v}, 0.0)")
                 return f"{name}_scale"
@@ -210,7 +213,7 @@ class _Ops:
     def decay(self):
         b = self.body
         if self.mode == "row":
-            ctx = Context(self.prog, T_TILE, b, "l", self.ct)
+            ctx = Context(self.prog, T_TILE, b, "l", self.ct, self.rows_extra)
             v = ctx.value(self.prog.log_decay, "ld_raw")
             b(f"ld = tl.where(mask_t, {fold_resets(v)}, 0.0)")
             b("l_last = tl.sum(ld, axis=0)")   # resets folded in: exponentiated whole only
@@ -339,9 +342,10 @@ SEGMENT_SETUP = seq_setup(True, "ssmc_cu", "ssmc_chunk_off",
 
 def _walk(o: "_Ops", var: str, init: tuple[str, str], store: str, body: Emitter, reverse: bool,
           end: str) -> str:
+    ahead = RowsAhead(o.prog, o.ct)
     return seg.render_walk(var, o.ct, init, chunk_state_store(store, var),
                            indent(ROWS, 2) + "\n" + body.text(), o.mode, "tl.exp(l_last)",
-                           reverse, (end, None))
+                           reverse, (end, None), (ahead, ahead.used(body.text())))
 
 
 def store_y(body: Emitter) -> None:
@@ -429,6 +433,7 @@ def render_dstate_kernel(plan: Plan) -> str:
     the walks are few, each walked from its last chunk to its first."""
     body = Emitter(indent=2)
     o = _Ops(plan, body)
+    o.rows_extra = RowsAhead(plan.program, o.ct).extra
     o.operand("query", "query")
     o.dy()
     o.decay()
