@@ -434,10 +434,20 @@ def render_dstate_kernel(plan: Plan) -> str:
     body = Emitter(indent=2)
     o = _Ops(plan, body)
     o.rows_extra = RowsAhead(plan.program, o.ct).extra
-    o.operand("query", "query")
-    o.dy()
-    o.decay()
-    body(f"G = G * {o.state_decay()} + " + o.dot(f"tl.trans({o.q_in()})", "dy"))
+    if o.mode == "key":   # the decay from the chunk's start is per (t, n): on the query
+        o.operand("query", "query")
+        o.dy()
+        o.decay()
+        body(f"G = G * {o.state_decay()} + " + o.dot(f"tl.trans({o.q_in()})", "dy"))
+    else:
+        # a decay per step weighs dy's rows (t, BP), not the query's (t, n): the query goes
+        # to the product as loaded, and the walk holds less in registers (ssd h=80 n=128,
+        # BP 32, Triton 3.6 sm_90a: 219 -> 127 registers)
+        o.mm_operand("query", "query")
+        o.dy()
+        o.decay()
+        rows = "dy * tl.exp(lcf)[:, None]" if o.mode == "row" else "dy"
+        body(f"G = G * {o.state_decay()} + " + o.dot("tl.trans(query)", rows))
     return f"""
 @triton.jit
 def ssmc_chunked_bwd_dstates(
