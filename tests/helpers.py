@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Sequence
 
 import sympy as sp
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ssmc
 import ssmc.ops
@@ -29,8 +30,25 @@ __all__ = [
     "SHAPES", "ssd_inputs", "selective_scan_inputs", "retention_inputs", "gla_inputs",
     "linear_attention_inputs", "INPUT_FACTORIES", "random_inputs", "random_state", "cu_seqlens",
     "DECAY_AXES", "DIRECTIONS", "make_definition", "Mismatch", "compare",
-    "check_against_reference", "reference_of",
+    "check_against_reference", "reference_of", "TorchOps", "HOST_VALUE",
 ]
+
+
+class TorchOps(TorchDispatchMode):
+    """The aten ops run inside the block, by name (conftest's torch.empty adds a fill_ to
+    each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+#: tensor methods that read a value on the host (on a GPU each waits for the stream)
+HOST_VALUE = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
 #: small, odd shapes: t in (1, 7, 63, 100), groups g < h, state n != value dim p
 SHAPES = (

@@ -8,11 +8,11 @@ import types
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import ssmc
 from ssmc import dsl as S
 from ssmc.ops.ssd import mamba2
+from tests.helpers import TorchOps
 
 # the modules, not the functions of the same name that ssmc.ops exports
 gla_module = importlib.import_module("ssmc.ops.gla")
@@ -503,18 +503,6 @@ def recording_step_kernel(monkeypatch) -> RecordingKernel:
     monkeypatch.setattr(step_lowering, "make_launch", lambda module, plan: real(
         types.SimpleNamespace(ssmc_step_fwd=kernel), plan))
     return kernel
-
-
-class TorchOps(TorchDispatchMode):
-    """The aten ops run inside the block (conftest's torch.empty adds a fill_ to each)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 ALLOCATION = {"aten.empty.memory_format", "aten.fill_.Scalar"}

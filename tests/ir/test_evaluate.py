@@ -9,6 +9,7 @@ import torch
 
 from ssmc.ir.evaluate import evaluate
 from ssmc.ir.functions import Sigmoid
+from tests.helpers import TorchOps
 
 
 @pytest.mark.parametrize("fn, derivative", [
@@ -26,18 +27,6 @@ def test_gradients_keep_their_value_where_the_function_rounds_to_one(fn, derivat
         assert g == pytest.approx(derivative(u), rel=1e-12), u
 
 
-class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the aten ops run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_constants_are_made_on_the_device_not_copied_from_the_host():
     """A number in an expression (-1 in -exp(A_log) * delta) was a tensor built on the host
     and copied to the device: on a GPU each such copy waits for the stream, and the chain
@@ -45,7 +34,7 @@ def test_constants_are_made_on_the_device_not_copied_from_the_host():
     op through which such host-made tensors enter."""
     a, d = sp.symbols("a d", real=True)
     x = torch.randn(3, 4)
-    with _Ops() as ops:
+    with TorchOps() as ops:
         out = evaluate(-sp.exp(a) * d + 2 * sp.Max(a, sp.Rational(1, 2)), {"a": x, "d": x}, x)
-    assert not [op for op in ops.seen if "lift_fresh" in op], ops.seen
+    assert not [op for op in ops.ops if "lift_fresh" in op], ops.ops
     torch.testing.assert_close(out, -x.exp() * x + 2 * x.clamp_min(0.5))

@@ -10,7 +10,7 @@ import importlib
 
 import pytest
 
-from tests.helpers import compile_for_hopper
+from tests.helpers import HOST_VALUE, compile_for_hopper
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -27,8 +27,6 @@ GENERATED = ("ssmc_mixing_prep", "ssmc_mixing_grads")
 # aten ops that wait for the device to hand a value to the host
 SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "unique_",
            "unique_dim", "unique_consecutive", "is_nonzero", "equal", "allclose")
-# tensor methods that read a value on the host
-HOST_VALUE = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
 
 class _Recorded:

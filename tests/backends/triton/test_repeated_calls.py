@@ -20,6 +20,7 @@ from ssmc.errors import ShapeError
 from ssmc.torch import matrix_ops
 from ssmc.torch import ops as torch_ops
 from tests.backends.triton.test_mixing_loss import inputs, mamba2_like
+from tests.helpers import HOST_VALUE
 from tests.test_mixing_loss import teacher
 
 ML = importlib.import_module("ssmc.backends.triton.mixing_loss")
@@ -117,9 +118,7 @@ def host_reads():
     host or build a tensor from host data: on a GPU each waits for the stream (the CPU stand-in
     for torch.cuda's sync debug mode)."""
     hits = []
-    names = {torch.Tensor: ("item", "tolist", "__bool__", "__float__", "__int__", "__index__",
-                            "cpu", "numpy"),
-             torch: ("tensor", "as_tensor")}
+    names = {torch.Tensor: HOST_VALUE, torch: ("tensor", "as_tensor")}
     saved = []
     for owner, attrs in names.items():
         for attr in attrs:
