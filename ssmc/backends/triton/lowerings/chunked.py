@@ -83,8 +83,12 @@ class _Chunk:
         self.ctx_qk = Context(self.prog, QK_TILE, body, "qk", self.ct)
         self.ctx_kt = Context(self.prog, KT_TILE, body, "kt", self.ct)
         self.ctx_v = Context(self.prog, V_TILE, body, "v", self.ct)
-        #: row inputs a walk loaded ahead (walk_rows.py), read by the (t,) contexts
-        self.rows_extra: dict[str, str] = {}
+        #: a walk's row inputs loaded a step ahead (walk_rows.py), read by the (t,) contexts
+        self.ahead: RowsAhead | None = None
+
+    @property
+    def rows_extra(self) -> dict[str, str]:
+        return self.ahead.extra if self.ahead else {}
 
     def dot(self, a: str, b: str) -> str:
         return f"tl.dot({a}, {b}{self.prec})"
@@ -201,8 +205,7 @@ def _decay_to_chunk_end(body: Emitter, prog, ld: str, rz: str, ng: str, axis: in
 def render_state_kernel(plan: Plan) -> str:
     body = Emitter(indent=2)
     c = _Chunk(plan, body)
-    rows_ahead = RowsAhead(plan.program, c.ct)
-    c.rows_extra = rows_ahead.extra
+    c.ahead = RowsAhead(plan.program, c.ct)
     rec = plan.program.recurrence
     if per_key_decay(plan):
         c.key_t()
@@ -258,7 +261,7 @@ def ssmc_chunked_state_fwd(
 ):
 {seq_setup(True, "cu_ptr", "chunk_off_ptr", "tl.program_id(0).to(tl.int64) // NSEG")}
 {seg.render_walk("state", c.ct, ("h0_ptr", "HAS_H0"), store, body, decay, "total", False,
-                 ("hT_ptr", "STORE_HT"), (rows_ahead, rows_ahead.used(body)))}
+                 ("hT_ptr", "STORE_HT"), c.ahead)}
 ''' + seg.render_join("ssmc_chunked_segments", decay)
 
 

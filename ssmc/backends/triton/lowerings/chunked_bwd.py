@@ -168,8 +168,12 @@ class _Ops:
         self.ctx_qk = Context(self.prog, QK_TILE, body, "qk", self.ct)
         self.ctx_v = Context(self.prog, V_TILE, body, "v", self.ct)
         self.mode = decay_mode(plan)
-        #: row inputs a walk loaded ahead (walk_rows.py), read by the (t,) contexts
-        self.rows_extra: dict[str, str] = {}
+        #: a walk's row inputs loaded a step ahead (walk_rows.py), read by the (t,) contexts
+        self.ahead: RowsAhead | None = None
+
+    @property
+    def rows_extra(self) -> dict[str, str]:
+        return self.ahead.extra if self.ahead else {}
 
     def dot(self, a: str, b: str) -> str:
         return f"tl.dot(({a}).to({self.dt}), ({b}).to({self.dt}){self.prec})"
@@ -342,10 +346,9 @@ SEGMENT_SETUP = seq_setup(True, "ssmc_cu", "ssmc_chunk_off",
 
 def _walk(o: "_Ops", var: str, init: tuple[str, str], store: str, body: Emitter, reverse: bool,
           end: str) -> str:
-    ahead = RowsAhead(o.prog, o.ct)
     return seg.render_walk(var, o.ct, init, chunk_state_store(store, var),
                            indent(ROWS, 2) + "\n" + body.text(), o.mode, "tl.exp(l_last)",
-                           reverse, (end, None), (ahead, ahead.used(body.text())))
+                           reverse, (end, None), o.ahead)
 
 
 def store_y(body: Emitter) -> None:
@@ -433,7 +436,7 @@ def render_dstate_kernel(plan: Plan) -> str:
     the walks are few, each walked from its last chunk to its first."""
     body = Emitter(indent=2)
     o = _Ops(plan, body)
-    o.rows_extra = RowsAhead(plan.program, o.ct).extra
+    o.ahead = RowsAhead(plan.program, o.ct)
     if o.mode == "key":   # the decay from the chunk's start is per (t, n): on the query
         o.operand("query", "query")
         o.dy()

@@ -99,19 +99,20 @@ PARAMS = "seg_state_ptr, seg_prod_ptr, chunk_prod_ptr,"
 
 def render_walk(var: str, ct: str, init: tuple[str, str], store: str, body: str, decay: str,
                 total: str, reverse: bool, end: tuple[str, str | None],
-                ahead: tuple[RowsAhead, list[str]] | None = None) -> str:
+                ahead: RowsAhead | None = None) -> str:
     """A sequential pass's walk (indented 1, after the program's set-up with `seq` and
     `state_off`): `var` (BN, BP) from `init` = (pointer, constexpr flag) where the flag holds
     and the walk starts in this segment, else zeros; per chunk (`cidx`, `c0`, `chunk`), `store`
     (indented 2) before `body` (the rows and the chunk's update, indented 2; `total` its
     decay, (BN,) or a scalar, for the segment's product); at the end the
     segment's final state and product, or, unsegmented, `var` into `end` = (pointer, flag or
-    None for always). `ahead` = (its row inputs, those the body reads): loaded a chunk ahead."""
+    None for always). `ahead`: the walk's row inputs, those `body` reads loaded a chunk
+    ahead."""
     order = ("    for cc in range(first, last):\n        cidx = first + last - 1 - cc"
              if reverse else "    for cidx in range(first, last):")
-    rows_ahead, names = ahead or (None, [])
-    before = rows_ahead.before(names, "last - 1" if reverse else "first") if names else ""
-    step = rows_ahead.step(names, "cidx - 1" if reverse else "cidx + 1") if names else ""
+    names = ahead.used(body) if ahead else []
+    before = ahead.before(names, "last - 1" if reverse else "first") if names else ""
+    step = ahead.step(names, "cidx - 1" if reverse else "cidx + 1") if names else ""
     end_ptr, end_flag = end
     tail = f"tl.store({end_ptr} + state_off, {var}, mask=state_mask)"
     tail = (f"    elif {end_flag}:\n        {tail}" if end_flag else f"    else:\n        {tail}")

@@ -21,7 +21,7 @@ AHEAD_TILE = Tile([("t", "pf_t", "pf_mask")], FIXED)
 
 class RowsAhead:
     """The row inputs of one walk: `extra` maps each to the variable its contexts read; after
-    the body is rendered, `before(idx)` and `step(idx)` load those the body used."""
+    the body is rendered, `before` and `step` load those it `used`."""
 
     def __init__(self, program: Program, compute: str):
         self.program, self.compute = program, compute
@@ -50,12 +50,10 @@ class RowsAhead:
 
     def before(self, names: list[str], idx: str) -> str:
         """Before the loop (indent 1): the rows of the walk's first chunk `idx`."""
-        return self._loads(names, idx, 1) if names else ""
+        return self._loads(names, idx, 1)
 
     def step(self, names: list[str], idx: str) -> str:
         """At the top of a chunk's step (indent 2): this chunk's rows from the loads a step
         before, then the next chunk's (`idx`) loads."""
-        if not names:
-            return ""
         now = [f"        u_{name}_row = pf_u_{name}.to({self.compute})" for name in names]
         return "\n".join(now) + "\n" + self._loads(names, idx, 2)
