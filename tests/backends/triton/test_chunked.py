@@ -25,7 +25,8 @@ from ssmc import dsl as S
 from ssmc import reference
 from ssmc.backends import get_backend
 from ssmc.backends.triton.tiles import ChunkedTile
-from ssmc.errors import UnsupportedError
+from ssmc.devices import DeviceLimits
+from ssmc.errors import ConfigError, UnsupportedError
 from ssmc.plan import Plan
 from ssmc.validate import bind
 from tests.backends.triton.conftest import TOL, rel_l2
@@ -364,6 +365,41 @@ def test_chunked_default_state_tiles(triton_check):
                  initial_state=state_for(defn, sizes), return_final_state=True)
 
 
+#: an H100's limits as torch reports them (232448 bytes of shared memory per block, opt-in)
+HOPPER = DeviceLimits(name="NVIDIA H100 80GB HBM3", capability=(9, 0), sm_count=132,
+                      smem_per_block=232448)
+
+
+def _ssd_tiles(**pinned):
+    plan = Plan(program=builtin("ssd").program, lowering=LOWERING, dtype="bfloat16",
+                tile=ChunkedTile(**pinned))
+    return plan, dict(b=2, t=2048, h=8, g=2, n=128, p=64)
+
+
+@pytest.mark.parametrize("chunk, stages", [(64, 3), (128, 3), (256, 2)])
+def test_walk_stages_fit_shared_memory(chunk, stages):
+    """The state pass over 256-step chunks holds (256, 128) keys and (256, 64) values per
+    stage (96 KiB in bf16): three stages (288 KiB) failed to launch on an H100, two fit. The
+    backward's walks over BT_bwd-step chunks take the same tiles."""
+    from ssmc.backends.triton.lowerings import chunked_bwd_launch
+    plan, sizes = _ssd_tiles(CS=chunk, BT_bwd=chunk)
+    assert chunked().tiles(plan, sizes, 16, HOPPER)["stages_state"] == stages
+    assert chunked_bwd_launch.tiles(plan, sizes, 16, HOPPER)["WALK"]["num_stages"] == stages
+    # without a GPU's limits (the CPU, the interpreter) the defaults stand
+    assert chunked().tiles(plan, sizes, 16)["stages_state"] == 3
+
+
+@pytest.mark.parametrize("pinned", [dict(CS=256, stages_state=3), dict(CS=2048)],
+                         ids=["pinned_stages", "chunk_too_long"])
+def test_walk_that_cannot_fit_is_a_config_error(pinned):
+    """Pinned tiles whose walk cannot fit the device's shared memory fail with a ConfigError
+    naming the tiles and the sizes, before any launch."""
+    plan, sizes = _ssd_tiles(**pinned)
+    with pytest.raises(ConfigError, match=r"KiB of shared memory; NVIDIA H100 80GB HBM3 has "
+                                          r"227 KiB per block"):
+        chunked().tiles(plan, sizes, 16, HOPPER)
+
+
 @pytest.mark.parametrize("name", ["retention", "ssd"])
 def test_chunked_final_state_of_a_long_chunk(name, triton_check, monkeypatch):
     """One 100-step chunk (CS = 128) of a scalar decay summing to L ~ -46 (retention) or
@@ -499,7 +535,10 @@ def test_chunked_gpu_real_shapes_varlen(name, triton_check):
                                       dict(CS=128, BT=32), dict(BN_state=32, BP_state=32)],
                          ids=["cs64_bt64", "cs256_bt64", "cs128_bt32", "state32x32"])
 def test_chunked_gpu_tile_overrides(override, triton_check, monkeypatch):
-    _with_tiles(monkeypatch, **override)
+    """Tiles pinned as a user pins them (the plan's tile), so the launch sizes the rest (the
+    walks' pipeline stages) around them."""
+    tile_dict = Plan.tile_dict
+    monkeypatch.setattr(Plan, "tile_dict", lambda plan: {**tile_dict(plan), **override})
     defn = make_definition("scalar", "bidirectional", epilogue=True)
     sizes = GPU_SIZES
     inputs = {k: v.cuda() for k, v in

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 import triton
 
+from ....devices import DeviceLimits
 from ....plan import Plan
 from ..common import (HEADER, chunk_layout, compute_dtype, direction_slices, dot_type, input_args,
                       next_pow2, num_sequences)
 from .chunked import render_state_kernel
-from .chunked_launch import tiles as forward_tiles
+from .chunked_launch import tiles as forward_tiles, walk_stages
 from .chunked_bwd import (CHUNKS_PER_PROGRAM, chunk_variants, decay_mode, head_free,
                           per_key_decay, render_dqk_kernel, render_dstate_kernel,
                           render_dv_kernel, render_y_kernel, variant_suffix)
@@ -20,7 +21,8 @@ from .chunked_segments import Segments
 from .chunked_keys import launch_scores, render_scores_kernel, whole_chunk_warps
 
 
-def tiles(plan: Plan, sizes: dict, n_programs: int = 1, target: int | None = None) -> dict:
+def tiles(plan: Plan, sizes: dict, n_programs: int = 1, limits: DeviceLimits | None = None
+          ) -> dict:
     """BT 64, the chunk (per-key decays walk it in row blocks of RB = 16, their diagonal blocks
     elementwise: BT^2 * BN work each); all of n; p in blocks of up to 64 (BP_walk for the two
     sequential walks, as the forward's state pass splits it: `n_programs` walks per block of
@@ -29,7 +31,7 @@ def tiles(plan: Plan, sizes: dict, n_programs: int = 1, target: int | None = Non
     tile = plan.tile_dict()
     per_key = per_key_decay(plan)
     BN = max(next_pow2(sizes["n"]), 16)
-    walk = forward_tiles(plan, sizes, n_programs, target)   # the recompute is its state pass
+    walk = forward_tiles(plan, sizes, n_programs, limits)   # the recompute is its state pass
     # per-key decays (H100, GLA b=8 t=2048 h=16 n=p=128): their dq/dk walk took 4.6 ms in
     # n-blocks of 32 with 4 warps, 6.2 ms in blocks of 64 with 8 and 8.7 with 4; their state
     # passes split n as the forward's does (chunked_launch.tiles), each n-block's recurrence
@@ -37,7 +39,8 @@ def tiles(plan: Plan, sizes: dict, n_programs: int = 1, target: int | None = Non
     # step took 9.52 / 10.86 / 9.30 ms with 4 warps in the per-chunk kernels against 10.28 /
     # 11.64 / 10.00 with 8 (b=8 t=4096 / b=2 t=16384 / b=16 t=2048), and 2.6 ms in the dv
     # kernel with 4 warps against 3.2 with 8
-    return dict(BT=tile.get("BT_bwd", 64), RB=16, BN=BN, BN_state=walk["BN_state"],
+    BT = tile.get("BT_bwd", 64)
+    return dict(BT=BT, RB=16, BN=BN, BN_state=walk["BN_state"],
                 BP=tile.get("BP_bwd", max(min(next_pow2(sizes["p"]), 64), 16)),
                 BP_walk=walk["BP_state"],
                 WARPS=tile.get("WARPS_bwd", 4),
@@ -49,7 +52,8 @@ def tiles(plan: Plan, sizes: dict, n_programs: int = 1, target: int | None = Non
                 # the two sequential walks (states, dstates): the forward state pass's warps;
                 # its stages, but 3 for per-key decays too (their walks were measured so)
                 WALK=dict(num_warps=walk["warps_state"],
-                          num_stages=tile.get("stages_state", 3)))
+                          num_stages=walk_stages(plan, BT, walk["BN_state"], walk["BP_state"],
+                                                 limits, 3)))
 
 
 def state_dtype(plan: Plan) -> torch.dtype:
@@ -84,7 +88,7 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     device = tensors[prog.inputs[0].name].device
     cdt = compute_dtype(plan)
     S = num_sequences(sizes, cu_seqlens)
-    m = tiles(plan, sizes, S * H, seg.program_target(device))
+    m = tiles(plan, sizes, S * H, seg.device_limits(device))
     n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["BT"], device)
     dummy = torch.zeros(1, dtype=cdt, device=device)
     y = torch.zeros(B, T, H, P, dtype=cdt, device=device) if want_y else None

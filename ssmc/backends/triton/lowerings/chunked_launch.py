@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 import triton
 
+from ....devices import DeviceLimits
+from ....errors import ConfigError
 from ....plan import Plan
+from ....tiles import OPERAND_BYTES
 from ..common import Outputs, chunk_layout, input_args, interpreting, next_pow2
 from ..tiles import ChunkedTile, chunked_space
 from .chunked import RESET_ROWS_PER_PROGRAM, per_key_decay, render, reset_specialised, supports
@@ -15,14 +18,18 @@ from . import chunked_segments as seg
 from .chunked_segments import Segments
 from .registry import TritonLowering, register_lowering
 
+#: shared memory a walk takes besides its pipelined operand tiles (sm_90, Triton 3.6: 8 bytes)
+WALK_SMEM_EXTRA = 1024
 
-def tiles(plan: Plan, sizes: dict, n_programs: int, target: int | None = None) -> dict:
+
+def tiles(plan: Plan, sizes: dict, n_programs: int, limits: DeviceLimits | None = None) -> dict:
     """CS, the state-pass chunk, and BT, the output pass's row block (CS a multiple of BT;
     per-key decays use BT = 16 in 64-step chunks). The state pass may split n and p into
     blocks (its recurrence is independent per element: `BN_state`, `BP_state`; p more finely
-    where its `n_programs` walks would leave fewer than `target` programs); the output pass
-    takes all of n (the query-key contraction) and a p-block."""
+    where its `n_programs` walks would leave too few programs for the GPU of `limits`); the
+    output pass takes all of n (the query-key contraction) and a p-block."""
     tile = plan.tile_dict()
+    target = None if limits is None else seg.target_for(limits.sm_count)
     N, P = sizes["n"], sizes["p"]
     BN = max(next_pow2(N), 16)
     per_key = per_key_decay(plan)
@@ -48,8 +55,32 @@ def tiles(plan: Plan, sizes: dict, n_programs: int, target: int | None = None) -
                 warps_out=tile.get("warps_out", whole_chunk_warps(BN, CS) if per_key else 4),
                 # H100, ssd b=8 t=4096 / b=16 t=2048: 3 stages 1.74 / 1.66 ms, 2 stages 1.80 /
                 # 1.74 (per-key decays: measured only with 2)
-                stages_state=tile.get("stages_state", 2 if per_key else 3),
+                stages_state=walk_stages(plan, CS, BN_state, BP_state, limits,
+                                         2 if per_key else 3),
                 stages_out=tile.get("stages_out", 2))
+
+
+def walk_stages(plan: Plan, chunk: int, BN: int, BP: int, limits: DeviceLimits | None,
+                default: int) -> int:
+    """Pipeline stages of a sequential walk over `chunk`-step chunks (the state pass, the
+    backward's recompute and reverse pass): each stage holds a (chunk, BN) and a (chunk, BP)
+    operand tile in shared memory, which is what Triton 3.6 allocates for them on sm_90 (to
+    the byte, less 8). `stages_state` if the plan pins it, else `default` or as many as fit
+    the device; a walk that does not fit with the stages it must use is a ConfigError here,
+    not Triton's out-of-resources error at launch."""
+    pinned = plan.tile_dict().get("stages_state")
+    if limits is None:
+        return pinned or default
+    per_stage = chunk * (BN + BP) * OPERAND_BYTES.get(plan.dtype, 4)
+    fitting = (limits.smem_per_block - WALK_SMEM_EXTRA) // per_stage
+    stages = pinned or min(default, max(fitting, 1))
+    if stages > fitting:
+        raise ConfigError(
+            f"{plan.describe()}: a sequential walk over {chunk}-step chunks (n-block {BN}, "
+            f"p-block {BP}) in {stages} pipeline stage(s) needs ~{stages * per_stage // 1024} "
+            f"KiB of shared memory; {limits.name} has {limits.smem_per_block // 1024} KiB per "
+            f"block. Use a smaller chunk (CS / BT_bwd) or p-block, or fewer stages_state")
+    return stages
 
 
 def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output=True):
@@ -61,7 +92,7 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
         return o.result()
     device, S, dirs, cdt = o.device, o.S, o.dirs, o.cdt
     out, final, yacc, h0s = o.out, o.final, o.yacc, o.h0s
-    m = tiles(plan, sizes, S * H, seg.program_target(device))
+    m = tiles(plan, sizes, S * H, seg.device_limits(device))
     n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["CS"], device)
     state_dtype = cdt if interpreting() else {"bfloat16": torch.bfloat16,
                                               "float16": torch.float16}.get(plan.dtype, cdt)
@@ -142,8 +173,8 @@ def tile_space(ctx):
     carry its compute capability; the CPU's none)."""
     n_programs = ctx.sizes.get("b", 1) * ctx.sizes["h"]
     gpu = ctx.limits.capability != (0, 0)
-    target = seg.target_for(ctx.limits.sm_count) if gpu else None
-    return chunked_space(ctx, tiles(ctx.plan("chunked"), ctx.sizes, n_programs, target))
+    return chunked_space(ctx, tiles(ctx.plan("chunked"), ctx.sizes, n_programs,
+                                    ctx.limits if gpu else None))
 
 
 register_lowering(TritonLowering("chunked", render, launch, supports, tile_type=ChunkedTile,

@@ -20,9 +20,12 @@ sign. The joined state is the same sum as the sequential walk's, reordered.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
+from ....devices import DeviceLimits
 from ..common import next_pow2
 from .walk_rows import RowsAhead
 
@@ -60,9 +63,21 @@ def state_block(P: int, walks: int, target: int | None) -> int:
 
 def program_target(device) -> int | None:
     """About two programs per SM on a GPU; None elsewhere."""
+    limits = device_limits(device)
+    return None if limits is None else target_for(limits.sm_count)
+
+
+def device_limits(device) -> DeviceLimits | None:
+    """The GPU's limits (read once per device), or None off the GPU, where a launch has none."""
     if device.type != "cuda":
         return None
-    return target_for(torch.cuda.get_device_properties(device).multi_processor_count)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_limits(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_limits(index: int) -> DeviceLimits:
+    return DeviceLimits.from_device(torch.device("cuda", index))
 
 
 def target_for(sm_count: int) -> int:
