@@ -98,13 +98,16 @@ def ssmc_step_fwd(
     {strides},
     s_out_b, s_out_t, s_out_h, s_out_p,
     s_state_b, s_state_h, s_state_n, s_state_p, s_oslot_b, s_oslot_t,
-    T, SLOTS, HPG, N, P,
+    T, SLOTS, H, HPG, N, P, NPB,
     BN: tl.constexpr, BP: tl.constexpr, HAS_SLOTS: tl.constexpr,
     HAS_OUT_SLOTS: tl.constexpr,
 ):
-    b_idx = tl.program_id(0).to(tl.int64)
-    h_idx = tl.program_id(1).to(tl.int64)
-    pid_p = tl.program_id(2)
+    # programs in the state's memory order, (b, h, p-block) with the p-block fastest: those
+    # running at once read neighbouring tiles
+    pid = tl.program_id(0).to(tl.int64)
+    pid_p = pid % NPB
+    h_idx = (pid // NPB) % H
+    b_idx = pid // (NPB * H)
     g_idx = h_idx // HPG
     offs_n = tl.arange(0, BN)
     mask_n = offs_n < N
@@ -175,13 +178,14 @@ def make_launch(module, plan: Plan):
             ints += [0, 0]
         else:
             ints += out_slots.stride() if out_slots.dim() == 2 else [out_slots.stride(0), 0]
-        ints += [T, state.shape[0], H // G, N, P]
+        npb = -(-P // BP)
+        ints += [T, state.shape[0], H, H // G, N, P, npb]
         ints = tuple(ints)
         consts = dict(BN=blocks["BN"], BP=BP, HAS_SLOTS=slots is not None,
                       HAS_OUT_SLOTS=out_slots is not None)
         if device.type == "cuda":
             consts["num_warps"] = blocks["num_warps"]
-        grid = (B, H, -(-P // BP))
+        grid = (B * H * npb,)
         # the kernel reads slot b at slot_ptr + b: a strided index tensor is made contiguous
         gather_slots = slots is not None and B > 1 and slots.stride(0) != 1
 
