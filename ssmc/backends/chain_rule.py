@@ -184,12 +184,15 @@ def sum_directions(per_dir) -> dict[str, torch.Tensor]:
     return op_grads
 
 
-def stack_orders(per_dir) -> dict[str, torch.Tensor]:
+def stack_orders(per_dir, skip=()) -> dict[str, torch.Tensor]:
     """[(operand grads, dh0) per order] -> operand grads with a leading order axis, for a
     cross2d program with inputs on the order axis k: order d's operands read slice d of those
-    inputs, so its terms are not summed with the other orders' before the chain rule."""
+    inputs, so its terms are not summed with the other orders' before the chain rule. The
+    operands in `skip` (whose terms the backend formed per order) are left out."""
     out = {}
     for key in per_dir[0][0]:
+        if key in skip:
+            continue
         parts = [grads[key] for grads, _ in per_dir]
         if any(p.shape != parts[0].shape for p in parts):
             parts = torch.broadcast_tensors(*parts)
@@ -209,7 +212,10 @@ def initial_state_grad(dh0s: list, initial_state):
 #: Stand-ins for the value operand's gradient and the output's gradient in `row_terms`.
 DV = sp.Symbol("ssmc_dv", real=True)
 GOUT = sp.Symbol("ssmc_gout", real=True)
-ROW_AXES = frozenset("bthp")
+#: the axes of a row: a cross2d input's order axis k is one more index of its rows (each
+#: order's terms are evaluated on that order's slice)
+ROW_AXES = frozenset("bthp") | {ORDER_AXIS}
+FULL_ROW = frozenset("bthp")
 
 
 class ChainRule:
@@ -257,7 +263,26 @@ class ChainRule:
         operand but value reads them): a backend may store those terms in the input's dtype."""
         others = set().union(*(d for op, d in self.exprs.operands.items() if op != "value"))
         return frozenset(name for name in self.row_terms
-                         if self._input_axes[name] == ROW_AXES and name not in others)
+                         if self._input_axes[name] - {ORDER_AXIS} == FULL_ROW
+                         and name not in others)
+
+    @functools.cached_property
+    def row_value_terms(self) -> dict[str, sp.Expr]:
+        """The value operand's part of `row_terms` alone: a cross2d program with per-order
+        inputs has one per order (on that order's d value and input slices), where the
+        epilogue's part comes once, after the orders are summed."""
+        value = self.exprs.operands.get("value", {})
+        return {name: DV * value[name] for name in self.row_terms if name in value}
+
+    @functools.cached_property
+    def rows_per_order(self) -> bool:
+        """Whether `row_terms` split into per-order value parts and one epilogue part: the
+        epilogue's derivatives read no per-order input (the epilogue runs once, on the sum)."""
+        epilogue = [self.exprs.epilogue[name] for name in self.row_terms
+                    if name in self.exprs.epilogue]
+        axes = self._input_axes
+        return not any(ORDER_AXIS in axes.get(s.name, ()) for e in epilogue
+                       for s in e.free_symbols)
 
     @property
     def needs_y(self) -> bool:

@@ -17,7 +17,8 @@ Three steps, after the derive_backward pass (sympy.diff of the elementwise parts
    inputs, and cast to the input's dtype. The terms on (b, t, h, p) rows (value and
    epilogue) run in one generated kernel (chain_rows.py); the rest as vectorised torch ops on
    canonical (b, t, h, n, p) broadcast tensors in the compute type. A cross2d program with
-   per-order inputs (axis k) runs all its terms as torch ops, once, over a leading order axis.
+   per-order inputs (axis k) runs its row terms once per order (each order's d value and input
+   slices, summed in the kernel) and the rest as torch ops, once, over a leading order axis.
 
 Steps 1 and 3 are backend-neutral and live in ssmc/backends/chain_rule.py (shared with the TVM
 backend); this module runs the Triton kernels of step 2 between them.
@@ -110,9 +111,13 @@ def make_backward(backend, plan: Plan):
         grouped = frozenset() if use_scan else chunked_run.grouped_operands(bplan, sizes)
         grad_h0 = initial_state_grad([dh0 for _, dh0 in per_dir], initial_state)
         if has_order_axis(prog):
-            # each order's operands read its own slices: one chain rule over a leading order
-            # axis (the row terms' kernel knows no order axis)
-            op_grads, rows = stack_orders(per_dir), None
+            # each order's operands read its own slices: the row terms per order (one launch
+            # each, summed in the kernel), the rest one chain rule over a leading order axis;
+            # d value is stacked only if a term outside the row terms reads it
+            rows = chain_rows.row_parts_per_order(backend, plan, rule, tensors, sizes, y,
+                                                  grad_out, per_dir)
+            value_done = set(rule.exprs.operands.get("value", {})) <= set(rows)
+            op_grads = stack_orders(per_dir, skip={"value"} if value_done else ())
         else:
             op_grads = sum_directions(per_dir)
             rows = chain_rows.row_parts(backend, plan, rule, tensors, sizes, y, grad_out,

@@ -16,6 +16,7 @@ import torch
 import triton
 
 from ...ir import Y
+from ...ir.orders import ORDER_AXIS
 from ...plan import Plan
 from ..chain_rule import DV, GOUT, ChainRule
 from .common import HEADER, compute_dtype, compute_type, input_args, input_params, next_pow2
@@ -28,7 +29,10 @@ BT = 32
 
 def render(plan: Plan, terms: dict[str, sp.Expr], axes_of: dict[str, set] | None = None) -> str:
     """One kernel evaluating `terms` (name -> row expression); each is stored summed over the
-    axes among t and p that `axes_of[name]` (default: the input's own axes) lacks."""
+    axes among t and p that `axes_of[name]` (default: the input's own axes) lacks. With ACCUM
+    the terms of inputs without the order axis k are added to what their outputs hold (a
+    cross2d program's orders, launched one after another, sum into them); an input with k
+    has its own slice per order."""
     prog = plan.program
     axes_of = axes_of or {name: set(prog.input(name).axes) for name in terms}
     ct = compute_type(plan)
@@ -56,21 +60,25 @@ def render(plan: Plan, terms: dict[str, sp.Expr], axes_of: dict[str, set] | None
         if "t" not in axes:
             body(f"{v} = tl.sum({v}, axis=0)")
         if "t" in axes and "p" in axes:
-            body(f"tl.store(ssmc_out{k} + {row}, {v}, mask=rmask)")
+            where, mask = row, "rmask"
         elif "t" in axes:
-            body(f"tl.store(ssmc_out{k} + (b_idx * T + offs_t) * H + h_idx, {v}, mask=mask_t)")
+            where, mask = "(b_idx * T + offs_t) * H + h_idx", "mask_t"
         elif "p" in axes:
-            body(f"tl.store(ssmc_out{k} + (({block}) * H + h_idx) * P + offs_p, {v}, "
-                 "mask=mask_p)")
+            where, mask = f"(({block}) * H + h_idx) * P + offs_p", "mask_p"
         else:
-            body(f"tl.store(ssmc_out{k} + ({block}) * H + h_idx, {v})")
+            where, mask = f"({block}) * H + h_idx", None
+        masked = "" if mask is None else f", mask={mask}"
+        if ORDER_AXIS not in axes:
+            body("if ACCUM:")
+            body(f"    {v} += tl.load(ssmc_out{k} + {where}{masked})")
+        body(f"tl.store(ssmc_out{k} + {where}, {v}{masked})")
     outs = ", ".join(f"ssmc_out{k}" for k in range(len(terms)))
     return HEADER + f"""
 @triton.jit
 def ssmc_chain_rows(
     {input_params(prog)},
     ssmc_y, ssmc_dv, ssmc_gout, s_go_b, s_go_t, s_go_h, s_go_p, {outs},
-    T, H, P, HPG, NTB, BT: tl.constexpr, BP: tl.constexpr,
+    T, H, P, HPG, NTB, BT: tl.constexpr, BP: tl.constexpr, ACCUM: tl.constexpr,
 ):
     b_idx = tl.program_id(0).to(tl.int64)
     tb = tl.program_id(1).to(tl.int64)
@@ -85,29 +93,48 @@ def ssmc_chain_rows(
 """
 
 
-def _launch(backend, plan: Plan, key: str, terms: dict, axes_of: dict, tensors: dict,
-            sizes: dict, y, dv, grad_out, dtypes=None) -> dict[str, torch.Tensor]:
-    """Render (cached under `key`), allocate each term's canonical output (in `dtypes[name]`,
-    default the compute type) and launch."""
-    prog = plan.program
-    module = backend.load_generated(plan.cache_key(backend.cache_tag()) + key,
-                                    lambda: render(plan, terms, axes_of))
-    B, T, H, G, P = (sizes[a] for a in "bthgp")
-    cdt = compute_dtype(plan)
-    device = grad_out.device
+def _module(backend, plan: Plan, key: str, terms: dict, axes_of: dict):
+    """The kernel evaluating `terms`, rendered once and cached under `key`."""
+    return backend.load_generated(plan.cache_key(backend.cache_tag()) + key,
+                                  lambda: render(plan, terms, axes_of))
+
+
+def _outputs(terms: dict, axes_of: dict, sizes: dict, device, cdt,
+             dtypes: dict | None = None) -> dict[str, torch.Tensor]:
+    """Each term's canonical output (b, t or t-blocks, h, 1, p or 1), with a leading order
+    axis for an input that has one, in `dtypes[name]` (default the compute type `cdt`)."""
+    B, T, H, P = (sizes[a] for a in "bthp")
     ntb = triton.cdiv(T, BT)
-    dummy = torch.zeros(1, dtype=cdt, device=device)
     out = {}
     for name in terms:
         axes = axes_of[name]
         shape = (B, T if "t" in axes else ntb, H, 1, P if "p" in axes else 1)
+        if ORDER_AXIS in axes:
+            shape = (sizes[ORDER_AXIS],) + shape
         out[name] = torch.empty(shape, dtype=(dtypes or {}).get(name, cdt), device=device)
-    if B * T * H == 0:
-        return {k: v.zero_() for k, v in out.items()}
+    return out
+
+
+def _run(module, plan: Plan, args: list, sizes: dict, y, dv, grad_out, outs: list,
+         accumulate: bool = False) -> None:
+    B, T, H, G, P = (sizes[a] for a in "bthgp")
+    ntb = triton.cdiv(T, BT)
+    dummy = grad_out.new_zeros(1, dtype=compute_dtype(plan))
     module.ssmc_chain_rows[(B, ntb, H)](
-        *input_args(prog, tensors), dummy if y is None else y.contiguous(),
-        dummy if dv is None else dv, grad_out, *grad_out.stride(), *out.values(),
-        T, H, P, H // G, ntb, BT=BT, BP=max(next_pow2(P), 16))
+        *args, dummy if y is None else y.contiguous(), dummy if dv is None else dv, grad_out,
+        *grad_out.stride(), *outs, T, H, P, H // G, ntb, BT=BT, BP=max(next_pow2(P), 16),
+        ACCUM=accumulate)
+
+
+def _launch(backend, plan: Plan, key: str, terms: dict, axes_of: dict, tensors: dict,
+            sizes: dict, y, dv, grad_out, dtypes=None) -> dict[str, torch.Tensor]:
+    """Render (cached under `key`), allocate each term's canonical output (in `dtypes[name]`,
+    default the compute type) and launch."""
+    out = _outputs(terms, axes_of, sizes, grad_out.device, compute_dtype(plan), dtypes)
+    if sizes["b"] * sizes["t"] * sizes["h"] == 0:
+        return {k: v.zero_() for k, v in out.items()}
+    _run(_module(backend, plan, key, terms, axes_of), plan, input_args(plan.program, tensors),
+         sizes, y, dv, grad_out, list(out.values()))
     return out
 
 
@@ -139,3 +166,42 @@ def row_parts(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, 
     dtypes = {name: tensors[name].dtype for name in rule.row_complete}
     return _launch(backend, plan, "_rows", terms, axes_of, tensors, sizes, y, dv, grad_out,
                    dtypes)
+
+
+def row_parts_per_order(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, y,
+                        grad_out, per_dir: list) -> dict[str, torch.Tensor]:
+    """`row_parts` of a cross2d program with per-order inputs (the order axis k), from each
+    order's own d value (`per_dir`: [(operand grads, dh0) per order]): one launch per order
+    on that order's input slices, the first with the epilogue's terms too; an input without k
+    sums the orders' terms in its output (in the compute type), one with k gets its slice.
+    Empty where the terms do not split so (`ChainRule.rows_per_order`)."""
+    terms = rule.row_terms
+    if not terms or not rule.rows_per_order:
+        return {}
+    B, T, H, P = (sizes[a] for a in "bthp")
+    dvs = [grads.get("value") for grads, _ in per_dir]
+    if any(dv is None for dv in dvs) and any(DV in e.free_symbols for e in terms.values()):
+        return {}
+    dvs = [None if dv is None else dv.reshape(B, T, H, P).contiguous() for dv in dvs]
+    prog = plan.program
+    axes_of = {name: set(prog.input(name).axes) for name in terms}
+    # written once per slice: an input with k whose whole gradient these are, in its dtype
+    dtypes = {name: tensors[name].dtype for name in rule.row_complete
+              if ORDER_AXIS in axes_of[name]}
+    out = _outputs(terms, axes_of, sizes, grad_out.device, compute_dtype(plan), dtypes)
+    if B * T * H == 0:
+        return {k: v.zero_() for k, v in out.items()}
+    rest = rule.row_value_terms
+    first = _module(backend, plan, "_rows", terms, axes_of)
+    later = _module(backend, plan, "_rows_orders", rest, axes_of) if rest else None
+
+    def slices(names, order):
+        return [out[n][order] if ORDER_AXIS in axes_of[n] else out[n] for n in names]
+    for order, dv in enumerate(dvs):
+        args = input_args(prog, tensors, order)
+        if order == 0:
+            _run(first, plan, args, sizes, y, dv, grad_out, slices(terms, 0))
+        elif later is not None:
+            _run(later, plan, args, sizes, None, dv, grad_out, slices(rest, order),
+                 accumulate=True)
+    return out
