@@ -185,13 +185,14 @@ def row_parts_per_order(backend, plan: Plan, rule: ChainRule, tensors: dict, siz
     dvs = [None if dv is None else dv.reshape(B, T, H, P).contiguous() for dv in dvs]
     prog = plan.program
     axes_of = {name: set(prog.input(name).axes) for name in terms}
-    # written once per slice: an input with k whose whole gradient these are, in its dtype
+    rest = rule.row_value_terms
+    # an input's whole gradient written once (a slice per order with k; the epilogue's terms
+    # alone without) is stored in its own dtype; the orders' sums in the compute type
     dtypes = {name: tensors[name].dtype for name in rule.row_complete
-              if ORDER_AXIS in axes_of[name]}
+              if ORDER_AXIS in axes_of[name] or name not in rest}
     out = _outputs(terms, axes_of, sizes, grad_out.device, compute_dtype(plan), dtypes)
     if B * T * H == 0:
         return {k: v.zero_() for k, v in out.items()}
-    rest = rule.row_value_terms
     first = _module(backend, plan, "_rows", terms, axes_of)
     later = _module(backend, plan, "_rows_orders", rest, axes_of) if rest else None
 
