@@ -572,8 +572,8 @@ def summed_gradient_scale(program, leaves: dict, call_kwargs: dict, cot: dict) -
     with torch.enable_grad(), mock.patch.object(driver, "canonical_inputs", spread):
         y, final = reference.scan(program, bound.tensors, sizes, h0, cu,
                                   return_final_state="final_state" in cot)
-    loss = sum((out * cot[name]).sum() for name, out in (("y", y), ("final_state", final))
-               if name in cot)
+    loss = sum((out * cot[name].to(out.device)).sum()
+               for name, out in (("y", y), ("final_state", final)) if name in cot)
     if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
         return {}   # no cotangent (no steps), or no output reads these inputs
     flat = [leaf for name in parts for leaf in parts[name]]

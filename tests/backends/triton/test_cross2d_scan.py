@@ -23,6 +23,7 @@ from tests.backends.triton.test_scan import definition
 from tests.helpers import check_against_reference
 
 pytestmark = pytest.mark.usefixtures("kernel_cache_per_module")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 DECAYS = ("none", "time_invariant", "scalar", "diagonal", "full")
 #: the decay's raw input per decay structure ("a" is a gate through sigmoid, "A" a negative
@@ -82,7 +83,10 @@ def inputs_for(defn, grid, sizes=SIZES, dtype=torch.float32, seed=0) -> dict:
 
 
 def check(defn, inputs, grid, dtype=torch.float32):
+    """On the GPU where there is one (the Triton backend runs CUDA tensors there), else on the
+    CPU under the interpreter."""
     tol, grad_tol = TOL[dtype]
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
     check_against_reference(defn, inputs, tol=tol, grad_tol=grad_tol, backend="triton",
                             lowering="scan", grid=grid)
 
