@@ -26,6 +26,11 @@ bounded() { timeout -s INT -k 30 "$LIMIT" "$@"; }
 
 want tests && bounded python3 -m pytest -q -rfE --tb=short -n 6 -m gpu tests/backends/triton \
     tests/test_step.py tests/torch -k "not fuzz" -p no:cacheprovider > "$LOGS/tests.log" 2>&1 &
+# the cross2d tests run on the device where there is one, unmarked (they run under the
+# interpreter on the CPU too), so `-m gpu` leaves them out
+want tests && bounded python3 -m pytest -q -rfE --tb=short -n 6 \
+    tests/backends/triton/test_cross2d_chunked.py tests/backends/triton/test_cross2d_scan.py \
+    -p no:cacheprovider > "$LOGS/tests_cross2d.log" 2>&1 &
 # every fuzz example is a new definition, so compiling dominates: four processes draw their own
 # examples (different hypothesis seeds), FUZZ in all
 if want fuzz; then
