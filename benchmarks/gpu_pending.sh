@@ -69,7 +69,7 @@ if want per_key; then
     echo; echo "=== per-key decays: kernel times of one GLA forward + backward, ssmc and FLA"
     timeout -s INT -k 30 120 python3 benchmarks/profile_gla.py --fla-configs "$ORIGINAL_CONFIGS" \
         2>&1 | tee "$LOGS/profile_gla.log"
-    echo; echo "=== per-key decays vs FLA chunk_gla; selective_scan scan vs chunked (issue 16)"
+    echo; echo "=== per-key decays vs FLA chunk_gla (issue 16), simple GLA vs chunk_simple_gla (issue 15); selective_scan scan vs chunked"
     timeout -s INT -k 30 "${PER_KEY_LIMIT:-420}" python3 benchmarks/per_key.py \
         --fla-configs "$ORIGINAL_CONFIGS" 2>&1 \
         | tee "$LOGS/per_key.log"

@@ -1,7 +1,8 @@
 """GPU benchmark: per-key (GLA-class) decays against FLA's chunk_gla, and Mamba-1's selective
 scan on its two lowerings (issue 16).
 
-    python benchmarks/per_key.py [--only gla,check,s6] [--reps 50] [--shapes 1] [--fla-configs 4]
+    python benchmarks/per_key.py [--only gla,check,simple,s6] [--reps 50] [--shapes 1]
+        [--fla-configs 4]
     python benchmarks/per_key.py --device cpu --tiny       # a smoke check of the script
 
 Rows, bf16 inputs, the gate g = log sigmoid(4 x) (gates from near 0 to near 1), fp32 g:
@@ -19,6 +20,10 @@ memory floor (inputs + output once at the device's bandwidth).
 `check`: at B=2 T=1024 H=4 K=V=64, the output and every input's gradient of `ssmc`, `user`
 and `fla` against the float64 reference (ssmc's sequential scan on float64 copies), relative
 L2 error, with some gates below 1e-3 and some above 0.999.
+
+`simple` (issue 15's FLA rows): the same table for simple GLA, a scalar gate per head
+(g (B, T, H)): fla.ops.simple_gla.chunk_simple_gla against ssmc.compat.fla.chunk_simple_gla and
+a user's definition of it, at the same shapes.
 
 `s6`: ssmc.ops.selective_scan (time-major, d=2048 n=16, D, z, delta_bias, softplus; b=8
 t=2048), forward
@@ -44,27 +49,37 @@ SHAPES = [(8, 2048, 16, 128, 128), (2, 8192, 16, 128, 128), (8, 4096, 32, 64, 64
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 
 
-def user_gla(scale: float):
-    """A GLA written as a user would (not the built-in)."""
+def user_gla(scale: float, per_key: bool = True):
+    """A GLA written as a user would (not the built-in); without `per_key`, simple GLA (one
+    gate per head and step)."""
+    if per_key:
+        @ssmc.ssm
+        def my_gla(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"],
+                   g: S.In["b t h n"]):
+            return S.recurrence(decay=S.exp(g), key=k, value=v, query=q * scale)
+        return my_gla
+
     @ssmc.ssm
-    def my_gla(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"],
-               g: S.In["b t h n"]):
+    def my_simple_gla(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"],
+                      g: S.In["b t h"]):
         return S.recurrence(decay=S.exp(g), key=k, value=v, query=q * scale)
-    return my_gla
+    return my_simple_gla
 
 
-def fla_chunk_gla():
+def fla_op(module: str, name: str):
+    """FLA's `module.name`, or None (reported) where FLA is not importable."""
     try:
+        import importlib
+
         import fla.ops.common.chunk_o as chunk_o
         chunk_o.TRITON_ABOVE_3_7_1 = True      # FLA 0.6's Hopper backward guard (its #640)
-        from fla.ops.gla import chunk_gla
-        return chunk_gla
+        return getattr(importlib.import_module(module), name)
     except Exception as e:  # noqa: BLE001 - reported, then the rows are skipped
         print(f"# fla skipped: {e!r}", file=sys.stderr)
         return None
 
 
-def inputs(B, T, H, K, V, device, dtype=torch.bfloat16, seed=0):
+def inputs(B, T, H, K, V, device, dtype=torch.bfloat16, seed=0, per_key=True):
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape):
@@ -72,7 +87,7 @@ def inputs(B, T, H, K, V, device, dtype=torch.bfloat16, seed=0):
     q = (rnd(B, T, H, K) * K ** -0.5).to(dtype)
     k = (rnd(B, T, H, K) * K ** -0.5).to(dtype)
     v = rnd(B, T, H, V).to(dtype)
-    g = F.logsigmoid(4 * rnd(B, T, H, K)).float()
+    g = F.logsigmoid(4 * rnd(*((B, T, H, K) if per_key else (B, T, H)))).float()
     return dict(q=q, k=k, v=v, g=g)
 
 
@@ -80,18 +95,20 @@ def inputs(B, T, H, K, V, device, dtype=torch.bfloat16, seed=0):
 LOWERING = ["auto"]
 
 
-def rows(device, fla, tiny):
-    """name -> fn(q, k, v, g) returning o."""
+def rows(fla, per_key=True):
+    """name -> fn(q, k, v, g) returning o: FLA's op (`fla`, where given), ssmc's shim of it
+    and a user's definition."""
     out = {}
     if fla is not None:
         out["fla"] = lambda q, k, v, g: fla(q, k, v, g, scale=q.shape[-1] ** -0.5)[0]
-    out["ssmc"] = lambda q, k, v, g: ssmc_fla.chunk_gla(q, k, v, g, lowering=LOWERING[0])[0]
+    shim = ssmc_fla.chunk_gla if per_key else ssmc_fla.chunk_simple_gla
+    out["ssmc"] = lambda q, k, v, g: shim(q, k, v, g, lowering=LOWERING[0])[0]
     ops = {}
 
     def user(q, k, v, g):
         scale = q.shape[-1] ** -0.5
         if scale not in ops:
-            ops[scale] = ssmc.compile(user_gla(scale), lowering=LOWERING[0])
+            ops[scale] = ssmc.compile(user_gla(scale, per_key), lowering=LOWERING[0])
         return ops[scale](q=q, k=k, v=v, g=g)
     out["user"] = user
     return out
@@ -129,20 +146,23 @@ def fwd_bwd(fn, a):
     return run
 
 
-def gla_table(device, reps, tiny, fla):
+def gla_table(device, reps, tiny, fla, per_key=True):
+    """GLA (`per_key`) or simple GLA against FLA's op of it (`fla`)."""
     bench = timer(device)
     card = next((c for c in BANDWIDTH if device == "cuda"
                  and c in torch.cuda.get_device_name()), None)
     shapes = [(1, 64, 2, 16, 16)] if tiny else SHAPES
+    print("\n### " + ("GLA (gates per key) vs fla chunk_gla" if per_key else
+                      "simple GLA (a gate per head) vs fla chunk_simple_gla"))
     print("| shape | row | fwd ms | vs fla | fwd TFLOP/s | fwd GB/s | floor % | fwd+bwd ms |"
           " vs fla |")
     print("|---|---|---|---|---|---|---|---|---|")
     for B, T, H, K, V in shapes:
-        a = inputs(B, T, H, K, V, device)
+        a = inputs(B, T, H, K, V, device, per_key=per_key)
         flops = 2 * B * T * H * (2 * K * V + 64 * (K + V))
         nbytes = sum(x.numel() * x.element_size() for x in a.values()) + B * T * H * V * 2
         times = {}
-        for name, fn in rows(device, fla, tiny).items():
+        for name, fn in rows(fla, per_key).items():
             try:
                 with torch.no_grad():
                     f = bench(lambda: fn(**a), reps)
@@ -177,7 +197,7 @@ def check(device, fla):
     ref.backward(cot.double())
     print("| row | o | dq | dk | dv | dg |")
     print("|---|---|---|---|---|---|")
-    for name, fn in rows(device, fla, False).items():
+    for name, fn in rows(fla).items():
         ins = {k: v.detach().requires_grad_(True) for k, v in a.items()}
         o = fn(**ins)
         o.backward(cot.to(o.dtype))
@@ -209,7 +229,7 @@ def s6_table(device, reps, tiny):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="check,gla,s6")
+    ap.add_argument("--only", default="check,gla,simple,s6")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true")
@@ -227,12 +247,16 @@ def main():
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # (python -P)
         from compat_gpu_check import limit_autotuning
         limit_autotuning(args.fla_configs)
-    fla = fla_chunk_gla() if args.device == "cuda" else None
-    print(f"# device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}")
+    on_gpu = args.device == "cuda"
+    fla = fla_op("fla.ops.gla", "chunk_gla") if on_gpu else None
+    print(f"# device: {torch.cuda.get_device_name() if on_gpu else 'cpu'}")
     if "check" in only and not args.tiny:
         check(args.device, fla)
     if "gla" in only:
         gla_table(args.device, args.reps, args.tiny, fla)
+    if "simple" in only:
+        simple = fla_op("fla.ops.simple_gla", "chunk_simple_gla") if on_gpu else None
+        gla_table(args.device, args.reps, args.tiny, simple, per_key=False)
     if "s6" in only:
         s6_table(args.device, args.reps, args.tiny)
 

@@ -45,9 +45,9 @@ def main():
     if a.fla_configs:
         import compat_gpu_check
         compat_gpu_check.limit_autotuning(a.fla_configs)
-    fla = per_key.fla_chunk_gla()
+    fla = per_key.fla_op("fla.ops.gla", "chunk_gla")
     data = per_key.inputs(*a.shape, "cuda")
-    for name, fn in per_key.rows("cuda", fla, False).items():
+    for name, fn in per_key.rows(fla).items():
         if name == "user":
             continue
         if a.fwd:
