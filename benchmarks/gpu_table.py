@@ -344,9 +344,12 @@ def main():
                     help="comma-separated sections: check, fwd, fwd32 (fp32, first shape), "
                          "decode, train, long (b=1 t=64k h=16 per token), user (a user's "
                          "Mamba-2 definition against the built-in)")
+    ap.add_argument("--n", type=int, default=N,
+                    help="state size of every section (issue 15 asks for 128 and 64)")
     args = ap.parse_args()
+    globals()["N"] = args.n
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__,
-          "triton", triton.__version__)
+          "triton", triton.__version__, f"h={H} p={P} n={N} g={G}")
     rows = []
     sections = {"check": check_reference, "fwd": lambda: forward_rows(args.quick),
                 "fwd32": lambda: forward_rows(True, torch.float32),
