@@ -64,6 +64,9 @@ if want table; then
     echo; echo "=== forward, decode, forward+backward vs mamba_ssm / FLA"
     timeout -s INT -k 30 "${TABLE_LIMIT:-300}" python3 benchmarks/gpu_table.py \
         --only "${TABLE:-check,fwd,decode,train,long,user}" 2>&1 | tee "$LOGS/table.log"
+    echo; echo "=== forward, forward+backward vs mamba_ssm at n=64"
+    timeout -s INT -k 30 "${TABLE_LIMIT:-300}" python3 benchmarks/gpu_table.py --n 64 \
+        --only fwd,train 2>&1 | tee "$LOGS/table_n64.log"
 fi
 if want per_key; then
     echo; echo "=== per-key decays: kernel times of one GLA forward + backward, ssmc and FLA"
