@@ -275,14 +275,20 @@ class ChainRule:
         return {name: DV * value[name] for name in self.row_terms if name in value}
 
     @functools.cached_property
+    def row_epilogue_terms(self) -> dict[str, sp.Expr]:
+        """The epilogue's part of `row_terms` alone (see `row_value_terms`)."""
+        return {name: GOUT * self.exprs.epilogue[name] for name in self.row_terms
+                if name in self.exprs.epilogue}
+
+    @functools.cached_property
     def rows_per_order(self) -> bool:
         """Whether `row_terms` split into per-order value parts and one epilogue part: the
-        epilogue's derivatives read no per-order input (the epilogue runs once, on the sum)."""
-        epilogue = [self.exprs.epilogue[name] for name in self.row_terms
-                    if name in self.exprs.epilogue]
+        epilogue's derivatives read no per-order input and are of none (the epilogue runs
+        once, on the orders' sum)."""
         axes = self._input_axes
-        return not any(ORDER_AXIS in axes.get(s.name, ()) for e in epilogue
-                       for s in e.free_symbols)
+        read = {s.name for e in self.row_epilogue_terms.values() for s in e.free_symbols}
+        return not any(ORDER_AXIS in axes.get(name, ())
+                       for name in read | set(self.row_epilogue_terms))
 
     @property
     def needs_y(self) -> bool:
@@ -339,8 +345,9 @@ class ChainRule:
         `op_grads` (summed over directions; for a program with inputs on the order axis k,
         per order on a leading order axis: `stack_orders`) and the epilogue's direct terms
         (none without `epilogue`: a loss on the hidden attention matrix, which comes before the
-        epilogue). `row_parts`: input name -> its `row_terms` already evaluated by the backend (a canonical tensor,
-        summed or partly summed over the axes the input lacks); those terms are not redone.
+        epilogue). `row_parts`: input name -> its `row_terms` already evaluated by the backend
+        (a canonical tensor, summed or partly summed over the axes the input lacks); those
+        terms are not redone.
         `grouped`: operands whose gradient the backend summed over each group's heads (h axis
         g long; only for operands that read no head-axis input). An entry (operand, input) of
         `op_grads` is that operand's whole term of the input's gradient, formed by the backend

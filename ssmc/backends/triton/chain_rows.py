@@ -24,61 +24,56 @@ from .render import Context, Emitter, Tile
 
 TILE = Tile([("t", "offs_t", "mask_t"), ("p", "offs_p", "mask_p")],
             {"b": "b_idx", "h": "h_idx", "g": "g_idx"})
+#: the per-order kernel's tile: an input with the order axis k read at order `o_idx`
+ORDER_TILE = Tile(TILE.tiled, dict(TILE.fixed, k="o_idx"))
 BT = 32
+ROW = "((b_idx * T + offs_t[:, None]) * H + h_idx) * P + offs_p[None, :]"
 
 
-def render(plan: Plan, terms: dict[str, sp.Expr], axes_of: dict[str, set] | None = None) -> str:
-    """One kernel evaluating `terms` (name -> row expression); each is stored summed over the
-    axes among t and p that `axes_of[name]` (default: the input's own axes) lacks. With ACCUM
-    the terms of inputs without the order axis k are added to what their outputs hold (a
-    cross2d program's orders, launched one after another, sum into them); an input with k
-    has its own slice per order."""
-    prog = plan.program
-    axes_of = axes_of or {name: set(prog.input(name).axes) for name in terms}
-    ct = compute_type(plan)
-    body = Emitter(indent=1)
-    ctx = Context(prog, TILE, body, "r", ct)
-    used = set().union(*(e.free_symbols for e in terms.values()))
-    row = "((b_idx * T + offs_t[:, None]) * H + h_idx) * P + offs_p[None, :]"
+def _load_rows(body: Emitter, ctx: Context, used: set, ct: str) -> None:
+    """y, d value and grad_out, where `used`, loaded once into `ctx`."""
     for sym, ptr, var in ((Y, "ssmc_y", "y_r"), (DV, "ssmc_dv", "dv_r")):
         if sym in used:
-            body(f"{var} = tl.load({ptr} + {row}, mask=rmask, other=0.0).to({ct})")
+            body(f"{var} = tl.load({ptr} + {ROW}, mask=rmask, other=0.0).to({ct})")
             ctx.loaded[sym.name] = var
     if GOUT in used:
         body("go_r = tl.load(ssmc_gout + b_idx * s_go_b + offs_t[:, None] * s_go_t + "
              f"h_idx * s_go_h + offs_p[None, :] * s_go_p, mask=rmask, other=0.0).to({ct})")
         ctx.loaded[GOUT.name] = "go_r"
-    # each term summed over the axes among t and p its input lacks: (b, t, h, p) rows,
-    # (b, t, h), or a (b, t-block, h, p) / (b, t-block, h) partial the host sums
+
+
+def _store(body: Emitter, k: int, v: str, axes: set, offset: str = "") -> None:
+    """Output k <- term `v` summed over the axes among t and p its input lacks: (b, t, h, p)
+    rows, (b, t, h), or a (b, t-block, h, p) / (b, t-block, h) partial the host sums.
+    `offset`: where the output's slice starts (an order's, for an input with k)."""
     block = "b_idx * NTB + tb"
-    for k, (name, expr) in enumerate(terms.items()):
-        axes = axes_of[name]
-        v = ctx.value(expr, f"g{k}")
-        body(f"{v} = tl.where(rmask, {v}, 0.0)")
-        if "p" not in axes:
-            body(f"{v} = tl.sum({v}, axis=1)")
-        if "t" not in axes:
-            body(f"{v} = tl.sum({v}, axis=0)")
-        if "t" in axes and "p" in axes:
-            where, mask = row, "rmask"
-        elif "t" in axes:
-            where, mask = "(b_idx * T + offs_t) * H + h_idx", "mask_t"
-        elif "p" in axes:
-            where, mask = f"(({block}) * H + h_idx) * P + offs_p", "mask_p"
-        else:
-            where, mask = f"({block}) * H + h_idx", None
-        masked = "" if mask is None else f", mask={mask}"
-        if ORDER_AXIS not in axes:
-            body("if ACCUM:")
-            body(f"    {v} += tl.load(ssmc_out{k} + {where}{masked})")
-        body(f"tl.store(ssmc_out{k} + {where}, {v}{masked})")
-    outs = ", ".join(f"ssmc_out{k}" for k in range(len(terms)))
+    body(f"{v} = tl.where(rmask, {v}, 0.0)")
+    if "p" not in axes:
+        body(f"{v} = tl.sum({v}, axis=1)")
+    if "t" not in axes:
+        body(f"{v} = tl.sum({v}, axis=0)")
+    if "t" in axes and "p" in axes:
+        where, mask = ROW, "rmask"
+    elif "t" in axes:
+        where, mask = "(b_idx * T + offs_t) * H + h_idx", "mask_t"
+    elif "p" in axes:
+        where, mask = f"(({block}) * H + h_idx) * P + offs_p", "mask_p"
+    else:
+        where, mask = f"({block}) * H + h_idx", None
+    masked = "" if mask is None else f", mask={mask}"
+    body(f"tl.store(ssmc_out{k}{offset} + {where}, {v}{masked})")
+
+
+def _kernel(plan: Plan, body: Emitter, values: str, n_out: int, extra: str = "") -> str:
+    """The kernel around `body`: one program per (b, block of t, h); `values`, the row
+    tensors' parameters after the inputs'."""
+    outs = ", ".join(f"ssmc_out{k}" for k in range(n_out))
     return HEADER + f"""
 @triton.jit
 def ssmc_chain_rows(
-    {input_params(prog)},
-    ssmc_y, ssmc_dv, ssmc_gout, s_go_b, s_go_t, s_go_h, s_go_p, {outs},
-    T, H, P, HPG, NTB, BT: tl.constexpr, BP: tl.constexpr, ACCUM: tl.constexpr,
+    {input_params(plan.program)},
+    {values}, ssmc_gout, s_go_b, s_go_t, s_go_h, s_go_p, {outs},{extra}
+    T, H, P, HPG, NTB, BT: tl.constexpr, BP: tl.constexpr,
 ):
     b_idx = tl.program_id(0).to(tl.int64)
     tb = tl.program_id(1).to(tl.int64)
@@ -91,6 +86,61 @@ def ssmc_chain_rows(
     rmask = mask_t[:, None] & mask_p[None, :]
 {body.text()}
 """
+
+
+def render(plan: Plan, terms: dict[str, sp.Expr], axes_of: dict[str, set] | None = None) -> str:
+    """One kernel evaluating `terms` (name -> row expression); each is stored summed over the
+    axes among t and p that `axes_of[name]` (default: the input's own axes) lacks."""
+    prog = plan.program
+    axes_of = axes_of or {name: set(prog.input(name).axes) for name in terms}
+    ct = compute_type(plan)
+    body = Emitter(indent=1)
+    ctx = Context(prog, TILE, body, "r", ct)
+    _load_rows(body, ctx, set().union(*(e.free_symbols for e in terms.values())), ct)
+    for k, (name, expr) in enumerate(terms.items()):
+        _store(body, k, ctx.value(expr, f"g{k}"), axes_of[name])
+    return _kernel(plan, body, "ssmc_y, ssmc_dv", len(terms))
+
+
+def render_orders(plan: Plan, rule: ChainRule, orders: int) -> str:
+    """The row terms of a cross2d program with per-order inputs in one kernel: the epilogue's
+    terms once, then each order's value terms on its d value (`ssmc_dv{o}`) and its slice of
+    the inputs with k, the inputs without k loaded once for all orders. An input without k
+    gets the sum over the orders, one with k each order's term in its slice (which starts
+    `ssmc_so{k}` elements after the previous)."""
+    prog = plan.program
+    terms, value_terms = rule.row_terms, rule.row_value_terms
+    axes_of = {name: set(prog.input(name).axes) for name in terms}
+    shared_axes = {i.name for i in prog.inputs if ORDER_AXIS not in i.axes}
+    ct = compute_type(plan)
+    body = Emitter(indent=1)
+    base = Context(prog, ORDER_TILE, body, "r", ct)
+    _load_rows(body, base, set().union(*(e.free_symbols for e in terms.values())) - {DV}, ct)
+    sums = {}       # term index -> the variable holding its running sum over the orders
+    for k, (name, expr) in enumerate(rule.row_epilogue_terms.items()):
+        sums[list(terms).index(name)] = base.value(expr, f"e{k}")
+    shared = {n: v for n, v in base.loaded.items() if n in shared_axes or n in (Y.name,
+                                                                               GOUT.name)}
+    for o in range(orders):
+        body(f"o_idx = {o}")
+        body(f"dv_r{o} = tl.load(ssmc_dv{o} + {ROW}, mask=rmask, other=0.0).to({ct})")
+        ctx = Context(prog, ORDER_TILE, body, f"r{o}", ct, extra={**shared, DV.name: f"dv_r{o}"})
+        for k, name in enumerate(terms):
+            if name not in value_terms:
+                continue
+            v = ctx.value(value_terms[name], f"g{k}_{o}")
+            if ORDER_AXIS in axes_of[name]:
+                _store(body, k, v, axes_of[name], f" + {o} * ssmc_so{k}")
+            elif k in sums:
+                body(f"{sums[k]} = {sums[k]} + {v}")
+            else:
+                sums[k] = v
+        shared.update((n, v) for n, v in ctx.loaded.items() if n in shared_axes)
+    for k, v in sums.items():
+        _store(body, k, v, axes_of[list(terms)[k]])
+    dvs = ", ".join(f"ssmc_dv{o}" for o in range(orders))
+    slices = " ".join(f"ssmc_so{k}," for k in range(len(terms)))
+    return _kernel(plan, body, f"ssmc_y, {dvs}", len(terms), f"\n    {slices}")
 
 
 def _module(backend, plan: Plan, key: str, terms: dict, axes_of: dict):
@@ -115,15 +165,15 @@ def _outputs(terms: dict, axes_of: dict, sizes: dict, device, cdt,
     return out
 
 
-def _run(module, plan: Plan, args: list, sizes: dict, y, dv, grad_out, outs: list,
-         accumulate: bool = False) -> None:
+def _run(module, plan: Plan, args: list, sizes: dict, y, dvs: list, grad_out, outs: list,
+         slices: tuple = ()) -> None:
     B, T, H, G, P = (sizes[a] for a in "bthgp")
     ntb = triton.cdiv(T, BT)
     dummy = grad_out.new_zeros(1, dtype=compute_dtype(plan))
     module.ssmc_chain_rows[(B, ntb, H)](
-        *args, dummy if y is None else y.contiguous(), dummy if dv is None else dv, grad_out,
-        *grad_out.stride(), *outs, T, H, P, H // G, ntb, BT=BT, BP=max(next_pow2(P), 16),
-        ACCUM=accumulate)
+        *args, dummy if y is None else y.contiguous(),
+        *(dummy if dv is None else dv for dv in dvs), grad_out, *grad_out.stride(), *outs,
+        *slices, T, H, P, H // G, ntb, BT=BT, BP=max(next_pow2(P), 16))
 
 
 def _launch(backend, plan: Plan, key: str, terms: dict, axes_of: dict, tensors: dict,
@@ -134,7 +184,7 @@ def _launch(backend, plan: Plan, key: str, terms: dict, axes_of: dict, tensors: 
     if sizes["b"] * sizes["t"] * sizes["h"] == 0:
         return {k: v.zero_() for k, v in out.items()}
     _run(_module(backend, plan, key, terms, axes_of), plan, input_args(plan.program, tensors),
-         sizes, y, dv, grad_out, list(out.values()))
+         sizes, y, [dv], grad_out, list(out.values()))
     return out
 
 
@@ -171,9 +221,8 @@ def row_parts(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, 
 def row_parts_per_order(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, y,
                         grad_out, per_dir: list) -> dict[str, torch.Tensor]:
     """`row_parts` of a cross2d program with per-order inputs (the order axis k), from each
-    order's own d value (`per_dir`: [(operand grads, dh0) per order]): one launch per order
-    on that order's input slices, the first with the epilogue's terms too; an input without k
-    sums the orders' terms in its output (in the compute type), one with k gets its slice.
+    order's own d value (`per_dir`: [(operand grads, dh0) per order]), in one launch
+    (`render_orders`): an input without k gets the orders' sum, one with k a slice per order.
     Empty where the terms do not split so (`ChainRule.rows_per_order`)."""
     terms = rule.row_terms
     if not terms or not rule.rows_per_order:
@@ -185,24 +234,14 @@ def row_parts_per_order(backend, plan: Plan, rule: ChainRule, tensors: dict, siz
     dvs = [None if dv is None else dv.reshape(B, T, H, P).contiguous() for dv in dvs]
     prog = plan.program
     axes_of = {name: set(prog.input(name).axes) for name in terms}
-    rest = rule.row_value_terms
-    # an input's whole gradient written once (a slice per order with k; the epilogue's terms
-    # alone without) is stored in its own dtype; the orders' sums in the compute type
-    dtypes = {name: tensors[name].dtype for name in rule.row_complete
-              if ORDER_AXIS in axes_of[name] or name not in rest}
+    # an input's whole gradient is stored in its own dtype (no fp32 copy to convert)
+    dtypes = {name: tensors[name].dtype for name in rule.row_complete}
     out = _outputs(terms, axes_of, sizes, grad_out.device, compute_dtype(plan), dtypes)
     if B * T * H == 0:
         return {k: v.zero_() for k, v in out.items()}
-    first = _module(backend, plan, "_rows", terms, axes_of)
-    later = _module(backend, plan, "_rows_orders", rest, axes_of) if rest else None
-
-    def slices(names, order):
-        return [out[n][order] if ORDER_AXIS in axes_of[n] else out[n] for n in names]
-    for order, dv in enumerate(dvs):
-        args = input_args(prog, tensors, order)
-        if order == 0:
-            _run(first, plan, args, sizes, y, dv, grad_out, slices(terms, 0))
-        elif later is not None:
-            _run(later, plan, args, sizes, None, dv, grad_out, slices(rest, order),
-                 accumulate=True)
+    module = backend.load_generated(plan.cache_key(backend.cache_tag()) + f"_rows{len(dvs)}",
+                                    lambda: render_orders(plan, rule, len(dvs)))
+    slices = tuple(o[0].numel() if ORDER_AXIS in axes_of[n] else 0 for n, o in out.items())
+    _run(module, plan, input_args(prog, tensors, None), sizes, y, dvs, grad_out,
+         list(out.values()), slices)
     return out

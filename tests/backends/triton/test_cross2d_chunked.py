@@ -138,9 +138,9 @@ def test_cross2d_epilogue():
 
 def test_cross2d_row_terms_run_per_order_in_the_kernel(monkeypatch):
     """Per-order inputs: each order's row terms (x, dt through the value x * softplus(dt); z
-    and D through the epilogue) run in the generated row kernel, one launch per order, and d
-    value is never stacked over the orders for torch ops (at VMamba-like sizes those ops took
-    13 of a 23.6 ms training step, b=32 64x64 h=8 p=64 n=64, H100)."""
+    and D through the epilogue) run in the generated row kernel, and d value is never stacked
+    over the orders for torch ops (at b=32 64x64 h=8 p=64 n=64 those ops took 13 of a 23.6 ms
+    training step on an H100)."""
     from ssmc.backends.triton import backward, chain_rows
     formed, stacked = [], []
     per_order, stack = chain_rows.row_parts_per_order, backward.stack_orders
@@ -159,6 +159,16 @@ def test_cross2d_row_terms_run_per_order_in_the_kernel(monkeypatch):
     assert [set(rows) for rows in formed] == [{"x", "dt", "z", "D"}]
     assert formed[0]["dt"].shape[0] == 4       # one slice per order
     assert stacked and all("value" not in grads for grads in stacked)
+
+
+def test_cross2d_per_order_value_scale_without_t():
+    """A per-order value scale s (k h) with no t or p: each order's d s is a partial summed
+    over its t-blocks and channels, stored in that order's slice of the row kernel's output."""
+    defn = cross2d("cross2d_order_scale",
+                   {"x": "b t h p", "s": "k h", "B": "b t g n", "C": "b t g n", "w": "h"},
+                   lambda v: dict(decay=S.exp(v["w"]), key=v["B"], value=v["x"] * v["s"],
+                                  query=v["C"]))
+    check(defn, inputs_for(defn, (5, 7), seed=4), (5, 7), "chunked")
 
 
 # --------------------------------------------------------------------------- grids
