@@ -370,10 +370,23 @@ HOPPER = DeviceLimits(name="NVIDIA H100 80GB HBM3", capability=(9, 0), sm_count=
                       smem_per_block=232448)
 
 
-def _ssd_tiles(**pinned):
-    plan = Plan(program=builtin("ssd").program, lowering=LOWERING, dtype="bfloat16",
+#: an sm_89 card's (99 KiB of shared memory per block)
+ADA = DeviceLimits(name="NVIDIA L4", capability=(8, 9), sm_count=58, smem_per_block=101376)
+
+
+def _ssd_tiles(dtype="bfloat16", **pinned):
+    plan = Plan(program=builtin("ssd").program, lowering=LOWERING, dtype=dtype,
                 tile=ChunkedTile(**pinned))
     return plan, dict(b=2, t=2048, h=8, g=2, n=128, p=64)
+
+
+@pytest.mark.parametrize("dtype, limits, stages", [("bfloat16", ADA, 3), ("float32", ADA, 2),
+                                                   ("float32", HOPPER, 3)])
+def test_walk_stages_by_operand_size_and_device(dtype, limits, stages):
+    """The default 64-step chunks: fp32 operands (48 KiB a stage at n = 128, p = 64) take two
+    stages on a 99 KiB card and three on an H100; bf16 three on both."""
+    plan, sizes = _ssd_tiles(dtype)
+    assert chunked().tiles(plan, sizes, 16, limits)["stages_state"] == stages
 
 
 @pytest.mark.parametrize("chunk, stages", [(64, 3), (128, 3), (256, 2)])
