@@ -143,10 +143,9 @@ def render_orders(plan: Plan, rule: ChainRule, orders: int) -> str:
     return _kernel(plan, body, f"ssmc_y, {dvs}", len(terms), f"\n    {slices}")
 
 
-def _module(backend, plan: Plan, key: str, terms: dict, axes_of: dict):
-    """The kernel evaluating `terms`, rendered once and cached under `key`."""
-    return backend.load_generated(plan.cache_key(backend.cache_tag()) + key,
-                                  lambda: render(plan, terms, axes_of))
+def _module(backend, plan: Plan, key: str, source):
+    """The kernel `source()` renders, rendered once and cached under `key`."""
+    return backend.load_generated(plan.cache_key(backend.cache_tag()) + key, source)
 
 
 def _outputs(terms: dict, axes_of: dict, sizes: dict, device, cdt,
@@ -183,8 +182,9 @@ def _launch(backend, plan: Plan, key: str, terms: dict, axes_of: dict, tensors: 
     out = _outputs(terms, axes_of, sizes, grad_out.device, compute_dtype(plan), dtypes)
     if sizes["b"] * sizes["t"] * sizes["h"] == 0:
         return {k: v.zero_() for k, v in out.items()}
-    _run(_module(backend, plan, key, terms, axes_of), plan, input_args(plan.program, tensors),
-         sizes, y, [dv], grad_out, list(out.values()))
+    module = _module(backend, plan, key, lambda: render(plan, terms, axes_of))
+    _run(module, plan, input_args(plan.program, tensors), sizes, y, [dv], grad_out,
+         list(out.values()))
     return out
 
 
@@ -239,8 +239,8 @@ def row_parts_per_order(backend, plan: Plan, rule: ChainRule, tensors: dict, siz
     out = _outputs(terms, axes_of, sizes, grad_out.device, compute_dtype(plan), dtypes)
     if B * T * H == 0:
         return {k: v.zero_() for k, v in out.items()}
-    module = backend.load_generated(plan.cache_key(backend.cache_tag()) + f"_rows{len(dvs)}",
-                                    lambda: render_orders(plan, rule, len(dvs)))
+    module = _module(backend, plan, f"_rows{len(dvs)}",
+                     lambda: render_orders(plan, rule, len(dvs)))
     slices = tuple(o[0].numel() if ORDER_AXIS in axes_of[n] else 0 for n, o in out.items())
     _run(module, plan, input_args(prog, tensors, None), sizes, y, dvs, grad_out,
          list(out.values()), slices)
