@@ -11,9 +11,15 @@ Incremental decoding follows mamba_ssm: pass an `InferenceParams` (same fields) 
 `layer_idx` on the layer; the first call (seqlen_offset == 0) runs the whole prompt and fills the
 cache, later calls take one token each (or several: speculative decoding) and step the state in
 place. One difference: the cached
-SSM state is kept in ssmc's layout (b, h, n, p) and in float32 (float64 for float64 models), the
-layout and dtype `CompiledOp.step` updates in place; mamba_ssm keeps (b, h, p, n) in the
-model dtype. The conv state is mamba_ssm's: (b, conv_dim, d_conv).
+SSM state has ssmc's shape (b, h, n, p) and is float32 (float64 for float64 models), what
+`CompiledOp.step` updates in place; mamba_ssm keeps (b, h, p, n) in the model dtype. The conv
+state is mamba_ssm's: (b, conv_dim, d_conv).
+
+The layers allocate their decode states with n as the contiguous axis (a transposed view of (b,
+h, p, n) memory, `decode_state`): the step kernel sums y over n, and with n contiguous that sum
+stays within a warp (compiled for sm_90a: 2 barriers and 128 bytes of shared memory a program
+against 5 and 2 KiB with p contiguous); on an H100 the same step kernel took 10-15% less
+time so (benchmarks/RESULTS.md: the shim's rows, on that memory, against op.step's).
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from .nn_vision import SS2D
 from .ops.ssd import build as ssd_build
 
 __all__ = ["InferenceParams", "RMSNormGated", "Mamba2", "SS2D", "SSMLayer", "causal_conv1d",
-           "seq_idx_from_cu_seqlens"]
+           "decode_state", "seq_idx_from_cu_seqlens"]
 
 
 @dataclass
@@ -116,6 +122,12 @@ class RMSNormGated(nn.Module):
         if z is not None and self.norm_before_gate:
             out = out * F.silu(z)
         return out.to(dtype)
+
+
+def decode_state(b: int, h: int, n: int, p: int, dtype=torch.float32, device=None) -> Tensor:
+    """A zero (b, h, n, p) decode state in (b, h, p, n) memory (n contiguous), which the step
+    kernel reads fastest (see the module's docstring)."""
+    return torch.zeros(b, h, p, n, dtype=dtype, device=device).transpose(-1, -2)
 
 
 # ---------------------------------------------------------------------------------- Mamba2
@@ -331,15 +343,15 @@ class Mamba2(nn.Module):
 
     def allocate_inference_cache(self, batch_size, max_seqlen=None, dtype=None, **kwargs):
         """(conv_state (b, conv_dim, d_conv) in the conv's dtype, ssm_state (b, h, n, p) in
-        float32, float64 for a float64 model)."""
+        float32, float64 for a float64 model; n contiguous, `decode_state`)."""
         w = self.conv1d.weight
         conv_dtype = w.dtype if dtype is None else dtype
         conv_state = torch.zeros(batch_size, self.d_conv, w.shape[0], device=w.device,
                                  dtype=conv_dtype).transpose(1, 2)
         model_dtype = self.in_proj.weight.dtype if dtype is None else dtype
         state_dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
-        ssm_state = torch.zeros(batch_size, self.nheads, self.d_state, self.headdim,
-                                device=w.device, dtype=state_dtype)
+        ssm_state = decode_state(batch_size, self.nheads, self.d_state, self.headdim,
+                                 dtype=state_dtype, device=w.device)
         return conv_state, ssm_state
 
     def _get_states_from_cache(self, inference_params, batch_size, initialize_states=False):
@@ -439,7 +451,7 @@ class SSMLayer(nn.Module):
         return self.op.step(state, **values)
 
     def allocate_inference_cache(self, batch_size: int, dtype=torch.float32, device=None):
-        """A zero state (b, h, n, p) for `step`."""
+        """A zero state (b, h, n, p) for `step`, n contiguous (`decode_state`)."""
         ref = next(iter(self.parameters()), None)
         device = device if device is not None else (ref.device if ref is not None else "cpu")
         sizes = {}
@@ -450,6 +462,6 @@ class SSMLayer(nn.Module):
         if missing:
             raise ShapeError(f"SSMLayer({self.op.program.name}): the state size needs "
                              f"{', '.join(missing)}, which no parameter fixes; allocate "
-                             "torch.zeros(b, h, n, p) yourself")
-        return torch.zeros(batch_size, sizes["h"], sizes["n"], sizes["p"], dtype=dtype,
-                           device=device)
+                             "ssmc.nn.decode_state(b, h, n, p) yourself")
+        return decode_state(batch_size, sizes["h"], sizes["n"], sizes["p"], dtype=dtype,
+                            device=device)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import ssmc
-from ssmc.nn import InferenceParams, Mamba2, RMSNormGated, SSMLayer, causal_conv1d
+from ssmc.nn import (InferenceParams, Mamba2, RMSNormGated, SSMLayer, causal_conv1d,
+                     decode_state)
 from ssmc.ops import retention
 from tests.helpers import cu_seqlens
 
@@ -168,6 +169,7 @@ def test_decode_64_tokens_matches_full_forward(config, prompt):
     conv_state, ssm_state = ip.key_value_memory_dict[3]
     assert conv_state.shape == (2, m.d_ssm + 2 * m.ngroups * m.d_state, m.d_conv)
     assert ssm_state.shape == (2, m.nheads, m.d_state, m.headdim)
+    assert ssm_state.stride(-2) == 1     # n contiguous: what the step kernel reads fastest
 
 
 def test_decode_on_the_tvm_backend_float32():
@@ -307,7 +309,8 @@ def test_ssm_layer_parameters_forward_and_step():
     y.sum().backward()
     assert layer.A.grad is not None and layer.D.grad is not None
 
-    state = torch.zeros(b, h, n, p, dtype=torch.float64)
+    state = decode_state(b, h, n, p, dtype=torch.float64)    # n contiguous, stepped in place
+    assert state.shape == (b, h, n, p) and state.stride(-2) == 1 and not state.any()
     with torch.no_grad():
         steps = torch.stack([layer.step(state, x[:, i], dt[:, i], B[:, i], C[:, i])
                              for i in range(t)], 1)
