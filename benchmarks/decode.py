@@ -4,7 +4,8 @@ token), on the same inputs, eager and replayed from a CUDA graph.
 
     python benchmarks/decode.py [--batch 1 8 64 256] [--state fp32 bf16] [--dtype bf16]
 
-Rows: `ssmc op.step` (the SSD definition's step, state (b, h, n, p)); `ssmc shim` (ssmc.compat's
+Rows: `ssmc op.step` (the SSD definition's step, state (b, h, n, p)); `ssmc op.step nT` (the
+same on a (b, h, n, p) view of (b, h, p, n) memory, `ssmc.nn.decode_state`); `ssmc shim` (ssmc.compat's
 selective_state_update on mamba_ssm's (b, h, p, n) state and its tied per-head arguments, as
 mamba_ssm's Mamba2.step passes them); `mamba_ssm` and `fla` where importable (FLA keeps its state
 in fp32 and returns a new final state, so it runs in the fp32 rows only; its gate is the
@@ -115,6 +116,9 @@ def implementations(case: Case):
     s_np = case.state_np.clone()
     args = (case.x, case.dt, case.A, case.B, case.C, case.D, case.z, case.dt_bias)
     impls["ssmc op.step"] = (lambda: op.step(s_np, *args), lambda: s_np.transpose(-1, -2))
+    # the same step on the state the layers allocate (ssmc.nn.decode_state: n contiguous)
+    s_nt = case.state_pn.clone().transpose(-1, -2)
+    impls["ssmc op.step nT"] = (lambda: op.step(s_nt, *args), lambda: s_nt.transpose(-1, -2))
     s_shim = case.state_pn.clone()
     tied = case.tied()
     impls["ssmc shim"] = (lambda: shim_update(s_shim, **tied, backend="triton"),
@@ -184,7 +188,7 @@ def main():
     copy_bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  device copy "
           f"{copy_bw:.0f} GB/s  h={H} p={P} n={N} g={G} inputs {args.dtype}")
-    header = (f"{'impl':14} {'state':5} {'b':>4} {'mode':6} {'us':>9} {'GB/s':>7} "
+    header = (f"{'impl':15} {'state':5} {'b':>4} {'mode':6} {'us':>9} {'GB/s':>7} "
               f"{'of copy':>7} {'vs mamba_ssm':>12}")
     rows = []
     for state_name in args.state:
@@ -200,7 +204,7 @@ def main():
                 gbs = case.bytes_moved() / (ms * 1e-3) / 1e9
                 base = times.get(("mamba_ssm", mode))
                 ratio = f"{base / ms:.2f}x" if base is not None else "-"
-                rows.append(f"{name:14} {state_name:5} {b:>4} {mode:6} {ms * 1e3:>9.1f} "
+                rows.append(f"{name:15} {state_name:5} {b:>4} {mode:6} {ms * 1e3:>9.1f} "
                             f"{gbs:>7.0f} {gbs / copy_bw:>7.0%} {ratio:>12}")
     print(header)
     print("\n".join(rows))
