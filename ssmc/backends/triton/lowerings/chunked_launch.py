@@ -64,8 +64,8 @@ def walk_stages(plan: Plan, chunk: int, BN: int, BP: int, limits: DeviceLimits |
                 default: int) -> int:
     """Pipeline stages of a sequential walk over `chunk`-step chunks (the state pass, the
     backward's recompute and reverse pass): each stage holds a (chunk, BN) and a (chunk, BP)
-    operand tile in shared memory, which is what Triton 3.6 allocates for them on sm_90 (to
-    the byte, less 8). `stages_state` if the plan pins it, else `default` or as many as fit
+    operand tile in shared memory (Triton 3.6 on sm_90 allocates exactly that, plus 8 bytes).
+    `stages_state` if the plan pins it, else `default` or as many as fit
     the device; a walk that does not fit with the stages it must use is a ConfigError here,
     not Triton's out-of-resources error at launch."""
     pinned = plan.tile_dict().get("stages_state")
