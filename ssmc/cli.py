@@ -26,6 +26,7 @@ import torch
 from . import config
 from ._version import __version__
 from .api import Definition
+from .validate import complete_sizes
 from .autotune import tuner as tuner_mod
 from .autotune.cache import (TuneCache, TuneKey, all_caches, device_slug,
                              export_defaults)
@@ -159,7 +160,7 @@ def resolve_sizes(program, given: dict[str, int],
     """Every axis size the cost model needs, following `ssmc.validate`'s rules.
 
     The axes the definition's inputs carry are required, except those in `optional`. The
-    others take validate's defaults: b and t are 1, h is g (else 1), g is h, n and p are 1.
+    others take validate's defaults (`validate.complete_sizes`).
     Sizes given for axes the definition does not use are ignored; their names are returned so
     the caller can say so.
     """
@@ -173,13 +174,7 @@ def resolve_sizes(program, given: dict[str, int],
                        + (f"; also missing: {' '.join(missing[1:])}" if missing[1:] else ""))
     ignored = [a for a in given if a not in used]
     sizes = {a: v for a, v in given.items() if a in used}
-    for axis in ("b", "t"):
-        sizes.setdefault(axis, 1)
-    if "h" not in sizes:
-        sizes["h"] = sizes.get("g", 1)
-    sizes.setdefault("g", sizes["h"])
-    for axis in ("n", "p"):
-        sizes.setdefault(axis, 1)
+    complete_sizes(sizes)
     if sizes["h"] % sizes["g"]:
         raise CLIError(f"--shape: heads h={sizes['h']} is not a multiple of groups "
                        f"g={sizes['g']}")

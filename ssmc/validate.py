@@ -31,6 +31,19 @@ class Bound:
         return self.sizes["b"] if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
 
 
+def complete_sizes(sizes: dict) -> dict:
+    """The sizes of the axes no input has, in place: b, t, n, p of 1; h as g (or 1); g of 1
+    where no input has a group axis (what has no head axis is then the same for every head:
+    one group of them all, so the kernels form q k^T once for the heads and sum dq, dk over
+    them). Returns `sizes`."""
+    for axis in ("b", "t", "n", "p"):
+        sizes.setdefault(axis, 1)
+    if "h" not in sizes:
+        sizes["h"] = sizes.get("g", 1)
+    sizes.setdefault("g", 1)
+    return sizes
+
+
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
@@ -84,16 +97,10 @@ def bind(program: Program, args: tuple, kwargs: dict) -> Bound:
                     f"({other}: {_shape(values[other])}, {inp.name}: {_shape(x)})")
             sizes.setdefault(axis, size)  # an int, or a SymInt under tracing (not specialised)
             owner.setdefault(axis, inp.name)
-    for axis in ("b", "t"):
-        sizes.setdefault(axis, 1)
-    if "h" not in sizes:
-        sizes["h"] = sizes.get("g", 1)
-    sizes.setdefault("g", sizes["h"])
+    complete_sizes(sizes)
     if sizes["g"] == 0 or sizes["h"] % sizes["g"]:
         raise ShapeError(f"{fn}: heads h={sizes['h']} ({owner.get('h', 'implied')!r}) is not a "
                          f"multiple of groups g={sizes['g']} ({owner.get('g')!r})")
-    for axis in ("n", "p"):
-        sizes.setdefault(axis, 1)
 
     _check_grid(fn, program, extras, sizes, owner)
     dtype = _output_dtype(program, values)

@@ -106,7 +106,7 @@ def test_explain_note_for_axes_the_definition_lacks(capsys, tmp_path):
     code, out, err = run(capsys, "explain", f"{path}:la", "--shape", SHAPE)
     assert code == 0, err
     assert "note: la does not use axis g; ignored" in out
-    assert "g=80" in out  # g defaults to h, as at call time
+    assert "g=1" in out  # one group where no input has the axis, as at call time
     assert "kind: none" in out
 
 
@@ -350,7 +350,7 @@ def test_tune_builtin_function(tmp_path):
                         "b=1,t=8,h=2,n=4,p=4", "--dtype", "fp32", "--device", "cpu",
                         "--max-configs", "2", env={"SSMC_CACHE_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr
-    assert "linear_attention b=1 t=8 h=2 g=2 n=4 p=4 fp32 lowering=all on cpu" in done.stdout
+    assert "linear_attention b=1 t=8 h=2 g=1 n=4 p=4 fp32 lowering=all on cpu" in done.stdout
     assert "stored linear-attention_auto_fp32_" in done.stdout
     assert "linear_attention.definition" in done.stderr
 
@@ -361,7 +361,7 @@ def test_export_then_load_round_trip(tmp_path):
     done = ssmc_command("export", "ssmc.ops.gla:definition", "--target", "llvm", "--shape",
                         "b=2,h=3,n=4,p=5", "--initial-state", "--final-state", "-o", str(out))
     assert done.returncode == 0, done.stderr
-    assert ("exported gla: scan lowering for llvm, h=3 g=3 n=4 p=5, float32; b and t free"
+    assert ("exported gla: scan lowering for llvm, h=3 g=1 n=4 p=5, float32; b and t free"
             in done.stdout)
     assert f"load it with ssmc.load({str(out)!r})" in done.stdout
     assert "note: b stays free in an export; the size given is ignored" in done.stderr

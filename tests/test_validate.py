@@ -39,6 +39,18 @@ def test_bind_accepts_and_sizes():
     assert set(bound.tensors) == set(NAMES)
 
 
+def test_one_group_where_no_input_has_the_axis():
+    """Inputs without a head axis are the same for every head: with no group axis anywhere the
+    heads form one group (g = 1), as with an explicit g of 1."""
+    @ssmc.ssm
+    def shared_keys(k: S.In["b t n"], v: S.In["b t h p"], q: S.In["b t n"]):
+        return S.recurrence(key=k, value=v, query=q)
+    b, t, h, n, p = 2, 5, 3, 4, 6
+    bound = bind(shared_keys.program, (torch.randn(b, t, n), torch.randn(b, t, h, p),
+                                       torch.randn(b, t, n)), {})
+    assert (bound.sizes["h"], bound.sizes["g"]) == (3, 1)
+
+
 def test_bind_keywords_and_mixed_dtypes():
     a = dict(zip(NAMES, args()))
     a["x"], a["z"] = a["x"].bfloat16(), a["z"].bfloat16()

@@ -54,7 +54,7 @@ import torch
 from ..backends.base import backward_for, resolve_backend
 from ..errors import UnsupportedError
 from ..ir import Program
-from ..validate import Bound, _output_dtype, check_cu_seqlens_values
+from ..validate import Bound, _output_dtype, check_cu_seqlens_values, complete_sizes
 
 NAMESPACE = "ssmc"
 
@@ -128,14 +128,7 @@ def sizes_of(program: Program, inputs, grid=()) -> dict:
     for inp, x in zip(program.inputs, inputs):
         for axis, size in zip(inp.axes, x.shape):
             sizes.setdefault(axis, size)
-    for axis in ("b", "t"):
-        sizes.setdefault(axis, 1)
-    if "h" not in sizes:
-        sizes["h"] = sizes.get("g", 1)
-    sizes.setdefault("g", sizes["h"])
-    for axis in ("n", "p"):
-        sizes.setdefault(axis, 1)
-    return sizes
+    return complete_sizes(sizes)
 
 
 def state_dtype(out_dtype: torch.dtype) -> torch.dtype:

@@ -50,7 +50,7 @@ def _program(definition_or_program) -> Program:
 
 def _check_request(target: str, arch: str, lowering: str, dtypes: dict, shapes: dict) -> dict:
     """The options and sizes of an export, checked before anything is rendered; returns the
-    sizes with g defaulted to h."""
+    sizes with g defaulted to h (a program without a group axis comes with g = 1)."""
     options = (("target", target, TARGETS),
                ("lowering", lowering, sorted({name for name, _ in LOWERINGS})),
                *((what, d, SUPPORTED_DTYPES) for what, d in dtypes.items()))
@@ -103,7 +103,10 @@ def export(definition_or_program, target: str = "cuda", arch: str = "sm_90", sha
                           f"{', '.join(program.input_names)})")
     dtypes = {"dtype": dtype, **{f"input_dtypes[{k!r}]": d
                                  for k, d in (input_dtypes or {}).items()}}
-    shapes = _check_request(target, arch, lowering, dtypes, dict(shapes or {}))
+    shapes = dict(shapes or {})
+    if not any("g" in i.axes for i in program.inputs):
+        shapes.setdefault("g", 1)   # implied, as at call time (`validate.complete_sizes`)
+    shapes = _check_request(target, arch, lowering, dtypes, shapes)
     if (lowering, target) not in LOWERINGS:
         raise UnsupportedError(f"export(): the TVM backend has no {lowering!r} lowering for "
                                f"target {target!r}")

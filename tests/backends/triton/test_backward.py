@@ -239,6 +239,30 @@ def test_backward_chunked_head_blocks(monkeypatch, programs, heads):
     check_backward(builtin("ssd", "bidirectional"), "chunked", sizes, seed=17)
 
 
+def test_backward_key_and_query_without_a_group_axis():
+    """B and C without a group or head axis ("b t n", Mamba-2 with one group as a user may
+    write it): a call sizes them as one group of every head, so the chunked backward sums dB
+    and dC over the heads in its kernel (they came per head and torch summed them: at b=32,
+    t=4096, h=8, n=64 and four cross2d orders, 1 GB in fp32 per operand); gradients against
+    the reference."""
+    from ssmc import ssm
+    from ssmc.backends.triton.lowerings import chunked_bwd_launch
+    from ssmc.validate import bind
+
+    @ssm
+    def mamba2_one_group(x: S.In["b t h p"], dt: S.In["b t h"], A: S.In["h"],
+                         B: S.In["b t n"], C: S.In["b t n"]):
+        d = S.softplus(dt)
+        return S.recurrence(decay=S.exp(d * A), key=B, value=x * d, query=C)
+    sizes = dict(b=2, t=40, h=3, n=5, p=4)
+    inputs = inputs_for(mamba2_one_group, dict(sizes, g=1), seed=19)
+    bound = bind(mamba2_one_group.program, (), inputs)
+    assert bound.sizes["g"] == 1
+    plan = _plan(mamba2_one_group, "chunked", torch.float32, True, True, False)
+    assert chunked_bwd_launch.grouped_operands(plan, bound.sizes) == {"query", "key"}
+    check_backward(mamba2_one_group, "chunked", bound.sizes, inputs=inputs, seed=19)
+
+
 # --------------------------------------------------------------------------- custom definitions
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
