@@ -161,6 +161,21 @@ def test_cross2d_row_terms_run_per_order_in_the_kernel(monkeypatch):
     assert stacked and all("value" not in grads for grads in stacked)
 
 
+def test_cross2d_per_order_keys_without_a_group_axis():
+    """B and C per order with no group axis ("b k t n"), four heads: one group of them all,
+    so the forward forms each order's q k^T once for the heads and the backward sums dB and
+    dC over the heads in its kernel (the benchmark's Mamba-2-style case)."""
+    axes = {"x": "b t h p", "dt": "b k t h", "A": "h", "B": "b k t n", "C": "b k t n"}
+    defn = cross2d("cross2d_one_group", axes, SPECS["scalar"][1])
+    grid = (4, 5)
+    gen = torch.Generator().manual_seed(7)
+    sizes = dict(b=1, t=grid[0] * grid[1], h=4, n=4, p=4, k=4)
+    inputs = {name: torch.randn([sizes[a] for a in spec.split()], generator=gen)
+              for name, spec in axes.items()}
+    inputs["A"] = -(0.5 + inputs["A"].abs())
+    check(defn, inputs, grid, "chunked")
+
+
 def test_cross2d_per_order_value_scale_without_t():
     """A per-order value scale s (k h) with no t or p: each order's d s is a partial summed
     over its t-blocks and channels, stored in that order's slice of the row kernel's output."""
