@@ -164,28 +164,34 @@ def _outputs(terms: dict, axes_of: dict, sizes: dict, device, cdt,
     return out
 
 
-def _run(module, plan: Plan, args: list, sizes: dict, y, dvs: list, grad_out, outs: list,
-         slices: tuple = ()) -> None:
+def _launch(module, plan: Plan, args: list, terms: dict, axes_of: dict, sizes: dict, y,
+            dvs: list, grad_out, dtypes=None) -> dict[str, torch.Tensor]:
+    """Allocate each term's canonical output (`_outputs`) and launch `module`'s kernel on
+    `args` (the inputs' tensors and strides) with the d values `dvs` (one, or one per order:
+    then each output with k gets its slices' stride)."""
+    out = _outputs(terms, axes_of, sizes, grad_out.device, compute_dtype(plan), dtypes)
     B, T, H, G, P = (sizes[a] for a in "bthgp")
+    if B * T * H == 0:
+        return {k: v.zero_() for k, v in out.items()}
+    slices = () if len(dvs) == 1 else tuple(
+        o[0].numel() if ORDER_AXIS in axes_of[n] else 0 for n, o in out.items())
     ntb = triton.cdiv(T, BT)
     dummy = grad_out.new_zeros(1, dtype=compute_dtype(plan))
     module.ssmc_chain_rows[(B, ntb, H)](
         *args, dummy if y is None else y.contiguous(),
-        *(dummy if dv is None else dv for dv in dvs), grad_out, *grad_out.stride(), *outs,
-        *slices, T, H, P, H // G, ntb, BT=BT, BP=max(next_pow2(P), 16))
-
-
-def _launch(backend, plan: Plan, key: str, terms: dict, axes_of: dict, tensors: dict,
-            sizes: dict, y, dv, grad_out, dtypes=None) -> dict[str, torch.Tensor]:
-    """Render (cached under `key`), allocate each term's canonical output (in `dtypes[name]`,
-    default the compute type) and launch."""
-    out = _outputs(terms, axes_of, sizes, grad_out.device, compute_dtype(plan), dtypes)
-    if sizes["b"] * sizes["t"] * sizes["h"] == 0:
-        return {k: v.zero_() for k, v in out.items()}
-    module = _module(backend, plan, key, lambda: render(plan, terms, axes_of))
-    _run(module, plan, input_args(plan.program, tensors), sizes, y, [dv], grad_out,
-         list(out.values()))
+        *(dummy if dv is None else dv for dv in dvs), grad_out, *grad_out.stride(),
+        *out.values(), *slices, T, H, P, H // G, ntb, BT=BT, BP=max(next_pow2(P), 16))
     return out
+
+
+def _row_values(rule: ChainRule, sizes: dict, dvs: list) -> list | None:
+    """The d values as contiguous (b, t, h, p) tensors (None where absent), or None where a
+    row term needs one that is absent."""
+    if any(dv is None for dv in dvs) and any(DV in e.free_symbols
+                                             for e in rule.row_terms.values()):
+        return None
+    B, T, H, P = (sizes[a] for a in "bthp")
+    return [None if dv is None else dv.reshape(B, T, H, P).contiguous() for dv in dvs]
 
 
 def epilogue_dy(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, y,
@@ -195,8 +201,10 @@ def epilogue_dy(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict
     expr = rule.row_dy
     if expr is None:
         return None
-    out = _launch(backend, plan, "_dy", {"dy": expr}, {"dy": set("bthp")}, tensors, sizes, y,
-                  None, grad_out, {"dy": dtype} if dtype else None)
+    terms, axes_of = {"dy": expr}, {"dy": set("bthp")}
+    module = _module(backend, plan, "_dy", lambda: render(plan, terms, axes_of))
+    out = _launch(module, plan, input_args(plan.program, tensors), terms, axes_of, sizes, y,
+                  [None], grad_out, {"dy": dtype} if dtype else None)
     B, T, H, P = (sizes[a] for a in "bthp")
     return out["dy"].view(B, T, H, P)
 
@@ -205,17 +213,14 @@ def row_parts(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, 
               op_grads: dict) -> dict[str, torch.Tensor]:
     """input name -> its row terms as a canonical (b, t or t-blocks, h, 1, p or 1) tensor."""
     terms = rule.row_terms
-    if not terms:
-        return {}
-    B, T, H, P = (sizes[a] for a in "bthp")
-    dv = op_grads["value"].reshape(B, T, H, P).contiguous() if "value" in op_grads else None
-    if dv is None and any(DV in e.free_symbols for e in terms.values()):
+    dvs = _row_values(rule, sizes, [op_grads.get("value")]) if terms else None
+    if dvs is None:
         return {}
     axes_of = {name: set(plan.program.input(name).axes) for name in terms}
+    module = _module(backend, plan, "_rows", lambda: render(plan, terms, axes_of))
     # an input's whole gradient is stored in its own dtype (no fp32 copy to convert)
-    dtypes = {name: tensors[name].dtype for name in rule.row_complete}
-    return _launch(backend, plan, "_rows", terms, axes_of, tensors, sizes, y, dv, grad_out,
-                   dtypes)
+    return _launch(module, plan, input_args(plan.program, tensors), terms, axes_of, sizes, y,
+                   dvs, grad_out, {name: tensors[name].dtype for name in rule.row_complete})
 
 
 def row_parts_per_order(backend, plan: Plan, rule: ChainRule, tensors: dict, sizes: dict, y,
@@ -225,23 +230,13 @@ def row_parts_per_order(backend, plan: Plan, rule: ChainRule, tensors: dict, siz
     (`render_orders`): an input without k gets the orders' sum, one with k a slice per order.
     Empty where the terms do not split so (`ChainRule.rows_per_order`)."""
     terms = rule.row_terms
-    if not terms or not rule.rows_per_order:
+    dvs = (_row_values(rule, sizes, [grads.get("value") for grads, _ in per_dir])
+           if terms and rule.rows_per_order else None)
+    if dvs is None:
         return {}
-    B, T, H, P = (sizes[a] for a in "bthp")
-    dvs = [grads.get("value") for grads, _ in per_dir]
-    if any(dv is None for dv in dvs) and any(DV in e.free_symbols for e in terms.values()):
-        return {}
-    dvs = [None if dv is None else dv.reshape(B, T, H, P).contiguous() for dv in dvs]
     prog = plan.program
     axes_of = {name: set(prog.input(name).axes) for name in terms}
-    # an input's whole gradient is stored in its own dtype (no fp32 copy to convert)
-    dtypes = {name: tensors[name].dtype for name in rule.row_complete}
-    out = _outputs(terms, axes_of, sizes, grad_out.device, compute_dtype(plan), dtypes)
-    if B * T * H == 0:
-        return {k: v.zero_() for k, v in out.items()}
     module = _module(backend, plan, f"_rows{len(dvs)}",
                      lambda: render_orders(plan, rule, len(dvs)))
-    slices = tuple(o[0].numel() if ORDER_AXIS in axes_of[n] else 0 for n, o in out.items())
-    _run(module, plan, input_args(prog, tensors, None), sizes, y, dvs, grad_out,
-         list(out.values()), slices)
-    return out
+    return _launch(module, plan, input_args(prog, tensors, None), terms, axes_of, sizes, y,
+                   dvs, grad_out, {name: tensors[name].dtype for name in rule.row_complete})

@@ -63,6 +63,12 @@ def _per_key_decay(program: Program) -> bool:
     return ld is not None and "n" in ld.axes
 
 
+def walk_stage_bytes(chunk: int, BN: int, BP: int, op_bytes: int) -> int:
+    """Shared memory of one pipeline stage of a chunked sequential walk: a (chunk, BN) and a
+    (chunk, BP) operand tile (Triton 3.6 on sm_90 allocates exactly that, plus 8 bytes)."""
+    return chunk * (BN + BP) * op_bytes
+
+
 def chunked_space(ctx: SpaceContext, built_in: dict) -> TileSpace:
     """`built_in`: the chunked lowering's built-in tiles at ctx's sizes."""
     P, T = ctx.sizes["p"], ctx.sizes["t"]
@@ -91,7 +97,7 @@ def chunked_space(ctx: SpaceContext, built_in: dict) -> TileSpace:
             return f"a chunk of {cs} steps is not a whole number of {v['BT']}-row blocks"
         # the sequential state pass: an n x BP_state fp32 state, pipelined key/value chunk loads
         threads = 32 * v["warps_state"]
-        smem = v["stages_state"] * (BN * cs + cs * v["BP_state"]) * ob
+        smem = v["stages_state"] * walk_stage_bytes(cs, BN, v["BP_state"], ob)
         why = ctx.fits(threads, smem, BN * v["BP_state"] / threads)
         if why:
             return f"state pass: {why}"

@@ -10,7 +10,7 @@ from ....errors import ConfigError
 from ....plan import Plan
 from ....tiles import OPERAND_BYTES
 from ..common import Outputs, chunk_layout, input_args, interpreting, next_pow2
-from ..tiles import ChunkedTile, chunked_space
+from ..tiles import ChunkedTile, chunked_space, walk_stage_bytes
 from .chunked import RESET_ROWS_PER_PROGRAM, per_key_decay, render, reset_specialised, supports
 from .chunk_qk import launch_qk, reads_qk
 from .chunked_keys import launch_scores, whole_chunk_warps
@@ -63,15 +63,14 @@ def tiles(plan: Plan, sizes: dict, n_programs: int, limits: DeviceLimits | None 
 def walk_stages(plan: Plan, chunk: int, BN: int, BP: int, limits: DeviceLimits | None,
                 default: int) -> int:
     """Pipeline stages of a sequential walk over `chunk`-step chunks (the state pass, the
-    backward's recompute and reverse pass): each stage holds a (chunk, BN) and a (chunk, BP)
-    operand tile in shared memory (Triton 3.6 on sm_90 allocates exactly that, plus 8 bytes).
+    backward's recompute and reverse pass), each `walk_stage_bytes` of shared memory.
     `stages_state` if the plan pins it, else `default` or as many as fit
     the device; a walk that does not fit with the stages it must use is a ConfigError here,
     not Triton's out-of-resources error at launch."""
     pinned = plan.tile_dict().get("stages_state")
     if limits is None:
         return pinned or default
-    per_stage = chunk * (BN + BP) * OPERAND_BYTES.get(plan.dtype, 4)
+    per_stage = walk_stage_bytes(chunk, BN, BP, OPERAND_BYTES.get(plan.dtype, 4))
     fitting = (limits.smem_per_block - WALK_SMEM_EXTRA) // per_stage
     stages = pinned or min(default, max(fitting, 1))
     if stages > fitting:
