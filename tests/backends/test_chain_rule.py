@@ -7,7 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ssmc.ops
 from ssmc import dsl as S
 from ssmc.backends import chain_rule
-from ssmc.backends.chain_rule import DV, GOUT, CanonicalInputs, ChainRule, stack_orders
+from ssmc.backends.chain_rule import (DV, GOUT, CanonicalInputs, ChainRule, OrderBuffers,
+                                     stack_orders)
 from ssmc.ir import Y
 from ssmc.ir.orders import order_program, order_tensors, stack_order_grads
 from ssmc.nn_vision import build_ss2d_scan
@@ -153,6 +154,26 @@ def test_stack_orders_puts_the_orders_in_front():
     out = stack_orders(per_dir)
     assert out["value"].shape == (ORDERS, 1, 2, 1, 1, 3)
     assert out["decay", "A"][:, 0, 0, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+
+def test_stack_orders_takes_an_order_buffer_without_a_copy():
+    """Parts carved from one OrderBuffers buffer come back as that buffer (a view: no
+    stacking copy); parts that are not its consecutive slices are still stacked."""
+    bufs = OrderBuffers(ORDERS, "cpu")
+    per_dir = []
+    for d in range(ORDERS):
+        part = bufs("dq", d, (1, 2, 1, 3), torch.float32).fill_(float(d))
+        per_dir.append(({"query": part.unsqueeze(-1), "key": torch.full((1, 2, 1, 3, 1), 1.0)},
+                        None))
+    out = stack_orders(per_dir)
+    assert out["query"].data_ptr() == bufs.buffers["dq"].data_ptr()
+    assert out["query"].shape == (ORDERS, 1, 2, 1, 3, 1)
+    assert out["query"][:, 0, 0, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    reordered = [per_dir[1], per_dir[0], *per_dir[2:]]
+    swapped = stack_orders(reordered)["query"]
+    assert swapped.data_ptr() != bufs.buffers["dq"].data_ptr()
+    assert swapped[:, 0, 0, 0, 0, 0].tolist() == [1.0, 0.0, 2.0, 3.0]
 
 
 @pytest.mark.usefixtures("kernel_cache_per_module")

@@ -7,6 +7,7 @@ import triton
 
 from ....devices import DeviceLimits
 from ....plan import Plan
+from ...chain_rule import OrderBuffers
 from ..common import (HEADER, chunk_layout, compute_dtype, direction_slices, dot_type, input_args,
                       next_pow2, num_sequences)
 from .chunked import render_state_kernel
@@ -241,6 +242,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
                              if want_y else None)
     GH = sizes.get("grid_h", 1)
     results = []
+    per_order = OrderBuffers(len(prog.recurrence.directions), device)
     for i, (direction, gT) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, grad_final))):
         args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
@@ -265,12 +267,12 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
             results.append((grads, dh0))
             continue
         dv = torch.empty(B, T, H, P, dtype=state_dtype(plan), device=device)   # like dy
-        dl = torch.empty(NPB, B, T, H, dtype=cdt, device=device) if mode == "row" else dummy
+        dl = per_order("dl", i, (NPB, B, T, H), cdt) if mode == "row" else dummy
         bn = m["BNQK"]
         nnb = triton.cdiv(N, bn)
         heads_qk = head_block(plan, sizes, n_chunks * nnb)
-        dq = torch.empty(B, T, H // heads_qk, N, dtype=cdt, device=device)
-        dk = torch.empty(B, T, H // heads_qk, N, dtype=cdt, device=device)
+        dq = per_order("dq", i, (B, T, H // heads_qk, N), cdt)
+        dk = per_order("dk", i, (B, T, H // heads_qk, N), cdt)
         fl = saved["flags"][i]
         # each variant takes its chunks (chunk_variants): the counting dq/dk one adds to the
         # first's sums, so it runs after it
@@ -291,8 +293,10 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
             y.zero_()
         if grouped_operands(plan, sizes) and H // heads_qk != G:   # blocks -> groups
             per_group = H // heads_qk // G    # spelt out: -1 is ambiguous for an empty batch
-            dq = dq.view(B, T, G, per_group, N).sum(3)
-            dk = dk.view(B, T, G, per_group, N).sum(3)
+            dq = torch.sum(dq.view(B, T, G, per_group, N), 3,
+                           out=per_order("dq_g", i, (B, T, G, N), cdt))
+            dk = torch.sum(dk.view(B, T, G, per_group, N), 3,
+                           out=per_order("dk_g", i, (B, T, G, N), cdt))
         grads = {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3)}
         if mode == "row":   # (NPB, b, t, h) partials -> (b, t, h, 1, 1)
             grads["log_decay"] = (dl[0] if NPB == 1 else dl.sum(0))[..., None, None]
