@@ -184,7 +184,9 @@ def test_cross2d_backward_runs_the_chain_rule_once(backend, monkeypatch):
         pytest.importorskip("tvm")
     op = ssmc.compile(gated_groups, backend=backend, lowering="scan")
     sizes = dict(SIZES, b=1, h=2, g=1, n=2)
-    xs = {k: v.requires_grad_() for k, v in random_inputs(op, sizes, seed=3).items()}
+    # the Triton backend takes CUDA tensors where a GPU is present (the interpreter's: CPU)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    xs = {k: v.to(device).requires_grad_() for k, v in random_inputs(op, sizes, seed=3).items()}
     calls = []
     input_grads = ChainRule.input_grads
     monkeypatch.setattr(ChainRule, "input_grads",
