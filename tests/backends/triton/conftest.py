@@ -131,3 +131,36 @@ def triton_check():
     """The checker `check_triton(definition, inputs, lowering=, tol=, initial_state=,
     return_final_state=, cu_seqlens=)`."""
     return check_triton
+
+
+class _Proxy:
+    """A module whose named attributes are replaced (the rest read from `module`)."""
+
+    def __init__(self, module, **replaced):
+        self._module, self._replaced = module, replaced
+
+    def __getattr__(self, name):
+        return self._replaced.get(name) or getattr(self._module, name)
+
+
+def count_launches(monkeypatch, lowering: str, kernel: str) -> list:
+    """The grids of `kernel`'s launches by the Triton `lowering` from here on (its registered
+    launch wrapped for the test)."""
+    import dataclasses
+
+    from ssmc.backends.triton.lowerings.registry import LOWERINGS
+
+    grids = []
+    registered = LOWERINGS[lowering]
+
+    def counting(module, *args, **kwargs):
+        real = getattr(module, kernel)
+
+        class Count:
+            def __getitem__(self, grid):
+                grids.append(grid)
+                return real[grid]
+        return registered.launch(_Proxy(module, **{kernel: Count()}), *args, **kwargs)
+
+    monkeypatch.setitem(LOWERINGS, lowering, dataclasses.replace(registered, launch=counting))
+    return grids

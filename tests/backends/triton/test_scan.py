@@ -23,6 +23,7 @@ from ssmc import dsl as S
 from ssmc.backends import get_backend
 from ssmc.lowerings import legal_lowerings
 from ssmc.plan import Plan
+from tests.backends.triton.conftest import count_launches
 
 # the modules (ssmc.ops exports functions of the same names)
 OPS = {name: importlib.import_module(f"ssmc.ops.{name}")
@@ -33,6 +34,9 @@ SCALE = 0.5
 SSD_OPTIONS = dict(has_D=True, has_z=True, has_dt_bias=True, dt_softplus=True, dt_min=1e-3,
                    dt_max=2.0)
 S6_OPTIONS = dict(has_D=True, has_z=True, has_delta_bias=True, delta_softplus=True)
+#: where the Triton backend runs: a GPU where there is one (no interpreter then), else the CPU;
+#: the drawn inputs live there (drawn on the CPU, so the same values on both)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def definition(name: str, axes: dict[str, str], body):
@@ -166,7 +170,7 @@ def inputs_for(defn, sizes: dict, dtype=torch.float32, seed: int = 0) -> dict:
         shape = tuple(sizes[a] for a in inp.axes)
         draw = DRAW.get(inp.name)
         x = draw(gen, shape) if draw else torch.randn(shape, generator=gen, dtype=torch.float64)
-        out[inp.name] = x.to(dtype)
+        out[inp.name] = x.to(dtype).to(DEVICE)
     return out
 
 
@@ -175,11 +179,12 @@ def state_for(defn, sizes: dict, num_states: int | None = None, seed: int = 1):
     shape = (num_states or sizes["b"], sizes["h"], sizes["n"], sizes["p"])
     if len(defn.program.recurrence.directions) > 1:
         shape = (2,) + shape
-    return torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=gen).to(DEVICE)
 
 
 def cu_seqlens(lengths) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                        device=DEVICE)
 
 
 #: small odd shapes; g < h wherever the definition has groups
@@ -278,7 +283,7 @@ def test_scan_non_contiguous_inputs(triton_check):
     inputs = inputs_for(defn, sizes, seed=8)
     b, t, h, g, n, p = (sizes[a] for a in "bthgnp")
     inputs["x"] = inputs["x"].transpose(1, 2).contiguous().transpose(1, 2)
-    inputs["B"] = torch.randn(b, t, 1, n).expand(b, t, g, n)
+    inputs["B"] = torch.randn(b, t, 1, n, device=DEVICE).expand(b, t, g, n)
     assert not inputs["x"].is_contiguous() and inputs["B"].stride(2) == 0
     triton_check(defn, inputs, initial_state=state_for(defn, sizes), return_final_state=True)
 
@@ -330,10 +335,13 @@ def test_scan_through_the_op_wrappers():
     Mamba-1's (b, t, d) tensors and pick a definition variant per option)."""
     gen = torch.Generator().manual_seed(12)
     b, t, h, g, n, p = 2, 7, 4, 2, 4, 3
-    x, z = torch.randn(b, t, h, p, generator=gen), torch.randn(b, t, h, p, generator=gen)
-    dt, A = torch.randn(b, t, h, generator=gen), -torch.rand(h, generator=gen) - 0.5
-    B, C = torch.randn(b, t, g, n, generator=gen), torch.randn(b, t, g, n, generator=gen)
-    D = torch.randn(h, p, generator=gen)  # per-channel skip
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE)
+    x, z = randn(b, t, h, p), randn(b, t, h, p)
+    dt, A = randn(b, t, h), -torch.rand(h, generator=gen).to(DEVICE) - 0.5
+    B, C = randn(b, t, g, n), randn(b, t, g, n)
+    D = randn(h, p)  # per-channel skip
     args = (x, dt, A, B, C)
     kw = dict(D=D, z=z, dt_softplus=True, return_final_state=True)
     y, hT = OPS["ssd"].ssd(*args, **kw, backend="triton", lowering="scan")
@@ -343,10 +351,10 @@ def test_scan_through_the_op_wrappers():
     assert _rel(y, y_r) <= 1e-5 and _rel(hT, hT_r) <= 1e-5
 
     d = 5
-    u, delta = torch.randn(b, t, d, generator=gen), torch.randn(b, t, d, generator=gen)
-    A6 = -torch.rand(d, n, generator=gen) - 0.5
-    B6, C6 = torch.randn(b, t, n, generator=gen), torch.randn(b, t, n, generator=gen)
-    h0 = torch.randn(b, d, n, generator=gen)
+    u, delta = randn(b, t, d), randn(b, t, d)
+    A6 = -torch.rand(d, n, generator=gen).to(DEVICE) - 0.5
+    B6, C6 = randn(b, t, n), randn(b, t, n)
+    h0 = randn(b, d, n)
     y, hT = OPS["selective_scan"].selective_scan(u, delta, A6, B6, C6, delta_softplus=True,
                                                  initial_state=h0, return_final_state=True,
                                                  backend="triton", lowering="scan")
@@ -415,10 +423,6 @@ def test_scan_orders_summed_atomically_or_one_launch_each(direction, monkeypatch
     """Several orders run in one launch and add into an fp32 accumulator atomically; with
     torch's deterministic algorithms on, one launch per order instead. Both equal the float64
     reference; the deterministic path gives the same bits on every call."""
-    import dataclasses
-
-    from ssmc.backends.triton.lowerings.registry import LOWERINGS
-
     defn = _ssd_like(direction)
     sizes = dict(b=2, t=12, h=2, g=1, n=3, p=5)
     grid = (3, 4) if direction == "cross2d" else None
@@ -430,19 +434,7 @@ def test_scan_orders_summed_atomically_or_one_launch_each(direction, monkeypatch
     ref = ssmc.compile(defn, backend="reference", lowering="scan")
     want = ref(**{k: v.double() for k, v in inputs.items()},
                **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
-    launches = []
-    scan = LOWERINGS["scan"]
-
-    def counting(module, *args, **kwargs):
-        kernel = module.ssmc_scan_fwd
-
-        class Count:
-            def __getitem__(self, launch_grid):
-                launches.append(launch_grid)
-                return kernel[launch_grid]
-        return scan.launch(_Proxy(module, ssmc_scan_fwd=Count()), *args, **kwargs)
-
-    monkeypatch.setitem(LOWERINGS, "scan", dataclasses.replace(scan, launch=counting))
+    launches = count_launches(monkeypatch, "scan", "ssmc_scan_fwd")
     results = {}
     previous = torch.are_deterministic_algorithms_enabled()
     try:
@@ -461,16 +453,6 @@ def test_scan_orders_summed_atomically_or_one_launch_each(direction, monkeypatch
     assert torch.equal(y(results[True][0]), y(results[True][1]))
 
 
-class _Proxy:
-    """A module whose named attributes are replaced (the rest read from `module`)."""
-
-    def __init__(self, module, **replaced):
-        self._module, self._replaced = module, replaced
-
-    def __getattr__(self, name):
-        return self._replaced.get(name) or getattr(self._module, name)
-
-
 @pytest.mark.parametrize("direction", ("bidirectional", "cross2d"))
 @pytest.mark.parametrize("n, deterministic", [(3, False), (3, True), (16, False)])
 def test_scan_backward_of_several_orders(n, deterministic, direction):
@@ -485,7 +467,8 @@ def test_scan_backward_of_several_orders(n, deterministic, direction):
     h0 = None if grid else state_for(defn, sizes)
     kw = {"grid": grid} if grid else {}
     gen = torch.Generator().manual_seed(5)
-    grad_y = torch.randn(sizes["b"], sizes["t"], sizes["h"], sizes["p"], generator=gen)
+    grad_y = torch.randn(sizes["b"], sizes["t"], sizes["h"], sizes["p"],
+                         generator=gen).to(DEVICE)
 
     def grads(backend, dtype):
         op = ssmc.compile(defn, backend=backend, lowering="scan")
@@ -526,7 +509,8 @@ def test_scan_backward_decay_terms_of_every_input_shape(varlen):
         kw["cu_seqlens"] = cu_seqlens(LENGTHS)
     inputs = inputs_for(defn, sizes, seed=6)
     gen = torch.Generator().manual_seed(8)
-    grad_y = torch.randn(sizes["b"], sizes["t"], sizes["h"], sizes["p"], generator=gen)
+    grad_y = torch.randn(sizes["b"], sizes["t"], sizes["h"], sizes["p"],
+                         generator=gen).to(DEVICE)
 
     def grads(backend, dtype):
         op = ssmc.compile(defn, backend=backend, lowering="scan")
