@@ -287,3 +287,14 @@ def test_cross2d_bf16(lowering, decay):
     problems, _ = gradient_problems(dict(zip(xs, grads)), None, dict(zip(rs, ref)), None,
                                     inputs, None, BF16_GRAD_TOL)
     assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- paired orders
+
+@pytest.mark.parametrize("decay, grid", [("scalar", (8, 16)), ("diagonal", (8, 8))])
+def test_cross2d_paired_orders_per_order_inputs(decay, grid):
+    """On a grid of whole chunks each order and its reverse share a program per row block
+    (`chunked_launch.order_pairs`), the second reading its own slice of the per-order inputs:
+    forward and every gradient against the reference."""
+    defn = definition(decay, True)
+    check(defn, inputs_for(defn, grid, seed=5, b=1), grid, "chunked")
