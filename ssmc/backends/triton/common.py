@@ -116,7 +116,8 @@ class Outputs:
         elif plan.return_final_state:
             self.final = torch.empty((nd, self.S, H, N, P), dtype=self.cdt, device=self.device)
         self.empty = self.out.numel() == 0 and self.final is None
-        self.yacc = (torch.zeros(B, T, H, P, dtype=self.cdt, device=self.device)
+        # not zeroed: the first direction stores its part (an atomic sum zeroes it first)
+        self.yacc = (torch.empty(B, T, H, P, dtype=self.cdt, device=self.device)
                      if nd > 1 and output else self.out)
         self.h0s = direction_slices(plan, initial_state)
 

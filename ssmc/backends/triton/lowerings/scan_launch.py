@@ -93,7 +93,10 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
     warps = {"num_warps": tile["num_warps"]} if "num_warps" in tile and device.type == "cuda" else {}
     args = input_args(prog, tensors, None)
     nd = len(dirs)
-    for first, count in order_launches(plan):
+    launches = order_launches(plan)
+    if any(count > 1 for _, count in launches):   # orders added atomically, from zero
+        yacc.zero_()
+    for first, count in launches:
         # all orders: the whole (orders, S, H, N, P) states; one: its own slice
         h0 = initial_state if count == nd else o.h0s[first]
         h0 = None if h0 is None else h0.contiguous()
