@@ -517,18 +517,18 @@ def _paired(plan: Plan, body: Emitter, level: int, pid: str) -> str:
     """After the row block of program `pid` (at `level`, its output stored into the fp32 sum),
     the same rows in the pair's second order (PAIRED): a bidirectional op's reverse order, or
     a cross2d op's reverse of the same axis. Its sum's read-modify-write meets the lines the
-    first order just stored (the four orders of a 64x64 cross2d Mamba-2 step made three passes
-    over a (b, t, h, p) fp32 sum; paired, one), and its inputs the lines the first just read.
-    Per-order inputs (axis k) read the second order's slice, KSTEP orders on."""
+    first order just stored (a cross2d op's four orders made four passes over a (b, t, h, p)
+    fp32 sum; paired, two), and its inputs the lines the first just read. Per-order inputs
+    (axis k) read the second order's slice, KSTEP orders on."""
     names = dict(PAIR_NAMES)
     for inp in plan.program.inputs:
         if ORDER_AXIS in inp.axes:
             names[f"u_{inp.name}_ptr"] = f"(u_{inp.name}_ptr + KSTEP * u_{inp.name}_s_k)"
-    first = _row_block(plan, "pid_b // R", body, level + 1, pid="pid_b")
+    second = _row_block(plan, "pid_b // R", body, level + 1, pid="pid_b")
     return "\n".join([indent("if PAIRED:", level),
                       indent("tl.debug_barrier()   # the first order's sum, stored", level + 1),
                       indent(PAIR_ROW_BLOCK.format(pid=pid), level + 1),
-                      _renamed(first, names)])
+                      _renamed(second, names)])
 
 #: row blocks (with their flags) one program of the counting pass walks
 RESET_ROWS_PER_PROGRAM = 16
