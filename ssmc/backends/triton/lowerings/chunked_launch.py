@@ -143,16 +143,17 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
                       S, per_seq, n_chunks, sizes, per_key, device, out)
         return states, resets, scores, sg
     bufs = [buffers() for _ in range(slots)]
+    # per order: the inputs (per-order ones as this order's slice) and the direction flags
+    args_of = [input_args(prog, tensors, i) for i in range(len(dirs))]
+    flags_of = [dict(REVERSE=d.reversed, COLUMN=d.column) for d in dirs]
 
     def state_pass(i, states, resets, sg):
-        args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
         h0 = None if h0s[i] is None else h0s[i].contiguous()
-        order = dict(REVERSE=dirs[i].reversed, COLUMN=dirs[i].column)
         module.ssmc_chunked_state_fwd[(S * sg.n_seg, H, blocks)](
-            *args, states, resets, out if h0 is None else h0,
+            *args_of[i], states, resets, out if h0 is None else h0,
             out if final is None else final[i], cu, off, *sg.buffers,
             T, H // G, N, P, GH, sg.n_seg, sg.seg or 1,
-            BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"], NPB=npb_state, **order,
+            BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"], NPB=npb_state, **flags_of[i],
             HAS_H0=h0 is not None, STORE_HT=final is not None,
             IS_VARLEN=cu_seqlens is not None, SEGMENTED=bool(sg.seg), **launch_state)
         if sg.seg:
@@ -164,15 +165,13 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
     out_bt = m["CS"] if per_key else m["BT"]   # per-key: the output pass takes whole chunks
 
     def scores_pass(i, scores):
-        args = input_args(prog, tensors, i)
-        order = dict(REVERSE=dirs[i].reversed, COLUMN=dirs[i].column)
         if per_key:
-            launch_scores(module, args, scores, n_chunks, H, (cu, off, seqs),
-                          (T, H // G, N, P, GH), m["BT"], m["CS"], m["BN"], order,
+            launch_scores(module, args_of[i], scores, n_chunks, H, (cu, off, seqs),
+                          (T, H // G, N, P, GH), m["BT"], m["CS"], m["BN"], flags_of[i],
                           cu_seqlens is not None, on_gpu)
         elif qk_read:
-            launch_qk(module, args, scores, n_chunks, G, (cu, off, seqs), sizes, m["CS"], order,
-                      cu_seqlens is not None, launch_out)
+            launch_qk(module, args_of[i], scores, n_chunks, G, (cu, off, seqs), sizes, m["CS"],
+                      flags_of[i], cu_seqlens is not None, launch_out)
 
     for g, group in enumerate(groups):
         for i, (states, resets, _, sg) in zip(group, bufs):
@@ -186,13 +185,12 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
         (states, resets, scores, sg), (states2, resets2, scores2, sg2) = bufs[0], bufs[-1]
         npb = triton.cdiv(P, m["BP_out"])
         n_rows = n_chunks * (m["CS"] // out_bt)
-        out_args = (*input_args(prog, tensors, i), out, *out.stride(), yacc, states, resets,
+        out_args = (*args_of[i], out, *out.stride(), yacc, states, resets,
                     scores, cu, off, seqs, sg.seg_state, sg.chunk_prod, states2, resets2,
                     scores2, sg2.seg_state, sg2.chunk_prod, j - i,
                     T, H // G, N, P, GH, sg.n_seg, sg.seg or 1)
         out_meta = dict(BT=out_bt, CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb,
-                        REVERSE=dirs[i].reversed, COLUMN=dirs[i].column,
-                        IS_VARLEN=cu_seqlens is not None, ACCUM_IN=g > 0,
+                        **flags_of[i], IS_VARLEN=cu_seqlens is not None, ACCUM_IN=g > 0,
                         WRITE_OUT=last and not paired, SEGMENTED=bool(sg.seg),
                         QK_READ=qk_read, PAIRED=paired, REVERSE2=dirs[j].reversed,
                         WRITE_OUT2=last and paired, **launch_out)
