@@ -117,12 +117,12 @@ def chunked_space(ctx: SpaceContext, built_in: dict) -> TileSpace:
     return default, axes, check
 
 
-def scan_space(ctx: SpaceContext, BN: int, BP: int, BT: int) -> TileSpace:
-    """`BN`, `BP`, `BT`: the scan's built-in blocks at ctx's sizes."""
+def scan_space(ctx: SpaceContext, BN: int, BP: int, BT: int, num_warps: int) -> TileSpace:
+    """`BN`, `BP`, `BT`, `num_warps`: the scan's built-in blocks at ctx's sizes."""
     P = ctx.sizes["p"]
     axes = {"BP": pow2_upto(2, min(64, max(next_pow2(P), 2))), "BT": (1, 2, 4, 8, 16, 32),
             "stages": (1, 2, 3), "num_warps": (1, 2, 4, 8)}
-    default = {"BP": BP, "BT": BT, "stages": 1, "num_warps": 4}
+    default = {"BP": BP, "BT": BT, "stages": 1, "num_warps": num_warps}
 
     def check(v, ctx):
         threads = 32 * v["num_warps"]

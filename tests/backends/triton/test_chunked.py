@@ -161,7 +161,7 @@ def test_chunked_non_contiguous_inputs(triton_check):
     inputs = inputs_for(defn, sizes, seed=8)
     b, t, h, g, n, p = (sizes[a] for a in "bthgnp")
     inputs["x"] = inputs["x"].transpose(1, 2).contiguous().transpose(1, 2)
-    inputs["B"] = torch.randn(b, t, 1, n).expand(b, t, g, n)
+    inputs["B"] = torch.randn(b, t, 1, n, device=inputs["x"].device).expand(b, t, g, n)
     assert not inputs["x"].is_contiguous() and inputs["B"].stride(2) == 0
     triton_check(defn, inputs, lowering=LOWERING, initial_state=state_for(defn, sizes),
                  return_final_state=True)

@@ -523,6 +523,18 @@ def test_scan_backward_decay_terms_of_every_input_shape(varlen):
         assert _rel(got[name], g) <= 1e-5, name
 
 
+def test_scan_forward_small_step_tiles_run_in_one_warp():
+    """A step-at-a-time tile of small n narrows to one warp's 128 values (the sum over n stays
+    in the warp); large n keeps its 32-wide p-block and four warps; a tile's own choice wins."""
+    from ssmc.backends.triton.lowerings.scan_launch import scan_blocks, scan_warps
+
+    assert scan_blocks(16, 192) == (16, 8, 1) and scan_warps(16, 8, 1) == 1
+    assert scan_blocks(64, 64) == (64, 32, 1) and scan_warps(64, 32, 1) == 4
+    assert scan_blocks(16, 192, {"BP": 32}) == (16, 32, 1) and scan_warps(16, 32, 1) == 4
+    assert scan_warps(16, 8, 1, {"num_warps": 2}) == 2
+    assert scan_blocks(16, 4)[2] > 1    # too small a tile to run a step at a time
+
+
 @pytest.mark.parametrize("direction", ("forward", "bidirectional", "cross2d"))
 @pytest.mark.parametrize("n", (3, 16))
 def test_scan_forward_step_at_a_time_and_in_blocks(n, direction):

@@ -8,7 +8,13 @@ import triton
 from ....plan import Plan
 from ..common import chunk_layout, compute_dtype, input_args, num_sequences
 from .decay_terms import buffers as term_buffers, canonical as term_canonical, decay_terms
-from .scan_launch import block_tile, order_bits, order_launches, scan_blocks
+from .scan_launch import block_tile, order_bits, order_launches, scan_blocks, scan_warps
+
+
+def backward_blocks(N: int, P: int) -> tuple[int, int, int, int]:
+    """(BN, BP, BT, num_warps) of the backward pass; BT is also the forward's checkpoint
+    interval. Its own blocks: the forward's tile is tuned for the forward."""
+    return (*block_tile(N, P), 4)
 
 
 def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, want_y):
@@ -22,7 +28,7 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     nd = len(prog.recurrence.directions)
     # checkpoints every CK steps (the backward's blocks); in between, the forward's own form
     # (a step at a time for large state tiles: `scan.scan_blocks`)
-    CK = block_tile(N, P)[2]
+    CK = backward_blocks(N, P)[2]
     BN, BP, BT = scan_blocks(N, P)
     NPB = triton.cdiv(P, BP)
     n_ck, ck_off, _ = chunk_layout(sizes, cu_seqlens, CK, device)
@@ -42,7 +48,8 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
             dummy if cu_seqlens is None else cu_seqlens, dummy if ck_off is None else ck_off,
             T, H // G, N, P, sizes.get("grid_h", 1), NCK, NPB, first, rev, col,
             BN=BN, BP=BP, BT=BT, CK=CK, HAS_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
-            ACCUM_IN=first > 0, WRITE_Y=want_y, ATOMIC=want_y and count > 1)
+            ACCUM_IN=first > 0, WRITE_Y=want_y, ATOMIC=want_y and count > 1,
+            **({"num_warps": scan_warps(BN, BP, BT)} if device.type == "cuda" else {}))
     return dict(ckpt=ckpt, ck_off=ck_off, NCK=NCK), y
 
 
@@ -56,7 +63,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     cdt = compute_dtype(plan)
     S = num_sequences(sizes, cu_seqlens)
     nd = len(prog.recurrence.directions)
-    BN, BP, BT = block_tile(N, P)    # its own blocks: the forward's tile is tuned for it
+    BN, BP, BT, warps = backward_blocks(N, P)
     NPB = triton.cdiv(P, BP)
     dummy = torch.zeros(1, dtype=cdt, device=device)
     terms = decay_terms(prog)
@@ -73,7 +80,8 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         dummy if cu_seqlens is None else cu_seqlens,
         dummy if saved["ck_off"] is None else saved["ck_off"],
         B, T, H // G, N, P, sizes.get("grid_h", 1), saved["NCK"], NPB, 0, rev, col,
-        BN=BN, BP=BP, BT=BT, CK=BT, HAS_GT=gT is not None, IS_VARLEN=cu_seqlens is not None)
+        BN=BN, BP=BP, BT=BT, CK=BT, HAS_GT=gT is not None, IS_VARLEN=cu_seqlens is not None,
+        **({"num_warps": warps} if device.type == "cuda" else {}))
     results = []
     for i in range(nd):
         grads = {"query": dq[i].sum(0).unsqueeze(-1), "key": dk[i].sum(0).unsqueeze(-1),
