@@ -31,7 +31,7 @@ want tests && bounded python3 -m pytest -q -rfE --tb=short -n 6 -m gpu tests/bac
 want tests && bounded python3 -m pytest -q -rfE --tb=short -n 6 \
     tests/backends/triton/test_cross2d_chunked.py tests/backends/triton/test_cross2d_scan.py \
     -p no:cacheprovider > "$LOGS/tests_cross2d.log" 2>&1 &
-# the scan file and the chunked file's paired-order tests, likewise unmarked
+# the scan file and the chunked file's unmarked tests, likewise
 want tests && bounded python3 -m pytest -q -rfE --tb=short -n 6 \
     tests/backends/triton/test_scan.py tests/backends/triton/test_chunked.py -m "not gpu" \
     -p no:cacheprovider > "$LOGS/tests_unmarked.log" 2>&1 &

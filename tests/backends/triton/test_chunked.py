@@ -29,7 +29,7 @@ from ssmc.devices import DeviceLimits
 from ssmc.errors import ConfigError, UnsupportedError
 from ssmc.plan import Plan
 from ssmc.validate import bind
-from tests.backends.triton.conftest import TOL, count_launches, rel_l2
+from tests.backends.triton.conftest import TOL, rel_l2
 from tests.backends.triton.test_scan import (BUILTINS, builtin, cu_seqlens, custom, inputs_for,
                                              state_for)
 from tests.helpers import compile_for_hopper, make_definition
@@ -645,46 +645,3 @@ def test_chunked_kernels_compile_for_sm90(tmp_path):
     fp16's fp32 factored products) through Triton's real compiler to sm90 cubin, without a GPU: GPU-only
     front-end errors (dot shapes and types, loop-carried types, float64 scans) show here."""
     compile_for_hopper(_AOT, tmp_path, timeout=900)
-
-
-# --------------------------------------------------------------------------- paired orders
-
-def test_order_pairs_put_each_order_with_its_reverse():
-    from ssmc.ir.nodes import DIRECTION_SETS
-    pairs = chunked().order_pairs
-    assert pairs(DIRECTION_SETS["forward"]) == [(0,)]
-    assert pairs(DIRECTION_SETS["bidirectional"]) == [(0, 1)]
-    # rows forward, columns, rows reversed, columns reversed
-    assert pairs(DIRECTION_SETS["cross2d"]) == [(0, 2), (1, 3)]
-
-
-@pytest.mark.parametrize("t, launches", [(256, 1), (200, 2)])
-@pytest.mark.parametrize("name", list(BUILTINS))
-def test_chunked_bidirectional_orders_paired(name, t, launches, triton_check, monkeypatch):
-    """Where the length is a whole number of chunks, one program runs a row block of the
-    forward order and then the same rows of the reverse order (`order_pairs`): one output
-    launch for both, against the float64 reference; otherwise one launch per order."""
-    defn = builtin(name, "bidirectional")
-    sizes = shape_for(name, dict(b=2, t=t, h=2, g=1, n=4, p=3))
-    grids = count_launches(monkeypatch, LOWERING, "ssmc_chunked_out_fwd")
-    triton_check(defn, inputs_for(defn, sizes, seed=21), lowering=LOWERING,
-                 initial_state=state_for(defn, sizes), return_final_state=True)
-    assert len(grids) == launches
-
-
-@pytest.mark.parametrize("reset", [False, True])
-def test_chunked_cross2d_orders_paired(reset, triton_check, monkeypatch):
-    """A cross2d op on a grid of whole chunks pairs rows with rows reversed and columns with
-    columns reversed (two output launches for four orders), per-order inputs read at their
-    own order's slice; with a head whose decays all underflow (every step a reset: the
-    counting output kernel), too."""
-    from tests.backends.triton.test_scan import _ssd_like
-
-    defn = _ssd_like("cross2d")
-    sizes = dict(b=2, t=128, h=2, g=1, n=4, p=3)
-    inputs = inputs_for(defn, sizes, seed=22)
-    if reset:
-        inputs["A"][0] = -1e4
-    grids = count_launches(monkeypatch, LOWERING, "ssmc_chunked_out_fwd")
-    triton_check(defn, inputs, lowering=LOWERING, grid=(8, 16))
-    assert len(grids) == 2

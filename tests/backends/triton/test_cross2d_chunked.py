@@ -289,12 +289,9 @@ def test_cross2d_bf16(lowering, decay):
     assert not problems, "\n".join(problems)
 
 
-# --------------------------------------------------------------------------- paired orders
-
 @pytest.mark.parametrize("decay, grid", [("scalar", (8, 16)), ("diagonal", (8, 8))])
-def test_cross2d_paired_orders_per_order_inputs(decay, grid):
-    """On a grid of whole chunks each order and its reverse share a program per row block
-    (`chunked_launch.order_pairs`), the second reading its own slice of the per-order inputs:
-    forward and every gradient against the reference."""
+def test_cross2d_whole_chunks_per_order_inputs(decay, grid):
+    """A grid of whole chunks (no partial last chunk) with per-order inputs: forward and every
+    gradient against the reference."""
     defn = definition(decay, True)
     check(defn, inputs_for(defn, grid, seed=5, b=1), grid, "chunked")

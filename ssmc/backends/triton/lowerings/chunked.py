@@ -41,11 +41,9 @@ the lowering.
 """
 from __future__ import annotations
 
-import re
 import textwrap
 
 from ....ir import DecayKind, Elementwise
-from ....ir.orders import ORDER_AXIS
 from ....plan import Plan
 from ..common import (HEADER, compute_type, dot_type, emit_output, precision_arg,
                       input_params)
@@ -486,60 +484,21 @@ OUT_PARAMS = """
     out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
     yacc_ptr, states_ptr, resets_ptr, ssmc_scores, cu_ptr, chunk_off_ptr, chunk_seq_ptr,
     seg_state_ptr, chunk_prod_ptr,
-    states2_ptr, resets2_ptr, ssmc_scores2, seg_state2_ptr, chunk_prod2_ptr, KSTEP,
     T, HPG, N, P, GH, NSEG, SEG,
     BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr,
     REVERSE: tl.constexpr, COLUMN: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACCUM_IN: tl.constexpr, WRITE_OUT: tl.constexpr, SEGMENTED: tl.constexpr,
-    QK_READ: tl.constexpr, PAIRED: tl.constexpr, REVERSE2: tl.constexpr,
-    WRITE_OUT2: tl.constexpr,"""
-
-#: the second order of a pair (PAIRED): the same kernel text on its own buffers, reversed
-PAIR_NAMES = {"REVERSE": "REVERSE2", "states_ptr": "states2_ptr", "resets_ptr": "resets2_ptr",
-              "ssmc_scores": "ssmc_scores2", "seg_state_ptr": "seg_state2_ptr",
-              "chunk_prod_ptr": "chunk_prod2_ptr", "ACCUM_IN": "True",
-              "WRITE_OUT": "WRITE_OUT2"}
-
-#: the row block of a pair's second order that covers the first's rows: chunk c of n of a
-#: sequence read backwards is chunk n - 1 - c, its row block r is R - 1 - r (T a multiple of CS)
-PAIR_ROW_BLOCK = """n_chunks_b = tl.cdiv(T, CS)
-chunk_a = {pid} // R
-chunk_b = (chunk_a // n_chunks_b) * n_chunks_b + n_chunks_b - 1 - chunk_a % n_chunks_b
-pid_b = chunk_b * R + R - 1 - {pid} % R"""
-
-
-def _renamed(text: str, names: dict[str, str]) -> str:
-    return re.sub(r"\b(" + "|".join(map(re.escape, names)) + r")\b",
-                  lambda m: names[m.group(1)], text)
-
-
-def _paired(plan: Plan, body: Emitter, level: int, pid: str) -> str:
-    """After the row block of program `pid` (at `level`, its output stored into the fp32 sum),
-    the same rows in the pair's second order (PAIRED): a bidirectional op's reverse order, or
-    a cross2d op's reverse of the same axis. Its sum's read-modify-write meets the lines the
-    first order just stored (a cross2d op's four orders made four passes over a (b, t, h, p)
-    fp32 sum; paired, two), and its inputs the lines the first just read. Per-order inputs
-    (axis k) read the second order's slice, KSTEP orders on."""
-    names = dict(PAIR_NAMES)
-    for inp in plan.program.inputs:
-        if ORDER_AXIS in inp.axes:
-            names[f"u_{inp.name}_ptr"] = f"(u_{inp.name}_ptr + KSTEP * u_{inp.name}_s_k)"
-    second = _row_block(plan, "pid_b // R", body, level + 1, pid="pid_b")
-    return "\n".join([indent("if PAIRED:", level),
-                      indent("tl.debug_barrier()   # the first order's sum, stored", level + 1),
-                      indent(PAIR_ROW_BLOCK.format(pid=pid), level + 1),
-                      _renamed(second, names)])
+    QK_READ: tl.constexpr,"""
 
 #: row blocks (with their flags) one program of the counting pass walks
 RESET_ROWS_PER_PROGRAM = 16
 
 
-def _row_block(plan: Plan, chunk: str, body: Emitter, level: int, pid: str = "pid0") -> str:
-    """One row block of the output pass (the program's `chunk`, row block r = `pid` % R), at
-    `level`."""
+def _row_block(plan: Plan, chunk: str, body: Emitter, level: int) -> str:
+    """One row block of the output pass (the program's `chunk`, row block r), at `level`."""
     setup = chunk_setup(True, "cu_ptr", "chunk_off_ptr", "chunk_seq_ptr", chunk, "CS", "cs0")
     return "\n".join([indent(textwrap.dedent(setup), level),
-                      indent(f"r = {pid} % R\nc0 = cs0 + r * BT\nif c0 < length:", level),
+                      indent("r = pid0 % R\nc0 = cs0 + r * BT\nif c0 < length:", level),
                       indent(rows(), level + 1), indent(textwrap.dedent(body.text()), level + 1)])
 
 
@@ -551,15 +510,13 @@ def render_output_kernel(plan: Plan) -> str:
     prog = plan.program
     params = f"{input_params(prog)},{OUT_PARAMS}"
     if not reset_specialised(plan):
-        body = _output_body(plan, True)
         return f'''
 @triton.jit
 def ssmc_chunked_out_fwd({params}
 ):
     R = CS // BT
     pid0 = tl.program_id(0).to(tl.int64)
-{_row_block(plan, "pid0 // R", body, 1)}
-{_paired(plan, body, 1, "pid0")}
+{_row_block(plan, "pid0 // R", _output_body(plan, True), 1)}
 '''
     plain = Emitter(indent=0)
     plain("if tl.load(resets_ptr + chunk * H + h_idx) == 0:")
@@ -574,7 +531,6 @@ def ssmc_chunked_out_fwd({params}
     R = CS // BT
     pid0 = tl.program_id(0).to(tl.int64)
 {_row_block(plan, "pid0 // R", plain, 1)}
-{_paired(plan, plain, 1, "pid0")}
 
 
 @triton.jit
@@ -591,7 +547,6 @@ def ssmc_chunked_out_resets_fwd({params}
             pid0 = first + i
             if pid0 < NROWS:
 {_row_block(plan, "pid0 // R", counting, 4)}
-{_paired(plan, counting, 4, "pid0")}
 '''
 
 

@@ -82,22 +82,6 @@ def walk_stages(plan: Plan, chunk: int, BN: int, BP: int, limits: DeviceLimits |
     return stages
 
 
-def order_pairs(dirs) -> list[tuple[int, ...]]:
-    """The orders grouped for the output pass: each with its reverse on the same axis where the
-    op has both (a bidirectional op's two; a cross2d op's rows and columns), run by one program
-    per row block (chunked.py `_paired`): the pair's second order adds into the fp32 sum the
-    first just stored, so the sum makes one pass per pair instead of one per order."""
-    groups, taken = [], set()
-    for i, d in enumerate(dirs):
-        if i in taken:
-            continue
-        j = next((j for j in range(i + 1, len(dirs)) if j not in taken
-                  and dirs[j].column == d.column and dirs[j].reversed != d.reversed), None)
-        groups.append((i,) if j is None else (i, j))
-        taken.update(groups[-1])
-    return groups
-
-
 def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output=True):
     """(out, final state); without `output`, the state pass alone (out an empty stand-in)."""
     prog = plan.program
@@ -111,13 +95,16 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
     n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["CS"], device)
     state_dtype = cdt if interpreting() else {"bfloat16": torch.bfloat16,
                                               "float16": torch.float16}.get(plan.dtype, cdt)
+    states = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype, device=device)
+    # 1 where a chunk holds a reset (`reset_specialised`): written by the state pass
+    resets = torch.empty(max(n_chunks, 1), H, dtype=torch.int8, device=device)
     per_key = per_key_decay(plan)
     # per-key decays: each chunk's decayed scores (chunked_keys.py); query and key shared by
     # a group's heads: each chunk's q k^T per group (chunk_qk.py)
     qk_read = reads_qk(plan, sizes)
-    groups = order_pairs(dirs) if (output and cu_seqlens is None and n_chunks > 0
-                                   and T % m["CS"] == 0) else [(i,) for i in range(len(dirs))]
-    slots = max(len(g) for g in groups)
+    # only the output pass reads them: none for the state pass alone
+    scores = (torch.empty(max(n_chunks, 1), H if per_key else G, m["CS"], m["CS"], dtype=cdt,
+                          device=device) if output and (per_key or qk_read) else out)
 
     on_gpu = device.type == "cuda"
     launch_state = dict(num_warps=m["warps_state"], num_stages=m["stages_state"]) if on_gpu else {}
@@ -129,31 +116,18 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
     npb_state = triton.cdiv(P, m["BP_state"])
     blocks = triton.cdiv(N, m["BN_state"]) * npb_state
     per_seq = triton.cdiv(T, m["CS"])
-
-    def buffers():
-        """One order's chunk states, reset flags (1 where a chunk holds a reset, written by the
-        state pass: `reset_specialised`), segments and, for the output pass only, scores."""
-        states = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype, device=device)
-        resets = torch.empty(max(n_chunks, 1), H, dtype=torch.int8, device=device)
-        scores = (torch.empty(max(n_chunks, 1), H if per_key else G, m["CS"], m["CS"],
-                              dtype=cdt, device=device)
-                  if output and (per_key or qk_read) else out)
-        sg = Segments(seg.segment_chunks(m["SEG_state"], per_seq, S * H * blocks,
-                                         cu_seqlens is not None, seg.program_target(device)),
-                      S, per_seq, n_chunks, sizes, per_key, device, out)
-        return states, resets, scores, sg
-    bufs = [buffers() for _ in range(slots)]
-    # per order: the inputs (per-order ones as this order's slice) and the direction flags
-    args_of = [input_args(prog, tensors, i) for i in range(len(dirs))]
-    flags_of = [dict(REVERSE=d.reversed, COLUMN=d.column) for d in dirs]
-
-    def state_pass(i, states, resets, sg):
+    sg = Segments(seg.segment_chunks(m["SEG_state"], per_seq, S * H * blocks,
+                                     cu_seqlens is not None, seg.program_target(device)),
+                  S, per_seq, n_chunks, sizes, per_key_decay(plan), device, out)
+    for i, direction in enumerate(dirs):
+        args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
         h0 = None if h0s[i] is None else h0s[i].contiguous()
+        order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
         module.ssmc_chunked_state_fwd[(S * sg.n_seg, H, blocks)](
-            *args_of[i], states, resets, out if h0 is None else h0,
+            *args, states, resets, out if h0 is None else h0,
             out if final is None else final[i], cu, off, *sg.buffers,
             T, H // G, N, P, GH, sg.n_seg, sg.seg or 1,
-            BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"], NPB=npb_state, **flags_of[i],
+            BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"], NPB=npb_state, **order,
             HAS_H0=h0 is not None, STORE_HT=final is not None,
             IS_VARLEN=cu_seqlens is not None, SEGMENTED=bool(sg.seg), **launch_state)
         if sg.seg:
@@ -161,39 +135,25 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
                 sg.seg_state, sg.seg_prod, out if final is None else final[i], sg.n_seg, N, P,
                 BN=m["BN_state"], BP=m["BP_state"], NPB=npb_state,
                 STORE_OUT=final is not None, REVERSE=False)
-
-    out_bt = m["CS"] if per_key else m["BT"]   # per-key: the output pass takes whole chunks
-
-    def scores_pass(i, scores):
-        if per_key:
-            launch_scores(module, args_of[i], scores, n_chunks, H, (cu, off, seqs),
-                          (T, H // G, N, P, GH), m["BT"], m["CS"], m["BN"], flags_of[i],
-                          cu_seqlens is not None, on_gpu)
-        elif qk_read:
-            launch_qk(module, args_of[i], scores, n_chunks, G, (cu, off, seqs), sizes, m["CS"],
-                      flags_of[i], cu_seqlens is not None, launch_out)
-
-    for g, group in enumerate(groups):
-        for i, (states, resets, _, sg) in zip(group, bufs):
-            state_pass(i, states, resets, sg)
         if n_chunks == 0 or not output:
             continue
-        for i, (_, _, scores, _) in zip(group, bufs):
-            scores_pass(i, scores)
-        i, j = group[0], group[-1]
-        paired, last = len(group) == 2, g == len(groups) - 1
-        (states, resets, scores, sg), (states2, resets2, scores2, sg2) = bufs[0], bufs[-1]
         npb = triton.cdiv(P, m["BP_out"])
+        out_bt = m["BT"]
+        if per_key:   # the chunk's scores once, then the output pass takes whole chunks
+            out_bt = m["CS"]
+            launch_scores(module, args, scores, n_chunks, H, (cu, off, seqs),
+                          (T, H // G, N, P, GH), m["BT"], m["CS"], m["BN"], order,
+                          cu_seqlens is not None, on_gpu)
+        elif qk_read:
+            launch_qk(module, args, scores, n_chunks, G, (cu, off, seqs), sizes, m["CS"], order,
+                      cu_seqlens is not None, launch_out)
         n_rows = n_chunks * (m["CS"] // out_bt)
-        out_args = (*args_of[i], out, *out.stride(), yacc, states, resets,
-                    scores, cu, off, seqs, sg.seg_state, sg.chunk_prod, states2, resets2,
-                    scores2, sg2.seg_state, sg2.chunk_prod, j - i,
-                    T, H // G, N, P, GH, sg.n_seg, sg.seg or 1)
+        out_args = (*args, out, *out.stride(), yacc, states, resets, scores, cu, off, seqs,
+                    sg.seg_state, sg.chunk_prod, T, H // G, N, P, GH, sg.n_seg, sg.seg or 1)
         out_meta = dict(BT=out_bt, CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb,
-                        **flags_of[i], IS_VARLEN=cu_seqlens is not None, ACCUM_IN=g > 0,
-                        WRITE_OUT=last and not paired, SEGMENTED=bool(sg.seg),
-                        QK_READ=qk_read, PAIRED=paired, REVERSE2=dirs[j].reversed,
-                        WRITE_OUT2=last and paired, **launch_out)
+                        **order, IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0,
+                        WRITE_OUT=i == len(dirs) - 1, SEGMENTED=bool(sg.seg),
+                        QK_READ=qk_read, **launch_out)
         module.ssmc_chunked_out_fwd[(n_rows, H, npb)](*out_args, **out_meta)
         if reset_specialised(plan):
             rows_per = RESET_ROWS_PER_PROGRAM
