@@ -454,14 +454,17 @@ def test_scan_orders_summed_atomically_or_one_launch_each(direction, monkeypatch
 
 
 @pytest.mark.parametrize("direction", ("bidirectional", "cross2d"))
-@pytest.mark.parametrize("n, deterministic", [(3, False), (3, True), (16, False)])
-def test_scan_backward_of_several_orders(n, deterministic, direction):
+@pytest.mark.parametrize("n, p, deterministic", [(3, 5, False), (3, 5, True), (16, 16, False),
+                                                 (16, 8, False)])
+def test_scan_backward_of_several_orders(n, p, deterministic, direction):
     """The backward's kernels run every order in one launch (y for the epilogue summed
     atomically, or one launch per order under deterministic algorithms): gradients of every
     input and of the initial state against float64 autograd through the reference. At n=16
-    the checkpointing forward runs a step at a time between its checkpoints."""
+    the checkpointing forward runs a step at a time between its checkpoints; at n=16, p=8 the
+    forward's own blocks (16 steps) are longer than the backward's (8), its checkpoint
+    interval."""
     defn = _ssd_like(direction)
-    sizes = dict(b=2, t=20, h=2, g=1, n=n, p=5 if n == 3 else 16)
+    sizes = dict(b=2, t=20, h=2, g=1, n=n, p=p)
     grid = (4, 5) if direction == "cross2d" else None
     inputs = inputs_for(defn, sizes, seed=4)
     h0 = None if grid else state_for(defn, sizes)

@@ -39,6 +39,7 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     # (a step at a time for large state tiles: `scan.scan_blocks`)
     CK = backward_blocks(N, P)[2]
     BN, BP, BT = scan_blocks(N, P)
+    BT = min(BT, CK)    # a checkpoint ends a block: CK a multiple of BT (both powers of 2)
     NPB = triton.cdiv(P, BP)
     n_ck, ck_off, _ = chunk_layout(sizes, cu_seqlens, CK, device)
     NCK = max(n_ck, 1)
