@@ -31,9 +31,10 @@ from __future__ import annotations
 
 from ....plan import Plan
 from ..common import compute_type, dot_type, input_params, precision_arg
-from ..render import Emitter
+from ..render import Emitter, Tile
 from ..templates import chunk_setup, indent, later_sum, rows, with_resets
-from .chunked_tiles import KEY_KT_TILE, KEY_ROWS, QK_TILE, BlockOperands, RowOperands
+from .chunked_tiles import (FIXED, KEY_KT_TILE, KEY_ROWS, QK_TILE, T_AXIS, BlockOperands,
+                             RowOperands)
 
 
 def sign_of(count: str) -> str:
@@ -81,6 +82,38 @@ def diagonal_scores(prog, ct: str, body: Emitter, query: str) -> None:
         body(f"col = tl.sum({query} * dec * k_r[None, :], axis=1)")
         body("scores = tl.where(offs_c[None, :] == s, col[:, None], scores)")
     diagonal_walk(prog, ct, body, column)
+
+
+#: the row block's (t, n-slice) view: the diagonal block is formed a slice of n at a time
+SLICE_TILE = Tile([T_AXIS, ("n", "offs_nd", "mask_nd")], FIXED)
+
+
+def diagonal_scores_sliced(prog, ct: str, body: Emitter) -> None:
+    """`scores` (BT, BT) of the diagonal block as (BT, BT, BND) products, one slice of BND
+    key dims at a time: each slice's decays exp(lc_t - lc_s) are formed for every (t, s) pair
+    at once and summed over the slice's n in one reduction, where the walk (`diagonal_scores`)
+    takes a reduction across the lanes per step."""
+    sgn = prog.decay_signed
+    body(f"scores = tl.zeros([BT, BT], dtype={ct})")
+    body("causal = offs_c[:, None, None] >= offs_c[None, :, None]")
+    body("for nd in range(0, BN, BND):")
+    with body.block():
+        body("offs_nd = nd + tl.arange(0, BND)")
+        body("mask_nd = offs_nd < N")
+        blk = BlockOperands(prog, ct, body, SLICE_TILE, "qd", "_d")
+        q = blk.operand("query", "q_d")
+        kk = blk.operand("key", "k_d")
+        ld, rz, ng = blk.log_decays()
+        body(f"lc_d = tl.cumsum({ld}, axis=0)")
+        body(f"zc_d = tl.cumsum({rz}, axis=0)")
+        gap = with_resets("lc_d[:, None, :] - lc_d[None, :, :]",
+                          "zc_d[:, None, :] - zc_d[None, :, :]")
+        sign = ""
+        if sgn:
+            body(f"ngc_d = tl.cumsum({ng}, axis=0)")
+            sign = f" * {sign_of('ngc_d[:, None, :] - ngc_d[None, :, :]')}"
+        body(f"dec_d = tl.exp(tl.where(causal, {gap}, float('-inf'))){sign}")
+        body(f"scores += tl.sum({q}[:, None, :] * {kk}[None, :, :] * dec_d, axis=2)")
 
 
 def narrow_operands(dt: str) -> bool:
@@ -137,7 +170,7 @@ def _scores_row_block(k: KeyOps) -> None:
     exponent, sign = k.running_decay(row)   # lc, zc (and ngc): the diagonal walk's too
     body("a_ptr = ssmc_scores + ((chunk * H + h_idx) * CS + r * BT + offs_c[:, None]) * CS"
          " + offs_c[None, :]")
-    diagonal_scores(prog, ct, body, query)
+    diagonal_scores_sliced(prog, ct, body)
     body("tl.store(a_ptr + r * BT, scores)")
 
     body(f"q_op = ({query} * tl.exp({exponent}){sign}).to({k.ft})")
@@ -167,7 +200,7 @@ def _scores_row_block(k: KeyOps) -> None:
 #: the scores kernel's pointer and size arguments, after the inputs'
 SCORES_PARAMS = """ssmc_scores, ssmc_cu, ssmc_chunk_off, ssmc_chunk_seq,
     T, HPG, N, P, GH,
-    BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+    BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BND: tl.constexpr,
     REVERSE: tl.constexpr, COLUMN: tl.constexpr, IS_VARLEN: tl.constexpr,"""
 
 
@@ -194,6 +227,8 @@ def ssmc_chunked_scores(
 """
 
 
+#: key dims per slice of the scores kernel's diagonal block
+SCORES_SLICE = 32
 #: warps of the scores kernel (ptxas for sm90, bf16, n = 128: 255 registers with 4, 174 with 8)
 SCORES_WARPS = 4
 
@@ -213,7 +248,8 @@ def launch_scores(module, args, scores, n_chunks: int, H: int, layout: tuple, si
         return
     extra = dict(num_warps=SCORES_WARPS) if on_gpu else {}
     module.ssmc_chunked_scores[(n_chunks * (CS // BT), H)](
-        *args, scores, *layout, *sizes, BT=BT, CS=CS, BN=BN, BP=16, **order,
+        *args, scores, *layout, *sizes, BT=BT, CS=CS, BN=BN, BP=16, BND=min(BN, SCORES_SLICE),
+        **order,
         IS_VARLEN=varlen, **extra)
 
 
