@@ -614,8 +614,9 @@ for decay, dtype in (("diagonal", "bfloat16"), ("diagonal", "float16"), ("diagon
     if not per_key:   # q k^T once per (chunk, group): chunk_qk.py
         build(fwd, "ssmc_chunk_qk", dict(BT=64, BN=64, BP=16, **order), dtype)
     if per_key:
-        build(fwd, "ssmc_chunked_scores", dict(BT=16, CS=64, BN=64, BP=16, BND=32, **order),
-              dtype)
+        for diag in (True, False):
+            build(fwd, "ssmc_chunked_scores",
+                  dict(BT=16, CS=64, BN=64, BP=16, BND=32, DIAG=diag, **order), dtype)
     bwd = load(chunked_bwd_launch.render(plan), f"b_{decay}_{dtype}")
     walk = dict(BT=64, BN=64, BP=64, SEGMENTED=True, **order)
     build(bwd, "ssmc_chunked_bwd_dstates", dict(walk, HAS_GT=True), dtype)
@@ -624,7 +625,8 @@ for decay, dtype in (("diagonal", "bfloat16"), ("diagonal", "float16"), ("diagon
     if per_key:
         blocks = dict(BT=16, CS=64, BN=64, BP=64, **order)
         chunks = dict(blocks, BT=64)
-        build(bwd, "ssmc_chunked_scores", dict(blocks, BP=16, BND=32), dtype)
+        for diag in (True, False):
+            build(bwd, "ssmc_chunked_scores", dict(blocks, BP=16, BND=32, DIAG=diag), dtype)
         build(bwd, "ssmc_chunked_bwd_keys_prep", dict(chunks, NPB=1), dtype)
         build(bwd, "ssmc_chunked_bwd_keys", dict(blocks, NPB=1), dtype)
         build(bwd, "ssmc_chunked_bwd_keys_dv", dict(chunks, BN=128), dtype)

@@ -165,14 +165,16 @@ def _scores_row_block(k: KeyOps) -> None:
     the buffer."""
     prog, ct, body = k.prog, k.ct, k.body
     sgn = prog.decay_signed
-    row = BlockOperands(prog, ct, body, QK_TILE, "qk", "")
-    query = row.operand("query", "query")
-    exponent, sign = k.running_decay(row)   # lc, zc (and ngc): the diagonal walk's too
     body("a_ptr = ssmc_scores + ((chunk * H + h_idx) * CS + r * BT + offs_c[:, None]) * CS"
          " + offs_c[None, :]")
-    diagonal_scores_sliced(prog, ct, body)
-    body("tl.store(a_ptr + r * BT, scores)")
-
+    body("if DIAG:")
+    with body.block():
+        diagonal_scores_sliced(prog, ct, body)
+        body("tl.store(a_ptr + r * BT, scores)")
+        body("return")
+    row = BlockOperands(prog, ct, body, QK_TILE, "qk", "")
+    query = row.operand("query", "query")
+    exponent, sign = k.running_decay(row)
     body(f"q_op = ({query} * tl.exp({exponent}){sign}).to({k.ft})")
     # the earlier key blocks, nearest first: `mid` sums the blocks between j and r
     body(f"mid = tl.zeros([BN], dtype={ct})")
@@ -201,7 +203,7 @@ def _scores_row_block(k: KeyOps) -> None:
 SCORES_PARAMS = """ssmc_scores, ssmc_cu, ssmc_chunk_off, ssmc_chunk_seq,
     T, HPG, N, P, GH,
     BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BND: tl.constexpr,
-    REVERSE: tl.constexpr, COLUMN: tl.constexpr, IS_VARLEN: tl.constexpr,"""
+    DIAG: tl.constexpr, REVERSE: tl.constexpr, COLUMN: tl.constexpr, IS_VARLEN: tl.constexpr,"""
 
 
 def render_scores_kernel(plan: Plan) -> str:
@@ -229,8 +231,9 @@ def ssmc_chunked_scores(
 
 #: key dims per slice of the scores kernel's diagonal block
 SCORES_SLICE = 32
-#: warps of the scores kernel (ptxas for sm90, bf16, n = 128: 255 registers with 4, 174 with 8)
-SCORES_WARPS = 4
+#: warps of the scores kernel's diagonal and off-diagonal launches (ptxas for sm_90a, bf16,
+#: n = 128, 4 warps: 128 and 158 registers, no spills)
+SCORES_WARPS = {True: 4, False: 4}
 
 
 def whole_chunk_warps(BN: int, CS: int) -> int:
@@ -246,11 +249,11 @@ def launch_scores(module, args, scores, n_chunks: int, H: int, layout: tuple, si
     `layout` = (cu, chunk_off, chunk_seq) and `sizes` = (T, HPG, N, P, GH)."""
     if n_chunks == 0:
         return
-    extra = dict(num_warps=SCORES_WARPS) if on_gpu else {}
-    module.ssmc_chunked_scores[(n_chunks * (CS // BT), H)](
-        *args, scores, *layout, *sizes, BT=BT, CS=CS, BN=BN, BP=16, BND=min(BN, SCORES_SLICE),
-        **order,
-        IS_VARLEN=varlen, **extra)
+    for diag in (True, False):
+        extra = dict(num_warps=SCORES_WARPS[diag]) if on_gpu else {}
+        module.ssmc_chunked_scores[(n_chunks * (CS // BT), H)](
+            *args, scores, *layout, *sizes, BT=BT, CS=CS, BN=BN, BP=16,
+            BND=min(BN, SCORES_SLICE), DIAG=diag, **order, IS_VARLEN=varlen, **extra)
 
 
 def output_body(k: KeyOps, value: str) -> None:
