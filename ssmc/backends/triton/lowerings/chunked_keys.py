@@ -5,11 +5,12 @@ underflowing decay is counted apart, so exp of a sum is exactly 0 across one). K
 from row t of its chunk with the weight exp(sum of l over s < u <= t), per n, so the chunk's
 decayed scores A[t, s] = sum_n q_t k_s exp(...) do not depend on p: `ssmc_chunked_scores`
 forms them once per (chunk, head) into a buffer (fp32, fp64 for fp64 plans), one program per
-row block r of BT (16) steps:
+row block r of BT (16) steps, in two launches (diagonal blocks, then the earlier ones, so that
+neither program holds the other's tiles):
 
 * the diagonal block: exp(lc_t - lc_s), lc the running sum within the block, formed
-  elementwise on its causal half (BT^2 * BN work), where the weight has no reference point
-  inside the block to factor through;
+  elementwise on its causal half (BT^2 * BN work) a slice of n at a time, where the weight has
+  no reference point inside the block to factor through;
 * an earlier key block j < r: the weight factors through the row block's start,
   exp(lc_t) * exp(sum over s < u < start of r), so its scores are one tensor-core matmul,
   (q exp(lc)) (k exp(rest))^T. Both exponents are sums of log-decays over disjoint steps, each
@@ -74,16 +75,6 @@ def diagonal_walk(prog, ct: str, body: Emitter, per_step, both: bool = False) ->
         per_step()
 
 
-def diagonal_scores(prog, ct: str, body: Emitter, query: str) -> None:
-    """`scores` (BT, BT) of the diagonal block: sum over n of query * D[:, s] * k_s."""
-    body(f"scores = tl.zeros([BT, BT], dtype={ct})")
-
-    def column():
-        body(f"col = tl.sum({query} * dec * k_r[None, :], axis=1)")
-        body("scores = tl.where(offs_c[None, :] == s, col[:, None], scores)")
-    diagonal_walk(prog, ct, body, column)
-
-
 #: the row block's (t, n-slice) view: the diagonal block is formed a slice of n at a time
 SLICE_TILE = Tile([T_AXIS, ("n", "offs_nd", "mask_nd")], FIXED)
 
@@ -91,8 +82,8 @@ SLICE_TILE = Tile([T_AXIS, ("n", "offs_nd", "mask_nd")], FIXED)
 def diagonal_scores_sliced(prog, ct: str, body: Emitter) -> None:
     """`scores` (BT, BT) of the diagonal block as (BT, BT, BND) products, one slice of BND
     key dims at a time: each slice's decays exp(lc_t - lc_s) are formed for every (t, s) pair
-    at once and summed over the slice's n in one reduction, where the walk (`diagonal_scores`)
-    takes a reduction across the lanes per step."""
+    at once and summed over the slice's n in one reduction, where a walk over the steps
+    (`diagonal_walk`) takes a reduction across the lanes per step."""
     sgn = prog.decay_signed
     body(f"scores = tl.zeros([BT, BT], dtype={ct})")
     body("causal = offs_c[:, None, None] >= offs_c[None, :, None]")
@@ -229,11 +220,13 @@ def ssmc_chunked_scores(
 """
 
 
-#: key dims per slice of the scores kernel's diagonal block
-SCORES_SLICE = 32
-#: warps of the scores kernel's diagonal and off-diagonal launches (ptxas for sm_90a, bf16,
-#: n = 128, 4 warps: 128 and 158 registers, no spills)
-SCORES_WARPS = {True: 4, False: 4}
+#: key dims per slice of the scores kernel's diagonal block, and the warps of its diagonal and
+#: off-diagonal launches: measured on an H100 (GLA, B=8 T=2048 H=16 K=V=128, bf16, the
+#: kernel's time in one forward): 16 / 2 and 4 warps 1.293 ms; 32 / 4 and 4 1.379; 8 / 4 and
+#: 4 1.363; 32 / 4 and 8 1.780; both in one launch 1.522 (slices of 32), 1.642 walking the
+#: diagonal a step at a time. ptxas for sm_90a, bf16, n=128, 4 warps: 128 and 158 registers.
+SCORES_SLICE = 16
+SCORES_WARPS = {True: 2, False: 4}
 
 
 def whole_chunk_warps(BN: int, CS: int) -> int:
