@@ -128,7 +128,7 @@ class _Kernel:
             b(f"da_r = tl.load({base} + s) * CS + i * BT + offs_c)")
             b("dq_in += da_s[:, None] * dec * k_r[None, :]")
             b("dk_in += da_r[:, None] * dec_back * q_r[None, :]")
-        diagonal_walk(self.prog, self.ct, b, step, both=True)
+        diagonal_walk(self.prog, self.ct, b, step)
         b("rect = tl.cumsum((query * dq_in).to(tl.float64) - (key * dk_in).to(tl.float64),"
           " axis=0, reverse=True)")
 

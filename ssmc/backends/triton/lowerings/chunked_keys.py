@@ -43,13 +43,12 @@ def sign_of(count: str) -> str:
     return f"tl.where(({count}) % 2 == 1, -1.0, 1.0)"
 
 
-def diagonal_walk(prog, ct: str, body: Emitter, per_step, both: bool = False) -> None:
-    """The diagonal block's steps s one at a time (unrolled): step s's key row `k_r` and the
-    running sums of its block's log-decays up to s (`lcs`, `zcs`, `ngs`), kept as the walk
-    goes, against which `lc`, `zc`, `ngc` (the block rows' own) make `dec`, D[:, s, :] (the
-    rows u >= s seeing key s; 0 on the others); with `both`, also its query row `q_r` and
-    `dec_back`, D[s, :, :] (the keys u <= s that row s sees). `per_step()` emits the step's
-    work."""
+def diagonal_walk(prog, ct: str, body: Emitter, per_step) -> None:
+    """The diagonal block's steps s one at a time (unrolled): step s's key and query rows
+    `k_r`, `q_r` and the running sums of its block's log-decays up to s (`lcs`, `zcs`, `ngs`),
+    kept as the walk goes, against which `lc`, `zc`, `ngc` (the block rows' own) make `dec`,
+    D[:, s, :] (the rows u >= s seeing key s; 0 on the others), and `dec_back`, D[s, :, :]
+    (the keys u <= s that row s sees). `per_step()` emits the step's work."""
     sgn = prog.decay_signed
     body(f"lcs = tl.zeros([BN], dtype={ct})")
     body(f"zcs = tl.zeros([BN], dtype={ct})")
@@ -59,8 +58,7 @@ def diagonal_walk(prog, ct: str, body: Emitter, per_step, both: bool = False) ->
     with body.block():
         row = RowOperands(prog, ct, body, "s")
         row.operand("key", "k_r")
-        if both:
-            row.operand("query", "q_r")
+        row.operand("query", "q_r")
         ld, rz, ng = row.log_decays()
         body(f"lcs += {ld}")
         body(f"zcs += {rz}")
@@ -70,8 +68,7 @@ def diagonal_walk(prog, ct: str, body: Emitter, per_step, both: bool = False) ->
             body(f"ngs += {ng}")
             sign = f" * {sign_of('ngc - ngs[None, :]')}"
         body(f"dec = tl.exp(tl.where(offs_c[:, None] >= s, gap, float('-inf'))){sign}")
-        if both:
-            body(f"dec_back = tl.exp(tl.where(offs_c[:, None] <= s, -gap, float('-inf'))){sign}")
+        body(f"dec_back = tl.exp(tl.where(offs_c[:, None] <= s, -gap, float('-inf'))){sign}")
         per_step()
 
 
