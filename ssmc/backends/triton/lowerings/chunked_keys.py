@@ -76,29 +76,26 @@ def diagonal_walk(prog, ct: str, body: Emitter, per_step) -> None:
 SLICE_TILE = Tile([T_AXIS, ("n", "offs_nd", "mask_nd")], FIXED)
 
 
-def diagonal_scores_sliced(prog, ct: str, body: Emitter) -> None:
+def diagonal_scores_sliced(k: "KeyOps") -> None:
     """`scores` (BT, BT) of the diagonal block as (BT, BT, BND) products, one slice of BND
     key dims at a time: each slice's decays exp(lc_t - lc_s) are formed for every (t, s) pair
     at once and summed over the slice's n in one reduction, where a walk over the steps
     (`diagonal_walk`) takes a reduction across the lanes per step."""
-    sgn = prog.decay_signed
-    body(f"scores = tl.zeros([BT, BT], dtype={ct})")
+    prog, body = k.prog, k.body
+    body(f"scores = tl.zeros([BT, BT], dtype={k.ct})")
     body("causal = offs_c[:, None, None] >= offs_c[None, :, None]")
     body("for nd in range(0, BN, BND):")
     with body.block():
         body("offs_nd = nd + tl.arange(0, BND)")
         body("mask_nd = offs_nd < N")
-        blk = BlockOperands(prog, ct, body, SLICE_TILE, "qd", "_d")
+        blk = BlockOperands(prog, k.ct, body, SLICE_TILE, "qd", "_d")
         q = blk.operand("query", "q_d")
         kk = blk.operand("key", "k_d")
-        ld, rz, ng = blk.log_decays()
-        body(f"lc_d = tl.cumsum({ld}, axis=0)")
-        body(f"zc_d = tl.cumsum({rz}, axis=0)")
+        k.running_decay(blk, "_d")   # lc_d, zc_d (and ngc_d): their pairwise differences
         gap = with_resets("lc_d[:, None, :] - lc_d[None, :, :]",
                           "zc_d[:, None, :] - zc_d[None, :, :]")
         sign = ""
-        if sgn:
-            body(f"ngc_d = tl.cumsum({ng}, axis=0)")
+        if prog.decay_signed:
             sign = f" * {sign_of('ngc_d[:, None, :] - ngc_d[None, :, :]')}"
         body(f"dec_d = tl.exp(tl.where(causal, {gap}, float('-inf'))){sign}")
         body(f"scores += tl.sum({q}[:, None, :] * {kk}[None, :, :] * dec_d, axis=2)")
@@ -157,7 +154,7 @@ def _scores_row_block(k: KeyOps) -> None:
          " + offs_c[None, :]")
     body("if DIAG:")
     with body.block():
-        diagonal_scores_sliced(prog, ct, body)
+        diagonal_scores_sliced(k)
         body("tl.store(a_ptr + r * BT, scores)")
         body("return")
     row = BlockOperands(prog, ct, body, QK_TILE, "qk", "")
