@@ -573,7 +573,8 @@ from tests.helpers import make_definition
 
 INT_PTRS = {"cu_ptr": "*i32", "chunk_off_ptr": "*i64", "chunk_seq_ptr": "*i64",
             "resets_ptr": "*i8", "ssmc_cu": "*i32", "ssmc_chunk_off": "*i64",
-            "ssmc_chunk_seq": "*i64", "ssmc_gs": "*fp64", "ssmc_resets": "*i8"}
+            "ssmc_chunk_seq": "*i64", "ssmc_gs": "*fp64", "ssmc_resets": "*i8",
+            "ssmc_zcum": "*i16", "ssmc_ngp": "*i8", "ssmc_rb": "i32"}
 LOW = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
@@ -614,6 +615,7 @@ for decay, dtype in (("diagonal", "bfloat16"), ("diagonal", "float16"), ("diagon
     if not per_key:   # q k^T once per (chunk, group): chunk_qk.py
         build(fwd, "ssmc_chunk_qk", dict(BT=64, BN=64, BP=16, **order), dtype)
     if per_key:
+        build(fwd, "ssmc_chunked_prefix", dict(BT=16, CS=64, BN=64, BP=16, NPB=1, **order), dtype)
         for diag in (True, False):
             build(fwd, "ssmc_chunked_scores",
                   dict(BT=16, CS=64, BN=64, BP=16, BND=32, DIAG=diag, **order), dtype)

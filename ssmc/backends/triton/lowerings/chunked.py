@@ -22,7 +22,9 @@ decays (`chunked_keys.py`) factor it through the start of the query's 16-row blo
 (both factors are weights between steps of the chunk), form the diagonal block elementwise,
 and use only exponents <= 0 for the state terms (exp(L_t), exp(L_last - L_s)). Their decayed
 scores do not depend on p, so a third kernel, `ssmc_chunked_scores`, forms them once per
-(chunk, head), and their output pass takes whole chunks.
+(chunk, head), and their output pass takes whole chunks. These kernels (and the backward's
+recompute of them) read L from `ssmc_chunked_prefix`, which sums each chunk's log-decays once
+(chunked_prefix.py).
 
 A positive decay's resets (`templates.RESET_BELOW`: a decay of 0, or under fp32's smallest
 normal number) are kept out of L and counted apart in Z: the weight is exp((L_t - L_s) -
@@ -51,13 +53,20 @@ from ..render import Context, Emitter, Tile, split_scale
 from . import chunked_segments as seg
 from .walk_rows import RowsAhead
 from .chunk_qk import qk_load, render_qk_kernel, shares_qk
+from . import chunked_prefix as prefix
 from .chunked_keys import KeyOps, output_body, render_scores_kernel
+from .chunked_prefix import RunningSums
 from .chunked_tiles import (KEY_KT_TILE, KEY_ROWS, KEY_T_TILE, KEY_V_TILE, KT_TILE, QK_TILE,
                             T_TILE, V_TILE)
 from ..templates import (HAS_RESET_BELOW, after, chunk_setup, chunk_state_store, fold_resets,
                          indent, later_sum, rows, segment, seq_setup, signed, split_resets,
                          with_resets)
 
+
+
+def prefix_params(plan: Plan) -> str:
+    """The stored running sums' parameters of a per-key plan's kernels (chunked_prefix.py)."""
+    return prefix.PARAMS if per_key_decay(plan) else ""
 
 
 def per_key_decay(plan: Plan) -> bool:
@@ -158,32 +167,12 @@ class _Chunk:
             v = ctx.value(self.prog.recurrence.decay, "dsg_raw")
             self.body(f"ng = tl.where(mask_t, tl.where({v} < 0, 1, 0), 0)")
 
-    def log_decay_keys_t(self):
-        """ldT (n, t) (rzT) and l_last (n) for per-key decays, in key layout (ngT: negative
-        flags)."""
-        ctx = Context(self.prog, KT_TILE, self.body, "kt", self.ct)
-        ctx.loaded = self.ctx_kt.loaded
-        v = ctx.value(self.prog.log_decay, "ldT_raw")
-        self.body(f"ldT = tl.where(mask_n[:, None] & mask_t[None, :], {v}, 0.0)")
-        for line in split_resets("ldT", "rzT"):   # every sign: see _decay_to_chunk_end
-            self.body(line)
-        self.body("l_last = " + with_resets("tl.sum(ldT, axis=1)", "tl.sum(rzT, axis=1)"))
-        if self.prog.decay_signed:
-            v = ctx.value(self.prog.recurrence.decay, "dsgT_raw")
-            self.body("ngT = tl.where(mask_n[:, None] & mask_t[None, :], "
-                      f"tl.where({v} < 0, 1, 0), 0)")
 
-
-def _decay_to_chunk_end(body: Emitter, prog, ld: str, rz: str, ng: str, axis: int) -> None:
+def _decay_to_chunk_end(body: Emitter, prog, ld: str, rz: str, ng: str) -> None:
     """`dec`, each key's decay to the chunk's end (exactly 1 for its last key), and `total`,
-    the whole chunk's, from the log-decays `ld` (resets `rz`, negative flags `ng`) along
-    `axis`: 0 for scalar decays (a (BT,) row), 1 for per-key ones ((BN, BT), resets already
-    split out for every sign: a direct sum per (n, s) over the later steps would be a
-    (BN, BT, BT) tile at the 64-step chunks that keep their sequential pass short)."""
-    if axis == 1:
-        body(f"dec = tl.exp({with_resets(later_sum(ld, axis), later_sum(rz, axis))})")
-        later_ng = later_sum(ng, axis)
-    elif prog.decay_log_safe:   # suffix sums: exactly 0 on the last key
+    the whole chunk's, from the (BT,) log-decays `ld` (resets `rz`, negative flags `ng`) of
+    a decay without n (per-key decays read stored running sums: chunked_prefix.py)."""
+    if prog.decay_log_safe:   # suffix sums: exactly 0 on the last key
         # resets folded into ld (`log_decay_rows`): counted apart if any
         body(f"if l_last < {HAS_RESET_BELOW}:")
         with body.block():
@@ -195,11 +184,10 @@ def _decay_to_chunk_end(body: Emitter, prog, ld: str, rz: str, ng: str, axis: in
             body(f"dec = tl.exp({later_sum(ld)})")
     else:
         body(f"dec = tl.exp({after(ld)})")
-        later_ng = after(ng, "0")
     body("total = tl.exp(l_last)")
     if prog.decay_signed:
-        body("dec = " + signed("dec", later_ng))
-        body("total = " + signed("total", f"tl.sum({ng}, axis={axis})"))
+        body("dec = " + signed("dec", after(ng, "0")))
+        body("total = " + signed("total", f"tl.sum({ng}, axis=0)"))
 
 
 def render_state_kernel(plan: Plan) -> str:
@@ -210,8 +198,17 @@ def render_state_kernel(plan: Plan) -> str:
     if per_key_decay(plan):
         c.key_t()
         c.value()
-        c.log_decay_keys_t()
-        _decay_to_chunk_end(body, plan.program, "ldT", "rzT", "ngT", 1)
+        # each key's decay to the chunk's end (stored), and the chunk's: every block's total
+        sums = RunningSums(plan, body, "T", "offs_c", "BT", transposed=True, counts_only=True)
+        end = RunningSums(plan, body, "E", "BT - 1", "BT", counts_only=True)
+        body("to_end = tl.load(ssmc_lend + atT, mask=mask_n[:, None], other=0.0)")
+        body(f"l_last = tl.zeros([BN], dtype={c.ct})")
+        body("for blk in range(0, BT // ssmc_rb):")
+        with body.block():
+            body(f"l_last += {prefix.block_total(body, 'tot', '(blk + 1) * ssmc_rb - 1', 'BT')}")
+        body(f"dec = tl.exp({with_resets('to_end', end.resets_since(sums, '[:, None]'))})"
+             f"{end.sign(sums, '[:, None]')}")
+        body(f"total = tl.exp({with_resets('l_last', end.resets_since())}){end.sign()}")
         body("kT_dec = keyT * dec")
         body(f"state = state * total[:, None] + {c.dot(f'kT_dec.to({c.dt})', 'value')}")
     else:
@@ -227,7 +224,7 @@ def render_state_kernel(plan: Plan) -> str:
         weights = [s for s in (key[1], val[1]) if s is not None]
         if plan.program.log_decay is not None:
             c.log_decay_rows()
-            _decay_to_chunk_end(body, plan.program, "ld", "rz", "ng", 0)
+            _decay_to_chunk_end(body, plan.program, "ld", "rz", "ng")
             weights.append("dec")
             # which output pass takes the chunk (`reset_specialised`), and which variant of
             # the backward's per-chunk kernels (chunked_bwd.chunk_variants: every sign)
@@ -252,7 +249,7 @@ def render_state_kernel(plan: Plan) -> str:
     return f'''
 @triton.jit
 def ssmc_chunked_state_fwd(
-    {input_params(plan.program)},
+    {input_params(plan.program)}, {prefix_params(plan)}
     states_ptr, resets_ptr, h0_ptr, hT_ptr, cu_ptr, chunk_off_ptr, {seg.PARAMS}
     T, HPG, N, P, GH, NSEG, SEG,
     BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, NPB: tl.constexpr,
@@ -508,7 +505,7 @@ def render_output_kernel(plan: Plan) -> str:
     on the flagged ones, RESET_ROWS_PER_PROGRAM row blocks per program (one vector load of
     their flags, so a run without resets costs it little)."""
     prog = plan.program
-    params = f"{input_params(prog)},{OUT_PARAMS}"
+    params = f"{input_params(prog)}, {prefix_params(plan)}{OUT_PARAMS}"
     if not reset_specialised(plan):
         return f'''
 @triton.jit
@@ -551,6 +548,6 @@ def ssmc_chunked_out_resets_fwd({params}
 
 
 def render(plan: Plan) -> str:
-    scores = (render_scores_kernel(plan) if per_key_decay(plan)
-              else render_qk_kernel(plan) if shares_qk(plan) else "")
+    scores = (render_scores_kernel(plan) + prefix.render_prefix_kernel(plan)
+              if per_key_decay(plan) else render_qk_kernel(plan) if shares_qk(plan) else "")
     return HEADER + render_state_kernel(plan) + "\n" + render_output_kernel(plan) + scores

@@ -32,6 +32,7 @@ from ..render import Emitter
 from ..templates import chunk_setup, indent, later_sum, rows, with_resets
 from .chunked import _Chunk
 from .chunked_bwd import _Ops, store_y
+from . import chunked_prefix as prefix
 from .chunked_keys import KeyOps, diagonal_walk, narrow_operands, output_body, sign_of
 from .chunked_tiles import (KEY_QK_TILE, KEY_ROWS, QK_TILE, V_TILE,
                             BlockOperands)
@@ -324,5 +325,6 @@ def render_keys_y_kernel(plan: Plan) -> str:
     c.value()
     output_body(KeyOps(plan, body), "value")
     store_y(body)
-    return _chunk_kernel("ssmc_chunked_bwd_y", plan, "ssmc_y, ssmc_states, ssmc_scores",
+    return _chunk_kernel("ssmc_chunked_bwd_y", plan,
+                         f"{prefix.PARAMS} ssmc_y, ssmc_states, ssmc_scores",
                          " ACCUM_IN: tl.constexpr,", body)

@@ -19,6 +19,7 @@ from . import chunked_segments as seg
 from .chunked_bwd_keys import (render_keys_dv_kernel, render_keys_kernel,
                                render_keys_prep_kernel, render_keys_y_kernel)
 from .chunked_segments import Segments
+from .chunked_prefix import PrefixSums, render_prefix_kernel
 from .chunked_keys import launch_scores, render_scores_kernel, whole_chunk_warps
 
 
@@ -101,10 +102,16 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     GH = sizes.get("grid_h", 1)
     states, finals, scores, flags = [], [], [], []
     variants = chunk_variants(plan)
+    sums = PrefixSums(plan, per_key_decay(plan), n_chunks, H, m["BT"], m["RB"], N,
+                      device)
     for i, (direction, h0) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, initial_state))):
         args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
         order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
+        seqs = dummy if chunk_seq is None else chunk_seq
+        sums.fill(module, args, n_chunks, H, (cu, off, seqs), (T, H // G, N, P, GH), N,
+                  order, cu_seqlens is not None)
+        pargs = (*args, *sums.args)   # per-key decays: their running sums after the inputs
         h0 = None if h0 is None else h0.to(cdt).contiguous()
         st = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan), device=device)
         final = torch.empty(S, H, N, P, dtype=cdt, device=device)
@@ -114,22 +121,21 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         sg = _segments(plan, sizes, m, S, walks, n_chunks, cu_seqlens, device, dummy)
         # the forward's state pass (chunked.py), storing every chunk's state and flag
         module.ssmc_chunked_state_fwd[(S * sg.n_seg, H, walks)](
-            *args, st, fl, dummy if h0 is None else h0, final, cu, off, *sg.buffers, T, H // G,
+            *pargs, st, fl, dummy if h0 is None else h0, final, cu, off, *sg.buffers, T, H // G,
             N, P, GH, sg.n_seg, sg.seg or 1, BT=m["BT"], BN=m["BN_state"], BP=m["BP_walk"],
             NPB=npb_walk, **order, HAS_H0=h0 is not None, STORE_HT=True,
             IS_VARLEN=cu_seqlens is not None, SEGMENTED=bool(sg.seg), **_walk_launch(m, device))
         _join(module, sg, st, final, S, H, npb, n_chunks, sizes, m, reverse=False)
-        seqs = dummy if chunk_seq is None else chunk_seq
         if per_key_decay(plan):   # the chunk's scores: y and dv are products with them
             sc = torch.empty(max(n_chunks, 1), H, m["BT"], m["BT"], dtype=cdt, device=device)
-            launch_scores(module, args, sc, n_chunks, H, (cu, off, seqs), (T, H // G, N, P, GH),
+            launch_scores(module, pargs, sc, n_chunks, H, (cu, off, seqs), (T, H // G, N, P, GH),
                           m["RB"], m["BT"], m["BN"], order, cu_seqlens is not None,
                           device.type == "cuda")
             scores.append(sc)
         if want_y and n_chunks > 0:
             if per_key_decay(plan):   # whole chunks: BT = CS
                 module.ssmc_chunked_bwd_y[(n_chunks, H, npb)](
-                    *args, y, st, sc, cu, off, seqs, B, T, H // G, N, P, GH, BT=m["BT"],
+                    *pargs, y, st, sc, cu, off, seqs, B, T, H // G, N, P, GH, BT=m["BT"],
                     CS=m["BT"], BN=m["BN"], BP=m["BP"], **order,
                     IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0, **_key_warps(m, device))
             else:
@@ -343,7 +349,8 @@ def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes,
 def render(plan: Plan) -> str:
     """The backward's generated module: the state passes, y, and the per-chunk kernels."""
     if per_key_decay(plan):
-        kernels = [render_scores_kernel(plan), render_keys_y_kernel(plan),
+        kernels = [render_scores_kernel(plan), render_prefix_kernel(plan),
+                   render_keys_y_kernel(plan),
                    render_keys_prep_kernel(plan), render_keys_kernel(plan),
                    render_keys_dv_kernel(plan)]
     else:

@@ -1,46 +1,44 @@
 """The chunked lowering for decays that vary over the key dim (GLA-class gates).
 
-l[t, n] the log-decays with their resets split out (`templates.split_resets`: a zero or
-underflowing decay is counted apart, so exp of a sum is exactly 0 across one). Key s is seen
-from row t of its chunk with the weight exp(sum of l over s < u <= t), per n, so the chunk's
-decayed scores A[t, s] = sum_n q_t k_s exp(...) do not depend on p: `ssmc_chunked_scores`
-forms them once per (chunk, head) into a buffer (fp32, fp64 for fp64 plans), one program per
-row block r of BT (16) steps, in two launches (diagonal blocks, then the earlier ones, so that
-neither program holds the other's tiles):
+L[t, n] the running sums of the log-decays from the chunk's start, with their resets counted
+apart in Z (`templates.split_resets`: a zero or underflowing decay, so exp of a sum is exactly
+0 across one), formed once per chunk by `ssmc_chunked_prefix` (stored from each row block's
+start: chunked_prefix.py). Key s is seen from row t of its chunk with the weight
+exp(L_t - L_s), per n, so the chunk's decayed scores A[t, s] = sum_n q_t k_s exp(...) do not
+depend on p: `ssmc_chunked_scores` forms them once per (chunk, head) into a buffer (fp32,
+fp64 for fp64 plans), one program per row block r of BT (16) steps, in two launches (diagonal
+blocks, then the earlier ones, so that neither program holds the other's tiles):
 
-* the diagonal block: exp(lc_t - lc_s), lc the running sum within the block, formed
-  elementwise on its causal half (BT^2 * BN work) a slice of n at a time, where the weight has
-  no reference point inside the block to factor through;
-* an earlier key block j < r: the weight factors through the row block's start,
-  exp(lc_t) * exp(sum over s < u < start of r), so its scores are one tensor-core matmul,
-  (q exp(lc)) (k exp(rest))^T. Both exponents are sums of log-decays over disjoint steps, each
-  <= 0 for decays of size at most 1, so neither factor overflows and the product is the weight
-  (an underflowing factor means an underflowing weight).
+* the diagonal block: exp(L_t - L_s) formed elementwise on its causal half (BT^2 * BN work) a
+  slice of n at a time, where the weight has no reference point inside the block to factor
+  through;
+* an earlier key block j < r: the weight factors through the step before row block r,
+  exp(L_t - L_ref) * exp(L_ref - L_s), so its scores are one tensor-core matmul,
+  (q exp(L - L_ref)) (k exp(L_ref - L))^T. Both exponents are sums of log-decays over
+  disjoint steps, each <= 0 for decays of size at most 1, so neither factor overflows and the
+  product is the weight (an underflowing factor means an underflowing weight).
 
 The output pass then takes the whole chunk (CS rows) per (chunk, head, p-block), and is two
-tensor-core products: y = (q exp(L)) S_in + A v, L the running sum from the chunk's start.
-The backward's dv is A^T dy + (k exp(decay to the chunk's end)) G the same way.
+tensor-core products: y = (q exp(L)) S_in + A v. The backward's dv is A^T dy + (k exp(decay
+to the chunk's end)) G the same way.
 
 Decays larger than 1 in size (log-decay > 0) make factors above 1. Each factor is itself the
-weight between two steps of the chunk (the key factor is the weight of s seen from the last row
-of block r - 1, the row factor that of the step before block r seen from t), so in a type with
-fp32's range a factor overflows only where a weight the output needs does. fp16 operands stop
-at 65504: their factored products are taken in fp32. Negative decays carry their sign as the
-parity of their count in each factor's range, split the same way.
+weight between two steps of the chunk (the key factor is the weight of s seen from the step
+before block r, the row factor that of that step seen from t), so in a type with fp32's range
+a factor overflows only where a weight the output needs does. fp16 operands stop at 65504:
+their factored products are taken in fp32. Negative decays carry their sign as the parity of
+their count in each factor's range, split the same way.
 """
 from __future__ import annotations
 
 from ....plan import Plan
 from ..common import compute_type, dot_type, input_params, precision_arg
 from ..render import Emitter, Tile
-from ..templates import chunk_setup, indent, later_sum, rows, with_resets
+from ..templates import chunk_setup, indent, rows, with_resets
 from .chunked_tiles import (FIXED, KEY_KT_TILE, KEY_ROWS, QK_TILE, T_AXIS, BlockOperands,
                              RowOperands)
-
-
-def sign_of(count: str) -> str:
-    """+1 or -1: the sign of a product holding `count` negative decays."""
-    return f"tl.where(({count}) % 2 == 1, -1.0, 1.0)"
+from . import chunked_prefix as prefix
+from .chunked_prefix import RunningSums, sign_of
 
 
 def diagonal_walk(prog, ct: str, body: Emitter, per_step) -> None:
@@ -78,7 +76,7 @@ SLICE_TILE = Tile([T_AXIS, ("n", "offs_nd", "mask_nd")], FIXED)
 
 def diagonal_scores_sliced(k: "KeyOps") -> None:
     """`scores` (BT, BT) of the diagonal block as (BT, BT, BND) products, one slice of BND
-    key dims at a time: each slice's decays exp(lc_t - lc_s) are formed for every (t, s) pair
+    key dims at a time: each slice's decays exp(L_t - L_s) are formed for every (t, s) pair
     at once and summed over the slice's n in one reduction, where a walk over the steps
     (`diagonal_walk`) takes a reduction across the lanes per step."""
     prog, body = k.prog, k.body
@@ -91,13 +89,10 @@ def diagonal_scores_sliced(k: "KeyOps") -> None:
         blk = BlockOperands(prog, k.ct, body, SLICE_TILE, "qd", "_d")
         q = blk.operand("query", "q_d")
         kk = blk.operand("key", "k_d")
-        k.running_decay(blk, "_d")   # lc_d, zc_d (and ngc_d): their pairwise differences
-        gap = with_resets("lc_d[:, None, :] - lc_d[None, :, :]",
-                          "zc_d[:, None, :] - zc_d[None, :, :]")
-        sign = ""
-        if prog.decay_signed:
-            sign = f" * {sign_of('ngc_d[:, None, :] - ngc_d[None, :, :]')}"
-        body(f"dec_d = tl.exp(tl.where(causal, {gap}, float('-inf'))){sign}")
+        sums = RunningSums(k.plan, body, "_d", "r * BT + offs_c", keys=("offs_nd", "mask_nd"))
+        pair = ("[:, None, :]", "[None, :, :]")
+        gap = with_resets(f"{sums.L}{pair[0]} - {sums.L}{pair[1]}", sums.resets_since(sums, *pair))
+        body(f"dec_d = tl.exp(tl.where(causal, {gap}, float('-inf'))){sums.sign(sums, *pair)}")
         body(f"scores += tl.sum({q}[:, None, :] * {kk}[None, :, :] * dec_d, axis=2)")
 
 
@@ -120,19 +115,6 @@ class KeyOps:
         if dtype is None:
             return f"tl.dot({a}, {b}{self.prec})"
         return f"tl.dot(({a}).to({dtype}), ({b}).to({dtype}){self.prec})"
-
-    def running_decay(self, blk: BlockOperands, suffix: str = "") -> tuple[str, str]:
-        """`blk`'s (t, n) log-decays loaded; returns the exponent of the decay from the block's
-        start through each step (inclusive; resets counted apart) and the sign factor of that
-        product ("" for decays that cannot be negative)."""
-        ld, rz, ng = blk.log_decays()
-        self.body(f"lc{suffix} = tl.cumsum({ld}, axis=0)")
-        self.body(f"zc{suffix} = tl.cumsum({rz}, axis=0)")
-        sign = ""
-        if ng is not None:
-            self.body(f"ngc{suffix} = tl.cumsum({ng}, axis=0)")
-            sign = f" * {sign_of(f'ngc{suffix}')}"
-        return with_resets(f"lc{suffix}", f"zc{suffix}"), sign
 
     def scores_tile(self, which: str = "") -> str:
         """The chunk's A (CS, CS) from the scores buffer, rows t >= columns s only (`which`
@@ -159,12 +141,13 @@ def _scores_row_block(k: KeyOps) -> None:
         body("return")
     row = BlockOperands(prog, ct, body, QK_TILE, "qk", "")
     query = row.operand("query", "query")
-    exponent, sign = k.running_decay(row)
-    body(f"q_op = ({query} * tl.exp({exponent}){sign}).to({k.ft})")
-    # the earlier key blocks, nearest first: `mid` sums the blocks between j and r
+    # the reference: the step before the row block (r >= 1 here), from which the block's own
+    # sums run; key block j's factor is its sums to its end plus the blocks up to r
+    sums = RunningSums(k.plan, body, "", "r * BT + offs_c")
+    ref = RunningSums(k.plan, body, "R", "r * BT - 1", counts_only=True)
+    since_ref = with_resets(sums.L, sums.resets_since(ref, "", "[None, :]"))
+    body(f"q_op = ({query} * tl.exp({since_ref}){sums.sign(ref, '', '[None, :]')}).to({k.ft})")
     body(f"mid = tl.zeros([BN], dtype={ct})")
-    if sgn:
-        body("mid_ng = tl.zeros([BN], dtype=tl.int32)")
     body("for jj in range(1, r + 1):")
     with body.block():
         body("j = r - jj")
@@ -172,16 +155,13 @@ def _scores_row_block(k: KeyOps) -> None:
             body(line)
         blk = BlockOperands(prog, ct, body, KEY_KT_TILE, "kj", "k")   # (n, t): no transpose
         kT = blk.operand("key", "kT", k.ft)
-        lk, rk, gk = blk.log_decays()
-        body(f"rest = {with_resets(later_sum(lk, 1), later_sum(rk, 1))} + mid[:, None]")
-        scale = "tl.exp(rest)"
-        if sgn:
-            scale += f" * {sign_of(f'{later_sum(gk, 1)} + mid_ng[:, None]')}"
-        body(f"kT_op = ({kT} * {scale}).to({k.ft})")
+        keys = RunningSums(k.plan, body, "K", "j * BT + offs_c", transposed=True)
+        tot = prefix.block_total(body, "tot", "j * BT + BT - 1")
+        rest = with_resets(f"({tot}[:, None] - {keys.L}) + mid[:, None]",
+                           ref.resets_since(keys, "[:, None]"))
+        body(f"kT_op = ({kT} * tl.exp({rest}){ref.sign(keys, '[:, None]')}).to({k.ft})")
         body(f"tl.store(a_ptr + j * BT, {k.dot('q_op', 'kT_op')})")
-        body(f"mid += {with_resets(f'tl.sum({lk}, axis=1)', f'tl.sum({rk}, axis=1)')}")
-        if sgn:
-            body(f"mid_ng += tl.sum({gk}, axis=1)")
+        body(f"mid += {tot}")
 
 
 #: the scores kernel's pointer and size arguments, after the inputs'
@@ -197,16 +177,19 @@ def render_scores_kernel(plan: Plan) -> str:
     body = Emitter(indent=2)
     _scores_row_block(KeyOps(plan, body))
     setup = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
-                        "tl.program_id(0).to(tl.int64) // R", "CS", "cs0")
+                        "tl.program_id(0).to(tl.int64) // RB", "CS", "cs0")
     return f"""
 @triton.jit
 def ssmc_chunked_scores(
-    {input_params(plan.program)},
+    {input_params(plan.program)}, {prefix.PARAMS}
     {SCORES_PARAMS}
 ):
-    R = CS // BT
+    if DIAG:
+        RB = CS // BT
+    else:   # the row blocks with earlier key blocks: r >= 1
+        RB = CS // BT - 1
 {setup}
-    r = tl.program_id(0).to(tl.int64) % R
+    r = tl.program_id(0).to(tl.int64) % RB + (0 if DIAG else 1)
     c0 = cs0 + r * BT
     if c0 < length:
 {indent(rows(), 2)}
@@ -237,8 +220,11 @@ def launch_scores(module, args, scores, n_chunks: int, H: int, layout: tuple, si
     if n_chunks == 0:
         return
     for diag in (True, False):
+        blocks = CS // BT if diag else CS // BT - 1   # row blocks with earlier key blocks
+        if blocks == 0:
+            continue
         extra = dict(num_warps=SCORES_WARPS[diag]) if on_gpu else {}
-        module.ssmc_chunked_scores[(n_chunks * (CS // BT), H)](
+        module.ssmc_chunked_scores[(n_chunks * blocks, H)](
             *args, scores, *layout, *sizes, BT=BT, CS=CS, BN=BN, BP=16,
             BND=min(BN, SCORES_SLICE), DIAG=diag, **order, IS_VARLEN=varlen, **extra)
 
@@ -249,6 +235,13 @@ def output_body(k: KeyOps, value: str) -> None:
     body = k.body
     row = BlockOperands(k.prog, k.ct, body, QK_TILE, "qk", "")
     query = row.operand("query", "query")
-    exponent, sign = k.running_decay(row)
-    body(f"y = {k.dot(f'{query} * tl.exp({exponent}){sign}', 'state_in', k.ft)}")
+    # the running sums from the chunk's start: each row's block sum plus the earlier blocks'
+    sums = RunningSums(k.plan, body, "", "offs_c")
+    body(f"from_start = {sums.L}")
+    body("for blk in range(1, CS // ssmc_rb):")
+    with body.block():
+        tot = prefix.block_total(body, "tot", "blk * ssmc_rb - 1")
+        body(f"from_start += tl.where(offs_c[:, None] >= blk * ssmc_rb, {tot}[None, :], 0.0)")
+    exponent = with_resets("from_start", sums.resets_since())
+    body(f"y = {k.dot(f'{query} * tl.exp({exponent}){sums.sign()}', 'state_in', k.ft)}")
     body(f"y += {k.dot(f'{k.scores_tile()}.to({k.dt})', value)}")

@@ -15,6 +15,7 @@ from .chunked import RESET_ROWS_PER_PROGRAM, per_key_decay, render, reset_specia
 from .chunk_qk import launch_qk, reads_qk
 from .chunked_keys import launch_scores, whole_chunk_warps
 from . import chunked_segments as seg
+from .chunked_prefix import PrefixSums
 from .chunked_segments import Segments
 from .registry import TritonLowering, register_lowering
 
@@ -119,10 +120,16 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
     sg = Segments(seg.segment_chunks(m["SEG_state"], per_seq, S * H * blocks,
                                      cu_seqlens is not None, seg.program_target(device)),
                   S, per_seq, n_chunks, sizes, per_key_decay(plan), device, out)
+    sums = PrefixSums(plan, per_key, n_chunks, H, m["CS"], m["BT"], N,
+                      device)
     for i, direction in enumerate(dirs):
-        args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
+        # per-order inputs: this order's slice; per-key decays: their running sums after them
+        args = input_args(prog, tensors, i)
         h0 = None if h0s[i] is None else h0s[i].contiguous()
         order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
+        sums.fill(module, args, n_chunks, H, (cu, off, seqs), (T, H // G, N, P, GH), N,
+                  order, cu_seqlens is not None)
+        args = (*args, *sums.args)
         module.ssmc_chunked_state_fwd[(S * sg.n_seg, H, blocks)](
             *args, states, resets, out if h0 is None else h0,
             out if final is None else final[i], cu, off, *sg.buffers,
