@@ -74,26 +74,53 @@ def diagonal_walk(prog, ct: str, body: Emitter, per_step) -> None:
 SLICE_TILE = Tile([T_AXIS, ("n", "offs_nd", "mask_nd")], FIXED)
 
 
-def diagonal_scores_sliced(k: "KeyOps") -> None:
-    """`scores` (BT, BT) of the diagonal block as (BT, BT, BND) products, one slice of BND
-    key dims at a time: each slice's decays exp(L_t - L_s) are formed for every (t, s) pair
-    at once and summed over the slice's n in one reduction, where a walk over the steps
-    (`diagonal_walk`) takes a reduction across the lanes per step."""
-    prog, body = k.prog, k.body
-    body(f"scores = tl.zeros([BT, BT], dtype={k.ct})")
-    body("causal = offs_c[:, None, None] >= offs_c[None, :, None]")
+def diagonal_scores_split(k: "KeyOps") -> None:
+    """The diagonal block's scores, stored: its lower-left quadrant (rows of the second half,
+    keys of the first) factored through the first half's last step as the earlier key blocks
+    are, one tensor-core product; the two halves' own pairs elementwise, as (2, HB, HB, BND)
+    products one slice of BND key dims at a time, each slice's decays exp(L_t - L_s) formed for
+    every pair of a half at once: half the exponentials of the whole block's (BT, BT, BND)."""
+    prog, body, ct = k.prog, k.body, k.ct
+    row = BlockOperands(prog, ct, body, QK_TILE, "qk", "")
+    query = row.operand("query", "query")
+    key = row.operand("key", "key")
+    sums = RunningSums(k.plan, body, "", "r * BT + offs_c")
+    mid = RunningSums(k.plan, body, "M", "r * BT + BT // 2 - 1")
+    body("lower = offs_c >= BT // 2")
+    after = with_resets(f"{sums.L} - {mid.L}[None, :]", sums.resets_since(mid, "", "[None, :]"))
+    before = with_resets(f"{mid.L}[None, :] - {sums.L}", mid.resets_since(sums, "[None, :]"))
+    sign = sums.sign(mid, "", "[None, :]")
+    body(f"q_lo = tl.where(lower[:, None], {query} * tl.exp({after}){sign}, 0.0)")
+    body(f"k_hi = tl.where(lower[:, None], 0.0, {key} * tl.exp({before}){sign})")
+    body("tl.store(a_ptr + r * BT, " + k.dot("q_lo", "tl.trans(k_hi)", k.ft)
+         + ", mask=lower[:, None] & (offs_c[None, :] < BT // 2))")
+    body("offs_h = tl.arange(0, BT // 2)")
+    body("causal = (offs_h[:, None] >= offs_h[None, :])[None, :, :, None]")
+    body(f"halves = tl.zeros([2, BT // 2, BT // 2], dtype={ct})")
     body("for nd in range(0, BN, BND):")
     with body.block():
         body("offs_nd = nd + tl.arange(0, BND)")
         body("mask_nd = offs_nd < N")
-        blk = BlockOperands(prog, k.ct, body, SLICE_TILE, "qd", "_d")
+        blk = BlockOperands(prog, ct, body, SLICE_TILE, "qd", "_d")
         q = blk.operand("query", "q_d")
         kk = blk.operand("key", "k_d")
-        sums = RunningSums(k.plan, body, "_d", "r * BT + offs_c", keys=("offs_nd", "mask_nd"))
-        pair = ("[:, None, :]", "[None, :, :]")
-        gap = with_resets(f"{sums.L}{pair[0]} - {sums.L}{pair[1]}", sums.resets_since(sums, *pair))
-        body(f"dec_d = tl.exp(tl.where(causal, {gap}, float('-inf'))){sums.sign(sums, *pair)}")
-        body(f"scores += tl.sum({q}[:, None, :] * {kk}[None, :, :] * dec_d, axis=2)")
+        slice_ = RunningSums(k.plan, body, "_d", "r * BT + offs_c", keys=("offs_nd", "mask_nd"))
+        names = [q, kk, slice_.L, slice_.Z] + ([slice_.NG] if slice_.NG else [])
+        for name in names:
+            body(f"{name}4 = tl.reshape({name}, [2, BT // 2, BND])")
+        pair = ("4[:, :, None, :]", "4[:, None, :, :]")
+        gap = with_resets(f"{slice_.L}{pair[0]} - {slice_.L}{pair[1]}",
+                          f"{slice_.Z}{pair[0]} - {slice_.Z}{pair[1]}")
+        sign = ""
+        if slice_.NG:
+            sign = f" * {sign_of(f'{slice_.NG}{pair[0]} + {slice_.NG}{pair[1]}')}"
+        body(f"dec_d = tl.exp(tl.where(causal, {gap}, float('-inf'))){sign}")
+        body(f"halves += tl.sum({q}4[:, :, None, :] * {kk}4[:, None, :, :] * dec_d, axis=3)")
+    body("offs_2 = tl.arange(0, 2)[:, None, None] * (BT // 2)")
+    body("h_rows = offs_2 + offs_h[None, :, None]")
+    body("h_cols = offs_2 + offs_h[None, None, :]")
+    body("tl.store(ssmc_scores + ((chunk * H + h_idx) * CS + r * BT + h_rows) * CS + r * BT"
+         " + h_cols, halves)")
 
 
 def narrow_operands(dt: str) -> bool:
@@ -136,8 +163,7 @@ def _scores_row_block(k: KeyOps) -> None:
          " + offs_c[None, :]")
     body("if DIAG:")
     with body.block():
-        diagonal_scores_sliced(k)
-        body("tl.store(a_ptr + r * BT, scores)")
+        diagonal_scores_split(k)
         body("return")
     row = BlockOperands(prog, ct, body, QK_TILE, "qk", "")
     query = row.operand("query", "query")
@@ -235,13 +261,8 @@ def output_body(k: KeyOps, value: str) -> None:
     body = k.body
     row = BlockOperands(k.prog, k.ct, body, QK_TILE, "qk", "")
     query = row.operand("query", "query")
-    # the running sums from the chunk's start: each row's block sum plus the earlier blocks'
     sums = RunningSums(k.plan, body, "", "offs_c")
-    body(f"from_start = {sums.L}")
-    body("for blk in range(1, CS // ssmc_rb):")
-    with body.block():
-        tot = prefix.block_total(body, "tot", "blk * ssmc_rb - 1")
-        body(f"from_start += tl.where(offs_c[:, None] >= blk * ssmc_rb, {tot}[None, :], 0.0)")
+    prefix.from_chunk_start(body, sums, k.ct)
     exponent = with_resets("from_start", sums.resets_since())
     body(f"y = {k.dot(f'{query} * tl.exp({exponent}){sums.sign()}', 'state_in', k.ft)}")
     body(f"y += {k.dot(f'{k.scores_tile()}.to({k.dt})', value)}")

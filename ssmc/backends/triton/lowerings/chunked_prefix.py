@@ -99,6 +99,27 @@ def block_total(body: Emitter, name: str, end_row: str, size: str = "CS") -> str
     return name
 
 
+def from_chunk_start(body: Emitter, sums: RunningSums, ct: str, size: str = "CS") -> None:
+    """Emits `from_start`, `sums`' (rows offs_c of the whole chunk) sums from the chunk's
+    start, each row's block sum plus the earlier blocks' totals, and `l_last`, the chunk's
+    total (resets apart)."""
+    body(f"from_start = {sums.L}")
+    body(f"l_last = tl.zeros([BN], dtype={ct})")
+    body(f"for blk in range(0, {size} // ssmc_rb):")
+    with body.block():
+        tot = block_total(body, "tot", "(blk + 1) * ssmc_rb - 1", size)
+        body(f"from_start += tl.where(offs_c[:, None] > (blk + 1) * ssmc_rb - 1, "
+             f"{tot}[None, :], 0.0)")
+        body(f"l_last += {tot}")
+
+
+def to_chunk_end(body: Emitter, at: str, rows_first: bool = True) -> str:
+    """The stored sums of the log-decays after each step to the chunk's end at offsets `at`
+    ((rows, keys) tile, or (keys, rows))."""
+    mask = "mask_n[None, :]" if rows_first else "mask_n[:, None]"
+    return f"tl.load(ssmc_lend + {at}, mask={mask}, other=0.0)"
+
+
 def render_prefix_kernel(plan: Plan) -> str:
     """`ssmc_chunked_prefix`: a program per (chunk, head, block of PREFIX_BN keys), walking
     the chunk's row blocks of BT (= RB) steps."""
