@@ -87,6 +87,8 @@ from ..render import Context, Emitter, Tile, split_scale
 from . import chunked_segments as seg
 from .walk_rows import RowsAhead
 from .chunk_qk import head_free
+from . import chunked_prefix as prefix
+from .chunked_prefix import RunningSums
 from ..templates import (HAS_RESET_BELOW, chunk_setup, chunk_state_store, fold_resets, indent,
                          later_sum, rows, seq_setup, split_resets, with_resets)
 
@@ -239,6 +241,17 @@ class _Ops:
             b(f"ld = tl.where(mask_t[:, None] & mask_n[None, :], {v}, 0.0)")
             self._split_decay()
             b("l_last = " + with_resets("tl.sum(ld, axis=0)", "tl.sum(rz, axis=0)"))
+
+    def stored_decay(self, size: str = "CS"):
+        """lcf, lr and l_last of a whole chunk's rows (`size` of them) of per-key decays from
+        the sums the prefix kernel stored (chunked_prefix.py), the state pass's own."""
+        sums = RunningSums(self.plan, self.body, "", "offs_c", size)
+        end = RunningSums(self.plan, self.body, "E", f"{size} - 1", size, counts_only=True)
+        prefix.from_chunk_start(self.body, sums, self.ct, size)
+        self.body(f"lcf = {with_resets('from_start', sums.resets_since())}")
+        later = prefix.to_chunk_end(self.body, "at")
+        self.body(f"lr = {with_resets(later, end.resets_since(sums, '[None, :]'))}")
+        self.body(f"l_last = {with_resets('l_last', end.resets_since())}")
 
     def _plain_decay(self):
         """lc, zc (zeros), lcf and lr of a chunk without a reset."""
@@ -440,7 +453,7 @@ def render_dstate_kernel(plan: Plan) -> str:
     if o.mode == "key":   # the decay from the chunk's start is per (t, n): on the query
         o.operand("query", "query")
         o.dy()
-        o.decay()
+        o.stored_decay("BT")
         body(f"G = G * {o.state_decay()} + " + o.dot(f"tl.trans({o.q_in()})", "dy"))
     else:
         # a decay per step weighs dy's rows (t, BP), not the query's (t, n): the query goes
@@ -454,7 +467,7 @@ def render_dstate_kernel(plan: Plan) -> str:
     return f"""
 @triton.jit
 def ssmc_chunked_bwd_dstates(
-    {input_params(plan.program)},
+    {input_params(plan.program)}, {prefix.PARAMS if o.mode == "key" else ""}
     ssmc_dy, ssmc_dstates, ssmc_gT, ssmc_dh0, {seg.PARAMS} {STATE_PARAMS} NSEG, SEG,
     {CONSTS}, NPB: tl.constexpr, HAS_GT: tl.constexpr, SEGMENTED: tl.constexpr,
 ):

@@ -225,7 +225,7 @@ def render_keys_prep_kernel(plan: Plan) -> str:
     with b.block():
         b("tl.store(ssmc_dA + ((chunk * H + h_idx) * CS + offs_c[:, None]) * CS"
           " + offs_c[None, :], tl.where(offs_c[:, None] >= offs_c[None, :], dA, 0.0))")
-    o.decay()
+    o.stored_decay()
     b("row = (b_idx * T + t_row[:, None]) * H + h_idx")
     b("nmask = mask_t[:, None] & mask_n[None, :]")
     b("tl.store(ssmc_dq + row * N + offs_n[None, :], tl.exp(lcf) * dyS, mask=nmask)")
@@ -264,7 +264,7 @@ def _kernel(name: str, plan: Plan, args: str, extra: str, split_n: bool, text: s
     return f"""
 @triton.jit
 def {name}(
-    {input_params(plan.program)},
+    {input_params(plan.program)}, {prefix.PARAMS}
     {args},
     {PARAMS}{extra}
 ):
@@ -326,5 +326,5 @@ def render_keys_y_kernel(plan: Plan) -> str:
     output_body(KeyOps(plan, body), "value")
     store_y(body)
     return _chunk_kernel("ssmc_chunked_bwd_y", plan,
-                         f"{prefix.PARAMS} ssmc_y, ssmc_states, ssmc_scores",
+                         "ssmc_y, ssmc_states, ssmc_scores",
                          " ACCUM_IN: tl.constexpr,", body)

@@ -102,13 +102,15 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     GH = sizes.get("grid_h", 1)
     states, finals, scores, flags = [], [], [], []
     variants = chunk_variants(plan)
-    sums = PrefixSums(plan, per_key_decay(plan), n_chunks, H, m["BT"], m["RB"], N,
-                      device)
+    prefixes = []
     for i, (direction, h0) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, initial_state))):
         args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
         order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
         seqs = dummy if chunk_seq is None else chunk_seq
+        # per-key decays: their running sums, read here and by the reverse pass and prep
+        sums = PrefixSums(plan, per_key_decay(plan), n_chunks, H, m["BT"], m["RB"], N, device)
+        prefixes.append(sums)
         sums.fill(module, args, n_chunks, H, (cu, off, seqs), (T, H // G, N, P, GH), N,
                   order, cu_seqlens is not None)
         pargs = (*args, *sums.args)   # per-key decays: their running sums after the inputs
@@ -149,7 +151,8 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         states.append(st)
         finals.append(final)
     layout = dict(n_chunks=n_chunks, chunk_off=chunk_off, chunk_seq=chunk_seq, m=m)
-    return dict(states=states, finals=finals, scores=scores, flags=flags, layout=layout), y
+    return dict(states=states, finals=finals, scores=scores, flags=flags, prefixes=prefixes,
+                layout=layout), y
 
 
 def _walk_launch(m: dict, device) -> dict:
@@ -260,6 +263,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         npb_walk = triton.cdiv(P, m["BP_walk"])
         walks = triton.cdiv(N, m["BN_state"]) * npb_walk
         sg = _segments(plan, sizes, m, S, walks, n_chunks, cu_seqlens, device, dummy)
+        args = (*args, *saved["prefixes"][i].args)   # per-key decays: their running sums
         module.ssmc_chunked_bwd_dstates[(S * sg.n_seg, H, walks)](
             *args, dy, dstates, dummy if gT is None else gT, dh0, *sg.buffers, cu, off, T,
             H // G, N, P, GH, sg.n_seg, sg.seg or 1, **order, HAS_GT=gT is not None,
