@@ -615,7 +615,9 @@ for decay, dtype in (("diagonal", "bfloat16"), ("diagonal", "float16"), ("diagon
     if not per_key:   # q k^T once per (chunk, group): chunk_qk.py
         build(fwd, "ssmc_chunk_qk", dict(BT=64, BN=64, BP=16, **order), dtype)
     if per_key:
-        build(fwd, "ssmc_chunked_prefix", dict(BT=16, CS=64, BN=64, BP=16, NPB=1, **order), dtype)
+        for suffix in (False, True):
+            build(fwd, "ssmc_chunked_prefix", dict(BT=16, CS=64, BN=64, BP=16, NPB=1, **order,
+                                                   BLOCK_SUFFIX=suffix), dtype)
         for diag in (True, False):
             build(fwd, "ssmc_chunked_scores",
                   dict(BT=16, CS=64, BN=64, BP=16, BND=32, DIAG=diag, **order), dtype)

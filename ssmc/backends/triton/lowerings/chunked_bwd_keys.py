@@ -29,11 +29,12 @@ from __future__ import annotations
 from ....plan import Plan
 from ..common import input_params
 from ..render import Emitter
-from ..templates import chunk_setup, indent, later_sum, rows, with_resets
+from ..templates import chunk_setup, indent, rows, with_resets
 from .chunked import _Chunk
 from .chunked_bwd import _Ops, store_y
 from . import chunked_prefix as prefix
-from .chunked_keys import KeyOps, diagonal_walk, narrow_operands, output_body, sign_of
+from .chunked_prefix import RunningSums
+from .chunked_keys import KeyOps, diagonal_walk, narrow_operands, output_body
 from .chunked_tiles import (KEY_QK_TILE, KEY_ROWS, QK_TILE, V_TILE,
                             BlockOperands)
 
@@ -65,10 +66,6 @@ def _dA_block(rows_: str, cols: str) -> str:
             f" + {cols} * BT + offs_c[None, :])")
 
 
-def _total(ld: str, rz: str) -> str:
-    return with_resets(f"tl.sum({ld}, axis=0)", f"tl.sum({rz}, axis=0)")
-
-
 class _Kernel:
     def __init__(self, plan: Plan, body: Emitter):
         self.plan, self.body = plan, body
@@ -87,15 +84,20 @@ class _Kernel:
         for line in KEY_ROWS.splitlines():
             self.body(line)
 
-    def later_queries(self, tag: str) -> str:
-        """In a loop over a later block j: its query times the decay from its start (qf)."""
+    def sums(self, suffix: str, rows_: str, counts_only: bool = False) -> RunningSums:
+        return RunningSums(self.plan, self.body, suffix, rows_, counts_only=counts_only)
+
+    def block_sums(self) -> None:
+        """Block i's stored running sums (from its start: `L`; resets from the chunk's: `Z`),
+        with `Z_prev`, the resets before the block, `lcf`, the exponent from its start, and
+        `lrL`, the sums to its end (resets apart)."""
         b = self.body
-        blk = self.block(KEY_QK_TILE, tag, tag)
-        q = blk.operand("query", f"q_{tag}")
-        lq, rq, _ = blk.log_decays()
-        start = with_resets(f"tl.cumsum({lq}, axis=0)", f"tl.cumsum({rq}, axis=0)")
-        b(f"qf = {q} * tl.exp({start})")
-        return _total(lq, rq)
+        self.rows = self.sums("", "i * BT + offs_c")
+        b("at_prev = ((chunk * H + h_idx) * CS + tl.maximum(i * BT - 1, 0)) * N + offs_n")
+        b("Z_prev = tl.where(i > 0, tl.load(ssmc_zcum + at_prev, mask=mask_n, other=0), 0)"
+          f".to({self.ct})")
+        b(f"lcf = {with_resets('L', 'Z - Z_prev[None, :]')}")
+        b(f"lrL = {prefix.to_chunk_end(b, 'at', block=True)}")
 
     def own_block(self) -> None:
         """Block i's operands, its own pairs and the state terms the prep kernel left in dq
@@ -103,7 +105,7 @@ class _Kernel:
         b, o = self.body, self.o
         o.operand("query", "query")
         o.operand("key", "key")
-        o.decay()
+        self.block_sums()
         self.own_pairs()
         # the terms from outside the chunk (`render_keys_prep_kernel`), then the other blocks'
         b("dq_x = tl.load(ssmc_dq + row * N + offs_n[None, :], mask=nmask, other=0.0)")
@@ -129,12 +131,13 @@ class _Kernel:
             b(f"da_r = tl.load({base} + s) * CS + i * BT + offs_c)")
             b("dq_in += da_s[:, None] * dec * k_r[None, :]")
             b("dk_in += da_r[:, None] * dec_back * q_r[None, :]")
-        diagonal_walk(self.prog, self.ct, b, step)
+        diagonal_walk(self.plan, self.rows, b, step)
         b("rect = tl.cumsum((query * dq_in).to(tl.float64) - (key * dk_in).to(tl.float64),"
           " axis=0, reverse=True)")
 
     def earlier_keys(self) -> None:
-        """dq's terms from the key blocks before block i, nearest first."""
+        """dq's terms from the key blocks before block i, nearest first: each key's decay to
+        the step before block i is its sum to its block's end plus the blocks between."""
         b = self.body
         b(f"dqx = tl.zeros([BT, BN], dtype={self.ct})")
         b(f"mid = tl.zeros([BN], dtype={self.ct})")
@@ -144,26 +147,33 @@ class _Kernel:
             self.other_rows()
             blk = self.block(KEY_QK_TILE, "kj", "k")
             kj = blk.operand("key", "kj")
-            lk, rk, _ = blk.log_decays()
-            rest = with_resets(later_sum(lk), later_sum(rk))
-            b(f"kf = {kj} * tl.exp({rest} + mid[None, :])")
+            keys = self.sums("K", "j * BT + offs_c", counts_only=True)
+            tot = prefix.block_total(b, "T_j", "j * BT + BT - 1")
+            later = prefix.to_chunk_end(b, "atK", block=True)
+            rest = with_resets(f"{later} + mid[None, :]", f"Z_prev[None, :] - {keys.Z}")
+            b(f"kf = {kj} * tl.exp({rest})")
             b(f"dAj = {_dA_block('i', 'j')}")   # [u in i, s in j]
             b(f"dqx += {self.fdot('dAj', 'kf')}")
-            b(f"mid += {_total(lk, rk)}")
+            b(f"mid += {tot}")
         b("dq_x += tl.exp(lcf) * dqx")
 
     def later_queries_dk(self) -> None:
-        """dk's terms from the query blocks after block i."""
+        """dk's terms from the query blocks after block i: each through the step before
+        query block j, with the decay from there (qf) and to there (kfac)."""
         b = self.body
         b(f"mid = tl.zeros([BN], dtype={self.ct})")
         b("for j in range(i + 1, R):")
         with b.block():
             self.other_rows()
-            total = self.later_queries("qj")
-            b("kfac = tl.exp(lr + mid[None, :])")
+            q = self.block(KEY_QK_TILE, "qj", "qj").operand("query", "q_qj")
+            queries = self.sums("Q", "j * BT + offs_c")
+            b("Zj_prev = tl.load(ssmc_zcum + ((chunk * H + h_idx) * CS + j * BT - 1) * N"
+              f" + offs_n, mask=mask_n, other=0).to({self.ct})")
+            b(f"qf = {q} * tl.exp({with_resets(queries.L, f'{queries.Z} - Zj_prev[None, :]')})")
+            b(f"kfac = tl.exp({with_resets('lrL + mid[None, :]', 'Zj_prev[None, :] - Z')})")
             b(f"dAj = {_dA_block('j', 'i')}")   # [u in j, s in i]
             b(f"dk_x += kfac * {self.fdot('tl.trans(dAj)', 'qf')}")
-            b(f"mid += {total}")
+            b(f"mid += {prefix.block_total(b, 'T_j', 'j * BT + BT - 1')}")
 
     def decay_gradient(self) -> None:
         """dl_r = sum of M over the pairs s < r <= u (module docstring), block i's part of
@@ -304,10 +314,11 @@ def render_keys_dv_kernel(plan: Plan) -> str:
         body("mask_n = offs_n < N")
         blk = BlockOperands(k.prog, k.ct, body, QK_TILE, "qk", "")
         key = blk.operand("key", "key")
-        ld, rz, ng = blk.log_decays()
-        to_end = f"tl.exp({with_resets(later_sum(ld), later_sum(rz))})"
-        if ng is not None:
-            to_end += f" * {sign_of(later_sum(ng))}"
+        sums = RunningSums(plan, body, "", "offs_c", counts_only=True)
+        end = RunningSums(plan, body, "E", "CS - 1", counts_only=True)
+        later = prefix.to_chunk_end(body, "at")
+        to_end = (f"tl.exp({with_resets(later, end.resets_since(sums, '[None, :]'))})"
+                  f"{end.sign(sums, '[None, :]')}")
         _state(body, "G", "ssmc_dstates")
         body(f"dv += {k.dot(f'{key} * {to_end}', 'G', k.ft)}")
     body("tl.store(ssmc_dv + ((b_idx * T + t_row[:, None]) * H + h_idx) * P"

@@ -109,7 +109,8 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
         seqs = dummy if chunk_seq is None else chunk_seq
         # per-key decays: their running sums, read here and by the reverse pass and prep
-        sums = PrefixSums(plan, per_key_decay(plan), n_chunks, H, m["BT"], m["RB"], N, device)
+        sums = PrefixSums(plan, per_key_decay(plan), n_chunks, H, m["BT"], m["RB"], N, device,
+                          block_suffix=True)
         prefixes.append(sums)
         sums.fill(module, args, n_chunks, H, (cu, off, seqs), (T, H // G, N, P, GH), N,
                   order, cu_seqlens is not None)

@@ -41,30 +41,23 @@ from . import chunked_prefix as prefix
 from .chunked_prefix import RunningSums, sign_of
 
 
-def diagonal_walk(prog, ct: str, body: Emitter, per_step) -> None:
+def diagonal_walk(plan: Plan, rows_: RunningSums, body: Emitter, per_step) -> None:
     """The diagonal block's steps s one at a time (unrolled): step s's key and query rows
-    `k_r`, `q_r` and the running sums of its block's log-decays up to s (`lcs`, `zcs`, `ngs`),
-    kept as the walk goes, against which `lc`, `zc`, `ngc` (the block rows' own) make `dec`,
-    D[:, s, :] (the rows u >= s seeing key s; 0 on the others), and `dec_back`, D[s, :, :]
-    (the keys u <= s that row s sees). `per_step()` emits the step's work."""
-    sgn = prog.decay_signed
-    body(f"lcs = tl.zeros([BN], dtype={ct})")
-    body(f"zcs = tl.zeros([BN], dtype={ct})")
-    if sgn:
-        body("ngs = tl.zeros([BN], dtype=tl.int32)")
+    `k_r`, `q_r` and its stored running sums (`Ls`, `Zs`), against which the block rows' own
+    (`rows_`) make `dec`, D[:, s, :] (the rows u >= s seeing key s; 0 on the others), and
+    `dec_back`, D[s, :, :] (the keys u <= s that row s sees). `per_step()` emits the step's
+    work."""
+    prog, ct = plan.program, compute_type(plan)
     body("for s in tl.static_range(BT):")
     with body.block():
         row = RowOperands(prog, ct, body, "s")
         row.operand("key", "k_r")
         row.operand("query", "q_r")
-        ld, rz, ng = row.log_decays()
-        body(f"lcs += {ld}")
-        body(f"zcs += {rz}")
-        body(f"gap = {with_resets('lc - lcs[None, :]', 'zc - zcs[None, :]')}")
-        sign = ""
-        if sgn:
-            body(f"ngs += {ng}")
-            sign = f" * {sign_of('ngc - ngs[None, :]')}"
+        step = RunningSums(plan, body, "s", "i * BT + s")
+        gap = with_resets(f"{rows_.L} - {step.L}[None, :]",
+                          rows_.resets_since(step, "", "[None, :]"))
+        sign = rows_.sign(step, "", "[None, :]")
+        body(f"gap = {gap}")
         body(f"dec = tl.exp(tl.where(offs_c[:, None] >= s, gap, float('-inf'))){sign}")
         body(f"dec_back = tl.exp(tl.where(offs_c[:, None] <= s, -gap, float('-inf'))){sign}")
         per_step()

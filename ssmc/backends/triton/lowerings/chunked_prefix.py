@@ -29,7 +29,7 @@ from ..templates import chunk_setup, indent, later_sum, rows
 from .chunked_tiles import QK_TILE, BlockOperands
 
 #: the kernels' parameters that receive the sums (after the inputs'): ssmc_rb is RB
-PARAMS = "ssmc_lcum, ssmc_lend, ssmc_zcum, ssmc_ngp, ssmc_rb,"
+PARAMS = "ssmc_lcum, ssmc_lend, ssmc_lsuf, ssmc_zcum, ssmc_ngp, ssmc_rb,"
 #: key dims per program of the prefix kernel
 PREFIX_BN = 64
 
@@ -113,11 +113,11 @@ def from_chunk_start(body: Emitter, sums: RunningSums, ct: str, size: str = "CS"
         body(f"l_last += {tot}")
 
 
-def to_chunk_end(body: Emitter, at: str, rows_first: bool = True) -> str:
-    """The stored sums of the log-decays after each step to the chunk's end at offsets `at`
-    ((rows, keys) tile, or (keys, rows))."""
+def to_chunk_end(body: Emitter, at: str, rows_first: bool = True, block: bool = False) -> str:
+    """The stored sums of the log-decays after each step to the chunk's end (`block`: to its
+    row block's end) at offsets `at` ((rows, keys) tile, or (keys, rows))."""
     mask = "mask_n[None, :]" if rows_first else "mask_n[:, None]"
-    return f"tl.load(ssmc_lend + {at}, mask={mask}, other=0.0)"
+    return f"tl.load({'ssmc_lsuf' if block else 'ssmc_lend'} + {at}, mask={mask}, other=0.0)"
 
 
 def render_prefix_kernel(plan: Plan) -> str:
@@ -129,6 +129,8 @@ def render_prefix_kernel(plan: Plan) -> str:
     ld, rz, ng = blk.log_decays()
     body("at = ((chunk * H + h_idx) * CS + b * BT + offs_c[:, None]) * N + offs_n[None, :]")
     body(f"tl.store(ssmc_lcum + at, tl.cumsum({ld}, axis=0), mask=mask_n[None, :])")
+    body("if BLOCK_SUFFIX:")
+    body(f"    tl.store(ssmc_lsuf + at, {later_sum(ld)}, mask=mask_n[None, :])")
     body(f"tl.store(ssmc_zcum + at, (z0[None, :] + tl.cumsum({rz}, axis=0)).to(tl.int16), "
          "mask=mask_n[None, :])")
     body(f"z0 += tl.sum({rz}, axis=0)")
@@ -154,6 +156,7 @@ def ssmc_chunked_prefix(
     T, HPG, N, P, GH,
     BT: tl.constexpr, CS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
     NPB: tl.constexpr, REVERSE: tl.constexpr, COLUMN: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BLOCK_SUFFIX: tl.constexpr,
 ):
 {setup}
     z0 = tl.zeros([BN], dtype={ct})
@@ -174,18 +177,22 @@ class PrefixSums:
     steps, or none for plans without per-key decays (`args` empty)."""
 
     def __init__(self, plan: Plan, per_key: bool, n_chunks: int, H: int, CS: int, RB: int,
-                 N: int, device):
+                 N: int, device, block_suffix: bool = False):
+        """`block_suffix`: also each step's sum to its row block's end (the backward's
+        factored key blocks; the forward has no reader for them)."""
         self.args: tuple = ()
-        self.CS, self.RB = CS, RB
+        self.CS, self.RB, self.block_suffix = CS, RB, block_suffix
         if not per_key:
             return
         shape = (max(n_chunks, 1), H, CS, N)
         lcum, lend = (torch.empty(shape, dtype=compute_dtype(plan), device=device)
                       for _ in range(2))
+        lsuf = torch.empty(shape, dtype=compute_dtype(plan), device=device) \
+            if block_suffix else lend
         zcum = torch.empty(shape, dtype=torch.int16, device=device)
         ngp = (torch.empty(shape, dtype=torch.int8, device=device)
                if plan.program.decay_signed else zcum)
-        self.args = (lcum, lend, zcum, ngp, RB)
+        self.args = (lcum, lend, lsuf, zcum, ngp, RB)
 
     def fill(self, module, args, n_chunks: int, H: int, layout: tuple, sizes: tuple,
              N: int, order: dict, varlen: bool) -> None:
@@ -195,4 +202,4 @@ class PrefixSums:
             return
         module.ssmc_chunked_prefix[(n_chunks, H, triton.cdiv(N, PREFIX_BN))](
             *args, *self.args, *layout, *sizes, BT=self.RB, CS=self.CS, BN=PREFIX_BN, BP=16,
-            NPB=1, **order, IS_VARLEN=varlen)
+            NPB=1, **order, IS_VARLEN=varlen, BLOCK_SUFFIX=self.block_suffix)
