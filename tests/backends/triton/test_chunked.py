@@ -574,7 +574,7 @@ from tests.helpers import make_definition
 INT_PTRS = {"cu_ptr": "*i32", "chunk_off_ptr": "*i64", "chunk_seq_ptr": "*i64",
             "resets_ptr": "*i8", "ssmc_cu": "*i32", "ssmc_chunk_off": "*i64",
             "ssmc_chunk_seq": "*i64", "ssmc_gs": "*fp64", "ssmc_resets": "*i8",
-            "ssmc_zcum": "*i16", "ssmc_ngp": "*i8", "ssmc_rb": "i32"}
+            "ssmc_zcum": "*i8", "ssmc_ngp": "*i8", "ssmc_rb": "i32"}
 LOW = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 

@@ -1,21 +1,28 @@
 """Running sums of per-key log-decays, formed once per (chunk, head) and read by every per-key
 kernel of the chunked lowering.
 
-`ssmc_chunked_prefix` stores, for each chunk's steps in the direction's own order and each
-row block of RB steps (the scores kernel's row block), the inclusive running sum of the
-log-decays from the block's start with their resets split out (`L`, the compute type), and
-from the chunk's start the count of resets (`Z`, int16) and, for a decay that may be negative,
-the parity of the negative decays (`NG`, int8). The state pass, the scores and the output pass
-load these instead of each summing the chunk's log-decays again (H100, GLA b=8 t=2048 h=16
-n=p=128, bf16: the state pass spent half of its 0.62 ms and the scores kernel a quarter of its
-1.29 ms in those sums).
+`ssmc_chunked_prefix` stores, for each chunk's steps in the direction's own order (resets split
+out of every sum, `templates.split_resets`):
+
+* `L`: the inclusive running sum from the start of the step's row block of RB steps (the scores
+  kernel's row block), the compute type;
+* `lend`: the sum over the later steps to the chunk's end (the state pass's, the reverse
+  pass's and the dv kernel's key weights), and for the backward `lsuf`, the same to the row
+  block's end (its factored key blocks);
+* `Z`: the count of resets from the chunk's start (int8; int16 for chunks of 128 steps or more),
+  and for a decay that may be negative `NG`, the parity of the negative decays (int8).
+
+The kernels load these instead of each summing the chunk's log-decays again (H100, GLA b=8
+t=2048 h=16 n=p=128, bf16: the state pass spent half of its 0.62 ms and the scores kernel a
+quarter of its 1.29 ms in those sums).
 
 Sums restart at each row block so that a difference of two of them (the weight of key s seen
 from row t of the same block, exp(L_t - L_s)) cancels no more than RB steps' worth of fp32
-rounding: over whole 64-step chunks, the gradient of a time-invariant per-key decay (fp32, t=65)
-was 5.4e-6 off relative, against 2.9e-6 with 16-step blocks. Longer spans add block totals (the
-sums at block ends), which are sums of like-signed terms. Counts are exact at any span. Rows
-past a sequence's end add 0: their sums repeat its last step's.
+rounding; longer spans add block totals (the sums at block ends), like-signed terms. Suffix
+sums are stored as the walks formed them: over whole 64-step chunks (or from block totals
+less running sums) the fp32 gradient of a time-invariant per-key decay at t=65 was 5.4e-6 to
+7.4e-6 off relative, against 2.5e-6 with the stored suffixes. Counts are exact at any span.
+Rows past a sequence's end add 0: their sums repeat its last step's.
 """
 from __future__ import annotations
 
@@ -131,8 +138,8 @@ def render_prefix_kernel(plan: Plan) -> str:
     body(f"tl.store(ssmc_lcum + at, tl.cumsum({ld}, axis=0), mask=mask_n[None, :])")
     body("if BLOCK_SUFFIX:")
     body(f"    tl.store(ssmc_lsuf + at, {later_sum(ld)}, mask=mask_n[None, :])")
-    body(f"tl.store(ssmc_zcum + at, (z0[None, :] + tl.cumsum({rz}, axis=0)).to(tl.int16), "
-         "mask=mask_n[None, :])")
+    body(f"tl.store(ssmc_zcum + at, (z0[None, :] + tl.cumsum({rz}, axis=0))"
+         ".to(ssmc_zcum.dtype.element_ty), mask=mask_n[None, :])")
     body(f"z0 += tl.sum({rz}, axis=0)")
     if ng is not None:
         body(f"tl.store(ssmc_ngp + at, ((p0[None, :] + tl.cumsum({ng}, axis=0)) % 2)"
@@ -189,7 +196,8 @@ class PrefixSums:
                       for _ in range(2))
         lsuf = torch.empty(shape, dtype=compute_dtype(plan), device=device) \
             if block_suffix else lend
-        zcum = torch.empty(shape, dtype=torch.int16, device=device)
+        # a count of at most CS resets
+        zcum = torch.empty(shape, dtype=torch.int8 if CS < 128 else torch.int16, device=device)
         ngp = (torch.empty(shape, dtype=torch.int8, device=device)
                if plan.program.decay_signed else zcum)
         self.args = (lcum, lend, lsuf, zcum, ngp, RB)
