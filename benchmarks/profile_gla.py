@@ -3,8 +3,11 @@
 per-key kernels (issue 16).
 
     python3 benchmarks/profile_gla.py [B T H K V] [--fla-configs 4] [--fwd] [--lowering chunked]
+        [--tiles BN_state=32,BP_state=128] [--no-fla]
 
-Inputs as benchmarks/per_key.py draws them. `--fwd`: the forward alone (no grad).
+Inputs as benchmarks/per_key.py draws them. `--fwd`: the forward alone (no grad). `--tiles`:
+`ssmc.backends.triton.tiles.ChunkedTile` fields pinned for the ssmc rows (as
+benchmarks/debug_chunked.py pins them), to time a tile against the built-in one run by run.
 """
 from __future__ import annotations
 
@@ -40,12 +43,17 @@ def main():
     ap.add_argument("--fla-configs", type=int, default=4)
     ap.add_argument("--fwd", action="store_true")
     ap.add_argument("--lowering", default="chunked", help="of the ssmc rows")
+    ap.add_argument("--tiles", default="", help="pinned tile fields, comma-separated")
+    ap.add_argument("--no-fla", action="store_true")
     a = ap.parse_args()
     per_key.LOWERING[0] = a.lowering
-    if a.fla_configs:
+    if a.tiles:
+        import debug_chunked
+        debug_chunked.with_tiles(debug_chunked.parse_variant(a.tiles))
+    if a.fla_configs and not a.no_fla:
         import compat_gpu_check
         compat_gpu_check.limit_autotuning(a.fla_configs)
-    fla = per_key.fla_op("fla.ops.gla", "chunk_gla")
+    fla = None if a.no_fla else per_key.fla_op("fla.ops.gla", "chunk_gla")
     data = per_key.inputs(*a.shape, "cuda")
     for name, fn in per_key.rows(fla).items():
         if name == "user":
