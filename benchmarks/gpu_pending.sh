@@ -76,6 +76,12 @@ if want per_key; then
     echo; echo "=== per-key decays: kernel times of one GLA forward + backward, ssmc and FLA"
     timeout -s INT -k 30 120 python3 benchmarks/profile_gla.py --fla-configs "$ORIGINAL_CONFIGS" \
         2>&1 | tee "$LOGS/profile_gla.log"
+    # state-pass tiles that spill nothing in ptxas (RESULTS.md, per-key registers and spills)
+    for tiles in ${PER_KEY_TILES:-BN_state=32,BP_state=128 warps_state=8}; do
+        echo; echo "=== the same, ssmc with $tiles"
+        timeout -s INT -k 30 120 python3 benchmarks/profile_gla.py --no-fla --tiles "$tiles" \
+            2>&1 | tee -a "$LOGS/profile_gla.log"
+    done
     echo; echo "=== per-key decays vs FLA chunk_gla (issue 16), simple GLA vs chunk_simple_gla (issue 15); selective_scan scan vs chunked"
     timeout -s INT -k 30 "${PER_KEY_LIMIT:-420}" python3 benchmarks/per_key.py \
         --fla-configs "$ORIGINAL_CONFIGS" 2>&1 \
