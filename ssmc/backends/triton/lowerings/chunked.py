@@ -201,7 +201,7 @@ def render_state_kernel(plan: Plan) -> str:
         # each key's decay to the chunk's end (stored), and the chunk's: every block's total
         sums = RunningSums(plan, body, "T", "offs_c", "BT", transposed=True, counts_only=True)
         end = RunningSums(plan, body, "E", "BT - 1", "BT", counts_only=True)
-        body(f"to_end = {prefix.to_chunk_end(body, 'atT', rows_first=False)}")
+        body(f"to_end = {prefix.to_chunk_end('atT', rows_first=False)}")
         body(f"l_last = tl.zeros([BN], dtype={c.ct})")
         body("for blk in range(0, BT // ssmc_rb):")
         with body.block():

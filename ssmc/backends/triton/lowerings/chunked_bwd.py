@@ -249,7 +249,7 @@ class _Ops:
         end = RunningSums(self.plan, self.body, "E", f"{size} - 1", size, counts_only=True)
         prefix.from_chunk_start(self.body, sums, self.ct, size)
         self.body(f"lcf = {with_resets('from_start', sums.resets_since())}")
-        later = prefix.to_chunk_end(self.body, "at")
+        later = prefix.to_chunk_end("at")
         self.body(f"lr = {with_resets(later, end.resets_since(sums, '[None, :]'))}")
         self.body(f"l_last = {with_resets('l_last', end.resets_since())}")
 

@@ -97,7 +97,7 @@ class _Kernel:
         b("Z_prev = tl.where(i > 0, tl.load(ssmc_zcum + at_prev, mask=mask_n, other=0), 0)"
           f".to({self.ct})")
         b(f"lcf = {with_resets('L', 'Z - Z_prev[None, :]')}")
-        b(f"lrL = {prefix.to_chunk_end(b, 'at', block=True)}")
+        b(f"lrL = {prefix.to_chunk_end('at', block=True)}")
 
     def own_block(self) -> None:
         """Block i's operands, its own pairs and the state terms the prep kernel left in dq
@@ -149,7 +149,7 @@ class _Kernel:
             kj = blk.operand("key", "kj")
             keys = self.sums("K", "j * BT + offs_c", counts_only=True)
             tot = prefix.block_total(b, "T_j", "j * BT + BT - 1")
-            later = prefix.to_chunk_end(b, "atK", block=True)
+            later = prefix.to_chunk_end("atK", block=True)
             rest = with_resets(f"{later} + mid[None, :]", f"Z_prev[None, :] - {keys.Z}")
             b(f"kf = {kj} * tl.exp({rest})")
             b(f"dAj = {_dA_block('i', 'j')}")   # [u in i, s in j]
@@ -316,7 +316,7 @@ def render_keys_dv_kernel(plan: Plan) -> str:
         key = blk.operand("key", "key")
         sums = RunningSums(plan, body, "", "offs_c", counts_only=True)
         end = RunningSums(plan, body, "E", "CS - 1", counts_only=True)
-        later = prefix.to_chunk_end(body, "at")
+        later = prefix.to_chunk_end("at")
         to_end = (f"tl.exp({with_resets(later, end.resets_since(sums, '[None, :]'))})"
                   f"{end.sign(sums, '[None, :]')}")
         _state(body, "G", "ssmc_dstates")

@@ -120,7 +120,7 @@ def from_chunk_start(body: Emitter, sums: RunningSums, ct: str, size: str = "CS"
         body(f"l_last += {tot}")
 
 
-def to_chunk_end(body: Emitter, at: str, rows_first: bool = True, block: bool = False) -> str:
+def to_chunk_end(at: str, rows_first: bool = True, block: bool = False) -> str:
     """The stored sums of the log-decays after each step to the chunk's end (`block`: to its
     row block's end) at offsets `at` ((rows, keys) tile, or (keys, rows))."""
     mask = "mask_n[None, :]" if rows_first else "mask_n[:, None]"
