@@ -9,9 +9,10 @@ depend on p: `ssmc_chunked_scores` forms them once per (chunk, head) into a buff
 fp64 for fp64 plans), one program per row block r of BT (16) steps, in two launches (diagonal
 blocks, then the earlier ones, so that neither program holds the other's tiles):
 
-* the diagonal block: exp(L_t - L_s) formed elementwise on its causal half (BT^2 * BN work) a
-  slice of n at a time, where the weight has no reference point inside the block to factor
-  through;
+* the diagonal block: its lower-left quadrant factored through the first half's last step
+  (one tensor-core product), the pairs within each half, where the weight has no reference
+  point to factor through, exp(L_t - L_s) formed elementwise a slice of n at a time
+  (`diagonal_scores_split`: BT^2 * BN / 2 exponentials);
 * an earlier key block j < r: the weight factors through the step before row block r,
   exp(L_t - L_ref) * exp(L_ref - L_s), so its scores are one tensor-core matmul,
   (q exp(L - L_ref)) (k exp(L_ref - L))^T. Both exponents are sums of log-decays over
