@@ -167,10 +167,10 @@ class _Kernel:
             self.other_rows()
             q = self.block(KEY_QK_TILE, "qj", "qj").operand("query", "q_qj")
             queries = self.sums("Q", "j * BT + offs_c")
-            b("Zj_prev = tl.load(ssmc_zcum + ((chunk * H + h_idx) * CS + j * BT - 1) * N"
-              f" + offs_n, mask=mask_n, other=0).to({self.ct})")
-            b(f"qf = {q} * tl.exp({with_resets(queries.L, f'{queries.Z} - Zj_prev[None, :]')})")
-            b(f"kfac = tl.exp({with_resets('lrL + mid[None, :]', 'Zj_prev[None, :] - Z')})")
+            prev = self.sums("Jp", "j * BT - 1", counts_only=True)   # the step before j
+            since = queries.resets_since(prev, "", "[None, :]")
+            b(f"qf = {q} * tl.exp({with_resets(queries.L, since)})")
+            b(f"kfac = tl.exp({with_resets('lrL + mid[None, :]', f'{prev.Z}[None, :] - Z')})")
             b(f"dAj = {_dA_block('j', 'i')}")   # [u in j, s in i]
             b(f"dk_x += kfac * {self.fdot('tl.trans(dAj)', 'qf')}")
             b(f"mid += {prefix.block_total(b, 'T_j', 'j * BT + BT - 1')}")
