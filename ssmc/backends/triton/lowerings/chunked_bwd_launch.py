@@ -93,7 +93,8 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     m = tiles(plan, sizes, S * H, seg.device_limits(device))
     n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["BT"], device)
     dummy = torch.zeros(1, dtype=cdt, device=device)
-    y = torch.zeros(B, T, H, P, dtype=cdt, device=device) if want_y else None
+    # every token lies in a chunk whose output pass writes it (cu_seqlens ends at T)
+    y = torch.empty(B, T, H, P, dtype=cdt, device=device) if want_y else None
     cu = dummy if cu_seqlens is None else cu_seqlens
     off = dummy if chunk_off is None else chunk_off
     npb = triton.cdiv(P, m["BP"])
