@@ -631,7 +631,6 @@ for decay, dtype in (("diagonal", "bfloat16"), ("diagonal", "float16"), ("diagon
         chunks = dict(blocks, BT=64)
         for diag in (True, False):
             build(bwd, "ssmc_chunked_scores", dict(blocks, BP=16, BND=32, DIAG=diag), dtype)
-        build(bwd, "ssmc_chunked_bwd_keys_dA", dict(chunks, NPB=1), dtype)
         build(bwd, "ssmc_chunked_bwd_keys_prep", dict(chunks, NPB=1), dtype)
         build(bwd, "ssmc_chunked_bwd_keys", dict(blocks, NPB=1), dtype)
         build(bwd, "ssmc_chunked_bwd_keys_dv", dict(chunks, BN=128), dtype)

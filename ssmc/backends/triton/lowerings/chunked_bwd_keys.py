@@ -2,10 +2,9 @@
 
 Notation as in chunked_bwd.py; chunks of CS steps in row blocks of BT (16). Per chunk and head:
 
-* `ssmc_chunked_bwd_keys_dA` (whole chunk): dA = dy v^T on the causal half, once;
-* `ssmc_chunked_bwd_keys_prep` (whole chunk, per n-block): the other products over p: the
-  state terms exp(decay from the chunk's start) (dy S_in^T) into dq and exp(decay to its end)
-  (v G^T) into dk, and sum_p G * S_end;
+* `ssmc_chunked_bwd_keys_prep` (whole chunk, per n-block): the products over p, once: dA =
+  dy v^T on the causal half, the state terms exp(decay from the chunk's start) (dy S_in^T)
+  into dq and exp(decay to its end) (v G^T) into dk, and sum_p G * S_end;
 * `ssmc_chunked_bwd_keys` (per n-block) walks the chunk's row blocks from the last to the
   first. For row block i: its own pairs, D[u, s, n] split as the forward's diagonal block
   (`_Kernel.own_pairs`); earlier key blocks j < i (dq): the weight factors through block i's
@@ -63,7 +62,7 @@ def _state(body: Emitter, name: str, ptr: str, chunk: str = "chunk") -> None:
 
 
 def _dA_block(rows_: str, cols: str) -> str:
-    """Block (rows_, cols) of the chunk's dA = dy v^T (`render_keys_dA_kernel`)."""
+    """Block (rows_, cols) of the chunk's dA = dy v^T (`render_keys_prep_kernel`)."""
     return (f"tl.load(ssmc_dA + ((chunk * H + h_idx) * CS + {rows_} * BT + offs_c[:, None]) * CS"
             f" + {cols} * BT + offs_c[None, :])")
 
@@ -206,34 +205,16 @@ def _block_walk(body: Emitter) -> None:
     body("nmask = mask_t[:, None] & mask_n[None, :]")
 
 
-def render_keys_dA_kernel(plan: Plan) -> str:
-    """dA = dy v^T on the chunk's causal half (the rest 0), once per (chunk, head): the
-    dq/dk kernel reads its blocks; its own kernel, not the prep's, whose n-blocks would each
-    form it again and hold its (CS, CS) tile beside their own."""
-    body = Emitter(indent=1)
-    o = _Ops(plan, body)
-    b = body
-    b(f"dA = tl.zeros([BT, BT], dtype={o.ct})")
-    b("for p0 in range(0, P, BP):")
-    with b.block():
-        _p_block(b)
-        _dy(b, "dy", "t_row", "mask_t")
-        v = BlockOperands(o.prog, o.ct, b, V_TILE, "v", "v").operand("value", "value")
-        b(f"dA += {o.dot('dy', f'tl.trans({v})')}")
-    b("tl.store(ssmc_dA + ((chunk * H + h_idx) * CS + offs_c[:, None]) * CS + offs_c[None, :],"
-      " tl.where(offs_c[:, None] >= offs_c[None, :], dA, 0.0))")
-    return _chunk_kernel("ssmc_chunked_bwd_keys_dA", plan, "ssmc_dy, ssmc_dA",
-                         " NPB: tl.constexpr,", body, split_n=True)
-
-
 def render_keys_prep_kernel(plan: Plan) -> str:
-    """The other products over p the dq/dk kernel needs, once per (chunk, head, n-block), the
-    whole chunk (BT = CS rows): the terms from outside the chunk, exp(decay from its start)
-    (dy S_in^T) into dq and exp(decay to its end) (v G^T) into dk; and sum_p G * S_end into
-    `ssmc_gs` (float64), S_end the state leaving the chunk."""
+    """The products over p the dq/dk kernel needs, once per (chunk, head, n-block), the whole
+    chunk (BT = CS rows): dA = dy v^T on the causal half (stored by the first n-block); the
+    terms from outside the chunk, exp(decay from its start) (dy S_in^T) into dq and
+    exp(decay to its end) (v G^T) into dk; and sum_p G * S_end into `ssmc_gs` (float64), S_end
+    the state leaving the chunk."""
     body = Emitter(indent=1)
     o = _Ops(plan, body)
     b, ct = body, o.ct
+    b(f"dA = tl.zeros([BT, BT], dtype={ct})")
     b(f"dyS = tl.zeros([BT, BN], dtype={ct})")
     b(f"vG = tl.zeros([BT, BN], dtype={ct})")
     b("gs = tl.zeros([BN], dtype=tl.float64)")
@@ -250,9 +231,14 @@ def render_keys_prep_kernel(plan: Plan) -> str:
         b("else:")
         with b.block():
             _state(b, "S_end", "ssmc_states", "(chunk + 1)")
+        b(f"dA += {o.dot('dy', f'tl.trans({v})')}")
         b(f"dyS += {o.dot('dy', 'tl.trans(S_in)')}")
         b(f"vG += {o.dot(v, 'tl.trans(G)')}")
         b("gs += tl.sum(G * S_end, axis=1).to(tl.float64)")
+    b("if pid_n == 0:")
+    with b.block():
+        b("tl.store(ssmc_dA + ((chunk * H + h_idx) * CS + offs_c[:, None]) * CS"
+          " + offs_c[None, :], tl.where(offs_c[:, None] >= offs_c[None, :], dA, 0.0))")
     o.stored_decay()
     b("row = (b_idx * T + t_row[:, None]) * H + h_idx")
     b("nmask = mask_t[:, None] & mask_n[None, :]")
@@ -260,7 +246,7 @@ def render_keys_prep_kernel(plan: Plan) -> str:
     b("tl.store(ssmc_dk + row * N + offs_n[None, :], tl.exp(lr) * vG, mask=nmask)")
     b("tl.store(ssmc_gs + (chunk * H + h_idx) * N + offs_n, gs, mask=mask_n)")
     return _chunk_kernel("ssmc_chunked_bwd_keys_prep", plan,
-                         "ssmc_dy, ssmc_states, ssmc_dstates, ssmc_finals, ssmc_gs, "
+                         "ssmc_dy, ssmc_states, ssmc_dstates, ssmc_finals, ssmc_dA, ssmc_gs, "
                          "ssmc_dq, ssmc_dk", " NPB: tl.constexpr,", body, split_n=True)
 
 

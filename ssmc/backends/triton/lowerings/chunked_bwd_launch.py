@@ -16,7 +16,7 @@ from .chunked_bwd import (CHUNKS_PER_PROGRAM, chunk_variants, decay_mode, head_f
                           per_key_decay, render_dqk_kernel, render_dstate_kernel,
                           render_dv_kernel, render_y_kernel, variant_suffix)
 from . import chunked_segments as seg
-from .chunked_bwd_keys import (render_keys_dA_kernel, render_keys_dv_kernel, render_keys_kernel,
+from .chunked_bwd_keys import (render_keys_dv_kernel, render_keys_kernel,
                                render_keys_prep_kernel, render_keys_y_kernel)
 from .chunked_segments import Segments
 from .chunked_prefix import PrefixSums, render_prefix_kernel
@@ -51,8 +51,6 @@ def tiles(plan: Plan, sizes: dict, n_programs: int = 1, limits: DeviceLimits | N
                 # decays without n: the dq/dk kernel's n-block (each forms dy v^T again;
                 # at 64, Triton 3.6 spills 168 bytes on sm_90a, at 32 none)
                 BNQK=min(tile.get("BNQK_bwd", 64), BN),
-                # per-key decays: the prep kernel's n- and p-blocks and warps
-                BN_prep=min(BN, 64), BP_prep=32, WARPS_prep=4,
                 # the two sequential walks (states, dstates): the forward state pass's warps;
                 # its stages, but 3 for per-key decays too (their walks were measured so)
                 WALK=dict(num_warps=walk["warps_state"],
@@ -338,20 +336,18 @@ def _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args, sizes,
         nkb = triton.cdiv(N, bk)
         dA = torch.empty(n_chunks, H, m["BT"], m["BT"], dtype=cdt, device=device)
         gs = torch.empty(n_chunks, H, N, dtype=torch.float64, device=device)
-        chunk = dict(order, BT=m["BT"])   # the whole-chunk kernels: BT = CS
-        four = dict(num_warps=4) if device.type == "cuda" else {}
-        module.ssmc_chunked_bwd_keys_dA[(n_chunks, H, 1)](
-            *args, dy, dA, *chunk_args, BN=m["BN"], BP=min(m["BP"], 64), NPB=1, **chunk, **four)
-        prep = dict(num_warps=m["WARPS_prep"]) if device.type == "cuda" else {}
-        module.ssmc_chunked_bwd_keys_prep[(n_chunks, H, triton.cdiv(N, m["BN_prep"]))](
-            *args, dy, saved["states"][i], dstates, saved["finals"][i], gs, dq, dk,
-            *chunk_args, BN=m["BN_prep"], BP=min(m["BP"], m["BP_prep"]), NPB=1, **chunk, **prep)
+        # its n-blocks each form dA again: 64 wide (H100: 0.64 ms with 4 warps, 0.99 with 8)
+        bp = min(m["BN"], 64)
+        prep = dict(num_warps=4) if device.type == "cuda" else {}
+        module.ssmc_chunked_bwd_keys_prep[(n_chunks, H, triton.cdiv(N, bp))](
+            *args, dy, saved["states"][i], dstates, saved["finals"][i], dA, gs, dq, dk,
+            *chunk_args, BN=bp, BP=min(m["BP"], 32), NPB=1, **dict(order, BT=m["BT"]), **prep)
         module.ssmc_chunked_bwd_keys[(n_chunks, H, nkb)](
             *args, dA, gs, dq, dk, dl, *chunk_args, BN=bk, BP=m["BP"], NPB=1, **order,
             **launch)
         module.ssmc_chunked_bwd_keys_dv[(n_chunks, H, triton.cdiv(P, m["BP"]))](
             *args, dy, dstates, saved["scores"][i], dv, *chunk_args, BN=bk, BP=m["BP"],
-            **chunk, **_key_warps(m, device))
+            **dict(order, BT=m["BT"]), **_key_warps(m, device))
     return {"query": dq.unsqueeze(-1), "key": dk.unsqueeze(-1), "value": dv.unsqueeze(3),
             "log_decay": dl.unsqueeze(-1)}
 
@@ -361,8 +357,7 @@ def render(plan: Plan) -> str:
     if per_key_decay(plan):
         kernels = [render_scores_kernel(plan), render_prefix_kernel(plan),
                    render_keys_y_kernel(plan),
-                   render_keys_dA_kernel(plan), render_keys_prep_kernel(plan),
-                   render_keys_kernel(plan),
+                   render_keys_prep_kernel(plan), render_keys_kernel(plan),
                    render_keys_dv_kernel(plan)]
     else:
         kernels = [kernel(plan, resets) for resets in chunk_variants(plan)
