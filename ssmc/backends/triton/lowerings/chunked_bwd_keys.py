@@ -6,14 +6,14 @@ Notation as in chunked_bwd.py; chunks of CS steps in row blocks of BT (16). Per 
   dy v^T on the causal half, the state terms exp(decay from the chunk's start) (dy S_in^T)
   into dq and exp(decay to its end) (v G^T) into dk, and sum_p G * S_end;
 * `ssmc_chunked_bwd_keys` (per n-block) walks the chunk's row blocks from the last to the
-  first. For row block i: its own pairs, D[u, s, n] split as the forward's diagonal block
-  (`_Kernel.own_pairs`); earlier key blocks j < i (dq): the weight factors through block i's
-  start, as in the forward (chunked_keys.py): dq_i += exp(lc_i) * (dA_ij (k_j exp(rest_j))),
-  one matmul per block; later query blocks j > i (dk): dk_i += exp(rest_i) * (dA_ji^T (q_j
-  exp(lc_j))); and the decay gradient: dL/dl_r = sum over the pairs s < r <= u of M[u, s] =
-  dA[u, s] q_u D[u, s] k_s (the pairs whose weight the decay at r enters), s running from the
-  entering state and u to the leaving one (sum_p G * S_end, S_end the next chunk's entering
-  state or the final state). Summed over rectangles, not as the suffix sum of q dq - k dk: that difference counts
+  first. For row block i: its own pairs, D[u, s, n] elementwise (`_Kernel.own_pairs`); earlier
+  key blocks j < i (dq): the weight factors through block i's start, as in the forward
+  (chunked_keys.py): dq_i += exp(lc_i) * (dA_ij (k_j exp(rest_j))), one matmul per block;
+  later query blocks j > i (dk): dk_i += exp(rest_i) * (dA_ji^T (q_j exp(lc_j))); and the
+  decay gradient: dL/dl_r = sum over the pairs s < r <= u of M[u, s] = dA[u, s] q_u D[u, s]
+  k_s (the pairs whose weight the decay at r enters), s running from the entering state and u
+  to the leaving one (sum_p G * S_end, S_end the next chunk's entering state or the final
+  state). Summed over rectangles, not as the suffix sum of q dq - k dk: that difference counts
   every pair with both ends after r twice, with opposite signs, and its rounding residue grew
   with the chunk (64 steps) to 20x the scan's error;
 * `ssmc_chunked_bwd_keys_dv` (whole chunk, per p-block): dv = A^T dy + (k exp(decay to the
@@ -34,8 +34,7 @@ from .chunked import _Chunk
 from .chunked_bwd import _Ops, store_y
 from . import chunked_prefix as prefix
 from .chunked_prefix import RunningSums
-from .chunked_keys import (KeyOps, half_pair_decays, half_pairs, narrow_operands, output_body,
-                           quadrant_factors)
+from .chunked_keys import KeyOps, diagonal_walk, narrow_operands, output_body
 from .chunked_tiles import (KEY_QK_TILE, KEY_ROWS, QK_TILE, V_TILE,
                             BlockOperands)
 
@@ -113,29 +112,26 @@ class _Kernel:
         b("dk_x = tl.load(ssmc_dk + row * N + offs_n[None, :], mask=nmask, other=0.0)")
 
     def own_pairs(self) -> None:
-        """The pairs (u, s) inside block i, where D[u, s, n] = exp(lc_u - lc_s): `dq_in` =
-        sum_s dA[u, s] D[u, s] k_s and `dk_in` = sum_u dA[u, s] D[u, s] q_u, split as the
-        forward's diagonal scores are (chunked_keys.py): the lower-left quadrant factored
-        through the first half's last step, two tensor-core products; each half's own pairs
-        from one (2, BT / 2, BT / 2, BN) tile of D, which both sums share (BT^2 * BN / 4
-        exponentials). Then `rect`, the decay gradient's pairs inside the block: rect[r] = sum
-        over s < r <= u of M[u, s], M = dA D q k (the pairs whose weight the decay at r
-        enters), the suffix sum of q dq_in - k dk_in: the pairs with both ends at r or later
-        cancel in it, but only within the block's 16 steps."""
+        """The pairs (u, s) inside block i, where D[u, s, n] = exp(lc_u - lc_s) has no reference
+        point to factor through, in one walk over the block's steps s
+        (`chunked_keys.diagonal_walk`): `dq_in` += dA[:, s] D[:, s] k_s on the rows after s
+        and `dk_in` += dA[s, :] D[s, :] q_s on the rows before it, elementwise on (BT, BN)
+        tiles with dA's column and row s loaded from the chunk's buffer: no sums across the
+        block's rows, which cost a barrier per step. Then `rect`, the decay gradient's pairs
+        inside the block: rect[r] = sum over s < r <= u of M[u, s], M = dA D q k (the pairs
+        whose weight the decay at r enters), the suffix sum of q dq_in - k dk_in: the pairs
+        with both ends at r or later cancel in it, but only within the block's 16 steps."""
         b = self.body
-        quadrant_factors(self.plan, b, self.rows, "i")
-        b(f"dA_lo = tl.where(lower[:, None] & (offs_c[None, :] < BT // 2), {_dA_block('i', 'i')},"
-          " 0.0)")
-        b(f"dq_in = e_after * {self.fdot('dA_lo', 'key * e_before')}")
-        b(f"dk_in = e_before * {self.fdot('tl.trans(dA_lo)', 'query * e_after')}")
-        half_pairs(b, "i")
-        half_pair_decays(b, self.rows, "BN", "dec4")
-        b("w4 = tl.load(ssmc_dA + ((chunk * H + h_idx) * CS + h_rows) * CS + h_cols)"
-          "[:, :, :, None] * dec4")
-        for x in ("query", "key"):
-            b(f"{x}4 = tl.reshape({x}, [2, BT // 2, BN])")
-        b("dq_in += tl.reshape(tl.sum(w4 * key4[:, None, :, :], axis=2), [BT, BN])")
-        b("dk_in += tl.reshape(tl.sum(w4 * query4[:, :, None, :], axis=1), [BT, BN])")
+        base = "ssmc_dA + ((chunk * H + h_idx) * CS + i * BT"
+        b(f"dq_in = tl.zeros([BT, BN], dtype={self.ct})")
+        b(f"dk_in = tl.zeros([BT, BN], dtype={self.ct})")
+
+        def step():
+            b(f"da_s = tl.load({base} + offs_c) * CS + i * BT + s)")
+            b(f"da_r = tl.load({base} + s) * CS + i * BT + offs_c)")
+            b("dq_in += da_s[:, None] * dec * k_r[None, :]")
+            b("dk_in += da_r[:, None] * dec_back * q_r[None, :]")
+        diagonal_walk(self.plan, self.rows, b, step)
         b("rect = tl.cumsum((query * dq_in).to(tl.float64) - (key * dk_in).to(tl.float64),"
           " axis=0, reverse=True)")
 

@@ -42,46 +42,26 @@ from . import chunked_prefix as prefix
 from .chunked_prefix import RunningSums, sign_of
 
 
-def quadrant_factors(plan: Plan, body: Emitter, sums: RunningSums, block: str) -> None:
-    """The factors of the diagonal block's lower-left quadrant (rows of its second half, keys
-    of its first) through the first half's last step: `e_after` = exp(L_t - L_mid) on the
-    second half's rows, `e_before` = exp(L_mid - L_s) on the first's (0 on the others: the
-    exponent there is the other way round and may overflow). `sums`: the block's rows, row
-    block `block` of the chunk."""
-    mid = RunningSums(plan, body, "M", f"{block} * BT + BT // 2 - 1")
-    body("lower = offs_c >= BT // 2")
-    after = with_resets(f"{sums.L} - {mid.L}[None, :]", sums.resets_since(mid, "", "[None, :]"))
-    before = with_resets(f"{mid.L}[None, :] - {sums.L}", mid.resets_since(sums, "[None, :]"))
-    sign = sums.sign(mid, "", "[None, :]")
-    body(f"e_after = tl.where(lower[:, None], tl.exp({after}){sign}, 0.0)")
-    body(f"e_before = tl.where(lower[:, None], 0.0, tl.exp({before}){sign})")
-
-
-def half_pairs(body: Emitter, block: str) -> None:
-    """Index tiles of the pairs (u, s) within each half of row block `block`, as (2, BT / 2,
-    BT / 2) tiles: `causal` (u >= s, with a trailing axis for n), `h_rows` and `h_cols` (their
-    positions in the chunk)."""
-    body("offs_h = tl.arange(0, BT // 2)")
-    body("causal = (offs_h[:, None] >= offs_h[None, :])[None, :, :, None]")
-    body(f"offs_2 = {block} * BT + tl.arange(0, 2)[:, None, None] * (BT // 2)")
-    body("h_rows = offs_2 + offs_h[None, :, None]")
-    body("h_cols = offs_2 + offs_h[None, None, :]")
-
-
-def half_pair_decays(body: Emitter, sums: RunningSums, width: str, name: str) -> None:
-    """`name`: the (2, BT / 2, BT / 2, width) weights exp(L_u - L_s) of the pairs u >= s within
-    each half of a row block (0 on the others), from its (BT, width) running sums `sums`
-    (`half_pairs` emitted): the pairs no reference point inside the block factors."""
-    names = [sums.L, sums.Z] + ([sums.NG] if sums.NG else [])
-    for x in names:
-        body(f"{x}4 = tl.reshape({x}, [2, BT // 2, {width}])")
-    pair = ("4[:, :, None, :]", "4[:, None, :, :]")
-    gap = with_resets(f"{sums.L}{pair[0]} - {sums.L}{pair[1]}",
-                      f"{sums.Z}{pair[0]} - {sums.Z}{pair[1]}")
-    sign = ""
-    if sums.NG:
-        sign = f" * {sign_of(f'{sums.NG}{pair[0]} + {sums.NG}{pair[1]}')}"
-    body(f"{name} = tl.exp(tl.where(causal, {gap}, float('-inf'))){sign}")
+def diagonal_walk(plan: Plan, rows_: RunningSums, body: Emitter, per_step) -> None:
+    """The diagonal block's steps s one at a time (unrolled): step s's key and query rows
+    `k_r`, `q_r` and its stored running sums (`Ls`, `Zs`), against which the block rows' own
+    (`rows_`) make `dec`, D[:, s, :] (the rows u >= s seeing key s; 0 on the others), and
+    `dec_back`, D[s, :, :] (the keys u <= s that row s sees). `per_step()` emits the step's
+    work."""
+    prog, ct = plan.program, compute_type(plan)
+    body("for s in tl.static_range(BT):")
+    with body.block():
+        row = RowOperands(prog, ct, body, "s")
+        row.operand("key", "k_r")
+        row.operand("query", "q_r")
+        step = RunningSums(plan, body, "s", "i * BT + s")
+        gap = with_resets(f"{rows_.L} - {step.L}[None, :]",
+                          rows_.resets_since(step, "", "[None, :]"))
+        sign = rows_.sign(step, "", "[None, :]")
+        body(f"gap = {gap}")
+        body(f"dec = tl.exp(tl.where(offs_c[:, None] >= s, gap, float('-inf'))){sign}")
+        body(f"dec_back = tl.exp(tl.where(offs_c[:, None] <= s, -gap, float('-inf'))){sign}")
+        per_step()
 
 
 #: the row block's (t, n-slice) view: the diagonal block is formed a slice of n at a time
@@ -98,11 +78,18 @@ def diagonal_scores_split(k: "KeyOps") -> None:
     row = BlockOperands(prog, ct, body, QK_TILE, "qk", "")
     query = row.operand("query", "query")
     key = row.operand("key", "key")
-    quadrant_factors(k.plan, body, RunningSums(k.plan, body, "", "r * BT + offs_c"), "r")
-    body("tl.store(a_ptr + r * BT, "
-         + k.dot(f"{query} * e_after", f"tl.trans({key} * e_before)", k.ft)
+    sums = RunningSums(k.plan, body, "", "r * BT + offs_c")
+    mid = RunningSums(k.plan, body, "M", "r * BT + BT // 2 - 1")
+    body("lower = offs_c >= BT // 2")
+    after = with_resets(f"{sums.L} - {mid.L}[None, :]", sums.resets_since(mid, "", "[None, :]"))
+    before = with_resets(f"{mid.L}[None, :] - {sums.L}", mid.resets_since(sums, "[None, :]"))
+    sign = sums.sign(mid, "", "[None, :]")
+    body(f"q_lo = tl.where(lower[:, None], {query} * tl.exp({after}){sign}, 0.0)")
+    body(f"k_hi = tl.where(lower[:, None], 0.0, {key} * tl.exp({before}){sign})")
+    body("tl.store(a_ptr + r * BT, " + k.dot("q_lo", "tl.trans(k_hi)", k.ft)
          + ", mask=lower[:, None] & (offs_c[None, :] < BT // 2))")
-    half_pairs(body, "r")
+    body("offs_h = tl.arange(0, BT // 2)")
+    body("causal = (offs_h[:, None] >= offs_h[None, :])[None, :, :, None]")
     body(f"halves = tl.zeros([2, BT // 2, BT // 2], dtype={ct})")
     body("for nd in range(0, BN, BND):")
     with body.block():
@@ -112,11 +99,22 @@ def diagonal_scores_split(k: "KeyOps") -> None:
         q = blk.operand("query", "q_d")
         kk = blk.operand("key", "k_d")
         slice_ = RunningSums(k.plan, body, "_d", "r * BT + offs_c", keys=("offs_nd", "mask_nd"))
-        half_pair_decays(body, slice_, "BND", "dec_d")
-        for x in (q, kk):
-            body(f"{x}4 = tl.reshape({x}, [2, BT // 2, BND])")
+        names = [q, kk, slice_.L, slice_.Z] + ([slice_.NG] if slice_.NG else [])
+        for name in names:
+            body(f"{name}4 = tl.reshape({name}, [2, BT // 2, BND])")
+        pair = ("4[:, :, None, :]", "4[:, None, :, :]")
+        gap = with_resets(f"{slice_.L}{pair[0]} - {slice_.L}{pair[1]}",
+                          f"{slice_.Z}{pair[0]} - {slice_.Z}{pair[1]}")
+        sign = ""
+        if slice_.NG:
+            sign = f" * {sign_of(f'{slice_.NG}{pair[0]} + {slice_.NG}{pair[1]}')}"
+        body(f"dec_d = tl.exp(tl.where(causal, {gap}, float('-inf'))){sign}")
         body(f"halves += tl.sum({q}4[:, :, None, :] * {kk}4[:, None, :, :] * dec_d, axis=3)")
-    body("tl.store(ssmc_scores + ((chunk * H + h_idx) * CS + h_rows) * CS + h_cols, halves)")
+    body("offs_2 = tl.arange(0, 2)[:, None, None] * (BT // 2)")
+    body("h_rows = offs_2 + offs_h[None, :, None]")
+    body("h_cols = offs_2 + offs_h[None, None, :]")
+    body("tl.store(ssmc_scores + ((chunk * H + h_idx) * CS + r * BT + h_rows) * CS + r * BT"
+         " + h_cols, halves)")
 
 
 def narrow_operands(dt: str) -> bool:
