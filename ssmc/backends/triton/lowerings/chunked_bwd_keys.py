@@ -93,10 +93,9 @@ class _Kernel:
         `lrL`, the sums to its end (resets apart)."""
         b = self.body
         self.rows = self.sums("", "i * BT + offs_c")
-        b("at_prev = ((chunk * H + h_idx) * CS + tl.maximum(i * BT - 1, 0)) * N + offs_n")
-        b("Z_prev = tl.where(i > 0, tl.load(ssmc_zcum + at_prev, mask=mask_n, other=0), 0)"
-          f".to({self.ct})")
-        b(f"lcf = {with_resets('L', 'Z - Z_prev[None, :]')}")
+        prev = self.sums("P", "tl.maximum(i * BT - 1, 0)", counts_only=True)
+        b(f"Z_prev = tl.where(i > 0, {prev.Z}, 0.0)")   # block 0: no step before it
+        b(f"lcf = {with_resets(self.rows.L, f'{self.rows.Z} - Z_prev[None, :]')}")
         b(f"lrL = {prefix.to_chunk_end('at', block=True)}")
 
     def own_block(self) -> None:

@@ -109,7 +109,7 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
         order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
         seqs = dummy if chunk_seq is None else chunk_seq
-        # per-key decays: their running sums, read here and by the reverse pass and prep
+        # per-key decays: their running sums, read here and by every per-key backward kernel
         sums = PrefixSums(plan, per_key_decay(plan), n_chunks, H, m["BT"], m["RB"], N, device,
                           block_suffix=True)
         prefixes.append(sums)
