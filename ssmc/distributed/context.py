@@ -89,6 +89,11 @@ class ContextParallel:
             kwargs = {k: v for k, v in kwargs.items() if k != "initial_state"}
         bound = bind(self.op.program, args, kwargs)  # every local check, before any launch
         self._check_device(bound)
+        if world == 1:
+            # the whole sequence on this rank: the op itself, with nothing to exchange (the
+            # exchange's small kernels and collective cost a one-GPU forward up to 8%, H100)
+            return self.op(**bound.tensors, initial_state=bound.initial_state,
+                           return_final_state=bound.return_final_state)
         return _run(self.op, bound, self._spec(bound, rank, world))
 
     def _spec(self, bound: Bound, rank: int, world: int) -> Spec:
@@ -112,8 +117,8 @@ class ContextParallel:
 def _run(op: CompiledOp, bound: Bound, spec: Spec):
     """One rank's share of the call: the first run (or the only one), the exchange, the run
     from the entering state."""
-    # rank 0 of a forward op (or of a group of one) knows its entering state already
-    single = spec.world == 1 or (spec.rank == 0 and spec.reverse == (False,))
+    # rank 0 of a forward op knows its entering state already
+    single = spec.rank == 0 and spec.reverse == (False,)
     last = all(spec.rank == spec.order(d)[-1] for d in range(len(spec.reverse)))
     needed = spec.return_final_state or not last  # does anyone read this shard's final state?
     h0 = bound.initial_state

@@ -90,10 +90,8 @@ def _split(gathered: torch.Tensor, spec: Spec):
 
 def _check_agreement(flags: torch.Tensor, spec: Spec) -> None:
     """Raise on every rank alike when the ranks disagree on a flag the backward depends on.
-    Reading the flags synchronises the host with the device once per call; a group of one has
-    nothing to disagree with and skips it."""
-    if spec.world == 1:
-        return
+    Reading the flags synchronises the host with the device once per call (a group of one
+    never gets here: it runs the op alone)."""
     host = [int(f) for f in flags.reshape(-1).tolist()]
     for bit, (what, fix, error) in zip((1, 2), (
             ("need gradients", "every rank's shard must require gradients (the backward is "
