@@ -202,10 +202,7 @@ def render_state_kernel(plan: Plan) -> str:
         sums = RunningSums(plan, body, "T", "offs_c", "BT", transposed=True, counts_only=True)
         end = RunningSums(plan, body, "E", "BT - 1", "BT", counts_only=True)
         body(f"to_end = {prefix.to_chunk_end('atT', rows_first=False)}")
-        body(f"l_last = tl.zeros([BN], dtype={c.ct})")
-        body("for blk in range(0, BT // ssmc_rb):")
-        with body.block():
-            body(f"l_last += {prefix.block_total(body, 'tot', '(blk + 1) * ssmc_rb - 1', 'BT')}")
+        prefix.chunk_total(body, c.ct, "BT")
         body(f"dec = tl.exp({with_resets('to_end', end.resets_since(sums, '[:, None]'))})"
              f"{end.sign(sums, '[:, None]')}")
         body(f"total = tl.exp({with_resets('l_last', end.resets_since())}){end.sign()}")

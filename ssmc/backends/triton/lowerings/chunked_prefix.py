@@ -108,15 +108,21 @@ def block_total(body: Emitter, name: str, end_row: str, size: str = "CS") -> str
 
 def from_chunk_start(body: Emitter, sums: RunningSums, ct: str, size: str = "CS") -> None:
     """Emits `from_start`, `sums`' (rows offs_c of the whole chunk) sums from the chunk's
-    start, each row's block sum plus the earlier blocks' totals, and `l_last`, the chunk's
-    total (resets apart)."""
+    start, each row's block sum plus the earlier blocks' totals, and `l_last`
+    (`chunk_total`)."""
     body(f"from_start = {sums.L}")
+    chunk_total(body, ct, size, lambda tot: body(
+        f"from_start += tl.where(offs_c[:, None] > (blk + 1) * ssmc_rb - 1, {tot}[None, :], 0.0)"))
+
+
+def chunk_total(body: Emitter, ct: str, size: str, per_block=lambda tot: None) -> None:
+    """Emits `l_last`, the chunk's total log-decay per key (resets apart), from its row
+    blocks' stored totals; `per_block(tot)` emits whatever else a block's total is for."""
     body(f"l_last = tl.zeros([BN], dtype={ct})")
     body(f"for blk in range(0, {size} // ssmc_rb):")
     with body.block():
         tot = block_total(body, "tot", "(blk + 1) * ssmc_rb - 1", size)
-        body(f"from_start += tl.where(offs_c[:, None] > (blk + 1) * ssmc_rb - 1, "
-             f"{tot}[None, :], 0.0)")
+        per_block(tot)
         body(f"l_last += {tot}")
 
 
