@@ -75,16 +75,21 @@ def render(plan: Plan) -> str:
         body("state = decay * state + key * value")
     else:
         body("state = state + key * value")
+    # the state is stored as soon as it is updated: held through y's layout change and the
+    # epilogue's loads, its tile cost the bf16 kernel a block per SM (ptxas, RESULTS.md)
+    body("if HAS_OUT_SLOTS:")
+    body("    dst = tl.load(oslot_ptr + b_idx * s_oslot_b + t_idx * s_oslot_t).to(tl.int64)")
+    body("    if (dst >= 0) & (dst < SLOTS):")
+    body("        tl.store(state_ptr + (dst * s_state_b + head_off) + tile_off, "
+         "state.to(state_ptr.dtype.element_ty), mask=state_mask)")
+    body("elif t_idx == T - 1:")
+    body("    tl.store(state_base + tile_off, state.to(state_ptr.dtype.element_ty), "
+         "mask=state_mask)")
     body("y = tl.sum(query * state, axis=0)")
     epi = Context(prog, out_tile, body, "e", ct, extra={"y": "y"})
     out = epi.value(prog.output, "out")
     body(f"tl.store(out_ptr + b_idx * s_out_b + t_idx * s_out_t + h_idx * s_out_h + "
          f"offs_p * s_out_p, {out}.to(out_ptr.dtype.element_ty), mask=mask_p)")
-    body("if HAS_OUT_SLOTS:")
-    body("    dst = tl.load(oslot_ptr + b_idx * s_oslot_b + t_idx * s_oslot_t).to(tl.int64)")
-    body("    if (dst >= 0) & (dst < SLOTS):")
-    body("        tl.store(state_ptr + dst * s_state_b + tile_off, "
-         "state.to(state_ptr.dtype.element_ty), mask=state_mask)")
 
     # the pointers first, then the integers: a bound launch (make_launch) passes the tensors
     # of a call followed by integers fixed once, with no list to fill per call
@@ -104,10 +109,11 @@ def ssmc_step_fwd(
 ):
     # programs in the state's memory order, (b, h, p-block) with the p-block fastest: those
     # running at once read neighbouring tiles
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     pid_p = pid % NPB
-    h_idx = (pid // NPB) % H
-    b_idx = pid // (NPB * H)
+    pid_bh = (pid // NPB).to(tl.int64)
+    h_idx = pid_bh % H
+    b_idx = pid_bh // H
     g_idx = h_idx // HPG
     offs_n = tl.arange(0, BN)
     mask_n = offs_n < N
@@ -117,17 +123,18 @@ def ssmc_step_fwd(
         slot = tl.load(slot_ptr + b_idx).to(tl.int64)
     else:
         slot = b_idx
-    tile_off = h_idx * s_state_h + offs_n[:, None] * s_state_n + offs_p[None, :] * s_state_p
+    # the head's offset a scalar added to the base once: folded into every element's offset
+    # it held 14 registers (ptxas, RESULTS.md)
+    head_off = h_idx * s_state_h
+    tile_off = (offs_n[:, None].to(tl.int64) * s_state_n
+                + offs_p[None, :].to(tl.int64) * s_state_p)
     state_mask = mask_n[:, None] & mask_p[None, :]
     if (slot >= 0) & (slot < SLOTS):
-        state = tl.load(state_ptr + slot * s_state_b + tile_off, mask=state_mask,
-                        other=0.0).to({ct})
+        state_base = state_ptr + (slot * s_state_b + head_off)
+        state = tl.load(state_base + tile_off, mask=state_mask, other=0.0).to({ct})
 {pre.text()}
         for t_idx in range(0, T):
 {body.text()}
-        if not HAS_OUT_SLOTS:
-            tl.store(state_ptr + slot * s_state_b + tile_off,
-                     state.to(state_ptr.dtype.element_ty), mask=state_mask)
     else:
         for t_idx in range(0, T):
             tl.store(out_ptr + b_idx * s_out_b + t_idx * s_out_t + h_idx * s_out_h
