@@ -33,6 +33,13 @@ def compute_dtype(plan: Plan) -> torch.dtype:
 #:   -> (grads: dict[input name, Tensor | None], grad_initial_state: Tensor | None)
 #: computed by the backend itself (grad_final may be None; gradients have the inputs' shapes and
 #: dtypes). The torch integration wraps forward and backward into one custom op.
+#:
+#: Such a kernel may also carry
+#: kernel.forward_keep(tensors, sizes, initial_state, cu_seqlens)
+#:   -> (output, final state or None, residual: a flat uint8 tensor)
+#: the forward that also keeps what its own backward would otherwise form again, for
+#: kernel.backward(..., residual=residual); an empty residual keeps nothing. A backward given a
+#: residual it cannot use (another plan's) forms everything again.
 Kernel = Callable[..., tuple]
 
 

@@ -4,10 +4,11 @@ One pair of ops per definition *structure* (its name plus a prefix of the IR's s
 
     ssmc::<name>_<hash12>(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens,
                           int executor, bool return_final_state, bool check_cu_seqlens,
-                          SymInt[] grid, bool return_output)
-        -> (Tensor out, Tensor final_state)
+                          SymInt[] grid, bool return_output, bool keep)
+        -> (Tensor out, Tensor final_state, Tensor residual)
     ssmc::<name>_<hash12>_bwd(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens,
-                              Tensor grad_out, Tensor? grad_final, int executor)
+                              Tensor grad_out, Tensor? grad_final, int executor,
+                              SymInt[] grid, Tensor residual)
         -> (Tensor[] grad_inputs, Tensor grad_initial_state)
 
 `inputs` are the definition's tensors in declaration order. `executor` names the `CompiledOp`
@@ -17,6 +18,12 @@ when the op is constructed, a constant in a traced graph. `final_state` is an em
 backends with a `kernel.final_state` run only the passes it needs, e.g. the chunked lowering's
 state pass), and `grad_initial_state` when there is no initial state: a custom op returns
 tensors, never None.
+
+`keep` is set where autograd will hold an eager call for a backward: a kernel with a
+`forward_keep` (backends/base.py) then returns in `residual` (flat uint8, its size known only
+at run time: an unbacked SymInt to the fake) what its backward would otherwise form again,
+e.g. the per-key chunked lowering's decayed scores; else `residual` is empty. Traced calls
+do not keep (an op whose output size is data-dependent breaks dynamo's graph).
 
 Lifetimes: the registry holds a CompiledOp weakly, so an op nobody uses is freed, but whatever
 will call it later keeps it alive. An eager autograd graph holds it strongly in the saved
@@ -60,9 +67,10 @@ NAMESPACE = "ssmc"
 
 FWD_SCHEMA = ("(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens, int executor, "
               "bool return_final_state, bool check_cu_seqlens, SymInt[] grid, "
-              "bool return_output) -> (Tensor, Tensor)")
+              "bool return_output, bool keep) -> (Tensor, Tensor, Tensor)")
 BWD_SCHEMA = ("(Tensor[] inputs, Tensor? initial_state, Tensor? cu_seqlens, Tensor grad_out, "
-              "Tensor? grad_final, int executor, SymInt[] grid) -> (Tensor[], Tensor)")
+              "Tensor? grad_final, int executor, SymInt[] grid, Tensor residual) "
+              "-> (Tensor[], Tensor)")
 
 
 @dataclass(frozen=True)
@@ -190,7 +198,7 @@ def _make_ops(program: Program) -> TorchOp:
     fn = f"{program.name}()"
 
     def fwd_impl(inputs, initial_state, cu_seqlens, executor, return_final_state,
-                 check_cu_seqlens, grid, return_output):
+                 check_cu_seqlens, grid, return_output, keep):
         op = _executor(executor)
         bound = _bound(op, inputs, initial_state, cu_seqlens, return_final_state, grid)
         if check_cu_seqlens and cu_seqlens is not None:
@@ -199,7 +207,12 @@ def _make_ops(program: Program) -> TorchOp:
         op.last_plan = plan
         kernel = op.kernel_for(plan, bound.device)
         final_only = getattr(kernel, "final_state", None)
-        if return_output or final_only is None:
+        forward_keep = getattr(kernel, "forward_keep", None)
+        residual = None
+        if keep and return_output and forward_keep is not None:
+            out, final, residual = forward_keep(bound.tensors, bound.sizes, initial_state,
+                                                cu_seqlens)
+        elif return_output or final_only is None:
             out, final = kernel(bound.tensors, bound.sizes, initial_state, cu_seqlens)
         else:
             final = final_only(bound.tensors, bound.sizes, initial_state, cu_seqlens)
@@ -207,19 +220,25 @@ def _make_ops(program: Program) -> TorchOp:
             out = inputs[0].new_empty((0,), dtype=bound.dtype)
         if final is None or not return_final_state:
             final = inputs[0].new_empty((0,), dtype=state_dtype(bound.dtype))
+        if residual is None:
+            residual = inputs[0].new_empty((0,), dtype=torch.uint8)
         taken = _storages([*inputs, initial_state, cu_seqlens])
-        return _fresh(out, taken), _fresh(final, taken)
+        return _fresh(out, taken), _fresh(final, taken), residual
 
     def fwd_fake(inputs, initial_state, cu_seqlens, executor, return_final_state,
-                 check_cu_seqlens, grid, return_output):
+                 check_cu_seqlens, grid, return_output, keep):
         _pin(executor)  # the traced graph will call it by id, for as long as torch keeps it
         sizes = sizes_of(program, inputs)
         dtype = _output_dtype(program, dict(zip(program.input_names, inputs)))
         out = inputs[0].new_empty(_out_shape(sizes) if return_output else (0,), dtype=dtype)
         shape = _state_shape(program, sizes, cu_seqlens) if return_final_state else (0,)
-        return out, inputs[0].new_empty(shape, dtype=state_dtype(dtype))
+        # what is kept depends on the plan, chosen at run time
+        kept = torch.library.get_ctx().new_dynamic_size() if keep and return_output else 0
+        return (out, inputs[0].new_empty(shape, dtype=state_dtype(dtype)),
+                inputs[0].new_empty((kept,), dtype=torch.uint8))
 
-    def bwd_impl(inputs, initial_state, cu_seqlens, grad_out, grad_final, executor, grid):
+    def bwd_impl(inputs, initial_state, cu_seqlens, grad_out, grad_final, executor, grid,
+                 residual):
         op = _executor(executor)
         bound = _bound(op, inputs, initial_state, cu_seqlens, grad_final is not None, grid)
         plan = op.plan_for(bound)
@@ -233,8 +252,9 @@ def _make_ops(program: Program) -> TorchOp:
                 f"(or another backend with a backward) to differentiate, or call the op under "
                 f"torch.no_grad()")
         grad_final = None if grad_final is None else grad_final.contiguous()
+        kept = {} if residual.numel() == 0 else dict(residual=residual)
         grads, grad_h0 = backward(bound.tensors, bound.sizes, initial_state, cu_seqlens,
-                                  grad_out.contiguous(), grad_final)
+                                  grad_out.contiguous(), grad_final, **kept)
         taken = _storages([*inputs, initial_state, cu_seqlens, grad_out, grad_final])
         result = []
         for n, x in zip(op.program.input_names, inputs):
@@ -246,7 +266,8 @@ def _make_ops(program: Program) -> TorchOp:
             grad_h0 = initial_state.new_zeros(initial_state.shape)
         return result, _fresh(grad_h0, taken)
 
-    def bwd_fake(inputs, initial_state, cu_seqlens, grad_out, grad_final, executor, grid):
+    def bwd_fake(inputs, initial_state, cu_seqlens, grad_out, grad_final, executor, grid,
+                 residual):
         _pin(executor)
         # contiguous, as the real gradients are (`_fresh`), whatever the inputs' strides
         grads = [x.new_empty(x.shape) for x in inputs]
@@ -265,7 +286,8 @@ def _make_ops(program: Program) -> TorchOp:
     bwd_op = getattr(getattr(torch.ops, NAMESPACE), f"{name}_bwd").default
 
     def setup_context(ctx, inputs, output):
-        tensors, initial_state, cu_seqlens, executor, return_final_state, _, grid, with_out = inputs
+        (tensors, initial_state, cu_seqlens, executor, return_final_state, _, grid, with_out,
+         _keep) = inputs
         ctx.return_output = with_out
         ctx.num_inputs = len(tensors)
         ctx.executor = executor
@@ -273,12 +295,14 @@ def _make_ops(program: Program) -> TorchOp:
         # the backward calls the executor by id: the graph keeps it alive, not the user
         ctx.executor_op = _executor(executor)
         ctx.return_final_state = return_final_state
-        ctx.save_for_backward(*tensors, initial_state, cu_seqlens)
+        ctx.save_for_backward(*tensors, initial_state, cu_seqlens, output[2])
+        ctx.mark_non_differentiable(output[2])
 
-    def backward(ctx, grad_out, grad_final):
+    def backward(ctx, grad_out, grad_final, _grad_residual):
         saved = ctx.saved_tensors
         k = ctx.num_inputs
         tensors, initial_state, cu_seqlens = list(saved[:k]), saved[k], saved[k + 1]
+        residual = saved[k + 2]
         if not ctx.return_final_state:
             grad_final = None
         if not ctx.return_output:   # the final state alone: nothing flows in through y
@@ -286,9 +310,9 @@ def _make_ops(program: Program) -> TorchOp:
             dtype = _output_dtype(program, dict(zip(program.input_names, tensors)))
             grad_out = tensors[0].new_zeros(out, dtype=dtype)
         grads, grad_h0 = bwd_op(tensors, initial_state, cu_seqlens, grad_out, grad_final,
-                                ctx.executor, ctx.grid)
+                                ctx.executor, ctx.grid, residual)
         return (list(grads), grad_h0 if initial_state is not None else None,
-                None, None, None, None, _no_grad_like(ctx.grid), None)
+                None, None, None, None, _no_grad_like(ctx.grid), None, None)
 
     torch.library.register_autograd(qual, backward, setup_context=setup_context, lib=lib)
     fwd_op = getattr(getattr(torch.ops, NAMESPACE), name).default
@@ -325,9 +349,16 @@ def call(compiled_op, bound: Bound, return_output: bool = True):
     route = compiled_op._torch_op
     sizes = bound.sizes
     grid = [sizes["grid_h"], sizes["grid_w"]] if "grid_h" in sizes else []
-    out, final = route.fwd(list(bound.tensors.values()), bound.initial_state, bound.cu_seqlens,
-                           compiled_op._executor_id, bound.return_final_state,
-                           torch.compiler.is_compiling(), grid, return_output)
+    tensors = list(bound.tensors.values())
+    # autograd holds the call for a backward: keep what the backward would form again. Not
+    # under tracing: a residual's size is known only at run time, and dynamo breaks the graph
+    # at an op whose output size is data-dependent
+    compiling = torch.compiler.is_compiling()
+    keep = (return_output and not compiling and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (*tensors, bound.initial_state) if t is not None))
+    out, final, _ = route.fwd(tensors, bound.initial_state, bound.cu_seqlens,
+                              compiled_op._executor_id, bound.return_final_state,
+                              compiling, grid, return_output, keep)
     if not return_output:
         return final
     if bound.return_final_state:

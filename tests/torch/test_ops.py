@@ -26,7 +26,7 @@ def _ssd(b=2, t=7, h=4, g=2, n=3, p=5, dtype=torch.float64, seed=1):
 
 def _opcheck_args(op, inputs: dict, initial_state=None, cu=None, final=True, output=True):
     return ([inputs[n] for n in op.program.input_names], initial_state, cu, op._executor_id,
-            final, cu is not None, [], output)
+            final, cu is not None, [], output, False)
 
 
 # --------------------------------------------------------------------------- op registration
@@ -322,7 +322,7 @@ def test_backward_op_gradients_are_contiguous_as_its_fake_says():
     assert not a["x"].is_contiguous()
     out = op(**a)
     args = ([a[n] for n in op.program.input_names], None, None, torch.ones_like(out), None,
-            op._executor_id, [])
+            op._executor_id, [], out.new_empty((0,), dtype=torch.uint8))
     torch.library.opcheck(op._torch_op.bwd, args, test_utils=("test_faketensor",))
 
 

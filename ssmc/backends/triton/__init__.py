@@ -122,14 +122,28 @@ class TritonBackend:
                                                 cu_seqlens)
             kernel.final_state = final_state
 
-        backward_impl = importlib.import_module(f"{__name__}.backward").make_backward(self, plan)
+        backward_module = importlib.import_module(f"{__name__}.backward")
+        backward_impl = backward_module.make_backward(self, plan)
 
-        def backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final):
+        def backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final,
+                     residual=None):
             """Gradients by generated Triton kernels (see backward.py)."""
             device = grad_out.device
             with _on(device):
                 return backward_impl(tensors, sizes, initial_state, cu_seqlens, grad_out,
-                                     grad_final)
+                                     grad_final, residual)
+
+        if lowering.keeps and backward_module.reads_kept(plan):
+            def forward_keep(tensors, sizes, initial_state=None, cu_seqlens=None):
+                """The forward, and what it formed that the backward would form again."""
+                device = next(iter(tensors.values())).device
+                _check_device(device)
+                keep = []
+                with _on(device):
+                    out, final = lowering.launch(module, plan, tensors, sizes, initial_state,
+                                                 cu_seqlens, keep=keep)
+                return out, final, backward_module.residual_of(keep, device)
+            kernel.forward_keep = forward_keep
 
         kernel.backward = backward
         return kernel

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from ...ir import Program, Y
 from ...plan import Plan
 from ...ir.orders import has_order_axis
@@ -62,6 +64,21 @@ def load_backward_module(backend, plan: Plan):
                                   lambda: render(plan))
 
 
+def reads_kept(plan: Plan) -> bool:
+    """Whether the backward of `plan` reads what its forward kept: per-key decays' chunk
+    scores (the chunked backward forms them again otherwise: ~8% of a GLA training step)."""
+    return backward_lowering(plan) == "chunked" and chunked_run.per_key_decay(plan)
+
+
+def residual_of(kept: list, device) -> torch.Tensor:
+    """What a forward kept (`launch(..., keep=kept)`), as the flat bytes the custom op carries
+    (a view, no copy); empty if nothing."""
+    if not kept:
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    (scores,) = kept
+    return scores.view(-1).view(torch.uint8)
+
+
 def make_backward(backend, plan: Plan):
     """The `backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final)` of one
     compiled Triton kernel."""
@@ -79,7 +96,8 @@ def make_backward(backend, plan: Plan):
             state["bwd"] = load_backward_module(backend, bplan)
         return state["bwd"]
 
-    def backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final):
+    def backward(tensors, sizes, initial_state, cu_seqlens, grad_out, grad_final,
+                 residual=None):
         module = modules()
         cdt = compute_dtype(plan)
         want_y = rule.needs_y
@@ -92,7 +110,7 @@ def make_backward(backend, plan: Plan):
                                              cu_seqlens, want_y)
         else:
             saved, y = chunked_run.forward_pass(module, bplan, tensors, sizes, initial_state,
-                                                cu_seqlens, want_y and not late_y)
+                                                cu_seqlens, want_y and not late_y, residual)
         # dy stored like the chunk states: the chunked kernels round it to the matmul type
         dy_dtype = None if use_scan else chunked_run.state_dtype(bplan)
         dy = chain_rows.epilogue_dy(backend, plan, rule, tensors, sizes, y, grad_out, dy_dtype)

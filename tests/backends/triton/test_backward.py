@@ -422,3 +422,76 @@ def test_backward_gpu_real_shapes_varlen(lowering):
 def test_backward_checker_detects_a_mismatch():
     with pytest.raises(AssertionError, match="relative L2 error"):
         check_backward(builtin("gla"), "chunked", shape_for("gla", "t7"), tol=1e-12)
+
+
+# --------------------------------------------------------------------------- kept scores
+
+def _count_scores(monkeypatch) -> list:
+    """Launches of the per-key scores kernel by the backward's forward pass."""
+    from ssmc.backends.triton.lowerings import chunked_bwd_launch
+    calls = []
+    real = chunked_bwd_launch.launch_scores
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(chunked_bwd_launch, "launch_scores", counted)
+    return calls
+
+
+@pytest.mark.parametrize("direction, lengths, tile", [
+    ("forward", None, None), ("bidirectional", None, None), ("reverse", (64, 0, 90, 5), None),
+    # the forward's chunks of 32 are not the backward's 64: it forms its own
+    ("forward", None, ChunkedTile(CS=32))], ids=["forward", "bidirectional", "varlen", "cs32"])
+def test_per_key_backward_reads_the_scores_its_forward_kept(monkeypatch, direction, lengths,
+                                                            tile):
+    """`kernel.forward_keep` returns the chunks' scores with the forward's output, and the
+    backward given them forms none again (a scores launch fewer per direction), with the same
+    gradients as forming them; a residual of another chunk size is not read."""
+    defn = make_definition("diagonal", direction, epilogue=True)
+    sizes = dict(b=1 if lengths else 2, t=sum(lengths) if lengths else 100, h=2, g=1, n=8,
+                 p=20)
+    inputs = inputs_for(defn, sizes, dtype=torch.float32, seed=3)
+    S = len(lengths) if lengths else sizes["b"]
+    h0 = state_for(defn, sizes, num_states=S, seed=4)
+    cu = None if lengths is None else cu_seqlens(lengths)
+    kernel = get_backend("triton").compile(
+        _plan(defn, "chunked", torch.float32, True, True, cu is not None, tile))
+    out, final = kernel(inputs, sizes, h0, cu)
+    out_k, final_k, residual = kernel.forward_keep(inputs, sizes, h0, cu)
+    torch.testing.assert_close(out_k, out, rtol=0, atol=0)
+    torch.testing.assert_close(final_k, final, rtol=0, atol=0)
+    assert residual.dtype == torch.uint8 and residual.numel() > 0
+    gen = torch.Generator().manual_seed(5)
+    grad_out = torch.randn(out.shape, generator=gen)
+    gF = torch.randn(final.shape, generator=gen)
+    calls = _count_scores(monkeypatch)
+    formed = kernel.backward(inputs, sizes, h0, cu, grad_out, gF)
+    assert len(calls) == len(defn.program.recurrence.directions)
+    calls.clear()
+    read = kernel.backward(inputs, sizes, h0, cu, grad_out, gF, residual=residual)
+    assert len(calls) == (len(defn.program.recurrence.directions) if tile else 0)
+    for name, g in formed[0].items():
+        torch.testing.assert_close(read[0][name], g, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(read[1], formed[1], rtol=0, atol=0)
+
+
+def test_training_call_keeps_the_scores_for_its_backward(monkeypatch):
+    """Through the custom op: an eager call whose inputs need gradients keeps the scores, and
+    its backward launches no scores kernel; gradients as the reference backend's."""
+    import ssmc
+    defn = make_definition("diagonal", "forward")
+    sizes = dict(b=2, t=70, h=2, g=1, n=8, p=4)
+    inputs = inputs_for(defn, sizes, dtype=torch.float32, seed=6)
+    grads = {}
+    for backend in ("triton", "reference"):
+        op = ssmc.compile(defn, backend=backend, lowering="chunked" if backend == "triton"
+                          else "scan")
+        xs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        calls = _count_scores(monkeypatch)
+        (op(**xs) ** 2).sum().backward()
+        if backend == "triton":
+            assert calls == []
+        grads[backend] = {k: x.grad for k, x in xs.items()}
+    for name, g in grads["reference"].items():
+        torch.testing.assert_close(grads["triton"][name], g, rtol=3e-5, atol=3e-5, msg=name)

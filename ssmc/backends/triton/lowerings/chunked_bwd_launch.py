@@ -2,6 +2,8 @@
 pass that saves the chunk states, and the backward pass over them, per direction."""
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 
@@ -82,9 +84,24 @@ def variant_launches(module, name: str, plan: Plan, n_chunks: int, heads: int = 
             for resets in chunk_variants(plan)]
 
 
-def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, want_y):
+def kept_scores(plan: Plan, residual, n_chunks: int, H: int, CS: int):
+    """The per-key chunk scores the forward kept ((directions, chunks, H, CS, CS) in the
+    compute type: chunked_launch.launch's `keep`), or None where `residual` holds none of this
+    plan's chunk size (a forward with other tiles: no two chunk sizes give the same bytes)."""
+    if residual is None or not per_key_decay(plan):
+        return None
+    cdt = compute_dtype(plan)
+    shape = (len(plan.program.recurrence.directions), max(n_chunks, 1), H, CS, CS)
+    if residual.numel() != math.prod(shape) * cdt.itemsize:
+        return None
+    return residual.view(cdt).view(shape)
+
+
+def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, want_y,
+                 residual=None):
     """States entering every chunk (`state_dtype`) and fp32 final states, per direction; y
-    (summed over directions, before the epilogue) when `want_y`."""
+    (summed over directions, before the epilogue) when `want_y`. `residual`: what the
+    forward kept (`kept_scores`)."""
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
     device = tensors[prog.inputs[0].name].device
@@ -104,6 +121,7 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     states, finals, scores, flags = [], [], [], []
     variants = chunk_variants(plan)
     prefixes = []
+    kept = kept_scores(plan, residual, n_chunks, H, m["BT"])
     for i, (direction, h0) in enumerate(zip(prog.recurrence.directions,
                                             direction_slices(plan, initial_state))):
         args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
@@ -130,7 +148,10 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
             NPB=npb_walk, **order, HAS_H0=h0 is not None, STORE_HT=True,
             IS_VARLEN=cu_seqlens is not None, SEGMENTED=bool(sg.seg), **_walk_launch(m, device))
         _join(module, sg, st, final, S, H, npb, n_chunks, sizes, m, reverse=False)
-        if per_key_decay(plan):   # the chunk's scores: y and dv are products with them
+        if kept is not None:
+            sc = kept[i]
+            scores.append(sc)
+        elif per_key_decay(plan):   # the chunk's scores: y and dv are products with them
             sc = torch.empty(max(n_chunks, 1), H, m["BT"], m["BT"], dtype=cdt, device=device)
             launch_scores(module, pargs, sc, n_chunks, H, (cu, off, seqs), (T, H // G, N, P, GH),
                           m["RB"], m["BT"], m["BN"], order, cu_seqlens is not None,

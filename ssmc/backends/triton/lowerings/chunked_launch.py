@@ -83,8 +83,11 @@ def walk_stages(plan: Plan, chunk: int, BN: int, BP: int, limits: DeviceLimits |
     return stages
 
 
-def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output=True):
-    """(out, final state); without `output`, the state pass alone (out an empty stand-in)."""
+def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output=True,
+           keep=None):
+    """(out, final state); without `output`, the state pass alone (out an empty stand-in).
+    `keep`, a list: per-key decays append their chunks' scores, (directions, chunks, H, CS,
+    CS), which the backward reads instead of forming them again (`kept_scores`)."""
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
     o = Outputs(plan, tensors, sizes, initial_state, cu_seqlens, output=output)
@@ -104,8 +107,14 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
     # a group's heads: each chunk's q k^T per group (chunk_qk.py)
     qk_read = reads_qk(plan, sizes)
     # only the output pass reads them: none for the state pass alone
+    kept = None
+    if keep is not None and output and per_key:   # each direction's, for the backward
+        kept = torch.empty(len(dirs), max(n_chunks, 1), H, m["CS"], m["CS"], dtype=cdt,
+                           device=device)
+        keep.append(kept)
     scores = (torch.empty(max(n_chunks, 1), H if per_key else G, m["CS"], m["CS"], dtype=cdt,
-                          device=device) if output and (per_key or qk_read) else out)
+                          device=device) if output and (per_key or qk_read) and kept is None
+              else out)
 
     on_gpu = device.type == "cuda"
     launch_state = dict(num_warps=m["warps_state"], num_stages=m["stages_state"]) if on_gpu else {}
@@ -148,6 +157,8 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
         out_bt = m["BT"]
         if per_key:   # the chunk's scores once, then the output pass takes whole chunks
             out_bt = m["CS"]
+            if kept is not None:
+                scores = kept[i]
             launch_scores(module, args, scores, n_chunks, H, (cu, off, seqs),
                           (T, H // G, N, P, GH), m["BT"], m["CS"], m["BN"], order,
                           cu_seqlens is not None, on_gpu)
@@ -185,4 +196,4 @@ def tile_space(ctx):
 
 register_lowering(TritonLowering("chunked", render, launch, supports, tile_type=ChunkedTile,
                                  tile_space=tile_space, backward="chunked", grid_orders=True,
-                                 final_state=final_state))
+                                 final_state=final_state, keeps=True))

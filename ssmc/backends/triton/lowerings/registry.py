@@ -24,7 +24,9 @@ class TritonLowering:
     grid_orders: whether its forward and backward kernels walk a grid's column orders
     (direction="cross2d");
     final_state(module, plan, tensors, sizes, initial_state, cu_seqlens) -> the final state
-    alone, from only the passes it needs (None: the op runs whole and drops its output)."""
+    alone, from only the passes it needs (None: the op runs whole and drops its output);
+    keeps: whether `launch(..., keep=[])` appends what its backward can read instead of
+    forming it again (`ssmc.backends.triton.backward`)."""
 
     name: str
     render: Callable
@@ -35,6 +37,7 @@ class TritonLowering:
     backward: str = "scan"
     grid_orders: bool = False
     final_state: Callable | None = None
+    keeps: bool = False
 
 
 LOWERINGS: dict[str, TritonLowering] = {}
