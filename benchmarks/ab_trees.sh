@@ -10,6 +10,7 @@
 # `run` executes each tree's own benchmarks/SCRIPT (e.g. gpu_table.py --only fwd,train, or
 # profile_gla.py) with that tree first on PYTHONPATH, the reference libraries of .carry after
 # it, and prefixes every output line with the tree and round. Carry .carry to the GPU machine.
+# TREES="rev rev" runs only those of the prepared trees.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 trees="$root/.carry/trees"
@@ -29,6 +30,7 @@ run)
     for round in $(seq 1 "${ROUNDS:-2}"); do
         for tree in "$trees"/*/; do
             rev="$(basename "$tree")"
+            case " ${TREES:-$rev} " in *" $rev "*) ;; *) continue ;; esac
             SSMC_CACHE_DIR="/tmp/ab_cache_$rev" \
             PYTHONPATH="$tree:$tree/benchmarks:$root/.carry/mamba_src:$root/.carry/fla_src" \
                 python3 -P "$tree/benchmarks/$script" "$@" 2>&1 | sed "s/^/$rev round $round: /"
