@@ -70,12 +70,13 @@ def chunked_cost(program: Program) -> Cost:
     nchunks = t / Q
     return Cost(
         tensor_flops=dirs * (b * h * t * Q * (n + p) + 4 * b * h * t * n * p),
-        # per-key decays form the decays within each 16-row block elementwise, a walk over its
-        # key steps; priced as measured (H100, GLA at b=8 t=2048 h=16 n=p=128: the scores
-        # kernel 1.33 ms, 12 "FLOPs" per (step, key step of its block, n) at the model's
-        # 3 TFLOP/s; the chunked forward 2.3-2.8 ms where the scan took 5.4 ms)
+        # per-key decays form each 16-row block's own decays in log2(16) levels of factors
+        # (an exponential per step, level and n) and small products; priced as measured (H100,
+        # GLA at b=8 t=2048 h=16 n=p=128: the scores kernel 0.40 ms, 4 "FLOPs" per (step, key
+        # step of its block, n) at the model's 3 TFLOP/s; 12 when it took 1.33 ms walking the
+        # block's steps, when the chunked forward took 2.3-2.8 ms where the scan took 5.4 ms)
         vector_flops=dirs * (2 * b * h * nchunks * n * p
-                             + (12 * 16 * b * h * t * n if _per_key_decay(program) else 0)),
+                             + (4 * 16 * b * h * t * n if _per_key_decay(program) else 0)),
         bytes=2 * io_bytes(program) + dirs * 3 * b * h * nchunks * n * p * STATE_BYTES,
         launches=3,
         serial_steps=nchunks,

@@ -6,7 +6,8 @@ Notation as in chunked_bwd.py; chunks of CS steps in row blocks of BT (16). Per 
   dy v^T on the causal half, the state terms exp(decay from the chunk's start) (dy S_in^T)
   into dq and exp(decay to its end) (v G^T) into dk, and sum_p G * S_end;
 * `ssmc_chunked_bwd_keys` (per n-block) walks the chunk's row blocks from the last to the
-  first. For row block i: its own pairs, D[u, s, n] elementwise (`_Kernel.own_pairs`); earlier
+  first. For row block i: its own pairs in the forward's levels of the diagonal block
+  (chunked_keys.py), two tensor-core products per level (`_Kernel.own_pairs`); earlier
   key blocks j < i (dq): the weight factors through block i's start, as in the forward
   (chunked_keys.py): dq_i += exp(lc_i) * (dA_ij (k_j exp(rest_j))), one matmul per block;
   later query blocks j > i (dk): dk_i += exp(rest_i) * (dA_ji^T (q_j exp(lc_j))); and the
@@ -34,7 +35,8 @@ from .chunked import _Chunk
 from .chunked_bwd import _Ops, store_y
 from . import chunked_prefix as prefix
 from .chunked_prefix import RunningSums
-from .chunked_keys import KeyOps, diagonal_walk, narrow_operands, output_body
+from .chunked_keys import (KeyOps, diagonal_levels, level_factors, narrow_operands,
+                           output_body)
 from .chunked_tiles import (KEY_QK_TILE, KEY_ROWS, QK_TILE, V_TILE,
                             BlockOperands)
 
@@ -111,26 +113,26 @@ class _Kernel:
         b("dk_x = tl.load(ssmc_dk + row * N + offs_n[None, :], mask=nmask, other=0.0)")
 
     def own_pairs(self) -> None:
-        """The pairs (u, s) inside block i, where D[u, s, n] = exp(lc_u - lc_s) has no reference
-        point to factor through, in one walk over the block's steps s
-        (`chunked_keys.diagonal_walk`): `dq_in` += dA[:, s] D[:, s] k_s on the rows after s
-        and `dk_in` += dA[s, :] D[s, :] q_s on the rows before it, elementwise on (BT, BN)
-        tiles with dA's column and row s loaded from the chunk's buffer: no sums across the
-        block's rows, which cost a barrier per step. Then `rect`, the decay gradient's pairs
-        inside the block: rect[r] = sum over s < r <= u of M[u, s], M = dA D q k (the pairs
-        whose weight the decay at r enters), the suffix sum of q dq_in - k dk_in: the pairs
-        with both ends at r or later cancel in it, but only within the block's 16 steps."""
+        """The pairs (u, s) inside block i, in the forward's levels of its diagonal
+        (`chunked_keys.level_factors`): per level, `dq_in` += f_row (dA_l (k f_key)) and
+        `dk_in` += f_key (dA_l^T (q f_row)), dA_l the level's pairs of dA's diagonal block;
+        the pairs u = s (weight 1) elementwise. Then `rect`, the decay gradient's pairs inside
+        the block: rect[r] = sum over s < r <= u of M[u, s], M = dA D q k (the pairs whose
+        weight the decay at r enters), the suffix sum of q dq_in - k dk_in: the pairs with both
+        ends at r or later cancel in it, but only within the block's 16 steps."""
         b = self.body
-        base = "ssmc_dA + ((chunk * H + h_idx) * CS + i * BT"
-        b(f"dq_in = tl.zeros([BT, BN], dtype={self.ct})")
-        b(f"dk_in = tl.zeros([BT, BN], dtype={self.ct})")
+        b(f"dA_blk = {_dA_block('i', 'i')}")
+        b("da_diag = tl.load(ssmc_dA + ((chunk * H + h_idx) * CS + i * BT + offs_c) * CS"
+          " + i * BT + offs_c)")
+        b("dq_in = da_diag[:, None] * key")
+        b("dk_in = da_diag[:, None] * query")
 
-        def step():
-            b(f"da_s = tl.load({base} + offs_c) * CS + i * BT + s)")
-            b(f"da_r = tl.load({base} + s) * CS + i * BT + offs_c)")
-            b("dq_in += da_s[:, None] * dec * k_r[None, :]")
-            b("dk_in += da_r[:, None] * dec_back * q_r[None, :]")
-        diagonal_walk(self.plan, self.rows, b, step)
+        def level():
+            level_factors(self.plan, b, self.rows, "i * BT")
+            b("dA_l = tl.where(lv_pairs, dA_blk, 0.0)")
+            b(f"dq_in += f_row * {self.fdot('dA_l', 'key * f_key')}")
+            b(f"dk_in += f_key * {self.fdot('tl.trans(dA_l)', 'query * f_row')}")
+        diagonal_levels(b, level)
         b("rect = tl.cumsum((query * dq_in).to(tl.float64) - (key * dk_in).to(tl.float64),"
           " axis=0, reverse=True)")
 

@@ -9,10 +9,13 @@ depend on p: `ssmc_chunked_scores` forms them once per (chunk, head) into a buff
 fp64 for fp64 plans), one program per row block r of BT (16) steps, in two launches (diagonal
 blocks, then the earlier ones, so that neither program holds the other's tiles):
 
-* the diagonal block: its lower-left quadrant factored through the first half's last step
-  (one tensor-core product), the pairs within each half, where the weight has no reference
-  point to factor through, exp(L_t - L_s) formed elementwise a slice of n at a time
-  (`diagonal_scores_split`: BT^2 * BN / 2 exponentials);
+* the diagonal block, in log2(BT) levels (`level_factors`): at half-width g (BT / 2 down to
+  1) the block's rows fall into groups of 2g steps, and the pairs (t, s) with t in the second
+  half of a group and s in its first factor through m, the last step of the first half:
+  exp(L_t - L_s) = exp(L_t - L_m) exp(L_m - L_s), one tensor-core product per level,
+  (q exp(L - L_m)) (k exp(L_m - L))^T on those pairs. Every pair t > s of the block lies in
+  exactly one level; t = s has weight 1 (`diagonal_scores`). As in the earlier blocks, the
+  factors' exponents are sums over disjoint steps;
 * an earlier key block j < r: the weight factors through the step before row block r,
   exp(L_t - L_ref) * exp(L_ref - L_s), so its scores are one tensor-core matmul,
   (q exp(L - L_ref)) (k exp(L_ref - L))^T. Both exponents are sums of log-decays over
@@ -25,10 +28,10 @@ to the chunk's end)) G the same way.
 
 Decays larger than 1 in size (log-decay > 0) make factors above 1. Each factor is itself the
 weight between two steps of the chunk (the key factor is the weight of s seen from the step
-before block r, the row factor that of that step seen from t), so in a type with fp32's range
-a factor overflows only where a weight the output needs does. fp16 operands stop at 65504:
-their factored products are taken in fp32. Negative decays carry their sign as the parity of
-their count in each factor's range, split the same way.
+before block r, or from the level's m; the row factor that of that step seen from t), so in a
+type with fp32's range a factor overflows only where a weight the output needs does. fp16
+operands stop at 65504: their factored products are taken in fp32. Negative decays carry
+their sign as the parity of their count in each factor's range, split the same way.
 """
 from __future__ import annotations
 
@@ -36,61 +39,54 @@ from ....plan import Plan
 from ..common import compute_type, dot_type, input_params, precision_arg
 from ..render import Emitter, Tile
 from ..templates import chunk_setup, indent, rows, with_resets
-from .chunked_tiles import (FIXED, KEY_KT_TILE, KEY_ROWS, QK_TILE, T_AXIS, BlockOperands,
-                             RowOperands)
+from .chunked_tiles import FIXED, KEY_KT_TILE, KEY_ROWS, QK_TILE, T_AXIS, BlockOperands
 from . import chunked_prefix as prefix
-from .chunked_prefix import RunningSums, sign_of
+from .chunked_prefix import RunningSums
 
 
-def diagonal_walk(plan: Plan, rows_: RunningSums, body: Emitter, per_step) -> None:
-    """The diagonal block's steps s one at a time (unrolled): step s's key and query rows
-    `k_r`, `q_r` and its stored running sums (`Ls`, `Zs`), against which the block rows' own
-    (`rows_`) make `dec`, D[:, s, :] (the rows u >= s seeing key s; 0 on the others), and
-    `dec_back`, D[s, :, :] (the keys u <= s that row s sees). `per_step()` emits the step's
-    work."""
-    prog, ct = plan.program, compute_type(plan)
-    body("for s in tl.static_range(BT):")
+def level_factors(plan: Plan, body: Emitter, rows_: RunningSums, first: str,
+                  keys: tuple[str, str] = ("offs_n", "mask_n")) -> None:
+    """One level of a row block's diagonal (module docstring), its half-width `lv_g` in scope,
+    for the block's rows from chunk position `first` with sums `rows_` over `keys`: `f_row`,
+    the weight of each row's reference step m seen from it (rows in the second half of their
+    group, else 0), `f_key`, that of each key seen from its m (first halves, else 0), and
+    `lv_pairs`, the level's (t, s). A row is one or the other, so one exponential serves both
+    (the span (m, t] or (t, m], the exponent's sign flipped); the other is 0 by a select,
+    never a product with an overflowed factor."""
+    body("lv_rel = offs_c % (2 * lv_g)")
+    body("lv_hi = lv_rel >= lv_g")
+    body("offs_m = offs_c - lv_rel + lv_g - 1")
+    mid = RunningSums(plan, body, "Lv", f"{first} + offs_m", keys=keys)
+    after = with_resets(f"{rows_.L} - {mid.L}", rows_.resets_since(mid))
+    body(f"f_lv = tl.exp(tl.where(lv_hi, 1.0, -1.0)[:, None] * ({after})){rows_.sign(mid)}")
+    body("f_row = tl.where(lv_hi[:, None], f_lv, 0.0)")
+    body("f_key = tl.where(lv_hi[:, None], 0.0, f_lv)")
+    body("lv_pairs = ((offs_c[:, None] - lv_rel[:, None] == offs_c[None, :] - lv_rel[None, :])"
+         " & lv_hi[:, None] & (lv_rel[None, :] < lv_g))")
+
+
+def diagonal_levels(body: Emitter, per_level) -> None:
+    """The levels of a row block's diagonal, half-widths BT / 2 down to 1, as a loop;
+    `per_level()` emits a level's work."""
+    body("lv_g = BT // 2")
+    body("while lv_g > 0:")
     with body.block():
-        row = RowOperands(prog, ct, body, "s")
-        row.operand("key", "k_r")
-        row.operand("query", "q_r")
-        step = RunningSums(plan, body, "s", "i * BT + s")
-        gap = with_resets(f"{rows_.L} - {step.L}[None, :]",
-                          rows_.resets_since(step, "", "[None, :]"))
-        sign = rows_.sign(step, "", "[None, :]")
-        body(f"gap = {gap}")
-        body(f"dec = tl.exp(tl.where(offs_c[:, None] >= s, gap, float('-inf'))){sign}")
-        body(f"dec_back = tl.exp(tl.where(offs_c[:, None] <= s, -gap, float('-inf'))){sign}")
-        per_step()
+        per_level()
+        body("lv_g = lv_g // 2")
 
 
-#: the row block's (t, n-slice) view: the diagonal block is formed a slice of n at a time
+#: the row block's (t, n-slice) view: the scores' diagonal block takes n a slice at a time
 SLICE_TILE = Tile([T_AXIS, ("n", "offs_nd", "mask_nd")], FIXED)
 
 
-def diagonal_scores_split(k: "KeyOps") -> None:
-    """The diagonal block's scores, stored: its lower-left quadrant (rows of the second half,
-    keys of the first) factored through the first half's last step as the earlier key blocks
-    are, one tensor-core product; the two halves' own pairs elementwise, as (2, HB, HB, BND)
-    products one slice of BND key dims at a time, each slice's decays exp(L_t - L_s) formed for
-    every pair of a half at once: half the exponentials of the whole block's (BT, BT, BND)."""
+def diagonal_scores(k: "KeyOps") -> None:
+    """The diagonal block's scores (module docstring), stored whole: q_t k_t on its diagonal,
+    the levels' tensor-core products below it, 0 above. BND key dims at a time, each slice's
+    operands and sums loaded once for all levels: whole (BT, BN) tiles held 229 registers at
+    n = 128 (bf16, 2 warps, ptxas sm_90a), slices of 32 168 (`SCORES_SLICE`)."""
     prog, body, ct = k.prog, k.body, k.ct
-    row = BlockOperands(prog, ct, body, QK_TILE, "qk", "")
-    query = row.operand("query", "query")
-    key = row.operand("key", "key")
-    sums = RunningSums(k.plan, body, "", "r * BT + offs_c")
-    mid = RunningSums(k.plan, body, "M", "r * BT + BT // 2 - 1")
-    body("lower = offs_c >= BT // 2")
-    after = with_resets(f"{sums.L} - {mid.L}[None, :]", sums.resets_since(mid, "", "[None, :]"))
-    before = with_resets(f"{mid.L}[None, :] - {sums.L}", mid.resets_since(sums, "[None, :]"))
-    sign = sums.sign(mid, "", "[None, :]")
-    body(f"q_lo = tl.where(lower[:, None], {query} * tl.exp({after}){sign}, 0.0)")
-    body(f"k_hi = tl.where(lower[:, None], 0.0, {key} * tl.exp({before}){sign})")
-    body("tl.store(a_ptr + r * BT, " + k.dot("q_lo", "tl.trans(k_hi)", k.ft)
-         + ", mask=lower[:, None] & (offs_c[None, :] < BT // 2))")
-    body("offs_h = tl.arange(0, BT // 2)")
-    body("causal = (offs_h[:, None] >= offs_h[None, :])[None, :, :, None]")
-    body(f"halves = tl.zeros([2, BT // 2, BT // 2], dtype={ct})")
+    body(f"a_blk = tl.zeros([BT, BT], dtype={ct})")
+    body(f"a_diag = tl.zeros([BT], dtype={ct})")
     body("for nd in range(0, BN, BND):")
     with body.block():
         body("offs_nd = nd + tl.arange(0, BND)")
@@ -98,23 +94,17 @@ def diagonal_scores_split(k: "KeyOps") -> None:
         blk = BlockOperands(prog, ct, body, SLICE_TILE, "qd", "_d")
         q = blk.operand("query", "q_d")
         kk = blk.operand("key", "k_d")
-        slice_ = RunningSums(k.plan, body, "_d", "r * BT + offs_c", keys=("offs_nd", "mask_nd"))
-        names = [q, kk, slice_.L, slice_.Z] + ([slice_.NG] if slice_.NG else [])
-        for name in names:
-            body(f"{name}4 = tl.reshape({name}, [2, BT // 2, BND])")
-        pair = ("4[:, :, None, :]", "4[:, None, :, :]")
-        gap = with_resets(f"{slice_.L}{pair[0]} - {slice_.L}{pair[1]}",
-                          f"{slice_.Z}{pair[0]} - {slice_.Z}{pair[1]}")
-        sign = ""
-        if slice_.NG:
-            sign = f" * {sign_of(f'{slice_.NG}{pair[0]} + {slice_.NG}{pair[1]}')}"
-        body(f"dec_d = tl.exp(tl.where(causal, {gap}, float('-inf'))){sign}")
-        body(f"halves += tl.sum({q}4[:, :, None, :] * {kk}4[:, None, :, :] * dec_d, axis=3)")
-    body("offs_2 = tl.arange(0, 2)[:, None, None] * (BT // 2)")
-    body("h_rows = offs_2 + offs_h[None, :, None]")
-    body("h_cols = offs_2 + offs_h[None, None, :]")
-    body("tl.store(ssmc_scores + ((chunk * H + h_idx) * CS + r * BT + h_rows) * CS + r * BT"
-         " + h_cols, halves)")
+        keys = ("offs_nd", "mask_nd")
+        sums = RunningSums(k.plan, body, "_d", "r * BT + offs_c", keys=keys)
+        body(f"a_diag += tl.sum({q} * {kk}, axis=1)")
+
+        def level():
+            level_factors(k.plan, body, sums, "r * BT", keys)
+            body("a_blk += tl.where(lv_pairs, "
+                 + k.dot(f"{q} * f_row", f"tl.trans({kk} * f_key)", k.ft) + ", 0.0)")
+        diagonal_levels(body, level)
+    body("tl.store(a_ptr + r * BT, tl.where(offs_c[:, None] == offs_c[None, :], a_diag[:, None],"
+         " a_blk))")
 
 
 def narrow_operands(dt: str) -> bool:
@@ -157,7 +147,7 @@ def _scores_row_block(k: KeyOps) -> None:
          " + offs_c[None, :]")
     body("if DIAG:")
     with body.block():
-        diagonal_scores_split(k)
+        diagonal_scores(k)
         body("return")
     row = BlockOperands(prog, ct, body, QK_TILE, "qk", "")
     query = row.operand("query", "query")
@@ -217,13 +207,16 @@ def ssmc_chunked_scores(
 """
 
 
-#: key dims per slice of the scores kernel's diagonal block, and the warps of its diagonal and
-#: off-diagonal launches: measured on an H100 (GLA, B=8 T=2048 H=16 K=V=128, bf16, the
-#: kernel's time in one forward): 16 / 2 and 4 warps 1.293 ms; 32 / 4 and 4 1.379; 8 / 4 and
-#: 4 1.363; 32 / 4 and 8 1.780; both in one launch 1.522 (slices of 32), 1.642 walking the
-#: diagonal a step at a time. ptxas for sm_90a, bf16, n=128, 4 warps: 128 and 158 registers.
-SCORES_SLICE = 16
+#: the warps of the scores kernel's diagonal and off-diagonal launches, and the diagonal's key
+#: dims per slice (`diagonal_scores`), measured on an H100 (GLA, B=8 T=2048 H=16 K=V=128,
+#: bf16, both launches' time in one forward, off-diagonal at 4 warps): slices of 16 / 2 warps
+#: 0.429 ms, 32 / 2 0.396, 64 / 2 0.394, 128 / 2 0.427, 16 / 4 0.544, 32 / 4 0.452, 64 / 4
+#: 0.434 (the split diagonal before the levels: 0.620). ptxas sm_90a, bf16, n = 128, 2 warps:
+#: 118, 168 and 255 registers in slices of 16, 32 and 64, most of them the loads' addresses
+#: with no stride known at compile time (56, 92 and 143 with the unit strides and alignment a
+#: launch on contiguous inputs specializes)
 SCORES_WARPS = {True: 2, False: 4}
+SCORES_SLICE = 32
 
 
 def whole_chunk_warps(BN: int, CS: int) -> int:

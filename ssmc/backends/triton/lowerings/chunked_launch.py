@@ -34,7 +34,7 @@ def tiles(plan: Plan, sizes: dict, n_programs: int, limits: DeviceLimits | None 
     N, P = sizes["n"], sizes["p"]
     BN = max(next_pow2(N), 16)
     per_key = per_key_decay(plan)
-    if per_key:   # the scores pass's row blocks: their diagonal block is elementwise, BT^2 * BN
+    if per_key:   # the scores pass's row blocks: their diagonal blocks in log2(BT) levels
         BT = tile.get("BT", 16)
         CS = tile.get("CS", max(64, BT))
     else:

@@ -4,7 +4,7 @@ shared by the forward's scalar- and per-key-decay bodies and the per-key backwar
 from __future__ import annotations
 
 from ..render import Context, Emitter, Tile, tile_mask
-from ..templates import grid_position, rows, split_resets
+from ..templates import rows, split_resets
 
 FIXED = {"b": "b_idx", "h": "h_idx", "g": "g_idx"}
 T_AXIS = ("t", "t_row", "mask_t")
@@ -22,9 +22,6 @@ KEY_T_TILE = Tile([KEY_AXIS], FIXED)
 
 #: the rows of key block j of the chunk starting at cs0 (unindented)
 KEY_ROWS = rows("cs0 + j * BT", "j_row", "mask_key", "t_key")
-#: one step of a row block (`RowOperands`): its (n,) vector
-ROW_TILE = Tile([("n", "offs_n", "mask_n")], {**FIXED, "t": "t_s"})
-
 
 class BlockOperands:
     """Loads one block's operands and per-key log-decays on `tile` (masked lanes 0): `ld{s}`
@@ -60,21 +57,3 @@ class BlockOperands:
         self.emit(f"{name} = tl.where({self.mask}, {v}, 0.0){cast}")
         return name
 
-
-class RowOperands(BlockOperands):
-    """Step s (a constant) of the row block starting at c0, loaded as (n,) vectors: a block's
-    diagonal walks its key steps one at a time, and loading step s (from L1) costs less than
-    picking row s out of the block's tile, a reduction across the warps that hold its rows. A
-    step past the sequence's end reads the block's first step (in bounds) and is masked."""
-
-    def __init__(self, prog, ct: str, emit: Emitter, s: str, tag: str = "r"):
-        emit(f"ok_s = c0 + {s} < length")
-        emit(f"i_s = tl.where(ok_s, c0 + {s}, c0)")
-        emit("if REVERSE:")
-        emit("    t_s = end - 1 - i_s")
-        emit("else:")
-        emit("    t_s = start + i_s")
-        emit("if COLUMN:")
-        emit(f"    t_s = {grid_position('t_s')}")
-        super().__init__(prog, ct, emit, ROW_TILE, tag, "_r")
-        self.mask = "(ok_s & mask_n)"
