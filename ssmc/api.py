@@ -133,7 +133,11 @@ class CompiledOp:
 
 def compile(definition: Definition, backend: str = "auto", lowering: str = "auto") -> CompiledOp:  # noqa: A001
     """Compile a definition: `backend` in auto|triton|tvm|reference, `lowering` in
-    auto|scan|chunked|quadratic. Kernels are built lazily for each call signature."""
+    auto|scan|chunked|quadratic. Kernels are built lazily for each call signature.
+
+    An eager call whose inputs need gradients keeps, until its backward, what the backward
+    would otherwise form again: for per-key decays on the chunked lowering the chunks' decayed
+    scores, 64 values (fp32) per token, head and direction."""
     if not isinstance(definition, Definition):
         hint = ""
         if isinstance(getattr(definition, "definition", None), Definition):
