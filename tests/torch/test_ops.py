@@ -72,6 +72,24 @@ def test_opcheck_bidirectional_diagonal_with_state():
     torch.library.opcheck(op._torch_op.fwd, _opcheck_args(op, x, h0))
 
 
+def test_opcheck_keeping_call():
+    """A call that keeps what its backward reads (per-key decays, Triton's chunked lowering):
+    the residual is an output like the others, its size known only at run time to the fake,
+    the same in eager and traced dispatch (zeroed where the scores kernel writes nothing)."""
+    pytest.importorskip("triton")
+    defn = make_definition("diagonal", "forward")
+    op = ssmc.compile(defn, backend="triton", lowering="chunked")
+    a = random_inputs(defn, dict(b=2, t=70, h=2, g=1, n=8, p=4), seed=6)
+    args = ([a[n].requires_grad_(True) for n in op.program.input_names], None, None,
+            op._executor_id, False, False, [], True, True)
+    size = op._torch_op.fwd(*args)[2].numel()
+    assert size > 0
+    stale = torch.full((size // 4,), float("nan"))   # memory the next allocation may reuse
+    del stale
+    assert not op._torch_op.fwd(*args)[2].view(torch.float32).isnan().any()
+    torch.library.opcheck(op._torch_op.fwd, args)
+
+
 def test_opcheck_varlen():
     op = ssmc.compile(mamba2, **REF)
     a = _ssd(b=1, t=9)
