@@ -106,21 +106,21 @@ class TritonBackend:
         lowering = self.lowering(plan.lowering)
         module = self.load_module(plan)
 
-        def kernel(tensors, sizes, initial_state=None, cu_seqlens=None):
-            device = next(iter(tensors.values())).device
-            _check_device(device)
-            with _on(device):
-                return lowering.launch(module, plan, tensors, sizes, initial_state, cu_seqlens)
-
-        if lowering.final_state is not None:
-            def final_state(tensors, sizes, initial_state=None, cu_seqlens=None):
-                """The final state alone (the lowering's state pass)."""
+        def on_device(run):
+            """`run(tensors, sizes, initial_state, cu_seqlens)` launched on the tensors'
+            device, once it is checked to be one Triton runs on."""
+            def launch(tensors, sizes, initial_state=None, cu_seqlens=None):
                 device = next(iter(tensors.values())).device
                 _check_device(device)
                 with _on(device):
-                    return lowering.final_state(module, plan, tensors, sizes, initial_state,
-                                                cu_seqlens)
-            kernel.final_state = final_state
+                    return run(tensors, sizes, initial_state, cu_seqlens)
+            return launch
+
+        kernel = on_device(lambda *call: lowering.launch(module, plan, *call))
+        if lowering.final_state is not None:
+            # the final state alone (the lowering's state pass)
+            kernel.final_state = on_device(
+                lambda *call: lowering.final_state(module, plan, *call))
 
         backward_module = importlib.import_module(f"{__name__}.backward")
         backward_impl = backward_module.make_backward(self, plan)
@@ -134,16 +134,12 @@ class TritonBackend:
                                      grad_final, residual)
 
         if lowering.keeps and backward_module.reads_kept(plan):
-            def forward_keep(tensors, sizes, initial_state=None, cu_seqlens=None):
+            def keeping(*call):
                 """The forward, and what it formed that the backward would form again."""
-                device = next(iter(tensors.values())).device
-                _check_device(device)
                 keep = []
-                with _on(device):
-                    out, final = lowering.launch(module, plan, tensors, sizes, initial_state,
-                                                 cu_seqlens, keep=keep)
-                return out, final, backward_module.residual_of(keep, device)
-            kernel.forward_keep = forward_keep
+                out, final = lowering.launch(module, plan, *call, keep=keep)
+                return out, final, backward_module.residual_of(keep, out.device)
+            kernel.forward_keep = on_device(keeping)
 
         kernel.backward = backward
         return kernel

@@ -148,14 +148,14 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
             NPB=npb_walk, **order, HAS_H0=h0 is not None, STORE_HT=True,
             IS_VARLEN=cu_seqlens is not None, SEGMENTED=bool(sg.seg), **_walk_launch(m, device))
         _join(module, sg, st, final, S, H, npb, n_chunks, sizes, m, reverse=False)
-        if kept is not None:
-            sc = kept[i]
-            scores.append(sc)
-        elif per_key_decay(plan):   # the chunk's scores: y and dv are products with them
-            sc = torch.empty(max(n_chunks, 1), H, m["BT"], m["BT"], dtype=cdt, device=device)
-            launch_scores(module, pargs, sc, n_chunks, H, (cu, off, seqs), (T, H // G, N, P, GH),
-                          m["RB"], m["BT"], m["BN"], order, cu_seqlens is not None,
-                          device.type == "cuda")
+        if per_key_decay(plan):   # the chunk's scores: y and dv are products with them
+            if kept is not None:
+                sc = kept[i]
+            else:
+                sc = torch.empty(max(n_chunks, 1), H, m["BT"], m["BT"], dtype=cdt, device=device)
+                launch_scores(module, pargs, sc, n_chunks, H, (cu, off, seqs),
+                              (T, H // G, N, P, GH), m["RB"], m["BT"], m["BN"], order,
+                              cu_seqlens is not None, device.type == "cuda")
             scores.append(sc)
         if want_y and n_chunks > 0:
             if per_key_decay(plan):   # whole chunks: BT = CS
