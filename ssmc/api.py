@@ -135,9 +135,12 @@ def compile(definition: Definition, backend: str = "auto", lowering: str = "auto
     """Compile a definition: `backend` in auto|triton|tvm|reference, `lowering` in
     auto|scan|chunked|quadratic. Kernels are built lazily for each call signature.
 
-    An eager call whose inputs need gradients keeps, until its backward, what the backward
-    would otherwise form again: for per-key decays on the chunked lowering the chunks' decayed
-    scores, 64 values (fp32) per token, head and direction."""
+    A call whose inputs need gradients keeps, until its backward, what the backward would
+    otherwise form again: for per-key decays on the chunked lowering the chunks' decayed
+    scores, 64 values (fp32) per token, head and direction. Eager calls keep them, and so do
+    calls under `torch.compile(..., fullgraph=True)` (or with dynamo's
+    `capture_dynamic_output_shape_ops`): elsewhere a graph may not take an output whose size
+    is known only at run time, and the backward forms the scores again."""
     if not isinstance(definition, Definition):
         hint = ""
         if isinstance(getattr(definition, "definition", None), Definition):

@@ -22,8 +22,10 @@ tensors, never None.
 `keep` is set where autograd will hold an eager call for a backward: a kernel with a
 `forward_keep` (backends/base.py) then returns in `residual` (flat uint8, its size known only
 at run time: an unbacked SymInt to the fake) what its backward would otherwise form again,
-e.g. the per-key chunked lowering's decayed scores; else `residual` is empty. Traced calls
-do not keep (an op whose output size is data-dependent breaks dynamo's graph).
+e.g. the per-key chunked lowering's decayed scores; else `residual` is empty. A traced call
+keeps only where the trace takes an op whose output size is data-dependent
+(`torch.compile(fullgraph=True)`, or `torch._dynamo.config.capture_dynamic_output_shape_ops`);
+elsewhere dynamo would break the graph at it, so the backward forms the scores again.
 
 Lifetimes: the registry holds a CompiledOp weakly, so an op nobody uses is freed, but whatever
 will call it later keeps it alive. An eager autograd graph holds it strongly in the saved
@@ -342,6 +344,16 @@ def torch_op_for(program: Program) -> TorchOp:
     return op
 
 
+@torch.compiler.assume_constant_result
+def _traces_dynamic_output_sizes() -> bool:
+    """Whether the graph being traced takes ops whose output size is data-dependent:
+    `torch.compile(..., fullgraph=True)`, or dynamo's `capture_dynamic_output_shape_ops`. A
+    constant of the trace (read once, while tracing)."""
+    context = torch._guards.TracingContext.try_get()
+    shape_env = getattr(getattr(context, "fake_mode", None), "shape_env", None)
+    return bool(shape_env is not None and shape_env.allow_dynamic_output_shape_ops)
+
+
 def call(compiled_op, bound: Bound, return_output: bool = True):
     """Run a bound call through the custom op. Traceable by dynamo: plain attribute access and
     one op call. Without `return_output`, only the final state (`bound.return_final_state`
@@ -350,11 +362,12 @@ def call(compiled_op, bound: Bound, return_output: bool = True):
     sizes = bound.sizes
     grid = [sizes["grid_h"], sizes["grid_w"]] if "grid_h" in sizes else []
     tensors = list(bound.tensors.values())
-    # autograd holds the call for a backward: keep what the backward would form again. Not
-    # under tracing: a residual's size is known only at run time, and dynamo breaks the graph
-    # at an op whose output size is data-dependent
+    # autograd holds the call for a backward: keep what the backward would form again. A
+    # residual's size is known only at run time: a trace keeps only where it may hold an op
+    # whose output size is data-dependent (elsewhere dynamo breaks the graph there)
     compiling = torch.compiler.is_compiling()
-    keep = (return_output and not compiling and torch.is_grad_enabled()
+    keep = (return_output and (not compiling or _traces_dynamic_output_sizes())
+            and torch.is_grad_enabled()
             and any(t.requires_grad for t in (*tensors, bound.initial_state) if t is not None))
     out, final, _ = route.fwd(tensors, bound.initial_state, bound.cu_seqlens,
                               compiled_op._executor_id, bound.return_final_state,

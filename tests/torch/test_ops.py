@@ -90,6 +90,43 @@ def test_opcheck_keeping_call():
     torch.library.opcheck(op._torch_op.fwd, args)
 
 
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_compiled_training_step_keeps_the_scores_where_the_trace_may(monkeypatch, fullgraph):
+    """Under torch.compile (inductor, dynamic t) a per-key training step keeps its forward's
+    scores where the trace takes an op of data-dependent output size (fullgraph): its backward
+    forms none again; without fullgraph it does, and nothing breaks the graph. Gradients as
+    eager's, at every length."""
+    pytest.importorskip("triton")
+    from tests.backends.triton.test_backward import _count_scores
+    torch._dynamo.reset()
+    defn = make_definition("diagonal", "bidirectional")
+    op = ssmc.compile(defn, backend="triton", lowering="chunked")
+
+    def step(xs):
+        return (op(**xs) ** 2).sum()
+
+    # inductor where it keeps (its code takes the unbacked size); aot_eager enough elsewhere
+    compiled = torch.compile(step, fullgraph=fullgraph, dynamic=True,
+                             backend="inductor" if fullgraph else "aot_eager")
+    for t in (40, 23):
+        inputs = random_inputs(defn, dict(b=1, t=t, h=2, g=1, n=8, p=4), seed=t)
+        grads, launches = [], []
+        for fn in (step, compiled):
+            xs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+            calls = _count_scores(monkeypatch)
+            fn(xs).backward()
+            launches.append(len(calls))
+            grads.append({k: x.grad for k, x in xs.items()})
+        assert launches == [0, 0 if fullgraph else 2]    # one per direction when formed again
+        for name in inputs:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-5,
+                                       msg=name)
+    if not fullgraph:
+        xs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        explanation = torch._dynamo.explain(step)(xs)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 def test_opcheck_varlen():
     op = ssmc.compile(mamba2, **REF)
     a = _ssd(b=1, t=9)
