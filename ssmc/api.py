@@ -140,7 +140,9 @@ def compile(definition: Definition, backend: str = "auto", lowering: str = "auto
     scores, 64 values (fp32) per token, head and direction. Eager calls keep them, and so do
     calls under `torch.compile(..., fullgraph=True)` (or with dynamo's
     `capture_dynamic_output_shape_ops`): elsewhere a graph may not take an output whose size
-    is known only at run time, and the backward forms the scores again."""
+    is known only at run time, and the backward forms the scores again. Inductor leaves such
+    an op out of the CUDA graphs of `mode="reduce-overhead"` (calls without gradients keep
+    nothing, so decode graphs are unaffected)."""
     if not isinstance(definition, Definition):
         hint = ""
         if isinstance(getattr(definition, "definition", None), Definition):
