@@ -10,6 +10,10 @@ except ImportError:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("SSMC_VERIFY_IR", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests.interpreter_scan import install   # noqa: E402
+
+    install()
 
 import pytest  # noqa: E402
 
