@@ -43,9 +43,10 @@ def test_step_kernel_reads_and_writes_the_state_once(name):
 
 
 def test_step_blocks_hold_a_fixed_number_of_state_bytes():
-    """16 KB of state per program, 8 warps from 4096 values (H100 measurements in the
+    """32 KB of state per program, 8 warps from 4096 values (H100 measurements in the
     function's docstring); the plan's tile overrides either."""
-    assert step.step_blocks(128, 64, 4) == dict(BN=128, BP=32, num_warps=8)     # fp32 state
+    assert step.step_blocks(128, 64, 4) == dict(BN=128, BP=64, num_warps=8)     # fp32 state
+    assert step.step_blocks(256, 64, 4) == dict(BN=256, BP=32, num_warps=8)
     assert step.step_blocks(128, 64, 2) == dict(BN=128, BP=64, num_warps=8)     # bf16 state
     assert step.step_blocks(16, 64, 4) == dict(BN=16, BP=64, num_warps=4)       # Mamba-1 n
     assert step.step_blocks(5, 3, 4) == dict(BN=8, BP=4, num_warps=4)
