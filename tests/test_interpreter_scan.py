@@ -38,6 +38,9 @@ def test_scan_along_axis_is_the_interpreters_scan(monkeypatch, shape, axis, reve
 
     from tests.interpreter_scan import scan_along_axis
 
+    if not hasattr(getattr(interpreter, "ScanOps", None), "interpreters_generic_scan"):
+        pytest.skip("this Triton's interpreter has no generic scan to replace")
+
     gen = torch.Generator().manual_seed(sum(shape) + 7 * axis + reverse)
     a = torch.rand(shape, generator=gen) * 2 - 0.5     # decays of both signs, some near 0
     a.view(-1)[::5] = 0.0
