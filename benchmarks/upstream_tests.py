@@ -33,9 +33,10 @@ def rebind(source: str, shims: list[tuple[str, str, str]]) -> str:
     """`source` with `from shim import function` after the import of each (module, function,
     shim); raises where the file has no such import."""
     lines = source.splitlines()
+    top = ast.parse(source).body
     inserts = {}
     for module, function, shim in shims:
-        ends = [node.end_lineno for node in ast.parse(source).body
+        ends = [node.end_lineno for node in top
                 if isinstance(node, ast.ImportFrom) and node.module == module
                 and any(alias.name == function for alias in node.names)]
         if not ends:

@@ -36,12 +36,13 @@ def scan_along_axis(self, input):
 
     if shape[axis] == 0:
         return [self.to_tensor(o, t) for o, t in zip(outs, dtypes)]
-    acc = [np.array(d[at(0)]) for d in datas]
+    # to_tensor copies what it wraps: the slices go in as they are
+    acc = [d[at(0)] for d in datas]
     for o, a in zip(outs, acc):
         o[at(0)] = a
     for i in range(1, shape[axis]):
-        prev = tuple(self.to_tensor(np.array(a), t) for a, t in zip(acc, dtypes))
-        cur = tuple(self.to_tensor(np.array(d[at(i)]), t) for d, t in zip(datas, dtypes))
+        prev = tuple(self.to_tensor(a, t) for a, t in zip(acc, dtypes))
+        cur = tuple(self.to_tensor(d[at(i)], t) for d, t in zip(datas, dtypes))
         ret = self.combine_fn.fn(*prev, *cur)
         ret = ret if isinstance(ret, tuple) else (ret,)
         acc = [as_slice(r, o.dtype) for r, o in zip(ret, outs)]
