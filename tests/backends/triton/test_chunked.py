@@ -573,8 +573,8 @@ from tests.helpers import make_definition
 
 INT_PTRS = {"cu_ptr": "*i32", "chunk_off_ptr": "*i64", "chunk_seq_ptr": "*i64",
             "resets_ptr": "*i8", "ssmc_cu": "*i32", "ssmc_chunk_off": "*i64",
-            "ssmc_chunk_seq": "*i64", "ssmc_gs": "*fp64", "ssmc_resets": "*i8",
-            "ssmc_zcum": "*i8", "ssmc_ngp": "*i8", "ssmc_rb": "i32"}
+            "ssmc_chunk_seq": "*i64", "ssmc_resets": "*i8", "ssmc_zcum": "*i8",
+            "ssmc_ngp": "*i8"}
 LOW = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
@@ -589,6 +589,8 @@ def load(source, name):
 
 def build(mod, name, consts, dtype):
     fn = getattr(mod, name)
+    if "ssmc_rb" in fn.arg_names:   # the prefix sums' row block
+        consts = dict(consts, ssmc_rb=16)
     sig = {a: "constexpr" if a in consts else INT_PTRS.get(a) or (
         (LOW[dtype] if a.startswith("u_") or a in ("out_ptr", "states_ptr") else "*fp32")
         if a.endswith("_ptr") or a.startswith("ssmc_") else "i32") for a in fn.arg_names}

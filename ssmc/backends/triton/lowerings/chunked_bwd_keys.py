@@ -133,8 +133,7 @@ class _Kernel:
             b(f"dq_in += f_row * {self.fdot('dA_l', 'key * f_key')}")
             b(f"dk_in += f_key * {self.fdot('tl.trans(dA_l)', 'query * f_row')}")
         diagonal_levels(b, level)
-        b("rect = tl.cumsum((query * dq_in).to(tl.float64) - (key * dk_in).to(tl.float64),"
-          " axis=0, reverse=True)")
+        b("rect = tl.cumsum(query * dq_in - key * dk_in, axis=0, reverse=True)")
 
     def earlier_keys(self) -> None:
         """dq's terms from the key blocks before block i, nearest first: each key's decay to
@@ -180,10 +179,13 @@ class _Kernel:
         """dl_r = sum of M over the pairs s < r <= u (module docstring), block i's part of
         them in four pieces: both in the block (`rect`); u in it, s before it (q dq_x); s in it,
         u after it (k dk_x); and s before, u after it (`carry`, kept from block i + 1's: the
-        pairs across block i + 1 gained, those leaving from block i lost)."""
+        pairs across block i + 1 gained, those leaving from block i lost). In the compute
+        type: these sums in float64 left fp32 GLA's dg 6.86e-7 off float64 against 6.96e-7
+        in fp32 (relative L2; bf16 unchanged at 5.19e-3) and took 8% of the kernel (H100,
+        b=8 t=2048 h=16 n=p=128: 1.96 ms against 1.80)."""
         b = self.body
-        b("a = (query * dq_x).to(tl.float64)")
-        b("k_out = (key * dk_x).to(tl.float64)")
+        b("a = query * dq_x")
+        b("k_out = key * dk_x")
         b("carry += a_next - tl.sum(k_out, axis=0)")
         b("dl = (rect + tl.cumsum(a, axis=0, reverse=True)"
           " + (tl.cumsum(k_out, axis=0) - k_out) + carry[None, :])")
@@ -206,15 +208,15 @@ def render_keys_prep_kernel(plan: Plan) -> str:
     """The products over p the dq/dk kernel needs, once per (chunk, head, n-block), the whole
     chunk (BT = CS rows): dA = dy v^T on the causal half (stored by the first n-block); the
     terms from outside the chunk, exp(decay from its start) (dy S_in^T) into dq and
-    exp(decay to its end) (v G^T) into dk; and sum_p G * S_end into `ssmc_gs` (float64), S_end
-    the state leaving the chunk."""
+    exp(decay to its end) (v G^T) into dk; and sum_p G * S_end into `ssmc_gs`, S_end the state
+    leaving the chunk."""
     body = Emitter(indent=1)
     o = _Ops(plan, body)
     b, ct = body, o.ct
     b(f"dA = tl.zeros([BT, BT], dtype={ct})")
     b(f"dyS = tl.zeros([BT, BN], dtype={ct})")
     b(f"vG = tl.zeros([BT, BN], dtype={ct})")
-    b("gs = tl.zeros([BN], dtype=tl.float64)")
+    b(f"gs = tl.zeros([BN], dtype={ct})")
     b("for p0 in range(0, P, BP):")
     with b.block():
         _p_block(b)
@@ -231,7 +233,7 @@ def render_keys_prep_kernel(plan: Plan) -> str:
         b(f"dA += {o.dot('dy', f'tl.trans({v})')}")
         b(f"dyS += {o.dot('dy', 'tl.trans(S_in)')}")
         b(f"vG += {o.dot(v, 'tl.trans(G)')}")
-        b("gs += tl.sum(G * S_end, axis=1).to(tl.float64)")
+        b("gs += tl.sum(G * S_end, axis=1)")
     b("if pid_n == 0:")
     with b.block():
         b("tl.store(ssmc_dA + ((chunk * H + h_idx) * CS + offs_c[:, None]) * CS"
@@ -261,7 +263,7 @@ def render_keys_kernel(plan: Plan) -> str:
     k.decay_gradient()
     # sum_p G * S_end, S_end the state leaving the chunk (`render_keys_prep_kernel`)
     prelude = ("    carry = tl.load(ssmc_gs + (chunk * H + h_idx) * N + offs_n, mask=mask_n,"
-               " other=0.0)\n    a_next = tl.zeros([BN], dtype=tl.float64)")
+               f" other=0.0)\n    a_next = tl.zeros([BN], dtype={k.ct})")
     return _walking_kernel(
         "ssmc_chunked_bwd_keys", plan,
         "ssmc_dA, ssmc_gs, ssmc_dq, ssmc_dk, ssmc_dl", " NPB: tl.constexpr,", True, prelude,
