@@ -186,23 +186,25 @@ def rel(a, b):
 
 
 def check(device, fla):
-    """Outputs and gradients against the float64 sequential reference."""
-    a = inputs(2, 1024, 4, 64, 64, device, seed=1)
-    a["g"][:, ::7, :, :8] = -8.0      # gates of 3e-4
-    a["g"][:, 3::5, :, 8:16] = -1e-4  # gates of 0.9999
-    gen = torch.Generator(device="cpu").manual_seed(2)
-    cot = torch.randn(2, 1024, 4, 64, generator=gen).to(device)
-    leaves = {k: v.detach().double().requires_grad_(True) for k, v in a.items()}
-    ref = ssmc.compile(user_gla(64 ** -0.5), backend="reference")(**leaves)
-    ref.backward(cot.double())
-    print("| row | o | dq | dk | dv | dg |")
-    print("|---|---|---|---|---|---|")
-    for name, fn in rows(fla).items():
-        ins = {k: v.detach().requires_grad_(True) for k, v in a.items()}
-        o = fn(**ins)
-        o.backward(cot.to(o.dtype))
-        errs = [rel(o, ref)] + [rel(ins[k].grad, leaves[k].grad) for k in "qkvg"]
-        print(f"| {name} | " + " | ".join(f"{e:.2e}" for e in errs) + " |", flush=True)
+    """Outputs and gradients against the float64 sequential reference, bf16 and fp32 inputs."""
+    print("| inputs | row | o | dq | dk | dv | dg |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype in (torch.bfloat16, torch.float32):
+        a = inputs(2, 1024, 4, 64, 64, device, dtype=dtype, seed=1)
+        a["g"][:, ::7, :, :8] = -8.0      # gates of 3e-4
+        a["g"][:, 3::5, :, 8:16] = -1e-4  # gates of 0.9999
+        gen = torch.Generator(device="cpu").manual_seed(2)
+        cot = torch.randn(2, 1024, 4, 64, generator=gen).to(device)
+        leaves = {k: v.detach().double().requires_grad_(True) for k, v in a.items()}
+        ref = ssmc.compile(user_gla(64 ** -0.5), backend="reference")(**leaves)
+        ref.backward(cot.double())
+        for name, fn in rows(fla).items():
+            ins = {k: v.detach().requires_grad_(True) for k, v in a.items()}
+            o = fn(**ins)
+            o.backward(cot.to(o.dtype))
+            errs = [rel(o, ref)] + [rel(ins[k].grad, leaves[k].grad) for k in "qkvg"]
+            print(f"| {str(dtype)[6:]} | {name} | " + " | ".join(f"{e:.2e}" for e in errs)
+                  + " |", flush=True)
 
 
 def s6_table(device, reps, tiny):
