@@ -421,6 +421,11 @@ class ChainRule:
                 scope = env.groups() if level else env
                 values.update(zip(scaled, evaluate_all([terms[i][1] for i in scaled], scope,
                                                        like)))
+            # a lone term's constant factor (a query scale, say) goes into the final copy to
+            # the input's dtype and layout: one pass over the gradient, not two (GLA, H100:
+            # the product alone was 0.11 ms of a 5.5 ms training step)
+            scale = values.pop(0) if len(terms) == 1 and 0 in values and \
+                values[0].dim() == 0 else None
             total = None
             for i, (g, _, grp) in enumerate(terms):
                 g = g * values[i] if i in values else g
@@ -432,6 +437,12 @@ class ChainRule:
                         part = sum_groups(part, sizes)
                 total = part if total is None else total + part
             grad = to_input(total, inp, sizes)
+            if scale is not None and grad.shape == x.shape:
+                result[inp.name] = torch.mul(grad, scale, out=torch.empty(
+                    x.shape, dtype=x.dtype, device=grad.device))
+                continue
+            if scale is not None:
+                grad = grad * scale
             if grad.dtype != x.dtype:   # the cast and the layout in one copy, not two
                 grad = grad.to(x.dtype, memory_format=torch.contiguous_format)
             result[inp.name] = grad.contiguous()

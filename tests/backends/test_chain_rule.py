@@ -194,3 +194,39 @@ def test_cross2d_backward_runs_the_chain_rule_once(backend, monkeypatch):
     op(**xs, grid=(2, 3)).sum().backward()
     assert len(calls) == 1
     assert all(torch.isfinite(x.grad).all() for x in xs.values())
+
+
+# ------------------------------------------------------------------ a lone term's scalar factor
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_lone_scaled_term_is_scaled_in_the_copy_to_the_input_dtype():
+    """GLA's query = q * scale: dq is the query gradient times the scale, rounded once to q's
+    bf16, written contiguous by one product into the input's dtype (no fp32 product first)."""
+    program = build_gla(0.5).program
+    sizes = dict(b=2, t=5, h=3, g=3, n=4, p=2)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn(2, 5, 3, 4 if name != "v" else 2, generator=gen)
+               .to(torch.bfloat16) for name in ("q", "k", "v", "g")}
+    tensors["g"] = tensors["g"].float()
+    env = CanonicalInputs(program, tensors, sizes, torch.float32)
+    g_out = torch.randn(2, 5, 3, 1, 2, generator=gen)
+    op_grads = {"query": torch.randn(2, 5, 3, 4, 1, generator=gen),
+                "key": torch.randn(2, 5, 3, 4, 1, generator=gen),
+                "value": torch.randn(2, 5, 3, 1, 2, generator=gen),
+                "log_decay": torch.randn(2, 5, 3, 4, 1, generator=gen)}
+    with _RecordOps() as rec:
+        got = ChainRule(program).input_grads(env, g_out, op_grads, tensors, sizes)
+    dq = got["q"]
+    assert dq.dtype == torch.bfloat16 and dq.is_contiguous()
+    assert torch.equal(dq, (op_grads["query"].squeeze(-1) * 0.5).to(torch.bfloat16))
+    assert "aten.mul.out" in rec.ops
+    assert "aten.mul.Tensor" not in rec.ops
