@@ -375,7 +375,8 @@ class ChainRule:
     def input_grads(self, env: dict, g_out: torch.Tensor, op_grads: dict, tensors: dict,
                     sizes: dict, row_parts: dict | None = None,
                     grouped: frozenset = frozenset(),
-                    epilogue: bool = True) -> dict[str, torch.Tensor]:
+                    epilogue: bool = True,
+                    resets_zeroed: bool = False) -> dict[str, torch.Tensor]:
         """Gradients of every input (its shape and dtype) from the operand gradients
         `op_grads` (summed over directions; for a program with inputs on the order axis k,
         per order on a leading order axis: `stack_orders`) and the epilogue's direct terms
@@ -386,11 +387,15 @@ class ChainRule:
         `grouped`: operands whose gradient the backend summed over each group's heads (h axis
         g long; only for operands that read no head-axis input). An entry (operand, input) of
         `op_grads` is that operand's whole term of the input's gradient, formed by the backend
-        (canonical, partly summed): it replaces d operand * d operand / d input."""
+        (canonical, partly summed): it replaces d operand * d operand / d input.
+        `resets_zeroed`: the backend's log-decay gradient is already 0 at reset steps
+        (`_without_reset_steps`: two passes over it saved)."""
         exprs = self.exprs
         row_parts = row_parts or {}
         H, G = sizes["h"], sizes["g"]
-        op_grads = self._without_reset_steps(op_grads, env, "log_decay" in grouped and H != G)
+        if not resets_zeroed:
+            op_grads = self._without_reset_steps(op_grads, env,
+                                                 "log_decay" in grouped and H != G)
         result = {}
         for inp in self.program.inputs:
             terms = []      # (canonical gradient, factor, whether it is per group)

@@ -141,7 +141,10 @@ def make_backward(backend, plan: Plan):
             rows = chain_rows.row_parts(backend, plan, rule, tensors, sizes, y, grad_out,
                                         op_grads)
         del per_dir     # each order's own tensors (stacked above): gone before the chain rule
-        result = rule.input_grads(env, g_out, op_grads, tensors, sizes, rows, grouped)
+        # the per-key dq/dk kernel zeroes the log-decay gradient at reset steps itself
+        zeroed = not use_scan and chunked_run.per_key_decay(bplan)
+        result = rule.input_grads(env, g_out, op_grads, tensors, sizes, rows, grouped,
+                                  resets_zeroed=zeroed)
         return result, grad_h0
 
     return backward

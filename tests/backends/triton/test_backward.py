@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ssmc
 from ssmc import dsl as S
 from ssmc.backends import get_backend
 from ssmc.backends.triton.tiles import ChunkedTile
@@ -498,3 +499,48 @@ def test_training_call_keeps_the_scores_for_its_backward(monkeypatch):
     problems, _ = gradient_problems(grads["triton"], None, grads["reference"], None, inputs,
                                     None, GRAD_TOL[("chunked", torch.float32)])
     assert not problems, problems
+
+
+@ssmc.ssm
+def _per_key_exp(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"],
+                 u: S.In["b t h n"]):
+    return S.recurrence(decay=S.exp(u), key=k, value=v, query=q)
+
+
+@ssmc.ssm
+def _per_key_exp_reverse(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"],
+                         u: S.In["b t h n"]):
+    return S.recurrence(decay=S.exp(u), key=k, value=v, query=q, direction="reverse")
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_per_key_kernel_zeroes_the_log_decay_gradient_at_resets(monkeypatch, direction):
+    """Log-decays of -1e4 and -inf are resets (decays of exactly 0): their gradient is exactly
+    0, formed so by the dq/dk kernel itself (the chain rule's host-side zeroing is skipped
+    for it), every other gradient as the float64 reference's; 24 steps: a row block of 16 and
+    a partial one."""
+    from ssmc.backends.chain_rule import ChainRule
+    monkeypatch.setattr(ChainRule, "_without_reset_steps", lambda self, g, env, grp: g)
+    defn = _per_key_exp if direction == "forward" else _per_key_exp_reverse
+    gen = torch.Generator().manual_seed(7)
+    b, t, h, n, p = 1, 24, 2, 8, 3
+    x = {"q": torch.randn(b, t, h, n, generator=gen), "k": torch.randn(b, t, h, n, generator=gen),
+         "v": torch.randn(b, t, h, p, generator=gen),
+         "u": -0.1 * torch.rand(b, t, h, n, generator=gen)}
+    x["u"][0, 5, 0, :3] = -1e4
+    x["u"][0, 17, 1, 2:6] = -float("inf")
+    x["u"][0, 16, :, 7] = -1e4        # the first row of a row block
+    resets = x["u"] < -87
+    op = ssmc.compile(defn, backend="triton", lowering="chunked")
+    leaves = {k_: v_.clone().requires_grad_(True) for k_, v_ in x.items()}
+    y = op(**leaves)
+    cot = torch.randn(y.shape, generator=gen)
+    y.backward(cot)
+    ref_leaves = {k_: v_.double().requires_grad_(True) for k_, v_ in x.items()}
+    ssmc.compile(defn, backend="reference")(**ref_leaves).backward(cot.double())
+    du = leaves["u"].grad
+    assert torch.all(du[resets] == 0)
+    for name in x:
+        got, want = leaves[name].grad.double(), ref_leaves[name].grad
+        want = torch.where(torch.isfinite(want), want, 0.0)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), name

@@ -189,6 +189,12 @@ class _Kernel:
         b("carry += a_next - tl.sum(k_out, axis=0)")
         b("dl = (rect + tl.cumsum(a, axis=0, reverse=True)"
           " + (tl.cumsum(k_out, axis=0) - k_out) + carry[None, :])")
+        # a reset step's decay is exactly 0 in every kernel: its log-decay's gradient is 0
+        # (`ChainRule.input_grads`, resets_zeroed), not the other pairs' rounding residue.
+        # The reset count rises at it; the row before block i's first is Z_prev's
+        before = self.sums("B", "tl.maximum(i * BT + offs_c - 1, 0)", counts_only=True)
+        b(f"Z_before = tl.where(offs_c[:, None] > 0, {before.Z}, Z_prev[None, :])")
+        b(f"dl = tl.where({self.rows.Z} > Z_before, 0.0, dl)")
         b("a_next = tl.sum(a, axis=0)")
         for name, v in (("dq", "dq_in + dq_x"), ("dk", "dk_in + dk_x"), ("dl", "dl")):
             b(f"tl.store(ssmc_{name} + row * N + offs_n[None, :], {v}, mask=nmask)")
