@@ -544,3 +544,38 @@ def test_per_key_kernel_zeroes_the_log_decay_gradient_at_resets(monkeypatch, dir
         got, want = leaves[name].grad.double(), ref_leaves[name].grad
         want = torch.where(torch.isfinite(want), want, 0.0)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), name
+
+
+def test_kept_scores_are_written_everywhere(monkeypatch):
+    """The per-key forward keeps each chunk's scores for the backward without zero-filling the
+    buffer first: the scores kernel writes every entry, zeros above the diagonal and in row
+    blocks past the sequence's end (t = 40: a chunk of 64 with one partial and one empty row
+    block). Fresh buffers are NaN here, so an entry left unwritten shows."""
+    from ssmc.backends.triton import backward as backward_module
+    real_empty, real_residual = torch.empty, backward_module.residual_of
+    kept = []
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def recording(keep, device):
+        kept.extend(k.clone() for k in keep)
+        return real_residual(keep, device)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    monkeypatch.setattr(backward_module, "residual_of", recording)
+    gen = torch.Generator().manual_seed(8)
+    b, t, h, n, p = 1, 40, 2, 8, 3
+    x = {"q": torch.randn(b, t, h, n, generator=gen), "k": torch.randn(b, t, h, n, generator=gen),
+         "v": torch.randn(b, t, h, p, generator=gen),
+         "u": -0.1 * torch.rand(b, t, h, n, generator=gen)}
+    leaves = {k_: v_.requires_grad_(True) for k_, v_ in x.items()}
+    y = ssmc.compile(_per_key_exp, backend="triton", lowering="chunked")(**leaves)
+    (scores,) = kept
+    assert not torch.isnan(scores).any()
+    cs = scores.shape[-1]
+    rows, cols = torch.arange(cs)[:, None], torch.arange(cs)[None, :]
+    assert torch.all(scores[..., rows < cols] == 0)          # above the diagonal
+    assert torch.all(scores[..., t:, :] == 0)                # rows past the sequence
+    y.sum().backward()
+    assert all(torch.isfinite(leaf.grad).all() for leaf in leaves.values())

@@ -105,6 +105,8 @@ def diagonal_scores(k: "KeyOps") -> None:
         diagonal_levels(body, level)
     body("tl.store(a_ptr + r * BT, tl.where(offs_c[:, None] == offs_c[None, :], a_diag[:, None],"
          " a_blk))")
+    body("for ju in range(r + 1, CS // BT):   # above the diagonal: zeros, a buffer fully written")
+    body("    tl.store(a_ptr + ju * BT, tl.zeros([BT, BT], dtype=ssmc_scores.dtype.element_ty))")
 
 
 def narrow_operands(dt: str) -> bool:
@@ -183,7 +185,8 @@ SCORES_PARAMS = """ssmc_scores, ssmc_cu, ssmc_chunk_off, ssmc_chunk_seq,
 
 def render_scores_kernel(plan: Plan) -> str:
     """`ssmc_chunked_scores`: a program per (chunk row block, head); launched with
-    `launch_scores`."""
+    `launch_scores`. Every entry of the buffer is written (zeros above the diagonal and in row
+    blocks past a sequence's end), so that a kept one needs no zero fill first."""
     body = Emitter(indent=2)
     _scores_row_block(KeyOps(plan, body))
     setup = chunk_setup(False, "ssmc_cu", "ssmc_chunk_off", "ssmc_chunk_seq",
@@ -204,6 +207,11 @@ def ssmc_chunked_scores(
     if c0 < length:
 {indent(rows(), 2)}
 {body.text()}
+    elif DIAG:   # a row block past its sequence's end: zeros across the chunk
+        a_ptr = (ssmc_scores + ((chunk * H + h_idx) * CS + r * BT + offs_c[:, None]) * CS
+                 + offs_c[None, :])
+        for jz in range(0, CS // BT):
+            tl.store(a_ptr + jz * BT, tl.zeros([BT, BT], dtype=ssmc_scores.dtype.element_ty))
 """
 
 

@@ -109,10 +109,10 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
     # only the output pass reads them: none for the state pass alone
     kept = None
     if keep is not None and output and per_key:   # each direction's, for the backward
-        # zeroed: the scores kernel leaves the blocks above the diagonal and the rows past a
-        # sequence unwritten, and an op's output must not depend on what memory held
-        kept = torch.zeros(len(dirs), max(n_chunks, 1), H, m["CS"], m["CS"], dtype=cdt,
-                           device=device)
+        # the scores kernel writes every entry (zeros where no score is); with no chunk it
+        # runs no program, and an op's output must not depend on what memory held
+        kept = (torch.empty if n_chunks > 0 else torch.zeros)(
+            len(dirs), max(n_chunks, 1), H, m["CS"], m["CS"], dtype=cdt, device=device)
         keep.append(kept)
     scores = (torch.empty(max(n_chunks, 1), H if per_key else G, m["CS"], m["CS"], dtype=cdt,
                           device=device) if output and (per_key or qk_read) and kept is None
