@@ -13,7 +13,7 @@ from ssmc.ir import Y
 from ssmc.ir.orders import order_program, order_tensors, stack_order_grads
 from ssmc.nn_vision import build_ss2d_scan
 from ssmc.ops.gla import build as build_gla
-from tests.helpers import random_inputs
+from tests.helpers import TorchOps, random_inputs
 
 
 def test_ssd_row_terms_cover_the_row_inputs_only():
@@ -198,16 +198,6 @@ def test_cross2d_backward_runs_the_chain_rule_once(backend, monkeypatch):
 
 # ------------------------------------------------------------------ a lone term's scalar factor
 
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_lone_scaled_term_is_scaled_in_the_copy_to_the_input_dtype():
     """GLA's query = q * scale: dq is the query gradient times the scale, rounded once to q's
     bf16, written contiguous by one product into the input's dtype (no fp32 product first)."""
@@ -223,7 +213,7 @@ def test_a_lone_scaled_term_is_scaled_in_the_copy_to_the_input_dtype():
                 "key": torch.randn(2, 5, 3, 4, 1, generator=gen),
                 "value": torch.randn(2, 5, 3, 1, 2, generator=gen),
                 "log_decay": torch.randn(2, 5, 3, 4, 1, generator=gen)}
-    with _RecordOps() as rec:
+    with TorchOps() as rec:
         got = ChainRule(program).input_grads(env, g_out, op_grads, tensors, sizes)
     dq = got["q"]
     assert dq.dtype == torch.bfloat16 and dq.is_contiguous()
