@@ -297,6 +297,9 @@ def _make_ops(program: Program) -> TorchOp:
         # the backward calls the executor by id: the graph keeps it alive, not the user
         ctx.executor_op = _executor(executor)
         ctx.return_final_state = return_final_state
+        # an output nobody used (the residual, always) gets None, not a zero-filled gradient
+        # of its size (the residual's: 0.02 ms of a GLA training step on an H100)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*tensors, initial_state, cu_seqlens, output[2])
         ctx.mark_non_differentiable(output[2])
 
@@ -307,7 +310,7 @@ def _make_ops(program: Program) -> TorchOp:
         residual = saved[k + 2]
         if not ctx.return_final_state:
             grad_final = None
-        if not ctx.return_output:   # the final state alone: nothing flows in through y
+        if not ctx.return_output or grad_out is None:   # nothing flows in through y
             out = _out_shape(sizes_of(program, tensors, ctx.grid))
             dtype = _output_dtype(program, dict(zip(program.input_names, tensors)))
             grad_out = tensors[0].new_zeros(out, dtype=dtype)

@@ -424,3 +424,27 @@ def test_final_state_compiles_fullgraph():
     torch.testing.assert_close(loss, f(**eager_leaves), rtol=1e-12, atol=1e-12)
     loss.backward()
     _assert_grads(leaves, {k: v.grad for k, v in eager_leaves.items()})
+
+
+@pytest.mark.parametrize("used", ["final", "y"])
+@pytest.mark.parametrize("backend", ["triton", "tvm"])
+def test_backward_when_one_of_the_outputs_is_unused(used, backend):
+    """y and the final state returned, one of them left out of the loss: the op's backward
+    gets None for it (no zero-filled gradient is made for an unused output, nor for the
+    residual) and gives the reference's gradients. GLA per key: the Triton forward keeps its
+    scores in the residual."""
+    from ssmc.ops.gla import gla
+    gen = torch.Generator().manual_seed(3)
+    ins = dict(q=torch.randn(1, 20, 2, 8, generator=gen), k=torch.randn(1, 20, 2, 8, generator=gen),
+               v=torch.randn(1, 20, 2, 4, generator=gen), g=-torch.rand(1, 20, 2, 8, generator=gen))
+
+    def grads(kind, dtype):
+        leaves = {n: t.to(dtype).clone().requires_grad_(True) for n, t in ins.items()}
+        y, final = gla(**leaves, return_final_state=True, backend=kind,
+                       **({"lowering": "chunked"} if kind == "triton" else {}))
+        (final.sum() if used == "final" else y.sum()).backward()
+        return {n: leaf.grad for n, leaf in leaves.items()}
+    got, want = grads(backend, torch.float32), grads("reference", torch.float64)
+    for name, x in ins.items():   # the reference leaves q out of the final state's graph
+        ref = want[name] if want[name] is not None else torch.zeros_like(x, dtype=torch.float64)
+        assert torch.allclose(got[name].double(), ref, rtol=1e-4, atol=1e-5), name
