@@ -442,13 +442,10 @@ class ChainRule:
                         part = sum_groups(part, sizes)
                 total = part if total is None else total + part
             grad = to_input(total, inp, sizes)
-            if scale is not None and grad.shape == x.shape:
-                result[inp.name] = torch.mul(grad, scale, out=torch.empty(
-                    x.shape, dtype=x.dtype, device=grad.device))
-                continue
-            if scale is not None:
-                grad = grad * scale
-            if grad.dtype != x.dtype:   # the cast and the layout in one copy, not two
+            if scale is not None:   # the factor, the cast and the layout in one pass
+                grad = torch.mul(grad, scale, out=torch.empty(x.shape, dtype=x.dtype,
+                                                              device=grad.device))
+            elif grad.dtype != x.dtype:   # the cast and the layout in one copy, not two
                 grad = grad.to(x.dtype, memory_format=torch.contiguous_format)
             result[inp.name] = grad.contiguous()
         return result

@@ -501,16 +501,12 @@ def test_training_call_keeps_the_scores_for_its_backward(monkeypatch):
     assert not problems, problems
 
 
-@ssmc.ssm
-def _per_key_exp(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"],
-                 u: S.In["b t h n"]):
-    return S.recurrence(decay=S.exp(u), key=k, value=v, query=q)
-
-
-@ssmc.ssm
-def _per_key_exp_reverse(q: S.In["b t h n"], k: S.In["b t h n"], v: S.In["b t h p"],
-                         u: S.In["b t h n"]):
-    return S.recurrence(decay=S.exp(u), key=k, value=v, query=q, direction="reverse")
+def _per_key_exp(direction: str = "forward"):
+    """A decay over n given by its log as it is (-1e4 and -inf pass through unchanged)."""
+    return definition(f"per_key_exp_{direction}",
+                      {"q": "b t h n", "k": "b t h n", "v": "b t h p", "u": "b t h n"},
+                      lambda v: S.recurrence(decay=S.exp(v["u"]), key=v["k"], value=v["v"],
+                                             query=v["q"], direction=direction))
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
@@ -521,7 +517,7 @@ def test_per_key_kernel_zeroes_the_log_decay_gradient_at_resets(monkeypatch, dir
     a partial one."""
     from ssmc.backends.chain_rule import ChainRule
     monkeypatch.setattr(ChainRule, "_without_reset_steps", lambda self, g, env, grp: g)
-    defn = _per_key_exp if direction == "forward" else _per_key_exp_reverse
+    defn = _per_key_exp(direction)
     gen = torch.Generator().manual_seed(7)
     b, t, h, n, p = 1, 24, 2, 8, 3
     x = {"q": torch.randn(b, t, h, n, generator=gen), "k": torch.randn(b, t, h, n, generator=gen),
@@ -565,7 +561,7 @@ def test_kept_scores_are_written_everywhere(monkeypatch):
          "v": torch.randn(b, t, h, p, generator=gen),
          "u": -0.1 * torch.rand(b, t, h, n, generator=gen)}
     leaves = {k_: v_.requires_grad_(True) for k_, v_ in x.items()}
-    y = ssmc.compile(_per_key_exp, backend="triton", lowering="chunked")(**leaves)
+    y = ssmc.compile(_per_key_exp(), backend="triton", lowering="chunked")(**leaves)
     (scores,) = kept
     assert not torch.isnan(scores).any()
     cs = scores.shape[-1]
