@@ -42,11 +42,16 @@ def step_blocks(N: int, P: int, state_bytes: int, tile: dict | None = None) -> d
     (p-blocks of 32, 4 warps: 0.87-1.05x). Narrower p-blocks (8, 16) were 1.5-3x slower: the
     state's p axis is its contiguous one. An fp32 state in p-blocks of 64 (32 KB) ran 2% faster
     than in blocks of 32 (b=64: 126.4 against 129.2 us; b=256: 488.7 against 498.6); 16 warps
-    were 10% slower. `tile` (plan.tile) may set BP and num_warps."""
+    were 10% slower. A small tile (Mamba-1's n = 16 or 32 with p = 1) gets no more warps than
+    it has 32-value rows for: more only hold copies of other warps' values. Every case of
+    mamba_ssm's batch-index step tests that missed now and then on an H100 (Triton 3.6,
+    RESULTS.md) ran the one such tile whose sum over n crosses warps, [32, 2] over 4 warps.
+    `tile` (plan.tile) may set BP and num_warps."""
     tile = tile or {}
     BN = max(next_pow2(N), 2)
     BP = tile.get("BP") or max(min(next_pow2(P), max(TILE_BYTES // (BN * state_bytes), 2)), 2)
-    warps = tile.get("num_warps") or (8 if BN * BP >= WIDE_TILE else 4)
+    warps = tile.get("num_warps") or min(8 if BN * BP >= WIDE_TILE else 4,
+                                         max(BN * BP // 32, 1))
     return dict(BN=BN, BP=BP, num_warps=warps)
 
 
