@@ -3,14 +3,18 @@ runs them and in one process, through ssmc's shim, and look hard at every case w
 misses the test's tolerance (issue 17: in runs of the original file on the GPU some of these
 cases failed at dstate 32, a different set each run, while run alone they passed).
 
-    python3 benchmarks/step_sequence_check.py [--rounds 2] [--dstate 32] [--all]
+    python3 benchmarks/step_sequence_check.py [--rounds 2] [--dstate 32] [--all] [--warps W]
 
 Each case draws its inputs as the test does (seed 0) and compares the shim's output with the
 test's own reference (computed in the input dtype, as the test does). For a case that misses,
 it also reports the output of a float64 reference, of mamba_ssm's kernel and of the shim again,
 each on the state as it was before the call, and where the worst elements are: whether the
 shim's first output or the test's reference is off, and whether the shim's output repeats.
-`--all` prints every case. Needs mamba_ssm (its kernel and reference) and einops importable.
+`--all` prints every case. `--warps W` runs every step tile with W warps (4 gives the tiles
+before the step kernel's warps were capped at the tile's 32-value rows: Mamba-1's n = 32 steps
+then ran a [32, 2] tile over 4 warps). Every miss also reports whether the shim's output
+changed between its two calls on the same inputs. Needs mamba_ssm (its kernel and reference)
+and einops importable.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from einops import repeat
 from mamba_ssm.ops.triton.selective_state_update import (
     selective_state_update as mamba_update, selective_state_update_ref as reference)
 
+from ssmc.backends.triton.lowerings import step as step_lowering
 from ssmc.compat.mamba_ssm import selective_state_update as shim_update
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -110,7 +115,9 @@ def run_case(case, show_all: bool) -> bool:
     err = {k: (v.double() - out64).abs() for k, v in
            (("shim", out), ("test ref", out_ref), ("mamba", out_mamba), ("shim again", out_again))}
     line = "  ".join(f"{k} {v.max().item():.3e}" for k, v in err.items())
-    print(f"{'ok  ' if ok else 'MISS'} {name}: max |out - float64|: {line}", flush=True)
+    repeats = "same" if torch.equal(out, out_again) else "CHANGED"
+    print(f"{'ok  ' if ok else 'MISS'} {name}: max |out - float64|: {line}; shim's two outputs "
+          f"{repeats}", flush=True)
     if not ok:
         far = (out.double() - out_ref.double()).abs() > atol + rtol * out_ref.double().abs()
         where = torch.nonzero(far)[:4]
@@ -127,7 +134,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dstate", type=int, nargs="*", default=[16, 32, 64])
     ap.add_argument("--all", action="store_true", help="print every case, not only misses")
+    ap.add_argument("--warps", type=int, help="every step tile's warps")
     a = ap.parse_args()
+    if a.warps:
+        blocks = step_lowering.step_blocks
+
+        def with_warps(N, P, state_bytes, tile=None):
+            return dict(blocks(N, P, state_bytes, tile), num_warps=a.warps)
+        step_lowering.step_blocks = with_warps
     for r in range(a.rounds):
         misses = sum(not run_case(c, a.all) for c in cases(a.dstate))
         print(f"round {r + 1}: {misses} of {len(list(cases(a.dstate)))} cases missed", flush=True)
