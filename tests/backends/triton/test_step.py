@@ -58,8 +58,9 @@ def test_step_blocks_hold_a_fixed_number_of_state_bytes():
 @pytest.mark.parametrize("p", [1, 2, 3, 64, 128])
 @pytest.mark.parametrize("state_bytes", [2, 4])
 def test_step_blocks_leave_no_warp_a_copy_of_another(n, p, state_bytes):
-    """No more warps than the tile has 32-value rows (one where it has fewer): Mamba-1's steps (p = 1) at n = 32 ran a
-    [32, 2] tile over 4 warps, two of them copies of the other two, and its sum over n gave
-    wrong outputs now and then on an H100 (mamba_ssm's own batch-index step tests)."""
+    """No more warps than the tile has 32-value rows (one where it has fewer): Mamba-1's steps
+    (p = 1) at n = 32 ran a [32, 2] tile over 4 warps, two of them copies of the other two, and
+    its sum over n gave a different output on the same inputs now and then on an H100, wrong
+    ones among them (mamba_ssm's own batch-index step tests)."""
     blocks = step.step_blocks(n, p, state_bytes)
     assert blocks["num_warps"] <= max(blocks["BN"] * blocks["BP"] // 32, 1)
