@@ -754,3 +754,39 @@ def compile_for_hopper(script: str, tmp_path, timeout: int) -> None:
     r = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True,
                        text=True, timeout=timeout)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+def reductions_over_copied_warps(ttgir: str) -> list[tuple]:
+    """The `tt.reduce` ops of a kernel's TTGIR whose operand layout spreads the reduced axis over
+    warps while some warps hold copies of others' values (the layout covers more of an axis
+    than the tensor has): (shape, axis, sizePerThread, threadsPerWarp, warpsPerCTA) each. On an
+    H100 (Triton 3.6) a step kernel's sum over n of a [32, 2] tile on 4 warps, two of them
+    copies, gave a different output for the same inputs about once in 100-200 calls."""
+    import re
+    layouts = {}
+    for m in re.finditer(r"^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], "
+                         r"threadsPerWarp = \[([\d, ]+)\], warpsPerCTA = \[([\d, ]+)\]",
+                         ttgir, re.M):
+        layouts[m.group(1)] = tuple([int(x) for x in m.group(i).split(",")] for i in (2, 3, 4))
+    found = []
+    lines = ttgir.splitlines()
+    for i, line in enumerate(lines):
+        op = re.search(r'"tt\.reduce"\(.*?\) <\{axis = (\d+) : i32\}>', line)
+        if not op:
+            continue
+        axis = int(op.group(1))
+        for later in lines[i:]:          # the operand's type closes the op's region
+            typed = re.search(r"\}\) : \(tensor<([\dx]+)x\w+, (#\w+)>", later)
+            if typed:
+                break
+        else:
+            continue
+        shape = [int(x) for x in typed.group(1).split("x")]
+        if typed.group(2) not in layouts:
+            continue
+        spt, tpw, wpc = layouts[typed.group(2)]
+        copied = any(wpc[d] > 1 and shape[d] < spt[d] * tpw[d] * wpc[d]
+                     for d in range(len(shape)))
+        if wpc[axis] > 1 and copied:
+            found.append((shape, axis, spt, tpw, wpc))
+    return found

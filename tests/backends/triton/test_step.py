@@ -10,6 +10,7 @@ import pytest
 from ssmc.ops.selective_scan import build as s6_build
 from ssmc.ops.ssd import build as ssd_build
 from ssmc.plan import Plan
+from tests.helpers import compile_for_hopper
 
 step = importlib.import_module("ssmc.backends.triton.lowerings.step")
 
@@ -64,3 +65,48 @@ def test_step_blocks_leave_no_warp_a_copy_of_another(n, p, state_bytes):
     ones among them (mamba_ssm's own batch-index step tests)."""
     blocks = step.step_blocks(n, p, state_bytes)
     assert blocks["num_warps"] <= max(blocks["BN"] * blocks["BP"] // 32, 1)
+
+
+_SM90_STEPS = r'''
+import importlib.util, os, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ssmc.ops.selective_scan import build as s6_build
+from ssmc.ops.ssd import build as ssd_build
+from ssmc.plan import Plan
+from ssmc.backends.triton.lowerings import step
+from tests.helpers import reductions_over_copied_warps
+
+found = []
+for definition, shapes in ((s6_build(has_D=True, has_z=True, delta_softplus=True),
+                            ((5, 1), (16, 1), (32, 1), (64, 1))),
+                           (ssd_build(has_D=True, has_z=True, has_dt_bias=True, dt_softplus=True),
+                            ((16, 64), (128, 64), (5, 3)))):
+    path = os.path.join(tempfile.mkdtemp(), "step_kernel.py")
+    open(path, "w").write(step.render(Plan(program=definition.program, lowering="scan",
+                                           dtype="float32")))
+    spec = importlib.util.spec_from_file_location("step_kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = module.ssmc_step_fwd
+    for n, p in shapes:
+        blocks = step.step_blocks(n, p, 4)
+        consts = dict(BN=blocks["BN"], BP=blocks["BP"], HAS_SLOTS=True, HAS_OUT_SLOTS=False)
+        sig = {a: "constexpr" if a in consts else "*i32" if a in ("slot_ptr", "oslot_ptr")
+               else "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=blocks["num_warps"]))
+        found += [(n, p, blocks, r) for r in reductions_over_copied_warps(kernel.asm["ttgir"])]
+if found:
+    raise SystemExit(f"sums over warps that hold copies: {found}")
+print("compiled")
+'''
+
+
+def test_step_kernels_sum_over_no_copied_warps(tmp_path):
+    """The step kernel compiled for sm_90 with step_blocks' tiles (Mamba-1's p = 1 at small n,
+    Mamba-2's, odd sizes) reduces over no axis whose warps hold copies of one another: the
+    [32, 2] tile on 4 warps that did gave a different output for the same inputs now and then
+    on an H100."""
+    compile_for_hopper(_SM90_STEPS, tmp_path, timeout=600)
