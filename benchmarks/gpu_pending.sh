@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 # the float64 references run on the CPU: one thread per process, or a dozen processes with a
 # full thread pool each slow one another down several times over
 export OMP_NUM_THREADS=1
-STEPS="${STEPS:-tests fuzz mamba2 compat steps table per_key decode mixing cross2d ab}"
+STEPS="${STEPS:-tests fuzz mamba2 compat steps determinism table per_key decode mixing cross2d ab}"
 LIMIT="${LIMIT:-420}"
 LOGS="${OUT:-.}"
 want() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
@@ -62,9 +62,12 @@ fi
 # issue 17: mamba_ssm's batch-index step cases replayed through the shim, each miss dissected
 want steps && bounded python3 benchmarks/step_sequence_check.py --rounds 2 \
     > "$LOGS/step_sequence.log" 2>&1 &
+# sums over warps that hold copies (RESULTS.md): the same inputs, 200 calls, bit for bit
+want determinism && bounded python3 benchmarks/determinism_check.py --calls 200 \
+    > "$LOGS/determinism.log" 2>&1 &
 wait
 for log in "$LOGS"/tests.log "$LOGS"/fuzz_*.log "$LOGS"/mamba2.log "$LOGS"/compat*.log \
-    "$LOGS"/step_sequence.log; do
+    "$LOGS"/step_sequence.log "$LOGS"/determinism.log; do
     [ -f "$log" ] && { echo; echo "=== $(basename "$log")"; grep -v '^[.sF]*$' "$log" | tail -n 60; }
 done
 
