@@ -43,10 +43,11 @@ def step_blocks(N: int, P: int, state_bytes: int, tile: dict | None = None) -> d
     state's p axis is its contiguous one. An fp32 state in p-blocks of 64 (32 KB) ran 2% faster
     than in blocks of 32 (b=64: 126.4 against 129.2 us; b=256: 488.7 against 498.6); 16 warps
     were 10% slower. A small tile (Mamba-1's n = 16 or 32 with p = 1) gets no more warps than
-    it has 32-value rows for: more only hold copies of other warps' values. Every case of
-    mamba_ssm's batch-index step tests that missed now and then on an H100 (Triton 3.6,
-    RESULTS.md) ran the one such tile whose sum over n crosses warps, [32, 2] over 4 warps.
-    `tile` (plan.tile) may set BP and num_warps."""
+    it has 32-value rows for: more only hold copies of other warps' values, and on an H100
+    (Triton 3.6) the [32, 2] tile over 4 warps, whose sum over n crosses warps, changed its
+    output between calls on the same inputs about once in 100-200 calls, wrong ones among them
+    (mamba_ssm's batch-index step tests; on 2 warps none in 2160 calls, RESULTS.md). `tile`
+    (plan.tile) may set BP and num_warps."""
     tile = tile or {}
     BN = max(next_pow2(N), 2)
     BP = tile.get("BP") or max(min(next_pow2(P), max(TILE_BYTES // (BN * state_bytes), 2)), 2)
