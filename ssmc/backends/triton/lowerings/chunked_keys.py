@@ -145,8 +145,6 @@ def _scores_row_block(k: KeyOps) -> None:
     the buffer."""
     prog, ct, body = k.prog, k.ct, k.body
     sgn = prog.decay_signed
-    body("a_ptr = ssmc_scores + ((chunk * H + h_idx) * CS + r * BT + offs_c[:, None]) * CS"
-         " + offs_c[None, :]")
     body("if DIAG:")
     with body.block():
         diagonal_scores(k)
@@ -204,12 +202,13 @@ def ssmc_chunked_scores(
 {setup}
     r = tl.program_id(0).to(tl.int64) % RB + (0 if DIAG else 1)
     c0 = cs0 + r * BT
+    # row block r's rows of the chunk's scores, key block j at a_ptr + j * BT
+    a_ptr = (ssmc_scores + ((chunk * H + h_idx) * CS + r * BT + offs_c[:, None]) * CS
+             + offs_c[None, :])
     if c0 < length:
 {indent(rows(), 2)}
 {body.text()}
     elif DIAG:   # a row block past its sequence's end: zeros across the chunk
-        a_ptr = (ssmc_scores + ((chunk * H + h_idx) * CS + r * BT + offs_c[:, None]) * CS
-                 + offs_c[None, :])
         for jz in range(0, CS // BT):
             tl.store(a_ptr + jz * BT, tl.zeros([BT, BT], dtype=ssmc_scores.dtype.element_ty))
 """
