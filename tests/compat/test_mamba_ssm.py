@@ -280,6 +280,39 @@ def test_selective_state_update_slots_with_padding_vs_a_loop(tied, backend):
     assert torch.equal(cache[[0, 2, 4, 6]], before[[0, 2, 4, 6]])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [16, 32, 64])
+def test_selective_state_update_per_channel_slots_every_call_exact(n):
+    """The per-channel (Mamba-1) step into a cache of slots, as mamba_ssm's batch-index tests
+    call it (dim 4096: 4096 heads of p = 1), 1000 calls at n = 32 and 100 at the others, on
+    fresh draws, each against a float64 step: at n = 32 the step's [32, 2] tile over 4 warps
+    (two copies of the other two) gave a different output on the same inputs in about 1 call of
+    100-200 on an H100 (Triton 3.6), misses among them; the tile's warps are checked on the CPU
+    too (tests/backends/triton/test_step.py)."""
+    b, dim, slots = 16, 4096, 160
+    gen = torch.Generator(device="cuda").manual_seed(17)
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=F64, device="cuda") * scale
+    worst = 0.0
+    for _ in range(1000 if n == 32 else 100):
+        A = -torch.rand(dim, n, generator=gen, dtype=F64, device="cuda") - 1
+        args = dict(x=r(b, dim), dt=r(b, dim), A=A, B=r(b, n), C=r(b, n), D=r(dim), z=r(b, dim),
+                    dt_bias=r(dim, scale=0.1) - 4)
+        cache = r(slots, dim, n).float()
+        index = torch.randperm(slots, generator=gen, device="cuda")[:b].to(torch.int32)
+        before = cache[index.long()].double()
+        out = selective_state_update(cache, dt_softplus=True, state_batch_indices=index,
+                                     backend="triton", **{k: v.float() for k, v in args.items()})
+        heads = {k: v.unsqueeze(0 if k in ("A", "D", "dt_bias") else 1) for k, v in args.items()}
+        want, state = naive_state_update(before.unsqueeze(1), dt_softplus=True, **heads)
+        worst = max(worst, ((out.double() - want[:, 0]).abs() / (want[:, 0].abs() + 1)).max()
+                    .item())
+        torch.testing.assert_close(cache[index.long()].double(), state[:, 0], rtol=1e-5,
+                                   atol=1e-5)
+    assert worst < 1e-5, worst
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_selective_state_update_low_precision_state(dtype):
     """A bf16/fp16 state is updated in place with fp32 math: one rounding of the exact step."""
