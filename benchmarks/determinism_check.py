@@ -34,15 +34,19 @@ def differing_calls(run, calls: int) -> int:
     return changed
 
 
+def normal(gen):
+    """Standard normal draws of any shape on `gen`'s device."""
+    return lambda *shape: torch.randn(*shape, device=gen.device, generator=gen)
+
+
 def ssd_run(gen, tiny):
     b, t, h, p, n = (1, 70, 2, 8, 16) if tiny else (2, 2048, 16, 64, 128)
-    dev = gen.device
-    r = lambda *s: torch.randn(*s, device=dev, generator=gen)  # noqa: E731
+    r = normal(gen)
     leaves = [r(b, t, h, p).bfloat16(), (r(b, t, h) * 0.5 - 1).bfloat16(),
               -torch.exp(r(h) * 0.5), r(b, t, 1, n).bfloat16(), r(b, t, 1, n).bfloat16(),
               r(h), r(b, t, h, p).bfloat16(), r(h) * 0.1]
     leaves = [v.requires_grad_(True) for v in leaves]
-    grad = torch.randn(b, t, h, p, device=dev, generator=gen).bfloat16()
+    grad = r(b, t, h, p).bfloat16()
 
     def run():
         x, dt, A, B, C, D, z, dt_bias = leaves
@@ -54,12 +58,11 @@ def ssd_run(gen, tiny):
 
 def gla_run(gen, tiny):
     B, T, H, K, V = (1, 70, 2, 16, 16) if tiny else (2, 1024, 8, 128, 128)
-    dev = gen.device
-    r = lambda *s: torch.randn(*s, device=dev, generator=gen)  # noqa: E731
+    r = normal(gen)
     leaves = [(r(B, T, H, K) * K ** -0.5).bfloat16(), (r(B, T, H, K) * K ** -0.5).bfloat16(),
               r(B, T, H, V).bfloat16(), F.logsigmoid(4 * r(B, T, H, K))]
     leaves = [v.requires_grad_(True) for v in leaves]
-    grad = torch.randn(B, T, H, V, device=dev, generator=gen).bfloat16()
+    grad = r(B, T, H, V).bfloat16()
 
     def run():
         o = chunk_gla(*leaves, backend="triton", lowering="chunked")[0]
@@ -70,7 +73,7 @@ def gla_run(gen, tiny):
 def step_run(gen, tiny, n):
     b, dim, slots = (2, 8, 5) if tiny else (16, 4096, 160)
     dev = gen.device
-    r = lambda *s: torch.randn(*s, device=dev, generator=gen)  # noqa: E731
+    r = normal(gen)
     args = dict(x=r(b, dim), dt=r(b, dim), A=-torch.rand(dim, n, device=dev, generator=gen) - 1,
                 B=r(b, n), C=r(b, n), D=r(dim), z=r(b, dim), dt_bias=r(dim) * 0.1 - 4)
     cache = r(slots, dim, n)
