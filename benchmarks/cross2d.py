@@ -3,6 +3,7 @@ best composition of ssmc's own 1-D op with permuted copies, as VMamba computes S
 
     python benchmarks/cross2d.py [--cases vmamba mamba2] [--batch 32] [--dtype bf16]
     python benchmarks/cross2d.py --device cpu --tiny          # a smoke check of the script
+    python benchmarks/cross2d.py --cases vmamba --profile     # and kernel times per training step
 
 Cases (issue 18): VMamba's selective scan (`ssmc.nn_vision.build_ss2d_scan`, the op of
 `ssmc.nn.SS2D`: per-channel decay, per-order dt, A, B, C, dt_bias) with d=192 channels, n=16
@@ -337,6 +338,9 @@ def run_case(case: Case, args, device) -> list[str]:
     results = {name: measure(fn, values, device, args.reps)
                for name, (fn, values, _) in impls.items()}
     fused = results["fused"]
+    if args.profile and device.type == "cuda":
+        profile_training(impls, ("fused", min((k for k in results if k != "fused"),
+                                              key=lambda k: results[k]["train"])))
     rows = ["| impl | fwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB | fused speed-up "
             "fwd | fused speed-up fwd+bwd |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -351,6 +355,27 @@ def run_case(case: Case, args, device) -> list[str]:
                 f"of fused), fwd+bwd {best_t} "
                 f"({comps[best_t]['train'] / fused['train']:.2f}x of fused)")
     return rows
+
+
+def profile_training(impls: dict, names) -> None:
+    """Device time per kernel of one training step of each named row: where the fused op's
+    time goes against the composition's."""
+    from profile_gla import kernel_table
+    for name in names:
+        fn, values, _ = impls[name]
+        inputs = leaves(values)
+        with torch.no_grad():
+            grad = torch.randn_like(fn(values))
+
+        def train(fn=fn):
+            for x in inputs.values():
+                x.grad = None
+            fn(inputs).backward(grad)
+        table = kernel_table(train)
+        print(f"  profile {name}, one forward + backward: {sum(r[1] for r in table):.3f} ms of "
+              f"kernels", flush=True)
+        for kname, ms, n in table[:16]:
+            print(f"    {ms:8.3f} ms  x{n:<3d} {kname[:90]}", flush=True)
 
 
 def cases(args, device, dtype) -> list[Case]:
@@ -389,6 +414,9 @@ def main():
     parser.add_argument("--lowering", default="auto")
     parser.add_argument("--reps", type=int, default=None, help="default 20 (3 with --tiny)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the device time per kernel of one training step of "
+                             "the fused op and the best composition (torch.profiler)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny shapes (b=2, grids of a few positions): a smoke check")
     args = parser.parse_args()
