@@ -360,7 +360,8 @@ def run_case(case: Case, args, device) -> list[str]:
 def profile_training(impls: dict, names) -> None:
     """Device time per kernel of one training step of each named row: where the fused op's
     time goes against the composition's."""
-    from profile_gla import kernel_table
+    from profile_gla import kernel_launches
+    steps = 3
     for name in names:
         fn, values, _ = impls[name]
         inputs = leaves(values)
@@ -371,11 +372,17 @@ def profile_training(impls: dict, names) -> None:
             for x in inputs.values():
                 x.grad = None
             fn(inputs).backward(grad)
-        table = kernel_table(train)
-        print(f"  profile {name}, one forward + backward: {sum(r[1] for r in table):.3f} ms of "
-              f"kernels", flush=True)
-        for kname, ms, n in table[:16]:
-            print(f"    {ms:8.3f} ms  x{n:<3d} {kname[:90]}", flush=True)
+        launches = kernel_launches(train, steps)
+        per_kernel = {}
+        for kname, ms in launches[:len(launches) // steps]:   # the first step's, in order
+            per_kernel.setdefault(kname, []).append(ms)
+        print(f"  profile {name}, one forward + backward: "
+              f"{sum(ms for _, ms in launches) / steps:.3f} ms of kernels (each launch of the "
+              "first step, in launch order: the orders' own times)", flush=True)
+        for kname, times in sorted(per_kernel.items(), key=lambda kv: -sum(kv[1]))[:16]:
+            each = " ".join(f"{ms:.3f}" for ms in times) if len(times) > 1 else ""
+            print(f"    {sum(times):8.3f} ms  x{len(times):<3d} {kname[:60]}  {each}",
+                  flush=True)
 
 
 def cases(args, device, dtype) -> list[Case]:

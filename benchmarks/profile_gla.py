@@ -20,19 +20,25 @@ from torch.profiler import ProfilerActivity, profile
 import per_key
 
 
-def kernel_table(fn, steps: int = 3) -> list[tuple[str, float, int]]:
-    """(kernel name, device ms per step, launches per step), slowest first."""
+def kernel_launches(fn, steps: int = 3) -> list[tuple[str, float]]:
+    """(kernel name, device ms) of every launch of `steps` calls, in launch order."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
+    events = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda ev: ev.time_range.start)
+    return [(ev.name, ev.device_time_total / 1e3) for ev in events]
+
+
+def kernel_table(fn, steps: int = 3) -> list[tuple[str, float, int]]:
+    """(kernel name, device ms per step, launches per step), slowest first."""
     total, count = defaultdict(float), defaultdict(int)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            total[ev.name] += ev.device_time_total / 1e3
-            count[ev.name] += 1
+    for name, ms in kernel_launches(fn, steps):
+        total[name] += ms
+        count[name] += 1
     return sorted(((k, v / steps, count[k] // steps) for k, v in total.items()),
                   key=lambda r: -r[1])
 
