@@ -134,6 +134,68 @@ def test_triton_chunked_never_tries_8_output_warps_on_narrow_p_blocks():
                for c, why in s.pruned)
 
 
+def test_triton_quadratic_never_tries_the_4_warp_tiles_that_failed_on_an_h100():
+    # ssd bf16 b=64 t=64 n=128 p=64 on an H100 (Triton 3.6), against the default tile's output:
+    # 4 warps with BT=64, BNC >= 64 and BP <= 32 faulted (BNC=64 BP=32: an illegal shared
+    # memory read) or were wrong (0.59-0.79 relative); BNC=32, BT=32, BP=64 and 8 warps agreed
+    s = space(sizes=dict(b=64, t=64, h=80, p=64, n=128, g=1), max_configs=None)
+    tiles = [c.tile_dict() for c in s.candidates if c.lowering == "quadratic" and c.tile]
+    assert tiles
+    assert not any(t["num_warps"] == 4 and t["BT"] >= 64 and t["BNC"] >= 64 and t["BP"] < 64
+                   for t in tiles)
+    for ok in ({"BNC": 32, "BP": 32, "BT": 64, "num_warps": 4},
+               {"BNC": 64, "BP": 32, "BT": 32, "num_warps": 4},
+               {"BNC": 64, "BP": 32, "BT": 64, "num_warps": 8}):
+        assert ok in tiles or any(c.tile_dict() == ok and "faulted" not in why
+                                  for c, why in s.pruned)
+    assert any(c.tile_dict() == {"BNC": 64, "BP": 32, "BT": 64, "num_warps": 4}
+               and "H100" in why for c, why in s.pruned)
+
+
+#: run in a fresh process: a config that faults loses that process's device context
+EVERY_QUADRATIC_TILE = """
+import sys, torch
+from ssmc.ops import mamba2
+from ssmc.autotune import tuner as T
+from ssmc.autotune.measure import outputs_match
+from ssmc.devices import DeviceLimits, device_model
+from ssmc.plan import Plan
+dev = torch.device("cuda")
+sizes = dict(b=2, t=64, h=4, p=64, n=128, g=1)
+prog = mamba2.program
+first = T.random_set(prog, sizes, torch.bfloat16, dev, "normal", directions=1)
+task = T.make_task(prog, backend_name="triton", lowering_policy="quadratic",
+                   lowerings=["quadratic"], default_lowering="quadratic",
+                   base=Plan(program=prog, lowering="quadratic", dtype="bfloat16"),
+                   sizes=sizes, device=dev, input_sets=[first],
+                   limits=DeviceLimits.from_device(dev), device_model=device_model(dev),
+                   max_configs=None)
+ref = task.build(task.space.default)(0)
+for cfg in task.space.candidates:
+    if cfg.tile_dict().get("BT", 64) < 32:
+        continue
+    out = task.build(cfg)(0)
+    torch.cuda.synchronize()
+    why = outputs_match(out, ref, "bfloat16")
+    print(cfg.label(), "ok" if why is None else why, flush=True)
+"""
+
+
+@pytest.mark.gpu
+def test_every_quadratic_tile_the_tuner_tries_gives_the_default_output():
+    """The tuner checks only its winner against the default tile; a tile whose code is wrong on
+    the device must not be in the space at all (4-warp tiles faulted or were 0.6-0.8 off on
+    an H100). Each tile of rows >= 32 at a small shape, in one fresh process."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", EVERY_QUADRATIC_TILE], capture_output=True,
+                       text=True, timeout=600)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0, (lines[-3:], r.stderr[-2000:])
+    assert lines and all(line.endswith(" ok") for line in lines), \
+        [line for line in lines if not line.endswith(" ok")]
+
+
 def test_per_key_decay_tries_chunks_of_small_row_blocks():
     """Per-key decays: row blocks of 16 or 32 (their diagonal block is elementwise work) in
     chunks that hold a whole number of them, up to 128 steps."""

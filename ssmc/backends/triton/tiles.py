@@ -148,6 +148,14 @@ def quadratic_space(ctx: SpaceContext, built_in: dict) -> TileSpace:
     ob = ctx.op_bytes
 
     def check(v, ctx):
+        # measured on an H100 (Triton 3.6; ssd bf16, n=128, p=64, t=64) against the default
+        # tile: with 4 warps, BT=64, BNC >= 64 and BP <= 32 the forward faulted (BNC=64 BP=32:
+        # an illegal shared-memory read, which loses the process's device context) or gave
+        # wrong outputs (0.59-0.79 relative); BNC=32, BT=32, BP=64 or 8 warps agreed. The same
+        # source is right under the interpreter: the fault is in the sm_90 code for these tiles
+        if v["num_warps"] == 4 and v["BT"] >= 64 and v["BNC"] >= 64 and v["BP"] < 64:
+            return ("4 warps with BT >= 64, BNC >= 64 and BP < 64 (faulted or wrong on an "
+                    "H100)")
         threads = 32 * v["num_warps"]
         bcast = v["BT"] * v["BT"] * v["BNC"] if diagonal else 0
         if bcast > 16384:  # the exact per-key decay broadcast lives in registers
