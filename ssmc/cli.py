@@ -30,7 +30,7 @@ from .validate import complete_sizes
 from .autotune import tuner as tuner_mod
 from .autotune.cache import (TuneCache, TuneKey, all_caches, device_slug,
                              export_defaults)
-from .autotune.measure import Settings, outputs_match
+from .autotune.measure import Settings
 from .autotune.space import Config
 from .backends import registered
 from .backends.tvm.export import TARGETS, export
@@ -483,8 +483,7 @@ def run_tune(args: argparse.Namespace) -> int:
                 task = task_for(style)
                 try:
                     out = task.build(task.space.default)(0)
-                    if outputs_match(out, out, dtype_name) is None and bool(
-                            torch.isfinite(out[0]).all()):
+                    if bool(torch.isfinite(out[0]).all()):
                         break
                 except Exception:  # noqa: BLE001 - the tuner records the failure itself
                     break

@@ -122,3 +122,24 @@ def test_outputs_match():
     assert "final state" in outputs_match((ref, fin * 2), (ref, fin), "float32")
     assert "final state" in outputs_match((ref, None), (ref, fin), "float32")
     assert "shape" in outputs_match((ref[:1], None), (ref, None), "float32")
+
+
+def test_outputs_match_a_slice_at_a_time(monkeypatch):
+    """Large outputs are compared in slices: a non-finite value in a later slice is found, and
+    the error is the whole tensor's, not one slice's."""
+    import sys
+    m = sys.modules["ssmc.autotune.measure"]   # the package re-exports a function of that name
+    gen = torch.Generator().manual_seed(1)
+    ref = torch.randn(10, 7, generator=gen)
+    off = ref.clone()
+    off[:5] += 0.05 * torch.randn(5, 7, generator=gen)   # only the first half is off
+    whole = float((off - ref).norm() / ref.norm())
+    monkeypatch.setattr(m, "COMPARE_SLICE", 8)
+    assert outputs_match((off, None), (ref, None), "float32") == \
+        f"output: relative RMS error {whole:.3g} > 0.002"
+    late = ref.clone()
+    late[9, 6] = math.inf
+    assert "non-finite" in outputs_match((late, None), (ref, None), "float32")
+    both = ref.clone()
+    both[9, 6] = math.inf
+    assert outputs_match((both, None), (both.clone(), None), "float32") is None
