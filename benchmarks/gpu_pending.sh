@@ -19,13 +19,15 @@ export PYTHONUNBUFFERED=1
 # full thread pool each slow one another down several times over
 export OMP_NUM_THREADS=1
 STEPS="${STEPS:-tests fuzz mamba2 compat steps determinism table per_key decode mixing cross2d ab}"
+# not in the default steps: `defaults` (the shipped tuning defaults of this GPU model, minutes)
 LIMIT="${LIMIT:-420}"
 LOGS="${OUT:-.}"
 want() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
 bounded() { timeout -s INT -k 30 "$LIMIT" "$@"; }
 
 want tests && bounded python3 -m pytest -q -rfE --tb=short -n 6 -m gpu tests/backends/triton \
-    tests/test_step.py tests/torch -k "not fuzz" -p no:cacheprovider > "$LOGS/tests.log" 2>&1 &
+    tests/backends/test_decay_domain.py tests/test_step.py tests/torch tests/compat \
+    tests/autotune -k "not fuzz" -p no:cacheprovider > "$LOGS/tests.log" 2>&1 &
 # the cross2d tests run on the device where there is one, unmarked (they run under the
 # interpreter on the CPU too), so `-m gpu` leaves them out
 want tests && bounded python3 -m pytest -q -rfE --tb=short -n 6 \
@@ -108,6 +110,22 @@ if want cross2d; then
     echo; echo "=== cross2d: one fused op vs four stacked orderings through the 1-D op (issue 18)"
     timeout -s INT -k 30 "${CROSS2D_LIMIT:-420}" python3 benchmarks/cross2d.py 2>&1 \
         | tee "$LOGS/cross2d.log"
+fi
+# the shipped tuning defaults (ssmc/autotune/defaults/README.md): the README's shapes, each in
+# its own process (a config that faults loses only that process), into $LOGS/defaults.json
+if want defaults; then
+    echo; echo "=== tuning defaults for this GPU model"
+    SSMC_CACHE_DIR="$(mktemp -d)"
+    export SSMC_CACHE_DIR
+    for shape in b=8,t=4096,h=80,p=64,n=128,g=1 b=4,t=16384,h=80,p=64,n=128,g=1 \
+                 b=32,t=512,h=80,p=64,n=128,g=1 b=64,t=64,h=80,p=64,n=128,g=1; do
+        SSMC_AUTOTUNE=full timeout -s INT -k 30 "${TUNE_LIMIT:-150}" python3 -c \
+            "import sys; from ssmc.cli import main; sys.exit(main())" tune ssmc.ops.ssd:mamba2 \
+            --shape "$shape" --dtype bf16 --lowering all --budget "${TUNE_BUDGET:-30}" --top 4 \
+            2>&1 | tee -a "$LOGS/defaults.log"
+    done
+    python3 -c "import sys; from ssmc.cli import main; sys.exit(main())" tune \
+        --export-defaults "$LOGS/defaults.json" 2>&1 | tee -a "$LOGS/defaults.log"
 fi
 # commits against each other, where `bash benchmarks/ab_trees.sh prepare REV REV` made trees
 # (AB: the script and its arguments under each tree's benchmarks/)
