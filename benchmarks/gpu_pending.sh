@@ -115,16 +115,17 @@ fi
 # its own process (a config that faults loses only that process), into $LOGS/defaults.json
 if want defaults; then
     echo; echo "=== tuning defaults for this GPU model"
-    SSMC_CACHE_DIR="$(mktemp -d)"
-    export SSMC_CACHE_DIR
+    tune_cache="$(mktemp -d)"     # only this step's entries are exported
     for shape in b=8,t=4096,h=80,p=64,n=128,g=1 b=4,t=16384,h=80,p=64,n=128,g=1 \
                  b=32,t=512,h=80,p=64,n=128,g=1 b=64,t=64,h=80,p=64,n=128,g=1; do
-        SSMC_AUTOTUNE=full timeout -s INT -k 30 "${TUNE_LIMIT:-150}" python3 -c \
+        SSMC_CACHE_DIR="$tune_cache" SSMC_AUTOTUNE=full \
+            timeout -s INT -k 30 "${TUNE_LIMIT:-150}" python3 -c \
             "import sys; from ssmc.cli import main; sys.exit(main())" tune ssmc.ops.ssd:mamba2 \
             --shape "$shape" --dtype bf16 --lowering all --budget "${TUNE_BUDGET:-30}" --top 4 \
             2>&1 | tee -a "$LOGS/defaults.log"
     done
-    python3 -c "import sys; from ssmc.cli import main; sys.exit(main())" tune \
+    SSMC_CACHE_DIR="$tune_cache" python3 -c \
+        "import sys; from ssmc.cli import main; sys.exit(main())" tune \
         --export-defaults "$LOGS/defaults.json" 2>&1 | tee -a "$LOGS/defaults.log"
 fi
 # commits against each other, where `bash benchmarks/ab_trees.sh prepare REV REV` made trees

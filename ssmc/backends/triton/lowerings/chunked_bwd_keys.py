@@ -297,8 +297,7 @@ def _walking_kernel(name: str, plan: Plan, args: str, extra: str, split_n: bool,
     """A kernel whose `body` walks the chunk's row blocks from the last (`_block_walk`)."""
     # the block count in int32: an int64 one made every row offset of the walk int64 (GLA
     # n=128 bf16, Triton 3.6 sm_90a: 208 registers against 166)
-    count = "R = tl.cdiv(tl.minimum(CS, length - cs0), BT).to(tl.int32)"
-    return _kernel(name, plan, args, extra, split_n, f"""    {count}
+    return _kernel(name, plan, args, extra, split_n, f"""    R = tl.cdiv(tl.minimum(CS, length - cs0), BT).to(tl.int32)
 {prelude}
     for ii in range(0, R):
 {body.text()}""")
