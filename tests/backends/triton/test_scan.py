@@ -559,3 +559,96 @@ def test_scan_forward_step_at_a_time_and_in_blocks(n, direction):
         got, want = (got,), (want,)
     for g, w in zip(got, want):
         assert _rel(g, w) <= 1e-5
+
+
+def _raw_decay(direction):
+    """A user's recurrence whose decay is an input as given: zero, negative, underflowing."""
+    return definition(f"raw_decay_{direction}",
+                      dict(a="b t h p n", k="b t g n", v="b t h p", q="b t g n"),
+                      lambda v: S.recurrence(decay=v["a"], key=v["k"], value=v["v"],
+                                             query=v["q"], direction=direction))
+
+
+@pytest.mark.parametrize("steps", ("0", "1"))
+@pytest.mark.parametrize("direction", ("forward", "bidirectional", "cross2d"))
+@pytest.mark.parametrize("t", (0, 1, 7, 8, 9, 35))
+def test_scan_step_at_a_time_over_the_decay_domain(direction, t, steps, monkeypatch):
+    """The step-at-a-time kernels (forward and the backward's checkpointing forward: blocks
+    of `scan.STEPS` steps unrolled, each block's inputs loaded a block ahead) on decays of 0,
+    negative, underflowing (1e-30) and above 1, at lengths around and below a block (and
+    empty), forward and gradients of every input against float64 autograd."""
+    from ssmc.backends.triton.lowerings.scan import STEPS
+    from ssmc.backends.triton.lowerings.scan_launch import scan_blocks
+
+    assert scan_blocks(16, 16)[2] == 1 and STEPS >= 2
+    monkeypatch.setenv("SSMC_SCAN_STEPS", steps)    # the unrolled kernels, or the loop's
+    grid = {0: (0, 3), 1: (1, 1), 7: (1, 7), 8: (2, 4), 9: (3, 3), 35: (5, 7)}[t] \
+        if direction == "cross2d" else None
+    sizes = dict(b=2, t=t, h=2, g=1, n=16, p=16)
+    defn = _raw_decay(direction)
+    gen = torch.Generator().manual_seed(t)
+    inputs = inputs_for(defn, sizes, seed=t)
+    a = torch.rand((2, t, 2, 16, 16), generator=gen, dtype=torch.float64) * 1.2 - 0.1
+    special = torch.tensor([0.0, -0.7, 1e-30, 1.05], dtype=torch.float64)
+    a.view(-1)[: 4 * (a.numel() // 4)].view(-1, 4)[::3] = special
+    inputs["a"] = a.float().to(DEVICE)
+    kw = {"grid": grid} if grid else {}
+    grad_y = torch.randn(2, t, 2, 16, generator=gen).to(DEVICE)
+
+    def run(backend, dtype):
+        op = ssmc.compile(defn, backend=backend, lowering="scan")
+        xs = {k: v.to(dtype).requires_grad_(True) for k, v in inputs.items()}
+        y = op(**xs, **kw)
+        y.backward(grad_y.to(dtype))
+        return y, {k: x.grad for k, x in xs.items()}
+
+    def off(a, b):   # relative L2; a zero reference (empty, or a zero gradient) wants zero
+        a, b = a.double().cpu(), b.double().cpu()
+        return float((a - b).norm() / b.norm()) if b.norm() > 0 else float(a.norm())
+
+    if grid is not None and 0 in grid:     # an empty grid is refused before any kernel
+        with pytest.raises(ssmc.SSMCError, match="'grid' must be positive"):
+            run("triton", torch.float32)
+        return
+    want_y, want = run("reference", torch.float64)
+    got_y, got = run("triton", torch.float32)
+    assert torch.isfinite(got_y).all()
+    assert off(got_y, want_y) <= 1e-5
+    for name, g in want.items():
+        assert torch.isfinite(got[name]).all(), name
+        assert off(got[name], g) <= 1e-5, name
+
+
+@pytest.mark.parametrize("varlen", (False, True))
+def test_scan_backward_writes_every_gradient_entry(varlen, monkeypatch):
+    """The backward's dq / dk partials and dv are allocated without a fill: every entry must
+    be written. Allocated NaN-filled here, the gradients still match the float64 reference
+    (packed sequences with empty ones among them too)."""
+    from ssmc.backends.triton.lowerings import scan_bwd_launch
+
+    real_empty = torch.empty
+
+    def nan_empty(*shape, **kw):
+        out = real_empty(*shape, **kw)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(scan_bwd_launch.torch, "empty", nan_empty)
+    defn = _ssd_like("bidirectional")
+    sizes = dict(b=2, t=13, h=2, g=1, n=16, p=16)
+    kw = {}
+    if varlen:
+        sizes = dict(sizes, b=1, t=sum(LENGTHS))
+        kw["cu_seqlens"] = cu_seqlens(LENGTHS)
+    inputs = inputs_for(defn, sizes, seed=3)
+    grad_y = torch.randn(sizes["b"], sizes["t"], sizes["h"], sizes["p"],
+                         generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def grads(backend, dtype):
+        op = ssmc.compile(defn, backend=backend, lowering="scan")
+        xs = {k: v.to(dtype).requires_grad_(True) for k, v in inputs.items()}
+        op(**xs, **kw).backward(grad_y.to(dtype))
+        return {k: x.grad for k, x in xs.items()}
+
+    want, got = grads("reference", torch.float64), grads("triton", torch.float32)
+    for name, g in want.items():
+        assert _rel(got[name], g) <= 1e-5, name

@@ -119,6 +119,116 @@ def last_state() -> str:
     return "state = tl.sum(tl.where(last_row[:, None, None], states, 0.0), axis=0)"
 
 
+#: steps per block of the step-at-a-time form (`render_steps`): each block's loads are
+#: issued a block ahead, so one memory latency is paid per block, not per step
+STEPS = int(__import__("os").environ.get("SSMC_STEPS_UNROLL", "8"))
+
+
+def _raw_inputs(prog) -> tuple[list[str], list[str]]:
+    """(time-varying, time-invariant) names of the inputs the recurrence operands read."""
+    rec = prog.recurrence
+    names = sorted({s.name for op in ("decay", "key", "value", "query")
+                    if getattr(rec, op) is not None
+                    for s in getattr(rec, op).expr.free_symbols})
+    varying = [n for n in names if "t" in prog.input(n).axes]
+    return varying, [n for n in names if n not in varying]
+
+
+def _step_tile(t: str, mask: str) -> Tile:
+    return Tile([("t", t, mask), ("n", "offs_n", "mask_n"), ("p", "offs_p", "mask_p")],
+                BLOCK_FIXED)
+
+
+def emit_prefetch(prog, ct: str, emit: Emitter, first: str, j: int, varying,
+                  rows_tag: str) -> None:
+    """Loads of the raw time-varying inputs of step `first` + j into `u_<name>_n<j>` (rows past
+    the end read 0); its row variables tagged `rows_tag` (the loop's must not be the
+    prologue's, or Triton carries them through the loop)."""
+    t, mask = f"t_{rows_tag}{j}", f"mask_{rows_tag}{j}"
+    emit.lines += indent(rows(f"{first} + {j}", f"i_{rows_tag}{j}", mask, t),
+                         emit.level).splitlines()
+    loader = Context(prog, _step_tile(t, mask), emit, f"n{j}", ct)
+    for name in varying:
+        loader.load(name)
+
+
+def emit_steps(prog, ct: str, step_out) -> tuple[Emitter, Emitter]:
+    """The step-at-a-time form: (`pre`, before the loop over blocks of STEPS steps starting at
+    c0; `body`, one block). `state` is a [1, n, BP] tile. Step j's raw inputs were loaded a
+    block ahead into `u_<name>_n<j>` (loop-carried), which takes the next block's step j as
+    soon as this one has read it: STEPS steps of loads in flight, no second copy held.
+    `step_out(body)` emits what a step does with `query`, `state`, `t_row` and `mask_t` after
+    its update."""
+    rec = prog.recurrence
+    varying, invariant = _raw_inputs(prog)
+    pre = Emitter(indent=1)
+    keep = Context(prog, BLOCK, pre, "c", ct)
+    for name in invariant:
+        keep.load(name)
+    for j in range(STEPS):
+        emit_prefetch(prog, ct, pre, "start * 0", j, varying, "first")
+    body = Emitter(indent=2)
+    for j in range(STEPS):
+        body.lines += indent(rows(f"c0 + {j}"), body.level).splitlines()
+        step = Context(prog, BLOCK, body, f"s{j}", ct,
+                       extra={**keep.loaded, **{n: f"u_{n}_n{j}" for n in varying}})
+        for name in ("decay", "key", "value", "query"):
+            if getattr(rec, name) is not None:
+                _operand(step, getattr(rec, name), name, ("n", "p"))
+        emit_prefetch(prog, ct, body, f"c0 + {STEPS}", j, varying, "next")
+        update = "state + key * value" if rec.decay is None else "decay * state + key * value"
+        body(f"state = tl.where(mask_t[:, None, None], {update}, state)")
+        step_out(body)
+    return pre, body
+
+
+def _forward_out(prog, ct):
+    def out(body: Emitter) -> None:
+        body("y = tl.sum(query * state, axis=1)")
+        body("y_mask = mask_t[:, None] & mask_p[None, :]")
+        body("if ATOMIC:")
+        with body.block():
+            body("tl.atomic_add(yacc_ptr + ((b_idx * T + t_row[:, None]) * H + h_idx) * P "
+                 "+ offs_p[None, :], y, mask=y_mask, sem=\"relaxed\")")
+        body("else:")
+        with body.block():
+            emit_output(body, prog, OUT_TILE, ct, "t_row[:, None]", "offs_p[None, :]",
+                        "y_mask")
+    return out
+
+
+def render_steps(plan: Plan) -> str:
+    """`ssmc_scan_fwd_steps`: the forward a step at a time (a [1, n, BP] state tile), in
+    blocks of STEPS steps unrolled in the source, the next block's raw inputs loaded while
+    this block runs. A loop that loads each step's operands in the step waits on memory every
+    step; the pipeliner leaves these loads alone (each lane reads a few bytes: no async copy)."""
+    prog = plan.program
+    ct = compute_type(plan)
+    pre, body = emit_steps(prog, ct, _forward_out(prog, ct))
+    return f'''
+@triton.jit
+def ssmc_scan_fwd_steps(
+    {input_params(prog)},
+    out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
+    yacc_ptr, h0_ptr, hT_ptr, cu_ptr,
+    T, HPG, N, P, GH, {SETUP_PARAMS},
+    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, STAGES: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
+    WRITE_OUT: tl.constexpr, ATOMIC: tl.constexpr,
+):
+{SETUP}
+    if HAS_H0:
+        state = tl.load(h0_ptr + state_off, mask=state_mask, other=0.0).to({ct})[None, :, :]
+    else:
+        state = tl.zeros([1, BN, BP], dtype={ct})
+{pre.text()}
+    for c0 in range(0, length, {STEPS}):
+{body.text()}
+    if STORE_HT:
+        tl.store(hT_ptr + state_off, tl.sum(state, axis=0), mask=state_mask)
+'''
+
+
 def render(plan: Plan) -> str:
     prog = plan.program
     ct = compute_type(plan)
@@ -142,7 +252,7 @@ def render(plan: Plan) -> str:
     epi = Emitter(indent=1)
     emit_output(epi, prog, OUT_TILE, ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
 
-    return HEADER + AFFINE + f'''
+    return HEADER + AFFINE + render_steps(plan) + f'''
 @triton.jit
 def ssmc_scan_fwd(
     {input_params(prog)},

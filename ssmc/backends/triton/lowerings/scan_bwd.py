@@ -39,7 +39,8 @@ from ..common import HEADER, compute_type, input_params
 from ..render import Context, Emitter
 from ..templates import indent, rows
 from .decay_terms import decay_terms, emit as emit_terms
-from .scan import AFFINE, BLOCK, SETUP, SETUP_PARAMS, emit_block_states, emit_operands, last_state
+from .scan import (AFFINE, BLOCK, SETUP, SETUP_PARAMS, STEPS, emit_block_states, emit_operands,
+                   emit_steps, last_state)
 
 
 #: where a block's checkpoint lives: (order, block, h, n, p)
@@ -51,6 +52,57 @@ C_BASE = '''    if IS_VARLEN:
         c_base = tl.load(ssmc_ck_off + seq).to(tl.int64)
     else:
         c_base = seq * tl.cdiv(T, CK)'''
+
+
+def _ckpt_y(body: Emitter) -> None:
+    """The checkpointing forward's y (fp32, summed over the orders): atomically when the orders
+    share a launch, else added to the earlier orders' sum."""
+    body("if WRITE_Y:")
+    with body.block():
+        body("y = tl.sum(query * state, axis=1)")
+        body("y_mask = mask_t[:, None] & mask_p[None, :]")
+        body("y_off = ((b_idx * T + t_row[:, None]) * H + h_idx) * P + offs_p[None, :]")
+        body("if ATOMIC:")
+        with body.block():
+            body("tl.atomic_add(ssmc_y + y_off, y, mask=y_mask, sem=\"relaxed\")")
+        body("else:")
+        with body.block():
+            body("if ACCUM_IN:")
+            with body.block():
+                body("y += tl.load(ssmc_y + y_off, mask=y_mask, other=0.0)")
+            body("tl.store(ssmc_y + y_off, y, mask=y_mask)")
+
+
+def render_ckpt_steps(plan: Plan) -> str:
+    """`ssmc_scan_ckpt_fwd_steps`: the checkpointing forward in the step-at-a-time form
+    (`scan.emit_steps`), for checkpoints every STEPS steps (CK == STEPS)."""
+    prog = plan.program
+    ct = compute_type(plan)
+    pre, body = emit_steps(prog, ct, _ckpt_y)
+    store = Emitter(indent=2)
+    store(f"chunk = c_base + c0 // {STEPS}")
+    store(f"tl.store(ssmc_ckpt + {CKPT_OFF}, tl.sum(state, axis=0), mask=state_mask)")
+    return f'''
+@triton.jit
+def ssmc_scan_ckpt_fwd_steps(
+    {input_params(prog)},
+    ssmc_y, ssmc_ckpt, ssmc_h0, cu_ptr, ssmc_ck_off,
+    T, HPG, N, P, GH, NCK, {SETUP_PARAMS},
+    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, CK: tl.constexpr,
+    HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
+    WRITE_Y: tl.constexpr, ATOMIC: tl.constexpr,
+):
+{SETUP}
+{C_BASE}
+    if HAS_H0:
+        state = tl.load(ssmc_h0 + state_off, mask=state_mask, other=0.0).to({ct})[None, :, :]
+    else:
+        state = tl.zeros([1, BN, BP], dtype={ct})
+{pre.text()}
+    for c0 in range(0, length, {STEPS}):
+{store.text()}
+{body.text()}
+'''
 
 
 def render(plan: Plan) -> str:
@@ -166,4 +218,4 @@ def ssmc_scan_bwd(
 {post_b.text()}
     tl.store(ssmc_dh0 + state_off, carry, mask=state_mask)
 '''
-    return HEADER + AFFINE + fwd + "\n" + bwd
+    return HEADER + AFFINE + fwd + "\n" + render_ckpt_steps(plan) + "\n" + bwd

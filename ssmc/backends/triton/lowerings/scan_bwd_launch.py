@@ -2,11 +2,14 @@
 rendered by scan_bwd.py)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
 from ....plan import Plan
 from ..common import chunk_layout, compute_dtype, input_args, num_sequences
+from .scan import STEPS
 from .decay_terms import buffers as term_buffers, canonical as term_canonical, decay_terms
 from .scan_launch import (ONE_WARP_VALUES, block_tile, order_bits, order_launches, scan_blocks,
                           scan_warps)
@@ -53,7 +56,10 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         h0 = h0_all
         if h0 is not None and count < nd:
             h0 = h0[first]
-        module.ssmc_scan_ckpt_fwd[(S, H, NPB * count)](
+        kernel = module.ssmc_scan_ckpt_fwd
+        if BT == 1 and CK == STEPS and os.environ.get("SSMC_SCAN_STEPS", "0") == "1":
+            kernel = module.ssmc_scan_ckpt_fwd_steps
+        kernel[(S, H, NPB * count)](
             *args, dummy if y is None else y, ckpt[first:], dummy if h0 is None else h0,
             dummy if cu_seqlens is None else cu_seqlens, dummy if ck_off is None else ck_off,
             T, H // G, N, P, sizes.get("grid_h", 1), NCK, NPB, first, rev, col,
@@ -77,9 +83,11 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     NPB = triton.cdiv(P, BP)
     dummy = torch.zeros(1, dtype=cdt, device=device)
     terms = decay_terms(prog)
-    dq = torch.zeros(nd, NPB, B, T, H, N, dtype=cdt, device=device)
-    dk = torch.zeros(nd, NPB, B, T, H, N, dtype=cdt, device=device)
-    dv = torch.zeros(nd, B, T, H, P, dtype=cdt, device=device)
+    # every entry is written (each order and p-block walks every row of every sequence, and
+    # cu_seqlens ends at t): no zero fill (at VMamba's 56x56, b=32, n=16, 1.5 GB of them)
+    dq = torch.empty(nd, NPB, B, T, H, N, dtype=cdt, device=device)
+    dk = torch.empty(nd, NPB, B, T, H, N, dtype=cdt, device=device)
+    dv = torch.empty(nd, B, T, H, P, dtype=cdt, device=device)
     bufs = term_buffers(terms, nd, NPB, sizes, S, cdt, device)
     dh0 = torch.empty(nd, S, H, N, P, dtype=cdt, device=device)
     gT = None if grad_final is None else grad_final.to(cdt).contiguous()

@@ -2,6 +2,8 @@
 registration (kernels rendered by scan.py)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -119,7 +121,10 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
         h0 = initial_state if count == nd else o.h0s[first]
         h0 = None if h0 is None else h0.contiguous()
         fin = final if final is None or count == nd else final[first]
-        module.ssmc_scan_fwd[(S, H, NPB * count)](
+        kernel = module.ssmc_scan_fwd
+        if BT == 1 and os.environ.get("SSMC_SCAN_STEPS", "0") == "1":
+            kernel = module.ssmc_scan_fwd_steps
+        kernel[(S, H, NPB * count)](
             *args, out, *out.stride(), yacc, out if h0 is None else h0,
             out if fin is None else fin, out if cu_seqlens is None else cu_seqlens,
             T, H // G, N, P, sizes.get("grid_h", 1), NPB, first, rev, col,
