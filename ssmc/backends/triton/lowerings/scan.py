@@ -139,14 +139,35 @@ def _step_tile(t: str, mask: str) -> Tile:
                 BLOCK_FIXED)
 
 
+def walk_rows(emit: Emitter, first: str, j: int, tag: str, i: str, mask: str,
+              t: str) -> None:
+    """Step `first` + j of a block (j a constant): `i` and `mask` as `templates.rows` has
+    them, and `t` the time step it reads, walked from step j - 1's without dividing: a
+    column order's grid row r and column q move by one with a wrap; only j = 0 divides. The
+    template divides twice per row and branches on the order: per step, in int64, that cost
+    more than the step's own work. Rows past the end are masked, whatever `t` they get."""
+    u, r, q = f"u_{tag}", f"r_{tag}", f"q_{tag}"
+    if j == 0:
+        emit(f"{u} = tl.where(REVERSE, end - 1 - ({first}), start + ({first}))")
+        emit(f"{r} = {u} % GH")
+        emit(f"{q} = {u} // GH")
+    else:
+        emit(f"{u} += step_dir")
+        emit(f"{r} += step_dir")
+        emit(f"{q} += tl.where({r} >= GH, 1, 0) - tl.where({r} < 0, 1, 0)")
+        emit(f"{r} = tl.where({r} >= GH, 0, tl.where({r} < 0, GH - 1, {r}))")
+    emit(f"{i} = {first} + {j} + offs_c")
+    emit(f"{mask} = {i} < length")
+    emit(f"{t} = tl.where(COLUMN, {r} * W_grid + {q}, {u}) + offs_c * 0")
+
+
 def emit_prefetch(prog, ct: str, emit: Emitter, first: str, j: int, varying,
                   rows_tag: str) -> None:
     """Loads of the raw time-varying inputs of step `first` + j into `u_<name>_n<j>` (rows past
     the end read 0); its row variables tagged `rows_tag` (the loop's must not be the
     prologue's, or Triton carries them through the loop)."""
     t, mask = f"t_{rows_tag}{j}", f"mask_{rows_tag}{j}"
-    emit.lines += indent(rows(f"{first} + {j}", f"i_{rows_tag}{j}", mask, t),
-                         emit.level).splitlines()
+    walk_rows(emit, first, j, rows_tag, f"i_{rows_tag}{j}", mask, t)
     loader = Context(prog, _step_tile(t, mask), emit, f"n{j}", ct)
     for name in varying:
         loader.load(name)
@@ -162,6 +183,8 @@ def emit_steps(prog, ct: str, step_out) -> tuple[Emitter, Emitter]:
     rec = prog.recurrence
     varying, invariant = _raw_inputs(prog)
     pre = Emitter(indent=1)
+    pre("step_dir = tl.where(REVERSE, -1, 1)")
+    pre("W_grid = T // GH")
     keep = Context(prog, BLOCK, pre, "c", ct)
     for name in invariant:
         keep.load(name)
@@ -169,7 +192,7 @@ def emit_steps(prog, ct: str, step_out) -> tuple[Emitter, Emitter]:
         emit_prefetch(prog, ct, pre, "start * 0", j, varying, "first")
     body = Emitter(indent=2)
     for j in range(STEPS):
-        body.lines += indent(rows(f"c0 + {j}"), body.level).splitlines()
+        walk_rows(body, "c0", j, "cur", "i_row", "mask_t", "t_row")
         step = Context(prog, BLOCK, body, f"s{j}", ct,
                        extra={**keep.loaded, **{n: f"u_{n}_n{j}" for n in varying}})
         for name in ("decay", "key", "value", "query"):

@@ -75,13 +75,15 @@ def _ckpt_y(body: Emitter) -> None:
 
 def render_ckpt_steps(plan: Plan) -> str:
     """`ssmc_scan_ckpt_fwd_steps`: the checkpointing forward in the step-at-a-time form
-    (`scan.emit_steps`), for checkpoints every STEPS steps (CK == STEPS)."""
+    (`scan.emit_steps`), for checkpoints every CK steps, a multiple of STEPS."""
     prog = plan.program
     ct = compute_type(plan)
     pre, body = emit_steps(prog, ct, _ckpt_y)
     store = Emitter(indent=2)
-    store(f"chunk = c_base + c0 // {STEPS}")
-    store(f"tl.store(ssmc_ckpt + {CKPT_OFF}, tl.sum(state, axis=0), mask=state_mask)")
+    store("if c0 % CK == 0:")
+    with store.block():
+        store("chunk = c_base + c0 // CK")
+        store(f"tl.store(ssmc_ckpt + {CKPT_OFF}, tl.sum(state, axis=0), mask=state_mask)")
     return f'''
 @triton.jit
 def ssmc_scan_ckpt_fwd_steps(

@@ -57,7 +57,7 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         if h0 is not None and count < nd:
             h0 = h0[first]
         kernel = module.ssmc_scan_ckpt_fwd
-        if BT == 1 and CK == STEPS and os.environ.get("SSMC_SCAN_STEPS", "0") == "1":
+        if BT == 1 and CK % STEPS == 0 and os.environ.get("SSMC_SCAN_STEPS", "0") == "1":
             kernel = module.ssmc_scan_ckpt_fwd_steps
         kernel[(S, H, NPB * count)](
             *args, dummy if y is None else y, ckpt[first:], dummy if h0 is None else h0,
