@@ -505,15 +505,19 @@ def test_scan_backward_decay_terms_of_every_input_shape(varlen):
                       lambda v: S.recurrence(decay=S.sigmoid(v["u"] + v["w"] + v["c"]),
                                              key=v["k"], value=v["v"], query=v["q"],
                                              direction="bidirectional"))
-    sizes = dict(b=2, t=11, h=4, g=2, n=3, p=5)
+    _gradients_match_reference(defn, dict(b=2, t=11, h=4, g=2, n=3, p=5), varlen, seed=6)
+
+
+def _gradients_match_reference(defn, sizes: dict, varlen: bool, seed: int) -> None:
+    """Gradients of every input through the Triton scan (fp32) against float64 autograd
+    through the reference, for a random output cotangent; packed LENGTHS when `varlen`."""
     kw = {}
     if varlen:
         sizes = dict(sizes, b=1, t=sum(LENGTHS))
         kw["cu_seqlens"] = cu_seqlens(LENGTHS)
-    inputs = inputs_for(defn, sizes, seed=6)
-    gen = torch.Generator().manual_seed(8)
+    inputs = inputs_for(defn, sizes, seed=seed)
     grad_y = torch.randn(sizes["b"], sizes["t"], sizes["h"], sizes["p"],
-                         generator=gen).to(DEVICE)
+                         generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
 
     def grads(backend, dtype):
         op = ssmc.compile(defn, backend=backend, lowering="scan")
@@ -633,22 +637,5 @@ def test_scan_backward_writes_every_gradient_entry(varlen, monkeypatch):
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
     monkeypatch.setattr(scan_bwd_launch.torch, "empty", nan_empty)
-    defn = _ssd_like("bidirectional")
-    sizes = dict(b=2, t=13, h=2, g=1, n=16, p=16)
-    kw = {}
-    if varlen:
-        sizes = dict(sizes, b=1, t=sum(LENGTHS))
-        kw["cu_seqlens"] = cu_seqlens(LENGTHS)
-    inputs = inputs_for(defn, sizes, seed=3)
-    grad_y = torch.randn(sizes["b"], sizes["t"], sizes["h"], sizes["p"],
-                         generator=torch.Generator().manual_seed(2)).to(DEVICE)
-
-    def grads(backend, dtype):
-        op = ssmc.compile(defn, backend=backend, lowering="scan")
-        xs = {k: v.to(dtype).requires_grad_(True) for k, v in inputs.items()}
-        op(**xs, **kw).backward(grad_y.to(dtype))
-        return {k: x.grad for k, x in xs.items()}
-
-    want, got = grads("reference", torch.float64), grads("triton", torch.float32)
-    for name, g in want.items():
-        assert _rel(got[name], g) <= 1e-5, name
+    _gradients_match_reference(_ssd_like("bidirectional"), dict(b=2, t=13, h=2, g=1, n=16, p=16),
+                               varlen, seed=3)

@@ -205,18 +205,34 @@ def emit_steps(prog, ct: str, step_out) -> tuple[Emitter, Emitter]:
     return pre, body
 
 
+def fwd_params(prog) -> str:
+    """The forward kernels' parameters (both forms: the launch calls either alike)."""
+    return f"""    {input_params(prog)},
+    out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
+    yacc_ptr, h0_ptr, hT_ptr, cu_ptr,
+    T, HPG, N, P, GH, {SETUP_PARAMS},
+    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, STAGES: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
+    WRITE_OUT: tl.constexpr, ATOMIC: tl.constexpr,"""
+
+
+def emit_y_store(body: Emitter, prog, ct: str) -> None:
+    """Store `y` (rows t_row, mask_t): added atomically to the orders' fp32 sum where they
+    share a launch, else through `emit_output`."""
+    body("y_mask = mask_t[:, None] & mask_p[None, :]")
+    body("if ATOMIC:")
+    with body.block():
+        body("tl.atomic_add(yacc_ptr + ((b_idx * T + t_row[:, None]) * H + h_idx) * P "
+             "+ offs_p[None, :], y, mask=y_mask, sem=\"relaxed\")")
+    body("else:")
+    with body.block():
+        emit_output(body, prog, OUT_TILE, ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
+
+
 def _forward_out(prog, ct):
     def out(body: Emitter) -> None:
         body("y = tl.sum(query * state, axis=1)")
-        body("y_mask = mask_t[:, None] & mask_p[None, :]")
-        body("if ATOMIC:")
-        with body.block():
-            body("tl.atomic_add(yacc_ptr + ((b_idx * T + t_row[:, None]) * H + h_idx) * P "
-                 "+ offs_p[None, :], y, mask=y_mask, sem=\"relaxed\")")
-        body("else:")
-        with body.block():
-            emit_output(body, prog, OUT_TILE, ct, "t_row[:, None]", "offs_p[None, :]",
-                        "y_mask")
+        emit_y_store(body, prog, ct)
     return out
 
 
@@ -231,13 +247,7 @@ def render_steps(plan: Plan) -> str:
     return f'''
 @triton.jit
 def ssmc_scan_fwd_steps(
-    {input_params(prog)},
-    out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
-    yacc_ptr, h0_ptr, hT_ptr, cu_ptr,
-    T, HPG, N, P, GH, {SETUP_PARAMS},
-    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, STAGES: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
-    WRITE_OUT: tl.constexpr, ATOMIC: tl.constexpr,
+{fwd_params(prog)}
 ):
 {SETUP}
     if HAS_H0:
@@ -261,14 +271,7 @@ def render(plan: Plan) -> str:
     emit_block_states(prog.recurrence, ct, body)
     body("y = tl.sum(query * states, axis=1)")
     body(last_state())
-    body("y_mask = mask_t[:, None] & mask_p[None, :]")
-    body("if ATOMIC:")
-    with body.block():
-        body("tl.atomic_add(yacc_ptr + ((b_idx * T + t_row[:, None]) * H + h_idx) * P "
-             "+ offs_p[None, :], y, mask=y_mask, sem=\"relaxed\")")
-    body("else:")
-    with body.block():
-        emit_output(body, prog, OUT_TILE, ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
+    emit_y_store(body, prog, ct)
 
     # the epilogue of an atomically summed output: one program per (sequence, block of rows,
     # head)
@@ -278,13 +281,7 @@ def render(plan: Plan) -> str:
     return HEADER + AFFINE + render_steps(plan) + f'''
 @triton.jit
 def ssmc_scan_fwd(
-    {input_params(prog)},
-    out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
-    yacc_ptr, h0_ptr, hT_ptr, cu_ptr,
-    T, HPG, N, P, GH, {SETUP_PARAMS},
-    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, STAGES: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
-    WRITE_OUT: tl.constexpr, ATOMIC: tl.constexpr,
+{fwd_params(prog)}
 ):
 {SETUP}
     if HAS_H0:

@@ -54,12 +54,12 @@ C_BASE = '''    if IS_VARLEN:
         c_base = seq * tl.cdiv(T, CK)'''
 
 
-def _ckpt_y(body: Emitter) -> None:
-    """The checkpointing forward's y (fp32, summed over the orders): atomically when the orders
-    share a launch, else added to the earlier orders' sum."""
+def emit_ckpt_y(body: Emitter, states: str) -> None:
+    """The checkpointing forward's y (fp32, summed over the orders) from `states`: atomically
+    when the orders share a launch, else added to the earlier orders' sum."""
     body("if WRITE_Y:")
     with body.block():
-        body("y = tl.sum(query * state, axis=1)")
+        body(f"y = tl.sum(query * {states}, axis=1)")
         body("y_mask = mask_t[:, None] & mask_p[None, :]")
         body("y_off = ((b_idx * T + t_row[:, None]) * H + h_idx) * P + offs_p[None, :]")
         body("if ATOMIC:")
@@ -73,12 +73,22 @@ def _ckpt_y(body: Emitter) -> None:
             body("tl.store(ssmc_y + y_off, y, mask=y_mask)")
 
 
+def ckpt_params(prog) -> str:
+    """The checkpointing forward kernels' parameters (both forms)."""
+    return f"""    {input_params(prog)},
+    ssmc_y, ssmc_ckpt, ssmc_h0, cu_ptr, ssmc_ck_off,
+    T, HPG, N, P, GH, NCK, {SETUP_PARAMS},
+    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, CK: tl.constexpr,
+    HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
+    WRITE_Y: tl.constexpr, ATOMIC: tl.constexpr,"""
+
+
 def render_ckpt_steps(plan: Plan) -> str:
     """`ssmc_scan_ckpt_fwd_steps`: the checkpointing forward in the step-at-a-time form
     (`scan.emit_steps`), for checkpoints every CK steps, a multiple of STEPS."""
     prog = plan.program
     ct = compute_type(plan)
-    pre, body = emit_steps(prog, ct, _ckpt_y)
+    pre, body = emit_steps(prog, ct, lambda b: emit_ckpt_y(b, "state"))
     store = Emitter(indent=2)
     store("if c0 % CK == 0:")
     with store.block():
@@ -87,12 +97,7 @@ def render_ckpt_steps(plan: Plan) -> str:
     return f'''
 @triton.jit
 def ssmc_scan_ckpt_fwd_steps(
-    {input_params(prog)},
-    ssmc_y, ssmc_ckpt, ssmc_h0, cu_ptr, ssmc_ck_off,
-    T, HPG, N, P, GH, NCK, {SETUP_PARAMS},
-    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, CK: tl.constexpr,
-    HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
-    WRITE_Y: tl.constexpr, ATOMIC: tl.constexpr,
+{ckpt_params(prog)}
 ):
 {SETUP}
 {C_BASE}
@@ -118,31 +123,13 @@ def render(plan: Plan) -> str:
     body_f = Emitter(indent=3)
     emit_operands(prog, ct, pre_f, body_f, operands, tag="f")
     emit_block_states(rec, ct, body_f)
-    body_f("if WRITE_Y:")
-    with body_f.block():
-        body_f("y = tl.sum(query * states, axis=1)")
-        body_f("y_mask = mask_t[:, None] & mask_p[None, :]")
-        body_f("y_off = ((b_idx * T + t_row[:, None]) * H + h_idx) * P + offs_p[None, :]")
-        body_f("if ATOMIC:")
-        with body_f.block():
-            body_f("tl.atomic_add(ssmc_y + y_off, y, mask=y_mask, sem=\"relaxed\")")
-        body_f("else:")
-        with body_f.block():
-            body_f("if ACCUM_IN:")
-            with body_f.block():
-                body_f("y += tl.load(ssmc_y + y_off, mask=y_mask, other=0.0)")
-            body_f("tl.store(ssmc_y + y_off, y, mask=y_mask)")
+    emit_ckpt_y(body_f, "states")
     body_f(last_state())
 
     fwd = f'''
 @triton.jit
 def ssmc_scan_ckpt_fwd(
-    {input_params(prog)},
-    ssmc_y, ssmc_ckpt, ssmc_h0, cu_ptr, ssmc_ck_off,
-    T, HPG, N, P, GH, NCK, {SETUP_PARAMS},
-    BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, CK: tl.constexpr,
-    HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
-    WRITE_Y: tl.constexpr, ATOMIC: tl.constexpr,
+{ckpt_params(prog)}
 ):
 {SETUP}
 {C_BASE}
