@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
 
@@ -23,18 +22,6 @@ import cross2d
 from profile_gla import kernel_table
 
 CASES = ((56, 56, 16), (28, 28, 16))
-
-
-def median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def use_steps(on: bool) -> None:
@@ -72,7 +59,7 @@ def main():
         for _ in range(2):
             for on in (False, True):
                 use_steps(on)
-                times[on].append(round(median_ms(run, args.reps), 3))
+                times[on].append(round(cross2d.time_ms(run, torch.device("cuda"), args.reps), 3))
         diff = float((outs[True] - outs[False]).norm() / outs[False].norm())
         what = "forward + backward" if args.train else "forward"
         print(f"{what} {H}x{W} n={n} (unroll {unroll}): loop {times[False]} ms, "

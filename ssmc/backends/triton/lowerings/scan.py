@@ -18,6 +18,8 @@ the earlier ones' sum, so that the output's bits do not depend on the order of t
 """
 from __future__ import annotations
 
+import os
+
 from ....plan import Plan
 from ..common import HEADER, emit_output, compute_type, input_params
 from ..render import Context, Emitter, Tile, tile_mask
@@ -121,7 +123,20 @@ def last_state() -> str:
 
 #: steps per block of the step-at-a-time form (`render_steps`): each block's loads are
 #: issued a block ahead, so one memory latency is paid per block, not per step
-STEPS = int(__import__("os").environ.get("SSMC_STEPS_UNROLL", "8"))
+STEPS = int(os.environ.get("SSMC_STEPS_UNROLL", "8"))
+
+
+def step_kernels_on() -> bool:
+    """Whether launches take the step kernels (SSMC_SCAN_STEPS=1) until they are timed."""
+    return os.environ.get("SSMC_SCAN_STEPS", "0") == "1"
+
+
+def step_state_init(ptr: str, ct: str) -> str:
+    """The step kernels' [1, n, BP] state: from `ptr` when HAS_H0, else zeros (indent 1)."""
+    return f"""    if HAS_H0:
+        state = tl.load({ptr} + state_off, mask=state_mask, other=0.0).to({ct})[None, :, :]
+    else:
+        state = tl.zeros([1, BN, BP], dtype={ct})"""
 
 
 def _raw_inputs(prog) -> tuple[list[str], list[str]]:
@@ -250,10 +265,7 @@ def ssmc_scan_fwd_steps(
 {fwd_params(prog)}
 ):
 {SETUP}
-    if HAS_H0:
-        state = tl.load(h0_ptr + state_off, mask=state_mask, other=0.0).to({ct})[None, :, :]
-    else:
-        state = tl.zeros([1, BN, BP], dtype={ct})
+{step_state_init("h0_ptr", ct)}
 {pre.text()}
     for c0 in range(0, length, {STEPS}):
 {body.text()}

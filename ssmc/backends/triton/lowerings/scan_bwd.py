@@ -40,7 +40,7 @@ from ..render import Context, Emitter
 from ..templates import indent, rows
 from .decay_terms import decay_terms, emit as emit_terms
 from .scan import (AFFINE, BLOCK, SETUP, SETUP_PARAMS, STEPS, emit_block_states, emit_operands,
-                   emit_steps, last_state)
+                   emit_steps, last_state, step_state_init)
 
 
 #: where a block's checkpoint lives: (order, block, h, n, p)
@@ -101,10 +101,7 @@ def ssmc_scan_ckpt_fwd_steps(
 ):
 {SETUP}
 {C_BASE}
-    if HAS_H0:
-        state = tl.load(ssmc_h0 + state_off, mask=state_mask, other=0.0).to({ct})[None, :, :]
-    else:
-        state = tl.zeros([1, BN, BP], dtype={ct})
+{step_state_init("ssmc_h0", ct)}
 {pre.text()}
     for c0 in range(0, length, {STEPS}):
 {store.text()}

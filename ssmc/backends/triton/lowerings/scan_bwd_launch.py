@@ -2,14 +2,12 @@
 rendered by scan_bwd.py)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
 from ....plan import Plan
 from ..common import chunk_layout, compute_dtype, input_args, num_sequences
-from .scan import STEPS
+from .scan import STEPS, step_kernels_on
 from .decay_terms import buffers as term_buffers, canonical as term_canonical, decay_terms
 from .scan_launch import (ONE_WARP_VALUES, block_tile, order_bits, order_launches, scan_blocks,
                           scan_warps)
@@ -57,7 +55,7 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         if h0 is not None and count < nd:
             h0 = h0[first]
         kernel = module.ssmc_scan_ckpt_fwd
-        if BT == 1 and CK % STEPS == 0 and os.environ.get("SSMC_SCAN_STEPS", "0") == "1":
+        if BT == 1 and CK % STEPS == 0 and step_kernels_on():
             kernel = module.ssmc_scan_ckpt_fwd_steps
         kernel[(S, H, NPB * count)](
             *args, dummy if y is None else y, ckpt[first:], dummy if h0 is None else h0,

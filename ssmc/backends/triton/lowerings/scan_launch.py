@@ -2,8 +2,6 @@
 registration (kernels rendered by scan.py)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
@@ -11,7 +9,7 @@ from ....plan import Plan
 from ..common import Outputs, input_args, next_pow2
 from ..tiles import ScanTile, scan_space
 from .registry import TritonLowering, register_lowering
-from .scan import render
+from .scan import render, step_kernels_on
 
 
 def block_sizes(N: int, P: int, tile: dict | None = None) -> tuple[int, int]:
@@ -122,7 +120,7 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
         h0 = None if h0 is None else h0.contiguous()
         fin = final if final is None or count == nd else final[first]
         kernel = module.ssmc_scan_fwd
-        if BT == 1 and os.environ.get("SSMC_SCAN_STEPS", "0") == "1":
+        if BT == 1 and step_kernels_on():
             kernel = module.ssmc_scan_fwd_steps
         kernel[(S, H, NPB * count)](
             *args, out, *out.stride(), yacc, out if h0 is None else h0,
