@@ -34,6 +34,8 @@ class ChunkedTile(Tile):
     warps_out: int | None = pow2("warps of the output pass")
     stages_state: int | None = count("pipeline stages of the state pass's loads")
     stages_out: int | None = count("pipeline stages of the output pass")
+    regs_pair: int | None = count("registers a thread of the output pass of two opposite "
+                                  "orders may hold (chunked_pairs.py; 255 for no cap)")
     SEG_state: int | None = count("chunks per segment of the state pass, its segments walked "
                                   "side by side (default: where few sequences and heads would "
                                   "leave the GPU idle)")

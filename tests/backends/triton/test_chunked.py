@@ -591,9 +591,13 @@ def build(mod, name, consts, dtype):
     fn = getattr(mod, name)
     if "ssmc_rb" in fn.arg_names:   # the prefix sums' row block
         consts = dict(consts, ssmc_rb=16)
-    sig = {a: "constexpr" if a in consts else INT_PTRS.get(a) or (
-        (LOW[dtype] if a.startswith("u_") or a in ("out_ptr", "states_ptr") else "*fp32")
-        if a.endswith("_ptr") or a.startswith("ssmc_") else "i32") for a in fn.arg_names}
+    def kind(a):   # a pair's second order's parameters (chunked_pairs.py) end in _b
+        base = a[:-2] if a.endswith("_b") else a
+        return INT_PTRS.get(base) or (
+            (LOW[dtype] if base.startswith("u_") or base in ("out_ptr", "states_ptr") else "*fp32")
+            if base.endswith("_ptr") or base.startswith("ssmc_") else "i32")
+
+    sig = {a: "constexpr" if a in consts else kind(a) for a in fn.arg_names}
     k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=8 if "keys" in name else 4))
     assert k.asm.get("cubin"), name
@@ -614,6 +618,13 @@ for decay, dtype in (("diagonal", "bfloat16"), ("diagonal", "float16"), ("diagon
         build(fwd, "ssmc_chunked_out_fwd", dict(BT=64, CS=64, BN=64, BP=64, NPB=1, ACCUM_IN=True,
                                                 WRITE_OUT=True, SEGMENTED=True, **order,
                                                 QK_READ=qk_read), dtype)
+    if not per_key:   # two opposite orders in one program (chunked_pairs.py)
+        for name in ("ssmc_chunked_out_pair_fwd", "ssmc_chunked_out_pair_resets_fwd"):
+            if hasattr(fwd, name):
+                pair = dict(BT=64, CS=64, BN=64, BP=64, NPB=1, ACCUM_IN=True, WRITE_OUT=True,
+                            SEGMENTED=True, QK_READ=True, **order, REVERSE_b=False,
+                            COLUMN_b=True)
+                build(fwd, name, dict(pair, ROWS=16) if "resets" in name else pair, dtype)
     if not per_key:   # q k^T once per (chunk, group): chunk_qk.py
         build(fwd, "ssmc_chunk_qk", dict(BT=64, BN=64, BP=16, **order), dtype)
     if per_key:

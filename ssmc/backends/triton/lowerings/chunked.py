@@ -56,6 +56,8 @@ from .chunk_qk import qk_load, render_qk_kernel, shares_qk
 from . import chunked_prefix as prefix
 from .chunked_keys import KeyOps, output_body, render_scores_kernel
 from .chunked_prefix import RunningSums
+from .chunked_pairs import (OUT_BLOCK, OUT_COUNTING, OUT_PLAIN, block_call, flag_of,
+                            param_names, render_pair_kernels)
 from .chunked_tiles import (KEY_KT_TILE, KEY_ROWS, KEY_T_TILE, KEY_V_TILE, KT_TILE, QK_TILE,
                             T_TILE, V_TILE)
 from ..templates import (HAS_RESET_BELOW, after, chunk_setup, chunk_state_store, fold_resets,
@@ -496,35 +498,47 @@ def _row_block(plan: Plan, chunk: str, body: Emitter, level: int) -> str:
                       indent(rows(), level + 1), indent(textwrap.dedent(body.text()), level + 1)])
 
 
+def out_params(plan: Plan) -> str:
+    """The output pass's parameters (every kernel of it, and its row-block functions)."""
+    return f"{input_params(plan.program)}, {prefix_params(plan)}{OUT_PARAMS}"
+
+
+def _block_function(plan: Plan, name: str, body: Emitter) -> str:
+    """One row block `pid0` of the output pass as a function of the kernel's parameters: the
+    kernels call it once per row block, a pair of orders' kernels twice (chunked_pairs.py)."""
+    return f'''
+@triton.jit
+def {name}({out_params(plan)}
+    pid0,
+):
+    R = CS // BT
+{_row_block(plan, "pid0 // R", body, 1)}
+'''
+
+
 def render_output_kernel(plan: Plan) -> str:
     """The output pass; for `reset_specialised` plans two kernels: the plain running sums on
     the chunks the state pass did not flag, and `ssmc_chunked_out_resets_fwd`, counting resets
     on the flagged ones, RESET_ROWS_PER_PROGRAM row blocks per program (one vector load of
-    their flags, so a run without resets costs it little)."""
-    prog = plan.program
-    params = f"{input_params(prog)}, {prefix_params(plan)}{OUT_PARAMS}"
+    their flags, so a run without resets costs it little). Each row block is a function
+    (`_block_function`) that the kernels of a pair of orders call too."""
+    params = out_params(plan)
+    names = param_names(params)
     if not reset_specialised(plan):
-        return f'''
+        return _block_function(plan, OUT_BLOCK, _output_body(plan, True)) + f'''
 @triton.jit
 def ssmc_chunked_out_fwd({params}
 ):
-    R = CS // BT
-    pid0 = tl.program_id(0).to(tl.int64)
-{_row_block(plan, "pid0 // R", _output_body(plan, True), 1)}
+    {block_call(OUT_BLOCK, names, "tl.program_id(0).to(tl.int64)")}
 '''
-    plain = Emitter(indent=0)
-    plain("if tl.load(resets_ptr + chunk * H + h_idx) == 0:")
-    plain.lines.append(indent(textwrap.dedent(_output_body(plan, False).text()), 1))
-    counting = Emitter(indent=0)
-    counting("if tl.load(resets_ptr + chunk * H + h_idx) != 0:")
-    counting.lines.append(indent(textwrap.dedent(_output_body(plan, True).text()), 1))
-    return f'''
+    return (_block_function(plan, OUT_PLAIN, _output_body(plan, False))
+            + _block_function(plan, OUT_COUNTING, _output_body(plan, True)) + f'''
 @triton.jit
 def ssmc_chunked_out_fwd({params}
 ):
-    R = CS // BT
     pid0 = tl.program_id(0).to(tl.int64)
-{_row_block(plan, "pid0 // R", plain, 1)}
+    if {flag_of("resets_ptr", "pid0")} == 0:
+        {block_call(OUT_PLAIN, names, "pid0")}
 
 
 @triton.jit
@@ -540,11 +554,14 @@ def ssmc_chunked_out_resets_fwd({params}
         for i in range(0, ROWS):
             pid0 = first + i
             if pid0 < NROWS:
-{_row_block(plan, "pid0 // R", counting, 4)}
-'''
+                if {flag_of("resets_ptr", "pid0")} != 0:
+                    {block_call(OUT_COUNTING, names, "pid0")}
+''')
 
 
 def render(plan: Plan) -> str:
     scores = (render_scores_kernel(plan) + prefix.render_prefix_kernel(plan)
               if per_key_decay(plan) else render_qk_kernel(plan) if shares_qk(plan) else "")
-    return HEADER + render_state_kernel(plan) + "\n" + render_output_kernel(plan) + scores
+    pairs = render_pair_kernels(plan, out_params(plan), reset_specialised(plan))
+    return (HEADER + render_state_kernel(plan) + "\n" + render_output_kernel(plan) + pairs
+            + scores)

@@ -17,6 +17,7 @@ from .chunked_keys import launch_scores, whole_chunk_warps
 from . import chunked_segments as seg
 from .chunked_prefix import PrefixSums
 from .chunked_segments import Segments
+from .chunked_pairs import order_groups, second_order_args
 from .registry import TritonLowering, register_lowering
 
 #: shared memory a walk takes besides its pipelined operand tiles (sm_90, Triton 3.6: 8 bytes)
@@ -54,6 +55,12 @@ def tiles(plan: Plan, sizes: dict, n_programs: int, limits: DeviceLimits | None 
                 SEG_state=tile.get("SEG_state"),
                 warps_state=tile.get("warps_state", 4),
                 warps_out=tile.get("warps_out", whole_chunk_warps(BN, CS) if per_key else 4),
+                # a pair of orders' output pass (chunked_pairs.py) holds more registers than
+                # either order's alone (ptxas, Triton 3.6, sm_90a, Mamba-2-style cross2d n=64
+                # p=64, 4 warps: 186 against 140 with q k^T read, 3 blocks an SM -> 2); capped
+                # at 168 it keeps 3 with no spills. At n=128 one order's already takes 183
+                # (2 blocks) and a cap spills: none
+                regs_pair=tile.get("regs_pair", 168 if BN <= 64 and not per_key else None),
                 # H100, ssd b=8 t=4096 / b=16 t=2048: 3 stages 1.74 / 1.66 ms, 2 stages 1.80 /
                 # 1.74 (per-key decays: measured only with 2)
                 stages_state=walk_stages(plan, CS, BN_state, BP_state, limits,
@@ -99,9 +106,6 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
     n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["CS"], device)
     state_dtype = cdt if interpreting() else {"bfloat16": torch.bfloat16,
                                               "float16": torch.float16}.get(plan.dtype, cdt)
-    states = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype, device=device)
-    # 1 where a chunk holds a reset (`reset_specialised`): written by the state pass
-    resets = torch.empty(max(n_chunks, 1), H, dtype=torch.int8, device=device)
     per_key = per_key_decay(plan)
     # per-key decays: each chunk's decayed scores (chunked_keys.py); query and key shared by
     # a group's heads: each chunk's q k^T per group (chunk_qk.py)
@@ -114,9 +118,8 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
         kept = (torch.empty if n_chunks > 0 else torch.zeros)(
             len(dirs), max(n_chunks, 1), H, m["CS"], m["CS"], dtype=cdt, device=device)
         keep.append(kept)
-    scores = (torch.empty(max(n_chunks, 1), H if per_key else G, m["CS"], m["CS"], dtype=cdt,
-                          device=device) if output and (per_key or qk_read) and kept is None
-              else out)
+    out_bt = m["CS"] if per_key else m["BT"]   # per-key: the output pass takes whole chunks
+    groups = order_groups(dirs, T, out_bt, output and cu_seqlens is None and not per_key)
 
     on_gpu = device.type == "cuda"
     launch_state = dict(num_warps=m["warps_state"], num_stages=m["stages_state"]) if on_gpu else {}
@@ -128,58 +131,101 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
     npb_state = triton.cdiv(P, m["BP_state"])
     blocks = triton.cdiv(N, m["BN_state"]) * npb_state
     per_seq = triton.cdiv(T, m["CS"])
-    sg = Segments(seg.segment_chunks(m["SEG_state"], per_seq, S * H * blocks,
-                                     cu_seqlens is not None, seg.program_target(device)),
-                  S, per_seq, n_chunks, sizes, per_key_decay(plan), device, out)
     sums = PrefixSums(plan, per_key, n_chunks, H, m["CS"], m["BT"], N,
                       device)
-    for i, direction in enumerate(dirs):
-        # per-order inputs: this order's slice; per-key decays: their running sums after them
-        args = input_args(prog, tensors, i)
-        h0 = None if h0s[i] is None else h0s[i].contiguous()
-        order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
-        sums.fill(module, args, n_chunks, H, (cu, off, seqs), (T, H // G, N, P, GH), N,
-                  order, cu_seqlens is not None)
-        args = (*args, *sums.args)
-        module.ssmc_chunked_state_fwd[(S * sg.n_seg, H, blocks)](
-            *args, states, resets, out if h0 is None else h0,
-            out if final is None else final[i], cu, off, *sg.buffers,
-            T, H // G, N, P, GH, sg.n_seg, sg.seg or 1,
-            BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"], NPB=npb_state, **order,
-            HAS_H0=h0 is not None, STORE_HT=final is not None,
-            IS_VARLEN=cu_seqlens is not None, SEGMENTED=bool(sg.seg), **launch_state)
-        if sg.seg:
-            module.ssmc_chunked_segments[(S, H, blocks)](
-                sg.seg_state, sg.seg_prod, out if final is None else final[i], sg.n_seg, N, P,
-                BN=m["BN_state"], BP=m["BP_state"], NPB=npb_state,
-                STORE_OUT=final is not None, REVERSE=False)
+
+    def order_buffers():
+        """What one order's passes write and its output pass reads: a pair holds two."""
+        return dict(
+            states=torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype, device=device),
+            # 1 where a chunk holds a reset (`reset_specialised`): written by the state pass
+            resets=torch.empty(max(n_chunks, 1), H, dtype=torch.int8, device=device),
+            scores=(torch.empty(max(n_chunks, 1), H if per_key else G, m["CS"], m["CS"],
+                                dtype=cdt, device=device)
+                    if output and (per_key or qk_read) and kept is None else out),
+            sg=Segments(seg.segment_chunks(m["SEG_state"], per_seq, S * H * blocks,
+                                           cu_seqlens is not None, seg.program_target(device)),
+                        S, per_seq, n_chunks, sizes, per_key, device, out))
+
+    slots = [order_buffers() for _ in range(max(len(g) for g in groups))]
+    sg = slots[0]["sg"]
+    rows = (cu, off, seqs)
+    npb = triton.cdiv(P, m["BP_out"])
+    n_rows = n_chunks * (m["CS"] // out_bt)
+    for gi, group in enumerate(groups):
+        passes = [_order_passes(module, plan, tensors, sizes, m, i, dirs[i], buf, h0s[i],
+                                None if final is None else final[i], sums, kept, rows,
+                                cu_seqlens is not None, n_chunks, output, qk_read,
+                                launch_state, launch_out, S)
+                  for i, buf in zip(group, slots)]
         if n_chunks == 0 or not output:
             continue
-        npb = triton.cdiv(P, m["BP_out"])
-        out_bt = m["BT"]
-        if per_key:   # the chunk's scores once, then the output pass takes whole chunks
-            out_bt = m["CS"]
-            if kept is not None:
-                scores = kept[i]
-            launch_scores(module, args, scores, n_chunks, H, (cu, off, seqs),
-                          (T, H // G, N, P, GH), m["BT"], m["CS"], m["BN"], order,
-                          cu_seqlens is not None, on_gpu)
-        elif qk_read:
-            launch_qk(module, args, scores, n_chunks, G, (cu, off, seqs), sizes, m["CS"], order,
-                      cu_seqlens is not None, launch_out)
-        n_rows = n_chunks * (m["CS"] // out_bt)
-        out_args = (*args, out, *out.stride(), yacc, states, resets, scores, cu, off, seqs,
-                    sg.seg_state, sg.chunk_prod, T, H // G, N, P, GH, sg.n_seg, sg.seg or 1)
-        out_meta = dict(BT=out_bt, CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb,
-                        **order, IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0,
-                        WRITE_OUT=i == len(dirs) - 1, SEGMENTED=bool(sg.seg),
-                        QK_READ=qk_read, **launch_out)
-        module.ssmc_chunked_out_fwd[(n_rows, H, npb)](*out_args, **out_meta)
+        (args, buffers, order), *second = passes
+        kernel_args = (*args, out, *out.stride(), yacc, *buffers[:3], *rows, *buffers[3:],
+                       T, H // G, N, P, GH, sg.n_seg, sg.seg or 1)
+        # a pair's second order (chunked_pairs.py): its inputs, buffers and flags as `_b`
+        pair = second_order_args(plan, *second[0]) if second else {}
+        out_meta = dict(BT=out_bt, CS=m["CS"], BN=m["BN"], BP=m["BP_out"], NPB=npb, **order,
+                        IS_VARLEN=cu_seqlens is not None, ACCUM_IN=gi > 0,
+                        WRITE_OUT=gi == len(groups) - 1, SEGMENTED=bool(sg.seg),
+                        QK_READ=qk_read, **pair, **launch_out)
+        kind = "_pair" if pair else ""
+        cap = (dict(maxnreg=m["regs_pair"])
+               if pair and on_gpu and m["regs_pair"] and m["warps_out"] == 4 else {})
+        getattr(module, f"ssmc_chunked_out{kind}_fwd")[(n_rows, H, npb)](*kernel_args,
+                                                                          **out_meta, **cap)
         if reset_specialised(plan):
             rows_per = RESET_ROWS_PER_PROGRAM
-            module.ssmc_chunked_out_resets_fwd[(triton.cdiv(n_rows, rows_per), H, npb)](
-                *out_args, **out_meta, NROWS=n_rows, ROWS=rows_per)
+            getattr(module, f"ssmc_chunked_out{kind}_resets_fwd")[
+                (triton.cdiv(n_rows, rows_per), H, npb)](*kernel_args, **out_meta,
+                                                         NROWS=n_rows, ROWS=rows_per)
     return o.result()
+
+
+def _order_passes(module, plan: Plan, tensors, sizes, m, i, direction, buf, h0, final,
+                  sums, kept, rows, packed, n_chunks, output, qk_read, launch_state, launch_out,
+                  S):
+    """Order `i`'s passes before its output pass: its running sums (per-key decays), the
+    state pass (and the segments' join), and the scores or q k^T its output pass reads, into
+    `buf`. Returns (its input arguments, the buffers its output pass reads in parameter
+    order: states, resets, scores, segment states, chunk products; its order flags)."""
+    prog = plan.program
+    T, H, G, N, P = (sizes[a] for a in "thgnp")
+    GH = sizes.get("grid_h", 1)
+    sg = buf["sg"]
+    # per-order inputs: this order's slice; per-key decays: their running sums after them
+    args = input_args(prog, tensors, i)
+    h0 = None if h0 is None else h0.contiguous()
+    order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
+    sums.fill(module, args, n_chunks, H, rows, (T, H // G, N, P, GH), N, order, packed)
+    args = (*args, *sums.args)
+    dummy = buf["states"]
+    cu, off, seqs = rows
+    npb_state = triton.cdiv(P, m["BP_state"])
+    blocks = triton.cdiv(N, m["BN_state"]) * npb_state
+    module.ssmc_chunked_state_fwd[(S * sg.n_seg, H, blocks)](
+        *args, buf["states"], buf["resets"], dummy if h0 is None else h0,
+        dummy if final is None else final, cu, off, *sg.buffers,
+        T, H // G, N, P, GH, sg.n_seg, sg.seg or 1,
+        BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"], NPB=npb_state, **order,
+        HAS_H0=h0 is not None, STORE_HT=final is not None,
+        IS_VARLEN=packed, SEGMENTED=bool(sg.seg), **launch_state)
+    if sg.seg:
+        module.ssmc_chunked_segments[(S, H, blocks)](
+            sg.seg_state, sg.seg_prod, dummy if final is None else final, sg.n_seg, N, P,
+            BN=m["BN_state"], BP=m["BP_state"], NPB=npb_state,
+            STORE_OUT=final is not None, REVERSE=False)
+    scores = buf["scores"]
+    if n_chunks > 0 and output:
+        if per_key_decay(plan):   # the chunk's scores once, then the output pass takes chunks
+            if kept is not None:
+                scores = kept[i]
+            launch_scores(module, args, scores, n_chunks, H, rows, (T, H // G, N, P, GH),
+                          m["BT"], m["CS"], m["BN"], order, packed, dummy.device.type == "cuda")
+        elif qk_read:
+            launch_qk(module, args, scores, n_chunks, G, rows, sizes, m["CS"], order, packed,
+                      launch_out)
+    return args, (buf["states"], buf["resets"], scores, sg.seg_state, sg.chunk_prod), order
 
 
 def final_state(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
