@@ -12,6 +12,8 @@ order, h=8 p=64 n=64) on a 64x64 grid; b=32, inputs in `--dtype` (A, D, dt_bias 
 
 Rows per case:
 - `fused`: the cross2d op on the inputs at their grid positions (per-order inputs (b, 4, t, ..)).
+- `fused, orders unpaired` (Mamba-2-style case): the same with the chunked output pass one order
+  a launch, not two opposite orders a program (chunked_pairs.py): what the pairs save.
 - `1d heads, ...`: VMamba's composition: the four orderings (row-major, column-major, and both
   reversed) stacked as extra heads, (b, t, 4h, p), B and C as 4 groups; one call of the same
   definition with direction="forward" and no `k`; the outputs un-permuted and added.
@@ -213,6 +215,8 @@ def implementations(case: Case, backend: str, lowering: str) -> dict:
     fused = ssmc.compile(definition(case.kind, "cross2d"), backend=backend, lowering=lowering)
     impls = {"fused": (lambda v: fused(*case.fused_args(v), grid=(case.H, case.W)), case.v,
                        fused)}
+    if case.kind == "scalar":   # the chunked output pass one order a launch (no pairs)
+        impls[UNPAIRED] = (lambda v: unpaired(lambda: impls["fused"][0](v)), case.v, fused)
     for stack in ("heads", "batch"):
         op = ssmc.compile(definition(case.kind, stack), backend=backend, lowering=lowering)
         for copy_all in (True, False):
@@ -226,6 +230,21 @@ def implementations(case: Case, backend: str, lowering: str) -> dict:
             label = f"1d {stack}, {'all' if copy_all else 'x'} copied"
             impls[label] = (run, case.v if copy_all else case.pre_ordered[stack], op)
     return impls
+
+
+#: the fused op with its output pass one order a launch: what chunked_pairs.py saves
+UNPAIRED = "fused, orders unpaired"
+
+
+def unpaired(fn):
+    """`fn()` with the chunked output pass taking one order a launch (chunked_pairs.py)."""
+    from ssmc.backends.triton.lowerings import chunked_launch
+    real = chunked_launch.order_groups
+    chunked_launch.order_groups = lambda dirs, T, rows, pairable: real(dirs, T, rows, False)
+    try:
+        return fn()
+    finally:
+        chunked_launch.order_groups = real
 
 
 # -------------------------------------------------------------------------------- timing
@@ -339,15 +358,15 @@ def run_case(case: Case, args, device) -> list[str]:
                for name, (fn, values, _) in impls.items()}
     fused = results["fused"]
     if args.profile and device.type == "cuda":
-        profile_training(impls, ("fused", min((k for k in results if k != "fused"),
-                                              key=lambda k: results[k]["train"])))
+        best = min((k for k in results if k.startswith("1d")), key=lambda k: results[k]["train"])
+        profile_training(impls, ["fused", *[k for k in (UNPAIRED,) if k in impls], best])
     rows = ["| impl | fwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB | fused speed-up "
             "fwd | fused speed-up fwd+bwd |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         mib = ["-" if math.isnan(r[k]) else f"{r[k]:.0f}" for k in ("fwd_mib", "train_mib")]
         rows.append(f"| {name} | {r['fwd']:.3f} | {r['train']:.3f} | {mib[0]} | {mib[1]} | "
                     f"{r['fwd'] / fused['fwd']:.2f}x | {r['train'] / fused['train']:.2f}x |")
-    comps = {k: r for k, r in results.items() if k != "fused"}
+    comps = {k: r for k, r in results.items() if k.startswith("1d")}
     best_f = min(comps, key=lambda k: comps[k]["fwd"])
     best_t = min(comps, key=lambda k: comps[k]["train"])
     rows.append("")
