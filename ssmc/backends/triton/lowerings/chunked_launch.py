@@ -18,6 +18,7 @@ from . import chunked_segments as seg
 from .chunked_prefix import PrefixSums
 from .chunked_segments import Segments
 from .chunked_pairs import order_groups, second_order_args
+from ..streams import SideStreams
 from .registry import TritonLowering, register_lowering
 
 #: shared memory a walk takes besides its pipelined operand tiles (sm_90, Triton 3.6: 8 bytes)
@@ -90,6 +91,13 @@ def walk_stages(plan: Plan, chunk: int, BN: int, BP: int, limits: DeviceLimits |
     return stages
 
 
+def orders_side_by_side(plan: Plan) -> int:
+    """How many orders' passes before the output passes run side by side (streams.py), their
+    walks filling the GPU together: every order, but per-key decays' one at a time (their
+    running sums are one buffer, refilled order by order)."""
+    return 1 if per_key_decay(plan) else len(plan.program.recurrence.directions)
+
+
 def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output=True,
            keep=None):
     """(out, final state); without `output`, the state pass alone (out an empty stand-in).
@@ -102,11 +110,12 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
         return o.result()
     device, S, dirs, cdt = o.device, o.S, o.dirs, o.cdt
     out, final, yacc, h0s = o.out, o.final, o.yacc, o.h0s
-    m = tiles(plan, sizes, S * H, seg.device_limits(device))
+    per_key = per_key_decay(plan)
+    side_by_side = orders_side_by_side(plan)
+    m = tiles(plan, sizes, S * H * side_by_side, seg.device_limits(device))
     n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["CS"], device)
     state_dtype = cdt if interpreting() else {"bfloat16": torch.bfloat16,
                                               "float16": torch.float16}.get(plan.dtype, cdt)
-    per_key = per_key_decay(plan)
     # per-key decays: each chunk's decayed scores (chunked_keys.py); query and key shared by
     # a group's heads: each chunk's q k^T per group (chunk_qk.py)
     qk_read = reads_qk(plan, sizes)
@@ -135,7 +144,8 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
                       device)
 
     def order_buffers():
-        """What one order's passes write and its output pass reads: a pair holds two."""
+        """What one order's passes write and its output pass reads (one set per order where
+        the orders run side by side)."""
         return dict(
             states=torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype, device=device),
             # 1 where a chunk holds a reset (`reset_specialised`): written by the state pass
@@ -143,24 +153,35 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, output
             scores=(torch.empty(max(n_chunks, 1), H if per_key else G, m["CS"], m["CS"],
                                 dtype=cdt, device=device)
                     if output and (per_key or qk_read) and kept is None else out),
-            sg=Segments(seg.segment_chunks(m["SEG_state"], per_seq, S * H * blocks,
+            sg=Segments(seg.segment_chunks(m["SEG_state"], per_seq,
+                                           S * H * blocks * side_by_side,
                                            cu_seqlens is not None, seg.program_target(device)),
                         S, per_seq, n_chunks, sizes, per_key, device, out))
 
-    slots = [order_buffers() for _ in range(max(len(g) for g in groups))]
+    slots = [order_buffers() for _ in range(max(side_by_side, *map(len, groups)))]
     sg = slots[0]["sg"]
     rows = (cu, off, seqs)
     npb = triton.cdiv(P, m["BP_out"])
     n_rows = n_chunks * (m["CS"] // out_bt)
-    for gi, group in enumerate(groups):
-        passes = [_order_passes(module, plan, tensors, sizes, m, i, dirs[i], buf, h0s[i],
-                                None if final is None else final[i], sums, kept, rows,
-                                cu_seqlens is not None, n_chunks, output, qk_read,
-                                launch_state, launch_out, S)
-                  for i, buf in zip(group, slots)]
+
+    def passes(i, buf):
+        return _order_passes(module, plan, tensors, sizes, m, i, dirs[i], buf, h0s[i],
+                             None if final is None else final[i], sums, kept, rows,
+                             cu_seqlens is not None, n_chunks, output, qk_read, launch_state,
+                             launch_out, S)
+
+    ready = {}
+    if side_by_side > 1:   # every order's passes first, each on its own stream
+        streams = SideStreams(device, side_by_side)
+        for i in range(len(dirs)):
+            with streams.on(i):
+                ready[i] = passes(i, slots[i])
+        streams.join()
+    for gi, group in enumerate(groups):   # order by order where not side by side
+        done = [ready[i] if ready else passes(i, slots[k]) for k, i in enumerate(group)]
         if n_chunks == 0 or not output:
             continue
-        (args, buffers, order), *second = passes
+        (args, buffers, order), *second = done
         kernel_args = (*args, out, *out.stride(), yacc, *buffers[:3], *rows, *buffers[3:],
                        T, H // G, N, P, GH, sg.n_seg, sg.seg or 1)
         # a pair's second order (chunked_pairs.py): its inputs, buffers and flags as `_b`

@@ -1,0 +1,90 @@
+"""The orders' passes side by side (streams.py, chunked_launch.orders_side_by_side): on the CPU
+the same launch order on one stream; on a GPU each order's passes on a stream of its own, which
+must wait for the work queued before the call and finish before the output passes read them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ssmc
+from ssmc.backends.triton import streams
+from ssmc.backends.triton.lowerings import chunked_launch
+from ssmc.plan import Plan
+from tests.backends.triton.test_chunked import HOPPER
+from tests.backends.triton.test_cross2d_chunked import definition, inputs_for
+from tests.backends.triton.test_scan import builtin
+
+pytestmark = pytest.mark.usefixtures("kernel_cache_per_module")
+
+
+def test_which_orders_run_side_by_side():
+    def plan(defn):
+        return Plan(program=defn.program, lowering="chunked", dtype="bfloat16")
+    assert chunked_launch.orders_side_by_side(plan(definition("scalar", True))) == 4
+    assert chunked_launch.orders_side_by_side(plan(builtin("ssd", "bidirectional"))) == 2
+    assert chunked_launch.orders_side_by_side(plan(builtin("ssd"))) == 1
+    # per-key decays: one running-sums buffer, refilled order by order
+    assert chunked_launch.orders_side_by_side(plan(definition("diagonal", True))) == 1
+
+
+def test_side_by_side_walks_count_together_for_the_state_pass_tiles():
+    """The Mamba-2-style cross2d shape on an H100: one order's 256 walks would split p to fill
+    the GPU (BP_state 32); the four orders' 1024 together keep whole 64-channel blocks."""
+    p = Plan(program=definition("scalar", True).program, lowering="chunked", dtype="bfloat16")
+    sizes = dict(b=32, t=4096, h=8, g=1, n=64, p=64)
+    assert chunked_launch.tiles(p, sizes, 32 * 8, HOPPER)["BP_state"] == 32
+    assert chunked_launch.tiles(p, sizes, 32 * 8 * 4, HOPPER)["BP_state"] == 64
+
+
+def test_off_the_gpu_everything_runs_on_the_current_stream():
+    s = streams.SideStreams(torch.device("cpu"), 4)
+    assert not s.side
+    with s.on(2):
+        pass
+    s.join()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("user_stream", [False, True])
+def test_side_streams_wait_for_the_inputs_and_finish_before_the_output(user_stream,
+                                                                        monkeypatch):
+    """Inputs made by a long kernel queued just before the call (on the default stream, or on
+    a stream of the caller's): the orders' passes must start after it. 20 calls each match
+    the same op with the orders one at a time bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    defn = definition("scalar", True, epilogue=True)
+    grid = (64, 64)
+    base = {k: v.cuda() for k, v in inputs_for(defn, grid, seed=3, b=8).items()}
+    op = ssmc.compile(defn, backend="triton", lowering="chunked")
+    want = op(**base, grid=grid)
+    monkeypatch.setattr(chunked_launch, "orders_side_by_side", lambda plan: 1)
+    alone = op(**base, grid=grid)
+    monkeypatch.undo()
+    assert torch.equal(want, alone) or float((want - alone).abs().max()) <= \
+        1e-6 * float(alone.abs().max())
+    stream = torch.cuda.Stream() if user_stream else torch.cuda.current_stream()
+    big = torch.randn(4096, 4096, device="cuda")
+    with torch.cuda.stream(stream):
+        for _ in range(20):
+            slow = big
+            for _ in range(8):      # several ms of work queued ahead of the inputs
+                slow = slow @ big / 64.0
+            x = base["x"] * 0.0 + (slow[0, 0] * 0.0)    # x written after the matmuls
+            x = x + base["x"]
+            got = op(**dict(base, x=x), grid=grid)
+            assert torch.equal(got, want)
+    torch.cuda.synchronize()
+
+
+def test_pairs_one_order_at_a_time(monkeypatch):
+    """With the orders' passes one at a time, a pair's two orders still keep their own
+    buffers (the output pass reads both)."""
+    defn = definition("scalar", True, epilogue=True)
+    grid = (8, 16)
+    inputs = inputs_for(defn, grid, seed=9)
+    op = ssmc.compile(defn, backend="triton", lowering="chunked")
+    want = op(**inputs, grid=grid)
+    monkeypatch.setattr(chunked_launch, "orders_side_by_side", lambda plan: 1)
+    got = op(**inputs, grid=grid)
+    assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
