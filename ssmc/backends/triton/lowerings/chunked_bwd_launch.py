@@ -10,6 +10,7 @@ import triton
 from ....devices import DeviceLimits
 from ....plan import Plan
 from ...chain_rule import OrderBuffers
+from ..streams import SideStreams
 from ..common import (HEADER, chunk_layout, compute_dtype, direction_slices, dot_type, input_args,
                       next_pow2, num_sequences)
 from .chunked import render_state_kernel
@@ -101,46 +102,56 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
                  residual=None):
     """States entering every chunk (`state_dtype`) and fp32 final states, per direction; y
     (summed over directions, before the epilogue) when `want_y`. `residual`: what the
-    forward kept (`kept_scores`)."""
+    forward kept (`kept_scores`). The directions' walks run side by side (streams.py), each
+    with its own buffers; y, summed over them, after."""
     prog = plan.program
     B, T, H, G, N, P = (sizes[a] for a in "bthgnp")
     device = tensors[prog.inputs[0].name].device
     cdt = compute_dtype(plan)
     S = num_sequences(sizes, cu_seqlens)
-    m = tiles(plan, sizes, S * H, seg.device_limits(device))
+    dirs = prog.recurrence.directions
+    m = tiles(plan, sizes, S * H * len(dirs), seg.device_limits(device))
     n_chunks, chunk_off, chunk_seq = chunk_layout(sizes, cu_seqlens, m["BT"], device)
     dummy = torch.zeros(1, dtype=cdt, device=device)
     # every token lies in a chunk whose output pass writes it (cu_seqlens ends at T)
     y = torch.empty(B, T, H, P, dtype=cdt, device=device) if want_y else None
     cu = dummy if cu_seqlens is None else cu_seqlens
     off = dummy if chunk_off is None else chunk_off
+    seqs = dummy if chunk_seq is None else chunk_seq
     npb = triton.cdiv(P, m["BP"])
     npb_walk = triton.cdiv(P, m["BP_walk"])
     walks = triton.cdiv(N, m["BN_state"]) * npb_walk   # the state pass's programs per (seq, head)
     GH = sizes.get("grid_h", 1)
-    states, finals, scores, flags = [], [], [], []
     variants = chunk_variants(plan)
-    prefixes = []
     kept = kept_scores(plan, residual, n_chunks, H, m["BT"])
-    for i, (direction, h0) in enumerate(zip(prog.recurrence.directions,
-                                            direction_slices(plan, initial_state))):
+
+    def buffers(i):
+        """Direction i's buffers, made before the walks start: a tensor made on a side stream
+        and read on another after it is freed could be handed out again too early."""
+        return dict(
+            # per-key decays: their running sums, read here and by every per-key backward kernel
+            sums=PrefixSums(plan, per_key_decay(plan), n_chunks, H, m["BT"], m["RB"], N,
+                            device, block_suffix=True),
+            st=torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan), device=device),
+            final=torch.empty(S, H, N, P, dtype=cdt, device=device),
+            # which chunks hold a reset (decays without n): the per-chunk kernels' variants
+            fl=(torch.empty(max(n_chunks, 1), H, dtype=torch.int8, device=device)
+                if len(variants) > 1 else dummy),
+            sg=_segments(plan, sizes, m, S, walks * len(dirs), n_chunks, cu_seqlens, device,
+                         dummy),
+            sc=(kept[i] if kept is not None else
+                torch.empty(max(n_chunks, 1), H, m["BT"], m["BT"], dtype=cdt, device=device))
+            if per_key_decay(plan) else None)
+
+    def walk(i, direction, h0, w):
+        """Direction i's running sums (per-key decays), state pass and scores, into `w`."""
         args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
         order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
-        seqs = dummy if chunk_seq is None else chunk_seq
-        # per-key decays: their running sums, read here and by every per-key backward kernel
-        sums = PrefixSums(plan, per_key_decay(plan), n_chunks, H, m["BT"], m["RB"], N, device,
-                          block_suffix=True)
-        prefixes.append(sums)
-        sums.fill(module, args, n_chunks, H, (cu, off, seqs), (T, H // G, N, P, GH), N,
-                  order, cu_seqlens is not None)
-        pargs = (*args, *sums.args)   # per-key decays: their running sums after the inputs
+        w["sums"].fill(module, args, n_chunks, H, (cu, off, seqs), (T, H // G, N, P, GH), N,
+                       order, cu_seqlens is not None)
+        pargs = (*args, *w["sums"].args)   # per-key decays: their running sums after the inputs
         h0 = None if h0 is None else h0.to(cdt).contiguous()
-        st = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan), device=device)
-        final = torch.empty(S, H, N, P, dtype=cdt, device=device)
-        # which chunks hold a reset (decays without n): the per-chunk kernels' variants
-        fl = (torch.empty(max(n_chunks, 1), H, dtype=torch.int8, device=device)
-              if len(variants) > 1 else dummy)
-        sg = _segments(plan, sizes, m, S, walks, n_chunks, cu_seqlens, device, dummy)
+        st, final, fl, sg = w["st"], w["final"], w["fl"], w["sg"]
         # the forward's state pass (chunked.py), storing every chunk's state and flag
         module.ssmc_chunked_state_fwd[(S * sg.n_seg, H, walks)](
             *pargs, st, fl, dummy if h0 is None else h0, final, cu, off, *sg.buffers, T, H // G,
@@ -148,33 +159,39 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
             NPB=npb_walk, **order, HAS_H0=h0 is not None, STORE_HT=True,
             IS_VARLEN=cu_seqlens is not None, SEGMENTED=bool(sg.seg), **_walk_launch(m, device))
         _join(module, sg, st, final, S, H, npb, n_chunks, sizes, m, reverse=False)
-        if per_key_decay(plan):   # the chunk's scores: y and dv are products with them
-            if kept is not None:
-                sc = kept[i]
-            else:
-                sc = torch.empty(max(n_chunks, 1), H, m["BT"], m["BT"], dtype=cdt, device=device)
-                launch_scores(module, pargs, sc, n_chunks, H, (cu, off, seqs),
-                              (T, H // G, N, P, GH), m["RB"], m["BT"], m["BN"], order,
-                              cu_seqlens is not None, device.type == "cuda")
-            scores.append(sc)
-        if want_y and n_chunks > 0:
-            if per_key_decay(plan):   # whole chunks: BT = CS
-                module.ssmc_chunked_bwd_y[(n_chunks, H, npb)](
-                    *pargs, y, st, sc, cu, off, seqs, B, T, H // G, N, P, GH, BT=m["BT"],
-                    CS=m["BT"], BN=m["BN"], BP=m["BP"], **order,
-                    IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0, **_key_warps(m, device))
-            else:
-                for kernel, grid0, extra in variant_launches(module, "ssmc_chunked_bwd_y", plan,
-                                                             n_chunks):
-                    kernel[(grid0, H, npb)](
-                        *args, y, st, fl, cu, off, seqs, B, T, H // G, N, P, GH, BT=m["BT"],
-                        BN=m["BN"], BP=m["BP"], **order, IS_VARLEN=cu_seqlens is not None,
-                        ACCUM_IN=i > 0, **extra)
-        flags.append(fl)
-        states.append(st)
-        finals.append(final)
+        if per_key_decay(plan) and kept is None:   # the chunk's scores: y and dv read them
+            launch_scores(module, pargs, w["sc"], n_chunks, H, (cu, off, seqs),
+                          (T, H // G, N, P, GH), m["RB"], m["BT"], m["BN"], order,
+                          cu_seqlens is not None, device.type == "cuda")
+        w.update(args=args, pargs=pargs, order=order)
+        return w
+
+    walked = [buffers(i) for i in range(len(dirs))]
+    side = SideStreams(device, len(dirs))
+    for i, (direction, h0) in enumerate(zip(dirs, direction_slices(plan, initial_state))):
+        with side.on(i):
+            walk(i, direction, h0, walked[i])
+    side.join()
+    for i, w in enumerate(walked):   # y summed over the directions, in order
+        if not (want_y and n_chunks > 0):
+            break
+        order = w["order"]
+        if per_key_decay(plan):   # whole chunks: BT = CS
+            module.ssmc_chunked_bwd_y[(n_chunks, H, npb)](
+                *w["pargs"], y, w["st"], w["sc"], cu, off, seqs, B, T, H // G, N, P, GH,
+                BT=m["BT"], CS=m["BT"], BN=m["BN"], BP=m["BP"], **order,
+                IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0, **_key_warps(m, device))
+        else:
+            for kernel, grid0, extra in variant_launches(module, "ssmc_chunked_bwd_y", plan,
+                                                         n_chunks):
+                kernel[(grid0, H, npb)](
+                    *w["args"], y, w["st"], w["fl"], cu, off, seqs, B, T, H // G, N, P, GH,
+                    BT=m["BT"], BN=m["BN"], BP=m["BP"], **order,
+                    IS_VARLEN=cu_seqlens is not None, ACCUM_IN=i > 0, **extra)
     layout = dict(n_chunks=n_chunks, chunk_off=chunk_off, chunk_seq=chunk_seq, m=m)
-    return dict(states=states, finals=finals, scores=scores, flags=flags, prefixes=prefixes,
+    return dict(states=[w["st"] for w in walked], finals=[w["final"] for w in walked],
+                scores=[w["sc"] for w in walked if w["sc"] is not None],
+                flags=[w["fl"] for w in walked], prefixes=[w["sums"] for w in walked],
                 layout=layout), y
 
 
@@ -275,24 +292,38 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     GH = sizes.get("grid_h", 1)
     results = []
     per_order = OrderBuffers(len(prog.recurrence.directions), device)
-    for i, (direction, gT) in enumerate(zip(prog.recurrence.directions,
-                                            direction_slices(plan, grad_final))):
-        args = input_args(prog, tensors, i)   # per-order inputs: this order's slice
+    dirs = prog.recurrence.directions
+    npb_walk = triton.cdiv(P, m["BP_walk"])
+    walks = triton.cdiv(N, m["BN_state"]) * npb_walk
+
+    def reverse_walk(i, direction, gT, dstates, dh0, sg):
+        """Direction i's reverse walk: the gradient of every chunk's entering state."""
         order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
+        args = (*input_args(prog, tensors, i), *saved["prefixes"][i].args)
         gT = None if gT is None else gT.to(cdt).contiguous()
-        dstates = torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan),
-                              device=device)
-        dh0 = torch.empty(S, H, N, P, dtype=cdt, device=device)
-        npb_walk = triton.cdiv(P, m["BP_walk"])
-        walks = triton.cdiv(N, m["BN_state"]) * npb_walk
-        sg = _segments(plan, sizes, m, S, walks, n_chunks, cu_seqlens, device, dummy)
-        args = (*args, *saved["prefixes"][i].args)   # per-key decays: their running sums
         module.ssmc_chunked_bwd_dstates[(S * sg.n_seg, H, walks)](
             *args, dy, dstates, dummy if gT is None else gT, dh0, *sg.buffers, cu, off, T,
             H // G, N, P, GH, sg.n_seg, sg.seg or 1, **order, HAS_GT=gT is not None,
             SEGMENTED=bool(sg.seg), NPB=npb_walk,
             **dict(consts, BN=m["BN_state"], BP=m["BP_walk"]), **_walk_launch(m, device))
         _join(module, sg, dstates, dh0, S, H, NPB, n_chunks, sizes, m, reverse=True)
+
+    # the directions' reverse walks side by side (streams.py; buffers made before), then
+    # each direction's per-chunk gradients in order (y, when wanted, sums over them)
+    walked = [(torch.empty(max(n_chunks, 1), H, N, P, dtype=state_dtype(plan), device=device),
+               torch.empty(S, H, N, P, dtype=cdt, device=device),
+               _segments(plan, sizes, m, S, walks * len(dirs), n_chunks, cu_seqlens, device,
+                         dummy))
+              for _ in dirs]
+    side = SideStreams(device, len(dirs))
+    for i, (direction, gT) in enumerate(zip(dirs, direction_slices(plan, grad_final))):
+        with side.on(i):
+            reverse_walk(i, direction, gT, *walked[i])
+    side.join()
+    for i, direction in enumerate(dirs):
+        args = (*input_args(prog, tensors, i), *saved["prefixes"][i].args)
+        order = dict(REVERSE=direction.reversed, COLUMN=direction.column)
+        dstates, dh0, _ = walked[i]
         chunk_args = (cu, off, seq_of_chunk, B, T, H // G, N, P, GH)
         if mode == "key":
             grads = _per_key_grads(module, plan, args, dy, saved, i, dstates, chunk_args,
