@@ -14,6 +14,8 @@ Rows per case:
 - `fused`: the cross2d op on the inputs at their grid positions (per-order inputs (b, 4, t, ..)).
 - `fused, orders unpaired` (Mamba-2-style case): the same with the chunked output pass one order
   a launch, not two opposite orders a program (chunked_pairs.py): what the pairs save.
+  `fused, one stream`: with every order's walks on the caller's stream, not side by side on
+  streams of their own (backends/triton/streams.py; the tiles unchanged): what those save.
 - `1d heads, ...`: VMamba's composition: the four orderings (row-major, column-major, and both
   reversed) stacked as extra heads, (b, t, 4h, p), B and C as 4 groups; one call of the same
   definition with direction="forward" and no `k`; the outputs un-permuted and added.
@@ -215,8 +217,9 @@ def implementations(case: Case, backend: str, lowering: str) -> dict:
     fused = ssmc.compile(definition(case.kind, "cross2d"), backend=backend, lowering=lowering)
     impls = {"fused": (lambda v: fused(*case.fused_args(v), grid=(case.H, case.W)), case.v,
                        fused)}
-    if case.kind == "scalar":   # the chunked output pass one order a launch (no pairs)
+    if case.kind == "scalar":   # the chunked lowering without its pairs, without its streams
         impls[UNPAIRED] = (lambda v: unpaired(lambda: impls["fused"][0](v)), case.v, fused)
+        impls[ONE_STREAM] = (lambda v: one_stream(lambda: impls["fused"][0](v)), case.v, fused)
     for stack in ("heads", "batch"):
         op = ssmc.compile(definition(case.kind, stack), backend=backend, lowering=lowering)
         for copy_all in (True, False):
@@ -232,8 +235,9 @@ def implementations(case: Case, backend: str, lowering: str) -> dict:
     return impls
 
 
-#: the fused op with its output pass one order a launch: what chunked_pairs.py saves
-UNPAIRED = "fused, orders unpaired"
+#: the fused op with its output pass one order a launch (what chunked_pairs.py saves), and
+#: with every order's walks on the caller's stream (what backends/triton/streams.py saves)
+UNPAIRED, ONE_STREAM = "fused, orders unpaired", "fused, one stream"
 
 
 def unpaired(fn):
@@ -245,6 +249,27 @@ def unpaired(fn):
         return fn()
     finally:
         chunked_launch.order_groups = real
+
+
+def one_stream(fn):
+    """`fn()` with the chunked lowering's orders' walks on the caller's stream (their tiles as
+    they are: sized for the walks side by side)."""
+    from ssmc.backends.triton import streams
+    from ssmc.backends.triton.lowerings import chunked_bwd_launch, chunked_launch
+
+    class OneStream(streams.SideStreams):
+        def __init__(self, device, count):
+            super().__init__(torch.device("cpu"), count)
+
+    modules = (chunked_launch, chunked_bwd_launch)
+    real = [m.SideStreams for m in modules]
+    for m in modules:
+        m.SideStreams = OneStream
+    try:
+        return fn()
+    finally:
+        for m, r in zip(modules, real):
+            m.SideStreams = r
 
 
 # -------------------------------------------------------------------------------- timing
@@ -359,7 +384,8 @@ def run_case(case: Case, args, device) -> list[str]:
     fused = results["fused"]
     if args.profile and device.type == "cuda":
         best = min((k for k in results if k.startswith("1d")), key=lambda k: results[k]["train"])
-        profile_training(impls, ["fused", *[k for k in (UNPAIRED,) if k in impls], best])
+        profile_training(impls, ["fused", *[k for k in (UNPAIRED, ONE_STREAM) if k in impls],
+                                 best])
     rows = ["| impl | fwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB | fused speed-up "
             "fwd | fused speed-up fwd+bwd |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
