@@ -33,9 +33,10 @@ want tests && bounded python3 -m pytest -q -rfE --tb=short -n 6 -m gpu tests/bac
 want tests && bounded python3 -m pytest -q -rfE --tb=short -n 6 \
     tests/backends/triton/test_cross2d_chunked.py tests/backends/triton/test_cross2d_scan.py \
     -p no:cacheprovider > "$LOGS/tests_cross2d.log" 2>&1 &
-# the scan file and the chunked file's unmarked tests, likewise
+# the scan file, the chunked files' unmarked tests (the pairs of orders among them), likewise
 want tests && bounded python3 -m pytest -q -rfE --tb=short -n 6 \
-    tests/backends/triton/test_scan.py tests/backends/triton/test_chunked.py -m "not gpu" \
+    tests/backends/triton/test_scan.py tests/backends/triton/test_chunked.py \
+    tests/backends/triton/test_chunked_pairs.py tests/backends/triton/test_streams.py -m "not gpu" \
     -p no:cacheprovider > "$LOGS/tests_unmarked.log" 2>&1 &
 # every fuzz example is a new definition, so compiling dominates: four processes draw their own
 # examples (different hypothesis seeds), FUZZ in all
