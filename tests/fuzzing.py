@@ -75,8 +75,9 @@ LOWERINGS = ("scan", "chunked", "quadratic")
 #: at a time): h > 2 only with the short ones, b > 1 only up to 33
 T_SHORT = (1, 2, 5, 16, 17)
 T_ALL = T_SHORT + (33, 64, 65)
-#: long sequences (many chunks), drawn only where kernels run on a GPU (`draw_cases(long=True)`)
-T_LONG = (255, 1000)
+#: long sequences (many chunks), drawn only where kernels run on a GPU (`draw_cases(long=True)`);
+#: 256, four 64-step row blocks: opposite orders paired block by mirror block (chunked_pairs.py)
+T_LONG = (255, 256, 1000)
 LONG_SHARE = 0.1
 #: the share of cases with t = 0, and of unpacked ones with b = 0
 EMPTY_SHARE = 0.03
