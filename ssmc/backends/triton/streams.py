@@ -4,7 +4,9 @@ The orders of a bidirectional or cross2d op walk their sequences independently. 
 after another, each sequential pass has the programs of one order (cross2d at b=32, h=8: 256
 walks, under two per SM of an H100, so the pass splits p and re-reads its keys to fill the GPU);
 on streams of their own the GPU runs all orders' walks at once, as one launch over stacked
-orders does. Off the GPU (or with one order) everything runs on the current stream.
+orders does. The chunked backward's two walks, the forward one that recomputes the chunk states
+and the reverse one that forms their gradients, need nothing of each other: they run side by
+side too. Off the GPU everything runs on the current stream, in the same order.
 """
 from __future__ import annotations
 
@@ -27,15 +29,16 @@ def _side(device: torch.device, slot: int) -> torch.cuda.Stream:
 class SideStreams:
     """`count` independent pieces of work: `on(i)` runs piece i on its own stream (after
     everything already queued on the current one), `join()` makes the current stream wait
-    for all of them. Tensors the pieces use must stay alive until `join()` (the launches
-    here keep them in the op's own buffers)."""
+    for all of them. Tensors the pieces use must be made before (on the current stream) and
+    stay alive until `join()`. `first`: the first of the streams, so that two sets in flight
+    at once (the backward's forward and reverse walks) do not share streams."""
 
-    def __init__(self, device: torch.device, count: int):
-        self.side = device.type == "cuda" and count > 1
+    def __init__(self, device: torch.device, count: int, first: int = 0):
+        self.side = device.type == "cuda" and count > 0
         self.streams: list[torch.cuda.Stream] = []
         if self.side:
             self.main = torch.cuda.current_stream(device)
-            self.streams = [_side(device, i) for i in range(count)]
+            self.streams = [_side(device, first + i) for i in range(count)]
             for s in self.streams:
                 s.wait_stream(self.main)
 

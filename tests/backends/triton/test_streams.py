@@ -53,23 +53,32 @@ class OneStream(streams.SideStreams):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("user_stream", [False, True])
-def test_side_streams_wait_for_the_inputs_and_finish_before_their_readers(user_stream,
+@pytest.mark.parametrize("which", ["cross2d", "ssd"])
+def test_side_streams_wait_for_the_inputs_and_finish_before_their_readers(which, user_stream,
                                                                          monkeypatch):
     """Inputs made by a long kernel queued just before the call (on the default stream, or on
-    a stream of the caller's): the orders' walks must start after it, forward and backward.
-    Ten forward + backward calls each match the same op on one stream bit for bit."""
+    a stream of the caller's): the orders' walks must start after it, forward and backward
+    (where the backward's forward and reverse walks run side by side: cross2d's four orders,
+    and one direction). Ten forward + backward calls each match the same op on one stream bit
+    for bit."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from ssmc.backends.triton.lowerings import chunked_bwd_launch
-    defn = definition("scalar", True, epilogue=True)
-    grid = (64, 64)
-    base = {k: v.cuda() for k, v in inputs_for(defn, grid, seed=3, b=8).items()}
+    from tests.backends.triton.test_scan import inputs_for as line_inputs
+    if which == "cross2d":
+        defn, kw = definition("scalar", True, epilogue=True), dict(grid=(64, 64))
+        base = inputs_for(defn, kw["grid"], seed=3, b=8)
+    else:
+        defn, kw = builtin("ssd"), {}
+        base = line_inputs(defn, dict(b=2, t=4096, h=8, g=1, n=64, p=64), seed=3)
+    base = {k: v.cuda() for k, v in base.items()}
     op = ssmc.compile(defn, backend="triton", lowering="chunked")
-    cot = torch.randn(8, 64 * 64, 2, 4, device="cuda")
+    with torch.no_grad():
+        cot = torch.randn_like(op(**base, **kw))
 
     def step(inputs):
         leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
-        y = op(**leaves, grid=grid)
+        y = op(**leaves, **kw)
         y.backward(cot)
         return [y.detach()] + [leaves[k].grad for k in sorted(leaves)]
 
@@ -102,3 +111,33 @@ def test_pairs_one_order_at_a_time(monkeypatch):
     monkeypatch.setattr(chunked_launch, "orders_side_by_side", lambda plan: 1)
     got = op(**inputs, grid=grid)
     assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
+
+
+def test_forward_walks_are_joined_when_the_backward_fails_before_reading_them(monkeypatch):
+    """The chunked backward's forward walks may still run when it returns (their join is in
+    the reverse walks' step); an error in between (here, forming dy) joins them before their
+    buffers go."""
+    from ssmc.backends.triton import backward as triton_backward
+    from ssmc.backends.triton.lowerings import chunked_bwd_launch
+    from tests.backends.triton.test_scan import inputs_for as line_inputs
+    joined = []
+
+    class Recording(streams.SideStreams):
+        def join(self):
+            joined.append(self)
+            super().join()
+
+    def fail(*args, **kwargs):
+        assert not joined          # the forward walks were left running
+        raise RuntimeError("dy failed")
+
+    monkeypatch.setattr(chunked_bwd_launch, "SideStreams", Recording)
+    monkeypatch.setattr(triton_backward.chain_rows, "epilogue_dy", fail)
+    defn = builtin("ssd")
+    inputs = {k: v.requires_grad_(True) for k, v in
+              line_inputs(defn, dict(b=1, t=20, h=2, g=1, n=4, p=3), seed=4).items()}
+    op = ssmc.compile(defn, backend="triton", lowering="chunked")
+    y = op(**inputs)
+    with pytest.raises(RuntimeError, match="dy failed"):
+        y.sum().backward()
+    assert len(joined) == 1
