@@ -258,8 +258,8 @@ def one_stream(fn):
     from ssmc.backends.triton.lowerings import chunked_bwd_launch, chunked_launch
 
     class OneStream(streams.SideStreams):
-        def __init__(self, device, count):
-            super().__init__(torch.device("cpu"), count)
+        def __init__(self, device, count, first=0):
+            super().__init__(torch.device("cpu"), count, first)
 
     modules = (chunked_launch, chunked_bwd_launch)
     real = [m.SideStreams for m in modules]

@@ -553,7 +553,9 @@ def summed_gradient_scale(program, leaves: dict, call_kwargs: dict, cot: dict) -
         return {}
     kwargs = {k: v for k, v in call_kwargs.items()
               if k in ("initial_state", "cu_seqlens", "return_final_state", "grid")}
-    bound = bind(program, (), {**{k: v.detach() for k, v in leaves.items()}, **kwargs})
+    # the reference's own device (its keyword arguments are CPU copies; the leaves may be on
+    # the GPU)
+    bound = bind(program, (), {**{k: v.detach().cpu() for k, v in leaves.items()}, **kwargs})
     sizes = bound.sizes
     parts: dict[str, list] = {}
     real = driver.canonical_inputs

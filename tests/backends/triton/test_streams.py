@@ -16,6 +16,8 @@ from tests.backends.triton.test_scan import builtin
 
 pytestmark = pytest.mark.usefixtures("kernel_cache_per_module")
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def test_which_orders_run_side_by_side():
     def plan(defn):
@@ -47,8 +49,8 @@ def test_off_the_gpu_everything_runs_on_the_current_stream():
 class OneStream(streams.SideStreams):
     """Every piece on the current stream, as off the GPU."""
 
-    def __init__(self, device, count):
-        super().__init__(torch.device("cpu"), count)
+    def __init__(self, device, count, first=0):
+        super().__init__(torch.device("cpu"), count, first)
 
 
 @pytest.mark.gpu
@@ -105,7 +107,7 @@ def test_pairs_one_order_at_a_time(monkeypatch):
     buffers (the output pass reads both)."""
     defn = definition("scalar", True, epilogue=True)
     grid = (8, 16)
-    inputs = inputs_for(defn, grid, seed=9)
+    inputs = {k: v.to(DEVICE) for k, v in inputs_for(defn, grid, seed=9).items()}
     op = ssmc.compile(defn, backend="triton", lowering="chunked")
     want = op(**inputs, grid=grid)
     monkeypatch.setattr(chunked_launch, "orders_side_by_side", lambda plan: 1)
