@@ -121,13 +121,16 @@ def last_state() -> str:
     return "state = tl.sum(tl.where(last_row[:, None, None], states, 0.0), axis=0)"
 
 
-#: steps per block of the step-at-a-time form (`render_steps`): each block's loads are
+#: steps per block of the step-at-a-time form (`emit_steps`): each block's loads are
 #: issued a block ahead, so one memory latency is paid per block, not per step
 STEPS = int(os.environ.get("SSMC_STEPS_UNROLL", "8"))
 
 
 def step_kernels_on() -> bool:
-    """Whether launches take the step kernels (SSMC_SCAN_STEPS=1) until they are timed."""
+    """Whether the backward's checkpointing forward takes its step kernel (SSMC_SCAN_STEPS=1):
+    on an H100 it made VMamba's training step 2% faster, where the forward's step kernel was
+    21-24% slower than the loop and was deleted (benchmarks/RESULTS.md); which unroll to make
+    the default is not settled yet."""
     return os.environ.get("SSMC_SCAN_STEPS", "0") == "1"
 
 
@@ -221,7 +224,7 @@ def emit_steps(prog, ct: str, step_out) -> tuple[Emitter, Emitter]:
 
 
 def fwd_params(prog) -> str:
-    """The forward kernels' parameters (both forms: the launch calls either alike)."""
+    """The forward kernel's parameters."""
     return f"""    {input_params(prog)},
     out_ptr, s_out_b, s_out_t, s_out_h, s_out_p,
     yacc_ptr, h0_ptr, hT_ptr, cu_ptr,
@@ -244,36 +247,6 @@ def emit_y_store(body: Emitter, prog, ct: str) -> None:
         emit_output(body, prog, OUT_TILE, ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
 
 
-def _forward_out(prog, ct):
-    def out(body: Emitter) -> None:
-        body("y = tl.sum(query * state, axis=1)")
-        emit_y_store(body, prog, ct)
-    return out
-
-
-def render_steps(plan: Plan) -> str:
-    """`ssmc_scan_fwd_steps`: the forward a step at a time (a [1, n, BP] state tile), in
-    blocks of STEPS steps unrolled in the source, the next block's raw inputs loaded while
-    this block runs. A loop that loads each step's operands in the step waits on memory every
-    step; the pipeliner leaves these loads alone (each lane reads a few bytes: no async copy)."""
-    prog = plan.program
-    ct = compute_type(plan)
-    pre, body = emit_steps(prog, ct, _forward_out(prog, ct))
-    return f'''
-@triton.jit
-def ssmc_scan_fwd_steps(
-{fwd_params(prog)}
-):
-{SETUP}
-{step_state_init("h0_ptr", ct)}
-{pre.text()}
-    for c0 in range(0, length, {STEPS}):
-{body.text()}
-    if STORE_HT:
-        tl.store(hT_ptr + state_off, tl.sum(state, axis=0), mask=state_mask)
-'''
-
-
 def render(plan: Plan) -> str:
     prog = plan.program
     ct = compute_type(plan)
@@ -290,7 +263,7 @@ def render(plan: Plan) -> str:
     epi = Emitter(indent=1)
     emit_output(epi, prog, OUT_TILE, ct, "t_row[:, None]", "offs_p[None, :]", "y_mask")
 
-    return HEADER + AFFINE + render_steps(plan) + f'''
+    return HEADER + AFFINE + f'''
 @triton.jit
 def ssmc_scan_fwd(
 {fwd_params(prog)}

@@ -9,7 +9,7 @@ from ....plan import Plan
 from ..common import Outputs, input_args, next_pow2
 from ..tiles import ScanTile, scan_space
 from .registry import TritonLowering, register_lowering
-from .scan import render, step_kernels_on
+from .scan import render
 
 
 def block_sizes(N: int, P: int, tile: dict | None = None) -> tuple[int, int]:
@@ -119,10 +119,7 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
         h0 = initial_state if count == nd else o.h0s[first]
         h0 = None if h0 is None else h0.contiguous()
         fin = final if final is None or count == nd else final[first]
-        kernel = module.ssmc_scan_fwd
-        if BT == 1 and step_kernels_on():
-            kernel = module.ssmc_scan_fwd_steps
-        kernel[(S, H, NPB * count)](
+        module.ssmc_scan_fwd[(S, H, NPB * count)](
             *args, out, *out.stride(), yacc, out if h0 is None else h0,
             out if fin is None else fin, out if cu_seqlens is None else cu_seqlens,
             T, H // G, N, P, sizes.get("grid_h", 1), NPB, first, rev, col,
