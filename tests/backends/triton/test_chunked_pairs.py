@@ -147,8 +147,10 @@ def test_bidirectional_pairs(case, tiles, sizes, launches, monkeypatch):
     defn = builtin("ssd", "bidirectional")
     inputs = {k: v.to(DEVICE) for k, v in inputs_for(defn, sizes, seed=21).items()}
     h0 = state_for(defn, sizes).to(DEVICE)
-    check_against_reference(defn, inputs, tol=TOL[torch.float32], backend="triton",
-                            lowering="chunked", initial_state=h0, return_final_state=True)
+    # gradients: the chunked backward's fp32 bound (test_backward.GRAD_TOL)
+    check_against_reference(defn, inputs, tol=TOL[torch.float32], grad_tol=3e-5,
+                            backend="triton", lowering="chunked", initial_state=h0,
+                            return_final_state=True)
     op = ssmc.compile(defn, backend="triton", lowering="chunked")
     _paired_and_single(launches, lambda: list(op(**inputs, initial_state=h0,
                                                  return_final_state=True)))
