@@ -29,7 +29,7 @@ The copies and the merge are gathers with a position table, each the other's bac
 autograd functions, as VMamba's CrossScan / CrossMerge).
 
 Columns: median ms of a forward (no grad) and of a forward + backward (gradients of every
-input), peak MiB allocated above the inputs during each (torch.cuda.max_memory_allocated), and
+input; the median of ROUNDS rounds that time every row in turn), peak MiB allocated above the inputs during each (torch.cuda.max_memory_allocated), and
 the fused op's speed-up over the row (row time / fused time; above 1: fused is faster), with
 the best composition's on the case's summary line. Every row's output is checked against the
 fused op's before timing; that first call also builds (and, with SSMC_AUTOTUNE on, tunes)
@@ -235,6 +235,9 @@ def implementations(case: Case, backend: str, lowering: str) -> dict:
     return impls
 
 
+#: timing rounds, the rows interleaved in each
+ROUNDS = 3
+
 #: the fused op with its output pass one order a launch (what chunked_pairs.py saves), and
 #: with every order's walks on the caller's stream (what backends/triton/streams.py saves)
 UNPAIRED, ONE_STREAM = "fused, orders unpaired", "fused, one stream"
@@ -379,8 +382,12 @@ def run_case(case: Case, args, device) -> list[str]:
     print(f"\n### {case.name}  (fused: {fused_backend} {fused_op.last_plan.lowering})",
           flush=True)
     check(impls)
-    results = {name: measure(fn, values, device, args.reps)
-               for name, (fn, values, _) in impls.items()}
+    # rows interleaved, ROUNDS rounds, each row's median over them: timed one row after
+    # another, rows running the same kernels came out 10-20% apart in either direction
+    rounds = [{name: measure(fn, values, device, args.reps)
+               for name, (fn, values, _) in impls.items()} for _ in range(ROUNDS)]
+    results = {name: {k: statistics.median(r[name][k] for r in rounds) for k in rounds[0][name]}
+               for name in impls}
     fused = results["fused"]
     if args.profile and device.type == "cuda":
         best = min((k for k in results if k.startswith("1d")), key=lambda k: results[k]["train"])
