@@ -257,22 +257,9 @@ def unpaired(fn):
 def one_stream(fn):
     """`fn()` with the chunked lowering's orders' walks on the caller's stream (their tiles as
     they are: sized for the walks side by side)."""
-    from ssmc.backends.triton import streams
-    from ssmc.backends.triton.lowerings import chunked_bwd_launch, chunked_launch
-
-    class OneStream(streams.SideStreams):
-        def __init__(self, device, count, first=0):
-            super().__init__(torch.device("cpu"), count, first)
-
-    modules = (chunked_launch, chunked_bwd_launch)
-    real = [m.SideStreams for m in modules]
-    for m in modules:
-        m.SideStreams = OneStream
-    try:
+    from ssmc.backends.triton.streams import one_stream as on_one_stream
+    with on_one_stream():
         return fn()
-    finally:
-        for m, r in zip(modules, real):
-            m.SideStreams = r
 
 
 # -------------------------------------------------------------------------------- timing

@@ -16,6 +16,19 @@ import torch
 
 #: (device index, slot) -> its side stream, made once
 _STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
+#: set by `one_stream()`: every piece on the current stream
+_ONE = [False]
+
+
+@contextlib.contextmanager
+def one_stream():
+    """Within it, every SideStreams runs its pieces on the current stream, in order: the
+    reference the side streams are checked and timed against."""
+    before, _ONE[0] = _ONE[0], True
+    try:
+        yield
+    finally:
+        _ONE[0] = before
 
 
 def _side(device: torch.device, slot: int) -> torch.cuda.Stream:
@@ -34,7 +47,7 @@ class SideStreams:
     at once (the backward's forward and reverse walks) do not share streams."""
 
     def __init__(self, device: torch.device, count: int, first: int = 0):
-        self.side = device.type == "cuda" and count > 0
+        self.side = device.type == "cuda" and count > 0 and not _ONE[0]
         self.streams: list[torch.cuda.Stream] = []
         if self.side:
             self.main = torch.cuda.current_stream(device)

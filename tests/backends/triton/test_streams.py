@@ -38,6 +38,15 @@ def test_side_by_side_walks_count_together_for_the_state_pass_tiles():
     assert chunked_launch.tiles(p, sizes, 32 * 8 * 4, HOPPER)["BP_state"] == 64
 
 
+def test_one_stream_turns_the_side_streams_off_within_it():
+    with streams.one_stream():
+        assert not streams.SideStreams(torch.device("cuda", 0), 2).side
+        with streams.one_stream():
+            pass
+        assert streams._ONE[0]
+    assert not streams._ONE[0]
+
+
 def test_off_the_gpu_everything_runs_on_the_current_stream():
     s = streams.SideStreams(torch.device("cpu"), 4)
     assert not s.side
@@ -46,18 +55,10 @@ def test_off_the_gpu_everything_runs_on_the_current_stream():
     s.join()
 
 
-class OneStream(streams.SideStreams):
-    """Every piece on the current stream, as off the GPU."""
-
-    def __init__(self, device, count, first=0):
-        super().__init__(torch.device("cpu"), count, first)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("user_stream", [False, True])
 @pytest.mark.parametrize("which", ["cross2d", "ssd"])
-def test_side_streams_wait_for_the_inputs_and_finish_before_their_readers(which, user_stream,
-                                                                         monkeypatch):
+def test_side_streams_wait_for_the_inputs_and_finish_before_their_readers(which, user_stream):
     """Inputs made by a long kernel queued just before the call (on the default stream, or on
     a stream of the caller's): the orders' walks must start after it, forward and backward
     (where the backward's forward and reverse walks run side by side: cross2d's four orders,
@@ -65,7 +66,6 @@ def test_side_streams_wait_for_the_inputs_and_finish_before_their_readers(which,
     for bit."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from ssmc.backends.triton.lowerings import chunked_bwd_launch
     from tests.backends.triton.test_scan import inputs_for as line_inputs
     if which == "cross2d":
         defn, kw = definition("scalar", True, epilogue=True), dict(grid=(64, 64))
@@ -84,10 +84,8 @@ def test_side_streams_wait_for_the_inputs_and_finish_before_their_readers(which,
         y.backward(cot)
         return [y.detach()] + [leaves[k].grad for k in sorted(leaves)]
 
-    for module in (chunked_launch, chunked_bwd_launch):
-        monkeypatch.setattr(module, "SideStreams", OneStream)
-    want = step(base)
-    monkeypatch.undo()
+    with streams.one_stream():
+        want = step(base)
     stream = torch.cuda.Stream() if user_stream else torch.cuda.current_stream()
     big = torch.randn(4096, 4096, device="cuda")
     with torch.cuda.stream(stream):
