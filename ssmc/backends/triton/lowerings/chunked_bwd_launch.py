@@ -14,7 +14,7 @@ from ..streams import SideStreams
 from ..common import (HEADER, chunk_layout, compute_dtype, direction_slices, dot_type, input_args,
                       next_pow2, num_sequences)
 from .chunked import render_state_kernel
-from .chunked_launch import tiles as forward_tiles, walk_stages
+from .chunked_launch import state_pass, tiles as forward_tiles, walk_stages
 from .chunked_bwd import (CHUNKS_PER_PROGRAM, chunk_variants, decay_mode, head_free,
                           per_key_decay, render_dqk_kernel, render_dstate_kernel,
                           render_dv_kernel, render_y_kernel, variant_suffix)
@@ -155,11 +155,9 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
         h0 = None if h0 is None else h0.to(cdt).contiguous()
         st, final, fl, sg = w["st"], w["final"], w["fl"], w["sg"]
         # the forward's state pass (chunked.py), storing every chunk's state and flag
-        module.ssmc_chunked_state_fwd[(S * sg.n_seg, H, walks)](
-            *pargs, st, fl, dummy if h0 is None else h0, final, cu, off, *sg.buffers, T, H // G,
-            N, P, GH, sg.n_seg, sg.seg or 1, BT=m["BT"], BN=m["BN_state"], BP=m["BP_walk"],
-            NPB=npb_walk, **order, HAS_H0=h0 is not None, STORE_HT=True,
-            IS_VARLEN=cu_seqlens is not None, SEGMENTED=bool(sg.seg), **_walk_launch(m, device))
+        state_pass(module, pargs, st, fl, h0, final, (cu, off), sg, (S, T, H, G, N, P, GH),
+                   dict(BT=m["BT"], BN=m["BN_state"], BP=m["BP_walk"]), order,
+                   cu_seqlens is not None, _walk_launch(m, device))
         _join(module, sg, st, final, S, H, npb, n_chunks, sizes, m, reverse=False)
         if per_key_decay(plan) and kept is None:   # the chunk's scores: y and dv read them
             launch_scores(module, pargs, w["sc"], n_chunks, H, (cu, off, seqs),

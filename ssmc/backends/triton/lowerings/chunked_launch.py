@@ -221,16 +221,11 @@ def _order_passes(module, plan: Plan, tensors, sizes, m, i, direction, buf, h0, 
     sums.fill(module, args, n_chunks, H, rows, (T, H // G, N, P, GH), N, order, packed)
     args = (*args, *sums.args)
     dummy = buf["states"]
-    cu, off, seqs = rows
     npb_state = triton.cdiv(P, m["BP_state"])
     blocks = triton.cdiv(N, m["BN_state"]) * npb_state
-    module.ssmc_chunked_state_fwd[(S * sg.n_seg, H, blocks)](
-        *args, buf["states"], buf["resets"], dummy if h0 is None else h0,
-        dummy if final is None else final, cu, off, *sg.buffers,
-        T, H // G, N, P, GH, sg.n_seg, sg.seg or 1,
-        BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"], NPB=npb_state, **order,
-        HAS_H0=h0 is not None, STORE_HT=final is not None,
-        IS_VARLEN=packed, SEGMENTED=bool(sg.seg), **launch_state)
+    state_pass(module, args, buf["states"], buf["resets"], h0, final, rows[:2], sg,
+               (S, T, H, G, N, P, GH), dict(BT=m["CS"], BN=m["BN_state"], BP=m["BP_state"]),
+               order, packed, launch_state)
     if sg.seg:
         module.ssmc_chunked_segments[(S, H, blocks)](
             sg.seg_state, sg.seg_prod, dummy if final is None else final, sg.n_seg, N, P,
@@ -247,6 +242,23 @@ def _order_passes(module, plan: Plan, tensors, sizes, m, i, direction, buf, h0, 
             launch_qk(module, args, scores, n_chunks, G, rows, sizes, m["CS"], order, packed,
                       launch_out)
     return args, (buf["states"], buf["resets"], scores, sg.seg_state, sg.chunk_prod), order
+
+
+def state_pass(module, args, states, flags, h0, final, rows, sg: Segments, dims, tile: dict,
+               order: dict, packed: bool, launch: dict) -> None:
+    """The state pass (`ssmc_chunked_state_fwd`): every chunk's entering state into `states`
+    and its reset flag into `flags`, from `h0` (or none), the end state into `final` where
+    given; one program per (sequence or segment, head, n and p block). `rows`: the packed
+    sequences' offsets and the chunks' (stand-ins where not packed); `dims`: (S, T, H, G, N,
+    P, grid height); `tile`: BT (the chunk), BN, BP."""
+    S, T, H, G, N, P, GH = dims
+    npb = triton.cdiv(P, tile["BP"])
+    dummy = states
+    module.ssmc_chunked_state_fwd[(S * sg.n_seg, H, triton.cdiv(N, tile["BN"]) * npb)](
+        *args, states, flags, dummy if h0 is None else h0, dummy if final is None else final,
+        *rows, *sg.buffers, T, H // G, N, P, GH, sg.n_seg, sg.seg or 1, **tile, NPB=npb,
+        **order, HAS_H0=h0 is not None, STORE_HT=final is not None, IS_VARLEN=packed,
+        SEGMENTED=bool(sg.seg), **launch)
 
 
 def final_state(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens):
