@@ -49,11 +49,18 @@ class SideStreams:
     def __init__(self, device: torch.device, count: int, first: int = 0):
         self.side = device.type == "cuda" and count > 0 and not _ONE[0]
         self.streams: list[torch.cuda.Stream] = []
+        self.held: list = []
         if self.side:
             self.main = torch.cuda.current_stream(device)
             self.streams = [_side(device, first + i) for i in range(count)]
             for s in self.streams:
                 s.wait_stream(self.main)
+
+    def hold(self, *objects) -> None:
+        """Keep `objects` (the pieces' buffers) alive until `join()`: freed before it, their
+        memory could be handed to the current stream's next tensor while a piece still
+        writes it."""
+        self.held.extend(objects)
 
     def on(self, i: int):
         return torch.cuda.stream(self.streams[i]) if self.side else contextlib.nullcontext()
@@ -61,3 +68,4 @@ class SideStreams:
     def join(self) -> None:
         for s in self.streams:
             self.main.wait_stream(s)
+        self.held.clear()

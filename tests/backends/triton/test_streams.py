@@ -141,3 +141,36 @@ def test_forward_walks_are_joined_when_the_backward_fails_before_reading_them(mo
     with pytest.raises(RuntimeError, match="dy failed"):
         y.sum().backward()
     assert len(joined) == 1
+
+
+def test_what_the_forward_walks_use_lives_until_they_are_joined(monkeypatch):
+    """The chunked backward's forward walks are left running when it forms dy (their join is
+    in the reverse walks' step): every tensor they were launched with must still be alive
+    then. Freed before, its memory goes to the next tensor made on the current stream (dy)
+    while a walk still writes it (an H100 gave NaN gradients so)."""
+    import weakref
+
+    from ssmc.backends.triton.lowerings import chunked_bwd_launch
+    from tests.backends.triton.test_scan import inputs_for as line_inputs
+    used, dead_at_join = [], []
+    real = chunked_bwd_launch.state_pass
+
+    def recording_state_pass(module, args, *rest, **kwargs):
+        seen = [a for a in (*args, *rest) if isinstance(a, torch.Tensor)]
+        seen += [t for a in rest if hasattr(a, "buffers") for t in a.buffers]
+        used.extend(weakref.ref(t) for t in seen)
+        return real(module, args, *rest, **kwargs)
+
+    class Recording(streams.SideStreams):
+        def join(self):
+            dead_at_join.extend(r for r in used if r() is None)
+            super().join()
+
+    monkeypatch.setattr(chunked_bwd_launch, "state_pass", recording_state_pass)
+    monkeypatch.setattr(chunked_bwd_launch, "SideStreams", Recording)
+    defn = builtin("ssd")
+    inputs = {k: v.requires_grad_(True) for k, v in
+              line_inputs(defn, dict(b=1, t=20, h=2, g=1, n=4, p=3), seed=5).items()}
+    op = ssmc.compile(defn, backend="triton", lowering="chunked")
+    op(**inputs).sum().backward()
+    assert used and not dead_at_join

@@ -176,7 +176,8 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
     walking = None
     if want_y or per_key_decay(plan):
         side.join()
-    else:
+    else:   # what the walks write or read stays alive until they are joined
+        side.hold(walked, dummy)
         walking = side
     for i, w in enumerate(walked):   # y summed over the directions, in order
         if not (want_y and n_chunks > 0):
