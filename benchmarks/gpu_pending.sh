@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 # the float64 references run on the CPU: one thread per process, or a dozen processes with a
 # full thread pool each slow one another down several times over
 export OMP_NUM_THREADS=1
-STEPS="${STEPS:-tests fuzz mamba2 compat steps determinism table per_key decode mixing cross2d scan_steps ab}"
+STEPS="${STEPS:-tests fuzz mamba2 compat steps determinism table per_key decode mixing cross2d ab}"
 # not in the default steps: `defaults` (the shipped tuning defaults of this GPU model, minutes)
 LIMIT="${LIMIT:-420}"
 LOGS="${OUT:-.}"
@@ -111,13 +111,6 @@ if want cross2d; then
     echo; echo "=== cross2d: one fused op vs four stacked orderings through the 1-D op (issue 18)"
     timeout -s INT -k 30 "${CROSS2D_LIMIT:-420}" python3 benchmarks/cross2d.py 2>&1 \
         | tee "$LOGS/cross2d.log"
-fi
-if want scan_steps; then
-    echo; echo "=== the checkpointing forward's step kernel, inputs loaded a block ahead, against the loop"
-    for unroll in 4 8; do
-        SSMC_STEPS_UNROLL=$unroll timeout -s INT -k 30 200 python3 benchmarks/scan_steps.py \
-            --profile 2>&1 | tee -a "$LOGS/scan_steps.log"
-    done
 fi
 # the shipped tuning defaults (ssmc/autotune/defaults/README.md): the README's shapes, each in
 # its own process (a config that faults loses only that process), into $LOGS/defaults.json

@@ -573,10 +573,9 @@ def _raw_decay(direction):
                                              query=v["q"], direction=direction))
 
 
-@pytest.mark.parametrize("steps", ("0", "1"))
 @pytest.mark.parametrize("direction", ("forward", "bidirectional", "cross2d"))
 @pytest.mark.parametrize("t", (0, 1, 9, 35))
-def test_scan_step_at_a_time_over_the_decay_domain(direction, t, steps, monkeypatch):
+def test_scan_step_at_a_time_over_the_decay_domain(direction, t):
     """The step-at-a-time kernel of the backward's checkpointing forward (blocks of
     `scan.STEPS` steps unrolled, each block's inputs loaded a block ahead) on decays of 0,
     negative, underflowing (1e-30) and above 1, at lengths around and below a block (and
@@ -585,7 +584,6 @@ def test_scan_step_at_a_time_over_the_decay_domain(direction, t, steps, monkeypa
     from ssmc.backends.triton.lowerings.scan_launch import scan_blocks
 
     assert scan_blocks(16, 16)[2] == 1 and STEPS >= 2
-    monkeypatch.setenv("SSMC_SCAN_STEPS", steps)    # the unrolled kernel, or the loop
     grid = {0: (0, 3), 1: (1, 1), 9: (3, 3), 35: (5, 7)}[t] \
         if direction == "cross2d" else None
     sizes = dict(b=2, t=t, h=2, g=1, n=16, p=16)

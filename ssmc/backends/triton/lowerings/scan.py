@@ -18,7 +18,6 @@ the earlier ones' sum, so that the output's bits do not depend on the order of t
 """
 from __future__ import annotations
 
-import os
 
 from ....plan import Plan
 from ..common import HEADER, emit_output, compute_type, input_params
@@ -122,16 +121,9 @@ def last_state() -> str:
 
 
 #: steps per block of the step-at-a-time form (`emit_steps`): each block's loads are
-#: issued a block ahead, so one memory latency is paid per block, not per step
-STEPS = int(os.environ.get("SSMC_STEPS_UNROLL", "8"))
-
-
-def step_kernels_on() -> bool:
-    """Whether the backward's checkpointing forward takes its step kernel (SSMC_SCAN_STEPS=1):
-    on an H100 it made VMamba's training step 2% faster, where the forward's step kernel was
-    21-24% slower than the loop and was deleted (benchmarks/RESULTS.md); which unroll to make
-    the default is not settled yet."""
-    return os.environ.get("SSMC_SCAN_STEPS", "0") == "1"
+#: issued a block ahead, so one memory latency is paid per block, not per step (4 and 8 timed
+#: the same on an H100: benchmarks/RESULTS.md)
+STEPS = 8
 
 
 def step_state_init(ptr: str, ct: str) -> str:
