@@ -163,3 +163,30 @@ def test_cross2d_scan_negative_decay():
     inputs["a"] = (2 * torch.rand(inputs["a"].shape, generator=gen) - 1).float()
     assert (inputs["a"] < 0).any()
     check(defn, inputs, (5, 3))
+
+
+def test_cross2d_scan_query_and_key_gradients_reach_the_chain_rule_unstacked(monkeypatch):
+    """The scan's per-order d query and d key (its p-blocks' partials summed once for all
+    orders) are consecutive slices of one buffer, which the chain rule takes without a stacking
+    copy (VMamba's training step had one sum and one copy per order and operand)."""
+    from ssmc.backends import chain_rule
+    from ssmc.backends.triton import backward as triton_backward
+    import ssmc
+    copied = []
+    real = triton_backward.stack_orders
+
+    def recording(per_dir, skip=()):
+        for key in ("query", "key"):
+            if chain_rule._stacked([grads[key] for grads, _ in per_dir]) is None:
+                copied.append(key)
+        return real(per_dir, skip)
+
+    monkeypatch.setattr(triton_backward, "stack_orders", recording)
+    defn = cross2d("full", True)
+    grid = (3, 2)
+    sizes = dict(SIZES, p=17)    # more than one p-block
+    inputs = {k: v.to(DEVICE).requires_grad_(True)
+              for k, v in inputs_for(defn, grid, sizes).items()}
+    op = ssmc.compile(defn, backend="triton", lowering="scan")
+    op(**inputs, grid=grid).sum().backward()
+    assert not copied

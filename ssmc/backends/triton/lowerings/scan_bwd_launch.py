@@ -99,9 +99,13 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         B, T, H // G, N, P, sizes.get("grid_h", 1), saved["NCK"], NPB, 0, rev, col,
         BN=BN, BP=BP, BT=BT, CK=BT, HAS_GT=gT is not None, IS_VARLEN=cu_seqlens is not None,
         **({"num_warps": warps} if device.type == "cuda" else {}))
+    # the p-blocks' partials summed for every order at once: one launch each, and the orders'
+    # sums are consecutive slices of one buffer, which a cross2d chain rule takes without
+    # stacking them (VMamba's 56x56 n=16 step had 8 sums and their stacking copies)
+    dq, dk = (d[:, 0] if NPB == 1 else d.sum(1) for d in (dq, dk))
     results = []
     for i in range(nd):
-        grads = {"query": dq[i].sum(0).unsqueeze(-1), "key": dk[i].sum(0).unsqueeze(-1),
+        grads = {"query": dq[i].unsqueeze(-1), "key": dk[i].unsqueeze(-1),
                  "value": dv[i].unsqueeze(3)}
         for term in terms:    # the decay's terms, done: ("decay", input) -> canonical tensor
             grads[("decay", term.name)] = term_canonical(term, bufs[term.name], i,
