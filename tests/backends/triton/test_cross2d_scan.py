@@ -165,10 +165,10 @@ def test_cross2d_scan_negative_decay():
     check(defn, inputs, (5, 3))
 
 
-def test_cross2d_scan_query_and_key_gradients_reach_the_chain_rule_unstacked(monkeypatch):
-    """The scan's per-order d query and d key (its p-blocks' partials summed once for all
-    orders) are consecutive slices of one buffer, which the chain rule takes without a stacking
-    copy (VMamba's training step had one sum and one copy per order and operand)."""
+def test_cross2d_scan_gradients_reach_the_chain_rule_unstacked(monkeypatch):
+    """The scan's per-order d query, d key and decay terms (their partials summed once for all
+    orders) are consecutive slices of one buffer each, which the chain rule takes without a
+    stacking copy (VMamba's training step had one sum and one copy per order and operand)."""
     from ssmc.backends import chain_rule
     from ssmc.backends.triton import backward as triton_backward
     import ssmc
@@ -176,8 +176,8 @@ def test_cross2d_scan_query_and_key_gradients_reach_the_chain_rule_unstacked(mon
     real = triton_backward.stack_orders
 
     def recording(per_dir, skip=()):
-        for key in ("query", "key"):
-            if chain_rule._stacked([grads[key] for grads, _ in per_dir]) is None:
+        for key in per_dir[0][0]:
+            if chain_rule._stacked([g[key] for g, _ in per_dir]) is None:
                 copied.append(key)
         return real(per_dir, skip)
 

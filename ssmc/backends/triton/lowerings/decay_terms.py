@@ -98,12 +98,14 @@ def buffers(terms: list[DecayTerm], nd: int, npb: int, sizes: dict, S: int,
             for t in terms}
 
 
-def canonical(term: DecayTerm, buf: torch.Tensor, order: int, varlen: bool) -> torch.Tensor:
-    """Order `order`'s term as a canonical (b, t, h, n, p) tensor (size 1 where summed)."""
-    g = buf[order].sum(0)
+def canonical(term: DecayTerm, buf: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """Every order's term as a canonical (b, t, h, n, p) tensor (size 1 where summed) on a
+    leading order axis: its slices are consecutive, so a cross2d chain rule takes them without
+    a stacking copy, and the partials are summed in one launch for all orders."""
+    g = buf[:, 0] if buf.shape[1] == 1 else buf.sum(1)
     if term.has_t:
         return g
-    g = g.unsqueeze(1)                       # (sequences, 1, h, n, p)
+    g = g.unsqueeze(2)                       # (orders, sequences, 1, h, n, p)
     if varlen or not term.has_b:
-        g = g.sum(0, keepdim=True)
+        g = g.sum(1, keepdim=True)
     return g

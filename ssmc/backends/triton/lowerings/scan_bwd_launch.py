@@ -103,12 +103,13 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
     # sums are consecutive slices of one buffer, which a cross2d chain rule takes without
     # stacking them (VMamba's 56x56 n=16 step had 8 sums and their stacking copies)
     dq, dk = (d[:, 0] if NPB == 1 else d.sum(1) for d in (dq, dk))
+    done = {term.name: term_canonical(term, bufs[term.name], cu_seqlens is not None)
+            for term in terms}
     results = []
     for i in range(nd):
         grads = {"query": dq[i].unsqueeze(-1), "key": dk[i].unsqueeze(-1),
                  "value": dv[i].unsqueeze(3)}
         for term in terms:    # the decay's terms, done: ("decay", input) -> canonical tensor
-            grads[("decay", term.name)] = term_canonical(term, bufs[term.name], i,
-                                                         cu_seqlens is not None)
+            grads[("decay", term.name)] = done[term.name][i]
         results.append((grads, dh0[i] if nd > 1 else dh0[0]))
     return results
