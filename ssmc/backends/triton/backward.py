@@ -113,14 +113,8 @@ def make_backward(backend, plan: Plan):
                                                 cu_seqlens, want_y and not late_y, residual)
         # dy stored like the chunk states: the chunked kernels round it to the matmul type
         dy_dtype = None if use_scan else chunked_run.state_dtype(bplan)
-        try:    # the chunked forward walks may still run (`forward_pass`)
-            dy = chain_rows.epilogue_dy(backend, plan, rule, tensors, sizes, y, grad_out,
-                                        dy_dtype)
-            env, g_out, dy_host = rule.epilogue(tensors, sizes, y, grad_out, cdt, dy is None)
-        except BaseException:
-            if saved.get("walking") is not None:   # before their buffers are freed
-                saved["walking"].join()
-            raise
+        dy = chain_rows.epilogue_dy(backend, plan, rule, tensors, sizes, y, grad_out, dy_dtype)
+        env, g_out, dy_host = rule.epilogue(tensors, sizes, y, grad_out, cdt, dy is None)
         dy = dy_host if dy is None else dy
         if use_scan:
             per_dir = scan_run.backward_pass(module, bplan, tensors, sizes, saved, dy,

@@ -4,9 +4,9 @@ The orders of a bidirectional or cross2d op walk their sequences independently. 
 after another, each sequential pass has the programs of one order (cross2d at b=32, h=8: 256
 walks, under two per SM of an H100, so the pass splits p and re-reads its keys to fill the GPU);
 on streams of their own the GPU runs all orders' walks at once, as one launch over stacked
-orders does. The chunked backward's two walks, the forward one that recomputes the chunk states
-and the reverse one that forms their gradients, need nothing of each other: they run side by
-side too. Off the GPU everything runs on the current stream, in the same order.
+orders does. The chunked backward's forward walks (recomputing the chunk states) and its reverse
+walks (their gradients) run side by side likewise, each set joined before its function returns.
+Off the GPU everything runs on the current stream, in the same order.
 """
 from __future__ import annotations
 
@@ -43,24 +43,17 @@ class SideStreams:
     """`count` independent pieces of work: `on(i)` runs piece i on its own stream (after
     everything already queued on the current one), `join()` makes the current stream wait
     for all of them. Tensors the pieces use must be made before (on the current stream) and
-    stay alive until `join()`. `first`: the first of the streams, so that two sets in flight
-    at once (the backward's forward and reverse walks) do not share streams."""
+    stay referenced until `join()`: the caching allocator hands a freed block to the current
+    stream's next tensor at once, whatever a side stream still does with it."""
 
-    def __init__(self, device: torch.device, count: int, first: int = 0):
+    def __init__(self, device: torch.device, count: int):
         self.side = device.type == "cuda" and count > 0 and not _ONE[0]
         self.streams: list[torch.cuda.Stream] = []
-        self.held: list = []
         if self.side:
             self.main = torch.cuda.current_stream(device)
-            self.streams = [_side(device, first + i) for i in range(count)]
+            self.streams = [_side(device, i) for i in range(count)]
             for s in self.streams:
                 s.wait_stream(self.main)
-
-    def hold(self, *objects) -> None:
-        """Keep `objects` (the pieces' buffers) alive until `join()`: freed before it, their
-        memory could be handed to the current stream's next tensor while a piece still
-        writes it."""
-        self.held.extend(objects)
 
     def on(self, i: int):
         return torch.cuda.stream(self.streams[i]) if self.side else contextlib.nullcontext()
@@ -68,4 +61,3 @@ class SideStreams:
     def join(self) -> None:
         for s in self.streams:
             self.main.wait_stream(s)
-        self.held.clear()

@@ -113,46 +113,49 @@ def test_pairs_one_order_at_a_time(monkeypatch):
     assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
 
 
-def test_forward_walks_are_joined_when_the_backward_fails_before_reading_them(monkeypatch):
-    """The chunked backward's forward walks may still run when it returns (their join is in
-    the reverse walks' step); an error in between (here, forming dy) joins them before their
-    buffers go."""
+def test_forward_walks_are_joined_before_the_backward_goes_on(monkeypatch):
+    """The chunked backward's forward walks are joined before `forward_pass` returns. Left
+    running past it (beside dy and the reverse walks) they gained about 1% of a training
+    step, and the tensors only they used were freed under them: NaN gradients on an H100."""
     from ssmc.backends.triton import backward as triton_backward
     from ssmc.backends.triton.lowerings import chunked_bwd_launch
     from tests.backends.triton.test_scan import inputs_for as line_inputs
-    joined = []
+    made, joined = [], []
 
     class Recording(streams.SideStreams):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
         def join(self):
             joined.append(self)
             super().join()
 
-    def fail(*args, **kwargs):
-        assert not joined          # the forward walks were left running
-        raise RuntimeError("dy failed")
+    real_dy = triton_backward.chain_rows.epilogue_dy
+
+    def checking_dy(*args, **kwargs):
+        assert made and all(s in joined for s in made)
+        return real_dy(*args, **kwargs)
 
     monkeypatch.setattr(chunked_bwd_launch, "SideStreams", Recording)
-    monkeypatch.setattr(triton_backward.chain_rows, "epilogue_dy", fail)
+    monkeypatch.setattr(triton_backward.chain_rows, "epilogue_dy", checking_dy)
     defn = builtin("ssd")
     inputs = {k: v.requires_grad_(True) for k, v in
               line_inputs(defn, dict(b=1, t=20, h=2, g=1, n=4, p=3), seed=4).items()}
     op = ssmc.compile(defn, backend="triton", lowering="chunked")
-    y = op(**inputs)
-    with pytest.raises(RuntimeError, match="dy failed"):
-        y.sum().backward()
-    assert len(joined) == 1
+    op(**inputs).sum().backward()
+    assert len(made) == 2 and len(joined) == 2    # the forward walks, the reverse walks
 
 
 def test_what_the_forward_walks_use_lives_until_they_are_joined(monkeypatch):
-    """The chunked backward's forward walks are left running when it forms dy (their join is
-    in the reverse walks' step): every tensor they were launched with must still be alive
-    then. Freed before, its memory goes to the next tensor made on the current stream (dy)
-    while a walk still writes it (an H100 gave NaN gradients so)."""
+    """Every tensor the chunked backward's forward walks were launched with is alive when they
+    are joined: freed before, its memory goes to the next tensor made on the current stream
+    (dy) while a walk still writes it (an H100 gave NaN gradients so)."""
     import weakref
 
     from ssmc.backends.triton.lowerings import chunked_bwd_launch
     from tests.backends.triton.test_scan import inputs_for as line_inputs
-    used, dead_at_join = [], []
+    used, dead_at_join, checked = [], [], []
     real = chunked_bwd_launch.state_pass
 
     def recording_state_pass(module, args, *rest, **kwargs):
@@ -162,8 +165,10 @@ def test_what_the_forward_walks_use_lives_until_they_are_joined(monkeypatch):
         return real(module, args, *rest, **kwargs)
 
     class Recording(streams.SideStreams):
-        def join(self):
+        def join(self):    # the tensors of the walks since the last join
             dead_at_join.extend(r for r in used if r() is None)
+            checked.extend(used)
+            used.clear()
             super().join()
 
     monkeypatch.setattr(chunked_bwd_launch, "state_pass", recording_state_pass)
@@ -173,4 +178,4 @@ def test_what_the_forward_walks_use_lives_until_they_are_joined(monkeypatch):
               line_inputs(defn, dict(b=1, t=20, h=2, g=1, n=4, p=3), seed=5).items()}
     op = ssmc.compile(defn, backend="triton", lowering="chunked")
     op(**inputs).sum().backward()
-    assert used and not dead_at_join
+    assert checked and not dead_at_join
