@@ -24,6 +24,7 @@ from ssmc.backends import get_backend
 from ssmc.lowerings import legal_lowerings
 from ssmc.plan import Plan
 from tests.backends.triton.conftest import count_launches
+from tests.helpers import check_against_reference
 
 # the modules (ssmc.ops exports functions of the same names)
 OPS = {name: importlib.import_module(f"ssmc.ops.{name}")
@@ -637,3 +638,32 @@ def test_scan_backward_writes_every_gradient_entry(varlen, monkeypatch):
     monkeypatch.setattr(scan_bwd_launch.torch, "empty", nan_empty)
     _gradients_match_reference(_ssd_like("bidirectional"), dict(b=2, t=13, h=2, g=1, n=16, p=16),
                                varlen, seed=3)
+
+
+@pytest.mark.parametrize("case", ["varlen", "bidirectional", "t1"])
+@pytest.mark.parametrize("name", ["ssd", "selective_scan"])
+def test_scan_decay_term_buffers_are_written_everywhere(name, case, monkeypatch):
+    """The backward's decay-term buffers are not zero-filled (every entry is stored): filled
+    with NaN instead, every gradient still matches the reference, with packed sequences
+    (empty ones among them), both directions and one step."""
+    from ssmc.backends.triton.lowerings import decay_terms, scan_bwd_launch
+    real = decay_terms.buffers
+    filled = []
+
+    def poisoned(*args, **kwargs):
+        bufs = {k: v.fill_(float("nan")) for k, v in real(*args, **kwargs).items()}
+        filled.extend(bufs)
+        return bufs
+
+    monkeypatch.setattr(scan_bwd_launch, "term_buffers", poisoned)
+    defn = builtin(name, "bidirectional" if case == "bidirectional" else "forward")
+    sizes = shape_for(name, "t1" if case == "t1" else "t7")
+    kw = {}
+    if case == "varlen":
+        sizes = dict(sizes, b=1, t=sum(LENGTHS))
+        kw = dict(cu_seqlens=cu_seqlens(LENGTHS),
+                  initial_state=state_for(defn, sizes, num_states=len(LENGTHS)))
+    inputs = {k: v.to(DEVICE) for k, v in inputs_for(defn, sizes, seed=6).items()}
+    check_against_reference(defn, inputs, tol=1e-5, grad_tol=3e-5, backend="triton",
+                            lowering="scan", return_final_state=True, **kw)
+    assert filled    # the definition has decay terms

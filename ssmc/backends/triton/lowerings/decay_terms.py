@@ -94,7 +94,10 @@ def emit(terms: list[DecayTerm], ctx: Context, pre: Emitter, body: Emitter,
 
 def buffers(terms: list[DecayTerm], nd: int, npb: int, sizes: dict, S: int,
             dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    return {t.name: torch.zeros(t.shape(nd, npb, sizes, S), dtype=dtype, device=device)
+    """Unfilled: every entry is stored (each order and p-block walks every row of every
+    sequence, and each program stores its sums), as d query and d key are; a zero fill of
+    VMamba's (b, t, h, p) term was 308 MB a step at 56x56, b=32."""
+    return {t.name: torch.empty(t.shape(nd, npb, sizes, S), dtype=dtype, device=device)
             for t in terms}
 
 
