@@ -113,13 +113,23 @@ def test_pairs_one_order_at_a_time(monkeypatch):
     assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
 
 
+def _ssd_training_step(seed: int) -> None:
+    """One forward + backward of a small ssd on the chunked lowering (its backward's walks
+    run on side streams)."""
+    from tests.backends.triton.test_scan import inputs_for as line_inputs
+    defn = builtin("ssd")
+    inputs = {k: v.requires_grad_(True) for k, v in
+              line_inputs(defn, dict(b=1, t=20, h=2, g=1, n=4, p=3), seed=seed).items()}
+    op = ssmc.compile(defn, backend="triton", lowering="chunked")
+    op(**inputs).sum().backward()
+
+
 def test_forward_walks_are_joined_before_the_backward_goes_on(monkeypatch):
     """The chunked backward's forward walks are joined before `forward_pass` returns. Left
     running past it (beside dy and the reverse walks) they gained about 1% of a training
     step, and the tensors only they used were freed under them: NaN gradients on an H100."""
     from ssmc.backends.triton import backward as triton_backward
     from ssmc.backends.triton.lowerings import chunked_bwd_launch
-    from tests.backends.triton.test_scan import inputs_for as line_inputs
     made, joined = [], []
 
     class Recording(streams.SideStreams):
@@ -139,11 +149,7 @@ def test_forward_walks_are_joined_before_the_backward_goes_on(monkeypatch):
 
     monkeypatch.setattr(chunked_bwd_launch, "SideStreams", Recording)
     monkeypatch.setattr(triton_backward.chain_rows, "epilogue_dy", checking_dy)
-    defn = builtin("ssd")
-    inputs = {k: v.requires_grad_(True) for k, v in
-              line_inputs(defn, dict(b=1, t=20, h=2, g=1, n=4, p=3), seed=4).items()}
-    op = ssmc.compile(defn, backend="triton", lowering="chunked")
-    op(**inputs).sum().backward()
+    _ssd_training_step(seed=4)
     assert len(made) == 2 and len(joined) == 2    # the forward walks, the reverse walks
 
 
@@ -154,7 +160,6 @@ def test_what_the_forward_walks_use_lives_until_they_are_joined(monkeypatch):
     import weakref
 
     from ssmc.backends.triton.lowerings import chunked_bwd_launch
-    from tests.backends.triton.test_scan import inputs_for as line_inputs
     used, dead_at_join, checked = [], [], []
     real = chunked_bwd_launch.state_pass
 
@@ -173,9 +178,5 @@ def test_what_the_forward_walks_use_lives_until_they_are_joined(monkeypatch):
 
     monkeypatch.setattr(chunked_bwd_launch, "state_pass", recording_state_pass)
     monkeypatch.setattr(chunked_bwd_launch, "SideStreams", Recording)
-    defn = builtin("ssd")
-    inputs = {k: v.requires_grad_(True) for k, v in
-              line_inputs(defn, dict(b=1, t=20, h=2, g=1, n=4, p=3), seed=5).items()}
-    op = ssmc.compile(defn, backend="triton", lowering="chunked")
-    op(**inputs).sum().backward()
+    _ssd_training_step(seed=5)
     assert checked and not dead_at_join

@@ -101,11 +101,17 @@ def buffers(terms: list[DecayTerm], nd: int, npb: int, sizes: dict, S: int,
             for t in terms}
 
 
+def summed_partials(buf: torch.Tensor) -> torch.Tensor:
+    """(orders, partials, ...) -> (orders, ...): the p-blocks' partials summed for every order
+    in one launch (the only one taken as it is), the orders' sums consecutive slices of one
+    buffer, which a cross2d chain rule takes without stacking them."""
+    return buf[:, 0] if buf.shape[1] == 1 else buf.sum(1)
+
+
 def canonical(term: DecayTerm, buf: torch.Tensor, varlen: bool) -> torch.Tensor:
     """Every order's term as a canonical (b, t, h, n, p) tensor (size 1 where summed) on a
-    leading order axis: its slices are consecutive, so a cross2d chain rule takes them without
-    a stacking copy, and the partials are summed in one launch for all orders."""
-    g = buf[:, 0] if buf.shape[1] == 1 else buf.sum(1)
+    leading order axis (`summed_partials`)."""
+    g = summed_partials(buf)
     if term.has_t:
         return g
     g = g.unsqueeze(2)                       # (orders, sequences, 1, h, n, p)

@@ -18,7 +18,6 @@ the earlier ones' sum, so that the output's bits do not depend on the order of t
 """
 from __future__ import annotations
 
-
 from ....plan import Plan
 from ..common import HEADER, emit_output, compute_type, input_params
 from ..render import Context, Emitter, Tile, tile_mask

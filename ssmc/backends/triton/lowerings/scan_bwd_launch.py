@@ -8,7 +8,8 @@ import triton
 from ....plan import Plan
 from ..common import chunk_layout, compute_dtype, input_args, num_sequences
 from .scan import STEPS
-from .decay_terms import buffers as term_buffers, canonical as term_canonical, decay_terms
+from .decay_terms import (buffers as term_buffers, canonical as term_canonical, decay_terms,
+                          summed_partials)
 from .scan_launch import (ONE_WARP_VALUES, block_tile, order_bits, order_launches, scan_blocks,
                           scan_warps)
 
@@ -99,10 +100,9 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         B, T, H // G, N, P, sizes.get("grid_h", 1), saved["NCK"], NPB, 0, rev, col,
         BN=BN, BP=BP, BT=BT, CK=BT, HAS_GT=gT is not None, IS_VARLEN=cu_seqlens is not None,
         **({"num_warps": warps} if device.type == "cuda" else {}))
-    # the p-blocks' partials summed for every order at once: one launch each, and the orders'
-    # sums are consecutive slices of one buffer, which a cross2d chain rule takes without
-    # stacking them (VMamba's 56x56 n=16 step had 8 sums and their stacking copies)
-    dq, dk = (d[:, 0] if NPB == 1 else d.sum(1) for d in (dq, dk))
+    # one sum per operand for every order (VMamba's 56x56 n=16 step had 8 and their stacking
+    # copies)
+    dq, dk = summed_partials(dq), summed_partials(dk)
     done = {term.name: term_canonical(term, bufs[term.name], cu_seqlens is not None)
             for term in terms}
     results = []
