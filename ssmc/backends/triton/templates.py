@@ -91,11 +91,13 @@ def grid_position(u: str) -> str:
     return f"({u} % GH) * (T // GH) + {u} // GH"
 
 
-def rows(first: str = "c0", i: str = "i_row", mask: str = "mask_t", t: str = "t_row") -> str:
-    """The rows of one block (unindented): position `i` from the sequence start, its mask, and
-    `t`, the time step it reads in the direction's own order (COLUMN: a grid's column order,
-    indexed in place: no column-major copy of any input or output)."""
-    return f"""{i} = {first} + offs_c
+def rows(first: str = "c0", i: str = "i_row", mask: str = "mask_t", t: str = "t_row",
+         offs: str = "offs_c") -> str:
+    """The rows of one block (unindented): position `i` from the sequence start (`first` plus
+    `offs`, the tile's row offsets), its mask, and `t`, the time step it reads in the
+    direction's own order (COLUMN: a grid's column order, indexed in place: no column-major
+    copy of any input or output)."""
+    return f"""{i} = {first} + {offs}
 {mask} = {i} < length
 if REVERSE:
     {t} = end - 1 - {i}

@@ -84,34 +84,38 @@ OUT_TILE = Tile([("t", "t_row", "mask_t"), ("p", "offs_p", "mask_p")], BLOCK_FIX
 
 
 def emit_operands(prog, ct: str, pre: Emitter, body: Emitter, names,
-                  tag: str = "") -> tuple[Context, Context]:
-    """The recurrence operands `names` (decay, key, value, query) on the block tile, zero
-    outside its n and p masks: time-invariant ones into `pre` (before the loop), the others
-    into `body` (per block). `tag` tells apart two kernels' variables in one module. Returns
-    the two contexts (what each has loaded)."""
+                  tag: str = "", tile: Tile = BLOCK, suffix: str = "") -> tuple[Context, Context]:
+    """The recurrence operands `names` (decay, key, value, query) on `tile`, zero outside its
+    n and p masks: time-invariant ones into `pre` (before the loop), the others into `body`
+    (per block). `tag` tells apart two kernels' loads in one module, `suffix` two sets of
+    operands in one kernel (`{name}{suffix}`). Returns the two contexts (what each has
+    loaded)."""
     rec = prog.recurrence
-    outer = Context(prog, BLOCK, pre, f"c{tag}", ct)
-    inner = Context(prog, BLOCK, body, f"s{tag}", ct)
+    outer = Context(prog, tile, pre, f"c{tag}", ct)
+    inner = Context(prog, tile, body, f"s{tag}", ct)
     for name in names:
         node = getattr(rec, name)
         if node is not None:
-            _operand(inner if "t" in node.axes else outer, node, name, ("n", "p"))
+            _operand(inner if "t" in node.axes else outer, node, name + suffix, ("n", "p"))
     return outer, inner
 
 
-def emit_block_states(rec, ct: str, body: Emitter) -> None:
+def emit_block_states(rec, ct: str, body: Emitter, suffix: str = "",
+                      mask: str = "mask_t") -> None:
     """`states` [BT, n, BP]: the state after each row of the block, from `state` (the state
-    entering it) and the operands; `a` the rows' decays. Rows past the sequence's end are the
-    identity step (a = 1, kv = 0), so the block's last row holds the state after its last valid
-    step."""
+    entering it) and the operands (`decay{suffix}`...); `a{suffix}` the rows' decays. Rows
+    past the sequence's end (`mask` false) are the identity step (a = 1, kv = 0), so the
+    block's last row holds the state after its last valid step."""
     full = "(BT, BN, BP)"
-    rows_valid = "mask_t[:, None, None]"
+    rows_valid = f"{mask}[:, None, None]"
+    a, kv = f"a{suffix}", f"kv{suffix}"
     if rec.decay is not None:
-        body(f"a = tl.where({rows_valid}, tl.broadcast_to(decay, {full}), 1.0)")
+        body(f"{a} = tl.where({rows_valid}, tl.broadcast_to(decay{suffix}, {full}), 1.0)")
     else:
-        body(f"a = tl.full({full}, 1.0, {ct})")
-    body(f"kv = tl.where({rows_valid}, tl.broadcast_to(key * value, {full}), 0.0)")
-    body("a_cum, kv_cum = tl.associative_scan((a, kv), 0, _ssmc_affine)")
+        body(f"{a} = tl.full({full}, 1.0, {ct})")
+    body(f"{kv} = tl.where({rows_valid}, tl.broadcast_to(key{suffix} * value{suffix}, {full}),"
+         " 0.0)")
+    body(f"a_cum, kv_cum = tl.associative_scan(({a}, {kv}), 0, _ssmc_affine)")
     body("states = a_cum * state[None, :, :] + kv_cum")
 
 
@@ -143,7 +147,8 @@ def _raw_inputs(prog) -> tuple[list[str], list[str]]:
     return varying, [n for n in names if n not in varying]
 
 
-def _step_tile(t: str, mask: str) -> Tile:
+def rows_tile(t: str, mask: str) -> Tile:
+    """The block tile on rows `t` with mask `mask`."""
     return Tile([("t", t, mask), ("n", "offs_n", "mask_n"), ("p", "offs_p", "mask_p")],
                 BLOCK_FIXED)
 
@@ -177,7 +182,7 @@ def emit_prefetch(prog, ct: str, emit: Emitter, first: str, j: int, varying,
     prologue's, or Triton carries them through the loop)."""
     t, mask = f"t_{rows_tag}{j}", f"mask_{rows_tag}{j}"
     walk_rows(emit, first, j, rows_tag, f"i_{rows_tag}{j}", mask, t)
-    loader = Context(prog, _step_tile(t, mask), emit, f"n{j}", ct)
+    loader = Context(prog, rows_tile(t, mask), emit, f"n{j}", ct)
     for name in varying:
         loader.load(name)
 
