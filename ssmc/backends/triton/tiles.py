@@ -122,7 +122,9 @@ def chunked_space(ctx: SpaceContext, built_in: dict) -> TileSpace:
 def scan_space(ctx: SpaceContext, BN: int, BP: int, BT: int, num_warps: int) -> TileSpace:
     """`BN`, `BP`, `BT`, `num_warps`: the scan's built-in blocks at ctx's sizes."""
     P = ctx.sizes["p"]
-    axes = {"BP": pow2_upto(2, min(64, max(next_pow2(P), 2))), "BT": (1, 2, 4, 8, 16, 32),
+    # p = 1 (Mamba-1's channels) takes blocks of one: wider ones are padding
+    axes = {"BP": pow2_upto(min(2, next_pow2(P)), min(64, next_pow2(P))),
+            "BT": (1, 2, 4, 8, 16, 32),
             "stages": (1, 2, 3), "num_warps": (1, 2, 4, 8)}
     default = {"BP": BP, "BT": BT, "stages": 1, "num_warps": num_warps}
 

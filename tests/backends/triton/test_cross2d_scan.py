@@ -123,6 +123,15 @@ def test_cross2d_scan_channels_as_p():
     check(defn, inputs, (2, 3))
 
 
+@pytest.mark.parametrize("p", [1, 40])
+def test_cross2d_scan_one_state_per_channel(p):
+    """VMamba's n = 1 (and n = 1 with p = 1): the scan's blocks are one wide in n (and p), not
+    padded to two; several checkpoints and p-blocks (p = 40), both directions of both grid
+    axes, every gradient."""
+    defn = cross2d("full", True)
+    check(defn, inputs_for(defn, (7, 5), dict(SMALL, n=1, p=p), seed=5), (7, 5))
+
+
 def test_cross2d_scan_several_checkpoints():
     """t = 7 x 5 = 35: the backward recomputes three 16-step segments per order, the last one
     partial, the later ones starting mid-column for the column orders."""

@@ -681,3 +681,23 @@ def test_scan_backward_runs_its_scans_forward(name):
     bwd = src[src.index("def ssmc_scan_bwd("):]
     assert bwd.count("tl.associative_scan(") == 2
     assert "reverse=True" not in bwd
+
+
+def test_scan_blocks_are_not_padded_to_two():
+    """n = 1 (VMamba's n = 1) and p = 1 (Mamba-1's channels) take blocks of one: a block padded
+    to two does twice the work for the same states. The tuner's space offers only p-blocks of
+    one where p = 1. A one-warp backward block holds about ONE_WARP_BLOCK values (VMamba's
+    16 x 8 state: 8 steps, as measured; Mamba-1's 16 x 1: 16)."""
+    from types import SimpleNamespace
+
+    from ssmc.backends.triton.lowerings.scan_bwd_launch import backward_blocks
+    from ssmc.backends.triton.lowerings.scan_launch import block_tile, scan_blocks
+    from ssmc.backends.triton.tiles import scan_space
+    assert block_tile(1, 32)[:2] == (1, 32) and scan_blocks(1, 32)[:2] == (1, 32)
+    assert block_tile(16, 1)[:2] == (16, 1) and scan_blocks(16, 1)[:2] == (16, 1)
+    assert backward_blocks(16, 1) == (16, 1, 16, 1)
+    assert backward_blocks(16, 192) == (16, 8, 8, 1)
+    assert backward_blocks(1, 32)[:2] == (1, 32)
+    assert backward_blocks(128, 64)[:2] == (128, 2)     # p > 1 keeps its blocks of two
+    _, axes, _ = scan_space(SimpleNamespace(sizes=dict(n=16, p=1)), *scan_blocks(16, 1), 4)
+    assert axes["BP"] == (1,)

@@ -80,10 +80,10 @@ def ckpt_params(prog) -> str:
     """The checkpointing forward kernels' parameters (both forms)."""
     return f"""    {input_params(prog)},
     ssmc_y, ssmc_ckpt, ssmc_h0, cu_ptr, ssmc_ck_off,
-    T, HPG, N, P, GH, NCK, {SETUP_PARAMS},
+    T, HPG, N: tl.constexpr, P, GH, NCK, {SETUP_PARAMS},
     BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, CK: tl.constexpr,
     HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, ACCUM_IN: tl.constexpr,
-    WRITE_Y: tl.constexpr, ATOMIC: tl.constexpr,"""
+    WRITE_Y: tl.constexpr, ATOMIC: tl.constexpr, EVEN_P: tl.constexpr,"""
 
 
 def render_ckpt_steps(plan: Plan) -> str:
@@ -209,9 +209,9 @@ def ssmc_scan_bwd(
     {input_params(prog)},
     ssmc_dy, ssmc_ckpt, ssmc_gT, ssmc_dh0, ssmc_dq, ssmc_dk, ssmc_dv, {term_params}
     cu_ptr, ssmc_ck_off,
-    B, T, HPG, N, P, GH, NCK, {SETUP_PARAMS},
+    B, T, HPG, N: tl.constexpr, P, GH, NCK, {SETUP_PARAMS},
     BN: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, CK: tl.constexpr,
-    HAS_GT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_GT: tl.constexpr, IS_VARLEN: tl.constexpr, EVEN_P: tl.constexpr,
 ):
 {SETUP}
 {C_BASE}

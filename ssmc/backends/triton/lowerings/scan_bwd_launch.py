@@ -10,21 +10,26 @@ from ..common import chunk_layout, compute_dtype, input_args, num_sequences
 from .scan import STEPS
 from .decay_terms import (buffers as term_buffers, canonical as term_canonical, decay_terms,
                           summed_partials)
-from .scan_launch import (ONE_WARP_VALUES, block_tile, order_bits, order_launches, scan_blocks,
+from .scan_launch import (MAX_BT, ONE_WARP_VALUES, block_tile, order_bits, order_launches, scan_blocks,
                           scan_warps)
+
+
+#: values of a one-warp backward block (BT x n x BP): VMamba's measured best, 8 x 16 x 8
+ONE_WARP_BLOCK = 1024
 
 
 def backward_blocks(N: int, P: int) -> tuple[int, int, int, int]:
     """(BN, BP, BT, num_warps) of the backward pass; BT is also the forward's checkpoint
     interval. Its own blocks: the forward's tile is tuned for the forward. A state tile of one
-    warp's ONE_WARP_VALUES (n from 5 to 16) runs in one warp on blocks of half the steps:
-    measured on an H100 (VMamba's selective scan, b=32, d=192, bf16, n=16, four orders), the
-    training step 31.3 -> 24.7 ms at 56x56 and 9.0 -> 7.1 ms at 28x28 with a 16 x 8 x 8 block
-    in one warp against 16 x 8 x 16 in four (16 x 8 x 16 in one warp: 74 ms, it spills; 8 x 4:
-    39 ms). The checkpoints double: (orders, t / 8, h, n, p) fp32."""
+    warp's ONE_WARP_VALUES (n from 5 to 16) runs in one warp on blocks of ONE_WARP_BLOCK
+    values: measured on an H100 (VMamba's selective scan, b=32, d=192, bf16, n=16, four
+    orders), the training step 31.3 -> 24.7 ms at 56x56 and 9.0 -> 7.1 ms at 28x28 with a
+    16 x 8 x 8 block in one warp against 16 x 8 x 16 in four (16 x 8 x 16 in one warp: 74 ms,
+    it spills; 8 x 4: 39 ms). The checkpoints double: (orders, t / 8, h, n, p) fp32. Mamba-1's
+    16 x 1 state takes 16 steps a block (MAX_BT)."""
     BN, BP, BT = block_tile(N, P)
     if 8 <= BN <= 16 and BN * BP <= ONE_WARP_VALUES:
-        return BN, BP, max(BT // 2, 2), 1
+        return BN, BP, max(min(MAX_BT, ONE_WARP_BLOCK // (BN * BP)), 2), 1
     return BN, BP, BT, 4
 
 
@@ -64,6 +69,7 @@ def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, 
             dummy if cu_seqlens is None else cu_seqlens, dummy if ck_off is None else ck_off,
             T, H // G, N, P, sizes.get("grid_h", 1), NCK, NPB, first, rev, col,
             BN=BN, BP=BP, BT=BT, CK=CK, HAS_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
+            EVEN_P=P % BP == 0,
             ACCUM_IN=first > 0, WRITE_Y=want_y, ATOMIC=want_y and count > 1,
             **({"num_warps": scan_warps(BN, BP, BT)} if device.type == "cuda" else {}))
     return dict(ckpt=ckpt, ck_off=ck_off, NCK=NCK), y
@@ -99,6 +105,7 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         dummy if saved["ck_off"] is None else saved["ck_off"],
         B, T, H // G, N, P, sizes.get("grid_h", 1), saved["NCK"], NPB, 0, rev, col,
         BN=BN, BP=BP, BT=BT, CK=BT, HAS_GT=gT is not None, IS_VARLEN=cu_seqlens is not None,
+        EVEN_P=P % BP == 0,
         **({"num_warps": warps} if device.type == "cuda" else {}))
     # one sum per operand for every order (VMamba's 56x56 n=16 step had 8 and their stacking
     # copies)

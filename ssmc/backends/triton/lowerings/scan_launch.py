@@ -38,10 +38,13 @@ def block_tile(N: int, P: int, tile: dict | None = None) -> tuple[int, int, int]
     """(BN, BP, BT) in blocks: all of n; a p-block narrow enough that a block of MAX_BT steps
     fits BLOCK_VALUES (narrow p-blocks also give more programs to a scan that has few); steps
     per block to fill the rest (at least 2). `tile` may set BP and BT. (The backward's
-    blocks: it checkpoints the state entering each.)"""
+    blocks: it checkpoints the state entering each.) n = 1 and p = 1 (VMamba's n = 1,
+    Mamba-1's channels) take blocks of one, not two: a padded half does all the work of a
+    block for nothing (Mamba-1's backward block, sm_90a: 612 instructions per 32 steps of a
+    channel's states at p padded to 2, 328 at 1 with twice the steps)."""
     tile = tile or {}
-    BN = max(next_pow2(N), 2)
-    BP = tile.get("BP") or max(min(next_pow2(P), 32, BLOCK_VALUES // (BN * MAX_BT)), 2)
+    BN = next_pow2(N)
+    BP = tile.get("BP") or min(next_pow2(P), 32, max(BLOCK_VALUES // (BN * MAX_BT), 2))
     BT = tile.get("BT") or max(min(MAX_BT, BLOCK_VALUES // (BN * BP)), 2)
     return BN, BP, BT
 
@@ -124,6 +127,7 @@ def launch(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, final_
             out if fin is None else fin, out if cu_seqlens is None else cu_seqlens,
             T, H // G, N, P, sizes.get("grid_h", 1), NPB, first, rev, col,
             BN=BN, BP=BP, BT=BT, STAGES=tile.get("stages") or 1, HAS_H0=h0 is not None,
+            EVEN_P=P % BP == 0,
             STORE_HT=final is not None, IS_VARLEN=cu_seqlens is not None,
             ACCUM_IN=first > 0, WRITE_OUT=first + count == nd, ATOMIC=count > 1, **warps)
         if count > 1 and out.numel():     # the atomically summed orders' epilogue
