@@ -126,7 +126,7 @@ def make_backward(backend, plan: Plan):
                 y = y_late
                 env[Y.name] = y.unsqueeze(3)
         del saved, dy    # the chunk states are the largest buffers: gone before the chain rule
-        grouped = frozenset() if use_scan else chunked_run.grouped_operands(bplan, sizes)
+        grouped = (scan_run if use_scan else chunked_run).grouped_operands(bplan, sizes)
         grad_h0 = initial_state_grad([dh0 for _, dh0 in per_dir], initial_state)
         if has_order_axis(prog):
             # each order's operands read its own slices: the row terms per order (one launch

@@ -199,3 +199,20 @@ def test_cross2d_scan_gradients_reach_the_chain_rule_unstacked(monkeypatch):
     op = ssmc.compile(defn, backend="triton", lowering="scan")
     op(**inputs, grid=grid).sum().backward()
     assert not copied
+
+
+def test_cross2d_scan_sums_query_and_key_over_heads_in_one_pass(monkeypatch):
+    """B and C are every head's (no head axis): the backward sums d query and d key over the
+    p-blocks and a group's heads in one pass, not the p-blocks first into a (b, t, h, n) tensor
+    that the chain rule sums again (VMamba's 56x56: 616 MB of partials, then 154 MB more)."""
+    from ssmc.backends.triton.lowerings import scan_bwd_launch
+    real, groups = scan_bwd_launch.summed_partials, []
+
+    def spy(buf, g=None):
+        groups.append(g)
+        return real(buf, g)
+
+    monkeypatch.setattr(scan_bwd_launch, "summed_partials", spy)
+    defn = cross2d("full", True)
+    check(defn, inputs_for(defn, (3, 2), dict(SIZES, p=12), seed=6), (3, 2))
+    assert groups == [1, 1]

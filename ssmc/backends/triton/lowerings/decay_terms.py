@@ -105,10 +105,14 @@ def buffers(terms: list[DecayTerm], nd: int, npb: int, sizes: dict, S: int,
             for t in terms}
 
 
-def summed_partials(buf: torch.Tensor) -> torch.Tensor:
+def summed_partials(buf: torch.Tensor, groups: int | None = None) -> torch.Tensor:
     """(orders, partials, ...) -> (orders, ...): the p-blocks' partials summed for every order
     in one launch (the only one taken as it is), the orders' sums consecutive slices of one
-    buffer, which a cross2d chain rule takes without stacking them."""
+    buffer, which a cross2d chain rule takes without stacking them. With `groups`, a
+    (orders, partials, b, t, h, n) buffer is summed over each group's heads in the same launch:
+    (orders, b, t, groups, n)."""
+    if groups is not None:
+        return buf.unflatten(4, (groups, -1)).sum((1, 5))
     return buf[:, 0] if buf.shape[1] == 1 else buf.sum(1)
 
 

@@ -7,11 +7,12 @@ import triton
 
 from ....plan import Plan
 from ..common import chunk_layout, compute_dtype, input_args, num_sequences
-from .scan import STEPS
+from .chunk_qk import head_free
 from .decay_terms import (buffers as term_buffers, canonical as term_canonical, decay_terms,
                           summed_partials)
-from .scan_launch import (MAX_BT, ONE_WARP_VALUES, block_tile, order_bits, order_launches, scan_blocks,
-                          scan_warps)
+from .scan import STEPS
+from .scan_launch import (MAX_BT, ONE_WARP_VALUES, block_tile, order_bits, order_launches,
+                          scan_blocks, scan_warps)
 
 
 #: values of a one-warp backward block (BT x n x BP): VMamba's measured best, 8 x 16 x 8
@@ -31,6 +32,16 @@ def backward_blocks(N: int, P: int) -> tuple[int, int, int, int]:
     if 8 <= BN <= 16 and BN * BP <= ONE_WARP_VALUES:
         return BN, BP, max(min(MAX_BT, ONE_WARP_BLOCK // (BN * BP)), 2), 1
     return BN, BP, BT, 4
+
+
+def grouped_operands(plan: Plan, sizes: dict) -> frozenset:
+    """The operands whose gradients `backward_pass` returns summed over each group's heads:
+    query and key where they read no input with a head axis (VMamba's B and C, Mamba-1's): the
+    p-block partials and the heads summed in one pass (at VMamba's 56x56 n=16, b=32, d query's
+    partials are 616 MB, their sum over p-blocks alone another 154 MB to write and read)."""
+    if not head_free(plan) or sizes["h"] == sizes["g"]:
+        return frozenset()
+    return frozenset({"query", "key"})
 
 
 def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, want_y):
@@ -108,8 +119,9 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         EVEN_P=P % BP == 0,
         **({"num_warps": warps} if device.type == "cuda" else {}))
     # one sum per operand for every order (VMamba's 56x56 n=16 step had 8 and their stacking
-    # copies)
-    dq, dk = summed_partials(dq), summed_partials(dk)
+    # copies), over a group's heads too where query and key are a group's (`grouped_operands`)
+    groups = G if grouped_operands(plan, sizes) else None
+    dq, dk = summed_partials(dq, groups), summed_partials(dk, groups)
     done = {term.name: term_canonical(term, bufs[term.name], cu_seqlens is not None)
             for term in terms}
     results = []
