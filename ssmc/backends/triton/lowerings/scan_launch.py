@@ -40,8 +40,8 @@ def block_tile(N: int, P: int, tile: dict | None = None) -> tuple[int, int, int]
     per block to fill the rest (at least 2). `tile` may set BP and BT. (The backward's
     blocks: it checkpoints the state entering each.) n = 1 and p = 1 (VMamba's n = 1,
     Mamba-1's channels) take blocks of one, not two: a padded half does all the work of a
-    block for nothing (Mamba-1's backward block, sm_90a: 612 instructions per 32 steps of a
-    channel's states at p padded to 2, 328 at 1 with twice the steps)."""
+    block for nothing (Mamba-1's backward, sm_90a: 438 instructions a loop iteration per 32
+    steps of a state at p padded to 2, 230 at 1 with twice the steps; benchmarks/sass_mix.py)."""
     tile = tile or {}
     BN = next_pow2(N)
     BP = tile.get("BP") or min(next_pow2(P), 32, max(BLOCK_VALUES // (BN * MAX_BT), 2))
