@@ -25,15 +25,17 @@ the block's last takes the carry a * dS from the block after it) as a second pre
 the same rows loaded last first: a reverse scan compiles to about four times the shuffles. The
 operands the adjoint and the gradients use are loaded in that order, those of the recompute in
 time order; S_{t-1} and m_t are the states and decays moved by a row (tl.gather). Everything
-a block needs stays in registers. This
-handles decays that vary over p (Mamba-1 with p > 1) and is used for every decay kind. "Time"
-is the direction's own step order: a grid's column orders (cross2d) map step i to its grid
-position in-kernel (`templates.rows`), so every gradient lands at its row-major t.
+a block needs stays in registers. This handles decays that vary over p (Mamba-1 with p > 1)
+and is used for every decay kind. "Time" is the direction's own step order: a grid's column
+orders (cross2d) map step i to its grid position in-kernel (`templates.rows`), so every
+gradient lands at its row-major t.
 
 Every order of the op runs in the same launch (`scan.SETUP`); each order writes its own
 gradient buffers (a leading order axis), so the backward is deterministic. Sums over p (dq, dk,
 and the decay terms of inputs without p) are per p-block partials (a p-block axis after the
-order's), added on the host. Outputs are in the compute type (fp32, fp64 for fp64 inputs).
+order's), added on the host, with a group's heads where query and key are the group's
+(`scan_bwd_launch.grouped_operands`). Outputs are in the compute type (fp32, fp64 for fp64
+inputs).
 """
 from __future__ import annotations
 
