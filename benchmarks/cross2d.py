@@ -30,8 +30,9 @@ autograd functions, as VMamba's CrossScan / CrossMerge).
 
 Columns: median ms of a forward (no grad) and of a forward + backward (gradients of every
 input; the median of ROUNDS rounds that time every row in turn), peak MiB allocated above the
-inputs during each (torch.cuda.max_memory_allocated), and the fused op's speed-up over the row (row time / fused time; above 1: fused is faster), with
-the best composition's on the case's summary line. Every row's output is checked against the
+inputs during each (torch.cuda.max_memory_allocated), and the fused op's speed-up over the
+row (row time / fused time; above 1: fused is faster), with the best composition's on the
+case's summary line. Every row's output is checked against the
 fused op's before timing; that first call also builds (and, with SSMC_AUTOTUNE on, tunes)
 the kernels, so no timed call does. On the CPU (`--device cpu`) times are wall-clock and no
 memory is reported: only a check that the script runs.

@@ -28,6 +28,14 @@ def head_free(plan: Plan) -> bool:
     return all("h" not in axes[s.name] for e in exprs for s in e.free_symbols if s.name in axes)
 
 
+def head_free_operands(plan: Plan, sizes: dict) -> frozenset:
+    """Query and key where they are a group's (`head_free`) and a group has several heads:
+    the operands a backward may hand the chain rule summed over each group's heads."""
+    if not head_free(plan) or sizes["h"] == sizes["g"]:
+        return frozenset()
+    return frozenset({"query", "key"})
+
+
 def shares_qk(plan: Plan) -> bool:
     """Whether the output pass may read q k^T from `render_qk_kernel`'s buffer (renders the
     kernel and the reading branch; `reads_qk` decides per call)."""

@@ -13,6 +13,7 @@ from ...chain_rule import OrderBuffers
 from ..streams import SideStreams
 from ..common import (HEADER, chunk_layout, compute_dtype, direction_slices, dot_type, input_args,
                       next_pow2, num_sequences)
+from .chunk_qk import head_free_operands
 from .chunked import render_state_kernel
 from .chunked_launch import state_pass, tiles as forward_tiles, walk_stages
 from .chunked_bwd import (CHUNKS_PER_PROGRAM, chunk_variants, decay_mode, head_free,
@@ -233,9 +234,7 @@ def _join(module, sg: Segments, states, out, S, H, blocks, n_chunks, sizes, m, r
 
 def grouped_operands(plan: Plan, sizes: dict) -> frozenset:
     """The operands whose gradients `backward_pass` returns summed over each group's heads."""
-    if per_key_decay(plan) or not head_free(plan) or sizes["h"] == sizes["g"]:
-        return frozenset()
-    return frozenset({"query", "key"})
+    return frozenset() if per_key_decay(plan) else head_free_operands(plan, sizes)
 
 
 #: programs a head block should still leave (about 8 waves of one program per SM on an H100)

@@ -111,17 +111,23 @@ def emit_block_states(rec, ct: str, body: Emitter, suffix: str = "",
     entering it) and the operands (`decay{suffix}`...); `a{suffix}` the rows' decays. Rows
     past the sequence's end (`mask` false) are the identity step (a = 1, kv = 0), so the
     block's last row holds the state after its last valid step."""
-    full = "(BT, BN, BP)"
-    rows_valid = f"{mask}[:, None, None]"
     a, kv = f"a{suffix}", f"kv{suffix}"
-    if rec.decay is not None:
-        body(f"{a} = tl.where({rows_valid}, tl.broadcast_to(decay{suffix}, {full}), 1.0)")
-    else:
-        body(f"{a} = tl.full({full}, 1.0, {ct})")
-    body(f"{kv} = tl.where({rows_valid}, tl.broadcast_to(key{suffix} * value{suffix}, {full}),"
-         " 0.0)")
+    emit_row_decays(rec, ct, body, suffix, mask)
+    body(f"{kv} = tl.where({mask}[:, None, None], tl.broadcast_to(key{suffix} * value{suffix}, "
+         "(BT, BN, BP)), 0.0)")
     body(f"a_cum, kv_cum = tl.associative_scan(({a}, {kv}), 0, _ssmc_affine)")
     body("states = a_cum * state[None, :, :] + kv_cum")
+
+
+def emit_row_decays(rec, ct: str, body: Emitter, suffix: str = "", mask: str = "mask_t") -> None:
+    """`a{suffix}` [BT, n, BP]: each row's decay (`decay{suffix}`), 1 on rows past the
+    sequence's end (`mask` false) and without a decay: the identity step."""
+    full = "(BT, BN, BP)"
+    if rec.decay is not None:
+        body(f"a{suffix} = tl.where({mask}[:, None, None], tl.broadcast_to(decay{suffix}, "
+             f"{full}), 1.0)")
+    else:
+        body(f"a{suffix} = tl.full({full}, 1.0, {ct})")
 
 
 def last_state() -> str:

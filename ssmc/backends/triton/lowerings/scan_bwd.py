@@ -45,7 +45,7 @@ from ..render import Context, Emitter
 from ..templates import indent, rows
 from .decay_terms import decay_terms, emit as emit_terms
 from .scan import (AFFINE, BLOCK, SETUP, SETUP_PARAMS, STEPS, emit_block_states, emit_operands,
-                   emit_steps, last_state, rows_tile, step_state_init)
+                   emit_row_decays, emit_steps, last_state, rows_tile, step_state_init)
 
 
 #: where a block's checkpoint lives: (order, block, h, n, p)
@@ -176,10 +176,7 @@ def ssmc_scan_ckpt_fwd(
     for line in rows(offs="(BT - 1 - offs_c)").splitlines():
         body_b(line)
     outer_b, inner_b = emit_operands(prog, ct, pre_b, body_b, operands, tag="b")
-    if rec.decay is not None:
-        body_b(f"a = tl.where(mask_t[:, None, None], tl.broadcast_to(decay, {full}), 1.0)")
-    else:
-        body_b(f"a = tl.full({full}, 1.0, {ct})")
+    emit_row_decays(rec, ct, body_b)
     body_b("row = (b_idx * T + t_row) * H + h_idx")
     body_b("y_mask = mask_t[:, None] & mask_p[None, :]")
     body_b(f"dy = tl.load(ssmc_dy + row[:, None] * P + offs_p[None, :], mask=y_mask, "

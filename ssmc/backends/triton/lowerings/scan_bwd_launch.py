@@ -7,7 +7,7 @@ import triton
 
 from ....plan import Plan
 from ..common import chunk_layout, compute_dtype, input_args, num_sequences
-from .chunk_qk import head_free
+from .chunk_qk import head_free_operands as grouped_operands   # the backward's, as chunked's
 from .decay_terms import (buffers as term_buffers, canonical as term_canonical, decay_terms,
                           summed_partials)
 from .scan import STEPS
@@ -32,16 +32,6 @@ def backward_blocks(N: int, P: int) -> tuple[int, int, int, int]:
     if 8 <= BN <= 16 and BN * BP <= ONE_WARP_VALUES:
         return BN, BP, max(min(MAX_BT, ONE_WARP_BLOCK // (BN * BP)), 2), 1
     return BN, BP, BT, 4
-
-
-def grouped_operands(plan: Plan, sizes: dict) -> frozenset:
-    """The operands whose gradients `backward_pass` returns summed over each group's heads:
-    query and key where they read no input with a head axis (VMamba's B and C, Mamba-1's): the
-    p-block partials and the heads summed in one pass (at VMamba's 56x56 n=16, b=32, d query's
-    partials are 616 MB, their sum over p-blocks alone another 154 MB to write and read)."""
-    if not head_free(plan) or sizes["h"] == sizes["g"]:
-        return frozenset()
-    return frozenset({"query", "key"})
 
 
 def forward_pass(module, plan: Plan, tensors, sizes, initial_state, cu_seqlens, want_y):
@@ -119,7 +109,9 @@ def backward_pass(module, plan: Plan, tensors, sizes, saved, dy, grad_final, cu_
         EVEN_P=P % BP == 0,
         **({"num_warps": warps} if device.type == "cuda" else {}))
     # one sum per operand for every order (VMamba's 56x56 n=16 step had 8 and their stacking
-    # copies), over a group's heads too where query and key are a group's (`grouped_operands`)
+    # copies), over a group's heads too where query and key are a group's (VMamba's B and C,
+    # Mamba-1's): at 56x56 n=16, b=32, d query's partials are 616 MB, and a sum over the
+    # p-blocks alone another 154 MB to write and read again
     groups = G if grouped_operands(plan, sizes) else None
     dq, dk = summed_partials(dq, groups), summed_partials(dk, groups)
     done = {term.name: term_canonical(term, bufs[term.name], cu_seqlens is not None)
